@@ -1,0 +1,138 @@
+"""The scan loop: paths in, a :class:`ScanReport` out.
+
+For every file: sniff the format by content, let the format yield findings,
+recurse into container members through :meth:`ScanContext.scan_child`, then
+apply the user's policy.  Whatever goes wrong, the file's result keeps the
+findings gathered so far; an error is recorded beside them, never instead.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+from trainguard.errors import LimitExceeded, MissingExtraError, ScanError
+from trainguard.findings import FileResult, Finding, ScanReport, Severity
+from trainguard.limits import DEFAULT_LIMITS, Limits
+from trainguard.rules import RULES
+from trainguard.scan.base import Blob, ScanContext
+from trainguard.scan.policy import Policy
+from trainguard.scan.registry import sniff
+
+# Called after each file with (files done, files total, path).
+Progress = Callable[[int, int, str], None]
+
+
+def _rule_finding(rule_id: str, message: str, member: str = "") -> Finding:
+    return Finding(rule_id, RULES[rule_id].severity, message, member=member)
+
+
+class _Scanner:
+    def __init__(self, policy: Policy, limits: Limits) -> None:
+        self.policy = policy
+        self.limits = limits
+        self.formats: list[str] = []
+        self.deadline: float | None = None
+
+    def context(self) -> ScanContext:
+        return ScanContext(self.limits, self.policy.allow_globals, self.deadline,
+                           self.scan_child, self.scan_nested_bytes)
+
+    def scan_child(self, blob: Blob) -> Iterator[Finding]:
+        if blob.depth > self.limits.max_archive_depth:
+            yield _rule_finding("TG205", f"nested deeper than {self.limits.max_archive_depth} "
+                                "containers; not scanned", blob.name)
+            return
+        with blob.open() as f:
+            head = f.read(self.limits.sniff_size)
+        fmt = sniff(head, blob)
+        if fmt is None:
+            if blob.depth == 0:
+                yield _rule_finding("TG001", "format not recognised from content; not analysed")
+            return
+        if len(self.formats) < 8:
+            self.formats.append(fmt.name)
+        for finding in fmt.scan(self.context(), blob):
+            yield finding if finding.member or not blob.name else replace(
+                finding, member=blob.name)
+
+    def scan_nested_bytes(self, data: bytes, name: str) -> list[Finding]:
+        blob = Blob(name, lambda: io.BytesIO(data), len(data), depth=1)
+        return list(self._guarded(blob))
+
+    def _guarded(self, blob: Blob) -> Iterator[Finding]:
+        try:
+            yield from self.scan_child(blob)
+        except LimitExceeded as exc:
+            yield _rule_finding("TG002", str(exc), blob.name)
+        except MissingExtraError as exc:
+            yield _rule_finding("TG208", str(exc), blob.name)
+
+    def scan_blob(self, path: str, blob: Blob) -> FileResult:
+        self.formats = []
+        self.deadline = time.monotonic() + self.limits.max_seconds_per_file
+        result = FileResult(path=path, format="unknown", size=blob.size or 0)
+        try:
+            for finding in self._guarded(blob):
+                result.findings.append(finding)
+        except ScanError as exc:
+            result.findings.append(_rule_finding("TG003", str(exc)))
+        except OSError as exc:
+            result.error = f"cannot read: {exc.strerror or exc}"
+        except Exception as exc:  # a bug must never read as "clean"
+            result.error = f"internal error ({type(exc).__name__}): {exc}"
+        result.findings = [replace(f, file=path) for f in self.policy.apply(result.findings)]
+        if self.formats:
+            rest = [f for f in dict.fromkeys(self.formats[1:]) if f != self.formats[0]]
+            result.format = self.formats[0] + (f" ({', '.join(rest)})" if rest else "")
+        return result
+
+
+def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
+    """Files under ``paths``, recursively; directory symlinks are not followed."""
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    yield Path(root) / name
+        else:
+            yield path
+
+
+def scan_file(path: str | os.PathLike[str], *, policy: Policy | None = None,
+              limits: Limits = DEFAULT_LIMITS) -> FileResult:
+    return _Scanner(policy or Policy(), limits).scan_blob(str(path), _file_blob(Path(path)))
+
+
+def scan_bytes(data: bytes, name: str = "<bytes>", *, policy: Policy | None = None,
+               limits: Limits = DEFAULT_LIMITS) -> FileResult:
+    blob = Blob("", lambda: io.BytesIO(data), len(data))
+    return _Scanner(policy or Policy(), limits).scan_blob(name, blob)
+
+
+def _file_blob(path: Path) -> Blob:
+    size = path.stat().st_size if path.exists() else None
+    return Blob("", lambda: open(path, "rb"), size)
+
+
+def scan(paths: Iterable[str | os.PathLike[str]], *, policy: Policy | None = None,
+         limits: Limits = DEFAULT_LIMITS, fail_on: Severity = Severity.HIGH,
+         progress: Progress | None = None) -> ScanReport:
+    """Scan files and directories; never executes or imports anything it reads."""
+    scanner = _Scanner(policy or Policy(), limits)
+    report = ScanReport(fail_on=fail_on)
+    files = list(iter_files(paths))
+    for i, path in enumerate(files):
+        if not path.exists() and not path.is_symlink():
+            report.files.append(FileResult(str(path), "missing", 0, error="no such file"))
+        else:
+            report.files.append(scanner.scan_blob(str(path), _file_blob(path)))
+        if progress is not None:
+            progress(i + 1, len(files), str(path))
+    return report

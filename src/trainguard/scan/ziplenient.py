@@ -1,0 +1,830 @@
+"""A lenient, bounded zip reader that sees what PyTorch's loader sees.
+
+``torch.load`` reads checkpoints with miniz (PyTorchStreamReader), which accepts
+archives that Python's :mod:`zipfile` refuses: bad CRCs, odd flag bits, local
+headers whose names differ from the central directory, duplicate names.
+Scanners built on :mod:`zipfile` gave up on such files while torch loaded them
+(picklescan CVE-2025-10156, CVE-2025-1945, CVE-2025-1944).  This reader accepts
+everything either reader accepts, reports each oddity as a :class:`ZipAnomaly`,
+and bounds every read: it never trusts a length before checking it against the
+file size and :class:`~trainguard.limits.Limits`.
+
+Reading the directory touches only headers (and members of at most
+``CRC_CHECK_MAX_SIZE`` bytes, to check their CRC), so a 10 GB checkpoint costs a
+few hundred small reads.
+"""
+
+from __future__ import annotations
+
+import bz2
+import io
+import lzma
+import re
+import stat
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol
+
+from trainguard.errors import LimitExceeded, ScanError
+from trainguard.limits import DEFAULT_LIMITS, Limits, MiB
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+__all__ = [
+    "ZipAnomaly",
+    "ZipDirectory",
+    "ZipEntry",
+    "looks_like_zip",
+    "member_crc_ok",
+    "open_member",
+    "read_directory",
+]
+
+MAX_ANOMALIES = 10_000  # a hostile archive could otherwise make the report itself huge
+MAX_EOCD_CANDIDATES = 1_000  # end records tried, newest first, inside the comment scan
+MAX_EARLIER_EOCD = 16  # usable end records before the chosen one, kept to report
+CRC_CHECK_MAX_SIZE = 1 * MiB  # members this small are CRC-checked by read_directory
+CRC_CHECK_BUDGET = 8 * MiB  # ...until this many member bytes have been read in total
+MAX_LZMA_DICT = 64 * MiB  # liblzma allocates the declared dictionary up front
+CHUNK = 1 * MiB
+_INPUT_CHUNK = 64 * 1024  # small, so the compression ratio is measured closely
+
+_LOCAL_SIG = b"PK\x03\x04"
+_CENTRAL_SIG = b"PK\x01\x02"
+_EOCD_SIG = b"PK\x05\x06"
+_EOCD64_SIG = b"PK\x06\x06"
+_LOCATOR_SIG = b"PK\x06\x07"
+_DESCRIPTOR_SIG = b"PK\x07\x08"
+_LOCAL = struct.Struct("<4sHHHHHIIIHH")
+_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
+_EOCD = struct.Struct("<4sHHHHIIH")
+_LOCATOR = struct.Struct("<4sIQI")
+_EOCD64 = struct.Struct("<4sQHHIIQQQQ")
+_U32 = 0xFFFFFFFF
+
+_FLAG_ENCRYPTED = 0x0001
+_FLAG_DESCRIPTOR = 0x0008
+_FLAG_STRONG_ENCRYPTION = 0x0040
+_FLAG_UTF8 = 0x0800
+_FLAG_MASKED_HEADER = 0x2000
+_ENCRYPTION_FLAGS = _FLAG_ENCRYPTED | _FLAG_STRONG_ENCRYPTION | _FLAG_MASKED_HEADER
+_EXPECTED_FLAGS = _FLAG_DESCRIPTOR | _FLAG_UTF8
+# Bits 1-2 carry the compression level for deflate and the end-marker for
+# LZMA; `zip -9` sets them, so they are ordinary there.
+_LEVEL_FLAGS = 0x0006
+_LEVEL_METHODS = frozenset({8, 9, 14})
+STORED, DEFLATED, BZIP2, LZMA = 0, 8, 12, 14
+_SUPPORTED_METHODS = frozenset({STORED, DEFLATED, BZIP2, LZMA})
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    """One member as the central directory (or, failing that, its local header) declares it.
+
+    ``data_offset`` is -1 when the local header cannot be read; such a member
+    cannot be opened by any reader.
+    """
+
+    name: str
+    local_name: str
+    header_offset: int
+    data_offset: int
+    compressed_size: int
+    size: int
+    crc: int
+    method: int
+    flags: int
+    external_attr: int
+
+
+@dataclass(frozen=True)
+class ZipAnomaly:
+    kind: str
+    member: str
+    offset: int
+    detail: str
+
+
+@dataclass
+class ZipDirectory:
+    entries: list[ZipEntry]
+    anomalies: list[ZipAnomaly]
+    comment: bytes = b""
+    crc_checked: frozenset[int] = frozenset()  # indices into entries whose CRC was verified
+
+
+class _Anomalies:
+    def __init__(self) -> None:
+        self.items: list[ZipAnomaly] = []
+
+    def add(self, kind: str, member: str, offset: int, detail: str) -> None:
+        if len(self.items) < MAX_ANOMALIES:
+            self.items.append(ZipAnomaly(kind, member, offset, detail))
+        elif len(self.items) == MAX_ANOMALIES:
+            self.items.append(ZipAnomaly("too-many-anomalies", "", offset, "later ones dropped"))
+
+
+class _Source:
+    """Positioned reads that never go past ``size`` and never trust ``f``'s position."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self.f = f
+        self.size = size
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        if offset < 0 or n <= 0 or offset >= self.size:
+            return b""
+        n = min(n, self.size - offset)
+        self.f.seek(offset)
+        parts: list[bytes] = []
+        while n > 0:
+            part = self.f.read(n)
+            if not part:
+                break
+            parts.append(part)
+            n -= len(part)
+        return b"".join(parts)
+
+
+class _Cursor:
+    """Sequential reads through [start, end), refilled one CHUNK at a time."""
+
+    def __init__(self, src: _Source, start: int, end: int) -> None:
+        self.src, self.pos, self.end = src, start, end
+        self.buf, self.buf_start = b"", start
+
+    def take(self, n: int) -> bytes | None:
+        if self.pos + n > self.end:
+            return None
+        off = self.pos - self.buf_start
+        if off + n > len(self.buf):
+            self.buf = self.src.read_at(self.pos, min(max(n, CHUNK), self.end - self.pos))
+            self.buf_start, off = self.pos, 0
+            if len(self.buf) < n:
+                return None
+        self.pos += n
+        return self.buf[off : off + n]
+
+
+class _Local(NamedTuple):
+    flags: int
+    method: int
+    crc: int
+    compressed_size: int
+    size: int
+    raw_name: bytes
+    data_offset: int
+
+
+class _View(NamedTuple):
+    """Where one reader believes the central directory is."""
+
+    reader: str
+    cd_offset: int
+    cd_size: int
+    entries: int
+    shift: int  # added to every header offset (zipfile's allowance for prepended data)
+
+
+def _extra_field(extra: bytes, wanted: int) -> bytes | None:
+    pos = 0
+    while pos + 4 <= len(extra):
+        hid, hlen = struct.unpack_from("<HH", extra, pos)
+        if hid == wanted:
+            return extra[pos + 4 : pos + 4 + hlen]
+        pos += 4 + hlen
+    return None
+
+
+def _zip64_values(extra: bytes, values: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Replace each 0xFFFFFFFF in ``values`` from the ZIP64 extra field, in order."""
+    if _U32 not in values:
+        return values
+    body = _extra_field(extra, 0x0001)
+    if body is None:
+        return None
+    out, pos = list(values), 0
+    for i, value in enumerate(values):
+        if value == _U32:
+            if pos + 8 > len(body):
+                return None
+            out[i] = struct.unpack_from("<Q", body, pos)[0]
+            pos += 8
+    return tuple(out)
+
+
+def _decode_name(raw: bytes, flags: int) -> tuple[str, bool]:
+    if flags & _FLAG_UTF8:
+        try:
+            return raw.decode("utf-8"), True
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", "replace"), False
+    return raw.decode("cp437"), True
+
+
+def _read_local(src: _Source, offset: int) -> _Local | str:
+    """The local header at ``offset``, or why there is none."""
+    head = src.read_at(offset, _LOCAL.size)
+    if len(head) < _LOCAL.size:
+        return "local header lies past the end of the file"
+    sig, _ver, flags, method, _t, _d, crc, csize, usize, nlen, xlen = _LOCAL.unpack(head)
+    if sig != _LOCAL_SIG:
+        return f"no local header signature at {offset} (found {sig!r})"
+    rest = src.read_at(offset + _LOCAL.size, nlen + xlen)
+    if len(rest) < nlen + xlen:
+        return "local header name or extra field runs past the end of the file"
+    sizes = _zip64_values(rest[nlen:], (usize, csize))
+    if sizes is None:
+        sizes = (usize, csize)
+    data_offset = offset + _LOCAL.size + nlen + xlen
+    return _Local(flags, method, crc, sizes[1], sizes[0], rest[:nlen], data_offset)
+
+
+def _escape_reason(name: str) -> str | None:
+    if name.startswith(("/", "\\")):
+        return "absolute path"
+    if len(name) >= 2 and name[1] == ":" and name[0].isalpha():
+        return "drive letter"
+    if ".." in re.split(r"[/\\]", name):
+        return "parent-directory component"
+    return None
+
+
+def _check_entry(e: ZipEntry, local_flags: int, rep: _Anomalies, seen: set[str]) -> None:
+    """Anomalies visible from the entry alone (both the central and the local view)."""
+    flags = e.flags | local_flags
+    allowed = _EXPECTED_FLAGS | (_LEVEL_FLAGS if e.method in _LEVEL_METHODS else 0)
+    if flags & ~allowed:
+        rep.add("flag-bits", e.name, e.header_offset, f"unexpected flag bits {flags & ~allowed:#06x}")
+    if flags & _ENCRYPTION_FLAGS:
+        rep.add("encrypted", e.name, e.header_offset,
+                "marked encrypted; torch reads the bytes as they are")
+    if e.method not in _SUPPORTED_METHODS:
+        rep.add("unsupported-method", e.name, e.header_offset, f"compression method {e.method}")
+    if e.method == STORED and e.compressed_size != e.size:
+        rep.add("size-mismatch", e.name, e.header_offset,
+                f"stored member: compressed size {e.compressed_size} != size {e.size}")
+    for name in dict.fromkeys((e.name, e.local_name)):
+        reason = _escape_reason(name)
+        if reason:
+            rep.add("path-escape", name, e.header_offset, reason)
+        if "\x00" in name:
+            rep.add("name-nul", name, e.header_offset, "zipfile cuts the name at the NUL byte")
+    if stat.S_ISLNK(e.external_attr >> 16):
+        rep.add("symlink", e.name, e.header_offset, "unix mode says symbolic link")
+    if e.name in seen:
+        rep.add("duplicate-name", e.name, e.header_offset, "name already used by another entry")
+    seen.add(e.name)
+
+
+def _compare_local(e: ZipEntry, raw_name: bytes, loc: _Local, rep: _Anomalies) -> None:
+    if loc.raw_name != raw_name:
+        rep.add("name-mismatch", e.name, e.header_offset,
+                f"local header names it {e.local_name!r}")
+    diffs = [f for f, a, b in (("method", e.method, loc.method), ("flags", e.flags, loc.flags))
+             if a != b]
+    if not (e.flags | loc.flags) & _FLAG_DESCRIPTOR:
+        diffs += [f for f, a, b in (("crc", e.crc, loc.crc), ("size", e.size, loc.size),
+                                    ("compressed size", e.compressed_size, loc.compressed_size))
+                  if a != b]
+    if diffs:
+        rep.add("local-header-mismatch", e.name, e.header_offset,
+                "local header differs in " + ", ".join(diffs))
+
+
+def looks_like_zip(head: bytes, tail: bytes) -> bool:
+    """Cheap sniff: a local header (or a spanning marker before one) at 0, or an end record."""
+    return (
+        head.startswith((_LOCAL_SIG, _EOCD_SIG, _DESCRIPTOR_SIG + _LOCAL_SIG))
+        or _EOCD_SIG in tail
+    )
+
+
+def _eocd_candidates(src: _Source, limits: Limits) -> list[int]:
+    scan = min(src.size, max(limits.max_zip_comment_scan, _EOCD.size))
+    start = src.size - scan
+    tail = src.read_at(start, scan)
+    found: list[int] = []
+    i = tail.rfind(_EOCD_SIG)
+    while i >= 0 and len(found) < MAX_EOCD_CANDIDATES:
+        if len(tail) - i >= _EOCD.size:
+            found.append(start + i)
+        i = tail.rfind(_EOCD_SIG, 0, i)  # the signature cannot overlap itself
+    return found
+
+
+def _zip64_record(src: _Source, offset: int) -> tuple[int, int, int] | None:
+    rec = src.read_at(offset, _EOCD64.size)
+    if len(rec) < _EOCD64.size or rec[:4] != _EOCD64_SIG:
+        return None
+    _sig, _size, _made, _need, _disk, _cd_disk, _n_disk, count, cd_size, cd_offset = (
+        _EOCD64.unpack(rec)
+    )
+    return count, cd_size, cd_offset
+
+
+def _views(src: _Source, eocd: int) -> tuple[list[_View], list[tuple[int, int]], bytes]:
+    """The central directories miniz and zipfile would read, the spans of the end
+    records, and the archive comment."""
+    _sig, _disk, _cd_disk, _n_disk, count, cd_size, cd_offset, clen = _EOCD.unpack(
+        src.read_at(eocd, _EOCD.size)
+    )
+    comment = src.read_at(eocd + _EOCD.size, clen)
+    spans = [(eocd, eocd + _EOCD.size + len(comment))]
+    miniz = zipf = (count, cd_size, cd_offset)
+    end_of_cd = eocd  # where zipfile expects the central directory to end
+    loc_at = eocd - _LOCATOR.size
+    locator = src.read_at(loc_at, _LOCATOR.size)
+    if loc_at >= 0 and len(locator) == _LOCATOR.size and locator[:4] == _LOCATOR_SIG:
+        spans.append((loc_at, eocd))
+        rec_offset = _LOCATOR.unpack(locator)[2]
+        # miniz follows the locator; zipfile reads the record just before it.
+        by_locator = _zip64_record(src, rec_offset)
+        before = _zip64_record(src, loc_at - _EOCD64.size)
+        if by_locator:
+            miniz = by_locator
+            spans.append((rec_offset, rec_offset + _EOCD64.size))
+        if before:
+            zipf = before
+            end_of_cd = loc_at - _EOCD64.size
+            spans.append((end_of_cd, loc_at))
+    views = [_View("miniz", miniz[2], miniz[1], miniz[0], 0)]
+    shift = end_of_cd - zipf[1] - zipf[2]
+    if shift >= 0:
+        views.append(_View("zipfile", zipf[2] + shift, zipf[1], zipf[0], shift))
+    unique = {(v.cd_offset, v.cd_size, v.shift): v for v in reversed(views)}
+    return list(reversed(unique.values())), spans, comment
+
+
+def _view_readable(src: _Source, v: _View) -> bool:
+    if v.entries == 0 and v.cd_size == 0:
+        return True
+    return v.cd_offset + v.cd_size <= src.size and src.read_at(v.cd_offset, 4) == _CENTRAL_SIG
+
+
+def _parse_central(
+    src: _Source, v: _View, limits: Limits, rep: _Anomalies
+) -> list[tuple[ZipEntry, bytes, int]]:
+    """Entries of one central directory with their raw name and local flags."""
+    if v.entries > limits.max_archive_members:
+        raise LimitExceeded("zip entry count", limits.max_archive_members)
+    cur = _Cursor(src, v.cd_offset, min(v.cd_offset + v.cd_size, src.size))
+    out: list[tuple[ZipEntry, bytes, int]] = []
+    # Walk by bytes as zipfile does (miniz walks by count): whichever sees more wins.
+    while cur.pos < cur.end:
+        at = cur.pos
+        fixed = cur.take(_CENTRAL.size)
+        if fixed is None or fixed[:4] != _CENTRAL_SIG:
+            rep.add("bad-central-directory", "", at, f"{v.reader}: no central header here")
+            break
+        (_sig, _made, _need, flags, method, _t, _d, crc, csize, usize, nlen, xlen, clen,
+         _disk, _iattr, eattr, hoff) = _CENTRAL.unpack(fixed)
+        raw_name, extra, _comment = cur.take(nlen), cur.take(xlen), cur.take(clen)
+        if raw_name is None or extra is None or _comment is None:
+            rep.add("bad-central-directory", "", at, f"{v.reader}: header runs past its end")
+            break
+        if len(out) >= limits.max_archive_members:
+            raise LimitExceeded("zip entry count", limits.max_archive_members)
+        name, name_ok = _decode_name(raw_name, flags)
+        if not name_ok:
+            rep.add("name-encoding", name, hoff, "flag bit 11 set but the name is not UTF-8")
+        values = _zip64_values(extra, (usize, csize, hoff))
+        if values is None:
+            rep.add("bad-zip64-extra", name, at, "sizes say ZIP64 but the extra field is short")
+            values = (usize, csize, hoff)
+        usize, csize, hoff = values[0], values[1], values[2] + v.shift
+        local = _read_local(src, hoff)
+        if isinstance(local, str):
+            kind = "out-of-bounds" if hoff + _LOCAL.size > src.size else "bad-local-header"
+            rep.add(kind, name, hoff, local)
+            entry = ZipEntry(name, "", hoff, -1, csize, usize, crc, method, flags, eattr)
+            out.append((entry, raw_name, 0))
+            continue
+        local_name, _ = _decode_name(local.raw_name, local.flags)
+        entry = ZipEntry(name, local_name, hoff, local.data_offset, csize, usize, crc, method,
+                         flags, eattr)
+        _compare_local(entry, raw_name, local, rep)
+        if local.data_offset + csize > src.size:
+            rep.add("out-of-bounds", name, hoff,
+                    f"data ends at {local.data_offset + csize}, past the end of the file")
+        out.append((entry, raw_name, local.flags))
+    if len(out) != v.entries:
+        rep.add("entry-count-mismatch", "", v.cd_offset,
+                f"{v.reader}: end record declares {v.entries} entries, directory holds {len(out)}")
+    return out
+
+
+def _find_descriptor(src: _Source, data_offset: int) -> tuple[int, int, int, int] | None:
+    """For a streamed member: (crc, compressed size, size, descriptor length) of the
+    first signed data descriptor whose size matches its position."""
+    pos = data_offset
+    while pos < src.size:
+        block = src.read_at(pos, CHUNK + 24)
+        i = block.find(_DESCRIPTOR_SIG)
+        while i >= 0:
+            dist = pos + i - data_offset
+            crc, c32, u32 = struct.unpack_from("<III", block.ljust(i + 24, b"\0"), i + 4)
+            if c32 == dist & _U32:
+                return crc, dist, u32, 16
+            crc, c64, u64 = struct.unpack_from("<IQQ", block.ljust(i + 24, b"\0"), i + 4)
+            if c64 == dist:
+                return crc, dist, u64, 24
+            i = block.find(_DESCRIPTOR_SIG, i + 1)
+        if len(block) <= CHUNK:
+            return None
+        pos += CHUNK
+    return None
+
+
+def _walk_local(src: _Source, limits: Limits, rep: _Anomalies) -> list[tuple[ZipEntry, int]]:
+    """Fallback without a central directory: follow the local headers from offset 0."""
+    out: list[tuple[ZipEntry, int]] = []
+    pos = 0
+    while pos < src.size and src.read_at(pos, 4) == _LOCAL_SIG:
+        if len(out) >= limits.max_archive_members:
+            raise LimitExceeded("zip entry count", limits.max_archive_members)
+        local = _read_local(src, pos)
+        if isinstance(local, str):
+            rep.add("bad-local-header", "", pos, local)
+            break
+        name, _ = _decode_name(local.raw_name, local.flags)
+        crc, csize, usize, tail = local.crc, local.compressed_size, local.size, 0
+        if local.flags & _FLAG_DESCRIPTOR and csize == 0:
+            found = _find_descriptor(src, local.data_offset)
+            if found is None:
+                rep.add("truncated", name, pos, "streamed member without a findable descriptor")
+                csize = src.size - local.data_offset
+            else:
+                crc, csize, usize, tail = found
+        entry = ZipEntry(name, name, pos, local.data_offset, csize, usize, crc, local.method,
+                         local.flags, 0)
+        out.append((entry, local.flags))
+        if local.data_offset + csize > src.size:
+            rep.add("out-of-bounds", name, pos, "member data runs past the end of the file")
+            break
+        pos = local.data_offset + csize + tail
+    return out
+
+
+def _layout(src: _Source, entries: list[ZipEntry], spans: list[tuple[int, int]],
+            rep: _Anomalies) -> None:
+    """Overlapping members (zip bombs, two names for one payload) and bytes no entry
+    claims (hidden local entries that a streaming reader would see)."""
+    items = [(e.header_offset,
+              e.data_offset + e.compressed_size if e.data_offset >= 0 else e.header_offset + 30,
+              e.name, e.flags) for e in entries]
+    items += [(a, b, "<zip structure>", 0) for a, b in set(spans)]
+    items.sort()
+    reach, last_flags, last_name = 0, 0, ""
+    for start, end, name, flags in items:
+        if start < reach:
+            rep.add("overlap", name, start, f"overlaps {last_name!r}, which ends at {reach}")
+        elif start > reach and not (last_flags & _FLAG_DESCRIPTOR and start - reach <= 24):
+            kind = "prepended-data" if reach == 0 else "unreferenced-data"
+            if src.read_at(reach, 4) == _LOCAL_SIG:
+                kind = "hidden-entry"
+            rep.add(kind, "", reach, f"{start - reach} bytes no entry refers to")
+        if end > reach:
+            reach, last_flags, last_name = end, flags, name
+    if reach < src.size:
+        rep.add("trailing-data", "", reach, f"{src.size - reach} bytes after the end record")
+
+
+def _check_crcs(f: BinaryIO, entries: list[ZipEntry], limits: Limits,
+                rep: _Anomalies) -> frozenset[int]:
+    checked: set[int] = set()
+    budget = CRC_CHECK_BUDGET
+    for i, e in enumerate(entries):
+        small = max(e.compressed_size, e.size) <= min(CRC_CHECK_MAX_SIZE, budget)
+        if (not small or e.data_offset < 0 or e.method not in _SUPPORTED_METHODS
+                or e.flags & _ENCRYPTION_FLAGS):
+            continue
+        budget -= max(e.compressed_size, e.size)
+        try:
+            crc, n = _crc_of(f, e, limits, cap=e.size + 1)
+        except ScanError as exc:
+            rep.add("bad-compressed-data", e.name, e.data_offset, str(exc))
+            continue
+        checked.add(i)
+        if n != e.size:
+            found = "more than " + str(e.size) if n > e.size else str(n)
+            rep.add("size-mismatch", e.name, e.data_offset,
+                    f"declared size {e.size}, data holds {found} bytes")
+        elif crc != e.crc:
+            rep.add("crc-mismatch", e.name, e.data_offset,
+                    f"declared CRC {e.crc:#010x}, data has {crc:#010x}")
+    return frozenset(checked)
+
+
+class _End(NamedTuple):
+    offset: int
+    views: list[_View]  # only those that point at a central directory
+    spans: list[tuple[int, int]]
+    comment: bytes
+
+
+def _find_end(src: _Source, limits: Limits, rep: _Anomalies) -> tuple[_End | None, list[int]]:
+    """The last usable end record (both miniz and zipfile take the last one) and
+    a few usable ones before it, which other readers might take instead."""
+    candidates = _eocd_candidates(src, limits)
+    chosen: _End | None = None
+    earlier: list[int] = []
+    for eocd in candidates:
+        views, spans, comment = _views(src, eocd)
+        usable = [v for v in views if _view_readable(src, v)]
+        if not usable:
+            continue
+        if chosen is not None:
+            earlier.append(eocd)
+            if len(earlier) >= MAX_EARLIER_EOCD:
+                break
+            continue
+        chosen = _End(eocd, usable, spans, comment)
+        if eocd != candidates[0]:
+            rep.add("bad-eocd", "", candidates[0], "the last end record points at nothing")
+    if chosen is None and candidates:
+        rep.add("bad-eocd", "", candidates[0], "no end record points at a central directory")
+    return chosen, earlier
+
+
+def _read_central(src: _Source, end: _End, limits: Limits, rep: _Anomalies
+                  ) -> list[tuple[ZipEntry, int]]:
+    """Entries of every readable view, each once, with their local header's flags."""
+    per_view = [_parse_central(src, v, limits, rep) for v in end.views]
+    found: dict[ZipEntry, int] = {}
+    for parsed in per_view:
+        for entry, _raw_name, local_flags in parsed:
+            found.setdefault(entry, local_flags)
+    if len(found) > limits.max_archive_members:
+        raise LimitExceeded("zip entry count", limits.max_archive_members)
+    if len(per_view) == 2 and [p[0] for p in per_view[0]] != [p[0] for p in per_view[1]]:
+        rep.add("ambiguous-central-directory", "", end.views[1].cd_offset,
+                "torch (miniz) and zipfile read different central directories")
+    return list(found.items())
+
+
+def read_directory(f: BinaryIO, size: int, limits: Limits = DEFAULT_LIMITS) -> ZipDirectory:
+    """Read the directory of the zip in ``f`` (``size`` bytes), reporting every anomaly.
+
+    Raises ScanError when no zip structure is readable at all, LimitExceeded when
+    the archive declares or holds more than ``limits.max_archive_members`` entries.
+    """
+    src, rep = _Source(f, size), _Anomalies()
+    end, earlier = _find_end(src, limits, rep)
+    found: list[tuple[ZipEntry, int]] = []
+    spans: list[tuple[int, int]] = []
+    if end is not None:
+        found = _read_central(src, end, limits, rep)
+        spans = end.spans + [(v.cd_offset, v.cd_offset + v.cd_size) for v in end.views]
+    if not found and (end is None or any(v.entries for v in end.views)):
+        if src.read_at(0, 4) != _LOCAL_SIG:
+            what = "no usable end record" if end is None else "an unreadable central directory"
+            raise ScanError(f"not a zip: {what} and no local header at offset 0")
+        rep.add("no-central-directory", "", 0, "entries recovered by walking local headers")
+        found = _walk_local(src, limits, rep)
+    seen: set[str] = set()
+    for entry, local_flags in found:
+        _check_entry(entry, local_flags, rep, seen)
+    entries = [e for e, _ in found]
+    for eocd in earlier:
+        if not any(e.data_offset <= eocd < e.data_offset + e.compressed_size for e in entries):
+            rep.add("multiple-eocd", "", eocd, "another usable end record lies earlier")
+    _layout(src, entries, spans, rep)
+    checked = _check_crcs(f, entries, limits, rep)
+    return ZipDirectory(entries, rep.items, end.comment if end else b"", checked)
+
+
+# ---------------------------------------------------------------- member streams
+
+
+class _Decoder(Protocol):
+    @property
+    def eof(self) -> bool: ...
+    @property
+    def needs_input(self) -> bool: ...
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
+
+
+class _Inflater:
+    """zlib's raw inflater behind bz2's interface: it keeps its unconsumed input."""
+
+    def __init__(self) -> None:
+        self._d = zlib.decompressobj(-15)
+        self._tail = b""
+
+    @property
+    def eof(self) -> bool:
+        return self._d.eof
+
+    @property
+    def needs_input(self) -> bool:
+        return not self._tail
+
+    @property
+    def unconsumed(self) -> int:
+        return len(self._tail)
+
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
+        out = self._d.decompress(data or self._tail, max(max_length, 0))
+        self._tail = self._d.unconsumed_tail
+        return out
+
+
+def _lzma_decoder(header: bytes) -> lzma.LZMADecompressor:
+    """Zip's LZMA: 2-byte version, 2-byte properties length, then LZMA1 properties."""
+    if len(header) < 9:
+        raise ScanError("LZMA member too short for its properties")
+    props = header[4:9]
+    d = props[0]
+    if d >= 9 * 5 * 5:
+        raise ScanError("LZMA member has invalid properties")
+    dict_size = min(int.from_bytes(props[1:5], "little"), MAX_LZMA_DICT)
+    filt = {"id": lzma.FILTER_LZMA1, "lc": d % 9, "lp": (d // 9) % 5, "pb": d // 45,
+            "dict_size": max(dict_size, 4096)}
+    try:
+        return lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[filt])
+    except lzma.LZMAError as exc:  # e.g. lc + lp > 4, which liblzma rejects
+        raise ScanError(f"LZMA member has unusable properties: {exc}") from exc
+
+
+class _Window(io.RawIOBase):
+    """A read-only, seekable view of ``length`` bytes of ``f`` from ``start``."""
+
+    def __init__(self, f: BinaryIO, start: int, length: int, limits: Limits) -> None:
+        self._f, self._start, self._len, self._pos = f, start, max(length, 0), 0
+        self._limits = limits
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        bases = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}
+        if whence not in bases:
+            raise ValueError(f"invalid whence {whence}")
+        base = bases[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def read_chunk(self, n: int) -> bytes:
+        n = min(n, self._len - self._pos)
+        if n <= 0:
+            return b""
+        self._f.seek(self._start + self._pos)
+        data = self._f.read(n)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read_chunk(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        if self._len - self._pos > self._limits.max_member_size:
+            raise LimitExceeded("stored member size", self._limits.max_member_size)
+        parts = []
+        while chunk := self.read_chunk(CHUNK):
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+class _Decompressing(io.RawIOBase):
+    """Incremental decompression of one member, bounded in size and ratio.
+
+    Seeking forward decompresses and discards; seeking backward starts over.
+    """
+
+    def __init__(self, f: BinaryIO, entry: ZipEntry, limits: Limits) -> None:
+        self._raw = _Window(f, entry.data_offset, entry.compressed_size, limits)
+        self._entry, self._limits = entry, limits
+        self._restart()
+
+    def _restart(self) -> None:
+        self._raw.seek(0)
+        self._pos = self._fed = 0
+        self.truncated = False
+        method = self._entry.method
+        self._dec: _Decoder
+        if method == DEFLATED:
+            self._dec = _Inflater()
+        elif method == BZIP2:
+            self._dec = bz2.BZ2Decompressor()
+        else:
+            header = self._raw.read_chunk(4)
+            header += self._raw.read_chunk(int.from_bytes(header[2:4], "little"))
+            self._dec = _lzma_decoder(header)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def _account(self, out: bytes) -> bytes:
+        self._pos += len(out)
+        lim = self._limits
+        if self._pos > lim.max_decompressed_size:
+            raise LimitExceeded(f"decompressed size of {self._entry.name!r}",
+                                lim.max_decompressed_size)
+        consumed = self._fed - (self._dec.unconsumed if isinstance(self._dec, _Inflater) else 0)
+        if self._pos > MiB and self._pos > lim.max_compression_ratio * max(consumed, 1):
+            raise LimitExceeded(f"compression ratio of {self._entry.name!r}",
+                                lim.max_compression_ratio)
+        return out
+
+    def read_chunk(self, n: int) -> bytes:
+        n = max(1, min(n, CHUNK))
+        try:
+            while not self._dec.eof:
+                chunk = b""
+                if self._dec.needs_input:
+                    chunk = self._raw.read_chunk(_INPUT_CHUNK)
+                    self._fed += len(chunk)
+                    if not chunk:  # input exhausted: drain what the decoder still holds
+                        out = self._dec.decompress(b"", n) if isinstance(
+                            self._dec, _Inflater) else b""
+                        self.truncated = not out
+                        return self._account(out)
+                out = self._dec.decompress(chunk, n)
+                if out:
+                    return self._account(out)
+        except (zlib.error, OSError, EOFError, lzma.LZMAError) as exc:
+            raise ScanError(f"corrupt compressed data in {self._entry.name!r}: {exc}") from exc
+        return b""
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read_chunk(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        parts = []
+        while chunk := self.read_chunk(CHUNK):
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            raise io.UnsupportedOperation("cannot seek from the end of a compressed member")
+        target = offset + (self._pos if whence == io.SEEK_CUR else 0)
+        if target < 0:
+            raise ValueError("negative seek position")
+        if target < self._pos:
+            self._restart()
+        while self._pos < target and self.read_chunk(target - self._pos):
+            pass
+        return self._pos
+
+
+def _raw_stream(f: BinaryIO, entry: ZipEntry, limits: Limits) -> _Window | _Decompressing:
+    if entry.data_offset < 0:
+        raise ScanError(f"member {entry.name!r} has no readable local header")
+    if entry.method == STORED:
+        return _Window(f, entry.data_offset, entry.compressed_size, limits)
+    if entry.method in _SUPPORTED_METHODS:
+        return _Decompressing(f, entry, limits)
+    raise ScanError(f"member {entry.name!r} uses unsupported compression method {entry.method}")
+
+
+def open_member(f: BinaryIO, entry: ZipEntry, limits: Limits = DEFAULT_LIMITS) -> BinaryIO:
+    """A buffered, read-only stream of the member's bytes, decompressed within ``limits``.
+
+    Stored members seek cheaply; compressed ones seek by decompressing. Reads raise
+    LimitExceeded past the size or ratio caps and ScanError on corrupt data.
+    The stream reads ``f`` at absolute offsets, so several may share one file.
+    """
+    return io.BufferedReader(_raw_stream(f, entry, limits), buffer_size=64 * 1024)
+
+
+def _crc_of(f: BinaryIO, entry: ZipEntry, limits: Limits, cap: int | None = None
+            ) -> tuple[int, int]:
+    """CRC-32 and length of the member's bytes (of at most ``cap`` of them)."""
+    stream = _raw_stream(f, entry, limits)
+    crc = n = 0
+    while cap is None or n < cap:
+        want = CHUNK if cap is None else min(CHUNK, cap - n)
+        chunk = stream.read_chunk(want)
+        if not chunk:
+            break
+        crc, n = zlib.crc32(chunk, crc), n + len(chunk)
+    return crc, n
+
+
+def member_crc_ok(f: BinaryIO, entry: ZipEntry, limits: Limits = DEFAULT_LIMITS) -> bool:
+    """Whether the member's bytes match its declared CRC (streams the whole member)."""
+    return _crc_of(f, entry, limits)[0] == entry.crc

@@ -1,0 +1,164 @@
+"""The symbolic pickle machine against real pickles and hand-built tricks."""
+
+from __future__ import annotations
+
+import collections
+import pickle
+
+import pytest
+
+from tests.helpers import call1, global0, short_str, stack_global
+from trainguard import Severity, scan_bytes
+from trainguard.scan.picklevm import Call, Global, run_pickle
+from trainguard.scan.stream import ByteStream
+
+
+def rules(data: bytes) -> dict[str, Severity]:
+    result = scan_bytes(data)
+    assert result.error is None, result.error
+    out: dict[str, Severity] = {}
+    for f in result.findings:
+        out[f.rule] = max(out.get(f.rule, f.severity), f.severity)
+    return out
+
+
+@pytest.mark.parametrize("proto", range(6))
+def test_plain_data_every_protocol_is_clean(proto: int) -> None:
+    data = {"lr": 1e-3, "steps": [1, 2, 3], "name": "run", "t": (1, b"x"), "s": {1, 2},
+            "f": frozenset([3]), "od": collections.OrderedDict(a=1), "n": None, "big": 2**80}
+    blob = pickle.dumps(data, protocol=proto)
+    ev = run_pickle(ByteStream.of_bytes(blob))
+    assert ev.error is None and ev.end == len(blob)
+    assert {g.qualname for g in ev.globals} <= {"collections.OrderedDict", "__builtin__.set",
+                                                 "__builtin__.frozenset", "builtins.set",
+                                                 "builtins.frozenset", "_codecs.encode"}
+    assert rules(blob) == {}
+
+
+def test_reduce_is_recorded_with_arguments() -> None:
+    ev = run_pickle(ByteStream.of_bytes(call1("os", "system", "touch x")))
+    [call] = ev.calls
+    assert isinstance(call.func, Global) and call.func.qualname == "os.system"
+    assert call.args == ("touch x",)
+
+
+def test_stack_global_operands_from_memo_are_resolved() -> None:
+    # Module and name strings are memoised, then fetched with BINGET: scanners
+    # that only look at the opcode right before STACK_GLOBAL miss this.
+    data = (pickle.PROTO + b"\x04" + short_str("os") + pickle.BINPUT + b"\x01"
+            + short_str("system") + pickle.BINPUT + b"\x02" + pickle.POP + pickle.POP
+            + pickle.BINGET + b"\x01" + pickle.BINGET + b"\x02" + pickle.STACK_GLOBAL
+            + short_str("id") + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP)
+    assert rules(data)["TG101"] is Severity.CRITICAL
+
+
+def test_memo_slot_overwritten_before_use() -> None:
+    # Slot 1 first holds a harmless module name, then is overwritten with "os".
+    data = (pickle.PROTO + b"\x04" + short_str("collections") + pickle.BINPUT + b"\x01"
+            + pickle.POP + short_str("os") + pickle.BINPUT + b"\x01" + pickle.POP
+            + pickle.BINGET + b"\x01" + short_str("system") + pickle.STACK_GLOBAL
+            + short_str("id") + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP)
+    ev = run_pickle(ByteStream.of_bytes(data))
+    assert [g.qualname for g in ev.globals] == ["os.system"]
+
+
+def test_protocol0_string_built_names() -> None:
+    data = global0("posix", "system") + b"(S'id'\ntR."
+    assert rules(data)["TG101"] is Severity.CRITICAL
+
+
+def test_dynamic_stack_global_is_critical() -> None:
+    # The module name is the result of a call: no static name to check.
+    data = (pickle.PROTO + b"\x04" + stack_global("builtins", "str") + short_str("os")
+            + pickle.TUPLE1 + pickle.REDUCE + short_str("system") + pickle.STACK_GLOBAL
+            + pickle.STOP)
+    assert rules(data)["TG104"] is Severity.CRITICAL
+
+
+def test_call_on_call_result_is_critical() -> None:
+    # getattr-free gadget: call whatever an allowlisted call returned.
+    data = (pickle.PROTO + b"\x04" + stack_global("collections", "OrderedDict")
+            + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.EMPTY_TUPLE + pickle.REDUCE
+            + pickle.STOP)
+    assert rules(data)["TG104"] is Severity.CRITICAL
+
+
+def test_build_on_a_class_is_tampering() -> None:
+    data = (pickle.PROTO + b"\x04" + stack_global("collections", "OrderedDict")
+            + pickle.EMPTY_DICT + short_str("x") + short_str("y") + pickle.SETITEM
+            + pickle.BUILD + pickle.STOP)
+    assert rules(data)["TG105"] is Severity.CRITICAL
+
+
+def test_dotted_name_reaching_os_through_an_allowed_module() -> None:
+    assert rules(call1("torch", "os.system", "id"))["TG101"] is Severity.CRITICAL
+
+
+def test_dotted_inplace_tensor_method_is_tampering() -> None:
+    assert rules(call1("torch", "Tensor.mul_", "x"))["TG105"] is Severity.CRITICAL
+
+
+def test_unknown_stdlib_function_is_high() -> None:
+    assert rules(call1("smtpd", "DebuggingServer", "x"))["TG102"] is Severity.HIGH
+
+
+def test_user_class_is_medium_only() -> None:
+    assert rules(call1("mypkg.models", "Net", "x")) == {"TG103": Severity.MEDIUM}
+
+
+def test_extension_code_is_high() -> None:
+    data = pickle.PROTO + b"\x02" + pickle.EXT1 + b"\x07" + pickle.STOP
+    assert rules(data)["TG106"] is Severity.HIGH
+
+
+def test_payload_before_a_broken_stream_is_still_critical() -> None:
+    # nullifAI: the payload runs, then the loader fails on garbage.
+    data = call1("os", "system", "id")[:-1] + b"\xff\xfe garbage"
+    found = rules(data)
+    assert found["TG101"] is Severity.CRITICAL
+    assert "TG107" in found
+
+
+def test_second_concatenated_pickle_is_analysed() -> None:
+    data = pickle.dumps([1, 2]) + call1("os", "system", "id")
+    assert rules(data)["TG101"] is Severity.CRITICAL
+
+
+def test_trailing_garbage_after_stop() -> None:
+    found = rules(pickle.dumps({"a": 1}) + b"\x00\x01 not a pickle")
+    assert found == {"TG108": Severity.LOW}
+
+
+def test_nested_pickle_in_bytes_is_scanned() -> None:
+    inner = call1("os", "system", "id")
+    outer = pickle.dumps({"blob": inner}, protocol=4)
+    found = rules(outer)
+    assert found["TG101"] is Severity.CRITICAL and "TG110" in found
+
+
+def test_long_bytes_are_skipped_not_copied() -> None:
+    big = b"\x00" * (3 << 20)
+    blob = pickle.dumps({"w": big}, protocol=4)
+    ev = run_pickle(ByteStream.of_bytes(blob))
+    assert ev.error is None and ev.end == len(blob)
+
+
+def test_setitem_on_a_tensor_is_tampering() -> None:
+    # CVE-2026-24747 wrote into tensor memory with SETITEM on a rebuilt tensor.
+    rebuild = stack_global("torch._utils", "_rebuild_tensor_v2")
+    data = (pickle.PROTO + b"\x04" + rebuild + pickle.EMPTY_TUPLE + pickle.REDUCE
+            + short_str("k") + short_str("v") + pickle.SETITEM + pickle.STOP)
+    assert rules(data)["TG105"] is Severity.CRITICAL
+
+
+def test_events_keep_offsets() -> None:
+    data = call1("os", "system", "id")
+    result = scan_bytes(data)
+    [finding] = [f for f in result.findings if f.rule == "TG101"]
+    assert finding.offset == data.index(pickle.STACK_GLOBAL)
+    assert finding.trigger == "os.system"
+
+
+def test_call_events_are_calls() -> None:
+    ev = run_pickle(ByteStream.of_bytes(pickle.dumps(collections.OrderedDict(a=1), 2)))
+    assert any(isinstance(c, Call) for c in ev.calls)
