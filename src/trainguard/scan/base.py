@@ -52,4 +52,6 @@ class ScanContext:
     deadline: float | None
     scan_child: Callable[[Blob], Iterator[Finding]]
     scan_nested_bytes: Callable[[bytes, str], list[Finding]]
+    # Format names met so far in this file, outermost first; formats may add a
+    # more precise label ("pytorch") so reports say what the file really is.
     formats_seen: list[str] = field(default_factory=list)

@@ -40,7 +40,7 @@ class _Scanner:
 
     def context(self) -> ScanContext:
         return ScanContext(self.limits, self.policy.allow_globals, self.deadline,
-                           self.scan_child, self.scan_nested_bytes)
+                           self.scan_child, self.scan_nested_bytes, self.formats)
 
     def scan_child(self, blob: Blob) -> Iterator[Finding]:
         if blob.depth > self.limits.max_archive_depth:

@@ -653,7 +653,9 @@ class _Window(io.RawIOBase):
     """A read-only, seekable view of ``length`` bytes of ``f`` from ``start``."""
 
     def __init__(self, f: BinaryIO, start: int, length: int, limits: Limits) -> None:
-        self._f, self._start, self._len, self._pos = f, start, max(length, 0), 0
+        # A declared length can reach 2**64; clamp it to the bytes that exist.
+        available = f.seek(0, io.SEEK_END) - start
+        self._f, self._start, self._len, self._pos = f, start, max(min(length, available), 0), 0
         self._limits = limits
 
     def readable(self) -> bool:

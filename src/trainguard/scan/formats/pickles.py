@@ -72,6 +72,7 @@ def scan_pickle_stream(ctx: ScanContext, blob: Blob, *,
                 return
             if index == 0 and ev.result == TORCH_LEGACY_MAGIC:
                 legacy_torch = True
+                ctx.formats_seen.append("pytorch-legacy")
                 pctx = PickleContext(persistent_ids_expected=True, allow=ctx.allow)
             yield from analyse(ev, pctx, ctx.scan_nested_bytes)
             if ev.end is None:

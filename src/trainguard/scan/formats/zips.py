@@ -57,6 +57,9 @@ class ZipFormat:
                 return
             names = {e.name for e in directory.entries}
             torch_like = any(n.endswith("data.pkl") for n in names)
+            npz_like = bool(names) and all(n.endswith(".npy") for n in names)
+            if torch_like or npz_like:
+                ctx.formats_seen.append("pytorch" if torch_like else "npz")
             for a in directory.anomalies:
                 rule_id = _ANOMALY_RULES.get(a.kind, "TG003")
                 member = f"{blob.name}/{a.member}" if blob.name else a.member
