@@ -100,6 +100,15 @@ RULES: dict[str, Rule] = {
         Rule("TG209", "archive-too-many-members", _H,
              "The archive holds more members than the limit; the rest were not "
              "scanned."),
+        Rule("TG210", "zip-ambiguous", _H,
+             "The zip's structure lets two readers see different content (several end "
+             "records or central directories, hidden or overlapping entries, data in "
+             "front of the archive). Scanners have been evaded this way; the members "
+             "every reader could see were all scanned."),
+        Rule("TG211", "zip-irregular", _L,
+             "The zip is damaged or unusual (sizes that disagree, unreferenced or "
+             "trailing bytes, a missing central directory) but nothing suggests two "
+             "readers would disagree about its content."),
         # -- numpy ----------------------------------------------------------
         Rule("TG301", "numpy-object-array", _L,
              "A .npy array of Python objects: numpy.load needs allow_pickle=True, which "

@@ -27,6 +27,7 @@ FORMATS: tuple[Format, ...] = (
     PickleFormat(),
     LZMA_ALONE,
     ZLIB,
+    ZipFormat(prefixed=True),
 )
 
 

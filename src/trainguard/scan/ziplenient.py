@@ -5,18 +5,22 @@ archives that Python's :mod:`zipfile` refuses: bad CRCs, odd flag bits, local
 headers whose names differ from the central directory, duplicate names.
 Scanners built on :mod:`zipfile` gave up on such files while torch loaded them
 (picklescan CVE-2025-10156, CVE-2025-1945, CVE-2025-1944).  This reader accepts
-everything either reader accepts, reports each oddity as a :class:`ZipAnomaly`,
-and bounds every read: it never trusts a length before checking it against the
-file size and :class:`~trainguard.limits.Limits`.
+everything either reader accepts (where they would read different central
+directories it returns the entries of both), reports each oddity as a
+:class:`ZipAnomaly`, and bounds every read: no declared length is trusted before
+it is checked against the file size and :class:`~trainguard.limits.Limits`.
 
-Reading the directory touches only headers (and members of at most
-``CRC_CHECK_MAX_SIZE`` bytes, to check their CRC), so a 10 GB checkpoint costs a
-few hundred small reads.
+Reading the directory touches headers and, to check their CRC, small members
+other than torch storages (``CRC_CHECK_MAX_SIZE`` each, ``CRC_CHECK_BUDGET`` in
+all), so a 10 GB checkpoint costs a few hundred small reads.
 """
 
 from __future__ import annotations
 
 import bz2
+
+# Names may be cp437, and codecs otherwise load lazily mid-scan; a scan never imports.
+import encodings.cp437  # noqa: F401
 import io
 import lzma
 import re
@@ -45,8 +49,12 @@ __all__ = [
 MAX_ANOMALIES = 10_000  # a hostile archive could otherwise make the report itself huge
 MAX_EOCD_CANDIDATES = 1_000  # end records tried, newest first, inside the comment scan
 MAX_EARLIER_EOCD = 16  # usable end records before the chosen one, kept to report
+MAX_DESCRIPTOR_PROBES = 1_000_000  # data-descriptor signatures tried when walking local headers
 CRC_CHECK_MAX_SIZE = 1 * MiB  # members this small are CRC-checked by read_directory
 CRC_CHECK_BUDGET = 8 * MiB  # ...until this many member bytes have been read in total
+# torch storages are the bulk of a checkpoint and are read as raw numbers, never
+# unpickled: read_directory leaves their bytes alone.
+_TORCH_STORAGE = re.compile(r"(?:^|/)data/\d+\Z")
 MAX_LZMA_DICT = 64 * MiB  # liblzma allocates the declared dictionary up front
 CHUNK = 1 * MiB
 _INPUT_CHUNK = 64 * 1024  # small, so the compression ratio is measured closely
@@ -101,6 +109,18 @@ class ZipEntry:
 
 @dataclass(frozen=True)
 class ZipAnomaly:
+    """Something a strict reader would refuse, or where two readers may disagree.
+
+    Kinds: where readers disagree or refuse: crc-mismatch, flag-bits, encrypted,
+    name-mismatch, local-header-mismatch, duplicate-name, name-nul, name-encoding,
+    ambiguous-central-directory, multiple-eocd, hidden-entry, overlap.
+    Dangerous on extraction: path-escape, symlink.  Damaged or odd structure:
+    bad-eocd, bad-central-directory, no-central-directory, entry-count-mismatch,
+    bad-local-header, bad-zip64-extra, out-of-bounds, size-mismatch, truncated,
+    unsupported-method, bad-compressed-data, prepended-data, unreferenced-data,
+    trailing-data, too-many-anomalies.
+    """
+
     kind: str
     member: str
     offset: int
@@ -109,6 +129,8 @@ class ZipAnomaly:
 
 @dataclass
 class ZipDirectory:
+    """What :func:`read_directory` found: entries in central-directory order."""
+
     entries: list[ZipEntry]
     anomalies: list[ZipAnomaly]
     comment: bytes = b""
@@ -176,6 +198,26 @@ class _Local(NamedTuple):
     size: int
     raw_name: bytes
     data_offset: int
+
+
+class _Central(NamedTuple):
+    sig: bytes
+    made_by: int
+    needed: int
+    flags: int
+    method: int
+    time: int
+    date: int
+    crc: int
+    compressed_size: int
+    size: int
+    name_len: int
+    extra_len: int
+    comment_len: int
+    disk: int
+    internal_attr: int
+    external_attr: int
+    header_offset: int
 
 
 class _View(NamedTuple):
@@ -257,15 +299,25 @@ def _check_entry(e: ZipEntry, local_flags: int, rep: _Anomalies, seen: set[str])
     flags = e.flags | local_flags
     allowed = _EXPECTED_FLAGS | (_LEVEL_FLAGS if e.method in _LEVEL_METHODS else 0)
     if flags & ~allowed:
-        rep.add("flag-bits", e.name, e.header_offset, f"unexpected flag bits {flags & ~allowed:#06x}")
+        rep.add(
+            "flag-bits", e.name, e.header_offset, f"unexpected flag bits {flags & ~allowed:#06x}"
+        )
     if flags & _ENCRYPTION_FLAGS:
-        rep.add("encrypted", e.name, e.header_offset,
-                "marked encrypted; torch reads the bytes as they are")
+        rep.add(
+            "encrypted",
+            e.name,
+            e.header_offset,
+            "marked encrypted; read as stored bytes anyway",
+        )
     if e.method not in _SUPPORTED_METHODS:
         rep.add("unsupported-method", e.name, e.header_offset, f"compression method {e.method}")
     if e.method == STORED and e.compressed_size != e.size:
-        rep.add("size-mismatch", e.name, e.header_offset,
-                f"stored member: compressed size {e.compressed_size} != size {e.size}")
+        rep.add(
+            "size-mismatch",
+            e.name,
+            e.header_offset,
+            f"stored member: compressed size {e.compressed_size} != size {e.size}",
+        )
     for name in dict.fromkeys((e.name, e.local_name)):
         reason = _escape_reason(name)
         if reason:
@@ -281,24 +333,33 @@ def _check_entry(e: ZipEntry, local_flags: int, rep: _Anomalies, seen: set[str])
 
 def _compare_local(e: ZipEntry, raw_name: bytes, loc: _Local, rep: _Anomalies) -> None:
     if loc.raw_name != raw_name:
-        rep.add("name-mismatch", e.name, e.header_offset,
-                f"local header names it {e.local_name!r}")
-    diffs = [f for f, a, b in (("method", e.method, loc.method), ("flags", e.flags, loc.flags))
-             if a != b]
+        rep.add("name-mismatch", e.name, e.header_offset, f"local header: {e.local_name!r}")
+    diffs = [
+        f for f, a, b in (("method", e.method, loc.method), ("flags", e.flags, loc.flags)) if a != b
+    ]
     if not (e.flags | loc.flags) & _FLAG_DESCRIPTOR:
-        diffs += [f for f, a, b in (("crc", e.crc, loc.crc), ("size", e.size, loc.size),
-                                    ("compressed size", e.compressed_size, loc.compressed_size))
-                  if a != b]
+        diffs += [
+            f
+            for f, a, b in (
+                ("crc", e.crc, loc.crc),
+                ("size", e.size, loc.size),
+                ("compressed size", e.compressed_size, loc.compressed_size),
+            )
+            if a != b
+        ]
     if diffs:
-        rep.add("local-header-mismatch", e.name, e.header_offset,
-                "local header differs in " + ", ".join(diffs))
+        rep.add(
+            "local-header-mismatch",
+            e.name,
+            e.header_offset,
+            "local header differs in " + ", ".join(diffs),
+        )
 
 
 def looks_like_zip(head: bytes, tail: bytes) -> bool:
     """Cheap sniff: a local header (or a spanning marker before one) at 0, or an end record."""
     return (
-        head.startswith((_LOCAL_SIG, _EOCD_SIG, _DESCRIPTOR_SIG + _LOCAL_SIG))
-        or _EOCD_SIG in tail
+        head.startswith((_LOCAL_SIG, _EOCD_SIG, _DESCRIPTOR_SIG + _LOCAL_SIG)) or _EOCD_SIG in tail
     )
 
 
@@ -319,8 +380,8 @@ def _zip64_record(src: _Source, offset: int) -> tuple[int, int, int] | None:
     rec = src.read_at(offset, _EOCD64.size)
     if len(rec) < _EOCD64.size or rec[:4] != _EOCD64_SIG:
         return None
-    _sig, _size, _made, _need, _disk, _cd_disk, _n_disk, count, cd_size, cd_offset = (
-        _EOCD64.unpack(rec)
+    _sig, _size, _made, _need, _disk, _cd_disk, _n_disk, count, cd_size, cd_offset = _EOCD64.unpack(
+        rec
     )
     return count, cd_size, cd_offset
 
@@ -361,17 +422,19 @@ def _views(src: _Source, eocd: int) -> tuple[list[_View], list[tuple[int, int]],
 def _view_readable(src: _Source, v: _View) -> bool:
     if v.entries == 0 and v.cd_size == 0:
         return True
-    return v.cd_offset + v.cd_size <= src.size and src.read_at(v.cd_offset, 4) == _CENTRAL_SIG
+    return src.read_at(v.cd_offset, 4) == _CENTRAL_SIG
 
 
 def _parse_central(
     src: _Source, v: _View, limits: Limits, rep: _Anomalies
-) -> list[tuple[ZipEntry, bytes, int]]:
-    """Entries of one central directory with their raw name and local flags."""
+) -> list[tuple[ZipEntry, int]]:
+    """Entries of one central directory, each with its local header's flags."""
     if v.entries > limits.max_archive_members:
         raise LimitExceeded("zip entry count", limits.max_archive_members)
+    if v.cd_offset + v.cd_size > src.size:
+        rep.add("out-of-bounds", "", v.cd_offset, f"{v.reader}: directory runs past the end")
     cur = _Cursor(src, v.cd_offset, min(v.cd_offset + v.cd_size, src.size))
-    out: list[tuple[ZipEntry, bytes, int]] = []
+    out: list[tuple[ZipEntry, int]] = []
     # Walk by bytes as zipfile does (miniz walks by count): whichever sees more wins.
     while cur.pos < cur.end:
         at = cur.pos
@@ -379,61 +442,87 @@ def _parse_central(
         if fixed is None or fixed[:4] != _CENTRAL_SIG:
             rep.add("bad-central-directory", "", at, f"{v.reader}: no central header here")
             break
-        (_sig, _made, _need, flags, method, _t, _d, crc, csize, usize, nlen, xlen, clen,
-         _disk, _iattr, eattr, hoff) = _CENTRAL.unpack(fixed)
-        raw_name, extra, _comment = cur.take(nlen), cur.take(xlen), cur.take(clen)
-        if raw_name is None or extra is None or _comment is None:
+        h = _Central._make(_CENTRAL.unpack(fixed))
+        raw_name, extra, comment = (
+            cur.take(h.name_len),
+            cur.take(h.extra_len),
+            cur.take(h.comment_len),
+        )
+        if raw_name is None or extra is None or comment is None:
             rep.add("bad-central-directory", "", at, f"{v.reader}: header runs past its end")
             break
         if len(out) >= limits.max_archive_members:
             raise LimitExceeded("zip entry count", limits.max_archive_members)
-        name, name_ok = _decode_name(raw_name, flags)
-        if not name_ok:
-            rep.add("name-encoding", name, hoff, "flag bit 11 set but the name is not UTF-8")
-        values = _zip64_values(extra, (usize, csize, hoff))
-        if values is None:
-            rep.add("bad-zip64-extra", name, at, "sizes say ZIP64 but the extra field is short")
-            values = (usize, csize, hoff)
-        usize, csize, hoff = values[0], values[1], values[2] + v.shift
-        local = _read_local(src, hoff)
-        if isinstance(local, str):
-            kind = "out-of-bounds" if hoff + _LOCAL.size > src.size else "bad-local-header"
-            rep.add(kind, name, hoff, local)
-            entry = ZipEntry(name, "", hoff, -1, csize, usize, crc, method, flags, eattr)
-            out.append((entry, raw_name, 0))
-            continue
-        local_name, _ = _decode_name(local.raw_name, local.flags)
-        entry = ZipEntry(name, local_name, hoff, local.data_offset, csize, usize, crc, method,
-                         flags, eattr)
-        _compare_local(entry, raw_name, local, rep)
-        if local.data_offset + csize > src.size:
-            rep.add("out-of-bounds", name, hoff,
-                    f"data ends at {local.data_offset + csize}, past the end of the file")
-        out.append((entry, raw_name, local.flags))
+        out.append(_central_entry(src, v, h, raw_name, extra, rep))
     if len(out) != v.entries:
-        rep.add("entry-count-mismatch", "", v.cd_offset,
-                f"{v.reader}: end record declares {v.entries} entries, directory holds {len(out)}")
+        detail = f"{v.reader}: end record declares {v.entries} entries, found {len(out)}"
+        rep.add("entry-count-mismatch", "", v.cd_offset, detail)
     return out
 
 
-def _find_descriptor(src: _Source, data_offset: int) -> tuple[int, int, int, int] | None:
+def _central_entry(
+    src: _Source, v: _View, h: _Central, raw_name: bytes, extra: bytes, rep: _Anomalies
+) -> tuple[ZipEntry, int]:
+    name, name_ok = _decode_name(raw_name, h.flags)
+    if not name_ok:
+        rep.add("name-encoding", name, h.header_offset, "flag bit 11 set, name is not UTF-8")
+    unicode_path = _extra_field(extra, 0x7075)  # Info-ZIP's; 7-Zip and unzip prefer it
+    if unicode_path and unicode_path[5:].decode("utf-8", "replace") != name:
+        detail = f"Unicode Path extra field names it {unicode_path[5:]!r}"
+        rep.add("name-mismatch", name, h.header_offset, detail)
+    values = _zip64_values(extra, (h.size, h.compressed_size, h.header_offset))
+    if values is None:
+        rep.add("bad-zip64-extra", name, h.header_offset, "ZIP64 extra field is too short")
+        values = (h.size, h.compressed_size, h.header_offset)
+    size, csize, hoff = values[0], values[1], values[2] + v.shift
+    local = _read_local(src, hoff)
+    if isinstance(local, str):
+        rep.add("out-of-bounds" if hoff >= src.size else "bad-local-header", name, hoff, local)
+        return ZipEntry(
+            name, "", hoff, -1, csize, size, h.crc, h.method, h.flags, h.external_attr
+        ), 0
+    local_name, _ = _decode_name(local.raw_name, local.flags)
+    entry = ZipEntry(
+        name,
+        local_name,
+        hoff,
+        local.data_offset,
+        csize,
+        size,
+        h.crc,
+        h.method,
+        h.flags,
+        h.external_attr,
+    )
+    _compare_local(entry, raw_name, local, rep)
+    if local.data_offset + csize > src.size:
+        rep.add("out-of-bounds", name, hoff, "member data runs past the end of the file")
+    return entry, local.flags
+
+
+def _find_descriptor(
+    src: _Source, data_offset: int, probes: list[int]
+) -> tuple[int, int, int, int] | None:
     """For a streamed member: (crc, compressed size, size, descriptor length) of the
-    first signed data descriptor whose size matches its position."""
+    first signed data descriptor whose size matches its position.  ``probes`` counts
+    the signatures examined, across the whole walk."""
     pos = data_offset
     while pos < src.size:
         block = src.read_at(pos, CHUNK + 24)
+        padded = block + bytes(24)
         i = block.find(_DESCRIPTOR_SIG)
-        while i >= 0:
+        while 0 <= i < CHUNK:
+            probes[0] += 1
+            if probes[0] > MAX_DESCRIPTOR_PROBES:
+                raise LimitExceeded("data descriptor signatures examined", MAX_DESCRIPTOR_PROBES)
             dist = pos + i - data_offset
-            crc, c32, u32 = struct.unpack_from("<III", block.ljust(i + 24, b"\0"), i + 4)
+            crc, c32, u32 = struct.unpack_from("<III", padded, i + 4)
             if c32 == dist & _U32:
                 return crc, dist, u32, 16
-            crc, c64, u64 = struct.unpack_from("<IQQ", block.ljust(i + 24, b"\0"), i + 4)
+            crc, c64, u64 = struct.unpack_from("<IQQ", padded, i + 4)
             if c64 == dist:
                 return crc, dist, u64, 24
             i = block.find(_DESCRIPTOR_SIG, i + 1)
-        if len(block) <= CHUNK:
-            return None
         pos += CHUNK
     return None
 
@@ -441,7 +530,7 @@ def _find_descriptor(src: _Source, data_offset: int) -> tuple[int, int, int, int
 def _walk_local(src: _Source, limits: Limits, rep: _Anomalies) -> list[tuple[ZipEntry, int]]:
     """Fallback without a central directory: follow the local headers from offset 0."""
     out: list[tuple[ZipEntry, int]] = []
-    pos = 0
+    pos, probes = 0, [0]
     while pos < src.size and src.read_at(pos, 4) == _LOCAL_SIG:
         if len(out) >= limits.max_archive_members:
             raise LimitExceeded("zip entry count", limits.max_archive_members)
@@ -452,14 +541,15 @@ def _walk_local(src: _Source, limits: Limits, rep: _Anomalies) -> list[tuple[Zip
         name, _ = _decode_name(local.raw_name, local.flags)
         crc, csize, usize, tail = local.crc, local.compressed_size, local.size, 0
         if local.flags & _FLAG_DESCRIPTOR and csize == 0:
-            found = _find_descriptor(src, local.data_offset)
+            found = _find_descriptor(src, local.data_offset, probes)
             if found is None:
                 rep.add("truncated", name, pos, "streamed member without a findable descriptor")
                 csize = src.size - local.data_offset
             else:
                 crc, csize, usize, tail = found
-        entry = ZipEntry(name, name, pos, local.data_offset, csize, usize, crc, local.method,
-                         local.flags, 0)
+        entry = ZipEntry(
+            name, name, pos, local.data_offset, csize, usize, crc, local.method, local.flags, 0
+        )
         out.append((entry, local.flags))
         if local.data_offset + csize > src.size:
             rep.add("out-of-bounds", name, pos, "member data runs past the end of the file")
@@ -468,13 +558,20 @@ def _walk_local(src: _Source, limits: Limits, rep: _Anomalies) -> list[tuple[Zip
     return out
 
 
-def _layout(src: _Source, entries: list[ZipEntry], spans: list[tuple[int, int]],
-            rep: _Anomalies) -> None:
+def _layout(
+    src: _Source, entries: list[ZipEntry], spans: list[tuple[int, int]], rep: _Anomalies
+) -> None:
     """Overlapping members (zip bombs, two names for one payload) and bytes no entry
     claims (hidden local entries that a streaming reader would see)."""
-    items = [(e.header_offset,
-              e.data_offset + e.compressed_size if e.data_offset >= 0 else e.header_offset + 30,
-              e.name, e.flags) for e in entries]
+    items = [
+        (
+            e.header_offset,
+            e.data_offset + e.compressed_size if e.data_offset >= 0 else e.header_offset + 30,
+            e.name,
+            e.flags,
+        )
+        for e in entries
+    ]
     items += [(a, b, "<zip structure>", 0) for a, b in set(spans)]
     items.sort()
     reach, last_flags, last_name = 0, 0, ""
@@ -492,14 +589,20 @@ def _layout(src: _Source, entries: list[ZipEntry], spans: list[tuple[int, int]],
         rep.add("trailing-data", "", reach, f"{src.size - reach} bytes after the end record")
 
 
-def _check_crcs(f: BinaryIO, entries: list[ZipEntry], limits: Limits,
-                rep: _Anomalies) -> frozenset[int]:
+def _check_crcs(
+    f: BinaryIO, entries: list[ZipEntry], limits: Limits, rep: _Anomalies
+) -> frozenset[int]:
     checked: set[int] = set()
     budget = CRC_CHECK_BUDGET
     for i, e in enumerate(entries):
         small = max(e.compressed_size, e.size) <= min(CRC_CHECK_MAX_SIZE, budget)
-        if (not small or e.data_offset < 0 or e.method not in _SUPPORTED_METHODS
-                or e.flags & _ENCRYPTION_FLAGS):
+        if (
+            not small
+            or e.data_offset < 0
+            or e.method not in _SUPPORTED_METHODS
+            or e.flags & _ENCRYPTION_FLAGS
+            or _TORCH_STORAGE.search(e.name)
+        ):
             continue
         budget -= max(e.compressed_size, e.size)
         try:
@@ -510,11 +613,19 @@ def _check_crcs(f: BinaryIO, entries: list[ZipEntry], limits: Limits,
         checked.add(i)
         if n != e.size:
             found = "more than " + str(e.size) if n > e.size else str(n)
-            rep.add("size-mismatch", e.name, e.data_offset,
-                    f"declared size {e.size}, data holds {found} bytes")
+            rep.add(
+                "size-mismatch",
+                e.name,
+                e.data_offset,
+                f"declared size {e.size}, data holds {found} bytes",
+            )
         elif crc != e.crc:
-            rep.add("crc-mismatch", e.name, e.data_offset,
-                    f"declared CRC {e.crc:#010x}, data has {crc:#010x}")
+            rep.add(
+                "crc-mismatch",
+                e.name,
+                e.data_offset,
+                f"declared CRC {e.crc:#010x}, data has {crc:#010x}",
+            )
     return frozenset(checked)
 
 
@@ -549,19 +660,24 @@ def _find_end(src: _Source, limits: Limits, rep: _Anomalies) -> tuple[_End | Non
     return chosen, earlier
 
 
-def _read_central(src: _Source, end: _End, limits: Limits, rep: _Anomalies
-                  ) -> list[tuple[ZipEntry, int]]:
+def _read_central(
+    src: _Source, end: _End, limits: Limits, rep: _Anomalies
+) -> list[tuple[ZipEntry, int]]:
     """Entries of every readable view, each once, with their local header's flags."""
     per_view = [_parse_central(src, v, limits, rep) for v in end.views]
     found: dict[ZipEntry, int] = {}
     for parsed in per_view:
-        for entry, _raw_name, local_flags in parsed:
+        for entry, local_flags in parsed:
             found.setdefault(entry, local_flags)
     if len(found) > limits.max_archive_members:
         raise LimitExceeded("zip entry count", limits.max_archive_members)
     if len(per_view) == 2 and [p[0] for p in per_view[0]] != [p[0] for p in per_view[1]]:
-        rep.add("ambiguous-central-directory", "", end.views[1].cd_offset,
-                "torch (miniz) and zipfile read different central directories")
+        rep.add(
+            "ambiguous-central-directory",
+            "",
+            end.views[1].cd_offset,
+            "torch (miniz) and zipfile read different central directories",
+        )
     return list(found.items())
 
 
@@ -641,8 +757,13 @@ def _lzma_decoder(header: bytes) -> lzma.LZMADecompressor:
     if d >= 9 * 5 * 5:
         raise ScanError("LZMA member has invalid properties")
     dict_size = min(int.from_bytes(props[1:5], "little"), MAX_LZMA_DICT)
-    filt = {"id": lzma.FILTER_LZMA1, "lc": d % 9, "lp": (d // 9) % 5, "pb": d // 45,
-            "dict_size": max(dict_size, 4096)}
+    filt = {
+        "id": lzma.FILTER_LZMA1,
+        "lc": d % 9,
+        "lp": (d // 9) % 5,
+        "pb": d // 45,
+        "dict_size": max(dict_size, 4096),
+    }
     try:
         return lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[filt])
     except lzma.LZMAError as exc:  # e.g. lc + lp > 4, which liblzma rejects
@@ -715,7 +836,6 @@ class _Decompressing(io.RawIOBase):
     def _restart(self) -> None:
         self._raw.seek(0)
         self._pos = self._fed = 0
-        self.truncated = False
         method = self._entry.method
         self._dec: _Decoder
         if method == DEFLATED:
@@ -740,12 +860,14 @@ class _Decompressing(io.RawIOBase):
         self._pos += len(out)
         lim = self._limits
         if self._pos > lim.max_decompressed_size:
-            raise LimitExceeded(f"decompressed size of {self._entry.name!r}",
-                                lim.max_decompressed_size)
+            raise LimitExceeded(
+                f"decompressed size of {self._entry.name!r}", lim.max_decompressed_size
+            )
         consumed = self._fed - (self._dec.unconsumed if isinstance(self._dec, _Inflater) else 0)
         if self._pos > MiB and self._pos > lim.max_compression_ratio * max(consumed, 1):
-            raise LimitExceeded(f"compression ratio of {self._entry.name!r}",
-                                lim.max_compression_ratio)
+            raise LimitExceeded(
+                f"compression ratio of {self._entry.name!r}", lim.max_compression_ratio
+            )
         return out
 
     def read_chunk(self, n: int) -> bytes:
@@ -757,9 +879,11 @@ class _Decompressing(io.RawIOBase):
                     chunk = self._raw.read_chunk(_INPUT_CHUNK)
                     self._fed += len(chunk)
                     if not chunk:  # input exhausted: drain what the decoder still holds
-                        out = self._dec.decompress(b"", n) if isinstance(
-                            self._dec, _Inflater) else b""
-                        self.truncated = not out
+                        out = (
+                            self._dec.decompress(b"", n)
+                            if isinstance(self._dec, _Inflater)
+                            else b""
+                        )
                         return self._account(out)
                 out = self._dec.decompress(chunk, n)
                 if out:
@@ -813,8 +937,9 @@ def open_member(f: BinaryIO, entry: ZipEntry, limits: Limits = DEFAULT_LIMITS) -
     return io.BufferedReader(_raw_stream(f, entry, limits), buffer_size=64 * 1024)
 
 
-def _crc_of(f: BinaryIO, entry: ZipEntry, limits: Limits, cap: int | None = None
-            ) -> tuple[int, int]:
+def _crc_of(
+    f: BinaryIO, entry: ZipEntry, limits: Limits, cap: int | None = None
+) -> tuple[int, int]:
     """CRC-32 and length of the member's bytes (of at most ``cap`` of them)."""
     stream = _raw_stream(f, entry, limits)
     crc = n = 0

@@ -24,12 +24,23 @@ from trainguard.scan.formats.pickles import scan_pickle_stream, strong_sniff
 _ANOMALY_RULES = {
     "crc-mismatch": "TG201",
     "name-mismatch": "TG202",
+    "local-header-mismatch": "TG202",
     "flag-bits": "TG203",
     "encrypted": "TG203",
     "duplicate-name": "TG204",
     "path-escape": "TG207",
     "symlink": "TG207",
+    "name-nul": "TG210",
+    "name-encoding": "TG210",
+    "ambiguous-central-directory": "TG210",
+    "multiple-eocd": "TG210",
+    "hidden-entry": "TG210",
+    "overlap": "TG210",
+    "prepended-data": "TG210",
+    "too-many-anomalies": "TG209",
+    "unsupported-method": "TG208",
 }
+# Everything else the reader reports (damaged or odd structure) is TG211.
 
 
 def _finding(rule_id: str, message: str, member: str = "", offset: int | None = None,
@@ -41,8 +52,16 @@ def _finding(rule_id: str, message: str, member: str = "", offset: int | None = 
 class ZipFormat:
     name = "zip"
 
+    def __init__(self, *, prefixed: bool = False) -> None:
+        # Data in front of a zip (a self-extractor, or an evasion) hides the magic
+        # at offset 0 while zipfile still finds the end record. That weaker sniff
+        # is registered last, so a pickle carrying a zip's tail stays a pickle.
+        self.prefixed = prefixed
+
     def sniff(self, head: bytes, blob: Blob) -> bool:
-        return head[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+        if not self.prefixed:
+            return head[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+        return blob.size is not None and _tail_has_eocd(blob)
 
     def scan(self, ctx: ScanContext, blob: Blob) -> Iterator[Finding]:
         with blob.open() as f:
@@ -61,7 +80,7 @@ class ZipFormat:
             if torch_like or npz_like:
                 ctx.formats_seen.append("pytorch" if torch_like else "npz")
             for a in directory.anomalies:
-                rule_id = _ANOMALY_RULES.get(a.kind, "TG003")
+                rule_id = _ANOMALY_RULES.get(a.kind, "TG211")
                 member = f"{blob.name}/{a.member}" if blob.name else a.member
                 if a.kind == "crc-mismatch":
                     msg = f"CRC mismatch in {a.member}: PyTorch loads it, zipfile refuses it"
@@ -69,7 +88,11 @@ class ZipFormat:
                     msg = f"zip anomaly ({a.kind}) in {a.member}: {a.detail}"
                 yield _finding(rule_id, msg, member=member, offset=a.offset, trigger=a.kind)
             for entry in directory.entries:
-                yield from self._member(ctx, blob, f, entry, torch_like)
+                try:
+                    yield from self._member(ctx, blob, f, entry, torch_like)
+                except ScanError as exc:  # one unreadable member must not hide the others
+                    member = f"{blob.name}/{entry.name}" if blob.name else entry.name
+                    yield _finding("TG003", f"member unreadable: {exc}", member=member)
 
     def _member(self, ctx: ScanContext, blob: Blob, f: BinaryIO, entry: ziplenient.ZipEntry,
                 torch_like: bool) -> Iterator[Finding]:
@@ -100,6 +123,17 @@ class ZipFormat:
 def _located(findings: Iterator[Finding], member: str) -> Iterator[Finding]:
     for f in findings:
         yield f if f.member else f.located(f.file, member)
+
+
+def _tail_has_eocd(blob: Blob) -> bool:
+    assert blob.size is not None
+    with blob.open() as f:
+        if not f.seekable():
+            return False
+        start = max(blob.size - 66_000, 0)
+        f.seek(start)
+        tail = f.read(66_000)
+    return ziplenient.looks_like_zip(b"", tail)
 
 
 def _is_storage(name: str) -> bool:
