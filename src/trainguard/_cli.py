@@ -8,9 +8,10 @@ goes to stdout (or ``--output``); progress and status go to stderr.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from trainguard.errors import TrainguardError, UsageError
@@ -57,7 +58,15 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="build a sample shared checkpoint store and scan it")
     d.add_argument("--keep", metavar="DIR", help="build the store in DIR and keep it")
+
+    # Each pillar adds its own verbs: register(sub) adds parsers whose
+    # set_defaults(handler=...) takes the parsed args and returns an exit code.
+    for module in _PILLAR_CLIS:
+        importlib.import_module(module).register(sub)
     return p
+
+
+_PILLAR_CLIS: tuple[str, ...] = ()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from trainguard.demo import run_demo
 
             return run_demo(keep=args.keep)
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
     except UsageError as exc:
         print(f"trainguard: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -80,7 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trainguard: interrupted", file=sys.stderr)
         return EXIT_ERROR
-    raise AssertionError(f"unhandled command {args.command}")
 
 
 def _scan(args: argparse.Namespace) -> int:

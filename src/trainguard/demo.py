@@ -7,31 +7,27 @@ The closing tally is computed from the report, never assumed.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from trainguard.findings import Severity
 from trainguard.render import render
+from trainguard.samples import Sample, missing_modules
 from trainguard.scan import scan
 
 
-def _available(requires: tuple[str, ...]) -> bool:
-    return all(importlib.util.find_spec(mod) is not None for mod in requires)
-
-
-def _pick(samples: dict[str, object], per_loader: int) -> list[object]:
+def _pick(samples: Mapping[str, Sample], per_loader: int) -> list[Sample]:
     """A small, varied selection: a few samples for each way victims load files."""
-    chosen: list[object] = []
+    chosen: list[Sample] = []
     counts: dict[str, int] = {}
     for s in samples.values():
-        loader = s.loader  # type: ignore[attr-defined]
-        if not _available(s.requires):  # type: ignore[attr-defined]
+        if missing_modules(s):
             continue
-        if counts.get(loader, 0) < per_loader:
-            counts[loader] = counts.get(loader, 0) + 1
+        if counts.get(s.loader, 0) < per_loader:
+            counts[s.loader] = counts.get(s.loader, 0) + 1
             chosen.append(s)
     return chosen
 
@@ -44,9 +40,8 @@ def build_store(root: Path) -> tuple[list[Path], list[Path]]:
     clean_dir, shared_dir = root / "team-a", root / "shared"
     clean_dir.mkdir(parents=True, exist_ok=True)
     shared_dir.mkdir(parents=True, exist_ok=True)
-    clean = [s.build(clean_dir, canary) for s in _pick(BENIGN, 2)]  # type: ignore[attr-defined]
-    poisoned = [s.build(shared_dir, canary)  # type: ignore[attr-defined]
-                for s in _pick(MALICIOUS, 2)]
+    clean = [s.build(clean_dir, canary) for s in _pick(BENIGN, 2)]
+    poisoned = [s.build(shared_dir, canary) for s in _pick(MALICIOUS, 1)]
     return clean, poisoned
 
 
@@ -55,16 +50,21 @@ def run_demo(keep: str | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="trainguard-demo-") as tmp:
         root = Path(keep) if keep else Path(tmp) / "checkpoint-store"
         clean, poisoned = build_store(root)
-        print(f"A shared checkpoint store in {root}:\n  {len(clean)} clean files from "
-              f"team-a/, {len(poisoned)} planted in shared/ with harmless payloads.\n"
-              f"$ trainguard scan {root}\n", file=err)
-        report = scan([root])
+        print(f"A shared checkpoint store in {root}:\n  {len(clean)} clean files in "
+              f"team-a/, {len(poisoned)} planted in shared/ (harmless payloads).\n"
+              f"$ cd {root} && trainguard scan .\n", file=err)
+        here = os.getcwd()
+        os.chdir(root)  # relative paths keep the report readable
+        try:
+            report = scan(["."])
+        finally:
+            os.chdir(here)
         color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
         sys.stdout.write(render(report, "text", color=color))
-        failing = {r.path for r in report.files
+        failing = {(root / r.path).resolve() for r in report.files
                    if r.verdict is not None and r.verdict >= Severity.HIGH}
-        caught = sum(str(p) in failing for p in poisoned)
-        false_alarms = sum(str(p) in failing for p in clean)
+        caught = sum(p.resolve() in failing for p in poisoned)
+        false_alarms = sum(p.resolve() in failing for p in clean)
         print(f"\ntrainguard flagged {caught}/{len(poisoned)} poisoned files and "
               f"{false_alarms}/{len(clean)} clean ones; nothing was loaded or executed.",
               file=err)

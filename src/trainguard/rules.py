@@ -115,6 +115,8 @@ RULES: dict[str, Rule] = {
              "unpickles the embedded stream (analysed and reported separately)."),
         Rule("TG302", "numpy-bad-header", _M,
              "The .npy header is malformed or inconsistent with the file size."),
+        # -- seal: signatures and manifests (TG5xx) ---------------------------
+        # -- environment verification (TG6xx) ----------------------------------
     )
 }
 

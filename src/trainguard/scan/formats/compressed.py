@@ -51,11 +51,16 @@ class DecompressingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
     def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
         want = len(buf)
         while not self._done:
             if self._d.eof:
-                rest = self._d.unused_data + self._pending
+                rest = (self._d.unused_data or b"") + self._pending  # lz4 may say None
                 if not rest:
                     rest = self._raw.read(_CHUNK)
                     self._in += len(rest)

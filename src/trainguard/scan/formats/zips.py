@@ -11,6 +11,7 @@ from __future__ import annotations
 # Zip names may be cp437; codecs load lazily on first use, so import it now:
 # a scan itself never imports anything (tests/test_no_execution.py).
 import encodings.cp437  # noqa: F401
+import io
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -64,8 +65,12 @@ class ZipFormat:
         return blob.size is not None and _tail_has_eocd(blob)
 
     def scan(self, ctx: ScanContext, blob: Blob) -> Iterator[Finding]:
-        with blob.open() as f:
-            size = blob.size if blob.size is not None else _seek_size(f)
+        with blob.open() as raw:
+            try:
+                f, size = _random_access(raw, ctx)
+            except LimitExceeded as exc:
+                yield _finding("TG002", f"zip nested in a compressed stream: {exc}")
+                return
             try:
                 directory = ziplenient.read_directory(f, size, ctx.limits)
             except LimitExceeded as exc:
@@ -90,7 +95,7 @@ class ZipFormat:
             for entry in directory.entries:
                 try:
                     yield from self._member(ctx, blob, f, entry, torch_like)
-                except ScanError as exc:  # one unreadable member must not hide the others
+                except (ScanError, OSError) as exc:  # one bad member must not hide the others
                     member = f"{blob.name}/{entry.name}" if blob.name else entry.name
                     yield _finding("TG003", f"member unreadable: {exc}", member=member)
 
@@ -100,22 +105,20 @@ class ZipFormat:
             return ziplenient.open_member(f, entry, ctx.limits)
 
         child = blob.child(entry.name, opener, entry.size)
-        if torch_like and entry.name.endswith(".pkl"):
-            # PyTorch resolves storages through persistent ids: expected here.
-            try:
-                yield from _located(scan_pickle_stream(ctx, child, persistent_ids_expected=True),
-                                    child.name)
-            except LimitExceeded as exc:
-                yield _finding("TG206", f"{entry.name}: {exc}", member=child.name)
-            return
-        if torch_like and _is_storage(entry.name):
-            # Tensor bytes: only a strong pickle signature makes them worth parsing.
-            try:
-                with opener() as m:
-                    head = m.read(2)
-            except (LimitExceeded, ScanError, OSError):
-                return
-            if not strong_sniff(head):
+        if torch_like:
+            # Inside a PyTorch archive, any pickle (whatever its name: torch.load
+            # takes pickle_file=...) resolves storages through persistent ids.
+            with opener() as m:
+                head = m.read(ctx.limits.sniff_size)
+            if _is_storage(entry.name) and not strong_sniff(head):
+                return  # tensor bytes: not worth parsing without a pickle signature
+            if strong_sniff(head) or (entry.name.endswith(".pkl") and head):
+                try:
+                    yield from _located(
+                        scan_pickle_stream(ctx, child, persistent_ids_expected=True),
+                        child.name)
+                except LimitExceeded as exc:
+                    yield _finding("TG206", f"{entry.name}: {exc}", member=child.name)
                 return
         yield from ctx.scan_child(child)
 
@@ -141,9 +144,20 @@ def _is_storage(name: str) -> bool:
     return len(parts) >= 2 and parts[-2] == "data" and parts[-1].isdigit()
 
 
-def _seek_size(f: BinaryIO) -> int:
-    here = f.tell()
-    f.seek(0, 2)
-    size = f.tell()
-    f.seek(here)
-    return size
+def _random_access(f: BinaryIO, ctx: ScanContext) -> tuple[BinaryIO, int]:
+    """``f`` if it can seek from its end (a file, a stored member), else a bounded copy.
+
+    A zip inside a deflated member or a gzip stream can only be read forwards,
+    but a zip's directory sits at its end.
+    """
+    try:
+        size = f.seek(0, io.SEEK_END)
+        f.seek(0)
+        return f, size
+    except (OSError, ValueError):
+        pass
+    cap = ctx.limits.max_in_memory_member
+    data = f.read(cap + 1)
+    if len(data) > cap:
+        raise LimitExceeded("in-memory copy", cap)
+    return io.BytesIO(data), len(data)

@@ -1,0 +1,139 @@
+"""How a victim loads each sample: Python source run as ``python -c SRC FILE``.
+
+Each loader is the plain, idiomatic call a training script makes, with no
+safety flags beyond the library defaults of the day.  Only ever run these in a
+subprocess, on files from this package.
+"""
+
+from __future__ import annotations
+
+_EXTRACT_THEN = """
+import os, sys, tempfile
+{imports}
+def members(path, dest):
+{extract}
+    for root, _dirs, files in os.walk(dest):
+        for name in sorted(files):
+            yield os.path.join(root, name)
+with tempfile.TemporaryDirectory() as dest:
+    for member in members(sys.argv[1], dest):
+        if member.endswith(({suffixes})):
+{load}
+"""
+
+LOADERS: dict[str, str] = {
+    # pickle.load reads one pickle and ignores whatever follows its STOP.
+    "pickle": """
+import pickle, sys
+with open(sys.argv[1], 'rb') as f:
+    pickle.load(f)
+""",
+    # Readers of appended records (logs, caches) call load until EOF.
+    "pickle-stream": """
+import pickle, sys
+with open(sys.argv[1], 'rb') as f:
+    while True:
+        try:
+            pickle.load(f)
+        except EOFError:
+            break
+""",
+    "torch": """
+import sys, torch
+torch.load(sys.argv[1], map_location='cpu', weights_only=False)
+""",
+    # The safe default since torch 2.6.
+    "torch-weights-only": """
+import sys, torch
+torch.load(sys.argv[1], map_location='cpu', weights_only=True)
+""",
+    # torch.load forwards unknown keyword arguments to its zip loader, whose
+    # `pickle_file` picks the member to unpickle (the CVE-2025-1889 proof loads
+    # `config.json` this way through functools.partial(torch.load, ...)).
+    "torch-pickle-file": """
+import sys, torch
+torch.load(sys.argv[1], map_location='cpu', weights_only=False, pickle_file='config.json')
+""",
+    # Sleepy Pickle leaves no trace but altered weights: the check writes the
+    # canary named in the checkpoint when the weights differ from the intended.
+    "torch-check-weights": """
+import sys, torch
+ckpt = torch.load(sys.argv[1], map_location='cpu', weights_only=False)
+if ckpt['state_dict']['weight'].tolist() != ckpt['intended']:
+    open(ckpt['canary'], 'w').close()
+""",
+    "numpy": """
+import sys, numpy
+numpy.load(sys.argv[1], allow_pickle=True)
+""",
+    "numpy-npz": """
+import sys, numpy
+with numpy.load(sys.argv[1], allow_pickle=True) as z:
+    for key in z.files:
+        z[key]
+""",
+    "joblib": """
+import sys, joblib
+joblib.load(sys.argv[1])
+""",
+    "gzip-pickle": """
+import gzip, pickle, sys
+with gzip.open(sys.argv[1], 'rb') as f:
+    pickle.load(f)
+""",
+    "bz2-pickle": """
+import bz2, pickle, sys
+with bz2.open(sys.argv[1], 'rb') as f:
+    pickle.load(f)
+""",
+    "lzma-pickle": """
+import lzma, pickle, sys
+with lzma.open(sys.argv[1], 'rb') as f:
+    pickle.load(f)
+""",
+    "tar-torch": _EXTRACT_THEN.format(
+        imports="import tarfile, torch",
+        extract="""    with tarfile.open(path) as tar:
+        if hasattr(tarfile, 'data_filter'):
+            tar.extractall(dest, filter='data')
+        else:
+            tar.extractall(dest)""",
+        suffixes="'.pt', '.pth', '.bin', '.ckpt'",
+        load="            torch.load(member, map_location='cpu', weights_only=False)",
+    ),
+    "zip-torch": _EXTRACT_THEN.format(
+        imports="import zipfile, torch",
+        extract="""    with zipfile.ZipFile(path) as zf:
+        zf.extractall(dest)""",
+        suffixes="'.pt', '.pth', '.bin', '.ckpt'",
+        load="            torch.load(member, map_location='cpu', weights_only=False)",
+    ),
+    # nullifAI: PyTorch-named pickles shipped in 7z, unpacked then unpickled.
+    "7z-pickle": _EXTRACT_THEN.format(
+        imports="import pickle, py7zr",
+        extract="""    with py7zr.SevenZipFile(path, 'r') as archive:
+        archive.extractall(dest)""",
+        suffixes="'.pt', '.pth', '.bin', '.pkl'",
+        load="""            with open(member, 'rb') as f:
+                pickle.load(f)""",
+    ),
+}
+
+# Modules each loader imports; a test skips the sample when one is missing.
+LOADER_REQUIRES: dict[str, tuple[str, ...]] = {
+    "pickle": (),
+    "pickle-stream": (),
+    "torch": ("torch",),
+    "torch-weights-only": ("torch",),
+    "torch-pickle-file": ("torch",),
+    "torch-check-weights": ("torch",),
+    "numpy": ("numpy",),
+    "numpy-npz": ("numpy",),
+    "joblib": ("joblib",),
+    "gzip-pickle": (),
+    "bz2-pickle": (),
+    "lzma-pickle": (),
+    "tar-torch": ("torch",),
+    "zip-torch": ("torch",),
+    "7z-pickle": ("py7zr",),
+}

@@ -1,0 +1,49 @@
+"""Every malicious sample is caught at its expected severity; benign ones stay quiet.
+
+The samples (``trainguard.samples``) are built by readable code with harmless
+payloads; ``test_samples_fire.py`` proves each one really runs under its
+loader. Each malicious sample carries its advisory link (``Sample.advisory``),
+so every published bypass listed there is a regression test here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainguard import Severity, scan_file
+from trainguard.samples import BENIGN, MALICIOUS, Sample, missing_modules
+
+_LEVEL = {"clean": None, "low": Severity.LOW, "medium": Severity.MEDIUM,
+          "high": Severity.HIGH, "critical": Severity.CRITICAL}
+
+
+def _build(sample: Sample, tmp_path: Path) -> Path:
+    missing = missing_modules(sample)
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+    return sample.build(tmp_path, tmp_path / "canary")
+
+
+@pytest.mark.parametrize("sample", MALICIOUS.values(), ids=list(MALICIOUS))
+def test_malicious_sample_is_detected(sample: Sample, tmp_path: Path) -> None:
+    path = _build(sample, tmp_path)
+    result = scan_file(path)
+    expected = _LEVEL[sample.expect]
+    assert expected is not None
+    summary = [(f.rule, str(f.severity), f.member, f.trigger) for f in result.findings]
+    assert result.verdict is not None and result.verdict >= expected, (sample.advisory, summary)
+    assert not (tmp_path / "canary").exists()
+
+
+@pytest.mark.parametrize("sample", BENIGN.values(), ids=list(BENIGN))
+def test_benign_sample_has_no_false_alarm(sample: Sample, tmp_path: Path) -> None:
+    path = _build(sample, tmp_path)
+    result = scan_file(path)
+    assert result.error is None, result.error
+    allowed = _LEVEL[sample.expect] or Severity.LOW
+    summary = [(f.rule, str(f.severity), f.message) for f in result.findings]
+    assert result.verdict is None or result.verdict <= allowed, summary
+    if sample.expect == "medium":
+        assert result.verdict == Severity.MEDIUM, summary
