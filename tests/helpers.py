@@ -17,8 +17,15 @@ def stack_global(module: str, name: str) -> bytes:
 
 def call1(module: str, name: str, arg: str, proto: int = 4) -> bytes:
     """``module.name(arg)`` as a protocol-4 pickle."""
-    return (pickle.PROTO + bytes([proto]) + stack_global(module, name) + short_str(arg)
-            + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP)
+    return (
+        pickle.PROTO
+        + bytes([proto])
+        + stack_global(module, name)
+        + short_str(arg)
+        + pickle.TUPLE1
+        + pickle.REDUCE
+        + pickle.STOP
+    )
 
 
 def global0(module: str, name: str) -> bytes:

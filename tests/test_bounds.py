@@ -38,8 +38,10 @@ def test_fuzz_arbitrary_bytes(data: bytes) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_fuzz_mutated_pickles_never_crash(data: st.DataObject) -> None:
-    base = bytearray(pickle.dumps({"a": [1, 2.0, "x", b"y"], "b": (None, True)}, protocol=4)
-                     + call1("os", "system", "id"))
+    base = bytearray(
+        pickle.dumps({"a": [1, 2.0, "x", b"y"], "b": (None, True)}, protocol=4)
+        + call1("os", "system", "id")
+    )
     for _ in range(data.draw(st.integers(1, 8))):
         i = data.draw(st.integers(0, len(base) - 1))
         base[i] = data.draw(st.integers(0, 255))

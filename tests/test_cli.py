@@ -39,7 +39,7 @@ def test_critical_exits_1_with_json(store: Path, capsys: pytest.CaptureFixture[s
     assert main(["scan", "--format", "json", str(store)]) == 1
     doc = json.loads(capsys.readouterr().out)
     assert doc["verdict"] == "critical" and doc["exit_code"] == 1
-    evil = [f for f in doc["files"] if f["path"].endswith("evil.bin")][0]
+    evil = next(f for f in doc["files"] if f["path"].endswith("evil.bin"))
     assert evil["findings"][0]["rule"] == "TG101"
     assert evil["findings"][0]["trigger"] == "os.system"
 
@@ -72,8 +72,9 @@ def test_policy_severity_change(store: Path, tmp_path: Path) -> None:
     assert main(["scan", "--policy", str(policy), str(store)]) == 1
 
 
-def test_bad_policy_is_usage_error(store: Path, tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_policy_is_usage_error(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text('[severity]\nTG999 = "loud"\n[allow]\nglobals = "x"\n')
     assert main(["scan", "--policy", str(policy), str(store)]) == 2
@@ -85,8 +86,9 @@ def test_missing_path_is_usage_error(tmp_path: Path) -> None:
     assert main(["scan", str(tmp_path / "nope")]) == 2
 
 
-def test_unknown_file_is_info_not_skipped(tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_file_is_info_not_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     assert main(["scan", "--format", "json", str(tmp_path)]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -99,6 +101,10 @@ def test_rules_markdown_matches_docs(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_python_dash_m_entry_point(store: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "trainguard", "scan", str(store)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainguard", "scan", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr

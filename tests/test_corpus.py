@@ -15,8 +15,13 @@ import pytest
 from trainguard import Severity, scan_file
 from trainguard.samples import BENIGN, MALICIOUS, Sample, missing_modules
 
-_LEVEL = {"clean": None, "low": Severity.LOW, "medium": Severity.MEDIUM,
-          "high": Severity.HIGH, "critical": Severity.CRITICAL}
+_LEVEL = {
+    "clean": None,
+    "low": Severity.LOW,
+    "medium": Severity.MEDIUM,
+    "high": Severity.HIGH,
+    "critical": Severity.CRITICAL,
+}
 
 
 def _build(sample: Sample, tmp_path: Path) -> Path:

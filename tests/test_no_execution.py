@@ -50,8 +50,9 @@ def test_scanning_malicious_files_triggers_no_exec_import_or_process(tmp_path: P
         z.writestr("archive/data.pkl", payload)
     exec_payload = call1("builtins", "exec", f"open({str(canary)!r}, 'w')")
     (tmp_path / "d.bin").write_bytes(pickle.dumps([1]) + exec_payload)
-    proc = subprocess.run([sys.executable, "-c", _WATCHER, str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _WATCHER, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "EVENTS []" in proc.stdout
     assert not canary.exists()

@@ -24,14 +24,28 @@ def rules(data: bytes) -> dict[str, Severity]:
 
 @pytest.mark.parametrize("proto", range(6))
 def test_plain_data_every_protocol_is_clean(proto: int) -> None:
-    data = {"lr": 1e-3, "steps": [1, 2, 3], "name": "run", "t": (1, b"x"), "s": {1, 2},
-            "f": frozenset([3]), "od": collections.OrderedDict(a=1), "n": None, "big": 2**80}
+    data = {
+        "lr": 1e-3,
+        "steps": [1, 2, 3],
+        "name": "run",
+        "t": (1, b"x"),
+        "s": {1, 2},
+        "f": frozenset([3]),
+        "od": collections.OrderedDict(a=1),
+        "n": None,
+        "big": 2**80,
+    }
     blob = pickle.dumps(data, protocol=proto)
     ev = run_pickle(ByteStream.of_bytes(blob))
     assert ev.error is None and ev.end == len(blob)
-    assert {g.qualname for g in ev.globals} <= {"collections.OrderedDict", "__builtin__.set",
-                                                 "__builtin__.frozenset", "builtins.set",
-                                                 "builtins.frozenset", "_codecs.encode"}
+    assert {g.qualname for g in ev.globals} <= {
+        "collections.OrderedDict",
+        "__builtin__.set",
+        "__builtin__.frozenset",
+        "builtins.set",
+        "builtins.frozenset",
+        "_codecs.encode",
+    }
     assert rules(blob) == {}
 
 
@@ -45,19 +59,52 @@ def test_reduce_is_recorded_with_arguments() -> None:
 def test_stack_global_operands_from_memo_are_resolved() -> None:
     # Module and name strings are memoised, then fetched with BINGET: scanners
     # that only look at the opcode right before STACK_GLOBAL miss this.
-    data = (pickle.PROTO + b"\x04" + short_str("os") + pickle.BINPUT + b"\x01"
-            + short_str("system") + pickle.BINPUT + b"\x02" + pickle.POP + pickle.POP
-            + pickle.BINGET + b"\x01" + pickle.BINGET + b"\x02" + pickle.STACK_GLOBAL
-            + short_str("id") + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP)
+    data = (
+        pickle.PROTO
+        + b"\x04"
+        + short_str("os")
+        + pickle.BINPUT
+        + b"\x01"
+        + short_str("system")
+        + pickle.BINPUT
+        + b"\x02"
+        + pickle.POP
+        + pickle.POP
+        + pickle.BINGET
+        + b"\x01"
+        + pickle.BINGET
+        + b"\x02"
+        + pickle.STACK_GLOBAL
+        + short_str("id")
+        + pickle.TUPLE1
+        + pickle.REDUCE
+        + pickle.STOP
+    )
     assert rules(data)["TG101"] is Severity.CRITICAL
 
 
 def test_memo_slot_overwritten_before_use() -> None:
     # Slot 1 first holds a harmless module name, then is overwritten with "os".
-    data = (pickle.PROTO + b"\x04" + short_str("collections") + pickle.BINPUT + b"\x01"
-            + pickle.POP + short_str("os") + pickle.BINPUT + b"\x01" + pickle.POP
-            + pickle.BINGET + b"\x01" + short_str("system") + pickle.STACK_GLOBAL
-            + short_str("id") + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP)
+    data = (
+        pickle.PROTO
+        + b"\x04"
+        + short_str("collections")
+        + pickle.BINPUT
+        + b"\x01"
+        + pickle.POP
+        + short_str("os")
+        + pickle.BINPUT
+        + b"\x01"
+        + pickle.POP
+        + pickle.BINGET
+        + b"\x01"
+        + short_str("system")
+        + pickle.STACK_GLOBAL
+        + short_str("id")
+        + pickle.TUPLE1
+        + pickle.REDUCE
+        + pickle.STOP
+    )
     ev = run_pickle(ByteStream.of_bytes(data))
     assert [g.qualname for g in ev.globals] == ["os.system"]
 
@@ -69,24 +116,47 @@ def test_protocol0_string_built_names() -> None:
 
 def test_dynamic_stack_global_is_critical() -> None:
     # The module name is the result of a call: no static name to check.
-    data = (pickle.PROTO + b"\x04" + stack_global("builtins", "str") + short_str("os")
-            + pickle.TUPLE1 + pickle.REDUCE + short_str("system") + pickle.STACK_GLOBAL
-            + pickle.STOP)
+    data = (
+        pickle.PROTO
+        + b"\x04"
+        + stack_global("builtins", "str")
+        + short_str("os")
+        + pickle.TUPLE1
+        + pickle.REDUCE
+        + short_str("system")
+        + pickle.STACK_GLOBAL
+        + pickle.STOP
+    )
     assert rules(data)["TG104"] is Severity.CRITICAL
 
 
 def test_call_on_call_result_is_critical() -> None:
     # getattr-free gadget: call whatever an allowlisted call returned.
-    data = (pickle.PROTO + b"\x04" + stack_global("collections", "OrderedDict")
-            + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.EMPTY_TUPLE + pickle.REDUCE
-            + pickle.STOP)
+    data = (
+        pickle.PROTO
+        + b"\x04"
+        + stack_global("collections", "OrderedDict")
+        + pickle.EMPTY_TUPLE
+        + pickle.REDUCE
+        + pickle.EMPTY_TUPLE
+        + pickle.REDUCE
+        + pickle.STOP
+    )
     assert rules(data)["TG104"] is Severity.CRITICAL
 
 
 def test_build_on_a_class_is_tampering() -> None:
-    data = (pickle.PROTO + b"\x04" + stack_global("collections", "OrderedDict")
-            + pickle.EMPTY_DICT + short_str("x") + short_str("y") + pickle.SETITEM
-            + pickle.BUILD + pickle.STOP)
+    data = (
+        pickle.PROTO
+        + b"\x04"
+        + stack_global("collections", "OrderedDict")
+        + pickle.EMPTY_DICT
+        + short_str("x")
+        + short_str("y")
+        + pickle.SETITEM
+        + pickle.BUILD
+        + pickle.STOP
+    )
     assert rules(data)["TG105"] is Severity.CRITICAL
 
 
@@ -146,8 +216,17 @@ def test_long_bytes_are_skipped_not_copied() -> None:
 def test_setitem_on_a_tensor_is_tampering() -> None:
     # CVE-2026-24747 wrote into tensor memory with SETITEM on a rebuilt tensor.
     rebuild = stack_global("torch._utils", "_rebuild_tensor_v2")
-    data = (pickle.PROTO + b"\x04" + rebuild + pickle.EMPTY_TUPLE + pickle.REDUCE
-            + short_str("k") + short_str("v") + pickle.SETITEM + pickle.STOP)
+    data = (
+        pickle.PROTO
+        + b"\x04"
+        + rebuild
+        + pickle.EMPTY_TUPLE
+        + pickle.REDUCE
+        + short_str("k")
+        + short_str("v")
+        + pickle.SETITEM
+        + pickle.STOP
+    )
     assert rules(data)["TG105"] is Severity.CRITICAL
 
 

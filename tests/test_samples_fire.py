@@ -92,25 +92,45 @@ def _run_all(root: Path, samples: list[Sample]) -> dict[str, Outcome]:
         folder.mkdir(parents=True)
         path = s.build(folder, _canary(root, s))
         before[s.id] = _canary(root, s).exists()
-        jobs.append({"id": s.id, "src": LOADERS[s.loader], "file": str(path),
-                     "log": str(root / f"{s.id}.log"), "timeout": LOAD_TIMEOUT})
+        jobs.append(
+            {
+                "id": s.id,
+                "src": LOADERS[s.loader],
+                "file": str(path),
+                "log": str(root / f"{s.id}.log"),
+                "timeout": LOAD_TIMEOUT,
+            }
+        )
     if hasattr(os, "fork"):
-        proc = subprocess.run([sys.executable, "-c", _HARNESS], input=json.dumps(jobs),
-                              capture_output=True, text=True,
-                              timeout=LOAD_TIMEOUT * 4 + 2 * len(jobs))
+        proc = subprocess.run(
+            [sys.executable, "-c", _HARNESS],
+            input=json.dumps(jobs),
+            capture_output=True,
+            text=True,
+            timeout=LOAD_TIMEOUT * 4 + 2 * len(jobs),
+        )
         assert proc.returncode == 0, proc.stderr
         codes: dict[str, int] = json.loads(proc.stdout)
     else:  # no fork (Windows): one interpreter per sample
-        codes = {str(j["id"]): _run_direct(str(j["src"]), Path(str(j["file"])),
-                                           Path(str(j["log"]))) for j in jobs}
-    return {s.id: Outcome(codes[s.id], _wait_for(_canary(root, s), s.fires),
-                          before[s.id], (root / f"{s.id}.log").read_text(errors="replace"))
-            for s in samples}
+        codes = {
+            str(j["id"]): _run_direct(str(j["src"]), Path(str(j["file"])), Path(str(j["log"])))
+            for j in jobs
+        }
+    return {
+        s.id: Outcome(
+            codes[s.id],
+            _wait_for(_canary(root, s), s.fires),
+            before[s.id],
+            (root / f"{s.id}.log").read_text(errors="replace"),
+        )
+        for s in samples
+    }
 
 
 def _run_direct(src: str, file: Path, log: Path) -> int:
-    proc = subprocess.run([sys.executable, "-c", src, str(file)], capture_output=True,
-                          timeout=LOAD_TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, "-c", src, str(file)], capture_output=True, timeout=LOAD_TIMEOUT
+    )
     log.write_bytes(proc.stdout + proc.stderr)
     return proc.returncode
 
@@ -147,8 +167,9 @@ def test_payload_fires(sid: str, outcomes: dict[str, Outcome]) -> None:
     assert got.fired, f"{sid}: payload did not run under {sample.loader!r}\n{got.log}"
 
 
-@pytest.mark.parametrize("sid", [s.id for s in MALICIOUS.values()
-                                 if not s.fires and s.id not in NOT_RUN])
+@pytest.mark.parametrize(
+    "sid", [s.id for s in MALICIOUS.values() if not s.fires and s.id not in NOT_RUN]
+)
 def test_documented_as_not_firing(sid: str, outcomes: dict[str, Outcome]) -> None:
     """fires=False is a claim too: if the loader starts running it, update the sample."""
     _skip_if_missing(MALICIOUS[sid])
@@ -163,8 +184,9 @@ def test_benign_loads_cleanly(sid: str, outcomes: dict[str, Outcome]) -> None:
     assert not got.fired
 
 
-@pytest.mark.parametrize("sid", ["pickle-p0-os-system", "torch-zip-bad-crc",
-                                 "pickle-nullifai-broken"])
+@pytest.mark.parametrize(
+    "sid", ["pickle-p0-os-system", "torch-zip-bad-crc", "pickle-nullifai-broken"]
+)
 def test_plain_python_c_contract(sid: str, tmp_path: Path) -> None:
     """The documented way: ``python -c LOADERS[key] FILE`` in a fresh interpreter."""
     sample = MALICIOUS[sid]
@@ -190,8 +212,10 @@ def test_build_all_shares_one_canary_and_unique_names(tmp_path: Path) -> None:
     built = build_all(tmp_path / "out", canary)
     assert built and all(p.is_file() for _, p in built)
     assert {s.id for s, _ in built} <= set(MALICIOUS) | set(BENIGN)
-    assert all(p.parent == tmp_path / "out" / ("malicious" if s.malicious else "benign") / s.id
-               for s, p in built)
+    assert all(
+        p.parent == tmp_path / "out" / ("malicious" if s.malicious else "benign") / s.id
+        for s, p in built
+    )
     assert not canary.exists()
     # Distinct file names let callers (the demo) build many samples into one folder.
     names = [p.name for _, p in built]

@@ -35,22 +35,36 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     from trainguard import __version__
 
-    p = _Parser(prog="trainguard", description="Stop, detect and explain sabotage of ML "
-                "training. Exit codes: 0 clean, 1 findings, 2 error.")
+    p = _Parser(
+        prog="trainguard",
+        description="Stop, detect and explain sabotage of ML "
+        "training. Exit codes: 0 clean, 1 findings, 2 error.",
+    )
     p.add_argument("--version", action="version", version=f"trainguard {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    s = sub.add_parser("scan", help="statically scan model files (never loads them)",
-                       description="Scan files and folders by content. Nothing read is "
-                       "unpickled, imported or evaluated.")
+    s = sub.add_parser(
+        "scan",
+        help="statically scan model files (never loads them)",
+        description="Scan files and folders by content. Nothing read is "
+        "unpickled, imported or evaluated.",
+    )
     s.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursive)")
     s.add_argument("-f", "--format", choices=("text", "json", "sarif"), default="text")
     s.add_argument("-o", "--output", metavar="FILE", help="write the report here, not stdout")
-    s.add_argument("--policy", metavar="FILE", help="TOML policy: extra allowed globals, "
-                   "severity changes (see docs/policy.md)")
+    s.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="TOML policy: extra allowed globals, severity changes (see docs/policy.md)",
+    )
     s.add_argument("--strict", action="store_true", help="fail on medium findings too")
-    s.add_argument("--fail-on", metavar="SEVERITY", type=Severity.parse, default=None,
-                   help="lowest severity that fails the scan (default: high)")
+    s.add_argument(
+        "--fail-on",
+        metavar="SEVERITY",
+        type=Severity.parse,
+        default=None,
+        help="lowest severity that fails the scan (default: high)",
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
     r = sub.add_parser("rules", help="list the rule ids findings can carry")
@@ -107,8 +121,12 @@ def _scan(args: argparse.Namespace) -> int:
         report = _scan_with_progress(args.paths, policy, fail_on)
     else:
         report = scan(args.paths, policy=policy, fail_on=fail_on)
-    color = args.output is None and args.format == "text" and sys.stdout.isatty() and (
-        "NO_COLOR" not in os.environ)
+    color = (
+        args.output is None
+        and args.format == "text"
+        and sys.stdout.isatty()
+        and ("NO_COLOR" not in os.environ)
+    )
     text = render(report, args.format, color=color)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
@@ -118,16 +136,21 @@ def _scan(args: argparse.Namespace) -> int:
     return report.exit_code()
 
 
-def _scan_with_progress(paths: list[str], policy: Policy | None,
-                        fail_on: Severity) -> ScanReport:
+def _scan_with_progress(paths: list[str], policy: Policy | None, fail_on: Severity) -> ScanReport:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from trainguard.scan import scan
 
     console = Console(stderr=True)
-    with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.description}"), console=console, transient=True) as bar:
+    with Progress(
+        TextColumn("scanning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task("", total=None)
 
         def progress(done: int, total: int, path: str) -> None:

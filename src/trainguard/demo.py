@@ -50,9 +50,12 @@ def run_demo(keep: str | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="trainguard-demo-") as tmp:
         root = Path(keep) if keep else Path(tmp) / "checkpoint-store"
         clean, poisoned = build_store(root)
-        print(f"A shared checkpoint store in {root}:\n  {len(clean)} clean files in "
-              f"team-a/, {len(poisoned)} planted in shared/ (harmless payloads).\n"
-              f"$ cd {root} && trainguard scan .\n", file=err)
+        print(
+            f"A shared checkpoint store in {root}:\n  {len(clean)} clean files in "
+            f"team-a/, {len(poisoned)} planted in shared/ (harmless payloads).\n"
+            f"$ cd {root} && trainguard scan .\n",
+            file=err,
+        )
         here = os.getcwd()
         os.chdir(root)  # relative paths keep the report readable
         try:
@@ -61,11 +64,16 @@ def run_demo(keep: str | None = None) -> int:
             os.chdir(here)
         color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
         sys.stdout.write(render(report, "text", color=color))
-        failing = {(root / r.path).resolve() for r in report.files
-                   if r.verdict is not None and r.verdict >= Severity.HIGH}
+        failing = {
+            (root / r.path).resolve()
+            for r in report.files
+            if r.verdict is not None and r.verdict >= Severity.HIGH
+        }
         caught = sum(p.resolve() in failing for p in poisoned)
         false_alarms = sum(p.resolve() in failing for p in clean)
-        print(f"\ntrainguard flagged {caught}/{len(poisoned)} poisoned files and "
-              f"{false_alarms}/{len(clean)} clean ones; nothing was loaded or executed.",
-              file=err)
+        print(
+            f"\ntrainguard flagged {caught}/{len(poisoned)} poisoned files and "
+            f"{false_alarms}/{len(clean)} clean ones; nothing was loaded or executed.",
+            file=err,
+        )
         return 0 if caught == len(poisoned) and false_alarms == 0 else 1

@@ -45,9 +45,13 @@ def missing_modules(sample: Sample) -> list[str]:
     return [m for m in dict.fromkeys(wanted) if importlib.util.find_spec(m) is None]
 
 
-def build_all(out_dir: Path, canary: Path, *,
-              include: Iterable[str] = ("malicious", "benign"),
-              skip_missing: bool = True) -> list[tuple[Sample, Path]]:
+def build_all(
+    out_dir: Path,
+    canary: Path,
+    *,
+    include: Iterable[str] = ("malicious", "benign"),
+    skip_missing: bool = True,
+) -> list[tuple[Sample, Path]]:
     """Build every sample under ``out_dir/<malicious|benign>/<id>/``.
 
     All payloads point at the one ``canary``.  A sample whose optional modules

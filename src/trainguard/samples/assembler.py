@@ -13,8 +13,9 @@ import struct
 from typing import Union
 
 # A value `push` knows how to emit without importing anything at load time.
-Const = Union[None, bool, int, float, str, bytes, "tuple[Const, ...]", "list[Const]",
-              "dict[str, Const]"]
+Const = Union[
+    None, bool, int, float, str, bytes, "tuple[Const, ...]", "list[Const]", "dict[str, Const]"
+]
 
 
 class PickleAsm:

@@ -42,29 +42,51 @@ def _register(table: dict[str, Sample], sample: Sample) -> None:
     table[sample.id] = sample
 
 
-def malicious(id: str, title: str, technique: str, *, advisory: str = "",
-              loader: str = "pickle", fires: bool = True, expect: Verdict = "critical",
-              requires: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+def malicious(
+    id: str,
+    title: str,
+    technique: str,
+    *,
+    advisory: str = "",
+    loader: str = "pickle",
+    fires: bool = True,
+    expect: Verdict = "critical",
+    requires: tuple[str, ...] = (),
+) -> Callable[[Builder], Builder]:
     """Register the decorated builder as a malicious sample."""
+
     def deco(build: Builder) -> Builder:
-        _register(MALICIOUS, Sample(id, title, technique, advisory, loader, fires, True,
-                                    expect, requires, build))
+        _register(
+            MALICIOUS,
+            Sample(id, title, technique, advisory, loader, fires, True, expect, requires, build),
+        )
         return build
+
     return deco
 
 
-def benign(id: str, title: str, technique: str, *, loader: str = "pickle",
-           expect: Verdict = "clean",
-           requires: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+def benign(
+    id: str,
+    title: str,
+    technique: str,
+    *,
+    loader: str = "pickle",
+    expect: Verdict = "clean",
+    requires: tuple[str, ...] = (),
+) -> Callable[[Builder], Builder]:
     """Register the decorated builder as a benign sample (never fires)."""
+
     def deco(build: Builder) -> Builder:
-        _register(BENIGN, Sample(id, title, technique, "", loader, False, False,
-                                 expect, requires, build))
+        _register(
+            BENIGN, Sample(id, title, technique, "", loader, False, False, expect, requires, build)
+        )
         return build
+
     return deco
 
 
 # -- payload text: each only creates the canary file -----------------------------
+
 
 def py_touch(canary: Path) -> str:
     """Python source that creates the canary (for exec, eval-free contexts)."""

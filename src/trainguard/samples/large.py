@@ -19,8 +19,7 @@ _BLOCK_FLOATS = 256 * 1024  # a 1 MiB block of float32, repeated
 
 def _float_block() -> bytes:
     rng = random.Random(0)
-    return struct.pack(f"<{_BLOCK_FLOATS}f", *(rng.gauss(0.0, 0.02)
-                                               for _ in range(_BLOCK_FLOATS)))
+    return struct.pack(f"<{_BLOCK_FLOATS}f", *(rng.gauss(0.0, 0.02) for _ in range(_BLOCK_FLOATS)))
 
 
 def _split(size_bytes: int, part: int) -> list[int]:
@@ -52,8 +51,11 @@ def build_large_torch_checkpoint(path: Path, size_bytes: int) -> Path:
     with open(path, "wb") as f:
         w = ZipWriter(f, align=TORCH_ALIGNMENT)
         w.add_stream("archive/data.pkl", len(data_pkl), [data_pkl])
-        for name, value in ((".format_version", b"1"), (".storage_alignment", b"64"),
-                            ("byteorder", b"little")):
+        for name, value in (
+            (".format_version", b"1"),
+            (".storage_alignment", b"64"),
+            ("byteorder", b"little"),
+        ):
             w.add_stream(f"archive/{name}", len(value), [value])
         for i, n in enumerate(sizes):
             w.add_stream(f"archive/data/{i}", n, _repeat(block, n))
@@ -86,8 +88,9 @@ def build_large_numpy_pickle(path: Path, size_bytes: int) -> Path:
     import numpy as np
 
     block = np.frombuffer(_float_block(), dtype=np.float32)
-    arrays = {f"layer_{i}": _LazyArray(n, block)
-              for i, n in enumerate(_split(size_bytes, _TENSOR_BYTES))}
+    arrays = {
+        f"layer_{i}": _LazyArray(n, block) for i, n in enumerate(_split(size_bytes, _TENSOR_BYTES))
+    }
     with open(path, "wb") as f:
         pickler = pickle.Pickler(f, protocol=5)
         # Without the memo the pickler keeps no reference to arrays it wrote.

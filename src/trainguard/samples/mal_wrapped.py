@@ -14,16 +14,24 @@ from trainguard.samples.assembler import PickleAsm
 from trainguard.samples.base import Reduce, malicious, py_touch
 from trainguard.samples.mal_torch import torch_zip_with_payload
 
-_NULLIFAI = "https://www.reversinglabs.com/blog/rl-identifies-malware-ml-model-hosted-on-hugging-face"
+_NULLIFAI = (
+    "https://www.reversinglabs.com/blog/rl-identifies-malware-ml-model-hosted-on-hugging-face"
+)
 _JOBLIB_METHODS = ("zlib", "gzip", "bz2", "lzma", "xz", "lz4")
 
 
 def _exec_pickle(canary: Path, protocol: int = 4) -> bytes:
-    return PickleAsm(protocol).proto(protocol).call("builtins", "exec", py_touch(canary)) \
-        .stop().getvalue()
+    return (
+        PickleAsm(protocol)
+        .proto(protocol)
+        .call("builtins", "exec", py_touch(canary))
+        .stop()
+        .getvalue()
+    )
 
 
 # -- numpy ----------------------------------------------------------------------
+
 
 def _object_array(canary: Path):  # type: ignore[no-untyped-def]
     import numpy as np
@@ -34,9 +42,13 @@ def _object_array(canary: Path):  # type: ignore[no-untyped-def]
     return arr
 
 
-@malicious("numpy-npy-object", ".npy object array whose pickle runs exec",
-           "numpy.load(allow_pickle=True) unpickles object arrays",
-           loader="numpy", requires=("numpy",))
+@malicious(
+    "numpy-npy-object",
+    ".npy object array whose pickle runs exec",
+    "numpy.load(allow_pickle=True) unpickles object arrays",
+    loader="numpy",
+    requires=("numpy",),
+)
 def npy_object(out: Path, canary: Path) -> Path:
     import numpy as np
 
@@ -45,9 +57,13 @@ def npy_object(out: Path, canary: Path) -> Path:
     return path
 
 
-@malicious("numpy-npz-object", ".npz holding a clean array and a malicious object array",
-           "the payload sits in one member of the zip numpy.savez writes",
-           loader="numpy-npz", requires=("numpy",))
+@malicious(
+    "numpy-npz-object",
+    ".npz holding a clean array and a malicious object array",
+    "the payload sits in one member of the zip numpy.savez writes",
+    loader="numpy-npz",
+    requires=("numpy",),
+)
 def npz_object(out: Path, canary: Path) -> Path:
     import numpy as np
 
@@ -57,6 +73,7 @@ def npz_object(out: Path, canary: Path) -> Path:
 
 
 # -- joblib ---------------------------------------------------------------------
+
 
 def _joblib_payload(out: Path, canary: Path, method: str | None) -> Path:
     import joblib
@@ -69,9 +86,13 @@ def _joblib_payload(out: Path, canary: Path, method: str | None) -> Path:
     return path
 
 
-@malicious("joblib-uncompressed", "joblib.dump file with a payload next to a numpy array",
-           "joblib's pickle with NumpyArrayWrapper records and raw array data",
-           loader="joblib", requires=("joblib", "numpy"))
+@malicious(
+    "joblib-uncompressed",
+    "joblib.dump file with a payload next to a numpy array",
+    "joblib's pickle with NumpyArrayWrapper records and raw array data",
+    loader="joblib",
+    requires=("joblib", "numpy"),
+)
 def joblib_plain(out: Path, canary: Path) -> Path:
     return _joblib_payload(out, canary, None)
 
@@ -79,9 +100,14 @@ def joblib_plain(out: Path, canary: Path) -> Path:
 def _register_joblib(method: str) -> None:
     requires = ("joblib", "numpy", "lz4") if method == "lz4" else ("joblib", "numpy")
 
-    @malicious(f"joblib-{method}", f"joblib file compressed with {method}, with a payload",
-               f"the whole joblib stream is {method}-compressed; a scanner must "
-               "decompress before it sees any opcode", loader="joblib", requires=requires)
+    @malicious(
+        f"joblib-{method}",
+        f"joblib file compressed with {method}, with a payload",
+        f"the whole joblib stream is {method}-compressed; a scanner must "
+        "decompress before it sees any opcode",
+        loader="joblib",
+        requires=requires,
+    )
     def build(out: Path, canary: Path) -> Path:
         return _joblib_payload(out, canary, method)
 
@@ -92,24 +118,37 @@ for _method in _JOBLIB_METHODS:
 
 # -- compressed plain pickles -----------------------------------------------------
 
-@malicious("gzip-pickle", "gzip-compressed pickle with exec",
-           "pickle.load(gzip.open(...)), a common cache format", loader="gzip-pickle")
+
+@malicious(
+    "gzip-pickle",
+    "gzip-compressed pickle with exec",
+    "pickle.load(gzip.open(...)), a common cache format",
+    loader="gzip-pickle",
+)
 def gzip_pickle(out: Path, canary: Path) -> Path:
     path = out / "model.pkl.gz"
     path.write_bytes(gzip.compress(_exec_pickle(canary), mtime=0))
     return path
 
 
-@malicious("bz2-pickle", "bz2-compressed pickle with exec",
-           "pickle.load(bz2.open(...))", loader="bz2-pickle")
+@malicious(
+    "bz2-pickle",
+    "bz2-compressed pickle with exec",
+    "pickle.load(bz2.open(...))",
+    loader="bz2-pickle",
+)
 def bz2_pickle(out: Path, canary: Path) -> Path:
     path = out / "model.pkl.bz2"
     path.write_bytes(bz2.compress(_exec_pickle(canary)))
     return path
 
 
-@malicious("xz-pickle", "xz-compressed pickle with exec",
-           "pickle.load(lzma.open(...))", loader="lzma-pickle")
+@malicious(
+    "xz-pickle",
+    "xz-compressed pickle with exec",
+    "pickle.load(lzma.open(...))",
+    loader="lzma-pickle",
+)
 def xz_pickle(out: Path, canary: Path) -> Path:
     path = out / "model.pkl.xz"
     path.write_bytes(lzma.compress(_exec_pickle(canary)))
@@ -118,12 +157,19 @@ def xz_pickle(out: Path, canary: Path) -> Path:
 
 # -- archives holding a checkpoint ------------------------------------------------
 
-@malicious("tar-with-pt", "tar.gz holding a malicious PyTorch checkpoint",
-           "the checkpoint is one member of a compressed tarball", loader="tar-torch")
+
+@malicious(
+    "tar-with-pt",
+    "tar.gz holding a malicious PyTorch checkpoint",
+    "the checkpoint is one member of a compressed tarball",
+    loader="tar-torch",
+)
 def tar_with_pt(out: Path, canary: Path) -> Path:
     path = out / "release.tar.gz"
-    members = {"release/model.pt": torch_zip_with_payload(canary),
-               "release/README.txt": b"weights for the release\n"}
+    members = {
+        "release/model.pt": torch_zip_with_payload(canary),
+        "release/README.txt": b"weights for the release\n",
+    }
     with tarfile.open(path, "w:gz") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
@@ -132,9 +178,12 @@ def tar_with_pt(out: Path, canary: Path) -> Path:
     return path
 
 
-@malicious("zip-with-pt", "zip holding a malicious PyTorch checkpoint",
-           "a deflated outer zip whose member is itself a torch zip",
-           loader="zip-torch")
+@malicious(
+    "zip-with-pt",
+    "zip holding a malicious PyTorch checkpoint",
+    "a deflated outer zip whose member is itself a torch zip",
+    loader="zip-torch",
+)
 def zip_with_pt(out: Path, canary: Path) -> Path:
     path = out / "bundle.zip"
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -143,10 +192,15 @@ def zip_with_pt(out: Path, canary: Path) -> Path:
     return path
 
 
-@malicious("7z-with-pt", "nullifAI: a .pt pickle packed with 7z, stream broken after the payload",
-           "7z instead of zip hides the pickle from zip-only scanners, and the "
-           "broken tail makes the rest of the stream unparseable",
-           advisory=_NULLIFAI, loader="7z-pickle", requires=("py7zr",))
+@malicious(
+    "7z-with-pt",
+    "nullifAI: a .pt pickle packed with 7z, stream broken after the payload",
+    "7z instead of zip hides the pickle from zip-only scanners, and the "
+    "broken tail makes the rest of the stream unparseable",
+    advisory=_NULLIFAI,
+    loader="7z-pickle",
+    requires=("py7zr",),
+)
 def sevenz_with_pt(out: Path, canary: Path) -> Path:
     import py7zr
 

@@ -33,8 +33,9 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def emit_tensor(a: PickleAsm, key: str, shape: tuple[int, ...],
-                storage: str = "FloatStorage") -> PickleAsm:
+def emit_tensor(
+    a: PickleAsm, key: str, shape: tuple[int, ...], storage: str = "FloatStorage"
+) -> PickleAsm:
     """Push a float tensor whose data is zip member ``data/<key>``."""
     numel = 1
     for dim in shape:
@@ -48,9 +49,11 @@ def emit_tensor(a: PickleAsm, key: str, shape: tuple[int, ...],
     return a.tuple_().reduce()
 
 
-def state_dict_pickle(tensors: Mapping[str, tuple[str, tuple[int, ...]]],
-                      payload: Callable[[PickleAsm], None] | None = None,
-                      protocol: int = 2) -> bytes:
+def state_dict_pickle(
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+    payload: Callable[[PickleAsm], None] | None = None,
+    protocol: int = 2,
+) -> bytes:
     """``{name: tensor}`` as torch pickles it; ``payload`` may add more items.
 
     ``payload`` runs with the dict on top of the stack and must leave it there.

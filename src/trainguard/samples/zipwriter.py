@@ -55,8 +55,9 @@ class _Entry:
 class ZipWriter:
     """Write stored members one after another; ``close`` writes the directory."""
 
-    def __init__(self, f: BinaryIO, *, align: int = TORCH_ALIGNMENT,
-                 force_zip64: bool = False) -> None:
+    def __init__(
+        self, f: BinaryIO, *, align: int = TORCH_ALIGNMENT, force_zip64: bool = False
+    ) -> None:
         self._f = f
         self._align = align
         self._force_zip64 = force_zip64
@@ -65,14 +66,26 @@ class ZipWriter:
 
     def add(self, member: ZipMember) -> None:
         self.add_stream(
-            member.name, len(member.data), [member.data],
-            local_name=member.local_name, crc=member.crc,
-            flags=member.flags, local_flags=member.local_flags,
+            member.name,
+            len(member.data),
+            [member.data],
+            local_name=member.local_name,
+            crc=member.crc,
+            flags=member.flags,
+            local_flags=member.local_flags,
         )
 
-    def add_stream(self, name: str, size: int, chunks: Iterable[bytes], *,
-                   local_name: str | None = None, crc: int | None = None,
-                   flags: int = TORCH_FLAGS, local_flags: int | None = None) -> None:
+    def add_stream(
+        self,
+        name: str,
+        size: int,
+        chunks: Iterable[bytes],
+        *,
+        local_name: str | None = None,
+        crc: int | None = None,
+        flags: int = TORCH_FLAGS,
+        local_flags: int | None = None,
+    ) -> None:
         """Stream ``size`` bytes from ``chunks`` without holding them in memory."""
         offset = self._pos
         zip64 = self._force_zip64 or size >= _U32_MAX or offset >= _U32_MAX
@@ -81,8 +94,9 @@ class ZipWriter:
         descriptor = bool(lflags & 0x0008)
         extra = b""
         if zip64:
-            extra += struct.pack("<HHQQ", _EXTRA_ZIP64_ID, 16,
-                                 0 if descriptor else size, 0 if descriptor else size)
+            extra += struct.pack(
+                "<HHQQ", _EXTRA_ZIP64_ID, 16, 0 if descriptor else size, 0 if descriptor else size
+            )
         extra += self._padding(offset + 30 + len(lname) + len(extra))
         real_crc = 0
         written = 0
@@ -96,10 +110,24 @@ class ZipWriter:
             chunk_list = buffered
         header_crc = 0 if descriptor else (real_crc if crc is None else crc)
         header_size = 0 if descriptor else (_U32_MAX if zip64 else size)
-        self._write(struct.pack(
-            "<4sHHHHHIIIHH", b"PK\x03\x04", 45 if zip64 else 20, lflags, 0, 0, 0,
-            header_crc, header_size, header_size, len(lname), len(extra),
-        ) + lname + extra)
+        self._write(
+            struct.pack(
+                "<4sHHHHHIIIHH",
+                b"PK\x03\x04",
+                45 if zip64 else 20,
+                lflags,
+                0,
+                0,
+                0,
+                header_crc,
+                header_size,
+                header_size,
+                len(lname),
+                len(extra),
+            )
+            + lname
+            + extra
+        )
         for c in chunk_list:
             if descriptor:
                 real_crc = zlib.crc32(c, real_crc)
@@ -123,24 +151,58 @@ class ZipWriter:
             if e.zip64:
                 extra = struct.pack("<HHQQQ", _EXTRA_ZIP64_ID, 24, e.size, e.size, e.offset)
                 size32 = off32 = _U32_MAX
-            self._write(struct.pack(
-                "<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 45 if e.zip64 else 20,
-                45 if e.zip64 else 20, e.flags, 0, 0, 0, e.crc, size32, size32,
-                len(e.name), len(extra), 0, 0, 0, 0, off32,
-            ) + e.name + extra)
+            self._write(
+                struct.pack(
+                    "<4sHHHHHHIIIHHHHHII",
+                    b"PK\x01\x02",
+                    45 if e.zip64 else 20,
+                    45 if e.zip64 else 20,
+                    e.flags,
+                    0,
+                    0,
+                    0,
+                    e.crc,
+                    size32,
+                    size32,
+                    len(e.name),
+                    len(extra),
+                    0,
+                    0,
+                    0,
+                    0,
+                    off32,
+                )
+                + e.name
+                + extra
+            )
         cd_size = self._pos - cd_start
         count = len(self._entries)
         if self._force_zip64 or cd_start >= _U32_MAX or count >= 0xFFFF:
             eocd64 = self._pos
-            self._write(struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0,
-                                    count, count, cd_size, cd_start))
+            self._write(
+                struct.pack(
+                    "<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, cd_size, cd_start
+                )
+            )
             self._write(struct.pack("<4sIQI", b"PK\x06\x07", 0, eocd64, 1))
             count16 = min(count, 0xFFFF)
-            self._write(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count16, count16,
-                                    min(cd_size, _U32_MAX), min(cd_start, _U32_MAX), 0))
+            self._write(
+                struct.pack(
+                    "<4sHHHHIIH",
+                    b"PK\x05\x06",
+                    0,
+                    0,
+                    count16,
+                    count16,
+                    min(cd_size, _U32_MAX),
+                    min(cd_start, _U32_MAX),
+                    0,
+                )
+            )
         else:
-            self._write(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count,
-                                    cd_size, cd_start, 0))
+            self._write(
+                struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count, cd_size, cd_start, 0)
+            )
 
     def _padding(self, data_start_without_pad: int) -> bytes:
         if self._align <= 1:
@@ -153,8 +215,13 @@ class ZipWriter:
         self._pos += len(data)
 
 
-def write_zip(path: Path, members: Iterable[ZipMember], *, align: int = TORCH_ALIGNMENT,
-              force_zip64: bool = False) -> Path:
+def write_zip(
+    path: Path,
+    members: Iterable[ZipMember],
+    *,
+    align: int = TORCH_ALIGNMENT,
+    force_zip64: bool = False,
+) -> Path:
     with open(path, "wb") as f:
         _write_members(f, members, align, force_zip64)
     return path
@@ -166,16 +233,22 @@ def zip_bytes(members: Iterable[ZipMember], *, align: int = TORCH_ALIGNMENT) -> 
     return buf.getvalue()
 
 
-def _write_members(f: BinaryIO, members: Iterable[ZipMember], align: int,
-                   force_zip64: bool) -> None:
+def _write_members(
+    f: BinaryIO, members: Iterable[ZipMember], align: int, force_zip64: bool
+) -> None:
     w = ZipWriter(f, align=align, force_zip64=force_zip64)
     for m in members:
         w.add(m)
     w.close()
 
 
-def torch_members(data_pkl: bytes, storages: dict[str, bytes] | None = None, *,
-                  prefix: str = "archive", pickle_name: str = "data.pkl") -> list[ZipMember]:
+def torch_members(
+    data_pkl: bytes,
+    storages: dict[str, bytes] | None = None,
+    *,
+    prefix: str = "archive",
+    pickle_name: str = "data.pkl",
+) -> list[ZipMember]:
     """The members of a ``torch.save`` checkpoint, in torch's order."""
     storages = storages or {}
     members = [

@@ -39,13 +39,22 @@ class _Scanner:
         self.deadline: float | None = None
 
     def context(self) -> ScanContext:
-        return ScanContext(self.limits, self.policy.allow_globals, self.deadline,
-                           self.scan_child, self.scan_nested_bytes, self.formats)
+        return ScanContext(
+            self.limits,
+            self.policy.allow_globals,
+            self.deadline,
+            self.scan_child,
+            self.scan_nested_bytes,
+            self.formats,
+        )
 
     def scan_child(self, blob: Blob) -> Iterator[Finding]:
         if blob.depth > self.limits.max_archive_depth:
-            yield _rule_finding("TG205", f"nested deeper than {self.limits.max_archive_depth} "
-                                "containers; not scanned", blob.name)
+            yield _rule_finding(
+                "TG205",
+                f"nested deeper than {self.limits.max_archive_depth} containers; not scanned",
+                blob.name,
+            )
             return
         with blob.open() as f:
             head = f.read(self.limits.sniff_size)
@@ -57,8 +66,7 @@ class _Scanner:
         if len(self.formats) < 8:
             self.formats.append(fmt.name)
         for finding in fmt.scan(self.context(), blob):
-            yield finding if finding.member or not blob.name else replace(
-                finding, member=blob.name)
+            yield finding if finding.member or not blob.name else replace(finding, member=blob.name)
 
     def scan_nested_bytes(self, data: bytes, name: str) -> list[Finding]:
         blob = Blob(name, lambda: io.BytesIO(data), len(data), depth=1)
@@ -105,13 +113,19 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
             yield path
 
 
-def scan_file(path: str | os.PathLike[str], *, policy: Policy | None = None,
-              limits: Limits = DEFAULT_LIMITS) -> FileResult:
+def scan_file(
+    path: str | os.PathLike[str], *, policy: Policy | None = None, limits: Limits = DEFAULT_LIMITS
+) -> FileResult:
     return _Scanner(policy or Policy(), limits).scan_blob(str(path), _file_blob(Path(path)))
 
 
-def scan_bytes(data: bytes, name: str = "<bytes>", *, policy: Policy | None = None,
-               limits: Limits = DEFAULT_LIMITS) -> FileResult:
+def scan_bytes(
+    data: bytes,
+    name: str = "<bytes>",
+    *,
+    policy: Policy | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> FileResult:
     blob = Blob("", lambda: io.BytesIO(data), len(data))
     return _Scanner(policy or Policy(), limits).scan_blob(name, blob)
 
@@ -121,9 +135,14 @@ def _file_blob(path: Path) -> Blob:
     return Blob("", lambda: open(path, "rb"), size)
 
 
-def scan(paths: Iterable[str | os.PathLike[str]], *, policy: Policy | None = None,
-         limits: Limits = DEFAULT_LIMITS, fail_on: Severity = Severity.HIGH,
-         progress: Progress | None = None) -> ScanReport:
+def scan(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    policy: Policy | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    fail_on: Severity = Severity.HIGH,
+    progress: Progress | None = None,
+) -> ScanReport:
     """Scan files and directories; never executes or imports anything it reads."""
     scanner = _Scanner(policy or Policy(), limits)
     report = ScanReport(fail_on=fail_on)

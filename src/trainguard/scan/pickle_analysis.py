@@ -30,9 +30,12 @@ NestedScanner = Callable[[bytes, str], list[Finding]]
 
 _TENSOR_BUILDERS = frozenset(
     [
-        "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
-        "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter",
-        "torch._utils._rebuild_parameter_with_state", "torch._tensor._rebuild_from_type_v2",
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_parameter_with_state",
+        "torch._tensor._rebuild_from_type_v2",
     ]
 )
 _CONTAINER_CALLS = frozenset(["append", "setitem", "additems"])
@@ -46,8 +49,14 @@ class PickleContext:
     allow: frozenset[str] = frozenset()
 
 
-def _finding(rule_id: str, message: str, offset: int | None, trigger: str = "",
-             severity: Severity | None = None, **evidence: str) -> Finding:
+def _finding(
+    rule_id: str,
+    message: str,
+    offset: int | None,
+    trigger: str = "",
+    severity: Severity | None = None,
+    **evidence: str,
+) -> Finding:
     return Finding(
         rule=rule_id,
         severity=severity if severity is not None else RULES[rule_id].severity,
@@ -58,13 +67,15 @@ def _finding(rule_id: str, message: str, offset: int | None, trigger: str = "",
     )
 
 
-def analyse(ev: PickleEvents, ctx: PickleContext = PickleContext(),
-            nested: NestedScanner | None = None) -> list[Finding]:
+def analyse(
+    ev: PickleEvents, ctx: PickleContext = PickleContext(), nested: NestedScanner | None = None
+) -> list[Finding]:
     return list(_analyse(ev, ctx, nested))
 
 
-def _analyse(ev: PickleEvents, ctx: PickleContext,
-             nested: NestedScanner | None) -> Iterator[Finding]:
+def _analyse(
+    ev: PickleEvents, ctx: PickleContext, nested: NestedScanner | None
+) -> Iterator[Finding]:
     calls_by_func: dict[int, Call] = {}
     for call in ev.calls:
         if isinstance(call.func, Global):
@@ -73,8 +84,13 @@ def _analyse(ev: PickleEvents, ctx: PickleContext,
     yield from _globals(ev, ctx, calls_by_func)
 
     for off, text in ev.dynamic_globals:
-        yield _finding("TG104", f"an import whose module or name is computed at load time "
-                       f"({text}); plain checkpoints never do this", off, trigger=text)
+        yield _finding(
+            "TG104",
+            f"an import whose module or name is computed at load time "
+            f"({text}); plain checkpoints never do this",
+            off,
+            trigger=text,
+        )
 
     for call in ev.calls:
         yield from _call_shape(call)
@@ -85,17 +101,28 @@ def _analyse(ev: PickleEvents, ctx: PickleContext,
                 "TG105",
                 f"BUILD writes attributes onto {build.obj.qualname} itself (a class or "
                 "module), changing code for everything that uses it after loading",
-                build.offset, trigger=build.obj.qualname, state=describe(build.state))
+                build.offset,
+                trigger=build.obj.qualname,
+                state=describe(build.state),
+            )
 
     if ev.persistent_ids and not ctx.persistent_ids_expected:
         first = ev.persistent_ids[0]
-        yield _finding("TG109", f"{len(ev.persistent_ids)} persistent id reference(s); "
-                       "what they load depends on the loading code", first.offset,
-                       trigger=describe(first.pid))
+        yield _finding(
+            "TG109",
+            f"{len(ev.persistent_ids)} persistent id reference(s); "
+            "what they load depends on the loading code",
+            first.offset,
+            trigger=describe(first.pid),
+        )
     for ext in ev.extensions:
-        yield _finding("TG106", f"extension code {ext.code} resolves to a callable chosen by "
-                       "the loading process's copyreg registry", ext.offset,
-                       trigger=f"EXT {ext.code}")
+        yield _finding(
+            "TG106",
+            f"extension code {ext.code} resolves to a callable chosen by "
+            "the loading process's copyreg registry",
+            ext.offset,
+            trigger=f"EXT {ext.code}",
+        )
 
     if nested is not None:
         yield from _nested(ev, nested)
@@ -103,12 +130,17 @@ def _analyse(ev: PickleEvents, ctx: PickleContext,
     if ev.limit is not None:
         yield _finding("TG002", f"pickle analysis stopped: {ev.limit}", ev.error_offset)
     elif ev.error is not None:
-        yield _finding("TG107", f"the pickle stream is broken ({ev.error}); a loader runs "
-                       "everything before this point and then fails", ev.error_offset)
+        yield _finding(
+            "TG107",
+            f"the pickle stream is broken ({ev.error}); a loader runs "
+            "everything before this point and then fails",
+            ev.error_offset,
+        )
 
 
-def _globals(ev: PickleEvents, ctx: PickleContext,
-             calls_by_func: dict[int, Call]) -> Iterator[Finding]:
+def _globals(
+    ev: PickleEvents, ctx: PickleContext, calls_by_func: dict[int, Call]
+) -> Iterator[Finding]:
     seen: dict[tuple[str, str], int] = {}
     for g in ev.globals:
         verdict = classify(g.module, g.name, ctx.allow)
@@ -125,8 +157,14 @@ def _globals(ev: PickleEvents, ctx: PickleContext,
         message = verdict.reason
         if call is not None and verdict.severity >= Severity.HIGH:
             message += f"; it is called as {describe(call)}"
-        yield _finding(verdict.rule, message, g.offset, trigger=g.qualname,
-                       severity=verdict.severity, **evidence)
+        yield _finding(
+            verdict.rule,
+            message,
+            g.offset,
+            trigger=g.qualname,
+            severity=verdict.severity,
+            **evidence,
+        )
 
 
 def _call_shape(call: Call) -> Iterator[Finding]:
@@ -135,8 +173,12 @@ def _call_shape(call: Call) -> Iterator[Finding]:
         target = call.args[0] if isinstance(call.args, tuple) and call.args else None
         if _is_tensor(target):
             yield _finding(
-                "TG105", f"{call.kind.upper()} on a tensor while loading: writes into its "
-                "data (the CVE-2026-24747 technique)", call.offset, trigger=call.kind)
+                "TG105",
+                f"{call.kind.upper()} on a tensor while loading: writes into its "
+                "data (the CVE-2026-24747 technique)",
+                call.offset,
+                trigger=call.kind,
+            )
         return
     if isinstance(func, Global):
         return
@@ -145,23 +187,31 @@ def _call_shape(call: Call) -> Iterator[Finding]:
     if isinstance(func, ExtRef):
         return  # reported as TG106
     yield _finding(
-        "TG104", f"calls a value computed at load time: {describe(call)}", call.offset,
-        trigger=describe(func))
+        "TG104",
+        f"calls a value computed at load time: {describe(call)}",
+        call.offset,
+        trigger=describe(func),
+    )
 
 
 def _is_tensor(v: object) -> bool:
     while isinstance(v, Built):
         v = v.obj
-    return isinstance(v, Call) and isinstance(v.func, Global) and (
-        v.func.qualname in _TENSOR_BUILDERS)
+    return (
+        isinstance(v, Call) and isinstance(v.func, Global) and (v.func.qualname in _TENSOR_BUILDERS)
+    )
 
 
 def _nested(ev: PickleEvents, scan: NestedScanner) -> Iterator[Finding]:
     payloads: list[tuple[bytes, int]] = [(n.data, n.offset) for n in ev.nested]
     for call in ev.calls:
-        if (isinstance(call.func, Global) and call.func.qualname in NESTED_LOADERS
-                and isinstance(call.args, tuple) and call.args
-                and isinstance(call.args[0], bytes)):
+        if (
+            isinstance(call.func, Global)
+            and call.func.qualname in NESTED_LOADERS
+            and isinstance(call.args, tuple)
+            and call.args
+            and isinstance(call.args[0], bytes)
+        ):
             payloads.append((call.args[0], call.offset))
     done: set[int] = set()
     for data, off in payloads:
@@ -173,8 +223,12 @@ def _nested(ev: PickleEvents, scan: NestedScanner) -> Iterator[Finding]:
             yield from inner
             worst = max(f.severity for f in inner)
             if worst >= Severity.HIGH:
-                yield _finding("TG110", f"a byte string at offset {off} is itself a "
-                               f"checkpoint with {worst} findings", off, trigger="nested")
+                yield _finding(
+                    "TG110",
+                    f"a byte string at offset {off} is itself a checkpoint with {worst} findings",
+                    off,
+                    trigger="nested",
+                )
 
 
 def is_persistent(v: object) -> bool:

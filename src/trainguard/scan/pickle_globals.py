@@ -36,50 +36,105 @@ _NUMPY_SCALARS = (
 SAFE: frozenset[str] = frozenset(
     [
         # containers and scalars
-        "builtins.set", "builtins.frozenset", "builtins.list", "builtins.dict",
-        "builtins.tuple", "builtins.bytearray", "builtins.bytes", "builtins.str",
-        "builtins.int", "builtins.float", "builtins.complex", "builtins.bool",
-        "builtins.slice", "builtins.range", "builtins.object", "builtins.NoneType",
-        "collections.OrderedDict", "collections.defaultdict", "collections.Counter",
+        "builtins.set",
+        "builtins.frozenset",
+        "builtins.list",
+        "builtins.dict",
+        "builtins.tuple",
+        "builtins.bytearray",
+        "builtins.bytes",
+        "builtins.str",
+        "builtins.int",
+        "builtins.float",
+        "builtins.complex",
+        "builtins.bool",
+        "builtins.slice",
+        "builtins.range",
+        "builtins.object",
+        "builtins.NoneType",
+        "collections.OrderedDict",
+        "collections.defaultdict",
+        "collections.Counter",
         "collections.deque",
-        "copyreg._reconstructor", "copyreg.__newobj__", "copyreg.__newobj_ex__",
+        "copyreg._reconstructor",
+        "copyreg.__newobj__",
+        "copyreg.__newobj_ex__",
         "_codecs.encode",
-        "datetime.datetime", "datetime.date", "datetime.time", "datetime.timedelta",
-        "datetime.timezone", "decimal.Decimal", "fractions.Fraction", "uuid.UUID",
-        "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath",
-        "pathlib.PurePath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath",
+        "datetime.datetime",
+        "datetime.date",
+        "datetime.time",
+        "datetime.timedelta",
+        "datetime.timezone",
+        "decimal.Decimal",
+        "fractions.Fraction",
+        "uuid.UUID",
+        "pathlib.Path",
+        "pathlib.PosixPath",
+        "pathlib.WindowsPath",
+        "pathlib.PurePath",
+        "pathlib.PurePosixPath",
+        "pathlib.PureWindowsPath",
         # torch tensors, storages and their metadata
-        "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
-        "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter",
-        "torch._utils._rebuild_parameter_with_state", "torch._utils._rebuild_sparse_tensor",
-        "torch._utils._rebuild_qtensor", "torch._utils._rebuild_meta_tensor_no_storage",
-        "torch._utils._rebuild_wrapper_subclass", "torch._utils._rebuild_nested_tensor",
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_parameter_with_state",
+        "torch._utils._rebuild_sparse_tensor",
+        "torch._utils._rebuild_qtensor",
+        "torch._utils._rebuild_meta_tensor_no_storage",
+        "torch._utils._rebuild_wrapper_subclass",
+        "torch._utils._rebuild_nested_tensor",
         "torch._utils._rebuild_device_tensor_from_numpy",
         "torch._utils._rebuild_device_tensor_from_cpu_tensor",
-        "torch._tensor._rebuild_from_type", "torch._tensor._rebuild_from_type_v2",
-        "torch.Tensor", "torch.nn.parameter.Parameter", "torch.nn.parameter.Buffer",
-        "torch.Size", "torch.device", "torch.serialization._get_layout",
-        "torch.strided", "torch.sparse_coo", "torch.sparse_csr", "torch._mkldnn",
-        "torch.contiguous_format", "torch.channels_last", "torch.channels_last_3d",
-        "torch.preserve_format", "torch.per_tensor_affine", "torch.per_channel_affine",
-        "torch.storage.UntypedStorage", "torch.storage.TypedStorage", "torch.UntypedStorage",
+        "torch._tensor._rebuild_from_type",
+        "torch._tensor._rebuild_from_type_v2",
+        "torch.Tensor",
+        "torch.nn.parameter.Parameter",
+        "torch.nn.parameter.Buffer",
+        "torch.Size",
+        "torch.device",
+        "torch.serialization._get_layout",
+        "torch.strided",
+        "torch.sparse_coo",
+        "torch.sparse_csr",
+        "torch._mkldnn",
+        "torch.contiguous_format",
+        "torch.channels_last",
+        "torch.channels_last_3d",
+        "torch.preserve_format",
+        "torch.per_tensor_affine",
+        "torch.per_channel_affine",
+        "torch.storage.UntypedStorage",
+        "torch.storage.TypedStorage",
+        "torch.UntypedStorage",
         "torch.torch_version.TorchVersion",
         *(f"torch.{d}" for d in _TORCH_DTYPES),
         *(f"torch.{s}Storage" for s in _TORCH_STORAGES),
         *(f"torch.cuda.{s}Storage" for s in _TORCH_STORAGES),
         # numpy arrays, dtypes and random states
-        "numpy.ndarray", "numpy.dtype", "numpy.core.multiarray._reconstruct",
-        "numpy._core.multiarray._reconstruct", "numpy.core.multiarray.scalar",
-        "numpy._core.multiarray.scalar", "numpy.core.numeric._frombuffer",
-        "numpy._core.numeric._frombuffer", "numpy.ma.core._mareconstruct",
-        "numpy.random._pickle.__randomstate_ctor", "numpy.random._pickle.__bit_generator_ctor",
-        "numpy.random._pickle.__generator_ctor", "numpy.random.mtrand.RandomState",
-        "numpy.random._mt19937.MT19937", "numpy.random._pcg64.PCG64",
-        "numpy.random._philox.Philox", "numpy.random._sfc64.SFC64",
+        "numpy.ndarray",
+        "numpy.dtype",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+        "numpy.core.numeric._frombuffer",
+        "numpy._core.numeric._frombuffer",
+        "numpy.ma.core._mareconstruct",
+        "numpy.random._pickle.__randomstate_ctor",
+        "numpy.random._pickle.__bit_generator_ctor",
+        "numpy.random._pickle.__generator_ctor",
+        "numpy.random.mtrand.RandomState",
+        "numpy.random._mt19937.MT19937",
+        "numpy.random._pcg64.PCG64",
+        "numpy.random._philox.Philox",
+        "numpy.random._sfc64.SFC64",
         *(f"numpy.{s}" for s in _NUMPY_SCALARS),
         *(f"numpy.dtypes.{s.capitalize()}DType" for s in ("float16", "float32", "float64")),
         # joblib's wrappers for arrays stored beside the pickle
-        "joblib.numpy_pickle.NumpyArrayWrapper", "joblib.numpy_pickle_compat.NDArrayWrapper",
+        "joblib.numpy_pickle.NumpyArrayWrapper",
+        "joblib.numpy_pickle_compat.NDArrayWrapper",
         "joblib.numpy_pickle_compat.ZNDArrayWrapper",
     ]
 )
@@ -152,8 +207,13 @@ KNOWN_BENIGN_PREFIXES: dict[str, str] = {
 
 STDLIB_KNOWN_BENIGN: frozenset[str] = frozenset(
     [
-        "argparse.Namespace", "types.SimpleNamespace", "enum.Enum", "collections.namedtuple",
-        "re._compile", "re.compile", "copy._reconstruct",
+        "argparse.Namespace",
+        "types.SimpleNamespace",
+        "enum.Enum",
+        "collections.namedtuple",
+        "re._compile",
+        "re.compile",
+        "copy._reconstruct",
     ]
 )
 
@@ -213,32 +273,44 @@ def _classify_one(module: str, name: str, allow: frozenset[str]) -> GlobalVerdic
         len(parts) > 1 and parts[-1] in _DANGEROUS_PARTS
     ):
         return GlobalVerdict(
-            Severity.CRITICAL, "TG101",
-            f"walks an attribute chain through {name!r} to reach code or the interpreter")
+            Severity.CRITICAL,
+            "TG101",
+            f"walks an attribute chain through {name!r} to reach code or the interpreter",
+        )
     if qualified in SAFE:
         return GlobalVerdict(None, "", "allowlisted")
     if qualified in NESTED_LOADERS:
         return GlobalVerdict(
-            Severity.MEDIUM, "TG103",
-            f"{qualified} loads embedded bytes as a checkpoint (analysed as a nested file)")
+            Severity.MEDIUM,
+            "TG103",
+            f"{qualified} loads embedded bytes as a checkpoint (analysed as a nested file)",
+        )
     if qualified in DENIED_NAMES or _in_module_set(qualified, DENIED_MODULES):
-        return GlobalVerdict(Severity.CRITICAL, "TG101",
-                             f"{qualified} can run code or reach outside the process")
+        return GlobalVerdict(
+            Severity.CRITICAL, "TG101", f"{qualified} can run code or reach outside the process"
+        )
     if len(parts) > 1 and parts[-1] in _MUTATORS:
-        return GlobalVerdict(Severity.CRITICAL, "TG105",
-                             f"{qualified} changes an object in place while the file loads")
+        return GlobalVerdict(
+            Severity.CRITICAL,
+            "TG105",
+            f"{qualified} changes an object in place while the file loads",
+        )
     if qualified in allow or _in_module_set(qualified, allow):
         return GlobalVerdict(None, "", "allowlisted")
     top = module.split(".")[0]
     if qualified in STDLIB_KNOWN_BENIGN:
-        return GlobalVerdict(Severity.MEDIUM, "TG103",
-                             f"imports {qualified} when loaded (a standard-library class)")
+        return GlobalVerdict(
+            Severity.MEDIUM, "TG103", f"imports {qualified} when loaded (a standard-library class)"
+        )
     if top in sys.stdlib_module_names:
         return GlobalVerdict(
-            Severity.HIGH, "TG102",
-            f"imports the standard-library object {qualified}, which is not on the allowlist")
+            Severity.HIGH,
+            "TG102",
+            f"imports the standard-library object {qualified}, which is not on the allowlist",
+        )
     for prefix, what in KNOWN_BENIGN_PREFIXES.items():
         if qualified.startswith(prefix):
-            return GlobalVerdict(Severity.MEDIUM, "TG103",
-                                 f"imports {qualified} when loaded ({what})")
+            return GlobalVerdict(
+                Severity.MEDIUM, "TG103", f"imports {qualified} when loaded ({what})"
+            )
     return GlobalVerdict(Severity.MEDIUM, "TG103", f"imports {qualified} when loaded")

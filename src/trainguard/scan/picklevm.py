@@ -94,8 +94,22 @@ class Built:
 
 # Union, not |: the alias refers to itself, which | cannot spell at runtime.
 Value = Union[  # noqa: UP007
-    None, bool, int, float, str, bytes, tuple["Value", ...], Global, Opaque, Call,
-    PersistentRef, ExtRef, ListV, DictV, SetV, Built,
+    None,
+    bool,
+    int,
+    float,
+    str,
+    bytes,
+    tuple["Value", ...],
+    Global,
+    Opaque,
+    Call,
+    PersistentRef,
+    ExtRef,
+    ListV,
+    DictV,
+    SetV,
+    Built,
 ]
 
 
@@ -154,8 +168,9 @@ def _decode_long(data: bytes) -> int:
 class PickleMachine:
     """Runs one pickle symbolically. Create a new one per pickle stream."""
 
-    def __init__(self, stream: ByteStream, limits: Limits = DEFAULT_LIMITS,
-                 deadline: float | None = None) -> None:
+    def __init__(
+        self, stream: ByteStream, limits: Limits = DEFAULT_LIMITS, deadline: float | None = None
+    ) -> None:
         self.s = stream
         self.limits = limits
         self.deadline = deadline
@@ -741,13 +756,18 @@ def describe(v: Value, depth: int = 0) -> str:
     if isinstance(v, Opaque):
         return f"<{v.what}{f' of {v.length} bytes' if v.length else ''}>"
     if isinstance(v, ListV):
-        return "[" + ", ".join(describe(i, depth + 1) for i in v.items[:6]) + (
-            ", ..." if len(v.items) > 6 or v.dropped else "") + "]"
+        return (
+            "["
+            + ", ".join(describe(i, depth + 1) for i in v.items[:6])
+            + (", ..." if len(v.items) > 6 or v.dropped else "")
+            + "]"
+        )
     if isinstance(v, SetV):
         return "{" + ", ".join(describe(i, depth + 1) for i in v.items[:6]) + "}"
     if isinstance(v, DictV):
         body = ", ".join(
-            f"{describe(k, depth + 1)}: {describe(x, depth + 1)}" for k, x in v.items[:6])
+            f"{describe(k, depth + 1)}: {describe(x, depth + 1)}" for k, x in v.items[:6]
+        )
         return "{" + body + (", ..." if len(v.items) > 6 or v.dropped else "") + "}"
     if isinstance(v, tuple):
         inner = ", ".join(describe(i, depth + 1) for i in v[:6])
@@ -762,7 +782,6 @@ def _describe_args(args: Value, depth: int) -> str:
     if isinstance(args, tuple):
         return "(" + ", ".join(describe(a, depth + 1) for a in args[:6]) + ")"
     return f"(*{describe(args, depth + 1)})"
-
 
 
 _DISPATCH: dict[int, Handler] = {
@@ -837,7 +856,8 @@ _DISPATCH: dict[int, Handler] = {
 }
 
 
-def run_pickle(stream: ByteStream, limits: Limits = DEFAULT_LIMITS,
-               deadline: float | None = None) -> PickleEvents:
+def run_pickle(
+    stream: ByteStream, limits: Limits = DEFAULT_LIMITS, deadline: float | None = None
+) -> PickleEvents:
     """Analyse one pickle starting at the stream's position."""
     return PickleMachine(stream, limits, deadline).run()

@@ -87,8 +87,9 @@ class Policy:
                 problems.append(f"[ignore] unknown rule id {rule_id!r}")
         if problems:
             raise PolicyError(f"invalid {source}:\n  " + "\n  ".join(problems))
-        return cls(frozenset(g.strip().removesuffix(".*") for g in globals_), severity,
-                   frozenset(ignore))
+        return cls(
+            frozenset(g.strip().removesuffix(".*") for g in globals_), severity, frozenset(ignore)
+        )
 
 
 def _table(data: dict[str, object], key: str, problems: list[str]) -> dict[str, object]:

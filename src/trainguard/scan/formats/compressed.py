@@ -36,8 +36,9 @@ class _Decompressor(Protocol):
 class DecompressingReader(io.RawIOBase):
     """A bounded read-only stream of the decompressed bytes of ``raw``."""
 
-    def __init__(self, raw: BinaryIO, make: Callable[[], _Decompressor], limits: Limits,
-                 what: str) -> None:
+    def __init__(
+        self, raw: BinaryIO, make: Callable[[], _Decompressor], limits: Limits, what: str
+    ) -> None:
         self._raw = raw
         self._make = make
         self._d = make()
@@ -99,8 +100,9 @@ class DecompressingReader(io.RawIOBase):
         if self._out > cap:
             raise LimitExceeded(f"decompressed {self._what} data", cap)
         if self._out > MiB and self._out > self._limits.max_compression_ratio * max(self._in, 1):
-            raise LimitExceeded(f"{self._what} compression ratio",
-                                self._limits.max_compression_ratio)
+            raise LimitExceeded(
+                f"{self._what} compression ratio", self._limits.max_compression_ratio
+            )
 
 
 def _zlib_ok(head: bytes) -> bool:
@@ -122,8 +124,9 @@ def _lz4() -> _Decompressor:
 
 
 class CompressedFormat:
-    def __init__(self, name: str, sniff: Callable[[bytes], bool],
-                 make: Callable[[], _Decompressor]) -> None:
+    def __init__(
+        self, name: str, sniff: Callable[[bytes], bool], make: Callable[[], _Decompressor]
+    ) -> None:
         self.name = name
         self._sniff = sniff
         self._make = make
@@ -149,19 +152,25 @@ class CompressedFormat:
         except LimitExceeded as exc:
             yield Finding("TG206", RULES["TG206"].severity, str(exc), member=child.name)
         except (ScanError, zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
-            yield Finding("TG003", RULES["TG003"].severity,
-                          f"{self.name} stream could not be decompressed: {exc}",
-                          member=child.name)
+            yield Finding(
+                "TG003",
+                RULES["TG003"].severity,
+                f"{self.name} stream could not be decompressed: {exc}",
+                member=child.name,
+            )
 
 
-GZIP = CompressedFormat("gzip", lambda h: h[:2] == b"\x1f\x8b",
-                        lambda: zlib.decompressobj(31))
-BZIP2 = CompressedFormat("bzip2", lambda h: h[:3] == b"BZh" and h[3:4].isdigit(),
-                         bz2.BZ2Decompressor)
-XZ = CompressedFormat("xz", lambda h: h[:6] == b"\xfd7zXZ\x00",
-                      lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ))
-LZMA_ALONE = CompressedFormat("lzma", lambda h: h[:1] == b"\x5d" and h[1:5] != b"\x00" * 4
-                              and len(h) >= 13,
-                              lambda: lzma.LZMADecompressor(lzma.FORMAT_ALONE))
+GZIP = CompressedFormat("gzip", lambda h: h[:2] == b"\x1f\x8b", lambda: zlib.decompressobj(31))
+BZIP2 = CompressedFormat(
+    "bzip2", lambda h: h[:3] == b"BZh" and h[3:4].isdigit(), bz2.BZ2Decompressor
+)
+XZ = CompressedFormat(
+    "xz", lambda h: h[:6] == b"\xfd7zXZ\x00", lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ)
+)
+LZMA_ALONE = CompressedFormat(
+    "lzma",
+    lambda h: h[:1] == b"\x5d" and h[1:5] != b"\x00" * 4 and len(h) >= 13,
+    lambda: lzma.LZMADecompressor(lzma.FORMAT_ALONE),
+)
 LZ4 = CompressedFormat("lz4", lambda h: h[:4] == b"\x04\x22\x4d\x18", _lz4)
 ZLIB = CompressedFormat("zlib", _zlib_ok, zlib.decompressobj)

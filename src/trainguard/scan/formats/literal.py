@@ -105,6 +105,6 @@ class _Reader:
 def parse_literal(text: str) -> object:
     reader = _Reader(text)
     value = reader.value()
-    if text[reader.pos:].strip():
+    if text[reader.pos :].strip():
         raise LiteralError("text after the literal")
     return value

@@ -60,8 +60,12 @@ class NpyFormat:
                 yield _bad(f"unknown .npy format version {major}")
                 return
             if hlen > ctx.limits.max_npy_header:
-                yield Finding("TG002", RULES["TG002"].severity,
-                              f".npy header of {hlen} bytes exceeds the limit", offset=8)
+                yield Finding(
+                    "TG002",
+                    RULES["TG002"].severity,
+                    f".npy header of {hlen} bytes exceeds the limit",
+                    offset=8,
+                )
                 return
             raw = f.read(hlen)
             if len(raw) < hlen:
@@ -77,9 +81,13 @@ class NpyFormat:
                 return
         if not _has_object(header["descr"]):
             return  # plain numbers: data, never executed
-        yield Finding("TG301", RULES["TG301"].severity,
-                      f"object array (dtype {header['descr']!r}): loading it unpickles the "
-                      "data that follows the header", offset=start + hlen)
+        yield Finding(
+            "TG301",
+            RULES["TG301"].severity,
+            f"object array (dtype {header['descr']!r}): loading it unpickles the "
+            "data that follows the header",
+            offset=start + hlen,
+        )
         data_start = start + hlen
 
         def opener() -> BinaryIO:
@@ -94,6 +102,17 @@ class NpyFormat:
         inner = Blob(blob.name, opener, size, blob.depth)
         for finding in scan_pickle_stream(ctx, inner, persistent_ids_expected=False):
             off = finding.offset
-            yield finding if off is None else Finding(
-                finding.rule, finding.severity, finding.message, finding.file, finding.member,
-                off + data_start, finding.trigger, finding.evidence)
+            yield (
+                finding
+                if off is None
+                else Finding(
+                    finding.rule,
+                    finding.severity,
+                    finding.message,
+                    finding.file,
+                    finding.member,
+                    off + data_start,
+                    finding.trigger,
+                    finding.evidence,
+                )
+            )

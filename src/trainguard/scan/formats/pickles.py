@@ -40,8 +40,11 @@ def weak_sniff(head: bytes) -> bool:
         return True
     # The head may cut a long pickle short: accept it if it parsed cleanly up
     # to the cut and contained pickle structure (an import or a container).
-    return (ev.error or "").startswith("truncated") and ev.opcodes >= 4 and (
-        bool(ev.globals) or ev.opcodes >= 16)
+    return (
+        (ev.error or "").startswith("truncated")
+        and ev.opcodes >= 4
+        and (bool(ev.globals) or ev.opcodes >= 16)
+    )
 
 
 class PickleFormat:
@@ -54,8 +57,9 @@ class PickleFormat:
         yield from scan_pickle_stream(ctx, blob, persistent_ids_expected=False)
 
 
-def scan_pickle_stream(ctx: ScanContext, blob: Blob, *,
-                       persistent_ids_expected: bool) -> Iterator[Finding]:
+def scan_pickle_stream(
+    ctx: ScanContext, blob: Blob, *, persistent_ids_expected: bool
+) -> Iterator[Finding]:
     pctx = PickleContext(persistent_ids_expected=persistent_ids_expected, allow=ctx.allow)
     with blob.open() as raw:
         stream = ByteStream(raw, size=blob.size)
@@ -66,9 +70,12 @@ def scan_pickle_stream(ctx: ScanContext, blob: Blob, *,
             machine.after_build = JoblibArrayHook(ctx.limits)
             ev = machine.run()
             if index > 0 and _is_not_a_pickle(ev, start):
-                yield Finding("TG108", RULES["TG108"].severity,
-                              f"{_remaining(blob, start)} bytes after the last pickle are "
-                              "not a pickle", offset=start)
+                yield Finding(
+                    "TG108",
+                    RULES["TG108"].severity,
+                    f"{_remaining(blob, start)} bytes after the last pickle are not a pickle",
+                    offset=start,
+                )
                 return
             if index == 0 and ev.result == TORCH_LEGACY_MAGIC:
                 legacy_torch = True
@@ -81,9 +88,13 @@ def scan_pickle_stream(ctx: ScanContext, blob: Blob, *,
                 return  # the rest is raw storage data
             if stream.peek_eof():
                 return
-        yield Finding("TG002", RULES["TG002"].severity,
-                      f"more than {ctx.limits.max_pickles_per_stream} pickles in one stream; "
-                      "the rest was not analysed", offset=stream.pos)
+        yield Finding(
+            "TG002",
+            RULES["TG002"].severity,
+            f"more than {ctx.limits.max_pickles_per_stream} pickles in one stream; "
+            "the rest was not analysed",
+            offset=stream.pos,
+        )
 
 
 def _is_not_a_pickle(ev: PickleEvents, start: int) -> bool:

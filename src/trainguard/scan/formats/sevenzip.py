@@ -28,9 +28,13 @@ class SevenZipFormat:
         try:
             import py7zr
         except ImportError:
-            yield Finding("TG208", RULES["TG208"].severity,
-                          "7z archive not inspected: install 'trainguard[7z]' (py7zr) to scan "
-                          "inside it; until then treat it as unsafe", trigger="py7zr missing")
+            yield Finding(
+                "TG208",
+                RULES["TG208"].severity,
+                "7z archive not inspected: install 'trainguard[7z]' (py7zr) to scan "
+                "inside it; until then treat it as unsafe",
+                trigger="py7zr missing",
+            )
             return
         with blob.open() as f:
             try:
@@ -47,14 +51,20 @@ class SevenZipFormat:
     def _members(self, ctx: ScanContext, blob: Blob, archive: Any) -> Iterator[Finding]:
         infos = [i for i in archive.list() if not i.is_directory]
         if len(infos) > ctx.limits.max_archive_members:
-            yield Finding("TG209", RULES["TG209"].severity,
-                          f"more than {ctx.limits.max_archive_members} members")
+            yield Finding(
+                "TG209",
+                RULES["TG209"].severity,
+                f"more than {ctx.limits.max_archive_members} members",
+            )
             return
         total = sum(int(i.uncompressed or 0) for i in infos)
         if total > ctx.limits.max_in_memory_member:
-            yield Finding("TG002", RULES["TG002"].severity,
-                          f"7z content of {total} bytes exceeds the in-memory limit of "
-                          f"{ctx.limits.max_in_memory_member}")
+            yield Finding(
+                "TG002",
+                RULES["TG002"].severity,
+                f"7z content of {total} bytes exceeds the in-memory limit of "
+                f"{ctx.limits.max_in_memory_member}",
+            )
             return
         try:
             contents = _read_all(archive)

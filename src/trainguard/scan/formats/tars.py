@@ -44,26 +44,46 @@ class TarFormat:
                 for info in tar:
                     count += 1
                     if count > ctx.limits.max_archive_members:
-                        yield Finding("TG209", RULES["TG209"].severity,
-                                      f"more than {ctx.limits.max_archive_members} members")
+                        yield Finding(
+                            "TG209",
+                            RULES["TG209"].severity,
+                            f"more than {ctx.limits.max_archive_members} members",
+                        )
                         return
                     yield from self._member(ctx, blob, tar, info, streaming)
             except (tarfile.TarError, OSError, ValueError) as exc:
-                yield Finding("TG003", RULES["TG003"].severity,
-                              f"tar archive breaks after {count} members: {exc}")
+                yield Finding(
+                    "TG003",
+                    RULES["TG003"].severity,
+                    f"tar archive breaks after {count} members: {exc}",
+                )
 
-    def _member(self, ctx: ScanContext, blob: Blob, tar: tarfile.TarFile,
-                info: tarfile.TarInfo, streaming: bool) -> Iterator[Finding]:
+    def _member(
+        self,
+        ctx: ScanContext,
+        blob: Blob,
+        tar: tarfile.TarFile,
+        info: tarfile.TarInfo,
+        streaming: bool,
+    ) -> Iterator[Finding]:
         member = f"{blob.name}/{info.name}" if blob.name else info.name
         if _escapes(info.name):
-            yield Finding("TG207", RULES["TG207"].severity,
-                          f"member path {info.name!r} escapes the extraction folder",
-                          member=member, trigger=info.name)
+            yield Finding(
+                "TG207",
+                RULES["TG207"].severity,
+                f"member path {info.name!r} escapes the extraction folder",
+                member=member,
+                trigger=info.name,
+            )
         if info.issym() or info.islnk():
             if _escapes(info.linkname) or info.linkname.startswith("/"):
-                yield Finding("TG207", RULES["TG207"].severity,
-                              f"link {info.name!r} points outside the archive to "
-                              f"{info.linkname!r}", member=member, trigger=info.linkname)
+                yield Finding(
+                    "TG207",
+                    RULES["TG207"].severity,
+                    f"link {info.name!r} points outside the archive to {info.linkname!r}",
+                    member=member,
+                    trigger=info.linkname,
+                )
             return
         if not info.isfile():
             return
@@ -76,10 +96,13 @@ class TarFormat:
 
         if streaming:
             if info.size > ctx.limits.max_in_memory_member:
-                yield Finding("TG002", RULES["TG002"].severity,
-                              f"member of {info.size} bytes inside a compressed tar exceeds "
-                              f"the in-memory limit of {ctx.limits.max_in_memory_member}",
-                              member=member)
+                yield Finding(
+                    "TG002",
+                    RULES["TG002"].severity,
+                    f"member of {info.size} bytes inside a compressed tar exceeds "
+                    f"the in-memory limit of {ctx.limits.max_in_memory_member}",
+                    member=member,
+                )
                 return
             with opener() as m:
                 data = m.read()

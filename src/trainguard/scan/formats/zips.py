@@ -44,10 +44,12 @@ _ANOMALY_RULES = {
 # Everything else the reader reports (damaged or odd structure) is TG211.
 
 
-def _finding(rule_id: str, message: str, member: str = "", offset: int | None = None,
-             trigger: str = "") -> Finding:
-    return Finding(rule_id, RULES[rule_id].severity, message, member=member, offset=offset,
-                   trigger=trigger)
+def _finding(
+    rule_id: str, message: str, member: str = "", offset: int | None = None, trigger: str = ""
+) -> Finding:
+    return Finding(
+        rule_id, RULES[rule_id].severity, message, member=member, offset=offset, trigger=trigger
+    )
 
 
 class ZipFormat:
@@ -99,8 +101,14 @@ class ZipFormat:
                     member = f"{blob.name}/{entry.name}" if blob.name else entry.name
                     yield _finding("TG003", f"member unreadable: {exc}", member=member)
 
-    def _member(self, ctx: ScanContext, blob: Blob, f: BinaryIO, entry: ziplenient.ZipEntry,
-                torch_like: bool) -> Iterator[Finding]:
+    def _member(
+        self,
+        ctx: ScanContext,
+        blob: Blob,
+        f: BinaryIO,
+        entry: ziplenient.ZipEntry,
+        torch_like: bool,
+    ) -> Iterator[Finding]:
         def opener(entry: ziplenient.ZipEntry = entry) -> BinaryIO:
             return ziplenient.open_member(f, entry, ctx.limits)
 
@@ -115,8 +123,8 @@ class ZipFormat:
             if strong_sniff(head) or (entry.name.endswith(".pkl") and head):
                 try:
                     yield from _located(
-                        scan_pickle_stream(ctx, child, persistent_ids_expected=True),
-                        child.name)
+                        scan_pickle_stream(ctx, child, persistent_ids_expected=True), child.name
+                    )
                 except LimitExceeded as exc:
                     yield _finding("TG206", f"{entry.name}: {exc}", member=child.name)
                 return
