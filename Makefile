@@ -23,8 +23,8 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/trainguard demo
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
 
 typecheck: $(VENV)/.test-installed
 	$(BIN)/mypy

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from trainguard.errors import TrainguardError, UsageError
+from trainguard.errors import TrainguardError, UnsafeModelError, UsageError
 from trainguard.findings import Severity
 
 if TYPE_CHECKING:
@@ -80,7 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-_PILLAR_CLIS: tuple[str, ...] = ()
+_PILLAR_CLIS: tuple[str, ...] = (
+    "trainguard._cli_load",
+    "trainguard._cli_seal",
+    "trainguard._cli_env",
+    "trainguard._cli_ledger",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"trainguard: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except UnsafeModelError as exc:
+        print(f"trainguard: {exc}", file=sys.stderr)
+        return EXIT_FINDINGS
     except TrainguardError as exc:
         print(f"trainguard: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainguard.findings import Finding
+
 
 class TrainguardError(Exception):
     """Base class: trainguard could not do what it was asked."""
@@ -38,3 +43,19 @@ class MissingExtraError(TrainguardError):
         )
         self.module = module
         self.extra = extra
+
+
+class UnsafeModelError(TrainguardError):
+    """A file was refused by the safe loader or by ``protect()``.
+
+    ``findings`` says why: the scanner's findings on the very bytes that were
+    about to load, or what the sandbox blocked while they loaded.
+    """
+
+    def __init__(self, source: str, findings: list[Finding]) -> None:
+        self.source = source
+        self.findings = findings
+        worst = sorted(findings, key=lambda f: f.severity, reverse=True)[:3]
+        reasons = "; ".join(f"{f.rule} {f.severity}: {f.message}" for f in worst)
+        more = f" (+{len(findings) - 3} more)" if len(findings) > 3 else ""
+        super().__init__(f"refused to load {source}: {reasons}{more}")

@@ -217,32 +217,588 @@ RULES: dict[str, Rule] = {
             _M,
             "The .npy header is malformed or inconsistent with the file size.",
         ),
+        # -- load: safe loading and the sandbox (TG4xx) ------------------------
+        Rule(
+            "TG401",
+            "load-refused-global",
+            _H,
+            "The safe loader met an import outside its allowlist while rebuilding the "
+            "file. It has its own implementation for every allowed import; anything else "
+            "would run code from the file's author. Allow it in a policy only if you "
+            "trust that author.",
+        ),
+        Rule(
+            "TG402",
+            "load-bad-tensor",
+            _C,
+            "A tensor's size, stride or offset reaches outside its storage, or its "
+            "storage is shorter than declared. Loaders that trust these numbers read or "
+            "write out of bounds (CVE-2026-24747).",
+        ),
+        Rule(
+            "TG403",
+            "sandbox-blocked",
+            _C,
+            "While a guarded load ran, code tried to start a process, run or compile "
+            "code, import a new module, open a network connection or write a file. The "
+            "sandbox refused it; the file carries a payload.",
+        ),
+        # -- ledger (TG12xx) ---------------------------------------------------
+        Rule(
+            "TG1201",
+            "ledger-record-modified",
+            _C,
+            "A ledger record does not hash to the digest it was written with: its content "
+            "(payload, kind, step, time or stream) was edited in the database afterwards, "
+            "or cannot be read back. Nothing it says can be trusted.",
+        ),
+        Rule(
+            "TG1202",
+            "ledger-record-missing",
+            _C,
+            "Records are missing from a ledger stream (a gap in its sequence numbers, or a "
+            "registered stream with no records): they were deleted. The evidence gives the "
+            "missing range.",
+        ),
+        Rule(
+            "TG1203",
+            "ledger-chain-broken",
+            _C,
+            "A ledger record does not carry the digest of the record before it: a record "
+            "was replaced, inserted, or the chain was rewritten from that point on.",
+        ),
+        Rule(
+            "TG1204",
+            "ledger-record-reordered",
+            _C,
+            "A ledger record is intact but sits at another sequence number than the one it "
+            "was written with: records were swapped or moved.",
+        ),
+        Rule(
+            "TG1205",
+            "ledger-truncated",
+            _C,
+            "A signed head says a stream reached a sequence number that the ledger no longer "
+            "holds: records were cut off the end of the stream (or the whole stream was "
+            "deleted).",
+        ),
+        Rule(
+            "TG1206",
+            "ledger-head-mismatch",
+            _C,
+            "A signed head names a record by a digest that differs from the record stored "
+            "there now: the chain up to it was rewritten (and re-hashed) after it was signed.",
+        ),
+        Rule(
+            "TG1207",
+            "ledger-head-signature-invalid",
+            _C,
+            "A signed head of the ledger does not verify with the given public key, is "
+            "malformed, carries no signature, or signs a record other than the one before "
+            "it (copied from another run or stream).",
+        ),
+        Rule(
+            "TG1208",
+            "ledger-unsigned-tail",
+            _I,
+            "Records written after the stream's last signed head. The hash chain shows they "
+            "were not edited, but nothing proves they were not rewritten or cut short; sign "
+            "heads more often, and at the end of the run.",
+        ),
+        Rule(
+            "TG1209",
+            "ledger-unsigned",
+            _H,
+            "A public key was given but no head of the run is signed by it: none of the "
+            "run's records can be authenticated, and a rewritten ledger would look intact.",
+        ),
+        # -- watch: the training monitor (TG13xx) ------------------------------
+        Rule(
+            "TG1301",
+            "weights-changed-outside-step",
+            _C,
+            "Parameters changed between two optimizer steps: something other than the "
+            "optimizer wrote to the weights (injected code, a Sleepy Pickle payload, a "
+            "tampering rank). The evidence names the tensors.",
+        ),
+        Rule(
+            "TG1302",
+            "optimizer-state-changed-outside-step",
+            _C,
+            "The optimizer's state (moments, momentum buffers, step counters) changed "
+            "between two steps, outside optimizer.step().",
+        ),
+        Rule(
+            "TG1303",
+            "hyperparameter-drift",
+            _H,
+            "An optimizer hyper-parameter changed between steps and the registered "
+            "scheduler does not explain it (learning rate, betas, eps, weight decay, "
+            "momentum, or a new key).",
+        ),
+        Rule(
+            "TG1304",
+            "code-identity-changed",
+            _C,
+            "The code of optimizer.step, clip_grad_norm_, the seeding functions, the data "
+            "loader's iteration, or the global optimizer/module hook registries differs "
+            "from the start of the run: the training code was patched at run time.",
+        ),
+        Rule(
+            "TG1305",
+            "random-state-reseeded",
+            _H,
+            "A random generator was re-seeded or its state replaced mid-run (torch's "
+            "initial seed changed, a seeding function was called, or a state repeated "
+            "an earlier one).",
+        ),
+        Rule(
+            "TG1306",
+            "update-direction",
+            _C,
+            "An update contradicts the gradient: gradients changed sign between backward "
+            "and the optimizer step (a flipped clipping), or the parameter change points "
+            "against the direction the optimizer's own state prescribes.",
+        ),
+        Rule(
+            "TG1307",
+            "step-time-anomaly",
+            _M,
+            "A step took far longer than this rank's recent steps (robust statistics): "
+            "random sleeps, a straggler, or contention. High when it keeps happening.",
+        ),
+        Rule(
+            "TG1308",
+            "loss-or-grad-spike",
+            _L,
+            "The loss or the gradient norm jumped far outside its recent range.",
+        ),
+        Rule(
+            "TG1309",
+            "data-tampering",
+            _H,
+            "A sample came back with different content than the last time the same "
+            "index was loaded (static data check), or a batch differs from the one "
+            "recorded for the same step of a reference run.",
+        ),
+        Rule(
+            "TG1310",
+            "rank-disagreement",
+            _C,
+            "Ranks that should hold identical parameters (data parallel) do not; the "
+            "ranks outside the majority are named.",
+        ),
+        Rule(
+            "TG1311",
+            "rank-stopped",
+            _H,
+            "A rank died or stopped reporting; the evidence gives its last step.",
+        ),
+        Rule(
+            "TG1312",
+            "environment-changed",
+            _C,
+            "The Python environment differs from the sealed snapshot given at start-up "
+            "(see env verify).",
+        ),
         # -- seal: signatures and manifests (TG5xx) ---------------------------
-        Rule("TG501", "signature-invalid", _C,
-             "The signature does not verify with the given public key: it was made "
-             "with another key, or the signed manifest was edited after signing. "
-             "Nothing it lists can be trusted; re-seal only from a trusted copy."),
-        Rule("TG502", "signature-malformed", _C,
-             "The signature file is not a readable Sigstore bundle carrying a "
-             "model-signing v1 manifest (truncated, corrupted, wrong media or "
-             "payload type, unsupported hash or serialization)."),
-        Rule("TG503", "sealed-file-modified", _C,
-             "A file's content differs from the digest in the signed manifest (the "
-             "evidence shows both hex digests and sizes). Someone changed it after "
-             "it was sealed."),
-        Rule("TG504", "sealed-file-added", _H,
-             "A file exists that the signed manifest does not list. Loaders may pick "
-             "it up (an extra checkpoint shard, a config, code)."),
-        Rule("TG505", "sealed-file-removed", _H,
-             "A file listed in the signed manifest is missing."),
-        Rule("TG506", "sealed-file-renamed", _H,
-             "A listed file is missing and an unlisted file has exactly its content: "
-             "it was renamed or moved (or two files swapped names)."),
-        Rule("TG507", "seal-unsafe-path", _H,
-             "A symbolic link, special file or path that escapes the sealed folder. "
-             "Sealing refuses to follow it and verification reports it, since it "
-             "would let content outside the folder pass as sealed."),
+        Rule(
+            "TG501",
+            "signature-invalid",
+            _C,
+            "The signature does not verify with the given public key: it was made "
+            "with another key, or the signed manifest was edited after signing. "
+            "Nothing it lists can be trusted; re-seal only from a trusted copy.",
+        ),
+        Rule(
+            "TG502",
+            "signature-malformed",
+            _C,
+            "The signature file is not a readable Sigstore bundle carrying a "
+            "model-signing v1 manifest (truncated, corrupted, wrong media or "
+            "payload type, unsupported hash or serialization).",
+        ),
+        Rule(
+            "TG503",
+            "sealed-file-modified",
+            _C,
+            "A file's content differs from the digest in the signed manifest (the "
+            "evidence shows both hex digests and sizes). Someone changed it after "
+            "it was sealed.",
+        ),
+        Rule(
+            "TG504",
+            "sealed-file-added",
+            _H,
+            "A file exists that the signed manifest does not list. Loaders may pick "
+            "it up (an extra checkpoint shard, a config, code).",
+        ),
+        Rule(
+            "TG505", "sealed-file-removed", _H, "A file listed in the signed manifest is missing."
+        ),
+        Rule(
+            "TG506",
+            "sealed-file-renamed",
+            _H,
+            "A listed file is missing and an unlisted file has exactly its content: "
+            "it was renamed or moved (or two files swapped names).",
+        ),
+        Rule(
+            "TG507",
+            "seal-unsafe-path",
+            _H,
+            "A symbolic link, special file or path that escapes the sealed folder. "
+            "Sealing refuses to follow it and verification reports it, since it "
+            "would let content outside the folder pass as sealed.",
+        ),
         # -- environment verification (TG6xx) ----------------------------------
+        Rule(
+            "TG601",
+            "env-file-modified",
+            _H,
+            "An installed file's content differs from the hash its distribution's RECORD "
+            "gives (both digests are in the evidence). Someone edited installed code or "
+            "data after pip installed it; reinstall the distribution from a trusted index "
+            "(`pip install --force-reinstall --no-deps NAME==VERSION`).",
+        ),
+        Rule(
+            "TG602",
+            "env-file-missing",
+            _M,
+            "A file the distribution's RECORD lists is gone. Deleting a module can change "
+            "behaviour (a fallback path, a disabled check); reinstall the distribution.",
+        ),
+        Rule(
+            "TG603",
+            "env-file-unlisted",
+            _M,
+            "A file in a site folder that no RECORD lists (medium for code, low for data). "
+            "Pip never installs such files; they come from a hand copy, a tool that writes "
+            "into site-packages, or an attacker. Compiled caches are judged by the pyc "
+            "check instead.",
+        ),
+        Rule(
+            "TG604",
+            "env-module-shadow",
+            _H,
+            "A file no RECORD lists would be imported instead of an installed module: an "
+            "extension module beside a .py, a package folder beside a module, or a "
+            "top-level module earlier on sys.path. Importing the real name runs it.",
+        ),
+        Rule(
+            "TG605",
+            "env-pth-exec",
+            _H,
+            "A .pth file in a site folder has an `import` line, which the interpreter "
+            "executes at every start, and no RECORD vouches for the file (unlisted or "
+            "edited). This is how the 2026 litellm compromise ran code in every process.",
+        ),
+        Rule(
+            "TG606",
+            "env-pth-exec-owned",
+            _I,
+            "A .pth file runs code at every interpreter start, installed unchanged by the "
+            "named distribution (e.g. setuptools' distutils-precedence.pth, editable "
+            "installs). Listed so that the code that runs at start-up is known.",
+        ),
+        Rule(
+            "TG607",
+            "env-pth-path",
+            _M,
+            "A .pth file no RECORD vouches for adds folders to sys.path at every start, "
+            "which makes whatever they hold importable.",
+        ),
+        Rule(
+            "TG608",
+            "env-startup-module",
+            _H,
+            "A sitecustomize or usercustomize module on the interpreter's path: it runs at "
+            "every start, and no RECORD vouches for it. Remove it unless you installed it "
+            "knowingly (then allow it by path and sha256).",
+        ),
+        Rule(
+            "TG609",
+            "env-startup-module-owned",
+            _L,
+            "A sitecustomize or usercustomize module, installed unchanged by the named "
+            "distribution; it runs at every start.",
+        ),
+        Rule(
+            "TG610",
+            "env-pyc-mismatch",
+            _C,
+            "A compiled .pyc that the interpreter would load instead of compiling its "
+            "source holds different code than that source compiles to. RECORD has no hash "
+            "for .pyc files, so this is how an edit hides behind a clean .py. Delete the "
+            "__pycache__ folder and find who wrote it.",
+        ),
+        Rule(
+            "TG611",
+            "env-pyc-sourceless",
+            _H,
+            "A compiled module with no source beside it, which the interpreter imports as "
+            "is, and which no RECORD hash vouches for.",
+        ),
+        Rule(
+            "TG612",
+            "env-pyc-unused",
+            _L,
+            "A compiled file the interpreter does not load (its source is gone, or its "
+            "header no longer matches its source) and whose code is not its source's. "
+            "Harmless until its source's timestamp matches again; delete it.",
+        ),
+        Rule(
+            "TG613",
+            "env-unverifiable",
+            _I,
+            "Part of the environment cannot be verified: a distribution without RECORD "
+            "(installed by the OS package manager or a legacy installer), or an editable "
+            "install whose code lives in a source folder.",
+        ),
+        Rule(
+            "TG614",
+            "env-record-invalid",
+            _H,
+            "A RECORD file is unreadable or malformed, or uses a weak hash (md5, sha1) "
+            "that the wheel specification forbids; what it lists cannot be verified.",
+        ),
+        Rule(
+            "TG615",
+            "env-snapshot-modified",
+            _C,
+            "A file differs from the digest in the signed environment snapshot. This "
+            "catches edits that rewrote RECORD too.",
+        ),
+        Rule(
+            "TG616",
+            "env-snapshot-added",
+            _H,
+            "A file that the signed environment snapshot does not list (high for code, "
+            "medium for data). Compiled caches are judged by the pyc check instead.",
+        ),
+        Rule(
+            "TG617",
+            "env-snapshot-removed",
+            _H,
+            "A file listed in the signed environment snapshot is gone.",
+        ),
+        Rule(
+            "TG618",
+            "env-snapshot-interpreter",
+            _H,
+            "The interpreter (its path, version, bytecode magic or binary digest) differs "
+            "from the one recorded in the signed snapshot.",
+        ),
+        # -- safetensors (TG8xx) -----------------------------------------------
+        Rule(
+            "TG801",
+            "safetensors-malformed",
+            _H,
+            "The safetensors header breaks the format: a length past the file or the "
+            "format's cap, invalid JSON, an unknown dtype, offsets that overlap, leave gaps, "
+            "reach past the data or disagree with the shape and dtype, or a file longer or "
+            "shorter than its tensors. Loaders refuse such files today, but parsers of this "
+            "header have had memory-safety bugs; do not load it with anything else.",
+        ),
+        Rule(
+            "TG802",
+            "safetensors-duplicate-key",
+            _H,
+            "The header names the same key twice. JSON readers disagree about which one "
+            "wins (the safetensors library takes the last), so two tools can see different "
+            "tensors in one file.",
+        ),
+        Rule(
+            "TG803",
+            "safetensors-code-in-metadata",
+            _M,
+            "A `__metadata__` value carries something that looks like code: a pickle (raw "
+            "or base64), Python that imports or evaluates, or a shell command. safetensors "
+            "itself never runs it, but a loader that decodes metadata might; the evidence "
+            "quotes it.",
+        ),
+        # -- gguf and chat templates (TG9xx) -----------------------------------
+        Rule(
+            "TG901",
+            "chat-template-code-execution",
+            _C,
+            "The chat template reaches Python internals (dunder attributes, __globals__, "
+            "__builtins__, imports, os/popen/eval) or a Jinja gadget leading there. Any "
+            "application that renders it without a sandbox (llama-cpp-python before 0.2.72, "
+            "CVE-2024-34359; SGLang's reranker, CVE-2026-5760) runs the attacker's code.",
+        ),
+        Rule(
+            "TG902",
+            "chat-template-hidden-instruction",
+            _M,
+            "The chat template injects text only when a message contains a particular "
+            "trigger string: a hidden instruction that changes the model's behaviour for "
+            "whoever knows the trigger. Nothing executes; the evidence quotes the branch "
+            "so a reviewer can judge it.",
+        ),
+        Rule(
+            "TG903",
+            "chat-template-token-scan",
+            _I,
+            "jinja2 is not installed, so the chat template was checked by a conservative "
+            "token scan instead of a parse, and hidden-instruction analysis was skipped. "
+            "Install `trainguard[templates]` for the full analysis.",
+        ),
+        Rule(
+            "TG904",
+            "chat-template-unparseable",
+            _M,
+            "The chat template does not parse as Jinja. Renderers refuse it, but other "
+            "template engines (llama.cpp's minja) may read it differently; a token scan "
+            "reports anything dangerous inside it separately.",
+        ),
+        Rule(
+            "TG905",
+            "chat-template-unsafe-construct",
+            _H,
+            "The chat template does something a sandboxed environment refuses or that no "
+            "chat template needs, without a provable path to code: attribute names built at "
+            "render time, list or dict mutation, include/import, gadget globals such as "
+            "lipsum or cycler, huge ranges.",
+        ),
+        Rule(
+            "TG911",
+            "gguf-malformed",
+            _H,
+            "The GGUF header, key-value table or tensor table breaks the format: a bad "
+            "version, truncation, unknown value types, over-long names, more than four "
+            "dimensions, misaligned, overlapping or out-of-file tensors. llama.cpp refuses "
+            "most of these, but its parser has had heap overflows on exactly such fields "
+            "(CVE-2024-21802, CVE-2024-21836, CVE-2026-27940 and others).",
+        ),
+        Rule(
+            "TG912",
+            "gguf-duplicate",
+            _H,
+            "Two metadata keys or two tensors share a name. llama.cpp refuses the file; "
+            "other readers keep the first or the last, so tools can disagree about what "
+            "the model is.",
+        ),
+        Rule(
+            "TG913",
+            "gguf-irregular",
+            _L,
+            "The GGUF file is unusual but not dangerous: a tensor type newer than "
+            "trainguard knows (its size was not checked), tensors out of order or with "
+            "gaps, trailing bytes, nested arrays.",
+        ),
+        Rule(
+            "TG914",
+            "gguf-code-in-metadata",
+            _M,
+            "A GGUF metadata string (other than a chat template, which is analysed on its "
+            "own) carries something that looks like code: a pickle, Python that imports or "
+            "evaluates, or a shell command. llama.cpp never runs it; a tool that decodes "
+            "metadata might. The evidence quotes it.",
+        ),
+        # -- keras (TG10xx) ----------------------------------------------------
+        Rule(
+            "TG1001",
+            "keras-lambda",
+            _C,
+            "A Keras Lambda layer (or serialized lambda) carries Python code, as marshalled "
+            "bytecode or source. Keras runs it when the model loads or is called with "
+            "safe_mode off, and older Keras and tf.keras without asking (CVE-2024-3660). "
+            "The evidence lists the names the bytecode uses. Do not load it outside a sandbox.",
+        ),
+        Rule(
+            "TG1002",
+            "keras-unsafe-reference",
+            _C,
+            "The model config names a module, class or function outside Keras' modelling "
+            'code (`{"module": "os", "class_name": "system"}`, a Python builtin, or '
+            "a Keras utility such as keras.utils.get_file). Keras before 3.9 imports and "
+            "calls whatever the config names, even in safe_mode (CVE-2025-1550), and "
+            "utilities reached this way have bypassed later fixes (CVE-2025-8747). A "
+            "custom layer of your own can be allowed by its module in a policy.",
+        ),
+        Rule(
+            "TG1003",
+            "keras-tfsmlayer",
+            _H,
+            "A TFSMLayer loads a TensorFlow SavedModel from the path in its config and runs "
+            "its graph, which can read and write files (CVE-2026-1462). Check what the "
+            "path points to, and scan that SavedModel too.",
+        ),
+        Rule(
+            "TG1004",
+            "keras-external-class",
+            _M,
+            "The model config builds a class from a Keras ecosystem package (keras_hub, "
+            "keras_cv, keras_nlp, keras_rs) that Keras imports when it loads the model. "
+            "Common for pretrained models; trust it as you trust the installed package.",
+        ),
+        Rule(
+            "TG1005",
+            "keras-embedded-pickle",
+            _H,
+            "A TorchModuleWrapper layer carries a pickled torch module that Keras unpickles "
+            "with torch.load(weights_only=False) when safe_mode is off. The pickle itself "
+            "is analysed and its findings reported separately.",
+        ),
+        # -- tensorflow and onnx (TG11xx) ----------------------------------------
+        Rule(
+            "TG1101",
+            "tf-python-op",
+            _C,
+            "The SavedModel's graph calls back into Python (PyFunc, EagerPyFunc, "
+            "PyFuncStateless). A model from someone else has no reason to; the function it "
+            "names runs in the loading process.",
+        ),
+        Rule(
+            "TG1102",
+            "tf-file-write",
+            _H,
+            "The SavedModel's graph writes files (WriteFile, checkpoint saves outside the "
+            "standard save function, dataset or summary writers, PrintV2 into a file). A "
+            "graph that runs while loading or serving can overwrite shell profiles, code or "
+            "other models.",
+        ),
+        Rule(
+            "TG1103",
+            "tf-file-read",
+            _M,
+            "The SavedModel's graph reads files or lists folders (ReadFile, MatchingFiles, "
+            "readers, file datasets, ImmutableConst, restores outside the standard restore "
+            "function). Input pipelines do this legitimately; a served model can also leak "
+            "what it reads through its outputs.",
+        ),
+        Rule(
+            "TG1104",
+            "tf-network",
+            _H,
+            "The SavedModel's graph reaches other hosts: RPC ops, tf.data service ops, or "
+            "debug ops whose debug_urls send tensors to a grpc:// or file:// address.",
+        ),
+        Rule(
+            "TG1111",
+            "onnx-external-data-escape",
+            _C,
+            "A tensor's external data location is absolute or climbs out of the model's "
+            "folder. onnx.load reads, and onnx.save writes, whatever file it names "
+            "(CVE-2022-25882, CVE-2024-27318): a model can read a user's keys into its "
+            "weights or overwrite files when re-saved.",
+        ),
+        Rule(
+            "TG1112",
+            "onnx-custom-domain",
+            _M,
+            "Operators come from a domain outside the ONNX standard and ONNX Runtime's "
+            "own. The model needs a custom operator library, native code that the user "
+            "must load; make sure it comes from a source you trust.",
+        ),
+        Rule(
+            "TG1113",
+            "onnx-python-op",
+            _H,
+            "The model uses ONNX Runtime's PythonOp, which calls a Python function "
+            "registered in the loading process by name.",
+        ),
     )
 }
 

@@ -18,6 +18,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from trainguard.samples import benign as _benign  # noqa: F401  (registers samples)
+from trainguard.samples import fmt_gguf as _fmt_gguf  # noqa: F401
+from trainguard.samples import fmt_keras as _fmt_keras  # noqa: F401
+from trainguard.samples import fmt_onnx as _fmt_onnx  # noqa: F401
+from trainguard.samples import fmt_safetensors as _fmt_safetensors  # noqa: F401
+from trainguard.samples import fmt_savedmodel as _fmt_savedmodel  # noqa: F401
 from trainguard.samples import mal_gadgets as _mal_gadgets  # noqa: F401
 from trainguard.samples import mal_pickle as _mal_pickle  # noqa: F401
 from trainguard.samples import mal_torch as _mal_torch  # noqa: F401

@@ -137,3 +137,40 @@ LOADER_REQUIRES: dict[str, tuple[str, ...]] = {
     "zip-torch": ("torch",),
     "7z-pickle": ("py7zr",),
 }
+
+# safetensors, GGUF and chat templates (samples/fmt_safetensors.py, samples/fmt_gguf.py).
+# Servers rendered chat templates with a plain Environment (llama-cpp-python before
+# 0.2.72, SGLang's reranker): every template in the file is rendered that way here.
+_RENDER_ARGS = """dict(messages=[{'role': 'user', 'content': 'Hello'}], add_generation_prompt=True,
+          bos_token='<s>', eos_token='</s>', raise_exception=lambda m: None)"""
+LOADERS.update(
+    {
+        "safetensors": """
+import sys
+from safetensors.numpy import load_file
+load_file(sys.argv[1])
+""",
+        "gguf-jinja": f"""
+import sys, jinja2
+from trainguard.samples.fmt_gguf import read_metadata
+env = jinja2.Environment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True)
+for key, value in read_metadata(sys.argv[1]).items():
+    if key == 'tokenizer.chat_template' or key.startswith('tokenizer.chat_template.'):
+        env.from_string(value).render(**{_RENDER_ARGS})
+""",
+        "jinja-tokenizer-config": f"""
+import json, sys, jinja2
+with open(sys.argv[1]) as f:
+    found = json.load(f)['chat_template']
+for t in [found] if isinstance(found, str) else [x['template'] for x in found]:
+    jinja2.Template(t).render(**{_RENDER_ARGS})
+""",
+    }
+)
+LOADER_REQUIRES.update(
+    {
+        "safetensors": ("safetensors", "numpy"),
+        "gguf-jinja": ("jinja2",),
+        "jinja-tokenizer-config": ("jinja2",),
+    }
+)

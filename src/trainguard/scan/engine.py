@@ -130,6 +130,30 @@ def scan_bytes(
     return _Scanner(policy or Policy(), limits).scan_blob(name, blob)
 
 
+def scan_pickle_bytes(
+    data: bytes,
+    *,
+    member: str = "",
+    persistent_ids_expected: bool = False,
+    policy: Policy | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> list[Finding]:
+    """Findings for one pickle stream held in memory (the safe loader's pre-check).
+
+    The caller unpickles these very bytes afterwards, so what was analysed is
+    exactly what is loaded.
+    """
+    from trainguard.scan.formats.pickles import scan_pickle_stream
+
+    scanner = _Scanner(policy or Policy(), limits)
+    scanner.deadline = time.monotonic() + limits.max_seconds_per_file
+    blob = Blob(member, lambda: io.BytesIO(data), len(data))
+    found = list(
+        scan_pickle_stream(scanner.context(), blob, persistent_ids_expected=persistent_ids_expected)
+    )
+    return (policy or Policy()).apply(found)
+
+
 def _file_blob(path: Path) -> Blob:
     size = path.stat().st_size if path.exists() else None
     return Blob("", lambda: open(path, "rb"), size)

@@ -20,7 +20,6 @@ from trainguard.scan.picklevm import (
     ExtRef,
     Global,
     Opaque,
-    PersistentRef,
     PickleEvents,
     describe,
 )
@@ -96,7 +95,16 @@ def _analyse(
         yield from _call_shape(call)
 
     for build in ev.builds:
-        if isinstance(build.obj, Global):
+        if _is_tensor(build.obj):
+            yield _finding(
+                "TG105",
+                "BUILD sets state on a tensor while loading (torch never writes this; it "
+                "can attach hooks or attributes to weights)",
+                build.offset,
+                trigger="BUILD",
+                state=describe(build.state),
+            )
+        elif isinstance(build.obj, Global):
             yield _finding(
                 "TG105",
                 f"BUILD writes attributes onto {build.obj.qualname} itself (a class or "
@@ -229,7 +237,3 @@ def _nested(ev: PickleEvents, scan: NestedScanner) -> Iterator[Finding]:
                     off,
                     trigger="nested",
                 )
-
-
-def is_persistent(v: object) -> bool:
-    return isinstance(v, PersistentRef)

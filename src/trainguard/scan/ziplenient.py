@@ -809,9 +809,19 @@ class _Window(io.RawIOBase):
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         view = memoryview(buffer).cast("B")
-        data = self.read_chunk(len(view))
-        view[: len(data)] = data
-        return len(data)
+        n = min(len(view), self._len - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        direct = getattr(self._f, "readinto", None)
+        if direct is not None:  # straight into the caller's buffer: tensors skip a copy
+            got = int(direct(view[:n]) or 0)
+        else:
+            data = self._f.read(n)
+            got = len(data)
+            view[:got] = data
+        self._pos += got
+        return got
 
     def readall(self) -> bytes:
         if self._len - self._pos > self._limits.max_member_size:

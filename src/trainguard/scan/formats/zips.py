@@ -13,7 +13,7 @@ from __future__ import annotations
 import encodings.cp437  # noqa: F401
 import io
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from trainguard.errors import LimitExceeded, ScanError
 from trainguard.findings import Finding
@@ -52,14 +52,31 @@ def _finding(
     )
 
 
+class ZipFlavour(Protocol):
+    """A format that is a zip with known members (a Keras ``.keras`` file, ...).
+
+    A flavour whose ``matches`` accepts the member names checks what those
+    members mean; every member is still sniffed and scanned by content after.
+    """
+
+    name: str
+
+    def matches(self, names: frozenset[str]) -> bool: ...
+
+    def scan(
+        self, ctx: ScanContext, blob: Blob, f: BinaryIO, directory: ziplenient.ZipDirectory
+    ) -> Iterator[Finding]: ...
+
+
 class ZipFormat:
     name = "zip"
 
-    def __init__(self, *, prefixed: bool = False) -> None:
+    def __init__(self, *, prefixed: bool = False, flavours: tuple[ZipFlavour, ...] = ()) -> None:
         # Data in front of a zip (a self-extractor, or an evasion) hides the magic
         # at offset 0 while zipfile still finds the end record. That weaker sniff
         # is registered last, so a pickle carrying a zip's tail stays a pickle.
         self.prefixed = prefixed
+        self.flavours = flavours
 
     def sniff(self, head: bytes, blob: Blob) -> bool:
         if not self.prefixed:
@@ -86,14 +103,14 @@ class ZipFormat:
             npz_like = bool(names) and all(n.endswith(".npy") for n in names)
             if torch_like or npz_like:
                 ctx.formats_seen.append("pytorch" if torch_like else "npz")
-            for a in directory.anomalies:
-                rule_id = _ANOMALY_RULES.get(a.kind, "TG211")
-                member = f"{blob.name}/{a.member}" if blob.name else a.member
-                if a.kind == "crc-mismatch":
-                    msg = f"CRC mismatch in {a.member}: PyTorch loads it, zipfile refuses it"
-                else:
-                    msg = f"zip anomaly ({a.kind}) in {a.member}: {a.detail}"
-                yield _finding(rule_id, msg, member=member, offset=a.offset, trigger=a.kind)
+            yield from anomaly_findings(directory, blob.name)
+            for flavour in self.flavours:
+                if flavour.matches(frozenset(names)):
+                    ctx.formats_seen.append(flavour.name)
+                    try:
+                        yield from flavour.scan(ctx, blob, f, directory)
+                    except (ScanError, OSError) as exc:  # the members are still scanned below
+                        yield _finding("TG003", f"{flavour.name} content unreadable: {exc}")
             for entry in directory.entries:
                 try:
                     yield from self._member(ctx, blob, f, entry, torch_like)
@@ -118,7 +135,7 @@ class ZipFormat:
             # takes pickle_file=...) resolves storages through persistent ids.
             with opener() as m:
                 head = m.read(ctx.limits.sniff_size)
-            if _is_storage(entry.name) and not strong_sniff(head):
+            if is_storage(entry.name) and not strong_sniff(head):
                 return  # tensor bytes: not worth parsing without a pickle signature
             if strong_sniff(head) or (entry.name.endswith(".pkl") and head):
                 try:
@@ -129,6 +146,18 @@ class ZipFormat:
                     yield _finding("TG206", f"{entry.name}: {exc}", member=child.name)
                 return
         yield from ctx.scan_child(child)
+
+
+def anomaly_findings(directory: ziplenient.ZipDirectory, prefix: str = "") -> Iterator[Finding]:
+    """One finding per anomaly the lenient reader saw in ``directory``."""
+    for a in directory.anomalies:
+        rule_id = _ANOMALY_RULES.get(a.kind, "TG211")
+        member = f"{prefix}/{a.member}" if prefix else a.member
+        if a.kind == "crc-mismatch":
+            msg = f"CRC mismatch in {a.member}: PyTorch loads it, zipfile refuses it"
+        else:
+            msg = f"zip anomaly ({a.kind}) in {a.member}: {a.detail}"
+        yield _finding(rule_id, msg, member=member, offset=a.offset, trigger=a.kind)
 
 
 def _located(findings: Iterator[Finding], member: str) -> Iterator[Finding]:
@@ -147,7 +176,7 @@ def _tail_has_eocd(blob: Blob) -> bool:
     return ziplenient.looks_like_zip(b"", tail)
 
 
-def _is_storage(name: str) -> bool:
+def is_storage(name: str) -> bool:
     parts = name.split("/")
     return len(parts) >= 2 and parts[-2] == "data" and parts[-1].isdigit()
 

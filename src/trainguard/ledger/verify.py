@@ -1,0 +1,445 @@
+"""Verification: every record re-hashed, every link and signed head checked.
+
+One pass over the run's records in (stream, seq) order; the run stream (-1)
+comes first, so the claims its signed run heads make about the other streams
+are known before those streams are read.  Each problem is a finding with a
+TG12xx rule; nothing is ever "probably fine".  One edit gives one finding,
+not one per later record: after a break the chain is followed from the
+stored digest of the damaged record.  Past :data:`MAX_FINDINGS_PER_RULE`
+findings of one rule in one stream, the rest are counted in a last finding.
+
+What cannot be caught: records cut off the very end of a run with no later
+signed head to say they existed.  Keep the latest signed head elsewhere too
+(docs/ledger.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from trainguard.findings import Finding
+from trainguard.ledger.chain import (
+    GENESIS,
+    HEAD_KIND,
+    HEAD_PAYLOAD_TYPE,
+    RUN_STREAM,
+    LedgerError,
+    Record,
+    canonical_json,
+    is_hex_digest,
+    record_digest,
+)
+from trainguard.ledger.heads import Statement, parse_statement, unverified_payload
+from trainguard.rules import rule
+
+if TYPE_CHECKING:
+    from trainguard.ledger import Ledger
+
+MAX_FINDINGS_PER_RULE = 20
+# A record whose digest fails is re-hashed under nearby seqs to tell a moved
+# record from an edited one; bounded so a wrecked ledger costs little extra.
+REORDER_WINDOW = 16
+MAX_REORDER_PROBES = 20_000
+_UNREADABLE_KEY = "trainguard:unreadable"  # store.UNREADABLE_KEY, without importing a backend
+
+
+@dataclass
+class _Claim:
+    seq: int
+    digest: str
+    by: str
+    signed: bool
+
+
+@dataclass
+class _Stream:
+    number: int
+    next_seq: int = 0
+    prev: str = GENESIS  # stored digest of the last record read
+    last_seq: int = -1
+    cover: int = -1  # last seq vouched for by a verified signature
+    claims: list[_Claim] = field(default_factory=list)
+    claim_index: int = 0
+    # Digests of records found at the wrong seq: the record after one of them
+    # links to it, which the reorder finding already explains.
+    moved: set[str] = field(default_factory=set)
+
+
+def _load_public_key(key: Any) -> Any:
+    if isinstance(key, str | os.PathLike):
+        from trainguard.seal.keys import load_public_key
+
+        return load_public_key(key)
+    return key
+
+
+def _record_digest(record: Record, seq: int) -> str:
+    text = canonical_json(record.payload)
+    return record_digest(
+        record.run_id,
+        record.stream,
+        seq,
+        record.kind,
+        record.step,
+        record.time,
+        text,
+        record.prev,
+    )
+
+
+class _Verifier:
+    def __init__(self, run_id: str, public_key: Any, location: str) -> None:
+        self.run_id = run_id
+        self.key = public_key
+        self.location = location
+        self.findings: list[Finding] = []
+        self.records = 0
+        self.signatures = 0
+        self.streams: dict[int, _Stream] = {}
+        self.current: _Stream | None = None
+        self.pending: dict[int, list[_Claim]] = {}
+        self.probes = 0
+        self.emitted: Counter[tuple[int, str]] = Counter()
+
+    # -- findings -------------------------------------------------------------
+    def emit(
+        self, rule_id: str, stream: int, seq: int | None, message: str, **evidence: object
+    ) -> None:
+        count = self.emitted[(stream, rule_id)]
+        self.emitted[(stream, rule_id)] += 1
+        if count >= MAX_FINDINGS_PER_RULE:
+            return
+        info = rule(rule_id)
+        self.findings.append(
+            Finding(
+                rule=rule_id,
+                severity=info.severity,
+                message=message,
+                file=self.location,
+                member=f"run {self.run_id} stream {stream}",
+                offset=seq,
+                evidence={k: str(v) for k, v in evidence.items()},
+            )
+        )
+
+    def summarise_capped(self) -> None:
+        for (stream, rule_id), count in sorted(self.emitted.items()):
+            if count > MAX_FINDINGS_PER_RULE:
+                more = count - MAX_FINDINGS_PER_RULE
+                self.findings.append(
+                    Finding(
+                        rule=rule_id,
+                        severity=rule(rule_id).severity,
+                        message=f"{more} more {rule(rule_id).title} findings in stream "
+                        f"{stream} are not listed",
+                        file=self.location,
+                        member=f"run {self.run_id} stream {stream}",
+                        evidence={"not_listed": str(more)},
+                    )
+                )
+
+    # -- records --------------------------------------------------------------
+    def feed(self, record: Record) -> None:
+        self.records += 1
+        st = self.current
+        if st is not None and (
+            record.stream < st.number or (record.stream == st.number and record.seq <= st.last_seq)
+        ):
+            # Only a key column edited to something that is not an integer sorts
+            # like this; the record cannot be placed in any chain.
+            self.emit(
+                "TG1201",
+                st.number,
+                record.seq,
+                f"a record ({record.kind}) is out of (stream, seq) order: its key columns "
+                f"were edited ({record.payload.get(_UNREADABLE_KEY, 'stream or seq')})",
+                stored_digest=record.digest,
+            )
+            return
+        if st is None or record.stream != st.number:
+            st = self.open_stream(record.stream)
+        explained = False
+        if record.seq > st.next_seq:
+            first, last = st.next_seq, record.seq - 1
+            what = f"seq {first}" if first == last else f"seqs {first}..{last}"
+            self.emit(
+                "TG1202",
+                st.number,
+                first,
+                f"{last - first + 1} record(s) missing before seq {record.seq} ({what}): "
+                "deleted from the chain",
+                first_missing=first,
+                last_missing=last,
+            )
+            explained = True
+        if record.prev in st.moved:
+            explained = True
+        if not self.content_intact(record):
+            if self.report_content(record):
+                explained = True
+                if len(st.moved) < MAX_FINDINGS_PER_RULE * 10:
+                    st.moved.add(record.digest)
+        if record.prev != st.prev and not explained:
+            self.emit(
+                "TG1203",
+                st.number,
+                record.seq,
+                f"record seq {record.seq} ({record.kind}) does not follow the record before "
+                "it: a record was replaced, inserted or rewritten",
+                expected_prev=st.prev,
+                found_prev=record.prev,
+            )
+        if record.kind == HEAD_KIND:
+            self.check_head(record, st)
+        self.check_claims(record, st)
+        st.prev, st.last_seq, st.next_seq = record.digest, record.seq, record.seq + 1
+
+    def open_stream(self, number: int) -> _Stream:
+        if self.current is not None:
+            self.close_stream(self.current)
+        st = _Stream(number)
+        st.claims = sorted(self.pending.pop(number, []), key=lambda c: c.seq)
+        self.streams[number] = st
+        self.current = st
+        return st
+
+    def content_intact(self, record: Record) -> bool:
+        if not is_hex_digest(record.digest) or _UNREADABLE_KEY in record.payload:
+            return False
+        try:
+            return _record_digest(record, record.seq) == record.digest
+        except ValueError:
+            return False
+
+    def report_content(self, record: Record) -> bool:
+        """Report a record whose digest fails; True if it was moved (not edited)."""
+        moved_from = self.original_seq(record)
+        if moved_from is not None:
+            self.emit(
+                "TG1204",
+                record.stream,
+                record.seq,
+                f"the record at seq {record.seq} ({record.kind}) was written as seq "
+                f"{moved_from}: records were reordered",
+                written_as=moved_from,
+            )
+            return True
+        reason = record.payload.get(_UNREADABLE_KEY)
+        detail = f": {reason}" if isinstance(reason, str) else ""
+        self.emit(
+            "TG1201",
+            record.stream,
+            record.seq,
+            f"record seq {record.seq} ({record.kind}, step {record.step}) does not hash to "
+            f"its digest: it was edited after it was written{detail}",
+            stored_digest=record.digest,
+        )
+        return False
+
+    def original_seq(self, record: Record) -> int | None:
+        if _UNREADABLE_KEY in record.payload or not is_hex_digest(record.digest):
+            return None
+        for distance in range(1, REORDER_WINDOW + 1):
+            for seq in (record.seq - distance, record.seq + distance):
+                if seq < 0 or self.probes >= MAX_REORDER_PROBES:
+                    continue
+                self.probes += 1
+                try:
+                    if _record_digest(record, seq) == record.digest:
+                        return seq
+                except ValueError:
+                    return None
+        return None
+
+    # -- signed heads ---------------------------------------------------------
+    def statement(self, record: Record) -> Statement | None:
+        envelope = record.payload.get("envelope")
+        try:
+            if self.key is not None:
+                from trainguard.seal.dsse import verify_envelope
+                from trainguard.seal.errors import VerificationError
+
+                try:
+                    if not isinstance(envelope, dict):
+                        raise ValueError("the head carries no DSSE envelope")
+                    data = verify_envelope(envelope, self.key, HEAD_PAYLOAD_TYPE)
+                except VerificationError as exc:
+                    reason = exc.findings[0].message if exc.findings else str(exc)
+                    raise ValueError(reason) from None
+            else:
+                data = unverified_payload(envelope)
+            return parse_statement(data)
+        except ValueError as exc:
+            self.emit(
+                "TG1207",
+                record.stream,
+                record.seq,
+                f"the signed head at seq {record.seq} does not verify: {exc}",
+            )
+            return None
+
+    def check_head(self, record: Record, st: _Stream) -> None:
+        statement = self.statement(record)
+        if statement is None:
+            return
+        head = statement.head
+        if (statement.run_id, head.stream, head.seq) != (self.run_id, st.number, record.seq - 1):
+            self.emit(
+                "TG1207",
+                st.number,
+                record.seq,
+                f"the signed head at seq {record.seq} signs run {statement.run_id!r} stream "
+                f"{head.stream} seq {head.seq}, not the record before it: it was copied here",
+                signed_run=statement.run_id,
+                signed_stream=head.stream,
+                signed_seq=head.seq,
+            )
+            return
+        signed = self.key is not None
+        self.signatures += int(signed)
+        if st.last_seq == head.seq:
+            if head.digest != st.prev:
+                self.emit(
+                    "TG1206",
+                    st.number,
+                    head.seq,
+                    f"the head at seq {record.seq} signed seq {head.seq} with another digest: "
+                    "the chain up to it was rewritten after it was signed",
+                    signed_digest=head.digest,
+                    stored_digest=st.prev,
+                )
+            elif signed:
+                st.cover = record.seq
+        by = f"the signed run head at seq {record.seq}"
+        for other in statement.others:
+            if other.stream != RUN_STREAM:
+                claim = _Claim(other.seq, other.digest, by, signed)
+                self.pending.setdefault(other.stream, []).append(claim)
+
+    def check_claims(self, record: Record, st: _Stream) -> None:
+        while st.claim_index < len(st.claims) and st.claims[st.claim_index].seq <= record.seq:
+            claim = st.claims[st.claim_index]
+            st.claim_index += 1
+            if claim.seq < record.seq:
+                continue  # the claimed record is in a gap, already reported
+            if claim.digest != record.digest:
+                self.emit(
+                    "TG1206",
+                    st.number,
+                    record.seq,
+                    f"{claim.by} signed stream {st.number} seq {record.seq} with another "
+                    "digest: the chain up to it was rewritten after it was signed",
+                    signed_digest=claim.digest,
+                    stored_digest=record.digest,
+                )
+            elif claim.signed:
+                st.cover = max(st.cover, record.seq)
+
+    # -- the end --------------------------------------------------------------
+    def close_stream(self, st: _Stream) -> None:
+        beyond = st.claims[st.claim_index :]
+        if beyond:
+            claim = max(beyond, key=lambda c: c.seq)
+            self.emit(
+                "TG1205",
+                st.number,
+                st.last_seq + 1,
+                f"{claim.by} says stream {st.number} reached seq {claim.seq}, but it ends at "
+                f"seq {st.last_seq}: {claim.seq - st.last_seq} record(s) were cut off its end",
+                signed_seq=claim.seq,
+                last_seq=st.last_seq,
+            )
+
+    def finish(self, registered: Iterable[int]) -> list[Finding]:
+        if self.current is not None:
+            self.close_stream(self.current)
+        for number, claims in sorted(self.pending.items()):
+            claim = max(claims, key=lambda c: c.seq)
+            self.emit(
+                "TG1205",
+                number,
+                0,
+                f"{claim.by} says stream {number} reached seq {claim.seq}, but the stream "
+                "has no records: all of them were deleted",
+                signed_seq=claim.seq,
+            )
+        for number in sorted(set(registered) - set(self.streams) - set(self.pending)):
+            self.emit(
+                "TG1202",
+                number,
+                0,
+                f"stream {number} is registered for the run but has no records: all of them "
+                "were deleted",
+            )
+        if self.key is not None:
+            self.report_unsigned()
+        self.summarise_capped()
+        return self.findings
+
+    def report_unsigned(self) -> None:
+        if self.signatures == 0:
+            self.emit(
+                "TG1209",
+                RUN_STREAM,
+                None,
+                f"no head of run {self.run_id!r} is signed by the given key: none of its "
+                f"{self.records} records can be authenticated",
+            )
+            return
+        for st in sorted(self.streams.values(), key=lambda s: s.number):
+            if st.last_seq > st.cover:
+                count = st.last_seq - st.cover
+                where = (
+                    "come after its last signed head" if st.cover >= 0 else "have no signed head"
+                )
+                self.emit(
+                    "TG1208",
+                    st.number,
+                    st.cover + 1,
+                    f"{count} record(s) of stream {st.number} (seq {st.cover + 1}.."
+                    f"{st.last_seq}) {where} and are not covered by a signature",
+                    unsigned_from=st.cover + 1,
+                    unsigned_to=st.last_seq,
+                )
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    findings: list[Finding]
+    records: int
+    streams: int
+    signed_heads: int  # heads whose signature verified (0 without a key)
+
+
+def verify_run(ledger: Ledger, run_id: str, public_key: Any | None = None) -> VerifyResult:
+    """:func:`verify_ledger` with the counts a report shows beside the findings."""
+    key = _load_public_key(public_key) if public_key is not None else None
+    location = str(getattr(ledger, "location", "ledger"))
+    verifier = _Verifier(run_id, key, location)
+    for record in ledger.records(run_id):
+        verifier.feed(record)
+    streams = getattr(ledger, "streams", None)
+    registered: list[int] = list(streams(run_id)) if callable(streams) else []
+    if verifier.records == 0 and not registered:
+        raise LedgerError(f"{location}: no records for run {run_id!r}")
+    findings = verifier.finish(registered)
+    return VerifyResult(findings, verifier.records, len(verifier.streams), verifier.signatures)
+
+
+def verify_ledger(ledger: Ledger, run_id: str, public_key: Any | None = None) -> list[Finding]:
+    """Every break in the run's chains, as findings.
+
+    An empty list means intact and, with a key, every record covered by a
+    verified head.  Findings below high severity are not breaks: TG1208 (info)
+    lists records written after the last signed head.
+
+    With ``public_key`` (a key object or a PEM file path), each head's
+    signature is checked and a run with no head signed by that key is a
+    finding; without it, heads are checked for consistency only.  Raises
+    :class:`LedgerError` if the run has no records at all.
+    """
+    return verify_run(ledger, run_id, public_key).findings

@@ -1,0 +1,79 @@
+"""Which check judges each file found under the environment's folders.
+
+A file is judged by exactly one thing: a RECORD row that lists it, the
+``.pth`` or customize check, the pyc check (every ``__pycache__`` entry of
+this interpreter), the claim of a distribution without RECORD, or nothing,
+which makes it an unlisted file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib.machinery import BYTECODE_SUFFIXES, SOURCE_SUFFIXES
+
+from trainguard.seal.env_checks import Ownership
+from trainguard.seal.env_pyc import optimization_of
+from trainguard.seal.env_walk import SPECIAL
+
+PYCACHE = "__pycache__"
+
+
+def source_of(pyc: str) -> str:
+    folder, name = os.path.split(pyc)
+    return os.path.join(os.path.dirname(folder), name.partition(".")[0] + SOURCE_SUFFIXES[0])
+
+
+@dataclass
+class Sorted:
+    pycs: list[tuple[str, str, int]] = field(default_factory=list)  # pyc, source, level
+    foreign_pycs: set[str] = field(default_factory=set)  # other interpreters' caches
+    legacy_pycs: list[str] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)
+    claimed: Counter[str] = field(default_factory=Counter)
+
+
+def sort_files(present: dict[str, str], own: Ownership, judged: set[str]) -> Sorted:
+    out = Sorted()
+    sep = os.sep
+    pycache = sep + PYCACHE
+    bytecode = tuple(BYTECODE_SUFFIXES)
+    for path, kind in present.items():
+        folder, _, name = path.rpartition(sep)
+        # A FIFO or device named like a pyc is never opened: it is reported
+        # as an unlisted entry instead.
+        is_pyc = name.endswith(bytecode) and kind != SPECIAL
+        if is_pyc and folder.endswith(pycache):
+            level = optimization_of(name)
+            if level is None:
+                out.foreign_pycs.add(path)
+            else:
+                out.pycs.append((path, source_of(path), level))
+            continue
+        if path in judged:
+            continue
+        owned = own.rows.get(path)
+        if owned:
+            if is_pyc and all(e.digest is None for _, e in owned):
+                out.legacy_pycs.append(path)
+            continue
+        claimed = own.claimed_by(path)
+        if claimed is not None:
+            out.claimed[claimed.meta_dir] += 1
+        elif is_pyc:
+            out.legacy_pycs.append(path)
+        else:
+            out.unlisted.append(path)
+    return out
+
+
+def legacy_source(pyc: str) -> str:
+    """The source beside a pyc kept in the pre-PEP 3147 place (``mod.pyc``)."""
+    return pyc[: -len(".pyc")] + SOURCE_SUFFIXES[0]
+
+
+def in_pycache(path: str) -> bool:
+    """A cached pyc of this interpreter (the pyc check judges it, not its digest)."""
+    folder, _, name = path.rpartition(os.sep)
+    return folder.endswith(os.sep + PYCACHE) and optimization_of(name) is not None

@@ -1,0 +1,371 @@
+"""``env verify`` on a real pip-installed site folder, clean and tampered in each way."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import sys
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
+
+import pytest
+
+from tests.test_env_support import (
+    FLIPPED_SOURCE,
+    NAME,
+    OPTIM_SOURCE,
+    VERSION,
+    fresh_site,
+    pyc_path,
+    record_hash,
+    run_in_subprocess,
+    write_swapped_pyc,
+)
+from trainguard.findings import Finding, ScanReport, Severity
+from trainguard.seal.env_allow import load_allowlist
+from trainguard.seal.env_cache import DigestCache
+from trainguard.seal.environment import EnvOptions, verify_environment
+
+
+def verify(site: Path, **options: object) -> ScanReport:
+    return verify_environment(EnvOptions(paths=[str(site)], **options)).report  # type: ignore[arg-type]
+
+
+def by_rule(report: ScanReport, rule: str) -> list[Finding]:
+    return [f for f in report.findings if f.rule == rule]
+
+
+def rules_of(report: ScanReport) -> set[str]:
+    return {f.rule for f in report.findings}
+
+
+@pytest.fixture()
+def site(tmp_path: Path) -> Path:
+    return fresh_site(tmp_path)
+
+
+def test_clean_install_verifies_clean(site: Path) -> None:
+    report = verify(site)
+    assert report.exit_code() == 0
+    # The only finding: the package's own .pth runs code at start-up, unchanged.
+    assert rules_of(report) == {"TG606"}
+    (owned_pth,) = by_rule(report, "TG606")
+    assert owned_pth.severity == Severity.INFO
+    assert owned_pth.file == str(site / "tgdemo_boot.pth")
+    dist = next(r for r in report.files if r.path.endswith(f"{NAME}-{VERSION}.dist-info"))
+    assert dist.format == f"distribution {NAME} {VERSION}"
+
+
+def test_edited_module_is_reported_with_both_digests(site: Path) -> None:
+    optim = site / NAME / "optim.py"
+    optim.write_text(FLIPPED_SOURCE)
+    report = verify(site)
+    (edited,) = by_rule(report, "TG601")
+    assert edited.file == str(optim)
+    assert edited.severity == Severity.HIGH
+    assert edited.evidence["sha256"] == hashlib.sha256(FLIPPED_SOURCE.encode()).hexdigest()
+    assert edited.evidence["record_sha256"] == hashlib.sha256(OPTIM_SOURCE.encode()).hexdigest()
+    assert report.exit_code() == 1
+
+
+def test_deleted_file_is_missing(site: Path) -> None:
+    (site / NAME / "data.txt").unlink()
+    report = verify(site)
+    (missing,) = by_rule(report, "TG602")
+    assert missing.file == str(site / NAME / "data.txt")
+    assert report.exit_code() == 0  # medium: fails only with --strict
+    assert verify(site, fail_on=Severity.MEDIUM).exit_code() == 1
+
+
+def test_unlisted_files_medium_for_code_low_for_data(site: Path) -> None:
+    (site / NAME / "extra.py").write_text("X = 1\n")
+    (site / NAME / "notes.txt").write_text("hello\n")
+    report = verify(site)
+    found = {Path(f.file).name: f for f in by_rule(report, "TG603")}
+    assert found["extra.py"].severity == Severity.MEDIUM
+    assert found["notes.txt"].severity == Severity.LOW
+    assert found["extra.py"].evidence["sha256"] == hashlib.sha256(b"X = 1\n").hexdigest()
+
+
+def test_extension_module_shadowing_a_listed_source_is_high(site: Path) -> None:
+    shadow = site / NAME / f"optim{EXTENSION_SUFFIXES[0]}"
+    shadow.write_bytes(b"\x7fELF not really")
+    report = verify(site)
+    (found,) = by_rule(report, "TG604")
+    assert found.file == str(shadow)
+    assert found.evidence["shadows"] == str(site / NAME / "optim.py")
+    assert report.exit_code() == 1
+
+
+def test_package_folder_shadowing_a_listed_module_is_high(site: Path) -> None:
+    (site / NAME / "optim").mkdir()
+    (site / NAME / "optim" / "__init__.py").write_text("step = None\n")
+    assert by_rule(verify(site), "TG604")
+
+
+def test_top_level_module_earlier_on_the_path_shadows(tmp_path: Path, site: Path) -> None:
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / f"{NAME}.py").write_text("X = 1\n")
+    report = verify_environment(EnvOptions(paths=[str(early), str(site)])).report
+    (found,) = by_rule(report, "TG604")
+    assert found.evidence["shadows"] == str(site / NAME / "__init__.py")
+
+
+@pytest.mark.parametrize("line", ["import os; os.system('true')", "import\tos"])
+def test_pth_that_runs_code_is_high(site: Path, line: str) -> None:
+    evil = site / "zz-evil.pth"
+    evil.write_text(f"# looks harmless\n{line}\n")
+    report = verify(site)
+    (found,) = by_rule(report, "TG605")
+    assert found.file == str(evil)
+    assert found.severity == Severity.HIGH
+    assert found.trigger == line
+    assert "TG603" not in rules_of(report)  # reported once, as a .pth
+    assert report.exit_code() == 1
+
+
+def test_pth_that_only_adds_paths_is_medium_and_comments_are_nothing(site: Path) -> None:
+    (site / "paths.pth").write_text("/opt/elsewhere\n")
+    (site / "comments.pth").write_text("# nothing here\n\n")
+    report = verify(site)
+    (found,) = by_rule(report, "TG607")
+    assert found.file == str(site / "paths.pth")
+    assert not [f for f in report.findings if f.file.endswith("comments.pth")]
+
+
+def test_owned_pth_edited_is_high(site: Path) -> None:
+    (site / "tgdemo_boot.pth").write_text("import os; os.system('true')\n")
+    report = verify(site)
+    assert {"TG601", "TG605"} <= rules_of(report)
+    assert "TG606" not in rules_of(report)
+
+
+def test_sitecustomize_and_usercustomize_are_high(site: Path) -> None:
+    (site / "sitecustomize.py").write_text("import os\n")
+    (site / "usercustomize").mkdir()
+    (site / "usercustomize" / "__init__.py").write_text("import os\n")
+    report = verify(site)
+    found = {f.trigger for f in by_rule(report, "TG608")}
+    assert found == {"sitecustomize", "usercustomize"}
+    assert report.exit_code() == 1
+
+
+def test_sitecustomize_is_looked_for_on_the_search_path(tmp_path: Path, site: Path) -> None:
+    other = tmp_path / "stdlib-like"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("import os\n")
+    report = verify(site, search_path=[str(other)])
+    (found,) = by_rule(report, "TG608")
+    assert found.file == str(other / "sitecustomize.py")
+
+
+def test_swapped_pyc_is_caught_only_by_the_pyc_check(site: Path) -> None:
+    optim = site / NAME / "optim.py"
+    write_swapped_pyc(optim, FLIPPED_SOURCE)
+    # The attack works: Python runs the swapped bytecode (in a child process).
+    assert run_in_subprocess(site, "import tgdemo.optim as o; print(o.step(1.0, 1.0))") == "1.1"
+    # RECORD has no hash for .pyc files: the RECORD check alone sees nothing.
+    assert verify(site, check_pyc=False).exit_code() == 0
+    report = verify(site)
+    (found,) = by_rule(report, "TG610")
+    assert found.file == str(pyc_path(optim))
+    assert found.severity == Severity.CRITICAL
+    assert report.exit_code() == 1
+
+
+def test_swapped_hash_based_unchecked_pyc_is_caught(site: Path) -> None:
+    optim = site / NAME / "optim.py"
+    target = write_swapped_pyc(optim, FLIPPED_SOURCE)
+    data = bytearray(target.read_bytes())
+    data[4:8] = (1).to_bytes(4, "little")  # hash-based, source never checked
+    data[8:16] = b"\0" * 8
+    target.write_bytes(bytes(data))
+    assert by_rule(verify(site), "TG610")
+
+
+def test_stale_swapped_pyc_is_low(site: Path) -> None:
+    optim = site / NAME / "optim.py"
+    target = write_swapped_pyc(optim, FLIPPED_SOURCE)
+    data = bytearray(target.read_bytes())
+    data[8:12] = (12345).to_bytes(4, "little")  # wrong mtime: the interpreter recompiles
+    target.write_bytes(bytes(data))
+    report = verify(site)
+    (found,) = by_rule(report, "TG612")
+    assert found.severity == Severity.LOW
+    assert "TG610" not in rules_of(report)
+
+
+def test_orphan_and_sourceless_pycs(site: Path) -> None:
+    cache = site / NAME / "__pycache__"
+    (cache / f"gone.{sys.implementation.cache_tag}.pyc").write_bytes(
+        (cache / f"optim.{sys.implementation.cache_tag}.pyc").read_bytes()
+    )
+    (site / NAME / "hidden.pyc").write_bytes(
+        (cache / f"optim.{sys.implementation.cache_tag}.pyc").read_bytes()
+    )
+    report = verify(site)
+    assert [Path(f.file).name for f in by_rule(report, "TG611")] == ["hidden.pyc"]
+    assert [Path(f.file).name for f in by_rule(report, "TG612")] == [
+        f"gone.{sys.implementation.cache_tag}.pyc"
+    ]
+
+
+def test_other_interpreters_pycs_are_ignored(site: Path) -> None:
+    (site / NAME / "__pycache__" / "optim.cpython-27.pyc").write_bytes(b"junk")
+    assert verify(site).exit_code() == 0
+    assert len(verify(site).findings) == 1
+
+
+def test_distribution_without_record_is_info_and_claims_its_files(site: Path) -> None:
+    egg = site / "olddist-1.0.egg-info"
+    egg.mkdir()
+    (egg / "PKG-INFO").write_text("Metadata-Version: 1.1\nName: olddist\nVersion: 1.0\n")
+    (egg / "top_level.txt").write_text("olddist\n")
+    (site / "olddist").mkdir()
+    (site / "olddist" / "__init__.py").write_text("X = 1\n")
+    report = verify(site)
+    (found,) = by_rule(report, "TG613")
+    assert found.severity == Severity.INFO
+    assert "olddist 1.0 has no RECORD" in found.message
+    assert "TG603" not in rules_of(report)
+
+
+def test_weak_or_malformed_record_rows(site: Path) -> None:
+    record = site / f"{NAME}-{VERSION}.dist-info" / "RECORD"
+    text = record.read_text()
+    data = (site / NAME / "data.txt").read_bytes()
+    weak = hashlib.md5(data).digest()  # noqa: S324 - the weak hash under test
+    md5 = "md5=" + base64.urlsafe_b64encode(weak).rstrip(b"=").decode()
+    text = text.replace(f"{NAME}/data.txt,{record_hash(data)}", f"{NAME}/data.txt,{md5}")
+    record.write_text(text + "only,two\n")
+    messages = [f.message for f in by_rule(verify(site), "TG614")]
+    assert any("weak hash md5" in m for m in messages)
+    assert any("2 fields" in m for m in messages)
+
+
+def test_allowlist_lowers_only_the_exact_content(tmp_path: Path, site: Path) -> None:
+    data = site / NAME / "data.txt"
+    data.write_bytes(b"rewritten by the image build\n")
+    good = hashlib.sha256(data.read_bytes()).hexdigest()
+    allow = tmp_path / "allow.toml"
+    allow.write_text(
+        f'[[allow]]\npath = "*/{NAME}/data.txt"\nrule = "TG601"\n'
+        f'sha256 = "{good}"\nreason = "our image rewrites it"\n'
+    )
+    report = verify(site, allowlist=load_allowlist(str(allow)))
+    (found,) = by_rule(report, "TG601")
+    assert found.severity == Severity.INFO
+    assert "our image rewrites it" in found.evidence["allowed"]
+    assert report.exit_code() == 0
+    data.write_bytes(b"changed again\n")
+    assert verify(site, allowlist=load_allowlist(str(allow))).exit_code() == 1
+
+
+def test_cache_speeds_up_but_never_hides_an_edit(tmp_path: Path, site: Path) -> None:
+    cache_file = str(tmp_path / "cache" / "env.json")
+    first = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert first.stats.cache_hits == 0
+    again = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert again.stats.cache_hits > 0
+    assert again.stats.hashed_files == 0
+    assert again.report.exit_code() == 0
+    # Same size, mtime put back: only the ctime tells, and the cache keys on it.
+    optim = site / NAME / "optim.py"
+    st = optim.stat()
+    optim.write_text(FLIPPED_SOURCE)
+    os.utime(optim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert optim.stat().st_size == st.st_size
+    report = verify(site, cache=DigestCache(cache_file))
+    assert by_rule(report, "TG601")
+
+
+def test_cache_is_ignored_when_others_can_write_it(tmp_path: Path, site: Path) -> None:
+    cache_file = tmp_path / "env.json"
+    verify(site, cache=DigestCache(str(cache_file)))
+    cache_file.chmod(0o666)
+    assert DigestCache(str(cache_file)).digests("x", (0, 0, 0, 0, 0), frozenset()) == {}
+    again = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(str(cache_file))))
+    assert again.stats.cache_hits == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_special_files_are_reported_never_opened(site: Path) -> None:
+    os.mkfifo(site / NAME / "pipe")
+    data = site / NAME / "data.txt"
+    data.unlink()
+    os.mkfifo(data)  # a listed file replaced by a FIFO: reading it would block forever
+    report = verify(site)
+    assert any(f.file == str(site / NAME / "pipe") for f in by_rule(report, "TG603"))
+    assert any(f.file == str(data) for f in by_rule(report, "TG601"))
+
+
+def test_unreadable_listed_file_makes_the_check_incomplete(site: Path) -> None:
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    (site / NAME / "data.txt").chmod(0)
+    report = verify(site)
+    assert report.errors
+    assert report.exit_code() == 2
+
+
+def test_read_error_on_a_listed_file_is_an_error_not_clean(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainguard.seal import env_hash
+
+    real = env_hash.hash_file
+    target = str(site / NAME / "data.txt")
+
+    def failing(path: str, *args: object) -> env_hash.Digests:
+        if path == target:
+            raise PermissionError(13, "Permission denied")
+        return real(path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(env_hash, "hash_file", failing)
+    report = verify(site)
+    (dist,) = [r for r in report.files if r.error]
+    assert "data.txt: Permission denied" in (dist.error or "")
+    assert report.exit_code() == 2
+
+
+def test_stdlib_pycs_are_checked_and_its_site_packages_skipped(tmp_path: Path, site: Path) -> None:
+    from trainguard.seal.env_gather import Scope, gather
+
+    stdlib = tmp_path / "lib" / "python3"
+    (stdlib / "site-packages").mkdir(parents=True)
+    os_py = stdlib / "fakeos.py"
+    os_py.write_text("def getcwd():\n    return '/'\n")
+    write_swapped_pyc(os_py, "def getcwd():\n    return '/tmp'\n")
+    (stdlib / "site-packages" / "ignored.py").write_text("X = 1\n")
+    ev = gather(Scope(roots=[str(site)], search=[str(site)], stdlib=[str(stdlib)]), None, None)
+    mismatches = [f.file for f in ev.findings if f.rule == "TG610"]
+    assert mismatches == [str(pyc_path(os_py))]
+    assert not [f for f in ev.findings if "ignored.py" in f.file]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_planted_as_a_pyc_does_not_hang(site: Path) -> None:
+    fifo = site / NAME / "__pycache__" / f"data.{sys.implementation.cache_tag}.pyc"
+    os.mkfifo(fifo)
+    report = verify(site)
+    assert any(f.file == str(fifo) for f in by_rule(report, "TG603"))
+
+
+def test_record_rows_in_sha512_are_verified(site: Path) -> None:
+    record = site / f"{NAME}-{VERSION}.dist-info" / "RECORD"
+    data = site / NAME / "data.txt"
+    content = data.read_bytes()
+    sha512 = (
+        "sha512=" + base64.urlsafe_b64encode(hashlib.sha512(content).digest()).rstrip(b"=").decode()
+    )
+    record.write_text(
+        record.read_text().replace(
+            f"{NAME}/data.txt,{record_hash(content)}", f"{NAME}/data.txt,{sha512}"
+        )
+    )
+    assert verify(site).exit_code() == 0
+    data.write_bytes(b"other\n")
+    (found,) = by_rule(verify(site), "TG601")
+    assert found.evidence["record_sha512"] == hashlib.sha512(content).hexdigest()

@@ -1,0 +1,182 @@
+"""The incident, replayed on one process: each sabotage caught by its rule at its step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests import watch_scenarios as sc  # noqa: E402
+
+
+def rules(guard: Any) -> list[tuple[str, int]]:
+    return [(a.rule, a.step) for a in guard.alerts]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_clean_runs_raise_no_alert(optimizer: str) -> None:
+    guard = sc.run(400, optimizer=optimizer, scheduler=True)
+    assert guard.alerts == []
+
+
+def test_weights_changed_between_steps() -> None:
+    def tamper(step: int, model: Any, opt: Any) -> None:
+        if step == 120:
+            with torch.no_grad():
+                w = model[0].weight
+                w.view(-1)[5] = torch.nextafter(w.view(-1)[5], torch.tensor(10.0))  # one ulp
+
+    guard = sc.run(200, sabotage=tamper)
+    assert rules(guard) == [("TG1301", 121)]
+    assert guard.alerts[0].evidence["tensors"] == ["0.weight"]
+
+
+def test_optimizer_state_changed_between_steps() -> None:
+    def tamper(step: int, model: Any, opt: Any) -> None:
+        if step == 80:
+            state = next(iter(opt.state.values()))
+            state["exp_avg"].mul_(1.5)
+
+    guard = sc.run(120, sabotage=tamper)
+    assert rules(guard) == [("TG1302", 81)]
+
+
+def test_reseed_mid_run() -> None:
+    def reseed(step: int, model: Any, opt: Any) -> None:
+        if step == 60:
+            torch.manual_seed(1234)
+
+    guard = sc.run(100, sabotage=reseed)
+    assert rules(guard) == [("TG1305", 61)]
+
+
+def test_learning_rate_changed_outside_scheduler() -> None:
+    def bump(step: int, model: Any, opt: Any) -> None:
+        if step == 70:
+            opt.param_groups[0]["lr"] *= 10
+
+    guard = sc.run(100, sabotage=bump, scheduler=True)
+    assert rules(guard) == [("TG1303", 71)]
+
+
+def test_optimizer_patched_at_run_time() -> None:
+    original = torch.optim.AdamW.step
+
+    def patch(step: int, model: Any, opt: Any) -> None:
+        if step == 40:
+
+            def step_fn(self: Any, *a: Any, **k: Any) -> Any:
+                return original(self, *a, **k)
+
+            torch.optim.AdamW.step = step_fn
+
+    try:
+        guard = sc.run(60, sabotage=patch)
+    finally:
+        torch.optim.AdamW.step = original
+    assert ("TG1304", 41) in rules(guard)
+    assert "AdamW.step (class)" in guard.alerts[0].message
+
+
+@pytest.mark.parametrize("world_size", [2, 8])
+def test_incident_payload_fires_only_on_big_jobs(world_size: int) -> None:
+    undo = sc.plant_incident_payload(world_size, threshold=4)
+    try:
+        guard = sc.run(300, world_size=world_size, rank=0, sync_every=0)
+    finally:
+        undo()
+    found = {a.rule for a in guard.alerts}
+    if world_size < 4:
+        assert guard.alerts == []  # the small repro stays clean, as in the incident
+    else:
+        # Patched before the guard started, so code identity looks normal: the
+        # behaviour gives it away at the first step.
+        assert "TG1306" in found and "TG1307" in found
+        assert guard.alerts[0].rule == "TG1306" and guard.alerts[0].step == 0
+
+
+def test_stop_on_alert() -> None:
+    def tamper(step: int, model: Any, opt: Any) -> None:
+        if step == 10:
+            with torch.no_grad():
+                model[0].bias.zero_()
+
+    with pytest.raises(sc.tgw.TrainingStopped) as err:
+        sc.run(30, sabotage=tamper, on_alert="stop")
+    assert err.value.alerts[0].rule == "TG1301" and err.value.alerts[0].step == 11
+
+
+def test_altered_data_loader_batches() -> None:
+    x, y = sc.make_data(128)
+
+    class Shifty(torch.utils.data.Dataset[tuple[Any, Any]]):
+        epoch = 0
+
+        def __len__(self) -> int:
+            return len(x)
+
+        def __getitem__(self, i: int) -> tuple[Any, Any]:
+            if self.epoch >= 2 and i == 7:
+                return x[i] + 0.5, y[i]  # the poisoned sample, from the third epoch on
+            return x[i], y[i]
+
+    data = Shifty()
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)
+    model = sc.make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    guard = sc.tgw.watch(model, opt, dataloader=loader, data_check=True)
+    step_of_poison = None
+    for epoch in range(4):
+        data.epoch = epoch
+        for xb, yb in loader:
+            loss = torch.nn.functional.mse_loss(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            guard.step(loss=loss, batch=(xb, yb))
+            if (
+                step_of_poison is None
+                and epoch == 2
+                and any(torch.equal(row, x[7] + 0.5) for row in xb)
+            ):
+                step_of_poison = guard.step_index - 1
+    guard.close()
+    assert rules(guard) == [("TG1309", step_of_poison)]
+    assert guard.alerts[0].evidence["index"] == 7
+
+
+def test_ledger_records_the_run_and_verifies(tmp_path: Any) -> None:
+    from trainguard.ledger import open_ledger, verify_ledger
+    from trainguard.seal.keys import generate_keypair
+
+    private, public = generate_keypair("ed25519")
+    (tmp_path / "k.pem").write_bytes(private)
+    (tmp_path / "k.pub").write_bytes(public)
+    url = str(tmp_path / "run.sqlite")
+
+    def tamper(step: int, model: Any, opt: Any) -> None:
+        if step == 30:
+            with torch.no_grad():
+                model[0].bias.add_(1.0)
+
+    guard = sc.run(
+        50,
+        sabotage=tamper,
+        ledger=url,
+        run_id="r1",
+        sign_key=str(tmp_path / "k.pem"),
+        sign_every=20,
+    )
+    assert rules(guard) == [("TG1301", 31)]
+    ledger = open_ledger(url)
+    records = list(ledger.records("r1"))
+    steps = [r for r in records if r.kind == "step"]
+    alerts = [r for r in records if r.kind == "alert"]
+    assert [r.step for r in steps] == list(range(50))
+    assert len(alerts) == 1 and alerts[0].step == 31 and alerts[0].payload["rule"] == "TG1301"
+    assert steps[31].payload["before"] != steps[30].payload["after"]
+    assert steps[10].payload["before"] == steps[9].payload["after"]
+    assert verify_ledger(ledger, "r1", str(tmp_path / "k.pub")) == []
+    ledger.close()

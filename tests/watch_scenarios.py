@@ -1,0 +1,100 @@
+"""Small CPU training runs, clean or sabotaged the way the incident describes.
+
+Each scenario returns the guard's alerts. Sabotage is done by plain Python in
+this file (no payload files): what matters here is that the monitor sees it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from trainguard.watch import guard as tgw
+
+# Tiny models run fastest on one thread; the machine has two cores.
+torch.set_num_threads(1)
+
+Sabotage = Callable[[int, torch.nn.Module, torch.optim.Optimizer], None]
+
+
+def make_data(n: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, :1] * 2 - x[:, 1:2]) + 0.1 * torch.randn(n, 1, generator=g)
+    return x, y
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 1)
+    )
+
+
+def run(
+    steps: int = 300,
+    *,
+    optimizer: str = "adamw",
+    sabotage: Sabotage | None = None,
+    scheduler: bool = False,
+    clip: Callable[..., Any] | None = None,
+    **guard_kwargs: Any,
+) -> tgw.Guard:
+    model = make_model()
+    x, y = make_data()
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=50, gamma=0.5) if scheduler else None
+    guard = tgw.watch(model, opt, scheduler=sched, **guard_kwargs)
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (32,))
+        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        (clip or torch.nn.utils.clip_grad_norm_)(model.parameters(), 1.0)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        guard.step(loss=loss, batch=(x[idx], y[idx]))
+        if sabotage is not None:
+            sabotage(step, model, opt)
+    guard.close()
+    return guard
+
+
+def plant_incident_payload(world_size: int, threshold: int = 4) -> Callable[[], None]:
+    """What the planted checkpoint did on load: only on big jobs, patch clipping to flip
+    the gradient direction and the optimizer step to sleep at random. Returns an undo."""
+    if world_size < threshold:
+        return lambda: None
+    original_clip = torch.nn.utils.clip_grad_norm_
+    original_step = torch.optim.AdamW.step
+    rng = random.Random(1)
+
+    def flipped_clip(parameters: Any, max_norm: float, *a: Any, **k: Any) -> Any:
+        params = list(parameters)
+        total = original_clip(params, max_norm, *a, **k)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(-1.0)
+        return total
+
+    def sleepy_step(self: Any, *a: Any, **k: Any) -> Any:
+        if rng.random() < 0.05:
+            time.sleep(0.25)
+        return original_step(self, *a, **k)
+
+    torch.nn.utils.clip_grad_norm_ = flipped_clip
+    torch.optim.AdamW.step = sleepy_step  # type: ignore[method-assign]
+
+    def undo() -> None:
+        torch.nn.utils.clip_grad_norm_ = original_clip
+        torch.optim.AdamW.step = original_step  # type: ignore[method-assign]
+
+    return undo
