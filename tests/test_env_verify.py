@@ -331,7 +331,8 @@ def test_read_error_on_a_listed_file_is_an_error_not_clean(
 
 
 def test_stdlib_pycs_are_checked_and_its_site_packages_skipped(tmp_path: Path, site: Path) -> None:
-    from trainguard.seal.env_gather import Scope, gather
+    from trainguard.seal.env_gather import gather
+    from trainguard.seal.env_sort import Scope
 
     stdlib = tmp_path / "lib" / "python3"
     (stdlib / "site-packages").mkdir(parents=True)

@@ -59,7 +59,6 @@ def register(sub: Any) -> None:
         "--fail-on",
         metavar="SEVERITY",
         type=Severity.parse,
-        default=None,
         help="lowest severity that fails (default: high)",
     )
     v.set_defaults(handler=_verify)
@@ -81,11 +80,7 @@ def register(sub: Any) -> None:
     s.add_argument(
         "-o", "--output", required=True, metavar="SNAPSHOT", help="where to write the snapshot"
     )
-    s.add_argument(
-        "--force",
-        action="store_true",
-        help="write the snapshot even if the environment has findings",
-    )
+    s.add_argument("--force", action="store_true", help="write it even if there are findings")
     s.set_defaults(handler=_snapshot, fail_on=None, strict=False)
 
 

@@ -26,16 +26,18 @@ from trainguard.seal.env_hash import DEFAULT_ALGORITHM, Digests, Progress, hash_
 from trainguard.seal.env_pth import pth_files, read_pth, startup_modules
 from trainguard.seal.env_pyc import PycJob, check_pycs
 from trainguard.seal.env_record import InstalledDist, distributions
-from trainguard.seal.env_snapshot import Snapshot, compare_snapshot, interpreter_findings
+from trainguard.seal.env_snapshot import compare_snapshot, interpreter_findings
 from trainguard.seal.env_sort import (
     PYCACHE,
+    Scope,
     Sorted,
     in_pycache,
     legacy_source,
     sort_files,
     source_of,
+    walk_scope,
 )
-from trainguard.seal.env_walk import SPECIAL, Entry, StatKey, entry_for, walk
+from trainguard.seal.env_walk import SPECIAL, Entry, StatKey, entry_for
 
 
 @dataclass
@@ -125,39 +127,6 @@ def _check_pycs(
             ev.findings.append(problem)
         elif cache is not None and verdict.pyc in keys:
             cache.remember_pyc(verdict.pyc, *keys[verdict.pyc])
-
-
-@dataclass(frozen=True)
-class Scope:
-    """What one verify looks at, and how."""
-
-    roots: list[str]  # site folders, in sys.path order
-    search: list[str]  # where customize modules are looked for
-    stdlib: list[str] = field(default_factory=list)  # pyc check (and snapshot) only
-    check_pyc: bool = True
-    workers: int | None = None
-    collect_digests: bool = False
-    against: Snapshot | None = None
-    against_label: str = ""
-
-
-def _walk_all(scope: Scope, ev: Evidence) -> tuple[dict[str, str], dict[str, str]]:
-    """Entries under the site folders, and under the standard library folders."""
-    present: dict[str, str] = {}
-    for root in scope.roots:
-        nested = [r for r in scope.roots if r != root and r.startswith(root + os.sep)]
-        present.update(walk(root, nested, ev.walk_errors))
-    stdlib: dict[str, str] = {}
-    for folder in scope.stdlib:
-        # A base interpreter's own site-packages is not this environment's.
-        skip = [
-            *scope.roots,
-            *(os.path.join(folder, n) for n in ("site-packages", "dist-packages")),
-        ]
-        for path, kind in walk(folder, skip, ev.walk_errors).items():
-            if path not in present:
-                stdlib[path] = kind
-    return present, stdlib
 
 
 _DEFAULT_ONLY = frozenset({DEFAULT_ALGORITHM})
@@ -276,7 +245,7 @@ def gather(scope: Scope, cache: DigestCache | None, progress: Progress | None) -
     dists = [d for root in scope.roots for d in distributions(root)]
     own = Ownership.of(dists)
     ev = Evidence(dists, own, EnvStats(roots=list(scope.roots), distributions=len(dists)))
-    present, stdlib = _walk_all(scope, ev)
+    present, stdlib = walk_scope(scope, ev.walk_errors)
     ev.stats.files = len(present) + len(stdlib)
     pths = [p for root in scope.roots for p in pth_files(root)]
     startup = startup_modules(scope.search)

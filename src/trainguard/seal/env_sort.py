@@ -1,4 +1,4 @@
-"""Which check judges each file found under the environment's folders.
+"""What a verify looks at, and which check judges each file found there.
 
 A file is judged by exactly one thing: a RECORD row that lists it, the
 ``.pth`` or customize check, the pyc check (every ``__pycache__`` entry of
@@ -15,7 +15,8 @@ from importlib.machinery import BYTECODE_SUFFIXES, SOURCE_SUFFIXES
 
 from trainguard.seal.env_checks import Ownership
 from trainguard.seal.env_pyc import optimization_of
-from trainguard.seal.env_walk import SPECIAL
+from trainguard.seal.env_snapshot import Snapshot
+from trainguard.seal.env_walk import SPECIAL, walk
 
 PYCACHE = "__pycache__"
 
@@ -77,3 +78,36 @@ def in_pycache(path: str) -> bool:
     """A cached pyc of this interpreter (the pyc check judges it, not its digest)."""
     folder, _, name = path.rpartition(os.sep)
     return folder.endswith(os.sep + PYCACHE) and optimization_of(name) is not None
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one verify looks at, and how."""
+
+    roots: list[str]  # site folders, in sys.path order
+    search: list[str]  # where customize modules are looked for
+    stdlib: list[str] = field(default_factory=list)  # pyc check (and snapshot) only
+    check_pyc: bool = True
+    workers: int | None = None
+    collect_digests: bool = False
+    against: Snapshot | None = None
+    against_label: str = ""
+
+
+def walk_scope(scope: Scope, errors: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Entries under the site folders, and under the standard library folders."""
+    present: dict[str, str] = {}
+    for root in scope.roots:
+        nested = [r for r in scope.roots if r != root and r.startswith(root + os.sep)]
+        present.update(walk(root, nested, errors))
+    stdlib: dict[str, str] = {}
+    for folder in scope.stdlib:
+        # A base interpreter's own site-packages is not this environment's.
+        skip = [
+            *scope.roots,
+            *(os.path.join(folder, n) for n in ("site-packages", "dist-packages")),
+        ]
+        for path, kind in walk(folder, skip, errors).items():
+            if path not in present:
+                stdlib[path] = kind
+    return present, stdlib

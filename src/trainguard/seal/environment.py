@@ -26,9 +26,10 @@ from trainguard.errors import UsageError
 from trainguard.findings import FileResult, Finding, ScanReport, Severity
 from trainguard.seal.env_allow import DEFAULTS, AllowEntry, apply_allowlist
 from trainguard.seal.env_cache import DigestCache
-from trainguard.seal.env_gather import EnvStats, Evidence, Scope, gather
+from trainguard.seal.env_gather import EnvStats, Evidence, gather
 from trainguard.seal.env_hash import Progress
 from trainguard.seal.env_snapshot import Snapshot
+from trainguard.seal.env_sort import Scope
 from trainguard.seal.env_walk import startup_search_path
 
 
