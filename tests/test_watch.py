@@ -180,3 +180,24 @@ def test_ledger_records_the_run_and_verifies(tmp_path: Any) -> None:
     assert steps[10].payload["before"] == steps[9].payload["after"]
     assert verify_ledger(ledger, "r1", str(tmp_path / "k.pub")) == []
     ledger.close()
+
+
+def test_environment_differs_from_sealed_snapshot(tmp_path: Any) -> None:
+    from tests.test_env_support import NAME, fresh_site
+    from trainguard._cli import main
+    from trainguard.seal.keys import generate_keypair
+
+    private, public = generate_keypair("ecdsa-p256")
+    (tmp_path / "k.pem").write_bytes(private)
+    (tmp_path / "k.pub").write_bytes(public)
+    site = fresh_site(tmp_path)
+    snap = tmp_path / "env.json"
+    args = ["env", "snapshot", "--path", str(site), "--key", str(tmp_path / "k.pem")]
+    assert main([*args, "-o", str(snap), "--no-cache", "--no-progress"]) == 0
+    env = {"env_snapshot": str(snap), "env_key": str(tmp_path / "k.pub"), "env_paths": [str(site)]}
+    assert sc.run(3, **env).alerts == []
+    module = next(p for p in site.rglob("*.py") if NAME in str(p.parent))
+    module.write_text(module.read_text() + "\nimport os  # planted\n")
+    guard = sc.run(3, **env)
+    assert [a.rule for a in guard.alerts] == ["TG1312"]
+    assert guard.alerts[0].step == 0

@@ -76,6 +76,9 @@ class Guard:
         world_size: int | None = None,
         sign_key: Any = None,
         sign_every: int = 100,
+        env_snapshot: str | None = None,
+        env_key: Any = None,
+        env_paths: list[str] | None = None,
     ) -> None:
         import torch
 
@@ -128,6 +131,8 @@ class Guard:
         self._hp = hyperparameters(optimizer)
         self._after: Fingerprint = self.fp.fingerprint(named)
         self._opt_after: Fingerprint = self.fp.fingerprint(optimizer_tensors(optimizer))
+        if env_snapshot is not None:
+            self._check_environment(env_snapshot, env_key, env_paths)
         self._record(
             "run-start",
             {
@@ -160,6 +165,33 @@ class Guard:
     def _record(self, kind: str, payload: dict[str, Any]) -> None:
         if self.ledger is not None:
             self.ledger.append(self.run_id, kind, payload, step=self.step_index, stream=self.rank)
+
+    def _check_environment(
+        self, snapshot_path: str, public_key: Any, paths: list[str] | None
+    ) -> None:
+        """Compare the Python environment with a sealed snapshot before training."""
+        from trainguard.findings import Severity
+        from trainguard.seal.env_snapshot import read_snapshot
+        from trainguard.seal.environment import EnvOptions, verify_environment
+        from trainguard.seal.keys import load_public_key
+
+        if public_key is None:
+            raise TrainguardError("env_snapshot needs env_key (the snapshot's public key)")
+        key = (
+            load_public_key(public_key)
+            if isinstance(public_key, (str, os.PathLike))
+            else public_key
+        )
+        snapshot = read_snapshot(os.fspath(snapshot_path), key)
+        result = verify_environment(EnvOptions(paths=paths, against=snapshot, check_pyc=False))
+        bad = [f for f in result.report.findings if f.severity >= Severity.HIGH]
+        if bad:
+            self._alert(
+                "TG1312",
+                f"{len(bad)} file(s) differ from the sealed environment: "
+                + "; ".join(f"{f.file}: {f.rule}" for f in bad[:5]),
+                files=[f.file for f in bad[:50]],
+            )
 
     # -- the optimizer hooks ---------------------------------------------------
     def _before_step(self) -> None:
