@@ -398,11 +398,13 @@ def _family_tables(tools: list[str], corpus: Corpus, runs: list[Run]) -> list[st
     return out
 
 
-def render(tools: list[str], corpus: Corpus, runs: list[Run], summary: dict[str, Summary]) -> str:
+# Formats every peer claims (pickle and what wraps it): the common ground.
+PICKLE_FAMILIES = {"gadget", "pickle", "torch", "joblib", "numpy", "sklearn", "wrapped"}
+
+
+def _detection_table(tools: list[str], summary: dict[str, Summary]) -> list[str]:
     lines: list[str] = []
     base = summary.get("trainguard")
-    lines.append("## Detection and false positives (corpus of small samples)")
-    lines.append("")
     hdr = f"{'tool':<17} {'detected':>10} {'false pos':>10} {'err mal':>8} {'err ben':>8} "
     hdr += f"{'corpus s':>9} {'median s':>9} {'vs tg':>6}"
     lines.append(hdr)
@@ -416,6 +418,13 @@ def render(tools: list[str], corpus: Corpus, runs: list[Run], summary: dict[str,
             f"{t:<17} {det:>10} {fp:>10} {s.errors_malicious:>8} {s.errors_benign:>8} "
             f"{s.corpus_seconds:>9.1f} {s.median_seconds:>9.2f} {ratio:>6}"
         )
+    return lines
+
+
+def render(tools: list[str], corpus: Corpus, runs: list[Run], summary: dict[str, Summary]) -> str:
+    base = summary.get("trainguard")
+    lines = ["## Detection and false positives (corpus of small samples)", ""]
+    lines += _detection_table(tools, summary)
     lines.append("")
     lines.append("detected: malicious samples flagged (an error is a miss); false pos: benign")
     lines.append("samples flagged; err mal / err ben: errors, timeouts or 'unsupported' on")
@@ -425,6 +434,19 @@ def render(tools: list[str], corpus: Corpus, runs: list[Run], summary: dict[str,
     ran = [t for t in tools if summary[t].payload_ran]
     if ran:
         lines.append("PAYLOAD RAN under: " + ", ".join(ran))
+
+    pickles = Corpus(
+        items=[i for i in corpus.items if i.kind == "sample" and family(i.id) in PICKLE_FAMILIES]
+    )
+    if pickles.items and len(pickles.items) < sum(1 for i in corpus.items if i.kind == "sample"):
+        lines += ["", "## The same, pickle-based formats only", ""]
+        lines.append("Families " + ", ".join(sorted(PICKLE_FAMILIES)) + ": the formats every")
+        lines.append(
+            "peer claims. Elsewhere (GGUF, ONNX, safetensors, Keras, TensorFlow) fickling's"
+        )
+        lines.append("'detections' are its verdict on any file that is not a valid pickle.")
+        lines.append("")
+        lines += _detection_table(tools, summarize(tools, pickles, runs))
 
     lines.extend(_family_tables(tools, corpus, runs))
 

@@ -155,6 +155,7 @@ def test_convert_writes_safetensors_and_json(tmp_path: Path) -> None:
     ckpt = {
         "model": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)},
         "epoch": 7,
+        "step": torch.tensor(3.0),  # 0-dim, as Adam saves its step
         "lr": 0.5,
     }
     torch.save(ckpt, tmp_path / "ck.pt")

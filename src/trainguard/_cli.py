@@ -49,7 +49,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Scan files and folders by content. Nothing read is "
         "unpickled, imported or evaluated.",
     )
-    s.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursive)")
+    s.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="files or folders (recursive), or hf://ORG/REPO[@REVISION] (needs trainguard[hub])",
+    )
     s.add_argument("-f", "--format", choices=("text", "json", "sarif"), default="text")
     s.add_argument("-o", "--output", metavar="FILE", help="write the report here, not stdout")
     s.add_argument(
@@ -66,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
         help="lowest severity that fails the scan (default: high)",
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    s.add_argument(
+        "--offline",
+        action="store_true",
+        help="hf:// paths: read only the local Hugging Face cache (as HF_HUB_OFFLINE=1)",
+    )
 
     r = sub.add_parser("rules", help="list the rule ids findings can carry")
     r.add_argument("--markdown", action="store_true", help="as docs/rules.md")
@@ -85,6 +95,7 @@ _PILLAR_CLIS: tuple[str, ...] = (
     "trainguard._cli_seal",
     "trainguard._cli_env",
     "trainguard._cli_ledger",
+    "trainguard._cli_explain",
 )
 
 
@@ -118,17 +129,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _scan(args: argparse.Namespace) -> int:
     from trainguard.render import render
     from trainguard.scan import Policy, scan
+    from trainguard.scan.hub import is_hub_path, resolve_paths
 
     policy = Policy.load(args.policy) if args.policy else None
     fail_on = args.fail_on or (Severity.MEDIUM if args.strict else Severity.HIGH)
     for path in args.paths:
-        if not os.path.lexists(path):
+        if not is_hub_path(path) and not os.path.lexists(path):
             raise UsageError(f"{path}: no such file or directory")
+    resolved = resolve_paths(args.paths, offline=args.offline)
     show_progress = not args.no_progress and sys.stderr.isatty()
     if show_progress:
-        report = _scan_with_progress(args.paths, policy, fail_on)
+        report = _scan_with_progress(resolved.paths, policy, fail_on)
     else:
-        report = scan(args.paths, policy=policy, fail_on=fail_on)
+        report = scan(resolved.paths, policy=policy, fail_on=fail_on)
+    resolved.relabel(report)
     color = (
         args.output is None
         and args.format == "text"

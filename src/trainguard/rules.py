@@ -799,6 +799,104 @@ RULES: dict[str, Rule] = {
             "The model uses ONNX Runtime's PythonOp, which calls a Python function "
             "registered in the loading process by name.",
         ),
+        # -- repositories and hub (TG14xx) -------------------------------------
+        Rule(
+            "TG1401",
+            "remote-code-config",
+            _H,
+            "A config of the repository (config.json, tokenizer_config.json, a processor "
+            "config) asks for remote code: its auto_map or custom_pipelines name classes in "
+            "Python modules, which transformers imports and runs when the model is loaded "
+            "with trust_remote_code=True. The message names the modules and classes; read "
+            "them (and what they import) before trusting the repository, or pin a revision "
+            "you have reviewed.",
+        ),
+        Rule(
+            "TG1402",
+            "remote-code-module",
+            _H,
+            "A Python file that a config's auto_map or custom_pipelines points to: it runs in "
+            "the loading process as soon as the model, tokenizer or pipeline is loaded with "
+            "trust_remote_code=True.",
+        ),
+        Rule(
+            "TG1403",
+            "remote-code-import",
+            _M,
+            "A Python file that remote code imports (a relative import from a module a config "
+            "points to): transformers fetches it with that module and it runs too when the "
+            "repository is trusted.",
+        ),
+        Rule(
+            "TG1404",
+            "repository-python-file",
+            _L,
+            "A Python file in a model repository that no config points to. Loading the model "
+            "does not run it, but it is code shipped with the model that a user or script "
+            "may run by hand.",
+        ),
+        Rule(
+            "TG1405",
+            "remote-code-dangerous-call",
+            _H,
+            "Python code that runs when the repository is trusted starts processes, runs "
+            "dynamic code, deletes files or opens network connections (os.system, subprocess, "
+            "exec, socket, ...). Modelling code has little reason to; the evidence quotes the "
+            "line.",
+        ),
+        Rule(
+            "TG1410",
+            "hub-revision",
+            _I,
+            "The files came from the Hugging Face Hub (or its local cache): the finding pins "
+            "the repository and the commit that was scanned, so a later load can ask for the "
+            "very same revision.",
+        ),
+        # -- explain (TG15xx) --------------------------------------------------
+        Rule(
+            "TG1501",
+            "frozen-parameter-changed",
+            _H,
+            "Between the two checkpoints a parameter changed that no optimizer step could "
+            "move: it is saved with requires_grad=False, or the saved optimizer holds no "
+            "state for it (it never received a gradient). Someone edited the weights outside "
+            "training; the evidence gives how many elements changed and by how much.",
+        ),
+        Rule(
+            "TG1502",
+            "optimizer-step-inconsistent",
+            _H,
+            "The optimizer's step counters disagree with its moments: Adam's exp_avg is larger "
+            "than the counted steps can build against exp_avg_sq, exp_avg_sq is negative, "
+            "moments changed while the counter did not, or counters went back for some "
+            "parameters and forward for others. The counter or the moments were replaced.",
+        ),
+        Rule(
+            "TG1503",
+            "optimizer-update-inconsistent",
+            _H,
+            "A parameter moved in a way the saved optimizer state cannot explain: against the "
+            "direction Adam's moments (or SGD's momentum buffer) predict, far more or less than "
+            "one step at the saved learning rate, or without any optimizer step. This is what a "
+            "flipped or scaled update, or an edit at rest, looks like.",
+        ),
+        Rule(
+            "TG1504",
+            "concentrated-change",
+            _H,
+            "Only a few elements of a tensor changed (1% or less) while every other tensor is "
+            "identical or changed densely. Gradient steps change tensors densely; a handful of "
+            "edited weights is how backdoors and targeted sabotage look. The evidence lists the "
+            "changed indices. Whole changed rows (embeddings of the tokens seen) are not flagged.",
+        ),
+        Rule(
+            "TG1505",
+            "optimizer-step-uneven",
+            _M,
+            "Parameters of one optimizer group carry different step counters, or advanced by "
+            "different numbers of steps between the checkpoints. Legitimate when layers were "
+            "frozen or unfrozen during training; otherwise some state was replaced.",
+        ),
     )
 }
 

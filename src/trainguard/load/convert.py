@@ -44,7 +44,8 @@ def _tensor_bytes(value: Any) -> tuple[str, list[int], bytes] | None:
             raise UsageError(f"tensor dtype {dtype} has no safetensors equivalent")
         import torch
 
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        # reshape: a 0-dim tensor (Adam's step) cannot be viewed as bytes directly
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         return _DTYPES[dtype], list(t.shape), raw
     if kind == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
         import numpy as np

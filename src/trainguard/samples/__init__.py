@@ -21,6 +21,7 @@ from trainguard.samples import benign as _benign  # noqa: F401  (registers sampl
 from trainguard.samples import fmt_gguf as _fmt_gguf  # noqa: F401
 from trainguard.samples import fmt_keras as _fmt_keras  # noqa: F401
 from trainguard.samples import fmt_onnx as _fmt_onnx  # noqa: F401
+from trainguard.samples import fmt_repo as _fmt_repo  # noqa: F401  (REPOSITORIES)
 from trainguard.samples import fmt_safetensors as _fmt_safetensors  # noqa: F401
 from trainguard.samples import fmt_savedmodel as _fmt_savedmodel  # noqa: F401
 from trainguard.samples import mal_gadgets as _mal_gadgets  # noqa: F401

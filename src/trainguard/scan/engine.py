@@ -22,6 +22,7 @@ from trainguard.rules import RULES
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.policy import Policy
 from trainguard.scan.registry import sniff
+from trainguard.scan.repository import RepoFile, analyse_paths, attach
 
 # Called after each file with (files done, files total, path).
 Progress = Callable[[int, int, str], None]
@@ -170,12 +171,26 @@ def scan(
     """Scan files and directories; never executes or imports anything it reads."""
     scanner = _Scanner(policy or Policy(), limits)
     report = ScanReport(fail_on=fail_on)
+    paths = list(paths)
     files = list(iter_files(paths))
+    # What model repositories (folders) say about their files: remote code, *.py.
+    notes = analyse_paths(paths, limits)
     for i, path in enumerate(files):
         if not path.exists() and not path.is_symlink():
             report.files.append(FileResult(str(path), "missing", 0, error="no such file"))
         else:
             report.files.append(scanner.scan_blob(str(path), _file_blob(path)))
+            note = notes.pop(str(path), None)
+            if note is not None:
+                attach(report.files[-1], note, scanner.policy)
         if progress is not None:
             progress(i + 1, len(files), str(path))
+    for path_text, note in notes.items():  # a file the walk did not list
+        report.files.append(_noted_result(path_text, note, scanner.policy))
     return report
+
+
+def _noted_result(path: str, note: RepoFile, policy: Policy) -> FileResult:
+    result = FileResult(path, note.format, 0)
+    attach(result, note, policy)
+    return result

@@ -51,7 +51,9 @@ class DirectionCheck:
 
     def _on_grad(self, p: Any) -> None:
         if p.grad is not None:
-            self.backward_sums[id(p)] = p.grad.detach().sum(dtype=self.torch.float64)
+            # float32 accumulation: only the sign is used, and widening every
+            # gradient to float64 costs a slow extra pass.
+            self.backward_sums[id(p)] = p.grad.detach().sum()
 
     def before_step(self) -> list[str]:
         """At optimizer.step entry: sample weights, compare gradient sums. Names flipped ones."""
@@ -68,7 +70,7 @@ class DirectionCheck:
             self.grad_at_step[id(p)] = p.grad.detach().reshape(-1)[idx].to(torch.float64)
             back = self.backward_sums.get(id(p))
             if back is not None:
-                pairs.append(torch.stack([back, p.grad.detach().sum(dtype=torch.float64)]))
+                pairs.append(torch.stack([back, p.grad.detach().sum()]))
                 names.append(name)
         self.backward_sums.clear()
         if not pairs:
