@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint typecheck unit bench bench-peers clean
+.PHONY: demo test lint typecheck unit bench bench-quick bench-pillars bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,13 +35,25 @@ unit: $(VENV)/.test-installed
 test: lint typecheck unit
 
 # Side-by-side benchmark against picklescan, modelscan, fickling and modelaudit
-# (installed in their own venv so they never touch trainguard's).
+# (installed in their own venvs so they never touch trainguard's; see bench/README.md).
 bench-peers:
 	$(PYTHON) -m venv bench/.venv-peers
-	bench/.venv-peers/bin/pip install --quiet picklescan modelscan fickling modelaudit
+	bench/.venv-peers/bin/pip install --quiet 'picklescan[7z]' fickling \
+	    'modelaudit[pytorch,joblib,sevenzip,h5,onnx,safetensors]' lz4 gguf 'torch==2.13.0'
+	$(PYTHON) -m venv bench/.venv-peers/modelscan
+	bench/.venv-peers/modelscan/bin/pip install --quiet 'modelscan[h5py]' 'numpy<2.3'
 
 bench: $(VENV)/.test-installed
-	$(BIN)/python bench/compare_scanners.py
+	$(BIN)/python bench/compare_scanners.py --json bench-results.json
+
+bench-quick: $(VENV)/.test-installed
+	$(BIN)/python bench/compare_scanners.py --quick
+
+bench-pillars: $(VENV)/.test-installed
+	$(BIN)/python bench/scan_scaling.py
+	$(BIN)/python bench/load_bench.py
+	$(BIN)/python bench/watch_bench.py
+	$(BIN)/python bench/seal_bench.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

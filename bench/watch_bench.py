@@ -28,14 +28,16 @@ def build(width: int, layers: int) -> tuple[Any, Any]:
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
-def steps(model: Any, opt: Any, n: int, width: int, guard: Any = None) -> list[float]:
+def steps(
+    model: Any, opt: Any, n: int, width: int, guard: Any = None, batch: int = 32
+) -> list[float]:
     import torch
 
     times = []
     g = torch.Generator().manual_seed(1)
     for _ in range(n):
         start = time.perf_counter()
-        x = torch.randn(32, width, generator=g)
+        x = torch.randn(batch, width, generator=g)
         loss = model(x).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -53,6 +55,9 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument(
+        "--batch", type=int, default=32, help="rows per step: more compute per parameter"
+    )
     args = parser.parse_args()
 
     import torch
@@ -67,9 +72,9 @@ def main() -> None:
     watched: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.blocks):
-            plain += steps(model, opt, args.steps, args.width)[1:]
+            plain += steps(model, opt, args.steps, args.width, batch=args.batch)[1:]
             guard = tgw.watch(model, opt, ledger=str(Path(tmp) / "ledger.sqlite"))
-            watched += steps(model, opt, args.steps, args.width, guard)[1:]
+            watched += steps(model, opt, args.steps, args.width, guard, args.batch)[1:]
             guard.close()
     fp = Fingerprinter()
     named = list(model.named_parameters())
@@ -80,7 +85,8 @@ def main() -> None:
         fp_times.append(time.perf_counter() - start)
     p, w = statistics.median(plain), statistics.median(watched)
     print(
-        f"model: {n_params / 1e6:.1f}M parameters, AdamW, batch 32, torch {torch.__version__},"
+        f"model: {n_params / 1e6:.1f}M parameters, AdamW, batch {args.batch}, "
+        f"torch {torch.__version__},"
         f" {torch.get_num_threads()} threads"
     )
     print(f"unwatched step: {p:.3f}s  watched step: {w:.3f}s  overhead: {100 * (w - p) / p:+.1f}%")
