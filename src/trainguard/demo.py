@@ -19,12 +19,12 @@ from trainguard.samples import Sample, missing_modules
 from trainguard.scan import scan
 
 
-def _pick(samples: Mapping[str, Sample], per_loader: int) -> list[Sample]:
+def _pick(samples: Mapping[str, Sample], per_loader: int, expect: set[str]) -> list[Sample]:
     """A small, varied selection: a few samples for each way victims load files."""
     chosen: list[Sample] = []
     counts: dict[str, int] = {}
     for s in samples.values():
-        if missing_modules(s):
+        if missing_modules(s) or s.expect not in expect:
             continue
         if counts.get(s.loader, 0) < per_loader:
             counts[s.loader] = counts.get(s.loader, 0) + 1
@@ -40,8 +40,10 @@ def build_store(root: Path) -> tuple[list[Path], list[Path]]:
     clean_dir, shared_dir = root / "team-a", root / "shared"
     clean_dir.mkdir(parents=True, exist_ok=True)
     shared_dir.mkdir(parents=True, exist_ok=True)
-    clean = [s.build(clean_dir, canary) for s in _pick(BENIGN, 2)]
-    poisoned = [s.build(shared_dir, canary) for s in _pick(MALICIOUS, 1)]
+    clean = [s.build(clean_dir, canary) for s in _pick(BENIGN, 2, {"clean", "low", "medium"})]
+    # Planted files that run code or commands when loaded (medium-rated samples,
+    # such as hidden template instructions, are left to the full test corpus).
+    poisoned = [s.build(shared_dir, canary) for s in _pick(MALICIOUS, 1, {"critical", "high"})]
     return clean, poisoned
 
 
