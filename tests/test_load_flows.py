@@ -189,3 +189,27 @@ def test_convert_refuses_a_malicious_checkpoint(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1 and "TG101" in proc.stderr
     assert not canary.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_protect_checks_the_environment_against_a_sealed_snapshot(tmp_path: Path) -> None:
+    import trainguard
+    from tests.test_env_support import NAME, fresh_site
+    from trainguard._cli import main
+    from trainguard.seal.keys import generate_keypair
+
+    private, public = generate_keypair("ecdsa-p256")
+    (tmp_path / "k.pem").write_bytes(private)
+    (tmp_path / "k.pub").write_bytes(public)
+    site = fresh_site(tmp_path)
+    snap = tmp_path / "env.json"
+    args = ["env", "snapshot", "--path", str(site), "--key", str(tmp_path / "k.pem")]
+    assert main([*args, "-o", str(snap), "--no-cache", "--no-progress"]) == 0
+    env = {"env_snapshot": snap, "env_key": str(tmp_path / "k.pub"), "env_paths": [str(site)]}
+    trainguard.protect(**env)
+    trainguard.unprotect()
+    module = next(p for p in site.rglob("*.py") if NAME in str(p.parent))
+    module.write_text(module.read_text() + "\nimport os  # planted\n")
+    with pytest.raises(trainguard.UnsafeModelError) as err:
+        trainguard.protect(**env)
+    assert not trainguard.is_protected()
+    assert {"TG601", "TG615"} & {f.rule for f in err.value.findings}

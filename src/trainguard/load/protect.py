@@ -50,17 +50,30 @@ _lock = threading.Lock()
 _reentry = threading.local()
 
 
-def protect(policy: Policy | None = None, mode: str = "block", strict: bool = False) -> None:
+def protect(
+    policy: Policy | None = None,
+    mode: str = "block",
+    strict: bool = False,
+    *,
+    env_snapshot: str | os.PathLike[str] | None = None,
+    env_key: Any = None,
+    env_paths: list[str] | None = None,
+) -> None:
     """Scan before every torch/pickle/numpy/joblib load in this process.
 
     ``mode="block"`` raises :class:`UnsafeModelError` for findings at or above
     high (medium too with ``strict``); ``mode="warn"`` logs them and loads
     anyway (the sandbox still blocks what the payload tries).  Calling it again
-    updates the settings.
+    updates the settings.  With ``env_snapshot`` (and the public ``env_key``
+    that signed it), the Python environment is first checked against that
+    sealed snapshot: an edited torch or an added ``.pth`` is refused before
+    anything loads.
     """
     global _config
     if mode not in ("block", "warn"):
         raise UsageError(f"mode must be 'block' or 'warn', not {mode!r}")
+    if env_snapshot is not None:
+        _check_environment(os.fspath(env_snapshot), env_key, env_paths, mode)
     with _lock:
         if _config is not None:
             _config.policy, _config.mode, _config.strict = policy or Policy(), mode, strict
@@ -82,6 +95,25 @@ def protect(policy: Policy | None = None, mode: str = "block", strict: bool = Fa
             _patch(cfg, joblib.numpy_pickle, "load", _guard_joblib_load)
         sandbox.install()
         _config = cfg
+
+
+def _check_environment(snapshot: str, key: Any, paths: list[str] | None, mode: str) -> None:
+    from trainguard.seal.env_snapshot import read_snapshot
+    from trainguard.seal.environment import EnvOptions, verify_environment
+    from trainguard.seal.keys import load_public_key
+
+    if key is None:
+        raise UsageError("env_snapshot needs env_key, the public key that signed it")
+    public = load_public_key(key) if isinstance(key, (str, os.PathLike)) else key
+    sealed = read_snapshot(snapshot, public)
+    result = verify_environment(EnvOptions(paths=paths, against=sealed, check_pyc=False))
+    bad = [f for f in result.report.findings if f.severity >= Severity.HIGH]
+    if not bad:
+        return
+    if mode == "block":
+        raise UnsafeModelError("the Python environment", bad)
+    for f in bad:
+        log.warning("trainguard: environment: %s %s %s", f.file, f.rule, f.message)
 
 
 def unprotect() -> None:
