@@ -15,7 +15,9 @@ Several processes append to one file: each insert takes SQLite's write lock
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,10 +83,7 @@ class SqliteLedger(SqlLedger):
             # Only the two values of SYNCHRONOUS reach this line.
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             if self._create:
-                # Persistent in the file: readers (create=False) need not set it,
-                # so they can open a ledger they may not write.
-                conn.execute("PRAGMA journal_mode = WAL")
-                self._transaction(conn, [(sql, ()) for sql in _SCHEMA])
+                self._set_up(conn)
             else:
                 found = conn.execute(
                     "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
@@ -99,6 +98,26 @@ class SqliteLedger(SqlLedger):
             conn.close()
             raise
         self._conn = conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        """WAL mode and the schema, retried while other processes do the same.
+
+        Ranks of one run create the same file at once; switching the journal
+        mode takes an exclusive lock that SQLite's busy timeout does not wait
+        for, so "database is locked" here means "try again shortly".
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                # Persistent in the file: readers (create=False) need not set it,
+                # so they can open a ledger they may not write.
+                conn.execute("PRAGMA journal_mode = WAL")
+                self._transaction(conn, [(sql, ()) for sql in _SCHEMA])
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02 + random.random() * 0.05)  # noqa: S311 - jitter, not a secret
 
     def _disconnect(self, *, inherited: bool) -> None:
         conn, self._conn = self._conn, None
