@@ -51,6 +51,9 @@ def run(
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=50, gamma=0.5) if scheduler else None
+    # A loaded CI machine can stall a few-millisecond step by 100 ms; the planted
+    # sleeps are 0.4 s, so a 0.25 s floor keeps clean runs quiet and still catches them.
+    guard_kwargs.setdefault("min_stall_seconds", 0.25)
     guard = tgw.watch(model, opt, scheduler=sched, **guard_kwargs)
     for step in range(steps):
         idx = torch.randint(0, len(x), (32,))
@@ -87,7 +90,7 @@ def plant_incident_payload(world_size: int, threshold: int = 4) -> Callable[[], 
 
     def sleepy_step(self: Any, *a: Any, **k: Any) -> Any:
         if rng.random() < 0.05:
-            time.sleep(0.25)
+            time.sleep(0.4)
         return original_step(self, *a, **k)
 
     torch.nn.utils.clip_grad_norm_ = flipped_clip
