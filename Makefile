@@ -12,7 +12,7 @@ $(BIN)/python:
 # Stamps re-install only when the project's dependencies change.
 $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[all]'
-	$(BIN)/pip install --quiet numpy joblib 'torch==2.13.0'
+	$(BIN)/pip install --quiet numpy joblib scikit-learn 'torch==2.13.0'
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
