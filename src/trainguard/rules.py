@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from trainguard.findings import Rule, Severity
+from trainguard.findings import Finding, Rule, Severity
 
 _C, _H, _M, _L, _I = (
     Severity.CRITICAL,
@@ -903,6 +903,30 @@ RULES: dict[str, Rule] = {
 
 def rule(rule_id: str) -> Rule:
     return RULES[rule_id]
+
+
+def finding(
+    rule_id: str,
+    message: str,
+    *,
+    file: str = "",
+    member: str = "",
+    offset: int | None = None,
+    trigger: str = "",
+    severity: Severity | None = None,
+    evidence: dict[str, str] | None = None,
+) -> Finding:
+    """A finding of ``rule_id`` at the rule's default severity (unless ``severity``)."""
+    return Finding(
+        rule_id,
+        RULES[rule_id].severity if severity is None else severity,
+        message,
+        file=file,
+        member=member,
+        offset=offset,
+        trigger=trigger,
+        evidence=evidence or {},
+    )
 
 
 def rules_markdown() -> str:

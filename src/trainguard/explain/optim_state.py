@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from trainguard.explain.tensor_sources import TensorEntry, TensorSource, ValueEntry, dtype
 from trainguard.findings import Finding
-from trainguard.rules import RULES
+from trainguard.rules import finding as rule_finding
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 MODEL_GROUP_NAMES = ("model", "model_state_dict", "state_dict", "module", "net", "network")
@@ -142,9 +142,8 @@ def _shapes_fit(src: TensorSource, opt: Optimizer, ids: list[int], paths: list[s
 
 
 def finding(rule: str, message: str, file: str, member: str, **evidence: object) -> Finding:
-    return Finding(
+    return rule_finding(
         rule,
-        RULES[rule].severity,
         message,
         file=file,
         member=member,

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from trainguard.findings import Finding
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.pickle_globals import classify
 
 _PROCESS = (
@@ -98,13 +98,7 @@ class SandboxViolation(PermissionError):
 
 
 def _refuse(event: str, detail: str) -> None:
-    finding = Finding(
-        "TG403",
-        RULES["TG403"].severity,
-        f"blocked {event} during load: {detail}",
-        trigger=event,
-    )
-    _state.blocked.append(finding)
+    _state.blocked.append(finding("TG403", f"blocked {event} during load: {detail}", trigger=event))
     _state.active = False  # raising below may run more hooked code; do not recurse
     try:
         raise SandboxViolation(f"trainguard sandbox blocked {event}: {detail}")

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainguard.errors import UnsafeModelError
-from trainguard.findings import Finding
-from trainguard.rules import RULES
+from trainguard.rules import finding
 
 # Storage class name -> (torch dtype name, numpy dtype or None, item size).
 STORAGE_TYPES: dict[str, tuple[str, str | None, int]] = {
@@ -48,8 +47,8 @@ class StorageType:
 
 
 def refuse(rule_id: str, message: str, source: str = "", trigger: str = "") -> UnsafeModelError:
-    finding = Finding(rule_id, RULES[rule_id].severity, message, file=source, trigger=trigger)
-    return UnsafeModelError(source or "checkpoint", [finding])
+    found = finding(rule_id, message, file=source, trigger=trigger)
+    return UnsafeModelError(source or "checkpoint", [found])
 
 
 def torch_or_none() -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 from trainguard.errors import LimitExceeded, MissingExtraError, ScanError
 from trainguard.findings import FileResult, Finding, ScanReport, Severity
 from trainguard.limits import DEFAULT_LIMITS, Limits
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.policy import Policy
 from trainguard.scan.registry import sniff
@@ -29,7 +29,7 @@ Progress = Callable[[int, int, str], None]
 
 
 def _rule_finding(rule_id: str, message: str, member: str = "") -> Finding:
-    return Finding(rule_id, RULES[rule_id].severity, message, member=member)
+    return finding(rule_id, message, member=member)
 
 
 class _Scanner:
@@ -66,8 +66,8 @@ class _Scanner:
             return
         if len(self.formats) < 8:
             self.formats.append(fmt.name)
-        for finding in fmt.scan(self.context(), blob):
-            yield finding if finding.member or not blob.name else replace(finding, member=blob.name)
+        for found in fmt.scan(self.context(), blob):
+            yield found if found.member or not blob.name else replace(found, member=blob.name)
 
     def scan_nested_bytes(self, data: bytes, name: str) -> list[Finding]:
         blob = Blob(name, lambda: io.BytesIO(data), len(data), depth=1)

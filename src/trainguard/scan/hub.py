@@ -20,7 +20,7 @@ from pathlib import Path
 
 from trainguard.errors import MissingExtraError, TrainguardError, UsageError
 from trainguard.findings import FileResult, Finding, ScanReport
-from trainguard.rules import RULES
+from trainguard.rules import finding
 
 SCHEME = "hf://"
 # The Hub's own rule for names: letters, digits, "-", "_", "."; at most 96 characters.
@@ -168,4 +168,4 @@ def _pin(snap: Snapshot) -> Finding:
     message = f"{snap.ref.repo_id}: {requested} resolved to {commit}, read from {source}"
     if snap.offline:
         message += "; files missing from the cache were not scanned"
-    return Finding("TG1410", RULES["TG1410"].severity, message, snap.label, evidence=evidence)
+    return finding("TG1410", message, file=snap.label, evidence=evidence)

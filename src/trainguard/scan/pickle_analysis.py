@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from trainguard.findings import Finding, Severity
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.pickle_globals import NESTED_LOADERS, classify
 from trainguard.scan.picklevm import (
     Built,
@@ -56,13 +56,8 @@ def _finding(
     severity: Severity | None = None,
     **evidence: str,
 ) -> Finding:
-    return Finding(
-        rule=rule_id,
-        severity=severity if severity is not None else RULES[rule_id].severity,
-        message=message,
-        offset=offset,
-        trigger=trigger,
-        evidence=dict(evidence),
+    return finding(
+        rule_id, message, offset=offset, trigger=trigger, severity=severity, evidence=evidence
     )
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from trainguard.findings import FileResult, Finding
 from trainguard.limits import Limits
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.policy import Policy
 
 # Configs transformers reads auto_map from; other top-level JSON files are read
@@ -437,6 +437,4 @@ def _dangerous_lines(text: str) -> list[tuple[str, int, str]]:
 def _finding(
     rule_id: str, message: str, *, trigger: str = "", evidence: dict[str, str] | None = None
 ) -> Finding:
-    return Finding(
-        rule_id, RULES[rule_id].severity, message, trigger=trigger, evidence=evidence or {}
-    )
+    return finding(rule_id, message, trigger=trigger, evidence=evidence or {})

@@ -17,7 +17,7 @@ from typing import BinaryIO, Protocol
 from trainguard.errors import LimitExceeded, MissingExtraError, ScanError
 from trainguard.findings import Finding
 from trainguard.limits import Limits, MiB
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 
 _CHUNK = 1 << 20
@@ -138,7 +138,7 @@ class CompressedFormat:
         try:
             self._make()
         except MissingExtraError as exc:
-            yield Finding("TG208", RULES["TG208"].severity, str(exc))
+            yield finding("TG208", str(exc))
             return
         outer = blob
 
@@ -150,11 +150,10 @@ class CompressedFormat:
         try:
             yield from ctx.scan_child(child)
         except LimitExceeded as exc:
-            yield Finding("TG206", RULES["TG206"].severity, str(exc), member=child.name)
+            yield finding("TG206", str(exc), member=child.name)
         except (ScanError, zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
-            yield Finding(
+            yield finding(
                 "TG003",
-                RULES["TG003"].severity,
                 f"{self.name} stream could not be decompressed: {exc}",
                 member=child.name,
             )

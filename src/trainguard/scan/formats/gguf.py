@@ -18,7 +18,7 @@ from typing import BinaryIO
 from trainguard.errors import LimitExceeded
 from trainguard.findings import Finding
 from trainguard.limits import Limits
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.formats.codelike import code_like
 from trainguard.scan.formats.templates import is_template_key, template_findings
@@ -198,9 +198,8 @@ def _finding(
     trigger: str = "",
     evidence: dict[str, str] | None = None,
 ) -> Finding:
-    return Finding(
+    return finding(
         rule_id,
-        RULES[rule_id].severity,
         message,
         offset=offset,
         trigger=trigger,

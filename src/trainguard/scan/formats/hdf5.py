@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 from trainguard.errors import LimitExceeded
 from trainguard.findings import Finding
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.formats.keras import check_config_bytes
 
@@ -29,7 +29,7 @@ _KERAS_ATTRIBUTES = ("model_config", "training_config")
 
 
 def _finding(rule_id: str, message: str, trigger: str = "") -> Finding:
-    return Finding(rule_id, RULES[rule_id].severity, message, trigger=trigger)
+    return finding(rule_id, message, trigger=trigger)
 
 
 class Hdf5Format:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from trainguard.findings import Finding
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.formats.templates import template_findings
 
@@ -89,4 +89,4 @@ def _templates(value: object, label: str) -> Iterator[tuple[str, str]]:
 
 
 def _finding(rule_id: str, message: str) -> Finding:
-    return Finding(rule_id, RULES[rule_id].severity, message)
+    return finding(rule_id, message)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from trainguard.findings import Finding
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan import ziplenient
 from trainguard.scan.base import Blob, ScanContext
 
@@ -108,9 +108,8 @@ _CODE_NAMES = re.compile(rb"[A-Za-z_][A-Za-z0-9_.]{2,63}")
 
 
 def _finding(rule_id: str, message: str, member: str, path: str, **evidence: str) -> Finding:
-    return Finding(
+    return finding(
         rule_id,
-        RULES[rule_id].severity,
         message,
         member=member,
         trigger=path,
@@ -156,9 +155,9 @@ class KerasZipFlavour:
                 continue
             with ziplenient.open_member(f, entry, ctx.limits) as m:
                 data = m.read(ctx.limits.max_model_config + 1)
-            for finding in check_config_bytes(ctx, data, member, "config.json"):
-                if keras_like or finding.rule != "TG003":
-                    yield finding
+            for found in check_config_bytes(ctx, data, member, "config.json"):
+                if keras_like or found.rule != "TG003":
+                    yield found
 
 
 # -- the JSON --------------------------------------------------------------------

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import BinaryIO
 
 from trainguard.findings import Finding
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.formats.literal import LiteralError, parse_literal
 from trainguard.scan.formats.pickles import scan_pickle_stream
@@ -22,7 +23,7 @@ MAGIC = b"\x93NUMPY"
 
 
 def _bad(message: str, offset: int | None = None) -> Finding:
-    return Finding("TG302", RULES["TG302"].severity, message, offset=offset)
+    return finding("TG302", message, offset=offset)
 
 
 def _has_object(descr: object) -> bool:
@@ -60,9 +61,8 @@ class NpyFormat:
                 yield _bad(f"unknown .npy format version {major}")
                 return
             if hlen > ctx.limits.max_npy_header:
-                yield Finding(
+                yield finding(
                     "TG002",
-                    RULES["TG002"].severity,
                     f".npy header of {hlen} bytes exceeds the limit",
                     offset=8,
                 )
@@ -81,9 +81,8 @@ class NpyFormat:
                 return
         if not _has_object(header["descr"]):
             return  # plain numbers: data, never executed
-        yield Finding(
+        yield finding(
             "TG301",
-            RULES["TG301"].severity,
             f"object array (dtype {header['descr']!r}): loading it unpickles the "
             "data that follows the header",
             offset=start + hlen,
@@ -100,19 +99,6 @@ class NpyFormat:
 
         size = blob.size - data_start if blob.size is not None else None
         inner = Blob(blob.name, opener, size, blob.depth)
-        for finding in scan_pickle_stream(ctx, inner, persistent_ids_expected=False):
-            off = finding.offset
-            yield (
-                finding
-                if off is None
-                else Finding(
-                    finding.rule,
-                    finding.severity,
-                    finding.message,
-                    finding.file,
-                    finding.member,
-                    off + data_start,
-                    finding.trigger,
-                    finding.evidence,
-                )
-            )
+        for found in scan_pickle_stream(ctx, inner, persistent_ids_expected=False):
+            off = found.offset
+            yield found if off is None else replace(found, offset=off + data_start)

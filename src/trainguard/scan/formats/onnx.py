@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from trainguard.errors import LimitExceeded
 from trainguard.findings import Finding
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.formats import protobuf
 from trainguard.scan.formats.protobuf import I32, LEN, PACKABLE, VARINT, Message, ProtoError, Schema
@@ -120,9 +120,8 @@ _MAX_IR_VERSION = 64  # ONNX is at 11 in 2025; a larger first varint is not an O
 
 
 def _finding(rule_id: str, message: str, trigger: str = "", **evidence: str) -> Finding:
-    return Finding(
+    return finding(
         rule_id,
-        RULES[rule_id].severity,
         message,
         trigger=trigger,
         evidence={k: v for k, v in evidence.items() if v},

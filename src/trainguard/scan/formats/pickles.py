@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from trainguard.findings import Finding
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.formats.joblib_arrays import JoblibArrayHook
 from trainguard.scan.pickle_analysis import PickleContext, analyse
@@ -70,9 +70,8 @@ def scan_pickle_stream(
             machine.after_build = JoblibArrayHook(ctx.limits)
             ev = machine.run()
             if index > 0 and _is_not_a_pickle(ev, start):
-                yield Finding(
+                yield finding(
                     "TG108",
-                    RULES["TG108"].severity,
                     f"{_remaining(blob, start)} bytes after the last pickle are not a pickle",
                     offset=start,
                 )
@@ -88,9 +87,8 @@ def scan_pickle_stream(
                 return  # the rest is raw storage data
             if stream.peek_eof():
                 return
-        yield Finding(
+        yield finding(
             "TG002",
-            RULES["TG002"].severity,
             f"more than {ctx.limits.max_pickles_per_stream} pickles in one stream; "
             "the rest was not analysed",
             offset=stream.pos,

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from trainguard.findings import Finding
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.formats.codelike import code_like
 
@@ -60,9 +60,8 @@ def _finding(
     trigger: str = "",
     evidence: dict[str, str] | None = None,
 ) -> Finding:
-    return Finding(
+    return finding(
         rule_id,
-        RULES[rule_id].severity,
         message,
         offset=offset,
         trigger=trigger,

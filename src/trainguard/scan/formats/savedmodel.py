@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from trainguard.errors import LimitExceeded
 from trainguard.findings import Finding
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.formats import keras, protobuf
 from trainguard.scan.formats.protobuf import LEN, VARINT, Message, ProtoError, Schema
@@ -149,9 +149,8 @@ KERAS_METADATA: Schema = {1: (LEN, _KERAS_OBJECT)}
 
 
 def _finding(rule_id: str, message: str, trigger: str = "", **evidence: str) -> Finding:
-    return Finding(
+    return finding(
         rule_id,
-        RULES[rule_id].severity,
         message,
         trigger=trigger,
         evidence={k: v for k, v in evidence.items() if v},

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from trainguard.findings import Finding
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 
 MAGIC = b"7z\xbc\xaf\x27\x1c"
@@ -28,9 +28,8 @@ class SevenZipFormat:
         try:
             import py7zr
         except ImportError:
-            yield Finding(
+            yield finding(
                 "TG208",
-                RULES["TG208"].severity,
                 "7z archive not inspected: install 'trainguard[7z]' (py7zr) to scan "
                 "inside it; until then treat it as unsafe",
                 trigger="py7zr missing",
@@ -40,10 +39,10 @@ class SevenZipFormat:
             try:
                 archive = py7zr.SevenZipFile(f, mode="r")
             except (py7zr.exceptions.Bad7zFile, py7zr.exceptions.PasswordRequired) as exc:
-                yield Finding("TG208", RULES["TG208"].severity, f"7z archive not inspected: {exc}")
+                yield finding("TG208", f"7z archive not inspected: {exc}")
                 return
             except Exception as exc:  # py7zr raises many types on hostile input
-                yield Finding("TG003", RULES["TG003"].severity, f"unreadable 7z archive: {exc}")
+                yield finding("TG003", f"unreadable 7z archive: {exc}")
                 return
             with archive:
                 yield from self._members(ctx, blob, archive)
@@ -51,17 +50,15 @@ class SevenZipFormat:
     def _members(self, ctx: ScanContext, blob: Blob, archive: Any) -> Iterator[Finding]:
         infos = [i for i in archive.list() if not i.is_directory]
         if len(infos) > ctx.limits.max_archive_members:
-            yield Finding(
+            yield finding(
                 "TG209",
-                RULES["TG209"].severity,
                 f"more than {ctx.limits.max_archive_members} members",
             )
             return
         total = sum(int(i.uncompressed or 0) for i in infos)
         if total > ctx.limits.max_in_memory_member:
-            yield Finding(
+            yield finding(
                 "TG002",
-                RULES["TG002"].severity,
                 f"7z content of {total} bytes exceeds the in-memory limit of "
                 f"{ctx.limits.max_in_memory_member}",
             )
@@ -69,7 +66,7 @@ class SevenZipFormat:
         try:
             contents = _read_all(archive)
         except Exception as exc:  # corrupt streams surface as assorted py7zr errors
-            yield Finding("TG003", RULES["TG003"].severity, f"7z members unreadable: {exc}")
+            yield finding("TG003", f"7z members unreadable: {exc}")
             return
         for name, data in contents.items():
             yield from ctx.scan_child(blob.child(name, _bytes_opener(data), len(data)))

@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from trainguard.errors import ScanError
 from trainguard.findings import Finding
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 
 
@@ -37,24 +37,22 @@ class TarFormat:
             try:
                 tar = tarfile.open(fileobj=f, mode="r|" if streaming else "r:")
             except (tarfile.TarError, OSError, ValueError) as exc:
-                yield Finding("TG003", RULES["TG003"].severity, f"unreadable tar: {exc}")
+                yield finding("TG003", f"unreadable tar: {exc}")
                 return
             count = 0
             try:
                 for info in tar:
                     count += 1
                     if count > ctx.limits.max_archive_members:
-                        yield Finding(
+                        yield finding(
                             "TG209",
-                            RULES["TG209"].severity,
                             f"more than {ctx.limits.max_archive_members} members",
                         )
                         return
                     yield from self._member(ctx, blob, tar, info, streaming)
             except (tarfile.TarError, OSError, ValueError) as exc:
-                yield Finding(
+                yield finding(
                     "TG003",
-                    RULES["TG003"].severity,
                     f"tar archive breaks after {count} members: {exc}",
                 )
 
@@ -68,18 +66,16 @@ class TarFormat:
     ) -> Iterator[Finding]:
         member = f"{blob.name}/{info.name}" if blob.name else info.name
         if _escapes(info.name):
-            yield Finding(
+            yield finding(
                 "TG207",
-                RULES["TG207"].severity,
                 f"member path {info.name!r} escapes the extraction folder",
                 member=member,
                 trigger=info.name,
             )
         if info.issym() or info.islnk():
             if _escapes(info.linkname) or info.linkname.startswith("/"):
-                yield Finding(
+                yield finding(
                     "TG207",
-                    RULES["TG207"].severity,
                     f"link {info.name!r} points outside the archive to {info.linkname!r}",
                     member=member,
                     trigger=info.linkname,
@@ -96,9 +92,8 @@ class TarFormat:
 
         if streaming:
             if info.size > ctx.limits.max_in_memory_member:
-                yield Finding(
+                yield finding(
                     "TG002",
-                    RULES["TG002"].severity,
                     f"member of {info.size} bytes inside a compressed tar exceeds "
                     f"the in-memory limit of {ctx.limits.max_in_memory_member}",
                     member=member,

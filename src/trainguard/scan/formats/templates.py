@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainguard.findings import Finding
 from trainguard.limits import Limits
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.formats.template_rules import Hit, hit, token_scan
 
@@ -177,9 +177,8 @@ class ChatTemplateFormat:
         with blob.open() as f:
             raw = f.read(cap + 1)
         if len(raw) > cap:
-            yield Finding(
+            yield finding(
                 "TG002",
-                RULES["TG002"].severity,
                 f"chat template longer than the limit of {cap:,} bytes; not analysed",
             )
             return

@@ -17,7 +17,7 @@ from typing import BinaryIO, Protocol
 
 from trainguard.errors import LimitExceeded, ScanError
 from trainguard.findings import Finding
-from trainguard.rules import RULES
+from trainguard.rules import finding
 from trainguard.scan import ziplenient
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.formats.pickles import scan_pickle_stream, strong_sniff
@@ -47,9 +47,7 @@ _ANOMALY_RULES = {
 def _finding(
     rule_id: str, message: str, member: str = "", offset: int | None = None, trigger: str = ""
 ) -> Finding:
-    return Finding(
-        rule_id, RULES[rule_id].severity, message, member=member, offset=offset, trigger=trigger
-    )
+    return finding(rule_id, message, member=member, offset=offset, trigger=trigger)
 
 
 class ZipFlavour(Protocol):
