@@ -312,6 +312,10 @@ def test_real_keras_models_are_clean_if_keras_is_installed(tmp_path: Path) -> No
 _WATCHER = textwrap.dedent(
     """
     import sys, trainguard, trainguard.scan.engine, trainguard.render
+    import trainguard.render.text, trainguard.render.jsonfmt, trainguard.render.sarif
+    # The scanner imports its own format modules, by fixed names, on first use:
+    # load them all first so that any import seen below is one the data caused.
+    from trainguard.scan import registry; registry.preload()
     import h5py, zlib
     events = []
     watching = False

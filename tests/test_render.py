@@ -171,6 +171,41 @@ def test_text_clean_report_is_two_lines() -> None:
     )
 
 
+def test_clean_text_without_rich_matches_rich() -> None:
+    """A clean report skips rich; what it prints is what rich would have printed."""
+    from trainguard.render import text
+
+    for report in (clean_report(), ScanReport(files=[FileResult("a", "pickle", 1)])):
+        lines = [text._summary(report), text._verdict(report)]
+        assert text.render_text(report) == text._render_rich(report, lines, color=False)
+
+
+def test_scan_cli_start_up_imports_only_what_a_scan_needs(tmp_path: Path) -> None:
+    """`trainguard scan` of a clean pickle loads neither rich, jinja2 nor the other pillars."""
+    import pickle
+    import subprocess
+    import sys
+
+    (tmp_path / "clean.pkl").write_bytes(pickle.dumps({"w": [1.0, 2.0]}))
+    probe = (
+        "import sys; from trainguard._cli import main; code = main(sys.argv[1:]); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'rich', 'jinja2', 'torch', 'cryptography', 'importlib_metadata'} "
+        "or m.startswith(('trainguard.load', 'trainguard.seal', 'trainguard.watch', "
+        "'trainguard.ledger', 'trainguard.explain', 'trainguard.scan.hub', "
+        "'importlib.metadata', 'trainguard.render.sarif')))); sys.exit(code)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, "scan", str(tmp_path / "clean.pkl")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"
+    assert "OK: no findings" in proc.stdout
+
+
 def test_text_findings_below_threshold_are_ok() -> None:
     report = ScanReport(
         files=[FileResult("a.pkl", "pickle", 5, [finding("TG103", M, "a.pkl", offset=1)])],

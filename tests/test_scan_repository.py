@@ -170,7 +170,11 @@ def test_json_report_locates_repository_findings(tmp_path: Path) -> None:
 
 _WATCHER = textwrap.dedent(
     """
-    import sys, trainguard
+    import sys, trainguard, trainguard.scan.engine, trainguard.render
+    import trainguard.render.text, trainguard.render.jsonfmt, trainguard.render.sarif
+    # The scanner imports its own format modules, by fixed names, on first use:
+    # load them all first so that any import seen below is one the data caused.
+    from trainguard.scan import registry; registry.preload()
     events = []
     watching = False
     BAD = ("import", "exec", "compile", "subprocess.Popen", "os.system", "os.exec",

@@ -147,7 +147,9 @@ _SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
 @pytest.mark.parametrize("name", list(BENIGN_TEMPLATES))
 def test_real_template_renders_in_the_sandbox(name: str) -> None:
     """The fixtures are genuine templates: transformers' sandbox renders them."""
-    env = templates._ENV
+    from trainguard.scan.formats import template_parser
+
+    env = template_parser._ENV
     assert env is not None
     out = env.from_string(BENIGN_TEMPLATES[name]).render(
         messages=[

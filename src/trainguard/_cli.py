@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from trainguard.scan import Policy
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+# trainguard.scan.hub.SCHEME, spelled here so that a local scan never imports the hub code.
+_HUB_SCHEME = "hf://"
+# Verbs defined in this module: a command line that names one builds only
+# these, skipping the pillars' modules and parsers (a tenth of a scan's start-up).
+_CORE_VERBS = ("scan", "rules", "demo")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_ERROR)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(*, core_only: bool = False) -> argparse.ArgumentParser:
     from trainguard import __version__
 
     p = _Parser(
@@ -85,8 +90,9 @@ def _parser() -> argparse.ArgumentParser:
 
     # Each pillar adds its own verbs: register(sub) adds parsers whose
     # set_defaults(handler=...) takes the parsed args and returns an exit code.
-    for module in _PILLAR_CLIS:
-        importlib.import_module(module).register(sub)
+    if not core_only:
+        for module in _PILLAR_CLIS:
+            importlib.import_module(module).register(sub)
     return p
 
 
@@ -96,11 +102,14 @@ _PILLAR_CLIS: tuple[str, ...] = (
     "trainguard._cli_env",
     "trainguard._cli_ledger",
     "trainguard._cli_explain",
+    "trainguard._cli_report",
 )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    core_only = bool(argv) and argv[0] in _CORE_VERBS
+    args = _parser(core_only=core_only).parse_args(argv)
     try:
         if args.command == "scan":
             return _scan(args)
@@ -129,20 +138,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _scan(args: argparse.Namespace) -> int:
     from trainguard.render import render
     from trainguard.scan import Policy, scan
-    from trainguard.scan.hub import is_hub_path, resolve_paths
 
     policy = Policy.load(args.policy) if args.policy else None
     fail_on = args.fail_on or (Severity.MEDIUM if args.strict else Severity.HIGH)
+    hub_paths = [path for path in args.paths if path.startswith(_HUB_SCHEME)]
     for path in args.paths:
-        if not is_hub_path(path) and not os.path.lexists(path):
+        if path not in hub_paths and not os.path.lexists(path):
             raise UsageError(f"{path}: no such file or directory")
-    resolved = resolve_paths(args.paths, offline=args.offline)
+    resolved = None
+    paths = args.paths
+    if hub_paths:
+        from trainguard.scan.hub import resolve_paths
+
+        resolved = resolve_paths(args.paths, offline=args.offline)
+        paths = resolved.paths
     show_progress = not args.no_progress and sys.stderr.isatty()
     if show_progress:
-        report = _scan_with_progress(resolved.paths, policy, fail_on)
+        report = _scan_with_progress(paths, policy, fail_on)
     else:
-        report = scan(resolved.paths, policy=policy, fail_on=fail_on)
-    resolved.relabel(report)
+        report = scan(paths, policy=policy, fail_on=fail_on)
+    if resolved is not None:
+        resolved.relabel(report)
     color = (
         args.output is None
         and args.format == "text"

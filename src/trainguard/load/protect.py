@@ -29,7 +29,7 @@ from trainguard.errors import UnsafeModelError, UsageError
 from trainguard.findings import Finding, Severity
 from trainguard.load import sandbox
 from trainguard.load.zipcheck import check_torch_zip
-from trainguard.scan import Policy, scan_bytes
+from trainguard.scan import Policy, registry, scan_bytes
 from trainguard.scan.engine import scan_pickle_bytes
 from trainguard.scan.picklevm import PickleMachine
 from trainguard.scan.stream import ByteStream
@@ -93,6 +93,9 @@ def protect(
         if joblib is not None:
             _patch(cfg, joblib, "load", _guard_joblib_load)
             _patch(cfg, joblib.numpy_pickle, "load", _guard_joblib_load)
+        # Guarded loads scan first; the sandbox around them refuses new imports,
+        # so every format the scanner may need is imported now.
+        registry.preload()
         sandbox.install()
         _config = cfg
 

@@ -7,39 +7,59 @@ goes.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
-from importlib import metadata
+from typing import TYPE_CHECKING, Any
 
 from trainguard.findings import ScanReport
-from trainguard.render.jsonfmt import render_json
-from trainguard.render.sarif import render_sarif
-from trainguard.render.text import render_text
+
+if TYPE_CHECKING:
+    from trainguard.render.jsonfmt import render_json
+    from trainguard.render.sarif import render_sarif
+    from trainguard.render.text import render_text
 
 FORMATS = ("text", "json", "sarif")
 
 
-@dataclass(frozen=True)
-class RenderOptions:
-    color: bool
-    tool_version: str
+def _text(report: ScanReport, *, color: bool, tool_version: str) -> str:
+    from trainguard.render.text import render_text
+
+    return render_text(report, color=color)
 
 
-Renderer = Callable[[ScanReport, RenderOptions], str]
+def _json(report: ScanReport, *, color: bool, tool_version: str) -> str:
+    from trainguard.render.jsonfmt import render_json
 
-_RENDERERS: dict[str, Renderer] = {
-    "text": lambda report, opts: render_text(report, color=opts.color),
-    "json": lambda report, opts: render_json(report, tool_version=opts.tool_version),
-    "sarif": lambda report, opts: render_sarif(report, tool_version=opts.tool_version),
-}
+    return render_json(report, tool_version=tool_version)
+
+
+def _sarif(report: ScanReport, *, color: bool, tool_version: str) -> str:
+    from trainguard.render.sarif import render_sarif
+
+    return render_sarif(report, tool_version=tool_version)
+
+
+# Each renderer imports its module when used: a text report need not load the
+# SARIF code (hashlib, pathlib, urllib) nor a JSON one rich.
+_RENDERERS: dict[str, Callable[..., str]] = {"text": _text, "json": _json, "sarif": _sarif}
+_MODULES = {"render_json": "jsonfmt", "render_sarif": "sarif", "render_text": "text"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def installed_version() -> str:
-    try:
-        return metadata.version("trainguard")
-    except metadata.PackageNotFoundError:
-        # Running from a source tree that was never installed.
-        return "0+unknown"
+    """trainguard's version: ``pyproject.toml`` reads it from ``trainguard.__version__``.
+
+    Not looked up with ``importlib.metadata``, whose import alone costs a
+    tenth of a one-file scan.
+    """
+    from trainguard import __version__
+
+    return __version__
 
 
 def render(
@@ -57,7 +77,7 @@ def render(
             f"unknown report format {fmt!r} (expected one of: {', '.join(FORMATS)})"
         ) from None
     version = installed_version() if tool_version is None else tool_version
-    return renderer(report, RenderOptions(color=color, tool_version=version))
+    return renderer(report, color=color, tool_version=version)
 
 
 __all__ = ["FORMATS", "render", "render_json", "render_sarif", "render_text"]

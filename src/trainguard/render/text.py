@@ -12,13 +12,19 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from trainguard.findings import FileResult, Finding, ScanReport, Severity
 from trainguard.rules import RULES
+
+if TYPE_CHECKING:
+    from rich.table import Table
+    from rich.text import Text
+
+# A line as (text, style) pieces: drawn by rich, or joined as plain text when
+# the report has nothing to tabulate and no colour is wanted (a clean scan of a
+# large checkpoint then never imports rich, a third of its start-up).
+Pieces = list[tuple[str, str]]
 
 WIDTH = 100
 # Past this many, info findings (chiefly TG001, a file in no known format) are
@@ -71,19 +77,34 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def _counts(severities: Iterable[Severity], *, styled: bool = True) -> Text:
-    """``2 critical, 1 high``: highest first, zero counts left out."""
-    tally = Counter(severities)
+def _rich(pieces: Pieces) -> Text:
+    from rich.text import Text
+
     text = Text()
-    for sev in _DESCENDING:
-        if tally[sev]:
-            if text:
-                text.append(", ")
-            text.append(f"{tally[sev]} {sev}", style=SEVERITY_STYLE[sev] if styled else "")
+    for chunk, style in pieces:
+        text.append(chunk, style=style)
     return text
 
 
+def _plain(pieces: Pieces) -> str:
+    return "".join(chunk for chunk, _ in pieces)
+
+
+def _counts(severities: Iterable[Severity], *, styled: bool = True) -> Pieces:
+    """``2 critical, 1 high``: highest first, zero counts left out."""
+    tally = Counter(severities)
+    pieces: Pieces = []
+    for sev in _DESCENDING:
+        if tally[sev]:
+            if pieces:
+                pieces.append((", ", ""))
+            pieces.append((f"{tally[sev]} {sev}", SEVERITY_STYLE[sev] if styled else ""))
+    return pieces
+
+
 def _header(result: FileResult) -> Text:
+    from rich.text import Text
+
     text = Text()
     text.append(printable(result.path), style="bold")
     size = f"{result.size:,} byte{'' if result.size == 1 else 's'}"
@@ -92,6 +113,8 @@ def _header(result: FileResult) -> Text:
 
 
 def _describe(finding: Finding, path: str) -> Text:
+    from rich.text import Text
+
     where = finding if finding.file else replace(finding, file=path)
     text = Text()
     text.append(printable(where.location), style="bold")
@@ -108,6 +131,9 @@ def _describe(finding: Finding, path: str) -> Text:
 def _findings_table(findings: list[Finding], path: str) -> Table:
     # A grid keeps one row per finding and wraps a long message under its own
     # column instead of under the severity.
+    from rich.table import Table
+    from rich.text import Text
+
     grid = Table.grid(padding=(0, 1))
     grid.add_column(width=1)
     grid.add_column(no_wrap=True, min_width=len("critical"))
@@ -125,6 +151,8 @@ def _findings_table(findings: list[Finding], path: str) -> Table:
 
 
 def _error_line(error: str) -> Text:
+    from rich.text import Text
+
     text = Text("  ")
     text.append("scan incomplete:", style="bold magenta")
     text.append(f" {printable(error)}")
@@ -132,6 +160,8 @@ def _error_line(error: str) -> Text:
 
 
 def _info_summary(infos: list[Finding]) -> Text:
+    from rich.text import Text
+
     per_rule = Counter(f.rule for f in infos)
     parts = []
     for rule_id, count in sorted(per_rule.items()):
@@ -143,39 +173,50 @@ def _info_summary(infos: list[Finding]) -> Text:
     return text
 
 
-def _summary(report: ScanReport) -> Text:
-    text = Text(f"{_plural(len(report.files), 'file')} scanned: ")
-    counts = _counts(f.severity for f in report.findings)
-    text.append_text(counts if counts else Text("no findings"))
+def _summary(report: ScanReport) -> Pieces:
+    pieces: Pieces = [(f"{_plural(len(report.files), 'file')} scanned: ", "")]
+    pieces += _counts(f.severity for f in report.findings) or [("no findings", "")]
     if report.errors:
-        text.append("; ")
-        text.append(f"{_plural(len(report.errors), 'error')} (scan incomplete)", style="magenta")
-    return text
+        pieces.append(("; ", ""))
+        pieces.append((f"{_plural(len(report.errors), 'error')} (scan incomplete)", "magenta"))
+    return pieces
 
 
-def _verdict(report: ScanReport) -> Text:
+def _verdict(report: ScanReport) -> Pieces:
     threshold = str(report.fail_on)
-    text = Text()
     if report.failed:
-        text.append("FAIL", style="bold red")
         failing = (f.severity for f in report.findings if f.severity >= report.fail_on)
-        text.append(": ")
-        text.append_text(_counts(failing, styled=False))
-        text.append(f" (failing at >= {threshold})")
-    elif report.errors:
-        text.append("INCOMPLETE", style="bold magenta")
-        text.append(
-            f": {_plural(len(report.errors), 'file')} could not be scanned to the end; "
-            f"no findings at or above {threshold} in what was read"
-        )
-    else:
-        text.append("OK", style="bold green")
-        text.append(f": no findings at or above {threshold}")
-    return text
+        return [
+            ("FAIL", "bold red"),
+            (": ", ""),
+            *_counts(failing, styled=False),
+            (f" (failing at >= {threshold})", ""),
+        ]
+    if report.errors:
+        return [
+            ("INCOMPLETE", "bold magenta"),
+            (
+                f": {_plural(len(report.errors), 'file')} could not be scanned to the end; "
+                f"no findings at or above {threshold} in what was read",
+                "",
+            ),
+        ]
+    return [("OK", "bold green"), (f": no findings at or above {threshold}", "")]
 
 
 def render_text(report: ScanReport, *, color: bool = False) -> str:
     """The report for a person at a terminal; ANSI styles only when ``color``."""
+    lines = [_summary(report), _verdict(report)]
+    if not color and not report.findings and not report.errors:
+        plain = [_plain(line) for line in lines]
+        if all(len(line) <= WIDTH for line in plain):  # nothing for rich to wrap
+            return "".join(line + "\n" for line in plain)
+    return _render_rich(report, lines, color=color)
+
+
+def _render_rich(report: ScanReport, lines: list[Pieces], *, color: bool) -> str:
+    from rich.console import Console
+
     out = io.StringIO()
     # Every setting is explicit so that the environment (COLUMNS, FORCE_COLOR,
     # Jupyter) cannot change what a given report renders to.
@@ -205,6 +246,6 @@ def render_text(report: ScanReport, *, color: bool = False) -> str:
         console.print()
     if hide_infos:
         console.print(_info_summary(infos))
-    console.print(_summary(report))
-    console.print(_verdict(report))
+    for line in lines:
+        console.print(_rich(line))
     return _TRAILING_BLANKS.sub("", out.getvalue())

@@ -24,11 +24,6 @@ from trainguard.errors import PolicyError
 from trainguard.findings import Finding, Severity
 from trainguard.rules import RULES
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
 
 @dataclass(frozen=True)
 class Policy:
@@ -48,6 +43,11 @@ class Policy:
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
+        # Imported here: most scans have no policy file.
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - exercised on Python 3.10 only
+            import tomli as tomllib
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:

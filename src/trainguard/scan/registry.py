@@ -3,58 +3,112 @@
 Order matters only for sniffing: strong magic numbers first, then formats
 recognised by parsing a little (protocol 0/1 pickles), then the weakest
 signatures (lzma-alone, zlib), so a weak match never shadows a strong one.
+
+Each entry names its module and builds its format from it on first use: a
+scan imports only the formats it has to ask (a torch checkpoint stops at the
+first entry), which keeps a one-file scan's start-up small.  Module names are
+fixed here; nothing a scanned file says can choose what is imported.  Call
+:func:`preload` to import them all up front (an audit-hook test, a sandbox
+that refuses imports).
 """
 
 from __future__ import annotations
 
-from trainguard.scan.base import Format
-from trainguard.scan.formats.compressed import BZIP2, GZIP, LZ4, LZMA_ALONE, XZ, ZLIB
-from trainguard.scan.formats.gguf import GgufFormat
-from trainguard.scan.formats.hdf5 import Hdf5Format
-from trainguard.scan.formats.jsonconfig import TokenizerConfigFormat
-from trainguard.scan.formats.keras import KerasZipFlavour
-from trainguard.scan.formats.numpy_npy import NpyFormat
-from trainguard.scan.formats.onnx import OnnxFormat
-from trainguard.scan.formats.pickles import PickleFormat
-from trainguard.scan.formats.safetensors import SafetensorsFormat
-from trainguard.scan.formats.savedmodel import KerasMetadataFormat, SavedModelFormat
-from trainguard.scan.formats.sevenzip import SevenZipFormat
-from trainguard.scan.formats.tars import TarFormat
-from trainguard.scan.formats.templates import ChatTemplateFormat
-from trainguard.scan.formats.zips import ZipFlavour, ZipFormat
+import importlib
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any, BinaryIO
+
+from trainguard.findings import Finding
+from trainguard.scan.base import Blob, Format, ScanContext
+
+_PACKAGE = "trainguard.scan.formats."
+
+
+class _Lazy:
+    """Imports ``trainguard.scan.formats.<module>`` and builds the object once, when first asked."""
+
+    def __init__(self, module: str, build: Callable[[ModuleType], Any]) -> None:
+        self._module = module
+        self._build = build
+        self._target: Any = None
+
+    def target(self) -> Any:
+        if self._target is None:
+            self._target = self._build(importlib.import_module(_PACKAGE + self._module))
+        return self._target
+
+    @property
+    def name(self) -> str:
+        name: str = self.target().name
+        return name
+
+
+class LazyFormat(_Lazy):
+    def sniff(self, head: bytes, blob: Blob) -> bool:
+        return bool(self.target().sniff(head, blob))
+
+    def scan(self, ctx: ScanContext, blob: Blob) -> Iterator[Finding]:
+        findings: Iterator[Finding] = self.target().scan(ctx, blob)
+        return findings
+
+
+class LazyFlavour(_Lazy):
+    def matches(self, names: frozenset[str]) -> bool:
+        return bool(self.target().matches(names))
+
+    def scan(self, ctx: ScanContext, blob: Blob, f: BinaryIO, directory: Any) -> Iterator[Finding]:
+        findings: Iterator[Finding] = self.target().scan(ctx, blob, f, directory)
+        return findings
+
 
 # Zips recognised by their member names (checked before every member is scanned).
-ZIP_FLAVOURS: tuple[ZipFlavour, ...] = (KerasZipFlavour(),)
+ZIP_FLAVOURS = (LazyFlavour("keras", lambda m: m.KerasZipFlavour()),)
 
-FORMATS: tuple[Format, ...] = (
-    ZipFormat(flavours=ZIP_FLAVOURS),
-    SevenZipFormat(),
-    GZIP,
-    BZIP2,
-    XZ,
-    LZ4,
-    NpyFormat(),
-    GgufFormat(),
-    Hdf5Format(),
-    TarFormat(),
+FORMATS: tuple[LazyFormat, ...] = (
+    LazyFormat("zips", lambda m: m.ZipFormat(flavours=ZIP_FLAVOURS)),
+    LazyFormat("sevenzip", lambda m: m.SevenZipFormat()),
+    LazyFormat("compressed", lambda m: m.GZIP),
+    LazyFormat("compressed", lambda m: m.BZIP2),
+    LazyFormat("compressed", lambda m: m.XZ),
+    LazyFormat("compressed", lambda m: m.LZ4),
+    LazyFormat("numpy_npy", lambda m: m.NpyFormat()),
+    LazyFormat("gguf", lambda m: m.GgufFormat()),
+    LazyFormat("hdf5", lambda m: m.Hdf5Format()),
+    LazyFormat("tars", lambda m: m.TarFormat()),
     # No magic, but a shape no pickle has: a plausible length and "{" at byte 8.
-    SafetensorsFormat(),
+    LazyFormat("safetensors", lambda m: m.SafetensorsFormat()),
     # Text that starts with "{": a JSON object naming a chat template, or a Jinja tag.
-    TokenizerConfigFormat(),
-    ChatTemplateFormat(),
-    PickleFormat(),
+    LazyFormat("jsonconfig", lambda m: m.TokenizerConfigFormat()),
+    LazyFormat("templates", lambda m: m.ChatTemplateFormat()),
+    LazyFormat("pickles", lambda m: m.PickleFormat()),
     # Protobuf has no magic: recognised by parsing the first fields against a schema.
-    SavedModelFormat(),
-    KerasMetadataFormat(),
-    OnnxFormat(),
-    LZMA_ALONE,
-    ZLIB,
-    ZipFormat(prefixed=True, flavours=ZIP_FLAVOURS),
+    LazyFormat("savedmodel", lambda m: m.SavedModelFormat()),
+    LazyFormat("savedmodel", lambda m: m.KerasMetadataFormat()),
+    LazyFormat("onnx", lambda m: m.OnnxFormat()),
+    LazyFormat("compressed", lambda m: m.LZMA_ALONE),
+    LazyFormat("compressed", lambda m: m.ZLIB),
+    LazyFormat("zips", lambda m: m.ZipFormat(prefixed=True, flavours=ZIP_FLAVOURS)),
 )
 
 
-def sniff(head: bytes, blob: object) -> Format | None:
+def sniff(head: bytes, blob: Blob) -> Format | None:
     for fmt in FORMATS:
-        if fmt.sniff(head, blob):  # type: ignore[arg-type]
-            return fmt
+        if fmt.sniff(head, blob):
+            return fmt.target()  # type: ignore[no-any-return]
     return None
+
+
+# Modules the formats import only when they meet a file of theirs.
+_ON_USE = ("tarfile", _PACKAGE + "codelike", _PACKAGE + "template_rules")
+
+
+def preload() -> None:
+    """Import every format and every module they would import on first use."""
+    from trainguard.scan.formats import templates
+
+    for entry in (*FORMATS, *ZIP_FLAVOURS):
+        entry.target()
+    for module in _ON_USE:
+        importlib.import_module(module)
+    templates.parser()

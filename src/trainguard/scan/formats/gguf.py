@@ -20,7 +20,6 @@ from trainguard.findings import Finding
 from trainguard.limits import Limits
 from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
-from trainguard.scan.formats.codelike import code_like
 from trainguard.scan.formats.templates import is_template_key, template_findings
 
 MAGIC = b"GGUF"
@@ -165,6 +164,9 @@ class GgufFormat:
         return head[:4] == MAGIC
 
     def scan(self, ctx: ScanContext, blob: Blob) -> Iterator[Finding]:
+        # Imported on use, like every parser a format needs only for its own files.
+        from trainguard.scan.formats import codelike
+
         tables = _Tables()
         problems: list[Finding] = []
         with blob.open() as f:
@@ -178,7 +180,7 @@ class GgufFormat:
         for key, value, offset in tables.strings:
             if is_template_key(key):
                 yield from template_findings(value, ctx.limits, key, offset=offset)
-            elif (what := code_like(value)) is not None:
+            elif (what := codelike.code_like(value)) is not None:
                 yield _finding(
                     "TG914",
                     f"metadata {key!r} holds {what[0]}",

@@ -17,7 +17,6 @@ from typing import Any
 from trainguard.findings import Finding
 from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
-from trainguard.scan.formats.codelike import code_like
 
 # Bits per element of every dtype safetensors 0.8 knows (the Rust ``Dtype`` enum).
 DTYPE_BITS: dict[str, int] = {
@@ -237,6 +236,8 @@ def _tensor_span(name: str, info: object, problems: list[str]) -> tuple[int, int
 
 
 def _check_metadata(metadata: object) -> Iterator[Finding]:
+    from trainguard.scan.formats import codelike
+
     if not isinstance(metadata, dict):
         return
     reported = 0
@@ -244,7 +245,7 @@ def _check_metadata(metadata: object) -> Iterator[Finding]:
         for text in (key, value):
             if not isinstance(text, str):
                 continue
-            hit = code_like(text)
+            hit = codelike.code_like(text)
             if hit is None:
                 continue
             what, excerpt = hit

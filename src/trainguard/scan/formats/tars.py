@@ -8,14 +8,16 @@ it by content.  Links and paths that escape the archive are findings.
 from __future__ import annotations
 
 import io
-import tarfile
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from trainguard.errors import ScanError
 from trainguard.findings import Finding
 from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
+
+if TYPE_CHECKING:
+    import tarfile
 
 
 def _escapes(name: str) -> bool:
@@ -35,6 +37,8 @@ class TarFormat:
             # and hand members over as bounded in-memory copies.
             streaming = not f.seekable()
             try:
+                import tarfile  # only when a tar is met: most scans never see one
+
                 tar = tarfile.open(fileobj=f, mode="r|" if streaming else "r:")
             except (tarfile.TarError, OSError, ValueError) as exc:
                 yield finding("TG003", f"unreadable tar: {exc}")

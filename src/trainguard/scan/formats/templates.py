@@ -16,47 +16,18 @@ for stand-alone ``chat_template.jinja`` files.
 
 from __future__ import annotations
 
-# jinja2's lexer decodes string literals with this codec, which Python loads lazily;
-# load it now: a scan itself never imports anything (tests/test_no_execution.py).
-import encodings.unicode_escape  # noqa: F401
+import importlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from trainguard.findings import Finding
 from trainguard.limits import Limits
 from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
-from trainguard.scan.formats.template_rules import Hit, hit, token_scan
 
 if TYPE_CHECKING:
-    from jinja2 import nodes
-
-try:  # imported up front: a scan itself must never import (tests/test_no_execution.py)
-    from jinja2 import Environment, TemplateSyntaxError
-    from jinja2 import nodes as _nodes
-    from jinja2.ext import Extension, LoopControlExtension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    from trainguard.scan.formats import template_ast, template_triggers
-
-    class _GenerationTag(Extension):
-        """transformers' ``{% generation %}`` block (assistant masks): parsed as its body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> _nodes.Node:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return _nodes.Scope(body, lineno=lineno)
-
-    # Configured like transformers' renderer so that every template it accepts parses.
-    _ENV: Environment | None = ImmutableSandboxedEnvironment(
-        trim_blocks=True,
-        lstrip_blocks=True,
-        extensions=[LoopControlExtension, _GenerationTag],
-    )
-except ImportError:  # pragma: no cover - exercised by the no-jinja2 test in a subprocess
-    _ENV = None
+    from trainguard.scan.formats.template_rules import Hit
 
 TEMPLATE_KEY = "tokenizer.chat_template"
 _MAX_HITS = 40  # per template; a payload is clear long before that
@@ -68,12 +39,33 @@ def is_template_key(key: str) -> bool:
     return key == TEMPLATE_KEY or key.startswith(TEMPLATE_KEY + ".")
 
 
+_PARSER: list[ModuleType | None] = []
+
+
+def parser() -> ModuleType | None:
+    """The jinja2-based analysis (:mod:`template_parser`), or None without jinja2.
+
+    Imported on first use, not with the scanner: jinja2 costs more start-up
+    time than the rest of a torch checkpoint scan, and most scans see no
+    template.  The module name is fixed; nothing a scanned file says can
+    choose what is imported.
+    """
+    if not _PARSER:
+        try:
+            _PARSER.append(importlib.import_module("trainguard.scan.formats.template_parser"))
+        except ImportError:
+            _PARSER.append(None)
+    return _PARSER[0]
+
+
 def have_parser() -> bool:
-    return _ENV is not None
+    return parser() is not None
 
 
 def analyse_template(source: str, limits: Limits) -> list[Hit]:
     """Everything suspicious in one chat template, most severe first."""
+    from trainguard.scan.formats.template_rules import Hit, token_scan
+
     size = len(source.encode("utf-8", "surrogatepass"))
     if size > limits.max_chat_template:
         return [
@@ -84,7 +76,8 @@ def analyse_template(source: str, limits: Limits) -> list[Hit]:
                 "size",
             )
         ]
-    if _ENV is None:
+    analysis = parser()
+    if analysis is None:
         hits = [
             Hit(
                 "TG903",
@@ -95,7 +88,7 @@ def analyse_template(source: str, limits: Limits) -> list[Hit]:
         ]
         hits += token_scan(source, "token scan: jinja2 is not installed")
     else:
-        hits = _parsed(source, limits)
+        hits = analysis.parsed(source, limits)
     unique = {(h.rule, h.evidence.get("line", ""), h.token): h for h in hits}
     ordered = sorted(unique.values(), key=lambda h: -h.severity)
     if len(ordered) <= _MAX_HITS:
@@ -103,47 +96,6 @@ def analyse_template(source: str, limits: Limits) -> list[Hit]:
     rest = ordered[_MAX_HITS:]
     worst = rest[0].rule  # the most severe of those left out, so the verdict holds
     return [*ordered[:_MAX_HITS], Hit(worst, f"{len(rest)} more findings not listed", "more")]
-
-
-def _parsed(source: str, limits: Limits) -> list[Hit]:
-    assert _ENV is not None
-    try:
-        tree = _ENV.parse(source)
-    except TemplateSyntaxError as exc:
-        lines = source.splitlines()
-        hits = [
-            hit("TG904", f"does not parse as Jinja: {exc.message}", lines, exc.lineno, "syntax")
-        ]
-        return hits + list(token_scan(source, "token scan of an unparseable template"))
-    except (RecursionError, MemoryError):
-        return [
-            Hit("TG904", "nested too deeply to parse", "depth"),
-            *token_scan(source, "token scan of an unparseable template"),
-        ]
-    all_nodes, complete = _collect(tree, limits.max_template_nodes)
-    lines = source.splitlines()
-    analyser = template_ast.Analyser(lines, all_nodes)
-    hits = analyser.run()
-    hits += template_triggers.hidden_instructions(all_nodes, analyser, lines)
-    if not complete:
-        hits.append(
-            Hit(
-                "TG002",
-                f"template has more than {limits.max_template_nodes:,} "
-                "syntax nodes; the rest was not analysed",
-                "nodes",
-            )
-        )
-    return hits
-
-
-def _collect(tree: nodes.Node, cap: int) -> tuple[list[nodes.Node], bool]:
-    out: list[nodes.Node] = []
-    for node in template_ast.walk(tree):
-        if len(out) >= cap:
-            return out, False
-        out.append(node)
-    return out, True
 
 
 def template_findings(
