@@ -50,13 +50,21 @@ def register(sub: Any) -> None:
         "(`model_signing verify key` accepts it when --hash is sha256).",
     )
     s.add_argument("path", metavar="PATH", help="model folder or single file")
-    s.add_argument(
+    who = s.add_mutually_exclusive_group(required=True)
+    who.add_argument(
         "--key",
-        required=True,
         metavar="PRIVATE.pem",
         help=f"PEM private key (ECDSA P-256/P-384 or Ed25519); an encrypted key "
         f"reads its password from ${PASSWORD_ENV} or asks for it",
     )
+    who.add_argument(
+        "--keyless",
+        action="store_true",
+        help="sign with a short-lived Sigstore certificate for your OIDC identity "
+        "(needs trainguard[keyless] and the network; token from --identity-token, "
+        "$SIGSTORE_ID_TOKEN or a CI's ambient credentials)",
+    )
+    s.add_argument("--identity-token", metavar="TOKEN", help="OIDC token for --keyless")
     s.add_argument(
         "--signature",
         metavar="OUT",
@@ -90,9 +98,22 @@ def register(sub: Any) -> None:
     v.add_argument("path", metavar="PATH", help="model folder or single file")
     v.add_argument(
         "--key",
-        required=True,
         metavar="PUBLIC.pem",
         help="PEM public key, or a certificate holding it",
+    )
+    v.add_argument(
+        "--identity",
+        metavar="ID",
+        help="keyless: the signer's identity in its Sigstore certificate (an email, "
+        "or a CI workflow URI); needs --issuer and trainguard[keyless]",
+    )
+    v.add_argument(
+        "--issuer", metavar="URL", help="keyless: the OIDC issuer that vouched for --identity"
+    )
+    v.add_argument(
+        "--offline",
+        action="store_true",
+        help="keyless: use the Sigstore trusted root shipped with sigstore; fetch nothing",
     )
     v.add_argument(
         "--signature", metavar="SIG", help="the signature (default: PATH/model.sig, or FILE.sig)"
@@ -210,7 +231,16 @@ def _seal(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be at least 1")
-    key = _private_key(args.key)
+    if args.keyless:
+        from trainguard.seal import KeylessSigning
+
+        key: Any = KeylessSigning(identity_token=args.identity_token)
+        signer = "keyless Sigstore"
+    else:
+        if args.identity_token:
+            raise UsageError("--identity-token is for --keyless")
+        key = _private_key(args.key)
+        signer = f"key id {key_id(key.public_key())[:16]}"
     with _progress_bar(_show_progress(args), "hashing") as progress:
         result = seal(
             args.path,
@@ -233,10 +263,27 @@ def _seal(args: argparse.Namespace) -> int:
     print(
         f"sealed {files} file{'' if files == 1 else 's'} ({_human(size)}, "
         f"{result.manifest.serialization.algorithm}; {result.stats.files_from_cache} from the "
-        f"digest cache) -> {result.signature} (key id {key_id(key.public_key())[:16]})",
+        f"digest cache) -> {result.signature} ({signer})",
         file=sys.stderr,
     )
     return EXIT_OK
+
+
+def _verifying_key(args: argparse.Namespace) -> Any:
+    keyless = args.identity is not None or args.issuer is not None
+    if keyless == (args.key is not None):
+        raise UsageError(
+            "give --key PUBLIC.pem, or --identity and --issuer for a keyless signature"
+        )
+    if not keyless:
+        if args.offline:
+            raise UsageError("--offline is for keyless verification (--identity, --issuer)")
+        return args.key
+    if args.identity is None or args.issuer is None:
+        raise UsageError("keyless verification needs both --identity and --issuer")
+    from trainguard.seal import SigstoreIdentity
+
+    return SigstoreIdentity(args.identity, args.issuer, offline=args.offline)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -249,7 +296,7 @@ def _verify(args: argparse.Namespace) -> int:
     with _progress_bar(_show_progress(args), "verifying") as progress:
         result = verify_report(
             args.path,
-            args.key,
+            _verifying_key(args),
             signature=args.signature,
             ignore=args.ignore,
             cache=_cache_arg(args),
@@ -276,7 +323,8 @@ def _verify(args: argparse.Namespace) -> int:
     if code == EXIT_OK:
         print(
             f"verified {result.files_checked} file{'' if result.files_checked == 1 else 's'} "
-            f"against {result.signature} (key id {result.signer_key_id[:16]}; "
+            f"against {result.signature} ("
+            f"{result.signer_identity or 'key id ' + result.signer_key_id[:16]}; "
             f"{result.stats.files_from_cache} from the digest cache)",
             file=sys.stderr,
         )

@@ -21,12 +21,15 @@ from trainguard.seal.api import (
 )
 from trainguard.seal.digest_cache import DigestCache
 from trainguard.seal.errors import KeyLoadError, SealError, VerificationError
+from trainguard.seal.keyless import KeylessSigning, SigstoreIdentity
 
 __all__ = [
     "DigestCache",
     "KeyLoadError",
+    "KeylessSigning",
     "SealError",
     "SealResult",
+    "SigstoreIdentity",
     "VerificationError",
     "VerifyResult",
     "default_signature",

@@ -34,6 +34,7 @@ from trainguard.seal.digest_cache import DigestCache
 from trainguard.seal.dsse import MAX_PAYLOAD
 from trainguard.seal.errors import SealError, VerificationError
 from trainguard.seal.hashing import SEAL_HASHES, HashStats
+from trainguard.seal.keyless import KeylessSigning, SigstoreIdentity
 from trainguard.seal.manifest import (
     Manifest,
     ManifestError,
@@ -66,6 +67,8 @@ class VerifyResult:
     files_checked: int = 0
     stats: HashStats = field(default_factory=HashStats)
     notes: list[str] = field(default_factory=list)
+    # Keyless signatures: "IDENTITY (ISSUER)" from the verified certificate.
+    signer_identity: str | None = None
 
 
 def _load_private(key: object) -> PrivateKey:
@@ -107,7 +110,7 @@ def _hash(
 
 def seal(
     path: str | os.PathLike[str],
-    key: str | os.PathLike[str] | PrivateKey,
+    key: str | os.PathLike[str] | PrivateKey | KeylessSigning,
     *,
     signature: str | os.PathLike[str] | None = None,
     hash: str = "sha256",
@@ -137,7 +140,8 @@ def seal(
     root = Path(path)
     if not os.path.lexists(root):
         raise UsageError(f"{root}: no such file or directory")
-    private = _load_private(key)
+    if not isinstance(key, KeylessSigning):
+        _load_private(key)  # a bad key is an error before any hashing
     sig_path = Path(signature) if signature is not None else default_signature(root)
     paths, patterns = split_ignores(ignore)
     sig_rel = relative_inside(root, sig_path)
@@ -165,7 +169,13 @@ def seal(
             f"the manifest of {root} is {len(payload)} bytes, over the {MAX_PAYLOAD} a "
             "signature may carry: seal sub-folders separately, or use fewer shards"
         )
-    bundles.write_bundle(sig_path, bundles.build_bundle(payload, private))
+    if isinstance(key, KeylessSigning):
+        from trainguard.seal.keyless import sign_keyless
+
+        bundle = sign_keyless(payload, identity_token=key.identity_token, staging=key.staging)
+    else:
+        bundle = bundles.build_bundle(payload, _load_private(key))
+    bundles.write_bundle(sig_path, bundle)
     return SealResult(sig_path, manifest, stats, notes)
 
 
@@ -183,7 +193,7 @@ def _finding(rule_id: str, message: str, file: str) -> Finding:
 
 def verify_report(
     path: str | os.PathLike[str],
-    key: str | os.PathLike[str] | PublicKey,
+    key: str | os.PathLike[str] | PublicKey | SigstoreIdentity,
     *,
     signature: str | os.PathLike[str] | None = None,
     ignore: Sequence[str] = (),
@@ -202,11 +212,18 @@ def verify_report(
     root = Path(path)
     if not os.path.lexists(root):
         raise UsageError(f"{root}: no such file or directory")
-    public = _load_public(key)
+    public = None if isinstance(key, SigstoreIdentity) else _load_public(key)
     sig_path = Path(signature) if signature is not None else default_signature(root)
     report = ScanReport(fail_on=fail_on)
     try:
-        payload, signer = bundles.verify_bundle(bundles.read_bundle(sig_path), public)
+        bundle = bundles.read_bundle(sig_path)
+        if isinstance(key, SigstoreIdentity):
+            from trainguard.seal.keyless import verify_bundle as verify_keyless
+
+            payload, signer = verify_keyless(bundle, key)
+        else:
+            assert public is not None
+            payload, signer = bundles.verify_bundle(bundle, public)
         expected = parse_statement(payload)
     except VerificationError as exc:
         report.files.append(_signature_result(sig_path, exc.findings))
@@ -253,12 +270,21 @@ def verify_report(
     sizes = {shown(e.name): e.identity.size for e in tree.files}
     for name in sorted({*display.values(), *by_file}):
         report.files.append(FileResult(name, "file", sizes.get(name, 0), by_file.get(name, [])))
-    return VerifyResult(sig_path, report, expected, signer.key_id, len(tree.files), stats, notes)
+    return VerifyResult(
+        sig_path,
+        report,
+        expected,
+        signer.key_id,
+        len(tree.files),
+        stats,
+        notes,
+        signer.certificate_subject if isinstance(key, SigstoreIdentity) else None,
+    )
 
 
 def verify(
     path: str | os.PathLike[str],
-    key: str | os.PathLike[str] | PublicKey,
+    key: str | os.PathLike[str] | PublicKey | SigstoreIdentity,
     *,
     signature: str | os.PathLike[str] | None = None,
     ignore: Sequence[str] = (),
