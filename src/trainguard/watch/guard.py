@@ -131,8 +131,9 @@ class Guard:
         self._hp = hyperparameters(optimizer)
         self._after: Fingerprint = self.fp.fingerprint(named)
         self._opt_after: Fingerprint = self.fp.fingerprint(optimizer_tensors(optimizer))
+        environment = None
         if env_snapshot is not None:
-            self._check_environment(env_snapshot, env_key, env_paths)
+            environment = self._check_environment(env_snapshot, env_key, env_paths)
         self._record(
             "run-start",
             {
@@ -145,6 +146,7 @@ class Guard:
                 "hyperparameters": self._hp,
                 "torch": torch.__version__,
                 "pid": os.getpid(),
+                "environment": environment,  # the start-up check, or None if not asked for
             },
         )
 
@@ -168,8 +170,10 @@ class Guard:
 
     def _check_environment(
         self, snapshot_path: str, public_key: Any, paths: list[str] | None
-    ) -> None:
-        """Compare the Python environment with a sealed snapshot before training."""
+    ) -> dict[str, Any]:
+        """Compare the Python environment with a sealed snapshot before training.
+
+        Returns what the run-start record says about the check (a report shows it)."""
         from trainguard.findings import Severity
         from trainguard.seal.env_snapshot import read_snapshot
         from trainguard.seal.environment import EnvOptions, verify_environment
@@ -192,6 +196,7 @@ class Guard:
                 + "; ".join(f"{f.file}: {f.rule}" for f in bad[:5]),
                 files=[f.file for f in bad[:50]],
             )
+        return {"snapshot": os.path.basename(os.fspath(snapshot_path)), "differing": len(bad)}
 
     # -- the optimizer hooks ---------------------------------------------------
     def _before_step(self) -> None:
