@@ -15,6 +15,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import fuzz_examples
 from tests.helpers import call1
 from trainguard import Severity, scan, scan_bytes
 from trainguard.limits import Limits
@@ -28,14 +29,16 @@ def test_random_garbage_is_unknown_not_clean_or_crash() -> None:
         assert result.error is None, result.error
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=fuzz_examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(st.binary(max_size=2048))
 def test_fuzz_arbitrary_bytes(data: bytes) -> None:
     result = scan_bytes(data)
     assert result.error is None, result.error
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=fuzz_examples(200), deadline=None)
 @given(st.data())
 def test_fuzz_mutated_pickles_never_crash(data: st.DataObject) -> None:
     base = bytearray(

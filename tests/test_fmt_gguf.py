@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import fuzz_examples
 from trainguard import Severity, scan_bytes, scan_file
 from trainguard.limits import Limits
 from trainguard.samples import LOADERS, MALICIOUS
@@ -220,7 +221,9 @@ def test_scanning_templates_imports_and_runs_nothing(tmp_path: Path) -> None:
 _VALID = _model(**{"tokenizer.ggml.tokens": ["a", "b", "c"], "general.alignment": 32})
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=fuzz_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), max_size=8))
 def test_fuzz_mutated_file(edits: list[tuple[int, int]]) -> None:
     data = bytearray(_VALID)
@@ -230,7 +233,7 @@ def test_fuzz_mutated_file(edits: list[tuple[int, int]]) -> None:
     assert result.error is None, result.error
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(st.binary(max_size=300))
 def test_fuzz_random_tables(body: bytes) -> None:
     result = scan_bytes(b"GGUF\x03\0\0\0" + body, "f.gguf")

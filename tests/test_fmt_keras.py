@@ -24,6 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import fuzz_examples
 from tests.helpers import call1
 from trainguard import Severity, scan_bytes, scan_file
 from trainguard.findings import FileResult
@@ -216,14 +217,14 @@ def _json_values() -> st.SearchStrategy[object]:
     )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=fuzz_examples(150), deadline=None)
 @given(_json_values())
 def test_fuzz_config_walk_never_crashes(config: object) -> None:
     result = _scan(config)
     assert result.error is None, result.error
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=fuzz_examples(60), deadline=None)
 @given(st.data())
 def test_fuzz_mutated_keras_zip(data: st.DataObject) -> None:
     blob = bytearray(_keras(_with_activation({"module": "os", "class_name": "system"})))
@@ -273,7 +274,7 @@ def test_h5_weights_only_and_garbage(tmp_path: Path) -> None:
     assert _rules(scan_file(broken)) == ["TG003"]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=fuzz_examples(40), deadline=None)
 @given(data=st.data())
 def test_fuzz_mutated_h5(data: st.DataObject, tmp_path_factory: pytest.TempPathFactory) -> None:
     """libhdf5 parses the file: damaged ones must give findings, never a crash."""

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import fuzz_examples
 from trainguard import Severity, scan_bytes, scan_file
 from trainguard.limits import Limits
 from trainguard.samples import BENIGN, MALICIOUS, Sample
@@ -146,7 +147,7 @@ def test_truncated_and_damaged_models_never_read_as_clean() -> None:
         assert result.format != "onnx" or result.findings, cut
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=fuzz_examples(150), deadline=None)
 @given(st.data())
 def test_fuzz_mutated_models(data: st.DataObject) -> None:
     blob = bytearray(model(_add_relu(tensor("B", [1.0, 2.0], location="w.bin"))))

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import fuzz_examples
 from trainguard import Severity, scan_bytes, scan_file
 from trainguard.limits import DEFAULT_LIMITS, Limits
 from trainguard.samples.fmt_safetensors import safetensors_bytes
@@ -236,7 +237,7 @@ def test_agrees_with_the_safetensors_library(tmp_path: Path) -> None:
 _SAMPLE = VALID["kohya-metadata"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(st.lists(st.tuples(st.integers(0, len(_SAMPLE) - 1), st.integers(0, 255)), max_size=6))
 def test_fuzz_mutated_header(edits: list[tuple[int, int]]) -> None:
     data = bytearray(_SAMPLE)
@@ -247,7 +248,7 @@ def test_fuzz_mutated_header(edits: list[tuple[int, int]]) -> None:
     assert result.error is None, result.error
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=fuzz_examples(200), deadline=None)
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.text(max_size=8),

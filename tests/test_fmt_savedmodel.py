@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import fuzz_examples
 from trainguard import Severity, scan_bytes, scan_file
 from trainguard.findings import FileResult
 from trainguard.limits import Limits
@@ -166,7 +167,7 @@ def test_benign_sample_is_registered_clean() -> None:
     assert BENIGN["tf-savedmodel-matmul"].expect == "clean"
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=fuzz_examples(150), deadline=None)
 @given(st.data())
 def test_fuzz_mutated_saved_models(data: st.DataObject) -> None:
     serve = function("__inference_serving_default_1", [node("w", "WriteFile", ["x"])])

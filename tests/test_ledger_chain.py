@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import fuzz_examples
 from trainguard.errors import MissingExtraError, UsageError
 from trainguard.ledger import GENESIS, Ledger, LedgerError, open_ledger
 from trainguard.ledger.chain import (
@@ -208,7 +209,7 @@ _JSON = st.recursive(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=fuzz_examples(200), deadline=None)
 @given(st.dictionaries(st.text(), _JSON, max_size=6))
 def test_normalising_is_idempotent_and_reads_back(payload: dict[str, object]) -> None:
     normal, text = normalise_payload(payload)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import fuzz_examples
 from trainguard.errors import LimitExceeded
 from trainguard.limits import Limits
 from trainguard.samples.protowriter import field, float32, message, packed, tag, varint
@@ -151,7 +152,7 @@ def _walk(msg: Message, depth: int = 0) -> int:
     return seen
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(st.binary(max_size=512))
 def test_fuzz_reader_raises_only_its_own_errors(data: bytes) -> None:
     try:

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import fuzz_examples
 from tests.template_fixtures import BENIGN_TEMPLATES
 from trainguard import Severity, scan_file
 from trainguard.limits import DEFAULT_LIMITS, Limits
@@ -415,13 +416,15 @@ _PIECES = [
 ]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=fuzz_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(st.lists(st.sampled_from(_PIECES), max_size=60))
 def test_fuzz_jinja_like_text(pieces: list[str]) -> None:
     analyse_template("".join(pieces), DEFAULT_LIMITS)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=fuzz_examples(200), deadline=None)
 @given(st.text(max_size=400))
 def test_fuzz_arbitrary_text(text: str) -> None:
     analyse_template(text, DEFAULT_LIMITS)

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import fuzz_examples
 from trainguard.errors import LimitExceeded, ScanError
 from trainguard.limits import GiB, Limits, MiB
 from trainguard.scan.ziplenient import (
@@ -564,7 +565,9 @@ SEED_ZIP = make_zip(
 FUZZ_LIMITS = Limits(max_decompressed_size=4 * MiB, max_archive_members=1000)
 
 
-@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=fuzz_examples(300), deadline=2000, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
     edits=st.lists(st.tuples(st.integers(0, len(SEED_ZIP) - 1), st.integers(0, 255)), max_size=8),
     words=st.lists(
