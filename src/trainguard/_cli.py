@@ -102,6 +102,7 @@ _PILLAR_CLIS: tuple[str, ...] = (
     "trainguard._cli_env",
     "trainguard._cli_ledger",
     "trainguard._cli_explain",
+    "trainguard._cli_replay",
     "trainguard._cli_report",
 )
 

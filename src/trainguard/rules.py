@@ -897,6 +897,36 @@ RULES: dict[str, Rule] = {
             "different numbers of steps between the checkpoints. Legitimate when layers were "
             "frozen or unfrozen during training; otherwise some state was replaced.",
         ),
+        Rule(
+            "TG1510",
+            "replay-diverges",
+            _H,
+            "`trainguard replay` re-ran a step of a watched run from its checkpoint, with the "
+            "same code, data and random states under the same conditions, and the step's "
+            "fingerprints differ from the ledger's. The step did not happen the way honest "
+            "training does it: the message names the first such step, what differs (batch, "
+            "weights before the step, loss, update, optimizer state, learning rate) and which "
+            "tensors. A step function that is not the training code also gives this.",
+        ),
+        Rule(
+            "TG1511",
+            "checkpoint-mismatch",
+            _H,
+            "A checkpoint of a watched run does not match its ledger: the file's BLAKE3 digest "
+            "differs from the one recorded when it was saved, or the weights or optimizer state "
+            "it holds differ from the ledger's state at its step. It was edited at rest, or the "
+            "weights were changed between the step and the save. Do not train or ship from it.",
+        ),
+        Rule(
+            "TG1512",
+            "replay-not-comparable",
+            _M,
+            "A replay ran under conditions that bit-exact replay needs held equal (torch, Python "
+            "or numpy version, thread count, deterministic-algorithm flags, CPU capability, "
+            "device) but that differ from the recorded run. A divergence under them proves "
+            "nothing either way (medium); a replay that matched anyway is noted (info). Replay "
+            "on a machine like the original one.",
+        ),
     )
 }
 

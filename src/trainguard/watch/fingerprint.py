@@ -26,16 +26,36 @@ _CHUNK = 1 << 18  # int64 words per chunk: 2 MiB, inside the cache of most CPUs
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """A group digest plus one digest per tensor, to say *which* tensor changed."""
+    """A group digest plus one digest per tensor, to say *which* tensor changed.
+
+    ``plain`` and ``plain_per_tensor`` are the same over the plain sums only,
+    hashed without the key: anyone holding the tensors can recompute them (a
+    replay without the run's key compares these), so they prove less than the
+    keyed ones against someone who edits weights on purpose.
+    """
 
     digest: str
     per_tensor: tuple[tuple[str, str], ...]
+    plain: str = ""
+    plain_per_tensor: tuple[tuple[str, str], ...] = ()
 
     def changed(self, other: Fingerprint) -> list[str]:
         mine = dict(self.per_tensor)
         theirs = dict(other.per_tensor)
         names = sorted(set(mine) | set(theirs))
         return [n for n in names if mine.get(n) != theirs.get(n)]
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.per_tensor]
+
+    def compact(self) -> str:
+        """Per tensor, in order: 4 hex digits of the keyed digest, then 4 of the plain one.
+
+        Enough to name which tensors differ (a changed tensor goes unnamed with
+        odds of 1 in 65,536); the group digests are what prove equality.
+        """
+        plain = dict(self.plain_per_tensor)
+        return "".join(f"{d[:4]}{plain.get(n, '')[:4]:0<4}" for n, d in self.per_tensor)
 
 
 class Fingerprinter:
@@ -102,14 +122,21 @@ class Fingerprinter:
         items = [(n, t) for n, t in named if t is not None]
         sums = self.sums([t for _, t in items])
         per: list[tuple[str, str]] = []
+        plain_per: list[tuple[str, str]] = []
         group = hashlib.blake2b(key=self.key[:32], digest_size=16)
+        plain_group = hashlib.blake2b(digest_size=16)
         for (name, t), (plain, keyed) in zip(items, sums, strict=True):
             h = hashlib.blake2b(key=self.key[:32], digest_size=8)
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{plain}|{keyed}".encode())
             d = h.hexdigest()
             per.append((name, d))
             group.update(f"{name}={d};".encode())
-        return Fingerprint(group.hexdigest(), tuple(per))
+            p = hashlib.blake2b(
+                f"{name}|{tuple(t.shape)}|{t.dtype}|{plain}".encode(), digest_size=8
+            )
+            plain_per.append((name, p.hexdigest()))
+            plain_group.update(f"{name}={p.hexdigest()};".encode())
+        return Fingerprint(group.hexdigest(), tuple(per), plain_group.hexdigest(), tuple(plain_per))
 
     def digest_bytes(self, *parts: bytes) -> str:
         h = hashlib.blake2b(key=self.key[:32], digest_size=16)
@@ -123,9 +150,13 @@ def optimizer_tensors(optimizer: Any) -> list[tuple[str, Any]]:
     """The optimizer's state tensors, named by parameter index and slot."""
     import torch
 
-    index = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    index = {id(p): i for i, p in enumerate(params)}  # as optimizer.state_dict() numbers them
+    # In parameter order, not in the order the state was created: a state
+    # restored by load_state_dict fingerprints like the one it was saved from.
+    ordered = sorted(optimizer.state.items(), key=lambda kv: index.get(id(kv[0]), len(index)))
     named = []
-    for p, state in optimizer.state.items():
+    for p, state in ordered:
         for slot, value in sorted(state.items(), key=lambda kv: str(kv[0])):
             if isinstance(value, torch.Tensor):
                 named.append((f"{index.get(id(p), '?')}.{slot}", value))

@@ -79,6 +79,7 @@ class Guard:
         env_snapshot: str | None = None,
         env_key: Any = None,
         env_paths: list[str] | None = None,
+        tensor_digests: bool = True,
     ) -> None:
         import torch
 
@@ -101,6 +102,9 @@ class Guard:
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.key = key or _shared_key(self.world_size)
         self.fp = Fingerprinter(self.key)
+        # Per-tensor digests in each step record (8 characters per tensor) let
+        # `trainguard replay` name the tensors that diverge.
+        self.tensor_digests = tensor_digests
         self.step_index = 0
         self._owns_ledger = isinstance(ledger, (str, os.PathLike))
         self.ledger = _open(ledger)
@@ -131,13 +135,23 @@ class Guard:
         self._hp = hyperparameters(optimizer)
         self._after: Fingerprint = self.fp.fingerprint(named)
         self._opt_after: Fingerprint = self.fp.fingerprint(optimizer_tensors(optimizer))
+        self._opt_names = self._opt_after.names()
+        self._before_checked = False
         environment = None
         if env_snapshot is not None:
             environment = self._check_environment(env_snapshot, env_key, env_paths)
+        from trainguard.watch import conditions
+
         self._record(
             "run-start",
             {
                 "key_id": self.fp.digest_bytes(b"key-id"),
+                # What `trainguard replay` compares against (docs/replay.md).
+                "every": self.every,
+                "param_names": self._after.names(),
+                "optimizer_names": self._opt_names,
+                "state": self._state_digests(),
+                "conditions": conditions.gather(model),
                 "world_size": self.world_size,
                 "optimizer": type(optimizer).__name__,
                 "params": sum(p.numel() for _, p in named),
@@ -226,6 +240,7 @@ class Guard:
             self._check_identity()
             self._check_rng()
             self._before = before
+        self._before_checked = check
         flipped = self.direction.before_step()
         if flipped:
             self._alert(
@@ -246,15 +261,44 @@ class Guard:
                 f"{type(self.optimizer).__name__} prescribes (cosine {cosine:.3f})",
                 cosine=cosine,
             )
+        previous = self._after
         self._after = self.fp.fingerprint(self.named_params)
         self._opt_after = self.fp.fingerprint(optimizer_tensors(self.optimizer))
         self._hp = hyperparameters(self.optimizer)
+        before: Fingerprint = getattr(self, "_before", self._after)
         self._pending = {
-            "before": getattr(self, "_before", self._after).digest,
+            "before": before.digest,
             "after": self._after.digest,
             "optimizer": self._opt_after.digest,
+            "plain": {
+                "before": before.plain,
+                "after": self._after.plain,
+                "optimizer": self._opt_after.plain,
+            },
             "cosine": cosine,
             "optimizer_step_seconds": time.perf_counter() - self._step_started,
+        }
+        if self.tensor_digests:
+            tensors = {"after": self._after.compact(), "optimizer": self._opt_after.compact()}
+            if self._before_checked and before.digest != previous.digest:
+                tensors["before"] = before.compact()  # otherwise the last step's "after"
+            self._pending["tensors"] = tensors
+        names = self._opt_after.names()
+        if names != self._opt_names:
+            self._pending["optimizer_names"] = self._opt_names = names
+
+    def _state_digests(self) -> dict[str, Any]:
+        """Digests of the parameters and optimizer state as they are now (docs/replay.md)."""
+        tensors = (
+            {"params": self._after.compact(), "optimizer": self._opt_after.compact()}
+            if self.tensor_digests
+            else {}
+        )
+        return {
+            "params": self._after.digest,
+            "optimizer": self._opt_after.digest,
+            "plain": {"params": self._after.plain, "optimizer": self._opt_after.plain},
+            "tensors": tensors,
         }
 
     def _total_grad_norm(self) -> float:
@@ -371,12 +415,14 @@ class Guard:
         self.windows["grad_norm"].add(grad_norm)
         batch_fp = self._batch_fingerprint(batch)
         record = dict(self._pending or {})
+        if batch_fp is not None and "plain" in record:
+            record["plain"] = {**record["plain"], "batch": batch_fp.plain}
         record.update(
             {
                 "loss": loss_value,
                 "grad_norm": grad_norm,
                 "step_time": step_time,
-                "batch": batch_fp,
+                "batch": batch_fp.digest if batch_fp is not None else None,
                 "rng": getattr(self, "_rng_digests", {}),
                 "lr": [g.get("lr") for g in self._hp],
                 "rank": self.rank,
@@ -416,14 +462,13 @@ class Guard:
         else:
             window.add(step_time)
 
-    def _batch_fingerprint(self, batch: Any) -> str | None:
+    def _batch_fingerprint(self, batch: Any) -> Fingerprint | None:
         tensors = _tensors_in(batch, self.torch)
         if not tensors:
             return None
         if self.data_check and self._batch_indices:
             self._check_samples(tensors, self._batch_indices.pop(0))
-        fp = self.fp.fingerprint((str(i), t) for i, t in enumerate(tensors))
-        return fp.digest
+        return self.fp.fingerprint((str(i), t) for i, t in enumerate(tensors))
 
     def _check_samples(self, tensors: list[Any], indices: list[int]) -> None:
         n = len(indices)
@@ -454,6 +499,20 @@ class Guard:
                     yield indices
 
         batch_sampler.__class__ = Recording
+
+    def checkpoint(self, path: str | os.PathLike[str], *, data_state: Any = None) -> dict[str, Any]:
+        """Save what ``trainguard replay`` needs to re-run from here; record it in the ledger.
+
+        Call it between steps, after ``guard.step``.  Saves the model, optimizer
+        and scheduler states, every random state and the position in the data
+        (``data_state``: plain data you want back at replay time, such as the
+        epoch) in a file that ``trainguard.load`` reads back, and appends a
+        ``checkpoint`` record with the file's BLAKE3 digest.  Returns that
+        record's payload.  See docs/replay.md.
+        """
+        from trainguard.watch.checkpoint import save
+
+        return save(self, path, data_state=data_state)
 
     def close(self, error: BaseException | None = None) -> None:
         """Flush the last step, remove hooks and wrappers; write a run-end record.
