@@ -318,9 +318,7 @@ def test_wrong_key_is_refused(runs: dict[str, str]) -> None:
 # -- the command line ---------------------------------------------------------------------------
 
 
-def test_cli_json(
-    runs: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_json(runs: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     key_file = tmp_path / "run.key"
     key_file.write_text(KEY.hex())
     argv = ["replay", "--ledger", runs["ledger"], "--entry", "tests.test_replay:build", "-q"]

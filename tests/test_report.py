@@ -249,6 +249,7 @@ def test_errors_exit_two(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["report", "other", "--ledger", url]) == 2
     assert main(["report", "r1", "--ledger", str(tmp_path / "missing.db")]) == 2
     assert main(["report", "r1", "--ledger", url, "--diff", "a.pt", "b.pt"]) == 2
+    assert main(["report", "r1", "--ledger", url, "-o", str(tmp_path / "no" / "r.html")]) == 2
     assert "no records for run 'other'" in capsys.readouterr().err
 
 
@@ -340,6 +341,16 @@ def test_environment_status_from_the_run_start_record(tmp_path: Path) -> None:
     assert bad.environment.state == "differs"
     assert bad.environment.files == ["/site/torch/optim/adamw.py"]
     assert bad.exit_code() == 1
+    with open_ledger(url) as ledger:  # the check found files, but its alert is not there
+        ledger.append(
+            "hidden",
+            "run-start",
+            {"environment": {"snapshot": "env.json", "differing": 2}},
+            step=0,
+            stream=0,
+        )
+        hidden = build_report(ledger, "hidden")
+    assert hidden.environment.state == "differs" and hidden.exit_code() == 1
 
 
 def test_guard_records_the_environment_check_in_run_start(tmp_path: Path) -> None:
@@ -389,3 +400,23 @@ def test_long_series_are_thinned_and_keep_spikes() -> None:
     assert (123_457, 100.0) in points
     assert [p[0] for p in points] == sorted(p[0] for p in points)
     assert s.count == 200_000 and s.highest == 100.0 and s.lowest == 1.0
+
+
+def test_checkpoint_pairs_span_each_alert_step() -> None:
+    from trainguard.explain.report_diffs import MAX_DIFFS, CheckpointRef, plan_pairs
+
+    refs = [CheckpointRef(s, f"c{s}.pt") for s in (30, 0, 10, 20)]
+    alerts = [(s, f"alert at {s}") for s in (15, 20, 30, 0, 35, 12)]
+    pairs, notes = plan_pairs(refs, alerts)
+    # A checkpoint at the alert's own step may predate the change: take the next one.
+    assert [(a.step, b.step, why) for a, b, why in pairs] == [
+        (10, 20, "alert at 15"),
+        (10, 30, "alert at 20"),
+        (20, 30, "alert at 30"),  # none after 30: the one at 30 is the best there is
+    ]  # 12 gives (10, 20) again: diffed once
+    assert notes == ["2 alert step(s) have no recorded checkpoint on both sides, not diffed: 0, 35"]
+    many = [CheckpointRef(s, f"c{s}.pt") for s in range(0, 100, 10)]
+    pairs, notes = plan_pairs(many, [(s, "") for s in range(5, 90, 10)])
+    assert len(pairs) == MAX_DIFFS and notes == [
+        f"{9 - MAX_DIFFS} more checkpoint pairs not diffed (at most {MAX_DIFFS} per report)"
+    ]

@@ -95,10 +95,13 @@ def _report(args: argparse.Namespace) -> int:
         ledger.close()
     text = render(report, fmt, tool_version=installed_version())
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.write(text)
         from trainguard.render.text import printable
 
+        try:
+            with open(args.output, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except OSError as exc:
+            raise UsageError(f"{printable(args.output)}: cannot write: {exc.strerror}") from None
         print(f"{printable(args.output)}: {printable(verdict(report))}", file=sys.stderr)
     else:
         sys.stdout.write(text)

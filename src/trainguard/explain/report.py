@@ -173,11 +173,13 @@ class RunReport:
         return (
             self.alerts_total > 0
             or not self.verification.intact
+            or self.environment.state == "differs"
             or any(d.failed for d in self.diffs)
         )
 
     def exit_code(self) -> int:
-        """0: no alert, the ledger verified, no failing diff; 1 otherwise."""
+        """0: no alert, the ledger verified, the environment not seen to differ, no failing
+        checkpoint diff; 1 otherwise."""
         return 1 if self.failed else 0
 
     @property
@@ -321,6 +323,11 @@ class _Collector:
         if self.env_alerts:
             alert = self.env_alerts[0]
             return EnvironmentStatus("differs", snapshot or None, self.env_files, alert.message)
+        differing = number(env.get("differing")) if env is not None else None
+        if differing:
+            # The check found files, but their TG1312 alert is not in the ledger.
+            detail = f"{differing:.0f} file(s) differed at start-up; their alert record is missing"
+            return EnvironmentStatus("differs", snapshot or None, [], detail)
         if env is not None:
             return EnvironmentStatus(
                 "matches", snapshot or None, [], "checked against the sealed snapshot at start-up"

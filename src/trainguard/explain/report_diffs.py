@@ -18,6 +18,7 @@ fails.
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from dataclasses import dataclass, field
@@ -74,30 +75,48 @@ class CheckpointDiff:
 def plan_pairs(
     checkpoints: list[CheckpointRef], alert_steps: list[tuple[int, str]]
 ) -> tuple[list[tuple[CheckpointRef, CheckpointRef, str]], list[str]]:
-    """Pairs of recorded checkpoints around each alert step, and notes on the others."""
+    """Pairs of recorded checkpoints around each alert step, and notes on the others.
+
+    A checkpoint's step is its position (steps done).  An alert at step s saw a
+    change made after position s began, so the pair is the last checkpoint
+    before s and the first after it (or at s, when none is after: a checkpoint
+    at s itself may have been saved on either side of the change).
+    """
     ordered = sorted(
         {c.path: c for c in checkpoints if c.step is not None}.values(),
         key=lambda c: (c.step or 0, c.path),
     )
+    positions = [c.step or 0 for c in ordered]
     pairs: list[tuple[CheckpointRef, CheckpointRef, str]] = []
     seen: set[tuple[str, str]] = set()
-    notes: list[str] = []
+    unpaired: list[int] = []
+    over = 0
     if not ordered:
-        return pairs, notes
+        return pairs, []
     for step, what in alert_steps:
-        after = next((c for c in ordered if (c.step or 0) >= step), None)
-        before = next((c for c in reversed(ordered) if (c.step or 0) < step), None)
-        if after is None or before is None:
-            side = "after" if after is None else "before"
-            notes.append(f"{what}: no checkpoint recorded {side} step {step}")
+        lo = bisect.bisect_left(positions, step)
+        hi = bisect.bisect_right(positions, step)
+        after_i = hi if hi < len(ordered) else (lo if lo < len(ordered) else None)
+        if lo == 0 or after_i is None:
+            unpaired.append(step)
             continue
+        before, after = ordered[lo - 1], ordered[after_i]
         if (before.path, after.path) in seen:
             continue
         if len(pairs) == MAX_DIFFS:
-            notes.append(f"{what}: not diffed (at most {MAX_DIFFS} checkpoint pairs per report)")
+            over += 1
             continue
         seen.add((before.path, after.path))
         pairs.append((before, after, what))
+    notes = []
+    if unpaired:
+        shown = ", ".join(str(s) for s in unpaired[:10]) + (" ..." if len(unpaired) > 10 else "")
+        notes.append(
+            f"{len(unpaired)} alert step(s) have no recorded checkpoint on both sides, "
+            f"not diffed: {shown}"
+        )
+    if over:
+        notes.append(f"{over} more checkpoint pairs not diffed (at most {MAX_DIFFS} per report)")
     return pairs, notes
 
 

@@ -82,7 +82,7 @@ def ledger_summary(report: RunReport) -> str:
 def verdict(report: RunReport) -> str:
     word = "FAIL" if report.failed else "OK"
     diffs = [d for d in report.diffs if d.failed]
-    extra = f"; {plural(len(diffs), 'checkpoint diff')} with findings" if diffs else ""
+    extra = f"; {plural(len(diffs), 'failing checkpoint diff')}" if diffs else ""
     return f"{word}: {alert_summary(report)}; {ledger_summary(report)}{extra}"
 
 

@@ -234,7 +234,7 @@ def _findings_table(findings: list[Finding], caption: str) -> str:
 
 
 def _ledger(report: RunReport) -> list[str]:
-    from trainguard.explain.report_render import ledger_summary
+    from trainguard.explain.report_render import ledger_summary, plural
 
     v = report.verification
     cls = "status-ok" if v.intact else "status-bad"
@@ -243,7 +243,7 @@ def _ledger(report: RunReport) -> list[str]:
         '<h2 id="ledger-h">Ledger verification</h2>',
         f'<p class="{cls}">{esc(ledger_summary(report))}</p>',
         "<p>Every record was re-hashed and every link and signed head checked "
-        f"({v.records} records in {v.streams} streams).",
+        f"({plural(v.records, 'record')} in {plural(v.streams, 'stream')}).",
     ]
     if not v.intact:
         out.append(
