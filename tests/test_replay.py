@@ -172,6 +172,7 @@ def test_honest_run_replays_clean(runs: dict[str, str], key: bytes | None) -> No
         (0, 10, "matched"),
         (10, 20, "matched"),
         (20, 30, "matched"),
+        (30, 30, "matched"),  # the checkpoint the run ends at, checked without steps
     ]
     assert report.steps == STEPS and report.verdict == "matched" and report.exit_code() == 0
     assert report.findings() == []
@@ -181,10 +182,16 @@ def test_honest_run_replays_clean(runs: dict[str, str], key: bytes | None) -> No
 def test_range_and_checkpoint_positions(runs: dict[str, str]) -> None:
     ckpt10 = os.path.join(runs["folder"], "honest-10.pt")
     report = replay(runs["ledger"], "honest", build, key=KEY, start=ckpt10, stop="20")
-    assert [(s.start, s.end, s.status) for s in report.segments] == [(10, 20, "matched")]
+    assert [(s.start, s.end, s.status) for s in report.segments] == [
+        (10, 20, "matched"),
+        (20, 20, "matched"),
+    ]
     # A start between checkpoints replays from the one before it, straight through.
     report = replay(runs["ledger"], "honest", build, key=KEY, start=15, segmented=False)
-    assert [(s.start, s.end, s.status) for s in report.segments] == [(10, 30, "matched")]
+    assert [(s.start, s.end, s.status) for s in report.segments] == [
+        (10, 30, "matched"),
+        (30, 30, "matched"),
+    ]
     assert any("step 15 has no checkpoint" in n for n in report.notes)
 
 
@@ -203,7 +210,7 @@ def test_weights_edited_between_steps(runs: dict[str, str], key: bytes | None) -
     bad = report.first_bad_segment
     assert bad is not None and (bad.start, bad.end) == (10, 20)
     # Only up to the first bad segment is replayed: 10 + 8 steps, not 30.
-    assert [s.status for s in report.segments] == ["matched", "diverged", "skipped"]
+    assert [s.status for s in report.segments] == ["matched", "diverged", "skipped", "skipped"]
     assert report.steps == 18
     assert report.verdict == "diverged" and report.exit_code() == 1
     assert [f.rule for f in report.findings()] == ["TG1510"]
@@ -229,12 +236,12 @@ def test_learning_rate_edited(runs: dict[str, str]) -> None:
 def test_segments_are_independent(runs: dict[str, str]) -> None:
     report = replay(runs["ledger"], "weights", build, key=KEY, all_segments=True)
     # The checkpoint at 20 holds the edit's effect, so what follows replays clean.
-    assert [s.status for s in report.segments] == ["matched", "diverged", "matched"]
+    assert [s.status for s in report.segments] == ["matched", "diverged", "matched", "matched"]
 
 
 def test_weights_edited_before_a_save(runs: dict[str, str]) -> None:
     report = replay(runs["ledger"], "presave", build, key=KEY)
-    assert [s.status for s in report.segments] == ["matched", "matched", "diverged"]
+    assert [s.status for s in report.segments] == ["matched", "matched", "diverged", "skipped"]
     d = report.first_divergence
     assert d is not None and d.kind == "checkpoint" and d.step == 20
     params = d.field("params")
@@ -242,18 +249,28 @@ def test_weights_edited_before_a_save(runs: dict[str, str]) -> None:
     assert [f.rule for f in report.findings()] == ["TG1511"]
 
 
-def test_checkpoint_edited_at_rest(runs: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("edited", "statuses"),
+    [
+        (20, ["matched", "matched", "diverged", "skipped"]),
+        (30, ["matched", "matched", "matched", "diverged"]),  # the run's last checkpoint
+    ],
+)
+def test_checkpoint_edited_at_rest(
+    runs: dict[str, str], tmp_path: Path, edited: int, statuses: list[str]
+) -> None:
     for name in os.listdir(runs["folder"]):
         if name.startswith("honest-"):
             shutil.copy(os.path.join(runs["folder"], name), tmp_path / name)
-    state = trainguard.load(tmp_path / "honest-20.pt")
+    state = trainguard.load(tmp_path / f"honest-{edited}.pt")
     state["model"]["3.bias"].add_(1e-6)
-    torch.save(state, tmp_path / "honest-20.pt")
+    torch.save(state, tmp_path / f"honest-{edited}.pt")
     report = replay(runs["ledger"], "honest", build, key=KEY, checkpoint_dir=str(tmp_path))
-    assert [s.status for s in report.segments] == ["matched", "matched", "diverged"]
+    assert [s.status for s in report.segments] == statuses
     d = report.first_divergence
-    assert d is not None and d.kind == "checkpoint" and d.field("file") is not None
-    assert report.findings()[0].rule == "TG1511"
+    assert d is not None and d.kind == "checkpoint" and d.step == edited
+    assert d.field("file") is not None
+    assert [f.rule for f in report.findings()] == ["TG1511"]
 
 
 # -- conditions that must be held equal -----------------------------------------------------------

@@ -119,7 +119,7 @@ def replay(
         raise UsageError(f"nothing to replay: the range {begin}..{end} holds no recorded step")
     report = ReplayReport(location, run_id, rank, mode, begin, end, False)
     report.segments = _plan(history, begin, end, segmented, checkpoint_dir, report.notes)
-    report.segmented = len(report.segments) > 1
+    report.segmented = sum(1 for seg in report.segments if seg.end > seg.start) > 1
     runner = _Runner(history, func, key, mode, checkpoint_dir, progress)
     for i, seg in enumerate(report.segments):
         runner.run(seg)
@@ -162,18 +162,21 @@ def _plan(
         elif begin <= c.step < end:
             notes.append(f"checkpoint at step {c.step} not found ({c.name}); replayed through it")
     first = max((s for s in found if s <= begin), default=None)
+    origin = first if first is not None else 0
     if first is None and begin > 0:
         notes.append(f"no checkpoint at or before step {begin}: replaying from the run's start")
-    origin = first if first is not None else 0
-    if origin < begin:
+    elif origin < begin:
         notes.append(f"step {begin} has no checkpoint: replaying from step {origin}")
     inner = sorted(s for s in found if origin < s < end)
     if segmented is None:
         segmented = len(inner) > 0
     bounds = [origin, *(inner if segmented else []), end]
-    return [
+    segments = [
         Segment(a, b, found[a].name if a in found else None) for a, b in itertools.pairwise(bounds)
     ]
+    if end in found:  # the checkpoint the range ends at: checked against the ledger, no steps
+        segments.append(Segment(end, end, found[end].name))
+    return segments
 
 
 class _Capture:

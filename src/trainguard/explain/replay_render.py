@@ -49,18 +49,23 @@ def _seconds(x: float) -> str:
     return f"{x:.2f} s" if x < 100 else f"{x:.0f} s"
 
 
+def _span(s: Segment) -> str:
+    return f"{s.start}..{s.end - 1}" if s.end > s.start else f"at {s.start}"
+
+
 def _segment_line(s: Segment) -> str:
-    span = f"{s.start}..{s.end - 1}"
     source = printable(s.checkpoint) if s.checkpoint else "(entry's initial state)"
     steps = f"{s.steps}/{s.end - s.start}"
-    if s.status == MATCHED:
+    if s.status == MATCHED and s.end == s.start:
+        status = "matched     (the checkpoint the range ends at)"
+    elif s.status == MATCHED:
         status = f"matched     {_seconds(s.seconds)} (training: {_seconds(s.recorded_seconds)})"
     elif s.divergence is not None:
         where = "checkpoint" if s.divergence.kind == "checkpoint" else "step"
         status = f"{s.status.upper()} at {where} {s.divergence.step}"
     else:
         status = "not replayed"
-    return f"  {span:<12} {source:<28} {steps:>8}  {status}"
+    return f"  {_span(s):<12} {source:<28} {steps:>8}  {status}"
 
 
 def _tensors(f: FieldDiff) -> str:
@@ -91,8 +96,8 @@ def _value(v: Any) -> str:
 def _divergence_lines(seg: Segment, d: Divergence) -> list[str]:
     where = "the checkpoint at step" if d.kind == "checkpoint" else "step"
     head = f"{seg.status.upper()} at {where} {d.step}"
-    if seg.end - seg.start and d.kind == "step":
-        head += f" (segment {seg.start}..{seg.end - 1}"
+    if d.kind == "step":
+        head += f" (segment {_span(seg)}"
         head += f", from {printable(seg.checkpoint)})" if seg.checkpoint else ")"
     lines = [head, f"  cause: {printable(d.cause)}", "  differs:"]
     lines += [_field_line(f) for f in d.fields]
@@ -102,13 +107,17 @@ def _divergence_lines(seg: Segment, d: Divergence) -> list[str]:
     return lines
 
 
+def _stepped(r: ReplayReport) -> int:
+    return sum(1 for s in r.segments if s.end > s.start)
+
+
 def render_text(report: ReplayReport) -> str:
     r = report
     lines = [
         f"trainguard replay: run {printable(r.run_id)} (rank {r.rank}) in {printable(r.ledger)}",
         f"fingerprints: {MODE_TEXT.get(r.mode, r.mode)}",
         f"steps {r.start}..{r.end - 1}"
-        + (f" in {len(r.segments)} segments, each from its checkpoint" if r.segmented else ""),
+        + (f" in {_stepped(r)} segments, each from its checkpoint" if r.segmented else ""),
         "",
         f"  {'steps':<12} {'from':<28} {'replayed':>8}  status",
     ]
@@ -117,9 +126,9 @@ def render_text(report: ReplayReport) -> str:
     if held:
         lines += ["", "set to the recorded conditions: " + "; ".join(held)]
     for s in r.segments:
-        if s.conditions:
+        if s.conditions and s.end > s.start:
             lines.append(
-                f"steps {s.start}..{s.end - 1}: conditions differ from the recorded run: "
+                f"steps {_span(s)}: conditions differ from the recorded run: "
                 + "; ".join(printable(str(c)) for c in s.conditions)
             )
     bad = r.first_bad_segment

@@ -158,7 +158,7 @@ class ReplayReport:
                         evidence=_evidence(d),
                     )
                 )
-            if s.conditions:
+            if s.conditions and s.end > s.start:  # conditions matter to steps only
                 held = "; ".join(str(c) for c in s.conditions)
                 if s.status == NOT_COMPARABLE and d is not None:
                     message = (
