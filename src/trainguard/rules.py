@@ -401,6 +401,15 @@ RULES: dict[str, Rule] = {
             "The Python environment differs from the sealed snapshot given at start-up "
             "(see env verify).",
         ),
+        Rule(
+            "TG1313",
+            "rank-stalled",
+            _H,
+            "No training step completed for far longer than usual (the watchdog's "
+            "threshold): the rank hangs without dying, in its own code or in a "
+            "collective waiting for a peer. The evidence gives the last completed step, "
+            "where each thread is, and the collective it waits in, if any.",
+        ),
         # -- seal: signatures and manifests (TG5xx) ---------------------------
         Rule(
             "TG501",

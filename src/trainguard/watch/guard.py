@@ -80,6 +80,10 @@ class Guard:
         env_key: Any = None,
         env_paths: list[str] | None = None,
         tensor_digests: bool = True,
+        hang_seconds: float | None = 300.0,
+        hang_factor: float = 20.0,
+        on_hang: str | Callable[[Alert], None] = "record",
+        hang_stacks: bool = True,
     ) -> None:
         import torch
 
@@ -162,6 +166,12 @@ class Guard:
                 "pid": os.getpid(),
                 "environment": environment,  # the start-up check, or None if not asked for
             },
+        )
+        from trainguard.watch.watchdog import Watchdog
+
+        # Ranks that hang without dying (docs/watch.md); None when hang_seconds is None.
+        self.watchdog = Watchdog.start_for(
+            self, hang_seconds, factor=hang_factor, on_hang=on_hang, stacks=hang_stacks
         )
 
     # -- alerts ------------------------------------------------------------
@@ -520,6 +530,8 @@ class Guard:
         Pass the exception that ended training, if any: when a collective failed
         because a peer died, the ranks that stopped are then reported.
         """
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self._pending is not None:
             self._finish_step(None, None)
         if self.world_size > 1 and self.ledger is not None:
