@@ -420,3 +420,50 @@ def test_checkpoint_pairs_span_each_alert_step() -> None:
     assert len(pairs) == MAX_DIFFS and notes == [
         f"{9 - MAX_DIFFS} more checkpoint pairs not diffed (at most {MAX_DIFFS} per report)"
     ]
+
+
+def test_repeated_alerts_are_grouped_and_the_first_step_is_named() -> None:
+    from trainguard.explain.report import AlertEntry, group_alerts
+
+    def alert(
+        step: int, rule: str = "TG1306", message: str = "flipped", intact: bool = True
+    ) -> Any:
+        return AlertEntry(step, 0, step, rule, "update-direction", "critical", message, [], intact)
+
+    alerts = [alert(25, "TG1304", "patched"), *(alert(s) for s in range(25, 30))]
+    alerts += [alert(31, message="other"), alert(33), alert(34, intact=False), alert(35)]
+    groups = [(g.first.rule, g.steps, g.count) for g in group_alerts(alerts)]
+    assert groups == [
+        ("TG1304", "25", 1),
+        ("TG1306", "25-29", 5),
+        ("TG1306", "31", 1),
+        ("TG1306", "33", 1),  # a gap of a step starts a new group
+        ("TG1306", "34", 1),  # a record that fails verification stands alone
+        ("TG1306", "35", 1),
+    ]
+
+
+def test_text_report_groups_a_persistent_sabotage(tmp_path: Path) -> None:
+    def flip_every_step(step: int, model: Any, opt: Any) -> None:
+        if step == 29:
+            original = torch.nn.utils.clip_grad_norm_
+
+            def flipped(parameters: Any, max_norm: float, *a: Any, **k: Any) -> Any:
+                params = [p for p in parameters if p.grad is not None]
+                total = original(params, max_norm, *a, **k)
+                for p in params:
+                    p.grad.neg_()
+                return total
+
+            torch.nn.utils.clip_grad_norm_ = flipped
+            flip_every_step.undo = lambda: setattr(torch.nn.utils, "clip_grad_norm_", original)  # type: ignore[attr-defined]
+
+    ledger = str(tmp_path / "runs.db")
+    try:
+        sc.run(60, ledger=ledger, run_id="persist", sabotage=flip_every_step)
+    finally:
+        getattr(flip_every_step, "undo", lambda: None)()
+    code, out = report("persist", "--ledger", ledger, "-o", str(tmp_path / "report.txt"))
+    assert code == 1
+    assert "start here: the first alert is at step 30" in out
+    assert re.search(r"TG1306 update-direction  step 30-59 rank 0 \(30 alerts, one per step\)", out)

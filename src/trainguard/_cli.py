@@ -85,8 +85,8 @@ def _parser(*, core_only: bool = False) -> argparse.ArgumentParser:
     r = sub.add_parser("rules", help="list the rule ids findings can carry")
     r.add_argument("--markdown", action="store_true", help="as docs/rules.md")
 
-    d = sub.add_parser("demo", help="build a sample shared checkpoint store and scan it")
-    d.add_argument("--keep", metavar="DIR", help="build the store in DIR and keep it")
+    d = sub.add_parser("demo", help="play the training-sabotage incident end to end (scan to report)")
+    d.add_argument("--keep", metavar="DIR", help="work in DIR and keep everything (report.html...)")
 
     # Each pillar adds its own verbs: register(sub) adds parsers whose
     # set_defaults(handler=...) takes the parsed args and returns an exit code.

@@ -1,4 +1,4 @@
-"""``trainguard demo``: a shared checkpoint store with poisoned files, scanned.
+"""The demo's shared checkpoint store with planted files, scanned (act 1).
 
 The store is built from :mod:`trainguard.samples` (harmless payloads that would
 only create a canary file) in a temporary folder; the scan is the real one.
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from trainguard.findings import Severity
@@ -47,35 +46,32 @@ def build_store(root: Path) -> tuple[list[Path], list[Path]]:
     return clean, poisoned
 
 
-def run_demo(keep: str | None = None) -> int:
-    err = sys.stderr
-    with tempfile.TemporaryDirectory(prefix="trainguard-demo-") as tmp:
-        root = Path(keep) if keep else Path(tmp) / "checkpoint-store"
-        clean, poisoned = build_store(root)
-        print(
-            f"A shared checkpoint store in {root}:\n  {len(clean)} clean files in "
-            f"team-a/, {len(poisoned)} planted in shared/ (harmless payloads).\n"
-            f"$ cd {root} && trainguard scan .\n",
-            file=err,
-        )
-        here = os.getcwd()
-        os.chdir(root)  # relative paths keep the report readable
-        try:
-            report = scan(["."])
-        finally:
-            os.chdir(here)
-        color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        sys.stdout.write(render(report, "text", color=color))
-        failing = {
-            (root / r.path).resolve()
-            for r in report.files
-            if r.verdict is not None and r.verdict >= Severity.HIGH
-        }
-        caught = sum(p.resolve() in failing for p in poisoned)
-        false_alarms = sum(p.resolve() in failing for p in clean)
-        print(
-            f"\ntrainguard flagged {caught}/{len(poisoned)} poisoned files and "
-            f"{false_alarms}/{len(clean)} clean ones; nothing was loaded or executed.",
-            file=err,
-        )
-        return 0 if caught == len(poisoned) and false_alarms == 0 else 1
+def scan_store(root: Path, show: Callable[[str], None]) -> bool:
+    """Act 1: build the store under ``root`` and scan it; True if every planted file
+    fails the scan and no clean one does."""
+    clean, poisoned = build_store(root)
+    show(
+        f"{len(clean)} clean files in team-a/, {len(poisoned)} planted in shared/ "
+        "(each would run code when loaded; the payloads only create a canary file)\n"
+    )
+    show("$ trainguard scan store/")
+    here = os.getcwd()
+    os.chdir(root.parent)  # relative paths keep the report readable
+    try:
+        report = scan([root.name])
+    finally:
+        os.chdir(here)
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    show(render(report, "text", color=color).rstrip("\n"))
+    failing = {
+        (root.parent / r.path).resolve()
+        for r in report.files
+        if r.verdict is not None and r.verdict >= Severity.HIGH
+    }
+    caught = sum(p.resolve() in failing for p in poisoned)
+    false_alarms = sum(p.resolve() in failing for p in clean)
+    show(
+        f"\n=> flagged {caught}/{len(poisoned)} planted files and {false_alarms}/{len(clean)} "
+        "clean ones; nothing was loaded or executed."
+    )
+    return caught == len(poisoned) and false_alarms == 0

@@ -91,6 +91,54 @@ class AlertEntry:
             return Severity.HIGH  # an alert of unknown severity is still an alert
 
 
+@dataclass(frozen=True)
+class AlertGroup:
+    """Alerts that say the same thing at consecutive steps, shown once.
+
+    Sabotage that persists (a patched function, a flipped clip) raises the same
+    alert at every step; a person needs its first step and how long it went on.
+    """
+
+    first: AlertEntry
+    last_step: int | None
+    count: int
+
+    @property
+    def steps(self) -> str:
+        if self.first.step is None:
+            return "-"
+        if self.count == 1 or self.last_step == self.first.step:
+            return str(self.first.step)
+        return f"{self.first.step}-{self.last_step}"
+
+
+def group_alerts(alerts: list[AlertEntry]) -> list[AlertGroup]:
+    """Alerts in order, each run of identical ones (rule, rank, severity, message) at
+    consecutive steps merged; a record that fails verification is never merged."""
+    groups: list[AlertGroup] = []
+    open_at: dict[tuple[str, int, str, str], int] = {}
+    for a in alerts:
+        key = (a.rule, a.rank, a.severity, a.message)
+        i = open_at.get(key)
+        if i is not None and a.intact and a.step is not None:
+            g = groups[i]
+            if g.first.intact and g.last_step is not None and a.step - g.last_step in (0, 1):
+                groups[i] = AlertGroup(g.first, a.step, g.count + 1)
+                continue
+        open_at[key] = len(groups)
+        groups.append(AlertGroup(a, a.step, 1))
+    return groups
+
+
+def first_alerts(report: RunReport) -> tuple[int | None, list[AlertEntry]]:
+    """The earliest step with an alert, and its alerts: where to start looking."""
+    stepped = [a for a in report.alerts if a.step is not None]
+    if not stepped:
+        return None, []
+    first = min(a.step for a in stepped if a.step is not None)
+    return first, [a for a in stepped if a.step == first]
+
+
 @dataclass
 class RankTimeline:
     rank: int

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
-from trainguard.explain.report import METRICS, RunReport
+from trainguard.explain.report import METRICS, RunReport, first_alerts, group_alerts
 from trainguard.findings import Severity
 
 FORMATS = ("text", "json", "html")
@@ -172,6 +172,17 @@ def _timeline_text(report: RunReport) -> list[str]:
     return lines
 
 
+def first_alert_line(report: RunReport) -> str:
+    """``start here: step 25 (TG1304 ..., TG1306 ...)``: the earliest alert step."""
+    step, alerts = first_alerts(report)
+    if step is None:
+        return ""
+    rules = ", ".join(dict.fromkeys(f"{a.rule} {a.title}".strip() for a in alerts))
+    return (
+        f"start here: the first alert is at step {step} ({rules}); the steps before it raised none"
+    )
+
+
 def render_text(report: RunReport) -> str:
     out = [
         f"trainguard report: run {_p(report.run_id)}",
@@ -184,10 +195,15 @@ def render_text(report: RunReport) -> str:
     out += _timeline_text(report)
     if report.alerts:
         out += ["", f"alerts ({report.alerts_total}):"]
-    for a in report.alerts:
-        where = f"step {'-' if a.step is None else a.step} rank {a.rank}"
+        start = first_alert_line(report)
+        if start:
+            out.append(f"  {_p(start)}")
+    for g in group_alerts(report.alerts):
+        a = g.first
+        where = f"step {g.steps} rank {a.rank}"
+        repeated = f" ({g.count} alerts, one per step)" if g.count > 1 else ""
         tampered = "  [record fails verification]" if not a.intact else ""
-        out.append(f"  {_p(a.severity):<8} {_p(a.rule)} {_p(a.title)}  {where}{tampered}")
+        out.append(f"  {_p(a.severity):<8} {_p(a.rule)} {_p(a.title)}  {where}{repeated}{tampered}")
         out.append(f"           {_p(a.message)}")
         for name, value in a.evidence:
             out.append(f"           {_p(name)}: {_p(value)}")

@@ -179,7 +179,8 @@ def _first_nonfinite(report: RunReport, metric: str) -> str:
 
 
 def _alerts(report: RunReport) -> list[str]:
-    from trainguard.explain.report_render import alert_summary
+    from trainguard.explain.report import group_alerts
+    from trainguard.explain.report_render import alert_summary, first_alert_line
 
     out = [
         '<section id="alerts" aria-labelledby="alerts-h">',
@@ -189,13 +190,18 @@ def _alerts(report: RunReport) -> list[str]:
         out += ["<p>The monitor raised no alert in this run.</p>", "</section>"]
         return out
     out.append(f"<p>{esc(alert_summary(report))}.</p>")
+    start = first_alert_line(report)
+    if start:
+        out.append(f'<p class="start"><strong>{esc(start)}</strong>.</p>')
     out.append(
-        "<table><caption>Each alert with the evidence the monitor recorded</caption>"
+        "<table><caption>Each alert with the evidence the monitor recorded (the same alert "
+        "at consecutive steps is shown once, with its steps)</caption>"
         '<thead><tr><th scope="col">Step</th><th scope="col">Rank</th>'
         '<th scope="col">Severity</th><th scope="col">Rule</th><th scope="col">What happened'
         "</th></tr></thead><tbody>"
     )
-    for a in report.alerts:
+    for g in group_alerts(report.alerts):
+        a = g.first
         evidence = "".join(
             f"<li><strong>{esc(k)}</strong>: <code>{esc(v)}</code></li>" for k, v in a.evidence
         )
@@ -205,9 +211,9 @@ def _alerts(report: RunReport) -> list[str]:
             if not a.intact
             else ""
         )
-        step = "-" if a.step is None else str(a.step)
+        repeated = f"<br>({g.count} alerts, one per step)" if g.count > 1 else ""
         out.append(
-            f'<tr><td class="n">{esc(step)}</td><td class="n">{a.rank}</td>'
+            f'<tr><td class="n">{esc(g.steps)}{repeated}</td><td class="n">{a.rank}</td>'
             f"<td>{_sev(a.severity)}</td><td><code>{esc(a.rule)}</code><br>{esc(a.title)}</td>"
             f"<td>{esc(a.message)}{ev}{tampered}</td></tr>"
         )
