@@ -85,7 +85,7 @@ def _parser(*, core_only: bool = False) -> argparse.ArgumentParser:
     r = sub.add_parser("rules", help="list the rule ids findings can carry")
     r.add_argument("--markdown", action="store_true", help="as docs/rules.md")
 
-    d = sub.add_parser("demo", help="play the training-sabotage incident end to end (scan to report)")
+    d = sub.add_parser("demo", help="play the training-sabotage incident end to end")
     d.add_argument("--keep", metavar="DIR", help="work in DIR and keep everything (report.html...)")
 
     # Each pillar adds its own verbs: register(sub) adds parsers whose
