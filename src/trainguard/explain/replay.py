@@ -351,7 +351,7 @@ class _Runner:
                 _before(rep, capture.steps.get(s - 1), capture.start),
             )
             optimizer_names = (h.optimizer_names_at(s), capture.optimizer_names(s))
-            checked = s % h.every == 0
+            checked = s % h.every == 0 and rec.get("before") is not None
             sides = cmp.Sides(self.mode, checked, params, optimizer_names, before, label)
             diffs = cmp.compare_step(rec, rep, sides)
             if diffs:

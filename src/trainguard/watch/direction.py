@@ -3,10 +3,12 @@
 Two cheap checks, both computed on the tensors' device:
 
 1. Gradient probe: when backward finishes accumulating a parameter's gradient,
-   its sum is recorded; at ``optimizer.step`` time the gradient's sum is read
-   again.  Clipping and loss-scale unscaling only multiply gradients by a
-   positive factor, so the ratio of the two sums must be positive.  A flipped
-   clipping (the incident) makes it negative.
+   its elements at keyed sample indices are recorded; at ``optimizer.step``
+   time they are read again.  Clipping and loss-scale unscaling only multiply
+   gradients by a positive factor, so the two samples must point the same way
+   (a positive dot product).  A flipped clipping (the incident) makes it
+   negative.  Reading a few hundred elements instead of summing the whole
+   gradient keeps the probe's cost independent of the model's size.
 2. Update direction on keyed samples: for SGD and Adam/AdamW the direction an
    update must take follows from the gradient and the optimizer's state after
    the step.  A few hundred elements per parameter, at indices chosen from the
@@ -43,17 +45,16 @@ class DirectionCheck:
             for _, p in self.params
             if p.numel()
         }
-        self.backward_sums: dict[int, Any] = {}
+        self.backward_samples: dict[int, Any] = {}
         self.before: dict[int, Any] = {}
         self.grad_at_step: dict[int, Any] = {}
         self.distributed = _distributed()
         self.handles = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.params]
 
     def _on_grad(self, p: Any) -> None:
-        if p.grad is not None:
-            # float32 accumulation: only the sign is used, and widening every
-            # gradient to float64 costs a slow extra pass.
-            self.backward_sums[id(p)] = p.grad.detach().sum()
+        if p.grad is not None and id(p) in self.index:
+            sample = p.grad.detach().reshape(-1)[self.index[id(p)]]
+            self.backward_samples[id(p)] = sample.to(self.torch.float64)
 
     def before_step(self) -> list[str]:
         """At optimizer.step entry: sample weights, compare gradient sums. Names flipped ones."""
@@ -68,27 +69,31 @@ class DirectionCheck:
             idx = self.index[id(p)]
             self.before[id(p)] = p.detach().reshape(-1)[idx].to(torch.float64)
             self.grad_at_step[id(p)] = p.grad.detach().reshape(-1)[idx].to(torch.float64)
-            back = self.backward_sums.get(id(p))
-            if back is not None:
-                pairs.append(torch.stack([back, p.grad.detach().sum()]))
+            back = self.backward_samples.get(id(p))
+            if back is not None and back.shape == self.grad_at_step[id(p)].shape:
+                pairs.append((back, self.grad_at_step[id(p)]))
                 names.append(name)
-        self.backward_sums.clear()
+        self.backward_samples.clear()
         if not pairs:
             return []
-        stacked = torch.stack(pairs)
+        backs = torch.cat([b for b, _ in pairs])
         if self.distributed:
             # Data-parallel ranks average their gradients after backward: compare
-            # with the average of every rank's backward sums, not our own.
+            # with the average of every rank's backward samples, not our own.
             import torch.distributed as dist
 
-            local = stacked[:, 0].contiguous()
-            dist.all_reduce(local)
-            stacked[:, 0] = local / dist.get_world_size()
-        values = stacked.to("cpu").tolist()
+            dist.all_reduce(backs)
+            backs = backs / dist.get_world_size()
+        sizes = [int(b.numel()) for b, _ in pairs]
+        nows = torch.cat([n for _, n in pairs])
+        dots = torch.stack(
+            [(b * n).sum() for b, n in zip(backs.split(sizes), nows.split(sizes), strict=True)]
+        )
         flipped = []
-        for name, (back, now) in zip(names, values, strict=True):
-            # Relative tolerance: tiny sums carry no sign information.
-            if abs(back) > 1e-12 and abs(now) > 1e-12 and back * now < 0:
+        for name, dot in zip(names, dots.to("cpu").tolist(), strict=True):
+            # A positive factor keeps the dot product positive (or zero, for a
+            # gradient that is zero at every sampled index).
+            if dot < 0:
                 flipped.append(name)
         return flipped
 

@@ -21,6 +21,7 @@ from typing import Any
 from trainguard.errors import TrainguardError
 from trainguard.rules import RULES
 from trainguard.watch import identity, rng
+from trainguard.watch.budget import WARMUP_STEPS, VersionWatch, drawn, probability
 from trainguard.watch.direction import DirectionCheck
 from trainguard.watch.fingerprint import (
     Fingerprint,
@@ -67,6 +68,8 @@ class Guard:
         scheduler: Any = None,
         dataloader: Any = None,
         every: int = 1,
+        budget: float | None = None,
+        measure_grad_norm: bool = True,
         key: bytes | None = None,
         on_alert: str | Callable[[Alert], None] = "record",
         data_check: bool = False,
@@ -93,6 +96,19 @@ class Guard:
         self.scheduler = scheduler
         self.dataloader = dataloader
         self.every = max(1, every)
+        if budget is not None and not 0.0 < budget <= 1.0:
+            raise TrainguardError(
+                f"budget must be a fraction of the step time in (0, 1], not {budget}"
+            )
+        # None: exact fingerprints at every boundary; a fraction: see watch/budget.py.
+        self.budget = budget
+        self._versions = VersionWatch()
+        self._checking = True  # whether the coming boundary gets exact fingerprints
+        self._full_cost = 0.0  # seconds for one full fingerprint of weights and optimizer state
+        self.checked_boundaries = 0
+        # False: the loop passes guard.step(grad_norm=...) (what clip_grad_norm_ returned),
+        # which saves a pass over every gradient per step.
+        self.measure_grad_norm = measure_grad_norm
         self.run_id = run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.alerts: list[Alert] = []
         self.on_alert = on_alert
@@ -137,8 +153,12 @@ class Guard:
         self._initial_seed = rng.initial_seed()
         self._rng_seen: set[tuple[str, str]] = set()
         self._hp = hyperparameters(optimizer)
+        started = time.perf_counter()
         self._after: Fingerprint = self.fp.fingerprint(named)
         self._opt_after: Fingerprint = self.fp.fingerprint(optimizer_tensors(optimizer))
+        self._full_cost = time.perf_counter() - started
+        if budget is not None:
+            self._versions.remember(self._watched_tensors())
         self._opt_names = self._opt_after.names()
         self._before_checked = False
         environment = None
@@ -152,6 +172,7 @@ class Guard:
                 "key_id": self.fp.digest_bytes(b"key-id"),
                 # What `trainguard replay` compares against (docs/replay.md).
                 "every": self.every,
+                "budget": self.budget,
                 "param_names": self._after.names(),
                 "optimizer_names": self._opt_names,
                 "state": self._state_digests(),
@@ -226,9 +247,15 @@ class Guard:
     def _before_step(self) -> None:
         if self._pending is not None:  # guard.step was not called for the last step
             self._finish_step(loss=None, batch=None)
-        check = self.step_index % self.every == 0
+        if self.budget is None:
+            check = self.step_index % self.every == 0
+        else:
+            check = self._checking
+            if not check:
+                self._check_versions()
         self._step_started = time.perf_counter()
         if check:
+            self.checked_boundaries += 1
             before = self.fp.fingerprint(self.named_params)
             if before.digest != self._after.digest:
                 changed = before.changed(self._after)
@@ -246,10 +273,12 @@ class Guard:
                     f"optimizer state changed outside the step: {', '.join(changed[:5])}",
                     tensors=changed[:50],
                 )
+            self._before = before
+            self._full_cost = time.perf_counter() - self._step_started
+        if check or self.budget is not None:  # cheap: every step when on a budget
             self._check_hyperparameters()
             self._check_identity()
             self._check_rng()
-            self._before = before
         self._before_checked = check
         flipped = self.direction.before_step()
         if flipped:
@@ -260,7 +289,7 @@ class Guard:
                 f"{', '.join(flipped[:5])}",
                 tensors=flipped[:50],
             )
-        self._grad_norm = self._total_grad_norm()
+        self._grad_norm = self._total_grad_norm() if self.measure_grad_norm else None
 
     def _after_step(self) -> None:
         cosine = self.direction.after_step(self.optimizer)
@@ -271,10 +300,21 @@ class Guard:
                 f"{type(self.optimizer).__name__} prescribes (cosine {cosine:.3f})",
                 cosine=cosine,
             )
+        self._hp = hyperparameters(self.optimizer)
+        optimizer_seconds = time.perf_counter() - self._step_started
+        if self.budget is not None:
+            self._versions.remember(self._watched_tensors())
+            self._checking = self._draw_check()
+            if not self._checking:
+                # No fingerprints this boundary: the record says so by leaving them out.
+                self._pending = {"cosine": cosine, "optimizer_step_seconds": optimizer_seconds}
+                if self._before_checked:
+                    self._pending["before"] = self._before.digest
+                    self._pending["plain"] = {"before": self._before.plain}
+                return
         previous = self._after
         self._after = self.fp.fingerprint(self.named_params)
         self._opt_after = self.fp.fingerprint(optimizer_tensors(self.optimizer))
-        self._hp = hyperparameters(self.optimizer)
         before: Fingerprint = getattr(self, "_before", self._after)
         self._pending = {
             "before": before.digest,
@@ -286,7 +326,7 @@ class Guard:
                 "optimizer": self._opt_after.plain,
             },
             "cosine": cosine,
-            "optimizer_step_seconds": time.perf_counter() - self._step_started,
+            "optimizer_step_seconds": optimizer_seconds,
         }
         if self.tensor_digests:
             tensors = {"after": self._after.compact(), "optimizer": self._opt_after.compact()}
@@ -296,6 +336,45 @@ class Guard:
         names = self._opt_after.names()
         if names != self._opt_names:
             self._pending["optimizer_names"] = self._opt_names = names
+
+    def _watched_tensors(self) -> list[tuple[str, Any]]:
+        return [
+            *self.named_params,
+            *(("optimizer " + n, t) for n, t in optimizer_tensors(self.optimizer)),
+        ]
+
+    def _check_versions(self) -> None:
+        changed = self._versions.changed(self._watched_tensors())
+        params = [n for n in changed if not n.startswith("optimizer ")]
+        moments = [n.removeprefix("optimizer ") for n in changed if n.startswith("optimizer ")]
+        if params:
+            self._alert(
+                "TG1301",
+                f"{len(params)} parameter tensor(s) written in place since the last "
+                f"optimizer step (version counter): {', '.join(params[:5])}",
+                tensors=params[:50],
+                via="version",
+            )
+        if moments:
+            self._alert(
+                "TG1302",
+                f"optimizer state written in place outside the step (version counter): "
+                f"{', '.join(moments[:5])}",
+                tensors=moments[:50],
+                via="version",
+            )
+
+    def _draw_check(self) -> bool:
+        """Whether the boundary after this step gets exact fingerprints (budget mode)."""
+        step = self.step_index
+        window = self.windows["time"]
+        if step < WARMUP_STEPS or not window.ready():
+            return True
+        if self.world_size > 1 and self.sync_every and (step + 1) % self.sync_every == 0:
+            return True  # ranks compare their fingerprints after this step
+        assert self.budget is not None
+        median, _ = window.center_scale()
+        return drawn(self.key, step, probability(self.budget, median, self._full_cost))
 
     def _state_digests(self) -> dict[str, Any]:
         """Digests of the parameters and optimizer state as they are now (docs/replay.md)."""
@@ -390,8 +469,15 @@ class Guard:
         self._rng_digests = digests
 
     # -- the user's call ----------------------------------------------------------------
-    def step(self, loss: Any = None, batch: Any = None) -> None:
-        """Call right after ``optimizer.step()``: records the step and runs its checks."""
+    def step(self, loss: Any = None, batch: Any = None, grad_norm: Any = None) -> None:
+        """Call right after ``optimizer.step()``: records the step and runs its checks.
+
+        ``grad_norm``: the total gradient norm your loop already has (what
+        ``clip_grad_norm_`` returned); with ``watch(..., measure_grad_norm=False)``
+        the guard then skips computing it.
+        """
+        if grad_norm is not None:
+            self._grad_norm = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm)
         self._finish_step(loss, batch)
         if self._stopped:
             stopped, self._stopped = self._stopped, []
@@ -415,7 +501,8 @@ class Guard:
                     loss=loss_value,
                 )
             self.windows["loss"].add(loss_value)
-        grad_norm = getattr(self, "_grad_norm", 0.0)
+        grad_norm = getattr(self, "_grad_norm", None)
+        grad_norm = 0.0 if grad_norm is None else grad_norm
         if is_spike(self.windows["grad_norm"], grad_norm):
             self._alert(
                 "TG1308",
@@ -522,7 +609,10 @@ class Guard:
         """
         from trainguard.watch.checkpoint import save
 
-        return save(self, path, data_state=data_state)
+        if self.watchdog is None:
+            return save(self, path, data_state=data_state)
+        with self.watchdog.paused():  # a long save is not a hang
+            return save(self, path, data_state=data_state)
 
     def close(self, error: BaseException | None = None) -> None:
         """Flush the last step, remove hooks and wrappers; write a run-end record.

@@ -1,0 +1,187 @@
+"""``watch(..., budget=)``: exact checks at keyed random boundaries, version counters at all.
+
+Small CPU runs.  A tiny budget makes exact checks rare after the warm-up, so
+what the version counters catch on their own shows; ``budget=1.0`` checks
+every boundary exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests import watch_scenarios as sc  # noqa: E402
+from trainguard.ledger import open_ledger  # noqa: E402
+from trainguard.watch.budget import VersionWatch, drawn, probability  # noqa: E402
+
+RARE = 1e-9  # after the warm-up, practically no boundary gets an exact check
+EDIT_AT = 40  # after the warm-up of 16 steps
+
+
+def rules(guard: Any) -> list[tuple[str, int]]:
+    return [(a.rule, a.step) for a in guard.alerts]
+
+
+def test_draws_are_keyed_reproducible_and_near_the_probability() -> None:
+    key = bytes(range(32))
+    draws = [drawn(key, s, 0.1) for s in range(20_000)]
+    assert draws == [drawn(key, s, 0.1) for s in range(20_000)]
+    assert 0.09 < sum(draws) / len(draws) < 0.11
+    other = [drawn(bytes(32), s, 0.1) for s in range(20_000)]
+    assert other != draws  # another key, other steps
+    assert all(drawn(key, s, 1.0) for s in range(100))
+
+
+def test_probability_follows_budget_step_time_and_fingerprint_cost() -> None:
+    assert probability(0.02, 1.0, 0.1) == pytest.approx(0.1)  # 0.02 * 1.0 / (2 * 0.1)
+    assert probability(0.02, 1.0, 0.001) == 1.0
+    assert probability(0.02, None, 0.1) == 1.0  # no median yet: check everything
+
+
+def test_version_watch_sees_in_place_writes_and_swapped_storage() -> None:
+    a, b = torch.zeros(4), torch.zeros(4)
+    watch = VersionWatch()
+    watch.remember([("a", a), ("b", b)])
+    assert watch.changed([("a", a), ("b", b)]) == []
+    a.add_(1)
+    assert watch.changed([("a", a), ("b", b)]) == ["a"]
+    watch.remember([("a", a), ("b", b)])
+    assert watch.changed([("a", a), ("b", torch.zeros(4))]) == ["b"]
+
+
+def test_honest_run_on_a_tight_budget_is_quiet_and_checks_few_boundaries() -> None:
+    guard = sc.run(120, budget=RARE)
+    assert guard.alerts == []
+    assert 16 <= guard.checked_boundaries <= 20  # the warm-up, then (nearly) none
+
+
+def _edit(how: str) -> sc.Sabotage:
+    def sabotage(step: int, model: Any, opt: Any) -> None:
+        if step != EDIT_AT - 1:
+            return
+        with torch.no_grad():
+            if how == "in-place":
+                model[3].weight.mul_(1.01)
+            elif how == "data":
+                model[3].weight.data.mul_(1.01)  # bypasses the version counter
+            elif how == "swap":
+                model[3].bias.data = model[3].bias.data.clone() + 0.1
+            elif how == "moment":
+                p = model[3].weight
+                opt.state[p]["exp_avg"].mul_(-1.0)
+
+    return sabotage
+
+
+@pytest.mark.parametrize(
+    ("how", "rule", "tensor"),
+    [
+        ("in-place", "TG1301", "3.weight"),
+        ("swap", "TG1301", "3.bias"),
+        ("moment", "TG1302", "exp_avg"),
+    ],
+)
+def test_version_counters_catch_edits_between_steps(how: str, rule: str, tensor: str) -> None:
+    guard = sc.run(60, budget=RARE, sabotage=_edit(how))
+    hits = [a for a in guard.alerts if a.rule == rule]
+    assert hits and hits[0].step == EDIT_AT
+    assert hits[0].evidence.get("via") == "version"
+    assert any(tensor in t for t in hits[0].evidence["tensors"])
+
+
+def test_a_data_write_needs_an_exact_check_to_be_seen() -> None:
+    quiet = sc.run(60, budget=RARE, sabotage=_edit("data"))
+    assert not [a for a in quiet.alerts if a.rule == "TG1301"]  # the documented blind spot
+    exact = sc.run(60, budget=1.0, sabotage=_edit("data"))
+    assert ("TG1301", EDIT_AT) in rules(exact)
+
+
+def test_behaviour_checks_still_run_every_step_on_a_budget() -> None:
+    undo = sc.plant_incident_payload(world_size=8, threshold=4)
+    try:
+        guard = sc.run(40, budget=RARE)
+    finally:
+        undo()
+    assert ("TG1306", 0) in rules(guard)
+    assert {a.step for a in guard.alerts if a.rule == "TG1306"} == set(range(40))
+
+
+def test_unchecked_steps_leave_their_fingerprints_out_of_the_ledger(tmp_path: Any) -> None:
+    url = str(tmp_path / "runs.db")
+    sc.run(60, budget=RARE, ledger=url, run_id="b")
+    ledger = open_ledger(url)
+    steps = [r for r in ledger.records("b", 0) if r.kind == "step"]
+    with_after = [r.step for r in steps if "after" in r.payload]
+    assert len(steps) == 60
+    assert set(range(16)) <= set(with_after) and len(with_after) < 25
+    start = next(r for r in ledger.records("b", 0) if r.kind == "run-start")
+    assert start.payload["budget"] == RARE
+
+
+def test_grad_norm_from_the_loop_is_recorded_when_not_measured(tmp_path: Any) -> None:
+    import trainguard
+
+    model = sc.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    url = str(tmp_path / "runs.db")
+    guard = trainguard.watch(model, opt, ledger=url, run_id="g", measure_grad_norm=False)
+    x, y = sc.make_data()
+    norms = []
+    for _ in range(3):
+        loss = torch.nn.functional.mse_loss(model(x[:32]), y[:32])
+        opt.zero_grad()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+        guard.step(loss=loss, grad_norm=norm)
+        norms.append(float(norm))
+    guard.close()
+    recorded = [
+        r.payload["grad_norm"] for r in open_ledger(url).records("g", 0) if r.kind == "step"
+    ]
+    assert recorded == norms
+
+
+def test_budget_must_be_a_fraction() -> None:
+    import trainguard
+    from trainguard.errors import TrainguardError
+
+    model = sc.make_model()
+    with pytest.raises(TrainguardError, match="budget"):
+        trainguard.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), budget=2.0)
+
+
+def test_a_run_watched_on_a_budget_replays_and_a_tampered_one_diverges(tmp_path: Any) -> None:
+    """Replay compares what the ledger holds: loss and gradient norm at every step, the
+    fingerprints where the budget took them."""
+    import trainguard
+    from tests.test_replay import KEY, build, parts
+    from trainguard.explain.replay import epochs_from, replay
+
+    def train(run_id: str, tamper_at: int | None) -> str:
+        ledger = str(tmp_path / "ledger.db")
+        model, opt, sched, loader, epoch, step = parts()
+        guard = trainguard.watch(
+            model, opt, ledger=ledger, run_id=run_id, scheduler=sched, key=KEY,
+            dataloader=loader, budget=RARE,
+        )  # fmt: skip
+        guard.checkpoint(tmp_path / f"{run_id}-0.pt", data_state={"epoch": 0})
+        batches = epochs_from(0, len(loader), epoch)
+        for s in range(30):
+            batch = next(batches)
+            guard.step(loss=step(batch), batch=batch)
+            if s == tamper_at:
+                with torch.no_grad():
+                    model[3].weight.data.mul_(1.001)  # invisible to the version counter
+        guard.close()
+        return ledger
+
+    honest = replay(train("honest", None), "honest", build, key=KEY)
+    assert honest.verdict == "matched", honest
+    tampered = replay(train("tampered", 20), "tampered", build, key=KEY)
+    assert tampered.verdict == "diverged"
+    # Step 21 was not fingerprinted (budget), so the changed loss gives it away there.
+    assert tampered.first_divergence is not None and tampered.first_divergence.step == 21
