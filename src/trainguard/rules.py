@@ -42,6 +42,15 @@ RULES: dict[str, Rule] = {
             "The data could not be read or parsed as the format it claims to be. A "
             "lenient loader may still execute part of it; treat it as unsafe.",
         ),
+        Rule(
+            "TG004",
+            "parser-crashed",
+            _C,
+            "A native parser (libhdf5, for HDF5 files) crashed, hung or ran out of "
+            "memory on this file in trainguard's isolated child process. The file is "
+            "malformed in a way that breaks the library every loader of this format "
+            "uses: loading it may crash the job or worse. Do not load it.",
+        ),
         # -- pickle ---------------------------------------------------------
         Rule(
             "TG101",

@@ -11,7 +11,11 @@ never "clean": whoever can load a Keras ``.h5`` has h5py, since Keras needs it.
 
 from __future__ import annotations
 
-import io
+import base64
+import importlib.util
+import os
+import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, BinaryIO
@@ -21,11 +25,59 @@ from trainguard.findings import Finding
 from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.formats.keras import check_config_bytes
+from trainguard.scan.isolated import DEFAULT_TIMEOUT, run_child
 
 MAGIC = b"\x89HDF\r\n\x1a\n"
 # A user block in front of the superblock moves the signature to 512, 1024, ...
 _SUPERBLOCK_OFFSETS = (0, 512, 1024, 2048)
 _KERAS_ATTRIBUTES = ("model_config", "training_config")
+
+# Runs in the isolated child (trainguard.scan.isolated): opens the file with h5py
+# and reads the named string attributes, refusing any stored larger than the cap
+# before reading it.  Never a dataset.
+_READ_ATTRIBUTES = """
+import base64, json
+path, cap, keys = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+try:
+    import h5py
+except ImportError:
+    print(json.dumps({"missing": "h5py"}))
+    raise SystemExit(0)
+try:
+    f = h5py.File(path, "r")
+except Exception as exc:
+    print(json.dumps({"open_error": str(exc)[:300]}))
+    raise SystemExit(0)
+out = {}
+with f:
+    for key in keys:
+        try:
+            if key not in f.attrs:
+                continue
+            size = f.attrs.get_id(key).get_storage_size()
+            if size > cap:
+                out[key] = {"too_large": size}
+                continue
+            value = f.attrs[key]
+            if hasattr(value, "tolist"):
+                value = value.tolist()
+                if isinstance(value, list) and len(value) == 1:
+                    value = value[0]
+            if isinstance(value, str):
+                data = value.encode("utf-8")
+            elif isinstance(value, bytes):
+                data = value
+            else:
+                out[key] = {"error": "expected a string, found " + type(value).__name__}
+                continue
+            if len(data) > cap:
+                out[key] = {"too_large": len(data)}
+                continue
+            out[key] = {"value": base64.b64encode(data).decode()}
+        except Exception as exc:
+            out[key] = {"error": str(exc)[:300]}
+print(json.dumps({"attributes": out}))
+"""
 
 
 def _finding(rule_id: str, message: str, trigger: str = "") -> Finding:
@@ -39,9 +91,7 @@ class Hdf5Format:
         return any(head[o : o + 8] == MAGIC for o in _SUPERBLOCK_OFFSETS)
 
     def scan(self, ctx: ScanContext, blob: Blob) -> Iterator[Finding]:
-        try:
-            import h5py
-        except ImportError:
+        if importlib.util.find_spec("h5py") is None:
             yield _finding(
                 "TG208",
                 "HDF5 file not inspected: install 'trainguard[h5]' (h5py) to check the "
@@ -49,67 +99,70 @@ class Hdf5Format:
                 trigger="h5py missing",
             )
             return
-        with blob.open() as raw:
+        timeout = DEFAULT_TIMEOUT
+        if ctx.deadline is not None:
+            timeout = max(1.0, min(timeout, ctx.deadline - time.monotonic()))
+        with blob.open() as raw, tempfile.TemporaryDirectory(prefix="tg-h5-") as tmp:
             try:
-                f = _seekable(raw, ctx.limits.max_in_memory_member)
+                path = _on_disk(raw, blob, tmp, ctx.limits.max_in_memory_member)
             except LimitExceeded as exc:
                 yield _finding("TG002", f"HDF5 nested in a compressed stream: {exc}")
                 return
-            try:
-                h5 = h5py.File(f, "r")
-            except Exception as exc:  # libhdf5 reports damage through many exception types
-                yield _finding("TG003", f"unreadable HDF5 file: {exc}")
-                return
-            with h5:
-                yield from self._attributes(ctx, blob, h5)
+            cap = str(ctx.limits.max_model_config)
+            result = run_child(_READ_ATTRIBUTES, [path, cap, *_KERAS_ATTRIBUTES], timeout=timeout)
+        if result.output is None:
+            yield _finding(
+                "TG004",
+                f"libhdf5 {result.problem} reading this file (in trainguard's isolated "
+                "parser): do not load it",
+                trigger="libhdf5",
+            )
+            return
+        if "missing" in result.output:
+            yield _finding("TG208", "HDF5 file not inspected: h5py could not be imported")
+            return
+        if "open_error" in result.output:
+            yield _finding("TG003", f"unreadable HDF5 file: {result.output['open_error']}")
+            return
+        yield from self._attributes(ctx, blob, result.output.get("attributes"))
 
-    def _attributes(self, ctx: ScanContext, blob: Blob, h5: Any) -> Iterator[Finding]:
+    def _attributes(self, ctx: ScanContext, blob: Blob, found: Any) -> Iterator[Finding]:
+        if not isinstance(found, dict):
+            yield _finding("TG003", "the isolated HDF5 parser returned no attributes")
+            return
         for key in _KERAS_ATTRIBUTES:
-            try:
-                if key not in h5.attrs:
-                    continue
-                value = _read_text_attribute(h5.attrs, key, ctx.limits.max_model_config)
-            except LimitExceeded as exc:
-                yield _finding("TG002", f"attribute {key}: {exc}", trigger=key)
+            item = found.get(key)
+            if not isinstance(item, dict):
                 continue
-            except Exception as exc:  # a damaged attribute must not hide the other one
-                yield _finding("TG003", f"attribute {key} unreadable: {exc}", trigger=key)
+            if "too_large" in item:
+                yield _finding(
+                    "TG002",
+                    f"attribute {key} exceeds the limit of {ctx.limits.max_model_config}",
+                    trigger=key,
+                )
                 continue
+            if "error" in item or not isinstance(item.get("value"), str):
+                why = str(item.get("error", "no value"))
+                yield _finding("TG003", f"attribute {key} unreadable: {why}", trigger=key)
+                continue
+            value = base64.b64decode(item["value"])
             if key == "model_config" and "keras-h5" not in ctx.formats_seen:
                 ctx.formats_seen.append("keras-h5")
             for f in check_config_bytes(ctx, value, blob.name, f"attribute {key}"):
                 yield f if f.trigger else replace(f, trigger=key)
 
 
-def _read_text_attribute(attrs: Any, key: str, cap: int) -> bytes:
-    """One string attribute as bytes, refusing fixed-size values past ``cap`` unread."""
-    attr_id = attrs.get_id(key)
-    if attr_id.get_storage_size() > cap:
-        raise LimitExceeded(f"attribute {key}", cap)
-    value = attrs[key]
-    if hasattr(value, "tolist"):  # a 0-d or 1-element numpy array
-        value = value.tolist()
-        if isinstance(value, list) and len(value) == 1:
-            value = value[0]
-    if isinstance(value, str):
-        data = value.encode("utf-8")
-    elif isinstance(value, bytes):
-        data = value
-    else:
-        raise ValueError(f"expected a string, found {type(value).__name__}")
-    if len(data) > cap:
-        raise LimitExceeded(f"attribute {key}", cap)
-    return data
-
-
-def _seekable(f: BinaryIO, cap: int) -> BinaryIO:
-    """``f`` if it seeks (files, stored zip members), else a bounded in-memory copy."""
-    try:
-        if f.seekable():
-            return f
-    except (OSError, ValueError):
-        pass
-    data = f.read(cap + 1)
-    if len(data) > cap:
-        raise LimitExceeded("in-memory copy of an HDF5 member", cap)
-    return io.BytesIO(data)
+def _on_disk(raw: BinaryIO, blob: Blob, tmp: str, cap: int) -> str:
+    """A path the child can open: the file itself, or a bounded copy of a member."""
+    name = getattr(raw, "name", None)
+    if blob.depth == 0 and isinstance(name, str) and os.path.isfile(name):
+        return name
+    path = os.path.join(tmp, "member.h5")
+    copied = 0
+    with open(path, "wb") as out:
+        while chunk := raw.read(1 << 20):
+            copied += len(chunk)
+            if copied > cap:
+                raise LimitExceeded("copy of an HDF5 member", cap)
+            out.write(chunk)
+    return path
