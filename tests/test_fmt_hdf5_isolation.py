@@ -82,10 +82,17 @@ def test_a_crashing_member_of_an_archive_is_caught_too(tmp_path: Path) -> None:
 
 
 def test_a_hang_or_a_memory_bomb_in_the_child_is_reported() -> None:
-    slow = run_child("import time; time.sleep(30)", [], timeout=1.0)
+    slow = run_child("import time; ready(); time.sleep(30)", [], timeout=1.0)
     assert slow.output is None and slow.problem == "did not finish within 1 s"
-    greedy = run_child("x = bytearray(16 << 30)", [], timeout=20.0)
-    assert greedy.output is None and greedy.problem is not None
+    assert slow.ready and slow.timed_out
+    greedy = run_child("ready(); x = bytearray(16 << 30)", [], timeout=20.0)
+    assert greedy.output is None and greedy.problem is not None and greedy.ready
     assert "memory" in greedy.problem or "crashed" in greedy.problem
-    fine = run_child("import json; print(json.dumps({'argv': sys.argv[1:]}))", ["a", "b"])
+    fine = run_child("import json; ready(); print(json.dumps({'argv': sys.argv[1:]}))", ["a", "b"])
     assert fine.output == {"argv": ["a", "b"]}
+
+
+def test_a_child_that_fails_before_reading_is_a_scan_error_not_a_finding() -> None:
+    broken = run_child("import no_such_module_here", [])
+    assert broken.output is None and not broken.ready
+    assert "before it was ready" in (broken.problem or "")

@@ -15,7 +15,12 @@ torch = pytest.importorskip("torch")
 
 from tests import watch_scenarios as sc  # noqa: E402
 from trainguard.ledger import open_ledger  # noqa: E402
-from trainguard.watch.budget import VersionWatch, drawn, probability  # noqa: E402
+from trainguard.watch.budget import (  # noqa: E402
+    CHUNK_BYTES,
+    ChunkSample,
+    VersionWatch,
+    chunk_count,
+)
 
 RARE = 1e-9  # after the warm-up, practically no boundary gets an exact check
 EDIT_AT = 40  # after the warm-up of 16 steps
@@ -25,20 +30,24 @@ def rules(guard: Any) -> list[tuple[str, int]]:
     return [(a.rule, a.step) for a in guard.alerts]
 
 
-def test_draws_are_keyed_reproducible_and_near_the_probability() -> None:
-    key = bytes(range(32))
-    draws = [drawn(key, s, 0.1) for s in range(20_000)]
-    assert draws == [drawn(key, s, 0.1) for s in range(20_000)]
-    assert 0.09 < sum(draws) / len(draws) < 0.11
-    other = [drawn(bytes(32), s, 0.1) for s in range(20_000)]
-    assert other != draws  # another key, other steps
-    assert all(drawn(key, s, 1.0) for s in range(100))
+def test_chunk_samples_are_keyed_reproducible_and_sized() -> None:
+    named = [("big", torch.zeros(3 * CHUNK_BYTES // 4 + 5)), ("small", torch.zeros(10))]
+    sampler = ChunkSample(bytes(range(32)))
+    assert sampler.total(named) == 5  # 4 chunks of the big tensor, 1 of the small one
+    picks = [[n for n, _ in sampler.choose(named, s, 2)] for s in range(200)]
+    assert picks == [[n for n, _ in sampler.choose(named, s, 2)] for s in range(200)]
+    assert all(len(p) == 2 for p in picks)
+    other = ChunkSample(bytes(32))
+    assert picks != [[n for n, _ in other.choose(named, s, 2)] for s in range(200)]
+    views = sampler.choose(named, 7, 5)
+    assert sum(v.numel() for _, v in views) == sum(t.numel() for _, t in named)
 
 
-def test_probability_follows_budget_step_time_and_fingerprint_cost() -> None:
-    assert probability(0.02, 1.0, 0.1) == pytest.approx(0.1)  # 0.02 * 1.0 / (2 * 0.1)
-    assert probability(0.02, 1.0, 0.001) == 1.0
-    assert probability(0.02, None, 0.1) == 1.0  # no median yet: check everything
+def test_chunk_count_follows_budget_step_time_and_chunk_cost() -> None:
+    assert chunk_count(0.02, 1.0, 0.001, 1000) == 10  # 0.02 * 1.0 / (2 * 0.001)
+    assert chunk_count(0.02, 1.0, 1e-9, 1000) == 1000
+    assert chunk_count(1e-9, 1.0, 0.001, 1000) == 1
+    assert chunk_count(0.02, None, 0.001, 1000) == 1000
 
 
 def test_version_watch_sees_in_place_writes_and_swapped_storage() -> None:
@@ -92,11 +101,21 @@ def test_version_counters_catch_edits_between_steps(how: str, rule: str, tensor:
     assert any(tensor in t for t in hits[0].evidence["tensors"])
 
 
-def test_a_data_write_needs_an_exact_check_to_be_seen() -> None:
-    quiet = sc.run(60, budget=RARE, sabotage=_edit("data"))
-    assert not [a for a in quiet.alerts if a.rule == "TG1301"]  # the documented blind spot
-    exact = sc.run(60, budget=1.0, sabotage=_edit("data"))
-    assert ("TG1301", EDIT_AT) in rules(exact)
+def test_a_data_write_is_seen_by_the_sampled_chunks() -> None:
+    """``.data`` bypasses the version counter; the keyed chunk sample still reads the bits
+    (a budget this model fits in whole: every chunk is sampled)."""
+    guard = sc.run(60, budget=1.0, sabotage=_edit("data"))
+    hits = [a for a in guard.alerts if a.rule == "TG1301"]
+    assert [(a.step, a.evidence.get("via")) for a in hits] == [(EDIT_AT, "sample")]
+    assert guard.sampled_share == 1.0
+
+
+def test_on_a_tight_budget_a_data_write_is_caught_only_if_its_chunk_is_sampled() -> None:
+    key = bytes(range(32))
+    guard = sc.run(60, budget=RARE, key=key, sabotage=_edit("data"))
+    hits = [a for a in guard.alerts if a.rule == "TG1301"]
+    assert 0 < guard.sampled_share < 0.2  # one chunk of the model's and optimizer's
+    assert all(a.step == EDIT_AT and a.evidence.get("via") == "sample" for a in hits)
 
 
 def test_behaviour_checks_still_run_every_step_on_a_budget() -> None:
@@ -185,3 +204,47 @@ def test_a_run_watched_on_a_budget_replays_and_a_tampered_one_diverges(tmp_path:
     assert tampered.verdict == "diverged"
     # Step 21 was not fingerprinted (budget), so the changed loss gives it away there.
     assert tampered.first_divergence is not None and tampered.first_divergence.step == 21
+
+
+def test_an_exact_run_with_every_replays_clean(tmp_path: Any) -> None:
+    """Only a fingerprinted "before" goes into a step record (every=3: one step in three)."""
+    import trainguard
+    from tests.test_replay import KEY, build, parts
+    from trainguard.explain.replay import epochs_from, replay
+
+    ledger = str(tmp_path / "ledger.db")
+    model, opt, sched, loader, epoch, step = parts()
+    guard = trainguard.watch(
+        model, opt, ledger=ledger, run_id="e", scheduler=sched, key=KEY, dataloader=loader,
+        every=3,
+    )  # fmt: skip
+    guard.checkpoint(tmp_path / "e-0.pt", data_state={"epoch": 0})
+    batches = epochs_from(0, len(loader), epoch)
+    for _ in range(20):
+        batch = next(batches)
+        guard.step(loss=step(batch), batch=batch)
+    guard.close()
+    steps = [r for r in open_ledger(ledger).records("e", 0) if r.kind == "step"]
+    assert [r.step for r in steps if "before" in r.payload] == list(range(0, 20, 3))
+    assert replay(ledger, "e", build, key=KEY).verdict == "matched"
+
+
+def test_a_run_with_loop_grad_norms_replays_clean(tmp_path: Any) -> None:
+    """measure_grad_norm=False: the ledger holds the loop's norms; replay does not compare them."""
+    import trainguard
+    from tests.test_replay import KEY, build, parts
+    from trainguard.explain.replay import epochs_from, replay
+
+    ledger = str(tmp_path / "ledger.db")
+    model, opt, sched, loader, epoch, step = parts()
+    guard = trainguard.watch(
+        model, opt, ledger=ledger, run_id="n", scheduler=sched, key=KEY, dataloader=loader,
+        measure_grad_norm=False,
+    )  # fmt: skip
+    guard.checkpoint(tmp_path / "n-0.pt", data_state={"epoch": 0})
+    batches = epochs_from(0, len(loader), epoch)
+    for _ in range(12):
+        batch = next(batches)
+        guard.step(loss=step(batch), batch=batch, grad_norm=123.0)
+    guard.close()
+    assert replay(ledger, "n", build, key=KEY).verdict == "matched"

@@ -47,7 +47,8 @@ def _trainguard(
     """Run ``trainguard ARGS`` as a user would and show its output (trimmed)."""
     _show("$ trainguard " + " ".join(args))
     proc = subprocess.run(
-        [sys.executable, "-m", "trainguard", *args],
+        # -I: the work folder (cwd) is not on the path, so nothing in it can shadow a module.
+        [sys.executable, "-I", "-m", "trainguard", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -92,7 +93,7 @@ def _act_protect(work: Path) -> bool:
     )
     _show("$ python -c '" + code.replace("\n", "; ").rstrip("; ") + "'")
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=300
+        [sys.executable, "-I", "-c", code], cwd=work, capture_output=True, text=True, timeout=300
     )
     last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:] or ["(no error)"]
     _show(last[0][:400])
@@ -266,6 +267,10 @@ def run_demo(keep: str | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="trainguard-demo-") as tmp:
         work = Path(keep).resolve() if keep else Path(tmp)
+        if keep and work.exists() and any(work.iterdir()):
+            from trainguard.errors import UsageError
+
+            raise UsageError(f"--keep {keep}: the folder is not empty; give a new one")
         work.mkdir(parents=True, exist_ok=True)
         _show(
             "trainguard demo: the 2024 training-sabotage incident, played on this machine.\n"

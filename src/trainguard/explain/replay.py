@@ -352,7 +352,9 @@ class _Runner:
             )
             optimizer_names = (h.optimizer_names_at(s), capture.optimizer_names(s))
             checked = s % h.every == 0 and rec.get("before") is not None
-            sides = cmp.Sides(self.mode, checked, params, optimizer_names, before, label)
+            sides = cmp.Sides(
+                self.mode, checked, params, optimizer_names, before, label, h.grad_norm_measured
+            )
             diffs = cmp.compare_step(rec, rep, sides)
             if diffs:
                 why = cmp.cause(diffs, s, "step", checked=checked)

@@ -27,6 +27,7 @@ class Sides:
     optimizer: tuple[Sequence[str], Sequence[str]]
     before: tuple[str | None, str | None]
     label: Label
+    grad_norm: bool = True  # False: the run's norms came from its loop, not the guard
 
 
 def digest(record: dict[str, Any], name: str, mode: str) -> Any:
@@ -102,6 +103,8 @@ def compare_step(rec: dict[str, Any], rep: dict[str, Any], sides: Sides) -> list
                 )
             )
     for name in ("loss", "grad_norm", "lr"):
+        if name == "grad_norm" and not sides.grad_norm:
+            continue
         if not _same(rec.get(name), rep.get(name)):
             diffs.append(FieldDiff(name, rec.get(name), rep.get(name)))
     return sorted(diffs, key=lambda d: FIELD_ORDER.index(d.field))

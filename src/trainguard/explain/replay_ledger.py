@@ -39,6 +39,11 @@ class RunHistory:
     optimizer_names: list[tuple[int, list[str]]] = field(default_factory=list)
 
     @property
+    def grad_norm_measured(self) -> bool:
+        """False when the run took gradient norms from the loop (``measure_grad_norm=False``)."""
+        return self.start.get("measure_grad_norm", True) is not False
+
+    @property
     def every(self) -> int:
         every = self.start.get("every", 1)
         return every if isinstance(every, int) and every > 0 else 1

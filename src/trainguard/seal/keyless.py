@@ -84,8 +84,10 @@ def verify_bundle(bundle: dict[str, Any], who: SigstoreIdentity) -> tuple[bytes,
     from sigstore.errors import Error as SigstoreError
     from sigstore.verify import policy
 
-    if not isinstance(bundle.get("verificationMaterial", {}).get("certificate"), dict) and (
-        not isinstance(bundle.get("verificationMaterial", {}).get("x509CertificateChain"), dict)
+    material = bundle.get("verificationMaterial")
+    if not isinstance(material, dict) or not (
+        isinstance(material.get("certificate"), dict)
+        or isinstance(material.get("x509CertificateChain"), dict)
     ):
         raise _invalid(
             "the signature was made with a key, not keyless Sigstore: verify it with --key"
@@ -135,7 +137,10 @@ def sign_keyless(
     from sigstore.dsse import Statement
     from sigstore.errors import Error as SigstoreError
 
-    raw = identity_token or os.environ.get(TOKEN_ENV) or sigstore.oidc.detect_credential()
+    try:
+        raw = identity_token or os.environ.get(TOKEN_ENV) or sigstore.oidc.detect_credential()
+    except SigstoreError as exc:
+        raise SealError(f"could not get an ambient OIDC identity token: {exc}") from None
     if not raw:
         raise UsageError(
             f"keyless signing needs an OIDC identity token: pass --identity-token, set "

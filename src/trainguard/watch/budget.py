@@ -1,4 +1,4 @@
-"""Watching within an overhead budget: exact checks at unpredictable steps, cheap ones at all.
+"""Watching within an overhead budget: sampled exact checks, and version counters, at every step.
 
 An exact fingerprint reads every weight and optimizer moment twice per step
 (after step t and before step t+1); on a CPU training a large model with small
@@ -11,41 +11,83 @@ keeps the per-step cost near that fraction of the median step time:
   can see (``p.add_``, ``p.copy_``, ``p.detach().mul_`` under ``no_grad``...) and
   a swapped tensor or storage moves the pointer, so those edits are caught at
   once, and named (TG1301, TG1302);
-* at a fraction ``p`` of step boundaries, chosen from the run's secret key so
-  code without the key cannot tell which: the exact keyed fingerprints, as in
-  the default mode.  This is what catches writes that bypass the version
-  counter (``p.data.mul_``, a NumPy view of the storage, ctypes): a one-off
-  edit at one boundary with probability ``p``, one repeated at every step
-  within about ``1/p`` steps.
+* every step, within the budget: the same keyed, exact sums as a full
+  fingerprint, over a keyed random sample of 1 MiB chunks of the weights and
+  optimizer state, taken after step t and again before step t+1.  The same
+  number of chunks is read at every step, so the time a step takes says nothing
+  about which chunks were read, and code without the run's key cannot predict
+  them.  This catches writes that bypass the version counter (``p.data.mul_``, a
+  NumPy view of the storage, native code): an edit touching ``m`` chunks with
+  probability ``1 - (1 - f)**m`` at each boundary, where ``f`` is the share of
+  chunks sampled; one repeated at every step within about ``1/f`` steps.
 
-``p`` follows from the budget, the measured cost of a full fingerprint and the
-median step time: ``p = budget * step / (2 * cost)``, at most 1.  During the
-first steps (before a median exists) and at rank-comparison steps every
-boundary is checked.
+The sample size follows from the budget, the measured cost of reading a chunk
+and the median step time.  During the first 16 steps, and at rank-comparison
+steps, the full fingerprints of the default mode are taken instead (these steps
+are known in advance; the sampled steps are not).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import random
 from collections.abc import Sequence
 from typing import Any
 
 WARMUP_STEPS = 16
+CHUNK_BYTES = 1 << 20
 
 
-def drawn(key: bytes, step: int, probability: float) -> bool:
-    """Whether the boundary after ``step`` gets an exact check: a keyed, reproducible draw."""
-    if probability >= 1.0:
-        return True
-    h = hashlib.blake2b(step.to_bytes(8, "little", signed=True), key=key[:32], digest_size=8)
-    return int.from_bytes(h.digest(), "little") < probability * 2**64
+def chunk_count(budget: float, median_step: float | None, chunk_cost: float, total: int) -> int:
+    """How many chunks to sample so that reading them twice costs ``budget`` of a step."""
+    if total <= 0:
+        return 0
+    if median_step is None or chunk_cost <= 0.0:
+        return total
+    return max(1, min(total, int(budget * median_step / (2.0 * chunk_cost))))
 
 
-def probability(budget: float, median_step: float | None, full_cost: float) -> float:
-    """The share of boundaries checked exactly so that their cost is ``budget`` of a step."""
-    if median_step is None or full_cost <= 0.0:
-        return 1.0
-    return max(0.0, min(1.0, budget * median_step / (2.0 * full_cost)))
+class ChunkSample:
+    """A keyed choice of chunks of the watched tensors, for one step boundary."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key[:32]
+
+    @staticmethod
+    def _layout(named: Sequence[tuple[str, Any]]) -> tuple[list[tuple[str, Any, int]], list[int]]:
+        tensors, ends, total = [], [], 0
+        for name, t in named:
+            if t is None or not t.numel():
+                continue
+            per_chunk = max(1, CHUNK_BYTES // max(1, t.element_size()))
+            chunks = -(-t.numel() // per_chunk)
+            tensors.append((name, t, per_chunk))
+            total += chunks
+            ends.append(total)
+        return tensors, ends
+
+    def total(self, named: Sequence[tuple[str, Any]]) -> int:
+        _, ends = self._layout(named)
+        return ends[-1] if ends else 0
+
+    def choose(
+        self, named: Sequence[tuple[str, Any]], step: int, count: int
+    ) -> list[tuple[str, Any]]:
+        """``count`` chunks, as (tensor name, flat view), chosen from the key and ``step``."""
+        tensors, ends = self._layout(named)
+        if not ends:
+            return []
+        seed = hashlib.blake2b(step.to_bytes(8, "little", signed=True), key=self.key).digest()
+        picks = random.Random(seed).sample(range(ends[-1]), min(count, ends[-1]))  # noqa: S311 - seeded from a keyed hash
+        out = []
+        for g in sorted(picks):
+            i = bisect.bisect_right(ends, g)
+            name, t, per_chunk = tensors[i]
+            first = g - (ends[i - 1] if i else 0)
+            flat = t.detach().reshape(-1)
+            out.append((name, flat[first * per_chunk : (first + 1) * per_chunk]))
+        return out
 
 
 class VersionWatch:

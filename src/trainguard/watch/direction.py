@@ -61,22 +61,30 @@ class DirectionCheck:
         torch = self.torch
         self.before.clear()
         self.grad_at_step.clear()
-        pairs = []
-        names = []
+        # One slot per parameter with samples, in a fixed order, zeros where a
+        # parameter has no gradient: every rank sends the same shape to all_reduce
+        # (and takes part even when it has nothing), so ranks never misalign.
+        slots: list[tuple[str, Any, Any]] = []
         for name, p in self.params:
-            if p.grad is None or not p.numel():
+            if id(p) not in self.index:
                 continue
             idx = self.index[id(p)]
-            self.before[id(p)] = p.detach().reshape(-1)[idx].to(torch.float64)
-            self.grad_at_step[id(p)] = p.grad.detach().reshape(-1)[idx].to(torch.float64)
             back = self.backward_samples.get(id(p))
-            if back is not None and back.shape == self.grad_at_step[id(p)].shape:
-                pairs.append((back, self.grad_at_step[id(p)]))
-                names.append(name)
+            if p.grad is None:
+                slots.append(
+                    (name, None, torch.zeros(idx.numel(), dtype=torch.float64, device=idx.device))
+                )
+                continue
+            self.before[id(p)] = p.detach().reshape(-1)[idx].to(torch.float64)
+            now = p.grad.detach().reshape(-1)[idx].to(torch.float64)
+            self.grad_at_step[id(p)] = now
+            if back is None or back.shape != now.shape:
+                back = torch.zeros_like(now)
+            slots.append((name, now, back))
         self.backward_samples.clear()
-        if not pairs:
+        if not slots or (not self.distributed and all(n is None for _, n, _ in slots)):
             return []
-        backs = torch.cat([b for b, _ in pairs])
+        backs = torch.cat([b for _, _, b in slots])
         if self.distributed:
             # Data-parallel ranks average their gradients after backward: compare
             # with the average of every rank's backward samples, not our own.
@@ -84,16 +92,24 @@ class DirectionCheck:
 
             dist.all_reduce(backs)
             backs = backs / dist.get_world_size()
-        sizes = [int(b.numel()) for b, _ in pairs]
-        nows = torch.cat([n for _, n in pairs])
-        dots = torch.stack(
-            [(b * n).sum() for b, n in zip(backs.split(sizes), nows.split(sizes), strict=True)]
+        sizes = [int(b.numel()) for _, _, b in slots]
+        nows = [
+            n if n is not None else torch.zeros_like(b)
+            for (_, n, _), b in zip(slots, backs.split(sizes), strict=True)
+        ]
+        stats = torch.stack(
+            [
+                torch.stack([(b * n).sum(), b.norm() * n.norm()])
+                for b, n in zip(backs.split(sizes), nows, strict=True)
+            ]
         )
         flipped = []
-        for name, dot in zip(names, dots.to("cpu").tolist(), strict=True):
-            # A positive factor keeps the dot product positive (or zero, for a
-            # gradient that is zero at every sampled index).
-            if dot < 0:
+        # One transfer for all parameters (a device sync per parameter costs more on a GPU).
+        for (name, now, _), (dot, norm) in zip(slots, stats.to("cpu").tolist(), strict=True):
+            # A positive factor (clipping, unscaling) keeps the two samples pointing
+            # the same way (cosine 1, or 0 for a gradient zero at every index);
+            # below -0.5 leaves room for reduced-precision gradient communication.
+            if now is not None and norm > 0.0 and dot < -0.5 * norm:
                 flipped.append(name)
         return flipped
 

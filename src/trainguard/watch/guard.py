@@ -21,7 +21,7 @@ from typing import Any
 from trainguard.errors import TrainguardError
 from trainguard.rules import RULES
 from trainguard.watch import identity, rng
-from trainguard.watch.budget import WARMUP_STEPS, VersionWatch, drawn, probability
+from trainguard.watch.budget import WARMUP_STEPS, ChunkSample, VersionWatch, chunk_count
 from trainguard.watch.direction import DirectionCheck
 from trainguard.watch.fingerprint import (
     Fingerprint,
@@ -103,9 +103,12 @@ class Guard:
         # None: exact fingerprints at every boundary; a fraction: see watch/budget.py.
         self.budget = budget
         self._versions = VersionWatch()
-        self._checking = True  # whether the coming boundary gets exact fingerprints
+        self._checking = True  # whether the coming boundary gets full fingerprints
         self._full_cost = 0.0  # seconds for one full fingerprint of weights and optimizer state
-        self.checked_boundaries = 0
+        self._chunk_cost = 0.0  # seconds to sum one sampled chunk
+        self._sample: tuple[list[tuple[str, Any]], list[tuple[int, int]]] | None = None
+        self.checked_boundaries = 0  # boundaries with full fingerprints
+        self.sampled_share = 0.0  # budget mode: share of chunks read at the last boundary
         # False: the loop passes guard.step(grad_norm=...) (what clip_grad_norm_ returned),
         # which saves a pass over every gradient per step.
         self.measure_grad_norm = measure_grad_norm
@@ -122,6 +125,7 @@ class Guard:
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.key = key or _shared_key(self.world_size)
         self.fp = Fingerprinter(self.key)
+        self._sampler = ChunkSample(self.key)
         # Per-tensor digests in each step record (8 characters per tensor) let
         # `trainguard replay` name the tensors that diverge.
         self.tensor_digests = tensor_digests
@@ -173,6 +177,8 @@ class Guard:
                 # What `trainguard replay` compares against (docs/replay.md).
                 "every": self.every,
                 "budget": self.budget,
+                # False: grad_norm in step records is what the loop passed (replay skips it).
+                "measure_grad_norm": self.measure_grad_norm,
                 "param_names": self._after.names(),
                 "optimizer_names": self._opt_names,
                 "state": self._state_digests(),
@@ -253,6 +259,7 @@ class Guard:
             check = self._checking
             if not check:
                 self._check_versions()
+                self._check_sample()
         self._step_started = time.perf_counter()
         if check:
             self.checked_boundaries += 1
@@ -303,35 +310,40 @@ class Guard:
         self._hp = hyperparameters(self.optimizer)
         optimizer_seconds = time.perf_counter() - self._step_started
         if self.budget is not None:
-            self._versions.remember(self._watched_tensors())
-            self._checking = self._draw_check()
+            watched = self._watched_tensors()
+            self._versions.remember(watched)
+            self._checking = self._full_due()
             if not self._checking:
-                # No fingerprints this boundary: the record says so by leaving them out.
-                self._pending = {"cosine": cosine, "optimizer_step_seconds": optimizer_seconds}
+                # Sampled chunks only: the record leaves the full fingerprints out.
+                self._take_sample(watched)
+                self._pending = {
+                    "cosine": cosine,
+                    "optimizer_step_seconds": optimizer_seconds,
+                    "sampled": round(self.sampled_share, 6),
+                }
                 if self._before_checked:
                     self._pending["before"] = self._before.digest
                     self._pending["plain"] = {"before": self._before.plain}
+                    if self.tensor_digests:
+                        self._pending["tensors"] = {"before": self._before.compact()}
                 return
         previous = self._after
         self._after = self.fp.fingerprint(self.named_params)
         self._opt_after = self.fp.fingerprint(optimizer_tensors(self.optimizer))
-        before: Fingerprint = getattr(self, "_before", self._after)
         self._pending = {
-            "before": before.digest,
             "after": self._after.digest,
             "optimizer": self._opt_after.digest,
-            "plain": {
-                "before": before.plain,
-                "after": self._after.plain,
-                "optimizer": self._opt_after.plain,
-            },
+            "plain": {"after": self._after.plain, "optimizer": self._opt_after.plain},
             "cosine": cosine,
             "optimizer_step_seconds": optimizer_seconds,
         }
+        if self._before_checked:  # only a "before" that was fingerprinted at this step
+            self._pending["before"] = self._before.digest
+            self._pending["plain"]["before"] = self._before.plain
         if self.tensor_digests:
             tensors = {"after": self._after.compact(), "optimizer": self._opt_after.compact()}
-            if self._before_checked and before.digest != previous.digest:
-                tensors["before"] = before.compact()  # otherwise the last step's "after"
+            if self._before_checked and self._before.digest != previous.digest:
+                tensors["before"] = self._before.compact()  # otherwise the last step's "after"
             self._pending["tensors"] = tensors
         names = self._opt_after.names()
         if names != self._opt_names:
@@ -364,17 +376,56 @@ class Guard:
                 via="version",
             )
 
-    def _draw_check(self) -> bool:
-        """Whether the boundary after this step gets exact fingerprints (budget mode)."""
+    def _full_due(self) -> bool:
+        """Budget mode: full fingerprints at the boundary after this step (warm-up, rank sync)?"""
         step = self.step_index
-        window = self.windows["time"]
-        if step < WARMUP_STEPS or not window.ready():
+        if step < WARMUP_STEPS or not self.windows["time"].ready():
             return True
-        if self.world_size > 1 and self.sync_every and (step + 1) % self.sync_every == 0:
-            return True  # ranks compare their fingerprints after this step
+        return bool(self.world_size > 1 and self.sync_every and (step + 1) % self.sync_every == 0)
+
+    def _take_sample(self, watched: list[tuple[str, Any]]) -> None:
+        """Budget mode, after the step: exact sums of a keyed sample of chunks."""
         assert self.budget is not None
-        median, _ = window.center_scale()
-        return drawn(self.key, step, probability(self.budget, median, self._full_cost))
+        total = self._sampler.total(watched)
+        if not self._chunk_cost and total:
+            self._chunk_cost = self._full_cost / total  # until a sample has been timed
+        median, _ = self.windows["time"].center_scale()
+        count = chunk_count(self.budget, median, self._chunk_cost, total)
+        started = time.perf_counter()
+        views = self._sampler.choose(watched, self.step_index, count)
+        sums = self.fp.sums([v for _, v in views])
+        if views:
+            cost = (time.perf_counter() - started) / len(views)
+            self._chunk_cost = cost if not self._chunk_cost else 0.8 * self._chunk_cost + 0.2 * cost
+        self.sampled_share = len(views) / total if total else 0.0
+        self._sample = (views, sums)
+
+    def _check_sample(self) -> None:
+        """Budget mode, before the next step: the same chunks must hold the same bits."""
+        if self._sample is None:
+            return
+        views, sums = self._sample
+        self._sample = None
+        now = self.fp.sums([v for _, v in views])
+        changed = sorted({name for (name, _), a, b in zip(views, sums, now, strict=True) if a != b})
+        params = [n for n in changed if not n.startswith("optimizer ")]
+        moments = [n.removeprefix("optimizer ") for n in changed if n.startswith("optimizer ")]
+        if params:
+            self._alert(
+                "TG1301",
+                f"{len(params)} parameter tensor(s) changed since the last optimizer step "
+                f"(sampled chunks): {', '.join(params[:5])}",
+                tensors=params[:50],
+                via="sample",
+            )
+        if moments:
+            self._alert(
+                "TG1302",
+                f"optimizer state changed outside the step (sampled chunks): "
+                f"{', '.join(moments[:5])}",
+                tensors=moments[:50],
+                via="sample",
+            )
 
     def _state_digests(self) -> dict[str, Any]:
         """Digests of the parameters and optimizer state as they are now (docs/replay.md)."""
@@ -502,14 +553,14 @@ class Guard:
                 )
             self.windows["loss"].add(loss_value)
         grad_norm = getattr(self, "_grad_norm", None)
-        grad_norm = 0.0 if grad_norm is None else grad_norm
-        if is_spike(self.windows["grad_norm"], grad_norm):
-            self._alert(
-                "TG1308",
-                f"gradient norm {grad_norm:.4g} is far outside its recent range",
-                grad_norm=grad_norm,
-            )
-        self.windows["grad_norm"].add(grad_norm)
+        if grad_norm is not None:  # None: not measured and not passed to guard.step
+            if is_spike(self.windows["grad_norm"], grad_norm):
+                self._alert(
+                    "TG1308",
+                    f"gradient norm {grad_norm:.4g} is far outside its recent range",
+                    grad_norm=grad_norm,
+                )
+            self.windows["grad_norm"].add(grad_norm)
         batch_fp = self._batch_fingerprint(batch)
         record = dict(self._pending or {})
         if batch_fp is not None and "plain" in record:

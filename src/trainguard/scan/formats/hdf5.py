@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, BinaryIO
 
-from trainguard.errors import LimitExceeded
+from trainguard.errors import LimitExceeded, ScanError
 from trainguard.findings import Finding
 from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
@@ -41,8 +41,10 @@ path, cap, keys = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 try:
     import h5py
 except ImportError:
+    ready()
     print(json.dumps({"missing": "h5py"}))
     raise SystemExit(0)
+ready()
 try:
     f = h5py.File(path, "r")
 except Exception as exc:
@@ -102,6 +104,7 @@ class Hdf5Format:
         timeout = DEFAULT_TIMEOUT
         if ctx.deadline is not None:
             timeout = max(1.0, min(timeout, ctx.deadline - time.monotonic()))
+        clamped = timeout < DEFAULT_TIMEOUT
         with blob.open() as raw, tempfile.TemporaryDirectory(prefix="tg-h5-") as tmp:
             try:
                 path = _on_disk(raw, blob, tmp, ctx.limits.max_in_memory_member)
@@ -110,6 +113,13 @@ class Hdf5Format:
                 return
             cap = str(ctx.limits.max_model_config)
             result = run_child(_READ_ATTRIBUTES, [path, cap, *_KERAS_ATTRIBUTES], timeout=timeout)
+        if result.output is None and not result.ready:
+            # The child failed before opening the file: this machine's problem, not the file's.
+            raise ScanError(f"the isolated HDF5 parser could not run: {result.problem}")
+        if result.output is None and result.timed_out and clamped:
+            raise LimitExceeded(
+                "time per file (the isolated HDF5 parser was still working)", timeout
+            )
         if result.output is None:
             yield _finding(
                 "TG004",
