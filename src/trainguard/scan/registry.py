@@ -26,11 +26,20 @@ _PACKAGE = "trainguard.scan.formats."
 
 
 class _Lazy:
-    """Imports ``trainguard.scan.formats.<module>`` and builds the object once, when first asked."""
+    """Imports ``trainguard.scan.formats.<module>`` and builds the object once, when first asked.
 
-    def __init__(self, module: str, build: Callable[[ModuleType], Any]) -> None:
+    ``prefilter``, when given, is a necessary condition the format's own check
+    implies (its magic number, say), tested without importing the module: data
+    that fails it cannot be this format, so most entries are never imported when
+    a scan meets only a few formats (the tensor storages of a checkpoint).
+    """
+
+    def __init__(
+        self, module: str, build: Callable[[ModuleType], Any], prefilter: Any = None
+    ) -> None:
         self._module = module
         self._build = build
+        self._prefilter = prefilter
         self._target: Any = None
 
     def target(self) -> Any:
@@ -46,6 +55,8 @@ class _Lazy:
 
 class LazyFormat(_Lazy):
     def sniff(self, head: bytes, blob: Blob) -> bool:
+        if self._prefilter is not None and not self._prefilter(head):
+            return False
         return bool(self.target().sniff(head, blob))
 
     def scan(self, ctx: ScanContext, blob: Blob) -> Iterator[Finding]:
@@ -55,6 +66,8 @@ class LazyFormat(_Lazy):
 
 class LazyFlavour(_Lazy):
     def matches(self, names: frozenset[str]) -> bool:
+        if self._prefilter is not None and not self._prefilter(names):
+            return False
         return bool(self.target().matches(names))
 
     def scan(self, ctx: ScanContext, blob: Blob, f: BinaryIO, directory: Any) -> Iterator[Finding]:
@@ -62,25 +75,39 @@ class LazyFlavour(_Lazy):
         return findings
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _text_opens_with_brace(head: bytes) -> bool:
+    """JSON objects and Jinja tags ({%, {{, {#) start, after a BOM and blanks, with "{"."""
+    return head.removeprefix(_BOM).lstrip()[:1] == b"{"
+
+
+def _hdf5_signature(head: bytes) -> bool:
+    return any(head[o : o + 4] == b"\x89HDF" for o in (0, 512, 1024, 2048))
+
+
 # Zips recognised by their member names (checked before every member is scanned).
-ZIP_FLAVOURS = (LazyFlavour("keras", lambda m: m.KerasZipFlavour()),)
+ZIP_FLAVOURS = (
+    LazyFlavour("keras", lambda m: m.KerasZipFlavour(), lambda names: "config.json" in names),
+)
 
 FORMATS: tuple[LazyFormat, ...] = (
     LazyFormat("zips", lambda m: m.ZipFormat(flavours=ZIP_FLAVOURS)),
-    LazyFormat("sevenzip", lambda m: m.SevenZipFormat()),
+    LazyFormat("sevenzip", lambda m: m.SevenZipFormat(), lambda h: h[:4] == b"7z\xbc\xaf"),
     LazyFormat("compressed", lambda m: m.GZIP),
     LazyFormat("compressed", lambda m: m.BZIP2),
     LazyFormat("compressed", lambda m: m.XZ),
     LazyFormat("compressed", lambda m: m.LZ4),
-    LazyFormat("numpy_npy", lambda m: m.NpyFormat()),
-    LazyFormat("gguf", lambda m: m.GgufFormat()),
-    LazyFormat("hdf5", lambda m: m.Hdf5Format()),
-    LazyFormat("tars", lambda m: m.TarFormat()),
+    LazyFormat("numpy_npy", lambda m: m.NpyFormat(), lambda h: h[:6] == b"\x93NUMPY"),
+    LazyFormat("gguf", lambda m: m.GgufFormat(), lambda h: h[:4] == b"GGUF"),
+    LazyFormat("hdf5", lambda m: m.Hdf5Format(), _hdf5_signature),
+    LazyFormat("tars", lambda m: m.TarFormat(), lambda h: h[257:262] == b"ustar"),
     # No magic, but a shape no pickle has: a plausible length and "{" at byte 8.
-    LazyFormat("safetensors", lambda m: m.SafetensorsFormat()),
+    LazyFormat("safetensors", lambda m: m.SafetensorsFormat(), lambda h: h[8:9] == b"{"),
     # Text that starts with "{": a JSON object naming a chat template, or a Jinja tag.
-    LazyFormat("jsonconfig", lambda m: m.TokenizerConfigFormat()),
-    LazyFormat("templates", lambda m: m.ChatTemplateFormat()),
+    LazyFormat("jsonconfig", lambda m: m.TokenizerConfigFormat(), _text_opens_with_brace),
+    LazyFormat("templates", lambda m: m.ChatTemplateFormat(), _text_opens_with_brace),
     LazyFormat("pickles", lambda m: m.PickleFormat()),
     # Protobuf has no magic: recognised by parsing the first fields against a schema.
     LazyFormat("savedmodel", lambda m: m.SavedModelFormat()),
@@ -100,7 +127,14 @@ def sniff(head: bytes, blob: Blob) -> Format | None:
 
 
 # Modules the formats import only when they meet a file of theirs.
-_ON_USE = ("tarfile", _PACKAGE + "codelike", _PACKAGE + "template_rules")
+_ON_USE = (
+    "tarfile",
+    "tempfile",
+    "importlib.util",
+    "trainguard.scan.isolated",
+    _PACKAGE + "codelike",
+    _PACKAGE + "template_rules",
+)
 
 
 def preload() -> None:

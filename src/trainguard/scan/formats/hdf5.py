@@ -12,9 +12,7 @@ never "clean": whoever can load a Keras ``.h5`` has h5py, since Keras needs it.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -25,7 +23,6 @@ from trainguard.findings import Finding
 from trainguard.rules import finding
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.formats.keras import check_config_bytes
-from trainguard.scan.isolated import DEFAULT_TIMEOUT, run_child
 
 MAGIC = b"\x89HDF\r\n\x1a\n"
 # A user block in front of the superblock moves the signature to 512, 1024, ...
@@ -93,6 +90,12 @@ class Hdf5Format:
         return any(head[o : o + 8] == MAGIC for o in _SUPERBLOCK_OFFSETS)
 
     def scan(self, ctx: ScanContext, blob: Blob) -> Iterator[Finding]:
+        # Imported here: only HDF5 files need a child process (registry.preload loads them).
+        import importlib.util
+        import tempfile
+
+        from trainguard.scan.isolated import DEFAULT_TIMEOUT, run_child
+
         if importlib.util.find_spec("h5py") is None:
             yield _finding(
                 "TG208",
