@@ -109,6 +109,9 @@ class Guard:
         self._sample: tuple[list[tuple[str, Any]], list[tuple[int, int]]] | None = None
         self.checked_boundaries = 0  # boundaries with full fingerprints
         self.sampled_share = 0.0  # budget mode: share of chunks read at the last boundary
+        self._sample_count: int | None = None
+        self._overhead = 0.0  # seconds spent in the guard during the current step
+        self.last_step_overhead = 0.0  # ... and during the last finished one
         # False: the loop passes guard.step(grad_norm=...) (what clip_grad_norm_ returned),
         # which saves a pass over every gradient per step.
         self.measure_grad_norm = measure_grad_norm
@@ -251,6 +254,20 @@ class Guard:
 
     # -- the optimizer hooks ---------------------------------------------------
     def _before_step(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._before_step_checks()
+        finally:
+            self._overhead += time.perf_counter() - started
+
+    def _after_step(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._after_step_checks()
+        finally:
+            self._overhead += time.perf_counter() - started
+
+    def _before_step_checks(self) -> None:
         if self._pending is not None:  # guard.step was not called for the last step
             self._finish_step(loss=None, batch=None)
         if self.budget is None:
@@ -298,7 +315,7 @@ class Guard:
             )
         self._grad_norm = self._total_grad_norm() if self.measure_grad_norm else None
 
-    def _after_step(self) -> None:
+    def _after_step_checks(self) -> None:
         cosine = self.direction.after_step(self.optimizer)
         if cosine is not None and cosine < 0:
             self._alert(
@@ -390,7 +407,20 @@ class Guard:
         if not self._chunk_cost and total:
             self._chunk_cost = self._full_cost / total  # until a sample has been timed
         median, _ = self.windows["time"].center_scale()
-        count = chunk_count(self.budget, median, self._chunk_cost, total)
+        target = 0.85 * self.budget * median  # a margin: fixed costs vary from step to step
+        if self._sample_count is None:
+            count = chunk_count(target / median / 2, median, self._chunk_cost, total)
+        else:
+            # Feedback on what the guard really cost last step (sample, probes,
+            # identity and seed checks, the ledger write): the sample grows or shrinks
+            # until the whole guard takes its budget.
+            spent = self.last_step_overhead
+            ratio = target / spent if spent > 0 else 1.5
+            count = int(self._sample_count * min(1.5, max(0.5, ratio)))
+        if self.budget >= 1.0:
+            count = total  # no limit: every chunk, every step
+        count = max(1, min(total, count))
+        self._sample_count = count
         started = time.perf_counter()
         views = self._sampler.choose(watched, self.step_index, count)
         sums = self.fp.sums([v for _, v in views])
@@ -535,6 +565,15 @@ class Guard:
             raise TrainingStopped(stopped)
 
     def _finish_step(self, loss: Any, batch: Any) -> None:
+        started = time.perf_counter()
+        try:
+            self._finish_step_record(loss, batch)
+        finally:
+            # The guard's own time in this step: what budget mode holds to its share.
+            self.last_step_overhead = self._overhead + (time.perf_counter() - started)
+            self._overhead = 0.0
+
+    def _finish_step_record(self, loss: Any, batch: Any) -> None:
         now = time.perf_counter()
         step_time = now - self._last_step_end
         self._last_step_end = now
