@@ -55,8 +55,18 @@ class ChildResult:
     timed_out: bool = False
 
 
-def run_child(program: str, args: list[str], *, timeout: float = DEFAULT_TIMEOUT) -> ChildResult:
-    """Run ``program`` (Python source) in an isolated, limited interpreter with ``args``."""
+def run_child(
+    program: str,
+    args: list[str],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    pass_fds: tuple[int, ...] = (),
+) -> ChildResult:
+    """Run ``program`` (Python source) in an isolated, limited interpreter with ``args``.
+
+    ``pass_fds``: open descriptors the child inherits (a file the caller already
+    opened, so that the child reads the very file the caller sniffed).
+    """
     prelude = _PRELUDE.format(memory=MEMORY_LIMIT, cpu=max(1, int(timeout) + 1), ready=READY)
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "HOME")}
     # One thread and few malloc arenas: BLAS libraries that size thread buffers from
@@ -71,6 +81,7 @@ def run_child(program: str, args: list[str], *, timeout: float = DEFAULT_TIMEOUT
             timeout=timeout,
             env=env,
             stdin=subprocess.DEVNULL,
+            pass_fds=pass_fds,
         )
     except subprocess.TimeoutExpired as exc:
         started = READY.encode() in (exc.stderr or b"")

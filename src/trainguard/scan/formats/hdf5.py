@@ -110,12 +110,14 @@ class Hdf5Format:
         clamped = timeout < DEFAULT_TIMEOUT
         with blob.open() as raw, tempfile.TemporaryDirectory(prefix="tg-h5-") as tmp:
             try:
-                path = _on_disk(raw, blob, tmp, ctx.limits.max_in_memory_member)
+                path, fds = _on_disk(raw, blob, tmp, ctx.limits.max_in_memory_member)
             except LimitExceeded as exc:
                 yield _finding("TG002", f"HDF5 nested in a compressed stream: {exc}")
                 return
             cap = str(ctx.limits.max_model_config)
-            result = run_child(_READ_ATTRIBUTES, [path, cap, *_KERAS_ATTRIBUTES], timeout=timeout)
+            result = run_child(
+                _READ_ATTRIBUTES, [path, cap, *_KERAS_ATTRIBUTES], timeout=timeout, pass_fds=fds
+            )
         if result.output is None and not result.ready:
             # The child failed before opening the file: this machine's problem, not the file's.
             raise ScanError(f"the isolated HDF5 parser could not run: {result.problem}")
@@ -165,11 +167,22 @@ class Hdf5Format:
                 yield f if f.trigger else replace(f, trigger=key)
 
 
-def _on_disk(raw: BinaryIO, blob: Blob, tmp: str, cap: int) -> str:
-    """A path the child can open: the file itself, or a bounded copy of a member."""
+def _on_disk(raw: BinaryIO, blob: Blob, tmp: str, cap: int) -> tuple[str, tuple[int, ...]]:
+    """A path the child can open, and descriptors it must inherit for it.
+
+    The top-level file is handed over as the descriptor this scan opened
+    (``/dev/fd/N``), so a file swapped after it was sniffed is not what the child
+    reads; a member is copied (bounded) into the scan's private temp folder.
+    """
     name = getattr(raw, "name", None)
     if blob.depth == 0 and isinstance(name, str) and os.path.isfile(name):
-        return name
+        try:
+            fd = raw.fileno()
+        except (OSError, ValueError, AttributeError):
+            fd = -1
+        if fd >= 0 and os.path.isdir("/dev/fd"):
+            return f"/dev/fd/{fd}", (fd,)
+        return name, ()
     path = os.path.join(tmp, "member.h5")
     copied = 0
     with open(path, "wb") as out:
@@ -178,4 +191,4 @@ def _on_disk(raw: BinaryIO, blob: Blob, tmp: str, cap: int) -> str:
             if copied > cap:
                 raise LimitExceeded("copy of an HDF5 member", cap)
             out.write(chunk)
-    return path
+    return path, ()
