@@ -64,7 +64,12 @@ def register(sub: Any) -> None:
         "(needs trainguard[keyless] and the network; token from --identity-token, "
         "$SIGSTORE_ID_TOKEN or a CI's ambient credentials)",
     )
-    s.add_argument("--identity-token", metavar="TOKEN", help="OIDC token for --keyless")
+    s.add_argument(
+        "--identity-token",
+        metavar="TOKEN",
+        help="OIDC token for --keyless (other users can read a command line: prefer "
+        "$SIGSTORE_ID_TOKEN)",
+    )
     s.add_argument(
         "--signature",
         metavar="OUT",
