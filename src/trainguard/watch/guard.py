@@ -374,23 +374,27 @@ class Guard:
 
     def _check_versions(self) -> None:
         changed = self._versions.changed(self._watched_tensors())
+        self._alert_changed(changed, "written in place", "version counter", "version")
+
+    def _alert_changed(self, changed: list[str], verb: str, seen_by: str, via: str) -> None:
+        """TG1301 for the weights and TG1302 for the optimizer tensors among ``changed``
+        (names from :meth:`_watched_tensors`), found between two steps by ``seen_by``."""
         params = [n for n in changed if not n.startswith("optimizer ")]
         moments = [n.removeprefix("optimizer ") for n in changed if n.startswith("optimizer ")]
         if params:
             self._alert(
                 "TG1301",
-                f"{len(params)} parameter tensor(s) written in place since the last "
-                f"optimizer step (version counter): {', '.join(params[:5])}",
+                f"{len(params)} parameter tensor(s) {verb} since the last "
+                f"optimizer step ({seen_by}): {', '.join(params[:5])}",
                 tensors=params[:50],
-                via="version",
+                via=via,
             )
         if moments:
             self._alert(
                 "TG1302",
-                f"optimizer state written in place outside the step (version counter): "
-                f"{', '.join(moments[:5])}",
+                f"optimizer state {verb} outside the step ({seen_by}): {', '.join(moments[:5])}",
                 tensors=moments[:50],
-                via="version",
+                via=via,
             )
 
     def _full_due(self) -> bool:
@@ -409,7 +413,9 @@ class Guard:
         median, _ = self.windows["time"].center_scale()
         target = 0.85 * self.budget * median  # a margin: fixed costs vary from step to step
         if self._sample_count is None:
-            count = chunk_count(target / median / 2, median, self._chunk_cost, total)
+            # Start at half the target (chunk_count reads each chunk twice); the
+            # feedback below grows the sample from there.
+            count = chunk_count(0.5 * target / median, median, self._chunk_cost, total)
         else:
             # Feedback on what the guard really cost last step (sample, probes,
             # identity and seed checks, the ledger write): the sample grows or shrinks
@@ -438,24 +444,7 @@ class Guard:
         self._sample = None
         now = self.fp.sums([v for _, v in views])
         changed = sorted({name for (name, _), a, b in zip(views, sums, now, strict=True) if a != b})
-        params = [n for n in changed if not n.startswith("optimizer ")]
-        moments = [n.removeprefix("optimizer ") for n in changed if n.startswith("optimizer ")]
-        if params:
-            self._alert(
-                "TG1301",
-                f"{len(params)} parameter tensor(s) changed since the last optimizer step "
-                f"(sampled chunks): {', '.join(params[:5])}",
-                tensors=params[:50],
-                via="sample",
-            )
-        if moments:
-            self._alert(
-                "TG1302",
-                f"optimizer state changed outside the step (sampled chunks): "
-                f"{', '.join(moments[:5])}",
-                tensors=moments[:50],
-                via="sample",
-            )
+        self._alert_changed(changed, "changed", "sampled chunks", "sample")
 
     def _state_digests(self) -> dict[str, Any]:
         """Digests of the parameters and optimizer state as they are now (docs/replay.md)."""
