@@ -72,8 +72,11 @@ def main() -> None:
                 fh,
                 default=str,
             )
+    # Every rank leaves together: a rank whose peer (the store's host, rank 0) has already
+    # exited can abort in gloo's teardown ("terminate called without an active exception").
     if error is None:
-        dist.destroy_process_group()
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
