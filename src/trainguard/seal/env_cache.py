@@ -8,6 +8,7 @@ the mtime back, and ctime cannot be set back without changing the clock.
 The cache is only as trustworthy as its file: it lives in the invoking
 user's cache folder, is written with mode 0600, and is ignored when another
 user owns it or others can write to it.  ``--full`` ignores it entirely.
+A file changed in the last seconds is not remembered (see :data:`RACY_NS`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import os
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 
-from trainguard.seal.env_walk import StatKey
+from trainguard.seal.env_walk import StatKey, settled
 
 FORMAT = 2
 # A cache is metadata about the environment: a few MB for torch.  Anything
@@ -30,13 +32,15 @@ MAX_CACHE_BYTES = 256 * 1024 * 1024
 
 def default_cache_path(roots: Iterable[str]) -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    # The real interpreter: a venv's python and python3 are links to the same one.
+    interpreter = os.path.realpath(sys.executable)
     ident = hashlib.sha256(
-        "\0".join([sys.executable, *sorted(roots)]).encode("utf-8", "surrogateescape")
+        "\0".join([interpreter, *sorted(roots)]).encode("utf-8", "surrogateescape")
     ).hexdigest()[:20]
     return os.path.join(base, "trainguard", f"env-{ident}.json")
 
 
-def _interpreter_tag() -> str:
+def interpreter_tag() -> str:
     from importlib.util import MAGIC_NUMBER
 
     return f"{sys.implementation.cache_tag}:{MAGIC_NUMBER.hex()}"
@@ -53,11 +57,11 @@ def _trusted(fd: int) -> bool:
 
 
 def _key_text(key: StatKey) -> str:
-    return ",".join(map(str, key))
+    return f"{key[0]},{key[1]},{key[2]},{key[3]},{key[4]}"
 
 
 class DigestCache:
-    """Read at start, written at the end with only what this run used.
+    """Read on first use, written at the end with only what this run used.
 
     Entries are flat strings (``"dev,ino,size,mtime,ctime|sha256=hex,..."``)
     so that loading a torch environment's 30,000 of them is one cheap parse.
@@ -65,30 +69,44 @@ class DigestCache:
 
     def __init__(self, path: str | None, *, read: bool = True) -> None:
         self.path = path
+        self.read = read
         self._files: dict[str, str] = {}
         self._pycs: dict[str, str] = {}
         self._new_files: dict[str, str] = {}
         self._new_pycs: dict[str, str] = {}
+        self._loaded = not (path is not None and read)
         self.hits = 0
-        if path is not None and read:
-            self._load(path)
 
-    def _load(self, path: str) -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
+    def verdict_path(self, variant: str) -> str | None:
+        """Where the last verify's verdict for one set of options is kept (see
+        :mod:`.env_verdict`): one file per set, so alternating options do not evict."""
+        if self.path is None:
+            return None
+        stem = self.path[: -len(".json")] if self.path.endswith(".json") else self.path
+        return f"{stem}.verdict-{variant}.json"
+
+    def read_verdict(self, variant: str) -> object:
+        """The stored verdict document, or None (never read with ``read=False``)."""
+        path = self.verdict_path(variant)
+        if not self.read or path is None:
+            return None
+        return _read_json(path)
+
+    def write_verdict(self, variant: str, doc: dict[str, object]) -> None:
+        path = self.verdict_path(variant)
+        if path is not None:
+            _write_json(path, doc)
+
+    def _ensure_loaded(self) -> None:
+        # Read on first use: a reused verdict never needs the digests.
+        if self._loaded:
             return
-        with os.fdopen(fd, "rb") as fh:
-            if not _trusted(fh.fileno()):
-                return
-            raw = fh.read(MAX_CACHE_BYTES + 1)
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            return
+        self._loaded = True
+        assert self.path is not None
+        doc = _read_json(self.path)
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             return
-        if doc.get("interpreter") != _interpreter_tag():
+        if doc.get("interpreter") != interpreter_tag():
             return
         files, pycs = doc.get("files"), doc.get("pycs")
         if not isinstance(files, dict) or not isinstance(pycs, dict):
@@ -99,15 +117,18 @@ class DigestCache:
 
     def digests(self, path: str, key: StatKey, algorithms: frozenset[str]) -> dict[str, bytes]:
         """The remembered digests of ``path`` if its stat is unchanged and all are known."""
+        if not self._loaded:
+            self._ensure_loaded()
         cached = self._files.get(path)
-        if not isinstance(cached, str):
+        if cached.__class__ is not str:
             return {}
-        key_text, _, values_text = cached.partition("|")
-        if key_text != _key_text(key):
+        assert isinstance(cached, str)
+        key_text = f"{key[0]},{key[1]},{key[2]},{key[3]},{key[4]}|"
+        if not cached.startswith(key_text):
             return {}
         values: dict[str, bytes] = {}
         try:
-            for item in values_text.split(","):
+            for item in cached[len(key_text) :].split(","):
                 name, _, digest = item.partition("=")
                 if name in algorithms:
                     values[name] = bytes.fromhex(digest)
@@ -120,10 +141,13 @@ class DigestCache:
         return values
 
     def remember(self, path: str, key: StatKey, values: dict[str, bytes]) -> None:
+        if not settled(key, time.time_ns()):
+            return
         digests = ",".join(f"{a}={v.hex()}" for a, v in sorted(values.items()))
         self._new_files[path] = f"{_key_text(key)}|{digests}"
 
     def pyc_verified(self, pyc: str, pyc_key: StatKey, src_key: StatKey) -> bool:
+        self._ensure_loaded()
         cached = self._pycs.get(pyc)
         if cached != f"{_key_text(pyc_key)}|{_key_text(src_key)}":
             return False
@@ -132,6 +156,9 @@ class DigestCache:
         return True
 
     def remember_pyc(self, pyc: str, pyc_key: StatKey, src_key: StatKey) -> None:
+        now = time.time_ns()
+        if not (settled(pyc_key, now) and settled(src_key, now)):
+            return
         self._new_pycs[pyc] = f"{_key_text(pyc_key)}|{_key_text(src_key)}"
 
     def _changed(self) -> bool:
@@ -141,28 +168,52 @@ class DigestCache:
 
     def save(self) -> None:
         """Write the cache atomically; a failure only costs speed next time."""
-        if self.path is None or not self._changed():
+        if self.path is None or not (self._loaded or self._new_files or self._new_pycs):
+            return
+        self._ensure_loaded()
+        if not self._changed():
             return
         doc = {
             "format": FORMAT,
-            "interpreter": _interpreter_tag(),
+            "interpreter": interpreter_tag(),
             "files": self._new_files,
             "pycs": self._new_pycs,
         }
-        folder = os.path.dirname(self.path)
+        _write_json(self.path, doc)
+
+
+def _read_json(path: str) -> object:
+    """The JSON document at ``path`` if we wrote it and no one else could have; else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        if not _trusted(fh.fileno()):
+            return None
+        raw = fh.read(MAX_CACHE_BYTES + 1)
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _write_json(path: str, doc: dict[str, object]) -> None:
+    """Write atomically with mode 0600; a failure only costs speed next time."""
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".env-", suffix=".tmp", dir=folder)
+    except OSError:
+        return
+    try:
+        # dumps, not dump: only dumps uses the C encoder.
+        text = json.dumps(doc, separators=(",", ":"))
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError:
         try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".env-", suffix=".tmp", dir=folder)
+            os.unlink(tmp)
         except OSError:
-            return
-        try:
-            # dumps, not dump: only dumps uses the C encoder.
-            text = json.dumps(doc, separators=(",", ":"))
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, self.path)
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from trainguard.findings import Finding
 from trainguard.seal.env_cache import DigestCache
@@ -39,6 +40,9 @@ from trainguard.seal.env_sort import (
 )
 from trainguard.seal.env_walk import SPECIAL, Entry, StatKey, entry_for
 
+if TYPE_CHECKING:
+    from trainguard.seal.env_verdict import Observed
+
 
 @dataclass
 class EnvStats:
@@ -51,6 +55,9 @@ class EnvStats:
     pycs_checked: int = 0
     cache_hits: int = 0
     seconds: float = 0.0
+    # When nothing changed since a verify, that verify's time (a Unix time):
+    # its result was reused.
+    reused_from: float | None = None
 
 
 @dataclass
@@ -63,6 +70,8 @@ class Evidence:
     walk_errors: dict[str, str] = field(default_factory=dict)
     file_errors: dict[str, str] = field(default_factory=dict)  # unreadable, owned by no one
     all_digests: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # Files read outside the walked folders, with the stat taken before reading.
+    outside: dict[str, StatKey | None] = field(default_factory=dict)
 
     def owner_of(self, path: str) -> InstalledDist | None:
         """The distribution a finding about ``path`` belongs to, if any."""
@@ -110,7 +119,7 @@ def _check_pycs(
             continue
         ev.stats.pycs_checked += 1
         if cache is not None:
-            pyc_entry = entry_for(pyc)
+            pyc_entry = stats[pyc] if pyc in stats else entry_for(pyc)
             src_entry = stats[source] if source in stats else entry_for(source)
             if pyc_entry is not None and src_entry is not None:
                 if cache.pyc_verified(pyc, pyc_entry.key, src_entry.key):
@@ -241,23 +250,39 @@ def _snapshot_findings(scope: Scope, ev: Evidence, sorted_: Sorted, hashed: Hash
     ev.findings.extend(interpreter_findings(against, scope.against_label))
 
 
-def gather(scope: Scope, cache: DigestCache | None, progress: Progress | None) -> Evidence:
+def gather(
+    scope: Scope,
+    cache: DigestCache | None,
+    progress: Progress | None,
+    observed: Observed | None = None,
+) -> Evidence:
+    """Everything a verify concludes; ``observed`` is the walk and stats already taken."""
     dists = [d for root in scope.roots for d in distributions(root)]
     own = Ownership.of(dists)
     ev = Evidence(dists, own, EnvStats(roots=list(scope.roots), distributions=len(dists)))
-    present, stdlib = walk_scope(scope, ev.walk_errors)
+    stats: dict[str, Entry | None] = {}
+    if observed is not None:
+        present, stdlib = observed.present, observed.stdlib
+        ev.walk_errors.update(observed.walk_errors)
+        stats.update(observed.entries)
+        startup = observed.startup
+    else:
+        present, stdlib = walk_scope(scope, ev.walk_errors)
+        startup = startup_modules(scope.search)
     ev.stats.files = len(present) + len(stdlib)
     pths = [p for root in scope.roots for p in pth_files(root)]
-    startup = startup_modules(scope.search)
     startup_paths = [path for _, path, _ in startup]
     sorted_ = sort_files(present, own, {*pths, *startup_paths})
     sorted_.pycs.extend(sort_files(stdlib, Ownership(), set(stdlib)).pycs)
     files = {**present, **stdlib}
     wanted, sizes = _wanted(scope, ev, files, sorted_, [*pths, *startup_paths])
-    stats: dict[str, Entry | None] = {}
     digests, errors, ev.stats.hashed_bytes = hash_wanted(
         wanted, sizes, files, cache, scope.workers, progress, stats
     )
+    for path in wanted:
+        if path not in files:  # a RECORD row pointing out of the site folders
+            entry = stats.get(path)
+            ev.outside[path] = entry.key if entry is not None else None
     ev.stats.hashed_files = len(digests) - (cache.hits if cache is not None else 0)
     for path, reason in errors.items():
         if own.owner(path) is None and files.get(path) != SPECIAL and os.path.lexists(path):

@@ -190,7 +190,7 @@ def hash_wanted(
         # Outside the walked folders (a RECORD row may point anywhere) the kind
         # is unknown: stat first, so that no device is ever opened.
         if cache is not None or kind != FILE:
-            entry = stats[path] = entry_for(path)
+            entry = stats[path] if path in stats else stats.setdefault(path, entry_for(path))
             if entry is None:
                 continue  # missing: whoever expected it reports it
             if not entry.regular:

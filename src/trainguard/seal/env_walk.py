@@ -8,9 +8,9 @@ but never opened: opening a FIFO blocks, reading a device never ends.
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from collections.abc import Iterable
+from stat import S_ISLNK, S_ISREG
 from typing import NamedTuple
 
 # (device, inode, size, mtime, ctime), all in ns where it applies.  ctime
@@ -23,6 +23,18 @@ def stat_key(st: os.stat_result) -> StatKey:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+# A file changed this shortly before it was looked at may change again without
+# its key changing: the kernel's clock for timestamps ticks every few ms, and
+# some filesystems keep whole seconds.  Until then its key does not vouch for
+# its content, and nothing is remembered about it (git calls it "racily clean").
+RACY_NS = 2_000_000_000
+
+
+def settled(key: StatKey, now_ns: int) -> bool:
+    """Whether ``key``'s last change is far enough before ``now_ns`` to be remembered."""
+    return key[4] < now_ns - RACY_NS
+
+
 class Entry(NamedTuple):
     path: str
     size: int
@@ -33,18 +45,21 @@ class Entry(NamedTuple):
 
 def entry_for(path: str) -> Entry | None:
     """The :class:`Entry` for one path, ``None`` when nothing is there."""
+    # A re-verify calls this once per file (40,000 for torch): positional
+    # arguments and an inline key keep it near the cost of the lstat itself.
     try:
         lst = os.lstat(path)
     except OSError:
         return None
-    link = stat.S_ISLNK(lst.st_mode)
-    st = lst
-    if link:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return Entry(path, 0, stat_key(lst), regular=False, link=True)
-    return Entry(path, st.st_size, stat_key(st), regular=stat.S_ISREG(st.st_mode), link=link)
+    mode = lst.st_mode
+    if not S_ISLNK(mode):
+        key = (lst.st_dev, lst.st_ino, lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns)
+        return Entry(path, lst.st_size, key, S_ISREG(mode), False)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return Entry(path, 0, stat_key(lst), False, True)
+    return Entry(path, st.st_size, stat_key(st), S_ISREG(st.st_mode), True)
 
 
 FILE, LINK, SPECIAL = "file", "link", "special"

@@ -30,6 +30,17 @@ from trainguard.seal.env_gather import EnvStats, Evidence, gather
 from trainguard.seal.env_hash import Progress
 from trainguard.seal.env_snapshot import Snapshot
 from trainguard.seal.env_sort import Scope
+from trainguard.seal.env_verdict import (
+    DistSummary,
+    Observed,
+    Verdict,
+    observe,
+    options_tag,
+    outside_settled,
+    reusable,
+    to_doc,
+    variant_of,
+)
 from trainguard.seal.env_walk import startup_search_path
 
 
@@ -125,37 +136,63 @@ def _size(path: str) -> int:
         return 0
 
 
-def _report(evidence: Evidence, findings: list[Finding], fail_on: Severity) -> ScanReport:
-    by_owner: dict[str, list[Finding]] = {d.meta_dir: [] for d in evidence.dists}
+def _verdict_of(evidence: Evidence) -> Verdict:
+    owners: dict[str, str] = {}
+    for item in evidence.findings:
+        if item.file not in owners:
+            owner = evidence.owner_of(item.file)
+            if owner is not None:
+                owners[item.file] = owner.meta_dir
+    dists = [
+        DistSummary(
+            d.meta_dir,
+            f"distribution {d.label}" + ("" if d.has_record else ", no RECORD"),
+            sum(e.size or 0 for e in d.entries),
+            evidence.unreadable.get(d.meta_dir, []),
+        )
+        for d in evidence.dists
+    ]
+    return Verdict(
+        dists=dists,
+        findings=evidence.findings,
+        owners=owners,
+        file_errors=evidence.file_errors,
+        walk_errors=evidence.walk_errors,
+        files=evidence.stats.files,
+        pycs_checked=evidence.stats.pycs_checked,
+    )
+
+
+def _report(verdict: Verdict, findings: list[Finding], fail_on: Severity) -> ScanReport:
+    by_owner: dict[str, list[Finding]] = {d.meta_dir: [] for d in verdict.dists}
     loose: dict[str, list[Finding]] = {}
     for item in findings:
-        owner = evidence.owner_of(item.file)
-        if owner is not None:
-            by_owner[owner.meta_dir].append(item)
+        owner = verdict.owners.get(item.file)
+        if owner is not None and owner in by_owner:
+            by_owner[owner].append(item)
         else:
             loose.setdefault(item.file, []).append(item)
     files: list[FileResult] = []
-    for dist in evidence.dists:
-        kind = f"distribution {dist.label}" + ("" if dist.has_record else ", no RECORD")
-        size = sum(e.size or 0 for e in dist.entries)
-        unreadable = evidence.unreadable.get(dist.meta_dir, [])
+    for dist in verdict.dists:
         error = None
-        if unreadable:
-            error = f"{len(unreadable)} listed file(s) could not be read: " + "; ".join(
-                unreadable[:3]
+        if dist.unreadable:
+            error = f"{len(dist.unreadable)} listed file(s) could not be read: " + "; ".join(
+                dist.unreadable[:3]
             )
-        files.append(FileResult(dist.meta_dir, kind, size, by_owner[dist.meta_dir], error))
-    for path in sorted({*loose, *evidence.file_errors}):
+        files.append(
+            FileResult(dist.meta_dir, dist.kind, dist.size, by_owner[dist.meta_dir], error)
+        )
+    for path in sorted({*loose, *verdict.file_errors}):
         files.append(
             FileResult(
                 path,
                 _format_of(path),
                 _size(path),
                 loose.get(path, []),
-                evidence.file_errors.get(path),
+                verdict.file_errors.get(path),
             )
         )
-    for folder, reason in sorted(evidence.walk_errors.items()):
+    for folder, reason in sorted(verdict.walk_errors.items()):
         files.append(FileResult(folder, "folder", 0, [], f"cannot be listed: {reason}"))
     return ScanReport(files=files, fail_on=fail_on)
 
@@ -197,11 +234,40 @@ def verify_environment(options: EnvOptions | None = None) -> EnvResult:
         against=opts.against,
         against_label=opts.against_label,
     )
-    evidence = gather(scope, opts.cache, opts.progress)
+    observed: Observed | None = None
+    tag = options_tag(scope)
+    if opts.cache is not None and opts.against is None and not opts.collect_digests:
+        observed = observe(scope)  # before anything is read: see env_verdict
+        previous = reusable(opts.cache.read_verdict(variant_of(tag)), tag, observed)
+        if previous is not None:
+            stats = EnvStats(
+                roots=list(roots),
+                stdlib=stdlib,
+                distributions=len(previous.dists),
+                files=previous.files,
+                reused_from=previous.made_at or 0.0,
+            )
+            findings = apply_allowlist(previous.findings, opts.allowlist)
+            report = _report(previous, findings, opts.fail_on)
+            stats.seconds = time.perf_counter() - started
+            return EnvResult(report, stats)
+    evidence = gather(scope, opts.cache, opts.progress, observed)
+    verdict = _verdict_of(evidence)
     if opts.cache is not None:
         opts.cache.save()
+        # A read error may be passing: the next verify looks again rather than repeat it.
+        failed = evidence.file_errors or evidence.unreadable or evidence.walk_errors
+        if (
+            observed is not None
+            and observed.digest is not None
+            and observed.settled
+            and outside_settled(evidence.outside, observed.taken_at)
+            and not failed
+        ):
+            doc = to_doc(tag, observed, evidence.outside, verdict)
+            opts.cache.write_verdict(variant_of(tag), doc)
     findings = apply_allowlist(evidence.findings, opts.allowlist)
-    report = _report(evidence, findings, opts.fail_on)
+    report = _report(verdict, findings, opts.fail_on)
     stats = evidence.stats
     stats.stdlib = stdlib
     stats.seconds = time.perf_counter() - started
