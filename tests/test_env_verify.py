@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -503,3 +505,133 @@ def test_cli_says_when_it_reused_a_verdict(
     assert again.out == first.out  # the same report
     assert main([*argv, "--full"]) == 0
     assert "nothing has changed" not in capsys.readouterr().err
+
+
+def test_empty_metadata_folder_is_reported(site: Path) -> None:
+    """Folders count by their names too: a warm verdict must not hide a new empty one."""
+    (site / "ghost-6.6.dist-info").mkdir()
+    report = verify(site)
+    assert [Path(f.file).name for f in by_rule(report, "TG613")] == ["ghost-6.6.dist-info"]
+
+
+def test_folder_in_place_of_a_pycs_source(site: Path) -> None:
+    """A pyc whose "source" is a folder: the folder changes the verdict, warm or cold."""
+    cache = site / NAME / "__pycache__"
+    (cache / f"ghost.{sys.implementation.cache_tag}.pyc").write_bytes(
+        (cache / f"optim.{sys.implementation.cache_tag}.pyc").read_bytes()
+    )
+    before = verify(site)
+    (site / NAME / "ghost.py").mkdir()
+    after = verify(site)
+    assert rules_of(before) != rules_of(after)
+
+
+def _around_observe(monkeypatch: pytest.MonkeyPatch, act: Callable[[], None]) -> Callable[[], None]:
+    """Run ``act`` right after the verify fingerprints the folders, before it reads them;
+    returns what puts the verify back as it was."""
+    from trainguard.seal import environment
+
+    real = environment.observe
+
+    def observe_then_act(scope: Any) -> Any:
+        observed = real(scope)
+        act()
+        return observed
+
+    monkeypatch.setattr(environment, "observe", observe_then_act)
+    return lambda: monkeypatch.setattr(environment, "observe", real)
+
+
+def test_folder_swapped_in_while_the_verify_reads_is_not_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attack: tamper, then swap a clean copy in (by renames, which keep every file's
+    stat) only while a verify reads, and back after.  That verify reads the clean copy;
+    its verdict must not be stored under the tampered folder's fingerprint."""
+    site = fresh_site(tmp_path)
+    package = site / NAME
+    clean = tmp_path / "clean-copy"
+    shutil.copytree(package, clean)
+    (package / "optim.py").write_text(FLIPPED_SOURCE)
+    parked = tmp_path / "parked"
+
+    def swap_in_clean() -> None:
+        package.rename(parked)
+        clean.rename(package)
+
+    cache_file = str(tmp_path / "cache" / "env.json")
+    restore = _around_observe(monkeypatch, swap_in_clean)
+    fooled = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert not by_rule(fooled.report, "TG601")  # this run was fooled, as any reader would be
+    restore()
+    package.rename(clean)
+    parked.rename(package)
+    again = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert again.stats.reused_from is None
+    assert by_rule(again.report, "TG601")
+
+
+def test_distribution_added_while_the_verify_reads_is_not_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A RECORD that vouches for a planted module exists only while the verify lists
+    distributions: the verdict that trusted it must not outlive it."""
+    site = fresh_site(tmp_path)
+    evil = site / "evil.py"
+    evil.write_text("import os\n")
+    meta = site / "evil-1.0.dist-info"
+
+    def plant_record() -> None:
+        meta.mkdir()
+        (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: evil\nVersion: 1.0\n")
+        data = evil.read_bytes()
+        (meta / "RECORD").write_text(f"evil.py,{record_hash(data)},{len(data)}\n")
+
+    cache_file = str(tmp_path / "cache" / "env.json")
+    restore = _around_observe(monkeypatch, plant_record)
+    fooled = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert not by_rule(fooled.report, "TG603")
+    restore()
+    shutil.rmtree(meta)
+    again = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert again.stats.reused_from is None
+    assert [f.file for f in by_rule(again.report, "TG603")] == [str(evil)]
+
+
+def test_hashless_record_row_outside_the_site_folder_is_watched(tmp_path: Path) -> None:
+    site = fresh_site(tmp_path)
+    conf = tmp_path / "share" / "tgdemo.conf"
+    conf.parent.mkdir()
+    conf.write_text("x = 1\n")
+    record = site / f"{NAME}-{VERSION}.dist-info" / "RECORD"
+    record.write_text(record.read_text() + "../share/tgdemo.conf,,\n")
+    cache_file = str(tmp_path / "cache" / "env.json")
+    verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    again = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert again.stats.reused_from is not None
+    conf.unlink()
+    gone = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert gone.stats.reused_from is None
+    assert [f.file for f in by_rule(gone.report, "TG602")] == [str(conf)]
+
+
+def test_unusable_verdict_documents_are_misses(tmp_path: Path) -> None:
+    site = fresh_site(tmp_path)
+    cache = DigestCache(str(tmp_path / "cache" / "env.json"))
+    verify_environment(EnvOptions(paths=[str(site)], cache=cache))
+    (stored,) = (tmp_path / "cache").glob("env.verdict-*.json")
+    good = stored.read_text()
+    for bad in (
+        good.replace('"files":', '"files":Infinity,"x":'),
+        good.replace('"outside":[', '"outside":["a\\u0000b",'),
+        '{"tag":' + "[" * 100_000 + "]" * 100_000 + "}",
+        good.replace('"unreadable":[]', '"unreadable":"ab"'),
+        "not json",
+    ):
+        stored.write_text(bad)
+        stored.chmod(0o600)
+        result = verify_environment(
+            EnvOptions(paths=[str(site)], cache=DigestCache(cache.path))  # type: ignore[arg-type]
+        )
+        assert result.stats.reused_from is None
+        assert result.report.exit_code() == 0

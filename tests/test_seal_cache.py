@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from trainguard.seal import DigestCache, VerificationError, seal, verify
-from trainguard.seal.digest_cache import default_path
+from trainguard.seal.digest_cache import RACY_MARGIN_NS, default_path
 from trainguard.seal.errors import SealError
 from trainguard.seal.hashing import Identity, Piece, hash_piece
 from trainguard.seal.keys import write_keypair
@@ -106,7 +106,7 @@ def test_recently_changed_files_are_not_cached(
     racy = DigestCache(tmp_path / "racy.sqlite")  # default margin
     seal(model, keys[0], cache=racy)
     assert verify(model, keys[1], cache=racy).stats.files_from_cache == 0
-    old = time.time_ns() - 3_000_000_000
+    old = time.time_ns() - RACY_MARGIN_NS - 1_000_000_000
     assert not racy.put(
         "/x", Identity(1, 2, 3, old, time.time_ns()), "sha256", 0, [b"x" * 32], time.time_ns()
     )

@@ -11,6 +11,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from trainguard._version import __version__
 from trainguard.errors import (
     LimitExceeded,
     MissingExtraError,
@@ -78,8 +79,6 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Alert",

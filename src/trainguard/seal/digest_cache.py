@@ -11,9 +11,12 @@ What it cannot see: a change that leaves size, mtime *and* ctime as they were
 does not keep ctime).  ``--full`` (``cache=None`` in the API) hashes everything.
 
 Timestamps have a granularity, so a file written in the same tick as it was
-hashed could change without changing them.  Like git's "racily clean" entries,
-a digest is therefore only stored when the file's last change is older than
-:data:`RACY_MARGIN_NS` at hashing time.
+hashed could change without changing them, and writes through a shared memory
+mapping to a page that is already dirty change them not at all until the page
+is written back.  Like git's "racily clean" entries, a digest is therefore only
+stored when the file's last change is older than :data:`RACY_MARGIN_NS` (the
+environment check's window, see :data:`trainguard.seal.env_walk.RACY_NS`) at
+hashing time.
 
 The database lives outside the model folder (``$XDG_CACHE_HOME/trainguard/
 digests.sqlite``, mode 0600): anyone who can write it can make a changed file
@@ -29,12 +32,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainguard.seal.env_walk import RACY_NS
 from trainguard.seal.hashing import Identity
 
 if TYPE_CHECKING:
     import sqlite3
 
-RACY_MARGIN_NS = 2_000_000_000  # FAT and some network filesystems keep 2 s timestamps
+RACY_MARGIN_NS = RACY_NS
 MAX_ROWS = 2_000_000  # least recently used rows beyond this are dropped
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS digests (

@@ -194,7 +194,7 @@ def _read_json(path: str) -> object:
         raw = fh.read(MAX_CACHE_BYTES + 1)
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 

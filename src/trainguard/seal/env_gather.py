@@ -70,8 +70,11 @@ class Evidence:
     walk_errors: dict[str, str] = field(default_factory=dict)
     file_errors: dict[str, str] = field(default_factory=dict)  # unreadable, owned by no one
     all_digests: dict[str, tuple[str, int]] = field(default_factory=dict)
-    # Files read outside the walked folders, with the stat taken before reading.
+    # Files RECORD rows name outside the walked folders, with the stat taken
+    # before any was read (None: missing).
     outside: dict[str, StatKey | None] = field(default_factory=dict)
+    # The stat of every file read, from the open descriptor (see env_verdict.consistent).
+    reads: dict[str, StatKey] = field(default_factory=dict)
 
     def owner_of(self, path: str) -> InstalledDist | None:
         """The distribution a finding about ``path`` belongs to, if any."""
@@ -131,10 +134,15 @@ def _check_pycs(
     for verdict in check_pycs(
         jobs, workers=workers, progress=progress.advance if progress else None
     ):
+        for path, key in ((verdict.pyc, verdict.pyc_key), (verdict.source, verdict.source_key)):
+            if key is not None:
+                ev.reads[path] = key
         problem = pyc_finding(verdict)
         if problem is not None:
             ev.findings.append(problem)
-        elif cache is not None and verdict.pyc in keys:
+        elif cache is not None and keys.get(verdict.pyc) == (verdict.pyc_key, verdict.source_key):
+            # Remembered under the stats of the files compared, and only when those
+            # are the files that were looked up.
             cache.remember_pyc(verdict.pyc, *keys[verdict.pyc])
 
 
@@ -250,6 +258,20 @@ def _snapshot_findings(scope: Scope, ev: Evidence, sorted_: Sorted, hashed: Hash
     ev.findings.extend(interpreter_findings(against, scope.against_label))
 
 
+def _observed_pths(
+    roots: list[str], present: dict[str, str], stats: dict[str, Entry | None]
+) -> list[str]:
+    """The ``.pth`` files directly in each root, as :func:`pth_files` lists them, from the walk."""
+    by_root: dict[str, list[str]] = {root: [] for root in roots}
+    for path in present:
+        if path.endswith(".pth"):
+            folder = os.path.dirname(path)
+            entry = stats.get(path)
+            if folder in by_root and entry is not None and entry.regular:
+                by_root[folder].append(path)
+    return [p for root in roots for p in sorted(by_root[root])]
+
+
 def gather(
     scope: Scope,
     cache: DigestCache | None,
@@ -270,7 +292,13 @@ def gather(
         present, stdlib = walk_scope(scope, ev.walk_errors)
         startup = startup_modules(scope.search)
     ev.stats.files = len(present) + len(stdlib)
-    pths = [p for root in scope.roots for p in pth_files(root)]
+    for dist in dists:
+        if dist.record_key is not None:
+            ev.reads[os.path.join(dist.meta_dir, "RECORD")] = dist.record_key
+    if observed is not None:
+        pths = _observed_pths(scope.roots, present, stats)
+    else:
+        pths = [p for root in scope.roots for p in pth_files(root)]
     startup_paths = [path for _, path, _ in startup]
     sorted_ = sort_files(present, own, {*pths, *startup_paths})
     sorted_.pycs.extend(sort_files(stdlib, Ownership(), set(stdlib)).pycs)
@@ -279,10 +307,13 @@ def gather(
     digests, errors, ev.stats.hashed_bytes = hash_wanted(
         wanted, sizes, files, cache, scope.workers, progress, stats
     )
-    for path in wanted:
-        if path not in files:  # a RECORD row pointing out of the site folders
-            entry = stats.get(path)
-            ev.outside[path] = entry.key if entry is not None else None
+    for dist in dists:
+        for row in dist.entries:
+            path = row.path
+            if path not in files and path not in ev.outside:  # out of the site folders
+                entry = stats[path] if path in stats else entry_for(path)
+                ev.outside[path] = entry.key if entry is not None else None
+    ev.reads.update((path, got.key) for path, got in digests.items())
     ev.stats.hashed_files = len(digests) - (cache.hits if cache is not None else 0)
     for path, reason in errors.items():
         if own.owner(path) is None and files.get(path) != SPECIAL and os.path.lexists(path):
@@ -291,7 +322,10 @@ def gather(
     _dist_findings(ev, sorted_, hashed)
     for path in pths:
         verified = _verified(path, own, digests)
-        ev.findings.extend(pth_findings(read_pth(path), own.owner(path), verified))
+        pth = read_pth(path)
+        if pth.key is not None:
+            ev.reads[path] = pth.key
+        ev.findings.extend(pth_findings(pth, own.owner(path), verified))
     for module, path, position in startup:
         verified = _verified(path, own, digests)
         ev.findings.append(startup_finding(module, path, position, own.owner(path), verified))

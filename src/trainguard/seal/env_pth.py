@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from importlib.machinery import BYTECODE_SUFFIXES, EXTENSION_SUFFIXES, SOURCE_SUFFIXES
 
+from trainguard.seal.env_walk import StatKey, stat_key
+
 # A .pth file is a few lines; setuptools' largest is under 200 bytes.
 MAX_PTH_BYTES = 1024 * 1024
 STARTUP_MODULES = ("sitecustomize", "usercustomize")
@@ -24,6 +26,7 @@ class PthFile:
     exec_lines: list[str]
     path_lines: list[str]
     error: str | None = None
+    key: StatKey | None = None  # the stat of the file read (not of whatever is there now)
 
 
 def executes(line: str) -> bool:
@@ -44,6 +47,7 @@ def _decode(raw: bytes) -> str:
 def read_pth(path: str) -> PthFile:
     try:
         with open(path, "rb") as fh:
+            key = stat_key(os.fstat(fh.fileno()))
             raw = fh.read(MAX_PTH_BYTES + 1)
     except OSError as exc:
         return PthFile(path, [], [], exc.strerror or str(exc))
@@ -59,7 +63,7 @@ def read_pth(path: str) -> PthFile:
         if (len(raw) > MAX_PTH_BYTES)
         else None
     )
-    return PthFile(path, exec_lines, path_lines, error)
+    return PthFile(path, exec_lines, path_lines, error, key)
 
 
 def pth_files(site_folder: str) -> list[str]:

@@ -29,6 +29,8 @@ from importlib.util import MAGIC_NUMBER, source_hash
 from types import CodeType
 from typing import Any
 
+from trainguard.seal.env_walk import StatKey, stat_key
+
 HEADER = 16
 MAX_SOURCE_BYTES = 32 * 1024 * 1024
 MAX_PYC_BYTES = 64 * 1024 * 1024
@@ -54,6 +56,9 @@ class PycVerdict:
     status: str
     detail: str = ""
     source: str = ""
+    # The stats of the files compared (not of whatever is there now), when read.
+    source_key: StatKey | None = None
+    pyc_key: StatKey | None = None
 
 
 def optimization_of(name: str) -> int | None:
@@ -141,28 +146,31 @@ def same_code(a: CodeType, b: CodeType) -> bool:
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 
-def _read(path: str, limit: int) -> bytes:
+def _read(path: str, limit: int) -> tuple[bytes, os.stat_result]:
     # Non-blocking open and a regular-file check: a FIFO planted as a pyc or
     # a source must not hang the check.
     fd = os.open(path, _OPEN_FLAGS)
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(f"{path}: not a regular file")
         data = fh.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"larger than {limit} bytes")
-    return data
+    return data, st
 
 
 def check_pyc(job: PycJob) -> PycVerdict:
     """Compare one pyc with its freshly compiled source."""
 
+    keys: list[StatKey | None] = [None, None]
+
     def verdict(status: str, detail: str = "") -> PycVerdict:
-        return PycVerdict(job.pyc, status, detail, job.source)
+        return PycVerdict(job.pyc, status, detail, job.source, keys[0], keys[1])
 
     try:
-        source = _read(job.source, MAX_SOURCE_BYTES)
-        source_stat = os.stat(job.source)
+        source, source_stat = _read(job.source, MAX_SOURCE_BYTES)
+        keys[0] = stat_key(source_stat)
     except FileNotFoundError:
         return verdict(NO_SOURCE)
     except ValueError as exc:
@@ -170,7 +178,8 @@ def check_pyc(job: PycJob) -> PycVerdict:
     except OSError as exc:
         return verdict(UNREADABLE, f"its source cannot be read: {exc.strerror or exc}")
     try:
-        data = _read(job.pyc, MAX_PYC_BYTES)
+        data, pyc_stat = _read(job.pyc, MAX_PYC_BYTES)
+        keys[1] = stat_key(pyc_stat)
     except ValueError as exc:
         return verdict(TOO_LARGE, f"it is {exc}")
     except OSError as exc:

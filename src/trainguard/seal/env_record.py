@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from trainguard.findings import Finding
 from trainguard.rules import rule
+from trainguard.seal.env_walk import StatKey, stat_key
 
 # PEP 376 and the wheel spec forbid these for RECORD; a RECORD that uses one
 # could have been rewritten to a hash that is cheap to collide.
@@ -61,6 +62,8 @@ class InstalledDist:
     claims: list[str] = field(default_factory=list)
     # For an editable install, the source folder its .pth points at.
     editable: str | None = None
+    # The stat of the RECORD that was read (not of whatever is there now).
+    record_key: StatKey | None = None
 
     @property
     def label(self) -> str:
@@ -271,6 +274,7 @@ def load_dist(dist: metadata.Distribution, root: str) -> InstalledDist | None:
         if os.path.getsize(record_path) > MAX_RECORD_BYTES:
             raise OSError(f"larger than {MAX_RECORD_BYTES} bytes")
         with open(record_path, encoding="utf-8", newline="") as fh:
+            installed.record_key = stat_key(os.fstat(fh.fileno()))
             text = fh.read()
     except (OSError, UnicodeDecodeError) as exc:
         installed.problems.append(_finding("TG614", f"RECORD cannot be read: {exc}", record_path))

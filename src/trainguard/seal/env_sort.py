@@ -94,12 +94,15 @@ class Scope:
     against_label: str = ""
 
 
-def walk_scope(scope: Scope, errors: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Entries under the site folders, and under the standard library folders."""
+def walk_scope(
+    scope: Scope, errors: dict[str, str], folders: list[str] | None = None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Entries under the site folders, and under the standard library folders
+    (``folders`` receives every folder entered)."""
     present: dict[str, str] = {}
     for root in scope.roots:
         nested = [r for r in scope.roots if r != root and r.startswith(root + os.sep)]
-        present.update(walk(root, nested, errors))
+        present.update(walk(root, nested, errors, folders))
     stdlib: dict[str, str] = {}
     for folder in scope.stdlib:
         # A base interpreter's own site-packages is not this environment's.
@@ -107,7 +110,7 @@ def walk_scope(scope: Scope, errors: dict[str, str]) -> tuple[dict[str, str], di
             *scope.roots,
             *(os.path.join(folder, n) for n in ("site-packages", "dist-packages")),
         ]
-        for path, kind in walk(folder, skip, errors).items():
+        for path, kind in walk(folder, skip, errors, folders).items():
             if path not in present:
                 stdlib[path] = kind
     return present, stdlib

@@ -39,7 +39,7 @@ from trainguard.findings import Finding, Severity
 from trainguard.seal.env_cache import interpreter_tag
 from trainguard.seal.env_pth import startup_modules
 from trainguard.seal.env_sort import Scope, walk_scope
-from trainguard.seal.env_walk import LINK, Entry, StatKey, entry_for, settled
+from trainguard.seal.env_walk import LINK, Entry, StatKey, entry_for, settled, stat_key
 
 FORMAT = 1
 
@@ -51,7 +51,10 @@ class Observed:
     present: dict[str, str]  # path -> kind, under the site folders
     stdlib: dict[str, str]  # the same under the standard library folders
     walk_errors: dict[str, str]
-    entries: dict[str, Entry | None]  # every walked path's stat, for the checks to reuse
+    # The stat of every walked path and customize module, for the checks to reuse
+    # and for :func:`consistent` to compare with what was read.
+    entries: dict[str, Entry | None]
+    folders: set[str]
     startup: list[tuple[str, str, int]]
     digest: str | None  # None: the folders cannot be fingerprinted (a linked folder)
     taken_at: float  # Unix time, when the walk began
@@ -71,7 +74,8 @@ def observe(scope: Scope) -> Observed:
     """Walk the scope and stat everything in it: one lstat per entry."""
     taken_at_ns = time.time_ns()
     errors: dict[str, str] = {}
-    present, stdlib = walk_scope(scope, errors)
+    folders: list[str] = []
+    present, stdlib = walk_scope(scope, errors, folders)
     entries: dict[str, Entry | None] = {}
     lines: list[str] = []
     linked_folder = False
@@ -82,15 +86,22 @@ def observe(scope: Scope) -> Observed:
             entry = entries[path] = entry_for(path)
             if entry is not None:
                 newest = max(newest, entry.key[4])
-                if kind == LINK and not entry.regular:
-                    linked_folder = True  # its content is outside the fingerprint
+                if kind == LINK:
+                    if not entry.regular:
+                        linked_folder = True  # its content is outside the fingerprint
+                    # The link itself too: a retargeted link is a change even when
+                    # the new target has the old one's stat.
+                    lines.append(_key_line(path, "link-itself", _lstat_entry(path)))
             lines.append(_key_line(path, kind, entry))
         lines.append("\n")
+    # Folders matter by their names (an empty dist-info, a folder named like a
+    # module): the files' lines already cover what is in them.
+    lines.extend(f"{folder}\0folder\n" for folder in sorted(folders))
     for folder, reason in sorted(errors.items()):
         lines.append(f"{folder}\0unlistable\0{reason}\n")
     startup = startup_modules(scope.search)
     for module, path, position in startup:
-        entry = entry_for(path)
+        entry = entries[path] = entry_for(path)
         newest = max(newest, entry.key[4] if entry is not None else 0)
         lines.append(_key_line(path, f"{module}@{position}", entry))
     digest = None
@@ -99,7 +110,44 @@ def observe(scope: Scope) -> Observed:
         digest = hashlib.sha256(data).hexdigest()
     settled_all = settled((0, 0, 0, 0, newest), taken_at_ns)
     taken_at = taken_at_ns / 1e9
-    return Observed(present, stdlib, errors, entries, startup, digest, taken_at, settled_all)
+    return Observed(
+        present, stdlib, errors, entries, set(folders), startup, digest, taken_at, settled_all
+    )
+
+
+def _lstat_entry(path: str) -> Entry | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return Entry(path, st.st_size, stat_key(st), False, True)
+
+
+def consistent(
+    observed: Observed,
+    reads: dict[str, StatKey],
+    outside: dict[str, StatKey | None],
+    meta_dirs: Iterable[str],
+) -> bool:
+    """Whether every file a verify read is the file it fingerprinted.
+
+    A folder swapped by a rename while the verify reads (and swapped back
+    after) keeps each file's own stat; the file read is then another inode,
+    whose stat differs from the one taken before.  Such a verdict is reported
+    but never stored.  So is one that found a distribution whose metadata was
+    not there when the fingerprint was taken.
+    """
+    for meta_dir in meta_dirs:
+        if meta_dir not in observed.folders and meta_dir not in observed.present:
+            return False
+    for path, key in reads.items():
+        entry = observed.entries.get(path)
+        if entry is not None:
+            if entry.key != key:
+                return False
+        elif outside.get(path) != key:
+            return False
+    return True
 
 
 def outside_digest(keys: dict[str, StatKey | None]) -> str:
@@ -149,7 +197,7 @@ class Verdict:
 
 def options_tag(scope: Scope) -> dict[str, Any]:
     """Everything besides the files that a verdict depends on."""
-    __version__ = "x"
+    from trainguard._version import __version__
 
     return {
         "format": FORMAT,
@@ -212,6 +260,12 @@ def to_doc(
     }
 
 
+def _str_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("not a list of strings")
+    return value
+
+
 def _str_map(value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
@@ -226,6 +280,13 @@ def reusable(doc: Any, tag: dict[str, Any], observed: Observed) -> Verdict | Non
         return None
     if doc.get("tag") != tag or doc.get("fingerprint") != observed.digest:
         return None
+    try:
+        return _verdict_from(doc)
+    except Exception:  # a cache document we cannot use is a miss, whatever is wrong
+        return None
+
+
+def _verdict_from(doc: dict[str, Any]) -> Verdict | None:
     outside = doc.get("outside")
     if not isinstance(outside, list) or not all(isinstance(p, str) for p in outside):
         return None
@@ -234,10 +295,7 @@ def reusable(doc: Any, tag: dict[str, Any], observed: Observed) -> Verdict | Non
     try:
         dists = [
             DistSummary(
-                str(d["meta_dir"]),
-                str(d["kind"]),
-                int(d["size"]),
-                [str(u) for u in d["unreadable"]],
+                str(d["meta_dir"]), str(d["kind"]), int(d["size"]), _str_list(d["unreadable"])
             )
             for d in doc["dists"]
         ]

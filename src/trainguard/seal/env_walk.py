@@ -24,10 +24,17 @@ def stat_key(st: os.stat_result) -> StatKey:
 
 
 # A file changed this shortly before it was looked at may change again without
-# its key changing: the kernel's clock for timestamps ticks every few ms, and
-# some filesystems keep whole seconds.  Until then its key does not vouch for
-# its content, and nothing is remembered about it (git calls it "racily clean").
-RACY_NS = 2_000_000_000
+# its key changing, so its key does not yet vouch for its content and nothing is
+# remembered about it (git calls such files "racily clean").  Two reasons:
+# - the kernel's clock for timestamps ticks every few ms (whole seconds on some
+#   filesystems): a second write in the same tick leaves the key as it was;
+# - a write through a shared memory mapping updates the timestamps only when it
+#   faults on a clean page: once a page is dirty, further writes to it change
+#   nothing in the stat until the page is written back (measured on this
+#   project's ext4 machine: ~30 s, vm.dirty_expire_centisecs).
+# A minute covers both with the kernel's default writeback; tmpfs never writes
+# back, so there the window does not help (docs/env.md says so).
+RACY_NS = 60 * 1_000_000_000
 
 
 def settled(key: StatKey, now_ns: int) -> bool:
@@ -66,11 +73,15 @@ FILE, LINK, SPECIAL = "file", "link", "special"
 
 
 def walk(
-    root: str, skip: Iterable[str] = (), errors: dict[str, str] | None = None
+    root: str,
+    skip: Iterable[str] = (),
+    errors: dict[str, str] | None = None,
+    folders: list[str] | None = None,
 ) -> dict[str, str]:
     """Every non-folder entry below ``root`` and its kind (:data:`FILE`, :data:`LINK`,
-    :data:`SPECIAL`); folders in ``skip`` are not entered, and a folder that
-    cannot be listed goes into ``errors`` (path -> reason).
+    :data:`SPECIAL`); folders in ``skip`` are not entered, a folder that cannot
+    be listed goes into ``errors`` (path -> reason), and every folder entered
+    (``root`` included) into ``folders``.
 
     Kinds come from the folder listing itself, without a stat per file: the
     stats that matter are taken later, by whoever reads the file.
@@ -80,6 +91,8 @@ def walk(
     pending = [root]
     while pending:
         folder = pending.pop()
+        if folders is not None:
+            folders.append(folder)
         try:
             with os.scandir(folder) as it:
                 for item in it:

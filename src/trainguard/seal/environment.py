@@ -34,6 +34,7 @@ from trainguard.seal.env_verdict import (
     DistSummary,
     Observed,
     Verdict,
+    consistent,
     observe,
     options_tag,
     outside_settled,
@@ -262,6 +263,9 @@ def verify_environment(options: EnvOptions | None = None) -> EnvResult:
             and observed.digest is not None
             and observed.settled
             and outside_settled(evidence.outside, observed.taken_at)
+            and consistent(
+                observed, evidence.reads, evidence.outside, (d.meta_dir for d in evidence.dists)
+            )
             and not failed
         ):
             doc = to_doc(tag, observed, evidence.outside, verdict)
