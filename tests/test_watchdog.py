@@ -81,7 +81,7 @@ def test_a_real_hang_is_reported_with_the_stack_that_hangs(tmp_path: Path) -> No
     assert " in stalled_forward" in evidence["stack"][-1]
     assert any(" in _train" in line for line in evidence["stack"])
     assert "after step 29" in stalls[0].message and "stalled_forward" in stalls[0].message
-    assert evidence["seconds"] > evidence["threshold"]
+    assert evidence["seconds"] >= evidence["threshold"]  # both rounded to the ms
 
     from trainguard._cli import main
     from trainguard.ledger import open_ledger
