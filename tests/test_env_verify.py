@@ -635,3 +635,27 @@ def test_unusable_verdict_documents_are_misses(tmp_path: Path) -> None:
         )
         assert result.stats.reused_from is None
         assert result.report.exit_code() == 0
+
+
+def test_a_run_without_the_pyc_check_keeps_the_cached_pyc_verdicts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainguard.seal import env_gather
+
+    site = fresh_site(tmp_path)
+    cache_file = str(tmp_path / "cache" / "env.json")
+    verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    no_pyc = EnvOptions(paths=[str(site)], check_pyc=False, cache=DigestCache(cache_file))
+    verify_environment(no_pyc)
+    (site / NAME / "data.txt").write_text("changed\n")  # the stored verdict no longer holds
+    compiled: list[int] = []
+    real = env_gather.check_pycs
+
+    def counting(jobs: Any, **kwargs: Any) -> Any:
+        compiled.append(len(jobs))
+        return real(jobs, **kwargs)
+
+    monkeypatch.setattr(env_gather, "check_pycs", counting)
+    again = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert again.stats.reused_from is None and again.stats.pycs_checked > 0
+    assert compiled == [0]  # every pyc verdict still came from the cache

@@ -75,6 +75,7 @@ class DigestCache:
         self._new_files: dict[str, str] = {}
         self._new_pycs: dict[str, str] = {}
         self._loaded = not (path is not None and read)
+        self._pycs_used = False  # a run with the pyc check off keeps the old verdicts
         self.hits = 0
 
     def verdict_path(self, variant: str) -> str | None:
@@ -148,6 +149,7 @@ class DigestCache:
 
     def pyc_verified(self, pyc: str, pyc_key: StatKey, src_key: StatKey) -> bool:
         self._ensure_loaded()
+        self._pycs_used = True
         cached = self._pycs.get(pyc)
         if cached != f"{_key_text(pyc_key)}|{_key_text(src_key)}":
             return False
@@ -156,6 +158,7 @@ class DigestCache:
         return True
 
     def remember_pyc(self, pyc: str, pyc_key: StatKey, src_key: StatKey) -> None:
+        self._pycs_used = True
         now = time.time_ns()
         if not (settled(pyc_key, now) and settled(src_key, now)):
             return
@@ -164,7 +167,10 @@ class DigestCache:
     def _changed(self) -> bool:
         # An unchanged environment re-verified: every entry read was used and
         # confirmed, none added; rewriting the same file would only cost time.
-        return self._new_files != self._files or self._new_pycs != self._pycs
+        return self._new_files != self._files or self._pycs_now() != self._pycs
+
+    def _pycs_now(self) -> dict[str, str]:
+        return self._new_pycs if self._pycs_used else self._pycs
 
     def save(self) -> None:
         """Write the cache atomically; a failure only costs speed next time."""
@@ -177,7 +183,7 @@ class DigestCache:
             "format": FORMAT,
             "interpreter": interpreter_tag(),
             "files": self._new_files,
-            "pycs": self._new_pycs,
+            "pycs": self._pycs_now(),
         }
         _write_json(self.path, doc)
 
