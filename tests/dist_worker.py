@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,9 +22,8 @@ from trainguard.watch import guard as tgw
 torch.set_num_threads(1)
 
 
-def main() -> None:
-    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    ledger, out, scenario = sys.argv[4], sys.argv[5], sys.argv[6]
+def join(rank: int, world: int, port: int) -> None:
+    """Join the run's gloo process group (the workers' common set-up)."""
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -31,6 +31,28 @@ def main() -> None:
         world_size=world,
         timeout=timedelta(seconds=60),
     )
+
+
+def leave(guard: Any, out: str, error: str | None) -> None:
+    """Close the guard, write this rank's result to ``out``, leave the group."""
+    guard.close(RuntimeError(error) if error else None)
+    with open(out, "w") as fh:
+        alerts = [
+            {"rule": a.rule, "step": a.step, "rank": a.rank, "evidence": a.evidence}
+            for a in guard.alerts
+        ]
+        json.dump({"error": error, "alerts": alerts}, fh, default=str)
+    # Every rank leaves together: a rank whose peer (the store's host, rank 0) has already
+    # exited can abort in gloo's teardown ("terminate called without an active exception").
+    if error is None:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    ledger, out, scenario = sys.argv[4], sys.argv[5], sys.argv[6]
+    join(rank, world, port)
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(
         torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
@@ -59,24 +81,7 @@ def main() -> None:
     except Exception as exc:  # a dead peer breaks the next collective
         error = repr(exc)[:300]
     finally:
-        guard.close(RuntimeError(error) if error else None)
-        with open(out, "w") as fh:
-            json.dump(
-                {
-                    "error": error,
-                    "alerts": [
-                        {"rule": a.rule, "step": a.step, "rank": a.rank, "evidence": a.evidence}
-                        for a in guard.alerts
-                    ],
-                },
-                fh,
-                default=str,
-            )
-    # Every rank leaves together: a rank whose peer (the store's host, rank 0) has already
-    # exited can abort in gloo's teardown ("terminate called without an active exception").
-    if error is None:
-        dist.barrier()
-    dist.destroy_process_group()
+        leave(guard, out, error)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,15 @@ Each rank writes a marker file LEDGER.stalled-rankN when its watchdog reports.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from tests.dist_worker import join, leave
 from trainguard.watch import guard as tgw
 
 torch.set_num_threads(1)
@@ -40,13 +39,7 @@ def main() -> None:
     ledger, out, scenario = sys.argv[4], sys.argv[5], sys.argv[6]
     kind, target, at = scenario.split(":")
     markers = [Path(f"{ledger}.stalled-rank{r}") for r in range(world)]
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    join(rank, world, port)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -82,24 +75,7 @@ def main() -> None:
     except Exception as exc:  # a peer that ended breaks the next collective
         error = repr(exc)[:300]
     finally:
-        guard.close(RuntimeError(error) if error else None)
-        with open(out, "w") as fh:
-            json.dump(
-                {
-                    "error": error,
-                    "alerts": [
-                        {"rule": a.rule, "step": a.step, "rank": a.rank, "evidence": a.evidence}
-                        for a in guard.alerts
-                    ],
-                },
-                fh,
-                default=str,
-            )
-    # Every rank leaves together: a rank whose peer (the store's host, rank 0) has already
-    # exited can abort in gloo's teardown ("terminate called without an active exception").
-    if error is None:
-        dist.barrier()
-    dist.destroy_process_group()
+        leave(guard, out, error)
 
 
 if __name__ == "__main__":
