@@ -205,20 +205,21 @@ def _plural(count: int, noun: str) -> str:
 
 def _summary(result: EnvResult) -> str:
     st = result.stats
+    checked = (
+        f"checked {_plural(st.distributions, 'distribution')} and "
+        f"{_plural(st.files, 'file')} in {_plural(len(st.roots), 'site folder')}: "
+    )
     if st.reused_from is not None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.reused_from))
         return (
-            f"checked {_plural(st.distributions, 'distribution')} and "
-            f"{_plural(st.files, 'file')} in {_plural(len(st.roots), 'site folder')}: "
-            f"nothing has changed since the verify of {when} (every file's inode, size, "
-            f"mtime and ctime match), so its result stands; --full checks afresh; "
+            f"{checked}nothing has changed since the verify of {when} (every file's inode, "
+            f"size, mtime and ctime match), so its result stands; --full checks afresh; "
             f"in {st.seconds:.1f} s"
         )
     size = st.hashed_bytes
     amount = f"{size / 1e6:,.1f} MB" if size >= 100_000 else f"{size:,} bytes"
     return (
-        f"checked {_plural(st.distributions, 'distribution')} and "
-        f"{_plural(st.files, 'file')} in {_plural(len(st.roots), 'site folder')}: "
+        f"{checked}"
         f"{_plural(st.hashed_files, 'file')} hashed ({amount}), "
         f"{_plural(st.pycs_checked, 'compiled file')} checked, "
         f"{_plural(st.cache_hits, 'result')} from the cache, in {st.seconds:.1f} s"

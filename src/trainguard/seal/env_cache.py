@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 
-from trainguard.seal.env_walk import StatKey, settled
+from trainguard.seal.env_walk import StatKey, key_text, settled
 
 FORMAT = 2
 # A cache is metadata about the environment: a few MB for torch.  Anything
@@ -54,10 +54,6 @@ def _trusted(fd: int) -> bool:
     if getuid is not None and st.st_uid != getuid():
         return False
     return not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-
-
-def _key_text(key: StatKey) -> str:
-    return f"{key[0]},{key[1]},{key[2]},{key[3]},{key[4]}"
 
 
 class DigestCache:
@@ -118,18 +114,16 @@ class DigestCache:
 
     def digests(self, path: str, key: StatKey, algorithms: frozenset[str]) -> dict[str, bytes]:
         """The remembered digests of ``path`` if its stat is unchanged and all are known."""
-        if not self._loaded:
-            self._ensure_loaded()
+        self._ensure_loaded()
         cached = self._files.get(path)
-        if cached.__class__ is not str:
+        if not isinstance(cached, str):
             return {}
-        assert isinstance(cached, str)
-        key_text = f"{key[0]},{key[1]},{key[2]},{key[3]},{key[4]}|"
-        if not cached.startswith(key_text):
+        prefix = key_text(key) + "|"
+        if not cached.startswith(prefix):
             return {}
         values: dict[str, bytes] = {}
         try:
-            for item in cached[len(key_text) :].split(","):
+            for item in cached[len(prefix) :].split(","):
                 name, _, digest = item.partition("=")
                 if name in algorithms:
                     values[name] = bytes.fromhex(digest)
@@ -142,16 +136,16 @@ class DigestCache:
         return values
 
     def remember(self, path: str, key: StatKey, values: dict[str, bytes]) -> None:
-        if not settled(key, time.time_ns()):
+        if not settled(key[4], time.time_ns()):
             return
         digests = ",".join(f"{a}={v.hex()}" for a, v in sorted(values.items()))
-        self._new_files[path] = f"{_key_text(key)}|{digests}"
+        self._new_files[path] = f"{key_text(key)}|{digests}"
 
     def pyc_verified(self, pyc: str, pyc_key: StatKey, src_key: StatKey) -> bool:
         self._ensure_loaded()
         self._pycs_used = True
         cached = self._pycs.get(pyc)
-        if cached != f"{_key_text(pyc_key)}|{_key_text(src_key)}":
+        if cached != f"{key_text(pyc_key)}|{key_text(src_key)}":
             return False
         self._new_pycs[pyc] = cached
         self.hits += 1
@@ -160,9 +154,9 @@ class DigestCache:
     def remember_pyc(self, pyc: str, pyc_key: StatKey, src_key: StatKey) -> None:
         self._pycs_used = True
         now = time.time_ns()
-        if not (settled(pyc_key, now) and settled(src_key, now)):
+        if not (settled(pyc_key[4], now) and settled(src_key[4], now)):
             return
-        self._new_pycs[pyc] = f"{_key_text(pyc_key)}|{_key_text(src_key)}"
+        self._new_pycs[pyc] = f"{key_text(pyc_key)}|{key_text(src_key)}"
 
     def _changed(self) -> bool:
         # An unchanged environment re-verified: every entry read was used and

@@ -38,7 +38,7 @@ from trainguard.seal.env_sort import (
     source_of,
     walk_scope,
 )
-from trainguard.seal.env_walk import SPECIAL, Entry, StatKey, entry_for
+from trainguard.seal.env_walk import SPECIAL, Entry, StatKey, entry_in
 
 if TYPE_CHECKING:
     from trainguard.seal.env_verdict import Observed
@@ -122,8 +122,8 @@ def _check_pycs(
             continue
         ev.stats.pycs_checked += 1
         if cache is not None:
-            pyc_entry = stats[pyc] if pyc in stats else entry_for(pyc)
-            src_entry = stats[source] if source in stats else entry_for(source)
+            pyc_entry = entry_in(stats, pyc)
+            src_entry = entry_in(stats, source)
             if pyc_entry is not None and src_entry is not None:
                 if cache.pyc_verified(pyc, pyc_entry.key, src_entry.key):
                     continue
@@ -288,17 +288,15 @@ def gather(
         ev.walk_errors.update(observed.walk_errors)
         stats.update(observed.entries)
         startup = observed.startup
+        pths = _observed_pths(scope.roots, present, stats)
     else:
         present, stdlib = walk_scope(scope, ev.walk_errors)
         startup = startup_modules(scope.search)
+        pths = [p for root in scope.roots for p in pth_files(root)]
     ev.stats.files = len(present) + len(stdlib)
     for dist in dists:
         if dist.record_key is not None:
             ev.reads[os.path.join(dist.meta_dir, "RECORD")] = dist.record_key
-    if observed is not None:
-        pths = _observed_pths(scope.roots, present, stats)
-    else:
-        pths = [p for root in scope.roots for p in pth_files(root)]
     startup_paths = [path for _, path, _ in startup]
     sorted_ = sort_files(present, own, {*pths, *startup_paths})
     sorted_.pycs.extend(sort_files(stdlib, Ownership(), set(stdlib)).pycs)
@@ -311,7 +309,7 @@ def gather(
         for row in dist.entries:
             path = row.path
             if path not in files and path not in ev.outside:  # out of the site folders
-                entry = stats[path] if path in stats else entry_for(path)
+                entry = entry_in(stats, path)
                 ev.outside[path] = entry.key if entry is not None else None
     ev.reads.update((path, got.key) for path, got in digests.items())
     ev.stats.hashed_files = len(digests) - (cache.hits if cache is not None else 0)

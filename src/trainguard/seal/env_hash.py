@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import NamedTuple, Protocol
 
 from trainguard.seal.env_cache import DigestCache
-from trainguard.seal.env_walk import FILE, SPECIAL, Entry, StatKey, entry_for, stat_key
+from trainguard.seal.env_walk import FILE, SPECIAL, Entry, StatKey, entry_in, stat_key
 
 CHUNK = 1024 * 1024
 # Files at least this large are hashed as tasks of their own.
@@ -190,7 +190,7 @@ def hash_wanted(
         # Outside the walked folders (a RECORD row may point anywhere) the kind
         # is unknown: stat first, so that no device is ever opened.
         if cache is not None or kind != FILE:
-            entry = stats[path] if path in stats else stats.setdefault(path, entry_for(path))
+            entry = entry_in(stats, path)
             if entry is None:
                 continue  # missing: whoever expected it reports it
             if not entry.regular:

@@ -39,7 +39,15 @@ from trainguard.findings import Finding, Severity
 from trainguard.seal.env_cache import interpreter_tag
 from trainguard.seal.env_pth import startup_modules
 from trainguard.seal.env_sort import Scope, walk_scope
-from trainguard.seal.env_walk import LINK, Entry, StatKey, entry_for, settled, stat_key
+from trainguard.seal.env_walk import (
+    LINK,
+    Entry,
+    StatKey,
+    entry_for,
+    key_text,
+    settled,
+    stat_key,
+)
 
 FORMAT = 1
 
@@ -63,11 +71,15 @@ class Observed:
     settled: bool
 
 
-def _key_line(path: str, kind: str, entry: Entry | None) -> str:
-    if entry is None:
-        return f"{path}\0{kind}\0-\n"
-    key = entry.key
-    return f"{path}\0{kind}\0{key[0]},{key[1]},{key[2]},{key[3]},{key[4]}\n"
+def _key_line(path: str, kind: str, key: StatKey | None) -> str:
+    return f"{path}\0{kind}\0{'-' if key is None else key_text(key)}\n"
+
+
+def _lstat_key(path: str) -> StatKey | None:
+    try:
+        return stat_key(os.lstat(path))
+    except OSError:
+        return None
 
 
 def observe(scope: Scope) -> Observed:
@@ -91,8 +103,8 @@ def observe(scope: Scope) -> Observed:
                         linked_folder = True  # its content is outside the fingerprint
                     # The link itself too: a retargeted link is a change even when
                     # the new target has the old one's stat.
-                    lines.append(_key_line(path, "link-itself", _lstat_entry(path)))
-            lines.append(_key_line(path, kind, entry))
+                    lines.append(_key_line(path, "link-itself", _lstat_key(path)))
+            lines.append(_key_line(path, kind, entry.key if entry is not None else None))
         lines.append("\n")
     # Folders matter by their names (an empty dist-info, a folder named like a
     # module): the files' lines already cover what is in them.
@@ -103,24 +115,16 @@ def observe(scope: Scope) -> Observed:
     for module, path, position in startup:
         entry = entries[path] = entry_for(path)
         newest = max(newest, entry.key[4] if entry is not None else 0)
-        lines.append(_key_line(path, f"{module}@{position}", entry))
+        lines.append(_key_line(path, f"{module}@{position}", entry.key if entry else None))
     digest = None
     if not linked_folder:
         data = "".join(lines).encode("utf-8", "surrogateescape")
         digest = hashlib.sha256(data).hexdigest()
-    settled_all = settled((0, 0, 0, 0, newest), taken_at_ns)
+    settled_all = settled(newest, taken_at_ns)
     taken_at = taken_at_ns / 1e9
     return Observed(
         present, stdlib, errors, entries, set(folders), startup, digest, taken_at, settled_all
     )
-
-
-def _lstat_entry(path: str) -> Entry | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return Entry(path, st.st_size, stat_key(st), False, True)
 
 
 def consistent(
@@ -152,16 +156,13 @@ def consistent(
 
 def outside_digest(keys: dict[str, StatKey | None]) -> str:
     """A digest of the stat keys (or absence) of files outside the walked folders."""
-    lines = [
-        f"{path}\0-\n" if k is None else f"{path}\0{k[0]},{k[1]},{k[2]},{k[3]},{k[4]}\n"
-        for path, k in sorted(keys.items())
-    ]
+    lines = [_key_line(path, "outside", key) for path, key in sorted(keys.items())]
     return hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def outside_settled(keys: dict[str, StatKey | None], taken_at: float) -> bool:
     now_ns = int(taken_at * 1e9)
-    return all(key is None or settled(key, now_ns) for key in keys.values())
+    return all(key is None or settled(key[4], now_ns) for key in keys.values())
 
 
 def outside_now(paths: Iterable[str]) -> str:
@@ -299,7 +300,6 @@ def _verdict_from(doc: dict[str, Any]) -> Verdict | None:
             )
             for d in doc["dists"]
         ]
-        made_at = doc["made_at"]
         return Verdict(
             dists=dists,
             findings=[_finding_from(f) for f in doc["findings"]],
@@ -308,7 +308,7 @@ def _verdict_from(doc: dict[str, Any]) -> Verdict | None:
             walk_errors=_str_map(doc["walk_errors"]),
             files=int(doc["files"]),
             pycs_checked=int(doc["pycs_checked"]),
-            made_at=float(made_at) if isinstance(made_at, (int, float)) else None,
+            made_at=float(doc["made_at"]),
         )
     except (KeyError, TypeError, ValueError):
         return None

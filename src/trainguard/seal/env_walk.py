@@ -37,9 +37,14 @@ def stat_key(st: os.stat_result) -> StatKey:
 RACY_NS = 60 * 1_000_000_000
 
 
-def settled(key: StatKey, now_ns: int) -> bool:
-    """Whether ``key``'s last change is far enough before ``now_ns`` to be remembered."""
-    return key[4] < now_ns - RACY_NS
+def settled(ctime_ns: int, now_ns: int) -> bool:
+    """Whether a file last changed at ``ctime_ns`` may be remembered at ``now_ns``."""
+    return ctime_ns < now_ns - RACY_NS
+
+
+def key_text(key: StatKey) -> str:
+    """``dev,ino,size,mtime,ctime``: how caches and fingerprints write a key."""
+    return f"{key[0]},{key[1]},{key[2]},{key[3]},{key[4]}"
 
 
 class Entry(NamedTuple):
@@ -67,6 +72,13 @@ def entry_for(path: str) -> Entry | None:
     except OSError:
         return Entry(path, 0, stat_key(lst), False, True)
     return Entry(path, st.st_size, stat_key(st), S_ISREG(st.st_mode), True)
+
+
+def entry_in(stats: dict[str, Entry | None], path: str) -> Entry | None:
+    """``path``'s entry from ``stats`` (the stats one verify took), taking it if not yet."""
+    if path not in stats:
+        stats[path] = entry_for(path)
+    return stats[path]
 
 
 FILE, LINK, SPECIAL = "file", "link", "special"

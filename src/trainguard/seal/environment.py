@@ -246,7 +246,7 @@ def verify_environment(options: EnvOptions | None = None) -> EnvResult:
                 stdlib=stdlib,
                 distributions=len(previous.dists),
                 files=previous.files,
-                reused_from=previous.made_at or 0.0,
+                reused_from=previous.made_at,
             )
             findings = apply_allowlist(previous.findings, opts.allowlist)
             report = _report(previous, findings, opts.fail_on)
