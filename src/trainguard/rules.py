@@ -977,6 +977,16 @@ def finding(
     )
 
 
+def finding_with(rule_id: str, message: str, trigger: str = "", **evidence: str) -> Finding:
+    """:func:`finding` with the evidence given as keywords; empty values are left out."""
+    return finding(
+        rule_id,
+        message,
+        trigger=trigger,
+        evidence={k: v for k, v in evidence.items() if v},
+    )
+
+
 def rules_markdown() -> str:
     lines = [
         "# Rules",

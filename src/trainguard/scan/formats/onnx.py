@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from trainguard.errors import LimitExceeded
 from trainguard.findings import Finding
-from trainguard.rules import finding
+from trainguard.rules import finding_with
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.formats import protobuf
 from trainguard.scan.formats.protobuf import I32, LEN, PACKABLE, VARINT, Message, ProtoError, Schema
@@ -119,15 +119,6 @@ MODEL: Schema = {
 _MAX_IR_VERSION = 64  # ONNX is at 11 in 2025; a larger first varint is not an ONNX file
 
 
-def _finding(rule_id: str, message: str, trigger: str = "", **evidence: str) -> Finding:
-    return finding(
-        rule_id,
-        message,
-        trigger=trigger,
-        evidence={k: v for k, v in evidence.items() if v},
-    )
-
-
 class OnnxFormat:
     name = "onnx"
 
@@ -144,15 +135,15 @@ class OnnxFormat:
             try:
                 buf = protobuf.load_buffer(f, ctx.limits.max_in_memory_member)
             except LimitExceeded as exc:
-                yield _finding("TG002", f"ONNX model: {exc}")
+                yield finding_with("TG002", f"ONNX model: {exc}")
                 return
         walk = _Walk(ctx)
         try:
             walk.model(Message.parse(buf, ctx.limits))
         except LimitExceeded as exc:
-            walk.findings.append(_finding("TG002", f"ONNX model: {exc}"))
+            walk.findings.append(finding_with("TG002", f"ONNX model: {exc}"))
         except ProtoError as exc:
-            walk.findings.append(_finding("TG003", f"malformed ONNX protobuf: {exc}"))
+            walk.findings.append(finding_with("TG003", f"malformed ONNX protobuf: {exc}"))
         finally:
             protobuf.close_buffer(buf)
         yield from walk.findings
@@ -198,7 +189,7 @@ class _Walk:
         label = f"{where}/{node.string(3) or op}"
         if (domain, op) in PYTHON_OPS:
             self.findings.append(
-                _finding(
+                finding_with(
                     "TG1113",
                     f"operator {domain}::{op} calls a Python function registered in the "
                     f"loading process ({label})",
@@ -234,7 +225,7 @@ class _Walk:
         if problem:
             name = tensor.string(8)
             self.findings.append(
-                _finding(
+                finding_with(
                     "TG1111",
                     f"tensor {name!r} ({where}) takes its data from {location!r}, {problem}",
                     trigger=location,
@@ -248,7 +239,7 @@ class _Walk:
             more = (
                 f" (+{len(examples) - _MAX_EXAMPLES} more)" if len(examples) > _MAX_EXAMPLES else ""
             )
-            yield _finding(
+            yield finding_with(
                 "TG1112",
                 f"{len(examples)} operator(s) from the custom domain {domain!r} need a custom "
                 f"operator library: {', '.join(examples[:_MAX_EXAMPLES])}{more}",

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from trainguard.errors import LimitExceeded
 from trainguard.findings import Finding
-from trainguard.rules import finding
+from trainguard.rules import finding_with
 from trainguard.scan.base import Blob, ScanContext
 from trainguard.scan.formats import keras, protobuf
 from trainguard.scan.formats.protobuf import LEN, VARINT, Message, ProtoError, Schema
@@ -148,15 +148,6 @@ _KERAS_OBJECT: Schema = {2: (VARINT, _S), 3: (LEN, _S), 4: (LEN, _S), 5: (LEN, _
 KERAS_METADATA: Schema = {1: (LEN, _KERAS_OBJECT)}
 
 
-def _finding(rule_id: str, message: str, trigger: str = "", **evidence: str) -> Finding:
-    return finding(
-        rule_id,
-        message,
-        trigger=trigger,
-        evidence={k: v for k, v in evidence.items() if v},
-    )
-
-
 class SavedModelFormat:
     name = "savedmodel"
 
@@ -175,7 +166,7 @@ class SavedModelFormat:
             try:
                 buf = protobuf.load_buffer(f, ctx.limits.max_in_memory_member)
             except LimitExceeded as exc:
-                yield _finding("TG002", f"saved_model.pb: {exc}")
+                yield finding_with("TG002", f"saved_model.pb: {exc}")
                 return
         try:
             yield from _parse_guarded(ctx, buf, _scan_saved_model)
@@ -197,7 +188,7 @@ class KerasMetadataFormat:
             try:
                 buf = protobuf.load_buffer(f, ctx.limits.max_in_memory_member)
             except LimitExceeded as exc:
-                yield _finding("TG002", f"keras_metadata.pb: {exc}")
+                yield finding_with("TG002", f"keras_metadata.pb: {exc}")
                 return
         try:
             yield from _parse_guarded(ctx, buf, _scan_keras_metadata)
@@ -210,9 +201,9 @@ def _parse_guarded(ctx: ScanContext, buf: protobuf.Buffer, walk: _Walker) -> Ite
     try:
         yield from walk(ctx, Message.parse(buf, ctx.limits))
     except LimitExceeded as exc:
-        yield _finding("TG002", f"protobuf: {exc}")
+        yield finding_with("TG002", f"protobuf: {exc}")
     except ProtoError as exc:
-        yield _finding("TG003", f"malformed protobuf: {exc}")
+        yield finding_with("TG003", f"malformed protobuf: {exc}")
 
 
 # -- saved_model.pb ---------------------------------------------------------------
@@ -322,7 +313,7 @@ def _report(hits: _Hits) -> Iterator[Finding]:
         message = f"operation {op} {_WHAT[rule_id]}: {len(places)} node(s), first in {places[0]}"
         if detail:
             message += f"; {detail}"
-        yield _finding(
+        yield finding_with(
             rule_id,
             message,
             trigger=op,
