@@ -240,6 +240,23 @@ def _open(f: Any) -> tuple[BinaryIO, bool, str]:
     return f, False, getattr(f, "name", "<file object>")
 
 
+def _checked_copy(data: bytes, source: str) -> io.BytesIO:
+    """``data`` as a file for the real loader, once the scan has let it through."""
+    _decide(source, scan_bytes(data, source, policy=_policy()).findings)
+    return io.BytesIO(data)
+
+
+def _read_checked(f: Any) -> tuple[io.BytesIO, str]:
+    """The whole of ``f`` (a path or an open file), scanned: see :func:`_checked_copy`."""
+    handle, owned, source = _open(f)
+    try:
+        data = handle.read()
+    finally:
+        if owned:
+            handle.close()
+    return _checked_copy(data, source), source
+
+
 class _Recorder(io.RawIOBase):
     """Keeps every byte read through it, so one pickle can be cut out of a stream."""
 
@@ -310,9 +327,7 @@ def _guard_torch_load(original: Callable[..., Any]) -> Callable[..., Any]:
                 pinned = _check_torch_zip(handle, start, source)
                 target: Any = f if kwargs.get("mmap") else pinned
             else:
-                data = handle.read()
-                _decide(source, scan_bytes(data, source, policy=_policy()).findings)
-                target = io.BytesIO(data)
+                target = _checked_copy(handle.read(), source)
             with _guarded(source):
                 return original(target, *args, **kwargs)
         finally:
@@ -384,17 +399,11 @@ def _guard_numpy_load(original: Callable[..., Any]) -> Callable[..., Any]:
         allow_pickle = kwargs.get("allow_pickle", args[1] if len(args) > 1 else False)
         if _nested() or not allow_pickle:
             return original(file, *args, **kwargs)  # numpy without pickle runs no code
-        handle, owned, source = _open(file)
-        try:
-            data = handle.read()
-        finally:
-            if owned:
-                handle.close()
-        _decide(source, scan_bytes(data, source, policy=_policy()).findings)
+        copy, source = _read_checked(file)
         if kwargs.get("mmap_mode") is not None:
             kwargs["mmap_mode"] = None  # an in-memory copy cannot be mapped
         with _guarded(source):
-            return original(io.BytesIO(data), *args, **kwargs)
+            return original(copy, *args, **kwargs)
 
     return load
 
@@ -403,15 +412,9 @@ def _guard_joblib_load(original: Callable[..., Any]) -> Callable[..., Any]:
     def load(filename: Any, *args: Any, **kwargs: Any) -> Any:
         if _nested():
             return original(filename, *args, **kwargs)
-        handle, owned, source = _open(filename)
-        try:
-            data = handle.read()
-        finally:
-            if owned:
-                handle.close()
-        _decide(source, scan_bytes(data, source, policy=_policy()).findings)
+        copy, source = _read_checked(filename)
         kwargs.pop("mmap_mode", None)
         with _guarded(source):
-            return original(io.BytesIO(data), *args, **kwargs)
+            return original(copy, *args, **kwargs)
 
     return load
