@@ -93,7 +93,7 @@ print(bad)
 
 PYC_ONLY = r"""
 import os, sys, time
-from trainguard.seal.env_pyc import PycJob, check_pycs, optimization_of
+from trainguard.env.pyc import PycJob, check_pycs, optimization_of
 root = sys.argv[1]
 jobs = []
 for d, _, fs in os.walk(root):

@@ -55,7 +55,7 @@ def main() -> None:
         runs: dict[str, Callable[[], Any]] = {
             "torch.load(weights_only=True)": lambda: torch.load(path, weights_only=True),
             "torch.load(weights_only=False)": lambda: torch.load(path, weights_only=False),
-            "trainguard.load": lambda: trainguard.load(path),
+            "trainguard.loader": lambda: trainguard.load(path),
             "torch.load under protect()": protected,
         }
         times: dict[str, list[float]] = {name: [] for name in runs}

@@ -148,7 +148,7 @@ def main() -> int:
 
 def run_all(work: Path, model: Path, files: list[Path], repeat: int, only: list[str]) -> int:
     sys.path.insert(0, str(REPO / "src"))
-    from trainguard.seal.keys import write_keypair
+    from trainguard.signing.keys import write_keypair
 
     for stale in work.glob("key.*"):
         stale.unlink()

@@ -107,8 +107,8 @@ def main() -> None:
     # report those gaps as stalls (TG1307), which says nothing about its overhead.
     logging.getLogger("trainguard").setLevel(logging.ERROR)
 
-    from trainguard.watch import guard as tgw
-    from trainguard.watch.fingerprint import Fingerprinter
+    from trainguard.monitor import guard as tgw
+    from trainguard.monitor.fingerprint import Fingerprinter
 
     model, opt = build(args.width, args.layers)
     w_model, w_opt = build(args.width, args.layers)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainguard.watch import guard as tgw
+from trainguard.monitor import guard as tgw
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import call1
-from trainguard._cli import main
+from trainguard.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

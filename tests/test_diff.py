@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from trainguard.errors import UnsafeModelError
-from trainguard.explain import diff
-from trainguard.explain.diff_checks import moment_bound
-from trainguard.explain.diff_render import render
-from trainguard.explain.tensor_sources import open_checkpoint
+from trainguard.explain.diff.checks import moment_bound
+from trainguard.explain.diff.core import diff
+from trainguard.explain.diff.sources import open_checkpoint
 from trainguard.findings import Severity
-from trainguard.load.convert import convert, write_safetensors
+from trainguard.loader.convert import convert, write_safetensors
+from trainguard.render.diff import render
 
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")

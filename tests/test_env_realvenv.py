@@ -113,7 +113,7 @@ def hook(event, args):
             args[1] not in (None, "r", "rb")):
         seen.append(("open", args[0]))
 sys.addaudithook(hook)
-from trainguard._cli import main
+from trainguard.cli.main import main
 code = main(["env", "verify", "--path", site, "--no-cache", "--no-progress", "--workers", "1",
              "-f", "json", "-o", root + "/report.json"])
 print(repr(seen))

@@ -15,9 +15,9 @@ from tests.test_env_support import (
     rewrite_record_line,
     write_swapped_pyc,
 )
-from trainguard._cli import main
-from trainguard.seal.env_snapshot import decode, encode, make_snapshot
-from trainguard.seal.keys import generate_keypair
+from trainguard.cli.main import main
+from trainguard.env.snapshot import decode, encode, make_snapshot
+from trainguard.signing.keys import generate_keypair
 
 
 @pytest.fixture()

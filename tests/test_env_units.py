@@ -16,14 +16,11 @@ from pathlib import Path
 import pytest
 
 from tests.test_env_support import record_hash
-from trainguard.errors import UsageError
-from trainguard.findings import Finding, Severity
-from trainguard.seal import env_hash
-from trainguard.seal.dsse import sign_envelope
-from trainguard.seal.env_allow import DEFAULTS, apply_allowlist, load_allowlist
-from trainguard.seal.env_hash import hash_files
-from trainguard.seal.env_pth import executes, read_pth
-from trainguard.seal.env_pyc import (
+from trainguard.env import digests as env_hash
+from trainguard.env.allow import DEFAULTS, apply_allowlist, load_allowlist
+from trainguard.env.digests import hash_files
+from trainguard.env.pth import executes, read_pth
+from trainguard.env.pyc import (
     MATCH,
     MISMATCH,
     UNUSED,
@@ -34,15 +31,18 @@ from trainguard.seal.env_pyc import (
     same_const,
     would_load,
 )
-from trainguard.seal.env_record import parse_hash, parse_record
-from trainguard.seal.env_snapshot import (
+from trainguard.env.record import parse_hash, parse_record
+from trainguard.env.snapshot import (
     PAYLOAD_TYPE,
     encode,
     interpreter_findings,
     make_snapshot,
     read_snapshot,
 )
-from trainguard.seal.keys import generate_keypair, load_private_key, load_public_key
+from trainguard.errors import UsageError
+from trainguard.findings import Finding, Severity
+from trainguard.signing.dsse import sign_envelope
+from trainguard.signing.keys import generate_keypair, load_private_key, load_public_key
 
 
 def test_parse_hash() -> None:
@@ -230,7 +230,7 @@ def test_hash_files_reports_errors_and_reads_big_files(tmp_path: Path) -> None:
 UNGUARDED = """
 import py_compile, sys
 from pathlib import Path
-from trainguard.seal.env_pyc import PycJob, check_pycs
+from trainguard.env.pyc import PycJob, check_pycs
 folder = Path(sys.argv[1])
 jobs = []
 for i in range(80):

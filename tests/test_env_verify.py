@@ -26,11 +26,11 @@ from tests.test_env_support import (
     run_in_subprocess,
     write_swapped_pyc,
 )
+from trainguard.env import walk as env_walk
+from trainguard.env.allow import load_allowlist
+from trainguard.env.cache import DigestCache
+from trainguard.env.verify import EnvOptions, verify_environment
 from trainguard.findings import Finding, ScanReport, Severity
-from trainguard.seal import env_walk
-from trainguard.seal.env_allow import load_allowlist
-from trainguard.seal.env_cache import DigestCache
-from trainguard.seal.environment import EnvOptions, verify_environment
 
 # site folder -> the cache a verify of it made before the test changed anything
 _WARM: dict[Path, str] = {}
@@ -408,7 +408,7 @@ def test_unreadable_listed_file_makes_the_check_incomplete(site: Path) -> None:
 def test_read_error_on_a_listed_file_is_an_error_not_clean(
     site: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trainguard.seal import env_hash
+    from trainguard.env import digests as env_hash
 
     real = env_hash.hash_file
     target = str(site / NAME / "data.txt")
@@ -427,8 +427,8 @@ def test_read_error_on_a_listed_file_is_an_error_not_clean(
 
 
 def test_stdlib_pycs_are_checked_and_its_site_packages_skipped(tmp_path: Path, site: Path) -> None:
-    from trainguard.seal.env_gather import gather
-    from trainguard.seal.env_sort import Scope
+    from trainguard.env.gather import gather
+    from trainguard.env.sort import Scope
 
     stdlib = tmp_path / "lib" / "python3"
     (stdlib / "site-packages").mkdir(parents=True)
@@ -471,7 +471,7 @@ def test_record_rows_in_sha512_are_verified(site: Path) -> None:
 def test_cli_says_when_it_reused_a_verdict(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from trainguard._cli import main
+    from trainguard.cli.main import main
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     site = fresh_site(tmp_path)
@@ -509,7 +509,7 @@ def test_folder_in_place_of_a_pycs_source(site: Path) -> None:
 def _around_observe(monkeypatch: pytest.MonkeyPatch, act: Callable[[], None]) -> Callable[[], None]:
     """Run ``act`` right after the verify fingerprints the folders, before it reads them;
     returns what puts the verify back as it was."""
-    from trainguard.seal import environment
+    from trainguard.env import verify as environment
 
     real = environment.observe
 
@@ -630,7 +630,7 @@ def test_unusable_verdict_documents_are_misses(tmp_path: Path) -> None:
 def test_a_run_without_the_pyc_check_keeps_the_cached_pyc_verdicts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trainguard.seal import env_gather
+    from trainguard.env import gather as env_gather
 
     site = fresh_site(tmp_path)
     cache_file = str(tmp_path / "cache" / "env.json")

@@ -179,11 +179,11 @@ def test_sample_fires_under_its_loader(sample: object, tmp_path: Path) -> None:
 
 _WATCHER = textwrap.dedent(
     """
-    import sys, trainguard, trainguard.scan.engine, trainguard.render
+    import sys, trainguard, trainguard.scanner.engine, trainguard.render
     import trainguard.render.text, trainguard.render.jsonfmt, trainguard.render.sarif
     # The scanner imports its own format modules, by fixed names, on first use:
     # load them all first so that any import seen below is one the data caused.
-    from trainguard.scan import registry; registry.preload()
+    from trainguard.scanner import registry; registry.preload()
     events = []
     watching = False
     BAD = ("import", "exec", "compile", "subprocess.Popen", "os.system", "os.posix_spawn",

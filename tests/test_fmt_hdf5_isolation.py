@@ -17,7 +17,7 @@ import pytest
 
 from trainguard import scan_file
 from trainguard.findings import Severity
-from trainguard.scan.isolated import run_child
+from trainguard.scanner.isolated import run_child
 
 pytest.importorskip("h5py")
 

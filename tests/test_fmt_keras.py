@@ -31,7 +31,7 @@ from trainguard.findings import FileResult
 from trainguard.limits import Limits
 from trainguard.samples import BENIGN, MALICIOUS, Sample
 from trainguard.samples.fmt_keras import _dense, _input, _mlp_config, _sequential
-from trainguard.scan.policy import Policy
+from trainguard.scanner.policy import Policy
 
 
 def _keras(
@@ -312,11 +312,11 @@ def test_real_keras_models_are_clean_if_keras_is_installed(tmp_path: Path) -> No
 
 _WATCHER = textwrap.dedent(
     """
-    import sys, trainguard, trainguard.scan.engine, trainguard.render
+    import sys, trainguard, trainguard.scanner.engine, trainguard.render
     import trainguard.render.text, trainguard.render.jsonfmt, trainguard.render.sarif
     # The scanner imports its own format modules, by fixed names, on first use:
     # load them all first so that any import seen below is one the data caused.
-    from trainguard.scan import registry; registry.preload()
+    from trainguard.scanner import registry; registry.preload()
     import h5py, zlib
     events = []
     watching = False
@@ -324,7 +324,7 @@ _WATCHER = textwrap.dedent(
            "os.posix_spawn", "socket.connect", "pickle.find_class", "marshal.loads")
     def isolated_parser(event, args):
         # HDF5 is parsed by trainguard's own fixed program in a limited child
-        # (trainguard.scan.isolated): the one process a scan may start.
+        # (trainguard.scanner.isolated): the one process a scan may start.
         argv = list(args[1]) if event == "subprocess.Popen" else []
         return (argv[:3] == [sys.executable, "-I", "-c"] and "RLIMIT_AS" in argv[3]
                 and "h5py.File(path" in argv[3])

@@ -26,8 +26,8 @@ from trainguard.samples.fmt_onnx import (
     tensor,
     value_info,
 )
-from trainguard.scan.base import Blob
-from trainguard.scan.formats.onnx import OnnxFormat, external_location_problem
+from trainguard.scanner.base import Blob
+from trainguard.scanner.formats.onnx import OnnxFormat, external_location_problem
 
 
 @pytest.mark.parametrize(

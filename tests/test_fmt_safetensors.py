@@ -28,7 +28,7 @@ from tests.fuzzing import fuzz_examples
 from trainguard import Severity, scan_bytes, scan_file
 from trainguard.limits import DEFAULT_LIMITS, Limits
 from trainguard.samples.fmt_safetensors import safetensors_bytes
-from trainguard.scan.formats.safetensors import DTYPE_BITS
+from trainguard.scanner.formats.safetensors import DTYPE_BITS
 
 
 def _rules(data: bytes, limits: Limits | None = None) -> dict[str, Severity]:

@@ -10,9 +10,9 @@ import jsonschema
 import pytest
 
 from tests.test_ledger_support import tamper
-from trainguard._cli import main
+from trainguard.cli.main import main
 from trainguard.ledger import open_ledger
-from trainguard.seal.keys import write_keypair
+from trainguard.signing.keys import write_keypair
 
 SCHEMA = Path(__file__).parent / "data" / "sarif-schema-2.1.0.json"
 

@@ -23,7 +23,7 @@ import pytest
 from tests.test_ledger_support import BACKENDS, backend_url, is_postgres, raw_rows, tamper
 from trainguard.ledger import GENESIS, LedgerError, Record, open_ledger, verify_ledger
 from trainguard.ledger import store as store_module
-from trainguard.seal.keys import write_keypair
+from trainguard.signing.keys import write_keypair
 
 
 @pytest.fixture(params=BACKENDS)

@@ -27,7 +27,7 @@ from tests.test_ledger_support import (
 from trainguard.findings import Finding, Severity
 from trainguard.ledger import LedgerError, open_ledger, verify_ledger
 from trainguard.ledger.verify import MAX_FINDINGS_PER_RULE, verify_run
-from trainguard.seal.keys import write_keypair
+from trainguard.signing.keys import write_keypair
 
 RECORDS = "trainguard_ledger_records"
 SET_PAYLOAD = f"UPDATE {RECORDS} SET payload = ? WHERE run_id = ? AND stream = ? AND seq = ?"  # noqa: S608

@@ -150,7 +150,7 @@ def test_unprotect_restores_the_originals() -> None:
 
 def test_convert_writes_safetensors_and_json(tmp_path: Path) -> None:
     import trainguard
-    from trainguard.load.convert import convert
+    from trainguard.loader.convert import convert
 
     ckpt = {
         "model": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)},
@@ -194,8 +194,8 @@ def test_convert_refuses_a_malicious_checkpoint(tmp_path: Path) -> None:
 def test_protect_checks_the_environment_against_a_sealed_snapshot(tmp_path: Path) -> None:
     import trainguard
     from tests.test_env_support import NAME, fresh_site
-    from trainguard._cli import main
-    from trainguard.seal.keys import generate_keypair
+    from trainguard.cli.main import main
+    from trainguard.signing.keys import generate_keypair
 
     private, public = generate_keypair("ecdsa-p256")
     (tmp_path / "k.pem").write_bytes(private)

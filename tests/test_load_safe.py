@@ -1,4 +1,4 @@
-"""trainguard.load: benign checkpoints load bit for bit; anything unsafe is refused."""
+"""trainguard.loader: benign checkpoints load bit for bit; anything unsafe is refused."""
 
 from __future__ import annotations
 

@@ -16,11 +16,11 @@ from tests.helpers import call1
 
 _WATCHER = textwrap.dedent(
     """
-    import sys, trainguard, trainguard.scan.engine, trainguard.render
+    import sys, trainguard, trainguard.scanner.engine, trainguard.render
     import trainguard.render.text, trainguard.render.jsonfmt, trainguard.render.sarif
     # The scanner imports its own format modules, by fixed names, on first use:
     # load them all first so that any import seen below is one the data caused.
-    from trainguard.scan import registry; registry.preload()
+    from trainguard.scanner import registry; registry.preload()
     import zlib, bz2, lzma, tarfile, io, lz4.frame, py7zr
     events = []
     watching = False

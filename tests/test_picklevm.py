@@ -9,8 +9,8 @@ import pytest
 
 from tests.helpers import call1, global0, short_str, stack_global
 from trainguard import Severity, scan_bytes
-from trainguard.scan.picklevm import Call, Global, run_pickle
-from trainguard.scan.stream import ByteStream
+from trainguard.scanner.picklevm.machine import Call, Global, run_pickle
+from trainguard.scanner.stream import ByteStream
 
 
 def rules(data: bytes) -> dict[str, Severity]:

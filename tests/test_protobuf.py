@@ -14,8 +14,8 @@ from tests.fuzzing import fuzz_examples
 from trainguard.errors import LimitExceeded
 from trainguard.limits import Limits
 from trainguard.samples.protowriter import field, float32, message, packed, tag, varint
-from trainguard.scan.formats import protobuf
-from trainguard.scan.formats.protobuf import (
+from trainguard.scanner.formats import protobuf
+from trainguard.scanner.formats.protobuf import (
     I32,
     LEN,
     VARINT,

@@ -188,11 +188,11 @@ def test_scan_cli_start_up_imports_only_what_a_scan_needs(tmp_path: Path) -> Non
 
     (tmp_path / "clean.pkl").write_bytes(pickle.dumps({"w": [1.0, 2.0]}))
     probe = (
-        "import sys; from trainguard._cli import main; code = main(sys.argv[1:]); "
+        "import sys; from trainguard.cli.main import main; code = main(sys.argv[1:]); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'rich', 'jinja2', 'torch', 'cryptography', 'importlib_metadata'} "
-        "or m.startswith(('trainguard.load', 'trainguard.seal', 'trainguard.watch', "
-        "'trainguard.ledger', 'trainguard.explain', 'trainguard.scan.hub', "
+        "or m.startswith(('trainguard.loader', 'trainguard.signing', 'trainguard.monitor', "
+        "'trainguard.ledger', 'trainguard.explain', 'trainguard.scanner.hub', "
         "'importlib.metadata', 'trainguard.render.sarif')))); sys.exit(code)"
     )
     proc = subprocess.run(

@@ -19,11 +19,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import trainguard  # noqa: E402
-from trainguard._cli import main  # noqa: E402
+from trainguard.cli.main import main  # noqa: E402
 from trainguard.errors import UsageError  # noqa: E402
-from trainguard.explain.replay import Replayable, ReplayContext, epochs_from, replay  # noqa: E402
-from trainguard.explain.replay_render import render  # noqa: E402
-from trainguard.watch.checkpoint import CheckpointError  # noqa: E402
+from trainguard.explain.replay.engine import Replayable, ReplayContext, epochs_from, replay  # noqa: E402
+from trainguard.monitor.checkpoint import CheckpointError  # noqa: E402
+from trainguard.render.replay import render  # noqa: E402
 
 KEY = bytes(range(32))
 STEPS, EVERY = 30, 10

@@ -22,9 +22,9 @@ torch = pytest.importorskip("torch")
 
 from tests import watch_scenarios as sc  # noqa: E402
 from tests.test_ledger_support import BACKENDS, backend_url, tamper  # noqa: E402
-from trainguard._cli import main  # noqa: E402
+from trainguard.cli.main import main  # noqa: E402
 from trainguard.ledger import open_ledger  # noqa: E402
-from trainguard.seal.keys import write_keypair  # noqa: E402
+from trainguard.signing.keys import write_keypair  # noqa: E402
 
 HOSTILE_RUN = 'run<script>alert("id")</script>'
 HOSTILE_MESSAGE = "</td><script>alert(1)</script><img src=x onerror=alert(2)>\x1b[2J"
@@ -279,7 +279,7 @@ def test_recorded_checkpoints_are_diffed_around_the_alert(tmp_path: Path) -> Non
 
 
 def test_explicit_diff_and_a_modified_checkpoint(tmp_path: Path) -> None:
-    from trainguard.explain.report_diffs import CheckpointRef, checkpoint_diffs
+    from trainguard.explain.report.diffs import CheckpointRef, checkpoint_diffs
 
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     torch.save({"w": torch.zeros(4)}, a)
@@ -304,7 +304,7 @@ def test_explicit_diff_and_a_modified_checkpoint(tmp_path: Path) -> None:
 
 # -- environment status --------------------------------------------------------------------
 def test_environment_status_from_the_run_start_record(tmp_path: Path) -> None:
-    from trainguard.explain.report import build_report
+    from trainguard.explain.report.build import build_report
 
     url = str(tmp_path / "env.db")
     with open_ledger(url) as ledger:
@@ -363,8 +363,8 @@ def test_guard_records_the_environment_check_in_run_start(tmp_path: Path) -> Non
 
 # -- hostile values and large runs ---------------------------------------------------------
 def test_odd_values_render(tmp_path: Path) -> None:
-    from trainguard.explain.report import build_report
-    from trainguard.explain.report_render import render
+    from trainguard.explain.report.build import build_report
+    from trainguard.render.run_report import render
 
     url = str(tmp_path / "odd.db")
     values: list[Any] = [1e308, -1e308, math.nan, math.inf, "2.0", True, None, [1], 5e-324, 0.0]
@@ -390,7 +390,7 @@ def test_odd_values_render(tmp_path: Path) -> None:
 
 
 def test_long_series_are_thinned_and_keep_spikes() -> None:
-    from trainguard.explain.report_series import MAX_BUCKETS, Series
+    from trainguard.explain.report.series import MAX_BUCKETS, Series
 
     s = Series()
     for step in range(200_000):
@@ -403,7 +403,7 @@ def test_long_series_are_thinned_and_keep_spikes() -> None:
 
 
 def test_checkpoint_pairs_span_each_alert_step() -> None:
-    from trainguard.explain.report_diffs import MAX_DIFFS, CheckpointRef, plan_pairs
+    from trainguard.explain.report.diffs import MAX_DIFFS, CheckpointRef, plan_pairs
 
     refs = [CheckpointRef(s, f"c{s}.pt") for s in (30, 0, 10, 20)]
     alerts = [(s, f"alert at {s}") for s in (15, 20, 30, 0, 35, 12)]
@@ -423,7 +423,7 @@ def test_checkpoint_pairs_span_each_alert_step() -> None:
 
 
 def test_repeated_alerts_are_grouped_and_the_first_step_is_named() -> None:
-    from trainguard.explain.report import AlertEntry, group_alerts
+    from trainguard.explain.report.build import AlertEntry, group_alerts
 
     def alert(
         step: int, rule: str = "TG1306", message: str = "flipped", intact: bool = True

@@ -20,8 +20,8 @@ import pytest
 from trainguard.errors import MissingExtraError, UsageError
 from trainguard.findings import Severity
 from trainguard.samples.fmt_repo import REPOSITORIES
-from trainguard.scan import scan
-from trainguard.scan.hub import HubError, HubRef, parse, resolve_paths
+from trainguard.scanner import scan
+from trainguard.scanner.hub import HubError, HubRef, parse, resolve_paths
 
 pytest.importorskip("huggingface_hub")
 

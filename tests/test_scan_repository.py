@@ -21,8 +21,8 @@ from trainguard.findings import FileResult
 from trainguard.limits import Limits
 from trainguard.render import render
 from trainguard.samples.fmt_repo import REPO_LOADERS, REPOSITORIES, RepoSample
-from trainguard.scan import Policy
-from trainguard.scan.repository import looks_like_repository, parse_reference
+from trainguard.scanner import Policy
+from trainguard.scanner.repository import looks_like_repository, parse_reference
 
 _LEVEL = {"clean": None, "low": Severity.LOW, "medium": Severity.MEDIUM, "high": Severity.HIGH}
 _MALICIOUS = [s for s in REPOSITORIES.values() if s.malicious]
@@ -170,11 +170,11 @@ def test_json_report_locates_repository_findings(tmp_path: Path) -> None:
 
 _WATCHER = textwrap.dedent(
     """
-    import sys, trainguard, trainguard.scan.engine, trainguard.render
+    import sys, trainguard, trainguard.scanner.engine, trainguard.render
     import trainguard.render.text, trainguard.render.jsonfmt, trainguard.render.sarif
     # The scanner imports its own format modules, by fixed names, on first use:
     # load them all first so that any import seen below is one the data caused.
-    from trainguard.scan import registry; registry.preload()
+    from trainguard.scanner import registry; registry.preload()
     events = []
     watching = False
     BAD = ("import", "exec", "compile", "subprocess.Popen", "os.system", "os.exec",

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from trainguard.seal import DigestCache, VerificationError, seal, verify
-from trainguard.seal.digest_cache import RACY_MARGIN_NS, default_path
-from trainguard.seal.errors import SealError
-from trainguard.seal.hashing import Identity, Piece, hash_piece
-from trainguard.seal.keys import write_keypair
+from trainguard.signing import DigestCache, VerificationError, seal, verify
+from trainguard.signing.digest_cache import RACY_MARGIN_NS, default_path
+from trainguard.signing.errors import SealError
+from trainguard.signing.hashing import Identity, Piece, hash_piece
+from trainguard.signing.keys import write_keypair
 
 MiB = 1024 * 1024
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from trainguard._cli import main
-from trainguard._cli_seal import PASSWORD_ENV, parse_size
-from trainguard.seal import seal
+from trainguard.cli.main import main
+from trainguard.cli.seal import PASSWORD_ENV, parse_size
+from trainguard.signing import seal
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +102,7 @@ def test_encrypted_key_password_from_environment(
 
 
 def test_progress_callback_reaches_the_total(model: Path, tmp_path: Path) -> None:
-    from trainguard.seal.keys import write_keypair
+    from trainguard.signing.keys import write_keypair
 
     private, _ = write_keypair(tmp_path / "k")
     seen: list[tuple[int, int]] = []

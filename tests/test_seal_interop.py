@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from trainguard.findings import Severity
-from trainguard.seal import VerificationError, seal, verify
-from trainguard.seal.keys import write_keypair
+from trainguard.signing import VerificationError, seal, verify
+from trainguard.signing.keys import write_keypair
 
 model_signing = pytest.importorskip("model_signing")
 
@@ -161,7 +161,7 @@ def test_we_verify_model_signing_certificate_signature(
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509.oid import NameOID
 
-    from trainguard.seal.keys import load_private_key
+    from trainguard.signing.keys import load_private_key
 
     key = load_private_key(keys[0])
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trainguard test signer")])

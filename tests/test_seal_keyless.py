@@ -20,8 +20,8 @@ import pytest
 
 from trainguard.errors import UsageError
 from trainguard.findings import Severity
-from trainguard.seal import SigstoreIdentity, seal, verify_report
-from trainguard.seal.keys import write_keypair
+from trainguard.signing import SigstoreIdentity, seal, verify_report
+from trainguard.signing.keys import write_keypair
 
 pytest.importorskip("sigstore")
 
@@ -166,7 +166,7 @@ def test_keyless_seal_without_a_token_is_a_clear_usage_error(tmp_path: Path) -> 
 def test_without_sigstore_keyless_is_a_missing_extra(model: Path) -> None:
     probe = (
         "import sys; sys.modules['sigstore'] = None\n"
-        "from trainguard._cli import main\n"
+        "from trainguard.cli.main import main\n"
         f"sys.exit(main(['verify', {str(model)!r}, '--identity', 'a@b', '--issuer', 'https://x']))"
     )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from trainguard._cli import main
+from trainguard.cli.main import main
 from trainguard.errors import UsageError
-from trainguard.seal import KeyLoadError, VerificationError
-from trainguard.seal.dsse import pae, sign_envelope, verify_envelope
-from trainguard.seal.keys import (
+from trainguard.signing import KeyLoadError, VerificationError
+from trainguard.signing.dsse import pae, sign_envelope, verify_envelope
+from trainguard.signing.keys import (
     KEY_TYPES,
     generate_keypair,
     key_id,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from trainguard._cli import main
+from trainguard.cli.main import main
 from trainguard.findings import Finding
-from trainguard.seal import SealError, VerificationError, seal, verify, verify_report
-from trainguard.seal.bundle import build_bundle, write_bundle
-from trainguard.seal.keys import load_private_key, write_keypair
+from trainguard.signing import SealError, VerificationError, seal, verify, verify_report
+from trainguard.signing.bundle import build_bundle, write_bundle
+from trainguard.signing.keys import load_private_key, write_keypair
 
 SHARD = 64 * 1024
 

@@ -25,8 +25,8 @@ from tests.fuzzing import fuzz_examples
 from tests.template_fixtures import BENIGN_TEMPLATES
 from trainguard import Severity, scan_file
 from trainguard.limits import DEFAULT_LIMITS, Limits
-from trainguard.scan.formats import templates
-from trainguard.scan.formats.templates import analyse_template
+from trainguard.scanner.formats import templates
+from trainguard.scanner.formats.templates import analyse_template
 
 jinja2 = pytest.importorskip("jinja2")
 
@@ -148,7 +148,7 @@ _SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
 @pytest.mark.parametrize("name", list(BENIGN_TEMPLATES))
 def test_real_template_renders_in_the_sandbox(name: str) -> None:
     """The fixtures are genuine templates: transformers' sandbox renders them."""
-    from trainguard.scan.formats import template_parser
+    from trainguard.scanner.formats import template_parser
 
     env = template_parser._ENV
     assert env is not None
@@ -281,7 +281,7 @@ _WITHOUT_JINJA = textwrap.dedent(
     import json, sys
     sys.modules["jinja2"] = None  # as if the extra were not installed
     from trainguard.limits import DEFAULT_LIMITS
-    from trainguard.scan.formats import templates
+    from trainguard.scanner.formats import templates
     assert not templates.have_parser()
     out = {}
     for name, source in json.loads(sys.stdin.read()).items():

@@ -149,7 +149,7 @@ def test_altered_data_loader_batches() -> None:
 
 def test_ledger_records_the_run_and_verifies(tmp_path: Any) -> None:
     from trainguard.ledger import open_ledger, verify_ledger
-    from trainguard.seal.keys import generate_keypair
+    from trainguard.signing.keys import generate_keypair
 
     private, public = generate_keypair("ed25519")
     (tmp_path / "k.pem").write_bytes(private)
@@ -184,8 +184,8 @@ def test_ledger_records_the_run_and_verifies(tmp_path: Any) -> None:
 
 def test_environment_differs_from_sealed_snapshot(tmp_path: Any) -> None:
     from tests.test_env_support import NAME, fresh_site
-    from trainguard._cli import main
-    from trainguard.seal.keys import generate_keypair
+    from trainguard.cli.main import main
+    from trainguard.signing.keys import generate_keypair
 
     private, public = generate_keypair("ecdsa-p256")
     (tmp_path / "k.pem").write_bytes(private)

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from tests import watch_scenarios as sc  # noqa: E402
 from trainguard.ledger import open_ledger  # noqa: E402
-from trainguard.watch.budget import (  # noqa: E402
+from trainguard.monitor.budget import (  # noqa: E402
     CHUNK_BYTES,
     ChunkSample,
     VersionWatch,
@@ -178,7 +178,7 @@ def test_a_run_watched_on_a_budget_replays_and_a_tampered_one_diverges(tmp_path:
     fingerprints where the budget took them."""
     import trainguard
     from tests.test_replay import KEY, build, parts
-    from trainguard.explain.replay import epochs_from, replay
+    from trainguard.explain.replay.engine import epochs_from, replay
 
     def train(run_id: str, tamper_at: int | None) -> str:
         ledger = str(tmp_path / "ledger.db")
@@ -210,7 +210,7 @@ def test_an_exact_run_with_every_replays_clean(tmp_path: Any) -> None:
     """Only a fingerprinted "before" goes into a step record (every=3: one step in three)."""
     import trainguard
     from tests.test_replay import KEY, build, parts
-    from trainguard.explain.replay import epochs_from, replay
+    from trainguard.explain.replay.engine import epochs_from, replay
 
     ledger = str(tmp_path / "ledger.db")
     model, opt, sched, loader, epoch, step = parts()
@@ -233,7 +233,7 @@ def test_a_run_with_loop_grad_norms_replays_clean(tmp_path: Any) -> None:
     """measure_grad_norm=False: the ledger holds the loop's norms; replay does not compare them."""
     import trainguard
     from tests.test_replay import KEY, build, parts
-    from trainguard.explain.replay import epochs_from, replay
+    from trainguard.explain.replay.engine import epochs_from, replay
 
     ledger = str(tmp_path / "ledger.db")
     model, opt, sched, loader, epoch, step = parts()

@@ -51,7 +51,7 @@ def _trainer(tmp_path: Path, callback: Any, steps: int = 40) -> Any:
 
 def test_trainer_run_is_watched_and_clean(tmp_path: Path) -> None:
     _hf()
-    from trainguard.watch.integrations import HFWatchCallback
+    from trainguard.monitor.integrations import HFWatchCallback
 
     cb = HFWatchCallback()
     _trainer(tmp_path, cb).train()
@@ -61,7 +61,7 @@ def test_trainer_run_is_watched_and_clean(tmp_path: Path) -> None:
 
 def test_trainer_tampering_is_caught(tmp_path: Path) -> None:
     transformers = _hf()
-    from trainguard.watch.integrations import HFWatchCallback
+    from trainguard.monitor.integrations import HFWatchCallback
 
     cb = HFWatchCallback()
 
@@ -161,7 +161,7 @@ def _ledger_alerts(path: Path, run_id: str) -> list[tuple[str, int | None]]:
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_lightning_honest_run_is_watched_and_clean(tmp_path: Path, optimizer: str) -> None:
     from trainguard.ledger import open_ledger
-    from trainguard.watch.integrations import LightningWatchCallback
+    from trainguard.monitor.integrations import LightningWatchCallback
 
     ledger = tmp_path / "runs.sqlite"
     cb = LightningWatchCallback(ledger=ledger, run_id="pl-clean")
@@ -180,7 +180,7 @@ def test_lightning_honest_run_is_watched_and_clean(tmp_path: Path, optimizer: st
 
 def test_lightning_weights_tampered_between_steps(tmp_path: Path) -> None:
     pl = _pl()
-    from trainguard.watch.integrations import LightningWatchCallback
+    from trainguard.monitor.integrations import LightningWatchCallback
 
     class Tamper(pl.Callback):  # type: ignore[misc]
         def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
@@ -199,7 +199,7 @@ def test_lightning_weights_tampered_between_steps(tmp_path: Path) -> None:
 
 def test_lightning_optimizer_step_patched_mid_run(tmp_path: Path) -> None:
     pl = _pl()
-    from trainguard.watch.integrations import LightningWatchCallback
+    from trainguard.monitor.integrations import LightningWatchCallback
 
     class Patch(pl.Callback):  # type: ignore[misc]
         def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
@@ -222,7 +222,7 @@ def test_lightning_optimizer_step_patched_mid_run(tmp_path: Path) -> None:
 
 def test_lightning_flipped_clipping_is_caught_at_its_step(tmp_path: Path) -> None:
     """Lightning clips inside optimizer.step's closure; the guard checks after it."""
-    from trainguard.watch.integrations import LightningWatchCallback
+    from trainguard.monitor.integrations import LightningWatchCallback
 
     cb = LightningWatchCallback()
     _fit(tmp_path, _module(flip_at=15), [cb], n=320, max_steps=30, gradient_clip_val=1.0)
@@ -231,7 +231,7 @@ def test_lightning_flipped_clipping_is_caught_at_its_step(tmp_path: Path) -> Non
 
 
 def test_lightning_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
-    from trainguard.watch.integrations import LightningWatchCallback
+    from trainguard.monitor.integrations import LightningWatchCallback
 
     cb = LightningWatchCallback()
     _fit(tmp_path, _module(), [cb], n=320, max_steps=10, accumulate_grad_batches=4)
@@ -241,7 +241,7 @@ def test_lightning_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) 
 
 def test_lightning_callback_is_a_callback_of_the_installed_package() -> None:
     pl = _pl()
-    from trainguard.watch.integrations import LightningWatchCallback
+    from trainguard.monitor.integrations import LightningWatchCallback
 
     assert isinstance(LightningWatchCallback(), pl.Callback)
 
@@ -255,7 +255,7 @@ def test_lightning_hang_in_training_step_is_reported_and_validation_is_not(
     import time
 
     pl = _pl()
-    from trainguard.watch.integrations import LightningWatchCallback
+    from trainguard.monitor.integrations import LightningWatchCallback
 
     released = threading.Event()
 

@@ -21,8 +21,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from trainguard.watch import guard as tgw  # noqa: E402
-from trainguard.watch import watchdog as wd  # noqa: E402
+from trainguard.monitor import guard as tgw  # noqa: E402
+from trainguard.monitor import watchdog as wd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -83,7 +83,7 @@ def test_a_real_hang_is_reported_with_the_stack_that_hangs(tmp_path: Path) -> No
     assert "after step 29" in stalls[0].message and "stalled_forward" in stalls[0].message
     assert evidence["seconds"] >= evidence["threshold"]  # both rounded to the ms
 
-    from trainguard._cli import main
+    from trainguard.cli.main import main
     from trainguard.ledger import open_ledger
 
     with open_ledger(str(ledger), create=False) as opened:
@@ -109,7 +109,7 @@ def test_ledger_show_lists_the_stall(tmp_path: Path, capsys: pytest.CaptureFixtu
         guard, model, opt, 3, lambda s, m, x: stalled_forward(m, x, released) if s == 1 else m(x)
     )
     guard.close()
-    from trainguard._cli import main
+    from trainguard.cli.main import main
 
     assert main(["ledger", "show", "shown", "--ledger", str(ledger)]) == 0
     out = capsys.readouterr().out
@@ -174,7 +174,7 @@ ABORT_SCRIPT = textwrap.dedent(
     """
     import sys, time
     import torch
-    from trainguard.watch import guard as tgw
+    from trainguard.monitor import guard as tgw
 
     def stuck_in_data_loading():
         while True:

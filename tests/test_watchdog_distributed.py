@@ -83,7 +83,7 @@ def test_stalled_rank_and_waiting_peer_are_both_recorded(tmp_path: Path) -> None
 
 
 def test_abort_ends_the_stalled_rank_and_its_peer_records_it(tmp_path: Path) -> None:
-    from trainguard.watch.watchdog import HANG_EXIT_CODE
+    from trainguard.monitor.watchdog import HANG_EXIT_CODE
 
     results = launch(tmp_path, f"abort:1:{STALL_STEP}")
     assert results[1]["returncode"] == HANG_EXIT_CODE, results[1]["stderr"]

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from tests.fuzzing import fuzz_examples
 from trainguard.errors import LimitExceeded, ScanError
 from trainguard.limits import GiB, Limits, MiB
-from trainguard.scan.ziplenient import (
+from trainguard.scanner.ziplenient import (
     ZipDirectory,
     ZipEntry,
     looks_like_zip,

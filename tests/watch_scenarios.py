@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from trainguard.watch import guard as tgw
+from trainguard.monitor import guard as tgw
 
 # Tiny models run fastest on one thread; the machine has two cores.
 torch.set_num_threads(1)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist_worker import join, leave
-from trainguard.watch import guard as tgw
+from trainguard.monitor import guard as tgw
 
 torch.set_num_threads(1)
 STEPS = 20

@@ -7,8 +7,6 @@ stays cheap and pulls in no optional dependency.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from trainguard._version import __version__
@@ -24,30 +22,30 @@ from trainguard.errors import (
 from trainguard.findings import FileResult, Finding, ScanReport, Severity
 
 if TYPE_CHECKING:
-    from trainguard.load import is_protected, load, protect, unprotect
-    from trainguard.scan import Policy, scan, scan_bytes, scan_file
-    from trainguard.seal import VerificationError, seal, verify
-    from trainguard.watch import Alert, Guard, TrainingStopped, watch
+    from trainguard.loader import is_protected, load, protect, unprotect
+    from trainguard.monitor import Alert, Guard, TrainingStopped, watch
+    from trainguard.scanner import Policy, scan, scan_bytes, scan_file
+    from trainguard.signing import VerificationError, seal, verify
 
 # The public names that live in the pillars, imported on first use so that
 # ``trainguard scan`` does not pay for the loader, seal and watch (dataclass
 # and regex set-up at import costs more than scanning a large checkpoint).
 _LAZY: dict[str, str] = {
-    "Alert": "trainguard.watch",
-    "Guard": "trainguard.watch",
-    "Policy": "trainguard.scan",
-    "TrainingStopped": "trainguard.watch",
-    "VerificationError": "trainguard.seal",
-    "is_protected": "trainguard.load",
-    "load": "trainguard.load",
-    "protect": "trainguard.load",
-    "scan": "trainguard.scan",
-    "scan_bytes": "trainguard.scan",
-    "scan_file": "trainguard.scan",
-    "seal": "trainguard.seal",
-    "unprotect": "trainguard.load",
-    "verify": "trainguard.seal",
-    "watch": "trainguard.watch",
+    "Alert": "trainguard.monitor",
+    "Guard": "trainguard.monitor",
+    "Policy": "trainguard.scanner",
+    "TrainingStopped": "trainguard.monitor",
+    "VerificationError": "trainguard.signing",
+    "is_protected": "trainguard.loader",
+    "load": "trainguard.loader",
+    "protect": "trainguard.loader",
+    "scan": "trainguard.scanner",
+    "scan_bytes": "trainguard.scanner",
+    "scan_file": "trainguard.scanner",
+    "seal": "trainguard.signing",
+    "unprotect": "trainguard.loader",
+    "verify": "trainguard.signing",
+    "watch": "trainguard.monitor",
 }
 
 
@@ -62,23 +60,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
-
-class _Package(types.ModuleType):
-    """Keeps ``trainguard.scan``/``load``/``seal``/``watch`` the public functions.
-
-    Importing a subpackage makes Python bind it as an attribute of its parent,
-    which would shadow the function of the same name (``trainguard.watch``
-    would become a module, not callable).  The subpackage stays reachable
-    through ``sys.modules`` and ``from trainguard.watch import guard``.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "Alert",
@@ -124,7 +105,7 @@ def _protect_from_environment() -> None:
         return
     if value not in ("1", "block", "warn", "strict", "on", "yes"):
         raise UsageError(f"TRAINGUARD_PROTECT={value!r}: use block, warn or strict")
-    from trainguard.load import protect
+    from trainguard.loader import protect
 
     protect(mode="warn" if value == "warn" else "block", strict=value == "strict")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from trainguard.findings import Severity
 from trainguard.render import render
 from trainguard.samples import Sample, missing_modules
-from trainguard.scan import scan
+from trainguard.scanner import scan
 
 
 def _pick(samples: Mapping[str, Sample], per_loader: int, expect: set[str]) -> list[Sample]:

@@ -65,7 +65,7 @@ def parts() -> tuple[Any, Any, Any, Any, Callable[[int], Any], Callable[[Any], A
 
 def build(ctx: Any) -> Any:
     """``trainguard replay --entry trainguard.demo.training:build``: fresh, honest objects."""
-    from trainguard.explain.replay import Replayable, epochs_from
+    from trainguard.explain.replay.engine import Replayable, epochs_from
 
     model, optimizer, scheduler, loader, epoch, step = parts()
     return Replayable(
@@ -118,7 +118,7 @@ def train(folder: Path, ledger: str, run_id: str, key: bytes) -> list[Any]:
     import torch
 
     import trainguard
-    from trainguard.explain.replay import epochs_from
+    from trainguard.explain.replay.engine import epochs_from
 
     torch.set_num_threads(1)  # tiny model: one thread is fastest, and replay matches it
     folder.mkdir(parents=True, exist_ok=True)

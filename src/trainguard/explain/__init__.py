@@ -1,5 +1,2 @@
-"""Explain what happened to a run: checkpoint forensics (``diff``)."""
-
-from trainguard.explain.diff import DiffReport, TensorDiff, ValueDiff, diff
-
-__all__ = ["DiffReport", "TensorDiff", "ValueDiff", "diff"]
+"""Explain what happened to a run: checkpoint forensics (``diff/``), bit-exact replay
+(``replay/``) and the run report (``report/``).  Data only: render/ draws it."""

@@ -47,8 +47,8 @@ class Statement:
 
 def head_payload(statement: Statement, private_key: Any) -> dict[str, Any]:
     """The payload of a ``kind="head"`` record: the envelope and the signer's key id."""
-    from trainguard.seal.dsse import sign_envelope
-    from trainguard.seal.keys import key_id
+    from trainguard.signing.dsse import sign_envelope
+    from trainguard.signing.keys import key_id
 
     body: dict[str, Any] = {
         "_type": HEAD_STATEMENT_TYPE,

@@ -85,7 +85,7 @@ PayloadBuilder = Callable[[tuple[int, str] | None], tuple[dict[str, Any], str]]
 def load_private_key(key: Any) -> Any:
     """A key object as is, or the key in a PEM file named by a path."""
     if isinstance(key, str | os.PathLike):
-        from trainguard.seal.keys import load_private_key as load
+        from trainguard.signing.keys import load_private_key as load
 
         return load(key)
     return key

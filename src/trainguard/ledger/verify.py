@@ -71,7 +71,7 @@ class _Stream:
 
 def _load_public_key(key: Any) -> Any:
     if isinstance(key, str | os.PathLike):
-        from trainguard.seal.keys import load_public_key
+        from trainguard.signing.keys import load_public_key
 
         return load_public_key(key)
     return key
@@ -260,8 +260,8 @@ class _Verifier:
         envelope = record.payload.get("envelope")
         try:
             if self.key is not None:
-                from trainguard.seal.dsse import verify_envelope
-                from trainguard.seal.errors import VerificationError
+                from trainguard.signing.dsse import verify_envelope
+                from trainguard.signing.errors import VerificationError
 
                 try:
                     if not isinstance(envelope, dict):

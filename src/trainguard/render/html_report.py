@@ -22,8 +22,8 @@ from trainguard.findings import Finding, Severity
 from trainguard.render.html_svg import Line, Mark, esc, line_chart, mark_swatch, swatch
 
 if TYPE_CHECKING:
-    from trainguard.explain.report import RunReport
-    from trainguard.explain.report_diffs import CheckpointDiff
+    from trainguard.explain.report.build import RunReport
+    from trainguard.explain.report.diffs import CheckpointDiff
 
 CSS = """
 :root{color-scheme:light}
@@ -89,7 +89,7 @@ def _facts(items: Iterable[tuple[str, str]]) -> str:
 
 
 def _header(report: RunReport) -> list[str]:
-    from trainguard.explain.report_render import run_summary, utc, verdict
+    from trainguard.render.run_report import run_summary, utc, verdict
 
     info = report.info
     facts = [
@@ -115,8 +115,8 @@ def _header(report: RunReport) -> list[str]:
 
 
 def _timeline(report: RunReport) -> list[str]:
-    from trainguard.explain.report import METRICS
-    from trainguard.explain.report_render import METRIC_NAMES, num
+    from trainguard.explain.report.build import METRICS
+    from trainguard.render.run_report import METRIC_NAMES, num
 
     out = [
         '<section id="timeline" aria-labelledby="timeline-h">',
@@ -179,8 +179,8 @@ def _first_nonfinite(report: RunReport, metric: str) -> str:
 
 
 def _alerts(report: RunReport) -> list[str]:
-    from trainguard.explain.report import group_alerts
-    from trainguard.explain.report_render import alert_summary, first_alert_line
+    from trainguard.explain.report.build import group_alerts
+    from trainguard.render.run_report import alert_summary, first_alert_line
 
     out = [
         '<section id="alerts" aria-labelledby="alerts-h">',
@@ -240,7 +240,7 @@ def _findings_table(findings: list[Finding], caption: str) -> str:
 
 
 def _ledger(report: RunReport) -> list[str]:
-    from trainguard.explain.report_render import ledger_summary, plural
+    from trainguard.render.run_report import ledger_summary, plural
 
     v = report.verification
     cls = "status-ok" if v.intact else "status-bad"
@@ -263,7 +263,7 @@ def _ledger(report: RunReport) -> list[str]:
 
 
 def _environment(report: RunReport) -> list[str]:
-    from trainguard.explain.report_render import plural
+    from trainguard.render.run_report import plural
 
     env, v = report.environment, report.verification
     state_cls = {"matches": "status-ok", "differs": "status-bad"}.get(env.state, "status-none")
@@ -296,7 +296,7 @@ def _environment(report: RunReport) -> list[str]:
 
 
 def _diff(d: CheckpointDiff) -> list[str]:
-    from trainguard.explain.report_render import MODIFIED, num
+    from trainguard.render.run_report import MODIFIED, num
 
     steps = f" (steps {d.a_step} to {d.b_step})" if d.a_step is not None else ""
     out = [
@@ -348,7 +348,7 @@ def _checkpoints(report: RunReport) -> list[str]:
 
 
 def render_html(report: RunReport, *, tool_version: str) -> str:
-    from trainguard.explain.report_render import utc
+    from trainguard.render.run_report import utc
 
     notes = "".join(f'<li class="note">{esc(n)}</li>' for n in report.notes)
     parts = [

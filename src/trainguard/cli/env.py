@@ -1,0 +1,308 @@
+"""``trainguard env verify`` and ``env snapshot``: the command line of environment checks.
+
+A thin layer over :mod:`trainguard.env.verify`: parse, call, render,
+return the exit code (0 clean, 1 findings at or above the failing severity, 2
+could not check).  The report goes to stdout or ``--output``; the progress bar
+and the one-line summary go to stderr.  Keys are never printed, only key ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from trainguard.errors import UsageError
+from trainguard.findings import FileResult, ScanReport, Severity
+
+if TYPE_CHECKING:
+    from trainguard.env.cache import DigestCache
+    from trainguard.env.digests import Progress
+    from trainguard.env.snapshot import Snapshot
+    from trainguard.env.verify import EnvOptions, EnvResult
+
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+
+
+def register(sub: Any) -> None:
+    env = sub.add_parser(
+        "env",
+        help="verify the installed Python environment",
+        description="Check installed distributions against their RECORD hashes, and look "
+        "for code that runs at start-up (.pth, sitecustomize) and compiled files that differ "
+        "from their source. Nothing found is imported or executed.",
+    )
+    verbs = env.add_subparsers(dest="env_command", metavar="VERB", required=True)
+
+    v = verbs.add_parser(
+        "verify",
+        help="check the environment (exit 1 on findings)",
+        description="Verify every installed distribution's files against its RECORD, report "
+        "files no RECORD lists, .pth files that run code, sitecustomize/usercustomize and "
+        "swapped .pyc files; with --against, also every file against a signed snapshot.",
+    )
+    _targets(v)
+    v.add_argument(
+        "--against",
+        metavar="SNAPSHOT",
+        help="also compare every file with this "
+        "signed snapshot (catches edits that rewrote RECORD too); needs --key",
+    )
+    v.add_argument("--key", metavar="PUBLIC.pem", help="public key that signed the snapshot")
+    v.add_argument("-f", "--format", choices=("text", "json", "sarif"), default="text")
+    v.add_argument("-o", "--output", metavar="FILE", help="write the report here, not stdout")
+    v.add_argument("--strict", action="store_true", help="fail on medium findings too")
+    v.add_argument(
+        "--fail-on",
+        metavar="SEVERITY",
+        type=Severity.parse,
+        help="lowest severity that fails (default: high)",
+    )
+    v.set_defaults(handler=_verify)
+
+    s = verbs.add_parser(
+        "snapshot",
+        help="write a signed snapshot of every file's digest",
+        description="Verify the environment, then sign a snapshot of every file's sha256, "
+        "the interpreter and the platform (a DSSE envelope). Refuses an environment that "
+        "fails verification unless --force.",
+    )
+    _targets(s)
+    s.add_argument(
+        "--key",
+        required=True,
+        metavar="PRIVATE.pem",
+        help="PEM private key (an encrypted key reads its password from $TRAINGUARD_KEY_PASSWORD)",
+    )
+    s.add_argument(
+        "-o", "--output", required=True, metavar="SNAPSHOT", help="where to write the snapshot"
+    )
+    s.add_argument("--force", action="store_true", help="write it even if there are findings")
+    s.set_defaults(handler=_snapshot, fail_on=None, strict=False)
+
+
+def _targets(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--path",
+        action="extend",
+        nargs="+",
+        metavar="SITE_PACKAGES",
+        help="site folders to check, first on sys.path first (default: this "
+        "interpreter's site-packages and user site; sitecustomize is then looked "
+        "for on its whole startup path)",
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="TOML allowlist of known-benign differences (repeatable; docs/env.md)",
+    )
+    p.add_argument(
+        "--no-default-allow", action="store_true", help="do not apply the built-in allowlist"
+    )
+    p.add_argument(
+        "--no-pyc", action="store_true", help="skip comparing compiled .pyc files with their source"
+    )
+    p.add_argument(
+        "--stdlib",
+        action="store_true",
+        help="also check the standard library: its compiled files against their source "
+        "(and, in a snapshot, every file's digest)",
+    )
+    p.add_argument(
+        "--full", action="store_true", help="hash and compile everything afresh, ignoring the cache"
+    )
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="hashing threads and compiling processes (default: from the cores)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+class _Bar:
+    """A rich progress bar on stderr: bytes while hashing, files while compiling."""
+
+    def __init__(self, progress: Any) -> None:
+        self._progress = progress
+        self._task: Any = None
+
+    def start(self, phase: str, total: int | None) -> None:
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(phase, total=total or None)
+
+    def advance(self, amount: int) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task, amount)
+
+
+@contextmanager
+def _progress(args: argparse.Namespace) -> Iterator[Progress | None]:
+    if args.no_progress or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, TaskProgressColumn, TextColumn
+    from rich.progress import Progress as RichProgress
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn())
+    with RichProgress(*columns, console=Console(stderr=True), transient=True) as bar:
+        yield _Bar(bar)
+
+
+def _options(args: argparse.Namespace, against: Snapshot | None) -> EnvOptions:
+    from trainguard.env.allow import DEFAULTS, load_allowlist
+    from trainguard.env.verify import EnvOptions
+
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    allow = [] if args.no_default_allow else list(DEFAULTS)
+    for path in args.allow:
+        allow.extend(load_allowlist(path))
+    fail_on = args.fail_on or (Severity.MEDIUM if args.strict else Severity.HIGH)
+    return EnvOptions(
+        paths=args.path,
+        check_pyc=not args.no_pyc,
+        stdlib=args.stdlib,
+        allowlist=allow,
+        workers=args.workers,
+        against=against,
+        against_label=getattr(args, "against", None) or "",
+        fail_on=fail_on,
+    )
+
+
+def _cache(args: argparse.Namespace, options: EnvOptions) -> DigestCache | None:
+    from trainguard.env.cache import DigestCache, default_cache_path
+    from trainguard.env.verify import target_roots
+
+    if args.no_cache:
+        return None
+    roots = target_roots(options.paths, options.against)
+    return DigestCache(default_cache_path(roots), read=not args.full)
+
+
+def _run(args: argparse.Namespace, options: EnvOptions) -> EnvResult:
+    from trainguard.env.verify import verify_environment
+
+    options.cache = _cache(args, options)
+    with _progress(args) as bar:
+        options.progress = bar
+        return verify_environment(options)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
+def _summary(result: EnvResult) -> str:
+    st = result.stats
+    checked = (
+        f"checked {_plural(st.distributions, 'distribution')} and "
+        f"{_plural(st.files, 'file')} in {_plural(len(st.roots), 'site folder')}: "
+    )
+    if st.reused_from is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.reused_from))
+        return (
+            f"{checked}nothing has changed since the verify of {when} (every file's inode, "
+            f"size, mtime and ctime match), so its result stands; --full checks afresh; "
+            f"in {st.seconds:.1f} s"
+        )
+    size = st.hashed_bytes
+    amount = f"{size / 1e6:,.1f} MB" if size >= 100_000 else f"{size:,} bytes"
+    return (
+        f"{checked}"
+        f"{_plural(st.hashed_files, 'file')} hashed ({amount}), "
+        f"{_plural(st.pycs_checked, 'compiled file')} checked, "
+        f"{_plural(st.cache_hits, 'result')} from the cache, in {st.seconds:.1f} s"
+    )
+
+
+def _write(args: argparse.Namespace, report: ScanReport) -> None:
+    from trainguard.render import render
+
+    color = (
+        args.output is None
+        and args.format == "text"
+        and sys.stdout.isatty()
+        and "NO_COLOR" not in os.environ
+    )
+    text = render(report, args.format, color=color)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _load_snapshot(args: argparse.Namespace) -> tuple[Snapshot | None, FileResult | None]:
+    """The verified snapshot, or the result that says why it cannot be trusted."""
+    if args.against is None:
+        if args.key is not None:
+            raise UsageError("--key is for --against SNAPSHOT")
+        return None, None
+    from trainguard.env.snapshot import read_snapshot
+    from trainguard.signing.errors import VerificationError
+    from trainguard.signing.keys import load_public_key
+
+    if args.key is None:
+        raise UsageError("--against needs --key PUBLIC.pem (the key that signed the snapshot)")
+    key = load_public_key(args.key)
+    try:
+        return read_snapshot(args.against, key), None
+    except VerificationError as exc:
+        findings = [f if f.file else f.located(args.against) for f in exc.findings]
+        size = os.path.getsize(args.against) if os.path.isfile(args.against) else 0
+        return None, FileResult(args.against, "environment snapshot", size, findings)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    snapshot, bad_snapshot = _load_snapshot(args)
+    options = _options(args, snapshot)
+    result = _run(args, options)
+    report = result.report
+    if bad_snapshot is not None:
+        # Everything else was still checked; the snapshot itself is the finding.
+        report.files.insert(0, bad_snapshot)
+    _write(args, report)
+    print(_summary(result), file=sys.stderr)
+    return report.exit_code()
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    from trainguard.cli.seal import _private_key
+    from trainguard.env.snapshot import make_snapshot, write_snapshot
+    from trainguard.render import render
+    from trainguard.signing.keys import key_id
+
+    key = _private_key(args.key)  # first: a bad key should not cost a full verify
+    options = _options(args, None)
+    options.collect_digests = True
+    result = _run(args, options)
+    code = result.report.exit_code()
+    if code != EXIT_OK and not args.force:
+        sys.stdout.write(render(result.report, "text"))
+        print(
+            "trainguard: the environment fails verification; no snapshot written (a "
+            "snapshot would bless what is wrong; --force writes it anyway)",
+            file=sys.stderr,
+        )
+        return code
+    snapshot = make_snapshot(result.stats.roots, result.digests, result.stats.stdlib)
+    write_snapshot(snapshot, key, args.output)
+    print(_summary(result), file=sys.stderr)
+    print(
+        f"wrote {args.output}: {len(snapshot.files):,} files, python "
+        f"{snapshot.interpreter['version']} at {snapshot.interpreter['executable']} (key id "
+        f"{key_id(key.public_key())[:16]})",
+        file=sys.stderr,
+    )
+    return EXIT_OK

@@ -1,0 +1,126 @@
+"""``trainguard replay``: re-run a watched run's steps and compare them with its ledger."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any
+
+from trainguard.errors import UsageError
+
+LEDGER_ENV = "TRAINGUARD_LEDGER"
+MAX_KEY_FILE_BYTES = 4096
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="re-run a watched run's steps and compare them with its ledger bit for bit",
+        description="Restore the run's checkpoints, re-run its steps with your own training "
+        "code (--entry, see docs/replay.md), recompute every step's fingerprints and compare "
+        "them with the ledger. Reports the first step that diverges and which tensors. "
+        "POSITIONS count steps done: checkpoint N holds the state before step N. Exit 0 "
+        "matched, 1 diverged, 2 error or not comparable (threads, versions, device differ).",
+    )
+    p.add_argument(
+        "--ledger",
+        metavar="URL",
+        default=os.environ.get(LEDGER_ENV),
+        help=f"SQLite file or postgresql:// URL (default ${LEDGER_ENV})",
+    )
+    p.add_argument("--run", required=True, metavar="RUN", help="the run id")
+    p.add_argument(
+        "--entry",
+        required=True,
+        metavar="MODULE:FUNCTION",
+        help="your function building model, optimizer, batches and step (or file.py:function)",
+    )
+    p.add_argument("--from", dest="start", metavar="STEP|CKPT", help="start position")
+    p.add_argument("--to", dest="stop", metavar="STEP|CKPT", help="stop before this step")
+    p.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="the run's fingerprint key (32 raw bytes or hex); without it the plain "
+        "(unkeyed) fingerprints are compared",
+    )
+    p.add_argument("--rank", type=int, default=0, help="which rank's stream (default 0)")
+    seg = p.add_mutually_exclusive_group()
+    seg.add_argument(
+        "--bisect",
+        dest="segmented",
+        action="store_true",
+        default=None,
+        help="replay segment by segment, each from its own checkpoint, to find the first bad "
+        "segment (the default when the range holds several checkpoints)",
+    )
+    seg.add_argument(
+        "--straight",
+        dest="segmented",
+        action="store_false",
+        help="replay straight through from the first checkpoint",
+    )
+    p.add_argument(
+        "--all", action="store_true", help="go on after a bad segment: report every segment"
+    )
+    p.add_argument(
+        "--checkpoints", metavar="DIR", help="look for checkpoint files here (by their name)"
+    )
+    p.add_argument("-f", "--format", choices=("text", "json"), default="text")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the report here, not stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(handler=_replay)
+
+
+def read_key(path: str) -> bytes:
+    """The key in ``path``: 32 or more raw bytes, or the same written in hex."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"--key-file {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise UsageError(f"--key-file {path}: larger than a key ({MAX_KEY_FILE_BYTES} bytes)")
+    text = data.strip()
+    if text and _HEX.fullmatch(text.decode("ascii", "replace")) and len(text) % 2 == 0:
+        data = bytes.fromhex(text.decode("ascii"))
+    if len(data) < 16:
+        raise UsageError(f"--key-file {path}: {len(data)} bytes is too short for a run key")
+    return data
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from trainguard.explain.replay.engine import replay
+    from trainguard.render import installed_version
+    from trainguard.render.replay import render
+
+    if not args.ledger:
+        raise UsageError(f"no ledger: pass --ledger or set ${LEDGER_ENV}")
+    key = read_key(args.key_file) if args.key_file else None
+
+    def progress(text: str) -> None:
+        if not args.quiet:
+            print(f"trainguard replay: {text}", file=sys.stderr, flush=True)
+
+    report = replay(
+        args.ledger,
+        args.run,
+        args.entry,
+        start=args.start,
+        stop=args.stop,
+        key=key,
+        rank=args.rank,
+        segmented=args.segmented,
+        all_segments=args.all,
+        checkpoint_dir=args.checkpoints,
+        progress=progress,
+    )
+    text = render(report, args.format, tool_version=installed_version())
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    return report.exit_code()

@@ -1,0 +1,1 @@
+"""Environment verification: installed packages against RECORD, .pth files, pyc, snapshots."""

@@ -1,0 +1,306 @@
+"""``trainguard diff A B``: what changed between two checkpoints, tensor by tensor.
+
+Equality is exact: two tensors are equal when their bytes are, so a one-ulp
+edit is a change (and ``0.0`` vs ``-0.0`` is one too).  Numeric statistics are
+computed in float64, chunk by chunk, over the elements finite on both sides;
+non-finite ones are counted apart.  Only two tensors (one from each side) and
+one chunk of float64 temporaries are held at a time, except for checkpoints
+that :mod:`~trainguard.explain.diff.sources` must load whole.
+
+The forensic checks (what an honest optimizer step could not have produced)
+live in :mod:`~trainguard.explain.diff.checks`; renderers in
+:mod:`~trainguard.render.diff`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from trainguard.explain.diff.sources import (
+    TensorEntry,
+    TensorSource,
+    ValueEntry,
+    bf16_to_f32,
+    dtype,
+    open_checkpoint,
+)
+from trainguard.findings import Finding, Severity
+from trainguard.limits import DEFAULT_LIMITS, Limits
+from trainguard.scanner import Policy
+
+CHUNK = 1 << 20  # elements per chunk: ~50 MB of float64 temporaries at most
+MAX_INDICES = 4096  # changed flat indices kept per tensor (for evidence and row analysis)
+NUMERIC_KINDS = frozenset({"float", "bfloat16", "int", "bool"})
+
+Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor path)
+
+
+@dataclass
+class TensorDiff:
+    """One tensor path. ``status``: same, changed, added, removed, retyped, reshaped."""
+
+    path: str
+    status: str
+    dtype_a: str | None = None
+    dtype_b: str | None = None
+    shape_a: tuple[int, ...] | None = None
+    shape_b: tuple[int, ...] | None = None
+    numel: int = 0
+    changed: int = 0
+    max_abs: float | None = None
+    l2_diff: float | None = None
+    l2_a: float | None = None
+    l2_b: float | None = None
+    cosine: float | None = None
+    nonfinite_a: int = 0
+    nonfinite_b: int = 0
+    indices: list[int] = field(default_factory=list)  # the first changed flat indices
+
+    @property
+    def fraction(self) -> float:
+        return self.changed / self.numel if self.numel else 0.0
+
+    @property
+    def relative(self) -> float | None:
+        if self.l2_diff is None or self.l2_a is None:
+            return None
+        if self.l2_a == 0:
+            return 0.0 if self.l2_diff == 0 else math.inf
+        return self.l2_diff / self.l2_a
+
+
+@dataclass
+class ValueDiff:
+    """A non-tensor entry (or a path that is a tensor on one side only)."""
+
+    path: str
+    status: str  # same, changed, added, removed
+    a: str | None
+    b: str | None
+
+
+@dataclass(frozen=True)
+class SideInfo:
+    path: str
+    format: str
+    size: int
+    tensors: int
+    tensor_bytes: int
+    streamed: bool
+
+
+@dataclass
+class DiffReport:
+    a: SideInfo
+    b: SideInfo
+    tensors: list[TensorDiff] = field(default_factory=list)
+    values: list[ValueDiff] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    fail_on: Severity = Severity.HIGH
+
+    @property
+    def identical(self) -> bool:
+        return all(t.status == "same" for t in self.tensors) and all(
+            v.status == "same" for v in self.values
+        )
+
+    def exit_code(self) -> int:
+        """0 identical and nothing at or above ``fail_on``; 1 otherwise (like diff)."""
+        worst = max((f.severity for f in self.findings), default=None)
+        return 0 if self.identical and (worst is None or worst < self.fail_on) else 1
+
+
+@dataclass
+class _Acc:
+    changed: int = 0
+    indices: list[int] = field(default_factory=list)
+    max_abs: float = 0.0
+    dd: float = 0.0
+    aa: float = 0.0
+    bb: float = 0.0
+    ab: float = 0.0
+    bad_a: int = 0
+    bad_b: int = 0
+
+
+def as_f64(chunk: np.ndarray, dtype_name: str) -> np.ndarray:
+    """A chunk of raw storage values as float64 (bfloat16 from its bit patterns)."""
+    if dtype(dtype_name).kind == "bfloat16":
+        return bf16_to_f32(chunk).astype(np.float64)
+    return chunk.astype(np.float64)
+
+
+def _bits(chunk: np.ndarray) -> np.ndarray:
+    size = chunk.dtype.itemsize
+    if size in (1, 2, 4, 8):
+        return chunk.view(f"<u{size}")
+    return chunk.view("<u8").reshape(-1, size // 8)
+
+
+def compare_arrays(
+    a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, out: TensorDiff
+) -> None:
+    """Fill ``out``'s statistics from two flat arrays of equal length."""
+    same_dtype = dtype_a == dtype_b
+    numeric = dtype(dtype_a).kind in NUMERIC_KINDS and dtype(dtype_b).kind in NUMERIC_KINDS
+    acc = _Acc()
+    for start in range(0, len(a), CHUNK):
+        ca, cb = a[start : start + CHUNK], b[start : start + CHUNK]
+        fa = as_f64(ca, dtype_a) if numeric else None
+        fb = as_f64(cb, dtype_b) if numeric else None
+        if same_dtype:
+            neq = _bits(ca) != _bits(cb)
+            if neq.ndim > 1:
+                neq = neq.any(axis=1)
+        else:
+            assert fa is not None and fb is not None
+            neq = (fa != fb) & ~(np.isnan(fa) & np.isnan(fb))
+        n_changed = int(np.count_nonzero(neq))
+        if n_changed and len(acc.indices) < MAX_INDICES:
+            found = np.flatnonzero(neq)[: MAX_INDICES - len(acc.indices)] + start
+            acc.indices.extend(int(i) for i in found)
+        acc.changed += n_changed
+        if fa is not None and fb is not None:
+            _accumulate(acc, fa, fb)
+    out.changed, out.indices = acc.changed, acc.indices
+    if numeric:
+        out.max_abs = acc.max_abs
+        out.l2_diff, out.l2_a, out.l2_b = (math.sqrt(x) for x in (acc.dd, acc.aa, acc.bb))
+        denom = out.l2_a * out.l2_b
+        out.cosine = acc.ab / denom if denom > 0 else None
+        out.nonfinite_a, out.nonfinite_b = acc.bad_a, acc.bad_b
+
+
+def _accumulate(acc: _Acc, fa: np.ndarray, fb: np.ndarray) -> None:
+    ok_a, ok_b = np.isfinite(fa), np.isfinite(fb)
+    acc.bad_a += int(len(fa) - np.count_nonzero(ok_a))
+    acc.bad_b += int(len(fb) - np.count_nonzero(ok_b))
+    ok = ok_a & ok_b
+    if not ok.all():
+        fa, fb = fa[ok], fb[ok]
+    if not len(fa):
+        return
+    d = fb - fa
+    acc.max_abs = max(acc.max_abs, float(np.max(np.abs(d))))
+    acc.dd += float(np.dot(d, d))
+    acc.aa += float(np.dot(fa, fa))
+    acc.bb += float(np.dot(fb, fb))
+    acc.ab += float(np.dot(fa, fb))
+
+
+def _describe(entry: TensorEntry | ValueEntry | None) -> str | None:
+    if entry is None:
+        return None
+    if isinstance(entry, TensorEntry):
+        return f"<tensor {entry.dtype}{list(entry.shape)}>"
+    return entry.text
+
+
+def _side(src: TensorSource) -> SideInfo:
+    tensors = [e for e in src.entries.values() if isinstance(e, TensorEntry)]
+    return SideInfo(
+        src.path,
+        src.format,
+        src.size,
+        len(tensors),
+        sum(t.nbytes for t in tensors),
+        src.streamed,
+    )
+
+
+def compare(sa: TensorSource, sb: TensorSource, progress: Progress | None = None) -> DiffReport:
+    """Every entry of ``sa`` against ``sb`` (no forensic checks)."""
+    report = DiffReport(_side(sa), _side(sb))
+    paths = list(sa.entries) + [p for p in sb.entries if p not in sa.entries]
+    total = sum(
+        e.nbytes
+        for p, e in sa.entries.items()
+        if isinstance(e, TensorEntry) and isinstance(sb.entries.get(p), TensorEntry)
+    )
+    done = 0
+    for path in paths:
+        ea, eb = sa.entries.get(path), sb.entries.get(path)
+        if isinstance(ea, TensorEntry) and isinstance(eb, TensorEntry):
+            report.tensors.append(_tensor_diff(sa, sb, path, ea, eb))
+            done += ea.nbytes
+            if progress is not None:
+                progress(done, total, path)
+        elif isinstance(ea, TensorEntry) and eb is None:
+            report.tensors.append(
+                TensorDiff(path, "removed", ea.dtype, None, ea.shape, None, ea.numel)
+            )
+        elif isinstance(eb, TensorEntry) and ea is None:
+            report.tensors.append(
+                TensorDiff(path, "added", None, eb.dtype, None, eb.shape, eb.numel)
+            )
+        else:
+            da, db = _describe(ea), _describe(eb)
+            kinds = (type(ea), type(eb))
+            if ea is None:
+                status = "added"
+            elif eb is None:
+                status = "removed"
+            else:
+                status = "same" if da == db and kinds[0] is kinds[1] else "changed"
+            report.values.append(ValueDiff(path, status, da, db))
+    return report
+
+
+def _tensor_diff(
+    sa: TensorSource, sb: TensorSource, path: str, ea: TensorEntry, eb: TensorEntry
+) -> TensorDiff:
+    out = TensorDiff(path, "same", ea.dtype, eb.dtype, ea.shape, eb.shape, ea.numel)
+    if ea.shape != eb.shape:
+        out.status = "retyped" if ea.dtype != eb.dtype else "reshaped"
+        return out
+    if ea.dtype != eb.dtype:
+        out.status = "retyped"
+        if {dtype(ea.dtype).kind, dtype(eb.dtype).kind} <= NUMERIC_KINDS:
+            compare_arrays(sa.read(path), sb.read(path), ea.dtype, eb.dtype, out)
+        return out
+    a, b = sa.read(path), sb.read(path)
+    if len(a) != len(b):  # raw dtypes of different byte spans
+        out.status = "changed"
+        return out
+    compare_arrays(a, b, ea.dtype, eb.dtype, out)
+    if out.changed:
+        out.status = "changed"
+    return out
+
+
+def diff(
+    a: str | os.PathLike[str],
+    b: str | os.PathLike[str],
+    *,
+    policy: Policy | None = None,
+    strict: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
+    progress: Progress | None = None,
+    fail_on: Severity = Severity.HIGH,
+) -> DiffReport:
+    """Compare checkpoint ``a`` (older) with ``b`` (newer), with the forensic checks.
+
+    Both files go through the scanner first: anything it refuses raises
+    :class:`~trainguard.errors.UnsafeModelError` before a byte of it is loaded.
+    """
+    from trainguard.explain.diff.checks import forensics
+
+    with open_checkpoint(a, policy=policy, strict=strict, limits=limits) as sa:
+        with open_checkpoint(b, policy=policy, strict=strict, limits=limits) as sb:
+            report = compare(sa, sb, progress)
+            report.fail_on = fail_on
+            findings, notes = forensics(sa, sb, report)
+            report.findings.extend(findings)
+            report.notes.extend(notes)
+            for side in (sa, sb):
+                if not side.streamed:
+                    report.notes.append(
+                        f"{side.path} ({side.format}) was loaded whole: memory held all of it"
+                    )
+    return report

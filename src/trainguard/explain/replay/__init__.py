@@ -1,0 +1,1 @@
+"""`trainguard replay`: re-run recorded steps from checkpoints and name the first that differs."""

@@ -1,0 +1,194 @@
+"""Compare what a replay recorded with what the ledger recorded, field by field.
+
+Group digests decide equality; the per-tensor digests (4 hex digits keyed and
+4 plain per tensor, see :meth:`Fingerprint.compact`) only say which tensors
+differ.  In ``plain`` mode (no run key) only the unkeyed digests are compared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from trainguard.explain.replay.result import FIELD_ORDER, FieldDiff
+
+Label = Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class Sides:
+    """For one step: tensor names and resolved "before" per-tensor digests, ledger vs replay."""
+
+    mode: str
+    checked: bool  # a full-check step (step % every == 0): "before" and "rng" were taken
+    params: tuple[Sequence[str], Sequence[str]]
+    optimizer: tuple[Sequence[str], Sequence[str]]
+    before: tuple[str | None, str | None]
+    label: Label
+    grad_norm: bool = True  # False: the run's norms came from its loop, not the guard
+
+
+def digest(record: dict[str, Any], name: str, mode: str) -> Any:
+    if mode == "keyed":
+        return record.get(name)
+    plain = record.get("plain")
+    return plain.get(name) if isinstance(plain, dict) else None
+
+
+def per_tensor(compact: Any, names: Sequence[str], mode: str) -> dict[str, str] | None:
+    if not isinstance(compact, str) or not names or len(compact) != 8 * len(names):
+        return None
+    lo = 0 if mode == "keyed" else 4
+    return {n: compact[8 * i + lo : 8 * i + lo + 4] for i, n in enumerate(names)}
+
+
+def differing(
+    compacts: tuple[Any, Any], names: tuple[Sequence[str], Sequence[str]], mode: str, label: Label
+) -> tuple[tuple[str, ...], bool]:
+    """Names of the tensors whose digests differ, and whether that could be told."""
+    a = per_tensor(compacts[0], names[0], mode)
+    b = per_tensor(compacts[1], names[1], mode)
+    if a is None or b is None:
+        return (), False
+    every = list(dict.fromkeys([*names[0], *names[1]]))
+    return tuple(label(n) for n in every if a.get(n) != b.get(n)), True
+
+
+def _tensors(record: dict[str, Any], name: str) -> Any:
+    tensors = record.get("tensors")
+    return tensors.get(name) if isinstance(tensors, dict) else None
+
+
+def _same_name(name: str) -> str:
+    return name
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(a == b)
+
+
+def compare_step(rec: dict[str, Any], rep: dict[str, Any], sides: Sides) -> list[FieldDiff]:
+    """Every field of step record ``rep`` (replay) that differs from ``rec`` (ledger)."""
+    mode = sides.mode
+    diffs = []
+    if list(sides.params[0]) != list(sides.params[1]):
+        diffs.append(FieldDiff("layout", len(sides.params[0]), len(sides.params[1])))
+    groups = ["batch", "after", "optimizer"] + (["before"] if sides.checked else [])
+    for name in groups:
+        a, b = digest(rec, name, mode), digest(rep, name, mode)
+        if a == b or a is None:  # None: not fingerprinted at this step (watch budget=)
+            continue
+        if name == "batch":
+            diffs.append(FieldDiff(name, a, b))
+            continue
+        names = sides.optimizer if name == "optimizer" else sides.params
+        compacts = sides.before if name == "before" else (_tensors(rec, name), _tensors(rep, name))
+        label = sides.label if name == "optimizer" else _same_name
+        tensors, known = differing(compacts, names, mode, label)
+        diffs.append(FieldDiff(name, a, b, tensors, known))
+    if sides.checked:
+        a_rng, b_rng = rec.get("rng") or {}, rep.get("rng") or {}
+        if a_rng != b_rng:
+            gens = sorted(set(a_rng) | set(b_rng))
+            diffs.append(
+                FieldDiff(
+                    "rng",
+                    a_rng,
+                    b_rng,
+                    tuple(g for g in gens if a_rng.get(g) != b_rng.get(g)),
+                )
+            )
+    for name in ("loss", "grad_norm", "lr"):
+        if name == "grad_norm" and not sides.grad_norm:
+            continue
+        if not _same(rec.get(name), rep.get(name)):
+            diffs.append(FieldDiff(name, rec.get(name), rep.get(name)))
+    return sorted(diffs, key=lambda d: FIELD_ORDER.index(d.field))
+
+
+def compare_state(
+    expected: dict[str, Any],
+    restored: dict[str, Any],
+    mode: str,
+    params: tuple[Sequence[str], Sequence[str]],
+    optimizer: tuple[Sequence[str], Sequence[str]],
+    label: Label,
+) -> list[FieldDiff]:
+    """The restored parameters and optimizer state against the ledger's at that position."""
+    diffs = []
+    for key, field_name, names in (
+        ("params", "params", params),
+        ("optimizer", "optimizer-state", optimizer),
+    ):
+        a, b = digest(expected, key, mode), digest(restored, key, mode)
+        if a == b:
+            continue
+        tensors, known = differing(
+            (_tensors(expected, key), _tensors(restored, key)),
+            names,
+            mode,
+            label if key == "optimizer" else _same_name,
+        )
+        diffs.append(FieldDiff(field_name, a, b, tensors, known))
+    return diffs
+
+
+def _names(d: FieldDiff) -> str:
+    if not d.tensors_known:
+        return "(tensors not recorded)"
+    if not d.tensors:
+        return "(no single tensor's digest differs)"
+    more = f" and {len(d.tensors) - 6} more" if len(d.tensors) > 6 else ""
+    return ", ".join(d.tensors[:6]) + more
+
+
+def cause(diffs: Sequence[FieldDiff], step: int, kind: str, *, checked: bool = True) -> str:
+    """One sentence: the most telling difference, in the order things happen.
+
+    ``checked``: the weights before the step were fingerprinted (a full-check step).
+    """
+    by = {d.field: d for d in diffs}
+    if kind == "checkpoint":
+        if "file" in by:
+            return "the file was changed after it was recorded (its BLAKE3 digest differs)"
+        if "run" in by:
+            d = by["run"]
+            return f"the file holds {d.replayed}, the ledger records {d.recorded}"
+        parts = [
+            f"{'parameters' if d.field == 'params' else 'optimizer state'} {_names(d)}"
+            for d in diffs
+            if d.field in ("params", "optimizer-state")
+        ]
+        where = f"after step {step - 1}" if step else "at the run's start"
+        return f"its {'; '.join(parts)} differ from the ledger's state {where}"
+    if "layout" in by:
+        return "the entry point built a model whose tensor names differ from the recorded run"
+    if "batch" in by:
+        return "the batch differs: the data, or the position in it, is not the recorded one"
+    if "before" in by:
+        return (
+            f"parameters changed between steps {step - 1} and {step}, outside the "
+            f"optimizer step: {_names(by['before'])}"
+        )
+    if "rng" in by:
+        gens = ", ".join(by["rng"].tensors) or "?"
+        return f"the random state ({gens}) differs after forward and backward"
+    if "lr" in by:
+        lr = by["lr"]
+        return f"the learning rate differs: recorded {lr.recorded}, replayed {lr.replayed}"
+    if ("loss" in by or "grad_norm" in by) and not checked:
+        return (
+            "the loss or gradient differs; the weights before this step were not "
+            "fingerprinted (the guard's every= skips it), so the change may be earlier"
+        )
+    if "loss" in by or "grad_norm" in by:
+        return (
+            "the same weights and data gave another loss or gradient: the forward or "
+            "backward pass, or the gradients before the optimizer step, differ"
+        )
+    parts = [f"{d.field}: {_names(d)}" for d in diffs if d.field in ("after", "optimizer")]
+    return "the optimizer update differs from the recorded one (" + "; ".join(parts) + ")"

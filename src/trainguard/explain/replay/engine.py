@@ -1,0 +1,416 @@
+"""``trainguard replay``: re-run a watched run's steps and compare them with its ledger.
+
+Each segment starts from a checkpoint (:mod:`trainguard.monitor.checkpoint`),
+loaded through :func:`trainguard.load` after its BLAKE3 digest is checked
+against the ledger.  The user's entry point builds the model, optimizer,
+scheduler, batches and step function (:mod:`~trainguard.explain.replay.entry`);
+replay loads the saved states into them, checks the restored state against
+the ledger, restores every random state and runs the steps under a guard of
+its own, so that every fingerprint is computed exactly as in training.  Each
+step's record is compared with the ledger's, and the first one that differs
+ends the segment.
+
+With several checkpoints in range the run is replayed segment by segment,
+each from its own checkpoint, in order, stopping at the first bad segment
+(``all_segments`` goes on).  Segments are independent: one tampered step
+makes its own segment diverge and leaves later segments replaying clean from
+their checkpoints (which already hold its effect), so a binary search over
+segments would not be sound, and none is done.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from trainguard.errors import TrainguardError, UsageError
+from trainguard.explain.replay import compare as cmp
+from trainguard.explain.replay.entry import (
+    Entry,
+    Replayable,
+    ReplayContext,
+    as_replayable,
+    epochs_from,
+    load_entry,
+)
+from trainguard.explain.replay.ledger import (
+    CheckpointRecord,
+    ReplayError,
+    RunHistory,
+    locate,
+    read_history,
+    resolve_position,
+)
+from trainguard.explain.replay.result import (
+    DIVERGED,
+    MATCHED,
+    NOT_COMPARABLE,
+    Divergence,
+    FieldDiff,
+    ReplayReport,
+    Segment,
+)
+from trainguard.ledger.chain import normalise_payload
+from trainguard.monitor import checkpoint as ckpt
+from trainguard.monitor import conditions
+
+__all__ = [
+    "ReplayContext",
+    "ReplayError",
+    "ReplayReport",
+    "Replayable",
+    "epochs_from",
+    "load_entry",
+    "replay",
+]
+
+Progress = Callable[[str], None]
+
+
+def replay(
+    ledger: Any,
+    run_id: str,
+    entry: Entry | str,
+    *,
+    start: int | str | None = None,
+    stop: int | str | None = None,
+    key: bytes | None = None,
+    rank: int = 0,
+    segmented: bool | None = None,
+    all_segments: bool = False,
+    checkpoint_dir: str | None = None,
+    progress: Progress | None = None,
+) -> ReplayReport:
+    """Replay positions ``start`` to ``stop`` of ``run_id`` (see the module and docs/replay.md).
+
+    ``ledger`` is an open ledger or its URL; ``entry`` the entry function or
+    its ``module:function``; ``start``/``stop`` positions (steps done) or
+    checkpoint files; ``key`` the run's fingerprint key (without it the plain
+    fingerprints are compared); ``segmented`` None: by checkpoint when the
+    range holds several.
+    """
+    from trainguard.findings import Severity
+    from trainguard.ledger import open_ledger, verify_ledger
+
+    own = isinstance(ledger, str)
+    store = open_ledger(ledger, create=False) if own else ledger
+    try:
+        broken = [f for f in verify_ledger(store, run_id) if f.severity >= Severity.HIGH]
+        if broken:
+            raise ReplayError(
+                f"the ledger of run {run_id!r} does not verify ({broken[0].rule}: "
+                f"{broken[0].message}); run `trainguard ledger verify` first"
+            )
+        history = read_history(store, run_id, rank)
+        location = str(getattr(store, "location", ledger))
+    finally:
+        if own:
+            store.close()
+    mode = _mode(history, key)
+    func = load_entry(entry) if isinstance(entry, str) else entry
+    begin = resolve_position(start, history, 0)
+    end = min(resolve_position(stop, history, history.end), history.end)
+    if begin >= end:
+        raise UsageError(f"nothing to replay: the range {begin}..{end} holds no recorded step")
+    report = ReplayReport(location, run_id, rank, mode, begin, end, False)
+    report.segments = _plan(history, begin, end, segmented, checkpoint_dir, report.notes)
+    report.segmented = sum(1 for seg in report.segments if seg.end > seg.start) > 1
+    runner = _Runner(history, func, key, mode, checkpoint_dir, progress)
+    for i, seg in enumerate(report.segments):
+        runner.run(seg)
+        if seg.status != MATCHED and not all_segments:
+            for rest in report.segments[i + 1 :]:
+                rest.notes.append("not replayed: an earlier segment diverged (use --all)")
+            break
+    return report
+
+
+def _mode(history: RunHistory, key: bytes | None) -> str:
+    if key is not None:
+        from trainguard.monitor.fingerprint import Fingerprinter
+
+        if Fingerprinter(key).digest_bytes(b"key-id") != history.start.get("key_id"):
+            raise UsageError(
+                f"the key does not belong to run {history.run_id!r} (its key id differs)"
+            )
+        return "keyed"
+    if not any(isinstance(r.get("plain"), dict) for r in history.steps.values()):
+        raise ReplayError(
+            f"run {history.run_id!r} recorded no plain fingerprints (an older trainguard): "
+            "pass the run's key (--key-file)"
+        )
+    return "plain"
+
+
+def _plan(
+    history: RunHistory,
+    begin: int,
+    end: int,
+    segmented: bool | None,
+    search_dir: str | None,
+    notes: list[str],
+) -> list[Segment]:
+    found: dict[int, CheckpointRecord] = {}
+    for c in history.checkpoints:
+        if locate(c, search_dir) is not None:
+            found[c.step] = c  # the last one saved at a step wins
+        elif begin <= c.step < end:
+            notes.append(f"checkpoint at step {c.step} not found ({c.name}); replayed through it")
+    first = max((s for s in found if s <= begin), default=None)
+    origin = first if first is not None else 0
+    if first is None and begin > 0:
+        notes.append(f"no checkpoint at or before step {begin}: replaying from the run's start")
+    elif origin < begin:
+        notes.append(f"step {begin} has no checkpoint: replaying from step {origin}")
+    inner = sorted(s for s in found if origin < s < end)
+    if segmented is None:
+        segmented = len(inner) > 0
+    bounds = [origin, *(inner if segmented else []), end]
+    segments = [
+        Segment(a, b, found[a].name if a in found else None) for a, b in itertools.pairwise(bounds)
+    ]
+    if end in found:  # the checkpoint the range ends at: checked against the ledger, no steps
+        segments.append(Segment(end, end, found[end].name))
+    return segments
+
+
+class _Capture:
+    """A ledger that keeps the replay guard's records in memory, as a ledger would store them."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, Any] = {}
+        self.steps: dict[int, dict[str, Any]] = {}
+
+    def append(
+        self, run_id: str, kind: str, payload: dict[str, Any], *, step: Any = None, stream: int = -1
+    ) -> None:
+        normal, _ = normalise_payload(payload)
+        if kind == "run-start":
+            self.start = normal
+        elif kind == "step" and isinstance(step, int):
+            self.steps[step] = normal
+
+    def optimizer_names(self, step: int) -> list[str]:
+        names = list(self.start.get("optimizer_names") or [])
+        for s in sorted(self.steps):
+            listed = self.steps[s].get("optimizer_names")
+            if s <= step and isinstance(listed, list):
+                names = listed
+        return names
+
+
+class _Runner:
+    def __init__(
+        self,
+        history: RunHistory,
+        entry: Entry,
+        key: bytes | None,
+        mode: str,
+        search_dir: str | None,
+        progress: Progress | None,
+    ) -> None:
+        self.history = history
+        self.entry = entry
+        self.key = key
+        self.mode = mode
+        self.search_dir = search_dir
+        self.progress = progress or (lambda text: None)
+        self.records = {c.step: c for c in history.checkpoints}
+
+    def run(self, seg: Segment) -> None:
+        t0 = time.perf_counter()
+        record = self.records.get(seg.start) if seg.checkpoint is not None else None
+        try:
+            self._run(seg, record)
+        finally:
+            seg.seconds = time.perf_counter() - t0
+            seg.recorded_seconds = self.history.recorded_seconds(seg.start, seg.start + seg.steps)
+        if seg.divergence is None:
+            seg.status = MATCHED
+        elif seg.divergence.kind == "step" and seg.conditions:
+            seg.status = NOT_COMPARABLE
+        else:
+            seg.status = DIVERGED
+
+    def _run(self, seg: Segment, record: CheckpointRecord | None) -> None:
+        h = self.history
+        saved = None
+        recorded_conditions = h.start.get("conditions") or {}
+        if record is not None:
+            path = locate(record, self.search_dir)
+            assert path is not None  # _plan kept only checkpoints it found
+            self.progress(f"steps {seg.start}..{seg.end - 1} from {path}")
+            digest, _ = ckpt.file_digest(path)
+            if digest != record.blake3:
+                seg.divergence = _checkpoint_divergence(
+                    seg.start, [FieldDiff("file", record.blake3, digest)], h
+                )
+                return
+            saved = ckpt.read(path)
+            if (saved.run_id, saved.step) != (h.run_id, seg.start):
+                diff = FieldDiff(
+                    "run", f"{h.run_id} step {seg.start}", f"{saved.run_id} step {saved.step}"
+                )
+                seg.divergence = _checkpoint_divergence(seg.start, [diff], h)
+                return
+            recorded_conditions = record.payload.get("conditions") or saved.conditions
+        else:
+            self.progress(f"steps {seg.start}..{seg.end - 1} from the entry's initial state")
+        seg.held, restore = conditions.hold(recorded_conditions)
+        quiet = logging.getLogger("trainguard.monitor")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # the replay guard's own alerts are not the point
+        try:
+            self._replay(seg, saved, recorded_conditions)
+        finally:
+            quiet.setLevel(level)
+            restore()
+
+    def _replay(
+        self, seg: Segment, saved: ckpt.Checkpoint | None, recorded_conditions: dict[str, Any]
+    ) -> None:
+        from trainguard.monitor.guard import Guard
+
+        h = self.history
+        data = saved.data if saved is not None else {}
+        ctx = ReplayContext(
+            run_id=h.run_id,
+            rank=h.rank,
+            start=seg.start,
+            stop=seg.end,
+            checkpoint=saved.path if saved else None,
+            data_state=data.get("state"),
+            loader_state=data.get("loader"),
+        )
+        run = _call("the entry point", lambda: as_replayable(self.entry(ctx)))
+        if saved is not None:
+            _restore(run, saved)
+        seg.conditions = conditions.differences(recorded_conditions, conditions.gather(run.model))
+        capture = _Capture()
+        guard = Guard(
+            run.model,
+            run.optimizer,
+            scheduler=run.scheduler,
+            ledger=capture,
+            run_id=f"replay:{h.run_id}",
+            every=h.every,
+            key=self.key,
+            rank=h.rank,
+            world_size=1,
+            on_alert=lambda alert: None,
+            min_stall_seconds=math.inf,
+        )
+        try:
+            if saved is not None:
+                ckpt.restore_random_states(saved.rng)
+            guard.step_index = seg.start
+            label = _labeler(run)
+            params = (h.param_names, list(capture.start.get("param_names") or []))
+            opt_names = (h.optimizer_names_at(seg.start - 1), capture.optimizer_names(-1))
+            restored = capture.start.get("state") or {}
+            expected = h.state_at(seg.start)
+            diffs = cmp.compare_state(expected, restored, self.mode, params, opt_names, label)
+            if diffs:
+                seg.divergence = _checkpoint_divergence(seg.start, diffs, h)
+                return
+            self._steps(seg, run, guard, capture, params, label)
+        finally:
+            guard.close()
+
+    def _steps(
+        self,
+        seg: Segment,
+        run: Replayable,
+        guard: Any,
+        capture: _Capture,
+        params: tuple[list[str], list[str]],
+        label: cmp.Label,
+    ) -> None:
+        h = self.history
+        batches = _call("iterating batches", lambda: iter(run.batches))
+        record_batch = run.record_batch or (lambda b: b)
+        for s in range(seg.start, seg.end):
+            rec = h.steps.get(s)
+            if rec is None:
+                seg.notes.append(f"the ledger has no record of step {s}; stopped there")
+                return
+            batch = _call(f"the batches (step {s})", lambda: next(batches, _END))
+            if batch is _END:
+                raise ReplayError(f"the entry's batches ran out at step {s}")
+            loss = _call(f"the step function (step {s})", functools.partial(run.step, batch))
+            guard.step(loss=loss, batch=record_batch(batch))
+            rep = capture.steps[s]
+            seg.steps += 1
+            before = (
+                _before(rec, h.steps.get(s - 1), h.start),
+                _before(rep, capture.steps.get(s - 1), capture.start),
+            )
+            optimizer_names = (h.optimizer_names_at(s), capture.optimizer_names(s))
+            checked = s % h.every == 0 and rec.get("before") is not None
+            sides = cmp.Sides(
+                self.mode, checked, params, optimizer_names, before, label, h.grad_norm_measured
+            )
+            diffs = cmp.compare_step(rec, rep, sides)
+            if diffs:
+                why = cmp.cause(diffs, s, "step", checked=checked)
+                seg.divergence = Divergence(
+                    s, "step", tuple(diffs), why, tuple(h.alerts.get(s, ()))
+                )
+                return
+
+
+_END = object()
+
+
+def _call(what: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except TrainguardError:
+        raise
+    except Exception as exc:
+        raise ReplayError(f"{what} raised {type(exc).__name__}: {exc}") from exc
+
+
+def _restore(run: Replayable, saved: ckpt.Checkpoint) -> None:
+    def load() -> None:
+        run.model.load_state_dict(saved.model)
+        run.optimizer.load_state_dict(saved.optimizer)
+        if saved.scheduler is not None:
+            if run.scheduler is None:
+                raise ReplayError("the checkpoint holds a scheduler state; the entry built none")
+            run.scheduler.load_state_dict(saved.scheduler)
+
+    _call("restoring the checkpoint into the entry's objects", load)
+
+
+def _before(rec: dict[str, Any], prev: dict[str, Any] | None, start: dict[str, Any]) -> Any:
+    """Per-tensor digests before the step: recorded only when they differ from the last "after"."""
+    tensors = rec.get("tensors") or {}
+    if "before" in tensors:
+        return tensors["before"]
+    if prev is not None:
+        return (prev.get("tensors") or {}).get("after")
+    return ((start.get("state") or {}).get("tensors") or {}).get("params")
+
+
+def _labeler(run: Replayable) -> cmp.Label:
+    """Optimizer tensor "3.exp_avg" -> "exp_avg of 1.bias" (the parameter's name)."""
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    by_index = {str(i): names.get(id(p)) for i, p in enumerate(params)}
+
+    def label(name: str) -> str:
+        index, dot, slot = name.partition(".")
+        param = by_index.get(index)
+        return f"{slot} of {param}" if dot and param and index.isdigit() else name
+
+    return label
+
+
+def _checkpoint_divergence(step: int, diffs: list[FieldDiff], h: RunHistory) -> Divergence:
+    return Divergence(step, "checkpoint", tuple(diffs), cmp.cause(diffs, step, "checkpoint"))

@@ -1,0 +1,142 @@
+"""The contract between ``trainguard replay`` and the user's training code.
+
+The entry point is a function ``build(ctx)`` in the user's code, named as
+``module:function`` (or ``path/to/file.py:function``).  For each segment it
+replays, trainguard calls it with a :class:`ReplayContext` and expects the
+pieces of the training run back, as a :class:`Replayable` or a dict with the
+same keys:
+
+``model``, ``optimizer``, ``scheduler`` (optional)
+    freshly built, as in training.  Their states are then loaded from the
+    checkpoint by trainguard; the entry need not restore anything.
+``batches``
+    an iterable of the batches of steps ``ctx.start``, ``ctx.start + 1``, …
+    trainguard calls ``iter()`` on it only after restoring the random states,
+    so a data loader's shuffle draws the same numbers as in training.
+    :func:`epochs_from` turns a per-epoch loader into one.
+``step``
+    ``step(batch)`` runs one training step (forward, backward, clipping,
+    ``optimizer.step()``, ``scheduler.step()``) and returns the loss: the loop
+    body between fetching a batch and ``guard.step``.  It must not call the
+    guard; trainguard calls ``guard.step(loss=..., batch=...)`` after it.
+``record_batch`` (optional)
+    what the training loop passed to ``guard.step(batch=...)``, given the
+    batch (default: the batch itself).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from trainguard.errors import UsageError
+from trainguard.explain.replay.ledger import ReplayError
+
+
+@dataclass(frozen=True)
+class ReplayContext:
+    """What the entry point is told about the segment it builds a run for."""
+
+    run_id: str
+    rank: int
+    start: int  # the first step replayed: the run has done this many steps
+    stop: int  # replay ends before this step
+    checkpoint: str | None  # the checkpoint file restored after build (None: the start)
+    data_state: Any  # what training passed as guard.checkpoint(data_state=...)
+    loader_state: dict[str, Any] | None  # read from the guard's data loader, if it had one
+
+
+@dataclass
+class Replayable:
+    model: Any
+    optimizer: Any
+    batches: Iterable[Any]
+    step: Callable[[Any], Any]
+    scheduler: Any = None
+    record_batch: Callable[[Any], Any] | None = None
+
+
+Entry = Callable[[ReplayContext], "Replayable | Mapping[str, Any]"]
+
+
+def as_replayable(built: Any) -> Replayable:
+    if isinstance(built, Replayable):
+        return built
+    if isinstance(built, Mapping):
+        known = {"model", "optimizer", "batches", "step", "scheduler", "record_batch"}
+        extra = sorted(set(built) - known)
+        missing = sorted({"model", "optimizer", "batches", "step"} - set(built))
+        if extra or missing:
+            raise ReplayError(
+                "the entry point's dict "
+                + (f"lacks {', '.join(missing)}" if missing else "")
+                + ("; " if extra and missing else "")
+                + (f"has unknown keys {', '.join(map(str, extra))}" if extra else "")
+                + " (see docs/replay.md)"
+            )
+        return Replayable(**built)
+    raise ReplayError(
+        f"the entry point returned a {type(built).__name__}; expected a Replayable or a dict "
+        "with model, optimizer, batches, step (see docs/replay.md)"
+    )
+
+
+def epochs_from(
+    start: int, steps_per_epoch: int, epoch: Callable[[int], Iterable[Any]]
+) -> Iterator[Any]:
+    """The batches of steps ``start``, ``start + 1``, … for a loop over epochs.
+
+    ``epoch(e)`` gives epoch ``e``'s batches (a data loader whose generator you
+    seed from ``e``, say); the first ``start % steps_per_epoch`` batches of the
+    first epoch are read and dropped.  Lazy: nothing is drawn until iterated.
+    """
+    if steps_per_epoch <= 0:
+        raise UsageError("steps_per_epoch must be positive")
+    e, skip = divmod(start, steps_per_epoch)
+    while True:
+        it = iter(epoch(e))
+        for i in range(skip):
+            if next(it, _END) is _END:
+                raise ReplayError(f"epoch {e} ended after {i} batches, before step {start}")
+        skip = 0
+        yield from it
+        e += 1
+
+
+_END = object()
+
+
+def load_entry(spec: str) -> Entry:
+    """The function named by ``module:function`` or ``path/to/file.py:function``."""
+    module_name, sep, func_name = spec.rpartition(":")
+    if not sep or not module_name or not func_name:
+        raise UsageError(f"--entry {spec!r}: expected module:function or file.py:function")
+    try:
+        if module_name.endswith(".py") or os.sep in module_name:
+            path = os.path.abspath(module_name)
+            if not os.path.isfile(path):
+                raise UsageError(f"--entry: {module_name}: no such file")
+            name = "trainguard_replay_entry_" + os.path.splitext(os.path.basename(path))[0]
+            loader_spec = importlib.util.spec_from_file_location(name, path)
+            if loader_spec is None or loader_spec.loader is None:
+                raise UsageError(f"--entry: cannot import {module_name}")
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[name] = module
+            loader_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())  # as `python -m` does
+            module = importlib.import_module(module_name)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise ReplayError(f"--entry {spec}: import raised {type(exc).__name__}: {exc}") from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise UsageError(f"--entry {spec}: {module_name} has no function {func_name!r}")
+    return func  # type: ignore[no-any-return]

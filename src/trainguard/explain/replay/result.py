@@ -1,0 +1,187 @@
+"""What a replay found: per segment, the first step whose records differ, and why.
+
+The verdict: ``matched`` (exit 0) when every replayed step reproduced the
+ledger bit for bit; ``diverged`` (exit 1) when a step or a checkpoint did not;
+``not-comparable`` (exit 2) when a step diverged while a condition that must be
+held equal for bit-exact replay (threads, versions, device) differed, so the
+divergence proves nothing either way.  A checkpoint that does not match the
+ledger is a divergence whatever the conditions: those are recorded bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainguard.findings import Finding, Severity
+from trainguard.monitor.conditions import ConditionDiff
+from trainguard.rules import finding
+
+MATCHED, DIVERGED, NOT_COMPARABLE = "matched", "diverged", "not-comparable"
+EXIT_CODES = {MATCHED: 0, DIVERGED: 1, NOT_COMPARABLE: 2}
+
+# The order fields are listed in: the order they happen within a step.
+FIELD_ORDER = (
+    "file",
+    "run",
+    "layout",
+    "params",
+    "optimizer-state",
+    "batch",
+    "rng",
+    "before",
+    "loss",
+    "grad_norm",
+    "after",
+    "optimizer",
+    "lr",
+)
+FIELD_TEXT = {
+    "file": "checkpoint file",
+    "run": "checkpoint of another run or step",
+    "layout": "tensor names",
+    "params": "parameters restored from the checkpoint",
+    "optimizer-state": "optimizer state restored from the checkpoint",
+    "batch": "batch",
+    "rng": "random states after forward/backward",
+    "before": "parameters before the optimizer step",
+    "loss": "loss",
+    "grad_norm": "gradient norm",
+    "after": "parameters after the optimizer step",
+    "optimizer": "optimizer state after the step",
+    "lr": "learning rate",
+}
+
+
+@dataclass(frozen=True)
+class FieldDiff:
+    """One recorded value the replay did not reproduce."""
+
+    field: str
+    recorded: Any
+    replayed: Any
+    tensors: tuple[str, ...] = ()  # which tensors (or generators) differ, when known
+    tensors_known: bool = True  # False: the ledger holds no per-tensor digests here
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The first position where replay and ledger disagree.
+
+    ``kind`` is ``"step"`` (the step's record differs) or ``"checkpoint"`` (the
+    checkpoint that starts the segment differs from the ledger at its step).
+    """
+
+    step: int
+    kind: str
+    fields: tuple[FieldDiff, ...]
+    cause: str
+    alerts: tuple[str, ...] = ()  # the ledger's own alerts at this step
+
+    def field(self, name: str) -> FieldDiff | None:
+        return next((f for f in self.fields if f.field == name), None)
+
+
+@dataclass
+class Segment:
+    """Steps ``start`` to ``end - 1``, replayed from the checkpoint at ``start``."""
+
+    start: int
+    end: int
+    checkpoint: str | None  # the file it starts from; None: the entry's own initial state
+    status: str = "skipped"  # matched, diverged, not-comparable, skipped
+    steps: int = 0  # steps replayed
+    seconds: float = 0.0  # wall time of the replay, restoring included
+    recorded_seconds: float = 0.0  # the same steps' time in the original run (ledger)
+    divergence: Divergence | None = None
+    conditions: list[ConditionDiff] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)  # conditions replay set to the recorded ones
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReplayReport:
+    ledger: str
+    run_id: str
+    rank: int
+    mode: str  # "keyed" (the run's key was given) or "plain"
+    start: int
+    end: int
+    segmented: bool
+    segments: list[Segment] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def first_divergence(self) -> Divergence | None:
+        return next((s.divergence for s in self.segments if s.divergence is not None), None)
+
+    @property
+    def first_bad_segment(self) -> Segment | None:
+        return next((s for s in self.segments if s.divergence is not None), None)
+
+    @property
+    def verdict(self) -> str:
+        statuses = {s.status for s in self.segments}
+        if DIVERGED in statuses:
+            return DIVERGED
+        if NOT_COMPARABLE in statuses:
+            return NOT_COMPARABLE
+        return MATCHED
+
+    @property
+    def steps(self) -> int:
+        return sum(s.steps for s in self.segments)
+
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict]
+
+    def findings(self) -> list[Finding]:
+        out = []
+        for s in self.segments:
+            d = s.divergence
+            if d is not None and d.kind == "checkpoint":
+                out.append(
+                    finding(
+                        "TG1511",
+                        f"checkpoint at step {d.step} ({s.checkpoint}) differs from the "
+                        f"ledger: {d.cause}",
+                        file=s.checkpoint or "",
+                        evidence=_evidence(d),
+                    )
+                )
+            elif d is not None and s.status == DIVERGED:
+                out.append(
+                    finding(
+                        "TG1510",
+                        f"step {d.step} does not replay: {d.cause}",
+                        file=s.checkpoint or "",
+                        evidence=_evidence(d),
+                    )
+                )
+            if s.conditions and s.end > s.start:  # conditions matter to steps only
+                held = "; ".join(str(c) for c in s.conditions)
+                if s.status == NOT_COMPARABLE and d is not None:
+                    message = (
+                        f"replay is not comparable: {held} (step {d.step} diverged, "
+                        "which these differences can explain)"
+                    )
+                else:
+                    span = f"steps {s.start}..{s.end - 1}"
+                    message = f"{span} replayed under other conditions: {held}"
+                out.append(
+                    finding(
+                        "TG1512",
+                        message,
+                        file=s.checkpoint or "",
+                        severity=Severity.MEDIUM if s.status == NOT_COMPARABLE else Severity.INFO,
+                        evidence={c.name: f"{c.recorded} vs {c.replayed}" for c in s.conditions},
+                    )
+                )
+        return out
+
+
+def _evidence(d: Divergence) -> dict[str, str]:
+    ev = {"step": str(d.step)}
+    for f in d.fields:
+        ev[f.field] = ", ".join(f.tensors) if f.tensors else f"{f.recorded} vs {f.replayed}"
+    return ev

@@ -1,0 +1,1 @@
+"""`trainguard report`: a run's story from its ledger (data; render/ draws it)."""

@@ -1,0 +1,188 @@
+"""Callbacks that watch Hugging Face Trainer and PyTorch Lightning runs.
+
+Both create the guard when training starts (when the model and optimizer
+exist) and call ``guard.step`` after every optimizer step, so users add one
+callback and nothing else.  Evaluation between steps counts as progress for
+the guard's watchdog.  The frameworks are imported only when a callback is
+created; without them a clear MissingExtraError says what to install.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from trainguard.errors import MissingExtraError
+from trainguard.monitor.guard import Guard
+
+
+def HFWatchCallback(**guard_kwargs: Any) -> Any:
+    """A ``transformers.TrainerCallback`` that watches the Trainer's run.
+
+    ``trainer.add_callback(HFWatchCallback(ledger="run.sqlite"))``; the guard is
+    then ``callback.guard``.
+    """
+    try:
+        from transformers import TrainerCallback
+    except ImportError as exc:
+        raise MissingExtraError("transformers", "hf", "watching a Trainer") from exc
+
+    class _Callback(TrainerCallback):
+        def __init__(self) -> None:
+            self.guard: Guard | None = None
+            self._last_loss: float | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            model, optimizer = kw.get("model"), kw.get("optimizer")
+            if model is None or optimizer is None:
+                raise RuntimeError("trainguard: the Trainer gave no model or optimizer")
+            self.guard = Guard(
+                model,
+                getattr(optimizer, "optimizer", optimizer),
+                scheduler=kw.get("lr_scheduler"),
+                **guard_kwargs,
+            )
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                self._last_loss = float(logs["loss"])
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.guard is not None:
+                self.guard.step(loss=self._last_loss)
+
+        # Evaluation and saving run between two steps: progress, not a hang.
+        def on_prediction_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            _touch(self.guard)
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            _touch(self.guard)
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            _touch(self.guard)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.guard is not None:
+                self.guard.close()
+
+    return _Callback()
+
+
+def LightningWatchCallback(**guard_kwargs: Any) -> Any:
+    """A PyTorch Lightning ``Callback`` that watches the run.
+
+    ``Trainer(callbacks=[LightningWatchCallback(ledger="run.sqlite")])``; the guard
+    is then ``callback.guard``.  It is a callback of ``pytorch_lightning`` and of
+    ``lightning.pytorch``, whichever are installed, so either Trainer accepts it.
+    The first optimizer is watched (automatic optimization has only one).
+    """
+    bases = _lightning_callback_classes()
+    if not bases:
+        raise MissingExtraError("pytorch_lightning", "lightning", "watching a Lightning run")
+
+    class _Callback(*bases):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.guard: Guard | None = None
+            self._closed = False
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            optimizer = trainer.optimizers[0]
+            schedulers = getattr(trainer, "lr_scheduler_configs", None) or []
+            scheduler = schedulers[0].scheduler if schedulers else None
+            self.guard = Guard(pl_module, optimizer, scheduler=scheduler, **guard_kwargs)
+            _check_after_closure(self.guard, optimizer)
+
+        def on_train_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
+            # With gradient accumulation most batches end without an optimizer
+            # step; the guard counts optimizer steps.
+            if self.guard is None or self.guard._pending is None:
+                return
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            self.guard.step(loss=loss, batch=batch)
+
+        # Validation runs between two steps: progress, not a hang.
+        def on_validation_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            _touch(self.guard)
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            _touch(self.guard)
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self._close(None)
+
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            self._close(exception)
+
+        def _close(self, error: BaseException | None) -> None:
+            if self.guard is not None and not self._closed:
+                self._closed = True
+                self.guard.close(error)
+
+    return _Callback()
+
+
+def _lightning_callback_classes() -> tuple[type, ...]:
+    found: list[type] = []
+    try:
+        from pytorch_lightning import Callback as PLCallback
+
+        found.append(PLCallback)
+    except ImportError:
+        pass
+    try:
+        from lightning.pytorch import Callback as LCallback
+
+        found.append(LCallback)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def _check_after_closure(guard: Guard, optimizer: Any) -> None:
+    """Run the guard's pre-step checks after Lightning's closure, not before it.
+
+    Lightning calls ``optimizer.step(closure=...)`` and the closure runs
+    training_step, backward and gradient clipping inside the step, after the
+    optimizer's step pre-hooks.  Checked there, the gradients would be the last
+    step's: the update-direction check would compare this step's update with
+    them (false TG1306 alerts on plain SGD) and a flipped clipping would go
+    unseen.  So the guard's pre-hook is replaced by one that wraps the closure
+    and checks once it has returned, right before the update.
+    """
+    from trainguard.monitor import identity
+
+    pre = guard._hooks[0]
+    pre.remove()
+
+    def before_step(opt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if "closure" in kwargs and kwargs["closure"] is not None:
+            return args, {**kwargs, "closure": _checked(kwargs["closure"], guard)}
+        if args and callable(args[0]):
+            return (_checked(args[0], guard), *args[1:]), kwargs
+        guard._before_step()  # no closure: as in a plain loop
+        return None
+
+    guard._hooks[0] = optimizer.register_step_pre_hook(before_step)
+    # The optimizer's hook registry now holds this hook instead of the guard's.
+    guard._identity = identity.snapshot(guard._probes)
+
+
+def _checked(closure: Callable[[], Any], guard: Guard) -> Callable[[], Any]:
+    done = False
+
+    def run() -> Any:
+        nonlocal done
+        result = closure()
+        if not done:  # LBFGS calls the closure several times per step
+            done = True
+            guard._before_step()
+        return result
+
+    return run
+
+
+def _touch(guard: Guard | None) -> None:
+    if guard is not None and guard.watchdog is not None:
+        guard.watchdog.touch()

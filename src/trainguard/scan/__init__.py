@@ -1,6 +1,0 @@
-"""Static analysis of model files: content in, findings out; nothing is ever executed."""
-
-from trainguard.scan.engine import scan, scan_bytes, scan_file
-from trainguard.scan.policy import Policy
-
-__all__ = ["Policy", "scan", "scan_bytes", "scan_file"]

@@ -1,0 +1,234 @@
+"""Turn what the symbolic pickle machine saw into findings.
+
+Data flows one way: bytes -> :mod:`picklevm` events -> findings here.  The
+severity of an import comes from :mod:`pickle_globals`; the shape checks here
+catch payloads that use only allowed imports (calls on computed callables,
+attribute writes on classes, in-place edits of tensors while loading).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from trainguard.findings import Finding, Severity
+from trainguard.rules import finding
+from trainguard.scanner.picklevm.machine import (
+    Built,
+    Call,
+    ExtRef,
+    Global,
+    Opaque,
+    PickleEvents,
+    describe,
+)
+from trainguard.scanner.picklevm.names import NESTED_LOADERS, classify
+
+# Scans embedded bytes as a file of their own and returns its findings.
+NestedScanner = Callable[[bytes, str], list[Finding]]
+
+_TENSOR_BUILDERS = frozenset(
+    [
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_parameter_with_state",
+        "torch._tensor._rebuild_from_type_v2",
+    ]
+)
+_CONTAINER_CALLS = frozenset(["append", "setitem", "additems"])
+
+
+@dataclass(frozen=True)
+class PickleContext:
+    """What the surrounding format tells us about how the pickle will be loaded."""
+
+    persistent_ids_expected: bool = False  # PyTorch checkpoints resolve storages this way
+    allow: frozenset[str] = frozenset()
+
+
+def _finding(
+    rule_id: str,
+    message: str,
+    offset: int | None,
+    trigger: str = "",
+    severity: Severity | None = None,
+    **evidence: str,
+) -> Finding:
+    return finding(
+        rule_id, message, offset=offset, trigger=trigger, severity=severity, evidence=evidence
+    )
+
+
+def analyse(
+    ev: PickleEvents, ctx: PickleContext = PickleContext(), nested: NestedScanner | None = None
+) -> list[Finding]:
+    return list(_analyse(ev, ctx, nested))
+
+
+def _analyse(
+    ev: PickleEvents, ctx: PickleContext, nested: NestedScanner | None
+) -> Iterator[Finding]:
+    calls_by_func: dict[int, Call] = {}
+    for call in ev.calls:
+        if isinstance(call.func, Global):
+            calls_by_func.setdefault(call.func.offset, call)
+
+    yield from _globals(ev, ctx, calls_by_func)
+
+    for off, text in ev.dynamic_globals:
+        yield _finding(
+            "TG104",
+            f"an import whose module or name is computed at load time "
+            f"({text}); plain checkpoints never do this",
+            off,
+            trigger=text,
+        )
+
+    for call in ev.calls:
+        yield from _call_shape(call)
+
+    for build in ev.builds:
+        if _is_tensor(build.obj):
+            yield _finding(
+                "TG105",
+                "BUILD sets state on a tensor while loading (torch never writes this; it "
+                "can attach hooks or attributes to weights)",
+                build.offset,
+                trigger="BUILD",
+                state=describe(build.state),
+            )
+        elif isinstance(build.obj, Global):
+            yield _finding(
+                "TG105",
+                f"BUILD writes attributes onto {build.obj.qualname} itself (a class or "
+                "module), changing code for everything that uses it after loading",
+                build.offset,
+                trigger=build.obj.qualname,
+                state=describe(build.state),
+            )
+
+    if ev.persistent_ids and not ctx.persistent_ids_expected:
+        first = ev.persistent_ids[0]
+        yield _finding(
+            "TG109",
+            f"{len(ev.persistent_ids)} persistent id reference(s); "
+            "what they load depends on the loading code",
+            first.offset,
+            trigger=describe(first.pid),
+        )
+    for ext in ev.extensions:
+        yield _finding(
+            "TG106",
+            f"extension code {ext.code} resolves to a callable chosen by "
+            "the loading process's copyreg registry",
+            ext.offset,
+            trigger=f"EXT {ext.code}",
+        )
+
+    if nested is not None:
+        yield from _nested(ev, nested)
+
+    if ev.limit is not None:
+        yield _finding("TG002", f"pickle analysis stopped: {ev.limit}", ev.error_offset)
+    elif ev.error is not None:
+        yield _finding(
+            "TG107",
+            f"the pickle stream is broken ({ev.error}); a loader runs "
+            "everything before this point and then fails",
+            ev.error_offset,
+        )
+
+
+def _globals(
+    ev: PickleEvents, ctx: PickleContext, calls_by_func: dict[int, Call]
+) -> Iterator[Finding]:
+    seen: dict[tuple[str, str], int] = {}
+    for g in ev.globals:
+        verdict = classify(g.module, g.name, ctx.allow)
+        if verdict.severity is None:
+            continue
+        key = (g.module, g.name)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:
+            continue  # one finding per distinct import; the first offset is the useful one
+        evidence = {"import": g.qualname}
+        call = calls_by_func.get(g.offset)
+        if call is not None:
+            evidence["call"] = describe(call)
+        message = verdict.reason
+        if call is not None and verdict.severity >= Severity.HIGH:
+            message += f"; it is called as {describe(call)}"
+        yield _finding(
+            verdict.rule,
+            message,
+            g.offset,
+            trigger=g.qualname,
+            severity=verdict.severity,
+            **evidence,
+        )
+
+
+def _call_shape(call: Call) -> Iterator[Finding]:
+    func = call.func
+    if call.kind in _CONTAINER_CALLS:
+        target = call.args[0] if isinstance(call.args, tuple) and call.args else None
+        if _is_tensor(target):
+            yield _finding(
+                "TG105",
+                f"{call.kind.upper()} on a tensor while loading: writes into its "
+                "data (the CVE-2026-24747 technique)",
+                call.offset,
+                trigger=call.kind,
+            )
+        return
+    if isinstance(func, Global):
+        return
+    if isinstance(func, Opaque) and func.what == "dynamic global":
+        return  # already reported where the import was computed
+    if isinstance(func, ExtRef):
+        return  # reported as TG106
+    yield _finding(
+        "TG104",
+        f"calls a value computed at load time: {describe(call)}",
+        call.offset,
+        trigger=describe(func),
+    )
+
+
+def _is_tensor(v: object) -> bool:
+    while isinstance(v, Built):
+        v = v.obj
+    return (
+        isinstance(v, Call) and isinstance(v.func, Global) and (v.func.qualname in _TENSOR_BUILDERS)
+    )
+
+
+def _nested(ev: PickleEvents, scan: NestedScanner) -> Iterator[Finding]:
+    payloads: list[tuple[bytes, int]] = [(n.data, n.offset) for n in ev.nested]
+    for call in ev.calls:
+        if (
+            isinstance(call.func, Global)
+            and call.func.qualname in NESTED_LOADERS
+            and isinstance(call.args, tuple)
+            and call.args
+            and isinstance(call.args[0], bytes)
+        ):
+            payloads.append((call.args[0], call.offset))
+    done: set[int] = set()
+    for data, off in payloads:
+        if off in done:
+            continue
+        done.add(off)
+        inner = scan(data, f"nested@{off}")
+        if any(f.severity >= Severity.MEDIUM for f in inner):
+            yield from inner
+            worst = max(f.severity for f in inner)
+            if worst >= Severity.HIGH:
+                yield _finding(
+                    "TG110",
+                    f"a byte string at offset {off} is itself a checkpoint with {worst} findings",
+                    off,
+                    trigger="nested",
+                )
