@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from trainguard.explain.diff.core import DiffReport
+    from trainguard.explain.diff.result import DiffReport
 
 # Progress is drawn only for checkpoints at least this large (tensor bytes).
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024

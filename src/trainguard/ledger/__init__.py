@@ -18,38 +18,11 @@ The canonical encoding, the tables and the checks are described in
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from typing import Any, Protocol, runtime_checkable
 
 from trainguard.errors import UsageError
 from trainguard.ledger.chain import GENESIS, HEAD_KIND, RUN_STREAM, LedgerError, Record
+from trainguard.ledger.interface import Ledger
 from trainguard.ledger.verify import verify_ledger
-
-
-@runtime_checkable
-class Ledger(Protocol):
-    def append(
-        self,
-        run_id: str,
-        kind: str,
-        payload: dict[str, Any],
-        *,
-        step: int | None = None,
-        stream: int = -1,
-    ) -> Record:
-        """Append one record to the (run_id, stream) chain, atomically."""
-
-    def records(self, run_id: str, stream: int | None = None) -> Iterator[Record]:
-        """The run's records (one stream's, if given), ordered by (stream, seq)."""
-
-    def runs(self) -> list[str]:
-        """Every run id in the ledger, sorted."""
-
-    def sign_head(self, run_id: str, stream: int, private_key: Any) -> Record:
-        """Append a ``kind="head"`` record signing the stream's current last record."""
-
-    def close(self) -> None: ...
-
 
 _SQLITE_PREFIX = "sqlite:///"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")

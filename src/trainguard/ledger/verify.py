@@ -37,7 +37,7 @@ from trainguard.ledger.heads import Statement, parse_statement, unverified_paylo
 from trainguard.rules import rule
 
 if TYPE_CHECKING:
-    from trainguard.ledger import Ledger
+    from trainguard.ledger.interface import Ledger
 
 MAX_FINDINGS_PER_RULE = 20
 # A record whose digest fails is re-hashed under nearby seqs to tell a moved

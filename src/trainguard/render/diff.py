@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from trainguard.explain.diff.core import DiffReport, SideInfo, TensorDiff
+from trainguard.explain.diff.result import DiffReport, SideInfo, TensorDiff
 from trainguard.findings import Severity
 from trainguard.render.jsonfmt import finding_dict
 from trainguard.render.text import SEVERITY_STYLE, WIDTH, printable

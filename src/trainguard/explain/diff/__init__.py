@@ -1,5 +1,6 @@
 """``trainguard diff``: compare two checkpoints tensor by tensor, value by value."""
 
-from trainguard.explain.diff.core import DiffReport, TensorDiff, ValueDiff, diff
+from trainguard.explain.diff.core import diff
+from trainguard.explain.diff.result import DiffReport, TensorDiff, ValueDiff
 
 __all__ = ["DiffReport", "TensorDiff", "ValueDiff", "diff"]

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from trainguard.explain.diff.core import CHUNK, DiffReport, TensorDiff, as_f64
 from trainguard.explain.diff.optim_state import (
     Optimizer,
     betas,
@@ -31,7 +30,8 @@ from trainguard.explain.diff.optim_state import (
     in_optimizer,
     map_params,
 )
-from trainguard.explain.diff.sources import TensorEntry, TensorSource, dtype
+from trainguard.explain.diff.result import DiffReport, TensorDiff
+from trainguard.explain.diff.sources import CHUNK, TensorEntry, TensorSource, as_f64, dtype
 from trainguard.explain.diff.update import directions
 from trainguard.findings import Finding
 

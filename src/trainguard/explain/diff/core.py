@@ -7,9 +7,9 @@ non-finite ones are counted apart.  Only two tensors (one from each side) and
 one chunk of float64 temporaries are held at a time, except for checkpoints
 that :mod:`~trainguard.explain.diff.sources` must load whole.
 
-The forensic checks (what an honest optimizer step could not have produced)
-live in :mod:`~trainguard.explain.diff.checks`; renderers in
-:mod:`~trainguard.render.diff`.
+The report's types are in :mod:`~trainguard.explain.diff.result`; the forensic
+checks (what an honest optimizer step could not have produced) in
+:mod:`~trainguard.explain.diff.checks`; renderers in :mod:`~trainguard.render.diff`.
 """
 
 from __future__ import annotations
@@ -21,99 +21,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from trainguard.explain.diff.checks import forensics
+from trainguard.explain.diff.result import DiffReport, SideInfo, TensorDiff, ValueDiff
 from trainguard.explain.diff.sources import (
+    CHUNK,
     TensorEntry,
     TensorSource,
     ValueEntry,
-    bf16_to_f32,
+    as_f64,
     dtype,
     open_checkpoint,
 )
-from trainguard.findings import Finding, Severity
+from trainguard.findings import Severity
 from trainguard.limits import DEFAULT_LIMITS, Limits
 from trainguard.scanner import Policy
 
-CHUNK = 1 << 20  # elements per chunk: ~50 MB of float64 temporaries at most
 MAX_INDICES = 4096  # changed flat indices kept per tensor (for evidence and row analysis)
 NUMERIC_KINDS = frozenset({"float", "bfloat16", "int", "bool"})
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor path)
-
-
-@dataclass
-class TensorDiff:
-    """One tensor path. ``status``: same, changed, added, removed, retyped, reshaped."""
-
-    path: str
-    status: str
-    dtype_a: str | None = None
-    dtype_b: str | None = None
-    shape_a: tuple[int, ...] | None = None
-    shape_b: tuple[int, ...] | None = None
-    numel: int = 0
-    changed: int = 0
-    max_abs: float | None = None
-    l2_diff: float | None = None
-    l2_a: float | None = None
-    l2_b: float | None = None
-    cosine: float | None = None
-    nonfinite_a: int = 0
-    nonfinite_b: int = 0
-    indices: list[int] = field(default_factory=list)  # the first changed flat indices
-
-    @property
-    def fraction(self) -> float:
-        return self.changed / self.numel if self.numel else 0.0
-
-    @property
-    def relative(self) -> float | None:
-        if self.l2_diff is None or self.l2_a is None:
-            return None
-        if self.l2_a == 0:
-            return 0.0 if self.l2_diff == 0 else math.inf
-        return self.l2_diff / self.l2_a
-
-
-@dataclass
-class ValueDiff:
-    """A non-tensor entry (or a path that is a tensor on one side only)."""
-
-    path: str
-    status: str  # same, changed, added, removed
-    a: str | None
-    b: str | None
-
-
-@dataclass(frozen=True)
-class SideInfo:
-    path: str
-    format: str
-    size: int
-    tensors: int
-    tensor_bytes: int
-    streamed: bool
-
-
-@dataclass
-class DiffReport:
-    a: SideInfo
-    b: SideInfo
-    tensors: list[TensorDiff] = field(default_factory=list)
-    values: list[ValueDiff] = field(default_factory=list)
-    findings: list[Finding] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    fail_on: Severity = Severity.HIGH
-
-    @property
-    def identical(self) -> bool:
-        return all(t.status == "same" for t in self.tensors) and all(
-            v.status == "same" for v in self.values
-        )
-
-    def exit_code(self) -> int:
-        """0 identical and nothing at or above ``fail_on``; 1 otherwise (like diff)."""
-        worst = max((f.severity for f in self.findings), default=None)
-        return 0 if self.identical and (worst is None or worst < self.fail_on) else 1
 
 
 @dataclass
@@ -127,13 +53,6 @@ class _Acc:
     ab: float = 0.0
     bad_a: int = 0
     bad_b: int = 0
-
-
-def as_f64(chunk: np.ndarray, dtype_name: str) -> np.ndarray:
-    """A chunk of raw storage values as float64 (bfloat16 from its bit patterns)."""
-    if dtype(dtype_name).kind == "bfloat16":
-        return bf16_to_f32(chunk).astype(np.float64)
-    return chunk.astype(np.float64)
 
 
 def _bits(chunk: np.ndarray) -> np.ndarray:
@@ -289,8 +208,6 @@ def diff(
     Both files go through the scanner first: anything it refuses raises
     :class:`~trainguard.errors.UnsafeModelError` before a byte of it is loaded.
     """
-    from trainguard.explain.diff.checks import forensics
-
     with open_checkpoint(a, policy=policy, strict=strict, limits=limits) as sa:
         with open_checkpoint(b, policy=policy, strict=strict, limits=limits) as sb:
             report = compare(sa, sb, progress)

@@ -41,6 +41,7 @@ MAX_ENTRIES = 1_000_000
 MAX_DEPTH = 64
 MAX_VALUE_TEXT = 2_000  # characters of a non-tensor value kept for display
 MAX_SIDECAR = 64 * 1024 * 1024
+CHUNK = 1 << 20  # elements per chunk: ~50 MB of float64 temporaries at most
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,13 @@ class TensorSource:
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def as_f64(chunk: np.ndarray, dtype_name: str) -> np.ndarray:
+    """A chunk of raw storage values as float64 (bfloat16 from its bit patterns)."""
+    if dtype(dtype_name).kind == "bfloat16":
+        return bf16_to_f32(chunk).astype(np.float64)
+    return chunk.astype(np.float64)
 
 
 def _unique(entries: Mapping[str, Entry], name: str) -> str:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from trainguard.findings import Finding, Severity
 
 if TYPE_CHECKING:
-    from trainguard.explain.diff.core import TensorDiff
+    from trainguard.explain.diff.result import TensorDiff
 
 MAX_DIFFS = 6  # pairs diffed per report
 MAX_CHECKPOINTS = 10_000  # checkpoint records read from the ledger
