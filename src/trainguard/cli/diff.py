@@ -4,66 +4,85 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from trainguard.cli._common import (
+    Subparsers,
+    add_output,
+    add_verdict,
+    fail_on,
+    load_policy,
+    no_progress_arg,
+    show_progress,
+    use_color,
+    write_output,
+)
+from trainguard.errors import UsageError
+from trainguard.findings import Severity
 
 if TYPE_CHECKING:
     from trainguard.explain.diff.result import DiffReport
+    from trainguard.scanner import Policy
 
 # Progress is drawn only for checkpoints at least this large (tensor bytes).
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     d = sub.add_parser(
         "diff",
         help="compare two checkpoints tensor by tensor and flag what training cannot do",
         description="Compare checkpoint A (older) with B (newer): every tensor and entry, "
         "exactly, plus forensic checks against the saved optimizer state. Both files are "
-        "scanned first and never executed. Exit 0 identical, 1 they differ or a finding at "
-        "high or above, 2 error.",
+        "scanned first and never executed (a file with findings at or above --fail-on is "
+        "refused). Exit 0 identical, 1 they differ or a finding at or above --fail-on "
+        "(default high), 2 error.",
     )
-    d.add_argument("a", metavar="A")
-    d.add_argument("b", metavar="B")
-    d.add_argument("-f", "--format", choices=("text", "json", "html"), default="text")
-    d.add_argument("-o", "--output", metavar="FILE", help="write the report here, not stdout")
+    d.add_argument("a", metavar="A", help="the older checkpoint")
+    d.add_argument("b", metavar="B", help="the newer checkpoint")
+    add_output(d, ("text", "json", "html"))
     d.add_argument("--policy", metavar="FILE", help="TOML policy (docs/policy.md)")
-    d.add_argument("--strict", action="store_true", help="refuse files with medium findings")
+    add_verdict(d)
     d.add_argument("--all", action="store_true", help="list unchanged tensors in text too")
-    d.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    no_progress_arg(d)
     d.set_defaults(handler=_diff)
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from trainguard.errors import UsageError
     from trainguard.explain.diff.core import diff
     from trainguard.render import installed_version
     from trainguard.render.diff import render
-    from trainguard.scanner import Policy
 
     for path in (args.a, args.b):
         if not os.path.isfile(path):
             raise UsageError(f"{path}: no such file")
-    policy = Policy.load(args.policy) if args.policy else None
+    policy = load_policy(args.policy)
+    failing = fail_on(args)
     big = os.path.getsize(args.a) + os.path.getsize(args.b) >= 2 * PROGRESS_MIN_BYTES
-    if big and not args.no_progress and sys.stderr.isatty():
-        report = _with_progress(args, policy)
+    if big and show_progress(args):
+        report = _with_progress(args, policy, failing)
     else:
-        report = diff(args.a, args.b, policy=policy, strict=args.strict)
-    color = args.output is None and args.format == "text" and sys.stdout.isatty()
-    color = color and "NO_COLOR" not in os.environ
+        report = diff(args.a, args.b, policy=policy, strict=_strict(failing), fail_on=failing)
     text = render(
-        report, args.format, tool_version=installed_version(), color=color, show_all=args.all
+        report,
+        args.format,
+        tool_version=installed_version(),
+        color=use_color(args),
+        show_all=args.all,
     )
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    else:
-        sys.stdout.write(text)
+    write_output(text, args.output)
     return report.exit_code()
 
 
-def _with_progress(args: argparse.Namespace, policy: Any) -> DiffReport:
+def _strict(failing: Severity) -> bool:
+    # The scanner refuses a file to diff at high, or at medium with strict: a lower
+    # --fail-on refuses at medium and fails the verdict on the rest.
+    return failing <= Severity.MEDIUM
+
+
+def _with_progress(
+    args: argparse.Namespace, policy: Policy | None, failing: Severity
+) -> DiffReport:
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
@@ -82,4 +101,11 @@ def _with_progress(args: argparse.Namespace, policy: Any) -> DiffReport:
         def progress(done: int, total: int, name: str) -> None:
             bar.update(task, completed=done, total=total, description=name[-40:])
 
-        return diff(args.a, args.b, policy=policy, strict=args.strict, progress=progress)
+        return diff(
+            args.a,
+            args.b,
+            policy=policy,
+            strict=_strict(failing),
+            fail_on=failing,
+            progress=progress,
+        )

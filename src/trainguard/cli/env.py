@@ -16,19 +16,34 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from trainguard.cli._common import (
+    EXIT_OK,
+    PASSWORD_ENV,
+    Subparsers,
+    add_output,
+    add_verdict,
+    fail_on,
+    key_id_short,
+    no_progress_arg,
+    plural,
+    private_key,
+    public_key,
+    show_progress,
+    use_color,
+    workers,
+    write_output,
+)
 from trainguard.errors import UsageError
-from trainguard.findings import FileResult, ScanReport, Severity
+from trainguard.findings import FileResult
 
 if TYPE_CHECKING:
-    from trainguard.env.cache import DigestCache
+    from trainguard.digest_cache import DigestCache
     from trainguard.env.digests import Progress
     from trainguard.env.snapshot import Snapshot
     from trainguard.env.verify import EnvOptions, EnvResult
 
-EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
-
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     env = sub.add_parser(
         "env",
         help="verify the installed Python environment",
@@ -53,15 +68,8 @@ def register(sub: Any) -> None:
         "signed snapshot (catches edits that rewrote RECORD too); needs --key",
     )
     v.add_argument("--key", metavar="PUBLIC.pem", help="public key that signed the snapshot")
-    v.add_argument("-f", "--format", choices=("text", "json", "sarif"), default="text")
-    v.add_argument("-o", "--output", metavar="FILE", help="write the report here, not stdout")
-    v.add_argument("--strict", action="store_true", help="fail on medium findings too")
-    v.add_argument(
-        "--fail-on",
-        metavar="SEVERITY",
-        type=Severity.parse,
-        help="lowest severity that fails (default: high)",
-    )
+    add_output(v, ("text", "json", "sarif"))
+    add_verdict(v)
     v.set_defaults(handler=_verify)
 
     s = verbs.add_parser(
@@ -76,13 +84,14 @@ def register(sub: Any) -> None:
         "--key",
         required=True,
         metavar="PRIVATE.pem",
-        help="PEM private key (an encrypted key reads its password from $TRAINGUARD_KEY_PASSWORD)",
+        help=f"PEM private key (an encrypted key reads its password from ${PASSWORD_ENV})",
     )
     s.add_argument(
         "-o", "--output", required=True, metavar="SNAPSHOT", help="where to write the snapshot"
     )
     s.add_argument("--force", action="store_true", help="write it even if there are findings")
-    s.set_defaults(handler=_snapshot, fail_on=None, strict=False)
+    add_verdict(s)
+    s.set_defaults(handler=_snapshot)
 
 
 def _targets(p: argparse.ArgumentParser) -> None:
@@ -124,7 +133,7 @@ def _targets(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="hashing threads and compiling processes (default: from the cores)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    no_progress_arg(p)
 
 
 class _Bar:
@@ -146,7 +155,7 @@ class _Bar:
 
 @contextmanager
 def _progress(args: argparse.Namespace) -> Iterator[Progress | None]:
-    if args.no_progress or not sys.stderr.isatty():
+    if not show_progress(args):
         yield None
         return
     from rich.console import Console
@@ -162,32 +171,29 @@ def _options(args: argparse.Namespace, against: Snapshot | None) -> EnvOptions:
     from trainguard.env.allow import DEFAULTS, load_allowlist
     from trainguard.env.verify import EnvOptions
 
-    if args.workers is not None and args.workers < 1:
-        raise UsageError("--workers must be at least 1")
     allow = [] if args.no_default_allow else list(DEFAULTS)
     for path in args.allow:
         allow.extend(load_allowlist(path))
-    fail_on = args.fail_on or (Severity.MEDIUM if args.strict else Severity.HIGH)
     return EnvOptions(
         paths=args.path,
         check_pyc=not args.no_pyc,
         stdlib=args.stdlib,
         allowlist=allow,
-        workers=args.workers,
+        workers=workers(args),
         against=against,
         against_label=getattr(args, "against", None) or "",
-        fail_on=fail_on,
+        fail_on=fail_on(args),
     )
 
 
 def _cache(args: argparse.Namespace, options: EnvOptions) -> DigestCache | None:
-    from trainguard.env.cache import DigestCache, default_cache_path
+    from trainguard.digest_cache import DigestCache, default_cache_path
     from trainguard.env.verify import target_roots
 
     if args.no_cache:
         return None
     roots = target_roots(options.paths, options.against)
-    return DigestCache(default_cache_path(roots), read=not args.full)
+    return DigestCache(default_cache_path("env", roots), read=not args.full)
 
 
 def _run(args: argparse.Namespace, options: EnvOptions) -> EnvResult:
@@ -199,15 +205,11 @@ def _run(args: argparse.Namespace, options: EnvOptions) -> EnvResult:
         return verify_environment(options)
 
 
-def _plural(count: int, noun: str) -> str:
-    return f"{count:,} {noun}" + ("" if count == 1 else "s")
-
-
 def _summary(result: EnvResult) -> str:
     st = result.stats
     checked = (
-        f"checked {_plural(st.distributions, 'distribution')} and "
-        f"{_plural(st.files, 'file')} in {_plural(len(st.roots), 'site folder')}: "
+        f"checked {plural(st.distributions, 'distribution')} and "
+        f"{plural(st.files, 'file')} in {plural(len(st.roots), 'site folder')}: "
     )
     if st.reused_from is not None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.reused_from))
@@ -220,27 +222,10 @@ def _summary(result: EnvResult) -> str:
     amount = f"{size / 1e6:,.1f} MB" if size >= 100_000 else f"{size:,} bytes"
     return (
         f"{checked}"
-        f"{_plural(st.hashed_files, 'file')} hashed ({amount}), "
-        f"{_plural(st.pycs_checked, 'compiled file')} checked, "
-        f"{_plural(st.cache_hits, 'result')} from the cache, in {st.seconds:.1f} s"
+        f"{plural(st.hashed_files, 'file')} hashed ({amount}), "
+        f"{plural(st.pycs_checked, 'compiled file')} checked, "
+        f"{plural(st.cache_hits, 'result')} from the cache, in {st.seconds:.1f} s"
     )
-
-
-def _write(args: argparse.Namespace, report: ScanReport) -> None:
-    from trainguard.render import render
-
-    color = (
-        args.output is None
-        and args.format == "text"
-        and sys.stdout.isatty()
-        and "NO_COLOR" not in os.environ
-    )
-    text = render(report, args.format, color=color)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
 def _load_snapshot(args: argparse.Namespace) -> tuple[Snapshot | None, FileResult | None]:
@@ -251,11 +236,10 @@ def _load_snapshot(args: argparse.Namespace) -> tuple[Snapshot | None, FileResul
         return None, None
     from trainguard.env.snapshot import read_snapshot
     from trainguard.signing.errors import VerificationError
-    from trainguard.signing.keys import load_public_key
 
-    if args.key is None:
+    key = public_key(args.key)
+    if key is None:
         raise UsageError("--against needs --key PUBLIC.pem (the key that signed the snapshot)")
-    key = load_public_key(args.key)
     try:
         return read_snapshot(args.against, key), None
     except VerificationError as exc:
@@ -272,18 +256,18 @@ def _verify(args: argparse.Namespace) -> int:
     if bad_snapshot is not None:
         # Everything else was still checked; the snapshot itself is the finding.
         report.files.insert(0, bad_snapshot)
-    _write(args, report)
+    from trainguard.render import render
+
+    write_output(render(report, args.format, color=use_color(args)), args.output)
     print(_summary(result), file=sys.stderr)
     return report.exit_code()
 
 
 def _snapshot(args: argparse.Namespace) -> int:
-    from trainguard.cli.seal import _private_key
     from trainguard.env.snapshot import make_snapshot, write_snapshot
     from trainguard.render import render
-    from trainguard.signing.keys import key_id
 
-    key = _private_key(args.key)  # first: a bad key should not cost a full verify
+    key = private_key(args.key)  # first: a bad key should not cost a full verify
     options = _options(args, None)
     options.collect_digests = True
     result = _run(args, options)
@@ -302,7 +286,7 @@ def _snapshot(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.output}: {len(snapshot.files):,} files, python "
         f"{snapshot.interpreter['version']} at {snapshot.interpreter['executable']} (key id "
-        f"{key_id(key.public_key())[:16]})",
+        f"{key_id_short(key.public_key())})",
         file=sys.stderr,
     )
     return EXIT_OK

@@ -11,29 +11,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from trainguard.errors import UsageError
+from trainguard.cli._common import (
+    EXIT_OK,
+    LEDGER_ENV,
+    Subparsers,
+    add_ledger,
+    add_output,
+    add_run,
+    add_verdict,
+    fail_on,
+    key_id_short,
+    open_ledger,
+    private_key,
+    public_key,
+    run_id,
+    write_output,
+)
+from trainguard.cli.ledger_show import clip, printable, show, stream_name
 from trainguard.findings import Severity
 
 if TYPE_CHECKING:
     from trainguard.findings import Finding
-    from trainguard.ledger import Ledger, Record
     from trainguard.ledger.verify import VerifyResult
 
-EXIT_OK = 0
-LEDGER_ENV = "TRAINGUARD_LEDGER"
-# Payload fields shown first on a timeline line, when present.
-PREFERRED_FIELDS = ("loss", "grad_norm", "step_time", "lr", "rule", "message")
-MAX_FIELDS = 6
-MAX_VALUE_CHARS = 60
 
-
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     p = sub.add_parser(
         "ledger",
         help="show, verify and list the hash-chained records of training runs",
@@ -43,30 +49,40 @@ def register(sub: Any) -> None:
     )
     verbs = p.add_subparsers(dest="ledger_command", metavar="SUBCOMMAND", required=True)
 
-    s = verbs.add_parser("show", help="print a run's timeline and its alerts")
-    s.add_argument("run", metavar="RUN", help="the run id")
-    _ledger_arg(s)
-    s.add_argument("-f", "--format", choices=("text", "json"), default="text")
+    s = verbs.add_parser(
+        "show",
+        help="print a run's timeline and its alerts",
+        description="Every record of RUN in time order (one line each: stream, seq, kind, "
+        "step, payload fields), then its alerts. Shows, never verifies: use ledger verify.",
+    )
+    add_run(s)
+    add_ledger(s)
+    add_output(s, ("text", "json"))
     s.add_argument("--stream", type=int, metavar="N", help="only this stream (rank; -1: run)")
     s.add_argument("--kind", action="append", metavar="KIND", help="only these kinds")
-    s.set_defaults(handler=_show)
+    s.set_defaults(handler=show)
 
     v = verbs.add_parser(
         "verify",
         help="check a run's records for edits, deletions, reordering and truncation",
         description="Re-hash every record and check every link and signed head. Exit 0 "
-        "intact, 1 any break (or, with --key, no head signed by that key), 2 error.",
+        "intact, 1 a finding at or above --fail-on (default high: any break, or, with --key, "
+        "no head signed by that key), 2 error.",
     )
-    v.add_argument("run", metavar="RUN", help="the run id")
-    _ledger_arg(v)
+    add_run(v)
+    add_ledger(v)
     v.add_argument("--key", metavar="PUBLIC.pem", help="check head signatures with this key")
-    v.add_argument("-f", "--format", choices=("text", "json", "sarif"), default="text")
-    v.add_argument("-o", "--output", metavar="FILE", help="write the report here, not stdout")
+    add_output(v, ("text", "json", "sarif"))
+    add_verdict(v)
     v.set_defaults(handler=_verify)
 
-    r = verbs.add_parser("runs", help="list the run ids in a ledger")
-    _ledger_arg(r)
-    r.add_argument("-f", "--format", choices=("text", "json"), default="text")
+    r = verbs.add_parser(
+        "runs",
+        help="list the run ids in a ledger",
+        description="One run id a line (--format json: a list).",
+    )
+    add_ledger(r)
+    add_output(r, ("text", "json"))
     r.set_defaults(handler=_runs)
 
     g = verbs.add_parser(
@@ -75,172 +91,17 @@ def register(sub: Any) -> None:
         description="Sign the current last record of a stream. A head of the run stream (-1, "
         "the default) also names the last record of every rank's stream.",
     )
-    g.add_argument("run", metavar="RUN", help="the run id")
-    _ledger_arg(g)
+    add_run(g)
+    add_ledger(g)
     g.add_argument("--key", required=True, metavar="PRIVATE.pem", help="PEM private key")
     g.add_argument("--stream", type=int, default=-1, metavar="N", help="default -1 (the run)")
     g.set_defaults(handler=_sign)
 
 
-def _ledger_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--ledger",
-        metavar="URL",
-        default=os.environ.get(LEDGER_ENV),
-        help=f"SQLite file or postgresql:// URL (default ${LEDGER_ENV})",
-    )
-
-
-def _open(args: argparse.Namespace) -> Ledger:
-    from trainguard.ledger import open_ledger
-
-    if not args.ledger:
-        raise UsageError(f"no ledger given: use --ledger URL or set ${LEDGER_ENV}")
-    return open_ledger(args.ledger, create=False)
-
-
-def _write(text: str, output: str | None = None) -> None:
-    text = text if text.endswith("\n") else text + "\n"
-    if output:
-        with open(output, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    else:
-        sys.stdout.write(text)
-
-
-def printable(text: str) -> str:
-    # Imported on use: the renderer pulls in rich, which other verbs never need.
-    from trainguard.render.text import printable as escape
-
-    return escape(text)
-
-
-def _clip(text: str) -> str:
-    shown = printable(text)
-    return shown if len(shown) <= MAX_VALUE_CHARS else shown[: MAX_VALUE_CHARS - 1] + "…"
-
-
-# -- show ---------------------------------------------------------------------
-def _value(value: Any) -> str | None:
-    """A payload value short enough for a timeline line, or None to leave it out."""
-    if isinstance(value, bool) or value is None:
-        return str(value).lower()
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.6g}" if math.isfinite(value) else str(value)
-    if isinstance(value, str) and len(value) <= MAX_VALUE_CHARS:
-        return _clip(value)
-    return None  # containers and long strings (fingerprints) stay in --format json
-
-
-def _details(payload: dict[str, Any]) -> str:
-    names = [k for k in PREFERRED_FIELDS if k in payload]
-    names += sorted(k for k in payload if k not in PREFERRED_FIELDS)
-    parts: list[str] = []
-    for name in names:
-        shown = _value(payload[name])
-        if shown is not None:
-            parts.append(f"{_clip(name)}={shown}")
-        if len(parts) == MAX_FIELDS:
-            break
-    return " ".join(parts)
-
-
-def _describe(record: Record) -> str:
-    if record.kind != "head":
-        return _details(record.payload)
-    from trainguard.ledger.heads import parse_statement, unverified_payload
-
-    try:
-        statement = parse_statement(unverified_payload(record.payload.get("envelope")))
-    except ValueError as exc:
-        return f"unreadable signed head: {printable(str(exc))}"
-    key = record.payload.get("key_id")
-    # Unverified: `ledger verify --key` checks signatures; show only describes.
-    text = f"signs seq {statement.head.seq}"
-    if statement.others:
-        text += f" and the heads of {len(statement.others)} rank stream(s)"
-    if isinstance(key, str):
-        text += f", key id {_clip(key[:16])}"
-    return text
-
-
-def _stream_name(stream: int) -> str:
-    return "run" if stream == -1 else f"rank {stream}"
-
-
-def _timeline(run: str, location: str, records: list[Record]) -> str:
-    alerts = [r for r in records if r.kind == "alert"]
-    steps = [r.step for r in records if r.step is not None]
-    span = f", steps {min(steps)}..{max(steps)}" if steps else ""
-    streams = len({r.stream for r in records})
-    lines = [
-        f"run {printable(run)} in {printable(location)}: {len(records)} records in {streams} "
-        f"stream{'' if streams == 1 else 's'}{span}, {len(alerts)} alert"
-        f"{'' if len(alerts) == 1 else 's'}",
-        "",
-        f"  {'time':>10}  {'stream':<8} {'seq':>6}  {'kind':<12} {'step':>7}  details",
-    ]
-    start = records[0].time if records else 0.0
-    for r in records:
-        mark = "!" if r.kind == "alert" else " "
-        offset = f"+{r.time - start:.3f}s" if math.isfinite(r.time - start) else "?"
-        step = "-" if r.step is None else str(r.step)
-        lines.append(
-            f"{mark} {offset:>10}  {_stream_name(r.stream):<8} {r.seq:>6}  "
-            f"{_clip(r.kind):<12} {step:>7}  {_describe(r)}".rstrip()
-        )
-    if alerts:
-        lines += ["", f"alerts ({len(alerts)}):"]
-        for r in alerts:
-            step = "-" if r.step is None else str(r.step)
-            lines.append(f"  ! step {step} {_stream_name(r.stream)}: {_details(r.payload)}")
-    return "\n".join(lines)
-
-
-def _record_dict(r: Record) -> dict[str, Any]:
-    return {
-        "stream": r.stream,
-        "seq": r.seq,
-        "kind": r.kind,
-        "step": r.step,
-        "time": r.time,
-        "payload": r.payload,
-        "digest": r.digest,
-    }
-
-
-def _show(args: argparse.Namespace) -> int:
-    ledger = _open(args)
-    try:
-        records = [
-            r
-            for r in ledger.records(args.run, args.stream)
-            if args.kind is None or r.kind in args.kind
-        ]
-        location = str(getattr(ledger, "location", args.ledger))
-    finally:
-        ledger.close()
-    if not records and args.kind is None and args.stream is None:
-        raise UsageError(f"no records for run {args.run!r} in {location}")
-    # One clock per host; ties (same microsecond) keep the chain's order.
-    records.sort(key=lambda r: (r.time, r.stream, r.seq))
-    if args.format == "json":
-        document = {
-            "run_id": args.run,
-            "ledger": location,
-            "records": [_record_dict(r) for r in records],
-            "alerts": [_record_dict(r) for r in records if r.kind == "alert"],
-        }
-        _write(json.dumps(document, indent=2, ensure_ascii=True))
-    else:
-        _write(_timeline(args.run, location, records))
-    return EXIT_OK
-
-
 # -- verify -------------------------------------------------------------------
-def _verify_text(run: str, location: str, result: VerifyResult, keyed: bool) -> str:
+def _verify_text(
+    run: str, location: str, result: VerifyResult, keyed: bool, failing: Severity
+) -> str:
     from trainguard.rules import RULES
 
     noun = "record" if result.records == 1 else "records"
@@ -253,10 +114,10 @@ def _verify_text(run: str, location: str, result: VerifyResult, keyed: bool) -> 
         seq = "" if f.offset is None else f" seq {f.offset}"
         title = RULES[f.rule].title if f.rule in RULES else ""
         lines.append(
-            f"  {Severity(f.severity)!s:<8} {f.rule} {title}: {_clip(f.member)}{seq}: "
+            f"  {Severity(f.severity)!s:<8} {f.rule} {title}: {clip(f.member)}{seq}: "
             f"{printable(f.message)}"
         )
-    breaks = [f for f in result.findings if f.severity >= Severity.HIGH]
+    breaks = [f for f in result.findings if f.severity >= failing]
     if breaks:
         tally = Counter(str(Severity(f.severity)) for f in breaks)
         lines.append("FAIL: " + ", ".join(f"{n} {sev}" for sev, n in tally.items()))
@@ -276,20 +137,18 @@ def _verify(args: argparse.Namespace) -> int:
     from trainguard.render import installed_version, render
     from trainguard.render.jsonfmt import finding_dict
 
-    key = None
-    if args.key:
-        from trainguard.signing.keys import load_public_key
-
-        key = load_public_key(args.key)
-    ledger = _open(args)
+    run = run_id(args)
+    failing = fail_on(args)
+    key = public_key(args.key)
+    ledger = open_ledger(args)
     try:
-        result = verify_run(ledger, args.run, key)
+        result = verify_run(ledger, run, key)
         location = str(getattr(ledger, "location", args.ledger))
     finally:
         ledger.close()
     report = ScanReport(
         files=[FileResult(location, "trainguard-ledger", result.records, result.findings)],
-        fail_on=Severity.HIGH,
+        fail_on=failing,
     )
     code = report.exit_code()
     if args.format == "sarif":
@@ -298,7 +157,7 @@ def _verify(args: argparse.Namespace) -> int:
         document = {
             "tool": "trainguard",
             "version": installed_version(),
-            "run_id": args.run,
+            "run_id": run,
             "ledger": location,
             "records": result.records,
             "streams": result.streams,
@@ -310,38 +169,36 @@ def _verify(args: argparse.Namespace) -> int:
         }
         text = json.dumps(document, indent=2, ensure_ascii=True)
     else:
-        text = _verify_text(args.run, location, result, key is not None)
-    _write(text, args.output)
+        text = _verify_text(run, location, result, key is not None, failing)
+    write_output(text, args.output)
     return code
 
 
 # -- runs and sign ------------------------------------------------------------
 def _runs(args: argparse.Namespace) -> int:
-    ledger = _open(args)
+    ledger = open_ledger(args)
     try:
         runs = ledger.runs()
     finally:
         ledger.close()
     if args.format == "json":
-        _write(json.dumps({"runs": runs}, indent=2, ensure_ascii=True))
+        write_output(json.dumps({"runs": runs}, indent=2, ensure_ascii=True), args.output)
     elif runs:
-        _write("\n".join(_clip(r) for r in runs))
+        write_output("\n".join(clip(r) for r in runs), args.output)
     return EXIT_OK
 
 
 def _sign(args: argparse.Namespace) -> int:
-    from trainguard.cli.seal import _private_key
-    from trainguard.signing.keys import key_id
-
-    key = _private_key(args.key)
-    ledger = _open(args)
+    run = run_id(args)
+    key = private_key(args.key)
+    ledger = open_ledger(args)
     try:
-        record = ledger.sign_head(args.run, args.stream, key)
+        record = ledger.sign_head(run, args.stream, key)
     finally:
         ledger.close()
     print(
-        f"signed run {_clip(args.run)} {_stream_name(args.stream)} up to seq {record.seq - 1} "
-        f"(head at seq {record.seq}, key id {key_id(key.public_key())[:16]})",
+        f"signed run {clip(run)} {stream_name(args.stream)} up to seq {record.seq - 1} "
+        f"(head at seq {record.seq}, key id {key_id_short(key.public_key())})",
         file=sys.stderr,
     )
     return EXIT_OK

@@ -1,8 +1,14 @@
 """The command line: a thin layer over the library.
 
 Exit codes are the same for every verb: 0 clean or verified, 1 findings or
-failed verification, 2 usage error or the tool could not do its job.  Data
-goes to stdout (or ``--output``); progress and status go to stderr.
+failed verification, 2 usage error or the tool could not do its job (an
+unexpected exception included: a crash never reads as findings), 130
+interrupted.  Data goes to stdout (or ``--output``); progress and status go
+to stderr.
+
+Each verb lives in its own module, registered in :data:`VERBS`; a command line
+that names a verb imports and builds only that verb's module and parser (the
+other verbs' modules are a tenth of a scan's start-up).
 """
 
 from __future__ import annotations
@@ -11,22 +17,31 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
+from trainguard.cli._common import EXIT_ERROR, EXIT_FINDINGS, EXIT_INTERRUPTED
 from trainguard.errors import TrainguardError, UnsafeModelError, UsageError
-from trainguard.findings import Severity
 
-if TYPE_CHECKING:
-    from trainguard.findings import ScanReport
-    from trainguard.scanner import Policy
+DEBUG_ENV = "TRAINGUARD_DEBUG"
 
-EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
-# trainguard.scanner.hub.SCHEME, spelled here so that a local scan never imports the hub code.
-_HUB_SCHEME = "hf://"
-# Verbs defined in this module: a command line that names one builds only
-# these, skipping the pillars' modules and parsers (a tenth of a scan's start-up).
-_CORE_VERBS = ("scan", "rules", "demo")
+# Verb -> the module whose register(sub) adds it (one module may add several verbs).
+# The order is the order of `trainguard --help`.
+VERBS: dict[str, str] = {
+    "scan": "trainguard.cli.scan",
+    "rules": "trainguard.cli.rules",
+    "demo": "trainguard.cli.demo",
+    "run": "trainguard.cli.run",
+    "convert": "trainguard.cli.convert",
+    "seal": "trainguard.cli.seal",
+    "verify": "trainguard.cli.seal",
+    "keygen": "trainguard.cli.seal",
+    "env": "trainguard.cli.env",
+    "ledger": "trainguard.cli.ledger",
+    "diff": "trainguard.cli.diff",
+    "replay": "trainguard.cli.replay",
+    "report": "trainguard.cli.report",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +52,8 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_ERROR)
 
 
-def _parser(*, core_only: bool = False) -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with a known ``verb``, only that verb's module is imported."""
     from trainguard import __version__
 
     p = _Parser(
@@ -46,164 +62,61 @@ def _parser(*, core_only: bool = False) -> argparse.ArgumentParser:
         "training. Exit codes: 0 clean, 1 findings, 2 error.",
     )
     p.add_argument("--version", action="version", version=f"trainguard {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    s = sub.add_parser(
-        "scan",
-        help="statically scan model files (never loads them)",
-        description="Scan files and folders by content. Nothing read is "
-        "unpickled, imported or evaluated.",
-    )
-    s.add_argument(
-        "paths",
-        nargs="+",
-        metavar="PATH",
-        help="files or folders (recursive), or hf://ORG/REPO[@REVISION] (needs trainguard[hub])",
-    )
-    s.add_argument("-f", "--format", choices=("text", "json", "sarif"), default="text")
-    s.add_argument("-o", "--output", metavar="FILE", help="write the report here, not stdout")
-    s.add_argument(
-        "--policy",
-        metavar="FILE",
-        help="TOML policy: extra allowed globals, severity changes (see docs/policy.md)",
-    )
-    s.add_argument("--strict", action="store_true", help="fail on medium findings too")
-    s.add_argument(
-        "--fail-on",
-        metavar="SEVERITY",
-        type=Severity.parse,
-        default=None,
-        help="lowest severity that fails the scan (default: high)",
-    )
-    s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    s.add_argument(
-        "--offline",
+    p.add_argument(
+        "--debug",
         action="store_true",
-        help="hf:// paths: read only the local Hugging Face cache (as HF_HUB_OFFLINE=1)",
+        help=f"print the traceback of an internal error (also ${DEBUG_ENV}=1)",
     )
-
-    r = sub.add_parser("rules", help="list the rule ids findings can carry")
-    r.add_argument("--markdown", action="store_true", help="as docs/rules.md")
-
-    d = sub.add_parser("demo", help="play the training-sabotage incident end to end")
-    d.add_argument("--keep", metavar="DIR", help="work in DIR and keep everything (report.html...)")
-
-    # Each pillar adds its own verbs: register(sub) adds parsers whose
-    # set_defaults(handler=...) takes the parsed args and returns an exit code.
-    if not core_only:
-        for module in _PILLAR_CLIS:
-            importlib.import_module(module).register(sub)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    modules = [VERBS[verb]] if verb in VERBS else list(dict.fromkeys(VERBS.values()))
+    for module in modules:
+        importlib.import_module(module).register(sub)
     return p
 
 
-_PILLAR_CLIS: tuple[str, ...] = (
-    "trainguard.cli.load",
-    "trainguard.cli.seal",
-    "trainguard.cli.env",
-    "trainguard.cli.ledger",
-    "trainguard.cli.diff",
-    "trainguard.cli.replay",
-    "trainguard.cli.report",
-)
+def _verb(argv: Sequence[str]) -> str | None:
+    # The top-level options (--debug, --version, -h) take no value, so the
+    # first word that is not an option is the verb.
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _printable(text: str) -> str:
+    """Error messages quote paths and names from files: no control characters reach the
+    terminal (line breaks of a multi-line message stay)."""
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    core_only = bool(argv) and argv[0] in _CORE_VERBS
-    args = _parser(core_only=core_only).parse_args(argv)
+    args = argparse.Namespace()
     try:
-        if args.command == "scan":
-            return _scan(args)
-        if args.command == "rules":
-            return _rules(args)
-        if args.command == "demo":
-            from trainguard.demo import run_demo
-
-            return run_demo(keep=args.keep)
+        args = build_parser(_verb(argv)).parse_args(argv)
         handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)
-    except UsageError as exc:
-        print(f"trainguard: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except UnsafeModelError as exc:
-        print(f"trainguard: {exc}", file=sys.stderr)
-        return EXIT_FINDINGS
-    except TrainguardError as exc:
-        print(f"trainguard: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         print("trainguard: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UsageError as exc:
+        print(f"trainguard: error: {_printable(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
+    except UnsafeModelError as exc:
+        # A refused file is what the user asked us to find: findings, exit 1.
+        print(f"trainguard: {_printable(str(exc))}", file=sys.stderr)
+        return EXIT_FINDINGS
+    except TrainguardError as exc:
+        print(f"trainguard: {_printable(str(exc))}", file=sys.stderr)
+        code = getattr(exc, "exit_code", EXIT_ERROR)
+        return code if isinstance(code, int) else EXIT_ERROR
+    except Exception as exc:  # the one catch-all: a crash must not read as 0 or 1
+        debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        return _internal_error(exc, debug)
 
 
-def _scan(args: argparse.Namespace) -> int:
-    from trainguard.render import render
-    from trainguard.scanner import Policy, scan
-
-    policy = Policy.load(args.policy) if args.policy else None
-    fail_on = args.fail_on or (Severity.MEDIUM if args.strict else Severity.HIGH)
-    hub_paths = [path for path in args.paths if path.startswith(_HUB_SCHEME)]
-    for path in args.paths:
-        if path not in hub_paths and not os.path.lexists(path):
-            raise UsageError(f"{path}: no such file or directory")
-    resolved = None
-    paths = args.paths
-    if hub_paths:
-        from trainguard.scanner.hub import resolve_paths
-
-        resolved = resolve_paths(args.paths, offline=args.offline)
-        paths = resolved.paths
-    show_progress = not args.no_progress and sys.stderr.isatty()
-    if show_progress:
-        report = _scan_with_progress(paths, policy, fail_on)
-    else:
-        report = scan(paths, policy=policy, fail_on=fail_on)
-    if resolved is not None:
-        resolved.relabel(report)
-    color = (
-        args.output is None
-        and args.format == "text"
-        and sys.stdout.isatty()
-        and ("NO_COLOR" not in os.environ)
-    )
-    text = render(report, args.format, color=color)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    return report.exit_code()
-
-
-def _scan_with_progress(paths: list[str], policy: Policy | None, fail_on: Severity) -> ScanReport:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from trainguard.scanner import scan
-
-    console = Console(stderr=True)
-    with Progress(
-        TextColumn("scanning"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("", total=None)
-
-        def progress(done: int, total: int, path: str) -> None:
-            bar.update(task, completed=done, total=total, description=os.path.basename(path))
-
-        return scan(paths, policy=policy, fail_on=fail_on, progress=progress)
-
-
-def _rules(args: argparse.Namespace) -> int:
-    from trainguard.rules import RULES, rules_markdown
-
-    if args.markdown:
-        sys.stdout.write(rules_markdown())
-    else:
-        for r in RULES.values():
-            print(f"{r.id}  {r.severity!s:8}  {r.title}")
-    return EXIT_OK
+def _internal_error(exc: Exception, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    lines = str(exc).strip().splitlines()
+    detail = f"{type(exc).__name__}: {_printable(lines[0])}" if lines else type(exc).__name__
+    hint = "" if debug else f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
+    print(f"trainguard: internal error: {detail}{hint}", file=sys.stderr)
+    return EXIT_ERROR

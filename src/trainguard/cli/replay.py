@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
-from typing import Any
 
+from trainguard.cli._common import (
+    Subparsers,
+    add_ledger,
+    add_output,
+    add_run,
+    ledger_url,
+    run_id,
+    write_output,
+)
 from trainguard.errors import UsageError
 
-LEDGER_ENV = "TRAINGUARD_LEDGER"
 MAX_KEY_FILE_BYTES = 4096
 _HEX = re.compile(r"[0-9a-fA-F]+")
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     p = sub.add_parser(
         "replay",
         help="re-run a watched run's steps and compare them with its ledger bit for bit",
@@ -25,13 +31,8 @@ def register(sub: Any) -> None:
         "POSITIONS count steps done: checkpoint N holds the state before step N. Exit 0 "
         "matched, 1 diverged, 2 error or not comparable (threads, versions, device differ).",
     )
-    p.add_argument(
-        "--ledger",
-        metavar="URL",
-        default=os.environ.get(LEDGER_ENV),
-        help=f"SQLite file or postgresql:// URL (default ${LEDGER_ENV})",
-    )
-    p.add_argument("--run", required=True, metavar="RUN", help="the run id")
+    add_run(p)
+    add_ledger(p)
     p.add_argument(
         "--entry",
         required=True,
@@ -68,8 +69,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--checkpoints", metavar="DIR", help="look for checkpoint files here (by their name)"
     )
-    p.add_argument("-f", "--format", choices=("text", "json"), default="text")
-    p.add_argument("-o", "--output", metavar="FILE", help="write the report here, not stdout")
+    add_output(p, ("text", "json"))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(handler=_replay)
 
@@ -96,8 +96,8 @@ def _replay(args: argparse.Namespace) -> int:
     from trainguard.render import installed_version
     from trainguard.render.replay import render
 
-    if not args.ledger:
-        raise UsageError(f"no ledger: pass --ledger or set ${LEDGER_ENV}")
+    ledger = ledger_url(args)
+    run = run_id(args)
     key = read_key(args.key_file) if args.key_file else None
 
     def progress(text: str) -> None:
@@ -105,8 +105,8 @@ def _replay(args: argparse.Namespace) -> int:
             print(f"trainguard replay: {text}", file=sys.stderr, flush=True)
 
     report = replay(
-        args.ledger,
-        args.run,
+        ledger,
+        run,
         args.entry,
         start=args.start,
         stop=args.stop,
@@ -117,10 +117,5 @@ def _replay(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoints,
         progress=progress,
     )
-    text = render(report, args.format, tool_version=installed_version())
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    else:
-        sys.stdout.write(text)
+    write_output(render(report, args.format, tool_version=installed_version()), args.output)
     return report.exit_code()

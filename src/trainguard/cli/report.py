@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
-LEDGER_ENV = "TRAINGUARD_LEDGER"
+from trainguard.cli._common import (
+    Subparsers,
+    add_ledger,
+    add_run,
+    open_ledger,
+    public_key,
+    run_id,
+    write_output,
+)
+from trainguard.errors import UsageError
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     r = sub.add_parser(
         "report",
         help="a watched run's timeline, alerts, ledger verification and checkpoint diffs",
@@ -21,13 +29,8 @@ def register(sub: Any) -> None:
         "that works offline. Exit 0 no alert and the ledger verified, 1 alerts or a failed "
         "verification, 2 error.",
     )
-    r.add_argument("run", metavar="RUN", help="the run id")
-    r.add_argument(
-        "--ledger",
-        metavar="URL",
-        default=os.environ.get(LEDGER_ENV),
-        help=f"SQLite file or postgresql:// URL (default ${LEDGER_ENV})",
-    )
+    add_run(r)
+    add_ledger(r)
     r.add_argument(
         "-f",
         "--format",
@@ -62,30 +65,24 @@ def _format(args: argparse.Namespace) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from trainguard.errors import UsageError
     from trainguard.explain.report.build import build_report
-    from trainguard.ledger import open_ledger
     from trainguard.render import installed_version
     from trainguard.render.run_report import render, verdict
+    from trainguard.render.text import printable
 
-    if not args.ledger:
-        raise UsageError(f"no ledger given: use --ledger URL or set ${LEDGER_ENV}")
+    run = run_id(args)
     if args.checkpoint_dir and not os.path.isdir(args.checkpoint_dir):
         raise UsageError(f"{args.checkpoint_dir}: not a directory")
     for path in [p for pair in args.diff or [] for p in pair]:
         if not os.path.isfile(path):
             raise UsageError(f"{path}: no such file")
-    key = None
-    if args.key:
-        from trainguard.signing.keys import load_public_key
-
-        key = load_public_key(args.key)
+    key = public_key(args.key)
     fmt = _format(args)
-    ledger = open_ledger(args.ledger, create=False)
+    ledger = open_ledger(args)
     try:
         report = build_report(
             ledger,
-            args.run,
+            run,
             public_key=key,
             checkpoint_dir=args.checkpoint_dir,
             diff_pairs=[(a, b) for a, b in args.diff or []],
@@ -93,16 +90,7 @@ def _report(args: argparse.Namespace) -> int:
         )
     finally:
         ledger.close()
-    text = render(report, fmt, tool_version=installed_version())
+    write_output(render(report, fmt, tool_version=installed_version()), args.output)
     if args.output:
-        from trainguard.render.text import printable
-
-        try:
-            with open(args.output, "w", encoding="utf-8") as fh:
-                fh.write(text)
-        except OSError as exc:
-            raise UsageError(f"{printable(args.output)}: cannot write: {exc.strerror}") from None
         print(f"{printable(args.output)}: {printable(verdict(report))}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
     return report.exit_code()

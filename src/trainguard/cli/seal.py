@@ -10,38 +10,33 @@ public key) and file names.
 from __future__ import annotations
 
 import argparse
-import getpass
-import os
-import re
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from trainguard.cli._common import (
+    EXIT_OK,
+    PASSWORD_ENV,
+    Subparsers,
+    add_output,
+    add_verdict,
+    byte_progress,
+    fail_on,
+    human_size,
+    no_progress_arg,
+    parse_size,
+    private_key,
+    show_progress,
+    use_color,
+    warn,
+    workers,
+    write_output,
+)
 from trainguard.errors import UsageError
-from trainguard.findings import Severity
 
-if TYPE_CHECKING:
-    from trainguard.signing.keys import PrivateKey
-
-EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
-PASSWORD_ENV = "TRAINGUARD_KEY_PASSWORD"  # noqa: S105 - the variable's name, not a secret
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
+__all__ = ["PASSWORD_ENV", "parse_size", "register"]
 
 
-def parse_size(text: str) -> int:
-    """``1000000``, ``64M``, ``1GiB``: suffixes are powers of 1024."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 1000000, 512M, 1G)")
-    suffix = (match.group(2) or " ").lower()[0]
-    value: int = int(match.group(1)) * 1024 ** " kmgt".index(suffix)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("the size must be positive")
-    return value
-
-
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     s = sub.add_parser(
         "seal",
         help="sign a manifest of a model folder or file",
@@ -123,9 +118,8 @@ def register(sub: Any) -> None:
     v.add_argument(
         "--signature", metavar="SIG", help="the signature (default: PATH/model.sig, or FILE.sig)"
     )
-    v.add_argument("-f", "--format", choices=("text", "json", "sarif"), default="text")
-    v.add_argument("-o", "--output", metavar="FILE", help="write the report here, not stdout")
-    v.add_argument("--strict", action="store_true", help="fail on low findings too")
+    add_output(v, ("text", "json", "sarif"))
+    add_verdict(v)
     _common(v)
     v.set_defaults(handler=_verify)
 
@@ -162,80 +156,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--workers", type=int, metavar="N", help="hashing threads (default: cores)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-
-
-def _private_key(path: str) -> PrivateKey:
-    from trainguard.signing.errors import KeyLoadError
-    from trainguard.signing.keys import load_private_key
-
-    try:
-        return load_private_key(path)
-    except KeyLoadError as exc:
-        if "password is needed" not in str(exc):
-            raise
-    password = os.environ.get(PASSWORD_ENV)
-    if password is None:
-        if not sys.stdin.isatty():
-            raise KeyLoadError(f"{path}: the key is encrypted; set ${PASSWORD_ENV}")
-        password = getpass.getpass(f"password for {path}: ")
-    return load_private_key(path, password.encode("utf-8"))
-
-
-@contextmanager
-def _progress_bar(enabled: bool, label: str) -> Iterator[Callable[[int, int], None] | None]:
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    columns = (
-        TextColumn(label),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("", total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
-def _show_progress(args: argparse.Namespace) -> bool:
-    return not args.no_progress and sys.stderr.isatty()
-
-
-def _cache_arg(args: argparse.Namespace) -> bool:
-    return not args.no_cache
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:,.0f} {unit}" if unit == "bytes" else f"{value:,.1f} {unit}"
-        value /= 1024
-    return f"{value:,.1f} TiB"
+    no_progress_arg(p)
 
 
 def _seal(args: argparse.Namespace) -> int:
     from trainguard.signing import seal
     from trainguard.signing.keys import key_id
 
-    if args.workers is not None and args.workers < 1:
-        raise UsageError("--workers must be at least 1")
     if args.keyless:
         from trainguard.signing import KeylessSigning
 
@@ -244,9 +171,9 @@ def _seal(args: argparse.Namespace) -> int:
     else:
         if args.identity_token:
             raise UsageError("--identity-token is for --keyless")
-        key = _private_key(args.key)
+        key = private_key(args.key)
         signer = f"key id {key_id(key.public_key())[:16]}"
-    with _progress_bar(_show_progress(args), "hashing") as progress:
+    with byte_progress(show_progress(args), "hashing") as progress:
         result = seal(
             args.path,
             key,
@@ -254,19 +181,19 @@ def _seal(args: argparse.Namespace) -> int:
             hash=args.hash,
             shard_size=args.shard_size,
             ignore=args.ignore,
-            cache=_cache_arg(args),
+            cache=not args.no_cache,
             full=args.full,
-            workers=args.workers,
+            workers=workers(args),
             progress=progress,
         )
     for note in result.notes:
-        print(f"trainguard: warning: {note}", file=sys.stderr)
+        warn(note)
     files = len({r.path for r in result.manifest.resources})
     size = sum(r.size or 0 for r in result.manifest.resources)
     if result.manifest.serialization.method == "shards":
         size = sum(r.span[1] - r.span[0] for r in result.manifest.resources if r.span)
     print(
-        f"sealed {files} file{'' if files == 1 else 's'} ({_human(size)}, "
+        f"sealed {files} file{'' if files == 1 else 's'} ({human_size(size)}, "
         f"{result.manifest.serialization.algorithm}; {result.stats.files_from_cache} from the "
         f"digest cache) -> {result.signature} ({signer})",
         file=sys.stderr,
@@ -295,35 +222,22 @@ def _verify(args: argparse.Namespace) -> int:
     from trainguard.render import render
     from trainguard.signing import verify_report
 
-    if args.workers is not None and args.workers < 1:
-        raise UsageError("--workers must be at least 1")
-    fail_on = Severity.LOW if args.strict else Severity.HIGH
-    with _progress_bar(_show_progress(args), "verifying") as progress:
+    failing = fail_on(args)
+    with byte_progress(show_progress(args), "verifying") as progress:
         result = verify_report(
             args.path,
             _verifying_key(args),
             signature=args.signature,
             ignore=args.ignore,
-            cache=_cache_arg(args),
+            cache=not args.no_cache,
             full=args.full,
-            workers=args.workers,
+            workers=workers(args),
             progress=progress,
-            fail_on=fail_on,
+            fail_on=failing,
         )
     for note in result.notes:
-        print(f"trainguard: warning: {note}", file=sys.stderr)
-    color = (
-        args.output is None
-        and args.format == "text"
-        and sys.stdout.isatty()
-        and "NO_COLOR" not in os.environ
-    )
-    text = render(result.report, args.format, color=color)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        warn(note)
+    write_output(render(result.report, args.format, color=use_color(args)), args.output)
     code = result.report.exit_code()
     if code == EXIT_OK:
         print(
