@@ -72,7 +72,7 @@ def build(ctx: ReplayContext) -> Replayable:
     """The entry point: fresh objects, and the batches from step ctx.start on."""
     model, opt, sched, loader, epoch, step = parts()
     batches = epochs_from(ctx.start, len(loader), epoch)
-    return Replayable(model, opt, scheduler=sched, batches=batches, step=step)
+    return Replayable(model, opt, scheduler=sched, batches=batches, step=step, dataloader=loader)
 
 
 def build_more_threads(ctx: ReplayContext) -> Replayable:
@@ -87,12 +87,29 @@ def build_deterministic(ctx: ReplayContext) -> Any:
             "batches": run.batches, "step": run.step}  # fmt: skip
 
 
-def train(folder: Path, run_id: str, tamper: Tamper | None = None) -> str:
-    """Train STEPS steps under a guard, checkpointing every EVERY; return the ledger path."""
+def train(
+    folder: Path,
+    run_id: str,
+    tamper: Tamper | None = None,
+    carry: Callable[[int, Any, Any, Any, Any], None] | None = None,
+    **watch: Any,
+) -> str:
+    """Train STEPS steps under a guard, checkpointing every EVERY; return the ledger path.
+
+    ``carry(s, model, opt, sched, loader)`` runs after guard.step like ``tamper``, with
+    the scheduler and data loader too.
+    """
     ledger = str(folder / "ledger.db")
     model, opt, sched, loader, epoch, step = parts()
     guard = trainguard.watch(
-        model, opt, ledger=ledger, run_id=run_id, scheduler=sched, key=KEY, dataloader=loader
+        model,
+        opt,
+        ledger=ledger,
+        run_id=run_id,
+        scheduler=sched,
+        key=KEY,
+        dataloader=loader,
+        **watch,
     )
     guard.checkpoint(folder / f"{run_id}-0.pt", data_state={"epoch": 0})
     batches = epochs_from(0, len(loader), epoch)
@@ -102,6 +119,8 @@ def train(folder: Path, run_id: str, tamper: Tamper | None = None) -> str:
         guard.step(loss=loss, batch=batch)
         if tamper is not None:
             tamper(s, model, opt)
+        if carry is not None:
+            carry(s, model, opt, sched, loader)
         if (s + 1) % EVERY == 0:
             guard.checkpoint(folder / f"{run_id}-{s + 1}.pt", data_state={"epoch": s // 12})
     guard.close()
@@ -350,3 +369,91 @@ def test_cli_json(runs: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFi
     text = capsys.readouterr().out
     assert "plain (no key given" in text and "verdict: matched" in text
     assert main([*argv, "--run", "nope"]) == 2
+
+
+# -- state carried in checkpoints ------------------------------------------------------------
+
+
+# What a checkpoint restores besides weights and moments, changed in the training process just
+# before the save (after the last step of a segment), so that only the checkpoint carries it.
+def _set_attr(obj: str, attr: str, factor: float) -> Callable[..., None]:
+    def edit(model: Any, opt: Any, sched: Any, loader: Any) -> None:
+        target = {"sched": sched, "group": opt.param_groups[0]}[obj]
+        if isinstance(target, dict):
+            value = target[attr]
+            target[attr] = (
+                tuple(v * factor for v in value) if isinstance(value, tuple) else value * factor
+            )
+        else:
+            value = getattr(target, attr)
+            setattr(target, attr, [v * factor for v in value] if isinstance(value, list) else
+                    type(value)(value * factor))  # fmt: skip
+
+    return edit
+
+
+def _reseed(which: str) -> Callable[..., None]:
+    def edit(model: Any, opt: Any, sched: Any, loader: Any) -> None:
+        import random
+
+        import numpy as np
+
+        seed = 4242
+        {
+            "torch": lambda: torch.manual_seed(seed),
+            "python": lambda: random.seed(seed),
+            "numpy": lambda: np.random.seed(seed),
+            "loader": lambda: loader.generator.manual_seed(seed),
+        }[which]()
+
+    return edit
+
+
+CARRIED: dict[str, tuple[Callable[..., None], str]] = {
+    "gamma": (_set_attr("sched", "gamma", 1.25), "scheduler gamma"),
+    "step_size": (_set_attr("sched", "step_size", 2), "scheduler step_size"),
+    "base_lrs": (_set_attr("sched", "base_lrs", 1.5), "scheduler base_lrs"),
+    "weight_decay": (_set_attr("group", "weight_decay", 10.0), "optimizer group 0 weight_decay"),
+    "betas": (_set_attr("group", "betas", 0.99), "optimizer group 0 betas"),
+    "eps": (_set_attr("group", "eps", 100.0), "optimizer group 0 eps"),
+    "lr": (_set_attr("group", "lr", 1.5), "optimizer group 0 lr"),
+    "torch-seed": (_reseed("torch"), "rng torch"),
+    "python-seed": (_reseed("python"), "rng python"),
+    "numpy-seed": (_reseed("numpy"), "rng numpy"),
+    "loader-seed": (_reseed("loader"), "data loader generator"),
+}
+
+
+def test_state_carried_in_a_checkpoint_is_named(tmp_path: Path) -> None:
+    """Generative: a random piece of carried state, edited before a random save, is named.
+
+    Replaying the segment before the checkpoint ends in the honest state; the checkpoint
+    restores another, so the checkpoint is the divergence, with the value named.
+    """
+    seed = random_seed()
+    rnd = __import__("random").Random(seed)
+    kinds = rnd.sample(sorted(CARRIED), 2)
+    saved_at = rnd.choice([10, 20])
+    print(f"seed {seed}: {kinds} before the save at {saved_at}")
+
+    def carry(s: int, model: Any, opt: Any, sched: Any, loader: Any) -> None:
+        if s == saved_at - 1:
+            for kind in kinds:
+                CARRIED[kind][0](model, opt, sched, loader)
+
+    ledger = train(tmp_path, "carried", carry=carry)
+    report = replay(ledger, "carried", build, key=KEY, stop=saved_at + EVERY)
+    d = report.first_divergence
+    assert d is not None and d.kind == "checkpoint" and d.step == saved_at, (seed, kinds)
+    field = d.field("carried")
+    assert field is not None
+    for kind in kinds:
+        assert any(n.startswith(CARRIED[kind][1]) for n in field.tensors), (seed, kind, field)
+    assert [f.rule for f in report.findings()] == ["TG1511"]
+    assert "differs from what replaying up to step" in d.cause
+
+
+def random_seed() -> int:
+    import secrets
+
+    return secrets.randbelow(2**32)

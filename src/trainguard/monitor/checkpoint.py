@@ -21,8 +21,9 @@ numbers, strings and tensors.  Contents (format ``trainguard-checkpoint/1``):
     :func:`trainguard.monitor.conditions.gather` at save time.
 
 The ledger gets a ``checkpoint`` record (on the rank's stream, at ``step``)
-with the file's BLAKE3 digest, its size and name, and digests of the
-parameters, optimizer state and random states that were saved.
+with the file's BLAKE3 digest, its size and name, digests of the
+parameters, optimizer state and random states that were saved, and of the
+rest of the state it carries (:mod:`trainguard.monitor.carried`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainguard.errors import TrainguardError
-from trainguard.monitor import conditions, rng
+from trainguard.monitor import carried, conditions, rng
 from trainguard.monitor.fingerprint import optimizer_tensors
 
 FORMAT = "trainguard-checkpoint/1"
@@ -117,6 +118,17 @@ def save(guard: Any, path: str | os.PathLike[str], *, data_state: Any = None) ->
         "optimizer": opt.digest,
         "plain": {"params": params.plain, "optimizer": opt.plain},
         "rng": rng.state_digests(),
+        # Scheduler, hyper-parameters, random and data states as saved: what a replay
+        # that did not recompute the previous segment holds this checkpoint to.
+        "carried": carried.digests(
+            carried.flatten(
+                content["scheduler"],
+                content["optimizer"],
+                content["rng"],
+                content["data"]["loader"],
+                data_state,
+            )
+        ),
         "conditions": content["conditions"],
     }
     guard._record("checkpoint", payload)

@@ -1,4 +1,4 @@
-"""A replay report as text (for terminals and CI logs) or JSON.
+"""A replay report as text (for terminals and CI logs) or JSON (:func:`trainguard.render.render`).
 
 Tensor names, file names and alert messages come from the ledger and the
 checkpoints, so they are written through :func:`~trainguard.render.text.printable`
@@ -21,10 +21,10 @@ from trainguard.explain.replay.result import (
     Segment,
 )
 from trainguard.render.jsonfmt import finding_dict
+from trainguard.render.options import Options
 from trainguard.render.text import printable
 
 SCHEMA_VERSION = 1
-FORMATS = ("text", "json")
 MAX_TENSORS_TEXT = 12  # more differing tensors than this: the JSON lists them all
 
 MODE_TEXT = {
@@ -32,14 +32,6 @@ MODE_TEXT = {
     "plain": "plain (no key given: unkeyed sums, exact for honest replay, but someone "
     "who edits weights on purpose can keep them equal; pass --key-file)",
 }
-
-
-def render(report: ReplayReport, fmt: str, *, tool_version: str) -> str:
-    if fmt == "json":
-        return render_json(report, tool_version=tool_version)
-    if fmt == "text":
-        return render_text(report)
-    raise ValueError(f"unknown replay report format {fmt!r} (expected: {', '.join(FORMATS)})")
 
 
 # -- text ---------------------------------------------------------------------------------
@@ -84,6 +76,8 @@ def _field_line(f: FieldDiff) -> str:
         what = _tensors(f)
     elif f.field == "rng":
         what = "generators " + ", ".join(f.tensors)
+    elif f.field in ("carried", "carried-ledger"):  # values are in the cause and the JSON
+        what = ", ".join(printable(n) for n in f.tensors)
     else:
         what = f"recorded {_value(f.recorded)}, replayed {_value(f.replayed)}"
     return f"    {label:<46} {what}"
@@ -239,3 +233,11 @@ def report_dict(r: ReplayReport, *, tool_version: str) -> dict[str, Any]:
 def render_json(report: ReplayReport, *, tool_version: str) -> str:
     text = json.dumps(report_dict(report, tool_version=tool_version), indent=2, allow_nan=False)
     return text + "\n"
+
+
+def draw_text(report: ReplayReport, options: Options) -> str:
+    return render_text(report)
+
+
+def draw_json(report: ReplayReport, options: Options) -> str:
+    return render_json(report, tool_version=options.tool_version)

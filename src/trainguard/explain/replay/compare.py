@@ -146,6 +146,26 @@ def _names(d: FieldDiff) -> str:
     return ", ".join(d.tensors[:6]) + more
 
 
+def _carried_names(d: FieldDiff) -> str:
+    """``scheduler gamma (0.7 -> 0.9)``: values shown for plain numbers and short texts."""
+    out = []
+    for name in d.tensors[:6]:
+        a = d.recorded.get(name) if isinstance(d.recorded, dict) else None
+        b = d.replayed.get(name) if isinstance(d.replayed, dict) else None
+        if isinstance(a, str) and isinstance(b, str) and max(len(a), len(b)) <= 40:
+            out.append(f"{name} ({_short(a)} -> {_short(b)})")
+        else:
+            out.append(name)
+    more = f" and {len(d.tensors) - 6} more" if len(d.tensors) > 6 else ""
+    return ", ".join(out) + more
+
+
+def _short(text: str) -> str:
+    """A canonical value (``float:0.7``) as it reads."""
+    kind, colon, value = text.partition(":")
+    return value if colon and kind in ("int", "bool", "str", "NoneType") else text
+
+
 def cause(diffs: Sequence[FieldDiff], step: int, kind: str, *, checked: bool = True) -> str:
     """One sentence: the most telling difference, in the order things happen.
 
@@ -158,6 +178,19 @@ def cause(diffs: Sequence[FieldDiff], step: int, kind: str, *, checked: bool = T
         if "run" in by:
             d = by["run"]
             return f"the file holds {d.replayed}, the ledger records {d.recorded}"
+        if "carried" in by:
+            origin = (
+                f"replaying up to step {step - 1} ends in" if step else "the entry point builds"
+            )
+            return (
+                f"it restores state that differs from what {origin}: "
+                f"{_carried_names(by['carried'])}"
+            )
+        if "carried-ledger" in by:
+            return (
+                "the state it restores differs from the ledger's record of the save: "
+                f"{_carried_names(by['carried-ledger'])}"
+            )
         parts = [
             f"{'parameters' if d.field == 'params' else 'optimizer state'} {_names(d)}"
             for d in diffs

@@ -56,8 +56,8 @@ from trainguard.explain.replay.result import (
     Segment,
 )
 from trainguard.ledger.chain import normalise_payload
+from trainguard.monitor import carried, conditions
 from trainguard.monitor import checkpoint as ckpt
-from trainguard.monitor import conditions
 
 __all__ = [
     "ReplayContext",
@@ -221,6 +221,8 @@ class _Runner:
         self.search_dir = search_dir
         self.progress = progress or (lambda text: None)
         self.records = {c.step: c for c in history.checkpoints}
+        # Position -> the carried state (monitor/carried.py) a replayed segment ended in.
+        self.ends: dict[int, dict[str, dict[str, str]]] = {}
 
     def run(self, seg: Segment) -> None:
         t0 = time.perf_counter()
@@ -258,6 +260,10 @@ class _Runner:
                 )
                 seg.divergence = _checkpoint_divergence(seg.start, [diff], h)
                 return
+            held = self._carried(seg.start, record, saved)
+            if held is not None:
+                seg.divergence = _checkpoint_divergence(seg.start, [held], h)
+                return
             recorded_conditions = record.payload.get("conditions") or saved.conditions
         else:
             self.progress(f"steps {seg.start}..{seg.end - 1} from the entry's initial state")
@@ -289,6 +295,13 @@ class _Runner:
         )
         run = _call("the entry point", lambda: as_replayable(self.entry(ctx)))
         if saved is not None:
+            if seg.start == 0 and 0 not in self.ends:
+                # The honest entry's fresh objects are the state before step 0.
+                fresh = _carried_of(run, with_random=False)
+                held = _carried_diff(fresh, carried.of_checkpoint(saved))
+                if held is not None:
+                    seg.divergence = _checkpoint_divergence(seg.start, [held], h)
+                    return
             _restore(run, saved)
         seg.conditions = conditions.differences(recorded_conditions, conditions.gather(run.model))
         capture = _Capture()
@@ -362,6 +375,29 @@ class _Runner:
                     s, "step", tuple(diffs), why, tuple(h.alerts.get(s, ()))
                 )
                 return
+        # Every step matched: what the checkpoint at seg.end restores must be this.
+        self.ends[seg.end] = _carried_of(run, with_random=True)
+
+    def _carried(
+        self, position: int, record: CheckpointRecord, saved: ckpt.Checkpoint
+    ) -> FieldDiff | None:
+        """The checkpoint's carried state against the replay that ended here, else the ledger."""
+        restored = carried.of_checkpoint(saved)
+        end = self.ends.get(position)
+        if end is not None:
+            return _carried_diff(end, restored)
+        recorded = record.payload.get("carried")
+        if not isinstance(recorded, dict):
+            return None  # an older trainguard recorded no carried state
+        parts = carried.digest_differences(recorded, carried.digests(restored))
+        if not parts:
+            return None
+        return FieldDiff(
+            "carried-ledger",
+            {p: recorded.get(p) for p in parts},
+            {p: carried.digests(restored)[p] for p in parts},
+            tuple(parts),
+        )
 
 
 _END = object()
@@ -386,6 +422,33 @@ def _restore(run: Replayable, saved: ckpt.Checkpoint) -> None:
             run.scheduler.load_state_dict(saved.scheduler)
 
     _call("restoring the checkpoint into the entry's objects", load)
+
+
+def _carried_of(run: Replayable, *, with_random: bool) -> dict[str, dict[str, str]]:
+    def gather() -> dict[str, dict[str, str]]:
+        scheduler = run.scheduler.state_dict() if run.scheduler is not None else None
+        loader = ckpt.loader_state(run.dataloader) if run.dataloader is not None else None
+        states = ckpt.random_states() if with_random else None
+        return carried.flatten(scheduler, run.optimizer.state_dict(), states, loader)
+
+    return dict(_call("reading the replay's state", gather))
+
+
+def _carried_diff(
+    expected: dict[str, dict[str, str]], restored: dict[str, dict[str, str]]
+) -> FieldDiff | None:
+    """A "carried" difference naming each value (``scheduler gamma``), or None."""
+    names = carried.differences(expected, restored)
+    if not names:
+        return None
+    flat_a = {n: v for part in expected.values() for n, v in part.items()}
+    flat_b = {n: v for part in restored.values() for n, v in part.items()}
+    return FieldDiff(
+        "carried",
+        {n: flat_a.get(n) for n in names},
+        {n: flat_b.get(n) for n in names},
+        tuple(names),
+    )
 
 
 def _before(rec: dict[str, Any], prev: dict[str, Any] | None, start: dict[str, Any]) -> Any:

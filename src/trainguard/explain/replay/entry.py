@@ -22,6 +22,10 @@ same keys:
 ``record_batch`` (optional)
     what the training loop passed to ``guard.step(batch=...)``, given the
     batch (default: the batch itself).
+``dataloader`` (optional)
+    the data loader behind ``batches``: its generator states and epoch at the
+    end of a replayed segment are then held to what the next checkpoint
+    restores.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class Replayable:
     step: Callable[[Any], Any]
     scheduler: Any = None
     record_batch: Callable[[Any], Any] | None = None
+    dataloader: Any = None
 
 
 Entry = Callable[[ReplayContext], "Replayable | Mapping[str, Any]"]
@@ -68,7 +73,7 @@ def as_replayable(built: Any) -> Replayable:
     if isinstance(built, Replayable):
         return built
     if isinstance(built, Mapping):
-        known = {"model", "optimizer", "batches", "step", "scheduler", "record_batch"}
+        known = {"model", "optimizer", "batches", "step", "scheduler", "record_batch", "dataloader"}
         extra = sorted(set(built) - known)
         missing = sorted({"model", "optimizer", "batches", "step"} - set(built))
         if extra or missing:
