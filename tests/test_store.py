@@ -242,3 +242,48 @@ def test_metrics_endpoint(store: tuple[Path, Path, str]) -> None:
     assert 'trainguard_store_verdicts_total{outcome="quarantined"} 1' in text
     assert "trainguard_store_scans_total 2" in text
     assert status["outcomes"] == {"clean": 1, "quarantined": 1}
+
+
+def test_cli_once_exits_1_when_something_was_quarantined(
+    store: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainguard.cli.main import main
+
+    root, q, db = store
+    _write(root / "a.pt", MALICIOUS)
+    _write(root / "b.pt", CLEAN)
+    argv = ["store", "watch", str(root), "--quarantine", str(q), "--ledger", db, "--once"]
+    assert main([*argv, "--settle", "0"]) == 1
+    assert "quarantined a.pt" in capsys.readouterr().out
+    assert main([*argv, "--settle", "0"]) == 0  # restarted: nothing new, nothing rescanned
+    assert (root / "b.pt").exists() and (q / "a.pt").exists()
+
+
+def test_the_service_as_users_run_it(store: tuple[Path, Path, str], tmp_path: Path) -> None:
+    """`trainguard store watch` in its own process: a file written after start is moved."""
+    import subprocess
+    import sys
+
+    root, q, db = store
+    argv = ["store", "watch", str(root), "--quarantine", str(q), "--ledger", db]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainguard", *argv, "--settle", "0.5", "--interval", "0.2"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        assert "guarding" in proc.stderr.readline()  # started: files written now are new
+        _write(root / "late" / "ckpt.pt", MALICIOUS)
+        _write(root / "late" / "ok.pt", CLEAN)
+        assert _wait_for((q / "late" / "ckpt.pt").exists, timeout=10)
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert code == 0
+    assert (root / "late" / "ok.pt").exists()
+    verdicts = open_verdicts(db)
+    assert verdicts.counts() == {"clean": 1, "quarantined": 1}
+    verdicts.close()

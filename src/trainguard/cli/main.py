@@ -41,6 +41,7 @@ VERBS: dict[str, str] = {
     "diff": "trainguard.cli.diff",
     "replay": "trainguard.cli.replay",
     "report": "trainguard.cli.report",
+    "store": "trainguard.cli.store",
 }
 
 
