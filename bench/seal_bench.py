@@ -134,7 +134,7 @@ def main() -> int:
             )
         warm(files)
         # The digest cache keeps nothing about a file changed in the last minute
-        # (RACY_MARGIN_NS): a folder built just now would make the "cache warm" rows
+        # (filestate.RACY_NS): a folder built just now would make the "cache warm" rows
         # measure hashing.
         age = time.time() - max(p.stat().st_ctime for p in files)
         if age < 61:

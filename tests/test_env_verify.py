@@ -26,9 +26,9 @@ from tests.test_env_support import (
     run_in_subprocess,
     write_swapped_pyc,
 )
-from trainguard.env import walk as env_walk
+from trainguard import filestate
+from trainguard.digest_cache import DigestCache
 from trainguard.env.allow import load_allowlist
-from trainguard.env.cache import DigestCache
 from trainguard.env.verify import EnvOptions, verify_environment
 from trainguard.findings import Finding, ScanReport, Severity
 
@@ -56,7 +56,7 @@ def rules_of(report: ScanReport) -> set[str]:
 def no_racy_window(monkeypatch: pytest.MonkeyPatch) -> None:
     """The sites here are copied a moment before they are verified; the racy window
     (a file changed in the last 2 s is not remembered) would keep every cache empty."""
-    monkeypatch.setattr(env_walk, "RACY_NS", 0)
+    monkeypatch.setattr(filestate, "RACY_NS", 0)
 
 
 @pytest.fixture(params=["cold", "warm"])
@@ -322,7 +322,7 @@ def test_cache_speeds_up_but_never_hides_an_edit(tmp_path: Path) -> None:
 def test_files_changed_in_the_last_seconds_are_not_remembered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(env_walk, "RACY_NS", 3600 * 10**9)  # every file is "just changed"
+    monkeypatch.setattr(filestate, "RACY_NS", 3600 * 10**9)  # every file is "just changed"
     site = fresh_site(tmp_path)
     cache_file = str(tmp_path / "cache" / "env.json")
     for _ in range(2):
@@ -380,7 +380,10 @@ def test_cache_is_ignored_when_others_can_write_it(tmp_path: Path, site: Path) -
     cache_file = tmp_path / "env.json"
     verify(site, cache=DigestCache(str(cache_file)))
     cache_file.chmod(0o666)
-    assert DigestCache(str(cache_file)).digests("x", (0, 0, 0, 0, 0), frozenset()) == {}
+    assert DigestCache(str(cache_file)).disabled is None  # not read yet
+    untrusted = DigestCache(str(cache_file))
+    assert untrusted.digests("x", filestate.Identity(0, 0, 0, 0, 0), frozenset({"sha256"})) == {}
+    assert untrusted.disabled is not None and "others can write" in untrusted.disabled
     again = verify_environment(EnvOptions(paths=[str(site)], cache=DigestCache(str(cache_file))))
     assert again.stats.cache_hits == 0
 

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from trainguard import filestate
+from trainguard.digest_cache import default_cache_path
+from trainguard.filestate import Identity
 from trainguard.signing import DigestCache, VerificationError, seal, verify
-from trainguard.signing.digest_cache import RACY_MARGIN_NS, default_path
 from trainguard.signing.errors import SealError
-from trainguard.signing.hashing import Identity, Piece, hash_piece
+from trainguard.signing.hashing import Piece, hash_piece
 from trainguard.signing.keys import write_keypair
 
 MiB = 1024 * 1024
@@ -35,10 +37,11 @@ def model(tmp_path: Path) -> Path:
 
 
 @pytest.fixture()
-def cache(tmp_path: Path) -> DigestCache:
-    # No racy margin: the files were written a moment ago (the default margin,
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> DigestCache:
+    # No racy window: the files were written a moment ago (the default window,
     # tested below, keeps such digests out of the cache).
-    return DigestCache(tmp_path / "cache" / "digests.sqlite", racy_margin_ns=0)
+    monkeypatch.setattr(filestate, "RACY_NS", 0)
+    return DigestCache(tmp_path / "cache" / "model.json")
 
 
 def total(model: Path) -> int:
@@ -103,10 +106,10 @@ def test_replaced_file_with_same_stat_fields_is_caught(
 def test_recently_changed_files_are_not_cached(
     model: Path, keys: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    racy = DigestCache(tmp_path / "racy.sqlite")  # default margin
+    racy = DigestCache(tmp_path / "racy.json")  # default window
     seal(model, keys[0], cache=racy)
     assert verify(model, keys[1], cache=racy).stats.files_from_cache == 0
-    old = time.time_ns() - RACY_MARGIN_NS - 1_000_000_000
+    old = time.time_ns() - filestate.RACY_NS - 1_000_000_000
     assert not racy.put(
         "/x", Identity(1, 2, 3, old, time.time_ns()), "sha256", 0, [b"x" * 32], time.time_ns()
     )
@@ -117,9 +120,12 @@ def test_default_cache_lives_outside_the_model(
     model: Path, keys: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(filestate, "RACY_NS", 0)
     seal(model, keys[0])
-    assert default_path() == tmp_path / "xdg" / "trainguard" / "digests.sqlite"
-    assert default_path().exists() and oct(default_path().stat().st_mode & 0o777) == "0o600"
+    path = Path(default_cache_path("model", [str(model.resolve())]))
+    assert path.parent == tmp_path / "xdg" / "trainguard"
+    assert path.exists() and oct(path.stat().st_mode & 0o777) == "0o600"
+    assert verify(model, keys[1]).stats.files_from_cache == 4
     assert sorted(p.name for p in model.iterdir()) == [
         "model.sig",
         "part-0.bin",
@@ -132,9 +138,10 @@ def test_default_cache_lives_outside_the_model(
 def test_broken_cache_is_switched_off_not_trusted(
     model: Path, keys: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    bad = tmp_path / "bad.sqlite"
-    bad.write_bytes(b"this is not a database" * 100)
-    result = seal(model, keys[0], cache=DigestCache(bad, racy_margin_ns=0))
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b"this is not a cache" * 100)
+    bad.chmod(0o600)
+    result = seal(model, keys[0], cache=DigestCache(bad))
     assert result.notes and "not usable" in result.notes[0]
     assert result.stats.bytes_hashed == total(model)
     verify(model, keys[1], cache=DigestCache(bad))

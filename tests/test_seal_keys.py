@@ -20,6 +20,8 @@ from trainguard.signing.keys import (
     key_id,
     load_private_key,
     load_public_key,
+    private_key_from,
+    public_key_from,
     write_keypair,
 )
 
@@ -164,3 +166,26 @@ def test_unsupported_keys_are_refused(tmp_path: Path) -> None:
         )
         with pytest.raises(KeyLoadError, match="unsupported"):
             load_private_key(path)
+
+
+def test_a_key_is_an_object_or_a_path_the_same_way_everywhere(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``private_key_from``/``public_key_from`` are the one "key object or PEM path"
+    helper (seal, verify, the ledger, protect, watch): both forms give the same key,
+    and a wrong key fails there, before anything is signed or trusted."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    private = private_key_from(pair[0])
+    assert private_key_from(str(pair[0])).public_key() == private.public_key()
+    assert private_key_from(private) is private
+    public = public_key_from(pair[1])
+    assert public_key_from(public) is public and public == private.public_key()
+    with pytest.raises(KeyLoadError, match="public key was given"):
+        private_key_from(public)
+    with pytest.raises(KeyLoadError, match="private key was given"):
+        public_key_from(private)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    for bad in (rsa_key, ec.generate_private_key(ec.SECP256K1()), b"pem"):
+        with pytest.raises(KeyLoadError, match="unsupported"):
+            private_key_from(bad)

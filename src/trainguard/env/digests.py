@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import NamedTuple, Protocol
 
-from trainguard.env.cache import DigestCache
-from trainguard.env.walk import FILE, SPECIAL, Entry, StatKey, entry_in, stat_key
+from trainguard.digest_cache import DigestCache
+from trainguard.env.walk import FILE, SPECIAL, entry_in
+from trainguard.filestate import Entry, Identity, default_workers
 
 CHUNK = 1024 * 1024
 # Files at least this large are hashed as tasks of their own.
@@ -36,7 +37,7 @@ _OPEN_FLAGS = (
 
 class Digests(NamedTuple):
     size: int
-    key: StatKey
+    key: Identity
     values: dict[str, bytes]
 
 
@@ -73,7 +74,7 @@ def hash_file(path: str, algorithms: frozenset[str], buf: bytearray | None = Non
                 h.update(chunk)
     finally:
         os.close(fd)
-    return Digests(total, stat_key(st), {h.name: h.digest() for h in hashers})
+    return Digests(total, Identity.of(st), {h.name: h.digest() for h in hashers})
 
 
 def _hash_batch(batch: Sequence[Job]) -> list[tuple[str, Digests | str]]:
@@ -103,13 +104,6 @@ def _batches(jobs: Sequence[Job], sizes: dict[str, int]) -> list[list[Job]]:
     if small:
         batches.append(small)
     return batches
-
-
-def default_workers() -> int:
-    # One thread per core: with the page cache warm, hashing is CPU-bound and
-    # extra threads only contend for the GIL between reads (measured slower
-    # on 2 cores); --workers raises it for slow network filesystems.
-    return min(32, os.cpu_count() or 1)
 
 
 def hash_files(
@@ -198,9 +192,9 @@ def hash_wanted(
                 continue
             sizes[path] = entry.size
             if cache is not None:
-                hit = cache.digests(path, entry.key, algorithms)
+                hit = cache.digests(path, entry.identity, algorithms)
                 if hit:
-                    digests[path] = Digests(entry.size, entry.key, hit)
+                    digests[path] = Digests(entry.size, entry.identity, hit)
                     continue
         jobs.append((path, algorithms))
     if progress is not None:

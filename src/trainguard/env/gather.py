@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from trainguard.env.cache import DigestCache
+from trainguard.digest_cache import DigestCache
 from trainguard.env.checks import Ownership, record_findings, shadowed_module
 from trainguard.env.digests import DEFAULT_ALGORITHM, Digests, Progress, hash_wanted
 from trainguard.env.findings import (
@@ -37,7 +37,8 @@ from trainguard.env.sort import (
     source_of,
     walk_scope,
 )
-from trainguard.env.walk import SPECIAL, Entry, StatKey, entry_in
+from trainguard.env.walk import SPECIAL, entry_in
+from trainguard.filestate import Entry, Identity
 from trainguard.findings import Finding
 
 if TYPE_CHECKING:
@@ -72,9 +73,9 @@ class Evidence:
     all_digests: dict[str, tuple[str, int]] = field(default_factory=dict)
     # Files RECORD rows name outside the walked folders, with the stat taken
     # before any was read (None: missing).
-    outside: dict[str, StatKey | None] = field(default_factory=dict)
+    outside: dict[str, Identity | None] = field(default_factory=dict)
     # The stat of every file read, from the open descriptor (see env_verdict.consistent).
-    reads: dict[str, StatKey] = field(default_factory=dict)
+    reads: dict[str, Identity] = field(default_factory=dict)
 
     def owner_of(self, path: str) -> InstalledDist | None:
         """The distribution a finding about ``path`` belongs to, if any."""
@@ -108,7 +109,7 @@ def _check_pycs(
     stats: dict[str, Entry | None],
 ) -> None:
     jobs: list[PycJob] = []
-    keys: dict[str, tuple[StatKey, StatKey]] = {}
+    keys: dict[str, tuple[Identity, Identity]] = {}
     for pyc, source, level in sorted_.pycs:
         if source not in present and not os.path.exists(source):
             if ev.own.owner(source) is None:  # a listed source that is gone is TG602
@@ -125,9 +126,9 @@ def _check_pycs(
             pyc_entry = entry_in(stats, pyc)
             src_entry = entry_in(stats, source)
             if pyc_entry is not None and src_entry is not None:
-                if cache.pyc_verified(pyc, pyc_entry.key, src_entry.key):
+                if cache.pyc_verified(pyc, pyc_entry.identity, src_entry.identity):
                     continue
-                keys[pyc] = (pyc_entry.key, src_entry.key)
+                keys[pyc] = (pyc_entry.identity, src_entry.identity)
         jobs.append(PycJob(pyc, source, level))
     if progress is not None:
         progress.start("compiling", len(jobs))
@@ -310,7 +311,7 @@ def gather(
             path = row.path
             if path not in files and path not in ev.outside:  # out of the site folders
                 entry = entry_in(stats, path)
-                ev.outside[path] = entry.key if entry is not None else None
+                ev.outside[path] = entry.identity if entry is not None else None
     ev.reads.update((path, got.key) for path, got in digests.items())
     ev.stats.hashed_files = len(digests) - (cache.hits if cache is not None else 0)
     for path, reason in errors.items():

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from importlib.machinery import BYTECODE_SUFFIXES, EXTENSION_SUFFIXES, SOURCE_SUFFIXES
 
-from trainguard.env.walk import StatKey, stat_key
+from trainguard.filestate import Identity
 
 # A .pth file is a few lines; setuptools' largest is under 200 bytes.
 MAX_PTH_BYTES = 1024 * 1024
@@ -26,7 +26,7 @@ class PthFile:
     exec_lines: list[str]
     path_lines: list[str]
     error: str | None = None
-    key: StatKey | None = None  # the stat of the file read (not of whatever is there now)
+    key: Identity | None = None  # the stat of the file read (not of whatever is there now)
 
 
 def executes(line: str) -> bool:
@@ -47,7 +47,7 @@ def _decode(raw: bytes) -> str:
 def read_pth(path: str) -> PthFile:
     try:
         with open(path, "rb") as fh:
-            key = stat_key(os.fstat(fh.fileno()))
+            key = Identity.of(os.fstat(fh.fileno()))
             raw = fh.read(MAX_PTH_BYTES + 1)
     except OSError as exc:
         return PthFile(path, [], [], exc.strerror or str(exc))

@@ -29,7 +29,7 @@ from importlib.util import MAGIC_NUMBER, source_hash
 from types import CodeType
 from typing import Any
 
-from trainguard.env.walk import StatKey, stat_key
+from trainguard.filestate import Identity
 
 HEADER = 16
 MAX_SOURCE_BYTES = 32 * 1024 * 1024
@@ -57,8 +57,8 @@ class PycVerdict:
     detail: str = ""
     source: str = ""
     # The stats of the files compared (not of whatever is there now), when read.
-    source_key: StatKey | None = None
-    pyc_key: StatKey | None = None
+    source_key: Identity | None = None
+    pyc_key: Identity | None = None
 
 
 def optimization_of(name: str) -> int | None:
@@ -163,14 +163,14 @@ def _read(path: str, limit: int) -> tuple[bytes, os.stat_result]:
 def check_pyc(job: PycJob) -> PycVerdict:
     """Compare one pyc with its freshly compiled source."""
 
-    keys: list[StatKey | None] = [None, None]
+    keys: list[Identity | None] = [None, None]
 
     def verdict(status: str, detail: str = "") -> PycVerdict:
         return PycVerdict(job.pyc, status, detail, job.source, keys[0], keys[1])
 
     try:
         source, source_stat = _read(job.source, MAX_SOURCE_BYTES)
-        keys[0] = stat_key(source_stat)
+        keys[0] = Identity.of(source_stat)
     except FileNotFoundError:
         return verdict(NO_SOURCE)
     except ValueError as exc:
@@ -179,7 +179,7 @@ def check_pyc(job: PycJob) -> PycVerdict:
         return verdict(UNREADABLE, f"its source cannot be read: {exc.strerror or exc}")
     try:
         data, pyc_stat = _read(job.pyc, MAX_PYC_BYTES)
-        keys[1] = stat_key(pyc_stat)
+        keys[1] = Identity.of(pyc_stat)
     except ValueError as exc:
         return verdict(TOO_LARGE, f"it is {exc}")
     except OSError as exc:

@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
-from trainguard.env.walk import StatKey, stat_key
+from trainguard.filestate import Identity
 from trainguard.findings import Finding
 from trainguard.rules import rule
 
@@ -63,7 +63,7 @@ class InstalledDist:
     # For an editable install, the source folder its .pth points at.
     editable: str | None = None
     # The stat of the RECORD that was read (not of whatever is there now).
-    record_key: StatKey | None = None
+    record_key: Identity | None = None
 
     @property
     def label(self) -> str:
@@ -274,7 +274,7 @@ def load_dist(dist: metadata.Distribution, root: str) -> InstalledDist | None:
         if os.path.getsize(record_path) > MAX_RECORD_BYTES:
             raise OSError(f"larger than {MAX_RECORD_BYTES} bytes")
         with open(record_path, encoding="utf-8", newline="") as fh:
-            installed.record_key = stat_key(os.fstat(fh.fileno()))
+            installed.record_key = Identity.of(os.fstat(fh.fileno()))
             text = fh.read()
     except (OSError, UnicodeDecodeError) as exc:
         installed.problems.append(_finding("TG614", f"RECORD cannot be read: {exc}", record_path))

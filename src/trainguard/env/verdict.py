@@ -6,7 +6,7 @@ torch environment even when every digest comes from the cache.  Instead, the
 verify fingerprints what it is about to look at, before it reads anything:
 
 * every entry under the site (and standard library) folders, with its kind
-  and its stat key (inode, size, mtime, ctime: see :mod:`.env_walk`), and the
+  and its stat key (inode, size, mtime, ctime: see :class:`trainguard.filestate.Identity`), and the
   folders that could not be listed;
 * the customize modules on the search path, with their stat keys;
 * the files RECORD rows name outside those folders (console scripts), with
@@ -35,18 +35,11 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from trainguard.env.cache import interpreter_tag
+from trainguard.digest_cache import interpreter_tag
 from trainguard.env.pth import startup_modules
 from trainguard.env.sort import Scope, walk_scope
-from trainguard.env.walk import (
-    LINK,
-    Entry,
-    StatKey,
-    entry_for,
-    key_text,
-    settled,
-    stat_key,
-)
+from trainguard.env.walk import LINK
+from trainguard.filestate import Entry, Identity, entry_for, settled
 from trainguard.findings import Finding, Severity
 
 FORMAT = 1
@@ -66,18 +59,18 @@ class Observed:
     startup: list[tuple[str, str, int]]
     digest: str | None  # None: the folders cannot be fingerprinted (a linked folder)
     taken_at: float  # Unix time, when the walk began
-    # Every file's last change is older than the racy window (see env_walk.RACY_NS):
+    # Every file's last change is older than the racy window (see filestate.RACY_NS):
     # only then may the verdict be stored.
     settled: bool
 
 
-def _key_line(path: str, kind: str, key: StatKey | None) -> str:
-    return f"{path}\0{kind}\0{'-' if key is None else key_text(key)}\n"
+def _key_line(path: str, kind: str, key: Identity | None) -> str:
+    return f"{path}\0{kind}\0{'-' if key is None else key.text()}\n"
 
 
-def _lstat_key(path: str) -> StatKey | None:
+def _lstat_key(path: str) -> Identity | None:
     try:
-        return stat_key(os.lstat(path))
+        return Identity.of(os.lstat(path))
     except OSError:
         return None
 
@@ -97,14 +90,14 @@ def observe(scope: Scope) -> Observed:
             kind = walked[path]
             entry = entries[path] = entry_for(path)
             if entry is not None:
-                newest = max(newest, entry.key[4])
+                newest = max(newest, entry.identity.ctime_ns)
                 if kind == LINK:
                     if not entry.regular:
                         linked_folder = True  # its content is outside the fingerprint
                     # The link itself too: a retargeted link is a change even when
                     # the new target has the old one's stat.
                     lines.append(_key_line(path, "link-itself", _lstat_key(path)))
-            lines.append(_key_line(path, kind, entry.key if entry is not None else None))
+            lines.append(_key_line(path, kind, entry.identity if entry is not None else None))
         lines.append("\n")
     # Folders matter by their names (an empty dist-info, a folder named like a
     # module): the files' lines already cover what is in them.
@@ -114,8 +107,8 @@ def observe(scope: Scope) -> Observed:
     startup = startup_modules(scope.search)
     for module, path, position in startup:
         entry = entries[path] = entry_for(path)
-        newest = max(newest, entry.key[4] if entry is not None else 0)
-        lines.append(_key_line(path, f"{module}@{position}", entry.key if entry else None))
+        newest = max(newest, entry.identity.ctime_ns if entry is not None else 0)
+        lines.append(_key_line(path, f"{module}@{position}", entry.identity if entry else None))
     digest = None
     if not linked_folder:
         data = "".join(lines).encode("utf-8", "surrogateescape")
@@ -129,8 +122,8 @@ def observe(scope: Scope) -> Observed:
 
 def consistent(
     observed: Observed,
-    reads: dict[str, StatKey],
-    outside: dict[str, StatKey | None],
+    reads: dict[str, Identity],
+    outside: dict[str, Identity | None],
     meta_dirs: Iterable[str],
 ) -> bool:
     """Whether every file a verify read is the file it fingerprinted.
@@ -147,29 +140,29 @@ def consistent(
     for path, key in reads.items():
         entry = observed.entries.get(path)
         if entry is not None:
-            if entry.key != key:
+            if entry.identity != key:
                 return False
         elif outside.get(path) != key:
             return False
     return True
 
 
-def outside_digest(keys: dict[str, StatKey | None]) -> str:
+def outside_digest(keys: dict[str, Identity | None]) -> str:
     """A digest of the stat keys (or absence) of files outside the walked folders."""
     lines = [_key_line(path, "outside", key) for path, key in sorted(keys.items())]
     return hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def outside_settled(keys: dict[str, StatKey | None], taken_at: float) -> bool:
+def outside_settled(keys: dict[str, Identity | None], taken_at: float) -> bool:
     now_ns = int(taken_at * 1e9)
-    return all(key is None or settled(key[4], now_ns) for key in keys.values())
+    return all(key is None or settled(key.ctime_ns, now_ns) for key in keys.values())
 
 
 def outside_now(paths: Iterable[str]) -> str:
-    keys: dict[str, StatKey | None] = {}
+    keys: dict[str, Identity | None] = {}
     for path in paths:
         entry = entry_for(path)
-        keys[path] = entry.key if entry is not None else None
+        keys[path] = entry.identity if entry is not None else None
     return outside_digest(keys)
 
 
@@ -242,7 +235,7 @@ def _finding_from(doc: Any) -> Finding:
 
 
 def to_doc(
-    tag: dict[str, Any], observed: Observed, outside: dict[str, StatKey | None], verdict: Verdict
+    tag: dict[str, Any], observed: Observed, outside: dict[str, Identity | None], verdict: Verdict
 ) -> dict[str, Any]:
     """The verdict as stored; ``outside`` holds the stats taken before those files were read."""
     return {

@@ -22,11 +22,11 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 
+from trainguard.digest_cache import DigestCache
 from trainguard.env.allow import DEFAULTS, AllowEntry, apply_allowlist
-from trainguard.env.cache import DigestCache
 from trainguard.env.digests import Progress
 from trainguard.env.gather import EnvStats, Evidence, gather
-from trainguard.env.snapshot import Snapshot
+from trainguard.env.snapshot import Snapshot, read_snapshot
 from trainguard.env.sort import Scope
 from trainguard.env.verdict import (
     DistSummary,
@@ -43,6 +43,7 @@ from trainguard.env.verdict import (
 from trainguard.env.walk import startup_search_path
 from trainguard.errors import UsageError
 from trainguard.findings import FileResult, Finding, ScanReport, Severity
+from trainguard.signing.keys import public_key_from
 
 
 @dataclass
@@ -277,3 +278,21 @@ def verify_environment(options: EnvOptions | None = None) -> EnvResult:
     stats.seconds = time.perf_counter() - started
     stats.cache_hits = opts.cache.hits if opts.cache is not None else 0
     return EnvResult(report, stats, evidence.all_digests)
+
+
+def check_against(
+    snapshot: str | os.PathLike[str], key: object, paths: list[str] | None = None
+) -> list[Finding]:
+    """What in the environment differs from a sealed snapshot, at high or above.
+
+    ``key`` is the public key that signed the snapshot (an object or a PEM path);
+    a snapshot that does not verify raises.  ``protect(env_snapshot=...)`` and
+    the start-up check of ``watch(env_snapshot=...)`` both come here, so the two
+    refuse the same environments.  Pycs are left out: a snapshot covers them
+    by digest already, and the check must stay quick at start-up.
+    """
+    if key is None:
+        raise UsageError("env_snapshot needs env_key, the public key that signed the snapshot")
+    sealed = read_snapshot(os.fspath(snapshot), public_key_from(key))
+    result = verify_environment(EnvOptions(paths=paths, against=sealed, check_pyc=False))
+    return [f for f in result.report.findings if f.severity >= Severity.HIGH]

@@ -10,68 +10,8 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
-from stat import S_ISLNK, S_ISREG
-from typing import NamedTuple
 
-# (device, inode, size, mtime, ctime), all in ns where it applies.  ctime
-# changes on every write, rename or chmod and cannot be set back without
-# changing the system clock, so an edit that restores the mtime still shows.
-StatKey = tuple[int, int, int, int, int]
-
-
-def stat_key(st: os.stat_result) -> StatKey:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-# A file changed this shortly before it was looked at may change again without
-# its key changing, so its key does not yet vouch for its content and nothing is
-# remembered about it (git calls such files "racily clean").  Two reasons:
-# - the kernel's clock for timestamps ticks every few ms (whole seconds on some
-#   filesystems): a second write in the same tick leaves the key as it was;
-# - a write through a shared memory mapping updates the timestamps only when it
-#   faults on a clean page: once a page is dirty, further writes to it change
-#   nothing in the stat until the page is written back (measured on this
-#   project's ext4 machine: ~30 s, vm.dirty_expire_centisecs).
-# A minute covers both with the kernel's default writeback; tmpfs never writes
-# back, so there the window does not help (docs/env.md says so).
-RACY_NS = 60 * 1_000_000_000
-
-
-def settled(ctime_ns: int, now_ns: int) -> bool:
-    """Whether a file last changed at ``ctime_ns`` may be remembered at ``now_ns``."""
-    return ctime_ns < now_ns - RACY_NS
-
-
-def key_text(key: StatKey) -> str:
-    """``dev,ino,size,mtime,ctime``: how caches and fingerprints write a key."""
-    return f"{key[0]},{key[1]},{key[2]},{key[3]},{key[4]}"
-
-
-class Entry(NamedTuple):
-    path: str
-    size: int
-    key: StatKey
-    regular: bool  # a regular file, or a link to one
-    link: bool
-
-
-def entry_for(path: str) -> Entry | None:
-    """The :class:`Entry` for one path, ``None`` when nothing is there."""
-    # A re-verify calls this once per file (40,000 for torch): positional
-    # arguments and an inline key keep it near the cost of the lstat itself.
-    try:
-        lst = os.lstat(path)
-    except OSError:
-        return None
-    mode = lst.st_mode
-    if not S_ISLNK(mode):
-        key = (lst.st_dev, lst.st_ino, lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns)
-        return Entry(path, lst.st_size, key, S_ISREG(mode), False)
-    try:
-        st = os.stat(path)
-    except OSError:
-        return Entry(path, 0, stat_key(lst), False, True)
-    return Entry(path, st.st_size, stat_key(st), S_ISREG(st.st_mode), True)
+from trainguard.filestate import Entry, entry_for
 
 
 def entry_in(stats: dict[str, Entry | None], path: str) -> Entry | None:

@@ -82,15 +82,6 @@ Row = Sequence[Any]
 PayloadBuilder = Callable[[tuple[int, str] | None], tuple[dict[str, Any], str]]
 
 
-def load_private_key(key: Any) -> Any:
-    """A key object as is, or the key in a PEM file named by a path."""
-    if isinstance(key, str | os.PathLike):
-        from trainguard.signing.keys import load_private_key as load
-
-        return load(key)
-    return key
-
-
 class SqlLedger(ABC):
     """A ledger in an SQL database; subclasses supply the connection.
 
@@ -169,7 +160,9 @@ class SqlLedger(ABC):
     def sign_head(self, run_id: str, stream: int, private_key: Any) -> Record:
         """Append a signed head naming the stream's last record (see :mod:`.heads`)."""
         check_fields(run_id, HEAD_KIND, None, stream)
-        key = load_private_key(private_key)
+        from trainguard.signing.keys import private_key_from
+
+        key = private_key_from(private_key)
 
         def build(head: tuple[int, str] | None) -> tuple[dict[str, Any], str]:
             if head is None:

@@ -15,7 +15,6 @@ signed head to say they existed.  Keep the latest signed head elsewhere too
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -67,14 +66,6 @@ class _Stream:
     # Digests of records found at the wrong seq: the record after one of them
     # links to it, which the reorder finding already explains.
     moved: set[str] = field(default_factory=set)
-
-
-def _load_public_key(key: Any) -> Any:
-    if isinstance(key, str | os.PathLike):
-        from trainguard.signing.keys import load_public_key
-
-        return load_public_key(key)
-    return key
 
 
 def _record_digest(record: Record, seq: int) -> str:
@@ -417,7 +408,9 @@ class VerifyResult:
 
 def verify_run(ledger: Ledger, run_id: str, public_key: Any | None = None) -> VerifyResult:
     """:func:`verify_ledger` with the counts a report shows beside the findings."""
-    key = _load_public_key(public_key) if public_key is not None else None
+    from trainguard.signing.keys import public_key_from
+
+    key = public_key_from(public_key) if public_key is not None else None
     location = str(getattr(ledger, "location", "ledger"))
     verifier = _Verifier(run_id, key, location)
     for record in ledger.records(run_id):

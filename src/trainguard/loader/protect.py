@@ -101,16 +101,9 @@ def protect(
 
 
 def _check_environment(snapshot: str, key: Any, paths: list[str] | None, mode: str) -> None:
-    from trainguard.env.snapshot import read_snapshot
-    from trainguard.env.verify import EnvOptions, verify_environment
-    from trainguard.signing.keys import load_public_key
+    from trainguard.env.verify import check_against
 
-    if key is None:
-        raise UsageError("env_snapshot needs env_key, the public key that signed it")
-    public = load_public_key(key) if isinstance(key, (str, os.PathLike)) else key
-    sealed = read_snapshot(snapshot, public)
-    result = verify_environment(EnvOptions(paths=paths, against=sealed, check_pyc=False))
-    bad = [f for f in result.report.findings if f.severity >= Severity.HIGH]
+    bad = check_against(snapshot, key, paths)
     if not bad:
         return
     if mode == "block":

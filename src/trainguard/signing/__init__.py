@@ -11,6 +11,7 @@ Import submodules with ``from trainguard.signing.keys import ...``: the package
 
 from __future__ import annotations
 
+from trainguard.digest_cache import DigestCache
 from trainguard.signing.api import (
     SealResult,
     VerifyResult,
@@ -19,7 +20,6 @@ from trainguard.signing.api import (
     verify,
     verify_report,
 )
-from trainguard.signing.digest_cache import DigestCache
 from trainguard.signing.errors import KeyLoadError, SealError, VerificationError
 from trainguard.signing.keyless import KeylessSigning, SigstoreIdentity
 

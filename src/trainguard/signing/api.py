@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainguard.digest_cache import DigestCache
 from trainguard.errors import UsageError
 from trainguard.findings import FileResult, Finding, ScanReport, Severity
 from trainguard.rules import rule
@@ -30,11 +31,11 @@ from trainguard.signing.build import (
     verify_ignore_rules,
 )
 from trainguard.signing.compare import compare
-from trainguard.signing.digest_cache import DigestCache
 from trainguard.signing.dsse import MAX_PAYLOAD
 from trainguard.signing.errors import SealError, VerificationError
 from trainguard.signing.hashing import SEAL_HASHES, HashStats
 from trainguard.signing.keyless import KeylessSigning, SigstoreIdentity
+from trainguard.signing.keys import private_key_from, public_key_from
 from trainguard.signing.manifest import (
     Manifest,
     ManifestError,
@@ -71,22 +72,6 @@ class VerifyResult:
     signer_identity: str | None = None
 
 
-def _load_private(key: object) -> PrivateKey:
-    from trainguard.signing.keys import load_private_key
-
-    if isinstance(key, str | os.PathLike):
-        return load_private_key(key)
-    return key  # type: ignore[return-value]  # a key object, checked when it signs
-
-
-def _load_public(key: object) -> PublicKey:
-    from trainguard.signing.keys import load_public_key
-
-    if isinstance(key, str | os.PathLike):
-        return load_public_key(key)
-    return key  # type: ignore[return-value]
-
-
 def _hash(
     tree: Tree,
     ser: Serialization,
@@ -96,7 +81,7 @@ def _hash(
     progress: Progress | None,
 ) -> tuple[list[Resource], HashStats, list[str]]:
     stats = HashStats()
-    opened = open_cache(cache)
+    opened = open_cache(cache, tree.root)
     try:
         resources = hash_tree(
             tree, ser, opened, full=full, workers=workers, progress=progress, stats=stats
@@ -141,7 +126,7 @@ def seal(
     if not os.path.lexists(root):
         raise UsageError(f"{root}: no such file or directory")
     if not isinstance(key, KeylessSigning):
-        _load_private(key)  # a bad key is an error before any hashing
+        private_key_from(key)  # a bad key is an error before any hashing
     sig_path = Path(signature) if signature is not None else default_signature(root)
     paths, patterns = split_ignores(ignore)
     sig_rel = relative_inside(root, sig_path)
@@ -160,7 +145,7 @@ def seal(
     method = "shards" if shard_size else "files"
     ser = Serialization(method, hash, shard_size or 0, False, ignored, tuple(patterns))
     resources, stats, notes = _hash(tree, ser, cache, full, workers, progress)
-    empty = tuple(e.name for e in tree.files if e.identity.size == 0) if shard_size else None
+    empty = tuple(n for n, e in tree.files.items() if e.identity.size == 0) if shard_size else None
     manifest = Manifest(root.resolve().name, ser, resources, empty)
     payload = manifest.payload()
     if len(payload) > MAX_PAYLOAD:
@@ -174,7 +159,7 @@ def seal(
 
         bundle = sign_keyless(payload, identity_token=key.identity_token, staging=key.staging)
     else:
-        bundle = bundles.build_bundle(payload, _load_private(key))
+        bundle = bundles.build_bundle(payload, private_key_from(key))
     bundles.write_bundle(sig_path, bundle)
     return SealResult(sig_path, manifest, stats, notes)
 
@@ -212,7 +197,7 @@ def verify_report(
     root = Path(path)
     if not os.path.lexists(root):
         raise UsageError(f"{root}: no such file or directory")
-    public = None if isinstance(key, SigstoreIdentity) else _load_public(key)
+    public = None if isinstance(key, SigstoreIdentity) else public_key_from(key)
     sig_path = Path(signature) if signature is not None else default_signature(root)
     report = ScanReport(fail_on=fail_on)
     try:
@@ -260,14 +245,14 @@ def verify_report(
     resources, stats, notes = _hash(tree, ser, cache, full, workers, progress)
     actual = Manifest(expected.model_name, ser, resources)
     listed = {r.path for r in kept} | set(empty_listed or ())
-    display = {n: shown(n) for n in listed | {e.name for e in tree.files}}
-    empty = frozenset(e.name for e in tree.files if e.identity.size == 0 and ser.shard_size)
+    display = {n: shown(n) for n in listed | set(tree.files)}
+    empty = frozenset(n for n, e in tree.files.items() if e.identity.size == 0 and ser.shard_size)
     findings += compare(expected, actual, display, empty)
 
     by_file: dict[str, list[Finding]] = {}
     for f in findings:
         by_file.setdefault(f.file, []).append(f)
-    sizes = {shown(e.name): e.identity.size for e in tree.files}
+    sizes = {shown(n): e.identity.size for n, e in tree.files.items()}
     for name in sorted({*display.values(), *by_file}):
         report.files.append(FileResult(name, "file", sizes.get(name, 0), by_file.get(name, [])))
     return VerifyResult(

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from trainguard.digest_cache import DigestCache, default_cache_path
 from trainguard.errors import UsageError
-from trainguard.signing.digest_cache import DigestCache
 from trainguard.signing.hashing import HashStats, Piece, hash_pieces
 from trainguard.signing.manifest import Manifest, Resource, Serialization
 from trainguard.signing.tree import (
@@ -54,9 +54,10 @@ def split_ignores(items: Iterable[str]) -> tuple[list[str], list[str]]:
     return paths, patterns
 
 
-def open_cache(cache: DigestCache | bool) -> DigestCache | None:
+def open_cache(cache: DigestCache | bool, root: str) -> DigestCache | None:
+    """``True``: the user's cache file for this model folder."""
     if cache is True:
-        return DigestCache()
+        return DigestCache(default_cache_path("model", [os.path.realpath(root)]))
     return cache or None
 
 
@@ -86,13 +87,13 @@ def hash_tree(
     shard = ser.shard_size if ser.method == "shards" else 0
     cached: dict[str, list[bytes]] = {}
     pieces: list[Piece] = []
-    for entry in tree.files:
+    for name, entry in tree.files.items():
         ranges = spans(entry.identity.size, shard)
         hit = None
         if cache is not None and not full:
             hit = cache.get(entry.path, entry.identity, ser.hash_type, shard)
         if hit is not None and len(hit) == len(ranges):
-            cached[entry.name] = hit
+            cached[name] = hit
             stats.files_from_cache += 1
         else:
             pieces += [Piece(entry.path, s, e, entry.identity) for s, e in ranges]
@@ -115,19 +116,17 @@ def hash_tree(
         fresh.setdefault(piece.path, []).append(digest)
 
     resources: list[Resource] = []
-    for entry in tree.files:
-        found = cached.get(entry.name)
+    for name, entry in tree.files.items():
+        found = cached.get(name)
         if found is None:
             found = fresh.get(entry.path, [])
             if cache is not None:
                 cache.put(entry.path, entry.identity, ser.hash_type, shard, found, started)
         if shard:
             ranges = spans(entry.identity.size, shard)
-            resources += [
-                Resource(entry.name, d, None, s) for s, d in zip(ranges, found, strict=True)
-            ]
+            resources += [Resource(name, d, None, s) for s, d in zip(ranges, found, strict=True)]
         else:
-            resources.append(Resource(entry.name, found[0], entry.identity.size))
+            resources.append(Resource(name, found[0], entry.identity.size))
     if cache is not None:
         cache.commit()
     return resources

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from trainguard.filestate import Identity, default_workers
 from trainguard.signing.errors import SealError
 
 HASHES = ("sha256", "blake3", "blake2b")
@@ -40,7 +41,6 @@ MIN_CHUNK = 1024 * 1024
 BUFFER_BUDGET = 128 * 1024 * 1024
 # Smaller pieces are read: mapping costs more than copying a few pages.
 MAP_FROM = 1024 * 1024
-MAX_WORKERS = 32
 # BLAKE3 spreads a single piece over all cores only when it is this large;
 # smaller pieces are hashed one per worker.
 BLAKE3_THREADED_FROM = 64 * 1024 * 1024
@@ -69,21 +69,6 @@ def digest_bytes(algorithm: str, data: bytes) -> bytes:
     hasher = new_hasher(algorithm)
     hasher.update(memoryview(data))
     return hasher.digest()
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What must not change while a file is hashed, and what the cache keys on."""
-
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> Identity:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -178,14 +163,6 @@ def hash_piece(
         return hasher.digest()
     finally:
         os.close(fd)
-
-
-def default_workers() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_WORKERS))
 
 
 def hash_pieces(

@@ -149,3 +149,40 @@ def load_public_key(path: str | os.PathLike[str]) -> PublicKey:
         raise KeyLoadError(f"{path}: not a PEM public key or certificate") from None
     _check_supported(key, path)
     return key  # type: ignore[return-value]
+
+
+def private_key_from(key: object, password: bytes | None = None) -> PrivateKey:
+    """A private key given as a key object or as the path of its PEM file.
+
+    Every API that takes "a key or a path" (``seal``, ``watch(sign_key=)``,
+    ``ledger.sign_head``, ...) goes through here, so that a path and an object
+    are checked the same way: an unsupported key fails before anything is signed.
+    """
+    if isinstance(key, str | os.PathLike):
+        return load_private_key(key, password)
+    _check_object(key, private=True)
+    return key  # type: ignore[return-value]  # narrowed by _check_object
+
+
+def public_key_from(key: object) -> PublicKey:
+    """A public key given as a key object or as the path of a PEM key or certificate."""
+    if isinstance(key, str | os.PathLike):
+        return load_public_key(key)
+    _check_object(key, private=False)
+    return key  # type: ignore[return-value]  # narrowed by _check_object
+
+
+def _check_object(key: object, *, private: bool) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    privates = (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)
+    publics = (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)
+    wanted, other = (privates, publics) if private else (publics, privates)
+    if isinstance(key, other):
+        kind = "a public" if private else "a private"
+        raise KeyLoadError(
+            f"{kind} key was given where {'a private' if private else 'a public'} key is needed"
+        )
+    _check_supported(key, "the key object")
+    if not isinstance(key, wanted):  # pragma: no cover - _check_supported refused it
+        raise KeyLoadError("the key object: unsupported key type")

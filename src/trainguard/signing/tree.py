@@ -17,7 +17,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from trainguard.signing.hashing import Identity
+from trainguard.filestate import Entry, Identity
 
 # Ignored by model-signing on both signing and verifying unless told otherwise,
 # so trainguard ignores them too: otherwise each side would see files the
@@ -27,18 +27,12 @@ DEFAULT_SIGNATURE_NAME = "model.sig"
 _GLOB_CHARS = frozenset("*?[")
 
 
-@dataclass(frozen=True)
-class Entry:
-    name: str  # relative POSIX name, "." for a single-file model
-    path: str  # absolute path on disk
-    identity: Identity
-
-
 @dataclass
 class Tree:
     root: str
     single_file: bool
-    files: list[Entry] = field(default_factory=list)
+    # Relative POSIX name ("." for a single-file model) -> the file, in name order.
+    files: dict[str, Entry] = field(default_factory=dict)
     # (relative name, why) for links, devices, sockets, unreadable folders...
     unsafe: list[tuple[str, str]] = field(default_factory=list)
     # Top-most names skipped because a glob pattern (not a plain path) matched.
@@ -95,7 +89,7 @@ def walk(root: str, ignore: IgnoreRules) -> Tree:
     st = os.lstat(root)
     if stat.S_ISREG(st.st_mode):
         tree = Tree(root=root, single_file=True)
-        tree.files.append(Entry(".", root, Identity.of(st)))
+        tree.files["."] = Entry(root, Identity.of(st), True, False)
         return tree
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(f"{root}: {_kind(st.st_mode)}, not a file or folder")
@@ -120,7 +114,7 @@ def walk(root: str, ignore: IgnoreRules) -> Tree:
             if stat.S_ISDIR(est.st_mode):
                 pending.append((name + "/", entry.path))
             elif stat.S_ISREG(est.st_mode):
-                tree.files.append(Entry(name, entry.path, Identity.of(est)))
+                tree.files[name] = Entry(entry.path, Identity.of(est), True, False)
             elif stat.S_ISLNK(est.st_mode):
                 try:
                     target = os.readlink(entry.path)[:200]
@@ -129,7 +123,7 @@ def walk(root: str, ignore: IgnoreRules) -> Tree:
                 tree.unsafe.append((name, f"a symbolic link to {target!r}"))
             else:
                 tree.unsafe.append((name, _kind(est.st_mode)))
-    tree.files.sort(key=lambda e: e.name)
+    tree.files = dict(sorted(tree.files.items()))
     return tree
 
 
