@@ -241,3 +241,65 @@ def test_events_keep_offsets() -> None:
 def test_call_events_are_calls() -> None:
     ev = run_pickle(ByteStream.of_bytes(pickle.dumps(collections.OrderedDict(a=1), 2)))
     assert any(isinstance(c, Call) for c in ev.calls)
+
+
+# -- recognition: what a pickle loader would execute, whatever the header ------------
+
+_PAYLOAD_P0 = b"cposix\nsystem\n(S'true'\ntR"
+
+
+def _recognition_variants() -> dict[str, bytes]:
+    body = _PAYLOAD_P0 + b"."
+    frame = pickle.FRAME + len(body).to_bytes(8, "little") + body
+    return {
+        "no-proto": body,
+        "proto-0": b"\x80\x00" + body,
+        "proto-1": b"\x80\x01" + body,
+        "frame-first": frame,
+        "broken-after-payload": _PAYLOAD_P0 + b"\xff\xfe",
+        "truncated-after-payload": _PAYLOAD_P0,
+        "hex-int-first": b"I0x10\n0" + body,
+        "octal-int-first": b"I010\n0" + body,
+        "long-string-first": b"X" + (8000).to_bytes(4, "little") + b"a" * 8000 + b"0" + body,
+    }
+
+
+@pytest.mark.parametrize("name", list(_recognition_variants()))
+def test_pickles_are_recognised_by_what_a_loader_would_run(name: str) -> None:
+    result = scan_bytes(_recognition_variants()[name])
+    assert result.verdict is Severity.CRITICAL, [(f.rule, f.message) for f in result.findings]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"Introduction\n", b"\x00\x01\x02\x03" * 100, b"(a)", b"Ideas 0x\n", b"BM6\x00\x00"],
+)
+def test_bytes_no_loader_would_run_stay_unidentified(data: bytes) -> None:
+    result = scan_bytes(data)
+    assert [f.rule for f in result.findings] == ["TG001"]
+
+
+@pytest.mark.parametrize("proto", range(6))
+def test_nested_pickles_of_every_protocol_are_analysed(proto: int) -> None:
+    for inner in (_PAYLOAD_P0 + b".", b"\x80\x02" + _PAYLOAD_P0 + b"."):
+        found = rules(pickle.dumps({"blob": inner, "pad": b"x" * 10}, protocol=proto))
+        assert found.get("TG101") is Severity.CRITICAL and "TG110" in found, (proto, found)
+
+
+def test_a_nested_pickle_longer_than_the_kept_bytes_is_seen_starting() -> None:
+    inner = _PAYLOAD_P0 + b"." + b"\x00" * (2 << 20)
+    found = rules(pickle.dumps({"blob": inner}, protocol=4))
+    assert found.get("TG101") is Severity.CRITICAL and "TG110" in found
+
+
+def test_a_tar_whose_header_is_a_pickle_is_both() -> None:
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo(_PAYLOAD_P0.decode() + ".")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    found = rules(out.getvalue())
+    assert found.get("TG111") is Severity.HIGH and found.get("TG101") is Severity.CRITICAL

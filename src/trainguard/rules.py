@@ -131,6 +131,14 @@ RULES: dict[str, Rule] = {
             "The pickle carries a byte string that is itself a pickle with findings "
             "(reported with the nested offset). A nested pickle.loads would run it.",
         ),
+        Rule(
+            "TG111",
+            "pickle-polyglot",
+            _H,
+            "The file parses as another format (a tar, HDF5, GGUF, safetensors...) and is "
+            "also a pickle stream that pickle.load or a legacy torch.load executes from "
+            "its first byte. No honest file is both; the pickle's own findings follow.",
+        ),
         # -- containers -----------------------------------------------------
         Rule(
             "TG201",

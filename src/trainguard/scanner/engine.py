@@ -20,8 +20,9 @@ from trainguard.findings import FileResult, Finding, ScanReport, Severity
 from trainguard.limits import DEFAULT_LIMITS, Limits
 from trainguard.rules import finding
 from trainguard.scanner.base import Blob, ScanContext
+from trainguard.scanner.picklevm.probe import Probe
 from trainguard.scanner.policy import Policy
-from trainguard.scanner.registry import sniff
+from trainguard.scanner.registry import PICKLES, sniff
 from trainguard.scanner.repository import RepoFile, analyse_paths, attach
 
 # Called after each file with (files done, files total, path).
@@ -60,14 +61,37 @@ class _Scanner:
         with blob.open() as f:
             head = f.read(self.limits.sniff_size)
         fmt = sniff(head, blob)
+        pickles = PICKLES.target()
+        also_pickle = False
+        if fmt is not pickles:
+            # Decided by what a pickle loader would do, not by magic numbers:
+            # pickle.load reads from byte 0 whatever else the bytes are.
+            loader = pickles.loader_verdict(self.context(), head, blob)
+            if fmt is None and loader is not Probe.REJECTS:
+                fmt = pickles
+            elif fmt is not None and loader is Probe.EXECUTES:
+                also_pickle = True
         if fmt is None:
             if blob.depth == 0:
-                yield _rule_finding("TG001", "format not recognised from content; not analysed")
+                yield _rule_finding(
+                    "TG001",
+                    "format not recognised from content, and no pickle loader would "
+                    "accept it; not analysed",
+                )
             return
         if len(self.formats) < 8:
             self.formats.append(fmt.name)
         for found in fmt.scan(self.context(), blob):
             yield found if found.member or not blob.name else replace(found, member=blob.name)
+        if also_pickle:
+            yield _rule_finding(
+                "TG111",
+                f"the data is a {fmt.name} file and also a pickle stream that pickle.load "
+                "or a legacy torch.load would execute from its first byte",
+                blob.name,
+            )
+            for found in pickles.scan(self.context(), blob):
+                yield found if found.member or not blob.name else replace(found, member=blob.name)
 
     def scan_nested_bytes(self, data: bytes, name: str) -> list[Finding]:
         blob = Blob(name, lambda: io.BytesIO(data), len(data), depth=1)

@@ -92,6 +92,9 @@ ZIP_FLAVOURS = (
     LazyFlavour("keras", lambda m: m.KerasZipFlavour(), lambda names: "config.json" in names),
 )
 
+# Every blob, whatever claims it, is also asked what a pickle loader would do with it.
+PICKLES = LazyFormat("pickles", lambda m: m.PickleFormat())
+
 FORMATS: tuple[LazyFormat, ...] = (
     LazyFormat("zips", lambda m: m.ZipFormat(flavours=ZIP_FLAVOURS)),
     LazyFormat("sevenzip", lambda m: m.SevenZipFormat(), lambda h: h[:4] == b"7z\xbc\xaf"),
@@ -108,7 +111,7 @@ FORMATS: tuple[LazyFormat, ...] = (
     # Text that starts with "{": a JSON object naming a chat template, or a Jinja tag.
     LazyFormat("jsonconfig", lambda m: m.TokenizerConfigFormat(), _text_opens_with_brace),
     LazyFormat("templates", lambda m: m.ChatTemplateFormat(), _text_opens_with_brace),
-    LazyFormat("pickles", lambda m: m.PickleFormat()),
+    PICKLES,
     # Protobuf has no magic: recognised by parsing the first fields against a schema.
     LazyFormat("savedmodel", lambda m: m.SavedModelFormat()),
     LazyFormat("savedmodel", lambda m: m.KerasMetadataFormat()),

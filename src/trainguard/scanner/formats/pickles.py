@@ -12,46 +12,58 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from trainguard.findings import Finding
+from trainguard.limits import DEFAULT_LIMITS
 from trainguard.rules import finding
 from trainguard.scanner.base import Blob, ScanContext
 from trainguard.scanner.formats.joblib_arrays import JoblibArrayHook
 from trainguard.scanner.picklevm.analysis import PickleContext, analyse
 from trainguard.scanner.picklevm.machine import PickleEvents, PickleMachine
+from trainguard.scanner.picklevm.probe import Probe, probe_head, probe_stream
 from trainguard.scanner.stream import ByteStream
 
 # The first pickle of torch's legacy (non-zip) format is this magic number.
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PICKLES = 5  # magic, protocol version, sys_info, the object, storage keys
 
-# Opcodes that can start a protocol 0/1 pickle (no PROTO header).
-_P0_FIRST = frozenset(b"(]})NIJKLMFSTUVXcd\x88\x89\x8a\x8b\x8cGhjqrp")
-
 
 def strong_sniff(head: bytes) -> bool:
     return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
-def weak_sniff(head: bytes) -> bool:
-    """A protocol 0/1 pickle has no magic: parse the head and see if it holds together."""
-    if not head or head[0] not in _P0_FIRST:
-        return False
-    ev = PickleMachine(ByteStream.of_bytes(head)).run()
-    if ev.end is not None:
-        return True
-    # The head may cut a long pickle short: accept it if it parsed cleanly up
-    # to the cut and contained pickle structure (an import or a container).
-    return (
-        (ev.error or "").startswith("truncated")
-        and ev.opcodes >= 4
-        and (bool(ev.globals) or ev.opcodes >= 16)
-    )
+def weak_sniff(head: bytes, *, complete: bool | None = None) -> bool:
+    """True unless a pickle loader would fail on ``head`` before doing anything.
+
+    No magic number decides this: the symbolic machine runs over the head the
+    way ``pickle.load`` would (any protocol, no PROTO, FRAME first, a break
+    right after the payload).  A head that ends mid-stream counts as a pickle.
+    """
+    if complete is None:
+        complete = len(head) < DEFAULT_LIMITS.sniff_size
+    return probe_head(head, complete=complete) is not Probe.REJECTS
 
 
 class PickleFormat:
     name = "pickle"
 
     def sniff(self, head: bytes, blob: Blob) -> bool:
-        return strong_sniff(head) or weak_sniff(head)
+        if strong_sniff(head):
+            return True
+        complete = len(head) < DEFAULT_LIMITS.sniff_size
+        return probe_head(head, complete=complete) in (Probe.EXECUTES, Probe.ACCEPTS)
+
+    def loader_verdict(self, ctx: ScanContext, head: bytes, blob: Blob) -> Probe:
+        """What ``pickle.load`` (or a legacy ``torch.load``) would do with ``blob``.
+
+        The head decides almost always; when it ends mid-stream the whole blob
+        is run through the machine (bounded by the scan's limits and deadline).
+        """
+        found = probe_head(head, complete=len(head) < ctx.limits.sniff_size, limits=ctx.limits)
+        if found is not Probe.UNDECIDED:
+            return found
+        with blob.open() as raw:
+            found = probe_stream(ByteStream(raw, size=blob.size), ctx.limits, ctx.deadline)
+        # A bound stopped the machine before an answer: fail closed, it may be a pickle.
+        return Probe.EXECUTES if found is Probe.UNDECIDED else found
 
     def scan(self, ctx: ScanContext, blob: Blob) -> Iterator[Finding]:
         yield from scan_pickle_stream(ctx, blob, persistent_ids_expected=False)

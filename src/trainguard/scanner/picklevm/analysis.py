@@ -23,6 +23,7 @@ from trainguard.scanner.picklevm.machine import (
     describe,
 )
 from trainguard.scanner.picklevm.names import NESTED_LOADERS, classify
+from trainguard.scanner.picklevm.probe import Probe, probe_head
 
 # Scans embedded bytes as a file of their own and returns its findings.
 NestedScanner = Callable[[bytes, str], list[Finding]]
@@ -206,22 +207,40 @@ def _is_tensor(v: object) -> bool:
 
 
 def _nested(ev: PickleEvents, scan: NestedScanner) -> Iterator[Finding]:
-    payloads: list[tuple[bytes, int]] = [(n.data, n.offset) for n in ev.nested]
+    # Byte strings a loader may unpickle later (pickle.loads of a field, numpy
+    # object arrays, torch's _load_from_bytes): any protocol, any header.  The
+    # probe keeps plain data (raw array bytes) from costing a nested scan.
+    payloads: list[tuple[bytes, int, int]] = []
+    for n in ev.nested:
+        complete = not n.length
+        if probe_head(n.data, complete=complete) in (Probe.EXECUTES, Probe.UNDECIDED):
+            payloads.append((n.data, n.offset, n.length))
     for call in ev.calls:
-        if (
-            isinstance(call.func, Global)
-            and call.func.qualname in NESTED_LOADERS
-            and isinstance(call.args, tuple)
-            and call.args
-            and isinstance(call.args[0], bytes)
-        ):
-            payloads.append((call.args[0], call.offset))
-    done: set[int] = set()
-    for data, off in payloads:
-        if off in done:
+        if not (isinstance(call.func, Global) and isinstance(call.args, tuple) and call.args):
             continue
-        done.add(off)
+        first = call.args[0]
+        if call.func.qualname in NESTED_LOADERS and isinstance(first, bytes):
+            payloads.append((first, call.offset, 0))
+        elif call.func.qualname == "_codecs.encode" and isinstance(first, str):
+            # Protocols 0-2 write bytes as _codecs.encode(text, "latin1").
+            raw = first.encode("latin-1", "replace")
+            if probe_head(raw, complete=True) in (Probe.EXECUTES, Probe.UNDECIDED):
+                payloads.append((raw, call.offset, 0))
+    done: set[bytes] = set()
+    for data, off, length in payloads:
+        if data in done:
+            continue  # the same string reached twice (as text, then via _codecs.encode)
+        done.add(data)
         inner = scan(data, f"nested@{off}")
+        if length:
+            inner = [f for f in inner if f.rule != "TG107"]  # the cut is ours, not the data's
+            yield _finding(
+                "TG110",
+                f"a byte string of {length} bytes at offset {off}, too long to analyse "
+                "whole, starts with a pickle that a nested pickle.loads would execute",
+                off,
+                trigger="nested",
+            )
         if any(f.severity >= Severity.MEDIUM for f in inner):
             yield from inner
             worst = max(f.severity for f in inner)

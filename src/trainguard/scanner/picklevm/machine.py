@@ -123,10 +123,11 @@ class BuildEvent:
 
 @dataclass
 class NestedBytes:
-    """A byte string long enough to hold a pickle and starting like one."""
+    """A byte string long enough to hold a pickle and starting with an opcode."""
 
-    data: bytes
+    data: bytes  # the whole string, or its head when ``length`` says it was longer
     offset: int
+    length: int = 0  # the full length when only the head was kept
 
 
 @dataclass
@@ -158,7 +159,8 @@ class LimitHit(Exception):
     pass
 
 
-_NESTED_MIN = 8
+_NESTED_MIN = 4  # "cos\n" cannot fit in fewer; the probe decides the rest
+_NESTED_HEAD = 4096
 _STREAM_ERRORS = (ScanError, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
 
 
@@ -221,10 +223,17 @@ class PickleMachine:
         if n < 0:
             raise Malformed("negative length")
         if n > self.limits.max_kept_bytes_arg:
-            self.s.skip(n)
+            # Too long to keep, but a loader may unpickle it later: keep its head,
+            # so a pickle hidden in a long byte string is still seen starting.
+            head = self.s.read(min(_NESTED_HEAD, n))
+            self.s.skip(n - len(head))
+            if head[:1] in _OPCODE_BYTES:
+                self.ev.nested.append(NestedBytes(head, offset, n))
             return Opaque("bytes", n)
         data = self.s.read(n)
-        if n >= _NESTED_MIN and data[:1] == b"\x80" and 0 < data[1] <= 5:
+        # Any protocol: a nested pickle.loads needs no PROTO header either; the
+        # analysis asks the probe whether a loader would run it.
+        if n >= _NESTED_MIN and data[:1] in _OPCODE_BYTES:
             self.ev.nested.append(NestedBytes(data, offset))
         return data
 
@@ -345,23 +354,32 @@ def _push_const(value: Value) -> Handler:
     return handler
 
 
+def _int_literal(text: bytes) -> int:
+    """An INT/LONG argument read as the C unpickler reads it (base 0, then strtol's octal)."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        # strtol with base 0 also takes "010" (octal), which int(..., 0) refuses.
+        stripped = text.strip()
+        digits = stripped.lstrip(b"+-")
+        if len(stripped) - len(digits) <= 1 and digits[:1] == b"0" and digits.isdigit():
+            value = int(digits, 8)
+            return -value if stripped[:1] == b"-" else value
+        raise Malformed("bad INT literal") from None
+
+
 def _op_int(m: PickleMachine, off: int) -> None:
     line = m._line()
     if line in (b"00", b"01"):
         m._push(line == b"01")
         return
-    try:
-        m._push(int(line[:64]) if len(line) <= 64 else Opaque("int", len(line)))
-    except ValueError:
-        raise Malformed("bad INT literal") from None
+    m._push(_int_literal(line) if len(line) <= 64 else Opaque("int", len(line)))
 
 
 def _op_long(m: PickleMachine, off: int) -> None:
-    line = m._line().rstrip(b"L")
-    try:
-        m._push(int(line) if len(line) <= 64 else Opaque("int", len(line)))
-    except ValueError:
-        raise Malformed("bad LONG literal") from None
+    line = m._line()
+    line = line[:-1] if line.endswith(b"L") else line
+    m._push(_int_literal(line) if len(line) <= 64 else Opaque("int", len(line)))
 
 
 def _op_binint(m: PickleMachine, off: int) -> None:
@@ -855,6 +873,9 @@ _DISPATCH: dict[int, Handler] = {
     _P.EXT2[0]: _ext(2),
     _P.EXT4[0]: _ext(4),
 }
+
+
+_OPCODE_BYTES = frozenset(bytes([op]) for op in _DISPATCH)
 
 
 def run_pickle(
