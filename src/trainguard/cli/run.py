@@ -34,11 +34,21 @@ def register(sub: Subparsers) -> None:
         "pickle, numpy.load and joblib.load scan what they load and refuse payloads. Exit: "
         "the script's own, 1 a refused load, 2 the script raised.",
     )
-    r.add_argument("--mode", choices=("block", "warn"), default="block")
+    r.add_argument(
+        "--mode",
+        choices=("block", "warn"),
+        default="block",
+        help="block: refuse a load with findings (default); warn: log them and load",
+    )
     add_verdict(r)
     r.add_argument("--policy", metavar="FILE", help="TOML policy (docs/policy.md)")
     r.add_argument("-m", dest="module", metavar="MODULE", help="run a module, like python -m")
-    r.add_argument("target", nargs=argparse.REMAINDER, metavar="SCRIPT [ARGS...]")
+    r.add_argument(
+        "target",
+        nargs=argparse.REMAINDER,
+        metavar="SCRIPT [ARGS...]",
+        help="the script and its own arguments (or, with -m, the module's arguments)",
+    )
     r.set_defaults(handler=_run)
 
 

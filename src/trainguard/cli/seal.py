@@ -129,7 +129,9 @@ def register(sub: Subparsers) -> None:
         description="Write PREFIX.pem (private, mode 0600) and PREFIX.pub. "
         "Nothing is overwritten and no key is printed.",
     )
-    k.add_argument("-o", "--output", required=True, metavar="PREFIX")
+    k.add_argument(
+        "-o", "--output", required=True, metavar="PREFIX", help="write PREFIX.pem and PREFIX.pub"
+    )
     k.add_argument(
         "--type",
         dest="key_type",
