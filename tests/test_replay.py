@@ -23,7 +23,7 @@ from trainguard.cli.main import main  # noqa: E402
 from trainguard.errors import UsageError  # noqa: E402
 from trainguard.explain.replay.engine import Replayable, ReplayContext, epochs_from, replay  # noqa: E402
 from trainguard.monitor.checkpoint import CheckpointError  # noqa: E402
-from trainguard.render.replay import render  # noqa: E402
+from trainguard.render import render  # noqa: E402
 
 KEY = bytes(range(32))
 STEPS, EVERY = 30, 10
@@ -457,3 +457,25 @@ def random_seed() -> int:
     import secrets
 
     return secrets.randbelow(2**32)
+
+
+# -- runs watched on a budget ---------------------------------------------------------------
+
+
+def test_budget_run_replays_clean(tmp_path: Path) -> None:
+    """Budget mode leaves the full fingerprints out of sampled steps' records: the
+    checkpoints' own digests stand in for them."""
+    ledger = train(tmp_path, "budget", budget=0.5)
+    sampled = [
+        r.step
+        for r in trainguard.ledger.open_ledger(ledger).records("budget", 0)
+        if r.kind == "step" and "after" not in r.payload
+    ]
+    assert 19 in sampled and 29 in sampled  # the steps before checkpoints 20 and 30
+    for key in (KEY, None):
+        report = replay(ledger, "budget", build, key=key)
+        assert [s.status for s in report.segments] == ["matched"] * 4, report.first_divergence
+    # A weight edited before the save at 20 is still a checkpoint that does not match.
+    ledger = train(tmp_path, "budget-edit", tamper=zero_bias_before_save, budget=0.5)
+    d = replay(ledger, "budget-edit", build, key=KEY).first_divergence
+    assert d is not None and d.step == 20 and d.kind == "checkpoint"

@@ -197,7 +197,7 @@ def cause(diffs: Sequence[FieldDiff], step: int, kind: str, *, checked: bool = T
             if d.field in ("params", "optimizer-state")
         ]
         where = f"after step {step - 1}" if step else "at the run's start"
-        return f"its {'; '.join(parts)} differ from the ledger's state {where}"
+        return f"its {'; '.join(parts)} differ from the run's state {where}"
     if "layout" in by:
         return "the entry point built a model whose tensor names differ from the recorded run"
     if "batch" in by:

@@ -223,6 +223,8 @@ class _Runner:
         self.records = {c.step: c for c in history.checkpoints}
         # Position -> the carried state (monitor/carried.py) a replayed segment ended in.
         self.ends: dict[int, dict[str, dict[str, str]]] = {}
+        # ... and its weights' and optimizer state's digests (the replay guard's last record).
+        self.end_digests: dict[int, dict[str, Any]] = {}
 
     def run(self, seg: Segment) -> None:
         t0 = time.perf_counter()
@@ -326,7 +328,7 @@ class _Runner:
             params = (h.param_names, list(capture.start.get("param_names") or []))
             opt_names = (h.optimizer_names_at(seg.start - 1), capture.optimizer_names(-1))
             restored = capture.start.get("state") or {}
-            expected = h.state_at(seg.start)
+            expected = self._expected_state(seg.start)
             diffs = cmp.compare_state(expected, restored, self.mode, params, opt_names, label)
             if diffs:
                 seg.divergence = _checkpoint_divergence(seg.start, diffs, h)
@@ -375,8 +377,37 @@ class _Runner:
                     s, "step", tuple(diffs), why, tuple(h.alerts.get(s, ()))
                 )
                 return
+        if seg.end == seg.start:
+            return
         # Every step matched: what the checkpoint at seg.end restores must be this.
         self.ends[seg.end] = _carried_of(run, with_random=True)
+        last = capture.steps[seg.end - 1]
+        plain, tensors = last.get("plain") or {}, last.get("tensors") or {}
+        self.end_digests[seg.end] = {
+            "params": last.get("after"),
+            "optimizer": last.get("optimizer"),
+            "plain": {"params": plain.get("after"), "optimizer": plain.get("optimizer")},
+            "tensors": {"params": tensors.get("after"), "optimizer": tensors.get("optimizer")},
+        }
+
+    def _expected_state(self, position: int) -> dict[str, Any]:
+        """Digests a checkpoint at ``position`` must restore: what replaying up to it gave,
+        else the ledger's step record, else (a step of ``watch(budget=...)`` that recorded
+        no full fingerprints) the checkpoint record's own digests of the save."""
+        if position in self.end_digests:
+            return self.end_digests[position]
+        state = self.history.state_at(position)
+        record = self.records.get(position)
+        if state.get("params") is None and position > 0 and record is not None:
+            p = record.payload
+            plain = p.get("plain") or {}
+            return {
+                "params": p.get("params"),
+                "optimizer": p.get("optimizer"),
+                "plain": {"params": plain.get("params"), "optimizer": plain.get("optimizer")},
+                "tensors": {},
+            }
+        return state
 
     def _carried(
         self, position: int, record: CheckpointRecord, saved: ckpt.Checkpoint
