@@ -11,6 +11,7 @@ import math
 import re
 
 from trainguard.limits import Limits
+from trainguard.scanner.formats.dtypes import provably_numeric
 from trainguard.scanner.picklevm.machine import (
     Built,
     Call,
@@ -23,7 +24,7 @@ from trainguard.scanner.picklevm.machine import (
 
 _WRAPPERS = frozenset(["joblib.numpy_pickle.NumpyArrayWrapper"])
 _DTYPE = re.compile(r"^[<>|=]?([a-zA-Z])(\d*)(\[.*\])?$")
-_KIND_SIZE = {"b": 1, "?": 1, "M": 8, "m": 8, "O": 0}
+_KIND_SIZE = {"b": 1, "?": 1, "M": 8, "m": 8}
 
 
 def _class_of(obj: object) -> str:
@@ -40,26 +41,64 @@ def _state_get(state: object, key: str) -> object:
     return None
 
 
-def _itemsize(dtype: object) -> int | None:
-    """Item size of a pickled ``numpy.dtype(...)``; 0 for object arrays."""
+_NPY_ITEM_REFCOUNT = 0x01  # dtype flag: the items are Python objects
+
+
+def _dtype_parts(dtype: object) -> tuple[str | None, object]:
+    """The code string passed to ``numpy.dtype(...)`` and the state BUILD gave it."""
+    state: object = None
     while isinstance(dtype, Built):
-        state = dtype.state
+        state = dtype.state if state is None else state
         dtype = dtype.obj
-        # dtype state: (version, byteorder, subarray, names, fields, elsize, ...)
-        if isinstance(state, tuple) and len(state) > 5 and isinstance(state[5], int):
-            if state[5] > 0:
-                return state[5]
-    if not (isinstance(dtype, Call) and isinstance(dtype.args, tuple) and dtype.args):
-        return None
-    code = dtype.args[0]
-    if not isinstance(code, str):
-        return None
-    m = _DTYPE.match(code)
+    if isinstance(dtype, Call) and isinstance(dtype.args, tuple) and dtype.args:
+        code = dtype.args[0]
+        return (code if isinstance(code, str) else None), state
+    return None, state
+
+
+def may_hold_objects(dtype: object, depth: int = 0) -> bool:
+    """False only when the pickled dtype is provably numbers (``hasobject`` is False).
+
+    numpy rebuilds a dtype from its code and then its state (version, byte
+    order, subarray, names, fields, item size, alignment, flags): the state can
+    add fields or the object flag to a harmless-looking code, so both are read.
+    """
+    code, state = _dtype_parts(dtype)
+    if code is None or depth > 8 or not provably_numeric(code):
+        return True
+    if state is None:
+        return False
+    if not isinstance(state, tuple) or len(state) < 8:
+        return True
+    flags, subarray, fields = state[7], state[2], state[4]
+    if not isinstance(flags, int) or flags & _NPY_ITEM_REFCOUNT:
+        return True
+    if subarray is not None:
+        if not (isinstance(subarray, tuple) and subarray):
+            return True
+        if may_hold_objects(subarray[0], depth + 1):
+            return True
+    if fields is not None:
+        if not isinstance(fields, DictV) or fields.dropped:
+            return True
+        for _name, spec in fields.items:
+            if not (isinstance(spec, tuple) and spec) or may_hold_objects(spec[0], depth + 1):
+                return True
+    return False
+
+
+def _itemsize(dtype: object) -> int | None:
+    """Item size of a pickled ``numpy.dtype(...)``; 0 when its data is a pickle."""
+    if may_hold_objects(dtype):
+        return 0  # joblib pickles object arrays' data right here: a nested pickle
+    code, state = _dtype_parts(dtype)
+    if isinstance(state, tuple) and len(state) > 5 and isinstance(state[5], int):
+        if state[5] > 0:
+            return state[5]
+    m = _DTYPE.match(code or "")
     if not m:
         return None
     kind, digits = m.group(1), m.group(2)
-    if kind == "O":
-        return 0  # numpy spells object dtype "O8"; its data is a nested pickle
     if kind in _KIND_SIZE and not digits:
         return _KIND_SIZE[kind]
     if not digits:

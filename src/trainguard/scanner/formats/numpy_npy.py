@@ -16,6 +16,7 @@ from typing import BinaryIO
 from trainguard.findings import Finding
 from trainguard.rules import finding
 from trainguard.scanner.base import Blob, ScanContext
+from trainguard.scanner.formats.dtypes import provably_numeric
 from trainguard.scanner.formats.literal import LiteralError, parse_literal
 from trainguard.scanner.formats.pickles import scan_pickle_stream
 
@@ -24,14 +25,6 @@ MAGIC = b"\x93NUMPY"
 
 def _bad(message: str, offset: int | None = None) -> Finding:
     return finding("TG302", message, offset=offset)
-
-
-def _has_object(descr: object) -> bool:
-    if isinstance(descr, str):
-        return descr.lstrip("<>|=").startswith("O")
-    if isinstance(descr, (list, tuple)):
-        return any(_has_object(x) for x in descr)
-    return False
 
 
 class NpyFormat:
@@ -79,7 +72,7 @@ class NpyFormat:
             if not isinstance(header, dict) or "descr" not in header:
                 yield _bad(".npy header lacks 'descr'", offset=start)
                 return
-        if not _has_object(header["descr"]):
+        if provably_numeric(header["descr"]):
             return  # plain numbers: data, never executed
         yield finding(
             "TG301",
