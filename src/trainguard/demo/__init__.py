@@ -202,7 +202,7 @@ def _act_replay(work: Path, run_id: str) -> bool:
         "with the ledger, bit for bit:\n"
     )
     proc = _trainguard(
-        ["replay", "--ledger", "ledger.db", "--run", run_id,
+        ["replay", run_id, "--ledger", "ledger.db",
          "--entry", "trainguard.demo.training:build", "--key-file", "run.key"],
         work, max_lines=24,
     )  # fmt: skip
