@@ -114,6 +114,26 @@ def test_verify_exit_codes(
     assert "FAIL: 1 critical" in out
 
 
+def test_verify_fail_on_and_strict(
+    ledger_path: Path, keys: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Records after the last signed head are TG1208 (info): not a break by default."""
+    private, public = keys
+    base = ["ledger", "verify", "r1", "--ledger", str(ledger_path), "--key", str(public)]
+    assert main(["ledger", "sign", "r1", "--ledger", str(ledger_path), "--key", str(private)]) == 0
+    with closing(open_ledger(str(ledger_path), create=False)) as ledger:
+        ledger.append("r1", "step", {"loss": 0.5}, step=3, stream=0)
+    capsys.readouterr()
+    for flags, code in (([], 0), (["--strict"], 0), (["--fail-on", "info"], 1)):
+        assert main([*base, *flags]) == code, flags
+        out = capsys.readouterr().out
+        assert "TG1208" in out
+        assert out.splitlines()[-1].startswith("FAIL: 1 info" if code else "OK: "), flags
+    assert main([*base, "--fail-on", "info", "-f", "json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["exit_code"] == 1 and doc["intact"] is True
+
+
 def test_verify_errors_exit_2(
     ledger_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
