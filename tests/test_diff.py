@@ -21,7 +21,7 @@ from trainguard.explain.diff.core import diff
 from trainguard.explain.diff.sources import open_checkpoint
 from trainguard.findings import Severity
 from trainguard.loader.convert import convert, write_safetensors
-from trainguard.render.diff import render
+from trainguard.render import render
 
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")

@@ -364,7 +364,7 @@ def test_guard_records_the_environment_check_in_run_start(tmp_path: Path) -> Non
 # -- hostile values and large runs ---------------------------------------------------------
 def test_odd_values_render(tmp_path: Path) -> None:
     from trainguard.explain.report.build import build_report
-    from trainguard.render.run_report import render
+    from trainguard.render import render
 
     url = str(tmp_path / "odd.db")
     values: list[Any] = [1e308, -1e308, math.nan, math.inf, "2.0", True, None, [1], 5e-324, 0.0]
@@ -424,6 +424,7 @@ def test_checkpoint_pairs_span_each_alert_step() -> None:
 
 def test_repeated_alerts_are_grouped_and_the_first_step_is_named() -> None:
     from trainguard.explain.report.build import AlertEntry, group_alerts
+    from trainguard.render.run_words import group_steps
 
     def alert(
         step: int, rule: str = "TG1306", message: str = "flipped", intact: bool = True
@@ -432,7 +433,7 @@ def test_repeated_alerts_are_grouped_and_the_first_step_is_named() -> None:
 
     alerts = [alert(25, "TG1304", "patched"), *(alert(s) for s in range(25, 30))]
     alerts += [alert(31, message="other"), alert(33), alert(34, intact=False), alert(35)]
-    groups = [(g.first.rule, g.steps, g.count) for g in group_alerts(alerts)]
+    groups = [(g.first.rule, group_steps(g), g.count) for g in group_alerts(alerts)]
     assert groups == [
         ("TG1304", "25", 1),
         ("TG1306", "25-29", 5),

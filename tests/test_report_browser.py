@@ -310,7 +310,7 @@ def test_the_harness_sees_what_the_policy_blocks(tmp_path: Path) -> None:
     """The test above passes only because the page is clean: the same harness reports a
     style attribute and a script the policy refuses, and an SVG number the browser cannot
     parse."""
-    from trainguard.render.html_report import CSS, csp
+    from trainguard.render.html_page import CSS, csp
 
     binary = chromium()
     page = tmp_path / "bad.html"

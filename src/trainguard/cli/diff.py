@@ -50,8 +50,7 @@ def register(sub: Subparsers) -> None:
 
 def _diff(args: argparse.Namespace) -> int:
     from trainguard.explain.diff.core import diff
-    from trainguard.render import installed_version
-    from trainguard.render.diff import render
+    from trainguard.render import installed_version, render
 
     for path in (args.a, args.b):
         if not os.path.isfile(path):

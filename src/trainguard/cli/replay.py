@@ -93,8 +93,7 @@ def read_key(path: str) -> bytes:
 
 def _replay(args: argparse.Namespace) -> int:
     from trainguard.explain.replay.engine import replay
-    from trainguard.render import installed_version
-    from trainguard.render.replay import render
+    from trainguard.render import installed_version, render
 
     ledger = ledger_url(args)
     run = run_id(args)

@@ -66,8 +66,8 @@ def _format(args: argparse.Namespace) -> str:
 
 def _report(args: argparse.Namespace) -> int:
     from trainguard.explain.report.build import build_report
-    from trainguard.render import installed_version
-    from trainguard.render.run_report import render, verdict
+    from trainguard.render import installed_version, render
+    from trainguard.render.run_words import verdict
     from trainguard.render.text import printable
 
     run = run_id(args)

@@ -1,31 +1,32 @@
-"""A checkpoint diff as text (rich), JSON, or one self-contained offline HTML page.
+"""A checkpoint diff as text (rich), JSON, or a page of :mod:`.html_page`.
 
 Tensor paths and values come from the checkpoints, so they are attacker-chosen:
 the text goes through :func:`~trainguard.render.text.printable`, the HTML
-through :func:`html.escape`, and the JSON is ASCII.
+through :func:`~trainguard.render.html_page.esc`, and the JSON is ASCII.
 """
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import math
 import re
 from collections import Counter
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
-from trainguard.explain.diff.result import DiffReport, SideInfo, TensorDiff
+from trainguard.explain.diff.result import DiffReport, DiffSummary, SideInfo, TensorDiff
 from trainguard.findings import Severity
+from trainguard.render.html_page import esc, fact_list, findings_table, page
+from trainguard.render.html_svg import fraction_bar
 from trainguard.render.jsonfmt import finding_dict
+from trainguard.render.options import Options
 from trainguard.render.text import SEVERITY_STYLE, WIDTH, printable
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 SCHEMA_VERSION = 1
 TEXT_MAX_ROWS = 200  # more changed tensors than this: the JSON and HTML list them all
-FORMATS = ("text", "json", "html")
 
 
 def _num(x: float | None, spec: str = ".3g") -> str:
@@ -48,21 +49,25 @@ def _counts(report: DiffReport) -> Counter[str]:
     return Counter(t.status for t in report.tensors)
 
 
-def summary_line(report: DiffReport) -> str:
-    c = _counts(report)
+def summary_line(summary: DiffSummary) -> str:
+    """``differ: tensors 2 changed, 10 same; 0 other entries differ; 1 high``."""
+    c = summary.tensors
     parts = [f"{c[s]} {s}" for s in ("changed", "added", "removed", "retyped", "reshaped") if c[s]]
     parts.append(f"{c['same']} same")
-    values = sum(1 for v in report.values if v.status != "same")
-    findings = Counter(str(Severity(f.severity)) for f in report.findings)
-    found = ", ".join(f"{n} {s}" for s, n in findings.items()) or "no findings"
-    verdict = "identical" if report.identical else "differ"
-    return f"{verdict}: tensors {', '.join(parts)}; {values} other entries differ; {found}"
+    found = ", ".join(f"{n} {s}" for s, n in summary.findings.items()) or "no findings"
+    verdict = "identical" if summary.identical else "differ"
+    return (
+        f"{verdict}: tensors {', '.join(parts)}; {summary.values_differ} other entries differ; "
+        f"{found}"
+    )
 
 
 # -- text ----------------------------------------------------------------------------
 
 
 def _side_text(label: str, s: SideInfo) -> Text:
+    from rich.text import Text
+
     t = Text(f"{label}: ", style="bold")
     t.append(printable(s.path))
     how = "streamed" if s.streamed else "loaded whole"
@@ -74,6 +79,11 @@ def _side_text(label: str, s: SideInfo) -> Text:
 
 
 def render_text(report: DiffReport, *, color: bool = False, show_all: bool = False) -> str:
+    # rich loads only here: the run report's text and JSON use this module's words too.
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
     out = io.StringIO()
     console = Console(
         file=out,
@@ -132,7 +142,7 @@ def render_text(report: DiffReport, *, color: bool = False, show_all: bool = Fal
         console.print(grid)
     for note in report.notes:
         console.print(Text(f"note: {printable(note)}", style="dim"))
-    console.print(Text(summary_line(report), style="bold"))
+    console.print(Text(summary_line(report.summary()), style="bold"))
     # Grids pad rows to their widest one; drop the padding before any closing style codes.
     return re.sub(r" +(?=(?:\x1b\[[0-9;]*m)*$)", "", out.getvalue(), flags=re.MULTILINE)
 
@@ -199,88 +209,79 @@ def render_json(report: DiffReport, *, tool_version: str) -> str:
 
 # -- HTML ----------------------------------------------------------------------------
 
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
-h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
-table{border-collapse:collapse;width:100%}
-th,td{border-bottom:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
-td.n{text-align:right;font-variant-numeric:tabular-nums}
-code{font:12px ui-monospace,monospace;word-break:break-all}
-.critical{background:#b00;color:#fff}.high{color:#b00;font-weight:bold}
-.medium{color:#a60}.low{color:#068}.info{color:#777}
-.changed{color:#a60}.added{color:#070}.removed{color:#b00}.retyped,.reshaped{color:#606}
-.bar{display:inline-block;height:8px;background:#c70;vertical-align:middle}
-.note{color:#666}.verdict{font-weight:bold}
-"""
 
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
+def _tensor_rows(rows: list[TensorDiff]) -> str:
+    out = []
+    for t in rows:
+        changed = f"{fraction_bar(t.fraction)}{t.changed:,} ({t.fraction:.2%})" if t.changed else ""
+        out.append(
+            f"<tr><td><code>{esc(t.path or '(root)')}</code></td>"
+            f'<td class="st-{esc(t.status)}">{esc(t.status)}</td><td>{esc(_shape(t))}</td>'
+            f'<td class="n">{changed}</td><td class="n">{esc(_num(t.max_abs))}</td>'
+            f'<td class="n">{esc(_num(t.l2_diff))}</td><td class="n">{esc(_num(t.relative))}</td>'
+            f'<td class="n">{esc(_num(t.cosine, ".5f"))}</td></tr>'
+        )
+    return "".join(out)
 
 
 def render_html(report: DiffReport, *, tool_version: str, show_all: bool = True) -> str:
-    parts = [
-        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-        "style-src 'unsafe-inline'\">",
-        f"<title>trainguard diff</title><style>{_CSS}</style></head><body>",
-        "<h1>trainguard diff</h1>",
-    ]
+    sides = []
     for label, s in (("A", report.a), ("B", report.b)):
         how = "streamed" if s.streamed else "loaded whole"
-        parts.append(
-            f"<p><b>{label}</b> <code>{_e(s.path)}</code> {_e(s.format)}, {s.size:,} bytes, "
-            f"{s.tensors} tensors ({s.tensor_bytes:,} bytes, {how})</p>"
-        )
-    parts.append(f"<p class=verdict>{_e(summary_line(report))}</p>")
-    if report.findings:
-        parts.append("<h2>Findings</h2><table><tr><th>severity<th>rule<th>where<th>what")
-        for f in sorted(report.findings, key=lambda f: f.severity, reverse=True):
-            sev = str(Severity(f.severity))
-            ev = "; ".join(f"{k}={v}" for k, v in sorted(f.evidence.items()))
-            parts.append(
-                f"<tr><td class={sev}>{sev}<td>{_e(f.rule)}<td><code>{_e(f.member)}</code>"
-                f"<td>{_e(f.message)}<br><small>{_e(ev)}</small>"
+        sides.append(
+            (
+                label,
+                f"<code>{esc(s.path)}</code> {esc(s.format)}, {s.size:,} bytes, "
+                f"{s.tensors} tensors ({s.tensor_bytes:,} bytes, {how})",
             )
-        parts.append("</table>")
-    rows = [t for t in report.tensors if show_all or t.status != "same"]
-    parts.append(
-        "<h2>Tensors</h2><table><tr><th>tensor<th>status<th>dtype/shape<th>changed"
-        "<th>max |d|<th>L2 d<th>relative<th>cosine"
-    )
-    for t in rows:
-        width = max(1, round(60 * t.fraction)) if t.changed else 0
-        bar = f'<span class=bar style="width:{width}px"></span> ' if width else ""
-        changed = f"{bar}{t.changed:,} ({t.fraction:.2%})" if t.changed else ""
-        parts.append(
-            f"<tr><td><code>{_e(t.path or '(root)')}</code><td class={_e(t.status)}>"
-            f"{_e(t.status)}<td>{_e(_shape(t))}<td class=n>{changed}<td class=n>"
-            f"{_num(t.max_abs)}<td class=n>{_num(t.l2_diff)}<td class=n>{_num(t.relative)}"
-            f"<td class=n>{_num(t.cosine, '.5f')}"
         )
-    parts.append("</table>")
+    state = "ok" if report.exit_code() == 0 else "fail"
+    body = [
+        "<header><h1>trainguard diff</h1>",
+        f'<p class="verdict {state}" role="status">{esc(summary_line(report.summary()))}</p>',
+        fact_list(sides),
+        "</header><main>",
+    ]
+    if report.findings:
+        body += [
+            '<section aria-labelledby="findings-h"><h2 id="findings-h">Findings</h2>',
+            findings_table(report.findings, "What training could not have done", evidence=True),
+            "</section>",
+        ]
+    rows = [t for t in report.tensors if show_all or t.status != "same"]
+    body.append(
+        '<section aria-labelledby="tensors-h"><h2 id="tensors-h">Tensors</h2><table>'
+        "<thead><tr><th scope='col'>Tensor</th><th scope='col'>Status</th>"
+        "<th scope='col'>dtype/shape</th><th scope='col'>Changed</th><th scope='col'>Max |d|</th>"
+        "<th scope='col'>L2 d</th><th scope='col'>Relative</th><th scope='col'>Cosine</th></tr>"
+        f"</thead><tbody>{_tensor_rows(rows)}</tbody></table></section>"
+    )
     values = [v for v in report.values if show_all or v.status != "same"]
     if values:
-        parts.append("<h2>Other entries</h2><table><tr><th>path<th>status<th>A<th>B")
-        for v in values:
-            parts.append(
-                f"<tr><td><code>{_e(v.path or '(root)')}</code><td class={_e(v.status)}>"
-                f"{_e(v.status)}<td><code>{_e(v.a or '')}</code><td><code>{_e(v.b or '')}</code>"
-            )
-        parts.append("</table>")
-    for note in report.notes:
-        parts.append(f"<p class=note>note: {_e(note)}</p>")
-    parts.append(f"<p class=note>trainguard {_e(tool_version)}</p></body></html>\n")
-    return "\n".join(parts)
+        cells = "".join(
+            f"<tr><td><code>{esc(v.path or '(root)')}</code></td>"
+            f'<td class="st-{esc(v.status)}">{esc(v.status)}</td>'
+            f"<td><code>{esc(v.a or '')}</code></td><td><code>{esc(v.b or '')}</code></td></tr>"
+            for v in values
+        )
+        body.append(
+            '<section aria-labelledby="values-h"><h2 id="values-h">Other entries</h2><table>'
+            "<thead><tr><th scope='col'>Path</th><th scope='col'>Status</th><th scope='col'>A"
+            f"</th><th scope='col'>B</th></tr></thead><tbody>{cells}</tbody></table></section>"
+        )
+    body += [f'<p class="note">note: {esc(n)}</p>' for n in report.notes]
+    body += ["</main>", f"<footer><p>Generated by trainguard {esc(tool_version)}.</p></footer>"]
+    return page("trainguard diff", body)
 
 
-def render(
-    report: DiffReport, fmt: str, *, tool_version: str, color: bool = False, show_all: bool = False
-) -> str:
-    if fmt == "text":
-        return render_text(report, color=color, show_all=show_all)
-    if fmt == "json":
-        return render_json(report, tool_version=tool_version)
-    if fmt == "html":
-        return render_html(report, tool_version=tool_version)
-    raise ValueError(f"unknown diff format {fmt!r} (expected one of: {', '.join(FORMATS)})")
+def draw_text(report: DiffReport, options: Options) -> str:
+    return render_text(report, color=options.color, show_all=options.show_all)
+
+
+def draw_json(report: DiffReport, options: Options) -> str:
+    return render_json(report, tool_version=options.tool_version)
+
+
+def draw_html(report: DiffReport, options: Options) -> str:
+    # The page lists every tensor whatever show_all says: it is searchable and sortable by eye.
+    return render_html(report, tool_version=options.tool_version)

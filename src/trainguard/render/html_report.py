@@ -1,10 +1,9 @@
-"""The run report as one self-contained HTML page that works offline.
+"""The run report as one HTML page of :mod:`.html_page` that works offline.
 
 No script, no external font, stylesheet or image: the charts are inline SVG
-(:mod:`.html_svg`) and the one stylesheet is inline, allowed by its hash in a
-Content-Security-Policy that forbids everything else (``default-src 'none'``),
-so even markup that slipped through escaping could load and run nothing.
-Every string from the ledger goes through :func:`~.html_svg.esc`.
+(:mod:`.html_svg`) and the page frame, its stylesheet and its
+Content-Security-Policy are :mod:`.html_page`'s, shared with every HTML report.
+Every string from the ledger goes through :func:`~.html_page.esc`.
 
 Readable without colour (severity is written, lines differ by dash pattern,
 marks by shape), navigable by headings and landmarks, and printable (the
@@ -13,84 +12,28 @@ navigation is dropped and charts are not split across pages).
 
 from __future__ import annotations
 
-import base64
-import hashlib
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
-
-from trainguard.findings import Finding, Severity
-from trainguard.render.html_svg import Line, Mark, esc, line_chart, mark_swatch, swatch
-
-if TYPE_CHECKING:
-    from trainguard.explain.report.build import RunReport
-    from trainguard.explain.report.diffs import CheckpointDiff
-
-CSS = """
-:root{color-scheme:light}
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1a1a1a;
-background:#fafafa}
-header,main,footer,nav{max-width:960px;margin:0 auto;padding:0 20px}
-header{padding-top:20px}
-h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.2em;margin:1.6em 0 .5em;
-border-bottom:1px solid #ccc}h3{font-size:1em;margin:1em 0 .3em}
-code{font:.87em ui-monospace,"DejaVu Sans Mono",monospace;word-break:break-all}
-.verdict{font-weight:bold;padding:8px 12px;border-left:6px solid}
-.verdict.fail{border-color:#c00018;background:#fde8ea}
-.verdict.ok{border-color:#1b7a3a;background:#e6f4ea}
-dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:.8em 0}
-dl.facts dt{font-weight:600}dl.facts dd{margin:0}
-nav ul{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:4px 18px}
-a{color:#0b57a4}
-figure{margin:0 0 1.2em;break-inside:avoid;page-break-inside:avoid}
-figcaption{font-weight:600;margin-bottom:2px}
-svg.chart{width:100%;height:auto;display:block;font-family:inherit;background:#fff}
-svg.chart text{fill:#333}
-ul.legend{list-style:none;padding:0;margin:4px 0 0;display:flex;flex-wrap:wrap;gap:2px 16px;
-font-size:.87em}
-ul.legend svg{vertical-align:middle;margin-right:4px}
-table{border-collapse:collapse;width:100%;margin:.4em 0 1em;font-size:.93em}
-caption{text-align:left;font-weight:600;padding:4px 0}
-th,td{border-bottom:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top}
-td.n{text-align:right;font-variant-numeric:tabular-nums}
-.sev{font-weight:bold;white-space:nowrap}
-.sev-critical{color:#fff;background:#a00014;-webkit-print-color-adjust:exact;
-print-color-adjust:exact}.sev-high{color:#a00014}
-.sev-medium{color:#8a4b00}.sev-low{color:#00587a}.sev-info{color:#555}
-.ev{margin:.2em 0 0;padding-left:1.2em;font-size:.93em;color:#333}
-.status-ok{color:#1b7a3a;font-weight:bold}.status-bad{color:#a00014;font-weight:bold}
-.status-none{color:#555;font-weight:bold}
-.note{color:#555}
-footer{color:#555;font-size:.87em;padding-bottom:30px}
-@media print{nav{display:none}body{background:#fff;font-size:12px}
-.verdict.fail,.verdict.ok{background:none}a{color:inherit}
-header,main,footer{max-width:none}}
-"""
-
-_SEVERITIES = {str(s) for s in Severity}
-
-
-def csp(css: str = CSS) -> str:
-    """The page's policy: nothing but its own stylesheet (allowed by hash)."""
-    digest = base64.b64encode(hashlib.sha256(css.encode("utf-8")).digest()).decode("ascii")
-    return (
-        f"default-src 'none'; style-src 'sha256-{digest}'; img-src 'none'; "
-        "base-uri 'none'; form-action 'none'"
-    )
-
-
-def _sev(severity: str) -> str:
-    cls = f"sev sev-{severity}" if severity in _SEVERITIES else "sev"
-    return f'<span class="{cls}">{esc(severity)}</span>'
-
-
-def _facts(items: Iterable[tuple[str, str]]) -> str:
-    rows = "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in items)
-    return f'<dl class="facts">{rows}</dl>'
+from trainguard.explain.report.build import METRICS, RunReport, group_alerts
+from trainguard.explain.report.diffs import CheckpointDiff
+from trainguard.render.diff import summary_line
+from trainguard.render.html_page import esc, fact_list, findings_table, page, severity_badge
+from trainguard.render.html_svg import Line, Mark, line_chart, mark_swatch, swatch
+from trainguard.render.options import Options
+from trainguard.render.run_words import (
+    METRIC_NAMES,
+    MODIFIED,
+    alert_summary,
+    first_alert_line,
+    group_steps,
+    ledger_summary,
+    num,
+    plural,
+    run_summary,
+    utc,
+    verdict,
+)
 
 
 def _header(report: RunReport) -> list[str]:
-    from trainguard.render.run_report import run_summary, utc, verdict
-
     info = report.info
     facts = [
         ("Ledger", f"<code>{esc(report.ledger)}</code>"),
@@ -105,7 +48,7 @@ def _header(report: RunReport) -> list[str]:
         "<header>",
         f"<h1>Training run report: <code>{esc(report.run_id)}</code></h1>",
         f'<p class="verdict {state}" role="status">{esc(verdict(report))}</p>',
-        _facts(facts),
+        fact_list(facts),
         "</header>",
         '<nav aria-label="Sections"><ul><li><a href="#timeline">Timeline</a></li>'
         '<li><a href="#alerts">Alerts</a></li><li><a href="#ledger">Ledger verification</a>'
@@ -115,9 +58,6 @@ def _header(report: RunReport) -> list[str]:
 
 
 def _timeline(report: RunReport) -> list[str]:
-    from trainguard.explain.report.build import METRICS
-    from trainguard.render.run_report import METRIC_NAMES, num
-
     out = [
         '<section id="timeline" aria-labelledby="timeline-h">',
         '<h2 id="timeline-h">Timeline</h2>',
@@ -179,9 +119,6 @@ def _first_nonfinite(report: RunReport, metric: str) -> str:
 
 
 def _alerts(report: RunReport) -> list[str]:
-    from trainguard.explain.report.build import group_alerts
-    from trainguard.render.run_report import alert_summary, first_alert_line
-
     out = [
         '<section id="alerts" aria-labelledby="alerts-h">',
         f'<h2 id="alerts-h">Alerts ({report.alerts_total})</h2>',
@@ -213,35 +150,15 @@ def _alerts(report: RunReport) -> list[str]:
         )
         repeated = f"<br>({g.count} alerts, one per step)" if g.count > 1 else ""
         out.append(
-            f'<tr><td class="n">{esc(g.steps)}{repeated}</td><td class="n">{a.rank}</td>'
-            f"<td>{_sev(a.severity)}</td><td><code>{esc(a.rule)}</code><br>{esc(a.title)}</td>"
+            f'<tr><td class="n">{esc(group_steps(g))}{repeated}</td><td class="n">{a.rank}</td>'
+            f"<td>{severity_badge(a.severity)}</td><td><code>{esc(a.rule)}</code><br>{esc(a.title)}</td>"
             f"<td>{esc(a.message)}{ev}{tampered}</td></tr>"
         )
     out += ["</tbody></table>", "</section>"]
     return out
 
 
-def _findings_table(findings: list[Finding], caption: str) -> str:
-    from trainguard.rules import RULES
-
-    rows = []
-    for f in sorted(findings, key=lambda f: -f.severity):
-        where = f.member + ("" if f.offset is None else f", seq {f.offset}")
-        title = RULES[f.rule].title if f.rule in RULES else ""
-        rows.append(
-            f"<tr><td>{_sev(str(Severity(f.severity)))}</td><td><code>{esc(f.rule)}</code><br>"
-            f"{esc(title)}</td><td>{esc(where)}</td><td>{esc(f.message)}</td></tr>"
-        )
-    return (
-        f"<table><caption>{esc(caption)}</caption><thead><tr><th scope='col'>Severity</th>"
-        "<th scope='col'>Rule</th><th scope='col'>Where</th><th scope='col'>What</th></tr>"
-        f"</thead><tbody>{''.join(rows)}</tbody></table>"
-    )
-
-
 def _ledger(report: RunReport) -> list[str]:
-    from trainguard.render.run_report import ledger_summary, plural
-
     v = report.verification
     cls = "status-ok" if v.intact else "status-bad"
     out = [
@@ -257,14 +174,12 @@ def _ledger(report: RunReport) -> list[str]:
         )
     out.append("</p>")
     if v.findings:
-        out.append(_findings_table(v.findings, "Verification findings"))
+        out.append(findings_table(v.findings, "Verification findings", offset="seq"))
     out.append("</section>")
     return out
 
 
 def _environment(report: RunReport) -> list[str]:
-    from trainguard.render.run_report import plural
-
     env, v = report.environment, report.verification
     state_cls = {"matches": "status-ok", "differs": "status-bad"}.get(env.state, "status-none")
     files = "".join(f"<li><code>{esc(f)}</code></li>" for f in env.files)
@@ -287,7 +202,7 @@ def _environment(report: RunReport) -> list[str]:
     out = [
         '<section id="environment" aria-labelledby="env-h">',
         '<h2 id="env-h">Environment and signatures</h2>',
-        _facts(facts),
+        fact_list(facts),
     ]
     if files:
         out.append(f"<h3>Files that differ from the snapshot</h3><ul>{files}</ul>")
@@ -296,8 +211,6 @@ def _environment(report: RunReport) -> list[str]:
 
 
 def _diff(d: CheckpointDiff) -> list[str]:
-    from trainguard.render.run_report import MODIFIED, num
-
     steps = f" (steps {d.a_step} to {d.b_step})" if d.a_step is not None else ""
     out = [
         f"<h3>{esc(d.reason)}{esc(steps)}</h3>",
@@ -308,7 +221,7 @@ def _diff(d: CheckpointDiff) -> list[str]:
     if d.error:
         out.append(f'<p class="status-bad">{esc(d.error)}</p>')
     else:
-        out.append(f"<p>{esc(d.summary)}</p>")
+        out.append(f"<p>{esc(summary_line(d.summary)) if d.summary else ''}</p>")
     if d.tensors:
         rows = "".join(
             f"<tr><td><code>{esc(t.path or '(root)')}</code></td><td>{esc(t.status)}</td>"
@@ -326,7 +239,7 @@ def _diff(d: CheckpointDiff) -> list[str]:
             f"<th scope='col'>Cosine</th></tr></thead><tbody>{rows}</tbody></table>"
         )
     if d.findings:
-        out.append(_findings_table(d.findings, "What an honest optimizer step could not do"))
+        out.append(findings_table(d.findings, "What an honest optimizer step could not do"))
     return out
 
 
@@ -348,17 +261,8 @@ def _checkpoints(report: RunReport) -> list[str]:
 
 
 def render_html(report: RunReport, *, tool_version: str) -> str:
-    from trainguard.render.run_report import utc
-
     notes = "".join(f'<li class="note">{esc(n)}</li>' for n in report.notes)
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{csp()}">',
-        '<meta name="referrer" content="no-referrer">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>trainguard report: {esc(report.run_id)}</title>",
-        f"<style>{CSS}</style></head><body>",
+    body = [
         *_header(report),
         "<main>",
         *_timeline(report),
@@ -371,6 +275,9 @@ def render_html(report: RunReport, *, tool_version: str) -> str:
         f"<footer><p>Generated by trainguard {esc(tool_version)} on {esc(utc(report.generated))} "
         "from the run's ledger. Everything shown was written by the monitored process; trust "
         "it as far as the ledger verification above allows.</p></footer>",
-        "</body></html>",
     ]
-    return "\n".join(p for p in parts if p) + "\n"
+    return page(f"trainguard report: {report.run_id}", body)
+
+
+def draw(report: RunReport, options: Options) -> str:
+    return render_html(report, tool_version=options.tool_version)

@@ -9,15 +9,16 @@ spans three or more orders of magnitude, so one spike does not flatten the
 rest.  The SVG carries ``role="img"`` with a title and a description that say
 in words what the chart shows.
 
-Every string that reaches the markup goes through :func:`esc`.
+Every string that reaches the markup goes through :func:`~.html_page.esc`.
 """
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from trainguard.render.html_page import esc
 
 WIDTH, HEIGHT = 880, 220
 LEFT, RIGHT, TOP, BOTTOM = 70, 16, 18, 34
@@ -29,13 +30,6 @@ BREAK_COLOR = "#6a1b9a"
 MAX_MARKS = 200  # distinct marked steps per chart; the rest are counted in the caption
 LOG_RATIO = 1000.0  # a positive metric spanning this much gets a log axis
 CLAMP = 1e100  # values beyond are drawn at the edge (floats near the limit overflow spans)
-
-
-def esc(text: object) -> str:
-    """Text safe anywhere in HTML or SVG markup, attribute values included."""
-    from trainguard.render.text import printable
-
-    return html.escape(printable(str(text)), quote=True)
 
 
 def style_of(index: int) -> tuple[str, str]:
@@ -243,4 +237,17 @@ def mark_swatch(kind: str) -> str:
         '<svg xmlns="http://www.w3.org/2000/svg" width="12" height="14" aria-hidden="true">'
         f'<line x1="6" y1="0" x2="6" y2="14" stroke="{color}" stroke-width="2" '
         f'stroke-dasharray="{dash}"/></svg>'
+    )
+
+
+def fraction_bar(fraction: float, width: int = 60) -> str:
+    """A horizontal bar ``fraction`` of ``width`` long, for a table cell.
+
+    SVG attributes, not an inline ``style``: the pages' policy allows no style attribute.
+    """
+    filled = max(1, round(width * min(1.0, max(0.0, fraction)))) if fraction > 0 else 0
+    return (
+        f'<svg class="bar" width="{width}" height="8" aria-hidden="true">'
+        f'<rect width="{width}" height="8" fill="#eeeeee"/>'
+        f'<rect width="{filled}" height="8" fill="#cc7700"/></svg>'
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 from trainguard.findings import FileResult, Finding, ScanReport, Severity
+from trainguard.render.options import Options
 from trainguard.rules import RULES
 
 SCHEMA_VERSION = 1
@@ -79,3 +80,7 @@ def render_json(report: ScanReport, *, tool_version: str) -> str:
     # surrogate from os.fsdecode) still round-trips exactly through json.loads.
     document = report_dict(report, tool_version=tool_version)
     return json.dumps(document, indent=2, ensure_ascii=True) + "\n"
+
+
+def draw(report: ScanReport, options: Options) -> str:
+    return render_json(report, tool_version=options.tool_version)

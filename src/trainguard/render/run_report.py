@@ -1,5 +1,5 @@
-"""A :class:`~trainguard.explain.report.build.RunReport` as text, JSON or HTML: the one place
-that picks the format.
+"""A :class:`~trainguard.explain.report.build.RunReport` as text or JSON (the HTML page is
+:mod:`trainguard.render.html_report`; :func:`trainguard.render.render` picks the format).
 
 The text is a compact summary for terminals and CI logs: sparklines of the
 timeline with the alert steps under them, the alerts with their evidence, the
@@ -12,103 +12,35 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
-from trainguard.explain.report.build import METRICS, RunReport, first_alerts, group_alerts
+from trainguard.explain.report.build import METRICS, RunReport, group_alerts
 from trainguard.findings import Severity
+from trainguard.render.diff import summary_line
+from trainguard.render.jsonfmt import finding_dict
+from trainguard.render.options import Options
+from trainguard.render.run_words import (
+    METRIC_NAMES,
+    MODIFIED,
+    environment_summary,
+    first_alert_line,
+    group_steps,
+    ledger_summary,
+    num,
+    plural,
+    run_summary,
+    verdict,
+)
+from trainguard.render.text import printable
 
-FORMATS = ("text", "json", "html")
 SCHEMA_VERSION = 1
 SPARK_WIDTH = 48
 SPARKS = "▁▂▃▄▅▆▇█"
-MODIFIED = "is not the file the ledger recorded: it was changed after it was saved"
-METRIC_NAMES = {"loss": "loss", "grad_norm": "gradient norm", "step_time": "step time (s)"}
 
 
 def _p(text: object) -> str:
-    from trainguard.render.text import printable
-
     return printable(str(text))
-
-
-def utc(t: float | None) -> str:
-    if t is None:
-        return "?"
-    try:
-        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
-    except (OverflowError, OSError, ValueError):
-        return "?"
-
-
-def num(x: float | None, spec: str = ".4g") -> str:
-    if x is None:
-        return "-"
-    return format(x, spec) if math.isfinite(x) else str(x)
-
-
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-# -- the words both text and HTML use ------------------------------------------------
-def alert_summary(report: RunReport) -> str:
-    if not report.alerts_total:
-        return "no alerts"
-    levels = Counter(str(a.level) for a in report.alerts)
-    order = [str(s) for s in sorted(Severity, reverse=True)]
-    parts = ", ".join(f"{levels[s]} {s}" for s in order if levels[s])
-    return f"{plural(report.alerts_total, 'alert')} ({parts})" if parts else "alerts"
-
-
-def ledger_summary(report: RunReport) -> str:
-    v = report.verification
-    if not v.intact:
-        tally = Counter(f.rule for f in v.breaks)
-        return "ledger verification FAILED: " + ", ".join(
-            f"{n}x {rule}" for rule, n in sorted(tally.items())
-        )
-    if v.signatures_checked:
-        signed = f"{plural(v.signed_heads, 'signed head')} verified"
-    elif v.heads_present:
-        signed = f"{plural(v.heads_present, 'signed head')} present, signatures not checked (--key)"
-    else:
-        signed = "no signed heads"
-    return f"ledger intact ({plural(v.records, 'record')}, {signed})"
-
-
-def verdict(report: RunReport) -> str:
-    word = "FAIL" if report.failed else "OK"
-    diffs = [d for d in report.diffs if d.failed]
-    extra = f"; {plural(len(diffs), 'failing checkpoint diff')}" if diffs else ""
-    return f"{word}: {alert_summary(report)}; {ledger_summary(report)}{extra}"
-
-
-def run_summary(report: RunReport) -> str:
-    info = report.info
-    span = report.steps
-    parts = [f"steps {span[0]}..{span[1]}" if span else "no steps recorded"]
-    ranks = len(report.timelines) + len(report.ranks_not_plotted)
-    parts.append(f"{plural(ranks, 'rank')}" + (f" of {info.world_size}" if info.world_size else ""))
-    if info.optimizer:
-        parts.append(info.optimizer)
-    if info.params is not None:
-        parts.append(f"{info.params:,} parameters")
-    if info.torch:
-        parts.append(f"torch {info.torch}")
-    if info.start_time is not None and info.end_time is not None:
-        parts.append(f"{utc(info.start_time)}, {num(info.end_time - info.start_time, '.1f')} s")
-    if not info.ended:
-        parts.append("no run-end record (still running, or killed)")
-    return "; ".join(parts)
-
-
-def environment_summary(report: RunReport) -> str:
-    env = report.environment
-    snap = f" (snapshot {env.snapshot})" if env.snapshot else ""
-    return f"{env.state}{snap}: {env.detail}"
 
 
 # -- text ----------------------------------------------------------------------------
@@ -172,17 +104,6 @@ def _timeline_text(report: RunReport) -> list[str]:
     return lines
 
 
-def first_alert_line(report: RunReport) -> str:
-    """``start here: step 25 (TG1304 ..., TG1306 ...)``: the earliest alert step."""
-    step, alerts = first_alerts(report)
-    if step is None:
-        return ""
-    rules = ", ".join(dict.fromkeys(f"{a.rule} {a.title}".strip() for a in alerts))
-    return (
-        f"start here: the first alert is at step {step} ({rules}); the steps before it raised none"
-    )
-
-
 def render_text(report: RunReport) -> str:
     out = [
         f"trainguard report: run {_p(report.run_id)}",
@@ -200,7 +121,7 @@ def render_text(report: RunReport) -> str:
             out.append(f"  {_p(start)}")
     for g in group_alerts(report.alerts):
         a = g.first
-        where = f"step {g.steps} rank {a.rank}"
+        where = f"step {group_steps(g)} rank {a.rank}"
         repeated = f" ({g.count} alerts, one per step)" if g.count > 1 else ""
         tampered = "  [record fails verification]" if not a.intact else ""
         out.append(f"  {_p(a.severity):<8} {_p(a.rule)} {_p(a.title)}  {where}{repeated}{tampered}")
@@ -234,7 +155,7 @@ def _diffs_text(report: RunReport) -> list[str]:
         if d.error:
             out.append(f"    {_p(d.error)}")
         else:
-            out.append(f"    {_p(d.summary)}")
+            out.append(f"    {_p(summary_line(d.summary)) if d.summary else ''}")
         for t in d.tensors:
             out.append(
                 f"    {_p(t.path or '(root)')}: {t.status}, {t.changed:,}/{t.numel:,} elements, "
@@ -258,8 +179,6 @@ def _clean(value: Any) -> Any:
 
 
 def report_dict(report: RunReport, *, tool_version: str) -> dict[str, object]:
-    from trainguard.render.jsonfmt import finding_dict
-
     v = report.verification
     document: dict[str, object] = _clean(
         {
@@ -305,6 +224,7 @@ def report_dict(report: RunReport, *, tool_version: str) -> dict[str, object]:
             "checkpoint_diffs": [
                 {
                     **{k: val for k, val in asdict(d).items() if k != "findings"},
+                    "summary": summary_line(d.summary) if d.summary else "",
                     "findings": [finding_dict(f, d.b) for f in d.findings],
                 }
                 for d in report.diffs
@@ -320,13 +240,9 @@ def render_json(report: RunReport, *, tool_version: str) -> str:
     return json.dumps(document, indent=1, ensure_ascii=True) + "\n"
 
 
-def render(report: RunReport, fmt: str, *, tool_version: str) -> str:
-    if fmt == "text":
-        return render_text(report)
-    if fmt == "json":
-        return render_json(report, tool_version=tool_version)
-    if fmt == "html":
-        from trainguard.render.html_report import render_html
+def draw_text(report: RunReport, options: Options) -> str:
+    return render_text(report)
 
-        return render_html(report, tool_version=tool_version)
-    raise ValueError(f"unknown report format {fmt!r} (expected one of: {', '.join(FORMATS)})")
+
+def draw_json(report: RunReport, options: Options) -> str:
+    return render_json(report, tool_version=options.tool_version)

@@ -16,6 +16,7 @@ from pathlib import PurePath
 from urllib.parse import quote
 
 from trainguard.findings import Finding, ScanReport, Severity
+from trainguard.render.options import Options
 from trainguard.rules import RULES
 
 SARIF_VERSION = "2.1.0"
@@ -201,3 +202,7 @@ def render_sarif(report: ScanReport, *, tool_version: str, root: str | None = No
     # ensure_ascii for the same reasons as the JSON report.
     document = sarif_dict(report, tool_version=tool_version, root=root)
     return json.dumps(document, indent=2, ensure_ascii=True) + "\n"
+
+
+def draw(report: ScanReport, options: Options) -> str:
+    return render_sarif(report, tool_version=options.tool_version, root=options.root)

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from trainguard.findings import FileResult, Finding, ScanReport, Severity
+from trainguard.render.options import Options
 from trainguard.rules import RULES
 
 if TYPE_CHECKING:
@@ -249,3 +250,7 @@ def _render_rich(report: ScanReport, lines: list[Pieces], *, color: bool) -> str
     for line in lines:
         console.print(_rich(line))
     return _TRAILING_BLANKS.sub("", out.getvalue())
+
+
+def draw(report: ScanReport, options: Options) -> str:
+    return render_text(report, color=options.color)

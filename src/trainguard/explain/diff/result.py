@@ -7,6 +7,7 @@ The comparison (:mod:`.core`) fills these and the forensic checks
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 from trainguard.findings import Finding, Severity
@@ -66,6 +67,19 @@ class SideInfo:
     streamed: bool
 
 
+TENSOR_STATUSES = ("changed", "added", "removed", "retyped", "reshaped", "same")
+
+
+@dataclass(frozen=True)
+class DiffSummary:
+    """A diff in counts: what its one-line summary says, for a renderer to word."""
+
+    identical: bool
+    tensors: dict[str, int]  # every status of TENSOR_STATUSES, zero counts included
+    values_differ: int  # non-tensor entries not the same
+    findings: dict[str, int]  # severity name -> count, highest first
+
+
 @dataclass
 class DiffReport:
     a: SideInfo
@@ -86,3 +100,13 @@ class DiffReport:
         """0 identical and nothing at or above ``fail_on``; 1 otherwise (like diff)."""
         worst = max((f.severity for f in self.findings), default=None)
         return 0 if self.identical and (worst is None or worst < self.fail_on) else 1
+
+    def summary(self) -> DiffSummary:
+        tensors = Counter(t.status for t in self.tensors)
+        severities = Counter(Severity(f.severity) for f in self.findings)
+        return DiffSummary(
+            identical=self.identical,
+            tensors={s: tensors[s] for s in TENSOR_STATUSES},
+            values_differ=sum(1 for v in self.values if v.status != "same"),
+            findings={str(s): n for s, n in sorted(severities.items(), reverse=True)},
+        )

@@ -103,14 +103,6 @@ class AlertGroup:
     last_step: int | None
     count: int
 
-    @property
-    def steps(self) -> str:
-        if self.first.step is None:
-            return "-"
-        if self.count == 1 or self.last_step == self.first.step:
-            return str(self.first.step)
-        return f"{self.first.step}-{self.last_step}"
-
 
 def group_alerts(alerts: list[AlertEntry]) -> list[AlertGroup]:
     """Alerts in order, each run of identical ones (rule, rank, severity, message) at

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from trainguard.findings import Finding, Severity
 
 if TYPE_CHECKING:
-    from trainguard.explain.diff.result import TensorDiff
+    from trainguard.explain.diff.result import DiffSummary, TensorDiff
 
 MAX_DIFFS = 6  # pairs diffed per report
 MAX_CHECKPOINTS = 10_000  # checkpoint records read from the ledger
@@ -60,7 +60,7 @@ class CheckpointDiff:
     a_step: int | None
     b_step: int | None
     reason: str  # why this pair: the alert it explains, or "--diff"
-    summary: str = ""
+    summary: DiffSummary | None = None  # None when the pair could not be diffed
     changed_tensors: int = 0
     tensors: list[TensorChange] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
@@ -142,7 +142,6 @@ def diff_pair(
     """One pair diffed; every failure is kept on the result, never raised."""
     from trainguard.errors import TrainguardError, UnsafeModelError
     from trainguard.explain.diff.core import diff
-    from trainguard.render.diff import summary_line
 
     result = CheckpointDiff(a, b, a_step, b_step, reason)
     try:
@@ -154,7 +153,7 @@ def diff_pair(
     except (TrainguardError, OSError, ValueError, ImportError) as exc:
         result.error = f"could not diff: {exc}"
         return result
-    result.summary = summary_line(report)
+    result.summary = report.summary()
     result.findings = list(report.findings)
     changed = [t for t in report.tensors if t.status != "same"]
     result.changed_tensors = len(changed)
