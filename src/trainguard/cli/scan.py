@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from trainguard.cli._common import (
     Subparsers,
@@ -55,6 +55,40 @@ def register(sub: Subparsers) -> None:
     add_verdict(s)
     no_progress_arg(s)
     s.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="in folders, scan only files matching GLOB (path relative to the folder, or "
+        "file name; repeatable)",
+    )
+    s.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="in folders, skip files matching GLOB (repeatable; wins over --include)",
+    )
+    s.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="descend into folder symlinks (a link back up the tree is reported as a loop)",
+    )
+    s.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="scan in N worker processes (same report as one process)",
+    )
+    s.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="spread the scan over a Ray cluster (ADDRESS, or 'local' to start one here; "
+        "needs trainguard[ray]); every node must see the files at the same paths",
+    )
+    s.add_argument(
         "--offline",
         action="store_true",
         help="hf:// paths: read only the local Hugging Face cache (as HF_HUB_OFFLINE=1)",
@@ -79,17 +113,37 @@ def _scan(args: argparse.Namespace) -> int:
 
         resolved = resolve_paths(args.paths, offline=args.offline)
         paths = resolved.paths
+    options = _options(args, policy, failing)
     if show_progress(args):
-        report = _scan_with_progress(paths, policy, failing)
+        report = _scan_with_progress(paths, options)
     else:
-        report = scan(paths, policy=policy, fail_on=failing)
+        report = scan(paths, **options)
     if resolved is not None:
         resolved.relabel(report)
     write_output(render(report, args.format, color=use_color(args)), args.output)
     return report.exit_code()
 
 
-def _scan_with_progress(paths: list[str], policy: Policy | None, failing: Severity) -> ScanReport:
+def _options(args: argparse.Namespace, policy: Policy | None, failing: Severity) -> dict[str, Any]:
+    from trainguard.scanner.walk import WalkOptions
+
+    options: dict[str, Any] = {
+        "policy": policy,
+        "fail_on": failing,
+        "walk_options": WalkOptions(args.include, args.exclude, args.follow_symlinks),
+    }
+    if args.jobs != 1 or args.ray is not None:
+        from trainguard.limits import DEFAULT_LIMITS
+        from trainguard.scanner import Policy
+        from trainguard.scanner.parallel import runner_for
+
+        options["runner"] = runner_for(
+            jobs=args.jobs, ray=args.ray, policy=policy or Policy(), limits=DEFAULT_LIMITS
+        )
+    return options
+
+
+def _scan_with_progress(paths: list[str], options: dict[str, Any]) -> ScanReport:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -108,4 +162,4 @@ def _scan_with_progress(paths: list[str], policy: Policy | None, failing: Severi
         def progress(done: int, total: int, path: str) -> None:
             bar.update(task, completed=done, total=total, description=os.path.basename(path))
 
-        return scan(paths, policy=policy, fail_on=failing, progress=progress)
+        return scan(paths, progress=progress, **options)

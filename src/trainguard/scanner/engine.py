@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,9 +24,12 @@ from trainguard.scanner.picklevm.probe import Probe
 from trainguard.scanner.policy import Policy
 from trainguard.scanner.registry import PICKLES, sniff
 from trainguard.scanner.repository import RepoFile, analyse_paths, attach
+from trainguard.scanner.walk import WalkOptions, excluded, walk
 
 # Called after each file with (files done, files total, path).
 Progress = Callable[[int, int, str], None]
+# Scans the given files (in order) and yields their results in that order.
+Runner = Callable[[Sequence[str]], Iterator[FileResult]]
 
 
 def _rule_finding(rule_id: str, message: str, member: str = "") -> Finding:
@@ -125,19 +128,6 @@ class _Scanner:
         return result
 
 
-def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
-    """Files under ``paths``, recursively; directory symlinks are not followed."""
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    yield Path(root) / name
-        else:
-            yield path
-
-
 def scan_file(
     path: str | os.PathLike[str], *, policy: Policy | None = None, limits: Limits = DEFAULT_LIMITS
 ) -> FileResult:
@@ -191,27 +181,50 @@ def scan(
     limits: Limits = DEFAULT_LIMITS,
     fail_on: Severity = Severity.HIGH,
     progress: Progress | None = None,
+    walk_options: WalkOptions | None = None,
+    runner: Runner | None = None,
 ) -> ScanReport:
-    """Scan files and directories; never executes or imports anything it reads."""
+    """Scan files and directories; never executes or imports anything it reads.
+
+    ``runner`` scans the listed files somewhere else (worker processes, a Ray
+    cluster: :mod:`trainguard.scanner.parallel`) and yields their results in order.
+    """
     scanner = _Scanner(policy or Policy(), limits)
     report = ScanReport(fail_on=fail_on)
     paths = list(paths)
-    files = list(iter_files(paths))
+    walk_options = walk_options or WalkOptions()
+    walked = list(walk(paths, walk_options))
     # What model repositories (folders) say about their files: remote code, *.py.
     notes = analyse_paths(paths, limits)
-    for i, path in enumerate(files):
-        if not path.exists() and not path.is_symlink():
+    present = [str(w.path) for w in walked if not w.loop and _exists(w.path)]
+    results = (runner or _in_process(scanner))(present)
+    for i, item in enumerate(walked):
+        path = item.path
+        if item.loop:
+            report.files.append(
+                FileResult(str(path), "symlink", 0, error=f"symlink loop back to {item.loop}")
+            )
+        elif not _exists(path):
             report.files.append(FileResult(str(path), "missing", 0, error="no such file"))
         else:
-            report.files.append(scanner.scan_blob(str(path), _file_blob(path)))
+            report.files.append(next(results))
             note = notes.pop(str(path), None)
             if note is not None:
                 attach(report.files[-1], note, scanner.policy)
         if progress is not None:
-            progress(i + 1, len(files), str(path))
+            progress(i + 1, len(walked), str(path))
     for path_text, note in notes.items():  # a file the walk did not list
-        report.files.append(_noted_result(path_text, note, scanner.policy))
+        if not excluded(path_text, paths, walk_options):
+            report.files.append(_noted_result(path_text, note, scanner.policy))
     return report
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _in_process(scanner: _Scanner) -> Runner:
+    return lambda present: (scanner.scan_blob(p, _file_blob(Path(p))) for p in present)
 
 
 def _noted_result(path: str, note: RepoFile, policy: Policy) -> FileResult:
