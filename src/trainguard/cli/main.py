@@ -81,10 +81,11 @@ def _verb(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def _printable(text: str) -> str:
+def _printable(text: str, *, lines: bool = True) -> str:
     """Error messages quote paths and names from files: no control characters reach the
-    terminal (line breaks of a multi-line message stay)."""
-    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
+    terminal (the line breaks of a multi-line message stay, with ``lines``)."""
+    keep = "\n" if lines else ""
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,16 +109,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trainguard: {_printable(str(exc))}", file=sys.stderr)
         code = getattr(exc, "exit_code", EXIT_ERROR)
         return code if isinstance(code, int) else EXIT_ERROR
+    except BrokenPipeError:
+        # The reader went away (`trainguard ... | head`): the report was not delivered.
+        _silence_stdout()
+        return EXIT_ERROR
     except Exception as exc:  # the one catch-all: a crash must not read as 0 or 1
         debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-        return _internal_error(exc, debug)
+        return _unexpected(exc, debug)
 
 
-def _internal_error(exc: Exception, debug: bool) -> int:
+def _unexpected(exc: Exception, debug: bool) -> int:
+    """One line on stderr, exit 2; the traceback only when asked for."""
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, OSError) and exc.strerror:
+        # The system refused something (a file, the disk): the user's to fix, not our bug.
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        message = _printable(f"{where}{exc.strerror}", lines=False)
+        print(f"trainguard: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
     lines = str(exc).strip().splitlines()
     detail = f"{type(exc).__name__}: {_printable(lines[0])}" if lines else type(exc).__name__
     hint = "" if debug else f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
     print(f"trainguard: internal error: {detail}{hint}", file=sys.stderr)
     return EXIT_ERROR
+
+
+def _silence_stdout() -> None:
+    """Point the real stdout at /dev/null, so that flushing it at exit cannot fail again."""
+    if sys.stdout is not sys.__stdout__ or sys.stdout is None:
+        return  # replaced (a test's capture): not ours to redirect
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
