@@ -358,17 +358,20 @@ def test_cli_json(runs: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFi
     key_file = tmp_path / "run.key"
     key_file.write_text(KEY.hex())
     argv = ["replay", "--ledger", runs["ledger"], "--entry", "tests.test_replay:build", "-q"]
-    assert main([*argv, "--run", "weights", "--key-file", str(key_file), "-f", "json"]) == 1
+    assert main([*argv, "weights", "--key-file", str(key_file), "-f", "json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == "keyed" and out["verdict"] == "diverged"
     assert out["first_divergence"]["step"] == 17
     assert out["first_bad_segment"] == [10, 20]
     fields = {f["field"]: f for f in out["first_divergence"]["fields"]}
     assert fields["before"]["tensors"] == ["3.weight"]
-    assert main([*argv, "--run", "honest", "--to", "10"]) == 0
+    assert main([*argv, "honest", "--to", "10"]) == 0
     text = capsys.readouterr().out
     assert "plain (no key given" in text and "verdict: matched" in text
-    assert main([*argv, "--run", "nope"]) == 2
+    assert main([*argv, "nope"]) == 2
+    # The old spelling still works (docs and scripts from before the run was positional).
+    assert main([*argv, "--run", "honest", "--to", "10"]) == 0
+    assert "--run is deprecated" in capsys.readouterr().err
 
 
 # -- state carried in checkpoints ------------------------------------------------------------
