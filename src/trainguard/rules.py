@@ -51,6 +51,14 @@ RULES: dict[str, Rule] = {
             "malformed in a way that breaks the library every loader of this format "
             "uses: loading it may crash the job or worse. Do not load it.",
         ),
+        Rule(
+            "TG005",
+            "empty-file",
+            _L,
+            "The file is empty (0 bytes). No loader can read a model from it: most often "
+            "a download or copy that did not finish, or a writer that crashed. Nothing to "
+            "execute, but the job that loads it will fail.",
+        ),
         # -- pickle ---------------------------------------------------------
         Rule(
             "TG101",
@@ -138,6 +146,17 @@ RULES: dict[str, Rule] = {
             "The file parses as another format (a tar, HDF5, GGUF, safetensors...) and is "
             "also a pickle stream that pickle.load or a legacy torch.load executes from "
             "its first byte. No honest file is both; the pickle's own findings follow.",
+        ),
+        Rule(
+            "TG112",
+            "pickle-calls-unknown",
+            _H,
+            "The pickle calls (REDUCE, INST, OBJ, NEWOBJ_EX) a global that is not known to "
+            "be safe to call: the call runs it with arguments the file chooses. Expression "
+            "evaluators, test helpers that run scripts and decoders that unpickle their "
+            "input are ordinary third-party functions. Merely constructing a class (NEWOBJ, "
+            "copyreg's reconstructor) stays TG103; allow the global in a policy if you "
+            "trust it.",
         ),
         # -- containers -----------------------------------------------------
         Rule(

@@ -63,6 +63,9 @@ class _Scanner:
             return
         with blob.open() as f:
             head = f.read(self.limits.sniff_size)
+        if not head and blob.depth == 0:
+            yield _rule_finding("TG005", "empty file (0 bytes): nothing to load")
+            return
         fmt = sniff(head, blob)
         pickles = PICKLES.target()
         also_pickle = False
