@@ -159,7 +159,8 @@ def test_convert_writes_safetensors_and_json(tmp_path: Path) -> None:
         "lr": 0.5,
     }
     torch.save(ckpt, tmp_path / "ck.pt")
-    st, js = convert(tmp_path / "ck.pt", tmp_path / "out")
+    st, js = convert(tmp_path / "ck.pt", tmp_path / "new" / "folder" / "out")
+    assert st.parent == tmp_path / "new" / "folder"  # created, as users expect
     raw = st.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])

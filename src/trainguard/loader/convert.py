@@ -116,6 +116,7 @@ def convert(
     if base.suffix in (".safetensors", ".json"):
         base = base.with_suffix("")
     st_path, json_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    base.parent.mkdir(parents=True, exist_ok=True)  # `convert ckpt.pt out/model` makes out/
     write_safetensors(st_path, tensors, {"format": "pt", "converted_by": "trainguard"})
     json_path.write_text(
         json.dumps({"source": os.fspath(src), "tensors": st_path.name, "structure": rest}, indent=1)
