@@ -172,7 +172,7 @@ def _act_watch(work: Path, key: bytes) -> tuple[bool, str]:
     for a in alerts:
         firsts.setdefault(a.rule, []).append(a.step)
         short = textwrap.shorten(a.message, 80, placeholder=" ...")
-        messages.setdefault(a.rule, f"{a.severity:8s} {a.rule}  {short}")
+        messages.setdefault(a.rule, f"{a.severity!s:8} {a.rule}  {short}")
     for rule, steps in sorted(firsts.items(), key=lambda kv: kv[1][0]):
         more = f" (and {len(steps) - 1} later steps)" if len(steps) > 1 else ""
         _show(f"  step {steps[0]:>3}  {messages[rule]}{more}")
