@@ -46,6 +46,7 @@ from trainguard.explain.replay.ledger import (
     read_history,
     resolve_position,
 )
+from trainguard.explain.replay.ranks import Ranks
 from trainguard.explain.replay.result import (
     DIVERGED,
     MATCHED,
@@ -121,9 +122,10 @@ def replay(
     report.segments = _plan(history, begin, end, segmented, checkpoint_dir, report.notes)
     report.segmented = sum(1 for seg in report.segments if seg.end > seg.start) > 1
     runner = _Runner(history, func, key, mode, checkpoint_dir, progress)
+    runner.ranks.agree([(seg.start, seg.end) for seg in report.segments])
     for i, seg in enumerate(report.segments):
         runner.run(seg)
-        if seg.status != MATCHED and not all_segments:
+        if runner.ranks.any(seg.status != MATCHED) and not all_segments:
             for rest in report.segments[i + 1 :]:
                 rest.notes.append("not replayed: an earlier segment diverged (use --all)")
             break
@@ -221,6 +223,8 @@ class _Runner:
         self.search_dir = search_dir
         self.progress = progress or (lambda text: None)
         self.records = {c.step: c for c in history.checkpoints}
+        self.ranks = Ranks()
+        self.skipped = False  # this segment was not replayed because another rank's was bad
         # Position -> the carried state (monitor/carried.py) a replayed segment ended in.
         self.ends: dict[int, dict[str, dict[str, str]]] = {}
         # ... and its weights' and optimizer state's digests (the replay guard's last record).
@@ -228,13 +232,16 @@ class _Runner:
 
     def run(self, seg: Segment) -> None:
         t0 = time.perf_counter()
+        self.skipped = False
         record = self.records.get(seg.start) if seg.checkpoint is not None else None
         try:
             self._run(seg, record)
         finally:
             seg.seconds = time.perf_counter() - t0
             seg.recorded_seconds = self.history.recorded_seconds(seg.start, seg.start + seg.steps)
-        if seg.divergence is None:
+        if self.skipped:
+            seg.status = "skipped"
+        elif seg.divergence is None:
             seg.status = MATCHED
         elif seg.divergence.kind == "step" and seg.conditions:
             seg.status = NOT_COMPARABLE
@@ -246,29 +253,16 @@ class _Runner:
         saved = None
         recorded_conditions = h.start.get("conditions") or {}
         if record is not None:
-            path = locate(record, self.search_dir)
-            assert path is not None  # _plan kept only checkpoints it found
-            self.progress(f"steps {seg.start}..{seg.end - 1} from {path}")
-            digest, _ = ckpt.file_digest(path)
-            if digest != record.blake3:
-                seg.divergence = _checkpoint_divergence(
-                    seg.start, [FieldDiff("file", record.blake3, digest)], h
-                )
-                return
-            saved = ckpt.read(path)
-            if (saved.run_id, saved.step) != (h.run_id, seg.start):
-                diff = FieldDiff(
-                    "run", f"{h.run_id} step {seg.start}", f"{saved.run_id} step {saved.step}"
-                )
-                seg.divergence = _checkpoint_divergence(seg.start, [diff], h)
-                return
-            held = self._carried(seg.start, record, saved)
-            if held is not None:
-                seg.divergence = _checkpoint_divergence(seg.start, [held], h)
-                return
-            recorded_conditions = record.payload.get("conditions") or saved.conditions
+            saved, seg.divergence = self._open(seg, record)
+            if saved is not None:
+                recorded_conditions = record.payload.get("conditions") or saved.conditions
         else:
             self.progress(f"steps {seg.start}..{seg.end - 1} from the entry's initial state")
+        if self.ranks.any(seg.divergence is not None):  # every rank replays, or none
+            if seg.divergence is None:
+                seg.notes.append("not replayed: another rank's checkpoint diverged")
+                self.skipped = True
+            return
         seg.held, restore = conditions.hold(recorded_conditions)
         quiet = logging.getLogger("trainguard.monitor")
         level = quiet.level
@@ -278,6 +272,29 @@ class _Runner:
         finally:
             quiet.setLevel(level)
             restore()
+
+    def _open(
+        self, seg: Segment, record: CheckpointRecord
+    ) -> tuple[ckpt.Checkpoint | None, Divergence | None]:
+        """The checkpoint at the segment's start, read through trainguard.load and checked."""
+        h = self.history
+        path = locate(record, self.search_dir)
+        assert path is not None  # _plan kept only checkpoints it found
+        self.progress(f"steps {seg.start}..{seg.end - 1} from {path}")
+        digest, _ = ckpt.file_digest(path)
+        if digest != record.blake3:
+            diff = FieldDiff("file", record.blake3, digest)
+            return None, _checkpoint_divergence(seg.start, [diff], h)
+        saved = ckpt.read(path)
+        if (saved.run_id, saved.step) != (h.run_id, seg.start):
+            diff = FieldDiff(
+                "run", f"{h.run_id} step {seg.start}", f"{saved.run_id} step {saved.step}"
+            )
+            return saved, _checkpoint_divergence(seg.start, [diff], h)
+        held = self._carried(seg.start, record, saved)
+        if held is not None:
+            return saved, _checkpoint_divergence(seg.start, [held], h)
+        return saved, None
 
     def _replay(
         self, seg: Segment, saved: ckpt.Checkpoint | None, recorded_conditions: dict[str, Any]
@@ -303,7 +320,6 @@ class _Runner:
                 held = _carried_diff(fresh, carried.of_checkpoint(saved))
                 if held is not None:
                     seg.divergence = _checkpoint_divergence(seg.start, [held], h)
-                    return
             _restore(run, saved)
         seg.conditions = conditions.differences(recorded_conditions, conditions.gather(run.model))
         capture = _Capture()
@@ -330,8 +346,12 @@ class _Runner:
             restored = capture.start.get("state") or {}
             expected = self._expected_state(seg.start)
             diffs = cmp.compare_state(expected, restored, self.mode, params, opt_names, label)
-            if diffs:
+            if diffs and seg.divergence is None:
                 seg.divergence = _checkpoint_divergence(seg.start, diffs, h)
+            if self.ranks.any(seg.divergence is not None):
+                if seg.divergence is None:
+                    seg.notes.append("not replayed: another rank's checkpoint diverged")
+                    self.skipped = True
                 return
             self._steps(seg, run, guard, capture, params, label)
         finally:
@@ -371,13 +391,14 @@ class _Runner:
                 self.mode, checked, params, optimizer_names, before, label, h.grad_norm_measured
             )
             diffs = cmp.compare_step(rec, rep, sides)
-            if diffs:
+            if diffs and seg.divergence is None:
                 why = cmp.cause(diffs, s, "step", checked=checked)
                 seg.divergence = Divergence(
                     s, "step", tuple(diffs), why, tuple(h.alerts.get(s, ()))
                 )
-                return
-        if seg.end == seg.start:
+            if seg.divergence is not None and not self.ranks.distributed:
+                return  # (ranks step on together: the others' collectives wait for this one)
+        if seg.end == seg.start or seg.divergence is not None:
             return
         # Every step matched: what the checkpoint at seg.end restores must be this.
         self.ends[seg.end] = _carried_of(run, with_random=True)

@@ -10,7 +10,7 @@ ledger is a divergence whatever the conditions: those are recorded bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from trainguard.findings import Finding, Severity
@@ -189,3 +189,34 @@ def _evidence(d: Divergence) -> dict[str, str]:
     for f in d.fields:
         ev[f.field] = ", ".join(f.tensors) if f.tensors else f"{f.recorded} vs {f.replayed}"
     return ev
+
+
+def report_to_dict(report: ReplayReport) -> dict[str, Any]:
+    """The report as plain data (JSON), for a replay run in another process."""
+    return asdict(report)
+
+
+def report_from_dict(data: dict[str, Any]) -> ReplayReport:
+    """The inverse of :func:`report_to_dict`."""
+
+    def divergence(d: dict[str, Any] | None) -> Divergence | None:
+        if d is None:
+            return None
+        fields = tuple(
+            FieldDiff(
+                f["field"], f["recorded"], f["replayed"], tuple(f["tensors"]), f["tensors_known"]
+            )
+            for f in d["fields"]
+        )
+        return Divergence(d["step"], d["kind"], fields, d["cause"], tuple(d["alerts"]))
+
+    segments = [
+        Segment(
+            **{k: v for k, v in s.items() if k not in ("divergence", "conditions")},
+            divergence=divergence(s["divergence"]),
+            conditions=[ConditionDiff(**c) for c in s["conditions"]],
+        )
+        for s in data["segments"]
+    ]
+    plain = {k: v for k, v in data.items() if k != "segments"}
+    return ReplayReport(**plain, segments=segments)
