@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import random
+import re
 import secrets
 import subprocess
 import sys
@@ -419,3 +420,11 @@ def test_trainguard_run_passes_the_scripts_exit_and_a_crash_is_2(
     # The user's own traceback, as python would show it, then one line of ours.
     assert "Traceback" in err and "ValueError: bad batch" in err and "in step" in err
     assert err.splitlines()[-1] == f"trainguard: {script} raised ValueError (above)"
+
+
+def test_docs_cli_lists_every_command() -> None:
+    """docs/cli.md's table names each command, so a new verb cannot go undocumented."""
+    table = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8").split("## Exit codes")[0]
+    first_cells = re.findall(r"^\| ([^|]+)\|", table, re.M)
+    listed = {word for cell in first_cells for word in re.findall(r"`(\w+)", cell)}
+    assert set(VERBS) <= listed, set(VERBS) - listed
