@@ -154,13 +154,16 @@ def test_pth_that_runs_code_is_high(site: Path, line: str) -> None:
     assert report.exit_code() == 1
 
 
-def test_pth_that_only_adds_paths_is_medium_and_comments_are_nothing(site: Path) -> None:
-    (site / "paths.pth").write_text("/opt/elsewhere\n")
+def test_pth_that_adds_paths_inside_is_medium_and_comments_are_nothing(site: Path) -> None:
+    (site / "vendored").mkdir()
+    (site / "paths.pth").write_text("vendored\n")
     (site / "comments.pth").write_text("# nothing here\n\n")
     report = verify(site)
     (found,) = by_rule(report, "TG607")
     assert found.file == str(site / "paths.pth")
+    assert found.severity == Severity.MEDIUM
     assert not [f for f in report.findings if f.file.endswith("comments.pth")]
+    assert report.exit_code() == 0
 
 
 def test_owned_pth_edited_is_high(site: Path) -> None:

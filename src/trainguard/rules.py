@@ -526,9 +526,12 @@ RULES: dict[str, Rule] = {
             "TG604",
             "env-module-shadow",
             _H,
-            "A file no RECORD lists would be imported instead of an installed module: an "
+            "A file no RECORD lists would be imported instead of an installed module (an "
             "extension module beside a .py, a package folder beside a module, or a "
-            "top-level module earlier on sys.path. Importing the real name runs it.",
+            "top-level module earlier on sys.path), or is what an import that installed "
+            "code tries when present runs (an optional dependency such as an accelerator or "
+            "backend, found by reading the installed sources statically). Importing the "
+            "name runs it.",
         ),
         Rule(
             "TG605",
@@ -551,7 +554,8 @@ RULES: dict[str, Rule] = {
             "env-pth-path",
             _M,
             "A .pth file no RECORD vouches for adds folders to sys.path at every start, "
-            "which makes whatever they hold importable.",
+            "which makes whatever they hold importable: high when a folder is outside the "
+            "site folders (nothing verifies what it holds), medium inside.",
         ),
         Rule(
             "TG608",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from importlib.machinery import BYTECODE_SUFFIXES, EXTENSION_SUFFIXES, SOURCE_SUFFIXES
 
+from trainguard.env.imports import Importer
 from trainguard.env.pth import PthFile
 from trainguard.env.pyc import (
     MATCH,
@@ -63,13 +64,29 @@ def is_code(path: str) -> bool:
     return name.endswith(CODE_SUFFIXES) or ".so." in name
 
 
-def unlisted_finding(path: str, kind: str, size: int, shadows: str | None) -> Finding:
+def unlisted_finding(
+    path: str, kind: str, size: int, shadows: str | None, imported: tuple[str, Importer] | None
+) -> Finding:
+    """``imported``: a module name this file makes importable, and installed code that
+    refers to that name (see :mod:`trainguard.env.imports`)."""
     if shadows is not None:
         return finding(
             "TG604",
             f"no RECORD lists it, and Python imports it instead of the installed {shadows}",
             path,
             shadows=shadows,
+        )
+    if imported is not None:
+        name, by = imported
+        where = f"{by.file}:{by.line}" if by.line else by.file
+        return finding(
+            "TG604",
+            f"no RECORD lists it, and it is what `import {name}` runs, which installed "
+            f"code asks for when present ({where}: {by.how})",
+            path,
+            trigger=by.how[:MAX_EVIDENCE_LINE],
+            module=name,
+            imported_by=where,
         )
     if kind != "file":
         return finding(
@@ -89,7 +106,23 @@ def unlisted_finding(path: str, kind: str, size: int, shadows: str | None) -> Fi
     )
 
 
-def pth_findings(pth: PthFile, owner: InstalledDist | None, verified: bool) -> list[Finding]:
+def outside_path_lines(pth: PthFile, roots: list[str]) -> list[tuple[str, str]]:
+    """(line, folder) for each path line that puts a folder outside ``roots`` (the site
+    folders) on ``sys.path``, resolved as ``site`` does (relative to the ``.pth``'s
+    folder) and through links, so that ``inside/link-to-elsewhere`` is outside too."""
+    real_roots = [os.path.realpath(r) for r in roots]
+    site_folder = os.path.dirname(pth.path)
+    out: list[tuple[str, str]] = []
+    for line in pth.path_lines:
+        target = os.path.realpath(os.path.join(site_folder, line.rstrip()))
+        if not any(target == r or target.startswith(r + os.sep) for r in real_roots):
+            out.append((line, target))
+    return out
+
+
+def pth_findings(
+    pth: PthFile, owner: InstalledDist | None, verified: bool, roots: list[str]
+) -> list[Finding]:
     """``verified``: a RECORD lists the file and its hash matches."""
     shown = [line[:MAX_EVIDENCE_LINE] for line in pth.exec_lines[:5]]
     evidence = {f"line_{i}": line for i, line in enumerate(shown, start=1)}
@@ -121,7 +154,23 @@ def pth_findings(pth: PthFile, owner: InstalledDist | None, verified: bool) -> l
                     evidence=evidence,
                 )
             )
-    elif pth.path_lines and (owner is None or not verified):
+    outside = outside_path_lines(pth, roots) if not verified else []
+    if outside:
+        # Whatever that folder holds becomes importable, and nothing verifies it:
+        # a module there under an optional dependency's name runs unseen.
+        line, target = outside[0]
+        out.append(
+            finding(
+                "TG607",
+                f"adds {len(outside)} folder(s) outside the site folders to sys.path at "
+                f"every start ({target[:MAX_EVIDENCE_LINE]}), and no RECORD vouches for it",
+                pth.path,
+                severity=Severity.HIGH,
+                trigger=line[:MAX_EVIDENCE_LINE],
+                folder=target[:MAX_EVIDENCE_LINE],
+            )
+        )
+    elif not pth.exec_lines and pth.path_lines and not verified:
         out.append(
             finding(
                 "TG607",

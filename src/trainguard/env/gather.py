@@ -23,6 +23,7 @@ from trainguard.env.findings import (
     startup_finding,
     unlisted_finding,
 )
+from trainguard.env.imports import find_importers, names_made_importable, owned_folders
 from trainguard.env.pth import pth_files, read_pth, startup_modules
 from trainguard.env.pyc import PycJob, check_pycs
 from trainguard.env.record import InstalledDist, distributions
@@ -227,15 +228,36 @@ def _loose_findings(scope: Scope, ev: Evidence, sorted_: Sorted, hashed: Hashed)
                 )
             )
     roots = scope.roots
+    shadowing: dict[str, str | None] = {}
+    offered: dict[str, list[str]] = {}  # unlisted file -> module names importing runs it
+    owned = owned_folders(ev.own.rows, roots)
     for path in sorted_.unlisted:
         root = next((r for r in roots if path.startswith(r + os.sep)), "")
         later = roots[roots.index(root) + 1 :] if root in roots else []
+        shadowing[path] = shadowed_module(path, ev.own, root, later)
+        if shadowing[path] is None and root and hashed.present[path] != SPECIAL:
+            offered[path] = names_made_importable(path, root, owned)
+    wanted = {name for names in offered.values() for name in names}
+    importers = find_importers(wanted, _installed_sources(ev, roots)) if wanted else {}
+    for path in sorted_.unlisted:
         got = hashed.digests.get(path)
-        shadows = shadowed_module(path, ev.own, root, later)
-        item = unlisted_finding(path, hashed.present[path], got.size if got else 0, shadows)
+        imported = next(((n, importers[n]) for n in offered.get(path, ()) if n in importers), None)
+        size = got.size if got else 0
+        item = unlisted_finding(path, hashed.present[path], size, shadowing[path], imported)
         if got is not None:
             item.evidence["sha256"] = got.values[DEFAULT_ALGORITHM].hex()
         ev.findings.append(item)
+
+
+def _installed_sources(ev: Evidence, roots: list[str]) -> list[tuple[str, str]]:
+    """Every installed distribution's own Python sources, with the site folder each is in."""
+    out: list[tuple[str, str]] = []
+    for dist in ev.dists:
+        for row in dist.entries:
+            if row.path.endswith(".py"):
+                root = next((r for r in roots if row.path.startswith(r + os.sep)), dist.root)
+                out.append((row.path, root))
+    return out
 
 
 @dataclass
@@ -324,7 +346,7 @@ def gather(
         pth = read_pth(path)
         if pth.key is not None:
             ev.reads[path] = pth.key
-        ev.findings.extend(pth_findings(pth, own.owner(path), verified))
+        ev.findings.extend(pth_findings(pth, own.owner(path), verified, scope.roots))
     for module, path, position in startup:
         verified = _verified(path, own, digests)
         ev.findings.append(startup_finding(module, path, position, own.owner(path), verified))

@@ -1,0 +1,211 @@
+"""Would installed code import a module that no distribution owns?
+
+A module planted in a site folder under the name of an optional dependency
+(``apex``, ``flash_attn``, a backend that ``torch`` tries when present) runs
+as soon as the package that looks for it is imported: nothing is shadowed,
+so the shadow check cannot see it, yet it is code that runs in training.  So
+every unlisted importable file is given the module names it makes importable,
+and the installed distributions' own ``.py`` files are read, statically
+(:mod:`ast`, never imported), for a reference to one of them: an ``import``
+statement (anywhere, also inside ``try`` or a function), a relative import
+resolved against the file's package, or a string constant passed to a call
+(``importlib.import_module("apex")``, ``find_spec("apex")``, helpers such as
+``is_package_available("apex")``).  Over-approximating is the safe side: the
+module is unowned code either way, and only its severity depends on this.
+
+Bounded: only files whose bytes mention the name are parsed; a file too large
+to parse, or that does not parse, counts as a reference when its bytes
+mention the name (fail closed).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import stat
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib.machinery import EXTENSION_SUFFIXES, SOURCE_SUFFIXES
+
+# Larger .py files are not parsed: their bytes alone decide (a mention counts).
+MAX_PARSE_BYTES = 4 * 1024 * 1024
+# Larger files are not read at all, and count as a reference (fail closed).
+MAX_READ_BYTES = 64 * 1024 * 1024
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_NOCTTY", 0)
+)
+# Only sources and extension modules: a sourceless top-level .pyc is the pyc
+# check's (TG611, already high), and __pycache__ entries are never on the path.
+_IMPORTABLE = (*EXTENSION_SUFFIXES, *SOURCE_SUFFIXES)
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+
+
+@dataclass(frozen=True)
+class Importer:
+    """Where installed code refers to a module name."""
+
+    file: str
+    line: int  # 0 when the file was not parsed
+    how: str  # "import apex", "call with 'apex'", "mentions 'apex' (not parsed: ...)"
+
+
+def module_parts(path: str, root: str) -> list[str] | None:
+    """The dotted name ``path`` would be imported as from ``root``, as parts; None when
+    it is not an importable module there."""
+    rel = os.path.relpath(path, root)
+    if rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+        return None
+    parts = rel.split(os.sep)
+    name = parts[-1]
+    stem = next((name[: -len(s)] for s in _IMPORTABLE if name.endswith(s)), None)
+    if stem is None:
+        return None
+    parts = parts[:-1] if stem == "__init__" else [*parts[:-1], stem]
+    if not parts or not all(p.isidentifier() for p in parts):
+        return None
+    return parts
+
+
+def owned_folders(owned: Iterable[str], roots: Iterable[str]) -> set[str]:
+    """Every folder that holds a file some RECORD lists, up to the roots."""
+    stop = set(roots)
+    out: set[str] = set()
+    for path in owned:
+        folder = os.path.dirname(path)
+        while folder not in out and folder not in stop and os.path.dirname(folder) != folder:
+            out.add(folder)
+            folder = os.path.dirname(folder)
+    return out
+
+
+def names_made_importable(path: str, root: str, owned: set[str]) -> list[str]:
+    """The module names through which importing runs ``path``: its own, and each
+    enclosing package that no distribution owns (importing ``apex`` runs a planted
+    ``apex/__init__.py``, and makes a planted namespace ``apex/`` with its modules
+    importable)."""
+    parts = module_parts(path, root)
+    if parts is None:
+        return []
+    names = [".".join(parts)]
+    for depth in range(1, len(parts)):
+        if os.path.join(root, *parts[:depth]) not in owned:
+            names.append(".".join(parts[:depth]))
+    return names
+
+
+def _package_of(path: str, root: str) -> list[str] | None:
+    parts = module_parts(path, root)
+    if parts is None:
+        return None
+    return parts if os.path.basename(path).startswith("__init__.") else parts[:-1]
+
+
+def references(tree: ast.AST, package: list[str] | None) -> list[tuple[str, int, str]]:
+    """(module name, line, how) for every import and string constant passed to a call."""
+    out: list[tuple[str, int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.extend((a.name, node.lineno, f"import {a.name}") for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                if package is None or node.level - 1 > len(package):
+                    continue
+                kept = package[: len(package) - (node.level - 1)]
+                base = ".".join([*kept, *([base] if base else [])])
+            if not base:
+                continue
+            how = f"from {'.' * node.level}{node.module or ''} import ..."
+            out.append((base, node.lineno, how))
+            out.extend((f"{base}.{a.name}", node.lineno, how) for a in node.names)
+        elif isinstance(node, ast.Call):
+            for arg in node.args:
+                if (
+                    isinstance(arg, ast.Constant)
+                    and isinstance(arg.value, str)
+                    and len(arg.value) < 256
+                    and _DOTTED.match(arg.value)
+                ):
+                    out.append((arg.value, node.lineno, f"call with {arg.value!r}"))
+    return out
+
+
+def _read(path: str) -> bytes | str | None:
+    """The file's bytes, or why they were not read (None: it is not there)."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        if st.st_size > MAX_READ_BYTES:
+            return f"larger than {MAX_READ_BYTES} bytes"
+        chunks: list[bytes] = []
+        total = 0
+        while total <= MAX_READ_BYTES:
+            chunk = os.read(fd, 1024 * 1024)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        return b"".join(chunks)[: MAX_READ_BYTES + 1]
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        os.close(fd)
+
+
+def _mentions(data: bytes, name: str) -> bool:
+    # Any reference to a.b.c holds "c": as the name's tail, or alone after a
+    # relative ``from . import c``.
+    return name.rpartition(".")[2].encode() in data
+
+
+def find_importers(names: set[str], sources: Iterable[tuple[str, str]]) -> dict[str, Importer]:
+    """For each of ``names``, the first installed source file (path, its site folder)
+    that refers to it, or to a module below it."""
+    found: dict[str, Importer] = {}
+    for path, root in sources:
+        wanted = names - found.keys()
+        if not wanted:
+            break
+        data = _read(path)
+        if data is None:
+            continue  # missing: the RECORD check reports it
+        if isinstance(data, str):
+            for name in wanted:  # unreadable: it may import anything (fail closed)
+                found[name] = Importer(path, 0, f"could not be read ({data})")
+            continue
+        mentioned = {n for n in wanted if _mentions(data, n)}
+        if not mentioned:
+            continue
+        problem = None
+        tree: ast.AST | None = None
+        if len(data) > MAX_PARSE_BYTES:
+            problem = f"larger than {MAX_PARSE_BYTES} bytes"
+        else:
+            try:
+                with warnings.catch_warnings():
+                    # Old escapes and the like: what the source says is what matters here.
+                    warnings.simplefilter("ignore")
+                    tree = ast.parse(data, filename=path)
+            except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+                problem = type(exc).__name__
+        if tree is None:
+            for name in mentioned:
+                found[name] = Importer(path, 0, f"mentions {name!r} (not parsed: {problem})")
+            continue
+        for ref, line, how in references(tree, _package_of(path, root)):
+            for name in mentioned - found.keys():
+                if ref == name or ref.startswith(name + "."):
+                    found[name] = Importer(path, line, how)
+    return found
