@@ -201,3 +201,25 @@ def test_environment_differs_from_sealed_snapshot(tmp_path: Any) -> None:
     guard = sc.run(3, **env)
     assert [a.rule for a in guard.alerts] == ["TG1312"]
     assert guard.alerts[0].step == 0
+
+
+def test_options_by_keyword_or_dataclass_are_the_same_and_checked_together() -> None:
+    from trainguard.errors import UsageError
+    from trainguard.monitor import WatchOptions
+
+    model = sc.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    by_kw = sc.tgw.watch(model, opt, every=3, min_stall_seconds=0.5, hang_seconds=None)
+    by_options = sc.tgw.watch(
+        model, opt, WatchOptions(every=3, min_stall_seconds=0.5, hang_seconds=None)
+    )
+    try:
+        assert by_kw.options == by_options.options
+    finally:
+        by_kw.close()
+        by_options.close()
+    with pytest.raises(UsageError) as err:
+        WatchOptions(budget=2.0, on_alert="explode", every=0)  # type: ignore[arg-type]
+    assert all(w in str(err.value) for w in ("budget", "on_alert", "every"))
+    with pytest.raises(UsageError, match="unknown option"):
+        sc.tgw.watch(model, opt, hang_secs=3)

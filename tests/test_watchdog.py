@@ -21,6 +21,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from trainguard.errors import UsageError  # noqa: E402
+from trainguard.findings import Severity  # noqa: E402
 from trainguard.monitor import guard as tgw  # noqa: E402
 from trainguard.monitor import watchdog as wd  # noqa: E402
 
@@ -73,7 +75,7 @@ def test_a_real_hang_is_reported_with_the_stack_that_hangs(tmp_path: Path) -> No
     guard.close()
     assert released.is_set(), "the watchdog never reported the hang"
     stalls = [a for a in guard.alerts if a.rule == "TG1313"]
-    assert [(a.step, a.rank, a.severity) for a in stalls] == [(30, 0, "high")]
+    assert [(a.step, a.rank, a.severity) for a in stalls] == [(30, 0, Severity.HIGH)]
     evidence = stalls[0].evidence
     assert evidence["last_step"] == 29
     assert evidence["local_rank"] == 0 and evidence["collective"] is None
@@ -166,7 +168,7 @@ def test_options_are_checked_and_the_watchdog_can_be_off() -> None:
     assert guard.watchdog is None
     guard.close()
     for bad in ({"hang_seconds": 0}, {"hang_factor": -1}, {"on_hang": "explode"}):
-        with pytest.raises(ValueError):
+        with pytest.raises(UsageError):
             _setup(**bad)
 
 

@@ -151,10 +151,6 @@ def _check_after_closure(guard: Guard, optimizer: Any) -> None:
     unseen.  So the guard's pre-hook is replaced by one that wraps the closure
     and checks once it has returned, right before the update.
     """
-    from trainguard.monitor import identity
-
-    pre = guard._hooks[0]
-    pre.remove()
 
     def before_step(opt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if "closure" in kwargs and kwargs["closure"] is not None:
@@ -164,9 +160,7 @@ def _check_after_closure(guard: Guard, optimizer: Any) -> None:
         guard._before_step()  # no closure: as in a plain loop
         return None
 
-    guard._hooks[0] = optimizer.register_step_pre_hook(before_step)
-    # The optimizer's hook registry now holds this hook instead of the guard's.
-    guard._identity = identity.snapshot(guard._probes)
+    guard.replace_pre_hook(before_step)
 
 
 def _checked(closure: Callable[[], Any], guard: Guard) -> Callable[[], Any]:

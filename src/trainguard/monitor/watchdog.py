@@ -34,11 +34,13 @@ import os
 import socket
 import sys
 import threading
-import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from trainguard.monitor import clock
+from trainguard.monitor.alerts import Alert
 
 log = logging.getLogger("trainguard.monitor")
 
@@ -85,7 +87,7 @@ class Watchdog:
         self.stacks = stacks
         self._guard = weakref.ref(guard)
         self._training_thread = threading.get_ident()
-        self._touched = time.perf_counter()
+        self._touched = clock.now()
         self._paused = 0
         self._median = 0.0
         self._stalled_since: float | None = None  # the progress mark a reported stall began at
@@ -114,7 +116,7 @@ class Watchdog:
     # -- what the training side may call --------------------------------------
     def touch(self) -> None:
         """Mark progress that is not a training step (an evaluation batch, a save)."""
-        self._touched = time.perf_counter()
+        self._touched = clock.now()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -123,7 +125,7 @@ class Watchdog:
         try:
             yield
         finally:
-            self._touched = time.perf_counter()
+            self._touched = clock.now()
             self._paused -= 1
 
     def stop(self) -> None:
@@ -155,7 +157,7 @@ class Watchdog:
             mark = self._progress(guard)
             if self._stalled_since is not None or self._paused:
                 continue
-            idle = time.perf_counter() - mark
+            idle = clock.now() - mark
             if idle > limit:
                 self._stalled_since = mark
                 self._report(guard, idle, limit)
@@ -217,9 +219,7 @@ class Watchdog:
             if found:
                 alert = found[-1]
             else:  # not recorded (the ledger hangs too): hand over what it would have been
-                from trainguard.monitor.guard import Alert
-
-                alert = Alert("TG1313", guard.step_index, guard.rank, message, evidence)
+                alert = Alert.of("TG1313", guard.step_index, guard.rank, message, evidence)
             try:
                 self.on_hang(alert)
             except Exception:  # the watchdog must keep watching

@@ -1,0 +1,52 @@
+"""The shape of a watch check: one class per concern, one method per phase.
+
+Like Lightning's callbacks: a check gets what it needs in its constructor
+(never the guard), and each phase method returns the alerts it raised.  The
+guard calls the phases in order:
+
+* ``start``: once, when ``watch()`` begins (report what is already wrong);
+* ``before_step``: in the optimizer's step pre-hook (gradients are final);
+* ``after_step``: in the step post-hook (the update has been applied);
+* ``step_end``: in ``guard.step`` (the loss, the batch, the step's time);
+* ``close``: when the guard closes (remove hooks and wrappers).
+
+A new check is one subclass in this package, added to the guard's list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from trainguard.monitor.alerts import Alert, Context
+
+
+@dataclass(frozen=True)
+class StepEnd:
+    """What ``guard.step`` knows about the finished step."""
+
+    loss: float | None
+    grad_norm: float | None
+    seconds: float  # from the end of the last step to the end of this one
+    batch: list[Any]  # the tensors of the batch, in a fixed order (may be empty)
+    declared_lr: list[float] | None = None  # what the loop said it set (guard.step(lr=...))
+    declared_reseed: bool = False
+
+
+class Check:
+    """Base class: every phase does nothing unless a subclass says otherwise."""
+
+    def start(self, ctx: Context) -> list[Alert]:
+        return []
+
+    def before_step(self, ctx: Context) -> list[Alert]:
+        return []
+
+    def after_step(self, ctx: Context) -> list[Alert]:
+        return []
+
+    def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
+        return []
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,242 @@
+"""Weights and optimizer state changed between two steps (TG1301, TG1302).
+
+The optimizer is the only thing that may write to the weights and its own
+state, and it does so inside ``optimizer.step()``.  So the fingerprint taken
+after step t must equal the one taken before step t+1.  Exact mode compares
+full keyed fingerprints at every ``every``-th boundary; budget mode compares
+version counters at every boundary and a keyed sample of chunks within the
+budget (see monitor/budget.py).  The fingerprints also go into each step
+record: :meth:`TamperCheck.record_fields`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainguard.monitor import clock
+from trainguard.monitor.alerts import Alert, Context
+from trainguard.monitor.budget import WARMUP_STEPS, ChunkSample, VersionWatch, chunk_count
+from trainguard.monitor.checks.base import Check
+from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter, optimizer_tensors
+from trainguard.monitor.stats import RobustWindow
+
+
+class TamperCheck(Check):
+    def __init__(
+        self,
+        fp: Fingerprinter,
+        params: list[tuple[str, Any]],
+        optimizer: Any,
+        *,
+        times: RobustWindow,
+        every: int = 1,
+        budget: float | None = None,
+        world_size: int = 1,
+        sync_every: int = 0,
+        tensor_digests: bool = True,
+    ) -> None:
+        self.fp = fp
+        self.params = params
+        self.optimizer = optimizer
+        self.times = times
+        self.every = every
+        self.budget = budget
+        self.world_size = world_size
+        self.sync_every = sync_every
+        self.tensor_digests = tensor_digests
+        self._versions = VersionWatch()
+        self._sampler = ChunkSample(fp.key)
+        self._checking = True  # budget mode: whether the coming boundary gets full fingerprints
+        self._chunk_cost = 0.0  # seconds to sum one sampled chunk
+        self._sample: tuple[list[tuple[str, Any]], list[tuple[int, int]]] | None = None
+        self._sample_count: int | None = None
+        self.checked_boundaries = 0  # boundaries with full fingerprints
+        self.sampled_share = 0.0  # budget mode: share of chunks read at the last boundary
+        started = clock.now()
+        self.after: Fingerprint = fp.fingerprint(params)
+        self.opt_after: Fingerprint = fp.fingerprint(optimizer_tensors(optimizer))
+        self.full_cost = clock.now() - started  # seconds for one full fingerprint
+        if budget is not None:
+            self._versions.remember(self.watched())
+        self.opt_names = self.opt_after.names()
+        self.before = self.after
+        self.before_checked = False
+        self.fields: dict[str, Any] = {}
+
+    def due(self, step: int) -> bool:
+        """Whether the coming boundary gets full fingerprints."""
+        return self._checking if self.budget is not None else step % self.every == 0
+
+    def watched(self) -> list[tuple[str, Any]]:
+        return [
+            *self.params,
+            *(("optimizer " + n, t) for n, t in optimizer_tensors(self.optimizer)),
+        ]
+
+    def state_digests(self) -> dict[str, Any]:
+        """Digests of the parameters and optimizer state as they are now (docs/replay.md)."""
+        tensors = (
+            {"params": self.after.compact(), "optimizer": self.opt_after.compact()}
+            if self.tensor_digests
+            else {}
+        )
+        return {
+            "params": self.after.digest,
+            "optimizer": self.opt_after.digest,
+            "plain": {"params": self.after.plain, "optimizer": self.opt_after.plain},
+            "tensors": tensors,
+        }
+
+    def before_step(self, ctx: Context) -> list[Alert]:
+        alerts: list[Alert] = []
+        full = self.due(ctx.step)
+        if self.budget is not None and not full:
+            alerts += self._changed(ctx, self._versions.changed(self.watched()), "version")
+            alerts += self._check_sample(ctx)
+        if full:
+            started = clock.now()
+            self.checked_boundaries += 1
+            before = self.fp.fingerprint(self.params)
+            if before.digest != self.after.digest:
+                changed = before.changed(self.after)
+                alerts.append(
+                    ctx.alert(
+                        "TG1301",
+                        f"{len(changed)} parameter tensor(s) changed since the "
+                        f"last optimizer step: {', '.join(changed[:5])}",
+                        tensors=changed[:50],
+                    )
+                )
+            opt_before = self.fp.fingerprint(optimizer_tensors(self.optimizer))
+            if opt_before.digest != self.opt_after.digest:
+                changed = opt_before.changed(self.opt_after)
+                alerts.append(
+                    ctx.alert(
+                        "TG1302",
+                        f"optimizer state changed outside the step: {', '.join(changed[:5])}",
+                        tensors=changed[:50],
+                    )
+                )
+            self.before = before
+            self.full_cost = clock.now() - started
+        self.before_checked = full
+        return alerts
+
+    def after_step(self, ctx: Context, spent: float = 0.0) -> list[Alert]:
+        """Fingerprint (or sample) the new state; ``spent``: the guard's cost last step."""
+        if self.budget is not None:
+            watched = self.watched()
+            self._versions.remember(watched)
+            self._checking = self._full_due(ctx.step)
+            if not self._checking:
+                # Sampled chunks only: the record leaves the full fingerprints out.
+                self._take_sample(watched, ctx.step, spent)
+                self.fields = {"sampled": round(self.sampled_share, 6)}
+                if self.before_checked:
+                    self.fields["before"] = self.before.digest
+                    self.fields["plain"] = {"before": self.before.plain}
+                    if self.tensor_digests:
+                        self.fields["tensors"] = {"before": self.before.compact()}
+                return []
+        previous = self.after
+        self.after = self.fp.fingerprint(self.params)
+        self.opt_after = self.fp.fingerprint(optimizer_tensors(self.optimizer))
+        fields: dict[str, Any] = {
+            "after": self.after.digest,
+            "optimizer": self.opt_after.digest,
+            "plain": {"after": self.after.plain, "optimizer": self.opt_after.plain},
+        }
+        if self.before_checked:  # only a "before" that was fingerprinted at this step
+            fields["before"] = self.before.digest
+            fields["plain"]["before"] = self.before.plain
+        if self.tensor_digests:
+            tensors = {"after": self.after.compact(), "optimizer": self.opt_after.compact()}
+            if self.before_checked and self.before.digest != previous.digest:
+                tensors["before"] = self.before.compact()  # otherwise the last step's "after"
+            fields["tensors"] = tensors
+        names = self.opt_after.names()
+        if names != self.opt_names:
+            fields["optimizer_names"] = self.opt_names = names
+        self.fields = fields
+        return []
+
+    def _changed(self, ctx: Context, changed: list[str], via: str) -> list[Alert]:
+        """TG1301 for the weights and TG1302 for the optimizer tensors among ``changed``
+        (names from :meth:`watched`), found between two steps by a version counter or
+        by the sampled chunks (same messages)."""
+        verb, seen_by = (
+            ("written in place", "version counter")
+            if via == "version"
+            else ("changed", "sampled chunks")
+        )
+        params = [n for n in changed if not n.startswith("optimizer ")]
+        moments = [n.removeprefix("optimizer ") for n in changed if n.startswith("optimizer ")]
+        alerts = []
+        if params:
+            alerts.append(
+                ctx.alert(
+                    "TG1301",
+                    f"{len(params)} parameter tensor(s) {verb} since the last "
+                    f"optimizer step ({seen_by}): {', '.join(params[:5])}",
+                    tensors=params[:50],
+                    via=via,
+                )
+            )
+        if moments:
+            alerts.append(
+                ctx.alert(
+                    "TG1302",
+                    f"optimizer state {verb} outside the step ({seen_by}): "
+                    f"{', '.join(moments[:5])}",
+                    tensors=moments[:50],
+                    via=via,
+                )
+            )
+        return alerts
+
+    def _full_due(self, step: int) -> bool:
+        """Budget mode: full fingerprints at the boundary after this step (warm-up, rank sync)?"""
+        if step < WARMUP_STEPS or not self.times.ready():
+            return True
+        return bool(self.world_size > 1 and self.sync_every and (step + 1) % self.sync_every == 0)
+
+    def _take_sample(self, watched: list[tuple[str, Any]], step: int, spent: float) -> None:
+        """Budget mode, after the step: exact sums of a keyed sample of chunks."""
+        assert self.budget is not None
+        total = self._sampler.total(watched)
+        if not self._chunk_cost and total:
+            self._chunk_cost = self.full_cost / total  # until a sample has been timed
+        median, _ = self.times.center_scale()
+        target = 0.85 * self.budget * median  # a margin: fixed costs vary from step to step
+        if self._sample_count is None:
+            # Start at half the target (chunk_count reads each chunk twice); the
+            # feedback below grows the sample from there.
+            count = chunk_count(0.5 * target / median, median, self._chunk_cost, total)
+        else:
+            # Feedback on what the guard really cost last step (sample, probes,
+            # identity and seed checks, the ledger write): the sample grows or shrinks
+            # until the whole guard takes its budget.
+            ratio = target / spent if spent > 0 else 1.5
+            count = int(self._sample_count * min(1.5, max(0.5, ratio)))
+        if self.budget >= 1.0:
+            count = total  # no limit: every chunk, every step
+        count = max(1, min(total, count))
+        self._sample_count = count
+        started = clock.now()
+        views = self._sampler.choose(watched, step, count)
+        sums = self.fp.sums([v for _, v in views])
+        if views:
+            cost = (clock.now() - started) / len(views)
+            self._chunk_cost = cost if not self._chunk_cost else 0.8 * self._chunk_cost + 0.2 * cost
+        self.sampled_share = len(views) / total if total else 0.0
+        self._sample = (views, sums)
+
+    def _check_sample(self, ctx: Context) -> list[Alert]:
+        """Budget mode, before the next step: the same chunks must hold the same bits."""
+        if self._sample is None:
+            return []
+        views, sums = self._sample
+        self._sample = None
+        now = self.fp.sums([v for _, v in views])
+        changed = sorted({name for (name, _), a, b in zip(views, sums, now, strict=True) if a != b})
+        return self._changed(ctx, changed, "sample")

@@ -1,0 +1,118 @@
+"""The options of ``trainguard.watch``, as one validated dataclass.
+
+``watch(model, optimizer, ledger="run.db", budget=0.02)`` and
+``watch(model, optimizer, options=WatchOptions(ledger="run.db", budget=0.02))``
+are the same call.  Every option is checked when the dataclass is built, and
+all problems are reported together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
+
+from trainguard.errors import UsageError
+from trainguard.monitor.alerts import Alert
+
+if TYPE_CHECKING:
+    from trainguard.ledger import Ledger
+    from trainguard.signing.keys import PrivateKey, PublicKey
+
+OnAlert: TypeAlias = Literal["record", "stop"]
+OnHang: TypeAlias = Literal["record", "abort"]
+AlertHandler: TypeAlias = Callable[[Alert], None]
+KeyPath: TypeAlias = "str | os.PathLike[str]"
+
+
+class Scheduler(Protocol):
+    """What the guard reads from a learning-rate scheduler (any ``torch.optim.lr_scheduler``)."""
+
+    def get_last_lr(self) -> list[float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+class DataLoader(Protocol):
+    """What the guard reads from a data loader (``torch.utils.data.DataLoader``)."""
+
+    dataset: Any
+    sampler: Any
+    batch_sampler: Any
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    """Every option of ``watch``; docs/watch.md describes each."""
+
+    ledger: Ledger | KeyPath | None = None
+    run_id: str | None = None
+    scheduler: Scheduler | None = None
+    dataloader: DataLoader | None = None
+    # Exact mode: full fingerprints at every ``every``-th boundary; a budget (a fraction of
+    # the step time) switches to sampled checks (monitor/budget.py).
+    every: int = 1
+    budget: float | None = None
+    # False: the loop passes guard.step(grad_norm=...), which saves a pass over the gradients.
+    measure_grad_norm: bool = True
+    key: bytes | None = None
+    on_alert: OnAlert | AlertHandler = "record"
+    data_check: bool = False
+    sync_every: int = 50
+    min_stall_seconds: float = 0.1
+    rank: int | None = None
+    world_size: int | None = None
+    # A private key (object or PEM path): this rank's ledger head is signed every
+    # ``sign_every`` steps and at close, so truncation shows.
+    sign_key: PrivateKey | KeyPath | None = None
+    sign_every: int = 100
+    env_snapshot: KeyPath | None = None
+    env_key: PublicKey | KeyPath | None = None
+    env_paths: list[str] | None = None
+    # Per-tensor digests in each step record let `trainguard replay` name diverging tensors.
+    tensor_digests: bool = True
+    hang_seconds: float | None = 300.0
+    hang_factor: float = 20.0
+    on_hang: OnHang | AlertHandler = "record"
+    hang_stacks: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            problems.append(
+                f"budget must be a fraction of the step time in (0, 1], not {self.budget}"
+            )
+        if self.every < 1:
+            problems.append(f"every must be 1 or more, not {self.every}")
+        if self.sign_every < 1:
+            problems.append(f"sign_every must be 1 or more, not {self.sign_every}")
+        if not callable(self.on_alert) and self.on_alert not in ("record", "stop"):
+            problems.append(
+                f"on_alert must be 'record', 'stop' or a callable, not {self.on_alert!r}"
+            )
+        if not callable(self.on_hang) and self.on_hang not in ("record", "abort"):
+            problems.append(
+                f"on_hang must be 'record', 'abort' or a callable, not {self.on_hang!r}"
+            )
+        if self.hang_seconds is not None and not self.hang_seconds > 0:
+            problems.append("hang_seconds must be a positive number of seconds (or None)")
+        if not self.hang_factor >= 0:
+            problems.append("hang_factor must be zero or more")
+        if self.env_snapshot is not None and self.env_key is None:
+            problems.append("env_snapshot needs env_key (the snapshot's public key)")
+        if self.min_stall_seconds < 0:
+            problems.append("min_stall_seconds must be zero or more")
+        if problems:
+            raise UsageError("watch: " + "; ".join(problems))
+
+    @classmethod
+    def from_kwargs(cls, options: WatchOptions | None, kwargs: Mapping[str, Any]) -> WatchOptions:
+        """``options`` (or the defaults) with the keyword arguments of ``watch`` applied."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise UsageError(f"watch: unknown option(s): {', '.join(unknown)}")
+        base = options if options is not None else cls()
+        return dataclasses.replace(base, **kwargs) if kwargs else base
