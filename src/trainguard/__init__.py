@@ -22,7 +22,8 @@ from trainguard.errors import (
 from trainguard.findings import FileResult, Finding, ScanReport, Severity
 
 if TYPE_CHECKING:
-    from trainguard.loader import is_protected, load, protect, unprotect
+    from trainguard.loader import is_protected, load, unprotect
+    from trainguard.loader.protect import protect
     from trainguard.monitor import Alert, Guard, TrainingStopped, watch
     from trainguard.scanner import Policy, scan, scan_bytes, scan_file
     from trainguard.signing import VerificationError, seal, verify
@@ -38,7 +39,7 @@ _LAZY: dict[str, str] = {
     "VerificationError": "trainguard.signing",
     "is_protected": "trainguard.loader",
     "load": "trainguard.loader",
-    "protect": "trainguard.loader",
+    "protect": "trainguard.loader.protect",
     "scan": "trainguard.scanner",
     "scan_bytes": "trainguard.scanner",
     "scan_file": "trainguard.scanner",
@@ -105,7 +106,7 @@ def _protect_from_environment() -> None:
         return
     if value not in ("1", "block", "warn", "strict", "on", "yes"):
         raise UsageError(f"TRAINGUARD_PROTECT={value!r}: use block, warn or strict")
-    from trainguard.loader import protect
+    from trainguard.loader.protect import protect
 
     protect(mode="warn" if value == "warn" else "block", strict=value == "strict")
 

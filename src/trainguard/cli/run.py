@@ -53,7 +53,7 @@ def register(sub: Subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trainguard.loader import protect
+    from trainguard.loader.protect import protect
 
     if not args.module and not args.target:
         raise UsageError("run needs a SCRIPT or -m MODULE")
