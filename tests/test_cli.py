@@ -404,9 +404,16 @@ def test_trainguard_run_passes_the_scripts_exit_and_a_crash_is_2(
 ) -> None:
     """Exit codes only: what protect() refuses is tests/test_load_flows.py's (in a subprocess),
     so here protect() is a no-op and the script runs in this process."""
-    import trainguard.loader
+    import trainguard
 
-    monkeypatch.setattr(trainguard.loader, "protect", lambda **kwargs: None)
+    def no_protect(**kwargs: object) -> None:
+        return None
+
+    # Both spellings a verb may import it by: the package's name and its module's.
+    for name in ("trainguard.loader", "trainguard.loader.protect"):
+        module = importlib.import_module(name)
+        if not isinstance(getattr(module, "protect", None), types.ModuleType):
+            monkeypatch.setattr(module, "protect", no_protect)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setattr(sys, "path", list(sys.path))
     script = tmp_path / "job.py"
@@ -420,6 +427,7 @@ def test_trainguard_run_passes_the_scripts_exit_and_a_crash_is_2(
     # The user's own traceback, as python would show it, then one line of ours.
     assert "Traceback" in err and "ValueError: bad batch" in err and "in step" in err
     assert err.splitlines()[-1] == f"trainguard: {script} raised ValueError (above)"
+    assert not trainguard.is_protected()
 
 
 def test_docs_cli_lists_every_command() -> None:
