@@ -194,6 +194,8 @@ def test_unexpected_exception_in_a_verb_exits_2_with_one_line(
         assert main(["--debug", "scan", "--no-progress", str(store)]) == 2
         err = capsys.readouterr().err
         assert "Traceback" in err and err.splitlines()[-1].startswith("trainguard: "), seed
+        assert main(["scan", "--no-progress", "--debug", str(store)]) == 2  # after the verb
+        assert "Traceback" in capsys.readouterr().err, seed
         monkeypatch.setenv("TRAINGUARD_DEBUG", "1")
         assert main(["scan", "--no-progress", str(store)]) == 2
         assert "Traceback" in capsys.readouterr().err

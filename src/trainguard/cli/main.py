@@ -72,7 +72,26 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     modules = [VERBS[verb]] if verb in VERBS else list(dict.fromkeys(VERBS.values()))
     for module in modules:
         importlib.import_module(module).register(sub)
+    _debug_everywhere(p)
     return p
+
+
+def _debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after the verb too (``trainguard scan --debug x``), as people type it.
+
+    SUPPRESS as the default: a verb's parser must not reset the top-level value.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any("--debug" in a.option_strings for a in sub._actions):
+                    sub.add_argument(
+                        "--debug",
+                        action="store_true",
+                        default=argparse.SUPPRESS,
+                        help="print the traceback of an internal error",
+                    )
+                _debug_everywhere(sub)
 
 
 def _verb(argv: Sequence[str]) -> str | None:
