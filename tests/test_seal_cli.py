@@ -117,3 +117,18 @@ def test_progress_callback_reaches_the_total(model: Path, tmp_path: Path) -> Non
     total = sum(p.stat().st_size for p in model.iterdir() if p.suffix != ".sig")
     assert seen[-1] == (total, total)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_verify_fail_on_sets_the_verdict(model: Path, tmp_path: Path) -> None:
+    """An added file is high (TG504), an edited one critical (TG503): --fail-on picks."""
+    prefix = tmp_path / "k"
+    assert main(["keygen", "-o", str(prefix)]) == 0
+    assert main(["seal", str(model), "--key", f"{prefix}.pem", "--no-progress"]) == 0
+    verify = ["verify", str(model), "--key", f"{prefix}.pub", "--no-progress", "-f", "json"]
+    assert main([*verify, "--strict"]) == 0
+    (model / "extra.bin").write_bytes(b"planted")
+    assert main(verify) == 1
+    assert main([*verify, "--strict"]) == 1
+    assert main([*verify, "--fail-on", "critical"]) == 0
+    (model / "weights.bin").write_bytes(b"edited")
+    assert main([*verify, "--fail-on", "critical"]) == 1
