@@ -134,6 +134,28 @@ def test_formats_and_dispatch() -> None:
         render(report, "html")
 
 
+def test_every_kind_and_format_resolves() -> None:
+    """Each entry of the one table names a function that exists (they load lazily)."""
+    from trainguard.render import _RENDERERS, KINDS, formats, kind_of, renderer
+
+    assert {kind for kind, _ in _RENDERERS} == set(KINDS.values())
+    for kind, fmt in _RENDERERS:
+        assert fmt in formats(kind)
+        assert callable(renderer(kind, fmt))
+    with pytest.raises(ValueError, match="not a trainguard report"):
+        kind_of(object())
+    with pytest.raises(ValueError, match="unknown diff report format 'sarif'"):
+        renderer("diff", "sarif")
+
+
+def test_a_subclass_of_a_report_renders_as_its_base() -> None:
+    class Mine(ScanReport):
+        pass
+
+    report = Mine(files=mixed_report().files)
+    assert render(report, "json", tool_version="x") == render_json(report, tool_version="x")
+
+
 # -- text ----------------------------------------------------------------------
 
 
