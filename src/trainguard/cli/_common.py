@@ -11,7 +11,6 @@ imported at the top: ``trainguard scan`` imports this module too.
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import re
 import sys
@@ -130,6 +129,8 @@ def private_key(path: str) -> PrivateKey:
     if password is None:
         if not sys.stdin.isatty():
             raise KeyLoadError(f"{path}: the key is encrypted; set ${PASSWORD_ENV}")
+        import getpass  # only for an encrypted key on a terminal (start-up)
+
         password = getpass.getpass(f"password for {path}: ")
     return load_private_key(path, password.encode("utf-8"))
 

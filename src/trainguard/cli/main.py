@@ -17,7 +17,6 @@ import argparse
 import importlib
 import os
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 
 from trainguard.cli._common import EXIT_ERROR, EXIT_FINDINGS, EXIT_INTERRUPTED
@@ -140,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _unexpected(exc: Exception, debug: bool) -> int:
     """One line on stderr, exit 2; the traceback only when asked for."""
     if debug:
+        import traceback  # only here: a clean run never needs it (start-up)
+
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, OSError) and exc.strerror:
         # The system refused something (a file, the disk): the user's to fix, not our bug.
