@@ -1,0 +1,226 @@
+"""A trust policy at load: only bytes a trusted signer sealed are loaded.
+
+``protect(trust="trust.toml")``, ``load(..., trust=...)`` and
+``TRAINGUARD_TRUST=trust.toml``.  A checkpoint loads only if a seal covering
+it (``model.sig`` in its folder or a folder above, or a signature the policy
+names) verifies against a key or Sigstore identity the policy trusts, and the
+digest of the very bytes handed to the loader (already in memory) equals the
+digest in that signed manifest.  A file swapped or edited after the check
+changes nothing: the loader never reads the file again.
+
+The signature and the manifest are checked by :mod:`trainguard.signing`
+(``read_bundle``, ``verify_bundle``, ``parse_statement``); only the digest of
+the loaded bytes is computed here, since those bytes exist only here.
+
+Minimal file::
+
+    [trust]
+    keys = ["signer.pub"]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainguard.errors import PolicyError, UnsafeModelError
+from trainguard.findings import Finding
+from trainguard.rules import finding
+from trainguard.signing.errors import KeyLoadError, VerificationError
+from trainguard.signing.keyless import SigstoreIdentity
+
+SIGNATURE_NAME = "model.sig"
+_KEYS = frozenset(["keys", "identities", "signatures", "in_memory"])
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    keys: tuple[Any, ...]  # public keys
+    identities: tuple[SigstoreIdentity, ...]
+    signatures: tuple[Path, ...]  # seals named by the policy, besides model.sig
+    in_memory: str  # "refuse" (default) or "allow": bytes that no file backs
+    origin: str
+
+
+def load_trust(path: str | os.PathLike[str]) -> TrustPolicy:
+    """Read a trust policy; every problem is reported at once (:class:`PolicyError`)."""
+    from trainguard.signing.keys import load_public_key
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on Python 3.10 only
+        import tomli as tomllib
+    where = Path(path)
+    try:
+        doc = tomllib.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PolicyError(f"{where}: cannot read the trust policy: {exc}") from exc
+    table = doc.get("trust")
+    errors: list[str] = []
+    if not isinstance(table, dict) or set(doc) != {"trust"}:
+        raise PolicyError(f"{where}: a trust policy is one [trust] table")
+    errors += [f"unknown setting {k!r}" for k in sorted(set(table) - _KEYS)]
+    base = where.parent
+    keys = []
+    for name in _strings(table, "keys", errors):
+        try:
+            keys.append(load_public_key(base / name))
+        except (KeyLoadError, OSError) as exc:
+            errors.append(f"key {name}: {exc}")
+    identities = []
+    raw_ids = table.get("identities", [])
+    for item in raw_ids if isinstance(raw_ids, list) else [None]:
+        if isinstance(item, dict) and {"identity", "issuer"} == set(item):
+            identities.append(SigstoreIdentity(str(item["identity"]), str(item["issuer"])))
+        else:
+            errors.append('identities: each is {identity = "...", issuer = "..."}')
+    signatures = tuple(base / s for s in _strings(table, "signatures", errors))
+    in_memory = table.get("in_memory", "refuse")
+    if in_memory not in ("refuse", "allow"):
+        errors.append("in_memory: 'refuse' or 'allow'")
+    if not keys and not identities and not errors:
+        errors.append("no trusted keys or identities: nothing could ever load")
+    if errors:
+        raise PolicyError(f"{where}: " + "; ".join(errors))
+    return TrustPolicy(tuple(keys), tuple(identities), signatures, str(in_memory), str(where))
+
+
+def _strings(table: dict[str, Any], name: str, errors: list[str]) -> list[str]:
+    value = table.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        errors.append(f"{name}: a list of paths")
+        return []
+    return value
+
+
+def trust_from(value: Any) -> TrustPolicy | None:
+    """A policy from a path, an already-read policy, or None (no trust check)."""
+    if value is None or isinstance(value, TrustPolicy):
+        return value
+    return load_trust(value)
+
+
+def _refused(source: str, rule_id: str, message: str) -> UnsafeModelError:
+    return UnsafeModelError(source, [finding(rule_id, message, file=source)])
+
+
+def check_in_memory(policy: TrustPolicy, source: str) -> None:
+    """Bytes that no file backs: no seal can cover them."""
+    if policy.in_memory != "allow":
+        raise _refused(
+            source,
+            "TG504",
+            "not read from a file, so no seal can vouch for it (trust policy "
+            f'{policy.origin}; in_memory = "allow" loads such bytes unsealed)',
+        )
+
+
+def check_bytes(policy: TrustPolicy, path: str | os.PathLike[str], data: bytes) -> None:
+    """Raise :class:`UnsafeModelError` unless a trusted seal lists ``path`` with ``data``."""
+    source = os.fspath(path)
+    target = Path(os.path.realpath(source))
+    reasons: list[Finding] = []
+    for sig, root in _candidate_seals(policy, target):
+        try:
+            manifest = _verified_manifest(policy, sig)
+        except VerificationError as exc:
+            reasons += [
+                finding(f.rule, f"{sig}: {f.message}", file=source) for f in exc.findings[:1]
+            ]
+            continue
+        rel = target.relative_to(root).as_posix() if root != target else "."
+        verdict = _compare(manifest, rel, data)
+        if verdict is None:
+            return
+        if verdict:
+            reasons.append(finding("TG503", f"{sig}: {verdict}", file=source))
+    if not reasons:
+        reasons.append(
+            finding(
+                "TG504",
+                f"no seal covers it (no {SIGNATURE_NAME} in its folder or above, none named by "
+                f"the trust policy {policy.origin} lists it)",
+                file=source,
+            )
+        )
+    raise UnsafeModelError(source, reasons)
+
+
+def _candidate_seals(policy: TrustPolicy, target: Path) -> list[tuple[Path, Path]]:
+    """(signature, the root it covers) pairs that might list ``target``."""
+    found = []
+    single = target.with_name(target.name + ".sig")
+    if single.is_file():
+        found.append((single, target))
+    for folder in target.parents:
+        sig = folder / SIGNATURE_NAME
+        if sig.is_file():
+            found.append((sig, folder))
+    for sig in policy.signatures:
+        root = Path(os.path.realpath(sig.parent))
+        if root in target.parents:
+            found.append((sig, root))
+    return found
+
+
+def _verified_manifest(policy: TrustPolicy, sig: Path) -> Any:
+    from trainguard.signing import bundle as bundles
+    from trainguard.signing.manifest import ManifestError, parse_statement
+
+    bundle = bundles.read_bundle(sig)
+    failure: VerificationError | None = None
+    for key in policy.keys:
+        try:
+            payload, _ = bundles.verify_bundle(bundle, key)
+            break
+        except VerificationError as exc:
+            failure = failure or exc
+    else:
+        payload = _keyless(policy, bundle, failure)
+    try:
+        return parse_statement(payload)
+    except ManifestError as exc:
+        raise VerificationError(
+            f"{sig}: unusable manifest", [finding("TG502", f"unusable manifest: {exc}")]
+        ) from exc
+
+
+def _keyless(policy: TrustPolicy, bundle: Any, failure: VerificationError | None) -> bytes:
+    for who in policy.identities:
+        from trainguard.signing.keyless import verify_bundle as verify_keyless
+
+        try:
+            return verify_keyless(bundle, who)[0]
+        except VerificationError as exc:
+            failure = failure or exc
+    if failure is None:
+        failure = VerificationError("no trusted signer", [finding("TG501", "no trusted signer")])
+    raise VerificationError(
+        "signed by no signer this policy trusts",
+        [finding("TG501", f"signed by no key or identity the trust policy trusts ({failure})")],
+    )
+
+
+def _compare(manifest: Any, rel: str, data: bytes) -> str | None:
+    """None when ``data`` is what the manifest lists for ``rel``, else the reason ("" unlisted)."""
+    from trainguard.signing.hashing import digest_bytes
+
+    ser = manifest.serialization
+    entries = [r for r in manifest.resources if r.path == rel]
+    if not entries:
+        return ""
+    if ser.method == "shards":
+        spans = sorted((r.span or (0, 0), r.digest) for r in entries)
+        if spans[-1][0][1] != len(data) or spans[0][0][0] != 0:
+            return f"{rel} is {len(data)} bytes, the sealed shards cover another size"
+        for (start, end), digest in spans:
+            if digest_bytes(ser.hash_type, data[start:end]) != digest:
+                return f"{rel} bytes {start}-{end} differ from what was sealed"
+        return None
+    digest = digest_bytes(ser.hash_type, data)
+    if digest != entries[0].digest:
+        return f"{rel} differs from what was sealed ({ser.hash_type} {digest.hex()[:16]}...)"
+    return None
