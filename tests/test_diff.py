@@ -7,7 +7,10 @@ ulp, a frozen layer edited, the update flipped, the step counter reset).
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -342,11 +345,67 @@ def test_converted_checkpoints_keep_optimizer_checks(tmp_path: Path) -> None:
     for name, ckpt in (("a", ckpt_a), ("b", ckpt_b), ("flipped", flipped)):
         st, _ = convert(save(ckpt, tmp_path / f"{name}.pt"), tmp_path / name)
         paths[name] = st
-    honest = diff(paths["a"], paths["b"])
+    honest = diff(paths["a"], paths["b"], sidecar=True)
     assert honest.a.format == "safetensors + JSON sidecar"
+    assert any("taken from the sidecar" in n for n in honest.notes)
     assert rules(honest) == set(), honest.findings
-    bad = diff(paths["a"], paths["flipped"])
+    bad = diff(paths["a"], paths["flipped"], sidecar=True)
     assert {f.member for f in bad.findings if f.rule == "TG1503"} == {"model.0.weight"}
+
+
+# -- exactness: what loads differently never reads as identical ------------------------
+
+
+def _pair(tmp_path: Path, a: object, b: object) -> tuple[Path, Path]:
+    pa, pb = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(a, pa)
+    torch.save(b, pb)
+    return pa, pb
+
+
+def _changed(report: object) -> list[tuple[str, str]]:
+    values = [(v.path, v.status) for v in report.values if v.status != "same"]  # type: ignore[attr-defined]
+    tensors = [(t.path, t.status) for t in report.tensors if t.status != "same"]  # type: ignore[attr-defined]
+    return values + tensors
+
+
+def test_a_long_string_changed_after_its_first_2000_characters_differs(tmp_path: Path) -> None:
+    text = "x" * 5000
+    report = diff(*_pair(tmp_path, {"note": text}, {"note": text[:-1] + "y"}))
+    assert _changed(report) == [("note", "changed")] and report.exit_code() == 1
+
+
+def test_an_added_key_holding_an_empty_list_differs(tmp_path: Path) -> None:
+    w = torch.ones(3)
+    report = diff(*_pair(tmp_path, {"w": w}, {"w": w, "hooks": []}))
+    assert _changed(report) == [("hooks", "added")]
+
+
+def test_an_int_key_is_not_a_str_key(tmp_path: Path) -> None:
+    w = torch.ones(3)
+    report = diff(*_pair(tmp_path, {"state": {0: w}}, {"state": {"0": w}}))
+    assert _changed(report) == [("state", "changed")]
+    (value,) = [v for v in report.values if v.path == "state"]
+    assert "int" in str(value.a) and "str" in str(value.b)
+
+
+def test_a_list_saved_as_a_tuple_differs(tmp_path: Path) -> None:
+    report = diff(*_pair(tmp_path, {"betas": [0.9, 0.999]}, {"betas": (0.9, 0.999)}))
+    assert _changed(report) == [("betas", "changed")]
+
+
+def test_a_planted_sidecar_is_not_read_unless_asked(tmp_path: Path) -> None:
+    a = _st(tmp_path / "a.safetensors", {"w": torch.ones(4), "b": torch.zeros(4)})
+    b = _st(tmp_path / "b.safetensors", {"w": torch.zeros(4), "b": torch.ones(4)})
+    # A sidecar beside B that swaps the names back: with it, B would read as A.
+    structure = {"w": {"__tensor__": "b"}, "b": {"__tensor__": "w"}}
+    (tmp_path / "b.json").write_text(json.dumps({"tensors": b.name, "structure": structure}))
+    plain = diff(a, b)
+    assert sorted(_changed(plain)) == [("b", "changed"), ("w", "changed")]
+    assert any("b.json (a JSON sidecar) was not read" in n for n in plain.notes)
+    asked = diff(a, b, sidecar=True)
+    assert _changed(asked) == []  # what the user asked for, and the report says so
+    assert any("taken from the sidecar" in n for n in asked.notes)
 
 
 def test_malformed_safetensors_is_refused(tmp_path: Path) -> None:
@@ -401,3 +460,41 @@ def test_names_from_the_file_are_escaped(tmp_path: Path) -> None:
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     done = cli(str(tmp_path / "missing.pt"), str(tmp_path / "missing2.pt"))
     assert done.returncode == 2 and "no such file" in done.stderr
+
+
+def _mutations(rng: random.Random) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """An honest nested checkpoint and one that loads differently, with what was done."""
+
+    def leaf() -> Any:
+        return rng.choice([rng.random(), rng.randrange(10**6), "s" * rng.randrange(1, 3000), None])
+
+    base: dict[str, Any] = {"model": {"w": torch.ones(2)}, "opt": {"state": {0: {"step": 3.0}}}}
+    for i in range(rng.randrange(1, 5)):
+        base[f"k{i}"] = rng.choice([leaf(), [leaf(), leaf()], {"x": leaf()}, (leaf(),)])
+    other = copy.deepcopy(base)
+    kind = rng.choice(["value", "key-type", "container", "empty", "long-tail"])
+    if kind == "value":
+        other["k0"] = ("changed", other["k0"])
+    elif kind == "key-type":
+        other["opt"]["state"] = {"0": other["opt"]["state"][0]}
+    elif kind == "container":
+        other["opt"] = dict(other["opt"], state=list(other["opt"]["state"].values()))
+    elif kind == "empty":
+        other[rng.choice(["hooks", "model"])] = rng.choice([[], {}, ()])
+    else:
+        base["note"], other["note"] = "n" * 2500 + "a", "n" * 2500 + "b"
+    return base, other, kind
+
+
+def test_generated_changes_never_read_as_identical(tmp_path: Path) -> None:
+    seed = int(os.environ.get("TRAINGUARD_DIFF_SEED", random.randrange(2**32)))
+    print(f"TRAINGUARD_DIFF_SEED={seed}")
+    rng = random.Random(seed)
+    for i in range(12):
+        a, b, kind = _mutations(rng)
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        same = diff(*_pair(folder, a, copy.deepcopy(a)))
+        assert _changed(same) == [], (seed, i, kind)
+        report = diff(*_pair(folder, a, b))
+        assert _changed(report), (seed, i, kind)

@@ -44,6 +44,12 @@ def register(sub: Subparsers) -> None:
     d.add_argument("--policy", metavar="FILE", help="TOML policy (docs/policy.md)")
     add_verdict(d)
     d.add_argument("--all", action="store_true", help="list unchanged tensors in text too")
+    d.add_argument(
+        "--sidecar",
+        action="store_true",
+        help="for safetensors, take names and values from trainguard convert's JSON sidecar "
+        "(never read unless asked: a planted sidecar could rename tensors)",
+    )
     no_progress_arg(d)
     d.set_defaults(handler=_diff)
 
@@ -61,7 +67,14 @@ def _diff(args: argparse.Namespace) -> int:
     if big and show_progress(args):
         report = _with_progress(args, policy, failing)
     else:
-        report = diff(args.a, args.b, policy=policy, strict=_strict(failing), fail_on=failing)
+        report = diff(
+            args.a,
+            args.b,
+            policy=policy,
+            strict=_strict(failing),
+            fail_on=failing,
+            sidecar=args.sidecar,
+        )
     text = render(
         report,
         args.format,
@@ -107,4 +120,5 @@ def _with_progress(
             strict=_strict(failing),
             fail_on=failing,
             progress=progress,
+            sidecar=args.sidecar,
         )

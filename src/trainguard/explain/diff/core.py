@@ -18,6 +18,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -121,6 +122,34 @@ def _describe(entry: TensorEntry | ValueEntry | None) -> str | None:
     return entry.text
 
 
+def _shown(
+    status: str, ea: TensorEntry | ValueEntry | None, eb: TensorEntry | ValueEntry | None
+) -> bool:
+    """Containers are listed only for what their leaves cannot show."""
+    entry = ea if ea is not None else eb
+    if not isinstance(entry, ValueEntry) or entry.keys is None:
+        return True
+    if status == "same":
+        return False
+    # An added or removed container with items shows through them; an empty one
+    # (a key holding []) has nothing else to show it.
+    return status == "changed" or not entry.length
+
+
+def _same_value(ea: TensorEntry | ValueEntry | None, eb: TensorEntry | ValueEntry | None) -> bool:
+    if not isinstance(ea, ValueEntry) or not isinstance(eb, ValueEntry):
+        return _describe(ea) == _describe(eb)
+    if ea.keys is None or eb.keys is None:
+        return ea.digest == eb.digest and ea.text == eb.text
+    if ea.type != eb.type:  # a list saved as a tuple, a dict as an OrderedDict
+        return False
+    # Added or removed keys are their own entries; what only the container shows
+    # is a key of another type under the same name (1 vs "1"): torch.load, a
+    # state_dict lookup and an optimizer's state see different objects.
+    types_b = dict((name, kind) for kind, name in eb.keys)
+    return all(types_b.get(name, kind) == kind for kind, name in ea.keys)
+
+
 def _side(src: TensorSource) -> SideInfo:
     tensors = [e for e in src.entries.values() if isinstance(e, TensorEntry)]
     return SideInfo(
@@ -166,8 +195,9 @@ def compare(sa: TensorSource, sb: TensorSource, progress: Progress | None = None
             elif eb is None:
                 status = "removed"
             else:
-                status = "same" if da == db and kinds[0] is kinds[1] else "changed"
-            report.values.append(ValueDiff(path, status, da, db))
+                status = "same" if kinds[0] is kinds[1] and _same_value(ea, eb) else "changed"
+            if _shown(status, ea, eb):
+                report.values.append(ValueDiff(path, status, da, db))
     return report
 
 
@@ -202,22 +232,37 @@ def diff(
     limits: Limits = DEFAULT_LIMITS,
     progress: Progress | None = None,
     fail_on: Severity = Severity.HIGH,
+    sidecar: bool = False,
 ) -> DiffReport:
     """Compare checkpoint ``a`` (older) with ``b`` (newer), with the forensic checks.
 
     Both files go through the scanner first: anything it refuses raises
     :class:`~trainguard.errors.UnsafeModelError` before a byte of it is loaded.
     """
-    with open_checkpoint(a, policy=policy, strict=strict, limits=limits) as sa:
-        with open_checkpoint(b, policy=policy, strict=strict, limits=limits) as sb:
+
+    def opened(path: str | os.PathLike[str]) -> TensorSource:
+        return open_checkpoint(path, policy=policy, strict=strict, limits=limits, sidecar=sidecar)
+
+    with opened(a) as sa:
+        with opened(b) as sb:
             report = compare(sa, sb, progress)
             report.fail_on = fail_on
             findings, notes = forensics(sa, sb, report)
             report.findings.extend(findings)
             report.notes.extend(notes)
             for side in (sa, sb):
+                report.notes.extend(_sidecar_note(side.path, sidecar))
                 if not side.streamed:
                     report.notes.append(
                         f"{side.path} ({side.format}) was loaded whole: memory held all of it"
                     )
     return report
+
+
+def _sidecar_note(path: str, asked: bool) -> list[str]:
+    side = Path(path).with_suffix(".json")
+    if Path(path).suffix != ".safetensors" or not side.is_file():
+        return []
+    if asked:
+        return [f"{path}: tensor names and values taken from the sidecar {side} (--sidecar)"]
+    return [f"{side} (a JSON sidecar) was not read; --sidecar takes names and values from it"]

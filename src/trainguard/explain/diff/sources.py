@@ -18,6 +18,7 @@ A tensor comes back as a flat little-endian numpy array of its storage dtype
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -41,6 +42,7 @@ MAX_ENTRIES = 1_000_000
 MAX_DEPTH = 64
 MAX_VALUE_TEXT = 2_000  # characters of a non-tensor value kept for display
 MAX_SIDECAR = 64 * 1024 * 1024
+ROOT = "(root)"  # the name of the checkpoint's top-level container in a diff
 CHUNK = 1 << 20  # elements per chunk: ~50 MB of float64 temporaries at most
 
 
@@ -113,9 +115,25 @@ class TensorEntry:
 @dataclass(frozen=True)
 class ValueEntry:
     type: str
-    text: str  # repr, capped at MAX_VALUE_TEXT
+    text: str  # repr, capped at MAX_VALUE_TEXT: for display only
     number: float | None = None  # for ints and floats (optimizer step counters)
     string: str | None = None  # for str values (optimizer param_names), capped
+    # What equality is decided on: a digest of the whole value (a string changed
+    # after its first 2,000 characters differs).
+    digest: str = ""
+    # For a container: (type name, str(key)) of each key, in order ("" for a
+    # sequence's items), so that an int key is not taken for a str key.
+    keys: tuple[tuple[str, str], ...] | None = None
+    length: int | None = None  # a container's number of items
+
+
+@dataclass(frozen=True)
+class Container:
+    """A dict, list or tuple met on the walk: compared by shape, not only by its leaves."""
+
+    kind: str
+    length: int
+    keys: tuple[tuple[str, str], ...]  # (type name, str) of each key, in order; () for sequences
 
 
 Entry = TensorEntry | ValueEntry
@@ -190,14 +208,34 @@ def _unique(entries: Mapping[str, Entry], name: str) -> str:
 
 
 def _value_entry(value: Any) -> ValueEntry:
+    if isinstance(value, Container):
+        return _container_entry(value)
     number = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
     text = repr(value)
+    digest = _digest(value, text)
     if len(text) > MAX_VALUE_TEXT:
         text = text[:MAX_VALUE_TEXT] + f"... ({len(text):,} characters)"
     string = value[:MAX_VALUE_TEXT] if isinstance(value, str) else None
-    return ValueEntry(type(value).__name__, text, number, string)
+    return ValueEntry(type(value).__name__, text, number, string, digest)
+
+
+def _digest(value: Any, text: str) -> str:
+    h = hashlib.sha256(type(value).__name__.encode() + b"\0")
+    if isinstance(value, str):
+        h.update(value.encode("utf-8", "surrogatepass"))
+    elif isinstance(value, (bytes, bytearray)):
+        h.update(bytes(value))
+    else:  # the full repr: exact for numbers (float repr round-trips), None, enums
+        h.update(text.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def _container_entry(c: Container) -> ValueEntry:
+    key_types = sorted({k for k, _ in c.keys})
+    shown = f"<{c.kind} of {c.length}" + (f", keys: {'/'.join(key_types)}" if key_types else "")
+    return ValueEntry(c.kind, shown + ">", None, None, f"container:{c.kind}", c.keys, c.length)
 
 
 def walk(
@@ -207,12 +245,16 @@ def walk(
     if depth > MAX_DEPTH:
         raise ScanError(f"checkpoint structure nested deeper than {MAX_DEPTH} levels")
     dot = f"{prefix}." if prefix else ""
+    here = prefix or ROOT
     if is_leaf is not None and is_leaf(obj):
         yield prefix, obj
     elif isinstance(obj, Mapping):
+        keys = tuple((type(k).__name__, str(k)[:MAX_VALUE_TEXT]) for k in obj)
+        yield here, Container(type(obj).__name__, len(obj), keys)
         for k, v in obj.items():
             yield from walk(v, f"{dot}{k}", depth + 1, is_leaf)
     elif isinstance(obj, (list, tuple)) and not _is_tensor(obj):
+        yield here, Container(type(obj).__name__, len(obj), ())
         for i, v in enumerate(obj):
             yield from walk(v, f"{dot}{i}", depth + 1, is_leaf)
     else:
@@ -233,8 +275,11 @@ def _looks_like_safetensors(head: bytes) -> bool:
 class SafetensorsSource(TensorSource):
     format = "safetensors"
 
-    def __init__(self, path: str, policy: Policy, strict: bool, limits: Limits) -> None:
+    def __init__(
+        self, path: str, policy: Policy, strict: bool, limits: Limits, sidecar: bool = False
+    ) -> None:
         super().__init__(path)
+        self.sidecar = sidecar
         result = scan_file(path, policy=policy, limits=limits)
         if result.error is not None:
             raise ScanError(f"{path}: {result.error}")
@@ -251,7 +296,9 @@ class SafetensorsSource(TensorSource):
 
     def _index(self, header: dict[str, Any], base: int) -> None:
         path = self.path
-        refs = _sidecar(Path(path))
+        # A sidecar is a second file beside the tensors that renames them: read it only
+        # when asked, or a planted one could rename a changed tensor back.
+        refs = _sidecar(Path(path)) if self.sidecar else None
         names = [k for k in header if k != "__metadata__"]
         order: list[tuple[str, Any]] = (
             refs if refs is not None else [(k, {"__tensor__": k}) for k in names]
@@ -511,8 +558,12 @@ def open_checkpoint(
     policy: Policy | None = None,
     strict: bool = False,
     limits: Limits = DEFAULT_LIMITS,
+    sidecar: bool = False,
 ) -> TensorSource:
-    """Open ``path`` for diffing; raises UnsafeModelError for anything the scanner refuses."""
+    """Open ``path`` for diffing; raises UnsafeModelError for anything the scanner refuses.
+
+    ``sidecar``: for safetensors, also read ``trainguard convert``'s JSON sidecar.
+    """
     source = os.fspath(path)
     policy = policy or Policy()
     if not os.path.isfile(source):
@@ -520,7 +571,7 @@ def open_checkpoint(
     with open(source, "rb") as f:
         head = f.read(16)
     if _looks_like_safetensors(head):
-        return SafetensorsSource(source, policy, strict, limits)
+        return SafetensorsSource(source, policy, strict, limits, sidecar)
     if head[:4] == b"PK\x03\x04":
         torch = load_tensors.torch_or_none()
         if torch is not None:
