@@ -30,7 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture()
 def store(tmp_path: Path) -> Path:
     (tmp_path / "clean.pkl").write_bytes(pickle.dumps({"lr": 0.1, "steps": [1, 2]}))
-    (tmp_path / "user.pkl").write_bytes(call1("mypkg.models", "Net", "x"))
+    # A user's class constructed (NEWOBJ, then its state): medium. Calling it would be high.
+    (tmp_path / "user.pkl").write_bytes(
+        b"\x80\x02cmypkg.models\nNet\nq\x00)\x81}q\x01X\x01\x00\x00\x00wK\x01sb."
+    )
     return tmp_path
 
 

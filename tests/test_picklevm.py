@@ -172,8 +172,9 @@ def test_unknown_stdlib_function_is_high() -> None:
     assert rules(call1("smtpd", "DebuggingServer", "x"))["TG102"] is Severity.HIGH
 
 
-def test_user_class_is_medium_only() -> None:
-    assert rules(call1("mypkg.models", "Net", "x")) == {"TG103": Severity.MEDIUM}
+def test_calling_a_user_global_is_high_until_a_policy_allows_it() -> None:
+    # Net("x") may be a class or a function that runs "x": REDUCE calls it either way.
+    assert rules(call1("mypkg.models", "Net", "x")) == {"TG112": Severity.HIGH}
 
 
 def test_extension_code_is_high() -> None:
@@ -303,3 +304,100 @@ def test_a_tar_whose_header_is_a_pickle_is_both() -> None:
         tar.addfile(info, io.BytesIO(b"abc"))
     found = rules(out.getvalue())
     assert found.get("TG111") is Severity.HIGH and found.get("TG101") is Severity.CRITICAL
+
+
+# -- severity by what a global does when called ----------------------------------------
+
+
+def _call_p0(module: str, name: str, arg: str = "x") -> bytes:
+    return f"c{module}\n{name}\n(S'{arg}'\ntR.".encode()
+
+
+@pytest.mark.parametrize(
+    "qualname",
+    ["numexpr.evaluate", "asteval.Interpreter", "mylib.testing.run_script", "pkg.decoders.decode"],
+)
+def test_calling_an_unknown_third_party_global_fails_the_default(qualname: str) -> None:
+    module, _, name = qualname.rpartition(".")
+    found = rules(_call_p0(module, name))
+    assert found.get("TG112") is Severity.HIGH, found
+
+
+def test_constructing_an_unknown_class_stays_medium() -> None:
+    data = b"\x80\x02cmylib.models\nNet\nq\x00)\x81}q\x01X\x01\x00\x00\x00wK\x01sb."
+    assert rules(data) == {"TG103": Severity.MEDIUM}
+
+
+def test_a_policy_allows_a_call_it_names() -> None:
+    from trainguard.scanner.policy import Policy
+
+    result = scan_bytes(_call_p0("mylib.ops", "build"), policy=Policy(frozenset(["mylib.ops"])))
+    assert result.verdict is None
+
+
+def test_an_allowlisted_rebuild_that_calls_its_argument_calls_it() -> None:
+    # _rebuild_from_type_v2(func, new_type, args, state) runs func(*args).
+    data = (
+        b"ctorch._tensor\n_rebuild_from_type_v2\n(cmylib.tools\nrun\nctorch\nTensor\n(S'x'\ntNtR."
+    )
+    assert rules(data).get("TG112") is Severity.HIGH
+
+
+@pytest.mark.parametrize(
+    "qualname",
+    [
+        "torch.nn.init.normal_",
+        "torch.nn.init.kaiming_uniform_",
+        "torch.index_put_",
+        "torch.relu_",
+        "torch.Tensor.copy_",
+        "torch.from_file",
+        "torch.storage.UntypedStorage.from_file",
+        "numpy.memmap",
+        "numpy.fromfile",
+        "torch.save",
+    ],
+)
+def test_mutators_and_file_accessors_are_critical_under_any_name(qualname: str) -> None:
+    module, _, name = qualname.rpartition(".")
+    found = rules(_call_p0(module, name))
+    assert max(found.values()) is Severity.CRITICAL, found
+
+
+def test_a_parameter_rebuilt_with_backward_hooks_is_tampering() -> None:
+    # _rebuild_parameter(data, requires_grad, backward_hooks): a non-empty hooks dict
+    # runs its function on every backward pass (the incident's negated gradients).
+    hooks = b"ccollections\nOrderedDict\n)RI0\ncbuiltins\nhash\ns"
+    data = b"ctorch._utils\n_rebuild_parameter\n(NI01\n" + hooks + b"tR."
+    found = rules(data)
+    assert found.get("TG105") is Severity.CRITICAL, found
+    empty = b"ctorch._utils\n_rebuild_parameter\n(NI01\nccollections\nOrderedDict\n)RtR."
+    assert "TG105" not in rules(empty)
+
+
+def _stdlib_data() -> dict[str, object]:
+    import datetime
+    import logging
+    import re
+    import types
+    import typing
+    import zoneinfo
+
+    return {
+        "any": typing.Any,
+        "optional": typing.Optional[int],  # noqa: UP045 (the pickled shape under test)
+        "namespace": types.SimpleNamespace(a=1),
+        "logger": logging.getLogger("x"),
+        "pattern": re.compile("a", re.I),
+        "flags": re.I | re.M,
+        "hash": hash,
+        "zoneinfo": datetime.datetime(2024, 1, 1, tzinfo=zoneinfo.ZoneInfo("Europe/Paris")),
+        "utc": datetime.timezone.utc,
+    }
+
+
+@pytest.mark.parametrize("key", list(_stdlib_data()))
+@pytest.mark.parametrize("proto", [2, 4, 5])
+def test_standard_library_data_is_not_an_alarm(key: str, proto: int) -> None:
+    found = rules(pickle.dumps({"v": _stdlib_data()[key]}, protocol=proto))
+    assert not found or max(found.values()) <= Severity.MEDIUM, found

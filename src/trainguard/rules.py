@@ -638,6 +638,40 @@ RULES: dict[str, Rule] = {
             "The interpreter (its path, version, bytecode magic or binary digest) differs "
             "from the one recorded in the signed snapshot.",
         ),
+        Rule(
+            "TG619",
+            "env-wheel-modified",
+            _C,
+            "An installed file differs from the member of the wheel it was installed from "
+            "(--wheelhouse/--lock), or a launcher for an entry point does more than call "
+            "it. The wheel does not live on the host, so this catches edits that rewrote "
+            "RECORD too.",
+        ),
+        Rule(
+            "TG620",
+            "env-wheel-extra",
+            _H,
+            "RECORD lists a file that the distribution's wheel does not hold and that no "
+            "installer writes (pycs, RECORD, INSTALLER, REQUESTED, direct_url.json, entry "
+            "point launchers): added after installation, with RECORD rewritten to match.",
+        ),
+        Rule(
+            "TG621",
+            "env-wheel-missing",
+            _H,
+            "A member of the distribution's wheel is not installed: deleted after "
+            "installation together with its RECORD line (else plain verify says TG602). "
+            "Deleting a module can switch a package to a fallback path or skip a check.",
+        ),
+        Rule(
+            "TG622",
+            "env-wheel-reference",
+            _M,
+            "The reference could not vouch for a distribution: no wheel of its name and "
+            "version in the wheelhouse (medium), or (high) it is not in the lock file, its "
+            "version is not the locked one, no wheel has a hash the lock lists, or the "
+            "wheel cannot be read.",
+        ),
         # -- safetensors (TG8xx) -----------------------------------------------
         Rule(
             "TG801",

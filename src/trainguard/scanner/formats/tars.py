@@ -8,6 +8,7 @@ it by content.  Links and paths that escape the archive are findings.
 from __future__ import annotations
 
 import io
+import posixpath
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -23,6 +24,16 @@ if TYPE_CHECKING:
 def _escapes(name: str) -> bool:
     parts = name.replace("\\", "/").split("/")
     return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":")
+
+
+def _link_escapes(info: tarfile.TarInfo) -> bool:
+    """Where the link lands: a symlink relative to its own folder, a hard link to the root."""
+    target = info.linkname.replace("\\", "/")
+    if target.startswith("/") or (len(target) > 1 and target[1] == ":"):
+        return True
+    base = posixpath.dirname(info.name.replace("\\", "/")) if info.issym() else ""
+    resolved = posixpath.normpath(posixpath.join(base, target))
+    return resolved == ".." or resolved.startswith("../") or _escapes(info.name)
 
 
 class TarFormat:
@@ -77,7 +88,7 @@ class TarFormat:
                 trigger=info.name,
             )
         if info.issym() or info.islnk():
-            if _escapes(info.linkname) or info.linkname.startswith("/"):
+            if _link_escapes(info):
                 yield finding(
                     "TG207",
                     f"link {info.name!r} points outside the archive to {info.linkname!r}",

@@ -17,6 +17,7 @@ for stand-alone ``chat_template.jinja`` files.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 TEMPLATE_KEY = "tokenizer.chat_template"
 _MAX_HITS = 40  # per template; a payload is clear long before that
 _HEAD_MARKERS = ("{%", "{{", "{#")
+_TEMPITA_BLOCK = re.compile(rb"\{\{py:\s")
 
 
 def is_template_key(key: str) -> bool:
@@ -122,6 +124,11 @@ class ChatTemplateFormat:
         if b"\0" in head:
             return False
         text = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+        if _TEMPITA_BLOCK.match(text):
+            # Cython's Tempita code block ({{py: ...}}): "py:" is a syntax error in
+            # every Jinja dialect, and a renderer parses the whole file before it
+            # renders anything, so no chat-template loader can run this file.
+            return False
         return text.startswith(tuple(m.encode() for m in _HEAD_MARKERS)) and _is_utf8(head)
 
     def scan(self, ctx: ScanContext, blob: Blob) -> Iterator[Finding]:

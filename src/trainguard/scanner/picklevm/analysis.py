@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from trainguard.findings import Finding, Severity
 from trainguard.rules import finding
+from trainguard.scanner.picklevm.calls import CallIndex, judge, known_reconstructor, qualname
 from trainguard.scanner.picklevm.machine import (
-    Built,
     Call,
     ExtRef,
     Global,
@@ -24,20 +24,11 @@ from trainguard.scanner.picklevm.machine import (
 )
 from trainguard.scanner.picklevm.names import NESTED_LOADERS, classify
 from trainguard.scanner.picklevm.probe import Probe, probe_head
+from trainguard.scanner.picklevm.tensors import is_tensor, state_issues
 
 # Scans embedded bytes as a file of their own and returns its findings.
 NestedScanner = Callable[[bytes, str], list[Finding]]
 
-_TENSOR_BUILDERS = frozenset(
-    [
-        "torch._utils._rebuild_tensor",
-        "torch._utils._rebuild_tensor_v2",
-        "torch._utils._rebuild_tensor_v3",
-        "torch._utils._rebuild_parameter",
-        "torch._utils._rebuild_parameter_with_state",
-        "torch._tensor._rebuild_from_type_v2",
-    ]
-)
 _CONTAINER_CALLS = frozenset(["append", "setitem", "additems"])
 
 
@@ -71,12 +62,7 @@ def analyse(
 def _analyse(
     ev: PickleEvents, ctx: PickleContext, nested: NestedScanner | None
 ) -> Iterator[Finding]:
-    calls_by_func: dict[int, Call] = {}
-    for call in ev.calls:
-        if isinstance(call.func, Global):
-            calls_by_func.setdefault(call.func.offset, call)
-
-    yield from _globals(ev, ctx, calls_by_func)
+    yield from _globals(ev, ctx)
 
     for off, text in ev.dynamic_globals:
         yield _finding(
@@ -91,7 +77,7 @@ def _analyse(
         yield from _call_shape(call)
 
     for build in ev.builds:
-        if _is_tensor(build.obj):
+        if is_tensor(build.obj):
             yield _finding(
                 "TG105",
                 "BUILD sets state on a tensor while loading (torch never writes this; it "
@@ -109,6 +95,17 @@ def _analyse(
                 trigger=build.obj.qualname,
                 state=describe(build.state),
             )
+
+    for issue in state_issues(ev):
+        what = "backward hooks" if issue.what == "hooks" else "attribute state"
+        yield _finding(
+            "TG105",
+            f"a tensor or Parameter is rebuilt with {what} ({issue.detail}) by an allowlisted "
+            "rebuild function: it acts after loading (a hook runs on every backward pass)",
+            issue.offset,
+            trigger=issue.what,
+            severity=None if issue.acts_later else Severity.MEDIUM,
+        )
 
     if ev.persistent_ids and not ctx.persistent_ids_expected:
         first = ev.persistent_ids[0]
@@ -142,24 +139,25 @@ def _analyse(
         )
 
 
-def _globals(
-    ev: PickleEvents, ctx: PickleContext, calls_by_func: dict[int, Call]
-) -> Iterator[Finding]:
-    seen: dict[tuple[str, str], int] = {}
+def _globals(ev: PickleEvents, ctx: PickleContext) -> Iterator[Finding]:
+    index = CallIndex(ev, ctx.allow)
+    seen: set[str] = set()
     for g in ev.globals:
         verdict = classify(g.module, g.name, ctx.allow)
         if verdict.severity is None:
-            continue
-        key = (g.module, g.name)
-        seen[key] = seen.get(key, 0) + 1
-        if seen[key] > 1:
+            continue  # allowlisted by trainguard or by the user's policy: calls included
+        name = qualname(g)
+        if name in seen:
             continue  # one finding per distinct import; the first offset is the useful one
+        seen.add(name)
+        verdict, call = judge(g, verdict, index)
+        if verdict.severity is None:
+            continue
         evidence = {"import": g.qualname}
-        call = calls_by_func.get(g.offset)
         if call is not None:
             evidence["call"] = describe(call)
         message = verdict.reason
-        if call is not None and verdict.severity >= Severity.HIGH:
+        if call is not None and verdict.severity >= Severity.HIGH and verdict.rule != "TG112":
             message += f"; it is called as {describe(call)}"
         yield _finding(
             verdict.rule,
@@ -175,7 +173,7 @@ def _call_shape(call: Call) -> Iterator[Finding]:
     func = call.func
     if call.kind in _CONTAINER_CALLS:
         target = call.args[0] if isinstance(call.args, tuple) and call.args else None
-        if _is_tensor(target):
+        if is_tensor(target):
             yield _finding(
                 "TG105",
                 f"{call.kind.upper()} on a tensor while loading: writes into its "
@@ -190,19 +188,13 @@ def _call_shape(call: Call) -> Iterator[Finding]:
         return  # already reported where the import was computed
     if isinstance(func, ExtRef):
         return  # reported as TG106
+    if known_reconstructor(call):
+        return  # getattr(ZoneInfo, "_unpickle")(key, 1): how the stdlib pickles it
     yield _finding(
         "TG104",
         f"calls a value computed at load time: {describe(call)}",
         call.offset,
         trigger=describe(func),
-    )
-
-
-def _is_tensor(v: object) -> bool:
-    while isinstance(v, Built):
-        v = v.obj
-    return (
-        isinstance(v, Call) and isinstance(v.func, Global) and (v.func.qualname in _TENSOR_BUILDERS)
     )
 
 

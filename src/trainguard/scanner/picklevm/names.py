@@ -109,6 +109,14 @@ SAFE: frozenset[str] = frozenset(
         "torch.storage.TypedStorage",
         "torch.UntypedStorage",
         "torch.torch_version.TorchVersion",
+        # TorchScript archives' pickles: each returns its argument unchanged
+        # (torch/jit/_pickle.py), so calling them rebuilds plain data.
+        "torch.jit._pickle.build_intlist",
+        "torch.jit._pickle.build_tensorlist",
+        "torch.jit._pickle.build_doublelist",
+        "torch.jit._pickle.build_boollist",
+        "torch.jit._pickle.build_tensor_from_id",
+        "torch.jit._pickle.restore_type_tag",
         *(f"torch.{d}" for d in _TORCH_DTYPES),
         *(f"torch.{s}Storage" for s in _TORCH_STORAGES),
         *(f"torch.cuda.{s}Storage" for s in _TORCH_STORAGES),
@@ -194,6 +202,63 @@ _MUTATORS = frozenset(
     """.split()
 )
 
+# Names that map, read or write files when called: a tensor or array built by
+# one of these aliases a file (torch.from_file with shared=True writes through),
+# or the call writes one.  Judged by the last part of the name, wherever it lives.
+_FILE_ACCESSORS = frozenset(
+    """
+    from_file fromfile memmap open_memmap tofile save savez savez_compressed savetxt
+    loadtxt genfromtxt fromregex load load_state_dict_from_url download_url_to_file
+    """.split()
+)
+
+# Modules whose every function writes into tensors it is given (nn.init), and the
+# top-level packages whose trailing-underscore functions are in-place (torch.add_).
+_MUTATOR_MODULES = frozenset(["torch.nn.init"])
+_MUTATOR_NAMES = frozenset(
+    [
+        "torch.nn.utils.vector_to_parameters",
+        "torch.nn.utils.convert_parameters.vector_to_parameters",
+    ]
+)
+_INPLACE_PACKAGES = frozenset(["torch", "torchvision", "torchaudio", "functorch"])
+
+# Pure built-in functions: the result is a value computed from data the pickle
+# already built (a hash, a length); they reach nothing outside the process.
+PURE_BUILTINS: frozenset[str] = frozenset(
+    f"builtins.{n}"
+    for n in """
+    hash len abs round divmod pow min max sum repr ascii format ord chr bin oct hex id
+    isinstance issubclass all any sorted reversed enumerate zip
+    """.split()
+)
+
+# Standard-library names that are data when loaded: type hints (OmegaConf and
+# Lightning store typing.Any in every checkpoint), time zones, regex flags, a
+# namespace object, a logger looked up by name.  Exact names only: their modules
+# also hold code runners (typing.get_type_hints evaluates strings, logging.config
+# listens on a socket, types.FunctionType builds functions).
+STDLIB_DATA: frozenset[str] = frozenset(
+    [
+        *(
+            f"typing.{n}"
+            for n in """
+            Any Union Optional List Dict Tuple Set FrozenSet Type Callable Literal ClassVar
+            Final Sequence Mapping MutableMapping Iterable Iterator NoReturn Never Annotated
+            DefaultDict OrderedDict Deque Counter TypeVar Generic
+            """.split()
+        ),
+        "types.SimpleNamespace",
+        "types.NoneType",
+        "zoneinfo.ZoneInfo",
+        "datetime.tzinfo",
+        "re.RegexFlag",
+        "re.Pattern",
+        "logging.getLogger",
+        "enum.Enum",
+    ]
+)
+
 # Non-stdlib globals whose purpose is well known: reported as medium with a
 # message that says what it is, so a user can decide quickly.
 KNOWN_BENIGN_PREFIXES: dict[str, str] = {
@@ -264,6 +329,19 @@ def _rank(v: GlobalVerdict) -> int:
     return -1 if v.severity is None else int(v.severity)
 
 
+def _is_mutator(module: str, parts: list[str]) -> bool:
+    """In-place tensor edits under any name: ``Tensor.copy_``, ``torch.index_put_``, nn.init."""
+    last = parts[-1]
+    if len(parts) > 1 and last in _MUTATORS:
+        return True
+    if f"{module}.{'.'.join(parts)}" in _MUTATOR_NAMES:
+        return True
+    if _in_module_set(module, _MUTATOR_MODULES):
+        return True
+    top = module.split(".")[0]
+    return top in _INPLACE_PACKAGES and last.endswith("_") and not last.startswith("_")
+
+
 def _classify_one(module: str, name: str, allow: frozenset[str]) -> GlobalVerdict:
     qualified = f"{module}.{name}"
     if not module or not name:
@@ -285,11 +363,25 @@ def _classify_one(module: str, name: str, allow: frozenset[str]) -> GlobalVerdic
             "TG103",
             f"{qualified} loads embedded bytes as a checkpoint (analysed as a nested file)",
         )
+    if qualified in PURE_BUILTINS:
+        return GlobalVerdict(
+            Severity.LOW, "TG103", f"imports {qualified} (a pure built-in function)"
+        )
+    if qualified in STDLIB_DATA:
+        return GlobalVerdict(
+            Severity.LOW, "TG103", f"imports {qualified} (a standard-library data type)"
+        )
+    if parts[-1] in _FILE_ACCESSORS:
+        return GlobalVerdict(
+            Severity.CRITICAL,
+            "TG101",
+            f"{qualified} reads, maps or writes files when called",
+        )
     if qualified in DENIED_NAMES or _in_module_set(qualified, DENIED_MODULES):
         return GlobalVerdict(
             Severity.CRITICAL, "TG101", f"{qualified} can run code or reach outside the process"
         )
-    if len(parts) > 1 and parts[-1] in _MUTATORS:
+    if _is_mutator(module, parts):
         return GlobalVerdict(
             Severity.CRITICAL,
             "TG105",

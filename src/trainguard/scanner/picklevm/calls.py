@@ -1,0 +1,247 @@
+"""Severity by what a global does when the pickle calls it.
+
+:func:`names.classify` judges a name; this module judges its uses.  A pickle
+that merely constructs an ordinary class (NEWOBJ, or a class handed to
+``copyreg._reconstructor``) builds an object; a pickle that *calls* a global
+(REDUCE, INST, OBJ, NEWOBJ_EX) runs it with arguments of the attacker's choice.
+An expression evaluator, a test helper that runs a script, a decoder that
+unpickles its input: all are ordinary third-party functions, so a call on a
+global not known to be safe fails the default level (TG112) unless the user's
+policy allows it.
+
+Some denied names are data in the shapes the standard library itself writes:
+``getattr(SomeClass, "MEMBER")`` (enums by name), ``operator.getitem(typing.Union,
+...)`` (``Optional[int]``), ``type(None)``.  Those exact shapes, and no other use
+of the same import, lower the name to low.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from trainguard.findings import Severity
+from trainguard.scanner.picklevm.machine import (
+    Built,
+    Call,
+    DictV,
+    Global,
+    ListV,
+    PersistentRef,
+    PickleEvents,
+    SetV,
+    Value,
+)
+from trainguard.scanner.picklevm.names import (
+    PURE_BUILTINS,
+    STDLIB_DATA,
+    GlobalVerdict,
+    classify,
+    normalise,
+)
+
+CALL_KINDS = frozenset(["reduce", "inst", "obj", "newobj_ex"])
+
+# Third-party callables whose call rebuilds data, each read in its library's source:
+# Cython extension types' __reduce__ (scikit-learn's trees and losses) and the enums
+# transformers stores in TrainingArguments (called with their value).
+KNOWN_SAFE_CALLS: frozenset[str] = frozenset(
+    [
+        "sklearn.tree._tree.Tree",
+        "sklearn.neighbors._kd_tree.KDTree",
+        "sklearn.neighbors._ball_tree.BallTree",
+        "sklearn._loss._loss.CyHalfSquaredError",
+        "sklearn._loss._loss.CyHalfBinomialLoss",
+        "sklearn._loss._loss.CyHalfMultinomialLoss",
+        "sklearn._loss.link.Interval",
+        "transformers.trainer_utils.IntervalStrategy",
+        "transformers.trainer_utils.SaveStrategy",
+        "transformers.trainer_utils.SchedulerType",
+        "transformers.trainer_utils.HubStrategy",
+        "transformers.training_args.OptimizerNames",
+        "transformers.debug_utils.DebugOption",
+        "accelerate.utils.dataclasses.DistributedType",
+        # numpy < 1.0 arrays: ndarray.__new__(subtype, shape, dtype) (numpy/core/_internal.py)
+        "numpy.core._internal._reconstruct",
+        # re patterns and flags, namespaces: calls that rebuild a value
+        "re._compile",
+        "re.compile",
+        "argparse.Namespace",
+    ]
+)
+
+# Allowlisted rebuild helpers that call one of their arguments: the argument is
+# called as surely as if the pickle had called it (position of the callee).
+_CALL_THROUGH = {
+    "torch._tensor._rebuild_from_type_v2": 0,
+    "torch._tensor._rebuild_from_type": 0,
+    "copy._reconstruct": 2,
+}
+
+# (class, attribute) pairs whose fetched attribute the standard library calls to
+# rebuild an object: ZoneInfo pickles as getattr(ZoneInfo, "_unpickle")(key, 1).
+KNOWN_RECONSTRUCTORS = frozenset([("zoneinfo.ZoneInfo", "_unpickle")])
+
+_CONTAINER_TYPES = frozenset(
+    f"builtins.{n}" for n in "list dict tuple set frozenset type int str float bool".split()
+)
+_WALK_BUDGET = 200_000
+
+
+def qualname(g: Global) -> str:
+    module, name = normalise(g.module, g.name)[0]
+    return f"{module}.{name}"
+
+
+@dataclass
+class CallIndex:
+    """Every call in one pickle, by the qualified name of the global it calls."""
+
+    ev: PickleEvents
+    allow: frozenset[str]
+
+    def __post_init__(self) -> None:
+        self.by_name: dict[str, list[Call]] = {}
+        self.called: set[int] = set()  # id() of values that are themselves called
+        for c in self.ev.calls:
+            self.called.add(id(c.func))
+            if not isinstance(c.func, Global):
+                continue
+            name = qualname(c.func)
+            self.by_name.setdefault(name, []).append(c)
+            at = _CALL_THROUGH.get(name)
+            if at is not None and isinstance(c.args, tuple) and len(c.args) > at:
+                inner = c.args[at]
+                if isinstance(inner, Global):
+                    through = Call(inner, c.args[at + 1 :], c.offset, "reduce")
+                    self.by_name.setdefault(qualname(inner), []).append(through)
+        self._elsewhere: set[str] | None = None
+
+    def referenced_elsewhere(self, name: str) -> bool:
+        """True if the import is used other than as the callable of a call (or we cannot tell)."""
+        if self._elsewhere is None:
+            self._elsewhere = _non_call_references(self.ev)
+        return name in self._elsewhere or "*" in self._elsewhere
+
+
+def judge(g: Global, verdict: GlobalVerdict, index: CallIndex) -> tuple[GlobalVerdict, Call | None]:
+    """The verdict on an import once its calls are known, and the call that decided it."""
+    name = qualname(g)
+    calls = [c for c in index.by_name.get(name, []) if c.kind in CALL_KINDS]
+    if not calls:
+        return verdict, None
+    if verdict.severity is not None and verdict.severity >= Severity.HIGH:
+        if all(_data_shaped(name, c, index) for c in calls) and not index.referenced_elsewhere(
+            name
+        ):
+            return GlobalVerdict(Severity.LOW, "TG103", f"{name} used only to rebuild data"), None
+        return verdict, calls[0]
+    if verdict.severity is None or safe_to_call(name):
+        return verdict, calls[0]
+    return (
+        GlobalVerdict(
+            Severity.HIGH,
+            "TG112",
+            f"calls {name} while loading; a call runs it with arguments the file chooses, "
+            "and it is not known to be safe to call (allow it in a policy if you trust it)",
+        ),
+        calls[0],
+    )
+
+
+def safe_to_call(name: str) -> bool:
+    """Callables whose call rebuilds a value and reaches nothing else."""
+    if name in KNOWN_SAFE_CALLS or name in STDLIB_DATA or name in PURE_BUILTINS:
+        return True
+    # Cython's generated __pyx_unpickle_<Class>(type, checksum, state) checks the
+    # checksum, then <Class>.__new__(type) and sets the state: a construction.
+    return name.rpartition(".")[2].startswith("__pyx_unpickle_")
+
+
+def _data_shaped(name: str, call: Call, index: CallIndex) -> bool:
+    args = call.args
+    if not isinstance(args, tuple):
+        return False
+    if name == "builtins.type":
+        return len(args) == 1  # type(x) returns x's class; three arguments build one
+    if name in ("operator.getitem", "_operator.getitem"):
+        return (
+            len(args) == 2
+            and isinstance(args[0], Global)
+            and (qualname(args[0]) in STDLIB_DATA or qualname(args[0]) in _CONTAINER_TYPES)
+        )
+    if name == "builtins.getattr":
+        if len(args) != 2 or not isinstance(args[0], Global) or not isinstance(args[1], str):
+            return False
+        owner, attr = qualname(args[0]), args[1]
+        if classify(args[0].module, args[0].name, index.allow).severity not in (
+            None,
+            Severity.LOW,
+            Severity.MEDIUM,
+        ):
+            return False
+        if id(call) in index.called:  # the fetched attribute is then called
+            return (owner, attr) in KNOWN_RECONSTRUCTORS
+        return attr.isidentifier() and not attr.startswith("_")
+    return False
+
+
+def known_reconstructor(call: Call) -> bool:
+    """``getattr(C, name)(...)`` where the pair is a standard rebuild (ZoneInfo._unpickle)."""
+    f = call.func
+    return (
+        isinstance(f, Call)
+        and isinstance(f.func, Global)
+        and qualname(f.func) == "builtins.getattr"
+        and isinstance(f.args, tuple)
+        and len(f.args) == 2
+        and isinstance(f.args[0], Global)
+        and (qualname(f.args[0]), f.args[1]) in KNOWN_RECONSTRUCTORS
+    )
+
+
+def _non_call_references(ev: PickleEvents) -> set[str]:
+    """Names of imports that appear as values (arguments, state, the result), not as callees."""
+    found: set[str] = set()
+    seen: set[int] = set()
+    budget = [_WALK_BUDGET]
+    roots: list[Value] = [ev.result]
+    for c in ev.calls:
+        roots.append(c.args)
+        if not isinstance(c.func, Global):
+            roots.append(c.func)
+    for b in ev.builds:
+        roots += [b.obj, b.state]
+    for r in roots:
+        for v in _walk(r, seen, budget):
+            if isinstance(v, Global):
+                found.add(qualname(v))
+    if budget[0] <= 0:
+        found.add("*")
+    return found
+
+
+def _walk(v: Value, seen: set[int], budget: list[int]) -> Iterator[Value]:
+    stack = [v]
+    while stack and budget[0] > 0:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        budget[0] -= 1
+        yield x
+        if isinstance(x, tuple):
+            stack.extend(x)
+        elif isinstance(x, (ListV, SetV)):
+            stack.extend(x.items)
+        elif isinstance(x, DictV):
+            for k, val in x.items:
+                stack += [k, val]
+        elif isinstance(x, Call):
+            stack.append(x.args)
+            if not isinstance(x.func, Global):  # a Global as the callee is a call, not a value
+                stack.append(x.func)
+        elif isinstance(x, Built):
+            stack += [x.obj, x.state]
+        elif isinstance(x, PersistentRef):
+            stack.append(x.pid)
