@@ -85,7 +85,7 @@ TAGS = {
 }
 
 
-def _seed() -> int:
+def seed() -> int:
     seed = int(os.environ.get("TRAINGUARD_TEST_SEED") or secrets.randbits(32))
     print(f"hostile-name seed: {seed} (rerun with TRAINGUARD_TEST_SEED={seed})")
     return seed
@@ -233,7 +233,7 @@ def test_every_html_format_has_a_hostile_builder() -> None:
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
 def test_hostile_names_come_out_as_text(kind: str) -> None:
-    rng = random.Random(_seed())
+    rng = random.Random(seed())
     for _ in range(12):
         name = Names(rng)
         page = render(BUILDERS[kind](name, rng), "html", tool_version="test")

@@ -337,3 +337,65 @@ def test_the_harness_sees_what_the_policy_blocks(tmp_path: Path) -> None:
     assert "inline style violates" in joined
     assert "inline script violates" in joined
     assert "<polyline> attribute points" in joined
+
+
+@pytest.mark.parametrize("kind", ["diff", "run"])
+def test_hostile_pages_stay_inert_in_headless_chromium(tmp_path: Path, kind: str) -> None:
+    """Every HTML output, full of freshly generated hostile names, parsed by a real browser:
+    no script, no event handler or style attribute, no element a name could have made,
+    nothing the policy had to block (that would be a console message), the title as text."""
+    import random
+    import re
+
+    from tests.test_render_html import BUILDERS, Names, seed
+    from trainguard.render import render
+    from trainguard.render.html_svg import BAR_COLOR
+    from trainguard.render.text import printable
+
+    binary = chromium()
+    rng = random.Random(seed())
+    report = BUILDERS[kind](Names(rng), rng)
+    page = tmp_path / f"{kind}.html"
+    page.write_text(render(report, "html"), encoding="utf-8")
+    run_id = getattr(report, "run_id", None)
+    title = "trainguard diff" if run_id is None else f"trainguard report: {run_id}"
+    browser = Browser(binary, tempfile.mkdtemp(prefix="tg-chromium-", dir=tmp_path))
+    try:
+        browser.open_page(1000, 1200)
+        browser.send("Page.navigate", {"url": page.as_uri()})
+        browser.wait_for("Page.loadEventFired")
+        found = browser.send(
+            "Runtime.evaluate",
+            {
+                "expression": "JSON.stringify({scripts: document.scripts.length, "
+                "handlers: [...document.querySelectorAll('*')].filter(e => "
+                "[...e.attributes].some(a => a.name.startsWith('on') || a.name === 'style'))"
+                ".length, "
+                "foreign: document.querySelectorAll('img,iframe,object,embed,form,input,"
+                "base,link,textarea,video,audio,foreignObject').length, "
+                "bars: [...document.querySelectorAll('svg.bar')].map(s => {"
+                "const r = s.getBoundingClientRect(); return [r.x, r.y + window.scrollY, "
+                "r.width, r.height]}), title: document.title})",
+                "returnByValue": True,
+            },
+        )
+        state = json.loads(found["result"]["value"])
+        bar = None
+        if state["bars"]:
+            x, y, w, h = state["bars"][0]
+            clip = {"x": x, "y": y, "width": w, "height": h, "scale": 1}
+            bar = browser.send(
+                "Page.captureScreenshot",
+                {"format": "png", "clip": clip, "captureBeyondViewport": True},
+            )
+        problems = browser.console_problems()
+    finally:
+        browser.close()
+    assert problems == []
+    assert (state["scripts"], state["handlers"], state["foreign"]) == (0, 0, 0)
+    # A browser collapses runs of ASCII whitespace in a title; nothing else may differ.
+    assert state["title"] == re.sub(r"[ \t\n\f\r]+", " ", printable(title)).strip()
+    if kind == "diff":
+        assert len(state["bars"]) >= 1 and bar is not None  # a changed tensor's bar, as SVG
+        _, _, rows = read_png(base64.b64decode(bar["data"]))
+        assert near(rows, BAR_COLOR, tolerance=30) >= 8  # drawn: the policy let it through

@@ -27,6 +27,7 @@ PALETTE = ("#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#000000", "#7
 DASHES = ("", "7 3", "2 2", "9 3 2 3")
 ALERT_COLOR = "#c00018"
 BREAK_COLOR = "#6a1b9a"
+BAR_COLOR = "#cc7700"
 MAX_MARKS = 200  # distinct marked steps per chart; the rest are counted in the caption
 LOG_RATIO = 1000.0  # a positive metric spanning this much gets a log axis
 CLAMP = 1e100  # values beyond are drawn at the edge (floats near the limit overflow spans)
@@ -249,5 +250,5 @@ def fraction_bar(fraction: float, width: int = 60) -> str:
     return (
         f'<svg class="bar" width="{width}" height="8" aria-hidden="true">'
         f'<rect width="{width}" height="8" fill="#eeeeee"/>'
-        f'<rect width="{filled}" height="8" fill="#cc7700"/></svg>'
+        f'<rect width="{filled}" height="8" fill="{BAR_COLOR}"/></svg>'
     )

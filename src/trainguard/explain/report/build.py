@@ -3,7 +3,7 @@
 :func:`build_report` reads the run twice: once through
 :func:`~trainguard.ledger.verify.verify_run` (every record re-hashed, every link
 and signed head checked), then once to gather the timeline (loss, gradient
-norm and step time per rank, thinned by :mod:`.report_series`), the alerts
+norm and step time per rank, thinned by :mod:`.series`), the alerts
 with their evidence, the run's start and end, the environment check and the
 checkpoints.  The result is a :class:`RunReport`, plain data that the
 renderers (:mod:`trainguard.render.run_report`, :mod:`trainguard.render.html_report`) draw.
