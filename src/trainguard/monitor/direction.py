@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainguard.monitor.sharding import is_dtensor, local, state_owner
+
 SAMPLES_PER_PARAM = 256
 
 
@@ -38,22 +40,27 @@ class DirectionCheck:
         self.torch = torch
         self.params = [(n, p) for n, p in named_params if p.requires_grad]
         gen = torch.Generator().manual_seed(int.from_bytes(key[8:16], "little") & (2**62))
+        # Indices into what this rank holds (a DTensor's local shard, see sharding.py).
         self.index = {
             id(p): torch.randint(
-                0, p.numel(), (min(SAMPLES_PER_PARAM, p.numel()),), generator=gen
-            ).to(p.device)
+                0, local(p).numel(), (min(SAMPLES_PER_PARAM, local(p).numel()),), generator=gen
+            ).to(local(p).device)
             for _, p in self.params
-            if p.numel()
+            if local(p).numel()
         }
         self.backward_samples: dict[int, Any] = {}
         self.before: dict[int, Any] = {}
         self.grad_at_step: dict[int, Any] = {}
-        self.distributed = _distributed()
+        # Sharded gradients (FSDP) reach the hook already reduced, one slice per rank:
+        # nothing to average, and the slices' sample counts differ between ranks.
+        self.distributed = _distributed() and not any(is_dtensor(p) for _, p in self.params)
         self.handles = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.params]
+        self.moments: dict[int, Any] = {}  # each parameter's sampled moment after the last step
+        self.mismatch: str | None = None
 
     def _on_grad(self, p: Any) -> None:
         if p.grad is not None and id(p) in self.index:
-            sample = p.grad.detach().reshape(-1)[self.index[id(p)]]
+            sample = local(p.grad).detach().reshape(-1)[self.index[id(p)]]
             self.backward_samples[id(p)] = sample.to(self.torch.float64)
 
     def before_step(self) -> list[str]:
@@ -75,8 +82,8 @@ class DirectionCheck:
                     (name, None, torch.zeros(idx.numel(), dtype=torch.float64, device=idx.device))
                 )
                 continue
-            self.before[id(p)] = p.detach().reshape(-1)[idx].to(torch.float64)
-            now = p.grad.detach().reshape(-1)[idx].to(torch.float64)
+            self.before[id(p)] = local(p).detach().reshape(-1)[idx].to(torch.float64)
+            now = local(p.grad).detach().reshape(-1)[idx].to(torch.float64)
             self.grad_at_step[id(p)] = now
             if back is None or back.shape != now.shape:
                 back = torch.zeros_like(now)
@@ -114,25 +121,41 @@ class DirectionCheck:
         return flipped
 
     def after_step(self, optimizer: Any) -> float | None:
-        """Cosine between the sampled update and the direction the optimizer prescribes."""
+        """Cosine between the sampled update and the direction the optimizer prescribes.
+
+        Also sets :attr:`mismatch` when the step's math does not hold (see
+        :func:`_step_math`): the moments did not take this step's gradient, or the
+        update is not the size the learning rate gives.
+        """
         torch = self.torch
-        deltas, expected = [], []
+        deltas, expected, sizes, moved, pushed = [], [], [], [], []
+        self.mismatch = None
+        optimizer = state_owner(optimizer)  # ZeRO: the local optimizer, its own parameters
+        moments_before, self.moments = self.moments, {}
         for group in optimizer.param_groups:
             for p in group["params"]:
                 before = self.before.get(id(p))
                 if before is None:
                     continue
                 idx = self.index[id(p)]
-                delta = p.detach().reshape(-1)[idx].to(torch.float64) - before
-                direction = _prescribed(
-                    optimizer, group, p, idx, before, self.grad_at_step[id(p)], torch
-                )
+                delta = local(p).detach().reshape(-1)[idx].to(torch.float64) - before
+                grad = self.grad_at_step[id(p)]
+                direction = _prescribed(optimizer, group, p, idx, before, grad, torch)
                 if direction is None:
                     return None  # an optimizer we cannot reason about
                 deltas.append(delta)
                 expected.append(direction)
+                math_ = _step_math(optimizer, group, p, idx, before, grad, moments_before, torch)
+                if math_ is not None:
+                    moment, now, push, exact = math_
+                    self.moments[id(p)] = now
+                    moved.append(moment)
+                    pushed.append(push)
+                    if exact:  # float32 or wider: the update's size is exact enough to check
+                        sizes.append((delta, float(group["lr"]) * direction))
         if not deltas:
             return None
+        self.mismatch = _judge_math(torch, moved, pushed, sizes)
         d = torch.cat(deltas)
         e = torch.cat(expected)
         norm = float(d.norm() * e.norm())
@@ -159,28 +182,90 @@ def _prescribed(
     """The update direction (up to a positive factor) the optimizer must take at ``idx``."""
     name = type(optimizer).__name__
     state = optimizer.state.get(p, {})
-    sign = 1.0 if group.get("maximize") else -1.0
+    # maximize negates the gradient before anything else; the moments then carry
+    # that sign, and every update is minus what the optimizer accumulated.
+    sign = -1.0 if group.get("maximize") else 1.0
     wd = float(group.get("weight_decay", 0.0) or 0.0)
     if name == "SGD":
         buf = state.get("momentum_buffer")
-        g = grad + wd * before
+        g = sign * grad + wd * before
         if buf is not None and group.get("momentum", 0):
-            b = buf.detach().reshape(-1)[idx].to(torch.float64)
+            b = local(buf).detach().reshape(-1)[idx].to(torch.float64)
             if group.get("nesterov"):
-                return sign * (g + float(group["momentum"]) * b)
-            return sign * b
-        return sign * g
+                return -(g + float(group["momentum"]) * b)
+            return -b
+        return -g
     if name in ("Adam", "AdamW"):
         if "exp_avg" not in state:
             return None
         step = float(state["step"])
         beta1, beta2 = (float(b) for b in group["betas"])
-        m = state["exp_avg"].detach().reshape(-1)[idx].to(torch.float64) / (1 - beta1**step)
+        m = local(state["exp_avg"]).detach().reshape(-1)[idx].to(torch.float64) / (1 - beta1**step)
         v_key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
-        v = state[v_key].detach().reshape(-1)[idx].to(torch.float64) / (1 - beta2**step)
+        v = local(state[v_key]).detach().reshape(-1)[idx].to(torch.float64) / (1 - beta2**step)
         u = m / (v.sqrt() + float(group["eps"]))
         decoupled = name == "AdamW" or group.get("decoupled_weight_decay")
         if decoupled and wd:
             u = u + wd * before
-        return sign * u
+        return -u
+    return None
+
+
+# The update's size may differ from lr x the prescribed step by this factor (rounding of
+# low-order bits; a scaled step is off by its scale).
+SIZE_TOLERANCE = 1.25
+
+
+def _step_math(
+    optimizer: Any,
+    group: dict[str, Any],
+    p: Any,
+    idx: Any,
+    before: Any,
+    grad: Any,
+    moments_before: dict[int, Any],
+    torch: Any,
+) -> tuple[Any, Any, Any, bool] | None:
+    """(moment change, moment now, what must have pushed it, sizes exact?) for SGD and Adam(W).
+
+    Adam's ``exp_avg`` and SGD's ``momentum_buffer`` must move by a positive multiple of
+    this step's gradient (plus ``weight_decay x p`` where the decay goes through the
+    gradient): ``m_t - beta1 m_(t-1) = (1 - beta1) g``.  A gradient negated or replaced
+    inside ``optimizer.step`` (after the guard's pre-hook read it) breaks this, even
+    though the update then follows the poisoned moments.
+    """
+    name = type(optimizer).__name__
+    state = optimizer.state.get(p, {})
+    sign = -1.0 if group.get("maximize") else 1.0
+    wd = float(group.get("weight_decay", 0.0) or 0.0)
+    if name in ("Adam", "AdamW") and "exp_avg" in state:
+        slot, factor = "exp_avg", float(group["betas"][0])
+        decoupled = name == "AdamW" or group.get("decoupled_weight_decay")
+        push = sign * grad + (0.0 if decoupled else wd) * before
+    elif name == "SGD" and group.get("momentum") and state.get("momentum_buffer") is not None:
+        slot, factor = "momentum_buffer", float(group["momentum"])
+        push = sign * grad + wd * before
+    else:
+        return None
+    now = local(state[slot]).detach().reshape(-1)[idx].to(torch.float64)
+    previous = moments_before.get(id(p))
+    moment = now - factor * previous if previous is not None else now
+    exact = local(p).element_size() >= 4
+    return moment, now, push, exact
+
+
+def _judge_math(torch: Any, moved: list[Any], pushed: list[Any], sizes: list[Any]) -> str | None:
+    if moved:
+        m, g = torch.cat(moved), torch.cat(pushed)
+        norm = float(m.norm() * g.norm())
+        if norm > 0.0 and math.isfinite(norm) and float((m * g).sum()) < -0.5 * norm:
+            return "the optimizer's moments moved against this step's gradient"
+    if sizes:
+        d = torch.cat([a for a, _ in sizes])
+        e = torch.cat([b for _, b in sizes])
+        scale = float((e * e).sum())
+        if scale > 0.0 and math.isfinite(scale):
+            ratio = float((d * e).sum()) / scale
+            if not 1 / SIZE_TOLERANCE <= ratio <= SIZE_TOLERANCE:
+                return f"the update is {ratio:.3g} times the size the learning rate gives"
     return None

@@ -10,6 +10,10 @@ tensor names, shapes and dtypes.
 
 Cost: about three passes over the tensor's memory (sum, XOR, sum); no copy of
 the parameters is kept.
+
+Sharded tensors (FSDP2's DTensors) are read where they live: each rank sums
+its own slice, of whatever size (an empty one included), and names it by the
+slice (``0.weight[4:8]``, see sharding.py); nothing is gathered.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from trainguard.monitor.sharding import local, shard, state_owner
 
 _INT_VIEW = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 _CHUNK = 1 << 18  # int64 words per chunk: 2 MiB, inside the cache of most CPUs
@@ -80,14 +86,19 @@ class Fingerprinter:
 
         out = []
         for t in tensors:
-            data = t.detach()
+            data = local(t).detach()
+            if data.numel() == 0:  # an empty shard: nothing to read, nothing to sync
+                out.append(torch.zeros(2, dtype=torch.int64, device=data.device))
+                continue
             if data.is_complex():
                 data = torch.view_as_real(data)
             if not data.is_contiguous():
                 data = data.contiguous()
             if data.dtype == torch.bool:
                 data = data.view(torch.uint8)
-            int_dtype = _INT_VIEW[data.element_size()]
+            int_dtype = _INT_VIEW.get(data.element_size(), "int8")
+            if data.element_size() not in _INT_VIEW:  # an odd item size: read it byte by byte
+                data = data.reshape(-1).view(torch.uint8)
             bits = data.view(getattr(torch, int_dtype)).reshape(-1)
             if bits.numel() * bits.element_size() % 8 == 0 and bits.data_ptr() % 8 == 0:
                 # Reduced as 64-bit words: summing int64 is vectorised, widening
@@ -119,21 +130,26 @@ class Fingerprinter:
         return [(int(a), int(b)) for a, b in pairs]
 
     def fingerprint(self, named: Iterable[tuple[str, Any]]) -> Fingerprint:
-        items = [(n, t) for n, t in named if t is not None]
-        sums = self.sums([t for _, t in items])
+        """Digests per tensor (per local shard, named by its slice) and for the group.
+
+        A tensor this rank holds whole hashes as ``name|shape|dtype|sums``; a
+        shard as ``name[slice]|global shape|dtype|sums``, so equal labels on two
+        ranks mean the same elements of the same tensor.
+        """
+        items = [shard(n, t) for n, t in named if t is not None]
+        sums = self.sums([s.local for s in items])
         per: list[tuple[str, str]] = []
         plain_per: list[tuple[str, str]] = []
         group = hashlib.blake2b(key=self.key[:32], digest_size=16)
         plain_group = hashlib.blake2b(digest_size=16)
-        for (name, t), (plain, keyed) in zip(items, sums, strict=True):
+        for s, (plain, keyed) in zip(items, sums, strict=True):
+            name, shape, dtype = s.label, s.global_shape, s.local.dtype
             h = hashlib.blake2b(key=self.key[:32], digest_size=8)
-            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{plain}|{keyed}".encode())
+            h.update(f"{name}|{shape}|{dtype}|{plain}|{keyed}".encode())
             d = h.hexdigest()
             per.append((name, d))
             group.update(f"{name}={d};".encode())
-            p = hashlib.blake2b(
-                f"{name}|{tuple(t.shape)}|{t.dtype}|{plain}".encode(), digest_size=8
-            )
+            p = hashlib.blake2b(f"{name}|{shape}|{dtype}|{plain}".encode(), digest_size=8)
             plain_per.append((name, p.hexdigest()))
             plain_group.update(f"{name}={p.hexdigest()};".encode())
         return Fingerprint(group.hexdigest(), tuple(per), plain_group.hexdigest(), tuple(plain_per))
@@ -147,19 +163,26 @@ class Fingerprinter:
 
 
 def optimizer_tensors(optimizer: Any) -> list[tuple[str, Any]]:
-    """The optimizer's state tensors, named by parameter index and slot."""
+    """This rank's optimizer state tensors, named by parameter index and slot.
+
+    Sharded moments come as their local slice, named with it (``3.exp_avg[4:8]``);
+    under ``ZeroRedundancyOptimizer`` only the state of the parameters this rank
+    owns exists here, numbered among all the parameters.
+    """
     import torch
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     index = {id(p): i for i, p in enumerate(params)}  # as optimizer.state_dict() numbers them
+    state_of = state_owner(optimizer).state
     # In parameter order, not in the order the state was created: a state
     # restored by load_state_dict fingerprints like the one it was saved from.
-    ordered = sorted(optimizer.state.items(), key=lambda kv: index.get(id(kv[0]), len(index)))
+    ordered = sorted(state_of.items(), key=lambda kv: index.get(id(kv[0]), len(index)))
     named = []
     for p, state in ordered:
         for slot, value in sorted(state.items(), key=lambda kv: str(kv[0])):
             if isinstance(value, torch.Tensor):
-                named.append((f"{index.get(id(p), '?')}.{slot}", value))
+                s = shard(f"{index.get(id(p), '?')}.{slot}", value)
+                named.append((s.label, s.local))
     return named
 
 
