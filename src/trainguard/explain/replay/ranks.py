@@ -2,7 +2,7 @@
 
 A data-parallel step all-reduces the gradients, so one rank's step cannot be
 recomputed alone.  :func:`replay_ranks` starts one replay process per
-recorded rank (``python -m trainguard.explain.replay.ranks``), joins them in a
+recorded rank (``python -m trainguard.explain.replay.rank_worker``), joins them in a
 gloo process group of the recorded world size on the CPU, and each replays
 its own rank's stream through the entry point, which builds the model as
 training did (``DistributedDataParallel`` included).
@@ -27,11 +27,10 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any
 
 from trainguard.explain.replay.ledger import ReplayError
-from trainguard.explain.replay.result import ReplayReport, report_from_dict, report_to_dict
+from trainguard.explain.replay.result import ReplayReport, report_from_dict
 
 # Fields a rank computes before the all-reduce: a difference there is the rank's own.
 LOCAL_FIELDS = ("file", "run", "params", "optimizer-state", "carried", "carried-ledger",
@@ -124,7 +123,7 @@ def replay_ranks(
             }
             with open(os.path.join(tmp, f"rank{rank}.err"), "wb") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "trainguard.explain.replay.ranks"],
+                    [sys.executable, "-m", "trainguard.explain.replay.rank_worker"],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.DEVNULL,
                     stderr=log,
@@ -155,35 +154,3 @@ def replay_ranks(
     if errors:
         raise ReplayError("replaying the ranks failed: " + "; ".join(errors))
     return reports
-
-
-def _worker(job: dict[str, Any]) -> None:
-    import torch.distributed as dist
-
-    from trainguard.errors import TrainguardError
-    from trainguard.explain.replay.engine import replay
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{job['port']}",
-        rank=job["rank"],
-        world_size=job["world_size"],
-        timeout=timedelta(seconds=GROUP_TIMEOUT_S),
-    )
-    result: dict[str, Any]
-    try:
-        key = bytes.fromhex(job["key"]) if job["key"] else None
-        report = replay(
-            job["ledger"], job["run_id"], job["entry"], rank=job["rank"], key=key, **job["options"]
-        )
-        result = {"report": report_to_dict(report)}
-        dist.barrier()  # leave together (gloo's teardown with a departed peer can abort)
-    except TrainguardError as exc:
-        result = {"error": str(exc)}
-    with open(job["out"], "w", encoding="utf-8") as fh:
-        json.dump(result, fh)
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    _worker(json.loads(sys.stdin.read(1 << 20)))
