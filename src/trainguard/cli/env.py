@@ -68,6 +68,21 @@ def register(sub: Subparsers) -> None:
         "signed snapshot (catches edits that rewrote RECORD too); needs --key",
     )
     v.add_argument("--key", metavar="PUBLIC.pem", help="public key that signed the snapshot")
+    v.add_argument(
+        "--wheelhouse",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also compare every installed file with the wheel it came from, found in this "
+        "folder of .whl files (searched recursively: pip's wheel cache works); catches "
+        "edits that rewrote RECORD too (repeatable)",
+    )
+    v.add_argument(
+        "--lock",
+        metavar="FILE",
+        help="requirements.txt with --hash=sha256: pins, or pylock.toml: every installed "
+        "distribution must be locked at its version, and its wheel must have a locked hash",
+    )
     add_output(v, ("text", "json", "sarif"))
     add_verdict(v)
     v.set_defaults(handler=_verify)
@@ -251,6 +266,10 @@ def _load_snapshot(args: argparse.Namespace) -> tuple[Snapshot | None, FileResul
 def _verify(args: argparse.Namespace) -> int:
     snapshot, bad_snapshot = _load_snapshot(args)
     options = _options(args, snapshot)
+    if args.wheelhouse or args.lock:
+        from trainguard.env.wheels import load_reference
+
+        options.reference = load_reference(args.wheelhouse, args.lock)
     result = _run(args, options)
     report = result.report
     if bad_snapshot is not None:

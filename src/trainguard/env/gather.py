@@ -9,12 +9,13 @@ with every algorithm any RECORD asks for), then compile what needs compiling.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from trainguard.digest_cache import DigestCache
 from trainguard.env.checks import Ownership, record_findings, shadowed_module
-from trainguard.env.digests import DEFAULT_ALGORITHM, Digests, Progress, hash_wanted
+from trainguard.env.digests import DEFAULT_ALGORITHM, Digests, Progress, hash_file, hash_wanted
 from trainguard.env.findings import (
     finding,
     is_code,
@@ -27,6 +28,7 @@ from trainguard.env.imports import find_importers, names_made_importable, owned_
 from trainguard.env.pth import pth_files, read_pth, startup_modules
 from trainguard.env.pyc import PycJob, check_pycs
 from trainguard.env.record import InstalledDist, distributions
+from trainguard.env.reference import reference_findings
 from trainguard.env.snapshot import compare_snapshot, interpreter_findings
 from trainguard.env.sort import (
     PYCACHE,
@@ -39,7 +41,7 @@ from trainguard.env.sort import (
     walk_scope,
 )
 from trainguard.env.walk import SPECIAL, entry_in
-from trainguard.filestate import Entry, Identity
+from trainguard.filestate import Entry, Identity, default_workers
 from trainguard.findings import Finding
 
 if TYPE_CHECKING:
@@ -260,6 +262,23 @@ def _installed_sources(ev: Evidence, roots: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def _sha256_of(hashed: Hashed) -> Callable[[str], bytes | str]:
+    """An installed file's sha256: from this verify's digests, else read now."""
+
+    def sha256(path: str) -> bytes | str:
+        got = hashed.digests.get(path)
+        if got is not None and DEFAULT_ALGORITHM in got.values:
+            return got.values[DEFAULT_ALGORITHM]
+        if path in hashed.errors:
+            return hashed.errors[path]
+        try:
+            return hash_file(path, frozenset({DEFAULT_ALGORITHM})).values[DEFAULT_ALGORITHM]
+        except OSError as exc:
+            return exc.strerror or str(exc)
+
+    return sha256
+
+
 @dataclass
 class Hashed:
     present: dict[str, str]  # every entry under the site and stdlib folders
@@ -354,6 +373,12 @@ def gather(
     if scope.check_pyc:
         _check_pycs(ev, sorted_, files, cache, scope.workers, progress, stats)
     _snapshot_findings(scope, ev, sorted_, hashed)
+    if scope.reference is not None:
+        ev.findings.extend(
+            reference_findings(
+                dists, scope.reference, _sha256_of(hashed), scope.workers or default_workers()
+            )
+        )
     if scope.collect_digests:
         ev.all_digests = {
             p: (d.values[DEFAULT_ALGORITHM].hex(), d.size) for p, d in digests.items()

@@ -17,6 +17,7 @@ from trainguard.env.checks import Ownership
 from trainguard.env.pyc import optimization_of
 from trainguard.env.snapshot import Snapshot
 from trainguard.env.walk import SPECIAL, walk
+from trainguard.env.wheels import Reference
 
 PYCACHE = "__pycache__"
 
@@ -92,6 +93,7 @@ class Scope:
     collect_digests: bool = False
     against: Snapshot | None = None
     against_label: str = ""
+    reference: Reference | None = None  # wheels (and a lock) to compare installed files with
 
 
 def walk_scope(

@@ -41,6 +41,7 @@ from trainguard.env.verdict import (
     variant_of,
 )
 from trainguard.env.walk import startup_search_path
+from trainguard.env.wheels import Reference
 from trainguard.errors import UsageError
 from trainguard.findings import FileResult, Finding, ScanReport, Severity
 from trainguard.signing.keys import public_key_from
@@ -57,6 +58,8 @@ class EnvOptions:
     workers: int | None = None
     against: Snapshot | None = None
     against_label: str = ""
+    # Wheels and a lock file to compare every installed file with (see env.reference).
+    reference: Reference | None = None
     collect_digests: bool = False  # keep every file's sha256 (for a snapshot)
     fail_on: Severity = Severity.HIGH
     progress: Progress | None = None
@@ -235,10 +238,16 @@ def verify_environment(options: EnvOptions | None = None) -> EnvResult:
         collect_digests=opts.collect_digests,
         against=opts.against,
         against_label=opts.against_label,
+        reference=opts.reference,
     )
     observed: Observed | None = None
     tag = options_tag(scope)
-    if opts.cache is not None and opts.against is None and not opts.collect_digests:
+    if (
+        opts.cache is not None
+        and opts.against is None
+        and opts.reference is None
+        and not opts.collect_digests
+    ):
         observed = observe(scope)  # before anything is read: see env_verdict
         previous = reusable(opts.cache.read_verdict(variant_of(tag)), tag, observed)
         if previous is not None:
