@@ -629,3 +629,11 @@ def test_sarif_default_root_is_the_working_directory(
     runs: Any = doc["runs"]
     uri = runs[0]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
     assert uri == "m/a.pkl"
+
+
+def test_every_replay_field_has_its_words() -> None:
+    """explain/replay names the fields (data); render/replay words them, each one."""
+    from trainguard.explain.replay.result import FIELD_ORDER
+    from trainguard.render.replay import FIELD_TEXT
+
+    assert set(FIELD_TEXT) == set(FIELD_ORDER)

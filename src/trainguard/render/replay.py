@@ -13,7 +13,6 @@ from typing import Any
 
 from trainguard.explain.replay.result import (
     DIVERGED,
-    FIELD_TEXT,
     MATCHED,
     Divergence,
     FieldDiff,
@@ -26,6 +25,25 @@ from trainguard.render.text import printable
 
 SCHEMA_VERSION = 1
 MAX_TENSORS_TEXT = 12  # more differing tensors than this: the JSON lists them all
+
+# How each recorded field is named in the text report.
+FIELD_TEXT = {
+    "file": "checkpoint file",
+    "run": "checkpoint of another run or step",
+    "layout": "tensor names",
+    "params": "parameters restored from the checkpoint",
+    "optimizer-state": "optimizer state restored from the checkpoint",
+    "carried": "carried state (vs replaying the segment before)",
+    "carried-ledger": "carried state (vs the ledger's record of the save)",
+    "batch": "batch",
+    "rng": "random states after forward/backward",
+    "before": "parameters before the optimizer step",
+    "loss": "loss",
+    "grad_norm": "gradient norm",
+    "after": "parameters after the optimizer step",
+    "optimizer": "optimizer state after the step",
+    "lr": "learning rate",
+}
 
 MODE_TEXT = {
     "keyed": "keyed (the run's key was given: exact, and unforgeable without the key)",

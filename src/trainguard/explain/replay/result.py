@@ -38,23 +38,6 @@ FIELD_ORDER = (
     "optimizer",
     "lr",
 )
-FIELD_TEXT = {
-    "file": "checkpoint file",
-    "run": "checkpoint of another run or step",
-    "layout": "tensor names",
-    "params": "parameters restored from the checkpoint",
-    "optimizer-state": "optimizer state restored from the checkpoint",
-    "carried": "carried state (vs replaying the segment before)",
-    "carried-ledger": "carried state (vs the ledger's record of the save)",
-    "batch": "batch",
-    "rng": "random states after forward/backward",
-    "before": "parameters before the optimizer step",
-    "loss": "loss",
-    "grad_norm": "gradient norm",
-    "after": "parameters after the optimizer step",
-    "optimizer": "optimizer state after the step",
-    "lr": "learning rate",
-}
 
 
 @dataclass(frozen=True)
