@@ -1,0 +1,318 @@
+"""The verifier: follow a run, recompute the segments its secret picks, sign its verdicts.
+
+One long-lived process (start-up paid once: torch, the entry's module) polls
+the run's ledger.  A segment ``[a, b)`` is complete when every rank has
+recorded its checkpoint at ``b``; the verifier draws it (:mod:`.sampling`)
+and, when picked, replays it from the checkpoint at ``a`` through the honest
+entry point and checks the checkpoint at ``b`` against what the replay ended
+in (weights, optimizer, scheduler, random and data states: a checkpoint
+carrying sabotage is named).  A data-parallel run is replayed with all its
+ranks (:func:`~trainguard.explain.replay.ranks.replay_ranks`).
+
+Verdicts go to a chain of their own, run id ``RUN/verify``, in the same ledger,
+each followed by a head signed with the verifier's key: the training process
+can write to the ledger, but cannot forge or drop a signed verdict.  A
+divergence is also an ``alert`` record there, like watch's (rule, message,
+step, rank, tensors, cause).  Checkpoint files next to the recorded ones that
+no ledger record names are alerts too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainguard.errors import TrainguardError, UsageError
+from trainguard.explain.replay.entry import Entry, load_entry
+from trainguard.explain.replay.ranks import replay_ranks, sources
+from trainguard.explain.replay.result import DIVERGED, MATCHED, ReplayReport
+from trainguard.explain.verifier.sampling import DEFAULT_RATE, chosen, detection_probability
+
+VERIFY_SUFFIX = "/verify"
+POLL_SECONDS = 0.5
+MAX_FILES_PER_FOLDER = 10_000  # a checkpoint folder listed at each poll, bounded
+ERROR = "error"
+
+
+class VerifierError(TrainguardError):
+    """The verifier could not start or go on (the CLI exits 2)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What recomputing one segment found."""
+
+    start: int
+    end: int
+    status: str  # matched, diverged, not-comparable, error
+    step: int | None = None  # the first step (or checkpoint position) that diverged
+    ranks: tuple[int, ...] = ()  # where it began
+    cause: str = ""
+    fields: tuple[str, ...] = ()
+    tensors: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+@dataclass
+class Summary:
+    run_id: str
+    rate: float
+    fraction: float  # the assumed share of segments a sabotage is active in
+    segments_seen: int = 0
+    verdicts: list[Verdict] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # as written to the ledger
+    finished: bool = False  # the run ended (every rank wrote run-end) and all was checked
+
+    @property
+    def detection(self) -> float:
+        return detection_probability(self.rate, self.fraction, self.segments_seen)
+
+    def exit_code(self) -> int:
+        statuses = {v.status for v in self.verdicts}
+        if DIVERGED in statuses or self.alerts:
+            return 1
+        return 2 if statuses - {MATCHED} else 0
+
+
+class Verifier:
+    """Follows ``run_id`` in ``ledger`` (a URL); see the module."""
+
+    def __init__(
+        self,
+        ledger: str,
+        run_id: str,
+        entry: Entry | str,
+        *,
+        signing_key: Any,
+        secret: bytes,
+        rate: float = DEFAULT_RATE,
+        fraction: float = 0.1,
+        run_key: bytes | None = None,
+        checkpoint_dir: str | None = None,
+    ) -> None:
+        from trainguard.ledger import open_ledger
+        from trainguard.signing.keys import private_key_from
+
+        if not 0.0 < rate <= 1.0 or not 0.0 < fraction <= 1.0:
+            raise UsageError("the sampling rate and the assumed fraction are in (0, 1]")
+        self.url = ledger
+        self.run_id = run_id
+        self.spec = entry if isinstance(entry, str) else None
+        self.entry = load_entry(entry) if isinstance(entry, str) else entry  # imported once
+        self.signing_key = private_key_from(signing_key)
+        self.secret = secret
+        self.run_key = run_key
+        self.checkpoint_dir = checkpoint_dir
+        self.store = open_ledger(ledger, create=False)
+        self.chain = run_id + VERIFY_SUFFIX
+        self.summary = Summary(run_id, rate, fraction)
+        self._seen: set[int] = set()
+        self._files: dict[str, tuple[int, int, str]] = {}  # path -> size, mtime, BLAKE3
+        self._waiting: dict[str, tuple[int, int]] = {}  # unrecorded at the last poll
+        self._reported: set[str] = set()
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- one pass ------------------------------------------------------------------
+    def poll(self) -> list[Verdict]:
+        """Verify the picked segments completed since the last poll; check the folders."""
+        start, checkpoints, ended = self._read()
+        if start is None:
+            return []
+        world = int(start.get("world_size") or 1)
+        common = set.intersection(*(set(checkpoints.get(r, {})) for r in range(world)))
+        new = []
+        for a, b in itertools.pairwise(sorted(common)):
+            if a in self._seen:
+                continue
+            self._seen.add(a)
+            self.summary.segments_seen += 1
+            if chosen(self.secret, self.run_id, a, self.summary.rate):
+                verdict = self._verify(a, b, world)
+                self._write(verdict)
+                new.append(verdict)
+        self._unrecorded([c for per in checkpoints.values() for c in per.values()])
+        self.summary.finished = world > 0 and all(r in ended for r in range(world))
+        return new
+
+    def follow(
+        self,
+        *,
+        timeout: float | None = None,
+        poll_seconds: float = POLL_SECONDS,
+        on_verdict: Callable[[Verdict], None] | None = None,
+    ) -> Summary:
+        """Poll until the run has ended (and one last pass is done), or ``timeout``."""
+        began = time.monotonic()
+        while True:
+            ended_before = self.summary.finished
+            for verdict in self.poll():
+                if on_verdict is not None:
+                    on_verdict(verdict)
+            if ended_before and self.summary.finished:
+                return self.summary
+            if timeout is not None and time.monotonic() - began > timeout:
+                return self.summary
+            time.sleep(poll_seconds)
+
+    # -- reading the run -------------------------------------------------------------
+    def _read(self) -> tuple[dict[str, Any] | None, dict[int, dict[int, Any]], set[int]]:
+        from trainguard.explain.replay.ledger import CheckpointRecord
+
+        start = None
+        checkpoints: dict[int, dict[int, CheckpointRecord]] = {}
+        ended: set[int] = set()
+        for r in self.store.records(self.run_id):
+            p = r.payload
+            if r.kind == "run-start" and r.stream == 0:
+                start = p
+            elif r.kind == "run-end" and r.stream >= 0:
+                ended.add(r.stream)
+            elif r.kind == "checkpoint" and isinstance(p.get("step"), int):
+                rec = CheckpointRecord(
+                    p["step"], str(p.get("path", "")), str(p.get("name", "")),
+                    str(p.get("blake3", "")), p,
+                )  # fmt: skip
+                checkpoints.setdefault(r.stream, {})[rec.step] = rec
+        return start, checkpoints, ended
+
+    # -- recomputing a segment ---------------------------------------------------------
+    def _verify(self, a: int, b: int, world: int) -> Verdict:
+        from trainguard.explain.replay.engine import replay
+
+        began = time.perf_counter()
+        options: dict[str, Any] = {
+            "start": a, "stop": b, "key": self.run_key, "segmented": True,
+            "checkpoint_dir": self.checkpoint_dir,
+        }  # fmt: skip
+        try:
+            if world > 1:
+                if self.spec is None:
+                    raise VerifierError("a data-parallel run needs the entry as module:function")
+                reports = replay_ranks(self.url, self.run_id, self.spec, world, **options)
+            else:
+                reports = [replay(self.store, self.run_id, self.entry, **options)]
+        except TrainguardError as exc:
+            return Verdict(a, b, ERROR, cause=str(exc), seconds=time.perf_counter() - began)
+        return _verdict(a, b, reports, time.perf_counter() - began)
+
+    def _write(self, verdict: Verdict) -> None:
+        """The verdict, an alert if it diverged, and a head signed with the verifier's key."""
+        self.summary.verdicts.append(verdict)
+        payload = {
+            "run_id": self.run_id,
+            "start": verdict.start,
+            "end": verdict.end,
+            "status": verdict.status,
+            "step": verdict.step,
+            "ranks": list(verdict.ranks),
+            "cause": verdict.cause,
+            "fields": list(verdict.fields),
+            "seconds": round(verdict.seconds, 6),
+            "rate": self.summary.rate,
+            "segments_seen": self.summary.segments_seen,
+            "segments_checked": len(self.summary.verdicts),
+            "detection_probability": {
+                "fraction": self.summary.fraction,
+                "value": round(self.summary.detection, 6),
+            },
+        }
+        self.store.append(self.chain, "verdict", payload, step=verdict.start, stream=0)
+        if verdict.status == DIVERGED and verdict.step is not None:
+            rule = "TG1511" if "checkpoint" in verdict.fields else "TG1510"
+            where = "the checkpoint at" if rule == "TG1511" else "step"
+            ranks = ", ".join(map(str, verdict.ranks)) or "?"
+            self._alert(
+                rule,
+                f"{where} {verdict.step} does not recompute (rank {ranks}): {verdict.cause}",
+                verdict.step,
+                {"ranks": list(verdict.ranks), "tensors": list(verdict.tensors),
+                 "fields": list(verdict.fields), "segment": [verdict.start, verdict.end]},
+            )  # fmt: skip
+        self.store.sign_head(self.chain, 0, self.signing_key)
+
+    def _alert(self, rule: str, message: str, step: int | None, evidence: dict[str, Any]) -> None:
+        payload = {"rule": rule, "severity": "high", "message": message, "evidence": evidence}
+        self.summary.alerts.append(payload)
+        self.store.append(self.chain, "alert", payload, step=step, stream=0)
+
+    # -- checkpoints nobody recorded -----------------------------------------------------
+    def _unrecorded(self, records: list[Any]) -> None:
+        """Files beside the recorded checkpoints that are this run's checkpoints (or that
+        the allowlist loader refuses) but that no ledger record names: alerts.
+
+        A file is looked at on the second poll that finds it unrecorded, unchanged: the
+        guard writes the file first and its record right after.
+        """
+        from trainguard.monitor import checkpoint as ckpt
+
+        recorded = {r.blake3 for r in records}
+        folders = {os.path.dirname(r.path) for r in records if r.path}
+        if self.checkpoint_dir:
+            folders.add(self.checkpoint_dir)
+        kinds = {os.path.splitext(r.name)[1] for r in records if r.name}
+        for folder in sorted(folders):
+            try:
+                names = sorted(os.listdir(folder))[:MAX_FILES_PER_FOLDER]
+            except OSError:
+                continue
+            for name in names:
+                path = os.path.join(folder, name)
+                if ".tmp-" in name or os.path.splitext(name)[1] not in kinds:
+                    continue
+                if path in self._reported or not os.path.isfile(path):
+                    continue
+                st = os.stat(path)
+                cached = self._files.get(path)
+                if cached is None or cached[:2] != (st.st_size, st.st_mtime_ns):
+                    cached = (st.st_size, st.st_mtime_ns, ckpt.file_digest(path)[0])
+                    self._files[path] = cached
+                if cached[2] in recorded:
+                    self._waiting.pop(path, None)
+                    continue
+                if self._waiting.get(path) != cached[:2]:
+                    self._waiting[path] = cached[:2]
+                    continue
+                self._unrecorded_file(path, cached[2])
+
+    def _unrecorded_file(self, path: str, digest: str) -> None:
+        from trainguard.errors import UnsafeModelError
+        from trainguard.monitor import checkpoint as ckpt
+
+        self._reported.add(path)
+        try:
+            saved = ckpt.read(path)
+        except UnsafeModelError as exc:
+            message = f"{path}: beside the run's checkpoints, unrecorded, and refused: {exc}"
+            self._alert("TG1511", message, None, {"file": path, "blake3": digest})
+            return
+        except Exception:
+            return
+        if saved.run_id != self.run_id:
+            return
+        self._alert(
+            "TG1511",
+            f"{path}: a checkpoint of this run at step {saved.step} that no ledger record names",
+            saved.step,
+            {"file": path, "blake3": digest, "rank": saved.rank},
+        )
+
+
+def _verdict(a: int, b: int, reports: list[ReplayReport], seconds: float) -> Verdict:
+    worst = next(
+        (s for s in (DIVERGED, "not-comparable") if any(r.verdict == s for r in reports)), MATCHED
+    )
+    step, ranks = sources(reports)
+    if worst == MATCHED or step is None:
+        return Verdict(a, b, worst, seconds=seconds)
+    report = next(r for r in reports if r.rank == ranks[0])
+    d = report.first_divergence
+    assert d is not None
+    fields = tuple(f.field for f in d.fields) + (("checkpoint",) if d.kind == "checkpoint" else ())
+    tensors = tuple(dict.fromkeys(t for f in d.fields for t in f.tensors))
+    return Verdict(a, b, worst, step, tuple(ranks), d.cause, fields, tensors, seconds)

@@ -1,0 +1,168 @@
+"""``trainguard verify-run``: a verifier beside a training process names sabotage that starts
+mid-run, within one checkpoint interval, and signs its verdicts with its own key."""
+
+from __future__ import annotations
+
+import random
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+
+from tests import verifier_train as vt
+from trainguard.explain.verifier.follow import Verdict, Verifier
+from trainguard.explain.verifier.sampling import (
+    chosen,
+    detection_probability,
+    secret_from,
+)
+from trainguard.ledger import open_ledger, verify_ledger
+from trainguard.signing.keys import write_keypair
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _start_training(folder: Path, run_id: str, sabotage: str, start: int) -> Any:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.verifier_train", str(folder), run_id, sabotage, str(start)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _verifier(folder: Path, run_id: str, rate: float) -> tuple[Verifier, Path]:
+    private, public = write_keypair(folder / "verifier")
+    secret = secret_from(private.read_bytes())
+    return (
+        Verifier(
+            str(folder / "ledger.db"),
+            run_id,
+            vt.build,
+            signing_key=str(private),
+            secret=secret,
+            rate=rate,
+            run_key=vt.KEY,
+        ),
+        public,
+    )
+
+
+def _wait_for_ledger(folder: Path, proc: Any) -> None:
+    import time
+
+    while not (folder / "ledger.db").exists() and proc.poll() is None:
+        time.sleep(0.1)
+    if proc.poll() is not None:
+        _, err = proc.communicate()
+        raise AssertionError(f"training exited {proc.returncode}: {err[-2000:]}")
+
+
+def _train_to_the_end(folder: Path, run_id: str) -> None:
+    proc = _start_training(folder, run_id, "none", 0)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+
+
+def test_follow_catches_sabotage_starting_mid_run(tmp_path: Path) -> None:
+    """Generative: a random sabotage from a random step; the verifier follows the run."""
+    seed = secrets.randbelow(2**32)
+    rnd = random.Random(seed)
+    sabotage = rnd.choice(["labels", "lr", "grads", "reseed"])
+    start = rnd.randrange(8, 30)
+    print(f"seed {seed}: {sabotage} from step {start}")
+    proc = _start_training(tmp_path, "run", sabotage, start)
+    _wait_for_ledger(tmp_path, proc)
+    verifier, public = _verifier(tmp_path, "run", rate=1.0)
+    alive: list[tuple[Verdict, bool]] = []
+    try:
+        summary = verifier.follow(
+            timeout=300,
+            poll_seconds=0.2,
+            on_verdict=lambda v: alive.append((v, proc.poll() is None)),
+        )
+    finally:
+        verifier.close()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    bad = [(v, running) for v, running in alive if v.status != "matched"]
+    assert bad, (seed, alive)
+    first, running = bad[0]
+    assert running, "the verdict came after training ended"
+    assert first.status == "diverged", (seed, first)
+    # Within one checkpoint interval of the first sabotaged step (a re-seed after step
+    # `start` is carried by the checkpoint that follows it).
+    began = start + 1 if sabotage == "reseed" else start
+    assert first.start <= began < first.end or (sabotage == "reseed" and first.end == began)
+    assert first.ranks == (0,)
+    assert all(v.status == "matched" for v, _ in alive if v.end <= began), (seed, alive)
+    assert summary.finished and summary.exit_code() == 1
+    # The verdicts are a chain of their own, every record covered by the verifier's key.
+    with open_ledger(str(tmp_path / "ledger.db")) as ledger:
+        kinds = [r.kind for r in ledger.records("run/verify")]
+        assert kinds.count("verdict") == len(alive) and "alert" in kinds
+        assert verify_ledger(ledger, "run/verify", str(public)) == []
+
+
+def test_honest_run_matches_and_reports_detection(tmp_path: Path) -> None:
+    _train_to_the_end(tmp_path, "honest")
+    verifier, _ = _verifier(tmp_path, "honest", rate=0.5)
+    try:
+        summary = verifier.follow(timeout=120, poll_seconds=0.1)
+    finally:
+        verifier.close()
+    assert summary.finished and summary.segments_seen == vt.STEPS // vt.EVERY
+    assert all(v.status == "matched" for v in summary.verdicts) and summary.exit_code() == 0
+    assert summary.alerts == []
+    # The picked segments are the secret's choice, not a pattern training could follow.
+    picked = {v.start for v in summary.verdicts}
+    assert picked == {
+        a for a in range(0, vt.STEPS, vt.EVERY) if chosen(verifier.secret, "honest", a, 0.5)
+    }
+    assert summary.detection == pytest.approx(1 - 0.5 ** (0.1 * summary.segments_seen))
+
+
+def test_unrecorded_checkpoint_is_an_alert(tmp_path: Path) -> None:
+    import shutil
+
+    _train_to_the_end(tmp_path, "extra")
+    shutil.copy(tmp_path / "extra-10.pt", tmp_path / "extra-10-copy.pt")  # same bytes: recorded
+    honest_other = tmp_path / "notes.pt"
+    import torch
+
+    torch.save({"epoch": 3}, honest_other)  # not a trainguard checkpoint: left alone
+    state = vt.torch.load(tmp_path / "extra-10.pt", weights_only=True)
+    state["scheduler"]["gamma"] = 0.95
+    torch.save(state, tmp_path / "extra-10-edited.pt")
+    verifier, _ = _verifier(tmp_path, "extra", rate=0.01)
+    try:
+        verifier.poll()
+        assert verifier.summary.alerts == []  # a file is looked at on the second sighting
+        verifier.poll()
+    finally:
+        verifier.close()
+    alerts = verifier.summary.alerts
+    assert [a["evidence"]["file"] for a in alerts] == [str(tmp_path / "extra-10-edited.pt")]
+    assert "no ledger record names" in alerts[0]["message"]
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.3])
+def test_keyed_sampling_rate(rate: float) -> None:
+    secret = secret_from(secrets.token_bytes(32))
+    n = 4000
+    hits = sum(chosen(secret, "r", a, rate) for a in range(0, 10 * n, 10))
+    # Binomial(n, rate): six standard deviations either way.
+    sd = (n * rate * (1 - rate)) ** 0.5
+    assert abs(hits - n * rate) < 6 * sd
+    other = secret_from(secrets.token_bytes(32))
+    assert [chosen(secret, "r", a, rate) for a in range(200)] != [
+        chosen(other, "r", a, rate) for a in range(200)
+    ]
+    assert detection_probability(rate, 1.0, 1) == pytest.approx(rate)
+    assert detection_probability(rate, 0.5, 20) == pytest.approx(1 - (1 - rate) ** 10)
