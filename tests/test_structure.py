@@ -4,7 +4,10 @@ The import graph is read with :mod:`ast`, so it sees every import the code
 could run: top-level ones, function-local ones and those under
 ``TYPE_CHECKING`` (a cycle that only the type checker follows still says two
 modules are one concern).  ``from pkg import submodule`` is an edge to the
-submodule; ``from pkg import name`` an edge to ``pkg``.
+submodule; ``from pkg import name`` an edge to ``pkg``.  Imports by a string
+(``importlib.import_module``, ``python -m``) are not edges: they are how the
+lazy tables (the format registry, the render table) and worker processes load
+code on demand.
 
 The known-exception lists are checked both ways: an entry that is no longer
 needed fails the test, so that whoever fixes the cycle or splits the module
