@@ -38,6 +38,16 @@ with open(sys.argv[1], 'rb') as f:
         except EOFError:
             break
 """,
+    # A reader that keeps serialized objects inside its state (a run's checkpoint
+    # holding pickled callbacks, RLlib-style) unpickles those bytes after loading.
+    "pickle-nested": """
+import pickle, sys
+with open(sys.argv[1], 'rb') as f:
+    state = pickle.load(f)
+for value in state.values():
+    if isinstance(value, bytes):
+        pickle.loads(value)
+""",
     "torch": """
 import sys, torch
 torch.load(sys.argv[1], map_location='cpu', weights_only=False)
@@ -123,6 +133,7 @@ with lzma.open(sys.argv[1], 'rb') as f:
 LOADER_REQUIRES: dict[str, tuple[str, ...]] = {
     "pickle": (),
     "pickle-stream": (),
+    "pickle-nested": (),
     "torch": ("torch",),
     "torch-weights-only": ("torch",),
     "torch-pickle-file": ("torch",),
