@@ -166,3 +166,28 @@ def test_keyed_sampling_rate(rate: float) -> None:
     ]
     assert detection_probability(rate, 1.0, 1) == pytest.approx(rate)
     assert detection_probability(rate, 0.5, 20) == pytest.approx(1 - (1 - rate) ** 10)
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from trainguard.cli.main import main
+
+    _train_to_the_end(tmp_path, "cli")
+    private, _ = write_keypair(tmp_path / "verifier")
+    run_key = tmp_path / "run.key"
+    run_key.write_text(vt.KEY.hex())
+    argv = ["verify-run", "cli", "--ledger", str(tmp_path / "ledger.db"), "--entry",
+            "tests.verifier_train:build", "--key", str(private), "--run-key-file", str(run_key),
+            "--rate", "1", "-q"]  # fmt: skip
+    assert main([*argv, "-f", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["segments_seen"] == len(out["verdicts"]) == vt.STEPS // vt.EVERY
+    assert {v["status"] for v in out["verdicts"]} == {"matched"}
+    # A checkpoint edited at rest: the segment from it does not recompute (exit 1).
+    path = tmp_path / "cli-20.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert main([*argv, "--key", str(write_keypair(tmp_path / "v2")[0])]) == 1
+    text = capsys.readouterr().out
+    assert "steps 20..24: DIVERGED at 20 (rank 0)" in text and "TG1511" in text

@@ -39,6 +39,7 @@ VERBS: dict[str, str] = {
     "ledger": "trainguard.cli.ledger",
     "diff": "trainguard.cli.diff",
     "replay": "trainguard.cli.replay",
+    "verify-run": "trainguard.cli.verify_run",
     "report": "trainguard.cli.report",
     "store": "trainguard.cli.store",
 }

@@ -1,0 +1,114 @@
+"""``trainguard verify-run``: recompute sampled segments of a run, beside it or after it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trainguard.cli._common import (
+    EXIT_FINDINGS,
+    Subparsers,
+    add_ledger,
+    add_output,
+    add_run,
+    ledger_url,
+    run_id,
+    write_output,
+)
+from trainguard.errors import UsageError
+
+MAX_KEY_FILE_BYTES = 64 * 1024  # a PEM private key is a few hundred bytes
+
+
+def register(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "verify-run",
+        help="recompute segments of a run picked with a secret and sign the verdicts",
+        description="A verifier beside training (see docs/verifier.md): follows the run's "
+        "ledger and checkpoints, picks segments at random with a secret derived from its own "
+        "key (the training process never sees it), replays each through the honest entry "
+        "point, checks the next checkpoint against the replay, and writes signed verdicts to "
+        "the chain RUN/verify of the same ledger. Exit 0 every checked segment matched, 1 a "
+        "divergence or an unrecorded checkpoint, 2 error.",
+    )
+    add_run(p)
+    add_ledger(p)
+    p.add_argument("--entry", required=True, metavar="MODULE:FUNCTION",
+                   help="the honest entry point (docs/replay.md)")  # fmt: skip
+    p.add_argument(
+        "--key",
+        required=True,
+        metavar="PEM",
+        help="the verifier's own private key: signs its verdicts; the sampling secret is "
+        "derived from it (keep it away from the training hosts)",
+    )
+    p.add_argument("--run-key-file", metavar="FILE", help="the run's fingerprint key (exact)")
+    p.add_argument("--rate", type=float, default=None, help="share of segments recomputed")
+    p.add_argument(
+        "--assume-fraction",
+        type=float,
+        default=0.1,
+        help="for the report: the share of segments a sabotage is active in (default 0.1)",
+    )
+    p.add_argument("--follow", action="store_true", help="follow the run until it ends")
+    p.add_argument("--timeout", type=float, default=None, help="stop following after S seconds")
+    p.add_argument("--checkpoints", metavar="DIR", help="where the checkpoint files are now")
+    p.add_argument("--env-snapshot", metavar="FILE", help="refuse to start unless the "
+                   "environment matches this sealed snapshot (with --env-key)")  # fmt: skip
+    p.add_argument("--env-key", metavar="PEM", help="public key that signed the snapshot")
+    add_output(p, ("text", "json"))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(handler=_verify_run)
+
+
+def _verify_run(args: argparse.Namespace) -> int:
+    from trainguard.cli.replay import read_key
+    from trainguard.explain.verifier.follow import Verifier
+    from trainguard.explain.verifier.sampling import DEFAULT_RATE, secret_from
+    from trainguard.render import installed_version
+    from trainguard.render.verifier import render, verdict_line
+
+    if args.env_snapshot:
+        from trainguard.env.verify import check_against
+
+        findings = check_against(args.env_snapshot, args.env_key)
+        if findings:
+            for f in findings[:20]:
+                print(f"trainguard verify-run: {f.rule}: {f.message}", file=sys.stderr)
+            print("trainguard verify-run: the environment does not match the sealed snapshot; "
+                  "not starting", file=sys.stderr)  # fmt: skip
+            return EXIT_FINDINGS
+    try:
+        with open(args.key, "rb") as fh:
+            material = fh.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"--key {args.key}: {exc.strerror or exc}") from None
+    if len(material) > MAX_KEY_FILE_BYTES:
+        raise UsageError(f"--key {args.key}: larger than a key")
+    verifier = Verifier(
+        ledger_url(args),
+        run_id(args),
+        args.entry,
+        signing_key=args.key,
+        secret=secret_from(material),
+        rate=args.rate if args.rate is not None else DEFAULT_RATE,
+        fraction=args.assume_fraction,
+        run_key=read_key(args.run_key_file) if args.run_key_file else None,
+        checkpoint_dir=args.checkpoints,
+    )
+
+    def progress(verdict: object) -> None:
+        if not args.quiet:
+            print(f"trainguard verify-run: {verdict_line(verdict)}", file=sys.stderr, flush=True)
+
+    try:
+        if args.follow:
+            summary = verifier.follow(timeout=args.timeout, on_verdict=progress)
+        else:
+            for verdict in verifier.poll():
+                progress(verdict)
+            summary = verifier.summary
+    finally:
+        verifier.close()
+    write_output(render(summary, args.format, tool_version=installed_version()), args.output)
+    return summary.exit_code()
