@@ -17,6 +17,7 @@ process, where its payload only creates a canary file.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import random
 import shutil
@@ -282,3 +283,57 @@ def test_owned_pth_pointing_outside_is_what_editable_installs_do(
     # The same file edited afterwards (RECORD not rewritten) is the attack again.
     pth.write_text(f"{tmp_path / 'elsewhere'}\n")
     assert verify(site).exit_code() == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("winreg") is not None, reason="winreg exists here")
+def test_module_the_standard_library_tries_when_present_is_high(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """``mimetypes`` tries ``import winreg`` at import time; off Windows there is none, so
+    a ``winreg.py`` in a site folder runs in every process that imports mimetypes (and
+    email, http, urllib do).  No installed distribution refers to it: the stdlib does."""
+    canary = tmp_path / "canary"
+    planted = plant(installed.site, "winreg", "module", canary)
+    assert fires(installed.site, "import mimetypes", canary, site_dir=True)
+    report = verify(installed.site)
+    (found,) = [f for f in report.findings if f.file == str(planted)]
+    assert (found.rule, found.severity) == ("TG604", Severity.HIGH)
+    assert "mimetypes.py" in found.evidence["imported_by"]
+
+
+@pytest.mark.parametrize(
+    ("source", "package", "expected"),
+    [
+        ("import a.b as c", None, {"a.b"}),
+        ("from a import b", None, {"a", "a.b"}),
+        ("def f():\n    from .fast import k", ["pkg", "sub"], {"pkg.sub.fast", "pkg.sub.fast.k"}),
+        ("from .. import x", ["pkg", "sub"], {"pkg", "pkg.x"}),
+        ("from ... import x", ["pkg"], set()),  # beyond the top: nothing it could name
+        ("p = '.'.join(['tzdata.zoneinfo', *parts])", None, {".", "tzdata.zoneinfo"}),
+        ("m = importlib.import_module(name='apex.amp')", None, {"apex.amp"}),
+        ("x = 'apex'  # a string that no call receives", None, set()),
+    ],
+)
+def test_references_read_statically(
+    source: str, package: list[str] | None, expected: set[str]
+) -> None:
+    import ast
+
+    from trainguard.env.imports import references
+
+    got = {ref for ref, _, _ in references(ast.parse(source), package)}
+    assert {r for r in got if r != "."} == {e for e in expected if e != "."}
+
+
+def test_a_source_that_does_not_parse_counts_when_it_mentions_the_name(tmp_path: Path) -> None:
+    from trainguard.env.imports import find_importers
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(:\n    import tgx_opt\n")
+    clean = tmp_path / "clean.py"
+    clean.write_text("import os\n")
+    found = find_importers(
+        {"tgx_opt", "tgx_other"}, [(str(clean), str(tmp_path)), (str(broken), str(tmp_path))]
+    )
+    assert set(found) == {"tgx_opt"}
+    assert found["tgx_opt"].file == str(broken) and "not parsed" in found["tgx_opt"].how

@@ -9,6 +9,7 @@ with every algorithm any RECORD asks for), then compile what needs compiling.
 from __future__ import annotations
 
 import os
+import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,7 +25,13 @@ from trainguard.env.findings import (
     startup_finding,
     unlisted_finding,
 )
-from trainguard.env.imports import find_importers, names_made_importable, owned_folders
+from trainguard.env.imports import (
+    Importer,
+    find_importers,
+    names_made_importable,
+    owned_folders,
+    stdlib_sources,
+)
 from trainguard.env.pth import pth_files, read_pth, startup_modules
 from trainguard.env.pyc import PycJob, check_pycs
 from trainguard.env.record import InstalledDist, distributions
@@ -240,7 +247,11 @@ def _loose_findings(scope: Scope, ev: Evidence, sorted_: Sorted, hashed: Hashed)
         if shadowing[path] is None and root and hashed.present[path] != SPECIAL:
             offered[path] = names_made_importable(path, root, owned)
     wanted = {name for names in offered.values() for name in names}
-    importers = find_importers(wanted, _installed_sources(ev, roots)) if wanted else {}
+    importers: dict[str, Importer] = {}
+    if wanted:
+        stdlib = scope.stdlib or [sysconfig.get_paths()["stdlib"]]
+        sources = [*_installed_sources(ev, roots), *stdlib_sources(stdlib)]
+        importers = find_importers(wanted, sources)
     for path in sorted_.unlisted:
         got = hashed.digests.get(path)
         imported = next(((n, importers[n]) for n in offered.get(path, ()) if n in importers), None)

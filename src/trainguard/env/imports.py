@@ -42,6 +42,9 @@ _OPEN_FLAGS = (
 # Only sources and extension modules: a sourceless top-level .pyc is the pyc
 # check's (TG611, already high), and __pycache__ entries are never on the path.
 _IMPORTABLE = (*EXTENSION_SUFFIXES, *SOURCE_SUFFIXES)
+MAX_STDLIB_FILES = 20_000
+# Below the standard library folder but not part of it.
+_NOT_STDLIB = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests"})
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 
@@ -124,14 +127,17 @@ def references(tree: ast.AST, package: list[str] | None) -> list[tuple[str, int,
             out.append((base, node.lineno, how))
             out.extend((f"{base}.{a.name}", node.lineno, how) for a in node.names)
         elif isinstance(node, ast.Call):
-            for arg in node.args:
-                if (
-                    isinstance(arg, ast.Constant)
-                    and isinstance(arg.value, str)
-                    and len(arg.value) < 256
-                    and _DOTTED.match(arg.value)
-                ):
-                    out.append((arg.value, node.lineno, f"call with {arg.value!r}"))
+            # Also strings inside the arguments: ".".join(["tzdata.zoneinfo", *parts])
+            # is how zoneinfo asks for tzdata.
+            for arg in [*node.args, *(k.value for k in node.keywords)]:
+                for leaf in ast.walk(arg):
+                    if (
+                        isinstance(leaf, ast.Constant)
+                        and isinstance(leaf.value, str)
+                        and len(leaf.value) < 256
+                        and _DOTTED.match(leaf.value)
+                    ):
+                        out.append((leaf.value, node.lineno, f"call with {leaf.value!r}"))
     return out
 
 
@@ -162,6 +168,27 @@ def _read(path: str) -> bytes | str | None:
         return exc.strerror or str(exc)
     finally:
         os.close(fd)
+
+
+def stdlib_sources(folders: Iterable[str]) -> list[tuple[str, str]]:
+    """The standard library's ``.py`` files (path, folder): ``lzma`` tries ``_lzma``, and
+    a build without it gets whatever module of that name a site folder holds."""
+    out: list[tuple[str, str]] = []
+    for root in folders:
+        pending = [root]
+        while pending and len(out) < MAX_STDLIB_FILES:
+            folder = pending.pop()
+            try:
+                with os.scandir(folder) as it:
+                    for item in it:
+                        if item.is_dir(follow_symlinks=False):
+                            if item.name not in _NOT_STDLIB:
+                                pending.append(item.path)
+                        elif item.name.endswith(".py") and item.is_file(follow_symlinks=False):
+                            out.append((item.path, root))
+            except OSError:
+                continue  # a folder that cannot be listed imports nothing we could read
+    return out
 
 
 def _mentions(data: bytes, name: str) -> bool:
