@@ -128,10 +128,15 @@ def test_verify_runs_nothing_it_finds(tmp_path: Path, real_venv: Path) -> None:
     (site / "zz-evil.pth").write_text(f"import os; {payload}\n")
     (site / "sitecustomize.py").write_text(f"{payload}\n")
     (site / "evilmod.py").write_text(f"{payload}\n")
+    # mimetypes tries winreg when present: the verify reads the stdlib and the installed
+    # sources to find that out, and must import neither the plant nor what it reads.
+    (site / "winreg.py").write_text(f"{payload}\n")
     optim = site / NAME / "optim.py"
     original = optim.read_text()
     write_swapped_pyc(optim, f"{payload}\n" + FLIPPED_SOURCE)
     try:
+        # Not winreg: trainguard's own imports may try it (mimetypes); the canary says
+        # whether the plant ran.
         planted = {"evilmod", "sitecustomize", NAME}
         out = subprocess.run(
             [sys.executable, "-c", HOOKED_VERIFY.format(planted=planted), str(site), str(tmp_path)],
@@ -143,9 +148,9 @@ def test_verify_runs_nothing_it_finds(tmp_path: Path, real_venv: Path) -> None:
         assert out.stdout.strip() == "[]", out.stdout
         assert not canary.exists()
         report = json.loads((tmp_path / "report.json").read_text())
-        assert {"TG605", "TG608", "TG603", "TG610"} <= _rules(report)
+        assert {"TG605", "TG608", "TG603", "TG610", "TG604"} <= _rules(report)
     finally:
-        for name in ("zz-evil.pth", "sitecustomize.py", "evilmod.py"):
+        for name in ("zz-evil.pth", "sitecustomize.py", "evilmod.py", "winreg.py"):
             (site / name).unlink()
         optim.write_text(original)
         (site / NAME / "__pycache__" / f"optim.{sys.implementation.cache_tag}.pyc").unlink()
