@@ -1,4 +1,5 @@
-"""Every HTML output, fed attacker-chosen names: they come out as text, never as markup.
+"""Every output, fed attacker-chosen names: in HTML they come out as text, never as markup;
+in text as visible escapes; in JSON as ASCII that reads back to the very same names.
 
 Tensor paths, file names, run ids, alert messages and evidence reach the pages
 from checkpoints and ledgers that the attacker wrote.  Each run composes fresh
@@ -12,6 +13,7 @@ name, an attribute name or an attribute value: every one must be found whole
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import secrets
@@ -21,6 +23,7 @@ from html.parser import HTMLParser
 import pytest
 
 from trainguard.explain.diff.result import DiffReport, SideInfo, TensorDiff, ValueDiff
+from trainguard.explain.replay.result import Divergence, FieldDiff, ReplayReport, Segment
 from trainguard.explain.report.build import (
     AlertEntry,
     EnvironmentStatus,
@@ -31,8 +34,9 @@ from trainguard.explain.report.build import (
     Verification,
 )
 from trainguard.explain.report.diffs import CheckpointDiff, TensorChange
-from trainguard.findings import Finding, Severity
-from trainguard.render import _RENDERERS, render
+from trainguard.findings import FileResult, Finding, ScanReport, Severity
+from trainguard.monitor.conditions import ConditionDiff
+from trainguard.render import _RENDERERS, kind_of, render
 from trainguard.render.html_page import CSS, csp
 from trainguard.render.text import printable
 
@@ -187,9 +191,40 @@ def run_report(name: Names, rng: random.Random) -> RunReport:
     )
 
 
+def scan_report(name: Names, rng: random.Random) -> ScanReport:
+    files = [
+        FileResult(name(), name(), 100, [_finding(name, rng, evidence_shown=True)], error=name())
+        for _ in range(rng.randint(1, 3))
+    ]
+    return ScanReport(files=files)
+
+
+def replay_report(name: Names, rng: random.Random) -> ReplayReport:
+    fields = (
+        FieldDiff("before", name(), name(), (name(), name())),
+        FieldDiff("loss", 1.0, float("nan")),
+        FieldDiff(name(), name(), name()),
+    )
+    divergence = Divergence(7, "step", fields, name(), (name(),))
+    condition = ConditionDiff(name(), name(), name())
+    segments = [
+        Segment(0, 5, None, "matched", 5, 0.1, 0.2),
+        Segment(
+            5, 10, name(), "diverged", 5, 0.1, 0.2, divergence, [condition], [name()], [name()]
+        ),
+    ]
+    return ReplayReport(name(), name(), 0, rng.choice(["keyed", "plain", name()]), 0, 10, True,
+                        segments, [name()])  # fmt: skip
+
+
 BUILDERS: dict[str, Callable[[Names, random.Random], object]] = {
     "diff": diff_report,
     "run": run_report,
+}
+EVERY_KIND: dict[str, Callable[[Names, random.Random], object]] = {
+    **BUILDERS,
+    "scan": scan_report,
+    "replay": replay_report,
 }
 
 
@@ -259,3 +294,37 @@ def test_hostile_names_come_out_as_text(kind: str) -> None:
         for issued in name.issued:
             shown = printable(issued)
             assert shown in text, f"{shown[:120]!r} is not shown whole as text"
+
+
+def _strings(value: object) -> list[str]:
+    """Every string in a JSON document, keys included."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def test_every_kind_has_a_hostile_builder() -> None:
+    assert {kind for kind, _ in _RENDERERS} == set(EVERY_KIND)
+
+
+@pytest.mark.parametrize("kind", sorted(EVERY_KIND))
+def test_hostile_names_in_text_and_json(kind: str) -> None:
+    """Text: nothing a terminal would act on (no control, bidi or escape character but the
+    line ends).  JSON: ASCII, and the names read back exactly (the first is checked)."""
+    rng = random.Random(seed())
+    for _ in range(6):
+        name = Names(rng)
+        report = EVERY_KIND[kind](name, rng)
+        assert kind_of(report) == kind
+        text = render(report, "text", tool_version="test")
+        odd = {ch for ch in text if not ch.isprintable() and ch != "\n"}
+        assert not odd, f"{kind} text holds {sorted(odd)!r}"
+        out = render(report, "json", tool_version="test")
+        assert out.isascii()
+        strings = set(_strings(json.loads(out)))
+        first = name.issued[0]  # every builder's first name is a whole field
+        assert first in strings, f"{kind} JSON does not read back {first[:80]!r}"

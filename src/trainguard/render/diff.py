@@ -72,7 +72,8 @@ def _side_text(label: str, s: SideInfo) -> Text:
     t.append(printable(s.path))
     how = "streamed" if s.streamed else "loaded whole"
     t.append(
-        f"  {s.format}, {s.size:,} bytes, {s.tensors} tensors ({s.tensor_bytes:,} bytes, {how})",
+        f"  {printable(s.format)}, {s.size:,} bytes, {s.tensors} tensors "
+        f"({s.tensor_bytes:,} bytes, {how})",
         style="dim",
     )
     return t
@@ -138,7 +139,9 @@ def render_text(report: DiffReport, *, color: bool = False, show_all: bool = Fal
         grid.add_column(overflow="fold")
         for f in sorted(report.findings, key=lambda f: f.severity, reverse=True):
             sev = Severity(f.severity)
-            grid.add_row(Text(str(sev), style=SEVERITY_STYLE[sev]), f.rule, printable(f.message))
+            grid.add_row(
+                Text(str(sev), style=SEVERITY_STYLE[sev]), printable(f.rule), printable(f.message)
+            )
         console.print(grid)
     for note in report.notes:
         console.print(Text(f"note: {printable(note)}", style="dim"))

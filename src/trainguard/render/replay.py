@@ -160,7 +160,9 @@ def render_text(report: ReplayReport) -> str:
         f"the same steps took {_seconds(trained)} in training (ledger step times)",
         _verdict_line(r),
     ]
-    return "\n".join(lines) + "\n"
+    # Each entry is one line, whatever it holds: printable() (idempotent) also catches a
+    # name a line forgot to escape, so none can add a line or move the cursor.
+    return "".join(printable(line) + "\n" for line in lines)
 
 
 def _verdict_line(r: ReplayReport) -> str:

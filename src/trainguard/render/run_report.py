@@ -139,7 +139,9 @@ def render_text(report: RunReport) -> str:
     out += _diffs_text(report)
     out += [f"note: {_p(n)}" for n in report.notes]
     out += ["", verdict(report)]
-    return "\n".join(out) + "\n"
+    # Each entry is one line, whatever it holds: printable() (idempotent) also catches a
+    # ledger string a line forgot to escape, so no name can add a line or move the cursor.
+    return "".join(printable(line) + "\n" for line in out)
 
 
 def _diffs_text(report: RunReport) -> list[str]:
