@@ -77,3 +77,15 @@ def test_one_rank_poisoning_its_labels_is_named(
     assert d0 is not None and d0.step == 8 and d0.field("loss") is None
     # The ranks stopped together, at the first bad segment.
     assert [s.status for s in reports[0].segments] == ["matched", "diverged", "skipped"]
+
+
+def test_cli_all_ranks(
+    ddp_runs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainguard.cli.main import main
+
+    monkeypatch.chdir(ROOT)
+    argv = ["replay", "poisoned", "--ledger", str(ddp_runs / "ledger.db"), "--entry",
+            "tests.replay_ddp:build", "--all-ranks", "-q"]  # fmt: skip
+    assert main(argv) == 1
+    assert "the divergence began on rank 1 at 8" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from typing import Any
 
 from trainguard.cli._common import (
     Subparsers,
@@ -48,6 +49,12 @@ def register(sub: Subparsers) -> None:
         "(unkeyed) fingerprints are compared",
     )
     p.add_argument("--rank", type=int, default=0, help="which rank's stream (default 0)")
+    p.add_argument(
+        "--all-ranks",
+        action="store_true",
+        help="a data-parallel run: replay every rank at once, in a gloo group of the recorded "
+        "world size on this machine (the entry must be module:function)",
+    )
     seg = p.add_mutually_exclusive_group()
     seg.add_argument(
         "--bisect",
@@ -103,18 +110,41 @@ def _replay(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"trainguard replay: {text}", file=sys.stderr, flush=True)
 
-    report = replay(
-        ledger,
-        run,
-        args.entry,
-        start=args.start,
-        stop=args.stop,
-        key=key,
-        rank=args.rank,
-        segmented=args.segmented,
-        all_segments=args.all,
-        checkpoint_dir=args.checkpoints,
-        progress=progress,
-    )
+    options = {
+        "start": args.start,
+        "stop": args.stop,
+        "key": key,
+        "segmented": args.segmented,
+        "all_segments": args.all,
+        "checkpoint_dir": args.checkpoints,
+    }
+    if args.all_ranks:
+        return _all_ranks(args, ledger, run, options)
+    report = replay(ledger, run, args.entry, rank=args.rank, progress=progress, **options)
     write_output(render(report, args.format, tool_version=installed_version()), args.output)
     return report.exit_code()
+
+
+def _all_ranks(args: argparse.Namespace, ledger: str, run: str, options: dict[str, Any]) -> int:
+    """Every rank's report, one after the other, and where the divergence began."""
+    import json
+
+    from trainguard.explain.replay.ranks import replay_ranks, sources, world_size
+    from trainguard.render import installed_version, render
+    from trainguard.render.replay import report_dict
+
+    reports = replay_ranks(ledger, run, args.entry, world_size(ledger, run), **options)
+    step, ranks = sources(reports)
+    version = installed_version()
+    if args.format == "json":
+        data = {
+            "ranks": [report_dict(r, tool_version=version) for r in reports],
+            "first_divergence": None if step is None else {"step": step, "ranks": ranks},
+        }
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        text = "\n".join(render(r, "text", tool_version=version) for r in reports)
+        if step is not None:
+            text += f"\nthe divergence began on rank {', '.join(map(str, ranks))} at {step}\n"
+    write_output(text, args.output)
+    return max(r.exit_code() for r in reports)

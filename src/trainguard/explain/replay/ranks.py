@@ -89,6 +89,21 @@ def sources(reports: Sequence[ReplayReport]) -> tuple[int | None, list[int]]:
     return step, local or sorted(at)
 
 
+def world_size(ledger: str, run_id: str) -> int:
+    """The world size rank 0's run-start record gives."""
+    from trainguard.ledger import open_ledger
+
+    store = open_ledger(ledger, create=False)
+    try:
+        for record in store.records(run_id, 0):
+            if record.kind == "run-start":
+                world = record.payload.get("world_size")
+                return world if isinstance(world, int) and world > 0 else 1
+    finally:
+        store.close()
+    raise ReplayError(f"no run-start record for run {run_id!r} on stream 0")
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
