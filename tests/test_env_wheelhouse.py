@@ -51,6 +51,7 @@ def wheel_files(optim: str = OPTIM) -> dict[str, bytes]:
         f"{NAME}/optim.py": optim.encode(),
         f"{NAME}/data.txt": b"weights: 1 2 3\n",
         f"{NAME}-{VERSION}.data/scripts/tgref-tool": TOOL.encode(),
+        f"{NAME}-{VERSION}.data/data/share/{NAME}/notes.txt": b"installed under the prefix\n",
         f"{META}/METADATA": f"Metadata-Version: 2.1\nName: {NAME}\nVersion: {VERSION}\n".encode(),
         f"{META}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n"
         b"Tag: py3-none-any\n",
@@ -161,6 +162,7 @@ TARGETS = {
     "metadata": ("site", f"{META}/METADATA"),
     "entry_points": ("site", f"{META}/entry_points.txt"),
     "tool": ("prefix", "bin/tgref-tool"),
+    "share": ("prefix", f"share/{NAME}/notes.txt"),
 }
 
 
@@ -316,3 +318,16 @@ def test_cli_wheelhouse_and_lock(
     assert "TG619" in capsys.readouterr().out
     lock.write_text("not a == requirement ???\n")
     assert main(argv) == 2
+
+
+@pytest.mark.parametrize("what", sorted(TARGETS))
+def test_every_kind_of_member_is_found_where_it_was_installed(install: Install, what: str) -> None:
+    """Site files, metadata, a .data script (shebang rewritten) and .data data (under the
+    prefix): each one found through its member, so one changed byte fails."""
+    where, rel = TARGETS[what]
+    path = (install.site if where == "site" else install.prefix) / rel
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 0x20]))
+    install.rewrite_record(path)
+    found = [f for f in install.verify().findings if f.severity >= Severity.HIGH]
+    assert [(f.rule, f.file) for f in found] == [("TG619", str(path))]

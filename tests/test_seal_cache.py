@@ -171,3 +171,17 @@ def test_mapped_and_read_windows_give_the_library_digest(tmp_path: Path, algorit
     for start, end, window in ((0, len(data), MiB + 3), (4097, 2 * MiB + 5, MiB), (7, 300, MiB)):
         got = hash_piece(Piece(str(path), start, end, ident), algorithm, window)
         assert got == whole[algorithm](data[start:end]).digest()
+
+
+def test_one_worker_count_from_the_cores_this_process_may_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hashing for seal and for env verify sizes its pool from the CPU affinity (a job
+    pinned to 3 of 64 cores gets 3 threads), capped, and at least one."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 9}, raising=False)
+    assert filestate.default_workers() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(200)), raising=False)
+    assert filestate.default_workers() == filestate.MAX_WORKERS
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert filestate.default_workers() == 1

@@ -19,7 +19,6 @@ import re
 import sys
 
 MAX_SCRIPT_BYTES = 64 * 1024
-MAX_ENTRY_POINTS_BYTES = 1024 * 1024
 _PYTHON = re.compile(r"python[0-9.]*w?(\.exe)?")
 # What a launcher may name besides its entry point, and call.
 _NAMES = {"re", "sys", "__name__"}
@@ -44,18 +43,13 @@ _NODES = (
 )
 
 
-def entry_points(meta_dir: str) -> dict[str, str]:
-    """Script name -> ``module:object`` of the ``console_scripts`` and ``gui_scripts``."""
-    path = os.path.join(meta_dir, "entry_points.txt")
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_ENTRY_POINTS_BYTES)
-    except OSError:
-        return {}
+def entry_points(text: str) -> dict[str, str]:
+    """Script name -> ``module:object`` of an ``entry_points.txt``'s ``console_scripts``
+    and ``gui_scripts`` (empty when it does not parse)."""
     parser = configparser.ConfigParser(delimiters=("=",), interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # names keep their case
     try:
-        parser.read_string(raw.decode("utf-8", "replace"))
+        parser.read_string(text)
     except configparser.Error:
         return {}
     out: dict[str, str] = {}

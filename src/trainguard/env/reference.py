@@ -45,6 +45,7 @@ MAX_MEMBERS = 500_000
 MAX_MEMBER_BYTES = 8 * 1024 * 1024 * 1024
 MAX_TAG_BYTES = 64 * 1024
 MAX_SCRIPT_BYTES = 16 * 1024 * 1024
+MAX_ENTRY_POINTS_BYTES = 1024 * 1024
 CHUNK = 1024 * 1024
 # Written by the installer, not taken from the wheel.
 INSTALL_TIME = frozenset({"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"})
@@ -204,6 +205,8 @@ def compare_dist(dist: InstalledDist, wheel: WheelFile, installed_sha256: Hasher
             )
             outside = _outside_rows(dist)
             explained: set[str] = set()
+            # The wheel's entry points, not the installed copy, say what launchers call.
+            scripts = _wheel_entry_points(zf, wheel_meta)
             for info in infos:
                 out.extend(
                     _compare_member(zf, info, lay, outside, installed_sha256, explained, evidence)
@@ -226,7 +229,7 @@ def compare_dist(dist: InstalledDist, wheel: WheelFile, installed_sha256: Hasher
                 evidence=evidence,
             )
         ]
-    out.extend(_unexplained(dist, explained, evidence))
+    out.extend(_unexplained(dist, explained, scripts, evidence))
     return out
 
 
@@ -320,10 +323,9 @@ def _compare_script(
 
 
 def _unexplained(
-    dist: InstalledDist, explained: set[str], evidence: dict[str, str]
+    dist: InstalledDist, explained: set[str], scripts: dict[str, str], evidence: dict[str, str]
 ) -> list[Finding]:
     out: list[Finding] = []
-    scripts = entry_points(dist.meta_dir)
     for entry in dist.entries:
         path = entry.path
         if path in explained:
@@ -356,6 +358,17 @@ def _unexplained(
                 )
             )
     return out
+
+
+def _wheel_entry_points(zf: zipfile.ZipFile, wheel_meta: str) -> dict[str, str]:
+    try:
+        info = zf.getinfo(f"{wheel_meta}/entry_points.txt")
+    except KeyError:
+        return {}
+    if info.file_size > MAX_ENTRY_POINTS_BYTES:
+        raise WheelError("entry_points.txt larger than any")
+    with zf.open(info) as fh:
+        return entry_points(fh.read(MAX_ENTRY_POINTS_BYTES).decode("utf-8", "replace"))
 
 
 def _launcher(path: str, target: str) -> str | None:
