@@ -85,6 +85,11 @@ def _joblib(compress: Callable[[bytes], bytes]) -> Wrap:
     return wrap
 
 
+def _zfile(data: bytes) -> bytes:
+    # joblib < 0.10's format (numpy_pickle_compat.write_zfile), still read by joblib.load.
+    return b"ZF" + hex(len(data)).encode().ljust(19) + zlib.compress(data)
+
+
 def _npy(data: bytes, folder: Path) -> Path:
     descr = random.Random(len(data)).choice(_OBJECT_DESCRS)
     text = f"{{'descr': {descr}, 'fortran_order': False, 'shape': (1,), }}"
@@ -134,6 +139,7 @@ CONTAINERS: dict[str, Container] = {
         "joblib", _joblib(lambda d: lzma.compress(d, format=lzma.FORMAT_ALONE))
     ),
     "joblib-xz": Container("joblib", _joblib(lzma.compress)),
+    "joblib-zfile": Container("joblib", _joblib(_zfile)),
     "npy-object": Container("numpy", _npy, ("numpy",)),
     "gzip": Container("gzip-pickle", _gzip),
     "tar": Container("tar-torch", _tar_of_legacy, ("torch",)),

