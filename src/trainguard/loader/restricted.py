@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from trainguard.errors import UnsafeModelError
-from trainguard.loader import vetted
+from trainguard.loader import sandbox, vetted
 from trainguard.loader.tensors import refuse
 from trainguard.scanner.picklevm.names import DENIED_MODULES, DENIED_NAMES, _in_module_set
 
@@ -127,12 +127,15 @@ class Restrictions:
             return self._trust(self._ours[qualified])
         if qualified in DENIED_NAMES or _in_module_set(qualified, DENIED_MODULES):
             raise refuse("TG401", f"{qualified} is denied", self.source, qualified)
+        if qualified in self._allow or _in_module_set(qualified, self._allow):
+            # The policy trusts this global's author: its module may import freely.
+            with sandbox.suspended():
+                obj = self._resolve(module, name, qualified)
+            self._trusted.add(qualified)
+            return self._trust(obj)
         obj = self._resolve(module, name, qualified)
         if name.startswith(PYX) and callable(obj):
             return self._trust(vetted.cython_rebuild(obj, module, name[len(PYX) :], self))
-        if qualified in self._allow or _in_module_set(qualified, self._allow):
-            self._trusted.add(qualified)
-            return self._trust(obj)
         if not isinstance(obj, type):
             raise refuse_global(qualified, "a callable outside the allowlist", self.source)
         if module in _VALUE_MODULES or issubclass(obj, enum.Enum):

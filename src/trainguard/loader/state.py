@@ -12,13 +12,13 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from trainguard.errors import UnsafeModelError
 from trainguard.findings import Finding, Severity
 from trainguard.loader import sandbox
-from trainguard.loader.restricted import PickleModule
+from trainguard.loader.restricted import PickleModule, policy_line
 from trainguard.scanner import Policy
 
 log = logging.getLogger("trainguard")
@@ -67,11 +67,23 @@ def decide(source: str, findings: list[Finding]) -> None:
         _preimport(findings)
         return
     if cfg.mode == "block":
-        raise UnsafeModelError(source, bad)
+        raise UnsafeModelError(source, [_with_policy_line(f) for f in bad])
     for f in bad:
         log.warning(
             "trainguard: loading %s despite %s %s: %s", source, f.rule, f.severity, f.message
         )
+
+
+# Findings a policy's [allow] globals can answer: a call on a global not known to be safe.
+_ALLOWABLE = frozenset(["TG112"])
+
+
+def _with_policy_line(f: Finding) -> Finding:
+    """``f`` with the exact policy lines that would allow its global, when some would."""
+    if f.rule not in _ALLOWABLE or not f.trigger or "[allow]" in f.message:
+        return f
+    line = policy_line(f.trigger).replace("\n", " ")
+    return replace(f, message=f"{f.message}; to allow it, add to your policy file: {line}")
 
 
 def _preimport(findings: list[Finding]) -> None:
