@@ -92,6 +92,7 @@ def train(
     run_id: str,
     tamper: Tamper | None = None,
     carry: Callable[[int, Any, Any, Any, Any], None] | None = None,
+    prepare: Callable[[Any, Any, Any, Any], None] | None = None,
     **watch: Any,
 ) -> str:
     """Train STEPS steps under a guard, checkpointing every EVERY; return the ledger path.
@@ -111,6 +112,8 @@ def train(
         dataloader=loader,
         **watch,
     )
+    if prepare is not None:
+        prepare(model, opt, sched, loader)
     guard.checkpoint(folder / f"{run_id}-0.pt", data_state={"epoch": 0})
     batches = epochs_from(0, len(loader), epoch)
     for s in range(STEPS):
@@ -454,6 +457,30 @@ def test_state_carried_in_a_checkpoint_is_named(tmp_path: Path) -> None:
         assert any(n.startswith(CARRIED[kind][1]) for n in field.tensors), (seed, kind, field)
     assert [f.rule for f in report.findings()] == ["TG1511"]
     assert "differs from what replaying up to step" in d.cause
+
+
+def test_seeding_before_the_first_checkpoint_is_honest(tmp_path: Path) -> None:
+    """Random and data-loader states set between building and checkpoint 0 are the script's
+    business: replay restores them from the checkpoint, and holds only configuration there."""
+    import random
+
+    def prepare(model: Any, opt: Any, sched: Any, loader: Any) -> None:
+        torch.manual_seed(5)
+        random.seed(5)
+        loader.generator.manual_seed(5)
+
+    ledger = train(tmp_path, "seeded", prepare=prepare)
+    report = replay(ledger, "seeded", build, key=KEY, stop=EVERY)
+    assert report.verdict == "matched", report.first_divergence
+
+    def raise_gamma(model: Any, opt: Any, sched: Any, loader: Any) -> None:
+        sched.gamma = 0.8  # the whole run trains with it; checkpoint 0 carries it
+
+    ledger = train(tmp_path, "gamma0", prepare=raise_gamma)
+    d = replay(ledger, "gamma0", build, key=KEY, stop=EVERY).first_divergence
+    assert d is not None and d.step == 0 and d.kind == "checkpoint"
+    assert d.field("carried") is not None and d.field("carried").tensors == ("scheduler gamma",)
+    assert "the entry point builds" in d.cause
 
 
 def random_seed() -> int:

@@ -115,6 +115,12 @@ def differences(
         if not a:
             continue  # not known to the replay (no data loader, no data_state, no random
             # states of a fresh build): nothing to hold the checkpoint to
+        if part == "rng":
+            # Generators both sides have: CUDA's exists only once CUDA was initialised, which
+            # a replay process may do where training did not.  A generator missing from the
+            # checkpoint is not restored, so the steps after it show any effect.
+            names += [n for n in a if n in b and a[n] != b[n]]
+            continue
         names += [n for n in dict.fromkeys([*a, *b]) if a.get(n) != b.get(n)]
     return names
 

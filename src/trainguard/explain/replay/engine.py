@@ -316,7 +316,7 @@ class _Runner:
         if saved is not None:
             if seg.start == 0 and 0 not in self.ends:
                 # The honest entry's fresh objects are the state before step 0.
-                fresh = _carried_of(run, with_random=False)
+                fresh = _carried_of(run, fresh=True)
                 held = _carried_diff(fresh, carried.of_checkpoint(saved))
                 if held is not None:
                     seg.divergence = _checkpoint_divergence(seg.start, [held], h)
@@ -401,7 +401,7 @@ class _Runner:
         if seg.end == seg.start or seg.divergence is not None:
             return
         # Every step matched: what the checkpoint at seg.end restores must be this.
-        self.ends[seg.end] = _carried_of(run, with_random=True)
+        self.ends[seg.end] = _carried_of(run, fresh=False)
         last = capture.steps[seg.end - 1]
         plain, tensors = last.get("plain") or {}, last.get("tensors") or {}
         self.end_digests[seg.end] = {
@@ -476,11 +476,18 @@ def _restore(run: Replayable, saved: ckpt.Checkpoint) -> None:
     _call("restoring the checkpoint into the entry's objects", load)
 
 
-def _carried_of(run: Replayable, *, with_random: bool) -> dict[str, dict[str, str]]:
+def _carried_of(run: Replayable, *, fresh: bool) -> dict[str, dict[str, str]]:
+    """The replay's carried state.  ``fresh``: objects the entry just built, before any
+    step; only their configuration (scheduler, hyper-parameters) says what the state before
+    step 0 is: random and data-loader states before the first checkpoint are the training
+    script's business (it may seed them after building), and are not held to."""
+
     def gather() -> dict[str, dict[str, str]]:
         scheduler = run.scheduler.state_dict() if run.scheduler is not None else None
+        if fresh:
+            return carried.flatten(scheduler, run.optimizer.state_dict(), None, None)
         loader = ckpt.loader_state(run.dataloader) if run.dataloader is not None else None
-        states = ckpt.random_states() if with_random else None
+        states = ckpt.random_states()
         return carried.flatten(scheduler, run.optimizer.state_dict(), states, loader)
 
     return dict(_call("reading the replay's state", gather))
