@@ -496,6 +496,46 @@ RULES: dict[str, Rule] = {
             "Sealing refuses to follow it and verification reports it, since it "
             "would let content outside the folder pass as sealed.",
         ),
+        Rule(
+            "TG508",
+            "seal-rollback",
+            _H,
+            "The signature verifies, but it is not the expected seal: its version is "
+            "older than --min-version (or it records none), or its manifest digest is "
+            "not the pinned --expect-digest. An older folder with its own valid "
+            "signature from the same key was put in place of the current release.",
+        ),
+        Rule(
+            "TG509",
+            "seal-unexpected-name",
+            _H,
+            "The signature verifies, but the seal names another model than "
+            "--expect-name: a seal of the same key for a different release or model.",
+        ),
+        Rule(
+            "TG510",
+            "seal-ignored-loadable",
+            _M,
+            "An entry left out by an ignore rule looks like something a loader would "
+            "pick up (a checkpoint-N folder a trainer resumes from, a weights file, "
+            "code, a file that starts like a pickle, zip or safetensors), so its "
+            "content is not verified. Narrow the ignore rule.",
+        ),
+        Rule(
+            "TG511",
+            "seal-vcs-changed",
+            _H,
+            "A version-control file that can run commands (.git/config, .git/hooks/*, "
+            ".gitattributes, .hg/hgrc) was added, changed or removed since sealing.",
+        ),
+        Rule(
+            "TG512",
+            "seal-vcs-unrecorded",
+            _L,
+            "A version-control folder is present, but the seal records nothing about "
+            "its hooks and configuration (sealed by another tool or an older "
+            "trainguard), so changes to them cannot be detected.",
+        ),
         # -- environment verification (TG6xx) ----------------------------------
         Rule(
             "TG601",

@@ -85,6 +85,18 @@ def register(sub: Subparsers) -> None:
         help="hash files in shards of this size (model-signing's 'shards' "
         "serialization; sha256 only), so a change is located to a shard",
     )
+    s.add_argument(
+        "--name",
+        metavar="NAME",
+        help="the model's name, signed into the manifest (verify --expect-name checks it)",
+    )
+    s.add_argument(
+        "--version",
+        dest="seal_version",
+        metavar="VERSION",
+        help="the release's version or counter, a dotted number such as 7 or 1.4.2, signed "
+        "into the manifest (verify --min-version refuses older seals: rollbacks)",
+    )
     _common(s)
     s.set_defaults(handler=_seal)
 
@@ -117,6 +129,24 @@ def register(sub: Subparsers) -> None:
     )
     v.add_argument(
         "--signature", metavar="SIG", help="the signature (default: PATH/model.sig, or FILE.sig)"
+    )
+    v.add_argument(
+        "--expect-name",
+        metavar="NAME",
+        help="the seal must name this model (seal --name; else the folder name "
+        "model-signing records); another is TG509",
+    )
+    v.add_argument(
+        "--min-version",
+        metavar="VERSION",
+        help="the seal must carry at least this version (seal --version): an older seal of "
+        "the same key, or one without a version, is a rollback (TG508)",
+    )
+    v.add_argument(
+        "--expect-digest",
+        metavar="SHA256",
+        help="pin the one seal you trust: the SHA-256 of its signed manifest, as seal "
+        "prints it; any other seal of the same key is TG508",
     )
     add_output(v, ("text", "json", "sarif"))
     add_verdict(v)
@@ -187,6 +217,8 @@ def _seal(args: argparse.Namespace) -> int:
             full=args.full,
             workers=workers(args),
             progress=progress,
+            name=args.name,
+            version=args.seal_version,
         )
     for note in result.notes:
         warn(note)
@@ -198,6 +230,16 @@ def _seal(args: argparse.Namespace) -> int:
         f"sealed {files} file{'' if files == 1 else 's'} ({human_size(size)}, "
         f"{result.manifest.serialization.algorithm}; {result.stats.files_from_cache} from the "
         f"digest cache) -> {result.signature} ({signer})",
+        file=sys.stderr,
+    )
+    release = " ".join(
+        f"{what} {value!r}"
+        for what, value in (("name", args.name), ("version", args.seal_version))
+        if value is not None
+    )
+    print(
+        f"manifest sha256 {result.manifest_digest}{'; ' + release if release else ''} "
+        "(pin it with verify --expect-digest)",
         file=sys.stderr,
     )
     return EXIT_OK
@@ -236,17 +278,26 @@ def _verify(args: argparse.Namespace) -> int:
             workers=workers(args),
             progress=progress,
             fail_on=failing,
+            expect_name=args.expect_name,
+            min_version=args.min_version,
+            expect_digest=args.expect_digest,
         )
     for note in result.notes:
         warn(note)
     write_output(render(result.report, args.format, color=use_color(args)), args.output)
     code = result.report.exit_code()
+    if result.hash_mode:
+        print(f"hashing: {result.hash_mode}", file=sys.stderr)
     if code == EXIT_OK:
+        info = result.manifest.info if result.manifest is not None else None
+        release = ""
+        if info is not None and (info.name or info.version):
+            release = f"; seal of {info.name or '?'!r} version {info.version or '?'!r}"
         print(
             f"verified {result.files_checked} file{'' if result.files_checked == 1 else 's'} "
             f"against {result.signature} ("
-            f"{result.signer_identity or 'key id ' + result.signer_key_id[:16]}; "
-            f"{result.stats.files_from_cache} from the digest cache)",
+            f"{result.signer_identity or 'key id ' + result.signer_key_id[:16]}{release}; "
+            f"manifest sha256 {result.manifest_digest[:16]}...)",
             file=sys.stderr,
         )
     return code

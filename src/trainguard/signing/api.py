@@ -1,15 +1,18 @@
 """Seal a model folder (or file) and verify it: the library behind the CLI.
 
 ``seal`` walks the folder, hashes every file (digests of unchanged files come
-from the digest cache), signs the manifest and writes a Sigstore bundle.
-``verify_report`` checks the bundle's signature with the public key, hashes
-the folder the way the manifest says it was hashed, and returns every
-difference as findings in a :class:`ScanReport`; ``verify`` raises
-:class:`VerificationError` with those findings instead.
+from the digest cache), signs the manifest (with the release's name, version
+and time, and the digests of version-control hooks and configuration) and
+writes a Sigstore bundle.  ``verify_report``
+(:mod:`trainguard.signing.verifying`) returns every difference as findings in
+a :class:`ScanReport`; ``verify`` raises :class:`VerificationError` with
+those findings instead.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,32 +21,24 @@ from typing import TYPE_CHECKING
 
 from trainguard.digest_cache import DigestCache
 from trainguard.errors import UsageError
-from trainguard.findings import FileResult, Finding, ScanReport, Severity
-from trainguard.rules import rule
 from trainguard.signing import bundle as bundles
+from trainguard.signing import ignored as ignored_entries
+from trainguard.signing import vcs
 from trainguard.signing.build import (
     Progress,
     default_signature,
-    hash_tree,
-    open_cache,
+    hash_folder,
     relative_inside,
     split_ignores,
-    verify_ignore_rules,
 )
-from trainguard.signing.compare import compare
 from trainguard.signing.dsse import MAX_PAYLOAD
 from trainguard.signing.errors import SealError, VerificationError
 from trainguard.signing.hashing import SEAL_HASHES, HashStats
 from trainguard.signing.keyless import KeylessSigning, SigstoreIdentity
-from trainguard.signing.keys import private_key_from, public_key_from
-from trainguard.signing.manifest import (
-    Manifest,
-    ManifestError,
-    Resource,
-    Serialization,
-    parse_statement,
-)
-from trainguard.signing.tree import GIT_PATHS, IgnoreRules, Tree, unsafe_name, walk
+from trainguard.signing.keys import private_key_from
+from trainguard.signing.manifest import MAX_INFO_TEXT, Manifest, SealInfo, Serialization
+from trainguard.signing.tree import GIT_PATHS, IgnoreRules, walk
+from trainguard.signing.verifying import VerifyResult, hash_mode, verify_report
 
 if TYPE_CHECKING:
     from trainguard.signing.keys import PrivateKey, PublicKey
@@ -57,40 +52,8 @@ class SealResult:
     manifest: Manifest
     stats: HashStats
     notes: list[str] = field(default_factory=list)  # e.g. why the digest cache was off
-
-
-@dataclass
-class VerifyResult:
-    signature: Path
-    report: ScanReport
-    manifest: Manifest | None = None  # None when the signature itself did not verify
-    signer_key_id: str = ""
-    files_checked: int = 0
-    stats: HashStats = field(default_factory=HashStats)
-    notes: list[str] = field(default_factory=list)
-    # Keyless signatures: "IDENTITY (ISSUER)" from the verified certificate.
-    signer_identity: str | None = None
-
-
-def _hash(
-    tree: Tree,
-    ser: Serialization,
-    cache: DigestCache | bool,
-    full: bool,
-    workers: int | None,
-    progress: Progress | None,
-) -> tuple[list[Resource], HashStats, list[str]]:
-    stats = HashStats()
-    opened = open_cache(cache, tree.root)
-    try:
-        resources = hash_tree(
-            tree, ser, opened, full=full, workers=workers, progress=progress, stats=stats
-        )
-    finally:
-        if opened is not None:
-            opened.close()
-    notes = [opened.disabled] if opened is not None and opened.disabled else []
-    return resources, stats, notes
+    manifest_digest: str = ""  # SHA-256 hex of the signed payload: pin it with expect_digest
+    hash_mode: str = ""
 
 
 def seal(
@@ -105,6 +68,8 @@ def seal(
     full: bool = False,
     workers: int | None = None,
     progress: Progress | None = None,
+    name: str | None = None,
+    version: str | None = None,
 ) -> SealResult:
     """Sign a manifest of ``path`` and write it as a Sigstore bundle (model-signing v1).
 
@@ -112,10 +77,16 @@ def seal(
     "shards" serialization), so that a change is located to a shard.
     ``ignore`` takes paths relative to the folder and glob patterns; ``.git``
     (and git's other files) and the signature itself are always left out.
-    ``cache=False`` or ``full=True`` hash every file afresh.
+    ``cache=False`` or ``full=True`` hash every file afresh.  ``name`` and
+    ``version`` (a dotted number such as ``3`` or ``1.4.2``) say which release
+    this is, so that ``verify(..., expect_name=, min_version=)`` can tell an
+    older seal of the same key (a rollback) from this one.
     """
     if hash not in SEAL_HASHES:
         raise UsageError(f"unsupported hash {hash!r} (expected one of: {', '.join(SEAL_HASHES)})")
+    for what, text in (("name", name), ("version", version)):
+        if text is not None and not (0 < len(text) <= MAX_INFO_TEXT and text.isprintable()):
+            raise UsageError(f"the {what} must be 1-{MAX_INFO_TEXT} printable characters")
     if shard_size is not None and shard_size <= 0:
         raise UsageError("the shard size must be a positive number of bytes")
     if shard_size is not None and hash != "sha256":
@@ -144,9 +115,22 @@ def seal(
     ignored = tuple(dict.fromkeys([*rules.paths, *tree.pattern_ignored]))
     method = "shards" if shard_size else "files"
     ser = Serialization(method, hash, shard_size or 0, False, ignored, tuple(patterns))
-    resources, stats, notes = _hash(tree, ser, cache, full, workers, progress)
+    resources, stats, notes = hash_folder(tree, ser, cache, full, workers, progress)
+    mode, refused = hash_mode(cache, full, stats)
+    notes += refused
+    if not tree.single_file:
+        own = {sig_rel, *GIT_PATHS}
+        skipped = [n for n in [*tree.path_ignored, *tree.pattern_ignored] if n not in own]
+        for f in ignored_entries.findings(os.fspath(root), skipped, str(root)):
+            notes.append(f"{f.file}: {f.message}")
     empty = tuple(n for n, e in tree.files.items() if e.identity.size == 0) if shard_size else None
-    manifest = Manifest(root.resolve().name, ser, resources, empty)
+    info = SealInfo(
+        name=name,
+        version=version,
+        sealed_at=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        vcs=None if tree.single_file else vcs.record(os.fspath(root)),
+    )
+    manifest = Manifest(name or root.resolve().name, ser, resources, empty, info)
     payload = manifest.payload()
     if len(payload) > MAX_PAYLOAD:
         # verify would refuse it: better to say so now than after the fact.
@@ -161,110 +145,8 @@ def seal(
     else:
         bundle = bundles.build_bundle(payload, private_key_from(key))
     bundles.write_bundle(sig_path, bundle)
-    return SealResult(sig_path, manifest, stats, notes)
-
-
-def _signature_result(sig_path: Path, findings: list[Finding]) -> FileResult:
-    try:
-        size = sig_path.stat().st_size
-    except OSError:
-        size = 0
-    return FileResult(str(sig_path), "signature (Sigstore bundle)", size, findings)
-
-
-def _finding(rule_id: str, message: str, file: str) -> Finding:
-    return Finding(rule_id, rule(rule_id).severity, message, file=file)
-
-
-def verify_report(
-    path: str | os.PathLike[str],
-    key: str | os.PathLike[str] | PublicKey | SigstoreIdentity,
-    *,
-    signature: str | os.PathLike[str] | None = None,
-    ignore: Sequence[str] = (),
-    cache: DigestCache | bool = True,
-    full: bool = False,
-    workers: int | None = None,
-    progress: Progress | None = None,
-    fail_on: Severity = Severity.HIGH,
-) -> VerifyResult:
-    """Check ``path`` against its signature; every problem is a finding in ``.report``.
-
-    ``ignore`` leaves paths and patterns out on both sides (the manifest's and
-    the folder's).  Raises (:class:`SealError`, :class:`UsageError`) only when
-    the check could not be made: no signature file, a bad key, unreadable files.
-    """
-    root = Path(path)
-    if not os.path.lexists(root):
-        raise UsageError(f"{root}: no such file or directory")
-    public = None if isinstance(key, SigstoreIdentity) else public_key_from(key)
-    sig_path = Path(signature) if signature is not None else default_signature(root)
-    report = ScanReport(fail_on=fail_on)
-    try:
-        bundle = bundles.read_bundle(sig_path)
-        if isinstance(key, SigstoreIdentity):
-            from trainguard.signing.keyless import verify_bundle as verify_keyless
-
-            payload, signer = verify_keyless(bundle, key)
-        else:
-            assert public is not None
-            payload, signer = bundles.verify_bundle(bundle, public)
-        expected = parse_statement(payload)
-    except VerificationError as exc:
-        report.files.append(_signature_result(sig_path, exc.findings))
-        return VerifyResult(sig_path, report)
-    except ManifestError as exc:
-        bad = _finding("TG502", f"the signed manifest is unusable: {exc}", str(sig_path))
-        report.files.append(_signature_result(sig_path, [bad]))
-        return VerifyResult(sig_path, report)
-    report.files.append(_signature_result(sig_path, []))
-
-    extra = IgnoreRules(*map(tuple, split_ignores(ignore)))
-    tree = walk(os.fspath(root), verify_ignore_rules(root, sig_path, expected, extra))
-
-    def shown(name: str) -> str:
-        return str(root) if name == "." else str(root / name)
-
-    findings = [
-        _finding("TG507", f"{why}: not followed, so not verified", shown(name))
-        for name, why in tree.unsafe
-    ]
-    kept = []
-    for r in expected.resources:
-        why_unsafe = unsafe_name(r.path)
-        if why_unsafe is not None:
-            message = f"the signed manifest lists a path that is {why_unsafe}"
-            findings.append(_finding("TG507", message, shown(r.path)))
-        elif not extra.matches(r.path):
-            kept.append(r)
-    ser = expected.serialization
-    empty_listed = expected.empty_files
-    if empty_listed is not None:
-        empty_listed = tuple(e for e in empty_listed if unsafe_name(e) is None)
-    expected = Manifest(expected.model_name, ser, kept, empty_listed)
-    resources, stats, notes = _hash(tree, ser, cache, full, workers, progress)
-    actual = Manifest(expected.model_name, ser, resources)
-    listed = {r.path for r in kept} | set(empty_listed or ())
-    display = {n: shown(n) for n in listed | set(tree.files)}
-    empty = frozenset(n for n, e in tree.files.items() if e.identity.size == 0 and ser.shard_size)
-    findings += compare(expected, actual, display, empty)
-
-    by_file: dict[str, list[Finding]] = {}
-    for f in findings:
-        by_file.setdefault(f.file, []).append(f)
-    sizes = {shown(n): e.identity.size for n, e in tree.files.items()}
-    for name in sorted({*display.values(), *by_file}):
-        report.files.append(FileResult(name, "file", sizes.get(name, 0), by_file.get(name, [])))
-    return VerifyResult(
-        sig_path,
-        report,
-        expected,
-        signer.key_id,
-        len(tree.files),
-        stats,
-        notes,
-        signer.certificate_subject if isinstance(key, SigstoreIdentity) else None,
-    )
+    digest = hashlib.sha256(payload).hexdigest()
+    return SealResult(sig_path, manifest, stats, notes, digest, mode)
 
 
 def verify(
@@ -277,6 +159,9 @@ def verify(
     full: bool = False,
     workers: int | None = None,
     progress: Progress | None = None,
+    expect_name: str | None = None,
+    min_version: str | None = None,
+    expect_digest: str | None = None,
 ) -> VerifyResult:
     """Like :func:`verify_report`, but raises :class:`VerificationError` on failure.
 
@@ -292,6 +177,9 @@ def verify(
         full=full,
         workers=workers,
         progress=progress,
+        expect_name=expect_name,
+        min_version=min_version,
+        expect_digest=expect_digest,
     )
     if result.report.failed:
         failing = [f for f in result.report.findings if f.severity >= result.report.fail_on]

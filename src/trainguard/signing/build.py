@@ -10,6 +10,7 @@ from pathlib import Path
 
 from trainguard.digest_cache import DigestCache, default_cache_path
 from trainguard.errors import UsageError
+from trainguard.signing.fstrust import FilesystemTrust
 from trainguard.signing.hashing import HashStats, Piece, hash_pieces
 from trainguard.signing.manifest import Manifest, Resource, Serialization
 from trainguard.signing.tree import (
@@ -61,6 +62,29 @@ def open_cache(cache: DigestCache | bool, root: str) -> DigestCache | None:
     return cache or None
 
 
+def hash_folder(
+    tree: Tree,
+    ser: Serialization,
+    cache: DigestCache | bool,
+    full: bool,
+    workers: int | None,
+    progress: Progress | None,
+) -> tuple[list[Resource], HashStats, list[str]]:
+    """:func:`hash_tree` with the user's cache opened and closed; notes say why a
+    cache file was not usable."""
+    stats = HashStats()
+    opened = open_cache(cache, tree.root)
+    try:
+        resources = hash_tree(
+            tree, ser, opened, full=full, workers=workers, progress=progress, stats=stats
+        )
+    finally:
+        if opened is not None:
+            opened.close()
+    notes = [opened.disabled] if opened is not None and opened.disabled else []
+    return resources, stats, notes
+
+
 def spans(size: int, shard: int) -> list[tuple[int, int]]:
     """The whole file, or model-signing's shards [0, s), [s, 2s)...; none when empty."""
     if not shard:
@@ -77,20 +101,30 @@ def hash_tree(
     workers: int | None = None,
     progress: Progress | None = None,
     stats: HashStats | None = None,
+    vouch: FilesystemTrust | None = None,
 ) -> list[Resource]:
     """The resources of every file in ``tree``, hashed as ``ser`` says.
 
     Digests come from ``cache`` for files whose identity is unchanged (unless
-    ``full``); fresh digests are stored back.
+    ``full``); fresh digests are stored back.  Files on a filesystem that cannot
+    vouch for their stat (``vouch``, by default the mount table's answer: tmpfs,
+    NFS, FUSE...) neither use nor feed the cache; ``stats.cache_refused`` says why.
     """
     stats = stats if stats is not None else HashStats()
     shard = ser.shard_size if ser.method == "shards" else 0
     cached: dict[str, list[bytes]] = {}
     pieces: list[Piece] = []
+    refused: set[str] = set()  # files whose filesystem cannot vouch for their stat
+    trust = FilesystemTrust() if cache is not None and vouch is None else vouch
     for name, entry in tree.files.items():
         ranges = spans(entry.identity.size, shard)
         hit = None
-        if cache is not None and not full:
+        why = trust.why_not(entry.identity.dev) if trust is not None else None
+        if why is not None and cache is not None:
+            refused.add(name)
+            if not full:  # --full hashes everything anyway: nothing to explain
+                stats.cache_refused[why] = stats.cache_refused.get(why, 0) + 1
+        elif cache is not None and not full:
             hit = cache.get(entry.path, entry.identity, ser.hash_type, shard)
         if hit is not None and len(hit) == len(ranges):
             cached[name] = hit
@@ -120,7 +154,7 @@ def hash_tree(
         found = cached.get(name)
         if found is None:
             found = fresh.get(entry.path, [])
-            if cache is not None:
+            if cache is not None and name not in refused:
                 cache.put(entry.path, entry.identity, ser.hash_type, shard, found, started)
         if shard:
             ranges = spans(entry.identity.size, shard)

@@ -47,6 +47,8 @@ _ACCEPTED_MEDIA_TYPES = (
 # The payload is base64 inside JSON: a bundle is at most ~4/3 of it plus a little.
 MAX_BUNDLE = MAX_PAYLOAD * 4 // 3 + 1024 * 1024
 MAX_CERTIFICATES = 10
+# A certificate is a few KiB; base64 of 64 KiB leaves room for long chains' leaves.
+MAX_CERTIFICATE_B64 = 64 * 1024
 
 
 def build_bundle(payload: bytes, private_key: PrivateKey) -> dict[str, Any]:
@@ -121,6 +123,7 @@ class SignerInfo:
 
 def _leaf_certificate_key(material: dict[str, Any]) -> tuple[PublicKey, str] | None:
     from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
     chain = material.get("x509CertificateChain")
@@ -132,14 +135,22 @@ def _leaf_certificate_key(material: dict[str, Any]) -> tuple[PublicKey, str] | N
     if not isinstance(certs, list) or not certs or len(certs) > MAX_CERTIFICATES:
         raise _malformed("bad certificate chain")
     leaf = certs[0].get("rawBytes") if isinstance(certs[0], dict) else None
+    if not isinstance(leaf, str) or len(leaf) > MAX_CERTIFICATE_B64:
+        raise _malformed("the signing certificate is missing or too large")
     try:
-        cert = x509.load_der_x509_certificate(base64.b64decode(str(leaf), validate=True))
+        cert = x509.load_der_x509_certificate(base64.b64decode(leaf, validate=True))
     except (binascii.Error, ValueError):
         raise _malformed("the signing certificate cannot be parsed") from None
-    key = cert.public_key()
+    try:
+        # Parsed lazily: an unknown key algorithm (a DSA, Ed448 or unknown-OID key)
+        # or a malformed name only fails here, with cryptography's own exception types.
+        key = cert.public_key()
+        subject = cert.subject.rfc4514_string()
+    except (UnsupportedAlgorithm, ValueError, TypeError):
+        raise _malformed("the signing certificate's key type is not supported") from None
     if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
         raise _malformed("the signing certificate's key type is not supported")
-    return key, cert.subject.rfc4514_string()
+    return key, subject
 
 
 def verify_bundle(bundle: dict[str, Any], public_key: PublicKey) -> tuple[bytes, SignerInfo]:

@@ -24,7 +24,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from trainguard.filestate import Identity, default_workers
@@ -88,6 +88,8 @@ class HashStats:
     bytes_hashed: int = 0
     pieces_hashed: int = 0
     files_from_cache: int = 0
+    # Why cached digests were not used for some files -> how many files.
+    cache_refused: dict[str, int] = field(default_factory=dict)
 
 
 Progress = Callable[[int], None]

@@ -14,8 +14,10 @@
 
 ``ROOT`` is the SHA-256 of every resource digest, in the order listed (sorted
 by path components, then shard offsets).  A shard is named ``path:start:end``
-and its algorithm is ``sha256-sharded-N``.  trainguard adds two fields that
-model-signing ignores: each file's ``size`` and ``ignore_patterns`` (globs).
+and its algorithm is ``sha256-sharded-N``.  trainguard adds fields that
+model-signing ignores: each file's ``size``, ``ignore_patterns`` (globs), and
+``predicate.trainguard``: the empty files of a shards manifest and the
+:class:`SealInfo` (name, version, time of sealing, version-control digests).
 
 Parsing checks every field it relies on and reports the first problem as a
 :class:`ManifestError`: the bytes are signed, but the signer may be a tool
@@ -37,6 +39,8 @@ PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 PREDICATE_TYPE_V0 = "https://model_signing/Digests/v0.1"
 DIGEST_SIZES = {"sha256": 32, "blake3": 32, "blake2b": 64}
 MAX_RESOURCES = 1_000_000
+MAX_INFO_TEXT = 256  # a name, a version or a timestamp
+MAX_VCS_ENTRIES = 1024
 
 
 class ManifestError(ValueError):
@@ -90,6 +94,51 @@ def _sort_key(resource: Resource) -> tuple[list[str], tuple[int, int]]:
     return resource.path.split("/"), resource.span or (0, 0)
 
 
+@dataclass(frozen=True)
+class SealInfo:
+    """What trainguard signs beside the resources: which release this seal is.
+
+    ``vcs`` maps version-control files that can run commands (``.git/config``,
+    ``.git/hooks/*``, ...) to their SHA-256, as found when sealing; None when
+    not recorded (model-signing, or an older trainguard).
+    """
+
+    name: str | None = None
+    version: str | None = None
+    sealed_at: str | None = None  # ISO 8601, UTC
+    vcs: dict[str, str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("name", "version", "sealed_at", "vcs"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+def _text(raw: dict[str, Any], key: str) -> str | None:
+    value = raw.get(key)
+    _expect(
+        value is None or (isinstance(value, str) and len(value) <= MAX_INFO_TEXT),
+        f"trainguard.{key} is not a short string",
+    )
+    return value
+
+
+def _seal_info(raw: dict[str, Any]) -> SealInfo:
+    vcs = raw.get("vcs")
+    _expect(
+        vcs is None
+        or (
+            isinstance(vcs, dict)
+            and len(vcs) <= MAX_VCS_ENTRIES
+            and all(isinstance(v, str) and len(v) <= MAX_INFO_TEXT for v in vcs.values())
+        ),
+        "trainguard.vcs is not a table of digests",
+    )
+    return SealInfo(_text(raw, "name"), _text(raw, "version"), _text(raw, "sealed_at"), vcs)
+
+
 @dataclass
 class Manifest:
     model_name: str
@@ -99,6 +148,7 @@ class Manifest:
     # them beside the resources, where model-signing does not look.  None: not
     # recorded (a files manifest, or a shards manifest model-signing made).
     empty_files: tuple[str, ...] | None = None
+    info: SealInfo = field(default_factory=SealInfo)
 
     def canonical(self) -> list[Resource]:
         return sorted(self.resources, key=_sort_key)
@@ -106,6 +156,9 @@ class Manifest:
     def statement(self) -> dict[str, Any]:
         ordered = self.canonical()
         algorithm = self.serialization.algorithm
+        extension = self.info.to_json()
+        if self.empty_files is not None:
+            extension["empty_files"] = list(self.empty_files)
         items: list[dict[str, Any]] = []
         for r in ordered:
             item: dict[str, Any] = {
@@ -123,11 +176,7 @@ class Manifest:
             "predicate": {
                 "serialization": self.serialization.params(),
                 "resources": items,
-                **(
-                    {"trainguard": {"empty_files": list(self.empty_files)}}
-                    if self.empty_files is not None
-                    else {}
-                ),
+                **({"trainguard": extension} if extension else {}),
             },
         }
 
@@ -247,13 +296,20 @@ def parse_statement(payload: bytes) -> Manifest:
     _expect(expected == root_digest(resources), "the subject digest does not match the resources")
     name = subject.get("name")
     extension = predicate.get("trainguard", {})
-    empty = extension.get("empty_files") if isinstance(extension, dict) else None
+    _expect(isinstance(extension, dict), "predicate.trainguard is not an object")
+    empty = extension.get("empty_files")
     _expect(
-        empty is None or (isinstance(empty, list) and all(isinstance(e, str) for e in empty)),
+        empty is None
+        or (
+            isinstance(empty, list)
+            and len(empty) <= MAX_RESOURCES
+            and all(isinstance(e, str) for e in empty)
+        ),
         "trainguard.empty_files is not a list of names",
     )
     model = name if isinstance(name, str) else ""
-    return Manifest(model, ser, resources, None if empty is None else tuple(empty))
+    empty_files = None if empty is None else tuple(empty)
+    return Manifest(model, ser, resources, empty_files, _seal_info(extension))
 
 
 def _parse_v0(subjects: list[Any]) -> Manifest:

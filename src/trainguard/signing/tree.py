@@ -37,6 +37,8 @@ class Tree:
     unsafe: list[tuple[str, str]] = field(default_factory=list)
     # Top-most names skipped because a glob pattern (not a plain path) matched.
     pattern_ignored: list[str] = field(default_factory=list)
+    # Top-most names skipped because a plain ignore path matched.
+    path_ignored: list[str] = field(default_factory=list)
 
 
 def is_pattern(text: str) -> bool:
@@ -106,6 +108,7 @@ def walk(root: str, ignore: IgnoreRules) -> Tree:
         for entry in entries:
             name = f"{prefix}{entry.name}"
             if ignore.matches_path(name):
+                tree.path_ignored.append(name)
                 continue
             if ignore.matches_pattern(name):
                 tree.pattern_ignored.append(name)
