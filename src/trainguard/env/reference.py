@@ -134,17 +134,40 @@ def choose_wheel(dist: InstalledDist, ref: Reference) -> tuple[WheelFile | None,
     return None, out
 
 
+def _in_scripts(path: str, root: str) -> bool:
+    """Where installers put scripts: outside the site folder (a prefix's bin/), or the
+    bin/ right in it (``pip install --target``)."""
+    folder = os.path.dirname(path)
+    if not path.startswith(root + os.sep):
+        return True
+    return os.path.dirname(folder) == root and os.path.basename(folder) in ("bin", "Scripts")
+
+
+def _where(path: str, root: str) -> str:
+    """Where a RECORD row's file is.  ``pip install --target`` writes rows such as
+    ``../../bin/tool`` relative to the folder it installed into before moving it, so a
+    row outside ``root`` that is not there is looked for inside ``root`` as well."""
+    if path.startswith(root + os.sep) or os.path.lexists(path):
+        return path
+    parts = os.path.relpath(path, root).split(os.sep)
+    while parts and parts[0] == os.pardir:
+        parts.pop(0)
+    inside = os.path.join(root, *parts) if parts else path
+    return inside if os.path.lexists(inside) else path
+
+
 def _outside_rows(dist: InstalledDist) -> dict[str, str]:
-    """RECORD rows outside the site folder by file name; a script folder's row wins
-    over another of the same name (``.data/scripts`` members are found by name)."""
+    """RECORD rows where scripts and data files go, by file name; a script folder's row
+    wins over another of the same name (``.data/scripts`` members are found by name)."""
     rows: dict[str, str] = {}
     for entry in dist.entries:
-        if entry.path.startswith(dist.root + os.sep):
+        if not _in_scripts(entry.path, dist.root):
             continue
-        name = os.path.basename(entry.path)
-        in_bin = os.path.basename(os.path.dirname(entry.path)) in ("bin", "Scripts")
+        path = _where(entry.path, dist.root)
+        name = os.path.basename(path)
+        in_bin = os.path.basename(os.path.dirname(path)) in ("bin", "Scripts")
         if name not in rows or in_bin:
-            rows[name] = entry.path
+            rows[name] = path
     return rows
 
 
@@ -327,7 +350,7 @@ def _unexplained(
 ) -> list[Finding]:
     out: list[Finding] = []
     for entry in dist.entries:
-        path = entry.path
+        path = _where(entry.path, dist.root)
         if path in explained:
             continue
         folder, name = os.path.split(path)
@@ -335,7 +358,7 @@ def _unexplained(
             continue  # compiled at install time; the pyc check compares it with its source
         if folder == dist.meta_dir and name in INSTALL_TIME:
             continue
-        if name in scripts and not path.startswith(dist.root + os.sep):
+        if name in scripts and _in_scripts(entry.path, dist.root):
             problem = _launcher(path, scripts[name])
             if problem is not None:
                 out.append(
