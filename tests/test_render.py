@@ -148,6 +148,21 @@ def test_every_kind_and_format_resolves() -> None:
         renderer("diff", "sarif")
 
 
+def test_one_dispatcher() -> None:
+    """Formats are picked in one place: no renderer module has a render(report, fmt) of its own."""
+    import ast
+
+    folder = Path(__file__).parent.parent / "src" / "trainguard" / "render"
+    own = [
+        f"{path.name}:{node.name}"
+        for path in sorted(folder.glob("*.py"))
+        if path.name != "__init__.py"
+        for node in ast.parse(path.read_text(encoding="utf-8")).body
+        if isinstance(node, ast.FunctionDef) and node.name == "render"
+    ]
+    assert own == []
+
+
 def test_a_subclass_of_a_report_renders_as_its_base() -> None:
     class Mine(ScanReport):
         pass

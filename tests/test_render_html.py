@@ -34,6 +34,7 @@ from trainguard.explain.report.build import (
     Verification,
 )
 from trainguard.explain.report.diffs import CheckpointDiff, TensorChange
+from trainguard.explain.verifier.follow import Summary, Verdict
 from trainguard.findings import FileResult, Finding, ScanReport, Severity
 from trainguard.monitor.conditions import ConditionDiff
 from trainguard.render import _RENDERERS, kind_of, render
@@ -217,6 +218,16 @@ def replay_report(name: Names, rng: random.Random) -> ReplayReport:
                         segments, [name()])  # fmt: skip
 
 
+def verifier_summary(name: Names, rng: random.Random) -> Summary:
+    run_id = name()
+    status = name() if rng.random() < 0.3 else "diverged"
+    verdicts = [
+        Verdict(0, 10, "matched", seconds=0.5),
+        Verdict(10, 20, status, 12, (1,), name(), (name(),), (name(),)),
+    ]
+    return Summary(run_id, 0.1, 0.05, 4, verdicts, [{"rule": name(), "message": name()}])
+
+
 BUILDERS: dict[str, Callable[[Names, random.Random], object]] = {
     "diff": diff_report,
     "run": run_report,
@@ -225,6 +236,7 @@ EVERY_KIND: dict[str, Callable[[Names, random.Random], object]] = {
     **BUILDERS,
     "scan": scan_report,
     "replay": replay_report,
+    "verifier": verifier_summary,
 }
 
 

@@ -65,8 +65,8 @@ def _verify_run(args: argparse.Namespace) -> int:
     from trainguard.cli.replay import read_key
     from trainguard.explain.verifier.follow import Verifier
     from trainguard.explain.verifier.sampling import DEFAULT_RATE, secret_from
-    from trainguard.render import installed_version
-    from trainguard.render.verifier import render, verdict_line
+    from trainguard.render import installed_version, render
+    from trainguard.render.verifier import verdict_line
 
     if args.env_snapshot:
         from trainguard.env.verify import check_against

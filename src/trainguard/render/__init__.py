@@ -1,7 +1,7 @@
 """Every output of every report, behind one entry: ``render(report, fmt)``.
 
 A report is data from the library (a scan's :class:`~trainguard.findings.ScanReport`,
-a checkpoint diff, a replay, a run report); a format is one entry in
+a checkpoint diff, a replay, a run report, the verifier's summary); a format is one entry in
 :data:`_RENDERERS`, keyed by (kind of report, format name).  Adding a format,
 or a kind of report, is one entry and one function; nothing else changes.
 Renderers return text and never print: the CLI decides where it goes.
@@ -31,6 +31,7 @@ KINDS = {
     "trainguard.explain.diff.result.DiffReport": "diff",
     "trainguard.explain.replay.result.ReplayReport": "replay",
     "trainguard.explain.report.build.RunReport": "run",
+    "trainguard.explain.verifier.follow.Summary": "verifier",
 }
 
 # (kind, format) -> "module:function"; the function takes (report, Options).
@@ -46,11 +47,13 @@ _RENDERERS: dict[tuple[str, str], str] = {
     ("run", "text"): "trainguard.render.run_report:draw_text",
     ("run", "json"): "trainguard.render.run_report:draw_json",
     ("run", "html"): "trainguard.render.html_report:draw",
+    ("verifier", "text"): "trainguard.render.verifier:draw_text",
+    ("verifier", "json"): "trainguard.render.verifier:draw_json",
 }
 
 
 def formats(kind: str) -> tuple[str, ...]:
-    """The format names a kind of report (``scan``, ``diff``, ``replay``, ``run``) renders to."""
+    """The format names a kind of report (a value of :data:`KINDS`) renders to."""
     return tuple(fmt for k, fmt in _RENDERERS if k == kind)
 
 
@@ -76,7 +79,7 @@ def installed_version() -> str:
 
 
 def kind_of(report: object) -> str:
-    """``scan``, ``diff``, ``replay`` or ``run``; ValueError for anything else."""
+    """``scan``, ``diff``, ``replay``, ``run`` or ``verifier``; ValueError for anything else."""
     for cls in type(report).__mro__:
         kind = KINDS.get(f"{cls.__module__}.{cls.__qualname__}")
         if kind is not None:

@@ -1,18 +1,24 @@
-"""The verifier's summary (``trainguard verify-run``) as text or JSON."""
+"""The verifier's summary (``trainguard verify-run``) as text or JSON.
+
+Drawn through :func:`trainguard.render.render`, like every report.
+
+Run ids, causes and alert messages come from the ledger, so every text line
+goes through :func:`~trainguard.render.text.printable`; the JSON is ASCII.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Any
 
 from trainguard.explain.verifier.follow import Summary, Verdict
+from trainguard.render.options import Options
 from trainguard.render.text import printable
 
 SCHEMA_VERSION = 1
 
 
-def verdict_line(v: Any) -> str:
+def verdict_line(v: object) -> str:
     """One verdict, one line (progress on stderr, and the text report)."""
     assert isinstance(v, Verdict)
     span = f"steps {v.start}..{v.end - 1}"
@@ -20,33 +26,41 @@ def verdict_line(v: Any) -> str:
         return f"{span}: matched ({v.seconds:.2f} s)"
     where = f" at {v.step}" if v.step is not None else ""
     ranks = f" (rank {', '.join(map(str, v.ranks))})" if v.ranks else ""
-    return f"{span}: {v.status.upper()}{where}{ranks}: {printable(v.cause)}"
+    return printable(f"{span}: {v.status.upper()}{where}{ranks}: {v.cause}")
 
 
-def render(summary: Summary, fmt: str, *, tool_version: str) -> str:
-    if fmt == "json":
-        data = {
-            "schema_version": SCHEMA_VERSION,
-            "tool": {"name": "trainguard", "version": tool_version},
-            **asdict(summary),
-            "detection_probability": summary.detection,
-            "exit_code": summary.exit_code(),
-        }
-        return json.dumps(data, indent=2) + "\n"
-    if fmt != "text":
-        raise ValueError(f"unknown verifier report format {fmt!r} (expected: text, json)")
+def render_text(summary: Summary) -> str:
     s = summary
     lines = [
-        f"trainguard verify-run: run {printable(s.run_id)}, verdicts in "
-        f"{printable(s.run_id)}/verify",
+        f"trainguard verify-run: run {s.run_id}, verdicts in {s.run_id}/verify",
         f"segments seen {s.segments_seen}, recomputed {len(s.verdicts)} (rate {s.rate:g})"
         + ("" if s.finished else "; the run has not ended"),
         "",
         *(f"  {verdict_line(v)}" for v in s.verdicts),
-        *(f"  {a['rule']} {printable(str(a['message']))}" for a in s.alerts),
+        *(f"  {a.get('rule')} {a.get('message')}" for a in s.alerts),
         "",
         f"probability that a sabotage active in {s.fraction:.0%} of the segments so far "
         f"was recomputed at least once: {s.detection:.3f}",
         f"exit {s.exit_code()}",
     ]
-    return "\n".join(lines) + "\n"
+    # Each entry is one line: printable() escapes whatever a ledger string holds.
+    return "".join(printable(line) + "\n" for line in lines)
+
+
+def render_json(summary: Summary, *, tool_version: str) -> str:
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "trainguard", "version": tool_version},
+        **asdict(summary),
+        "detection_probability": summary.detection,
+        "exit_code": summary.exit_code(),
+    }
+    return json.dumps(data, indent=2, ensure_ascii=True) + "\n"
+
+
+def draw_text(summary: Summary, options: Options) -> str:
+    return render_text(summary)
+
+
+def draw_json(summary: Summary, options: Options) -> str:
+    return render_json(summary, tool_version=options.tool_version)
