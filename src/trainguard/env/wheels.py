@@ -6,8 +6,9 @@ The wheels the environment was installed from can: ``--wheelhouse DIR`` (a
 folder of ``.whl`` files, searched recursively, so pip's wheel cache works
 too) and ``--lock FILE`` (``requirements.txt`` with ``--hash=sha256:`` pins,
 or a PEP 751 ``pylock.toml``) say which distributions and which wheel files
-are expected; :mod:`trainguard.env.reference` compares the installed files
-with the wheels' members.
+are expected; :func:`choose_wheel` picks the wheel of an installed
+distribution, and :mod:`trainguard.env.reference` compares the installed
+files with its members.
 
 Everything here is read with caps (lock size, wheels indexed, folder depth);
 a lock that cannot be read is a usage error, never an empty lock.
@@ -22,7 +23,10 @@ import stat
 import sys
 from dataclasses import dataclass, field
 
+from trainguard.env.findings import finding
+from trainguard.env.record import InstalledDist
 from trainguard.errors import UsageError
+from trainguard.findings import Finding, Severity
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,6 +37,7 @@ MAX_LOCK_BYTES = 16 * 1024 * 1024
 MAX_WHEELS = 100_000  # .whl files indexed in one wheelhouse
 MAX_DEPTH = 12  # pip's cache: wheels/ab/cd/ef/<rest of the hash>/NAME.whl
 MAX_WHEEL_BYTES = 16 * 1024 * 1024 * 1024
+MAX_TAG_BYTES = 64 * 1024
 HASHES = ("sha256", "sha384", "sha512")
 _HASH_OPTION = re.compile(r"--hash[=\s]+([A-Za-z0-9]+):([0-9A-Fa-f]+)")
 _CLAUSE = r"(?:===|==|!=|<=|>=|~=|<|>)\s*[A-Za-z0-9.*+!_-]+"
@@ -222,3 +227,80 @@ def file_digest(path: str, algorithm: str) -> bytes:
         while chunk := fh.read(1024 * 1024):
             hasher.update(chunk)
     return hasher.digest()
+
+
+def _installed_tags(meta_dir: str) -> set[str]:
+    try:
+        with open(os.path.join(meta_dir, "WHEEL"), "rb") as fh:
+            text = fh.read(MAX_TAG_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return set()
+    return {line[4:].strip() for line in text.splitlines() if line.startswith("Tag:")}
+
+
+def choose_wheel(dist: InstalledDist, ref: Reference) -> tuple[WheelFile | None, list[Finding]]:
+    """The wheel to compare ``dist`` with, and the findings about the choice."""
+    name, version = canonical_name(dist.name), canonical_version(dist.version)
+    out: list[Finding] = []
+    locked = ref.lock.get(name) if ref.lock is not None else None
+    if ref.lock is not None:
+        if locked is None:
+            out.append(
+                finding(
+                    "TG622",
+                    f"{dist.label} is installed but not in the lock file",
+                    dist.meta_dir,
+                    severity=Severity.HIGH,
+                    lock=ref.label,
+                )
+            )
+            return None, out
+        if locked.versions and version not in locked.versions:
+            out.append(
+                finding(
+                    "TG622",
+                    f"{dist.label} is installed; the lock file pins "
+                    f"{', '.join(sorted(locked.versions))}",
+                    dist.meta_dir,
+                    severity=Severity.HIGH,
+                    lock=ref.label,
+                )
+            )
+            return None, out
+    candidates = ref.wheels.get((name, version), [])
+    tags = _installed_tags(dist.meta_dir)
+    if tags:
+        candidates = [w for w in candidates if w.tags & tags] or candidates
+    rejected: list[str] = []
+    for wheel in candidates:
+        if locked is None or not locked.hashes:
+            return wheel, out
+        try:
+            digests = {(a, file_digest(wheel.path, a).hex()) for a in {a for a, _ in locked.hashes}}
+        except OSError as exc:
+            rejected.append(f"{wheel.path} ({exc})")
+            continue
+        if digests & locked.hashes:
+            return wheel, out
+        rejected.append(f"{wheel.path} (hash not in the lock)")
+    if rejected:
+        out.append(
+            finding(
+                "TG622",
+                f"no wheel of {dist.label} has a hash the lock file lists: "
+                + "; ".join(rejected[:3]),
+                dist.meta_dir,
+                severity=Severity.HIGH,
+            )
+        )
+    else:
+        out.append(
+            finding(
+                "TG622",
+                f"no wheel of {dist.label} in the reference; its files were not compared",
+                dist.meta_dir,
+                severity=Severity.MEDIUM,
+                reference=ref.label,
+            )
+        )
+    return None, out
