@@ -28,6 +28,24 @@ def make_data(n: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+# Every torch.optim optimizer a honest loop might use, with settings that train this model.
+OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "sgd-plain": lambda p: torch.optim.SGD(p, lr=0.05, weight_decay=1e-4),
+    "nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, dampening=0),
+    "adam": lambda p: torch.optim.Adam(p, lr=3e-3),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.01),
+    "amsgrad": lambda p: torch.optim.AdamW(p, lr=3e-3, amsgrad=True),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3),
+    "rmsprop-momentum": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9, centered=True),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.05),
+    "adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=2e-3),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=2e-3),
+    "radam": lambda p: torch.optim.RAdam(p, lr=3e-3),
+}
+
+
 def make_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
@@ -46,10 +64,7 @@ def run(
 ) -> tgw.Guard:
     model = make_model()
     x, y = make_data()
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    opt = OPTIMIZERS[optimizer](list(model.parameters()))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=50, gamma=0.5) if scheduler else None
     # A loaded CI machine can stall a few-millisecond step by 100 ms; the planted
     # sleeps are 0.4 s, so a 0.25 s floor keeps clean runs quiet and still catches them.

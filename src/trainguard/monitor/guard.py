@@ -80,7 +80,7 @@ class Guard:
             SampleCheck(self.fp, self.dataloader) if self.dataloader and opts.data_check else None
         )
         # Taken after the guard's own hooks and wrappers are in place.
-        self.identity = IdentityCheck(optimizer, self.dataloader)
+        self.identity = IdentityCheck(model, optimizer, self.dataloader)
         self.hyper = HyperparameterCheck(optimizer, self.scheduler)
         self.tamper = TamperCheck(
             self.fp,
@@ -188,10 +188,21 @@ class Guard:
         """
         if grad_norm is not None:
             self._grad_norm = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm)
+        if self._pending is None:
+            self._unhooked()
         self._finish_step(loss, batch)
         stopped = self.sink.take_stopped()
         if stopped:
             raise TrainingStopped(stopped)
+
+    def _unhooked(self) -> None:
+        """``guard.step`` without the optimizer's step hooks since the last one: a step
+        skipped (an AMP overflow), or an update that went around the hooks.  Only the
+        optimizer may change the weights, and only inside its hooks: check that here."""
+        ctx = Context(self.step_index, self.rank)
+        self._raise(self.identity.before_step(ctx) + self.tamper.before_step(ctx))
+        self._raise(self.tamper.after_step(ctx, spent=self.last_step_overhead))
+        self._pending = dict(self.tamper.fields, hooks=False)
 
     def _finish_step(self, loss: Any, batch: Any) -> None:
         started = clock.now()
@@ -276,6 +287,7 @@ class Guard:
             h.remove()
         for check in self.checks:
             check.close()
+        self.sink.flush()
         self._record(
             "run-end",
             {

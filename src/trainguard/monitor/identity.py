@@ -1,123 +1,339 @@
-"""Code identity: did someone patch the training machinery at run time?
+"""Code identity: is the training machinery still made of the objects it started with?
 
-At the start of a run we record, for each function that the incident's
-attacker patched or could patch (optimizer.step, clip_grad_norm_, the seeding
-functions, the data loader's iteration) the function object and a digest of
-its code, and the contents of torch's global hook registries.  Each step the
-same snapshot is taken again; any difference is a finding naming the function.
+A *route* is a place where code the training step runs is looked up by name:
+the optimizer's class and every class in its MRO, the modules those classes
+live in (``torch.optim.adam.adam``, ``_single_tensor_adam``, ...), clipping,
+seeding, autograd, the loss functions, the data loader's iterator, fetcher and
+collate function, the model's own classes and their ``forward``, and the time
+functions the guard's clock came from.  For each route the guard keeps the
+objects installed when it started (every value of the namespace, and of each
+function the code object, defaults, and every layer under ``__wrapped__``), and
+compares them by identity (``is``) at each check: a ``functools.wraps``
+wrapper, a swapped ``__code__``, a new attribute, a ``__class__`` swap all
+differ, whatever they claim to be.  No list of known patches is involved.
+
+Hook registries (global, per module, per parameter, per optimizer) are routes
+too.  At start-up, the guard cannot know what was installed before it: it
+reports (``audit``) hooks whose code lives outside torch and trainguard, and
+functions on torch's routes whose code lives outside torch, the standard
+library and installed packages (code from a script, ``exec`` or a pickle).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import inspect
+import os
+import sys
+import sysconfig
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+from trainguard.monitor import clock
 
-def _unwrap(fn: Any) -> Any:
-    seen = 0
-    while seen < 16:
-        inner = getattr(fn, "__func__", None) or getattr(fn, "__wrapped__", None)
-        if inner is None or inner is fn:
-            break
-        fn = inner
-        seen += 1
-    return fn
-
-
-def code_digest(fn: Any) -> str:
-    """Identity of a callable: its object id, and a digest of its code and constants."""
-    if fn is None:
-        return "missing"
-    outer = fn
-    fn = _unwrap(fn)
-    code = getattr(fn, "__code__", None)
-    h = hashlib.blake2b(digest_size=12)
-    h.update(f"{type(outer).__qualname__}:{id(fn)}".encode())
-    if code is not None:
-        h.update(code.co_code)
-        h.update(repr(code.co_consts).encode())
-        h.update(repr(code.co_names).encode())
-        for cell in getattr(fn, "__closure__", None) or ():
-            try:
-                h.update(
-                    f"{type(cell.cell_contents).__qualname__}:{id(cell.cell_contents)}".encode()
-                )
-            except ValueError:  # empty cell
-                h.update(b"<empty>")
-    return h.hexdigest()
+MAX_LAYERS = 16  # __wrapped__ / __func__ chains followed at most this deep
+_TRAINGUARD_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+# Registries whose hooks can change gradients or the update (the others see activations).
+GRADIENT_REGISTRIES = (
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_post_accumulate_grad_hooks",
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_optimizer_pre_hooks",
+    "_global_optimizer_post_hooks",
+)
+MODULE_REGISTRIES = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+TENSOR_REGISTRIES = ("_backward_hooks", "_post_accumulate_grad_hooks")
 
 
-def _registry(obj: Any) -> str:
-    """A hook registry's size and the identity of every hook in it."""
-    if obj is None:
-        return "missing"
-    values = list(obj.values()) if hasattr(obj, "values") else list(obj)
-    return f"{len(values)}:" + ",".join(code_digest(v) for v in values)
+def layers(obj: Any) -> Iterator[Any]:
+    """The objects a callable is made of, outermost first, through wrappers and bound methods."""
+    for _ in range(MAX_LAYERS):
+        if obj is None:
+            return
+        if isinstance(obj, types.MethodType):  # a new object at each attribute read
+            yield obj.__self__
+            obj = obj.__func__
+            continue
+        yield obj
+        if isinstance(obj, (staticmethod, classmethod)):
+            obj = obj.__func__
+            continue
+        if isinstance(obj, types.FunctionType):
+            yield obj.__code__
+            yield obj.__defaults__
+            yield obj.__kwdefaults__
+        inner = obj.__dict__.get("__wrapped__") if hasattr(obj, "__dict__") else None
+        obj = inner if inner is not obj else None
 
 
-def probes(optimizer: Any, dataloader: Any = None) -> dict[str, Callable[[], str]]:
-    """Name -> function giving the current identity of that piece of machinery."""
+def functions(obj: Any) -> list[types.FunctionType]:
+    """The Python functions among ``layers(obj)``."""
+    return [o for o in layers(obj) if isinstance(o, types.FunctionType)]
+
+
+@dataclass
+class Route:
+    """One place code is looked up (namespaces, an attribute, a registry) and what it held."""
+
+    label: str
+    read: Callable[[], tuple[Any, ...]]  # the objects installed now
+    torch_route: bool = False  # its functions must be torch's own code
+    registry: str = ""  # a hook registry: its attribute name
+    baseline: tuple[Any, ...] = field(default=())
+    spaces: tuple[Any, ...] = ()  # namespaces: to name the attributes that changed
+    _values: list[dict[str, tuple[Any, list[tuple[Any, Any]]]]] = field(default_factory=list)
+
+    def take(self) -> None:
+        self.baseline = self.read()
+        self._values = [
+            {k: (v, [(f, f.__code__) for f in functions(v)]) for k, v in list(vars(ns).items())}
+            for ns in self.spaces
+        ]
+
+    def describe(self) -> str:
+        """The route, naming the attributes that differ from the baseline (namespaces)."""
+        names = []
+        for ns, before in zip(self.spaces, self._values, strict=True):
+            now = vars(ns)
+            prefix = getattr(ns, "__qualname__", None) or getattr(ns, "__name__", "?")
+            for key in sorted(set(now) | set(before)):
+                old, codes = before.get(key, (None, []))
+                if (
+                    key not in before
+                    or now.get(key) is not old
+                    or any(f.__code__ is not c for f, c in codes)
+                ):
+                    names.append(f"{prefix}.{key}")
+        return f"{self.label}: {', '.join(names[:5])}" if names else self.label
+
+    def changed(self) -> bool:
+        now = self.read()
+        try:
+            # Tuple comparison tries identity first, element by element, in C; objects
+            # that are not identical compare by value (an equal code object is harmless).
+            return bool(now != self.baseline)
+        except Exception:  # an object whose == raises (a tensor) is not the one we saw
+            return True
+
+
+def _space_route(label: str, *spaces: Any, torch_route: bool = False) -> Route:
+    return Route(label, _namespaces(*spaces), torch_route, spaces=spaces)
+
+
+def _namespaces(*spaces: Any) -> Callable[[], tuple[Any, ...]]:
+    """Every value of these namespaces, and the code, defaults and closure of their
+    functions (and of the functions they wrap), as found when the route was made."""
+    fns = [f for ns in spaces for v in list(vars(ns).values()) for f in functions(v)]
+    dicts = [vars(ns) for ns in spaces]
+
+    def read() -> tuple[Any, ...]:
+        out: list[Any] = []
+        for d in dicts:
+            out.extend(d.values())
+        out.extend([f.__code__ for f in fns])
+        out.extend([f.__defaults__ for f in fns])
+        out.extend([f.__kwdefaults__ for f in fns])
+        out.extend([f.__closure__ for f in fns])
+        out.extend(fns)  # for the start-up audit
+        return tuple(out)
+
+    return read
+
+
+def _attr(obj: Any, name: str) -> Callable[[], tuple[Any, ...]]:
+    def read() -> tuple[Any, ...]:
+        found = list(layers(getattr(obj, name, None)))
+        codes = [f.__code__ for f in found if isinstance(f, types.FunctionType)]
+        return (*found, *codes)
+
+    return read
+
+
+def _registry(obj: Any, name: str) -> Callable[[], tuple[Any, ...]]:
+    def read() -> tuple[Any, ...]:
+        reg = getattr(obj, name, None)
+        if not reg:
+            return ()
+        return tuple(o for h in list(reg.values()) for o in layers(h))
+
+    return read
+
+
+def routes(model: Any, optimizer: Any, dataloader: Any = None) -> list[Route]:
+    """Every route the guard watches for this model, optimizer and data loader."""
     import torch
     import torch.nn.modules.module as module_mod
     import torch.optim.optimizer as optim_mod
 
-    found: dict[str, Callable[[], str]] = {
-        "optimizer.step": lambda: code_digest(getattr(optimizer, "step", None)),
-        f"{type(optimizer).__name__}.step (class)": lambda: code_digest(
-            type(optimizer).__dict__.get("step")
-        ),
-        "torch.optim.Optimizer.zero_grad": lambda: code_digest(torch.optim.Optimizer.zero_grad),
-        "torch.nn.utils.clip_grad_norm_": lambda: code_digest(torch.nn.utils.clip_grad_norm_),
-        "torch.nn.utils.clip_grad.clip_grad_norm_": lambda: code_digest(
-            torch.nn.utils.clip_grad.clip_grad_norm_
-        ),
-        "torch.nn.utils.clip_grad_value_": lambda: code_digest(torch.nn.utils.clip_grad_value_),
-        "torch.manual_seed": lambda: code_digest(torch.manual_seed),
-        "torch.random.manual_seed": lambda: code_digest(torch.random.manual_seed),
-        "torch.Tensor.backward": lambda: code_digest(torch.Tensor.backward),
-        "torch.autograd.backward": lambda: code_digest(torch.autograd.backward),
-        "optimizer hooks (global pre)": lambda: _registry(
-            getattr(optim_mod, "_global_optimizer_pre_hooks", None)
-        ),
-        "optimizer hooks (global post)": lambda: _registry(
-            getattr(optim_mod, "_global_optimizer_post_hooks", None)
-        ),
-        "optimizer hooks (instance pre)": lambda: _registry(
-            getattr(optimizer, "_optimizer_step_pre_hooks", None)
-        ),
-        "optimizer hooks (instance post)": lambda: _registry(
-            getattr(optimizer, "_optimizer_step_post_hooks", None)
-        ),
-    }
-    for name in (
+    found: list[Route] = [
+        Route("optimizer.__class__", lambda: (type(optimizer),)),
+        Route("optimizer.step", _attr(optimizer, "step")),
+        Route("optimizer.zero_grad", _attr(optimizer, "zero_grad")),
+        Route("time (the guard's clock)", lambda: tuple(clock.patched())),
+    ]
+    modules: dict[str, Any] = {}
+    for cls in type(optimizer).__mro__[:-1]:
+        torch_route = cls.__module__.startswith("torch")
+        found.append(_space_route(f"{cls.__qualname__} (class)", cls, torch_route=torch_route))
+        modules[cls.__module__] = sys.modules.get(cls.__module__)
+    names = [
+        "torch.nn.utils",
+        "torch.nn.utils.clip_grad",
+        "torch.random",
+        "torch.autograd",
+        "torch.nn.functional",
+        "torch.nn.modules.loss",
+        "torch.utils.data.dataloader",
+        "torch.utils.data._utils.fetch",
+        "torch.utils.data._utils.collate",
+    ]
+    modules.update({n: sys.modules.get(n) for n in names})
+    for name, mod in modules.items():
+        if mod is not None:
+            found.append(_module_route(name, mod))
+    for name in ("manual_seed", "seed", "set_rng_state"):
+        found.append(Route(f"torch.{name}", _attr(torch, name), True))
+    found.append(Route("torch.Tensor.backward", _attr(torch.Tensor, "backward"), True))
+    for cls in {type(m) for m in model.modules()}:
+        found.append(_space_route(f"model class {cls.__qualname__}", cls))
+    for mname, m in model.named_modules():
+        found.append(Route(f"model {mname or 'root'} (class, forward)", _module_instance(m)))
+        for reg in MODULE_REGISTRIES:
+            found.append(Route(f"model {mname or 'root'} {reg}", _registry(m, reg), registry=reg))
+    for pname, p in model.named_parameters():
+        for reg in TENSOR_REGISTRIES:
+            found.append(Route(f"parameter {pname} {reg}", _registry(p, reg), registry=reg))
+    for reg in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks"):
+        found.append(Route(f"optimizer hooks ({reg})", _registry(optim_mod, reg), registry=reg))
+    for reg in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
+        found.append(Route(f"optimizer hooks ({reg})", _registry(optimizer, reg), registry=reg))
+    for reg in (
         "_global_forward_hooks",
         "_global_forward_pre_hooks",
         "_global_backward_hooks",
         "_global_backward_pre_hooks",
     ):
-        found[f"module hooks ({name})"] = _registry_probe(module_mod, name)
+        found.append(Route(f"module hooks ({reg})", _registry(module_mod, reg), registry=reg))
     if dataloader is not None:
-        found["dataloader.__iter__"] = lambda: code_digest(type(dataloader).__iter__)
-        import torch.utils.data.dataloader as dl
-
-        found["_BaseDataLoaderIter.__next__"] = lambda: code_digest(dl._BaseDataLoaderIter.__next__)
-        found["dataset.__getitem__"] = lambda: code_digest(
-            getattr(type(dataloader.dataset), "__getitem__", None)
-        )
-        found["sampler.__iter__"] = lambda: code_digest(
-            getattr(type(dataloader.sampler), "__iter__", None)
-        )
+        found.append(Route("dataloader.__class__", lambda: (type(dataloader),)))
+        found.append(Route("dataloader.collate_fn", _attr(dataloader, "collate_fn")))
+        for what in ("dataset", "sampler", "batch_sampler"):
+            part = getattr(dataloader, what, None)
+            if part is not None:
+                found.append(_space_route(f"dataloader.{what} class", type(part)))
+                found.append(Route(f"dataloader.{what}.__class__", _type_of(part)))
+    for r in found:
+        r.take()
     return found
 
 
-def _registry_probe(module: Any, name: str) -> Callable[[], str]:
-    return lambda: _registry(getattr(module, name, None))
+def _module_route(name: str, mod: Any) -> Route:
+    # Classes defined in the module are namespaces of their own (fetchers, iterators, losses).
+    classes = [v for v in vars(mod).values() if inspect.isclass(v) and v.__module__ == mod.__name__]
+    return _space_route(name, mod, *classes, torch_route=name.startswith("torch"))
 
 
-def snapshot(current: dict[str, Callable[[], str]]) -> dict[str, str]:
-    return {name: probe() for name, probe in current.items()}
+def _module_instance(m: Any) -> Callable[[], tuple[Any, ...]]:
+    """A model module's class and any ``forward`` set on the instance itself."""
+    return lambda: (type(m), *layers(vars(m).get("forward")))
 
 
-def differences(before: dict[str, str], now: dict[str, str]) -> list[str]:
-    return [name for name in before if now.get(name) != before[name]]
+def _type_of(obj: Any) -> Callable[[], tuple[Any, ...]]:
+    return lambda: (type(obj),)
+
+
+def changed(found: list[Route]) -> list[str]:
+    """Labels of the routes whose objects differ from their baseline; takes the new baseline."""
+    out = []
+    for r in found:
+        if r.changed():
+            out.append(r.describe())
+            r.take()  # report each change once
+    return out
+
+
+# -- what was installed before the guard started --------------------------------
+def _trusted_dirs() -> tuple[str, ...]:
+    import torch
+
+    paths = sysconfig.get_paths()
+    dirs = {os.path.dirname(os.path.abspath(torch.__file__)), _TRAINGUARD_DIR}
+    dirs.update(paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths)
+    return tuple(os.path.abspath(d) + os.sep for d in dirs)
+
+
+def origin(fn: types.FunctionType) -> str:
+    return os.path.abspath(fn.__code__.co_filename)
+
+
+def audit(found: list[Route]) -> list[tuple[str, str, bool]]:
+    """(route, what, affects gradients) for what looks installed by someone before start-up.
+
+    Hooks whose code is not trainguard's or torch's own, and functions on torch's
+    routes whose code is not in torch, the standard library or an installed package.
+    """
+    import torch
+
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+    trusted = _trusted_dirs()
+    out = []
+    for r in found:
+        fns = [o for o in r.baseline if isinstance(o, types.FunctionType)]
+        if r.registry:
+            foreign = {
+                origin(f) for f in fns if not origin(f).startswith((torch_dir, _TRAINGUARD_DIR))
+            }
+            foreign |= {"<builtin>" for o in r.baseline if callable(o) and not fns}
+            if foreign:
+                what = f"hook(s) from {', '.join(sorted(foreign)[:3])}"
+                out.append((r.label, what, r.registry in GRADIENT_REGISTRIES))
+        elif r.torch_route:
+            outside = {
+                f"{where} = {f.__qualname__} from {origin(f)}"
+                for where, f in _named_functions(r)
+                if not origin(f).startswith(trusted)
+            }
+            if outside:
+                out.append((r.label, "; ".join(sorted(outside)[:3]), True))
+    if clock.patched():
+        out.append(("time", f"{', '.join(clock.patched())} replaced before trainguard", True))
+    return out
+
+
+def _named_functions(r: Route) -> Iterator[tuple[str, types.FunctionType]]:
+    """(where it is installed, function) for each function a route held at its baseline."""
+    if not r.spaces:
+        for f in r.baseline:
+            if isinstance(f, types.FunctionType):
+                yield r.label, f
+        return
+    for ns in r.spaces:
+        prefix = getattr(ns, "__qualname__", None) or getattr(ns, "__name__", "?")
+        for key, value in list(vars(ns).items()):
+            for f in functions(value):
+                yield f"{prefix}.{key}", f
+
+
+def digest(found: list[Route]) -> dict[str, str]:
+    """A short digest per route for the run-start record (code bytes and object ids)."""
+    out = {}
+    for r in found:
+        h = hashlib.blake2b(digest_size=8)
+        for o in r.baseline:
+            code = getattr(o, "co_code", None)
+            h.update(
+                code if isinstance(code, bytes) else f"{type(o).__qualname__}:{id(o)}".encode()
+            )
+        out[r.label] = h.hexdigest()
+    return out

@@ -1,0 +1,226 @@
+"""Evasion classes of issue 12, generated: random routes, idioms and steps, fresh seed each run.
+
+Each test prints its seed; rerun one with TRAINGUARD_TEST_SEED=<seed>.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests import watch_scenarios as sc  # noqa: E402
+from trainguard.findings import Severity  # noqa: E402
+
+
+def seeded() -> random.Random:
+    seed = int(os.environ.get("TRAINGUARD_TEST_SEED", random.SystemRandom().randrange(2**32)))
+    print(f"seed {seed}")
+    return random.Random(seed)
+
+
+def high(guard: Any) -> list[tuple[str, int]]:
+    return [(a.rule, a.step) for a in guard.alerts if a.severity >= Severity.HIGH]
+
+
+# -- patching idioms: each returns an undo -------------------------------------------
+def wraps_wrapper(owner: Any, name: str) -> Callable[[], None]:
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*a: Any, **k: Any) -> Any:
+        return original(*a, **k)
+
+    setattr(owner, name, wrapper)
+    return lambda: setattr(owner, name, original)
+
+
+def plain_replacement(owner: Any, name: str) -> Callable[[], None]:
+    original = getattr(owner, name)
+    setattr(owner, name, lambda *a, **k: original(*a, **k))
+    return lambda: setattr(owner, name, original)
+
+
+def code_swap(owner: Any, name: str) -> Callable[[], None]:
+    """The same function object, another body (which here does the same thing)."""
+    fn = getattr(owner, name)
+    fn = getattr(fn, "__func__", fn)
+    assert isinstance(fn, types.FunctionType)
+    old = fn.__code__
+    fn.__code__ = old.replace(co_consts=(*old.co_consts, "patched"))
+    return lambda: setattr(fn, "__code__", old)
+
+
+IDIOMS = [wraps_wrapper, plain_replacement]
+
+
+def module_routes() -> list[tuple[Any, str]]:
+    import torch.optim.adam as adam_mod
+    import torch.utils.data._utils.fetch as fetch
+
+    return [
+        (adam_mod, "adam"),
+        (adam_mod, "_single_tensor_adam"),
+        (adam_mod, "_multi_tensor_adam"),
+        (torch.optim.Adam, "_init_group"),
+        (torch.optim.Adam, "step"),
+        (torch.optim.Optimizer, "zero_grad"),
+        (torch.nn.functional, "mse_loss"),
+        (torch.nn.utils, "clip_grad_norm_"),
+        (fetch._MapDatasetFetcher, "fetch"),
+        (torch.utils.data._utils.collate, "default_collate"),
+        (torch, "manual_seed"),
+        (time, "perf_counter"),
+    ]
+
+
+def instance_patch(rng: random.Random) -> tuple[str, Callable[[Any, Any], Callable[[], None]]]:
+    """A patch on the run's own objects: class swap, instance forward, hooks."""
+
+    def class_swap(model: Any, opt: Any) -> Callable[[], None]:
+        cls = type(opt)
+        opt.__class__ = type("Sneaky" + cls.__name__, (cls,), {})
+        return lambda: setattr(opt, "__class__", cls)
+
+    def forward(model: Any, opt: Any) -> Callable[[], None]:
+        layer = model[0]
+        original = layer.forward
+        layer.forward = functools.wraps(original)(lambda x: original(x))
+        return lambda: layer.__dict__.pop("forward")
+
+    def tensor_hook(model: Any, opt: Any) -> Callable[[], None]:
+        return model[3].weight.register_hook(lambda g: g * 1.0).remove
+
+    def module_hook(model: Any, opt: Any) -> Callable[[], None]:
+        return model[3].register_full_backward_hook(lambda m, gi, go: None).remove
+
+    def optimizer_hook(model: Any, opt: Any) -> Callable[[], None]:
+        return opt.register_step_post_hook(lambda o, a, k: None).remove
+
+    def global_hook(model: Any, opt: Any) -> Callable[[], None]:
+        return torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None).remove
+
+    options = [class_swap, forward, tensor_hook, module_hook, optimizer_hook, global_hook]
+    choice = rng.choice(options)
+    return choice.__name__, choice
+
+
+def _at_step(
+    at: int,
+    make: Callable[[Any, Any], Callable[[], None]],
+    undo: list[Callable[[], None]],
+    step: int,
+    model: Any,
+    opt: Any,
+) -> None:
+    if step == at:
+        undo.append(make(model, opt))
+
+
+@pytest.mark.parametrize("budget", [None, 0.02])
+def test_any_patch_of_a_watched_route_is_caught_at_the_next_step(budget: float | None) -> None:
+    rng = seeded()
+    for _ in range(3):
+        at = rng.randrange(3, 20)
+        undo: list[Callable[[], None]] = []
+        if rng.random() < 0.6:
+            owner, name = rng.choice(module_routes())
+            idiom = rng.choice(IDIOMS + ([code_swap] if name != "perf_counter" else []))
+            what = f"{idiom.__name__} of {getattr(owner, '__name__', owner)}.{name}"
+            make = functools.partial(lambda i, o, n, model, opt: i(o, n), idiom, owner, name)
+        else:
+            what, make = instance_patch(rng)
+        patch = functools.partial(_at_step, at, make, undo)
+        try:
+            guard = sc.run(at + 3, optimizer="adam", sabotage=patch, budget=budget)
+        finally:
+            for u in undo:
+                u()
+        print(what, at, [(a.rule, a.step, a.message[:120]) for a in guard.alerts])
+        assert ("TG1304", at + 1) in high(guard), what
+
+
+def test_what_was_installed_before_watch_is_reported_at_start_up() -> None:
+    rng = seeded()
+    model = sc.make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    owner, name = rng.choice(module_routes()[:-1])  # the clock has its own test below
+    hooks = {
+        "tensor hook": lambda: model[3].weight.register_hook(lambda g: -g).remove,
+        "optimizer hook": lambda: opt.register_step_pre_hook(lambda o, a, k: None).remove,
+        "backward hook": lambda: model[3].register_full_backward_hook(lambda m, i, o: None).remove,
+        f"{name} replaced": lambda: rng.choice(IDIOMS)(owner, name),
+    }
+    what = rng.choice(sorted(hooks))
+    undo = hooks[what]()
+    try:
+        guard = sc.tgw.watch(model, opt, hang_seconds=None)
+        guard.close()
+    finally:
+        undo()
+    print(what, [(a.rule, a.step, a.message) for a in guard.alerts])
+    assert [(a.rule, a.step, a.evidence.get("at_start")) for a in guard.alerts] == [
+        ("TG1304", 0, True)
+    ], what
+    assert guard.alerts[0].severity >= Severity.HIGH
+
+
+def test_a_forward_hook_present_at_start_up_is_medium_and_an_honest_start_is_silent() -> None:
+    model = sc.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = sc.tgw.watch(model, opt, hang_seconds=None)
+    guard.close()
+    assert guard.alerts == []
+    handle = model[0].register_forward_hook(lambda m, i, o: None)
+    guard = sc.tgw.watch(model, opt, hang_seconds=None)
+    guard.close()
+    handle.remove()
+    assert [(a.rule, a.severity) for a in guard.alerts] == [("TG1304", Severity.MEDIUM)]
+
+
+def test_a_patched_clock_neither_hides_a_sleep_nor_goes_unreported() -> None:
+    real = time.perf_counter
+    frozen = [real()]
+
+    def sleep_then_patch(step: int, model: Any, opt: Any) -> None:
+        if step == 30:
+            time.perf_counter = lambda: frozen[0]  # every step now looks instant
+        if step >= 30 and step % 3 == 0:
+            time.sleep(0.4)
+
+    try:
+        guard = sc.run(45, sabotage=sleep_then_patch)
+    finally:
+        time.perf_counter = real
+    assert ("TG1304", 31) in high(guard)
+    slow = [a for a in guard.alerts if a.rule == "TG1307"]
+    assert slow and all(a.evidence["seconds"] > 0.3 for a in slow)
+
+
+def test_repeated_alerts_are_one_per_group_and_window_with_the_evidence_in_the_ledger(
+    tmp_path: Any,
+) -> None:
+    from trainguard.ledger import open_ledger
+
+    def every_step(step: int, model: Any, opt: Any) -> None:
+        if step >= 10:
+            with torch.no_grad():
+                model[3].bias.add_(1e-3)
+
+    url = str(tmp_path / "run.sqlite")
+    guard = sc.run(40, sabotage=every_step, ledger=url, run_id="r")
+    assert [(a.rule, a.step, a.count) for a in guard.alerts] == [("TG1301", 11, 29)]
+    ledger = open_ledger(url)
+    records = list(ledger.records("r"))
+    ledger.close()
+    assert [r.payload["rule"] for r in records if r.kind == "alert"] == ["TG1301"]
+    repeats = [r.payload for r in records if r.kind == "alert-repeats"]
+    assert len(repeats) == 1 and repeats[0]["steps"] == list(range(12, 40))
