@@ -16,6 +16,7 @@ from trainguard.errors import MissingExtraError, ScanError, UnsafeModelError, Us
 from trainguard.findings import Finding, Severity
 from trainguard.limits import DEFAULT_LIMITS, Limits
 from trainguard.loader import tensors
+from trainguard.loader.trust import check_bytes, trust_from
 from trainguard.loader.unpickler import safe_loads
 from trainguard.loader.zipcheck import check_torch_zip
 from trainguard.scanner import Policy, scan_bytes, ziplenient
@@ -40,18 +41,29 @@ def load(
     map_location: Any = None,
     strict: bool = False,
     limits: Limits = DEFAULT_LIMITS,
+    trust: Any = None,
 ) -> Any:
     """The checkpoint's contents, rebuilt without executing code from the file.
 
     Supports PyTorch zip checkpoints, plain pickles of data, numpy ``.npy`` and
     ``.npz``.  Raises :class:`UnsafeModelError` (with the findings) for anything
     the scanner rates high or above (medium too with ``strict``) and for any
-    import outside the allowlist or the policy's ``[allow] globals``.
+    import outside the allowlist or the policy's ``[allow] globals``.  With
+    ``trust`` (a trust-policy file), the file must also be covered, byte for
+    byte, by a seal from a signer the policy trusts (:mod:`trainguard.loader.trust`).
     """
     policy = policy or Policy()
     source = str(path)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    trusted = trust_from(trust)
+    with open(path, "rb") as raw:
+        f: BinaryIO = raw
+        size = os.fstat(raw.fileno()).st_size
+        if trusted is not None:
+            # The seal vouches for the whole file: check every byte, then load
+            # from that copy, so a file changed after the check changes nothing.
+            whole = raw.read()
+            check_bytes(trusted, source, whole)
+            f, size = io.BytesIO(whole), len(whole)
         head = f.read(16)
         f.seek(0)
         if head[:4] == b"PK\x03\x04":

@@ -1,0 +1,194 @@
+"""Trust policy at load (issue 16 §1): only bytes a trusted signer sealed load.
+
+With a policy naming one key: a checkpoint sealed by it loads (through torch,
+pickle, numpy, joblib, trainguard.load and ``trainguard run``); one that is
+unsealed, sealed by another key, or altered after sealing is refused with
+the reason before any byte is unpickled.  The refused files carry a payload
+that touches a canary; the checks run in subprocesses with the *real*
+unpickler (``unpickler="real"``), so only the trust check stands between the
+payload and the process.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import trainguard
+from tests.protect_variants import Call
+from trainguard.errors import PolicyError
+from trainguard.loader.trust import load_trust
+from trainguard.signing.keys import write_keypair
+
+torch = pytest.importorskip("torch")
+np = pytest.importorskip("numpy")
+joblib = pytest.importorskip("joblib")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_RUNNER = textwrap.dedent(
+    """
+    import json, os, sys, pickle
+    import torch, numpy, joblib, trainguard
+    policy, jobs = sys.argv[1], json.loads(sys.argv[2])
+    LOAD = {
+        "torch": lambda p: torch.load(p, weights_only=False),
+        "pickle": lambda p: pickle.load(open(p, "rb")),
+        "numpy": lambda p: numpy.load(p, allow_pickle=True),
+        "joblib": joblib.load,
+        "trainguard.load": lambda p: trainguard.load(p, trust=policy),
+        "pickle.loads": lambda p: pickle.loads(open(p, "rb").read()),
+    }
+    for name, loader, path in jobs:
+        pid = os.fork()
+        if pid == 0:
+            trainguard.protect(trust=policy, unpickler="real")
+            try:
+                LOAD[loader](path)
+                result = ["loaded"]
+            except trainguard.UnsafeModelError as exc:
+                result = ["refused", sorted({f.rule for f in exc.findings})]
+            except BaseException as exc:
+                result = ["error", repr(exc)[:300]]
+            os.write(1, (json.dumps([name, *result]) + "\\n").encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+    """
+)
+
+
+def _payload(canary: Path) -> object:
+    return {"weights": [1.0, 2.0], "x": Call(pathlib.Path.touch, (canary,))}
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> dict[str, Path]:
+    """A folder sealed by the trusted key, one by another key, one unsealed."""
+    trusted, other = write_keypair(tmp_path / "trusted"), write_keypair(tmp_path / "other")
+    canary = tmp_path / "canary"
+    good, stranger, loose = tmp_path / "good", tmp_path / "stranger", tmp_path / "loose"
+    for folder in (good, stranger, loose):
+        folder.mkdir()
+    torch.save({"w": torch.arange(6.0)}, good / "model.pt")
+    with open(good / "data.pkl", "wb") as f:
+        pickle.dump({"lr": 0.1}, f)
+    np.save(good / "arr.npy", np.array([1, "a"], dtype=object), allow_pickle=True)
+    joblib.dump({"coef": np.arange(3.0)}, good / "est.joblib")
+    torch.save({"w": torch.ones(4)}, good / "altered.pt")
+    with open(good / "swapped.pkl", "wb") as f:
+        pickle.dump({"lr": 0.2}, f)
+    for folder in (stranger, loose):
+        torch.save(_payload(canary), folder / "model.pt")
+        with open(folder / "data.pkl", "wb") as f:
+            pickle.dump(_payload(canary), f)
+    trainguard.seal(good, trusted[0])
+    trainguard.seal(stranger, other[0])
+    # After sealing: one byte of a tensor flipped, one file replaced by a payload.
+    data = bytearray((good / "altered.pt").read_bytes())
+    at = data.index(b"\x00\x00\x80\x3f")  # a 1.0 float in the tensor data
+    data[at + 3] ^= 0x01
+    (good / "altered.pt").write_bytes(bytes(data))
+    with open(good / "swapped.pkl", "wb") as f:
+        pickle.dump(_payload(canary), f)
+    policy = tmp_path / "trust.toml"
+    policy.write_text(f'[trust]\nkeys = ["{trusted[1].name}"]\n')
+    return {"good": good, "stranger": stranger, "loose": loose, "policy": policy, "canary": canary}
+
+
+def _run(policy: Path, jobs: list[tuple[str, str, str]]) -> dict[str, list[object]]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, str(policy), json.dumps(jobs)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("["):
+            name, *result = json.loads(line)
+            out[name] = result
+    assert len(out) == len(jobs), proc.stderr[-2000:]
+    return out
+
+
+def test_trusted_seal_loads_and_nothing_else_runs(store: dict[str, Path]) -> None:
+    good, stranger, loose = store["good"], store["stranger"], store["loose"]
+    jobs = [
+        ("sealed torch", "torch", str(good / "model.pt")),
+        ("sealed pickle", "pickle", str(good / "data.pkl")),
+        ("sealed numpy", "numpy", str(good / "arr.npy")),
+        ("sealed joblib", "joblib", str(good / "est.joblib")),
+        ("sealed trainguard.load", "trainguard.load", str(good / "model.pt")),
+        ("unsealed torch", "torch", str(loose / "model.pt")),
+        ("unsealed pickle", "pickle", str(loose / "data.pkl")),
+        ("other key torch", "torch", str(stranger / "model.pt")),
+        ("other key pickle", "pickle", str(stranger / "data.pkl")),
+        ("one byte altered", "torch", str(good / "altered.pt")),
+        ("one byte altered, trainguard.load", "trainguard.load", str(good / "altered.pt")),
+        ("replaced after sealing", "pickle", str(good / "swapped.pkl")),
+        ("bytes from no file", "pickle.loads", str(good / "data.pkl")),
+    ]
+    results = _run(store["policy"], jobs)
+    assert not store["canary"].exists()
+    loaded = {n for n, r in results.items() if r == ["loaded"]}
+    assert loaded == {n for n, *_ in jobs if n.startswith("sealed")}, results
+    assert results["unsealed torch"] == ["refused", ["TG504"]]
+    assert results["unsealed pickle"] == ["refused", ["TG504"]]
+    assert results["other key torch"] == ["refused", ["TG501"]]
+    assert results["other key pickle"] == ["refused", ["TG501"]]
+    assert results["one byte altered"] == ["refused", ["TG503"]]
+    assert results["one byte altered, trainguard.load"] == ["refused", ["TG503"]]
+    assert results["replaced after sealing"] == ["refused", ["TG503"]]
+    assert results["bytes from no file"] == ["refused", ["TG504"]]
+    # The refused payloads are real: the plain loader runs them.
+    code = "import pickle, sys; pickle.load(open(sys.argv[1], 'rb'))"
+    subprocess.run([sys.executable, "-c", code, str(loose / "data.pkl")], cwd=ROOT, check=True)
+    assert store["canary"].exists()
+
+
+def test_trainguard_run_reads_the_trust_policy_from_the_environment(
+    store: dict[str, Path], tmp_path: Path
+) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("import sys, torch\ntorch.load(sys.argv[1], weights_only=False)\n")
+    runs = {}
+    for name in ("good", "loose"):
+        runs[name] = subprocess.run(
+            [sys.executable, "-m", "trainguard", "run", str(script), str(store[name] / "model.pt")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**_env(), "TRAINGUARD_TRUST": str(store["policy"])},
+        )
+    assert runs["good"].returncode == 0, runs["good"].stderr[-2000:]
+    assert runs["loose"].returncode == 1, runs["loose"].stderr[-2000:]
+    assert "TG504" in runs["loose"].stderr
+    assert not store["canary"].exists()
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+def test_invalid_trust_policies_list_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[trust]\nkeys = ["missing.pub"]\nin_memory = "maybe"\ncolour = 1\n')
+    with pytest.raises(PolicyError) as exc:
+        load_trust(bad)
+    message = str(exc.value)
+    assert "missing.pub" in message and "in_memory" in message and "colour" in message
+    empty = tmp_path / "empty.toml"
+    empty.write_text("[trust]\n")
+    with pytest.raises(PolicyError, match="no trusted keys"):
+        load_trust(empty)
