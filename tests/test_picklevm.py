@@ -401,3 +401,36 @@ def _stdlib_data() -> dict[str, object]:
 def test_standard_library_data_is_not_an_alarm(key: str, proto: int) -> None:
     found = rules(pickle.dumps({"v": _stdlib_data()[key]}, protocol=proto))
     assert not found or max(found.values()) <= Severity.MEDIUM, found
+
+
+# -- adversarial review: writes into objects the process already has ------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # getattr(torch.backends, "cudnn").__dict__.update({"deterministic": False})
+        b"cbuiltins\ngetattr\n(ctorch.backends\ncudnn\nS'cudnn'\ntR(dS'deterministic'\nI00\nsb.",
+        # the shared "train" logger silenced
+        b"clogging\ngetLogger\n(S'train'\ntR(dS'disabled'\nI01\nsb.",
+        # SETITEM on an imported mapping (a registry, os.environ-like)
+        b"cmylib.registry\nHANDLERS\nS'pickle'\ncmylib.evil\nhandler\ns.",
+        # a tensor's state set by BUILD: Tensor.__setstate__ installs _backward_hooks
+        b"ctorch\nTensor\n)R(NI01\ncbuiltins\nhash\n(dtb.",
+    ],
+    ids=["getattr-build", "logger-build", "global-setitem", "tensor-build"],
+)
+def test_writes_into_existing_objects_are_tampering(data: bytes) -> None:
+    assert rules(data).get("TG105") is Severity.CRITICAL, rules(data)
+
+
+def test_reconstructor_with_a_base_class_calls_the_base() -> None:
+    # copyreg._reconstructor(cls, base, state) runs base.__init__(obj, state).
+    data = b"ccopyreg\n_reconstructor\n(cmylib.run\nRunner\ncmylib.run\nRunner\nS'cmd'\ntR."
+    assert rules(data).get("TG112") is Severity.HIGH
+
+
+def test_setitem_on_a_list_does_not_stop_the_analysis() -> None:
+    # list[0] = 1 is valid for the real unpickler; what follows must still be read.
+    data = b"]I0\naI0\nI1\nscposix\nsystem\n(S'true'\ntR."
+    assert rules(data).get("TG101") is Severity.CRITICAL

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 from trainguard.findings import Finding, Severity
 from trainguard.rules import finding
-from trainguard.scanner.picklevm.calls import CallIndex, judge, known_reconstructor, qualname
+from trainguard.scanner.picklevm.calls import (
+    CallIndex,
+    existing_object,
+    judge,
+    known_reconstructor,
+    qualname,
+)
 from trainguard.scanner.picklevm.machine import (
     Call,
     ExtRef,
@@ -84,6 +90,15 @@ def _analyse(
                 "can attach hooks or attributes to weights)",
                 build.offset,
                 trigger="BUILD",
+                state=describe(build.state),
+            )
+        elif existing_object(build.obj) and not isinstance(build.obj, Global):
+            yield _finding(
+                "TG105",
+                f"BUILD writes attributes onto an object that already exists in the loading "
+                f"process ({describe(build.obj)}), changing it for everything that uses it",
+                build.offset,
+                trigger=describe(build.obj),
                 state=describe(build.state),
             )
         elif isinstance(build.obj, Global):
@@ -178,6 +193,14 @@ def _call_shape(call: Call) -> Iterator[Finding]:
                 "TG105",
                 f"{call.kind.upper()} on a tensor while loading: writes into its "
                 "data (the CVE-2026-24747 technique)",
+                call.offset,
+                trigger=call.kind,
+            )
+        elif existing_object(target):
+            yield _finding(
+                "TG105",
+                f"{call.kind.upper()} on an object that already exists in the loading process "
+                f"({describe(target)}): writes into it for everything that uses it",
                 call.offset,
                 trigger=call.kind,
             )

@@ -103,12 +103,17 @@ class CallIndex:
     def __post_init__(self) -> None:
         self.by_name: dict[str, list[Call]] = {}
         self.called: set[int] = set()  # id() of values that are themselves called
+        self.mutated = {id(b.obj) for b in self.ev.builds}  # BUILD, SETITEM, APPEND targets
         for c in self.ev.calls:
+            if c.kind in ("setitem", "append", "additems") and isinstance(c.args, tuple):
+                self.mutated.add(id(c.args[0]) if c.args else 0)
             self.called.add(id(c.func))
             if not isinstance(c.func, Global):
                 continue
             name = qualname(c.func)
             self.by_name.setdefault(name, []).append(c)
+            if name == "copyreg._reconstructor":
+                self._reconstructor_base(c)
             at = _CALL_THROUGH.get(name)
             if at is not None and isinstance(c.args, tuple) and len(c.args) > at:
                 inner = c.args[at]
@@ -116,6 +121,15 @@ class CallIndex:
                     through = Call(inner, c.args[at + 1 :], c.offset, "reduce")
                     self.by_name.setdefault(qualname(inner), []).append(through)
         self._elsewhere: set[str] | None = None
+
+    def _reconstructor_base(self, c: Call) -> None:
+        # _reconstructor(cls, base, state) runs base.__init__(obj, state) unless
+        # base is object: as much a call of base as REDUCE would be.
+        if isinstance(c.args, tuple) and len(c.args) == 3 and isinstance(c.args[1], Global):
+            base = qualname(c.args[1])
+            if base != "builtins.object":
+                through = Call(c.args[1], (c.args[2],), c.offset, "reduce")
+                self.by_name.setdefault(base, []).append(through)
 
     def referenced_elsewhere(self, name: str) -> bool:
         """True if the import is used other than as the callable of a call (or we cannot tell)."""
@@ -180,10 +194,27 @@ def _data_shaped(name: str, call: Call, index: CallIndex) -> bool:
             Severity.MEDIUM,
         ):
             return False
+        if id(call) in index.mutated:  # BUILD or SETITEM on an existing object
+            return False
         if id(call) in index.called:  # the fetched attribute is then called
             return (owner, attr) in KNOWN_RECONSTRUCTORS
         return attr.isidentifier() and not attr.startswith("_")
     return False
+
+
+# Calls that return an object that already exists in the loading process (an
+# attribute of a module or class, a logger from the shared registry): writing
+# into their result changes that process-wide object.
+_FETCHES = frozenset(["builtins.getattr", "logging.getLogger"])
+
+
+def existing_object(v: Value) -> bool:
+    """True for an imported object or one fetched from the process (not built by the file)."""
+    while isinstance(v, Built):
+        v = v.obj
+    if isinstance(v, Global):
+        return True
+    return isinstance(v, Call) and isinstance(v.func, Global) and qualname(v.func) in _FETCHES
 
 
 def known_reconstructor(call: Call) -> bool:

@@ -552,6 +552,11 @@ def _dict_add(m: PickleMachine, d: DictV, items: list[Value]) -> None:
             d.dropped += 1
 
 
+# Values whose append/__setitem__/add may be real methods: an APPEND, SETITEM or
+# ADDITEMS on them is a call, never a reason to stop reading.
+_HAS_METHODS = (Call, Built, Opaque, PersistentRef, Global, ExtRef)
+
+
 def _list_add(m: PickleMachine, target: Value, items: list[Value]) -> None:
     if isinstance(target, ListV):
         room = m.limits.max_kept_container_items - len(target.items)
@@ -559,8 +564,10 @@ def _list_add(m: PickleMachine, target: Value, items: list[Value]) -> None:
         target.dropped += max(len(items) - max(room, 0), 0)
     elif isinstance(target, SetV):
         target.items.extend(items[: m.limits.max_kept_container_items])
-    # APPEND on anything else calls its append/extend method: a call in effect.
-    elif not isinstance(target, (Call, Built, Opaque, PersistentRef)):
+    # APPEND on anything else calls its append/extend method: a call in effect
+    # (an imported object's method included).  Built-in values have none: the
+    # real unpickler fails there too.
+    elif not isinstance(target, _HAS_METHODS):
         raise Malformed("APPEND to a value that is not a list")
     else:
         m._call(Opaque("append method"), (target, *items[:4]), m._op_offset, "append")
@@ -593,7 +600,9 @@ def _setitems(m: PickleMachine, items: list[Value]) -> None:
     target = m._top()
     if isinstance(target, DictV):
         _dict_add(m, target, items)
-    elif isinstance(target, (Call, Built, Opaque, PersistentRef)):
+    elif isinstance(target, ListV):
+        pass  # list[index] = value: the real unpickler carries on when the index fits
+    elif isinstance(target, _HAS_METHODS):
         # __setitem__ on a constructed object: real code runs (CVE-2026-24747
         # abused exactly this on tensors).
         m._call(Opaque("__setitem__ method"), (target, *items[:4]), m._op_offset, "setitem")
@@ -606,7 +615,7 @@ def _op_additems(m: PickleMachine, off: int) -> None:
     target = m._top()
     if isinstance(target, SetV):
         target.items.extend(items[: m.limits.max_kept_container_items])
-    elif isinstance(target, (Call, Built, Opaque, PersistentRef)):
+    elif isinstance(target, _HAS_METHODS):
         m._call(Opaque("add method"), (target, *items[:4]), off, "additems")
     else:
         raise Malformed("ADDITEMS on a value that is not a set")

@@ -32,6 +32,11 @@ TENSOR_BUILDERS = frozenset(
         "torch._utils._rebuild_parameter",
         "torch._utils._rebuild_parameter_with_state",
         "torch._tensor._rebuild_from_type_v2",
+        # Tensor.__setstate__ takes (storage, offset, size, stride) or a state that
+        # sets requires_grad and _backward_hooks: a BUILD on these writes both.
+        "torch.Tensor",
+        "torch.nn.parameter.Parameter",
+        "torch.nn.parameter.Buffer",
     ]
 )
 
