@@ -89,6 +89,11 @@ IDIOMS: dict[str, Idiom] = {
 }
 # The package itself tries an optional submodule of its own: tgopt/_accel.py.
 INIT = "try:\n    from . import _accel\nexcept ImportError:\n    _accel = None\n"
+# A plugin folder: every module in it is imported, whatever its name.
+PLUGINS = (
+    "import importlib\nimport pkgutil\n\nfor _info in pkgutil.iter_modules(__path__):\n"
+    "    importlib.import_module(f'{__name__}.{_info.name}')\n"
+)
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ class Installed:
 
 
 def _wheel(folder: Path, names: dict[str, str], extra: dict[str, bytes]) -> Path:
-    files = {f"{PKG}/__init__.py": INIT.encode()}
+    files = {f"{PKG}/__init__.py": INIT.encode(), f"{PKG}/plugins/__init__.py": PLUGINS.encode()}
     for idiom, spec in IDIOMS.items():
         files[f"{PKG}/{spec.module}.py"] = spec.source.format(name=names[idiom]).encode()
     files.update(extra)
@@ -337,3 +342,34 @@ def test_a_source_that_does_not_parse_counts_when_it_mentions_the_name(tmp_path:
     )
     assert set(found) == {"tgx_opt"}
     assert found["tgx_opt"].file == str(broken) and "not parsed" in found["tgx_opt"].how
+
+
+def test_module_planted_in_a_plugin_folder_is_high(installed: Installed, tmp_path: Path) -> None:
+    """tgopt/plugins imports every module pkgutil lists there: any name runs."""
+    rng = random.Random(SEED + 17)
+    name = f"p{rng.randrange(16**8):08x}"
+    canary = tmp_path / "canary"
+    planted = installed.site / PKG / "plugins" / f"{name}.py"
+    planted.write_text(payload(canary))
+    (installed.site / PKG / "plugins" / "README.txt").write_text("not a module\n")
+    assert fires(installed.site, f"import {PKG}.plugins", canary), f"seed {SEED}: {name}"
+    report = verify(installed.site)
+    (found,) = [f for f in report.findings if f.file == str(planted)]
+    assert (found.rule, found.severity) == ("TG604", Severity.HIGH)
+    assert (
+        "iter_modules" in found.message and "plugins/__init__.py" in found.evidence["imported_by"]
+    )
+    readme = [f for f in report.findings if f.file.endswith("README.txt")]
+    assert [(f.rule, f.severity) for f in readme] == [("TG603", Severity.LOW)]
+
+
+def test_module_added_to_a_package_that_imports_only_by_name_stays_medium(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """tgopt imports _accel by name and nothing by computed name: another added module is
+    unlisted code (medium), not something that runs."""
+    stray = installed.site / PKG / "stray_helpers.py"
+    stray.write_text(payload(tmp_path / "canary"))
+    assert not fires(installed.site, f"import {PKG}", tmp_path / "canary")
+    (found,) = [f for f in verify(installed.site).findings if f.file == str(stray)]
+    assert (found.rule, found.severity) == ("TG603", Severity.MEDIUM)

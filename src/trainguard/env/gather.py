@@ -28,8 +28,10 @@ from trainguard.env.findings import (
 from trainguard.env.imports import (
     Importer,
     find_importers,
+    host_folder,
     names_made_importable,
     owned_folders,
+    plugin_importers,
     stdlib_sources,
 )
 from trainguard.env.pth import pth_files, read_pth, startup_modules
@@ -248,13 +250,23 @@ def _loose_findings(scope: Scope, ev: Evidence, sorted_: Sorted, hashed: Hashed)
             offered[path] = names_made_importable(path, root, owned)
     wanted = {name for names in offered.values() for name in names}
     importers: dict[str, Importer] = {}
+    hosts: dict[str, str] = {}  # unlisted module -> the installed package folder holding it
+    plugins: dict[str, Importer] = {}
     if wanted:
         stdlib = scope.stdlib or [sysconfig.get_paths()["stdlib"]]
-        sources = [*_installed_sources(ev, roots), *stdlib_sources(stdlib)]
-        importers = find_importers(wanted, sources)
+        installed = _installed_sources(ev, roots)
+        importers = find_importers(wanted, [*installed, *stdlib_sources(stdlib)])
+        for path, names in offered.items():
+            root = next(r for r in roots if path.startswith(r + os.sep))
+            host = host_folder(path, root, owned) if names else None
+            if host is not None:
+                hosts[path] = host
+        plugins = plugin_importers(set(hosts.values()), installed)
     for path in sorted_.unlisted:
         got = hashed.digests.get(path)
         imported = next(((n, importers[n]) for n in offered.get(path, ()) if n in importers), None)
+        if imported is None and hosts.get(path) in plugins:
+            imported = (offered[path][0], plugins[hosts[path]])
         size = got.size if got else 0
         item = unlisted_finding(path, hashed.present[path], size, shadowing[path], imported)
         if got is not None:

@@ -236,3 +236,67 @@ def find_importers(names: set[str], sources: Iterable[tuple[str, str]]) -> dict[
                 if ref == name or ref.startswith(name + "."):
                     found[name] = Importer(path, line, how)
     return found
+
+
+# Calls through which a package imports modules it finds, or names at run time.
+_LISTING = frozenset({"iter_modules", "walk_packages"})
+_COMPUTED = frozenset({"import_module", "__import__"})
+
+
+def computed_import(tree: ast.AST) -> tuple[int, str] | None:
+    """(line, how) of the first import by a name the code computes, or of a listing of
+    modules (``pkgutil.iter_modules(__path__)``): a plugin folder, whose every module is
+    imported whatever its name."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name in _LISTING:
+            return node.lineno, f"{name}(...) lists the modules it imports"
+        first = node.args[0] if node.args else None
+        if name in _COMPUTED and first is not None and not isinstance(first, ast.Constant):
+            return node.lineno, f"{name}() of a computed name"
+    return None
+
+
+def plugin_importers(folders: set[str], sources: Iterable[tuple[str, str]]) -> dict[str, Importer]:
+    """For each of ``folders`` (installed package folders that hold an unlisted module),
+    an installed source right in it that imports modules by computed name, if any."""
+    found: dict[str, Importer] = {}
+    needles = [n.encode() for n in (*_LISTING, *_COMPUTED)]
+    for path, _root in sources:
+        folder = os.path.dirname(path)
+        if folder not in folders or folder in found:
+            continue
+        data = _read(path)
+        if not isinstance(data, bytes) or not any(n in data for n in needles):
+            continue
+        if len(data) > MAX_PARSE_BYTES:
+            found[folder] = Importer(
+                path, 0, f"may import by computed name (not parsed: over {MAX_PARSE_BYTES} bytes)"
+            )
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tree = ast.parse(data, filename=path)
+        except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+            found[folder] = Importer(
+                path, 0, f"may import by computed name (not parsed: {type(exc).__name__})"
+            )
+            continue
+        hit = computed_import(tree)
+        if hit is not None:
+            found[folder] = Importer(path, hit[0], hit[1])
+    return found
+
+
+def host_folder(path: str, root: str, owned: set[str]) -> str | None:
+    """The innermost installed package folder that holds ``path`` (below ``root``)."""
+    folder = os.path.dirname(path)
+    while folder.startswith(root + os.sep):
+        if folder in owned:
+            return folder
+        folder = os.path.dirname(folder)
+    return None
