@@ -110,6 +110,21 @@ def test_a_renamed_large_file_is_still_recognised(
     assert rules == [("TG504", "huge.bin"), ("TG506", "other.bin")]
 
 
+def test_planted_copies_of_a_missing_size_cost_one_hash(
+    model: Path, keys: tuple[Path, Path], hashed: list[str]
+) -> None:
+    seal(model, keys[0])
+    hashed.clear()
+    (model / "weights.bin").unlink()
+    for i in range(6):
+        with open(model / f"decoy-{i}.bin", "wb") as fh:
+            fh.truncate(BIG)  # the missing file's size: a rename candidate
+    result = verify_report(model, keys[1], cache=False)
+    assert sum("decoy" in p for p in hashed) == 1
+    rules = sorted(f.rule for f in result.report.findings)
+    assert rules == ["TG504"] * 6 + ["TG505"]
+
+
 def _entry(size: int) -> Entry:
     return Entry("/x", Identity(1, size, size, 0, 0), True, False)
 

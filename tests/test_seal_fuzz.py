@@ -106,6 +106,28 @@ def test_seal_and_verify_folders_with_byte_names(
         assert rules == ["TG503", "TG504"], f"seed {SEED}: {rules}"
 
 
+def test_a_path_that_is_a_link_or_a_fifo_is_exit_2_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    private, public = write_keypair(tmp_path / "key")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    os.mkfifo(tmp_path / "fifo")
+    seal(tmp_path / "real", private, signature=tmp_path / "s")  # verify reads it first
+    for name in ("link", "fifo"):
+        for verb, key in (("seal", private), ("verify", public)):
+            argv = [
+                verb,
+                str(tmp_path / name),
+                "--key",
+                str(key),
+                "--signature",
+                str(tmp_path / "s"),
+            ]
+            code, text = cli(capsys, *argv)
+            assert code == 2 and "internal error" not in text and "not a file or folder" in text
+
+
 # -- corrupted bundles ----------------------------------------------------------
 
 

@@ -138,3 +138,26 @@ def test_vcs_folder_under_a_seal_without_a_record_is_reported_low(
     (model / ".git").mkdir()
     [finding] = verify_report(model, keys[1]).report.findings
     assert (finding.rule, finding.severity) == ("TG512", Severity.LOW)
+
+
+def test_ignored_link_with_a_loader_name_is_warned_and_not_followed(
+    model: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    seal(model, keys[0], ignore=["checkpoint-*"])
+    elsewhere = tmp_path / "evil"
+    elsewhere.mkdir()
+    (model / "checkpoint-900").symlink_to(elsewhere)
+    [finding] = verify_report(model, keys[1]).report.findings
+    assert finding.rule == "TG510" and "a link" in finding.message
+
+
+def test_hooks_folder_swapped_for_a_link_is_a_change(
+    model: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    (model / ".git" / "hooks").mkdir(parents=True)
+    seal(model, keys[0])
+    (model / ".git" / "hooks").rmdir()
+    (tmp_path / "hooks").mkdir()
+    (model / ".git" / "hooks").symlink_to(tmp_path / "hooks")
+    [finding] = verify_report(model, keys[1]).report.findings
+    assert finding.rule == "TG511" and finding.evidence["now"] == "link"

@@ -8,11 +8,14 @@ size).  Likewise a listed file whose size differs from the sealed one is
 modified whatever its digest.  Everything else is reported from its stat
 alone, so a 16 TiB sparse file dropped into the folder costs one ``lstat``.
 
-Two exceptions keep the reports as useful as before: files up to
+Two exceptions keep the reports as useful as before: unlisted files up to
 :data:`ALWAYS_HASH_UP_TO` are hashed anyway (their digest is evidence and costs
-nothing), and when the manifest does not record sizes (model-signing's files
-manifests) an unlisted file up to :data:`RENAME_PROBE_MAX` is hashed if some
-listed file is missing, so that renames are still recognised.
+little), up to :data:`EVIDENCE_BUDGET` bytes in all; and when the manifest does
+not record sizes (model-signing's files manifests) an unlisted file up to
+:data:`RENAME_PROBE_MAX` is hashed if some listed file is missing, so that
+renames are still recognised.  Rename candidates are capped too: for each
+size, no more are hashed than listed files of that size are gone (in name
+order), so a thousand planted copies of a missing shard's size cost one hash.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from trainguard.rules import rule
 from trainguard.signing.manifest import Manifest
 
 ALWAYS_HASH_UP_TO = 1024 * 1024
+EVIDENCE_BUDGET = 256 * 1024 * 1024
 RENAME_PROBE_MAX = 64 * 1024**3
 
 
@@ -52,27 +56,35 @@ def plan(files: dict[str, Entry], expected: Manifest, shown: dict[str, str]) -> 
     """Split the walked ``files`` into those to hash and those judged by size."""
     sizes = sealed_sizes(expected)
     algorithm = expected.serialization.algorithm
-    gone: set[int] = set()
-    unknown_gone = False
+    # How many listed files of each size are gone (None: of unknown size): each
+    # can explain at most one renamed file.
+    gone: dict[int | None, int] = {}
     for path, sealed in sizes.items():
         entry = files.get(path)
         if entry is None or (sealed is not None and entry.identity.size != sealed):
-            if sealed is None:
-                unknown_gone = True
-            else:
-                gone.add(sealed)
+            gone[sealed] = gone.get(sealed, 0) + 1
+    evidence_left = EVIDENCE_BUDGET
 
     def worth_hashing(size: int) -> bool:
-        return (
-            size <= ALWAYS_HASH_UP_TO or size in gone or (unknown_gone and size <= RENAME_PROBE_MAX)
-        )
+        nonlocal evidence_left
+        for key in (size, None):
+            if gone.get(key, 0) > 0 and (key is not None or size <= RENAME_PROBE_MAX):
+                gone[key] -= 1
+                return True
+        if size <= min(ALWAYS_HASH_UP_TO, evidence_left):
+            evidence_left -= size
+            return True
+        return False
 
     out = Plan()
     for name, entry in files.items():
         size = entry.identity.size
         listed = name in sizes
         sealed = sizes.get(name)
-        if (listed and (sealed is None or sealed == size)) or worth_hashing(size):
+        if listed and (sealed is None or sealed == size):
+            out.hash[name] = entry
+            continue
+        if worth_hashing(size):
             out.hash[name] = entry
             continue
         evidence = {"algorithm": algorithm, "actual_size": str(size)}
@@ -87,7 +99,7 @@ def plan(files: dict[str, Entry], expected: Manifest, shown: dict[str, str]) -> 
         else:
             message = (
                 f"not listed in the signed manifest ({size:,} bytes; not hashed: no listed "
-                "file that is gone had this size)"
+                "file of this size is gone, or as many candidates were hashed already)"
             )
             out.findings.append(_finding("TG504", shown[name], message, evidence))
     return out

@@ -81,14 +81,21 @@ def _magic(head: bytes) -> str | None:
     return None
 
 
+def _by_name(name: str) -> str | None:
+    if any(fnmatch.fnmatchcase(name, p) for p in _LOADER_NAMES):
+        return "a name that model loaders look for"
+    return None
+
+
 def why_loadable(path: str, name: str, is_dir: bool) -> str | None:
     """Why a loader could pick up the entry ``name`` (its base name) at ``path``."""
     if is_dir:
         if _CHECKPOINT_DIR.match(name):
             return "a checkpoint-N folder, which a trainer resumes from"
         return None
-    if any(fnmatch.fnmatchcase(name, p) for p in _LOADER_NAMES):
-        return "a name that model loaders look for"
+    by_name = _by_name(name)
+    if by_name is not None:
+        return by_name
     try:
         fd = os.open(
             path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -122,6 +129,14 @@ def findings(root: str, ignored: list[str], shown: str) -> list[Finding]:
             except OSError:
                 continue
             is_dir = stat.S_ISDIR(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                # A loader follows links (Trainer's isdir, open): judge the link by
+                # its name as a folder and as a file, and never follow it here.
+                base = os.path.basename(name)
+                why = why_loadable(full, base, True) or _by_name(base)
+                if why is not None:
+                    out.append(_finding(os.path.join(shown, name), name, f"{why} (a link)"))
+                continue
             if not (is_dir or stat.S_ISREG(st.st_mode)):
                 continue
             why = why_loadable(full, os.path.basename(name), is_dir)

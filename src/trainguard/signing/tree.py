@@ -17,6 +17,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from trainguard.errors import UsageError
 from trainguard.filestate import Entry, Identity
 
 # Ignored by model-signing on both signing and verifying unless told otherwise,
@@ -94,7 +95,8 @@ def walk(root: str, ignore: IgnoreRules) -> Tree:
         tree.files["."] = Entry(root, Identity.of(st), True, False)
         return tree
     if not stat.S_ISDIR(st.st_mode):
-        raise NotADirectoryError(f"{root}: {_kind(st.st_mode)}, not a file or folder")
+        # The user's own argument: a usage error with a message (exit 2), not a crash.
+        raise UsageError(f"{root}: {_kind(st.st_mode)}, not a file or folder")
     tree = Tree(root=root, single_file=False)
     pending = [("", root)]
     while pending:

@@ -23,7 +23,16 @@ from trainguard.findings import Finding
 from trainguard.rules import rule
 
 # Files whose content can make a version-control tool run commands; relative to the root.
-CONFIG_FILES = (".git", ".git/config", ".gitattributes", ".gitmodules", ".hg/hgrc")
+CONFIG_FILES = (
+    ".git",
+    ".git/config",
+    ".git/config.worktree",
+    ".git/info/attributes",
+    ".gitattributes",
+    ".gitmodules",
+    ".hg",
+    ".hg/hgrc",
+)
 HOOK_FOLDERS = (".git/hooks", ".hg/hooks")
 VCS_FOLDERS = (".git", ".hg", ".svn", ".bzr", ".jj")
 MAX_HOOKS = 256
@@ -61,9 +70,13 @@ def record(root: str) -> dict[str, str]:
     found: dict[str, str] = {}
     for name in CONFIG_FILES:
         digest = _digest(os.path.join(root, name))
-        if digest is not None and not (name == ".git" and digest == "folder"):
+        if digest is not None and digest != "folder":
             found[name] = digest
     for folder in HOOK_FOLDERS:
+        kind = _digest(os.path.join(root, folder))
+        if kind is not None and kind != "folder":
+            found[folder] = kind  # a link (hooks kept elsewhere) or a file: never followed
+            continue
         try:
             with os.scandir(os.path.join(root, folder)) as it:
                 names = sorted(e.name for e in it)
