@@ -16,6 +16,7 @@ some are empty.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -77,6 +78,7 @@ def main() -> None:
     at = int(args[1]) if kind == "kill" else -1
     g = torch.Generator().manual_seed(100 + rank)
     error = None
+    overheads: list[float] = []  # the guard's own seconds per step (bench/fsdp_ranks.py)
     try:
         for step in range(steps):
             x = torch.randn(8, 7, generator=g)
@@ -85,11 +87,15 @@ def main() -> None:
             loss.backward()
             opt.step()
             guard.step(loss=loss, batch=x)
+            overheads.append(guard.last_step_overhead)
             if rank == target and step == at:
                 os._exit(17)
     except Exception as exc:  # a dead peer breaks the next collective
         error = repr(exc)[:300]
     finally:
+        stats = {"overheads": overheads, "sync_bytes": getattr(guard, "sync_bytes", 0)}
+        with open(out + ".stats", "w") as fh:
+            json.dump(stats, fh)
         leave(guard, out, error)
 
 

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from trainguard.errors import MissingExtraError
 from trainguard.ledger.chain import LedgerError
+from trainguard.ledger.outage import OutageBuffer
 from trainguard.ledger.store import SQL_INSERT, SqlLedger
 
 if TYPE_CHECKING:
@@ -86,9 +87,12 @@ def _psycopg() -> Any:
     return psycopg
 
 
-class PostgresLedger(SqlLedger):
+class PostgresLedger(OutageBuffer, SqlLedger):
+    """A ledger on a PostgreSQL server; appends ride out a server restart (see outage.py)."""
+
     def __init__(self, url: str, *, create: bool = True) -> None:
         super().__init__(redact_url(url))
+        self._buffer_init()
         self._pg = _psycopg()
         self._url = url
         self._create = create
@@ -134,6 +138,14 @@ class PostgresLedger(SqlLedger):
             conn.close()
             raise
         self._conn = conn
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                if not self._closed:
+                    self._drain()  # records queued during an outage: written, or an error
+            finally:
+                super().close()
 
     def _disconnect(self, *, inherited: bool) -> None:
         conn, self._conn = self._conn, None

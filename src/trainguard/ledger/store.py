@@ -214,6 +214,10 @@ class SqlLedger(ABC):
         self._heads.clear()
         self._pid = -1
 
+    def _record_time(self) -> float:
+        """The wall time a new record carries (a buffered one keeps the time it was made)."""
+        return time.time()
+
     def _locked_query(self, sql: str, params: Sequence[Any]) -> list[Row]:
         with self._lock:
             self._ready()
@@ -233,7 +237,7 @@ class SqlLedger(ABC):
                 payload, text = build(head)
                 seq, prev = (0, GENESIS) if head is None else (head[0] + 1, head[1])
                 record = make_record(
-                    run_id, stream, seq, kind, step, time.time(), payload, text, prev
+                    run_id, stream, seq, kind, step, self._record_time(), payload, text, prev
                 )
                 row = (run_id, stream, seq, kind, step, record.time, text, prev, record.digest)
                 if self._insert(row, new_stream=seq == 0):

@@ -1,0 +1,92 @@
+"""trainguard.watch on FSDP2 at many ranks (gloo, CPU): the scenarios of tests/test_fsdp.py
+at 16 and 32 ranks, and the guard's cost per step and collective traffic against 1 rank.
+
+Usage: python bench/fsdp_ranks.py [WORLD ...]   (default: 1 16 32)
+Each world size runs: an honest run (nothing at high/critical, `ledger verify` passes),
+the scale-triggered patch (flip and scale, armed at step 10 on one rank holding elements,
+only when world >= 8), and a rank killed after step 8.  Prints one line per scenario.
+On a 2-core machine the ranks share the cores: step times are the machine's, not the
+cluster's; the guard's own seconds per step are what compare.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.test_fsdp import launch, serious, verify
+
+AT = 10
+
+
+def stats(tmp: Path, world: int) -> tuple[float, int]:
+    overheads, traffic = [], 0
+    for rank in range(world):
+        f = tmp / f"rank{rank}.json.stats"
+        if f.exists():
+            data = json.loads(f.read_text())
+            overheads += data["overheads"][3:]
+            traffic = max(traffic, int(data["sync_bytes"]))
+    return (statistics.median(overheads) if overheads else float("nan")), traffic
+
+
+def run(world: int, scenario: str, steps: int) -> tuple[dict[int, dict], Path, float]:
+    tmp = Path(tempfile.mkdtemp(prefix=f"fsdp{world}-"))
+    started = time.monotonic()
+    results = launch(tmp, world, scenario, steps=steps)
+    return results, tmp, time.monotonic() - started
+
+
+def main() -> int:
+    worlds = [int(a) for a in sys.argv[1:]] or [1, 16, 32]
+    for world in worlds:
+        results, tmp, wall = run(world, "clean", 30)
+        found = [a for a in serious(results) if not a["evidence"].get("at_start")]
+        ok = verify(tmp / "ledger.sqlite").returncode == 0
+        overhead, traffic = stats(tmp, world)
+        print(
+            f"world {world:2d} honest: {len(found)} high/critical, ledger verify "
+            f"{'passes' if ok else 'FAILS'}, guard {overhead * 1e3:.2f} ms/step (median), "
+            f"rank comparison {traffic} bytes received per rank every 5 steps, wall {wall:.0f} s",
+            flush=True,
+        )
+        if world < 8:
+            continue
+        chunk = -(-13 // world)
+        target = (-(-13 // chunk)) - 1  # the last rank that holds elements
+        for kind in ("flip", "scale"):
+            results, tmp, wall = run(world, f"scaled:{kind}:{target}:{AT}:8", AT + 5)
+            found = [a for a in serious(results) if not a["evidence"].get("at_start")]
+            first = min((a["step"] for a in found), default=None)
+            named = sorted({a["rank"] for a in found if a["step"] == first})
+            print(
+                f"world {world:2d} {kind} on rank {target} at step {AT}: first high/critical at "
+                f"step {first} by rank(s) {named}, {len(found)} in all, wall {wall:.0f} s",
+                flush=True,
+            )
+        victim = world // 2
+        results, tmp, wall = run(world, f"kill:{victim}:8", 16)
+        stopped = [
+            (rank, a["evidence"]["stopped_rank"])
+            for rank, r in results.items()
+            for a in r.get("alerts", [])
+            if a["rule"] == "TG1311"
+        ]
+        survivors = {r for r, s in stopped if s == victim}
+        others = sorted({s for _, s in stopped if s != victim})
+        print(
+            f"world {world:2d} rank {victim} killed after step 8: named by {len(survivors)} "
+            f"survivor(s); other ranks named stopped: {others or 'none'}, wall {wall:.0f} s",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
