@@ -24,8 +24,9 @@ RULES: dict[str, Rule] = {
             "TG001",
             "unknown-format",
             _I,
-            "The file's content matches no format trainguard understands. It was "
-            "not analysed; if a loader reads it as a model, check what it really is.",
+            "The file's content matches no format trainguard understands, and no pickle "
+            "loader (pickle, torch, joblib, numpy) would accept it: the symbolic machine "
+            "saw it fail before importing anything. It was not analysed further.",
         ),
         Rule(
             "TG002",

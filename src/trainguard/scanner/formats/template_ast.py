@@ -80,6 +80,20 @@ _MAX_FOLD_DEPTH = 64
 _MAX_FOLDED = 4096  # characters: longer folded strings are not names anyway
 Value = str | int
 
+# Filters whose argument names an attribute path, and its positional index
+# (jinja2.filters: map/sort/sum/unique/min/max take attribute= too).
+_ATTRIBUTE_FILTERS = {
+    "map": 99,
+    "selectattr": 0,
+    "rejectattr": 0,
+    "groupby": 0,
+    "sort": 2,
+    "sum": 0,
+    "unique": 1,
+    "min": 1,
+    "max": 1,
+}
+
 
 def internal_name(name: str) -> bool:
     """True for attribute names ``SandboxedEnvironment.is_safe_attribute`` refuses."""
@@ -277,6 +291,7 @@ class Analyser:
         elif node.name == "map" and len(node.args) >= 2 and self.fold(node.args[0]) == "attr":
             name_arg = node.args[1]
         if name_arg is None:
+            self._check_attribute_filter(node)
             return
         key = self.fold(name_arg)
         if isinstance(key, str):
@@ -298,6 +313,35 @@ class Analyser:
                 "time (|attr with a non-constant name)",
                 "attr",
             )
+
+    def _check_attribute_filter(self, node: nodes.Filter) -> None:
+        """Filters that walk a (dotted) attribute path named by an argument: map, sort, ...
+
+        jinja2's ``make_attrgetter`` follows every dotted part ("__class__.__mro__")
+        with the environment's getitem, which a plain Environment does not guard.
+        """
+        at = _ATTRIBUTE_FILTERS.get(node.name or "")
+        if at is None:
+            return
+        arg: nodes.Node | None = node.args[at] if len(node.args) > at else None
+        for kw in node.kwargs:
+            if kw.key == "attribute":
+                arg = kw.value
+        if arg is None:
+            return
+        key = self.fold(arg)
+        if isinstance(key, int):
+            return
+        if not isinstance(key, str):
+            self._add(
+                "TG905",
+                node,
+                f"|{node.name} walks an attribute path computed at render time",
+                node.name or "filter",
+            )
+            return
+        for part in key.split("."):
+            self._check_key(node, node.node if node.node is not None else node, part, "attribute")
 
     def _check_call(self, node: nodes.Call) -> None:
         callee = node.node
