@@ -10,8 +10,10 @@ Honest checkpoints come back equal to what the real loader gives.
 from __future__ import annotations
 
 import collections
+import copyreg
 import datetime
 import json
+import os
 import re
 import subprocess
 import sys
@@ -96,6 +98,11 @@ def _attacks() -> dict[str, tuple[Any, str]]:
             _zeroed(ones.clone()),
             "bool((ckpt['w'] == 0).all())",
         ),
+        # A finalizer: no call at all, the class's __del__ acts on the file's state.
+        "finalizer": (
+            {"f": _finalizer()},
+            "ckpt.clear() or bool(__import__('gc').collect()) and False",
+        ),
         # A factory called later, on the first missing key: a folder appears.
         "defaultdict-factory": (
             {"d": collections.defaultdict(tempfile.TemporaryDirectory)},
@@ -113,6 +120,28 @@ class _WithState:
     def __reduce__(self) -> tuple[Any, ...]:
         func, args = self.tensor.__reduce_ex__(2)
         return func, args, self.state
+
+
+class Finalizer:
+    """An ordinary class whose finalizer writes where its state says."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __del__(self) -> None:
+        if hasattr(self, "name"):
+            open(os.path.join(tempfile.gettempdir(), self.name), "w").close()
+
+
+class _FinalizerPickle:
+    """Pickles as a Finalizer with its state (created, then BUILD); none exists here."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return copyreg._reconstructor, (Finalizer, object, None), {"name": "fired"}  # type: ignore[attr-defined]
+
+
+def _finalizer() -> _FinalizerPickle:
+    return _FinalizerPickle()
 
 
 def _zeroed(w: Any) -> dict[str, Any]:

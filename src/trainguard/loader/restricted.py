@@ -182,6 +182,10 @@ class Restrictions:
         if isinstance(cls, ClassRef):
             if not _plain_new(cls.cls):
                 raise refuse_global(cls.name, "its __new__ runs code", self.source)
+            if getattr(cls.cls, "__del__", None) is not None:
+                # A finalizer runs the class's code on the file's state at garbage
+                # collection, no call needed (tempfile's closer unlinks its .name).
+                raise refuse_global(cls.name, "it has a finalizer (__del__)", self.source)
             real = cls.cls
         elif id(cls) in self._callable and isinstance(cls, type):
             real = cls
