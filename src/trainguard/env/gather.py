@@ -9,13 +9,12 @@ with every algorithm any RECORD asks for), then compile what needs compiling.
 from __future__ import annotations
 
 import os
-import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from trainguard.digest_cache import DigestCache
-from trainguard.env.checks import Ownership, record_findings, shadowed_module
+from trainguard.env.checks import Ownership, record_findings
 from trainguard.env.digests import DEFAULT_ALGORITHM, Digests, Progress, hash_file, hash_wanted
 from trainguard.env.findings import (
     finding,
@@ -23,16 +22,6 @@ from trainguard.env.findings import (
     pth_findings,
     pyc_finding,
     startup_finding,
-    unlisted_finding,
-)
-from trainguard.env.imports import (
-    Importer,
-    find_importers,
-    host_folder,
-    names_made_importable,
-    owned_folders,
-    plugin_importers,
-    stdlib_sources,
 )
 from trainguard.env.pth import pth_files, read_pth, startup_modules
 from trainguard.env.pyc import PycJob, check_pycs
@@ -44,11 +33,11 @@ from trainguard.env.sort import (
     Scope,
     Sorted,
     in_pycache,
-    legacy_source,
     sort_files,
     source_of,
     walk_scope,
 )
+from trainguard.env.unlisted import loose_findings
 from trainguard.env.walk import SPECIAL, entry_in
 from trainguard.filestate import Entry, Identity, default_workers
 from trainguard.findings import Finding
@@ -218,73 +207,6 @@ def _dist_findings(ev: Evidence, sorted_: Sorted, hashed: Hashed) -> None:
             )
 
 
-def _loose_findings(scope: Scope, ev: Evidence, sorted_: Sorted, hashed: Hashed) -> None:
-    """Files no RECORD row judges: legacy pycs and unlisted files."""
-    for path in sorted_.legacy_pycs:
-        if os.path.exists(legacy_source(path)):
-            ev.findings.append(
-                finding(
-                    "TG612",
-                    "compiled file beside its source; Python loads the source instead",
-                    path,
-                )
-            )
-        else:
-            ev.findings.append(
-                finding(
-                    "TG611",
-                    "compiled module without source that Python imports, and no RECORD "
-                    "hash vouches for it",
-                    path,
-                )
-            )
-    roots = scope.roots
-    shadowing: dict[str, str | None] = {}
-    offered: dict[str, list[str]] = {}  # unlisted file -> module names importing runs it
-    owned = owned_folders(ev.own.rows, roots)
-    for path in sorted_.unlisted:
-        root = next((r for r in roots if path.startswith(r + os.sep)), "")
-        later = roots[roots.index(root) + 1 :] if root in roots else []
-        shadowing[path] = shadowed_module(path, ev.own, root, later)
-        if shadowing[path] is None and root and hashed.present[path] != SPECIAL:
-            offered[path] = names_made_importable(path, root, owned)
-    wanted = {name for names in offered.values() for name in names}
-    importers: dict[str, Importer] = {}
-    hosts: dict[str, str] = {}  # unlisted module -> the installed package folder holding it
-    plugins: dict[str, Importer] = {}
-    if wanted:
-        stdlib = scope.stdlib or [sysconfig.get_paths()["stdlib"]]
-        installed = _installed_sources(ev, roots)
-        importers = find_importers(wanted, [*installed, *stdlib_sources(stdlib)])
-        for path, names in offered.items():
-            root = next(r for r in roots if path.startswith(r + os.sep))
-            host = host_folder(path, root, owned) if names else None
-            if host is not None:
-                hosts[path] = host
-        plugins = plugin_importers(set(hosts.values()), installed)
-    for path in sorted_.unlisted:
-        got = hashed.digests.get(path)
-        imported = next(((n, importers[n]) for n in offered.get(path, ()) if n in importers), None)
-        if imported is None and hosts.get(path) in plugins:
-            imported = (offered[path][0], plugins[hosts[path]])
-        size = got.size if got else 0
-        item = unlisted_finding(path, hashed.present[path], size, shadowing[path], imported)
-        if got is not None:
-            item.evidence["sha256"] = got.values[DEFAULT_ALGORITHM].hex()
-        ev.findings.append(item)
-
-
-def _installed_sources(ev: Evidence, roots: list[str]) -> list[tuple[str, str]]:
-    """Every installed distribution's own Python sources, with the site folder each is in."""
-    out: list[tuple[str, str]] = []
-    for dist in ev.dists:
-        for row in dist.entries:
-            if row.path.endswith(".py"):
-                root = next((r for r in roots if row.path.startswith(r + os.sep)), dist.root)
-                out.append((row.path, root))
-    return out
-
-
 def _sha256_of(hashed: Hashed) -> Callable[[str], bytes | str]:
     """An installed file's sha256: from this verify's digests, else read now."""
 
@@ -392,7 +314,7 @@ def gather(
     for module, path, position in startup:
         verified = _verified(path, own, digests)
         ev.findings.append(startup_finding(module, path, position, own.owner(path), verified))
-    _loose_findings(scope, ev, sorted_, hashed)
+    ev.findings.extend(loose_findings(scope, ev.own, ev.dists, sorted_, files, digests))
     if scope.check_pyc:
         _check_pycs(ev, sorted_, files, cache, scope.workers, progress, stats)
     _snapshot_findings(scope, ev, sorted_, hashed)
