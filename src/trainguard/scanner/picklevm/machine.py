@@ -219,7 +219,7 @@ class PickleMachine:
         return self.memo[idx]
 
     # -- argument readers ---------------------------------------------------
-    def _bytes_arg(self, n: int, offset: int) -> bytes | Opaque:
+    def _bytes_arg(self, n: int, offset: int, *, record: bool = True) -> bytes | Opaque:
         if n < 0:
             raise Malformed("negative length")
         if n > self.limits.max_kept_bytes_arg:
@@ -227,18 +227,20 @@ class PickleMachine:
             # so a pickle hidden in a long byte string is still seen starting.
             head = self.s.read(min(_NESTED_HEAD, n))
             self.s.skip(n - len(head))
-            if head[:1] in _OPCODE_BYTES:
+            if record and head[:1] in _OPCODE_BYTES:
                 self.ev.nested.append(NestedBytes(head, offset, n))
             return Opaque("bytes", n)
         data = self.s.read(n)
         # Any protocol: a nested pickle.loads needs no PROTO header either; the
         # analysis asks the probe whether a loader would run it.
-        if n >= _NESTED_MIN and data[:1] in _OPCODE_BYTES:
+        if record and n >= _NESTED_MIN and data[:1] in _OPCODE_BYTES:
             self.ev.nested.append(NestedBytes(data, offset))
         return data
 
     def _text_arg(self, n: int, offset: int) -> str | Opaque:
-        raw = self._bytes_arg(n, offset)
+        # Text is never unpickled as is (pickle.loads wants bytes); protocols 0-2
+        # turn it into bytes with _codecs.encode, which the analysis follows.
+        raw = self._bytes_arg(n, offset, record=False)
         if isinstance(raw, Opaque):
             return Opaque("str", n)
         try:
@@ -441,15 +443,23 @@ def _str_or_bytes(data: bytes) -> Value:
         return data
 
 
+def _binstring(m: PickleMachine, raw: bytes | Opaque, off: int) -> Value:
+    """A protocol 0-2 string: text when ASCII, else bytes that a loader may unpickle."""
+    if isinstance(raw, Opaque):
+        return raw
+    value = _str_or_bytes(raw)
+    if isinstance(value, bytes) and len(value) >= _NESTED_MIN and value[:1] in _OPCODE_BYTES:
+        m.ev.nested.append(NestedBytes(value, off))
+    return value
+
+
 def _op_binstring(m: PickleMachine, off: int) -> None:
     n = struct.unpack("<i", m.s.read(4))[0]
-    raw = m._bytes_arg(n, off)
-    m._push(raw if isinstance(raw, Opaque) else _str_or_bytes(raw))
+    m._push(_binstring(m, m._bytes_arg(n, off, record=False), off))
 
 
 def _op_short_binstring(m: PickleMachine, off: int) -> None:
-    raw = m._bytes_arg(m.s.read(1)[0], off)
-    m._push(raw if isinstance(raw, Opaque) else _str_or_bytes(raw))
+    m._push(_binstring(m, m._bytes_arg(m.s.read(1)[0], off, record=False), off))
 
 
 def _op_binbytes(m: PickleMachine, off: int) -> None:
