@@ -224,3 +224,67 @@ def test_repeated_alerts_are_one_per_group_and_window_with_the_evidence_in_the_l
     assert [r.payload["rule"] for r in records if r.kind == "alert"] == ["TG1301"]
     repeats = [r.payload for r in records if r.kind == "alert-repeats"]
     assert len(repeats) == 1 and repeats[0]["steps"] == list(range(12, 40))
+
+
+def test_honest_runs_of_every_optimizer_raise_nothing_high() -> None:
+    rng = seeded()
+    for name in sc.OPTIMIZERS:
+        options = {"scheduler": rng.random() < 0.5, "budget": rng.choice([None, 0.02])}
+        guard = sc.run(40, optimizer=name, **options)
+        assert high(guard) == [], (name, options, guard.alerts)
+        update = next(c for c in guard.checks if type(c).__name__ == "UpdateModelCheck")
+        assert update.ratio is not None and abs(update.ratio - 1) < 1e-3, name
+
+
+def _bad_update(kind: str, factor: float, at: int) -> Callable[[Any, Any, Any], None]:
+    """A step post-hook, registered before watch(), that alters the update from step ``at``."""
+    seen = {"steps": 0}
+    before: dict[int, Any] = {}
+
+    def pre(opt: Any, args: Any, kwargs: Any) -> None:
+        before.clear()
+        before.update({id(p): p.detach().clone() for g in opt.param_groups for p in g["params"]})
+
+    def post(opt: Any, args: Any, kwargs: Any) -> None:
+        seen["steps"] += 1
+        if seen["steps"] - 1 < at:
+            return
+        with torch.no_grad():
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    old = before[id(p)]
+                    scale = {"flip": -1.0, "skip": 0.0, "scale": factor}[kind]
+                    p.copy_(old + scale * (p - old))
+
+    def install(opt: Any) -> None:
+        opt.register_step_pre_hook(pre)
+        opt.register_step_post_hook(post)
+
+    return install  # type: ignore[return-value]
+
+
+def test_a_flipped_scaled_or_skipped_update_is_caught_whichever_optimizer_runs() -> None:
+    rng = seeded()
+    for _ in range(4):
+        name = rng.choice(sorted(sc.OPTIMIZERS))
+        kind = rng.choice(["flip", "skip", "scale"])
+        factor = rng.choice([rng.uniform(0.05, 0.6), rng.uniform(1.6, 5.0)])
+        at = rng.randrange(2, 25)
+        model = sc.make_model()
+        opt = sc.OPTIMIZERS[name](list(model.parameters()))
+        _bad_update(kind, factor, at)(opt)  # type: ignore[call-arg]
+        guard = sc.tgw.watch(model, opt, hang_seconds=None, min_stall_seconds=0.25)
+        x, y = sc.make_data()
+        for _ in range(at + 2):
+            idx = torch.randint(0, len(x), (32,))
+            loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            guard.step(loss=loss, batch=(x[idx], y[idx]))
+        guard.close()
+        what = (name, kind, round(factor, 3), at)
+        print(what, [(a.rule, a.step, a.message[:100]) for a in guard.alerts])
+        math = [a.step for a in guard.alerts if a.rule == "TG1306" and "math gives" in a.message]
+        assert math and math[0] == at, what
+        assert all(a.severity >= Severity.HIGH for a in guard.alerts if "math gives" in a.message)

@@ -27,6 +27,7 @@ from trainguard.monitor.checks.seeds import SeedCheck
 from trainguard.monitor.checks.spikes import SpikeCheck
 from trainguard.monitor.checks.tamper import TamperCheck
 from trainguard.monitor.checks.timing import StallCheck
+from trainguard.monitor.checks.update import UpdateModelCheck
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
 from trainguard.monitor.options import WatchOptions
 from trainguard.monitor.recorder import Recorder, run_start
@@ -95,6 +96,7 @@ class Guard:
         )
         # The order alerts of one phase come in.
         self.checks: list[Check] = [self.tamper, self.hyper, self.identity, self.seeds]
+        self.checks += [UpdateModelCheck(self.named_params, optimizer, self.key)]
         self.checks += [self.direction, StallCheck(self.windows["time"], opts.min_stall_seconds)]
         self.checks += [SpikeCheck(self.windows["loss"], self.windows["grad_norm"])]
         self.checks += [self.data] if self.data is not None else []
@@ -168,11 +170,11 @@ class Guard:
     def _after_step(self) -> None:
         started = clock.now()
         try:
-            ctx = Context(self.step_index, self.rank)
-            self._raise(self.direction.after_step(ctx))
-            self._raise(self.hyper.after_step(ctx))
             seconds = clock.now() - self._step_started
-            self._raise(self.tamper.after_step(ctx, spent=self.last_step_overhead))
+            ctx = Context(self.step_index, self.rank)
+            self.tamper.spent = self.last_step_overhead
+            for check in self.checks:
+                self._raise(check.after_step(ctx))
             self._pending = {"cosine": self.direction.cosine, "optimizer_step_seconds": seconds}
             self._pending.update(self.tamper.fields)
         finally:
@@ -201,7 +203,8 @@ class Guard:
         optimizer may change the weights, and only inside its hooks: check that here."""
         ctx = Context(self.step_index, self.rank)
         self._raise(self.identity.before_step(ctx) + self.tamper.before_step(ctx))
-        self._raise(self.tamper.after_step(ctx, spent=self.last_step_overhead))
+        self.tamper.spent = self.last_step_overhead
+        self._raise(self.tamper.after_step(ctx))
         self._pending = dict(self.tamper.fields, hooks=False)
 
     def _finish_step(self, loss: Any, batch: Any) -> None:

@@ -62,6 +62,7 @@ class TamperCheck(Check):
         self.before = self.after
         self.before_checked = False
         self.fields: dict[str, Any] = {}
+        self.spent = 0.0  # the guard's own seconds in the last step (budget feedback)
 
     def due(self, step: int) -> bool:
         """Whether the coming boundary gets full fingerprints."""
@@ -122,15 +123,15 @@ class TamperCheck(Check):
         self.before_checked = full
         return alerts
 
-    def after_step(self, ctx: Context, spent: float = 0.0) -> list[Alert]:
-        """Fingerprint (or sample) the new state; ``spent``: the guard's cost last step."""
+    def after_step(self, ctx: Context) -> list[Alert]:
+        """Fingerprint (or sample) the new state (budget mode: within ``self.spent``)."""
         if self.budget is not None:
             watched = self.watched()
             self._versions.remember(watched)
             self._checking = self._full_due(ctx.step)
             if not self._checking:
                 # Sampled chunks only: the record leaves the full fingerprints out.
-                self._take_sample(watched, ctx.step, spent)
+                self._take_sample(watched, ctx.step, self.spent)
                 self.fields = {"sampled": round(self.sampled_share, 6)}
                 if self.before_checked:
                     self.fields["before"] = self.before.digest
