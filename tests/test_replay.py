@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -483,6 +484,31 @@ def test_seeding_before_the_first_checkpoint_is_honest(tmp_path: Path) -> None:
     assert "the entry point builds" in d.cause
 
 
+class _Unhooked(torch.optim.AdamW):
+    """AdamW's update without the hooks torch wraps around Optimizer.step (the guard's)."""
+
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(1.5)  # and the update is not the honest one
+        return torch.optim.AdamW.step.__wrapped__(self, closure)
+
+
+def test_bypassed_optimizer_step_is_named_not_blamed_on_every(tmp_path: Path) -> None:
+    """An optimizer step that bypasses the guard's hooks: replay names the bypass as the
+    cause (the step record says the hooks did not run), not the guard's every= setting."""
+
+    def swap(s: int, model: Any, opt: Any, sched: Any, loader: Any) -> None:
+        if s == 13:  # the instance's step: the scheduler's wrapper already sits there
+            opt.step = types.MethodType(_Unhooked.step, opt)
+
+    ledger = train(tmp_path, "swapped", carry=swap)
+    d = replay(ledger, "swapped", build, key=KEY).first_divergence
+    assert d is not None and d.step == 14 and d.kind == "step"
+    assert "optimizer hooks did not run" in d.cause and "every=" not in d.cause
+
+
 def random_seed() -> int:
     import secrets
 
@@ -509,3 +535,17 @@ def test_budget_run_replays_clean(tmp_path: Path) -> None:
     ledger = train(tmp_path, "budget-edit", tamper=zero_bias_before_save, budget=0.5)
     d = replay(ledger, "budget-edit", build, key=KEY).first_divergence
     assert d is not None and d.step == 20 and d.kind == "checkpoint"
+
+
+def test_a_missing_fingerprint_is_a_difference_unless_on_a_budget() -> None:
+    from trainguard.explain.replay import compare as cmp
+
+    rec = {"loss": 1.0, "lr": [0.1]}  # no "after": the guard fingerprints after every step
+    rep = {"loss": 1.0, "lr": [0.1], "after": "a", "optimizer": "o"}
+    names: tuple[list[str], list[str]] = (["w"], ["w"])
+    sides = cmp.Sides("keyed", False, names, names, (None, None), str)
+    diffs = cmp.compare_step(rec, rep, sides)
+    assert [(d.field, d.recorded) for d in diffs] == [("after", None), ("optimizer", None)]
+    assert "hooks did not run" in cmp.cause(diffs, 5, "step")
+    on_budget = cmp.Sides("keyed", False, names, names, (None, None), str, budget=True)
+    assert cmp.compare_step(rec, rep, on_budget) == []

@@ -28,6 +28,7 @@ class Sides:
     before: tuple[str | None, str | None]
     label: Label
     grad_norm: bool = True  # False: the run's norms came from its loop, not the guard
+    budget: bool = False  # watch(budget=...): full fingerprints only at some steps
 
 
 def digest(record: dict[str, Any], name: str, mode: str) -> Any:
@@ -80,7 +81,12 @@ def compare_step(rec: dict[str, Any], rep: dict[str, Any], sides: Sides) -> list
     groups = ["batch", "after", "optimizer"] + (["before"] if sides.checked else [])
     for name in groups:
         a, b = digest(rec, name, mode), digest(rep, name, mode)
-        if a == b or a is None:  # None: not fingerprinted at this step (watch budget=)
+        if a == b:
+            continue
+        if a is None and (sides.budget or name in ("batch", "before")):
+            continue  # not fingerprinted at this step (a sampled step, no batch, every=)
+        if a is None:  # the guard fingerprints after every step: its hooks did not run
+            diffs.append(FieldDiff(name, None, b, (), False))
             continue
         if name == "batch":
             diffs.append(FieldDiff(name, a, b))
@@ -166,10 +172,13 @@ def _short(text: str) -> str:
     return value if colon and kind in ("int", "bool", "str", "NoneType") else text
 
 
-def cause(diffs: Sequence[FieldDiff], step: int, kind: str, *, checked: bool = True) -> str:
+def cause(
+    diffs: Sequence[FieldDiff], step: int, kind: str, *, checked: bool = True, hooked: bool = True
+) -> str:
     """One sentence: the most telling difference, in the order things happen.
 
-    ``checked``: the weights before the step were fingerprinted (a full-check step).
+    ``checked``: the weights before the step were fingerprinted (a full-check step);
+    ``hooked``: the guard's optimizer hooks ran at the step (its record says so).
     """
     by = {d.field: d for d in diffs}
     if kind == "checkpoint":
@@ -198,6 +207,18 @@ def cause(diffs: Sequence[FieldDiff], step: int, kind: str, *, checked: bool = T
         ]
         where = f"after step {step - 1}" if step else "at the run's start"
         return f"its {'; '.join(parts)} differ from the run's state {where}"
+    hookless = [d for d in diffs if d.field in ("after", "optimizer") and d.recorded is None]
+    if hookless or not hooked:
+        what = (
+            "the guard's optimizer hooks did not run at this step"
+            if not hooked
+            else "the ledger has no fingerprint after this step although the guard takes "
+            "one at every step: its optimizer hooks did not run"
+        )
+        return (
+            f"{what} (the optimizer's step, its class or the optimizer was replaced), so "
+            "the update was not the watched optimizer's"
+        )
     if "layout" in by:
         return "the entry point built a model whose tensor names differ from the recorded run"
     if "batch" in by:

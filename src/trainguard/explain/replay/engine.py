@@ -388,11 +388,19 @@ class _Runner:
             optimizer_names = (h.optimizer_names_at(s), capture.optimizer_names(s))
             checked = s % h.every == 0 and rec.get("before") is not None
             sides = cmp.Sides(
-                self.mode, checked, params, optimizer_names, before, label, h.grad_norm_measured
+                self.mode,
+                checked,
+                params,
+                optimizer_names,
+                before,
+                label,
+                h.grad_norm_measured,
+                h.start.get("budget") is not None,
             )
             diffs = cmp.compare_step(rec, rep, sides)
             if diffs and seg.divergence is None:
-                why = cmp.cause(diffs, s, "step", checked=checked)
+                hooked = rec.get("hooks") is not False
+                why = cmp.cause(diffs, s, "step", checked=checked, hooked=hooked)
                 seg.divergence = Divergence(
                     s, "step", tuple(diffs), why, tuple(h.alerts.get(s, ()))
                 )
