@@ -269,25 +269,56 @@ def test_pth_line_pointing_outside_the_site_folder_is_high(
     assert report.exit_code() == 1, context
 
 
+def _add_record_row(site: Path, path: Path) -> None:
+    data = path.read_bytes()
+    record = site / f"{PKG}-1.0.dist-info" / "RECORD"
+    rel = os.path.relpath(path, site)
+    rows = [r for r in record.read_text().splitlines() if r.split(",")[0] != rel]
+    record.write_text("\n".join([*rows, f"{rel},{record_hash(data)},{len(data)}"]) + "\n")
+
+
 def test_owned_pth_pointing_outside_is_what_editable_installs_do(
     installed: Installed, tmp_path: Path
 ) -> None:
-    """An editable install's .pth names the source folder, and RECORD lists it with its
-    hash: installed that way, it is not an alarm (TG613 says the code is unverified)."""
+    """An editable install's .pth names its source folder, RECORD lists it with its hash,
+    and direct_url.json says editable: not an alarm (TG613 says the code is unverified)."""
     site = installed.site
     source = tmp_path / "src"
-    source.mkdir()
+    (source / "pkg").mkdir(parents=True)
+    url = site / f"{PKG}-1.0.dist-info" / "direct_url.json"
+    url.write_text(f'{{"url": "file://{source}", "dir_info": {{"editable": true}}}}')
+    _add_record_row(site, url)
     pth = site / f"__editable__.{PKG}-1.0.pth"
-    pth.write_text(f"{source}\n")
-    data = pth.read_bytes()
-    record = site / f"{PKG}-1.0.dist-info" / "RECORD"
-    record.write_text(record.read_text() + f"{pth.name},{record_hash(data)},{len(data)}\n")
+    pth.write_text(f"{source / 'pkg'}\n")
+    _add_record_row(site, pth)
     report = verify(site)
     assert not [f for f in report.findings if f.file == str(pth)]
     assert report.exit_code() == 0
     # The same file edited afterwards (RECORD not rewritten) is the attack again.
     pth.write_text(f"{tmp_path / 'elsewhere'}\n")
     assert verify(site).exit_code() == 1
+
+
+def test_planted_pth_with_a_record_row_added_is_still_high(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """An attacker who adds the planted .pth's row (with its hash) to an installed RECORD
+    makes it "owned and unchanged"; only an editable install has a reason to point
+    outside, and this distribution is not one."""
+    site = installed.site
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    canary = tmp_path / "canary"
+    plant(outside, installed.names["guarded"], "module", canary)
+    pth = site / "tgopt-extras.pth"
+    pth.write_text(f"{outside}\n")
+    _add_record_row(site, pth)
+    assert fires(site, IDIOMS["guarded"].trigger, canary, site_dir=True)
+    report = verify(site)
+    (found,) = [f for f in report.findings if f.file == str(pth)]
+    assert (found.rule, found.severity) == ("TG607", Severity.HIGH)
+    assert "not an editable install" in found.message
+    assert report.exit_code() == 1
 
 
 @pytest.mark.skipif(importlib.util.find_spec("winreg") is not None, reason="winreg exists here")

@@ -154,7 +154,19 @@ def pth_findings(
                     evidence=evidence,
                 )
             )
-    outside = outside_path_lines(pth, roots) if not verified else []
+    outside = outside_path_lines(pth, roots)
+    why = "and no RECORD vouches for it"
+    if verified and owner is not None:
+        # Only an editable install has a reason to point outside: at its own source
+        # folder, which its direct_url.json names.  A row added to some RECORD for a
+        # planted .pth does not make that distribution editable.
+        source = os.path.realpath(owner.editable) if owner.editable else None
+        outside = [
+            (line, target)
+            for line, target in outside
+            if source is None or not (target == source or target.startswith(source + os.sep))
+        ]
+        why = f"and {owner.label}, whose RECORD lists it, is not an editable install of it"
     if outside:
         # Whatever that folder holds becomes importable, and nothing verifies it:
         # a module there under an optional dependency's name runs unseen.
@@ -163,7 +175,7 @@ def pth_findings(
             finding(
                 "TG607",
                 f"adds {len(outside)} folder(s) outside the site folders to sys.path at "
-                f"every start ({target[:MAX_EVIDENCE_LINE]}), and no RECORD vouches for it",
+                f"every start ({target[:MAX_EVIDENCE_LINE]}), {why}",
                 pth.path,
                 severity=Severity.HIGH,
                 trigger=line[:MAX_EVIDENCE_LINE],
