@@ -434,3 +434,12 @@ def test_setitem_on_a_list_does_not_stop_the_analysis() -> None:
     # list[0] = 1 is valid for the real unpickler; what follows must still be read.
     data = b"]I0\naI0\nI1\nscposix\nsystem\n(S'true'\ntR."
     assert rules(data).get("TG101") is Severity.CRITICAL
+
+
+def test_an_attribute_fetched_by_getattr_and_called_through_a_rebuild_is_critical() -> None:
+    # _rebuild_from_type_v2(getattr(torch, "save"), Tensor, (0, path), None) calls torch.save.
+    data = (
+        b"ctorch._tensor\n_rebuild_from_type_v2\n(cbuiltins\ngetattr\n(ctorch\nnn\nS'init'\ntR"
+        b"ctorch\nTensor\n(I0\nS'/tmp/x'\ntNtR."
+    )
+    assert rules(data).get("TG101") is Severity.CRITICAL

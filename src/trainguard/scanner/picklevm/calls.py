@@ -117,6 +117,7 @@ class CallIndex:
             at = _CALL_THROUGH.get(name)
             if at is not None and isinstance(c.args, tuple) and len(c.args) > at:
                 inner = c.args[at]
+                self.called.add(id(inner))  # a computed callee (a getattr result) is called too
                 if isinstance(inner, Global):
                     through = Call(inner, c.args[at + 1 :], c.offset, "reduce")
                     self.by_name.setdefault(qualname(inner), []).append(through)
@@ -125,6 +126,8 @@ class CallIndex:
     def _reconstructor_base(self, c: Call) -> None:
         # _reconstructor(cls, base, state) runs base.__init__(obj, state) unless
         # base is object: as much a call of base as REDUCE would be.
+        if isinstance(c.args, tuple) and len(c.args) == 3:
+            self.called.add(id(c.args[1]))
         if isinstance(c.args, tuple) and len(c.args) == 3 and isinstance(c.args[1], Global):
             base = qualname(c.args[1])
             if base != "builtins.object":
