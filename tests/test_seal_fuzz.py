@@ -333,3 +333,32 @@ def test_odd_key_files_exit_2_with_a_message(
         fh.write(b"not a key")
     code, text = cli(capsys, "verify", str(root), "--key", os.fsdecode(odd))
     assert code == 2 and "internal error" not in text
+
+
+def test_corrupted_keyless_bundles_never_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same corruptions of a real keyless (Fulcio/Rekor) bundle, verified offline."""
+    pytest.importorskip("sigstore")
+    from trainguard.signing import SigstoreIdentity
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    fixture = Path(__file__).parent / "data" / "sigstore-keyless-model" / "model"
+    good = json.loads((fixture / "model.sig").read_text())
+    who = SigstoreIdentity(
+        "stefanb@us.ibm.com", "https://sigstore.verify.ibm.com/oauth2", offline=True
+    )
+    rng = random.Random(SEED ^ 0x51657)
+    for case in range(12):
+        doc = _mutate_json(rng, good)
+        bad = tmp_path / f"keyless-{case}.sig"
+        bad.write_text(json.dumps(doc))
+        where = f"seed {SEED} keyless case {case}"
+        try:
+            report = verify_report(fixture, who, signature=bad, cache=False).report
+        except DOCUMENTED:
+            continue
+        except Exception as exc:  # the property under test
+            pytest.fail(f"{where}: verify_report raised {type(exc).__name__}: {exc}")
+        if _signed_part(doc) != _signed_part(good):
+            assert report.failed, f"{where}: a corrupted signature verified"

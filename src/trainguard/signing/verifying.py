@@ -105,6 +105,8 @@ def _open_signature(
 ) -> tuple[Manifest, bundles.SignerInfo, str]:
     """The verified manifest, its signer and the payload's SHA-256; raises
     :class:`VerificationError` or :class:`ManifestError` otherwise."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+
     bundle = bundles.read_bundle(sig_path)
     try:
         if isinstance(key, SigstoreIdentity):
@@ -116,7 +118,8 @@ def _open_signature(
         return parse_statement(payload), signer, hashlib.sha256(payload).hexdigest()
     except (VerificationError, ManifestError):
         raise
-    except _UNREADABLE as exc:
+    except (*_UNREADABLE, UnsupportedAlgorithm) as exc:
+        # sigstore parses certificates and log entries itself, with its own surprises.
         raise ManifestError(f"unreadable ({type(exc).__name__})") from None
 
 
