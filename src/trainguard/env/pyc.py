@@ -29,7 +29,7 @@ from importlib.util import MAGIC_NUMBER, source_hash
 from types import CodeType
 from typing import Any
 
-from trainguard.filestate import Identity
+from trainguard.filestate import Identity, default_workers
 
 HEADER = 16
 MAX_SOURCE_BYTES = 32 * 1024 * 1024
@@ -273,7 +273,7 @@ def check_pycs(
     at all (a caller's unguarded ``__main__`` under the spawn method, process
     limits), the check runs in this process instead.
     """
-    count = workers or os.cpu_count() or 1
+    count = workers or default_workers()
     if count <= 1 or len(jobs) <= IN_PROCESS_MAX:
         return _in_process(jobs, progress)
     import multiprocessing
