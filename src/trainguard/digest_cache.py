@@ -70,7 +70,9 @@ class DigestCache:
     file's under ``ALGORITHM/SHARD_SIZE`` with the shards' digests joined by ``:``.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None, *, read: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, read: bool = True) -> None:
+        """``path``: the cache file (see :func:`default_cache_path`); None keeps the
+        cache in memory, for the runs of one process."""
         self.path = os.fspath(path) if path is not None else None
         self.read = read
         self.disabled: str | None = None  # why a cache file there was not used
