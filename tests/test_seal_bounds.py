@@ -8,6 +8,7 @@ filesystem allows) must not be read at all.
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,49 @@ def test_plan_without_sealed_sizes_probes_only_up_to_the_cap() -> None:
     # Nothing missing: no unlisted file above the always-hash size is read.
     complete = Manifest("m", ser, [Resource("kept", b"\1" * 32)])
     assert set(plan(files, complete, shown).hash) == {"kept"}
+
+
+def test_random_tampering_is_named_exactly_and_huge_files_are_never_read(
+    tmp_path: Path, keys: tuple[Path, Path], hashed: list[str]
+) -> None:
+    """Random compositions of edits; each file's finding is what its edit implies."""
+    seed = random.SystemRandom().randrange(1 << 32)
+    rng = random.Random(seed)
+    root = tmp_path / "model"
+    root.mkdir()
+    sizes = rng.sample(range(10, 4 * ALWAYS_HASH_UP_TO, 97), 8)  # distinct, spaced
+    for i, size in enumerate(sizes):
+        (root / f"f{i}.bin").write_bytes(rng.randbytes(size))
+    seal(root, keys[0], shard_size=rng.choice([None, 1 << 20]))
+    hashed.clear()
+    expected: set[tuple[str, str]] = set()
+    ops = ["same-size", "grow", "delete", "rename", "keep"]
+    for i in range(len(sizes)):
+        path, op = root / f"f{i}.bin", rng.choice(ops)
+        if op == "same-size":
+            data = bytearray(path.read_bytes())
+            data[rng.randrange(len(data))] ^= 0xFF
+            path.write_bytes(bytes(data))
+            expected.add(("TG503", path.name))
+        elif op == "grow":
+            with open(path, "ab") as fh:
+                fh.write(b"+")
+            expected.add(("TG503", path.name))
+        elif op == "delete":
+            path.unlink()
+            expected.add(("TG505", path.name))
+        elif op == "rename":
+            path.rename(root / f"moved-{i}.bin")
+            expected.add(("TG506", f"moved-{i}.bin"))
+    huge = [root / f"huge-{i}.bin" for i in range(rng.randint(0, 2))]
+    for h in huge:
+        sparse(h)
+        expected.add(("TG504", h.name))
+    small = root / "planted.py"
+    if rng.random() < 0.5:
+        small.write_bytes(b"x" * 5)  # a size no sealed file has
+        expected.add(("TG504", small.name))
+    report = verify_report(root, keys[1], cache=False).report
+    got = {(f.rule, Path(f.file).name) for f in report.findings}
+    assert got == expected, f"seed {seed}"
+    assert not any("huge" in p for p in hashed), f"seed {seed}"
