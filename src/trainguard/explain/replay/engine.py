@@ -30,6 +30,7 @@ from typing import Any
 
 from trainguard.errors import TrainguardError, UsageError
 from trainguard.explain.replay import compare as cmp
+from trainguard.explain.replay import held
 from trainguard.explain.replay.entry import (
     Entry,
     Replayable,
@@ -226,9 +227,7 @@ class _Runner:
         self.ranks = Ranks()
         self.skipped = False  # this segment was not replayed because another rank's was bad
         # Position -> the carried state (monitor/carried.py) a replayed segment ended in.
-        self.ends: dict[int, dict[str, dict[str, str]]] = {}
-        # ... and its weights' and optimizer state's digests (the replay guard's last record).
-        self.end_digests: dict[int, dict[str, Any]] = {}
+        self.held = held.Held(history)
 
     def run(self, seg: Segment) -> None:
         t0 = time.perf_counter()
@@ -291,9 +290,9 @@ class _Runner:
                 "run", f"{h.run_id} step {seg.start}", f"{saved.run_id} step {saved.step}"
             )
             return saved, _checkpoint_divergence(seg.start, [diff], h)
-        held = self._carried(seg.start, record, saved)
-        if held is not None:
-            return saved, _checkpoint_divergence(seg.start, [held], h)
+        carried_diff = self.held.carried(seg.start, record, saved)
+        if carried_diff is not None:
+            return saved, _checkpoint_divergence(seg.start, [carried_diff], h)
         return saved, None
 
     def _replay(
@@ -314,13 +313,16 @@ class _Runner:
         )
         run = _call("the entry point", lambda: as_replayable(self.entry(ctx)))
         if saved is not None:
-            if seg.start == 0 and 0 not in self.ends:
+            if seg.start == 0:
                 # The honest entry's fresh objects are the state before step 0.
-                fresh = _carried_of(run, fresh=True)
-                held = _carried_diff(fresh, carried.of_checkpoint(saved))
-                if held is not None:
-                    seg.divergence = _checkpoint_divergence(seg.start, [held], h)
-            _restore(run, saved)
+                fresh = _call("reading the entry's state", lambda: held.carried_of(run, fresh=True))
+                carried_diff = held.difference(fresh, carried.of_checkpoint(saved))
+                if carried_diff is not None:
+                    seg.divergence = _checkpoint_divergence(seg.start, [carried_diff], h)
+            _call(
+                "restoring the checkpoint into the entry's objects",
+                lambda: held.restore(run, saved),
+            )
         seg.conditions = conditions.differences(recorded_conditions, conditions.gather(run.model))
         capture = _Capture()
         guard = Guard(
@@ -344,7 +346,7 @@ class _Runner:
             params = (h.param_names, list(capture.start.get("param_names") or []))
             opt_names = (h.optimizer_names_at(seg.start - 1), capture.optimizer_names(-1))
             restored = capture.start.get("state") or {}
-            expected = self._expected_state(seg.start)
+            expected = self.held.state(seg.start)
             diffs = cmp.compare_state(expected, restored, self.mode, params, opt_names, label)
             if diffs and seg.divergence is None:
                 seg.divergence = _checkpoint_divergence(seg.start, diffs, h)
@@ -409,55 +411,8 @@ class _Runner:
         if seg.end == seg.start or seg.divergence is not None:
             return
         # Every step matched: what the checkpoint at seg.end restores must be this.
-        self.ends[seg.end] = _carried_of(run, fresh=False)
-        last = capture.steps[seg.end - 1]
-        plain, tensors = last.get("plain") or {}, last.get("tensors") or {}
-        self.end_digests[seg.end] = {
-            "params": last.get("after"),
-            "optimizer": last.get("optimizer"),
-            "plain": {"params": plain.get("after"), "optimizer": plain.get("optimizer")},
-            "tensors": {"params": tensors.get("after"), "optimizer": tensors.get("optimizer")},
-        }
-
-    def _expected_state(self, position: int) -> dict[str, Any]:
-        """Digests a checkpoint at ``position`` must restore: what replaying up to it gave,
-        else the ledger's step record, else (a step of ``watch(budget=...)`` that recorded
-        no full fingerprints) the checkpoint record's own digests of the save."""
-        if position in self.end_digests:
-            return self.end_digests[position]
-        state = self.history.state_at(position)
-        record = self.records.get(position)
-        if state.get("params") is None and position > 0 and record is not None:
-            p = record.payload
-            plain = p.get("plain") or {}
-            return {
-                "params": p.get("params"),
-                "optimizer": p.get("optimizer"),
-                "plain": {"params": plain.get("params"), "optimizer": plain.get("optimizer")},
-                "tensors": {},
-            }
-        return state
-
-    def _carried(
-        self, position: int, record: CheckpointRecord, saved: ckpt.Checkpoint
-    ) -> FieldDiff | None:
-        """The checkpoint's carried state against the replay that ended here, else the ledger."""
-        restored = carried.of_checkpoint(saved)
-        end = self.ends.get(position)
-        if end is not None:
-            return _carried_diff(end, restored)
-        recorded = record.payload.get("carried")
-        if not isinstance(recorded, dict):
-            return None  # an older trainguard recorded no carried state
-        parts = carried.digest_differences(recorded, carried.digests(restored))
-        if not parts:
-            return None
-        return FieldDiff(
-            "carried-ledger",
-            {p: recorded.get(p) for p in parts},
-            {p: carried.digests(restored)[p] for p in parts},
-            tuple(parts),
-        )
+        state = _call("reading the replay's state", lambda: held.carried_of(run, fresh=False))
+        self.held.remember(seg.end, state, capture.steps[seg.end - 1])
 
 
 _END = object()
@@ -470,52 +425,6 @@ def _call(what: str, fn: Callable[[], Any]) -> Any:
         raise
     except Exception as exc:
         raise ReplayError(f"{what} raised {type(exc).__name__}: {exc}") from exc
-
-
-def _restore(run: Replayable, saved: ckpt.Checkpoint) -> None:
-    def load() -> None:
-        run.model.load_state_dict(saved.model)
-        run.optimizer.load_state_dict(saved.optimizer)
-        if saved.scheduler is not None:
-            if run.scheduler is None:
-                raise ReplayError("the checkpoint holds a scheduler state; the entry built none")
-            run.scheduler.load_state_dict(saved.scheduler)
-
-    _call("restoring the checkpoint into the entry's objects", load)
-
-
-def _carried_of(run: Replayable, *, fresh: bool) -> dict[str, dict[str, str]]:
-    """The replay's carried state.  ``fresh``: objects the entry just built, before any
-    step; only their configuration (scheduler, hyper-parameters) says what the state before
-    step 0 is: random and data-loader states before the first checkpoint are the training
-    script's business (it may seed them after building), and are not held to."""
-
-    def gather() -> dict[str, dict[str, str]]:
-        scheduler = run.scheduler.state_dict() if run.scheduler is not None else None
-        if fresh:
-            return carried.flatten(scheduler, run.optimizer.state_dict(), None, None)
-        loader = ckpt.loader_state(run.dataloader) if run.dataloader is not None else None
-        states = ckpt.random_states()
-        return carried.flatten(scheduler, run.optimizer.state_dict(), states, loader)
-
-    return dict(_call("reading the replay's state", gather))
-
-
-def _carried_diff(
-    expected: dict[str, dict[str, str]], restored: dict[str, dict[str, str]]
-) -> FieldDiff | None:
-    """A "carried" difference naming each value (``scheduler gamma``), or None."""
-    names = carried.differences(expected, restored)
-    if not names:
-        return None
-    flat_a = {n: v for part in expected.values() for n, v in part.items()}
-    flat_b = {n: v for part in restored.values() for n, v in part.items()}
-    return FieldDiff(
-        "carried",
-        {n: flat_a.get(n) for n in names},
-        {n: flat_b.get(n) for n in names},
-        tuple(names),
-    )
 
 
 def _before(rec: dict[str, Any], prev: dict[str, Any] | None, start: dict[str, Any]) -> Any:

@@ -1,0 +1,121 @@
+"""What a checkpoint must restore, and restoring it.
+
+Each checkpoint is held to the best witness of the state at its position:
+what replaying the segment before it ended in (weights, optimizer state and
+the state it carries besides them, :mod:`trainguard.monitor.carried`), else
+the ledger: the step record's digests of the weights and optimizer state (or,
+after a sampled step of ``watch(budget=...)``, the checkpoint record's own),
+and the checkpoint record's digests of the carried state.  The first witness
+is a recomputation; the second only catches edits made after the save.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainguard.explain.replay.entry import Replayable
+from trainguard.explain.replay.ledger import CheckpointRecord, ReplayError, RunHistory
+from trainguard.explain.replay.result import FieldDiff
+from trainguard.monitor import carried
+from trainguard.monitor import checkpoint as ckpt
+
+Carried = dict[str, dict[str, str]]
+
+
+class Held:
+    """The replay's end states by position, and what a checkpoint is compared with."""
+
+    def __init__(self, history: RunHistory) -> None:
+        self.history = history
+        self.records = {c.step: c for c in history.checkpoints}
+        self.ends: dict[int, Carried] = {}  # position -> carried state a replay ended in
+        self.end_digests: dict[int, dict[str, Any]] = {}  # ... and its weights' digests
+
+    def remember(self, position: int, state: Carried, last: dict[str, Any]) -> None:
+        """A replayed segment ended at ``position`` in ``state``; ``last`` is the replay
+        guard's record of the step before it."""
+        self.ends[position] = state
+        plain, tensors = last.get("plain") or {}, last.get("tensors") or {}
+        self.end_digests[position] = {
+            "params": last.get("after"),
+            "optimizer": last.get("optimizer"),
+            "plain": {"params": plain.get("after"), "optimizer": plain.get("optimizer")},
+            "tensors": {"params": tensors.get("after"), "optimizer": tensors.get("optimizer")},
+        }
+
+    def state(self, position: int) -> dict[str, Any]:
+        """Digests the weights and optimizer state restored at ``position`` must have."""
+        if position in self.end_digests:
+            return self.end_digests[position]
+        state = self.history.state_at(position)
+        record = self.records.get(position)
+        if state.get("params") is None and position > 0 and record is not None:
+            p = record.payload
+            plain = p.get("plain") or {}
+            return {
+                "params": p.get("params"),
+                "optimizer": p.get("optimizer"),
+                "plain": {"params": plain.get("params"), "optimizer": plain.get("optimizer")},
+                "tensors": {},
+            }
+        return state
+
+    def carried(
+        self, position: int, record: CheckpointRecord, saved: ckpt.Checkpoint
+    ) -> FieldDiff | None:
+        """The checkpoint's carried state against the replay that ended here, else the ledger."""
+        restored = carried.of_checkpoint(saved)
+        end = self.ends.get(position)
+        if end is not None:
+            return difference(end, restored)
+        recorded = record.payload.get("carried")
+        if not isinstance(recorded, dict):
+            return None  # an older trainguard recorded no carried state
+        now = carried.digests(restored)
+        parts = carried.digest_differences(recorded, now)
+        if not parts:
+            return None
+        return FieldDiff(
+            "carried-ledger",
+            {p: recorded.get(p) for p in parts},
+            {p: now[p] for p in parts},
+            tuple(parts),
+        )
+
+
+def carried_of(run: Replayable, *, fresh: bool) -> Carried:
+    """The replay's carried state.  ``fresh``: objects the entry just built, before any
+    step; only their configuration (scheduler, hyper-parameters) says what the state before
+    step 0 is: random and data-loader states before the first checkpoint are the training
+    script's business (it may seed them after building), and are not held to."""
+    scheduler = run.scheduler.state_dict() if run.scheduler is not None else None
+    if fresh:
+        return carried.flatten(scheduler, run.optimizer.state_dict(), None, None)
+    loader = ckpt.loader_state(run.dataloader) if run.dataloader is not None else None
+    states = ckpt.random_states()
+    return carried.flatten(scheduler, run.optimizer.state_dict(), states, loader)
+
+
+def difference(expected: Carried, restored: Carried) -> FieldDiff | None:
+    """A "carried" difference naming each value (``scheduler gamma``), or None."""
+    names = carried.differences(expected, restored)
+    if not names:
+        return None
+    flat_a = {n: v for part in expected.values() for n, v in part.items()}
+    flat_b = {n: v for part in restored.values() for n, v in part.items()}
+    return FieldDiff(
+        "carried",
+        {n: flat_a.get(n) for n in names},
+        {n: flat_b.get(n) for n in names},
+        tuple(names),
+    )
+
+
+def restore(run: Replayable, saved: ckpt.Checkpoint) -> None:
+    """Load the checkpoint's states into what the entry built."""
+    run.model.load_state_dict(saved.model)
+    run.optimizer.load_state_dict(saved.optimizer)
+    if saved.scheduler is not None:
+        if run.scheduler is None:
+            raise ReplayError("the checkpoint holds a scheduler state; the entry built none")
+        run.scheduler.load_state_dict(saved.scheduler)
