@@ -82,6 +82,10 @@ def store(tmp_path: Path) -> dict[str, Path]:
     np.save(good / "arr.npy", np.array([1, "a"], dtype=object), allow_pickle=True)
     joblib.dump({"coef": np.arange(3.0)}, good / "est.joblib")
     torch.save({"w": torch.ones(4)}, good / "altered.pt")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, good / "w.safetensors")
+    save_file({"w": torch.ones(2)}, loose / "w.safetensors")
     with open(good / "swapped.pkl", "wb") as f:
         pickle.dump({"lr": 0.2}, f)
     for folder in (stranger, loose):
@@ -128,7 +132,9 @@ def test_trusted_seal_loads_and_nothing_else_runs(store: dict[str, Path]) -> Non
         ("sealed numpy", "numpy", str(good / "arr.npy")),
         ("sealed joblib", "joblib", str(good / "est.joblib")),
         ("sealed trainguard.load", "trainguard.load", str(good / "model.pt")),
+        ("sealed safetensors via torch.load", "torch", str(good / "w.safetensors")),
         ("unsealed torch", "torch", str(loose / "model.pt")),
+        ("unsealed safetensors", "torch", str(loose / "w.safetensors")),
         ("unsealed pickle", "pickle", str(loose / "data.pkl")),
         ("other key torch", "torch", str(stranger / "model.pt")),
         ("other key pickle", "pickle", str(stranger / "data.pkl")),
@@ -143,6 +149,7 @@ def test_trusted_seal_loads_and_nothing_else_runs(store: dict[str, Path]) -> Non
     assert loaded == {n for n, *_ in jobs if n.startswith("sealed")}, results
     assert results["unsealed torch"] == ["refused", ["TG504"]]
     assert results["unsealed pickle"] == ["refused", ["TG504"]]
+    assert results["unsealed safetensors"] == ["refused", ["TG504"]]
     assert results["other key torch"] == ["refused", ["TG501"]]
     assert results["other key pickle"] == ["refused", ["TG501"]]
     assert results["one byte altered"] == ["refused", ["TG503"]]

@@ -127,16 +127,22 @@ _TORCH_POSITIONAL = ("map_location", "pickle_module")
 def guard_torch_load(original: Callable[..., Any]) -> Callable[..., Any]:
     def load(f: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs.update(zip(_TORCH_POSITIONAL, args, strict=False))
+        path = backing_path(f)
+        if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".safetensors"):
+            # torch.load hands these to safetensors, which runs no code.
+            if state.config is not None and state.config.trust is not None:
+                read_checked(f)
+            return original(f, **kwargs)
         handle, owned, source = open_source(f)
         try:
             if state.nested():
                 return original(handle, **_unpickling(kwargs, source))
-            path = backing_path(f)
+            reader: BinaryIO = handle
             if state.config is not None and state.config.trust is not None:
                 data = handle.read()
                 check_trust(data, source, path)
-                handle, kwargs["mmap"] = io.BytesIO(data), False
-            return _torch_load(original, f, handle, source, kwargs)
+                reader, kwargs["mmap"] = io.BytesIO(data), False
+            return _torch_load(original, f, reader, source, kwargs)
         finally:
             if owned:
                 handle.close()
