@@ -161,6 +161,16 @@ RULES: dict[str, Rule] = {
         ),
         # -- containers -----------------------------------------------------
         Rule(
+            "TG113",
+            "torchscript-code",
+            _C,
+            "A TorchScript archive's code calls an operator that reads, maps or writes "
+            "files (critical) or a custom operator namespace whose native code comes from "
+            "a library the loading process imported (high); a __setstate__ that "
+            "torch.jit.load runs while loading is listed as low. TorchScript cannot import "
+            "or eval, so its operators are what it can do.",
+        ),
+        Rule(
             "TG201",
             "zip-crc-mismatch",
             _M,

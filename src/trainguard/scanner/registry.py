@@ -90,6 +90,11 @@ def _hdf5_signature(head: bytes) -> bool:
 # Zips recognised by their member names (checked before every member is scanned).
 ZIP_FLAVOURS = (
     LazyFlavour("keras", lambda m: m.KerasZipFlavour(), lambda names: "config.json" in names),
+    LazyFlavour(
+        "torchscript",
+        lambda m: m.TorchScriptFlavour(),
+        lambda names: any(n.endswith("constants.pkl") for n in names),
+    ),
 )
 
 # Every blob, whatever claims it, is also asked what a pickle loader would do with it.
