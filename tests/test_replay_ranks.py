@@ -89,3 +89,34 @@ def test_cli_all_ranks(
             "tests.replay_ddp:build", "--all-ranks", "-q"]  # fmt: skip
     assert main(argv) == 1
     assert "the divergence began on rank 1 at 8" in capsys.readouterr().out
+
+
+def test_verifier_recomputes_a_data_parallel_run(
+    ddp_runs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verifier's path for world size 2: every rank at once, the rank named."""
+    from trainguard.explain.verifier.follow import Verifier
+    from trainguard.explain.verifier.sampling import secret_from
+    from trainguard.signing.keys import write_keypair
+
+    monkeypatch.chdir(ROOT)
+    private, _ = write_keypair(ddp_runs / "verifier")
+    verifier = Verifier(
+        str(ddp_runs / "ledger.db"),
+        "poisoned",
+        "tests.replay_ddp:build",
+        signing_key=str(private),
+        secret=secret_from(private.read_bytes()),
+        rate=1.0,
+        run_key=KEY,
+    )
+    try:
+        verdicts = verifier.poll()
+    finally:
+        verifier.close()
+    assert [(v.start, v.end, v.status) for v in verdicts] == [
+        (0, 6, "matched"),
+        (6, 12, "diverged"),
+    ]
+    assert verdicts[1].step == 8 and verdicts[1].ranks == (1,)
+    assert verifier.summary.alerts[0]["evidence"]["ranks"] == [1]
