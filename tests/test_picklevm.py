@@ -376,8 +376,10 @@ def test_a_parameter_rebuilt_with_backward_hooks_is_tampering() -> None:
 
 
 def _stdlib_data() -> dict[str, object]:
+    import array
     import datetime
     import logging
+    import random
     import re
     import types
     import typing
@@ -393,6 +395,8 @@ def _stdlib_data() -> dict[str, object]:
         "hash": hash,
         "zoneinfo": datetime.datetime(2024, 1, 1, tzinfo=zoneinfo.ZoneInfo("Europe/Paris")),
         "utc": datetime.timezone.utc,
+        "array": array.array("f", [1.0, 2.0]),
+        "random": random.Random(1),
     }
 
 
@@ -443,3 +447,8 @@ def test_an_attribute_fetched_by_getattr_and_called_through_a_rebuild_is_critica
         b"ctorch\nTensor\n(I0\nS'/tmp/x'\ntNtR."
     )
     assert rules(data).get("TG101") is Severity.CRITICAL
+
+
+def test_old_numpy_random_state_pickles_are_not_an_alarm() -> None:
+    # numpy < 1.17 pickled RandomState as numpy.random.__RandomState_ctor() (old gensim).
+    assert rules(b"cnumpy.random\n__RandomState_ctor\n(tR.") == {"TG103": Severity.MEDIUM}

@@ -63,6 +63,8 @@ KNOWN_SAFE_CALLS: frozenset[str] = frozenset(
         "accelerate.utils.dataclasses.DistributedType",
         # numpy < 1.0 arrays: ndarray.__new__(subtype, shape, dtype) (numpy/core/_internal.py)
         "numpy.core._internal._reconstruct",
+        # numpy < 1.17 pickled RandomState as __RandomState_ctor() (numpy/random/__init__.py)
+        "numpy.random.__RandomState_ctor",
         # re patterns and flags, namespaces: calls that rebuild a value
         "re._compile",
         "re.compile",

@@ -250,6 +250,10 @@ STDLIB_DATA: frozenset[str] = frozenset(
         ),
         "types.SimpleNamespace",
         "types.NoneType",
+        # arrays and random states of old pickles (Python 2 era gensim, scikit-learn)
+        "array.array",
+        "array._array_reconstructor",
+        "random.Random",
         "zoneinfo.ZoneInfo",
         "datetime.tzinfo",
         "re.RegexFlag",
