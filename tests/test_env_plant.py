@@ -404,3 +404,28 @@ def test_module_added_to_a_package_that_imports_only_by_name_stays_medium(
     assert not fires(installed.site, f"import {PKG}", tmp_path / "canary")
     (found,) = [f for f in verify(installed.site).findings if f.file == str(stray)]
     assert (found.rule, found.severity) == ("TG603", Severity.MEDIUM)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "try: import {n}\nexcept ImportError: pass\n",
+        "import os, {n}\n",
+        "x = 1; from {n}.sub import y\n",
+        "def f():\n    return __import__(name='{n}')\n",
+        "m = importlib.import_module(f'{n}')\n",
+        "from {n} import (\n    a,\n    b,\n)\n",
+    ],
+)
+def test_the_byte_sieve_keeps_every_way_of_referring(tmp_path: Path, source: str) -> None:
+    """Only files whose bytes may refer to the name are parsed: no idiom the parse would
+    find may be sieved out first."""
+    from trainguard.env.imports import find_importers
+
+    code = tmp_path / "user.py"
+    code.write_text(source.format(n="tgx_opt"))
+    found = find_importers({"tgx_opt"}, [(str(code), str(tmp_path))])
+    assert set(found) == {"tgx_opt"} and found["tgx_opt"].line > 0
+    # The name as a tail of another is no reference: a.tgx_opt, tgx_optimal.
+    code.write_text("import a.tgx_opt\nimport tgx_optimal\nx = 'b.tgx_opt'\n")
+    assert find_importers({"tgx_opt"}, [(str(code), str(tmp_path))]) == {}

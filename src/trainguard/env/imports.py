@@ -191,16 +191,53 @@ def stdlib_sources(folders: Iterable[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _mentions(data: bytes, name: str) -> bool:
-    # Any reference to a.b.c holds "c": as the name's tail, or alone after a
-    # relative ``from . import c``.
-    return name.rpartition(".")[2].encode() in data
+class _Sieve:
+    """Which files may refer to one module name, from their bytes: a superset of what
+    :func:`references` finds, so that only those files are parsed.  A common name
+    (``utils``) appears in thousands of files; only a few import it or pass it as a
+    string, and only a file inside the same top-level package can import it relatively.
+    """
+
+    def __init__(self, name: str) -> None:
+        parent, _, last = name.rpartition(".")
+        self.top = name.partition(".")[0]
+        self.last = last.encode()
+        self.dotted = name.encode()
+        # N itself, not the tail of a.N or of N_more
+        self.exact = re.compile(rb"(?<![\w.])" + re.escape(self.dotted) + rb"(?![\w])")
+        self.parent = b"from " + parent.encode() + b" import" if parent else None
+
+    def _direct(self, data: bytes) -> bool:
+        """``import N``, ``from N...``, ``import a, N``, or "N"/"N.x" in quotes."""
+        for match in self.exact.finditer(data):
+            start = match.start()
+            before = data[start - 1 : start]
+            after = data[match.end() : match.end() + 1]
+            if before in (b"'", b'"') and after in (b"'", b'"', b"."):
+                return True
+            # Anywhere on the line before it: "try: import N", "x = 1; from N import y".
+            line = data[data.rfind(b"\n", 0, start) + 1 : start]
+            if b"import" in line or b"from" in line:
+                return True
+        return False
+
+    def may_refer(self, data: bytes, path: str, root: str) -> bool:
+        if self.last not in data:
+            return False
+        if self.dotted in data and self._direct(data):
+            return True
+        if self.parent is not None and self.parent in data:
+            return True  # from parent import last (perhaps in parentheses)
+        # A relative import names no package: only files inside the same one can.
+        inside = path.startswith(os.path.join(root, self.top) + os.sep)
+        return inside and b"from ." in data
 
 
 def find_importers(names: set[str], sources: Iterable[tuple[str, str]]) -> dict[str, Importer]:
     """For each of ``names``, the first installed source file (path, its site folder)
     that refers to it, or to a module below it."""
     found: dict[str, Importer] = {}
+    sieves = {name: _Sieve(name) for name in names}
     for path, root in sources:
         wanted = names - found.keys()
         if not wanted:
@@ -212,7 +249,7 @@ def find_importers(names: set[str], sources: Iterable[tuple[str, str]]) -> dict[
             for name in wanted:  # unreadable: it may import anything (fail closed)
                 found[name] = Importer(path, 0, f"could not be read ({data})")
             continue
-        mentioned = {n for n in wanted if _mentions(data, n)}
+        mentioned = {n for n in wanted if sieves[n].may_refer(data, path, root)}
         if not mentioned:
             continue
         problem = None
