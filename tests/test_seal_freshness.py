@@ -77,6 +77,7 @@ def test_a_seal_without_version_or_with_an_odd_one_is_not_taken_as_fresh(
     release(tmp_path / "a", keys[0], None, name=None)
     assert rules(tmp_path / "a", keys[1], min_version="1") == ["TG508"]
     release(tmp_path / "b", keys[0], "2024-rc")
+    assert any("not a dotted number" in n for n in seal(tmp_path / "b", keys[0], version="x").notes)
     assert rules(tmp_path / "b", keys[1], min_version="1") == ["TG508"]
     # No --name: the subject name model-signing records (the folder's) is compared.
     assert rules(tmp_path / "a", keys[1], expect_name="a") == []

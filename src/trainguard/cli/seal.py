@@ -222,6 +222,8 @@ def _seal(args: argparse.Namespace) -> int:
         )
     for note in result.notes:
         warn(note)
+    if result.hash_mode:
+        print(f"hashing: {result.hash_mode}", file=sys.stderr)
     files = len({r.path for r in result.manifest.resources})
     size = sum(r.size or 0 for r in result.manifest.resources)
     if result.manifest.serialization.method == "shards":

@@ -33,6 +33,7 @@ from trainguard.signing.build import (
 )
 from trainguard.signing.dsse import MAX_PAYLOAD
 from trainguard.signing.errors import SealError, VerificationError
+from trainguard.signing.freshness import version_key
 from trainguard.signing.hashing import SEAL_HASHES, HashStats
 from trainguard.signing.keyless import KeylessSigning, SigstoreIdentity
 from trainguard.signing.keys import private_key_from
@@ -118,6 +119,11 @@ def seal(
     resources, stats, notes = hash_folder(tree, ser, cache, full, workers, progress)
     mode, refused = hash_mode(cache, full, stats)
     notes += refused
+    if version is not None and version_key(version) is None:
+        notes.append(
+            f"version {version!r} is not a dotted number (7, 1.4.2): verify --min-version "
+            "will refuse to compare it (TG508)"
+        )
     if not tree.single_file:
         own = {sig_rel, *GIT_PATHS}
         skipped = [n for n in [*tree.path_ignored, *tree.pattern_ignored] if n not in own]
