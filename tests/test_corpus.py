@@ -55,3 +55,29 @@ def test_benign_sample_has_no_false_alarm(sample: Sample, tmp_path: Path) -> Non
     assert result.verdict is None or result.verdict <= allowed, summary
     if sample.expect == "medium":
         assert result.verdict == Severity.MEDIUM, summary
+
+
+def test_real_library_files_slice_has_no_high_finding(tmp_path: Path) -> None:
+    """A slice of bench/benign_corpus.py: files torch, scikit-learn and scipy write themselves."""
+    import importlib.util as iu
+
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    spec = iu.spec_from_file_location(
+        "benign_corpus", Path(__file__).resolve().parent.parent / "bench" / "benign_corpus.py"
+    )
+    assert spec is not None and spec.loader is not None
+    corpus = iu.module_from_spec(spec)
+    spec.loader.exec_module(corpus)
+    corpus.build_generated(tmp_path, small=True, only=("torch", "sklearn", "scipy"))
+    from trainguard import scan
+
+    report = scan([tmp_path])
+    assert len(report.files) >= 20
+    loud = [
+        (f.path, x.rule, x.trigger)
+        for f in report.files
+        for x in f.findings
+        if x.severity >= Severity.HIGH or f.error
+    ]
+    assert not loud, loud
