@@ -226,3 +226,26 @@ def test_encode_decode_is_exact() -> None:
     assert again.interpreter == snap.interpreter
     with pytest.raises(ValueError, match="bad file entry"):
         decode(encode(snap).replace(b'"' + b"0" * 64 + b'"', b'"xyz"'))
+
+
+def test_check_against_is_one_check_for_protect_and_watch(
+    tmp_path: Path, site: Path, keys: tuple[Path, Path]
+) -> None:
+    """``check_against`` (what protect(env_snapshot=) and watch(env_snapshot=) call): the
+    key as a path or as an object gives the same answer; no key is a usage error."""
+    from trainguard.env.verify import check_against
+    from trainguard.errors import UsageError
+    from trainguard.signing.keys import load_public_key
+
+    snap = tmp_path / "env.snapshot.json"
+    assert snapshot(site, keys[0], snap) == 0
+    assert check_against(snap, keys[1], [str(site)]) == []
+    optim = site / NAME / "optim.py"
+    optim.write_text(FLIPPED_SOURCE + "# tuned\n")
+    rewrite_record_line(site, f"{NAME}/optim.py")
+    by_path = check_against(snap, str(keys[1]), [str(site)])
+    by_object = check_against(snap, load_public_key(keys[1]), [str(site)])
+    assert [(f.rule, f.file) for f in by_path] == [(f.rule, f.file) for f in by_object]
+    assert ("TG615", str(optim)) in [(f.rule, f.file) for f in by_path]
+    with pytest.raises(UsageError, match="env_key"):
+        check_against(snap, None, [str(site)])
