@@ -16,7 +16,7 @@ FILES=(
   tests/test_bounds.py tests/test_ziplenient.py tests/test_protobuf.py
   tests/test_fmt_gguf.py tests/test_fmt_safetensors.py tests/test_fmt_onnx.py
   tests/test_fmt_savedmodel.py tests/test_fmt_keras.py tests/test_templates.py
-  tests/test_ledger_chain.py
+  tests/test_ledger_chain.py tests/test_seal_fuzz.py
 )
 echo "fuzz scale x$SCALE on $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ)" >&2
 TRAINGUARD_FUZZ_SCALE=$SCALE /usr/bin/time -f "wall %e s, peak RSS %M KiB" \

@@ -35,7 +35,8 @@ from trainguard.signing.dsse import IN_TOTO_PAYLOAD_TYPE, sign_envelope
 from trainguard.signing.keys import load_private_key, write_keypair
 
 SEED = int(os.environ.get("TRAINGUARD_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
-CASES = 60
+SCALE = int(os.environ.get("TRAINGUARD_FUZZ_SCALE") or 1)  # bench/fuzz_long.sh raises it
+CASES = 60 * SCALE
 WEAK = 1024  # DSA/RSA key size: these keys never sign anything, and 2048 is slow to make
 DOCUMENTED = (SealError, UsageError)  # "could not check": exit 2 with a message
 
@@ -83,7 +84,7 @@ def test_seal_and_verify_folders_with_byte_names(
 ) -> None:
     rng = random.Random(SEED)
     private, public = write_keypair(tmp_path / "key")
-    for i in range(4):
+    for i in range(4 * SCALE):
         root = tmp_path / f"m{i}"
         paths = make_folder(root, rng)
         code, text = cli(capsys, "seal", str(root), "--key", str(private), "--no-progress")
@@ -349,7 +350,7 @@ def test_corrupted_keyless_bundles_never_crash(
         "stefanb@us.ibm.com", "https://sigstore.verify.ibm.com/oauth2", offline=True
     )
     rng = random.Random(SEED ^ 0x51657)
-    for case in range(12):
+    for case in range(12 * SCALE):
         doc = _mutate_json(rng, good)
         bad = tmp_path / f"keyless-{case}.sig"
         bad.write_text(json.dumps(doc))
