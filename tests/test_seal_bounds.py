@@ -190,3 +190,16 @@ def test_random_tampering_is_named_exactly_and_huge_files_are_never_read(
     got = {(f.rule, Path(f.file).name) for f in report.findings}
     assert got == expected, f"seed {seed}"
     assert not any("huge" in p for p in hashed), f"seed {seed}"
+
+
+def test_a_grown_file_whose_content_moved_is_a_rename_and_a_modification(
+    model: Path, keys: tuple[Path, Path]
+) -> None:
+    seal(model, keys[0])
+    weights = model / "weights.bin"
+    weights.rename(model / "moved.bin")
+    with open(weights, "wb") as fh:
+        fh.truncate(1 << 40)  # a different size at the old name: judged by size
+    findings = verify_report(model, keys[1], cache=False).report.findings
+    got = sorted((f.rule, Path(f.file).name) for f in findings)
+    assert got == [("TG503", "weights.bin"), ("TG506", "moved.bin")]
