@@ -93,6 +93,12 @@ def _attacks() -> dict[str, tuple[Any, str]]:
             {"p": _WithState(ones.clone().requires_grad_(), (True, None, hooks))},
             _param_grad_negated(),
         ),
+        # A parameter made by calling its class, then given hooks by BUILD: a module
+        # from the file (ReLU) clips its gradients.
+        "parameter-class-build-hooks": (
+            {"p": _Build(torch.nn.Parameter, (ones.clone(),), (True, None, _relu_hook()))},
+            "((ckpt['p'] * -1).sum().backward() or True) and bool((ckpt['p'].grad == 0).all())",
+        ),
         # A weight silently changed at load by an in-place initialiser.
         "inplace-init": (
             _zeroed(ones.clone()),
@@ -109,6 +115,20 @@ def _attacks() -> dict[str, tuple[Any, str]]:
             "ckpt.__setitem__('keep', ckpt['d']['missing']) or False",
         ),
     }
+
+
+class _Build:
+    """Pickles as ``func(*args)`` followed by BUILD with ``state``."""
+
+    def __init__(self, func: Any, args: tuple[Any, ...], state: Any) -> None:
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return self.func, self.args, self.state
+
+
+def _relu_hook() -> OrderedDict[int, Any]:
+    return OrderedDict({0: torch.nn.ReLU()})
 
 
 class _WithState:

@@ -73,6 +73,11 @@ class ClassRef:
         return f"<class {self.name} (construct only)>"
 
 
+def _is_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
 def _plain_new(cls: type) -> bool:
     new = getattr(cls, "__new__", None)
     if id(new) in _PLAIN_NEW:
@@ -123,6 +128,8 @@ class Restrictions:
             elif module in _compat_pickle.IMPORT_MAPPING:
                 module = _compat_pickle.IMPORT_MAPPING[module]
         qualified = f"{module}.{name}"
+        if qualified in vetted.VALUE_NAMES and qualified in self._ours:
+            return self._ours[qualified]
         if qualified in self._ours:
             return self._trust(self._ours[qualified])
         if qualified in DENIED_NAMES or _in_module_set(qualified, DENIED_MODULES):
@@ -195,7 +202,7 @@ class Restrictions:
 
     def check_build(self) -> None:
         inst = self.stack[-2]
-        if id(inst) not in self._created:
+        if id(inst) not in self._created or _is_tensor(inst):
             raise refuse(
                 "TG401",
                 f"state applied to {type(inst).__name__}, not an object this file made",
@@ -211,6 +218,8 @@ class Restrictions:
             if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None))):
                 continue
             seen.add(id(obj))
+            if _is_tensor(obj) and getattr(obj, "_backward_hooks", None):
+                raise refuse("TG401", "a tensor carries backward hooks from the file", self.source)
             if isinstance(obj, ClassRef):
                 raise refuse_global(
                     obj.name, "a class kept as a value (code may call it later)", self.source

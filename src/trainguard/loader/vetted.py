@@ -100,6 +100,20 @@ _TORCH_PLAIN = [
 ]
 
 
+# Classes the file may name as values (the type argument of a rebuild), never call:
+# calling them makes objects that would then accept state (a tensor's __setstate__
+# swaps its storage and installs backward hooks).
+VALUE_NAMES = frozenset(
+    [
+        "torch.Tensor",
+        "torch.nn.parameter.Parameter",
+        "numpy.ndarray",
+        "numpy.random._generator.Generator",
+        *(n for n in _NUMPY_PLAIN if n.startswith("numpy.random._")),
+    ]
+)
+
+
 def _resolve(qualified: str) -> Any:
     module, _, name = qualified.rpartition(".")
     try:
