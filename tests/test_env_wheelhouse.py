@@ -361,3 +361,29 @@ def test_the_wheelhouse_is_searched_like_pips_cache(install: Install, tmp_path: 
     assert [w.path for ws in ref.wheels.values() for w in ws] == [str(deep / install.wheel.name)]
     options = EnvOptions(paths=[str(install.site)], check_pyc=False, reference=ref)
     assert verify_environment(options).report.exit_code() == 0
+
+
+def test_a_version_no_wheel_has_is_high_when_the_reference_knows_the_project(
+    install: Install,
+) -> None:
+    """Renaming the distribution's version (its .dist-info folder, METADATA and RECORD
+    rewritten to match) so that no wheel matches must not turn the comparison into "not
+    covered"."""
+    moved = install.site / f"{NAME}-1.0.post1.dist-info"
+    (install.site / META).rename(moved)
+    meta = moved / "METADATA"
+    meta.write_text(meta.read_text().replace("Version: 1.0", "Version: 1.0.post1"))
+    rows = []
+    for row in (moved / "RECORD").read_text().splitlines():
+        path = row.split(",")[0].replace(META, moved.name)
+        target = install.site / path
+        if target.is_file() and path != f"{moved.name}/RECORD":
+            data = target.read_bytes()
+            row = f"{path},{record_hash(data)},{len(data)}"
+        else:
+            row = ",".join([path, *row.split(",")[1:]])
+        rows.append(row)
+    (moved / "RECORD").write_text("\n".join(rows) + "\n")
+    assert install.verify(wheelhouse=False).exit_code() == 0  # consistent to RECORD
+    (found,) = [f for f in install.verify().findings if f.rule == "TG622"]
+    assert found.severity == Severity.HIGH and "holds only 1.0" in found.message

@@ -294,12 +294,19 @@ def choose_wheel(dist: InstalledDist, ref: Reference) -> tuple[WheelFile | None,
             )
         )
     else:
+        others = sorted(v for (n, v) in ref.wheels if n == name and v != version)
+        # The reference knows this project at other versions only: an installed version
+        # no wheel has is what an edit of METADATA's Version (to escape the comparison)
+        # looks like.  A project the reference does not hold at all is only not covered.
         out.append(
             finding(
                 "TG622",
-                f"no wheel of {dist.label} in the reference; its files were not compared",
+                f"{dist.label} is installed, but the reference holds only "
+                f"{', '.join(others[:5])} of it; its files were not compared"
+                if others
+                else f"no wheel of {dist.label} in the reference; its files were not compared",
                 dist.meta_dir,
-                severity=Severity.MEDIUM,
+                severity=Severity.HIGH if others else Severity.MEDIUM,
                 reference=ref.label,
             )
         )
