@@ -718,10 +718,10 @@ RULES: dict[str, Rule] = {
             "TG622",
             "env-wheel-reference",
             _M,
-            "The reference could not vouch for a distribution: no wheel of its name and "
-            "version in the wheelhouse (medium), or (high) it is not in the lock file, its "
-            "version is not the locked one, no wheel has a hash the lock lists, or the "
-            "wheel cannot be read.",
+            "The reference could not vouch for a distribution: no wheel of its name in the "
+            "wheelhouse (medium), or (high) wheels of other versions only, not in the lock "
+            "file, not the locked version, no wheel with a hash the lock lists, or a wheel "
+            "that cannot be read.",
         ),
         # -- safetensors (TG8xx) -----------------------------------------------
         Rule(
