@@ -25,6 +25,7 @@ from tests.test_samples_fire import _run_all
 from trainguard import Severity, scan_file
 from trainguard.samples import missing_modules
 from trainguard.samples.mutation_containers import draw
+from trainguard.samples.mutation_tamper import draw_tamper
 
 _BATCH = 250
 
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> int:
     samples = []
     seen: set[str] = set()
     while len(samples) < n:
-        s = draw(rng)
+        s = draw_tamper(rng) if len(samples) % 10 == 9 else draw(rng)  # 10% Sleepy Pickle
         if s.id not in seen and not missing_modules(s):
             seen.add(s.id)
             samples.append(s)

@@ -20,6 +20,7 @@ from trainguard import Severity, scan_file
 from trainguard.samples import LOADER_REQUIRES, LOADERS, missing_modules
 from trainguard.samples.base import Sample
 from trainguard.samples.mutation_containers import CONTAINERS, draw, parse_id
+from trainguard.samples.mutation_tamper import draw_tamper
 from trainguard.samples.mutations import ACCESS, CALLS, TARGETS, Encoding
 
 SCAN_SLICE = 60
@@ -74,11 +75,25 @@ def test_regression_families_are_flagged(ident: str, tmp_path: Path) -> None:
     assert ok, why
 
 
+def test_random_sleepy_mutants_are_flagged(seed: int, tmp_path: Path) -> None:
+    # In-place weight edits under many names and paths: nothing runs a command.
+    rng = random.Random(seed ^ 0x7A)
+    misses = []
+    for i in range(20):
+        sample = draw_tamper(rng)
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        ok, why = _flagged(sample, folder)
+        if not ok:
+            misses.append(why)
+    assert not misses, f"TRAINGUARD_MUTATION_SEED={seed}: " + "\n".join(misses)
+
+
 def test_random_mutants_fire_under_their_real_loaders(seed: int, tmp_path: Path) -> None:
     rng = random.Random(seed ^ 0x5EED)
     samples: list[Sample] = []
     while len(samples) < FIRE_SLICE:
-        sample = draw(rng)
+        sample = draw_tamper(rng) if len(samples) % 4 == 3 else draw(rng)
         if not missing_modules(sample) and sample.id not in {s.id for s in samples}:
             samples.append(sample)
     (tmp_path / "canaries").mkdir()

@@ -139,7 +139,7 @@ def valid(target: str, access: str, call: str) -> bool:
     return True
 
 
-def _emit_access(a: PickleAsm, t: Target, access: str, memo: list[int]) -> None:
+def emit_access(a: PickleAsm, t: Target, access: str, memo: list[int]) -> None:
     """Leave the target callable on the stack."""
     mod, name = t.module, t.name
     if access == "global":
@@ -207,12 +207,12 @@ def payload(t: Target, access: str, call: str, enc: Encoding, folder: Path, cana
         a.proto(enc.protocol)
     memo = [1]
     if call == "reduce":
-        _emit_access(a, t, access, memo)
+        emit_access(a, t, access, memo)
         _push_tuple(a, t, args)
         a.reduce()
     elif call == "obj":
         a.mark()
-        _emit_access(a, t, access, memo)
+        emit_access(a, t, access, memo)
         _push_items(a, t, args)
         a.obj()
     elif call == "inst":
@@ -223,19 +223,19 @@ def payload(t: Target, access: str, call: str, enc: Encoding, folder: Path, cana
         # partial(print), then __setstate__((target, args, None, None)), then call it.
         a.global_("functools", "partial").mark().global_("builtins", "print").tuple_().newobj()
         a.mark()
-        _emit_access(a, t, access, memo)
+        emit_access(a, t, access, memo)
         _push_tuple(a, t, args)
         a.none().none().tuple_().build()
         a.mark().tuple_().reduce()
     elif call == "rebuild_from_type":
         a.global_("torch._tensor", "_rebuild_from_type_v2").mark()
-        _emit_access(a, t, access, memo)
+        emit_access(a, t, access, memo)
         a.global_("torch", "Tensor")
         _push_tuple(a, t, args)
         a.none().tuple_().reduce()
     elif call == "copy_reconstruct":
         a.global_("copy", "_reconstruct").mark().none().none()
-        _emit_access(a, t, access, memo)
+        emit_access(a, t, access, memo)
         _push_tuple(a, t, args)
         a.tuple_().reduce()
     else:
