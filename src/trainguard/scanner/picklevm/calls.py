@@ -146,6 +146,8 @@ class CallIndex:
 def judge(g: Global, verdict: GlobalVerdict, index: CallIndex) -> tuple[GlobalVerdict, Call | None]:
     """The verdict on an import once its calls are known, and the call that decided it."""
     name = qualname(g)
+    # INST/OBJ without arguments allocate a class but call a function: the
+    # scanner cannot tell which the name is, so it counts as a call.
     calls = [c for c in index.by_name.get(name, []) if c.kind in CALL_KINDS]
     if not calls:
         return verdict, None
