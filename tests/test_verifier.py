@@ -191,3 +191,33 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*argv, "--key", str(write_keypair(tmp_path / "v2")[0])]) == 1
     text = capsys.readouterr().out
     assert "steps 20..24: DIVERGED at 20 (rank 0)" in text and "TG1511" in text
+
+
+def test_cli_imports_the_entry_from_a_sealed_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from trainguard.cli.main import main
+    from trainguard.signing import seal
+
+    _train_to_the_end(tmp_path, "sealed")
+    code = tmp_path / "code"
+    code.mkdir()
+    shutil.copy(ROOT / "tests" / "verifier_train.py", code / "sealed_train.py")
+    signer, public = write_keypair(tmp_path / "code-signer")
+    seal(code, str(signer), cache=False)
+    private, _ = write_keypair(tmp_path / "verifier")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", sys.dont_write_bytecode)
+    argv = ["verify-run", "sealed", "--ledger", str(tmp_path / "ledger.db"), "--entry",
+            "sealed_train:build", "--key", str(private), "--rate", "0.3", "--code", str(code),
+            "--code-key", str(public), "-q"]  # fmt: skip
+    code_ = main(argv)
+    assert code_ == 0, capsys.readouterr().out
+    assert "sealed_train" in sys.modules
+    sys.modules.pop("sealed_train")
+    source = code / "sealed_train.py"
+    source.write_text(source.read_text().replace("yb.flip(0)", "yb.flip(0) * 1.0"))
+    assert main(argv) == 1
+    assert "does not verify" in capsys.readouterr().err

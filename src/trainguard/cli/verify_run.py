@@ -56,6 +56,13 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--env-snapshot", metavar="FILE", help="refuse to start unless the "
                    "environment matches this sealed snapshot (with --env-key)")  # fmt: skip
     p.add_argument("--env-key", metavar="PEM", help="public key that signed the snapshot")
+    p.add_argument(
+        "--code",
+        metavar="DIR",
+        help="import the entry from this sealed folder (`trainguard seal DIR`), after "
+        "verifying its seal with --code-key; refuse to start (exit 1) if it does not verify",
+    )
+    p.add_argument("--code-key", metavar="PEM", help="public key that sealed --code")
     add_output(p, ("text", "json"))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(handler=_verify_run)
@@ -78,6 +85,8 @@ def _verify_run(args: argparse.Namespace) -> int:
             print("trainguard verify-run: the environment does not match the sealed snapshot; "
                   "not starting", file=sys.stderr)  # fmt: skip
             return EXIT_FINDINGS
+    if args.code and not _sealed_code(args.code, args.code_key):
+        return EXIT_FINDINGS
     try:
         with open(args.key, "rb") as fh:
             material = fh.read(MAX_KEY_FILE_BYTES + 1)
@@ -112,3 +121,23 @@ def _verify_run(args: argparse.Namespace) -> int:
         verifier.close()
     write_output(render(summary, args.format, tool_version=installed_version()), args.output)
     return summary.exit_code()
+
+
+def _sealed_code(folder: str, key: str | None) -> bool:
+    """Verify the sealed copy of the training code, then import from it (and nothing newer:
+    no bytecode is written, so a pyc the seal does not cover cannot appear)."""
+    import os
+
+    from trainguard.signing import VerificationError, verify
+
+    if key is None:
+        raise UsageError("--code needs --code-key, the public key that sealed it")
+    try:
+        verify(folder, key, cache=False)
+    except VerificationError as exc:
+        print(f"trainguard verify-run: {folder}: the sealed training code does not verify: "
+              f"{exc}; not starting", file=sys.stderr)  # fmt: skip
+        return False
+    sys.dont_write_bytecode = True
+    sys.path.insert(0, os.path.abspath(folder))
+    return True

@@ -97,9 +97,14 @@ def compare_step(rec: dict[str, Any], rep: dict[str, Any], sides: Sides) -> list
         tensors, known = differing(compacts, names, mode, label)
         diffs.append(FieldDiff(name, a, b, tensors, known))
     if sides.checked:
-        a_rng, b_rng = rec.get("rng") or {}, rep.get("rng") or {}
+        # Generators both sides watched: a data loader's are recorded only when the guard
+        # was given it, and CUDA's once CUDA is initialised; what they drive shows anyway
+        # (the batch, dropout in the loss).
+        a_all, b_all = rec.get("rng") or {}, rep.get("rng") or {}
+        a_rng = {g: d for g, d in a_all.items() if g in b_all}
+        b_rng = {g: d for g, d in b_all.items() if g in a_all}
         if a_rng != b_rng:
-            gens = sorted(set(a_rng) | set(b_rng))
+            gens = sorted(a_rng)
             diffs.append(
                 FieldDiff(
                     "rng",

@@ -329,6 +329,7 @@ class _Runner:
             run.model,
             run.optimizer,
             scheduler=run.scheduler,
+            dataloader=run.dataloader,  # its generators are among the recorded random states
             ledger=capture,
             run_id=f"replay:{h.run_id}",
             every=h.every,
