@@ -89,7 +89,10 @@ def _kind(mode: int) -> str:
 
 def walk(root: str, ignore: IgnoreRules) -> Tree:
     """Every regular file under ``root`` (a folder or one file), links refused."""
-    st = os.lstat(root)
+    try:
+        st = os.lstat(root)
+    except OSError as exc:
+        raise UsageError(f"{root}: {exc.strerror or exc}") from None
     if stat.S_ISREG(st.st_mode):
         tree = Tree(root=root, single_file=True)
         tree.files["."] = Entry(root, Identity.of(st), True, False)
@@ -115,7 +118,11 @@ def walk(root: str, ignore: IgnoreRules) -> Tree:
             if ignore.matches_pattern(name):
                 tree.pattern_ignored.append(name)
                 continue
-            est = entry.stat(follow_symlinks=False)
+            try:
+                est = entry.stat(follow_symlinks=False)
+            except OSError as exc:  # gone since the listing, or unreadable
+                tree.unsafe.append((name, f"cannot be examined ({exc.strerror})"))
+                continue
             if stat.S_ISDIR(est.st_mode):
                 pending.append((name + "/", entry.path))
             elif stat.S_ISREG(est.st_mode):
