@@ -14,6 +14,7 @@ import copyreg
 import datetime
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -361,3 +362,57 @@ def test_refusal_names_the_policy_line_that_allows_it(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     # Allowed by the policy it loads; torch's weights_only=True still refuses it.
     assert proc.stdout.splitlines()[1:] == ["0.25", "weights_only: UnpicklingError"]
+
+
+def _dotted_call(module: str, qualname: str, args: tuple[Any, ...]) -> bytes:
+    """``module.qualname(*args)`` named by one STACK_GLOBAL (protocol 4), no getattr."""
+    body = pickle.dumps(args, protocol=4)[2:-1]  # the args tuple without PROTO and STOP
+    if body[:1] == b"\x95":  # FRAME
+        body = body[9:]
+    name = (
+        b"\x8c" + bytes([len(module)]) + module.encode()
+        + b"\x8c" + bytes([len(qualname)]) + qualname.encode()
+    )  # fmt: skip
+    return b"\x80\x04" + name + b"\x93" + body + b"R."
+
+
+_WARN = textwrap.dedent(
+    """
+    import os, pickle, sys, trainguard
+    path, canary, mode = sys.argv[1:]
+    if mode != "real":
+        trainguard.protect(mode=mode)
+    try:
+        pickle.load(open(path, "rb"))
+        print("loaded", os.path.exists(canary))
+    except trainguard.UnsafeModelError as exc:
+        print("refused", os.path.exists(canary), sorted({f.rule for f in exc.findings}))
+    """
+)
+
+
+def test_a_write_the_scanner_and_sandbox_rate_medium_is_stopped_by_the_unpickler(
+    tmp_path: Path,
+) -> None:
+    # numpy.ndarray.dump writes a file natively; named as one dotted global the
+    # scanner rates it medium and the sandbox's import check lets it through.
+    canary = tmp_path / "canary"
+    path = tmp_path / "dump.pkl"
+    path.write_bytes(_dotted_call("numpy", "ndarray.dump", (np.zeros(1), str(canary))))
+    out = {}
+    for mode in ("real", "warn", "block"):
+        proc = subprocess.run(
+            [sys.executable, "-c", _WARN, str(path), str(canary), mode],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[mode] = proc.stdout.strip()
+        if mode == "real":
+            assert canary.exists(), out
+            canary.unlink()
+    assert out["real"] == "loaded True"
+    assert out["warn"] == "refused False ['TG401']"
+    assert out["block"].startswith("refused False")
