@@ -165,3 +165,13 @@ def test_hooks_folder_swapped_for_a_link_is_a_change(
     (model / ".git" / "hooks").symlink_to(tmp_path / "hooks")
     [finding] = verify_report(model, keys[1]).report.findings
     assert finding.rule == "TG511" and finding.evidence["now"] == "link"
+
+
+def test_ignored_text_and_signatures_are_not_warned(model: Path, keys: tuple[Path, Path]) -> None:
+    (model / "extra").mkdir()
+    (model / "extra" / "model.sig").write_text("{}")
+    (model / "extra" / "model_card.md").write_text("# card\n")
+    (model / "extra" / "README").write_text("notes\n")
+    sealed = seal(model, keys[0], ignore=["extra", "logs"])
+    assert sealed.notes == []
+    assert verify_report(model, keys[1]).report.findings == []

@@ -53,8 +53,8 @@ _LOADER_NAMES = (
     "*.mar",
     "*.nemo",
     "pytorch_model*",
-    "model*",
     "adapter_model*",
+    "*.model",  # sentencepiece tokenizers
     "*.index.json",
     "config.json",
     "generation_config.json",
