@@ -452,3 +452,12 @@ def test_an_attribute_fetched_by_getattr_and_called_through_a_rebuild_is_critica
 def test_old_numpy_random_state_pickles_are_not_an_alarm() -> None:
     # numpy < 1.17 pickled RandomState as numpy.random.__RandomState_ctor() (old gensim).
     assert rules(b"cnumpy.random\n__RandomState_ctor\n(tR.") == {"TG103": Severity.MEDIUM}
+
+
+def test_build_with_a_state_only_a_custom_setstate_takes_is_a_call() -> None:
+    # NEWOBJ mylib.Pipe, then BUILD with a string: object's default __setstate__ takes
+    # only a dict (or a (dict, slots) pair), so Pipe.__setstate__(state) runs the state.
+    custom = b"\x80\x02cmylib.pipes\nPipe\n)\x81X\x07\x00\x00\x00payloadb."
+    assert rules(custom).get("TG112") is Severity.HIGH
+    plain = b"\x80\x02cmylib.pipes\nPipe\n)\x81}X\x01\x00\x00\x00aK\x01sb."
+    assert rules(plain) == {"TG103": Severity.MEDIUM}

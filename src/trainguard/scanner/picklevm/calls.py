@@ -40,7 +40,8 @@ from trainguard.scanner.picklevm.names import (
     normalise,
 )
 
-CALL_KINDS = frozenset(["reduce", "inst", "obj", "newobj_ex"])
+CALL_KINDS = frozenset(["reduce", "inst", "obj", "newobj_ex", "setstate"])
+_CONSTRUCTORS = frozenset(["copyreg._reconstructor", "copyreg.__newobj__", "copyreg.__newobj_ex__"])
 
 # Third-party callables whose call rebuilds data, each read in its library's source:
 # Cython extension types' __reduce__ (scikit-learn's trees and losses) and the enums
@@ -123,6 +124,12 @@ class CallIndex:
                 if isinstance(inner, Global):
                     through = Call(inner, c.args[at + 1 :], c.offset, "reduce")
                     self.by_name.setdefault(qualname(inner), []).append(through)
+        for b in self.ev.builds:
+            cls = _class_of(b.obj)
+            if cls is not None and not _default_state(b.state):
+                # Only a custom __setstate__ takes this state: BUILD calls it.
+                setstate = Call(cls, (b.state,), b.offset, "setstate")
+                self.by_name.setdefault(qualname(cls), []).append(setstate)
         self._elsewhere: set[str] | None = None
 
     def _reconstructor_base(self, c: Call) -> None:
@@ -167,6 +174,28 @@ def judge(g: Global, verdict: GlobalVerdict, index: CallIndex) -> tuple[GlobalVe
             "and it is not known to be safe to call (allow it in a policy if you trust it)",
         ),
         calls[0],
+    )
+
+
+def _class_of(obj: Value) -> Global | None:
+    """The imported class an object was constructed from, when the pickle says so."""
+    if not (isinstance(obj, Call) and isinstance(obj.func, Global)):
+        return None
+    if qualname(obj.func) in _CONSTRUCTORS:
+        args = obj.args
+        first = args[0] if isinstance(args, tuple) and args else None
+        return first if isinstance(first, Global) else None
+    return obj.func
+
+
+def _default_state(state: Value) -> bool:
+    """A state object.__setstate__'s default handles: a dict, or (dict, slots dict)."""
+    if state is None or isinstance(state, DictV):
+        return True
+    return (
+        isinstance(state, tuple)
+        and len(state) == 2
+        and all(x is None or isinstance(x, DictV) for x in state)
     )
 
 
