@@ -152,8 +152,9 @@ RULES: dict[str, Rule] = {
             "TG112",
             "pickle-calls-unknown",
             _H,
-            "The pickle calls (REDUCE, INST, OBJ, NEWOBJ_EX) a global that is not known to "
-            "be safe to call: the call runs it with arguments the file chooses. Expression "
+            "The pickle calls (REDUCE, INST, OBJ, NEWOBJ_EX, or BUILD with a state only a "
+            "custom __setstate__ takes) a global that is not known to be safe to call: the "
+            "call runs it with arguments the file chooses. Expression "
             "evaluators, test helpers that run scripts and decoders that unpickle their "
             "input are ordinary third-party functions. Merely constructing a class (NEWOBJ, "
             "copyreg's reconstructor) stays TG103; allow the global in a policy if you "
