@@ -363,3 +363,19 @@ def test_corrupted_keyless_bundles_never_crash(
             pytest.fail(f"{where}: verify_report raised {type(exc).__name__}: {exc}")
         if _signed_part(doc) != _signed_part(good):
             assert report.failed, f"{where}: a corrupted signature verified"
+
+
+def test_a_folder_with_too_many_entries_is_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainguard.signing import tree
+
+    private, public = write_keypair(tmp_path / "key")
+    root = tmp_path / "model"
+    make_folder(root, random.Random(SEED), files=3)
+    seal(root, private)
+    monkeypatch.setattr(tree, "MAX_ENTRIES", 3)
+    (root / "more").write_bytes(b"x")
+    for verb, key in (("seal", private), ("verify", public)):
+        code, text = cli(capsys, verb, str(root), "--key", str(key), "--no-progress")
+        assert code == 2 and "more than 3 entries" in text, text

@@ -13,18 +13,23 @@ it) plus glob patterns matched against the relative name, such as
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import os
 import stat
 from dataclasses import dataclass, field
 
 from trainguard.errors import UsageError
 from trainguard.filestate import Entry, Identity
+from trainguard.signing.errors import SealError
 
 # Ignored by model-signing on both signing and verifying unless told otherwise,
 # so trainguard ignores them too: otherwise each side would see files the
 # other left out.
 GIT_PATHS = (".git", ".gitattributes", ".github", ".gitignore")
 DEFAULT_SIGNATURE_NAME = "model.sig"
+# A manifest holds at most 1,000,000 resources (manifest.MAX_RESOURCES); a folder
+# with many more entries cannot be a sealed model, and listing it is unbounded work.
+MAX_ENTRIES = 2_000_000
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -102,14 +107,20 @@ def walk(root: str, ignore: IgnoreRules) -> Tree:
         raise UsageError(f"{root}: {_kind(st.st_mode)}, not a file or folder")
     tree = Tree(root=root, single_file=False)
     pending = [("", root)]
+    seen = 0
     while pending:
         prefix, folder = pending.pop()
         try:
             with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                # Never more than the cap in memory, even from one vast folder.
+                entries = list(itertools.islice(it, MAX_ENTRIES - seen + 1))
         except OSError as exc:
             tree.unsafe.append((prefix or ".", f"a folder that cannot be listed ({exc.strerror})"))
             continue
+        seen += len(entries)
+        if seen > MAX_ENTRIES:
+            raise SealError(f"{root}: more than {MAX_ENTRIES:,} entries; refusing to walk on")
+        entries.sort(key=lambda e: e.name)
         for entry in entries:
             name = f"{prefix}{entry.name}"
             if ignore.matches_path(name):
