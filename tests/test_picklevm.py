@@ -461,3 +461,14 @@ def test_build_with_a_state_only_a_custom_setstate_takes_is_a_call() -> None:
     assert rules(custom).get("TG112") is Severity.HIGH
     plain = b"\x80\x02cmylib.pipes\nPipe\n)\x81}X\x01\x00\x00\x00aK\x01sb."
     assert rules(plain) == {"TG103": Severity.MEDIUM}
+
+
+@pytest.mark.parametrize("levels", [2, 4, 40])
+def test_pickles_nested_in_plain_data_pickles_are_followed(levels: int) -> None:
+    # Each level is a harmless dict holding the next level's bytes; past the depth
+    # limit the scan says so (TG205) instead of calling the rest clean.
+    data = _PAYLOAD_P0 + b"."
+    for _ in range(levels):
+        data = pickle.dumps({"b": data}, protocol=4)
+    found = rules(data)
+    assert max(found.values()) >= Severity.HIGH and "TG110" in found, found

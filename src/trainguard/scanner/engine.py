@@ -42,6 +42,7 @@ class _Scanner:
         self.limits = limits
         self.formats: list[str] = []
         self.deadline: float | None = None
+        self.nesting = 0
 
     def context(self) -> ScanContext:
         return ScanContext(
@@ -100,8 +101,13 @@ class _Scanner:
                 yield found if found.member or not blob.name else replace(found, member=blob.name)
 
     def scan_nested_bytes(self, data: bytes, name: str) -> list[Finding]:
-        blob = Blob(name, lambda: io.BytesIO(data), len(data), depth=1)
-        return list(self._guarded(blob))
+        # Pickles nested in pickles nest again: count the levels like containers.
+        self.nesting += 1
+        try:
+            blob = Blob(name, lambda: io.BytesIO(data), len(data), depth=self.nesting)
+            return list(self._guarded(blob))
+        finally:
+            self.nesting -= 1
 
     def _guarded(self, blob: Blob) -> Iterator[Finding]:
         try:

@@ -224,11 +224,12 @@ def _call_shape(call: Call) -> Iterator[Finding]:
 def _nested(ev: PickleEvents, scan: NestedScanner) -> Iterator[Finding]:
     # Byte strings a loader may unpickle later (pickle.loads of a field, numpy
     # object arrays, torch's _load_from_bytes): any protocol, any header.  The
-    # probe keeps plain data (raw array bytes) from costing a nested scan.
+    # probe keeps raw data (array bytes) from costing a nested scan; a pickle of
+    # plain data is scanned too, since it may carry the next nested pickle.
     payloads: list[tuple[bytes, int, int]] = []
     for n in ev.nested:
         complete = not n.length
-        if probe_head(n.data, complete=complete) in (Probe.EXECUTES, Probe.UNDECIDED):
+        if probe_head(n.data, complete=complete) is not Probe.REJECTS:
             payloads.append((n.data, n.offset, n.length))
     for call in ev.calls:
         if not (isinstance(call.func, Global) and isinstance(call.args, tuple) and call.args):
@@ -239,7 +240,7 @@ def _nested(ev: PickleEvents, scan: NestedScanner) -> Iterator[Finding]:
         elif call.func.qualname == "_codecs.encode" and isinstance(first, str):
             # Protocols 0-2 write bytes as _codecs.encode(text, "latin1").
             raw = first.encode("latin-1", "replace")
-            if probe_head(raw, complete=True) in (Probe.EXECUTES, Probe.UNDECIDED):
+            if probe_head(raw, complete=True) is not Probe.REJECTS:
                 payloads.append((raw, call.offset, 0))
     done: set[bytes] = set()
     for data, off, length in payloads:
