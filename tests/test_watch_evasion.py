@@ -6,6 +6,7 @@ Each test prints its seed; rerun one with TRAINGUARD_TEST_SEED=<seed>.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 import time
@@ -167,10 +168,12 @@ def test_what_was_installed_before_watch_is_reported_at_start_up() -> None:
     finally:
         undo()
     print(what, [(a.rule, a.step, a.message) for a in guard.alerts])
-    assert [(a.rule, a.step, a.evidence.get("at_start")) for a in guard.alerts] == [
+    # One alert per route it is found on (a class and the module holding it, say).
+    assert guard.alerts, what
+    assert {(a.rule, a.step, a.evidence.get("at_start")) for a in guard.alerts} == {
         ("TG1304", 0, True)
-    ], what
-    assert guard.alerts[0].severity >= Severity.HIGH
+    }, what
+    assert all(a.severity >= Severity.HIGH for a in guard.alerts)
 
 
 def test_a_forward_hook_present_at_start_up_is_medium_and_an_honest_start_is_silent() -> None:
@@ -288,3 +291,94 @@ def test_a_flipped_scaled_or_skipped_update_is_caught_whichever_optimizer_runs()
         math = [a.step for a in guard.alerts if a.rule == "TG1306" and "math gives" in a.message]
         assert math and math[0] == at, what
         assert all(a.severity >= Severity.HIGH for a in guard.alerts if "math gives" in a.message)
+
+
+def test_honest_schedules_manual_lr_and_declared_reseeds_raise_nothing_high() -> None:
+    rng = seeded()
+    names = rng.sample(sorted(sc.SCHEDULERS), 3)
+    for name in names:
+        guard = sc.run(40, optimizer=rng.choice(["sgd", "adamw", "adam"]), scheduler=name)
+        assert high(guard) == [], (name, guard.alerts)
+
+    def nanogpt_lr(it: int) -> float:
+        return 3e-3 * min(1.0, (it + 1) / 10) * (0.55 + 0.45 * math.cos(it / 40 * math.pi))
+
+    guard = sc.run(40, manual_lr=nanogpt_lr, reseed_every=rng.randrange(5, 15), data_check=True)
+    assert high(guard) == [], guard.alerts
+
+
+def test_a_schedule_forged_or_bent_is_caught_at_its_step() -> None:
+    rng = seeded()
+    name = rng.choice(["step", "exponential", "cosine", "multistep", "lambda"])
+    at = rng.randrange(3, 30)
+    how = rng.choice(["forged last lr", "gamma", "undeclared manual lr"])
+
+    def bend(step: int, model: Any, opt: Any) -> None:
+        if step != at - 1:
+            return
+        group = opt.param_groups[0]
+        if how == "gamma":
+            sched = bend.scheduler  # type: ignore[attr-defined]
+            for attr in ("gamma", "T_max", "base_lrs"):
+                if hasattr(sched, attr):
+                    value = getattr(sched, attr)
+                    setattr(
+                        sched,
+                        attr,
+                        [v * 3 for v in value] if isinstance(value, list) else value * 3,
+                    )
+                    return
+        new = group["lr"] * rng.choice([0.3, 3.0])
+        group["lr"] = new
+        if how == "forged last lr":
+            bend.scheduler._last_lr = [new]  # type: ignore[attr-defined]
+
+    original = sc.SCHEDULERS[name]
+
+    def keep(o: Any) -> Any:
+        bend.scheduler = original(o)  # type: ignore[attr-defined]
+        return bend.scheduler  # type: ignore[attr-defined]
+
+    sc.SCHEDULERS["test"] = keep
+    try:
+        guard = sc.run(at + 3, optimizer="sgd", scheduler="test", sabotage=bend)
+    finally:
+        del sc.SCHEDULERS["test"]
+    print(name, how, at, [(a.rule, a.step, a.message[:90]) for a in guard.alerts])
+    assert ("TG1303", at) in high(guard), (name, how)
+
+
+def test_a_replaced_or_frozen_parameter_and_a_private_generator_reseed_are_caught() -> None:
+    rng = seeded()
+    at = rng.randrange(3, 30)
+    how = rng.choice(["replace", "freeze", "loader generator"])
+    x, y = sc.make_data(256)
+    gen = torch.Generator().manual_seed(7)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True, generator=gen
+    )
+    model = sc.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    guard = sc.tgw.watch(model, opt, dataloader=loader, hang_seconds=None, min_stall_seconds=0.25)
+    step = 0
+    while step <= at + 1:
+        for xb, yb in loader:
+            loss = torch.nn.functional.mse_loss(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            guard.step(loss=loss, batch=(xb, yb))
+            if step == at - 1:
+                if how == "replace":
+                    model[3].weight = torch.nn.Parameter(model[3].weight.detach().clone())
+                elif how == "freeze":
+                    model[0].weight.requires_grad_(False)
+                else:
+                    gen.manual_seed(7)
+            step += 1
+            if step > at + 1:
+                break
+    guard.close()
+    print(how, at, [(a.rule, a.step, a.message[:90]) for a in guard.alerts])
+    rule = "TG1305" if how == "loader generator" else "TG1301"
+    assert (rule, at) in high(guard), how

@@ -46,6 +46,24 @@ OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer
 }
 
 
+SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
+    "step": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=50, gamma=0.5),
+    "exponential": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.99),
+    "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=30),
+    "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.01, total_steps=400),
+    "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s / 20)),
+    "multistep": lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [5, 15, 30], gamma=0.3),
+    "warmup-cosine": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o,
+        [
+            torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=10),
+            torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=50),
+        ],
+        milestones=[10],
+    ),
+}
+
+
 def make_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
@@ -58,19 +76,34 @@ def run(
     *,
     optimizer: str = "adamw",
     sabotage: Sabotage | None = None,
-    scheduler: bool = False,
+    scheduler: bool | str = False,
     clip: Callable[..., Any] | None = None,
+    manual_lr: Callable[[int], float] | None = None,
+    reseed_every: int = 0,
     **guard_kwargs: Any,
 ) -> tgw.Guard:
+    """A small training run; ``manual_lr``: a nanoGPT-style loop that sets (and declares)
+    its own learning rate each step; ``reseed_every``: the loop re-seeds torch on purpose
+    every that many steps (declared); ``scheduler``: True (StepLR) or a SCHEDULERS name."""
     model = make_model()
     x, y = make_data()
     opt = OPTIMIZERS[optimizer](list(model.parameters()))
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=50, gamma=0.5) if scheduler else None
+    if scheduler:
+        sched: Any = SCHEDULERS["step" if scheduler is True else scheduler](opt)
+    else:
+        sched = None
     # A loaded CI machine can stall a few-millisecond step by 100 ms; the planted
     # sleeps are 0.4 s, so a 0.25 s floor keeps clean runs quiet and still catches them.
     guard_kwargs.setdefault("min_stall_seconds", 0.25)
     guard = tgw.watch(model, opt, scheduler=sched, **guard_kwargs)
     for step in range(steps):
+        reseed = bool(reseed_every and step % reseed_every == 0 and step)
+        if reseed:
+            torch.manual_seed(step)
+        lr = manual_lr(step) if manual_lr is not None else None
+        if lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr
         idx = torch.randint(0, len(x), (32,))
         loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
         opt.zero_grad()
@@ -79,7 +112,7 @@ def run(
         opt.step()
         if sched is not None:
             sched.step()
-        guard.step(loss=loss, batch=(x[idx], y[idx]))
+        guard.step(loss=loss, batch=(x[idx], y[idx]), lr=lr, reseed=reseed)
         if sabotage is not None:
             sabotage(step, model, opt)
     guard.close()

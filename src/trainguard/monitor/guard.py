@@ -1,10 +1,9 @@
 """``trainguard.watch``: attest every training step, and say when that stops being true.
 
-Contract for a plain loop: call ``guard.step(loss=loss, batch=inputs)`` right
-after ``optimizer.step()``.  The optimizer's step hooks run the checks of
-``monitor/checks/`` before and after each step; ``guard.step`` runs the
-end-of-step checks and writes the step's record to the ledger.  Steps are
-numbered from 0.  The guard orchestrates and records; it decides nothing itself.
+Call ``guard.step(loss=loss, batch=inputs)`` right after ``optimizer.step()``.  The
+step hooks run the checks of ``monitor/checks/`` before and after each step;
+``guard.step`` the end-of-step ones, and writes the step's record.  Steps count from
+0.  The guard orchestrates and records; it decides nothing itself.
 """
 
 from __future__ import annotations
@@ -15,23 +14,19 @@ import uuid
 from typing import Any
 
 from trainguard.findings import Severity
-from trainguard.monitor import clock, conditions
+from trainguard.monitor import checks, clock, conditions
 from trainguard.monitor.alerts import Alert, Context, TrainingStopped
 from trainguard.monitor.checks.base import Check, StepEnd
-from trainguard.monitor.checks.data import SampleCheck
 from trainguard.monitor.checks.direction import UpdateDirectionCheck
 from trainguard.monitor.checks.environment import EnvironmentCheck
 from trainguard.monitor.checks.hyper import HyperparameterCheck
 from trainguard.monitor.checks.identity import IdentityCheck
 from trainguard.monitor.checks.seeds import SeedCheck
-from trainguard.monitor.checks.spikes import SpikeCheck
 from trainguard.monitor.checks.tamper import TamperCheck
-from trainguard.monitor.checks.timing import StallCheck
-from trainguard.monitor.checks.update import UpdateModelCheck
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
 from trainguard.monitor.options import WatchOptions
-from trainguard.monitor.recorder import Recorder, run_start
-from trainguard.monitor.setup import rank_world, shared_key, tensors_in, total_grad_norm
+from trainguard.monitor.recorder import Recorder, run_start, step_payload
+from trainguard.monitor.setup import rank_world, scalar, shared_key, tensors_in, total_grad_norm
 from trainguard.monitor.sink import AlertSink
 from trainguard.monitor.stats import RobustWindow
 from trainguard.monitor.watchdog import Watchdog
@@ -67,6 +62,7 @@ class Guard:
         self._overhead = 0.0  # seconds spent in the guard during the current step
         self.last_step_overhead = 0.0  # ... and during the last finished one
         self._grad_norm: float | None = None
+        self._declared: StepEnd | None = None  # what guard.step(lr=, reseed=) said
         self._last_step_end = self._step_started = clock.now()
         self.windows = {k: RobustWindow() for k in ("time", "loss", "grad_norm")}
         self.named_params = list(model.named_parameters())
@@ -76,9 +72,15 @@ class Guard:
             optimizer.register_step_pre_hook(lambda opt, a, k: self._before_step()),
             optimizer.register_step_post_hook(lambda opt, a, k: self._after_step()),
         ]
-        self.seeds = SeedCheck()
-        self.data = (
-            SampleCheck(self.fp, self.dataloader) if self.dataloader and opts.data_check else None
+        self.seeds = SeedCheck(self.dataloader)
+        loader = self.dataloader if opts.data_check else None
+        behaviour = checks.behaviour(
+            model,
+            optimizer,
+            self.fp,
+            self.windows,
+            min_stall_seconds=opts.min_stall_seconds,
+            dataloader=loader,
         )
         # Taken after the guard's own hooks and wrappers are in place.
         self.identity = IdentityCheck(model, optimizer, self.dataloader)
@@ -96,10 +98,7 @@ class Guard:
         )
         # The order alerts of one phase come in.
         self.checks: list[Check] = [self.tamper, self.hyper, self.identity, self.seeds]
-        self.checks += [UpdateModelCheck(self.named_params, optimizer, self.key)]
-        self.checks += [self.direction, StallCheck(self.windows["time"], opts.min_stall_seconds)]
-        self.checks += [SpikeCheck(self.windows["loss"], self.windows["grad_norm"])]
-        self.checks += [self.data] if self.data is not None else []
+        self.checks += [self.direction, *behaviour]
         env = None
         if opts.env_snapshot is not None:
             env = EnvironmentCheck(opts.env_snapshot, opts.env_key, opts.env_paths)
@@ -107,15 +106,9 @@ class Guard:
         started = [a for check in self.checks for a in check.start(Context(0, self.rank))]
         summary = env.summary if env is not None else None
         self._record("run-start", run_start(self, summary, conditions.gather(model)))
-        self._raise(started)
+        self.sink.raise_all(started)
         # Ranks that hang without dying (docs/watch.md); None when hang_seconds is None.
-        self.watchdog = Watchdog.start_for(
-            self,
-            opts.hang_seconds,
-            factor=opts.hang_factor,
-            on_hang=opts.on_hang,
-            stacks=opts.hang_stacks,
-        )
+        self.watchdog = Watchdog.start_for(self, opts.hang_seconds, **_hang_options(opts))
 
     # -- what other parts of the monitor read ---------------------------------
     @property
@@ -142,10 +135,7 @@ class Guard:
         self, rule: str, message: str, severity: Severity | None = None, **evidence: Any
     ) -> None:
         ctx = Context(self.step_index, self.rank)
-        self._raise([ctx.alert(rule, message, severity=severity, **evidence)])
-
-    def _raise(self, alerts: list[Alert]) -> None:
-        self.sink.raise_all(alerts)
+        self.sink.raise_all([ctx.alert(rule, message, severity=severity, **evidence)])
 
     def _record(self, kind: str, payload: dict[str, Any]) -> None:
         self.recorder.append(kind, payload, self.step_index)
@@ -160,7 +150,7 @@ class Guard:
             due = self.tamper.due(self.step_index) or self.budget is not None
             ctx = Context(self.step_index, self.rank, due)
             for check in self.checks:
-                self._raise(check.before_step(ctx))
+                self.sink.raise_all(check.before_step(ctx))
             self._grad_norm = (
                 total_grad_norm(self.named_params, self.torch) if self.measure_grad_norm else None
             )
@@ -174,20 +164,33 @@ class Guard:
             ctx = Context(self.step_index, self.rank)
             self.tamper.spent = self.last_step_overhead
             for check in self.checks:
-                self._raise(check.after_step(ctx))
+                self.sink.raise_all(check.after_step(ctx))
             self._pending = {"cosine": self.direction.cosine, "optimizer_step_seconds": seconds}
             self._pending.update(self.tamper.fields)
         finally:
             self._overhead += clock.now() - started
 
     # -- the user's call ----------------------------------------------------------------
-    def step(self, loss: Any = None, batch: Any = None, grad_norm: Any = None) -> None:
+    def step(
+        self,
+        loss: Any = None,
+        batch: Any = None,
+        grad_norm: Any = None,
+        *,
+        lr: float | list[float] | None = None,
+        reseed: bool = False,
+    ) -> None:
         """Call right after ``optimizer.step()``: records the step and runs its checks.
 
         ``grad_norm``: the total gradient norm your loop already has (what
         ``clip_grad_norm_`` returned); with ``watch(..., measure_grad_norm=False)``
-        the guard then skips computing it.
+        the guard then skips computing it.  ``lr``: the learning rate the loop set
+        itself for this step (one, or one per param group): only undeclared changes
+        alert.  ``reseed``: the loop re-seeded a random generator on purpose this step.
         """
+        groups = len(self.optimizer.param_groups)
+        declared = [float(lr)] * groups if isinstance(lr, (int, float)) else lr
+        self._declared = StepEnd(None, None, 0.0, [], declared, reseed)
         if grad_norm is not None:
             self._grad_norm = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm)
         if self._pending is None:
@@ -198,13 +201,12 @@ class Guard:
             raise TrainingStopped(stopped)
 
     def _unhooked(self) -> None:
-        """``guard.step`` without the optimizer's step hooks since the last one: a step
-        skipped (an AMP overflow), or an update that went around the hooks.  Only the
-        optimizer may change the weights, and only inside its hooks: check that here."""
+        """No step hooks since the last ``guard.step``: a skipped step (AMP overflow), or
+        an update that went around them.  Weights change only inside them: check here."""
         ctx = Context(self.step_index, self.rank)
-        self._raise(self.identity.before_step(ctx) + self.tamper.before_step(ctx))
+        self.sink.raise_all(self.identity.before_step(ctx) + self.tamper.before_step(ctx))
         self.tamper.spent = self.last_step_overhead
-        self._raise(self.tamper.after_step(ctx))
+        self.sink.raise_all(self.tamper.after_step(ctx))
         self._pending = dict(self.tamper.fields, hooks=False)
 
     def _finish_step(self, loss: Any, batch: Any) -> None:
@@ -219,35 +221,17 @@ class Guard:
     def _finish_step_record(self, loss: Any, batch: Any) -> None:
         now = clock.now()
         step_time, self._last_step_end = now - self._last_step_end, now
-        loss_value = (
-            float(loss.detach().item() if hasattr(loss, "detach") else loss)
-            if loss is not None
-            else None
-        )
         tensors = tensors_in(batch, self.torch)
-        end = StepEnd(loss_value, self._grad_norm, step_time, tensors)
+        said, self._declared = self._declared, None
+        declared = (said.declared_lr, said.declared_reseed) if said is not None else (None, False)
+        end = StepEnd(scalar(loss), self._grad_norm, step_time, tensors, *declared)
         ctx = Context(self.step_index, self.rank)
         for check in self.checks:
-            self._raise(check.step_end(ctx, end))
+            self.sink.raise_all(check.step_end(ctx, end))
         batch_fp = (
             self.fp.fingerprint((str(i), t) for i, t in enumerate(tensors)) if tensors else None
         )
-        record = dict(self._pending or {})
-        if batch_fp is not None and "plain" in record:
-            record["plain"] = {**record["plain"], "batch": batch_fp.plain}
-        record.update(
-            {
-                "loss": loss_value,
-                "grad_norm": self._grad_norm,
-                "step_time": step_time,
-                "batch": batch_fp.digest if batch_fp is not None else None,
-                "rng": self.seeds.digests,
-                "lr": self.hyper.lrs(),
-                "rank": self.rank,
-                "world_size": self.world_size,
-            }
-        )
-        self._record("step", record)
+        self._record("step", step_payload(self, end, batch_fp))
         self._pending = None
         self.recorder.step_done(self.step_index)
         if self._sync_due():
@@ -274,10 +258,8 @@ class Guard:
             return save(self, path, data_state=data_state)
 
     def close(self, error: BaseException | None = None) -> None:
-        """Flush the last step, remove hooks and wrappers; write a run-end record.
-
-        ``error``: what ended training, if anything (then stopped peers are reported).
-        """
+        """Flush the last step, remove hooks; write a run-end record (``error``: what ended
+        training, if anything: then stopped peers are reported)."""
         if self.watchdog is not None:
             self.watchdog.stop()
         if self._pending is not None:
@@ -306,6 +288,10 @@ class Guard:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self.close(exc)
+
+
+def _hang_options(opts: WatchOptions) -> dict[str, Any]:
+    return {"factor": opts.hang_factor, "on_hang": opts.on_hang, "stacks": opts.hang_stacks}
 
 
 def watch(model: Any, optimizer: Any, options: WatchOptions | None = None, **kwargs: Any) -> Guard:

@@ -91,3 +91,23 @@ def run_start(guard: Any, environment: Any, conditions: Any) -> dict[str, Any]:
         "pid": os.getpid(),
         "environment": environment,  # the start-up check, or None if not asked for
     }
+
+
+def step_payload(guard: Any, end: Any, batch: Any) -> dict[str, Any]:
+    """A step record: the fingerprints the checks took, then what the step did."""
+    record = dict(guard._pending or {})
+    if batch is not None and "plain" in record:
+        record["plain"] = {**record["plain"], "batch": batch.plain}
+    record.update(
+        {
+            "loss": end.loss,
+            "grad_norm": end.grad_norm,
+            "step_time": end.seconds,
+            "batch": batch.digest if batch is not None else None,
+            "rng": guard.seeds.digests,
+            "lr": guard.hyper.lrs(),
+            "rank": guard.rank,
+            "world_size": guard.world_size,
+        }
+    )
+    return record

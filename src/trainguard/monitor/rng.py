@@ -91,3 +91,8 @@ class SeedWatch:
         for module, attr, original in reversed(self._originals):
             setattr(module, attr, original)
         self._originals.clear()
+
+
+def generator_digest(generator: Any) -> str:
+    """A digest of one private ``torch.Generator``'s state."""
+    return _digest(generator.get_state())

@@ -67,3 +67,10 @@ def total_grad_norm(named_params: list[tuple[str, Any]], torch: Any) -> float:
     if not norms:
         return 0.0
     return float(torch.stack([n.to("cpu") for n in norms]).norm())
+
+
+def scalar(value: Any) -> float | None:
+    """A loss (tensor or number) as a float; None stays None."""
+    if value is None:
+        return None
+    return float(value.detach().item() if hasattr(value, "detach") else value)

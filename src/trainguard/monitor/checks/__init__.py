@@ -1,5 +1,36 @@
 """The watch checks: one class per concern (see ``base.py`` for the phases)."""
 
-from trainguard.monitor.checks.base import Check, StepEnd
+from __future__ import annotations
 
-__all__ = ["Check", "StepEnd"]
+from typing import Any
+
+from trainguard.monitor.checks.base import Check, StepEnd
+from trainguard.monitor.checks.data import SampleCheck
+from trainguard.monitor.checks.params import ParameterIdentityCheck
+from trainguard.monitor.checks.spikes import SpikeCheck
+from trainguard.monitor.checks.timing import StallCheck
+from trainguard.monitor.checks.update import UpdateModelCheck
+from trainguard.monitor.fingerprint import Fingerprinter
+from trainguard.monitor.stats import RobustWindow
+
+__all__ = ["Check", "StepEnd", "behaviour"]
+
+
+def behaviour(
+    model: Any,
+    optimizer: Any,
+    fp: Fingerprinter,
+    windows: dict[str, RobustWindow],
+    *,
+    min_stall_seconds: float,
+    dataloader: Any = None,
+) -> list[Check]:
+    """The checks of what training does (after the guard's own tamper and identity checks)."""
+    named = list(model.named_parameters())
+    found: list[Check] = [
+        ParameterIdentityCheck(model, optimizer),
+        UpdateModelCheck(named, optimizer, fp.key),
+    ]
+    found += [StallCheck(windows["time"], min_stall_seconds)]
+    found += [SpikeCheck(windows["loss"], windows["grad_norm"])]
+    return found + ([SampleCheck(fp, dataloader)] if dataloader is not None else [])
