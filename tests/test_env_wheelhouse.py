@@ -387,3 +387,20 @@ def test_a_version_no_wheel_has_is_high_when_the_reference_knows_the_project(
     assert install.verify(wheelhouse=False).exit_code() == 0  # consistent to RECORD
     (found,) = [f for f in install.verify().findings if f.rule == "TG622"]
     assert found.severity == Severity.HIGH and "holds only 1.0" in found.message
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_where_a_script_was_is_reported_never_waited_on(install: Install) -> None:
+    import threading
+
+    for name in (NAME, "tgref-tool"):  # a launcher and a .data script
+        script = install.prefix / "bin" / name
+        script.unlink()
+        os.mkfifo(script)
+    result: list[ScanReport] = []
+    worker = threading.Thread(target=lambda: result.append(install.verify()), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the verify blocked on a FIFO"
+    found = {f.file for f in result[0].findings if f.rule == "TG619"}
+    assert found == {str(install.prefix / "bin" / n) for n in (NAME, "tgref-tool")}

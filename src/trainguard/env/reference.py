@@ -32,7 +32,7 @@ from trainguard.env.launcher import (
     launcher_problem,
 )
 from trainguard.env.record import InstalledDist
-from trainguard.env.wheels import Reference, WheelFile, choose_wheel
+from trainguard.env.wheels import Reference, WheelFile, choose_wheel, open_regular
 from trainguard.findings import Finding, Severity
 
 MAX_MEMBERS = 500_000
@@ -234,7 +234,7 @@ def _compare_script(
     with zf.open(info) as fh:
         member = fh.read(MAX_SCRIPT_BYTES + 1)
     try:
-        with open(target, "rb") as fh:
+        with open_regular(target) as fh:
             installed = fh.read(MAX_SCRIPT_BYTES + CHUNK)
     except OSError as exc:
         return [finding("TG619", f"cannot be read: {exc.strerror}", target, evidence=more)]
@@ -312,7 +312,7 @@ def _wheel_entry_points(zf: zipfile.ZipFile, wheel_meta: str) -> dict[str, str]:
 
 def _launcher(path: str, target: str) -> str | None:
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             data = fh.read(64 * 1024 + 1)
     except OSError as exc:
         return f"cannot be read ({exc.strerror})"

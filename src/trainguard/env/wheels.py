@@ -16,12 +16,14 @@ a lock that cannot be read is a usage error, never an empty lock.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import stat
 import sys
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from trainguard.env.findings import finding
 from trainguard.env.record import InstalledDist
@@ -129,11 +131,27 @@ def index_wheelhouse(folder: str, ref: Reference) -> None:
             ref.add(wheel)
 
 
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_NOCTTY", 0)
+)
+
+
+def open_regular(path: str) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file: a FIFO put where a file was
+    expected is never waited on, a device never read."""
+    fd = os.open(path, _OPEN_FLAGS)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return os.fdopen(fd, "rb")
+
+
 def _read_lock(path: str) -> str:
     try:
-        with open(path, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise UsageError(f"{path}: the lock file is not a regular file")
+        with open_regular(path) as fh:
             raw = fh.read(MAX_LOCK_BYTES + 1)
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the lock file: {exc.strerror}") from None
@@ -220,10 +238,9 @@ def load_reference(wheelhouse: list[str], lock: str | None) -> Reference:
 def file_digest(path: str, algorithm: str) -> bytes:
     """The digest of a wheel file, streamed; OSError when it cannot be read whole."""
     hasher = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_WHEEL_BYTES:
-            raise OSError(f"{path}: not a regular file of a wheel's size")
+    with open_regular(path) as fh:
+        if os.fstat(fh.fileno()).st_size > MAX_WHEEL_BYTES:
+            raise OSError(errno.EFBIG, f"larger than {MAX_WHEEL_BYTES} bytes")
         while chunk := fh.read(1024 * 1024):
             hasher.update(chunk)
     return hasher.digest()
@@ -231,7 +248,7 @@ def file_digest(path: str, algorithm: str) -> bytes:
 
 def _installed_tags(meta_dir: str) -> set[str]:
     try:
-        with open(os.path.join(meta_dir, "WHEEL"), "rb") as fh:
+        with open_regular(os.path.join(meta_dir, "WHEEL")) as fh:
             text = fh.read(MAX_TAG_BYTES).decode("utf-8", "replace")
     except OSError:
         return set()
