@@ -382,3 +382,40 @@ def test_a_replaced_or_frozen_parameter_and_a_private_generator_reseed_are_caugh
     print(how, at, [(a.rule, a.step, a.message[:90]) for a in guard.alerts])
     rule = "TG1305" if how == "loader generator" else "TG1301"
     assert (rule, at) in high(guard), how
+
+
+def test_a_poisoned_label_is_caught_when_the_loop_passes_only_its_inputs() -> None:
+    rng = seeded()
+    x, y = sc.make_data(96)
+    victim, start_epoch = rng.randrange(len(x)), rng.randrange(1, 3)
+
+    class Labels(torch.utils.data.Dataset[tuple[Any, Any]]):
+        epoch = 0
+
+        def __len__(self) -> int:
+            return len(x)
+
+        def __getitem__(self, i: int) -> tuple[Any, Any]:
+            if self.epoch >= start_epoch and i == victim:
+                return x[i], -y[i]  # the label flipped, the input untouched
+            return x[i], y[i]
+
+    data = Labels()
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)
+    model = sc.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = sc.tgw.watch(model, opt, dataloader=loader, data_check=True, hang_seconds=None)
+    poisoned_at = None
+    for epoch in range(start_epoch + 1):
+        data.epoch = epoch
+        for xb, yb in loader:
+            loss = torch.nn.functional.mse_loss(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            guard.step(loss=loss, batch=xb)  # inputs only
+            if poisoned_at is None and epoch == start_epoch and bool((yb == -y[victim]).any()):
+                poisoned_at = guard.step_index - 1
+    guard.close()
+    found = [(a.rule, a.step, a.evidence.get("index")) for a in guard.alerts]
+    assert ("TG1309", poisoned_at, victim) in found, (victim, start_epoch, found)
