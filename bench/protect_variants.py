@@ -45,17 +45,14 @@ def main() -> int:
             counts["not firing unguarded"] += sum(not fired for _, fired in real.values())
             for mode in ("block", "warn"):
                 for name, (status, fired) in run_variants(batch, folder, mode).items():
-                    if fired:
-                        counts["fired under protect"] += 1
-                        misses.append(f"{mode} {name}: fired ({status})")
-                    elif status != "refused":
-                        counts["not refused"] += 1
-                        misses.append(f"{mode} {name}: {status}")
-            print(f"  {at + len(batch)} done, {time.perf_counter() - start:.0f} s", flush=True)
+                    if fired or status != "refused":
+                        counts["fired under protect" if fired else "not refused"] += 1
+                        misses.append(f"{mode} {name}: {status}{' (fired)' if fired else ''}")
+                        print("MISS", misses[-1], flush=True)
+            elapsed = time.perf_counter() - start
+            print(f"  {at + len(batch)} done, {elapsed:.0f} s, {counts}", flush=True)
     for key, value in counts.items():
         print(f"{key}: {value}")
-    for miss in misses:
-        print("MISS", miss)
     return 1 if misses or counts["not firing unguarded"] else 0
 
 
