@@ -199,3 +199,19 @@ def test_invalid_trust_policies_list_every_problem(tmp_path: Path) -> None:
     empty.write_text("[trust]\n")
     with pytest.raises(PolicyError, match="no trusted keys"):
         load_trust(empty)
+
+
+def test_a_policy_names_keyless_identities_and_seals_kept_elsewhere(tmp_path: Path) -> None:
+    write_keypair(tmp_path / "ci")
+    policy = tmp_path / "trust.toml"
+    policy.write_text(
+        "[trust]\n"
+        'keys = ["ci.pub"]\n'
+        'identities = [{identity = "https://github.com/org/repo/.github/workflows/t.yml@refs/'
+        'heads/main", issuer = "https://token.actions.githubusercontent.com"}]\n'
+        'signatures = ["sigs/run42.sig"]\n'
+    )
+    trust = load_trust(policy)
+    assert len(trust.keys) == 1 and trust.in_memory == "refuse"
+    assert trust.identities[0].issuer == "https://token.actions.githubusercontent.com"
+    assert trust.signatures == (tmp_path / "sigs" / "run42.sig",)
