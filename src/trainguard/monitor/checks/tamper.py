@@ -18,6 +18,7 @@ from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.budget import WARMUP_STEPS, ChunkSample, VersionWatch, chunk_count
 from trainguard.monitor.checks.base import Check
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter, optimizer_tensors
+from trainguard.monitor.sharding import shards
 from trainguard.monitor.stats import RobustWindow
 
 
@@ -69,8 +70,9 @@ class TamperCheck(Check):
         return self._checking if self.budget is not None else step % self.every == 0
 
     def watched(self) -> list[tuple[str, Any]]:
+        # A sharded parameter as the slice this rank holds (monitor/sharding.py).
         return [
-            *self.params,
+            *((s.label, s.local) for s in shards(self.params)),
             *(("optimizer " + n, t) for n, t in optimizer_tensors(self.optimizer)),
         ]
 
