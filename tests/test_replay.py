@@ -399,13 +399,12 @@ def _set_attr(obj: str, attr: str, factor: float) -> Callable[..., None]:
     return edit
 
 
-def _reseed(which: str) -> Callable[..., None]:
+def _reseed(which: str, seed: int = 4242) -> Callable[..., None]:
     def edit(model: Any, opt: Any, sched: Any, loader: Any) -> None:
         import random
 
         import numpy as np
 
-        seed = 4242
         {
             "torch": lambda: torch.manual_seed(seed),
             "python": lambda: random.seed(seed),
@@ -425,6 +424,7 @@ CARRIED: dict[str, tuple[Callable[..., None], str]] = {
     "eps": (_set_attr("group", "eps", 100.0), "optimizer group 0 eps"),
     "lr": (_set_attr("group", "lr", 1.5), "optimizer group 0 lr"),
     "torch-seed": (_reseed("torch"), "rng torch"),
+    "torch-same-seed": (_reseed("torch", 0), "rng torch"),  # parts() seeds 0 too
     "python-seed": (_reseed("python"), "rng python"),
     "numpy-seed": (_reseed("numpy"), "rng numpy"),
     "loader-seed": (_reseed("loader"), "data loader generator"),
@@ -507,6 +507,26 @@ def test_bypassed_optimizer_step_is_named_not_blamed_on_every(tmp_path: Path) ->
     d = replay(ledger, "swapped", build, key=KEY).first_divergence
     assert d is not None and d.step == 14 and d.kind == "step"
     assert "optimizer hooks did not run" in d.cause and "every=" not in d.cause
+
+
+def test_random_numbers_drawn_before_a_save_are_honest(tmp_path: Path) -> None:
+    """An evaluation between the last step and the save moves generators on (no re-seed):
+    replay notes it and matches; the steps after replay from the checkpoint's states."""
+    import random
+
+    import numpy as np
+
+    def evaluate(s: int, model: Any, opt: Any, sched: Any, loader: Any) -> None:
+        if (s + 1) % EVERY == 0:
+            torch.randint(0, 96, (4,))
+            random.random()
+            np.random.rand(3)
+
+    ledger = train(tmp_path, "evaluated", carry=evaluate)
+    report = replay(ledger, "evaluated", build, key=KEY)
+    assert report.verdict == "matched", report.first_divergence
+    notes = [n for s in report.segments for n in s.notes]
+    assert any("rng torch" in n and "no sign of a re-seed" in n for n in notes), notes
 
 
 def random_seed() -> int:

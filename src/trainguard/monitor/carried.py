@@ -128,3 +128,84 @@ def differences(
 def digest_differences(recorded: Mapping[str, Any], restored: Mapping[str, str]) -> list[str]:
     """Parts whose digest differs from the one the ledger recorded (parts it has)."""
     return [p for p in PARTS if isinstance(recorded.get(p), str) and recorded[p] != restored[p]]
+
+
+# -- random generators: re-seeded, or only moved on ------------------------------------------
+
+MT_FRESH_POSITION = 624  # where Python's and NumPy's MT19937 stand right after seeding
+TORCH_CPU_STATE_BYTES = 5056  # torch's CPU generator state; its first 8 bytes are the seed
+MAX_DRAWN_WORDS = 1 << 16  # Python words an honest loop may draw between a step and a save
+
+
+def reseeded(replayed: Any, saved: Any) -> bool:
+    """Whether the generator state ``saved`` shows a re-seed that ``replayed`` (the state
+    recomputation reached at the same position) does not.
+
+    Honest loops draw random numbers between a step and a save (an evaluation that samples
+    batches): that moves a generator on, but never changes the seed torch keeps in its
+    state, and never puts a generator back to a freshly seeded state.  A state this cannot
+    read counts as re-seeded (fail closed).
+    """
+    import torch
+
+    if isinstance(saved, (list, tuple)) and all(isinstance(s, torch.Tensor) for s in saved):
+        if not isinstance(replayed, (list, tuple)) or len(replayed) != len(saved):
+            return True
+        return any(reseeded(a, b) for a, b in zip(replayed, saved, strict=True))  # CUDA's
+    if isinstance(saved, torch.Tensor):
+        if not isinstance(replayed, torch.Tensor) or saved.numel() < 8 or replayed.numel() < 8:
+            return True
+        seed_a, seed_b = _seed(replayed), _seed(saved)
+        if seed_a != seed_b:
+            return True
+        if saved.numel() != TORCH_CPU_STATE_BYTES:
+            return False  # a CUDA state (seed, offset): the seed is all that says re-seeded
+        fresh = torch.Generator().manual_seed(seed_b).get_state()
+        return bool(torch.equal(saved, fresh) and not torch.equal(replayed, fresh))
+    if isinstance(saved, (list, tuple)):  # Python's: is it reachable by drawing from ours?
+        return not _python_reachable(replayed, saved)
+    pos_b = _mt_position(saved)
+    # NumPy's: a state right after seeding (honest drawing lands there once in 624 words).
+    return pos_b is None or pos_b == MT_FRESH_POSITION
+
+
+def _python_reachable(replayed: Any, saved: Any) -> bool:
+    """Whether drawing at most MAX_DRAWN_WORDS words from ``replayed`` gives ``saved``."""
+    import random
+
+    try:
+        target = (saved[0], tuple(saved[1]), saved[2])
+        gen = random.Random()  # noqa: S311 - replays a recorded state, draws nothing secret
+        gen.setstate((replayed[0], tuple(replayed[1]), replayed[2]))
+    except (TypeError, ValueError, IndexError):
+        return False
+    if gen.getstate() == target:
+        return True
+    # The position (last item) moves one per 32-bit word and wraps from 624 to 1, so only
+    # every 624th count of words can land on the target's position: look only there.
+    start, goal = int(gen.getstate()[1][-1]), int(target[1][-1])
+    words = goal - start if goal > start else MT_FRESH_POSITION - start + goal
+    drawn = 0
+    while 0 < words <= MAX_DRAWN_WORDS:
+        gen.getrandbits(32 * (words - drawn))  # that many words, in one call
+        drawn = words
+        if gen.getstate() == target:
+            return True
+        words += MT_FRESH_POSITION
+    return False
+
+
+def _seed(state: Any) -> int:
+    return int.from_bytes(bytes(state.detach().cpu().view(-1)[:8].tolist()), "little")
+
+
+def _mt_position(state: Any) -> int | None:
+    """The MT19937 position of Python's ``random`` state or NumPy's saved one."""
+    if isinstance(state, Mapping):  # numpy's, as a checkpoint saves it
+        pos = state.get("pos")
+        return pos if isinstance(pos, int) else None
+    if isinstance(state, (list, tuple)) and len(state) == 3:  # Python's (version, internal, g)
+        internal = state[1]
+        if isinstance(internal, (list, tuple)) and internal and isinstance(internal[-1], int):
+            return int(internal[-1])
+    return None

@@ -290,7 +290,7 @@ class _Runner:
                 "run", f"{h.run_id} step {seg.start}", f"{saved.run_id} step {saved.step}"
             )
             return saved, _checkpoint_divergence(seg.start, [diff], h)
-        carried_diff = self.held.carried(seg.start, record, saved)
+        carried_diff = self.held.carried(seg.start, record, saved, seg.notes)
         if carried_diff is not None:
             return saved, _checkpoint_divergence(seg.start, [carried_diff], h)
         return saved, None
@@ -315,7 +315,7 @@ class _Runner:
         if saved is not None:
             if seg.start == 0:
                 # The honest entry's fresh objects are the state before step 0.
-                fresh = _call("reading the entry's state", lambda: held.carried_of(run, fresh=True))
+                fresh = _call("reading the entry's state", lambda: held.fresh_state(run))
                 carried_diff = held.difference(fresh, carried.of_checkpoint(saved))
                 if carried_diff is not None:
                     seg.divergence = _checkpoint_divergence(seg.start, [carried_diff], h)
@@ -412,7 +412,7 @@ class _Runner:
         if seg.end == seg.start or seg.divergence is not None:
             return
         # Every step matched: what the checkpoint at seg.end restores must be this.
-        state = _call("reading the replay's state", lambda: held.carried_of(run, fresh=False))
+        state = _call("reading the replay's state", lambda: held.end_state(run))
         self.held.remember(seg.end, state, capture.steps[seg.end - 1])
 
 

@@ -30,11 +30,14 @@ class Held:
         self.records = {c.step: c for c in history.checkpoints}
         self.ends: dict[int, Carried] = {}  # position -> carried state a replay ended in
         self.end_digests: dict[int, dict[str, Any]] = {}  # ... and its weights' digests
+        self.end_random: dict[int, dict[str, Any]] = {}  # ... and its generators' states
 
-    def remember(self, position: int, state: Carried, last: dict[str, Any]) -> None:
-        """A replayed segment ended at ``position`` in ``state``; ``last`` is the replay
-        guard's record of the step before it."""
-        self.ends[position] = state
+    def remember(
+        self, position: int, state: tuple[Carried, dict[str, Any]], last: dict[str, Any]
+    ) -> None:
+        """A replayed segment ended at ``position`` in ``state`` (:func:`end_state`);
+        ``last`` is the replay guard's record of the step before it."""
+        self.ends[position], self.end_random[position] = state
         plain, tensors = last.get("plain") or {}, last.get("tensors") or {}
         self.end_digests[position] = {
             "params": last.get("after"),
@@ -61,13 +64,26 @@ class Held:
         return state
 
     def carried(
-        self, position: int, record: CheckpointRecord, saved: ckpt.Checkpoint
+        self, position: int, record: CheckpointRecord, saved: ckpt.Checkpoint, notes: list[str]
     ) -> FieldDiff | None:
-        """The checkpoint's carried state against the replay that ended here, else the ledger."""
+        """The checkpoint's carried state against the replay that ended here, else the ledger.
+
+        A generator that only moved on (no re-seed shows, :func:`carried.reseeded`) is noted
+        in ``notes``, not a difference: honest loops draw numbers between a step and a save.
+        """
         restored = carried.of_checkpoint(saved)
         end = self.ends.get(position)
         if end is not None:
-            return difference(end, restored)
+            names = carried.differences(end, restored)
+            moved = [n for n in names if self._moved_only(position, n, saved)]
+            if moved:
+                notes.append(
+                    f"the checkpoint at step {position} holds other states of {', '.join(moved)} "
+                    "than replaying up to it ends in, with no sign of a re-seed: the loop drew "
+                    "random numbers between the last step and the save (an evaluation?); "
+                    "the steps after it replay from the checkpoint's states"
+                )
+            return difference(end, restored, [n for n in names if n not in moved])
         recorded = record.payload.get("carried")
         if not isinstance(recorded, dict):
             return None  # an older trainguard recorded no carried state
@@ -82,23 +98,45 @@ class Held:
             tuple(parts),
         )
 
+    def _moved_only(self, position: int, name: str, saved: ckpt.Checkpoint) -> bool:
+        raw = self.end_random.get(position) or {}
+        if name.startswith("rng "):
+            generator = name.removeprefix("rng ")
+            a, b = (raw.get("rng") or {}).get(generator), saved.rng.get(generator)
+        elif name in ("data loader generator", "data loader sampler_generator"):
+            key = name.rpartition(" ")[2]
+            a = (raw.get("loader") or {}).get(key)
+            b = (saved.data.get("loader") or {}).get(key)
+        else:
+            return False
+        return a is not None and b is not None and not carried.reseeded(a, b)
 
-def carried_of(run: Replayable, *, fresh: bool) -> Carried:
-    """The replay's carried state.  ``fresh``: objects the entry just built, before any
-    step; only their configuration (scheduler, hyper-parameters) says what the state before
-    step 0 is: random and data-loader states before the first checkpoint are the training
-    script's business (it may seed them after building), and are not held to."""
+
+def end_state(run: Replayable) -> tuple[Carried, dict[str, Any]]:
+    """The replay's carried state at the end of a segment, and its generators' raw states."""
     scheduler = run.scheduler.state_dict() if run.scheduler is not None else None
-    if fresh:
-        return carried.flatten(scheduler, run.optimizer.state_dict(), None, None)
     loader = ckpt.loader_state(run.dataloader) if run.dataloader is not None else None
     states = ckpt.random_states()
-    return carried.flatten(scheduler, run.optimizer.state_dict(), states, loader)
+    flat = carried.flatten(scheduler, run.optimizer.state_dict(), states, loader)
+    return flat, {"rng": states, "loader": loader}
 
 
-def difference(expected: Carried, restored: Carried) -> FieldDiff | None:
-    """A "carried" difference naming each value (``scheduler gamma``), or None."""
-    names = carried.differences(expected, restored)
+def fresh_state(run: Replayable) -> Carried:
+    """The configuration of what the entry just built (scheduler, hyper-parameters): the
+    state before step 0.  Random and data-loader states before the first checkpoint are the
+    training script's business (it may seed them after building) and are not held to."""
+    scheduler = run.scheduler.state_dict() if run.scheduler is not None else None
+    return carried.flatten(scheduler, run.optimizer.state_dict(), None, None)
+
+
+def difference(
+    expected: Carried, restored: Carried, names: list[str] | None = None
+) -> FieldDiff | None:
+    """A "carried" difference naming each value (``scheduler gamma``), or None.
+
+    ``names``: the differing values to report (default: every one that differs)."""
+    if names is None:
+        names = carried.differences(expected, restored)
     if not names:
         return None
     flat_a = {n: v for part in expected.values() for n, v in part.items()}
