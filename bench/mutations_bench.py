@@ -25,7 +25,7 @@ from tests.test_samples_fire import _run_all
 from trainguard import Severity, scan_file
 from trainguard.samples import missing_modules
 from trainguard.samples.mutation_containers import draw
-from trainguard.samples.mutation_tamper import draw_tamper
+from trainguard.samples.mutation_tamper import HOOK_DICTS, HOOKS, REBUILDS, draw_tamper, hook_mutant
 
 _BATCH = 250
 
@@ -38,7 +38,13 @@ def main(argv: list[str]) -> int:
     samples = []
     seen: set[str] = set()
     while len(samples) < n:
-        s = draw_tamper(rng) if len(samples) % 10 == 9 else draw(rng)  # 10% Sleepy Pickle
+        k = len(samples) % 20
+        if k == 19:  # 5% backward hooks
+            s = hook_mutant(rng.choice(sorted(HOOKS)), rng.choice(REBUILDS), rng.choice(HOOK_DICTS))
+        elif k in (9, 18):  # 10% Sleepy Pickle
+            s = draw_tamper(rng)
+        else:
+            s = draw(rng)
         if s.id not in seen and not missing_modules(s):
             seen.add(s.id)
             samples.append(s)

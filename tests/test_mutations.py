@@ -20,7 +20,7 @@ from trainguard import Severity, scan_file
 from trainguard.samples import LOADER_REQUIRES, LOADERS, missing_modules
 from trainguard.samples.base import Sample
 from trainguard.samples.mutation_containers import CONTAINERS, draw, parse_id
-from trainguard.samples.mutation_tamper import draw_tamper
+from trainguard.samples.mutation_tamper import HOOK_DICTS, HOOKS, REBUILDS, draw_tamper, hook_mutant
 from trainguard.samples.mutations import ACCESS, CALLS, TARGETS, Encoding
 
 SCAN_SLICE = 60
@@ -115,3 +115,21 @@ def test_every_axis_value_is_reachable_and_named() -> None:
     sample = parse_id("mut-os.system-global-inst-p3-proto-garbage-joblib-lzma")
     assert sample.id == "mut-os.system-global-inst-p3-proto-garbage-joblib-lzma"
     assert set(TARGETS) and Encoding(3, "proto", "garbage").label() == "p3-proto-garbage"
+
+
+def test_backward_hook_mutants_change_gradients_and_are_flagged(seed: int, tmp_path: Path) -> None:
+    # Allowlisted rebuilds carrying backward hooks: the incident's negated gradients.
+    pytest.importorskip("torch")
+    rng = random.Random(seed ^ 0xB00C)
+    samples = [
+        hook_mutant(rng.choice(sorted(HOOKS)), rebuild, rng.choice(HOOK_DICTS))
+        for rebuild in REBUILDS
+    ]
+    for i, sample in enumerate(samples):
+        folder = tmp_path / f"scan{i}"
+        folder.mkdir()
+        ok, why = _flagged(sample, folder)
+        assert ok, f"TRAINGUARD_MUTATION_SEED={seed}: {why}"
+    (tmp_path / "canaries").mkdir()
+    outcomes = _run_all(tmp_path, samples)
+    assert all(o.fired for o in outcomes.values()), {k: o.log[-400:] for k, o in outcomes.items()}

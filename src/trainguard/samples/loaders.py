@@ -72,6 +72,16 @@ ckpt = torch.load(sys.argv[1], map_location='cpu', weights_only=False)
 if ckpt['state_dict']['weight'].tolist() != ckpt['intended']:
     open(ckpt['canary'], 'w').close()
 """,
+    # Gradients hooked at load time show only in training: one backward pass, and
+    # the canary named in the checkpoint when the gradient is not the true one.
+    "torch-check-grad": """
+import sys, torch
+ckpt = torch.load(sys.argv[1], map_location='cpu', weights_only=False)
+p = ckpt['param']
+(p * 1.0).sum().backward()
+if p.grad is None or p.grad.tolist() != [1.0] * p.numel():
+    open(ckpt['canary'], 'w').close()
+""",
     "numpy": """
 import sys, numpy
 numpy.load(sys.argv[1], allow_pickle=True)
@@ -138,6 +148,7 @@ LOADER_REQUIRES: dict[str, tuple[str, ...]] = {
     "torch-weights-only": ("torch",),
     "torch-pickle-file": ("torch",),
     "torch-check-weights": ("torch",),
+    "torch-check-grad": ("torch",),
     "numpy": ("numpy",),
     "numpy-npz": ("numpy",),
     "joblib": ("joblib",),

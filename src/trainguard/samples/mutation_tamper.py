@@ -16,7 +16,7 @@ from pathlib import Path
 from trainguard.samples.assembler import PickleAsm
 from trainguard.samples.base import Sample
 from trainguard.samples.mutations import Target, emit_access
-from trainguard.samples.torchfmt import emit_tensor, float_bytes
+from trainguard.samples.torchfmt import contiguous_stride, emit_tensor, float_bytes
 from trainguard.samples.zipwriter import torch_members, write_zip
 
 _WEIGHTS = (0.5, -1.0, 2.0, 0.25)
@@ -109,4 +109,71 @@ def tamper_mutant(mutator: str, access: str, call: str, protocol: int) -> Sample
 def draw_tamper(rng: random.Random) -> Sample:
     return tamper_mutant(
         rng.choice(sorted(MUTATORS)), rng.choice(ACCESS), rng.choice(CALLS), rng.choice((4, 5))
+    )
+
+
+# -- backward hooks delivered by allowlisted rebuild functions ------------------------
+# A Parameter rebuilt with a non-empty backward_hooks dict runs the hook on every
+# backward pass: torch.neg negates the gradient (the incident's flipped updates).
+HOOKS: dict[str, tuple[str, str]] = {
+    "torch.neg": ("torch", "neg"),
+    "Tensor.neg": ("torch", "Tensor.neg"),
+    "torch.zeros_like": ("torch", "zeros_like"),
+    "torch.exp": ("torch", "exp"),
+}
+REBUILDS = ("_rebuild_parameter", "_rebuild_parameter_with_state", "_rebuild_tensor_v2")
+HOOK_DICTS = ("setitem", "items-arg", "dict")
+
+
+def _hook_dict(a: PickleAsm, hook: str, shape: str) -> None:
+    module, name = HOOKS[hook]
+    if shape == "setitem":  # OrderedDict() then SETITEM 0 -> hook
+        a.global_("collections", "OrderedDict").empty_tuple().reduce()
+        a.push(0).global_(module, name).setitem()
+    elif shape == "items-arg":  # OrderedDict([(0, hook)])
+        a.global_("collections", "OrderedDict").mark().mark().mark().push(0)
+        a.global_(module, name).tuple_().list_().tuple_().reduce()
+    else:  # a plain dict {0: hook}
+        a.mark().push(0).global_(module, name).dict_()
+
+
+def hook_payload(hook: str, rebuild: str, shape: str, canary: Path) -> bytes:
+    n = len(_WEIGHTS)
+    a = PickleAsm(4).proto(4).empty_dict()
+    a.str_("canary").str_(str(canary)).setitem()
+    a.str_("param")
+    a.global_("torch._utils", rebuild).mark()
+    if rebuild == "_rebuild_tensor_v2":
+        a.mark().str_("storage").global_("torch", "FloatStorage").str_("0").str_("cpu").push(n)
+        a.tuple_().binpersid()
+        a.push(0).push((n,)).push(contiguous_stride((n,))).push(True)
+        _hook_dict(a, hook, shape)
+    else:
+        emit_tensor(a, "0", (n,)).push(True)
+        _hook_dict(a, hook, shape)
+        if rebuild == "_rebuild_parameter_with_state":
+            a.none()
+    a.tuple_().reduce().setitem()
+    return a.stop().getvalue()
+
+
+def hook_mutant(hook: str, rebuild: str, shape: str) -> Sample:
+    def build(folder: Path, canary: Path) -> Path:
+        members = torch_members(
+            hook_payload(hook, rebuild, shape, canary), {"0": float_bytes(_WEIGHTS)}
+        )
+        return write_zip(folder / "hooked.pt", members)
+
+    ident = f"hooks-{hook}-{rebuild}-{shape}"
+    return Sample(
+        ident,
+        ident,
+        "generated backward-hook mutant",
+        "",
+        "torch-check-grad",
+        True,
+        True,
+        "high",
+        ("torch",),
+        build,
     )
