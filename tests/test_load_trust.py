@@ -94,6 +94,11 @@ def store(tmp_path: Path) -> dict[str, Path]:
             pickle.dump(_payload(canary), f)
     trainguard.seal(good, trusted[0])
     trainguard.seal(stranger, other[0])
+    kept = tmp_path / "kept"  # sealed, its signature kept elsewhere
+    kept.mkdir()
+    torch.save({"w": torch.zeros(2)}, kept / "model.pt")
+    (tmp_path / "sigs").mkdir()
+    trainguard.seal(kept, trusted[0], signature=tmp_path / "sigs" / "kept.sig")
     # After sealing: one byte of a tensor flipped, one file replaced by a payload.
     data = bytearray((good / "altered.pt").read_bytes())
     at = data.index(b"\x00\x00\x80\x3f")  # a 1.0 float in the tensor data
@@ -102,8 +107,11 @@ def store(tmp_path: Path) -> dict[str, Path]:
     with open(good / "swapped.pkl", "wb") as f:
         pickle.dump(_payload(canary), f)
     policy = tmp_path / "trust.toml"
-    policy.write_text(f'[trust]\nkeys = ["{trusted[1].name}"]\n')
-    return {"good": good, "stranger": stranger, "loose": loose, "policy": policy, "canary": canary}
+    policy.write_text(
+        f'[trust]\nkeys = ["{trusted[1].name}"]\n[trust.signatures]\n"kept" = "sigs/kept.sig"\n'
+    )
+    folders = {"kept": kept, "good": good, "stranger": stranger, "loose": loose}
+    return {**folders, "policy": policy, "canary": canary}
 
 
 def _run(policy: Path, jobs: list[tuple[str, str, str]]) -> dict[str, list[object]]:
@@ -133,6 +141,7 @@ def test_trusted_seal_loads_and_nothing_else_runs(store: dict[str, Path]) -> Non
         ("sealed joblib", "joblib", str(good / "est.joblib")),
         ("sealed trainguard.load", "trainguard.load", str(good / "model.pt")),
         ("sealed safetensors via torch.load", "torch", str(good / "w.safetensors")),
+        ("sealed, signature named by the policy", "torch", str(store["kept"] / "model.pt")),
         ("unsealed torch", "torch", str(loose / "model.pt")),
         ("unsealed safetensors", "torch", str(loose / "w.safetensors")),
         ("unsealed pickle", "pickle", str(loose / "data.pkl")),
@@ -209,9 +218,10 @@ def test_a_policy_names_keyless_identities_and_seals_kept_elsewhere(tmp_path: Pa
         'keys = ["ci.pub"]\n'
         'identities = [{identity = "https://github.com/org/repo/.github/workflows/t.yml@refs/'
         'heads/main", issuer = "https://token.actions.githubusercontent.com"}]\n'
-        'signatures = ["sigs/run42.sig"]\n'
+        "[trust.signatures]\n"
+        '"runs/run42" = "sigs/run42.sig"\n'
     )
     trust = load_trust(policy)
     assert len(trust.keys) == 1 and trust.in_memory == "refuse"
     assert trust.identities[0].issuer == "https://token.actions.githubusercontent.com"
-    assert trust.signatures == (tmp_path / "sigs" / "run42.sig",)
+    assert trust.signatures == ((tmp_path / "runs" / "run42", tmp_path / "sigs" / "run42.sig"),)

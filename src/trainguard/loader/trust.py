@@ -40,7 +40,8 @@ _KEYS = frozenset(["keys", "identities", "signatures", "in_memory"])
 class TrustPolicy:
     keys: tuple[Any, ...]  # public keys
     identities: tuple[SigstoreIdentity, ...]
-    signatures: tuple[Path, ...]  # seals named by the policy, besides model.sig
+    # Seals kept apart from what they cover: (the sealed folder or file, its signature).
+    signatures: tuple[tuple[Path, Path], ...]
     in_memory: str  # "refuse" (default) or "allow": bytes that no file backs
     origin: str
 
@@ -77,7 +78,11 @@ def load_trust(path: str | os.PathLike[str]) -> TrustPolicy:
             identities.append(SigstoreIdentity(str(item["identity"]), str(item["issuer"])))
         else:
             errors.append('identities: each is {identity = "...", issuer = "..."}')
-    signatures = tuple(base / s for s in _strings(table, "signatures", errors))
+    raw_sigs = table.get("signatures", {})
+    if not isinstance(raw_sigs, dict) or not all(isinstance(v, str) for v in raw_sigs.values()):
+        errors.append('signatures: a table of "sealed folder" = "its signature"')
+        raw_sigs = {}
+    signatures = tuple((base / root, base / sig) for root, sig in raw_sigs.items())
     in_memory = table.get("in_memory", "refuse")
     if in_memory not in ("refuse", "allow"):
         errors.append("in_memory: 'refuse' or 'allow'")
@@ -159,9 +164,9 @@ def _candidate_seals(policy: TrustPolicy, target: Path) -> list[tuple[Path, Path
         sig = folder / SIGNATURE_NAME
         if sig.is_file():
             found.append((sig, folder))
-    for sig in policy.signatures:
-        root = Path(os.path.realpath(sig.parent))
-        if root in target.parents:
+    for sealed, sig in policy.signatures:
+        root = Path(os.path.realpath(sealed))
+        if root == target or root in target.parents:
             found.append((sig, root))
     return found
 
