@@ -37,21 +37,21 @@ def _start_training(folder: Path, run_id: str, sabotage: str, start: int) -> Any
     )
 
 
-def _verifier(folder: Path, run_id: str, rate: float) -> tuple[Verifier, Path]:
+def _verifier(
+    folder: Path, run_id: str, rate: float, checkpoints: Path | None = None
+) -> tuple[Verifier, Path]:
     private, public = write_keypair(folder / "verifier")
-    secret = secret_from(private.read_bytes())
-    return (
-        Verifier(
-            str(folder / "ledger.db"),
-            run_id,
-            vt.build,
-            signing_key=str(private),
-            secret=secret,
-            rate=rate,
-            run_key=vt.KEY,
-        ),
-        public,
+    verifier = Verifier(
+        str(folder / "ledger.db"),
+        run_id,
+        vt.build,
+        signing_key=str(private),
+        secret=secret_from(private.read_bytes()),
+        rate=rate,
+        run_key=vt.KEY,
+        checkpoint_dir=str(checkpoints) if checkpoints else None,
     )
+    return verifier, public
 
 
 def _wait_for_ledger(folder: Path, proc: Any) -> None:
@@ -68,6 +68,22 @@ def _train_to_the_end(folder: Path, run_id: str) -> None:
     proc = _start_training(folder, run_id, "none", 0)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-2000:]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One honest run, trained once; tests work on copies of its folder."""
+    folder = tmp_path_factory.mktemp("finished")
+    _train_to_the_end(folder, "honest")
+    return folder
+
+
+def _copy_of(finished: Path, tmp_path: Path) -> Path:
+    """The run's ledger and checkpoints in ``tmp_path/run`` (the records keep the original
+    paths: pass the copy as the checkpoint folder)."""
+    import shutil
+
+    return Path(shutil.copytree(finished, tmp_path / "run"))
 
 
 def test_follow_catches_sabotage_starting_mid_run(tmp_path: Path) -> None:
@@ -110,9 +126,9 @@ def test_follow_catches_sabotage_starting_mid_run(tmp_path: Path) -> None:
         assert verify_ledger(ledger, "run/verify", str(public)) == []
 
 
-def test_honest_run_matches_and_reports_detection(tmp_path: Path) -> None:
-    _train_to_the_end(tmp_path, "honest")
-    verifier, _ = _verifier(tmp_path, "honest", rate=0.5)
+def test_honest_run_matches_and_reports_detection(finished: Path, tmp_path: Path) -> None:
+    folder = _copy_of(finished, tmp_path)
+    verifier, _ = _verifier(folder, "honest", rate=0.5, checkpoints=folder)
     try:
         summary = verifier.follow(timeout=120, poll_seconds=0.1)
     finally:
@@ -128,19 +144,18 @@ def test_honest_run_matches_and_reports_detection(tmp_path: Path) -> None:
     assert summary.detection == pytest.approx(1 - 0.5 ** (0.1 * summary.segments_seen))
 
 
-def test_unrecorded_checkpoint_is_an_alert(tmp_path: Path) -> None:
+def test_unrecorded_checkpoint_is_an_alert(finished: Path, tmp_path: Path) -> None:
     import shutil
 
-    _train_to_the_end(tmp_path, "extra")
-    shutil.copy(tmp_path / "extra-10.pt", tmp_path / "extra-10-copy.pt")  # same bytes: recorded
-    honest_other = tmp_path / "notes.pt"
     import torch
 
-    torch.save({"epoch": 3}, honest_other)  # not a trainguard checkpoint: left alone
-    state = vt.torch.load(tmp_path / "extra-10.pt", weights_only=True)
+    folder = _copy_of(finished, tmp_path)
+    shutil.copy(folder / "honest-10.pt", folder / "honest-10-copy.pt")  # same bytes: recorded
+    torch.save({"epoch": 3}, folder / "notes.pt")  # not a trainguard checkpoint: left alone
+    state = torch.load(folder / "honest-10.pt", weights_only=True)
     state["scheduler"]["gamma"] = 0.95
-    torch.save(state, tmp_path / "extra-10-edited.pt")
-    verifier, _ = _verifier(tmp_path, "extra", rate=0.01)
+    torch.save(state, folder / "honest-10-edited.pt")
+    verifier, _ = _verifier(folder, "honest", rate=0.01, checkpoints=folder)
     try:
         verifier.poll()
         assert verifier.summary.alerts == []  # a file is looked at on the second sighting
@@ -148,7 +163,7 @@ def test_unrecorded_checkpoint_is_an_alert(tmp_path: Path) -> None:
     finally:
         verifier.close()
     alerts = verifier.summary.alerts
-    assert [a["evidence"]["file"] for a in alerts] == [str(tmp_path / "extra-10-edited.pt")]
+    assert [a["evidence"]["file"] for a in alerts] == [str(folder / "honest-10-edited.pt")]
     assert "no ledger record names" in alerts[0]["message"]
 
 
@@ -168,24 +183,24 @@ def test_keyed_sampling_rate(rate: float) -> None:
     assert detection_probability(rate, 0.5, 20) == pytest.approx(1 - (1 - rate) ** 10)
 
 
-def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli(finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
     from trainguard.cli.main import main
 
-    _train_to_the_end(tmp_path, "cli")
+    folder = _copy_of(finished, tmp_path)
     private, _ = write_keypair(tmp_path / "verifier")
     run_key = tmp_path / "run.key"
     run_key.write_text(vt.KEY.hex())
-    argv = ["verify-run", "cli", "--ledger", str(tmp_path / "ledger.db"), "--entry",
+    argv = ["verify-run", "honest", "--ledger", str(folder / "ledger.db"), "--entry",
             "tests.verifier_train:build", "--key", str(private), "--run-key-file", str(run_key),
-            "--rate", "1", "-q"]  # fmt: skip
+            "--rate", "1", "--checkpoints", str(folder), "-q"]  # fmt: skip
     assert main([*argv, "-f", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["segments_seen"] == len(out["verdicts"]) == vt.STEPS // vt.EVERY
     assert {v["status"] for v in out["verdicts"]} == {"matched"}
     # A checkpoint edited at rest: the segment from it does not recompute (exit 1).
-    path = tmp_path / "cli-20.pt"
+    path = folder / "honest-20.pt"
     data = path.read_bytes()
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     assert main([*argv, "--key", str(write_keypair(tmp_path / "v2")[0])]) == 1
@@ -194,14 +209,17 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_imports_the_entry_from_a_sealed_copy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    finished: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     import shutil
 
     from trainguard.cli.main import main
     from trainguard.signing import seal
 
-    _train_to_the_end(tmp_path, "sealed")
+    folder = _copy_of(finished, tmp_path)
     code = tmp_path / "code"
     code.mkdir()
     shutil.copy(ROOT / "tests" / "verifier_train.py", code / "sealed_train.py")
@@ -210,7 +228,7 @@ def test_cli_imports_the_entry_from_a_sealed_copy(
     private, _ = write_keypair(tmp_path / "verifier")
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(sys, "dont_write_bytecode", sys.dont_write_bytecode)
-    argv = ["verify-run", "sealed", "--ledger", str(tmp_path / "ledger.db"), "--entry",
+    argv = ["verify-run", "honest", "--ledger", str(folder / "ledger.db"), "--entry",
             "sealed_train:build", "--key", str(private), "--rate", "0.3", "--code", str(code),
             "--code-key", str(public), "-q"]  # fmt: skip
     code_ = main(argv)
