@@ -1,7 +1,9 @@
 """One rank of a small FSDP2 run (``fully_shard``, gloo, CPU), for tests/test_fsdp.py and
 bench/fsdp_ranks.py.
 
-Usage: python -m tests.fsdp_worker RANK WORLD PORT LEDGER OUT SCENARIO [STEPS]
+Usage: python -m tests.fsdp_worker RANK WORLD PORT LEDGER OUT SCENARIO [STEPS [WRAP]]
+WRAP: fsdp (default: fully_shard per layer) or zero (DDP with ZeroRedundancyOptimizer:
+parameters replicated, optimizer state sharded).
 SCENARIO:
   clean
   scaled:KIND:RANK:STEP:WORLD  the cluster's optimizer is patched on every rank (the
@@ -10,6 +12,7 @@ SCENARIO:
       flip  (gradients negated before the update: the incident's flipped clipping) or
       scale (the update applied three times over, after the optimizer's own step).
   kill:RANK:STEP  that rank dies with os._exit after STEP.
+  tamper:RANK:STEP  that rank's weights are changed after STEP, outside the optimizer.
 The layer sizes (7 -> 13 -> 3) do not divide by the world size: shards are uneven and
 some are empty.
 """
@@ -64,18 +67,30 @@ def main() -> None:
     if kind == "scaled":
         patch_optimizer(args[0], int(args[1]), int(args[2]), int(args[3]))
     join(rank, world, port)
+    wrap = sys.argv[8] if len(sys.argv) > 8 else "fsdp"
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    model: Any = torch.nn.Sequential(
+        torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3)
+    )
+    opt: Any
+    if wrap == "zero":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        opt = ZeroRedundancyOptimizer(
+            model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-2, weight_decay=0.01
+        )
+    else:
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     guard = tgw.watch(
         model, opt, ledger=ledger, run_id="fsdp-run", sync_every=5, hang_seconds=HANG_SECONDS
     )
-    target = int(args[0]) if kind == "kill" else -1
-    at = int(args[1]) if kind == "kill" else -1
+    target = int(args[0]) if kind in ("kill", "tamper") else -1
+    at = int(args[1]) if kind in ("kill", "tamper") else -1
     g = torch.Generator().manual_seed(100 + rank)
     error = None
     overheads: list[float] = []  # the guard's own seconds per step (bench/fsdp_ranks.py)
@@ -89,7 +104,10 @@ def main() -> None:
             guard.step(loss=loss, batch=x)
             overheads.append(guard.last_step_overhead)
             if rank == target and step == at:
-                os._exit(17)
+                if kind == "kill":
+                    os._exit(17)
+                with torch.no_grad():
+                    next(model.parameters()).add_(1e-3)  # the local slice under FSDP
     except Exception as exc:  # a dead peer breaks the next collective
         error = repr(exc)[:300]
     finally:
