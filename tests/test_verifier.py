@@ -239,3 +239,25 @@ def test_cli_imports_the_entry_from_a_sealed_copy(
     source.write_text(source.read_text().replace("yb.flip(0)", "yb.flip(0) * 1.0"))
     assert main(argv) == 1
     assert "does not verify" in capsys.readouterr().err
+
+
+def test_checkpoints_of_rank_0_only_are_reported_not_skipped(tmp_path: Path) -> None:
+    """A data-parallel run whose other ranks saved no checkpoints: nothing can be recomputed,
+    and the verifier says so (exit 2) instead of reading as clean."""
+    ledger = open_ledger(str(tmp_path / "ledger.db"))
+    ledger.append("dp", "run-start", {"world_size": 2}, step=0, stream=0)
+    ledger.append("dp", "run-start", {"world_size": 2}, step=0, stream=1)
+    for step in (0, 5, 10):
+        record = {"step": step, "blake3": f"{step:064x}", "path": "", "name": f"c{step}.pt"}
+        ledger.append("dp", "checkpoint", record, step=step, stream=0)
+    for rank in (0, 1):
+        ledger.append("dp", "run-end", {}, step=10, stream=rank)
+    ledger.close()
+    verifier, _ = _verifier(tmp_path, "dp", rate=1.0)
+    try:
+        summary = verifier.follow(timeout=30, poll_seconds=0.05)
+    finally:
+        verifier.close()
+    assert summary.verdicts == [] and summary.segments_seen == 0
+    assert summary.problems and "0, 5, 10" in summary.problems[0]
+    assert summary.exit_code() == 2

@@ -66,6 +66,7 @@ class Summary:
     verdicts: list[Verdict] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)  # as written to the ledger
     finished: bool = False  # the run ended (every rank wrote run-end) and all was checked
+    problems: list[str] = field(default_factory=list)  # what kept segments from being checked
 
     @property
     def detection(self) -> float:
@@ -75,7 +76,7 @@ class Summary:
         statuses = {v.status for v in self.verdicts}
         if DIVERGED in statuses or self.alerts:
             return 1
-        return 2 if statuses - {MATCHED} else 0
+        return 2 if statuses - {MATCHED} or self.problems else 0
 
 
 class Verifier:
@@ -138,6 +139,14 @@ class Verifier:
                 new.append(verdict)
         self._unrecorded([c for per in checkpoints.values() for c in per.values()])
         self.summary.finished = world > 0 and all(r in ended for r in range(world))
+        lone = sorted(set().union(*(set(c) for c in checkpoints.values())) - common)
+        if self.summary.finished and lone and not self.summary.problems:
+            # Fail closed: a segment no rank group can replay is not silently skipped.
+            self.summary.problems.append(
+                f"checkpoints at steps {', '.join(map(str, lone[:10]))} were not saved by every "
+                f"one of the {world} ranks, so the segments they bound cannot be recomputed "
+                "(call guard.checkpoint on every rank, docs/replay.md)"
+            )
         return new
 
     def follow(
