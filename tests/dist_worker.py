@@ -38,7 +38,13 @@ def leave(guard: Any, out: str, error: str | None) -> None:
     guard.close(RuntimeError(error) if error else None)
     with open(out, "w") as fh:
         alerts = [
-            {"rule": a.rule, "step": a.step, "rank": a.rank, "evidence": a.evidence}
+            {
+                "rule": a.rule,
+                "step": a.step,
+                "rank": a.rank,
+                "severity": str(a.severity),
+                "evidence": a.evidence,
+            }
             for a in guard.alerts
         ]
         json.dump({"error": error, "alerts": alerts}, fh, default=str)

@@ -419,3 +419,35 @@ def test_a_poisoned_label_is_caught_when_the_loop_passes_only_its_inputs() -> No
     guard.close()
     found = [(a.rule, a.step, a.evidence.get("index")) for a in guard.alerts]
     assert ("TG1309", poisoned_at, victim) in found, (victim, start_epoch, found)
+
+
+def test_small_sleeps_on_every_step_are_found_and_attributed_to_their_phase() -> None:
+    rng = seeded()
+    phase = rng.choice(["compute", "optimizer"])
+    at = rng.randrange(30, 45)
+    pause = rng.uniform(0.012, 0.03)
+    model = sc.make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    steps = {"n": 0}
+
+    def sleepy(o: Any, a: Any, k: Any) -> None:
+        if steps["n"] >= at:
+            time.sleep(pause)
+
+    # Registered before watch(): a pre-hook runs before the guard's (compute phase), a
+    # post-hook before the guard's post-hook (inside the optimizer phase).
+    (opt.register_step_pre_hook if phase == "compute" else opt.register_step_post_hook)(sleepy)
+    guard = sc.tgw.watch(model, opt, hang_seconds=None, min_stall_seconds=0.25)
+    x, y = sc.make_data()
+    for step in range(at + 60):
+        steps["n"] = step
+        idx = torch.randint(0, len(x), (32,))
+        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        guard.step(loss=loss, batch=(x[idx], y[idx]))
+    guard.close()
+    slow = [a for a in guard.alerts if a.rule == "TG1307" and a.severity >= Severity.HIGH]
+    print(phase, at, round(pause, 4), [(a.step, a.message[:120]) for a in slow])
+    assert slow and slow[0].evidence["phase"] == phase and at <= slow[0].step <= at + 25

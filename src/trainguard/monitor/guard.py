@@ -52,18 +52,17 @@ class Guard:
         self.key = opts.key or shared_key(self.world_size)
         self.fp = Fingerprinter(self.key)
         self.step_index = 0
-        self.recorder = Recorder(
-            opts.ledger, self.run_id, self.rank, sign_key=opts.sign_key, sign_every=opts.sign_every
-        )
+        self.recorder = Recorder.for_run(opts, self.run_id, self.rank)
         self.ledger = self.recorder.ledger
         self._pending: dict[str, Any] | None = None
         self.sink = AlertSink(self._record, opts.on_alert)
         self.alerts = self.sink.alerts
-        self._overhead = 0.0  # seconds spent in the guard during the current step
-        self.last_step_overhead = 0.0  # ... and during the last finished one
+        # Seconds spent in the guard during the current step, and during the last one.
+        self._overhead = self.last_step_overhead = 0.0
         self._grad_norm: float | None = None
         self._declared: StepEnd | None = None  # what guard.step(lr=, reseed=) said
-        self._last_step_end = self._step_started = clock.now()
+        self._last_step_end = self._step_started = self._pre_end = clock.now()
+        self._finish_cost, self._phases = 0.0, dict[str, float]()
         self.windows = {k: RobustWindow() for k in ("time", "loss", "grad_norm")}
         self.named_params = list(model.named_parameters())
 
@@ -108,7 +107,7 @@ class Guard:
         self._record("run-start", run_start(self, summary, conditions.gather(model)))
         self.sink.raise_all(started)
         # Ranks that hang without dying (docs/watch.md); None when hang_seconds is None.
-        self.watchdog = Watchdog.start_for(self, opts.hang_seconds, **_hang_options(opts))
+        self.watchdog = Watchdog.for_guard(self, opts)
 
     # -- what other parts of the monitor read ---------------------------------
     @property
@@ -155,12 +154,14 @@ class Guard:
                 total_grad_norm(self.named_params, self.torch) if self.measure_grad_norm else None
             )
         finally:
-            self._overhead += clock.now() - started
+            self._pre_end = clock.now()
+            self._overhead += self._pre_end - started
 
     def _after_step(self) -> None:
         started = clock.now()
+        self._phases["optimizer"] = started - self._pre_end  # between the step hooks
         try:
-            seconds = clock.now() - self._step_started
+            seconds = started - self._step_started
             ctx = Context(self.step_index, self.rank)
             self.tamper.spent = self.last_step_overhead
             for check in self.checks:
@@ -215,8 +216,8 @@ class Guard:
             self._finish_step_record(loss, batch)
         finally:
             # The guard's own time in this step: what budget mode holds to its share.
-            self.last_step_overhead = self._overhead + (clock.now() - started)
-            self._overhead = 0.0
+            self._finish_cost = clock.now() - started  # counts in the next step's time
+            self.last_step_overhead, self._overhead = self._overhead + self._finish_cost, 0.0
 
     def _finish_step_record(self, loss: Any, batch: Any) -> None:
         now = clock.now()
@@ -224,7 +225,10 @@ class Guard:
         tensors = tensors_in(batch, self.torch)
         said, self._declared = self._declared, None
         declared = (said.declared_lr, said.declared_reseed) if said is not None else (None, False)
-        end = StepEnd(scalar(loss), self._grad_norm, step_time, tensors, *declared)
+        guard = self._overhead + self._finish_cost
+        phases = {"optimizer": self._phases.pop("optimizer", 0.0), "guard": guard}
+        phases["compute"] = max(0.0, step_time - phases["optimizer"] - guard)
+        end = StepEnd(scalar(loss), self._grad_norm, step_time, tensors, *declared, phases)
         ctx = Context(self.step_index, self.rank)
         for check in self.checks:
             self.sink.raise_all(check.step_end(ctx, end))
@@ -288,10 +292,6 @@ class Guard:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self.close(exc)
-
-
-def _hang_options(opts: WatchOptions) -> dict[str, Any]:
-    return {"factor": opts.hang_factor, "on_hang": opts.on_hang, "stacks": opts.hang_stacks}
 
 
 def watch(model: Any, optimizer: Any, options: WatchOptions | None = None, **kwargs: Any) -> Guard:

@@ -22,7 +22,6 @@ class Recorder:
         ledger: Ledger | str | os.PathLike[str] | None,
         run_id: str,
         rank: int,
-        *,
         sign_key: Any = None,
         sign_every: int = 100,
     ) -> None:
@@ -32,6 +31,11 @@ class Recorder:
         self.rank = rank
         self.sign_key = sign_key
         self.sign_every = sign_every
+
+    @classmethod
+    def for_run(cls, options: Any, run_id: str, rank: int) -> Recorder:
+        """The recorder a guard with these WatchOptions writes through."""
+        return cls(options.ledger, run_id, rank, options.sign_key, options.sign_every)
 
     def append(self, kind: str, payload: dict[str, Any], step: int) -> None:
         if self.ledger is not None:

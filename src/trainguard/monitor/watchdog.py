@@ -113,6 +113,17 @@ class Watchdog:
         dog._thread.start()
         return dog
 
+    @classmethod
+    def for_guard(cls, guard: Any, options: Any) -> Watchdog | None:
+        """:meth:`start_for` with the hang options of ``options`` (a WatchOptions)."""
+        return cls.start_for(
+            guard,
+            options.hang_seconds,
+            factor=options.hang_factor,
+            on_hang=options.on_hang,
+            stacks=options.hang_stacks,
+        )
+
     # -- what the training side may call --------------------------------------
     def touch(self) -> None:
         """Mark progress that is not a training step (an evaluation batch, a save)."""

@@ -15,7 +15,7 @@ A new check is one subclass in this package, added to the guard's list.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from trainguard.monitor.alerts import Alert, Context
@@ -31,6 +31,8 @@ class StepEnd:
     batch: list[Any]  # the tensors of the batch, in a fixed order (may be empty)
     declared_lr: list[float] | None = None  # what the loop said it set (guard.step(lr=...))
     declared_reseed: bool = False
+    # seconds per phase: "compute" (data, forward, backward), "optimizer", "guard"
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 class Check:
