@@ -82,6 +82,12 @@ p = ckpt['param']
 if p.grad is None or p.grad.tolist() != [1.0] * p.numel():
     open(ckpt['canary'], 'w').close()
 """,
+    # torch.jit.load runs the archive's __setstate__ methods; a forward pass the rest.
+    "torch-jit-forward": """
+import sys, torch
+m = torch.jit.load(sys.argv[1])
+m(torch.ones(1, 4))
+""",
     "numpy": """
 import sys, numpy
 numpy.load(sys.argv[1], allow_pickle=True)
@@ -149,6 +155,7 @@ LOADER_REQUIRES: dict[str, tuple[str, ...]] = {
     "torch-pickle-file": ("torch",),
     "torch-check-weights": ("torch",),
     "torch-check-grad": ("torch",),
+    "torch-jit-forward": ("torch",),
     "numpy": ("numpy",),
     "numpy-npz": ("numpy",),
     "joblib": ("joblib",),

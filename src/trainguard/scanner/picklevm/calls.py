@@ -126,7 +126,7 @@ class CallIndex:
                     self.by_name.setdefault(qualname(inner), []).append(through)
         for b in self.ev.builds:
             cls = _class_of(b.obj)
-            if cls is not None and not _default_state(b.state):
+            if cls is not None and not _default_state(b.state) and not _torchscript(cls):
                 # Only a custom __setstate__ takes this state: BUILD calls it.
                 setstate = Call(cls, (b.state,), b.offset, "setstate")
                 self.by_name.setdefault(qualname(cls), []).append(setstate)
@@ -186,6 +186,18 @@ def _class_of(obj: Value) -> Global | None:
         first = args[0] if isinstance(args, tuple) and args else None
         return first if isinstance(first, Global) else None
     return obj.func
+
+
+def _torchscript(cls: Global) -> bool:
+    """A TorchScript class of the archive: its __setstate__ is the archive's code.
+
+    No Python module is called ``__torch__``: only ``torch.jit.load`` resolves these
+    names, to classes compiled from the archive's ``code/`` folder, whose every
+    operator the TorchScript flavour judges.  Custom C++ classes
+    (``__torch__.torch.classes.*``) are native code and stay calls.
+    """
+    name = qualname(cls)
+    return name.startswith("__torch__.") and not name.startswith("__torch__.torch.classes.")
 
 
 def _default_state(state: Value) -> bool:

@@ -1,0 +1,112 @@
+"""Families a fresh-context red team got past ``scan`` and ``protect()`` (issue 11).
+
+Each family is generated (several members, a fresh seed each run, printed; set
+``TRAINGUARD_MUTATION_SEED`` to replay) and a slice is proven to fire under its
+real loader in a subprocess (``tests.test_samples_fire._run_all``); the scanner
+must flag every member.  Nothing here loads a hostile file in this process.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.test_mutations import _seed
+from tests.test_samples_fire import _run_all
+from trainguard import Severity, scan_file
+from trainguard.samples.zipwriter import ZipMember, write_zip
+
+
+@pytest.fixture(scope="module")
+def seed() -> int:
+    return _seed()
+
+
+# --- jitcode: TorchScript code judged by tokens, not by a regex over its text ---
+
+
+def test_every_spelling_of_a_file_operator_is_critical(seed: int, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from trainguard.samples.mal_jitcode import SPELLINGS, WHERE, draw_jit, jit_mutant
+
+    for where in WHERE:
+        for spelling in SPELLINGS:
+            sample = jit_mutant(spelling, where)
+            folder = tmp_path / sample.id
+            folder.mkdir()
+            result = scan_file(sample.build(folder, folder / "canary"))
+            assert result.verdict is Severity.CRITICAL, (sample.id, result.findings)
+    rng = random.Random(seed)
+    fire = {s.id: s for s in (draw_jit(rng) for _ in range(3))}
+    (tmp_path / "run" / "canaries").mkdir(parents=True)
+    outcomes = _run_all(tmp_path / "run", list(fire.values()))
+    silent = {k: o.log[-400:] for k, o in outcomes.items() if not o.fired}
+    assert not silent, f"TRAINGUARD_MUTATION_SEED={seed}: {silent}"
+
+
+_HEAD = """class M(Module):
+  __parameters__ = []
+  training : bool
+  def forward(self: __torch__.M,
+    x: Tensor) -> Tensor:
+"""
+
+
+def _archive(path: Path, body: str) -> Path:
+    members = [
+        ZipMember("m/data.pkl", b"\x80\x02}q\x00."),
+        ZipMember("m/code/__torch__.py", (_HEAD + body).encode()),
+        ZipMember("m/constants.pkl", b"\x80\x02)."),
+        ZipMember("m/version", b"3\n"),
+    ]
+    return write_zip(path, members)
+
+
+@pytest.mark.parametrize(
+    ("body", "worst"),
+    [
+        # An alias of a namespace, then the operator through it.
+        ("    a = ops.aten\n    return a.from_file('/tmp/x', True, 1)\n", Severity.CRITICAL),
+        # The overload spelled out.
+        ("    return ops.aten.save.default(x, '/tmp/x')\n", Severity.CRITICAL),
+        ("    return ops .  aten  # c\n", Severity.HIGH),
+        ("    return getattr(torch, 'from_file')('/tmp/x')\n", Severity.HIGH),
+        ("    return torch.classes.mylib.Shell().run(x)\n", Severity.HIGH),
+        ("    return x\n  'unterminated\n", Severity.HIGH),
+        ("    return torch.add(x, ops.prim.min(x))\n", None),
+    ],
+)
+def test_tokens_decide(body: str, worst: Severity | None, tmp_path: Path) -> None:
+    result = scan_file(_archive(tmp_path / "m.pt", body))
+    found = [f.severity for f in result.findings if f.rule == "TG113"]
+    assert (max(found) if found else None) is worst, result.findings
+
+
+def test_torchscript_state_is_judged_by_its_code_not_called(tmp_path: Path) -> None:
+    # An honest module with custom __getstate__/__setstate__ (the red team's F5).
+    torch = pytest.importorskip("torch")
+
+    class S(torch.nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+            self.n = 3
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.w
+
+        @torch.jit.export
+        def __getstate__(self) -> tuple[torch.Tensor, int, bool]:
+            return (self.w, self.n, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, st: tuple[torch.Tensor, int, bool]) -> None:
+            self.w = st[0]
+            self.n = st[1]
+            self.training = st[2]
+
+    torch.jit.save(torch.jit.script(S()), tmp_path / "s.pt")
+    result = scan_file(tmp_path / "s.pt")
+    assert result.verdict is not None and result.verdict <= Severity.MEDIUM, result.findings
