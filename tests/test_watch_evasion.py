@@ -451,3 +451,20 @@ def test_small_sleeps_on_every_step_are_found_and_attributed_to_their_phase() ->
     slow = [a for a in guard.alerts if a.rule == "TG1307" and a.severity >= Severity.HIGH]
     print(phase, at, round(pause, 4), [(a.step, a.message[:120]) for a in slow])
     assert slow and slow[0].evidence["phase"] == phase and at <= slow[0].step <= at + 25
+
+
+def test_ledger_show_prints_an_alert_message_whole(tmp_path: Any, capsys: Any) -> None:
+    from trainguard.cli.main import main
+
+    def tamper(step: int, model: Any, opt: Any) -> None:
+        if step == 5:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1e-3)  # four tensors: a message far over 60 characters
+
+    url = str(tmp_path / "run.sqlite")
+    guard = sc.run(8, sabotage=tamper, ledger=url, run_id="r")
+    message = guard.alerts[0].message
+    assert len(message) > 60
+    assert main(["ledger", "show", "--ledger", url, "r"]) in (0, 1)
+    assert message in capsys.readouterr().out

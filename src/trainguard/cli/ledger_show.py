@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 PREFERRED_FIELDS = ("loss", "grad_norm", "step_time", "lr", "rule", "message")
 MAX_FIELDS = 6
 MAX_VALUE_CHARS = 60
+WHOLE_FIELDS = ("message",)  # shown in full whatever their length
 
 
 def printable(text: str) -> str:
@@ -58,7 +59,10 @@ def _details(payload: dict[str, Any]) -> str:
     names += sorted(k for k in payload if k not in PREFERRED_FIELDS)
     parts: list[str] = []
     for name in names:
-        shown = _value(payload[name])
+        value = payload[name]
+        # An alert's message is what a reader needs whole (escaped, never clipped).
+        whole = name in WHOLE_FIELDS and isinstance(value, str)
+        shown = printable(value) if whole else _value(value)
         if shown is not None:
             parts.append(f"{clip(name)}={shown}")
         if len(parts) == MAX_FIELDS:
