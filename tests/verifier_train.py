@@ -20,7 +20,7 @@ from trainguard.explain.replay.engine import Replayable, ReplayContext, epochs_f
 
 KEY = bytes(range(32))
 STEPS, EVERY, SAMPLES, BATCH = 40, 5, 64, 8  # 8 steps per epoch
-WAIT_S = 120.0
+WAIT_S = 300.0  # generous: returns as soon as the verdict is in
 
 torch.set_num_threads(1)
 
