@@ -100,9 +100,14 @@ class Fingerprinter:
             if data.element_size() not in _INT_VIEW:  # an odd item size: read it byte by byte
                 data = data.reshape(-1).view(torch.uint8)
             bits = data.view(getattr(torch, int_dtype)).reshape(-1)
-            if bits.numel() * bits.element_size() % 8 == 0 and bits.data_ptr() % 8 == 0:
+            if bits.numel() * bits.element_size() % 8 == 0:
                 # Reduced as 64-bit words: summing int64 is vectorised, widening
-                # int32 to int64 first is several times slower.
+                # int32 to int64 first is several times slower.  The word size follows
+                # from the byte count alone, so equal bytes give equal sums wherever
+                # they sit: a view at an odd address (a shard inside FSDP's padded
+                # storage) is copied to an aligned one rather than summed differently.
+                if bits.data_ptr() % 8:
+                    bits = bits.clone()
                 int_dtype = "int64"
                 bits = bits.view(torch.uint8).view(torch.int64)
             mask = self._mask(torch, bits.device, int_dtype)
