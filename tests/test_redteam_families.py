@@ -9,6 +9,8 @@ must flag every member.  Nothing here loads a hostile file in this process.
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,51 @@ def test_torchscript_state_is_judged_by_its_code_not_called(tmp_path: Path) -> N
     torch.jit.save(torch.jit.script(S()), tmp_path / "s.pt")
     result = scan_file(tmp_path / "s.pt")
     assert result.verdict is not None and result.verdict <= Severity.MEDIUM, result.findings
+
+
+# --- pkgcode: torch.package archives ship modules that run when imported ---
+
+
+def test_package_modules_are_judged_and_fire(seed: int, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from trainguard.samples.mal_pkgcode import PAYLOADS, draw_pkg, pkg_mutant
+
+    for payload in PAYLOADS:
+        sample = pkg_mutant(payload)
+        folder = tmp_path / sample.id
+        folder.mkdir()
+        result = scan_file(sample.build(folder, folder / "canary"))
+        assert result.verdict is Severity.CRITICAL, (sample.id, result.findings)
+    rng = random.Random(seed ^ 0x9C)
+    fire = {s.id: s for s in (draw_pkg(rng) for _ in range(2))}
+    (tmp_path / "run" / "canaries").mkdir(parents=True)
+    outcomes = _run_all(tmp_path / "run", list(fire.values()))
+    silent = {k: o.log[-400:] for k, o in outcomes.items() if not o.fired}
+    assert not silent, f"TRAINGUARD_MUTATION_SEED={seed}: {silent}"
+
+
+def test_an_archive_that_ships_code_is_high_and_protect_refuses_it(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from torch.package.package_exporter import PackageExporter
+
+    from trainguard.samples.mal_pkgcode import pkg_mutant
+
+    honest = tmp_path / "net.pt"
+    with PackageExporter(str(honest)) as pe:
+        pe.extern("torch.**")
+        pe.save_source_string("mynet", "import torch\nclass Net(torch.nn.Module):\n    pass\n")
+        pe.save_pickle("pkg", "cfg.pkl", {"a": 1})
+    result = scan_file(honest)
+    assert [f.severity for f in result.findings if f.rule == "TG114"] == [Severity.HIGH]
+    # protect() refuses the archive before PackageImporter imports anything.
+    hostile = pkg_mutant("pathlib").build(tmp_path, tmp_path / "canary")
+    code = (
+        "import sys, trainguard; trainguard.protect()\n"
+        "import torch.package\n"
+        "torch.package.PackageImporter(sys.argv[1]).load_pickle('pkg', 'obj.pkl')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(hostile)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0 and "TG114" in proc.stderr, proc.stderr[-600:]
+    assert not (tmp_path / "canary").exists()

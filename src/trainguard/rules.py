@@ -172,6 +172,15 @@ RULES: dict[str, Rule] = {
             "or eval, so its operators are what it can do.",
         ),
         Rule(
+            "TG114",
+            "package-code",
+            _H,
+            "A torch.package archive ships Python modules, which PackageImporter imports "
+            "(running their code) when load_pickle or import_module reaches them: high unless "
+            "a policy trusts the archive, critical when a module reaches exec/eval, the "
+            "operating system, file writes or the network. Read with ast, never imported.",
+        ),
+        Rule(
             "TG201",
             "zip-crc-mismatch",
             _M,

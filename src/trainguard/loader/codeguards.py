@@ -56,4 +56,19 @@ def guarded_package_importer(base: type[Any]) -> type[Any]:
             raise UsageError("protect(): PackageImporter needs a path or a file, not a reader")
         base.__init__(self, copy, *args, **kwargs)
 
-    return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
+    def sandboxed(name: str) -> Callable[..., Any]:
+        method = getattr(base, name)
+
+        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            # The archive's own modules run when these import them, long after
+            # __init__ judged the bytes: they run inside the sandbox too.
+            with state.guarded(f"<torch.package {name}>"):
+                return method(self, *args, **kwargs)
+
+        return run
+
+    methods: dict[str, Any] = {"__init__": __init__, "__module__": base.__module__}
+    for name in ("import_module", "load_pickle"):
+        if hasattr(base, name):
+            methods[name] = sandboxed(name)
+    return type(base.__name__, (base,), methods)

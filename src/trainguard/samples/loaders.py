@@ -88,6 +88,11 @@ import sys, torch
 m = torch.jit.load(sys.argv[1])
 m(torch.ones(1, 4))
 """,
+    # PackageImporter imports the archive's module that defines a pickled class.
+    "torch-package": """
+import sys, torch.package
+torch.package.PackageImporter(sys.argv[1]).load_pickle('pkg', 'obj.pkl')
+""",
     "numpy": """
 import sys, numpy
 numpy.load(sys.argv[1], allow_pickle=True)
@@ -156,6 +161,7 @@ LOADER_REQUIRES: dict[str, tuple[str, ...]] = {
     "torch-check-weights": ("torch",),
     "torch-check-grad": ("torch",),
     "torch-jit-forward": ("torch",),
+    "torch-package": ("torch",),
     "numpy": ("numpy",),
     "numpy-npz": ("numpy",),
     "joblib": ("joblib",),

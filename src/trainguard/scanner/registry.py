@@ -95,6 +95,11 @@ ZIP_FLAVOURS = (
         lambda m: m.TorchScriptFlavour(),
         lambda names: any(n.endswith("constants.pkl") for n in names),
     ),
+    LazyFlavour(
+        "torchpackage",
+        lambda m: m.TorchPackageFlavour(),
+        lambda names: any(n.endswith(".data/extern_modules") for n in names),
+    ),
 )
 
 # Every blob, whatever claims it, is also asked what a pickle loader would do with it.
