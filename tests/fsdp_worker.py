@@ -13,6 +13,9 @@ SCENARIO:
       scale (the update applied three times over, after the optimizer's own step).
   kill:RANK:STEP  that rank dies with os._exit after STEP.
   tamper:RANK:STEP  that rank's weights are changed after STEP, outside the optimizer.
+  hang:RANK:STEP  that rank stops after STEP (sleeps, alive) for longer than the
+      process group's timeout (HANG_TIMEOUT here), then exits: its peers' next
+      collective fails and they name it.
 The layer sizes (7 -> 13 -> 3) do not divide by the world size: shards are uneven and
 some are empty.
 """
@@ -22,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -32,6 +37,7 @@ from trainguard.monitor import guard as tgw
 
 torch.set_num_threads(1)
 HANG_SECONDS = 30.0
+HANG_TIMEOUT = 10.0  # the process group's timeout in the hang scenario
 
 
 def patch_optimizer(kind: str, target: int, at: int, threshold: int) -> None:
@@ -66,7 +72,19 @@ def main() -> None:
     kind, *args = scenario.split(":")
     if kind == "scaled":
         patch_optimizer(args[0], int(args[1]), int(args[2]), int(args[3]))
-    join(rank, world, port)
+    if kind == "hang":
+        # A short collective timeout, so that the peers give up on the hung rank soon.
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=HANG_TIMEOUT),
+        )
+    else:
+        join(rank, world, port)
     wrap = sys.argv[8] if len(sys.argv) > 8 else "fsdp"
     torch.manual_seed(0)
     model: Any = torch.nn.Sequential(
@@ -89,8 +107,8 @@ def main() -> None:
     guard = tgw.watch(
         model, opt, ledger=ledger, run_id="fsdp-run", sync_every=5, hang_seconds=HANG_SECONDS
     )
-    target = int(args[0]) if kind in ("kill", "tamper") else -1
-    at = int(args[1]) if kind in ("kill", "tamper") else -1
+    target = int(args[0]) if kind in ("kill", "tamper", "hang") else -1
+    at = int(args[1]) if kind in ("kill", "tamper", "hang") else -1
     g = torch.Generator().manual_seed(100 + rank)
     error = None
     overheads: list[float] = []  # the guard's own seconds per step (bench/fsdp_ranks.py)
@@ -106,6 +124,10 @@ def main() -> None:
             if rank == target and step == at:
                 if kind == "kill":
                     os._exit(17)
+                if kind == "hang":
+                    # Alive but silent past the peers' timeout and their grace period.
+                    time.sleep(HANG_TIMEOUT + 25.0)
+                    os._exit(18)
                 with torch.no_grad():
                     next(model.parameters()).add_(1e-3)  # the local slice under FSDP
     except Exception as exc:  # a dead peer breaks the next collective

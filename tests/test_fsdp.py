@@ -172,3 +172,23 @@ def test_zero_tampered_rank_is_named_and_nothing_before(tmp_path: Path) -> None:
     ]
     assert found and min(a["step"] for a in found) == at + 1, (seed, found)
     assert ("TG1301", at + 1) in {(a["rule"], a["step"]) for a in results[target]["alerts"]}
+
+
+def test_hung_rank_is_named_by_a_survivor(tmp_path: Path) -> None:
+    # The hung rank stays alive and silent past the process group's timeout (10 s in
+    # the worker): the survivors' collective fails and they name the rank that did not
+    # say it failed.
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    target, at = rng.randrange(4), rng.randrange(3, 8)
+    print(f"seed {seed}: rank {target} hangs after step {at}")
+    results = launch(tmp_path, 4, f"hang:{target}:{at}", steps=12)
+    assert results[target]["returncode"] == 18
+    named = {
+        (rank, a["evidence"]["stopped_rank"], a["evidence"]["last_step"])
+        for rank, r in results.items()
+        if rank != target
+        for a in r.get("alerts", [])
+        if a["rule"] == "TG1311"
+    }
+    assert any(s == target and last == at for _, s, last in named), (seed, named)
