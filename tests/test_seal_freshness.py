@@ -110,3 +110,28 @@ def test_cli_seal_name_version_and_verify_expectations(
     assert "TG508" in capsys.readouterr().out
     assert main([*verify, "--expect-digest", "0" * 64]) == 1
     assert main([*verify, "--min-version", "four"]) == 2
+
+
+def test_a_single_file_seal_binds_the_files_name(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    # Red team verify_rename_1: two files of one release, each sealed on its own
+    # with the same name and version.  One's bytes and signature copied under the
+    # other's name verify as the key's seal, but not of a file with that name.
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    (rel / "policy.pt").write_bytes(b"the policy")
+    (rel / "probe.pt").write_bytes(b"a probe")
+    for name in ("policy.pt", "probe.pt"):
+        seal(rel / name, keys[0], name="rlhf-run", version="7")
+    expect = {"expect_name": "rlhf-run", "min_version": "7"}
+    assert rules(rel / "policy.pt", keys[1], **expect) == []
+    shutil.copyfile(rel / "probe.pt", rel / "policy.pt")
+    shutil.copyfile(rel / "probe.pt.sig", rel / "policy.pt.sig")
+    for given in ({}, expect):
+        result = verify_report(rel / "policy.pt", keys[1], **given)  # type: ignore[arg-type]
+        [finding] = result.report.findings
+        assert finding.rule == "TG506" and result.report.failed
+        assert finding.evidence == {"sealed_as": "probe.pt", "now_at": "policy.pt"}
+    # The sealed file moved under a new name (bytes and signature together) fails too.
+    (rel / "probe.pt").rename(rel / "renamed.pt")
+    (rel / "probe.pt.sig").rename(rel / "renamed.pt.sig")
+    assert rules(rel / "renamed.pt", keys[1]) == ["TG506"]

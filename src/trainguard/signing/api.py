@@ -136,7 +136,11 @@ def seal(
         sealed_at=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         vcs=None if tree.single_file else vcs.record(os.fspath(root)),
     )
-    manifest = Manifest(name or root.resolve().name, ser, resources, empty, info)
+    # A single file's seal names the file, as model-signing does (its subject is
+    # the file's name): verify then refuses these bytes and this signature moved
+    # under another name.  The release's name stays in ``info.name``.
+    subject = root.name if tree.single_file else (name or root.resolve().name)
+    manifest = Manifest(subject, ser, resources, empty, info)
     payload = manifest.payload()
     if len(payload) > MAX_PAYLOAD:
         # verify would refuse it: better to say so now than after the fact.

@@ -107,6 +107,20 @@ def check(expect: Expectation, manifest: Manifest, payload_digest: str, file: st
     return findings
 
 
+def file_name(manifest: Manifest, name: str, file: str) -> list[Finding]:
+    """A single file's seal is bound to the file's name (its subject, as
+    model-signing writes it): bytes and signature copied under another name are
+    not the file sealed under this name (TG506)."""
+    if manifest.model_name == name:
+        return []
+    message = (
+        f"the seal is for a file named {manifest.model_name[:80]!r}, not {name[:80]!r}: "
+        "bytes and signature of another file put under this name"
+    )
+    evidence = {"sealed_as": manifest.model_name[:256], "now_at": name[:256]}
+    return [_finding("TG506", message, file, evidence)]
+
+
 def _version(minimum: str, sealed: str | None, sealed_at: str | None, file: str) -> list[Finding]:
     evidence = {"minimum_version": minimum}
     if sealed_at is not None:

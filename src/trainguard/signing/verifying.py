@@ -176,6 +176,8 @@ def verify_report(
         _finding("TG507", f"{why}: not followed, so not verified", shown(name))
         for name, why in tree.unsafe
     ]
+    if tree.single_file:
+        findings += freshness.file_name(expected, root.name, str(root))
     notes: list[str] = []
     if not tree.single_file:
         vcs_findings, vcs_note = vcs.check(os.fspath(root), expected.info.vcs, str(root))
