@@ -12,6 +12,13 @@ The signature and the manifest are checked by :mod:`trainguard.signing`
 (``read_bundle``, ``verify_bundle``, ``parse_statement``); only the digest of
 the loaded bytes is computed here, since those bytes exist only here.
 
+Every seal that covers the path (:mod:`trainguard.loader.trustseals`) must
+verify and list these bytes under the path's name: one failing seal refuses
+the load, and no other seal outvotes it.  A single-file seal (``FILE.sig``)
+names its file, so a file's bytes and signature copied under another name are
+refused.  The most specific seal decides, and the policy's expectations
+(``expect_name``, ``min_version``, pinned manifest digests) apply to it.
+
 Minimal file::
 
     [trust]
@@ -22,18 +29,22 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainguard.errors import PolicyError, UnsafeModelError
+from trainguard.errors import PolicyError, UnsafeModelError, UsageError
 from trainguard.findings import Finding
+from trainguard.loader.trustseals import SIGNATURE_NAME, Covering, covering_seals, pinned_roots
 from trainguard.rules import finding
-from trainguard.signing.errors import KeyLoadError, VerificationError
+from trainguard.signing import freshness
+from trainguard.signing.errors import KeyLoadError, SealError, VerificationError
 from trainguard.signing.keyless import SigstoreIdentity
+from trainguard.signing.tree import GIT_PATHS, IgnoreRules
 
-SIGNATURE_NAME = "model.sig"
-_KEYS = frozenset(["keys", "identities", "signatures", "in_memory"])
+_KEYS = frozenset(
+    ["keys", "identities", "signatures", "in_memory", "expect_name", "min_version", "pins"]
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,10 @@ class TrustPolicy:
     signatures: tuple[tuple[Path, Path], ...]
     in_memory: str  # "refuse" (default) or "allow": bytes that no file backs
     origin: str
+    # What the deciding seal must say (release name, minimum version), and
+    # manifest digests pinned per sealed folder or file.
+    expect: freshness.Expectation = field(default_factory=freshness.Expectation)
+    pins: tuple[tuple[Path, str], ...] = ()
 
 
 def load_trust(path: str | os.PathLike[str]) -> TrustPolicy:
@@ -83,6 +98,20 @@ def load_trust(path: str | os.PathLike[str]) -> TrustPolicy:
         errors.append('signatures: a table of "sealed folder" = "its signature"')
         raw_sigs = {}
     signatures = tuple((base / root, base / sig) for root, sig in raw_sigs.items())
+    raw_pins = table.get("pins", {})
+    if not isinstance(raw_pins, dict) or not all(isinstance(v, str) for v in raw_pins.values()):
+        errors.append('pins: a table of "sealed folder or file" = "manifest sha256"')
+        raw_pins = {}
+    expect = freshness.Expectation()
+    try:
+        expect = freshness.Expectation(
+            _text(table, "expect_name", errors), _text(table, "min_version", errors)
+        )
+        for digest in raw_pins.values():
+            freshness.Expectation(digest=digest)
+    except UsageError as exc:
+        errors.append(str(exc))
+    pins = tuple((base / root, digest.lower()) for root, digest in raw_pins.items())
     in_memory = table.get("in_memory", "refuse")
     if in_memory not in ("refuse", "allow"):
         errors.append("in_memory: 'refuse' or 'allow'")
@@ -90,7 +119,17 @@ def load_trust(path: str | os.PathLike[str]) -> TrustPolicy:
         errors.append("no trusted keys or identities: nothing could ever load")
     if errors:
         raise PolicyError(f"{where}: " + "; ".join(errors))
-    return TrustPolicy(tuple(keys), tuple(identities), signatures, str(in_memory), str(where))
+    return TrustPolicy(
+        tuple(keys), tuple(identities), signatures, str(in_memory), str(where), expect, pins
+    )
+
+
+def _text(table: dict[str, Any], name: str, errors: list[str]) -> str | None:
+    value = table.get(name)
+    if value is not None and not isinstance(value, str):
+        errors.append(f"{name}: a string")
+        return None
+    return value
 
 
 def _strings(table: dict[str, Any], name: str, errors: list[str]) -> list[str]:
@@ -124,25 +163,34 @@ def check_in_memory(policy: TrustPolicy, source: str) -> None:
 
 
 def check_bytes(policy: TrustPolicy, path: str | os.PathLike[str], data: bytes) -> None:
-    """Raise :class:`UnsafeModelError` unless a trusted seal lists ``path`` with ``data``."""
+    """Raise :class:`UnsafeModelError` unless every seal covering ``path`` is a
+    trusted seal of ``data`` under that name and the deciding one is fresh."""
     source = os.fspath(path)
-    target = Path(os.path.realpath(source))
+    seals = covering_seals(source, policy.signatures)
     reasons: list[Finding] = []
-    for sig, root in _candidate_seals(policy, target):
+    digests: dict[Path, str] = {}  # sealed root -> manifest digest, for the pins
+    deciding = True
+    for seal in seals:
         try:
-            manifest = _verified_manifest(policy, sig)
+            manifest, digest = _verified_manifest(policy, seal.sig)
         except VerificationError as exc:
             reasons += [
-                finding(f.rule, f"{sig}: {f.message}", file=source) for f in exc.findings[:1]
+                finding(f.rule, f"{seal.sig}: {f.message}", file=source) for f in exc.findings[:1]
             ]
+            deciding = False
             continue
-        rel = target.relative_to(root).as_posix() if root != target else "."
-        verdict = _compare(manifest, rel, data)
-        if verdict is None:
-            return
-        if verdict:
-            reasons.append(finding("TG503", f"{sig}: {verdict}", file=source))
-    if not reasons:
+        if not seal.single and _ignored(manifest, seal.rel):
+            continue  # the signer left it out of this folder's seal: not covered by it
+        digests[seal.root] = digest
+        reasons += _judge(policy, seal, manifest, digest, data, source, deciding)
+        deciding = False
+    for sealed, digest, roots in pinned_roots(source, policy.pins):
+        if not any(digests.get(r) == digest for r in roots):
+            have = next((digests[r] for r in roots if r in digests), None)
+            what = f"its seal's manifest is {have[:16]}..." if have else "no seal of it verified"
+            message = f"{sealed} is pinned to manifest {digest[:16]}... by {policy.origin}: {what}"
+            reasons.append(finding("TG508", message, file=source))
+    if not digests and not reasons:
         reasons.append(
             finding(
                 "TG504",
@@ -151,31 +199,59 @@ def check_bytes(policy: TrustPolicy, path: str | os.PathLike[str], data: bytes) 
                 file=source,
             )
         )
-    raise UnsafeModelError(source, reasons)
+    if reasons:
+        raise UnsafeModelError(source, reasons)
 
 
-def _candidate_seals(policy: TrustPolicy, target: Path) -> list[tuple[Path, Path]]:
-    """(signature, the root it covers) pairs that might list ``target``."""
-    found = []
-    single = target.with_name(target.name + ".sig")
-    if single.is_file():
-        found.append((single, target))
-    for folder in target.parents:
-        sig = folder / SIGNATURE_NAME
-        if sig.is_file():
-            found.append((sig, folder))
-    for sealed, sig in policy.signatures:
-        root = Path(os.path.realpath(sealed))
-        if root == target or root in target.parents:
-            found.append((sig, root))
-    return found
+def _judge(
+    policy: TrustPolicy,
+    seal: Covering,
+    manifest: Any,
+    digest: str,
+    data: bytes,
+    source: str,
+    deciding: bool,
+) -> list[Finding]:
+    """Why this verified seal does not vouch for ``data`` at ``source`` (empty: it does)."""
+    out: list[Finding] = []
+    if seal.single:
+        for f in freshness.file_name(manifest, seal.root.name, source):
+            out.append(finding(f.rule, f"{seal.sig}: {f.message}", file=source))
+    verdict = _compare(manifest, seal.rel, data)
+    if verdict == "":
+        message = f"{seal.sig}: covers it but does not list {seal.rel} (added after sealing?)"
+        out.append(finding("TG504", message, file=source))
+    elif verdict:
+        out.append(finding("TG503", f"{seal.sig}: {verdict}", file=source))
+    if deciding and not policy.expect.empty:
+        for f in freshness.check(policy.expect, manifest, digest, source):
+            out.append(finding(f.rule, f"{seal.sig}: {f.message}", file=source))
+    return out
 
 
-def _verified_manifest(policy: TrustPolicy, sig: Path) -> Any:
+def _ignored(manifest: Any, rel: str) -> bool:
+    ser = manifest.serialization
+    return IgnoreRules((*ser.ignore_paths, *GIT_PATHS), ser.ignore_patterns).matches(rel)
+
+
+def _verified_manifest(policy: TrustPolicy, sig: Path) -> tuple[Any, str]:
+    """The manifest a trusted signer signed in ``sig``, and the payload's SHA-256."""
+    import hashlib
+    import stat
+
     from trainguard.signing import bundle as bundles
     from trainguard.signing.manifest import ManifestError, parse_statement
 
-    bundle = bundles.read_bundle(sig)
+    try:
+        # Never open a FIFO or device planted as a signature (it could block forever).
+        regular = stat.S_ISREG(os.stat(sig).st_mode)
+        bundle = bundles.read_bundle(sig) if regular else None
+    except (OSError, SealError) as exc:
+        bundle, why = None, str(exc)
+    else:
+        why = "not a regular file"
+    if bundle is None:
+        raise VerificationError(why, [finding("TG502", f"unreadable signature: {why}")])
     failure: VerificationError | None = None
     for key in policy.keys:
         try:
@@ -186,7 +262,7 @@ def _verified_manifest(policy: TrustPolicy, sig: Path) -> Any:
     else:
         payload = _keyless(policy, bundle, failure)
     try:
-        return parse_statement(payload)
+        return parse_statement(payload), hashlib.sha256(payload).hexdigest()
     except ManifestError as exc:
         raise VerificationError(
             f"{sig}: unusable manifest", [finding("TG502", f"unusable manifest: {exc}")]
