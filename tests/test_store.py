@@ -154,28 +154,26 @@ def test_a_burst_of_1000_files_from_concurrent_writers_is_decided_once_each(
     assert max(scans.calls.values()) == 1  # nothing scanned twice: writes were atomic
 
 
-def test_a_slow_writer_is_scanned_once_when_done_even_with_pauses_longer_than_settle(
+def test_a_slow_honest_writer_gets_one_verdict_when_done_even_with_long_pauses(
     store: tuple[Path, Path, str],
 ) -> None:
     root, q, db = store
-    scans = Counting()
-    guard = StoreGuard(_options(root, q, settle=0.2), open_verdicts(db), scans)
+    guard = StoreGuard(_options(root, q, settle=0.2), open_verdicts(db))
     stop, thread = _running(guard)
     target = root / "slow.pt"
     try:
         with open(target, "wb") as f:  # held open for writing the whole time
-            for i in range(0, len(MALICIOUS), 8):
-                f.write(MALICIOUS[i : i + 8])
+            for i in range(0, len(CLEAN), 8):
+                f.write(CLEAN[i : i + 8])
                 f.flush()
                 time.sleep(0.3)  # longer than settle: only the open descriptor says "busy"
-            assert scans.calls == {}
-        assert _wait_for((q / "slow.pt").exists)
+                assert guard.verdicts.known("slow.pt") is None  # half a file: no verdict
+        assert _wait_for(lambda: guard.verdicts.known("slow.pt") is not None)
     finally:
         stop.set()
         thread.join()
-    assert scans.calls == {str(target): 1}
     (verdict,) = guard.verdicts.history("slow.pt")
-    assert verdict.severity == "critical"  # the whole payload, not a truncated stream
+    assert verdict.outcome == "clean" and target.read_bytes() == CLEAN
 
 
 def test_a_file_replaced_while_being_scanned_gets_no_verdict_for_the_old_bytes(
@@ -287,3 +285,115 @@ def test_the_service_as_users_run_it(store: tuple[Path, Path, str], tmp_path: Pa
     verdicts = open_verdicts(db)
     assert verdicts.counts() == {"clean": 1, "quarantined": 1}
     verdicts.close()
+
+
+# -- what a red team got past the first version (families, generated) ----------------------
+
+
+def test_files_behind_folder_links_are_guarded_and_link_loops_end(
+    store: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    root, q, db = store
+    elsewhere = tmp_path / "elsewhere"
+    _write(elsewhere / "deep" / "evil.pkl", MALICIOUS)
+    os.symlink(elsewhere, root / "sub")  # a loader opens root/sub/deep/evil.pkl just fine
+    os.symlink("..", elsewhere / "deep" / "up")  # and a loop back up
+    verdicts = StoreGuard(_options(root, q, settle=0), open_verdicts(db)).once()
+    assert [(v.path, v.outcome) for v in verdicts] == [("sub/deep/evil.pkl", "quarantined")]
+    assert not (elsewhere / "deep" / "evil.pkl").exists()
+
+
+def test_a_payload_held_open_for_writing_is_quarantined_without_waiting(
+    store: tuple[Path, Path, str],
+) -> None:
+    root, q, db = store
+    target = root / "held.pkl"
+    target.write_bytes(MALICIOUS)
+    fd = os.open(target, os.O_RDWR)  # an idle "writer" that never closes
+    try:
+        guard = StoreGuard(_options(root, q, settle=0.1), open_verdicts(db))
+        stop, thread = _running(guard)
+        try:
+            assert _wait_for((q / "held.pkl").exists, timeout=10)
+        finally:
+            stop.set()
+            thread.join()
+    finally:
+        os.close(fd)
+
+
+def test_an_honest_file_being_written_is_not_judged_on_its_half(
+    store: tuple[Path, Path, str],
+) -> None:
+    root, q, db = store
+    target = root / "big.pkl"
+    with open(target, "wb") as f:
+        f.write(CLEAN[: len(CLEAN) // 2])  # a truncated pickle: unreadable, not a payload
+        f.flush()
+        guard = StoreGuard(_options(root, q, settle=0), open_verdicts(db))
+        assert guard.once(max_wait=0.5) == []  # provisional: nothing decided yet
+        f.write(CLEAN[len(CLEAN) // 2 :])
+    (verdict,) = guard.once()
+    assert verdict.outcome == "clean" and target.exists()
+
+
+def test_names_in_the_way_of_the_quarantine_layout_never_stop_the_guard(
+    store: tuple[Path, Path, str],
+) -> None:
+    root, q, db = store
+    seed = random.randrange(2**32)
+    print(f"collision seed {seed}")
+    rng = random.Random(seed)
+    guard = StoreGuard(_options(root, q, settle=0), open_verdicts(db))
+    expected_bad = 0
+    for _ in range(rng.randrange(3, 7)):
+        # A quarantined file's name reused as a folder (a -> a/x) or the reverse.
+        name = rng.choice(["a", "a/b", "c"])
+        path = root / name
+        if path.is_dir():
+            path = path / "again.pkl"
+        elif path.exists():
+            path.unlink()
+        _write(path, MALICIOUS)
+        expected_bad += 1
+        guard.once()
+        assert not path.exists()
+    assert (
+        guard.verdicts.counts() == {"quarantined": expected_bad}
+        or sum(guard.verdicts.counts().values()) <= expected_bad
+    )
+    moved = [p for p in q.rglob("*") if p.is_file() and not p.name.endswith(".json")]
+    moved = [p for p in moved if p.name != "verdicts.sqlite"]
+    assert len(moved) == expected_bad and all(p.read_bytes() == MALICIOUS for p in moved)
+
+
+def test_names_that_are_not_utf8_are_judged_and_recorded(store: tuple[Path, Path, str]) -> None:
+    root, q, db = store
+    rng = random.Random()
+    names = {bytes(rng.sample(range(0x80, 0x100), 3)) + b".pkl" for _ in range(5)}
+    for raw in names:
+        with open(os.path.join(os.fsencode(root), raw), "wb") as f:
+            f.write(MALICIOUS if raw[0] % 2 else CLEAN)
+    guard = StoreGuard(_options(root, q, settle=0), open_verdicts(db))
+    verdicts = guard.once()
+    assert len(verdicts) == len(names) and guard.errors == []
+    assert all(v.path.isprintable() for v in verdicts)
+    assert StoreGuard(_options(root, q, settle=0), open_verdicts(db)).once() == []  # restart
+
+
+def test_one_file_that_cannot_be_judged_does_not_stop_the_others(
+    store: tuple[Path, Path, str],
+) -> None:
+    root, q, db = store
+    _write(root / "a.pkl", CLEAN)
+    _write(root / "b.pkl", MALICIOUS)
+
+    def flaky(path: str) -> FileResult:
+        if path.endswith("a.pkl"):
+            raise RuntimeError("disk hiccup")
+        return scan_file(path)
+
+    guard = StoreGuard(_options(root, q, settle=0), open_verdicts(db), flaky)
+    verdicts = guard.once(max_wait=0.3)
+    assert [v.path for v in verdicts] == ["b.pkl"]
+    assert guard.errors and "a.pkl" in guard.errors[0] and guard.metrics.errors >= 1

@@ -11,6 +11,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from trainguard.cli._common import (
+    EXIT_ERROR,
     EXIT_FINDINGS,
     EXIT_OK,
     Subparsers,
@@ -101,11 +102,15 @@ def _watch(args: argparse.Namespace) -> int:
             bad = [v for v in verdicts if v.outcome == "quarantined"]
             for v in bad:
                 print(f"quarantined {v.path} -> {v.moved_to} ({v.severity or 'error'})")
+            for problem in guard.errors:
+                print(f"trainguard: error: {problem}", file=sys.stderr)
             print(
                 f"{plural(len(verdicts), 'file')} decided, {len(bad)} quarantined",
                 file=sys.stderr,
             )
-            return EXIT_FINDINGS if bad else EXIT_OK
+            if bad:
+                return EXIT_FINDINGS  # a finding outranks an error
+            return EXIT_ERROR if guard.errors else EXIT_OK
         return _serve_forever(guard, args)
     finally:
         if server is not None:

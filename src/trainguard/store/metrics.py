@@ -20,6 +20,7 @@ class StoreMetrics:
     scan_seconds: float = 0.0
     rescans: int = 0  # files that changed while being scanned or moved
     polls: int = 0
+    errors: int = 0  # files the guard could not judge or move this time (retried)
     pending: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     last_poll: float = 0.0  # wall clock
@@ -34,6 +35,10 @@ class StoreMetrics:
     def decided(self, outcome: str) -> None:
         with self._lock:
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def failed(self) -> None:
+        with self._lock:
+            self.errors += 1
 
     def polled(self) -> None:
         with self._lock:
@@ -51,6 +56,7 @@ class StoreMetrics:
                 "scan_seconds": round(self.scan_seconds, 6),
                 "rescans": self.rescans,
                 "polls": self.polls,
+                "errors": self.errors,
                 "pending": self.pending,
                 "outcomes": dict(self.outcomes),
                 "last_poll": self.last_poll,
@@ -71,6 +77,9 @@ class StoreMetrics:
             "# HELP trainguard_store_rescans_total Files that changed while scanned or moved.",
             "# TYPE trainguard_store_rescans_total counter",
             f"trainguard_store_rescans_total {s['rescans']}",
+            "# HELP trainguard_store_errors_total Files the guard could not judge or move.",
+            "# TYPE trainguard_store_errors_total counter",
+            f"trainguard_store_errors_total {s['errors']}",
             "# HELP trainguard_store_verdicts_total Verdicts by outcome.",
             "# TYPE trainguard_store_verdicts_total counter",
         ]

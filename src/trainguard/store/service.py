@@ -24,7 +24,7 @@ from trainguard.errors import UsageError
 from trainguard.findings import FileResult, Severity
 from trainguard.scanner.policy import Policy
 from trainguard.store.metrics import StoreMetrics
-from trainguard.store.verdicts import StatKey, Verdict, VerdictStore, stat_key
+from trainguard.store.verdicts import StatKey, Verdict, VerdictStore, db_name, shown, stat_key
 from trainguard.store.writers import open_for_writing
 
 ScanFn = Callable[[str], FileResult]
@@ -43,6 +43,11 @@ class StoreOptions:
     # modified longer ago than this (a file at rest when the guard starts).
     settle: float = 2.0
     interval: float = 1.0
+    # A file some local process keeps open for writing is waited for at most this
+    # long; meanwhile it is scanned provisionally, and a critical finding (code
+    # that runs on load) quarantines it at once, so holding a descriptor open
+    # cannot keep a payload in the store.
+    writer_deadline: float = 300.0
 
 
 @dataclass
@@ -59,6 +64,8 @@ class StoreGuard:
     metrics: StoreMetrics = field(default_factory=StoreMetrics)
     _pending: dict[str, _Pending] = field(default_factory=dict)
     _decided: dict[str, StatKey] = field(default_factory=dict)
+    _provisional: dict[str, StatKey] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # the latest problems, for the CLI to show
     wake: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -108,29 +115,61 @@ class StoreGuard:
         busy = open_for_writing({(k[0], k[1]) for _, k in ready.values()})
         decided = []
         for rel, (full, key) in ready.items():
-            if (key[0], key[1]) in busy:
-                continue  # its writer is still at work; the next pass looks again
-            verdict = self._decide(rel, full, key)
+            waited = now - self._pending[rel].since
+            # A writer still at work: look provisionally (a payload is quarantined at
+            # once); decide for good once it is done or past the deadline.
+            provisional = (key[0], key[1]) in busy and waited < self.options.writer_deadline
+            if provisional and self._provisional.get(rel) == key:
+                continue
+            try:
+                verdict = self._decide(rel, full, key, provisional=provisional)
+            except Exception as exc:  # one file's trouble never stops the guard
+                self._note_error(f"{db_name(rel)}: {type(exc).__name__}: {exc}")
+                continue
             if verdict is not None:
                 decided.append(verdict)
         self.metrics.set_pending(len(self._pending))
         self.metrics.polled()
         return decided
 
+    def _note_error(self, message: str) -> None:
+        self.metrics.failed()
+        self.errors = [*self.errors[-99:], message]
+
     def _files(self) -> list[tuple[str, str]]:
-        out = []
-        for folder, dirs, names in os.walk(self._root):
-            here = Path(folder)
-            # Never scan our own quarantine when it lies inside the store.
-            dirs[:] = sorted(d for d in dirs if (here / d).resolve() != self._quarantine)
-            for name in sorted(names):
-                full = here / name
-                out.append((str(full), full.relative_to(self._root).as_posix()))
+        """Every file a loader could open under the root, folder links included."""
+        out: list[tuple[str, str]] = []
+
+        def visit(folder: Path, ancestors: frozenset[tuple[int, int]]) -> None:
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError as exc:
+                self._note_error(f"{folder}: cannot list: {exc.strerror or exc}")
+                return
+            for entry in entries:
+                full = Path(entry.path)
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=True)
+                    if is_dir:
+                        st = os.stat(full)
+                except OSError:
+                    is_dir = False  # a dangling link: nothing a loader can open
+                if not is_dir:
+                    out.append((str(full), full.relative_to(self._root).as_posix()))
+                    continue
+                ident = (st.st_dev, st.st_ino)
+                # A link back up the tree is not walked again; the quarantine never.
+                if ident in ancestors or full.resolve() == self._quarantine:
+                    continue
+                visit(full, ancestors | {ident})
+
+        st = os.stat(self._root)
+        visit(self._root, frozenset({(st.st_dev, st.st_ino)}))
         return out
 
     def _known(self, rel: str) -> StatKey | None:
         if rel not in self._decided:
-            known = self.verdicts.known(rel)
+            known = self.verdicts.known(db_name(rel))
             if known is None:
                 return None
             self._decided[rel] = known
@@ -138,7 +177,9 @@ class StoreGuard:
 
     # -- one file --------------------------------------------------------------------------
 
-    def _decide(self, rel: str, full: str, key: StatKey) -> Verdict | None:
+    def _decide(
+        self, rel: str, full: str, key: StatKey, *, provisional: bool = False
+    ) -> Verdict | None:
         assert self.scan_fn is not None
         started = time.monotonic()
         result = self.scan_fn(full)
@@ -152,21 +193,33 @@ class StoreGuard:
         failing = result.error is not None or (
             severity is not None and severity >= self.options.fail_on
         )
+        if provisional:
+            # Half-written files are often unreadable or truncated; only a payload
+            # that would run is enough to act before the writer is done.
+            self._provisional[rel] = key
+            if severity is not Severity.CRITICAL:
+                return None
         findings: list[dict[str, object]] = [
-            {"rule": f.rule, "severity": str(f.severity), "message": f.message, "at": f.location}
+            {
+                "rule": f.rule,
+                "severity": str(f.severity),
+                "message": shown(f.message),
+                "at": shown(f.location),
+            }
             for f in result.findings
         ]
         if result.error is not None:
-            findings.append({"rule": "error", "severity": "high", "message": result.error})
+            findings.append({"rule": "error", "severity": "high", "message": shown(result.error)})
         moved_to = ""
         if failing:
             moved = self._quarantine_file(rel, full, key, findings)
             if moved is None:
                 self._requeue(rel, full)
                 return None
-            moved_to = moved
+            moved_to = shown(moved)
+        self._provisional.pop(rel, None)
         verdict = Verdict(
-            rel,
+            db_name(rel),
             key,
             "quarantined" if failing else "clean",
             str(severity) if severity is not None else "",
@@ -193,15 +246,33 @@ class StoreGuard:
         except OSError:
             return False
 
+    def _target(self, rel: str) -> Path:
+        """Where a quarantined file goes: its own relative path, unless something is in the way.
+
+        A later file under a quarantined name (``a`` moved, then ``a/evil.pkl``
+        written) cannot mirror its path; it goes to a flat folder instead of
+        stopping the guard.
+        """
+        target = self._quarantine / rel
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            mirrored = target.parent.is_dir()
+        except OSError:
+            mirrored = False
+        if not mirrored:
+            flat = self._quarantine / ".collisions"
+            flat.mkdir(exist_ok=True)
+            target = flat / rel.replace("/", "%2F")
+        base, n = target, 0
+        while os.path.lexists(target) or os.path.lexists(str(target) + NOTE_SUFFIX):
+            n += 1
+            target = base.with_name(f"{base.name}.{n}")
+        return target
+
     def _quarantine_file(
         self, rel: str, full: str, key: StatKey, findings: list[dict[str, object]]
     ) -> str | None:
-        target = self._quarantine / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        n = 0
-        while target.exists() or Path(str(target) + NOTE_SUFFIX).exists():
-            n += 1
-            target = self._quarantine / f"{rel}.{n}"
+        target = self._target(rel)
         if not self._unchanged(full, key):
             return None
         try:
@@ -209,7 +280,7 @@ class StoreGuard:
         except OSError:
             shutil.move(full, target)  # another filesystem: copied, then removed
         note = {
-            "path": rel,
+            "path": db_name(rel),
             "quarantined_at": time.time(),
             "why": findings,
             "stat": {"size": key[2], "mtime_ns": key[3]},

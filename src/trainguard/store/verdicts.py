@@ -22,6 +22,27 @@ from trainguard.errors import MissingExtraError, UsageError
 StatKey = tuple[int, int, int, int, int]
 
 
+def db_name(rel: str) -> str:
+    """A path as the verdict store and reports spell it: itself when it is valid UTF-8.
+
+    File names are bytes; one that is not UTF-8 (``b"\\xff"``) cannot be stored
+    as text or printed. It is spelt ``%bytes:`` + hex, which no valid name maps to
+    (a valid name starting with that prefix is spelt in hex too), so two names
+    never share a verdict.
+    """
+    raw = os.fsencode(rel)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "%bytes:" + raw.hex()
+    return "%bytes:" + raw.hex() if text.startswith("%bytes:") else text
+
+
+def shown(path: str) -> str:
+    """A path for notes and messages: undecodable bytes as \\xNN (display only, not a key)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def stat_key(st: os.stat_result) -> StatKey:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
