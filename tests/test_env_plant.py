@@ -277,6 +277,25 @@ def _add_record_row(site: Path, path: Path) -> None:
     record.write_text("\n".join([*rows, f"{rel},{record_hash(data)},{len(data)}"]) + "\n")
 
 
+def _editable_dist(site: Path, source: Path) -> Path:
+    """What pip writes for ``pip install -e``: metadata, direct_url.json saying
+    editable and a .pth naming the source folder, all listed in RECORD; no code."""
+    meta = site / "tgedit-1.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: tgedit\nVersion: 1.0\n")
+    (meta / "direct_url.json").write_text(
+        f'{{"url": "file://{source}", "dir_info": {{"editable": true}}}}'
+    )
+    pth = site / "__editable__.tgedit-1.0.pth"
+    pth.write_text(f"{source}\n")
+    rows = []
+    for path in [meta / "METADATA", meta / "direct_url.json", pth]:
+        data = path.read_bytes()
+        rows.append(f"{os.path.relpath(path, site)},{record_hash(data)},{len(data)}")
+    (meta / "RECORD").write_text("\n".join([*rows, "tgedit-1.0.dist-info/RECORD,,"]) + "\n")
+    return pth
+
+
 def test_owned_pth_pointing_outside_is_what_editable_installs_do(
     installed: Installed, tmp_path: Path
 ) -> None:
@@ -284,19 +303,38 @@ def test_owned_pth_pointing_outside_is_what_editable_installs_do(
     and direct_url.json says editable: not an alarm (TG613 says the code is unverified)."""
     site = installed.site
     source = tmp_path / "src"
-    (source / "pkg").mkdir(parents=True)
-    url = site / f"{PKG}-1.0.dist-info" / "direct_url.json"
-    url.write_text(f'{{"url": "file://{source}", "dir_info": {{"editable": true}}}}')
-    _add_record_row(site, url)
-    pth = site / f"__editable__.{PKG}-1.0.pth"
-    pth.write_text(f"{source / 'pkg'}\n")
-    _add_record_row(site, pth)
+    (source / "tgedit").mkdir(parents=True)
+    pth = _editable_dist(site, source)
     report = verify(site)
     assert not [f for f in report.findings if f.file == str(pth)]
     assert report.exit_code() == 0
+    (info,) = [f for f in report.findings if f.evidence.get("editable")]
+    assert (info.rule, info.evidence["editable"]) == ("TG613", str(source))
     # The same file edited afterwards (RECORD not rewritten) is the attack again.
     pth.write_text(f"{tmp_path / 'elsewhere'}\n")
     assert verify(site).exit_code() == 1
+
+
+def test_a_distribution_with_code_in_the_site_folder_is_not_made_editable_by_a_claim(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """Red team env_editable_1: direct_url.json is as writable as the code.  A
+    distribution whose RECORD lists code in the site folder and that says it is
+    editable is not one: no TG613 exemption, and its .pth pointing outside is high."""
+    site = installed.site
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    url = site / f"{PKG}-1.0.dist-info" / "direct_url.json"
+    url.write_text(f'{{"url": "file://{outside}", "dir_info": {{"editable": true}}}}')
+    _add_record_row(site, url)
+    pth = site / f"__editable__.{PKG}-1.0.pth"
+    pth.write_text(f"{outside}\n")
+    _add_record_row(site, pth)
+    report = verify(site)
+    assert not [f for f in report.findings if f.evidence.get("editable")]
+    (found,) = [f for f in report.findings if f.file == str(pth)]
+    assert (found.rule, found.severity) == ("TG607", Severity.HIGH)
+    assert report.exit_code() == 1
 
 
 def test_planted_pth_with_a_record_row_added_is_still_high(

@@ -215,6 +215,25 @@ def test_edit_with_rewritten_record_fails_against_the_wheelhouse(
     ), (context, found)
 
 
+@pytest.mark.parametrize("case", range(3))
+def test_a_claim_to_be_editable_exempts_nothing_from_the_wheel(install: Install, case: int) -> None:
+    """Red team env_editable_1: after a tamper with RECORD rewritten, direct_url.json
+    says editable (with its RECORD row).  The project is in the wheelhouse, so the
+    claim is high and the files are still compared with the wheel."""
+    rng = random.Random(SEED * 1000 + 100 + case)
+    path, how, rule = _tamper(install, rng)
+    url = install.site / META / "direct_url.json"
+    url.write_text('{"url": "file:///opt/src/tgref", "dir_info": {"editable": true}}')
+    install.rewrite_record(url)
+    context = f"seed {SEED} case {case}: {how} {path}"
+    report = install.verify()
+    assert any(f.rule == rule for f in report.findings), (context, report.findings)
+    (claim,) = [f for f in report.findings if f.rule == "TG622"]
+    assert claim.severity == Severity.HIGH and "editable" in claim.message
+    assert not [f for f in report.findings if f.evidence.get("editable")], context
+    assert report.exit_code() == 1, context
+
+
 @pytest.mark.parametrize(
     "launcher",
     [

@@ -60,8 +60,13 @@ class InstalledDist:
     # Without RECORD: the paths (files or folders) its top_level.txt or
     # installed-files.txt claim, so their files are not called unlisted.
     claims: list[str] = field(default_factory=list)
-    # For an editable install, the source folder its .pth points at.
+    # For an editable install, the source folder its .pth points at: set only
+    # when RECORD lists nothing in the site folder but what such an install
+    # writes (see :func:`only_editable_files`).
     editable: str | None = None
+    # What direct_url.json claims (a source folder), whether or not believed:
+    # the file is as writable as any other in site-packages.
+    claims_editable: str | None = None
     # The stat of the RECORD that was read (not of whatever is there now).
     record_key: Identity | None = None
 
@@ -224,6 +229,26 @@ def _editable_target(dist: metadata.Distribution) -> str | None:
     return str(url)
 
 
+def only_editable_files(dist: InstalledDist) -> bool:
+    """True when RECORD lists, in the site folder, only the files an editable install
+    writes there: its metadata, ``.pth`` files and ``__editable__*`` finders (with
+    their compiled caches).  Launchers outside the site folder do not count."""
+    meta = os.path.join(dist.meta_dir, "")
+    root = os.path.join(dist.root, "")
+    for entry in dist.entries:
+        path = os.path.normpath(entry.path)
+        if path.startswith(meta) or not path.startswith(root):
+            continue
+        parts = path[len(root) :].split(os.sep)
+        if len(parts) == 2 and parts[0] == "__pycache__":
+            parts = parts[1:]
+        name = parts[-1]
+        finder = name.startswith("__editable__") and name.endswith((".py", ".pyc"))
+        if len(parts) != 1 or not (name.endswith(".pth") or finder):
+            return False
+    return True
+
+
 def _claims_without_record(dist: metadata.Distribution, root: str, meta_dir: str) -> list[str]:
     claims = [meta_dir]
     installed = dist.read_text("installed-files.txt")
@@ -265,7 +290,7 @@ def load_dist(dist: metadata.Distribution, root: str) -> InstalledDist | None:
         meta_dir=meta_dir,
         root=root,
         has_record=os.path.isfile(record_path),
-        editable=_editable_target(dist),
+        claims_editable=_editable_target(dist),
     )
     if not installed.has_record:
         installed.claims = _claims_without_record(dist, root, meta_dir)
@@ -280,6 +305,8 @@ def load_dist(dist: metadata.Distribution, root: str) -> InstalledDist | None:
         installed.problems.append(_finding("TG614", f"RECORD cannot be read: {exc}", record_path))
         return installed
     installed.entries, installed.problems = parse_record(text, root, record_path)
+    if installed.claims_editable is not None and only_editable_files(installed):
+        installed.editable = installed.claims_editable
     return installed
 
 

@@ -32,7 +32,7 @@ from trainguard.env.launcher import (
     launcher_problem,
 )
 from trainguard.env.record import InstalledDist
-from trainguard.env.wheels import Reference, WheelFile, choose_wheel, open_regular
+from trainguard.env.wheels import Reference, WheelFile, canonical_name, choose_wheel, open_regular
 from trainguard.findings import Finding, Severity
 
 MAX_MEMBERS = 500_000
@@ -319,6 +319,12 @@ def _launcher(path: str, target: str) -> str | None:
     return launcher_problem(path, data, target)
 
 
+def _has_project(ref: Reference, dist: InstalledDist) -> bool:
+    """Whether the lock or the wheelhouse has any version of ``dist``'s project."""
+    name = canonical_name(dist.name)
+    return (ref.lock is not None and name in ref.lock) or any(n == name for n, _ in ref.wheels)
+
+
 def reference_findings(
     dists: list[InstalledDist], ref: Reference, installed_sha256: Hasher, workers: int
 ) -> list[Finding]:
@@ -329,9 +335,21 @@ def reference_findings(
     out = [finding("TG622", f"reference: {p}", p, severity=Severity.MEDIUM) for p in ref.problems]
 
     def one(dist: InstalledDist) -> list[Finding]:
-        if dist.editable:
-            return []  # built from a source folder: no wheel (TG613 says so)
-        wheel, found = choose_wheel(dist, ref)
+        found: list[Finding] = []
+        if dist.claims_editable is not None:
+            # direct_url.json is as writable as the code: a claim to be editable
+            # never exempts a project the reference knows from the comparison.
+            if not _has_project(ref, dist):
+                if dist.editable:
+                    return []  # built from a source folder: no wheel (TG613 says so)
+            else:
+                message = (
+                    f"{dist.label} says it is an editable install (direct_url.json), but "
+                    f"the reference has this project: compared with its wheel all the same"
+                )
+                found.append(finding("TG622", message, dist.meta_dir, severity=Severity.HIGH))
+        wheel, chosen = choose_wheel(dist, ref)
+        found += chosen
         if wheel is not None:
             found.extend(compare_dist(dist, wheel, installed_sha256))
         return found
