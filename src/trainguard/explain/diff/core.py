@@ -163,19 +163,30 @@ def _side(src: TensorSource) -> SideInfo:
 
 
 def compare(sa: TensorSource, sb: TensorSource, progress: Progress | None = None) -> DiffReport:
-    """Every entry of ``sa`` against ``sb`` (no forensic checks)."""
+    """Every entry of ``sa`` against ``sb`` (no forensic checks).
+
+    Entries are paired by their typed key path where both files have one (a
+    pickled structure), so dotted names that collide cannot pair the wrong
+    tensors; by name otherwise (safetensors, whose names are flat).
+    """
     report = DiffReport(_side(sa), _side(sb))
-    paths = list(sa.entries) + [p for p in sb.entries if p not in sa.entries]
+    pairs = _pairs(sa, sb)
     total = sum(
-        e.nbytes
-        for p, e in sa.entries.items()
-        if isinstance(e, TensorEntry) and isinstance(sb.entries.get(p), TensorEntry)
+        first.nbytes
+        for na, nb in pairs
+        if na is not None
+        and nb is not None
+        and isinstance(first := sa.entries[na], TensorEntry)
+        and isinstance(sb.entries[nb], TensorEntry)
     )
     done = 0
-    for path in paths:
-        ea, eb = sa.entries.get(path), sb.entries.get(path)
+    for na, nb in pairs:
+        ea = sa.entries[na] if na is not None else None
+        eb = sb.entries[nb] if nb is not None else None
+        path = na if na is not None else str(nb)
         if isinstance(ea, TensorEntry) and isinstance(eb, TensorEntry):
-            report.tensors.append(_tensor_diff(sa, sb, path, ea, eb))
+            assert na is not None and nb is not None
+            report.tensors.append(_tensor_diff(sa, sb, na, nb, ea, eb))
             done += ea.nbytes
             if progress is not None:
                 progress(done, total, path)
@@ -201,19 +212,35 @@ def compare(sa: TensorSource, sb: TensorSource, progress: Progress | None = None
     return report
 
 
+def _pairs(sa: TensorSource, sb: TensorSource) -> list[tuple[str | None, str | None]]:
+    """(name in a, name in b) for every entry of either, in a's order then b's."""
+    typed = len(sa.trails) == len(sa.entries) and len(sb.trails) == len(sb.entries)
+    if not typed:
+        names = list(sa.entries) + [n for n in sb.entries if n not in sa.entries]
+        return [(n if n in sa.entries else None, n if n in sb.entries else None) for n in names]
+    in_b = {trail: name for name, trail in sb.trails.items()}
+    pairs: list[tuple[str | None, str | None]] = []
+    seen: set[object] = set()
+    for name, trail in sa.trails.items():
+        pairs.append((name, in_b.get(trail)))
+        seen.add(trail)
+    pairs += [(None, name) for name, trail in sb.trails.items() if trail not in seen]
+    return pairs
+
+
 def _tensor_diff(
-    sa: TensorSource, sb: TensorSource, path: str, ea: TensorEntry, eb: TensorEntry
+    sa: TensorSource, sb: TensorSource, na: str, nb: str, ea: TensorEntry, eb: TensorEntry
 ) -> TensorDiff:
-    out = TensorDiff(path, "same", ea.dtype, eb.dtype, ea.shape, eb.shape, ea.numel)
+    out = TensorDiff(na, "same", ea.dtype, eb.dtype, ea.shape, eb.shape, ea.numel)
     if ea.shape != eb.shape:
         out.status = "retyped" if ea.dtype != eb.dtype else "reshaped"
         return out
     if ea.dtype != eb.dtype:
         out.status = "retyped"
         if {dtype(ea.dtype).kind, dtype(eb.dtype).kind} <= NUMERIC_KINDS:
-            compare_arrays(sa.read(path), sb.read(path), ea.dtype, eb.dtype, out)
+            compare_arrays(sa.read(na), sb.read(nb), ea.dtype, eb.dtype, out)
         return out
-    a, b = sa.read(path), sb.read(path)
+    a, b = sa.read(na), sb.read(nb)
     if len(a) != len(b):  # raw dtypes of different byte spans
         out.status = "changed"
         return out

@@ -18,6 +18,7 @@ A tensor comes back as a flat little-endian numpy array of its storage dtype
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -43,6 +44,7 @@ MAX_DEPTH = 64
 MAX_VALUE_TEXT = 2_000  # characters of a non-tensor value kept for display
 MAX_SIDECAR = 64 * 1024 * 1024
 ROOT = "(root)"  # the name of the checkpoint's top-level container in a diff
+Trail = tuple[tuple[str, str], ...]
 CHUNK = 1 << 20  # elements per chunk: ~50 MB of float64 temporaries at most
 
 
@@ -150,6 +152,10 @@ class TensorSource:
         self.size = os.path.getsize(path)
         self.entries: dict[str, Entry] = {}
         self._readers: dict[str, Callable[[], np.ndarray]] = {}
+        # Each entry's typed key path from the root ((key type, key) per level): two
+        # entries whose dotted names collide ({"a.b": x} and {"a": {"b": y}}) differ here.
+        self.trails: dict[str, Trail] = {}
+        self._repeats: dict[str, int] = {}
 
     def read(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a flat array of its storage dtype (a view where possible)."""
@@ -177,13 +183,37 @@ class TensorSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _add_tensor(self, name: str, entry: TensorEntry, reader: Callable[[], np.ndarray]) -> None:
-        name = _unique(self.entries, name)
+    def _add_tensor(
+        self,
+        name: str,
+        entry: TensorEntry,
+        reader: Callable[[], np.ndarray],
+        trail: Trail | None = None,
+    ) -> None:
+        name = self._unique(name)
         self.entries[name] = entry
         self._readers[name] = reader
+        if trail is not None:
+            self.trails[name] = trail
 
-    def _add_value(self, name: str, value: Any) -> None:
-        self.entries[_unique(self.entries, name)] = _value_entry(value)
+    def _add_value(self, name: str, value: Any, trail: Trail | None = None) -> None:
+        name = self._unique(name)
+        self.entries[name] = _value_entry(value)
+        if trail is not None:
+            self.trails[name] = trail
+
+    def _unique(self, name: str) -> str:
+        if name not in self.entries:
+            return name
+        # A dict key holding a dot can collide with a nested path; keep both. A
+        # counter per name keeps this linear however many entries collide.
+        n = self._repeats.get(name, 1)
+        while True:
+            n += 1
+            candidate = f"{name}#{n}"
+            if candidate not in self.entries:
+                self._repeats[name] = n
+                return candidate
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -197,24 +227,17 @@ def as_f64(chunk: np.ndarray, dtype_name: str) -> np.ndarray:
     return chunk.astype(np.float64)
 
 
-def _unique(entries: Mapping[str, Entry], name: str) -> str:
-    if name not in entries:
-        return name
-    # A dict key holding a dot can collide with a nested path; keep both.
-    n = 2
-    while f"{name}#{n}" in entries:
-        n += 1
-    return f"{name}#{n}"
-
-
 def _value_entry(value: Any) -> ValueEntry:
     if isinstance(value, Container):
         return _container_entry(value)
     number = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
-    text = repr(value)
-    digest = _digest(value, text)
+    try:
+        text = repr(value)
+        digest = _digest(value, text)
+    except RecursionError:
+        raise ScanError(f"a value nested too deep to compare ({type(value).__name__})") from None
     if len(text) > MAX_VALUE_TEXT:
         text = text[:MAX_VALUE_TEXT] + f"... ({len(text):,} characters)"
     string = value[:MAX_VALUE_TEXT] if isinstance(value, str) else None
@@ -227,6 +250,9 @@ def _digest(value: Any, text: str) -> str:
         h.update(value.encode("utf-8", "surrogatepass"))
     elif isinstance(value, (bytes, bytearray)):
         h.update(bytes(value))
+    elif isinstance(value, (set, frozenset)):  # no order: the sorted items' reprs
+        for item in sorted(repr(x) for x in value):
+            h.update(item.encode("utf-8", "surrogatepass") + b"\0")
     else:  # the full repr: exact for numbers (float repr round-trips), None, enums
         h.update(text.encode("utf-8", "surrogatepass"))
     return h.hexdigest()
@@ -239,26 +265,39 @@ def _container_entry(c: Container) -> ValueEntry:
 
 
 def walk(
-    obj: Any, prefix: str = "", depth: int = 0, is_leaf: Callable[[Any], bool] | None = None
-) -> Iterator[tuple[str, Any]]:
-    """(dotted path, leaf) pairs, as ``trainguard convert`` names them."""
+    obj: Any,
+    prefix: str = "",
+    depth: int = 0,
+    is_leaf: Callable[[Any], bool] | None = None,
+    trail: Trail = (),
+) -> Iterator[tuple[str, Any, Trail]]:
+    """(dotted path, leaf, typed key path) triples; dotted paths as ``trainguard convert``
+    names them, typed paths exact (a key's type and every level kept)."""
     if depth > MAX_DEPTH:
         raise ScanError(f"checkpoint structure nested deeper than {MAX_DEPTH} levels")
     dot = f"{prefix}." if prefix else ""
     here = prefix or ROOT
     if is_leaf is not None and is_leaf(obj):
-        yield prefix, obj
+        yield prefix, obj, trail
     elif isinstance(obj, Mapping):
         keys = tuple((type(k).__name__, str(k)[:MAX_VALUE_TEXT]) for k in obj)
-        yield here, Container(type(obj).__name__, len(obj), keys)
+        yield here, Container(type(obj).__name__, len(obj), keys), trail
         for k, v in obj.items():
-            yield from walk(v, f"{dot}{k}", depth + 1, is_leaf)
-    elif isinstance(obj, (list, tuple)) and not _is_tensor(obj):
-        yield here, Container(type(obj).__name__, len(obj), ())
+            step = (type(k).__name__, str(k))
+            yield from walk(v, f"{dot}{k}", depth + 1, is_leaf, (*trail, step))
+    elif isinstance(obj, (list, tuple, collections.deque)) and not _is_tensor(obj):
+        yield here, Container(type(obj).__name__, len(obj), ()), trail
         for i, v in enumerate(obj):
-            yield from walk(v, f"{dot}{i}", depth + 1, is_leaf)
+            yield from walk(v, f"{dot}{i}", depth + 1, is_leaf, (*trail, ("#", str(i))))
+    elif isinstance(obj, (set, frozenset)):
+        if any(_is_tensor(x) or isinstance(x, (Mapping, list, tuple, set, frozenset)) for x in obj):
+            # Items of a set have no name or order to pair them by across two files.
+            raise UsageError(
+                f"{here}: a {type(obj).__name__} holding tensors or containers cannot be diffed"
+            )
+        yield prefix, obj, trail
     else:
-        yield prefix, obj
+        yield prefix, obj, trail
 
 
 def _is_tensor(obj: Any) -> bool:
@@ -350,7 +389,7 @@ def _sidecar(path: Path) -> list[tuple[str, Any]] | None:
         markers = ("__tensor__", "__repr__", "__bytes_hex__")
         return isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in markers
 
-    return list(walk(doc["structure"], is_leaf=special))
+    return [(name, leaf) for name, leaf, _ in walk(doc["structure"], is_leaf=special)]
 
 
 # -- PyTorch zip, lazily ---------------------------------------------------------
@@ -433,17 +472,23 @@ class TorchZipSource(TensorSource):
         self._limits = limits
         self._by_name = by_name
         self._prefix = prefix
-        for count, (name, leaf) in enumerate(walk(obj)):
+        for count, (name, leaf, trail) in enumerate(walk(obj)):
             if count >= MAX_ENTRIES:
                 raise ScanError(f"{source}: more than {MAX_ENTRIES:,} entries")
             if isinstance(leaf, torch.Tensor) and leaf.device.type == "meta":
                 key = lazy.by_impl[leaf.untyped_storage()._cdata]
-                self._add_lazy(name, leaf, key, lazy.storages[key], torch)
+                self._add_lazy(name, leaf, key, lazy.storages[key], torch, trail)
             else:
-                _add_leaf(self, name, leaf, torch)
+                _add_leaf(self, name, leaf, torch, trail)
 
     def _add_lazy(
-        self, name: str, t: Any, key: str, storage: load_tensors.Storage, torch: Any
+        self,
+        name: str,
+        t: Any,
+        key: str,
+        storage: load_tensors.Storage,
+        torch: Any,
+        trail: Trail,
     ) -> None:
         dt = dtype(str(t.dtype).removeprefix("torch."))
         shape, stride, offset = tuple(t.shape), tuple(t.stride()), int(t.storage_offset())
@@ -473,7 +518,7 @@ class TorchZipSource(TensorSource):
             )
             return np.ascontiguousarray(view).reshape(-1)
 
-        self._add_tensor(name, entry, reader)
+        self._add_tensor(name, entry, reader, trail)
 
     def _storage(self, key: str, raw: np.dtype[Any], numel: int) -> np.ndarray:
         entry = self._by_name[f"{self._prefix}/data/{key}"]
@@ -517,13 +562,13 @@ class LoadedSource(TensorSource):
         self.format = fmt
         obj = load(path, policy=policy, map_location="cpu", strict=strict, limits=limits)
         torch = load_tensors.torch_or_none()
-        for count, (name, leaf) in enumerate(walk(obj)):
+        for count, (name, leaf, trail) in enumerate(walk(obj)):
             if count >= MAX_ENTRIES:
                 raise ScanError(f"{path}: more than {MAX_ENTRIES:,} entries")
-            _add_leaf(self, name, leaf, torch)
+            _add_leaf(self, name, leaf, torch, trail)
 
 
-def _add_leaf(src: TensorSource, name: str, leaf: Any, torch: Any) -> None:
+def _add_leaf(src: TensorSource, name: str, leaf: Any, torch: Any, trail: Trail) -> None:
     arr: np.ndarray | None = None
     entry: TensorEntry | None = None
     if torch is not None and isinstance(leaf, torch.Tensor):
@@ -543,10 +588,10 @@ def _add_leaf(src: TensorSource, name: str, leaf: Any, torch: Any) -> None:
         arr = np.ascontiguousarray(leaf).reshape(-1).view(np.dtype(DTYPES[leaf.dtype.name].storage))
         entry = TensorEntry(leaf.dtype.name, tuple(leaf.shape), arr.nbytes)
     if arr is None or entry is None:
-        src._add_value(name, leaf)
+        src._add_value(name, leaf, trail)
         return
     held = arr
-    src._add_tensor(name, entry, lambda: held)
+    src._add_tensor(name, entry, lambda: held, trail)
 
 
 # -- dispatch ------------------------------------------------------------------------
