@@ -277,6 +277,16 @@ def origin(fn: types.FunctionType) -> str:
     return os.path.abspath(fn.__code__.co_filename)
 
 
+# Methods that dataclasses and namedtuple write with exec() ("<string>" as their file).
+GENERATED = frozenset(
+    ("__init__", "__repr__", "__eq__", "__hash__", "__setattr__", "__delattr__", "__new__")
+)
+
+
+def _generated(fn: types.FunctionType) -> bool:
+    return fn.__code__.co_filename == "<string>" and fn.__name__ in GENERATED
+
+
 def audit(found: list[Route]) -> list[tuple[str, str, bool]]:
     """(route, what, affects gradients) for what looks installed by someone before start-up.
 
@@ -302,7 +312,7 @@ def audit(found: list[Route]) -> list[tuple[str, str, bool]]:
             outside = {
                 f"{where} = {f.__qualname__} from {origin(f)}"
                 for where, f in _named_functions(r)
-                if not origin(f).startswith(trusted)
+                if not origin(f).startswith(trusted) and not _generated(f)
             }
             if outside:
                 out.append((r.label, "; ".join(sorted(outside)[:3]), True))

@@ -15,6 +15,7 @@ here and escaped by each renderer, and every list is capped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -321,6 +322,18 @@ class _Collector:
         if r.step is not None:
             self.mark(Marker(r.step, r.stream, "alert", f"{rule_id} {entry.title}", entry.level))
 
+    def on_alert_repeats(self, r: Record, intact: bool) -> None:
+        """The repeats the guard folded into one alert (monitor/sink.py): one entry each,
+        so that grouping and counts read as if every occurrence had its own record."""
+        p = r.payload
+        steps = p.get("steps")
+        if not isinstance(steps, list):
+            return
+        alert = {k: p.get(k) for k in ("rule", "severity", "message")}
+        for step in steps[:MAX_ALERTS_LISTED]:
+            if isinstance(step, int):
+                self.on_alert(dataclasses.replace(r, step=step, payload=alert), intact)
+
     def on_run_start(self, r: Record, intact: bool) -> None:
         p, info = r.payload, self.info
         if info.optimizer is None or r.stream == 0:
@@ -381,6 +394,7 @@ class _Collector:
 _HANDLERS: dict[str, Callable[[_Collector, Record, bool], None]] = {
     "step": _Collector.on_step,
     "alert": _Collector.on_alert,
+    "alert-repeats": _Collector.on_alert_repeats,
     "run-start": _Collector.on_run_start,
     "run-end": _Collector.on_run_end,
     "head": _Collector.on_head,

@@ -1,8 +1,10 @@
 """Random state re-seeded mid-run (TG1305); see monitor/rng.py.
 
-The global generators (torch, Python, NumPy, CUDA) and the private ones a data
-loader carries (its own ``generator`` and its sampler's) are watched: a seeding
-call, a changed initial seed, or a state that returns to one seen before.  What
+The global generators (torch, Python, NumPy, CUDA) are watched for a seeding
+call, a changed initial seed, or a state that returns to one seen before; the
+private ones a data loader carries (its own ``generator`` and its sampler's)
+for a state seen before (a new seed each epoch is how loops make their data
+order resumable; going back to an earlier state replays a data order).  What
 is found before a step is judged when ``guard.step`` is called, so that a loop
 that re-seeds on purpose declares it (``guard.step(..., reseed=True)``).
 """
@@ -35,7 +37,6 @@ class SeedCheck(Check):
                 obj is not g for g in self.private.values()
             ):
                 self.private[f"dataloader.{where}"] = obj
-        self.private_seeds = {k: int(g.initial_seed()) for k, g in self.private.items()}
         self._held: list[Alert] = []
         # The states at start-up count as seen: a re-seed back to them is one too.
         self.digests = self._digests()
@@ -68,17 +69,9 @@ class SeedCheck(Check):
                 )
             )
             self.initial_seed = seed
-        for name, gen in self.private.items():
-            now = int(gen.initial_seed())
-            if now != self.private_seeds[name]:
-                found.append(
-                    ctx.alert(
-                        "TG1305",
-                        f"{name} re-seeded mid-run ({self.private_seeds[name]} -> {now})",
-                        generator=name,
-                    )
-                )
-                self.private_seeds[name] = now
+        # A data loader's own generator re-seeded with a new seed (each epoch, for a
+        # resumable data order) is ordinary; one that returns to a state seen before
+        # replays a data order, and is caught below like the global ones.
         digests = self._digests()
         for name, d in digests.items():
             # An unchanged state is normal (no randomness used this step); a state
