@@ -160,3 +160,56 @@ def test_an_archive_that_ships_code_is_high_and_protect_refuses_it(tmp_path: Pat
     )
     assert proc.returncode != 0 and "TG114" in proc.stderr, proc.stderr[-600:]
     assert not (tmp_path / "canary").exists()
+
+
+# --- gadget + modswap: container and BUILD opcodes on objects the pickle did not build ---
+
+
+def test_container_and_build_opcodes_on_foreign_objects(seed: int, tmp_path: Path) -> None:
+    from trainguard.samples import missing_modules
+    from trainguard.samples.mal_mutate import (
+        GADGET_MAKE,
+        GADGET_OPS,
+        LAUNDER,
+        STATES,
+        SWAPS,
+        draw_mutate,
+        gadget,
+        modswap,
+    )
+
+    members = [gadget(m, o) for m in GADGET_MAKE for o in GADGET_OPS]
+    members += [modswap(la, st, i) for la in LAUNDER for st in STATES for i in range(len(SWAPS))]
+    for sample in members:
+        folder = tmp_path / sample.id
+        folder.mkdir()
+        result = scan_file(sample.build(folder, folder / "canary"))
+        floor = Severity.CRITICAL if sample.expect == "critical" else Severity.HIGH
+        assert result.verdict is not None and result.verdict >= floor, (sample.id, result.findings)
+    rng = random.Random(seed ^ 0x6A)
+    fire = {s.id: s for s in (draw_mutate(rng) for _ in range(4)) if not missing_modules(s)}
+    (tmp_path / "run" / "canaries").mkdir(parents=True)
+    outcomes = _run_all(tmp_path / "run", list(fire.values()))
+    silent = {k: o.log[-400:] for k, o in outcomes.items() if not o.fired}
+    assert not silent, f"TRAINGUARD_MUTATION_SEED={seed}: {silent}"
+
+
+def test_protect_refuses_container_calls_on_foreign_classes(tmp_path: Path) -> None:
+    pytest.importorskip("fsspec")
+    from trainguard.samples.mal_mutate import gadget
+
+    hostile = gadget("newobj", "setitem").build(tmp_path, tmp_path / "canary")
+    # The restricted unpickler itself refuses (TG401), with scanning and the sandbox
+    # out of the way: an in-memory effect would get past both.
+    code = (
+        "import pickle, sys\n"
+        "from trainguard.loader.restricted import unpickler_for\n"
+        "cls = unpickler_for(frozenset(), 'x')\n"
+        "with open(sys.argv[1], 'rb') as f:\n"
+        "    cls(f).load()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(hostile)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0 and "__setitem__" in proc.stderr, proc.stderr[-600:]
+    assert not (tmp_path / "canary").exists()

@@ -28,6 +28,7 @@ line that would allow the global.
 from __future__ import annotations
 
 import _compat_pickle
+import collections
 import enum
 import importlib
 import io
@@ -209,6 +210,21 @@ class Restrictions:
                 self.source,
             )
 
+    def check_container(self, target: Any, methods: tuple[str, ...], opcode: str) -> None:
+        """SETITEM(S)/APPEND(S)/ADDITEMS call the target's own methods: only builtin ones run.
+
+        On a dict, list or set (or OrderedDict's, which only keeps order) they
+        change data; on any other class they call its code (fsspec's
+        FSMap.__setitem__ writes a file), unless the policy allows the class.
+        """
+        cls = type(target)
+        if all(getattr(cls, m, None) in _BUILTIN_METHODS for m in methods):
+            return
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if name in self._allow or cls.__module__ in self._allow:
+            return
+        raise refuse_global(name, f"{opcode} on it calls its {methods[0]}", self.source)
+
     def check_result(self, result: Any) -> Any:
         """Refuse stand-ins left as values and hooks on objects from the file."""
         seen: set[int] = set()
@@ -275,11 +291,49 @@ def _dispatch(base: dict[int, Callable[[Any], None]]) -> dict[int, Callable[[Any
         self.check_build()
         build(self)
 
+    for code, methods, below in _CONTAINER_OPS:
+        table[code[0]] = _container_op(base[code[0]], methods, below, code)
+
     table[pickle.REDUCE[0]] = load_reduce
     table[pickle.NEWOBJ[0]] = load_newobj
     table[pickle.NEWOBJ_EX[0]] = load_newobj_ex
     table[pickle.BUILD[0]] = load_build
     return table
+
+
+# opcode, the target's methods it calls, where the target is (stack depth, or
+# None: just below the mark).
+_CONTAINER_OPS: tuple[tuple[bytes, tuple[str, ...], int | None], ...] = (
+    (pickle.SETITEM, ("__setitem__",), 3),
+    (pickle.SETITEMS, ("__setitem__",), None),
+    (pickle.APPEND, ("append",), 2),
+    (pickle.APPENDS, ("extend", "append"), None),
+    (pickle.ADDITEMS, ("add", "update"), None),
+)
+_BUILTIN_METHODS = frozenset(
+    [
+        dict.__setitem__,
+        list.append,
+        list.extend,
+        set.add,
+        set.update,
+        collections.OrderedDict.__setitem__,
+    ]
+)
+
+
+def _container_op(
+    handler: Callable[[Any], None], methods: tuple[str, ...], below: int | None, code: bytes
+) -> Callable[[Any], None]:
+    opcode = pickle._Unpickler.dispatch[code[0]].__name__.removeprefix("load_").upper()
+
+    def op(self: Any) -> None:
+        stack = self.stack if below is not None else self.metastack[-1]
+        if stack:
+            self.check_container(stack[-(below or 1)], methods, opcode)
+        handler(self)
+
+    return op
 
 
 class RestrictedUnpickler(Restrictions, pickle._Unpickler):

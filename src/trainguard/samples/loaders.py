@@ -93,6 +93,16 @@ m(torch.ones(1, 4))
 import sys, torch.package
 torch.package.PackageImporter(sys.argv[1]).load_pickle('pkg', 'obj.pkl')
 """,
+    # A module changed by the load (an attribute swapped) writes the canary it names.
+    "pickle-check-globals": """
+import pickle, sys, os.path, json.decoder
+watched = (os.path, json.decoder)
+before = [dict(vars(m)) for m in watched]
+with open(sys.argv[1], 'rb') as f:
+    state = pickle.load(f)
+if any(vars(m).get(k) is not v for m, b in zip(watched, before) for k, v in b.items()):
+    open(state['canary'], 'w').close()
+""",
     "numpy": """
 import sys, numpy
 numpy.load(sys.argv[1], allow_pickle=True)
@@ -162,6 +172,7 @@ LOADER_REQUIRES: dict[str, tuple[str, ...]] = {
     "torch-check-grad": ("torch",),
     "torch-jit-forward": ("torch",),
     "torch-package": ("torch",),
+    "pickle-check-globals": (),
     "numpy": ("numpy",),
     "numpy-npz": ("numpy",),
     "joblib": ("joblib",),

@@ -41,6 +41,7 @@ from trainguard.scanner.picklevm.names import (
 )
 
 CALL_KINDS = frozenset(["reduce", "inst", "obj", "newobj_ex", "setstate"])
+_CONTAINER_KINDS = frozenset(["setitem", "append", "additems"])
 _CONSTRUCTORS = frozenset(["copyreg._reconstructor", "copyreg.__newobj__", "copyreg.__newobj_ex__"])
 
 # Third-party callables whose call rebuilds data, each read in its library's source:
@@ -124,6 +125,12 @@ class CallIndex:
                 if isinstance(inner, Global):
                     through = Call(inner, c.args[at + 1 :], c.offset, "reduce")
                     self.by_name.setdefault(qualname(inner), []).append(through)
+        for c in self.ev.calls:
+            target = c.args[0] if c.kind in _CONTAINER_KINDS and isinstance(c.args, tuple) else None
+            cls = None if target is None else container_target_class(target)
+            if cls is not None and not _torchscript(cls):
+                method = Call(cls, c.args, c.offset, "setstate")
+                self.by_name.setdefault(qualname(cls), []).append(method)
         for b in self.ev.builds:
             cls = _class_of(b.obj)
             if cls is not None and not _default_state(b.state) and not _torchscript(cls):
@@ -254,15 +261,54 @@ def _data_shaped(name: str, call: Call, index: CallIndex) -> bool:
 # attribute of a module or class, a logger from the shared registry): writing
 # into their result changes that process-wide object.
 _FETCHES = frozenset(["builtins.getattr", "logging.getLogger"])
+# Calls whose result may be one of their arguments or something the process
+# already holds: max([torch.nn.utils]) is the module itself (the red team's
+# modswap_1 rewrote clip_grad_norm_ through it).  None of them constructs.
+_PASSTHROUGH = PURE_BUILTINS | _FETCHES | {"torch.jit._pickle.restore_type_tag"}
 
 
 def existing_object(v: Value) -> bool:
-    """True for an imported object or one fetched from the process (not built by the file)."""
+    """True for an imported object or one a call may hand back from the process.
+
+    Only what the pickle provably built (its own containers, an instance of a
+    class it constructed) is new; the result of a function that constructs
+    nothing may be any object its arguments reach.
+    """
     while isinstance(v, Built):
         v = v.obj
     if isinstance(v, Global):
         return True
-    return isinstance(v, Call) and isinstance(v.func, Global) and qualname(v.func) in _FETCHES
+    return isinstance(v, Call) and isinstance(v.func, Global) and qualname(v.func) in _PASSTHROUGH
+
+
+# dict subclasses whose __setitem__ is dict's own (read in each library's source):
+# SETITEMS on them fills data.  Lightning saves its hyperparameters this way.
+DATA_CONTAINERS = frozenset(
+    [
+        "collections.OrderedDict",
+        "collections.defaultdict",
+        "collections.Counter",
+        "pytorch_lightning.utilities.parsing.AttributeDict",
+        "lightning.pytorch.utilities.parsing.AttributeDict",
+        "lightning_fabric.utilities.data.AttributeDict",
+        "lightning.fabric.utilities.data.AttributeDict",
+    ]
+)
+
+
+def container_target_class(target: Value) -> Global | None:
+    """The class whose ``__setitem__``/``append``/``add`` a container opcode calls.
+
+    SETITEM(S)/APPEND(S)/ADDITEMS on the pickle's own dict, list or set change
+    data; on an instance of an imported class they call that class's method
+    (fsspec's FSMap.__setitem__ writes a file: the red team's gadget_1).
+    """
+    while isinstance(target, Built):
+        target = target.obj
+    if isinstance(target, (DictV, ListV, SetV)) or existing_object(target):
+        return None
+    cls = _class_of(target)
+    return None if cls is None or qualname(cls) in DATA_CONTAINERS else cls
 
 
 def known_reconstructor(call: Call) -> bool:
