@@ -225,3 +225,83 @@ def test_a_policy_names_keyless_identities_and_seals_kept_elsewhere(tmp_path: Pa
     assert len(trust.keys) == 1 and trust.in_memory == "refuse"
     assert trust.identities[0].issuer == "https://token.actions.githubusercontent.com"
     assert trust.signatures == ((tmp_path / "runs" / "run42", tmp_path / "sigs" / "run42.sig"),)
+
+
+def test_a_planted_or_stale_seal_never_outvotes_the_folders_seal(tmp_path: Path) -> None:
+    """Red team trust_mixmatch_1/2 with a payload: a single-file seal of the payload,
+    copied beside a sealed folder's file with the payload's bytes, and a parent folder
+    sealed when the file held the payload, put back after a re-seal.  The real loaders
+    in a subprocess refuse both, and the canary is untouched."""
+    trusted = write_keypair(tmp_path / "trusted")
+    canary = tmp_path / "canary"
+    ckpt, other = tmp_path / "ckpt", tmp_path / "other"
+    for folder in (ckpt, other):
+        folder.mkdir()
+    torch.save({"w": torch.ones(3)}, ckpt / "model.pt")
+    torch.save(_payload(canary), other / "probe.pt")
+    trainguard.seal(ckpt, trusted[0], name="prod", version="7")
+    trainguard.seal(other / "probe.pt", trusted[0])
+    (ckpt / "model.pt").write_bytes((other / "probe.pt").read_bytes())
+    (ckpt / "model.pt.sig").write_bytes((other / "probe.pt.sig").read_bytes())
+    runs = tmp_path / "runs"
+    inner = runs / "exp" / "ckpt"
+    inner.mkdir(parents=True)
+    torch.save(_payload(canary), inner / "model.pt")
+    old = (inner / "model.pt").read_bytes()
+    trainguard.seal(runs, trusted[0], name="runs", version="1")
+    torch.save({"w": torch.ones(3)}, inner / "model.pt")
+    trainguard.seal(inner, trusted[0], name="prod", version="2")
+    (inner / "model.pt").write_bytes(old)
+    policy = tmp_path / "trust.toml"
+    policy.write_text(f'[trust]\nkeys = ["{trusted[1].name}"]\n')
+    jobs = [
+        ("planted torch", "torch", str(ckpt / "model.pt")),
+        ("planted trainguard.load", "trainguard.load", str(ckpt / "model.pt")),
+        ("rollback torch", "torch", str(inner / "model.pt")),
+        ("rollback pickle", "pickle", str(inner / "model.pt")),
+        ("payload under its own name and seal", "torch", str(other / "probe.pt")),
+    ]
+    results = _run(policy, jobs)
+    assert not canary.exists(), results
+    assert results["planted torch"] == ["refused", ["TG503", "TG506"]]
+    assert results["planted trainguard.load"] == ["refused", ["TG503", "TG506"]]
+    assert results["rollback torch"] == ["refused", ["TG503"]]
+    assert results["rollback pickle"] == ["refused", ["TG503"]]
+    # Control: the trusted key did seal the payload under its own name, so the trust
+    # check passes there and only the scan behind it refuses (no TG5xx rule): the
+    # seals' coverage is what stood in the way above.
+    verdict, found = results["payload under its own name and seal"]
+    assert verdict == "refused" and found and not [r for r in found if r.startswith("TG5")]
+
+
+def test_the_policy_holds_the_deciding_seal_to_a_name_version_and_pin(tmp_path: Path) -> None:
+    trusted = write_keypair(tmp_path / "trusted")
+    release = tmp_path / "release"
+    release.mkdir()
+    with open(release / "data.pkl", "wb") as f:
+        pickle.dump({"lr": 0.1}, f)
+    v6 = trainguard.seal(release, trusted[0], name="prod", version="6").manifest_digest
+    v7 = trainguard.seal(release, trusted[0], name="prod", version="7").manifest_digest
+    head = f'[trust]\nkeys = ["{trusted[1].name}"]\n'
+
+    def rules(settings: str) -> list[str]:
+        policy = tmp_path / "trust.toml"
+        policy.write_text(head + settings)
+        try:
+            trainguard.load(release / "data.pkl", trust=policy)
+        except trainguard.UnsafeModelError as exc:
+            return sorted(f.rule for f in exc.findings)
+        return []
+
+    assert rules('expect_name = "prod"\nmin_version = "7"\n') == []
+    assert rules('min_version = "8"\n') == ["TG508"]
+    assert rules('expect_name = "staging"\n') == ["TG509"]
+    assert rules(f'[trust.pins]\n"release" = "{v7}"\n') == []
+    assert rules(f'[trust.pins]\n"release" = "{v6}"\n') == ["TG508"]
+    # A pin on a root no seal covers: nothing vouches for the pinned manifest.
+    assert rules(f'[trust.pins]\n"." = "{v7}"\n') == ["TG508"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(head + 'min_version = "seven"\n[trust.pins]\n"release" = "abc"\n')
+    with pytest.raises(PolicyError) as exc:
+        load_trust(bad)
+    assert "seven" in str(exc.value) and "64 hex" in str(exc.value)

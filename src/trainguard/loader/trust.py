@@ -103,14 +103,16 @@ def load_trust(path: str | os.PathLike[str]) -> TrustPolicy:
         errors.append('pins: a table of "sealed folder or file" = "manifest sha256"')
         raw_pins = {}
     expect = freshness.Expectation()
+    wanted = _text(table, "expect_name", errors), _text(table, "min_version", errors)
     try:
-        expect = freshness.Expectation(
-            _text(table, "expect_name", errors), _text(table, "min_version", errors)
-        )
-        for digest in raw_pins.values():
-            freshness.Expectation(digest=digest)
+        expect = freshness.Expectation(*wanted)
     except UsageError as exc:
         errors.append(str(exc))
+    for digest in raw_pins.values():  # each on its own: every problem reported at once
+        try:
+            freshness.Expectation(digest=digest)
+        except UsageError as exc:
+            errors.append(f"pins: {exc}")
     pins = tuple((base / root, digest.lower()) for root, digest in raw_pins.items())
     in_memory = table.get("in_memory", "refuse")
     if in_memory not in ("refuse", "allow"):
