@@ -170,7 +170,7 @@ def check_bytes(policy: TrustPolicy, path: str | os.PathLike[str], data: bytes) 
     source = os.fspath(path)
     seals = covering_seals(source, policy.signatures)
     reasons: list[Finding] = []
-    digests: dict[Path, str] = {}  # sealed root -> manifest digest, for the pins
+    digests: dict[Path, set[str]] = {}  # sealed root -> manifest digests, for the pins
     deciding = True
     for seal in seals:
         try:
@@ -183,12 +183,12 @@ def check_bytes(policy: TrustPolicy, path: str | os.PathLike[str], data: bytes) 
             continue
         if not seal.single and _ignored(manifest, seal.rel):
             continue  # the signer left it out of this folder's seal: not covered by it
-        digests[seal.root] = digest
+        digests.setdefault(seal.root, set()).add(digest)
         reasons += _judge(policy, seal, manifest, digest, data, source, deciding)
         deciding = False
     for sealed, digest, roots in pinned_roots(source, policy.pins):
-        if not any(digests.get(r) == digest for r in roots):
-            have = next((digests[r] for r in roots if r in digests), None)
+        if not any(digest in digests.get(r, ()) for r in roots):
+            have = next((min(digests[r]) for r in roots if r in digests), None)
             what = f"its seal's manifest is {have[:16]}..." if have else "no seal of it verified"
             message = f"{sealed} is pinned to manifest {digest[:16]}... by {policy.origin}: {what}"
             reasons.append(finding("TG508", message, file=source))
