@@ -1,14 +1,16 @@
 """The trust policy over random layouts of seals (red team trust_mixmatch_1/2).
 
 Each scenario builds nested folders of pickles, seals folders and single files
-(with the trusted key or a stranger's, each seal a new version), then does
+(with the trusted key or a stranger's, each seal a new version, a folder's
+seal sometimes leaving one file out), then does
 what an attacker without the key can: swaps bytes between files, rolls a file
 back to older bytes, copies a file's ``.sig`` beside another file, copies a
 folder's ``model.sig`` into another folder, and at the end may replace a file
 by a link to another.  The expected verdict of every load is decided from the
 scenario's own record of what each seal signed, never by asking trainguard:
 a file loads iff every seal that covers it (``FILE.sig``, ``model.sig`` in its
-folder or any above, for the path as given and as resolved) was made by the
+folder or any above that does not leave it out, for the path as given and as
+resolved) was made by the
 trusted key and signed exactly these bytes under this name, and the most
 specific one is at least the policy's minimum version.
 
@@ -44,6 +46,7 @@ class Signed:
     version: int
     content: dict[str, bytes]
     name: str | None  # a single-file seal: the file's name
+    ignored: frozenset[str] = frozenset()  # left out by the signer: not covered
 
 
 @pytest.fixture(autouse=True)
@@ -85,13 +88,18 @@ class Scenario:
         if op == "seal_dir":
             folder = rng.choice(self.folders)
             self.version += 1
-            seal(folder, self.keys[trusted], version=str(self.version), cache=False)
-            content = {
-                f.relative_to(folder).as_posix(): f.read_bytes()
-                for f in self.files
-                if folder in f.parents
-            }
-            self.seals[folder / "model.sig"] = Signed(trusted, self.version, content, None)
+            inside = [f.relative_to(folder).as_posix() for f in self.files if folder in f.parents]
+            ignored = frozenset(rng.sample(inside, 1) if inside and rng.random() < 0.3 else [])
+            seal(
+                folder,
+                self.keys[trusted],
+                version=str(self.version),
+                cache=False,
+                ignore=sorted(ignored),
+            )
+            content = {r: (folder / r).read_bytes() for r in inside if r not in ignored}
+            signed = Signed(trusted, self.version, content, None, ignored)
+            self.seals[folder / "model.sig"] = signed
         elif op == "seal_file":
             f = rng.choice(self.files)
             self.version += 1
@@ -137,11 +145,10 @@ class Scenario:
             if sig_of(view) in self.seals:
                 covering.append((len(view.parts) + 1, self.seals[sig_of(view)], ".", view.name))
             for folder in view.parents:
-                if folder / "model.sig" in self.seals:
-                    rel = view.relative_to(folder).as_posix()
-                    covering.append(
-                        (len(folder.parts), self.seals[folder / "model.sig"], rel, None)
-                    )
+                signed = self.seals.get(folder / "model.sig")
+                rel = view.relative_to(folder).as_posix()
+                if signed is not None and rel not in signed.ignored:
+                    covering.append((len(folder.parts), signed, rel, None))
         if not covering:
             return False
         for _, signed, rel, name in covering:
