@@ -232,6 +232,13 @@ def test_a_claim_to_be_editable_exempts_nothing_from_the_wheel(install: Install,
     assert claim.severity == Severity.HIGH and "editable" in claim.message
     assert not [f for f in report.findings if f.evidence.get("editable")], context
     assert report.exit_code() == 1, context
+    # A lock that names the project says the same, with or without the wheelhouse.
+    lock = install.prefix.parent / "requirements.txt"
+    lock.write_text(f"{NAME}=={VERSION} --hash=sha256:{sha256_of(install.wheel)}\n")
+    for wheelhouse in (True, False):
+        report = install.verify(wheelhouse=wheelhouse, lock=lock)
+        claims = [f for f in report.findings if f.rule == "TG622" and "editable" in f.message]
+        assert [f.severity for f in claims] == [Severity.HIGH], (context, report.findings)
 
 
 @pytest.mark.parametrize(
@@ -423,3 +430,19 @@ def test_a_fifo_where_a_script_was_is_reported_never_waited_on(install: Install)
     assert not worker.is_alive(), "the verify blocked on a FIFO"
     found = {f.file for f in result[0].findings if f.rule == "TG619"}
     assert found == {str(install.prefix / "bin" / n) for n in (NAME, "tgref-tool")}
+
+
+def test_a_real_editable_install_of_a_project_the_wheelhouse_lacks_stays_info(
+    install: Install, tmp_path: Path
+) -> None:
+    """No false alarm: ``pip install -e`` of the user's own project writes only metadata
+    and a .pth in the site folder; the wheelhouse has no such project."""
+    from tests.test_env_plant import _editable_dist
+
+    source = tmp_path / "src"
+    (source / "tgedit").mkdir(parents=True)
+    _editable_dist(install.site, source)
+    report = install.verify()
+    assert not high(report), high(report)
+    (info,) = [f for f in report.findings if f.evidence.get("editable")]
+    assert (info.rule, info.severity) == ("TG613", Severity.INFO)
