@@ -213,3 +213,46 @@ def test_protect_refuses_container_calls_on_foreign_classes(tmp_path: Path) -> N
     )
     assert proc.returncode != 0 and "__setitem__" in proc.stderr, proc.stderr[-600:]
     assert not (tmp_path / "canary").exists()
+
+
+# --- callthrough + nested: callees behind helpers, pickles behind a class's state ---
+
+
+def test_helper_callees_and_unpickling_state(seed: int, tmp_path: Path) -> None:
+    from trainguard.samples import missing_modules
+    from trainguard.samples.mal_callthrough import (
+        ENCODINGS,
+        HELPERS,
+        LAUNDER,
+        SHAPES,
+        callthrough,
+        draw_callthrough,
+        nested,
+    )
+
+    members = [callthrough(h, la) for h in HELPERS for la in LAUNDER]
+    members += [nested(e, s) for e in ENCODINGS for s in SHAPES]
+    for sample in members:
+        folder = tmp_path / sample.id
+        folder.mkdir()
+        result = scan_file(sample.build(folder, folder / "canary"))
+        assert result.verdict is not None and result.verdict >= Severity.HIGH, (
+            sample.id,
+            result.findings,
+        )
+    rng = random.Random(seed ^ 0xC7)
+    fire = {s.id: s for s in (draw_callthrough(rng) for _ in range(4)) if not missing_modules(s)}
+    (tmp_path / "run" / "canaries").mkdir(parents=True)
+    outcomes = _run_all(tmp_path / "run", list(fire.values()))
+    silent = {k: o.log[-400:] for k, o in outcomes.items() if not o.fired}
+    assert not silent, f"TRAINGUARD_MUTATION_SEED={seed}: {silent}"
+
+
+def test_bytes_built_from_constants_are_probed_for_pickles(tmp_path: Path) -> None:
+    from trainguard.samples.mal_callthrough import nested
+
+    # bytes([...]) of the inner os.system pickle: its payload is named, not only the wrapper.
+    path = nested("bytes", "dict_keys").build(tmp_path, tmp_path / "canary")
+    result = scan_file(path)
+    assert any(f.rule == "TG110" for f in result.findings), result.findings
+    assert result.verdict is Severity.CRITICAL

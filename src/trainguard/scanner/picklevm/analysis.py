@@ -24,6 +24,7 @@ from trainguard.scanner.picklevm.machine import (
     Call,
     ExtRef,
     Global,
+    ListV,
     Opaque,
     PickleEvents,
     describe,
@@ -221,6 +222,28 @@ def _call_shape(call: Call) -> Iterator[Finding]:
     )
 
 
+_MAX_BUILT_BYTES = 1 << 20
+
+
+def _constant_bytes(func: str, first: object) -> bytes | None:
+    """The bytes a call builds from constants, evaluated without running it (bounded).
+
+    Protocols 0-2 write bytes as ``_codecs.encode(text, "latin1")``; a payload may
+    spell them ``bytes([112, 105, ...])`` (the red team's nested_1) or
+    ``str.encode(text)`` so that no byte string appears in the file.
+    """
+    if func in ("_codecs.encode", "codecs.encode") and isinstance(first, str):
+        return first[:_MAX_BUILT_BYTES].encode("latin-1", "replace")
+    if func in ("builtins.str.encode", "__builtin__.str.encode") and isinstance(first, str):
+        return first[:_MAX_BUILT_BYTES].encode("utf-8", "replace")
+    if func in ("builtins.bytes", "builtins.bytearray", "__builtin__.bytearray"):
+        items = first.items if isinstance(first, ListV) else first
+        if isinstance(items, (list, tuple)) and 0 < len(items) <= _MAX_BUILT_BYTES:
+            if all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 256 for x in items):
+                return bytes(items)
+    return None
+
+
 def _nested(ev: PickleEvents, scan: NestedScanner) -> Iterator[Finding]:
     # Byte strings a loader may unpickle later (pickle.loads of a field, numpy
     # object arrays, torch's _load_from_bytes): any protocol, any header.  The
@@ -237,10 +260,9 @@ def _nested(ev: PickleEvents, scan: NestedScanner) -> Iterator[Finding]:
         first = call.args[0]
         if call.func.qualname in NESTED_LOADERS and isinstance(first, bytes):
             payloads.append((first, call.offset, 0))
-        elif call.func.qualname == "_codecs.encode" and isinstance(first, str):
-            # Protocols 0-2 write bytes as _codecs.encode(text, "latin1").
-            raw = first.encode("latin-1", "replace")
-            if probe_head(raw, complete=True) is not Probe.REJECTS:
+        else:
+            raw = _constant_bytes(call.func.qualname, first)
+            if raw is not None and probe_head(raw, complete=True) is not Probe.REJECTS:
                 payloads.append((raw, call.offset, 0))
     done: set[bytes] = set()
     for data, off, length in payloads:
