@@ -1,11 +1,11 @@
 """A trust policy at load: only bytes a trusted signer sealed are loaded.
 
 ``protect(trust="trust.toml")``, ``load(..., trust=...)`` and
-``TRAINGUARD_TRUST=trust.toml``.  A checkpoint loads only if a seal covering
-it (``model.sig`` in its folder or a folder above, or a signature the policy
-names) verifies against a key or Sigstore identity the policy trusts, and the
-digest of the very bytes handed to the loader (already in memory) equals the
-digest in that signed manifest.  A file swapped or edited after the check
+``TRAINGUARD_TRUST=trust.toml``.  A checkpoint loads only if the seals
+covering it (``FILE.sig``, ``model.sig`` in its folder or a folder above, a
+signature the policy names) verify against a key or Sigstore identity the
+policy trusts, and the digest of the very bytes handed to the loader (already
+in memory) equals the digest in those signed manifests.  A file swapped or edited after the check
 changes nothing: the loader never reads the file again.
 
 The signature and the manifest are checked by :mod:`trainguard.signing`
