@@ -67,7 +67,7 @@ def serious(results: dict[int, Any]) -> list[dict[str, Any]]:
         a
         for r in results.values()
         for a in r.get("alerts", [])
-        if str(RULES[a["rule"]].severity) in SERIOUS
+        if str(a.get("severity") or RULES[a["rule"]].severity) in SERIOUS
     ]
 
 
