@@ -115,7 +115,10 @@ def test_ledger_show_lists_the_stall(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     assert main(["ledger", "show", "shown", "--ledger", str(ledger)]) == 0
     out = capsys.readouterr().out
-    assert "step 1 rank 0: rule=TG1313 severity=high" in out and "stall-end" in out
+    # The alert's line: its rule, its whole message (ledger show never clips it), severity.
+    line = next(x for x in out.splitlines() if "step 1 rank 0: rule=TG1313" in x)
+    assert "message=rank 0 stalled: no step for" in line and "severity=high" in line
+    assert "stall-end" in out
     assert main(["ledger", "show", "shown", "--ledger", str(ledger), "--format", "json"]) == 0
     alerts = json.loads(capsys.readouterr().out)["alerts"]
     assert [a["payload"]["message"].split(";")[0] for a in alerts] == [
