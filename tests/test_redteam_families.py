@@ -256,3 +256,47 @@ def test_bytes_built_from_constants_are_probed_for_pickles(tmp_path: Path) -> No
     result = scan_file(path)
     assert any(f.rule == "TG110" for f in result.findings), result.findings
     assert result.verdict is Severity.CRITICAL
+
+
+# --- false alarms: honest non-dense tensors load under protect() as under torch.load ---
+
+_NON_DENSE = """
+import sys, torch
+d = torch.tensor([[0.0, 1.5], [2.0, 0.0]])
+honest = {
+    "coo": d.to_sparse(),
+    "csr": d.to_sparse_csr(),
+    "csc": d.to_sparse_csc(),
+    "q": torch.quantize_per_tensor(d, 0.1, 3, torch.quint8),
+    "qc": torch.quantize_per_channel(d, torch.tensor([0.1, 0.2]), torch.tensor([1, 2]), 0,
+                                     torch.qint8),
+    "nested": torch.nested.nested_tensor([torch.ones(2), torch.arange(3.0)]),
+}
+path = sys.argv[1]
+torch.save(honest, path)
+plain = torch.load(path, weights_only=False)
+import trainguard
+trainguard.protect()
+guarded = torch.load(path, weights_only=False)
+for key, value in plain.items():
+    got = guarded[key]
+    if key == "nested":
+        same = all(torch.equal(a, b) for a, b in zip(value.unbind(), got.unbind()))
+    elif key.startswith("q"):
+        same = torch.equal(value.int_repr(), got.int_repr()) and value.qscheme() == got.qscheme()
+    else:
+        same = torch.equal(value.to_dense(), got.to_dense()) and value.layout == got.layout
+    assert same, key
+print("SAME", sorted(plain))
+"""
+
+
+def test_non_dense_tensors_load_under_protect_as_under_torch(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    proc = subprocess.run(
+        [sys.executable, "-c", _NON_DENSE, str(tmp_path / "t.pt")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0 and "SAME" in proc.stdout, proc.stderr[-1500:]

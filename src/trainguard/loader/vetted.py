@@ -94,7 +94,10 @@ _TORCH_PLAIN = [
         for d in (
             "strided sparse_coo sparse_csr contiguous_format channels_last channels_last_3d "
             "preserve_format float32 float float64 double float16 half bfloat16 complex64 "
-            "complex128 uint8 int8 int16 short int32 int int64 long bool"
+            "complex128 uint8 int8 int16 short int32 int int64 long bool "
+            # layouts of sparse tensors and quantization schemes: values, not code
+            "sparse_csc sparse_bsr sparse_bsc per_tensor_affine per_channel_affine "
+            "per_channel_affine_float_qparams quint8 qint8 qint32 quint4x2"
         ).split()
     ),
 ]
@@ -309,7 +312,46 @@ def _torch_rebuilds() -> dict[str, Any]:
             raise refuse("TG401", "meta tensor dtype is not a torch dtype")
         return u._rebuild_meta_tensor_no_storage(dtype, size, stride, bool(requires_grad))
 
+    def sparse(layout: Any, data: Any) -> Any:
+        # The red team's F4: sparse COO/CSR/CSC/BSR/BSC tensors, checked as torch's own
+        # weights-only loader does (its invariants, right after the rebuild).
+        if not isinstance(layout, torch.layout) or not isinstance(data, tuple):
+            raise refuse("TG401", "sparse tensor rebuild with a layout or data of other types")
+        if not all(
+            isinstance(x, (torch.Tensor, torch.Size, tuple, bool, type(None))) for x in data
+        ):
+            raise refuse("TG401", "sparse tensor rebuild from something else than tensors")
+        result = u._rebuild_sparse_tensor(layout, data)
+        u._validate_loaded_sparse_tensors()
+        return result
+
+    def qtensor(storage: Any, offset: Any, size: Any, stride: Any, qparams: Any,
+                requires_grad: Any, backward_hooks: Any) -> Any:  # fmt: skip
+        _no_hooks(backward_hooks)
+        check_view(storage_numel(storage), offset, tuple(size), tuple(stride))
+        if not (isinstance(qparams, tuple) and qparams and isinstance(qparams[0], torch.qscheme)):
+            raise refuse("TG401", "quantizer parameters that are not a qscheme tuple")
+        if not all(isinstance(x, (int, float, torch.Tensor, list)) for x in qparams[1:]):
+            raise refuse("TG401", "quantizer parameters that are not numbers or tensors")
+        grad = bool(requires_grad)
+        return u._rebuild_qtensor(storage, offset, size, stride, qparams, grad, {})
+
+    def nested(buffer: Any, sizes: Any, strides: Any, offsets: Any) -> Any:
+        if not all(isinstance(t, torch.Tensor) for t in (buffer, sizes, strides, offsets)):
+            raise refuse("TG401", "nested tensor rebuild from something else than tensors")
+        if sizes.dim() != 2 or sizes.shape != strides.shape or offsets.numel() != len(sizes):
+            raise refuse("TG402", "nested tensor sizes, strides and offsets disagree")
+        for size, stride, at in zip(
+            sizes.tolist(), strides.tolist(), offsets.tolist(), strict=True
+        ):
+            # Each component is a view into the one buffer: it must stay inside it.
+            check_view(buffer.numel(), int(at), tuple(size), tuple(stride))
+        return u._rebuild_nested_tensor(buffer, sizes, strides, offsets)
+
     return {
+        "torch._utils._rebuild_sparse_tensor": sparse,
+        "torch._utils._rebuild_qtensor": qtensor,
+        "torch._utils._rebuild_nested_tensor": nested,
         "torch._utils._rebuild_tensor": v1,
         "torch._utils._rebuild_tensor_v2": v2,
         "torch._utils._rebuild_tensor_v3": v3,
