@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from trainguard.explain.diff.entries import CHUNK, TensorEntry, TensorSource, as_f64, dtype
 from trainguard.explain.diff.optim_state import (
     Optimizer,
     betas,
@@ -31,7 +32,6 @@ from trainguard.explain.diff.optim_state import (
     map_params,
 )
 from trainguard.explain.diff.result import DiffReport, TensorDiff
-from trainguard.explain.diff.sources import CHUNK, TensorEntry, TensorSource, as_f64, dtype
 from trainguard.explain.diff.update import directions
 from trainguard.findings import Finding
 

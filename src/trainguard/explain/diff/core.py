@@ -23,16 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from trainguard.explain.diff.checks import forensics
-from trainguard.explain.diff.result import DiffReport, SideInfo, TensorDiff, ValueDiff
-from trainguard.explain.diff.sources import (
+from trainguard.explain.diff.entries import (
     CHUNK,
     TensorEntry,
     TensorSource,
     ValueEntry,
     as_f64,
     dtype,
-    open_checkpoint,
 )
+from trainguard.explain.diff.result import DiffReport, SideInfo, TensorDiff, ValueDiff
+from trainguard.explain.diff.sources import open_checkpoint
 from trainguard.findings import Severity
 from trainguard.limits import DEFAULT_LIMITS, Limits
 from trainguard.scanner import Policy

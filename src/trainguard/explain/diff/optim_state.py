@@ -15,7 +15,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from trainguard.explain.diff.sources import TensorEntry, TensorSource, ValueEntry, dtype
+from trainguard.explain.diff.entries import TensorEntry, TensorSource, ValueEntry, dtype
 from trainguard.findings import Finding
 from trainguard.rules import finding as rule_finding
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trainguard.explain.diff.entries import CHUNK, TensorEntry, TensorSource, as_f64
 from trainguard.explain.diff.optim_state import Group, Optimizer, betas, finding
 from trainguard.explain.diff.result import TensorDiff
-from trainguard.explain.diff.sources import CHUNK, TensorEntry, TensorSource, as_f64
 from trainguard.findings import Finding
 
 SINGLE_STEP_MIN_COS = 0.9  # one Adam step is predicted exactly (measured: 1.000)
