@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 from trainguard.errors import UnsafeModelError
 from trainguard.loader import sandbox, vetted
 from trainguard.loader.tensors import refuse
+from trainguard.scanner.picklevm.calls import KNOWN_SAFE_CALLS
 from trainguard.scanner.picklevm.names import DENIED_MODULES, DENIED_NAMES, _in_module_set
 
 # Classes whose ``__new__`` only allocates: creating one runs no code of the class.
@@ -174,6 +175,11 @@ class Restrictions:
 
     def call(self, func: Any, args: Any, kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
+        if isinstance(func, ClassRef) and func.name in KNOWN_SAFE_CALLS:
+            # The scanner's table of classes whose call only rebuilds a value (each
+            # read in its library's source: scikit-learn's Cython trees and losses):
+            # one definition, so that scan and protect() cannot disagree on them.
+            return self.mark_created(func.cls(*args, **kwargs))
         if isinstance(func, ClassRef):
             raise refuse_global(func.name, "calling this class runs its code", self.source)
         if id(func) in self._callable:
