@@ -163,13 +163,9 @@ def test_zero_tampered_rank_is_named_and_nothing_before(tmp_path: Path) -> None:
     print(f"seed {seed}: rank {target} tampered after step {at}")
     results = launch(tmp_path, 4, f"tamper:{target}:{at}", steps=12, wrap="zero")
     assert all(r["returncode"] == 0 for r in results.values()), results
-    # KNOWN FALSE ALARM, left visible here: the start-up audit reports the Join hook
-    # that ZeroRedundancyOptimizer itself installs as a high TG1304 (told the lead).
-    found = [
-        a
-        for a in serious(results)
-        if a["evidence"].get("functions") != ["torch.distributed.algorithms.join"]
-    ]
+    # The start-up audit once took ZeroRedundancyOptimizer's Join machinery
+    # (abc.abstractmethod, from a frozen module) for foreign code: no exception now.
+    found = serious(results)
     assert found and min(a["step"] for a in found) == at + 1, (seed, found)
     assert ("TG1301", at + 1) in {(a["rule"], a["step"]) for a in results[target]["alerts"]}
 

@@ -287,6 +287,20 @@ def _generated(fn: types.FunctionType) -> bool:
     return fn.__code__.co_filename == "<string>" and fn.__name__ in GENERATED
 
 
+def _frozen_stdlib(fn: types.FunctionType) -> bool:
+    """A function of a frozen standard-library module (``abc.abstractmethod``: "<frozen abc>").
+
+    Its code has no file to place, so it is trusted only if it is the very object
+    its frozen module holds under its name: a look-alike compiled with the same
+    fake file name is not.
+    """
+    module = sys.modules.get(fn.__module__ or "")
+    spec = getattr(module, "__spec__", None)
+    if module is None or spec is None or spec.origin != "frozen":
+        return False
+    return getattr(module, fn.__qualname__, None) is fn
+
+
 def audit(found: list[Route]) -> list[tuple[str, str, bool]]:
     """(route, what, affects gradients) for what looks installed by someone before start-up.
 
@@ -312,7 +326,7 @@ def audit(found: list[Route]) -> list[tuple[str, str, bool]]:
             outside = {
                 f"{where} = {f.__qualname__} from {origin(f)}"
                 for where, f in _named_functions(r)
-                if not origin(f).startswith(trusted) and not _generated(f)
+                if not origin(f).startswith(trusted) and not _generated(f) and not _frozen_stdlib(f)
             }
             if outside:
                 out.append((r.label, "; ".join(sorted(outside)[:3]), True))

@@ -61,12 +61,17 @@ def tensors_in(batch: Any, torch: Any) -> list[Any]:
 
 def total_grad_norm(named_params: list[tuple[str, Any]], torch: Any) -> float:
     """The 2-norm of all gradients together (0.0 when none has a gradient)."""
+    # At least float32 (half-precision norms overflow), float64 kept as it is.
     norms = [
-        p.grad.detach().norm(dtype=torch.float32) for _, p in named_params if p.grad is not None
+        p.grad.detach().norm(
+            dtype=torch.float64 if p.grad.dtype == torch.float64 else torch.float32
+        )
+        for _, p in named_params
+        if p.grad is not None
     ]
     if not norms:
         return 0.0
-    return float(torch.stack([n.to("cpu") for n in norms]).norm())
+    return float(torch.stack([n.to("cpu", torch.float64) for n in norms]).norm())
 
 
 def scalar(value: Any) -> float | None:
