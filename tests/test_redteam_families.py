@@ -328,3 +328,39 @@ def test_sklearn_trees_and_boosting_load_under_protect(tmp_path: Path) -> None:
         [sys.executable, "-c", _SKLEARN, str(tmp_path)], capture_output=True, text=True, timeout=180
     )
     assert proc.returncode == 0 and "SAME" in proc.stdout, proc.stderr[-1500:]
+
+
+_GENERATOR = """
+import sys, torch
+g = torch.Generator()
+g.manual_seed(7)
+torch.rand(3, generator=g)
+torch.save({"sampler_generator": g, "epoch": 2}, sys.argv[1])
+plain = torch.load(sys.argv[1], weights_only=False)["sampler_generator"]
+import trainguard
+trainguard.protect()
+got = torch.load(sys.argv[1], weights_only=False)["sampler_generator"]
+assert torch.equal(plain.get_state(), got.get_state())
+assert plain.initial_seed() == got.initial_seed()
+print("SAME")
+"""
+
+
+def test_a_checkpoint_with_a_generator_scans_clean_and_loads_under_protect(tmp_path: Path) -> None:
+    # The red team's F3: restoring a random generator's state is data.
+    pytest.importorskip("torch")
+    path = tmp_path / "ckpt.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", _GENERATOR, str(path)], capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0 and "SAME" in proc.stdout, proc.stderr[-1500:]
+    result = scan_file(path)
+    assert result.verdict is None or result.verdict < Severity.HIGH, result.findings
+
+
+def test_a_generator_called_with_anything_else_stays_critical(tmp_path: Path) -> None:
+    from trainguard.samples.mal_callthrough import _g, _u
+
+    path = tmp_path / "g.pkl"
+    path.write_bytes(b"\x80\x02" + _g("torch._C", "Generator") + b"(" + _u("/etc/x") + b"K\x01tR.")
+    assert scan_file(path).verdict is Severity.CRITICAL

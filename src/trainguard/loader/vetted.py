@@ -103,6 +103,11 @@ _TORCH_PLAIN = [
 ]
 
 
+# Names inside denied modules (torch._C) that the table below rebuilds exactly: the
+# sandbox lets their import through, the vetted function decides the call.
+DENIED_BUT_VETTED = frozenset(["torch._C.Generator"])
+
+
 # Classes the file may name as values (the type argument of a rebuild), never call:
 # calling them makes objects that would then accept state (a tensor's __setstate__
 # swaps its storage and installs backward hooks).
@@ -348,7 +353,15 @@ def _torch_rebuilds() -> dict[str, Any]:
             check_view(buffer.numel(), int(at), tuple(size), tuple(stride))
         return u._rebuild_nested_tensor(buffer, sizes, strides, offsets)
 
+    @_buildable
+    def generator(device: Any) -> Any:
+        # torch.Generator(device), then BUILD restores (seed, offset, state tensor).
+        if not isinstance(device, (str, torch.device)):
+            raise refuse("TG401", "a generator on something else than a device")
+        return torch.Generator(device)
+
     return {
+        "torch._C.Generator": generator,
         "torch._utils._rebuild_sparse_tensor": sparse,
         "torch._utils._rebuild_qtensor": qtensor,
         "torch._utils._rebuild_nested_tensor": nested,

@@ -236,6 +236,12 @@ def _data_shaped(name: str, call: Call, index: CallIndex) -> bool:
         return False
     if name == "builtins.type":
         return len(args) == 1  # type(x) returns x's class; three arguments build one
+    if name in _GENERATORS:
+        # torch.Generator pickles as Generator(device), then BUILD with (seed,
+        # offset, state tensor): restoring a random state is data (red team's F3).
+        if call.kind == "setstate":
+            return len(args) == 1 and _generator_state(args[0])
+        return call.kind == "reduce" and len(args) == 1 and _device(args[0])
     if name in ("operator.getitem", "_operator.getitem"):
         return (
             len(args) == 2
@@ -258,6 +264,38 @@ def _data_shaped(name: str, call: Call, index: CallIndex) -> bool:
             return (owner, attr) in KNOWN_RECONSTRUCTORS
         return attr.isidentifier() and not attr.startswith("_")
     return False
+
+
+_GENERATORS = frozenset(["torch._C.Generator", "torch.Generator"])
+
+
+def _device(v: Value) -> bool:
+    """``"cpu"`` or ``torch.device("cuda", 0)``: a device named by constants."""
+    if isinstance(v, str):
+        return True
+    return (
+        isinstance(v, Call)
+        and isinstance(v.func, Global)
+        and qualname(v.func) == "torch.device"
+        and isinstance(v.args, tuple)
+        and all(isinstance(a, (str, int)) and not isinstance(a, bool) for a in v.args)
+    )
+
+
+def _generator_state(state: Value) -> bool:
+    """(initial seed, offset or None, a tensor torch rebuilt): what Generator.__setstate__ takes."""
+    if not (isinstance(state, tuple) and len(state) == 3):
+        return False
+    seed, offset, tensor = state
+    while isinstance(tensor, Built):
+        tensor = tensor.obj
+    return (
+        isinstance(seed, int)
+        and (offset is None or isinstance(offset, int))
+        and isinstance(tensor, Call)
+        and isinstance(tensor.func, Global)
+        and qualname(tensor.func).startswith("torch._utils._rebuild_tensor")
+    )
 
 
 # Calls that return an object that already exists in the loading process (an
