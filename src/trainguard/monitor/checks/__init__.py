@@ -8,6 +8,8 @@ from trainguard.monitor.checks.base import Check, StepEnd
 from trainguard.monitor.checks.data import SampleCheck
 from trainguard.monitor.checks.params import ParameterIdentityCheck
 from trainguard.monitor.checks.spikes import SpikeCheck
+from trainguard.monitor.checks.state import StateModelCheck
+from trainguard.monitor.checks.surface import SurfaceCheck
 from trainguard.monitor.checks.timing import StallCheck
 from trainguard.monitor.checks.update import UpdateModelCheck
 from trainguard.monitor.fingerprint import Fingerprinter
@@ -27,9 +29,12 @@ def behaviour(
 ) -> list[Check]:
     """The checks of what training does (after the guard's own tamper and identity checks)."""
     named = list(model.named_parameters())
+    update = UpdateModelCheck(named, optimizer, fp.key)
     found: list[Check] = [
         ParameterIdentityCheck(model, optimizer),
-        UpdateModelCheck(named, optimizer, fp.key),
+        StateModelCheck(update),  # before `update`: it reads the samples update drops
+        update,
+        SurfaceCheck(fp.key),
     ]
     found += [StallCheck(windows["time"], min_stall_seconds)]
     found += [SpikeCheck(windows["loss"], windows["grad_norm"])]

@@ -1,0 +1,238 @@
+"""The attack surface of a training step: every callable it can look up by name.
+
+``identity.py`` watches the routes the guard knows the step takes (the
+optimizer's class, clipping, the loss module, hooks).  A red team went round
+them through names those routes call at every step: ``torch.relu`` (which
+``F.relu`` looks up), ``torch._C._nn.cross_entropy_loss``, ``Tensor.addcdiv_``
+inside Adam, and the guard's own clock.  Instead of a longer list, this module
+takes *every* callable attribute of the namespaces a step can reach (torch,
+its C namespaces, Tensor and TensorBase, torch.nn.functional, torch.optim,
+torch.autograd, torch.utils.data, the classes of torch.nn.modules) and of
+trainguard's own monitor and ledger, and remembers the object installed under
+each name, and for Python functions their code, defaults and closure.  Nothing
+is unwrapped: a ``functools.wraps`` wrapper is a different object.
+
+Each namespace keeps its names in a fixed order, so reading all of its values
+is one ``operator.itemgetter`` call in C and comparing them to the baseline is
+one tuple comparison of ids: still, a full sweep costs a few milliseconds,
+so the check reads most of it in slices (checks/surface.py).  A callable
+*added* under a new name (``Tensor.addcdiv_`` set on the subclass, shadowing TensorBase's) counts
+as a change too; new modules and plain values (lazy imports, caches) do not.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# Module prefixes whose modules (and the classes defined in them) are part of the surface.
+MODULE_PREFIXES = (
+    "torch.optim",
+    "torch.nn.utils",
+    "torch.nn.parameter",
+    "torch.functional",
+    "torch.random",
+    "torch.amp",
+    "torch._VF",
+    "torch.autograd",
+    "torch.utils.data",
+    "torch.nn.modules",
+    "trainguard.monitor",
+    "trainguard.ledger",
+)
+IMMUTABLE_TYPE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE
+MAX_NAMESPACES = 5000  # a bound on what one guard watches (torch has about 600 here)
+
+
+def _fixed_namespaces() -> list[tuple[str, Any]]:
+    import torch
+    import torch.nn.functional as F
+
+    return [
+        ("torch", torch),
+        ("torch.nn.functional", F),
+        ("torch._C._nn", torch._C._nn),
+        # An instance without a __dict__: its functions live in its class.
+        ("torch._C._VariableFunctions", type(torch._C._VariableFunctions)),
+        ("torch.Tensor", torch.Tensor),
+        ("torch._C.TensorBase", torch._C.TensorBase),
+    ]
+
+
+def namespaces() -> list[tuple[str, Any]]:
+    """(label, namespace) for every namespace of the surface, as loaded now."""
+    found = _fixed_namespaces()
+    seen = {id(ns) for _, ns in found}
+    for name, mod in sorted(sys.modules.items()):
+        if mod is None or not name.startswith(MODULE_PREFIXES):
+            continue
+        for label, ns in [(name, mod), *_classes(name, mod)]:
+            if id(ns) not in seen and len(found) < MAX_NAMESPACES:
+                seen.add(id(ns))
+                found.append((label, ns))
+    return found
+
+
+def _classes(name: str, mod: Any) -> Iterator[tuple[str, type]]:
+    """The classes a module defines: their methods are looked up at each call too."""
+    for key, value in list(vars(mod).items()):
+        if isinstance(value, type) and getattr(value, "__module__", None) == name:
+            yield f"{name}.{key}", value
+
+
+def _code(value: Any) -> bool:
+    """Whether a namespace entry is code the step may run: a callable or a descriptor
+    (a property, classmethod or C getset runs code on attribute access); modules and
+    plain data are not (lazy imports and caches add those honestly)."""
+    if isinstance(value, types.ModuleType):
+        return False
+    return callable(value) or hasattr(type(value), "__get__")
+
+
+def _watched(value: Any) -> bool:
+    """Code, and modules: ``F._VF`` or ``torch.optim.adam.torch`` replaced by a look-alike
+    is a patch of everything looked up through it (a *new* module name is not)."""
+    return isinstance(value, types.ModuleType) or _code(value)
+
+
+@dataclass
+class Space:
+    """One namespace: its callable names, in a fixed order, and what they held."""
+
+    label: str
+    ns: Any
+    keys: tuple[str, ...] = ()
+    values: tuple[Any, ...] = ()
+    codes: tuple[int, ...] = ()
+    size: int = 0
+    _get: Callable[[Any], Any] = field(default=lambda d: ())
+    _fns: tuple[types.FunctionType, ...] = ()
+    _ids: tuple[int, ...] = ()
+    _kept: tuple[Any, ...] = ()
+    _keyset: frozenset[str] = frozenset()
+    only: frozenset[str] | None = None  # watch just these names (and any added name)
+
+    def take(self) -> None:
+        d = vars(self.ns)
+        every = tuple(k for k, v in list(d.items()) if _watched(v))
+        self._keyset = frozenset(every)
+        self.keys = every if self.only is None else tuple(k for k in every if k in self.only)
+        self._get = operator.itemgetter(*self.keys) if self.keys else (lambda d: ())
+        self.values = self._read(d)
+        self._ids = tuple(map(id, self.values))
+        self._fns = tuple(v for v in self.values if isinstance(v, types.FunctionType))
+        self._kept = self._parts()
+        self.codes = tuple(map(id, self._kept))
+        self.size = len(d)
+
+    def _read(self, d: Any) -> tuple[Any, ...]:
+        got = self._get(d)
+        return got if len(self.keys) != 1 else (got,)
+
+    def _parts(self) -> tuple[Any, ...]:
+        fns = self._fns
+        return (
+            *map(operator.attrgetter("__code__"), fns),
+            *map(operator.attrgetter("__defaults__"), fns),
+            *map(operator.attrgetter("__kwdefaults__"), fns),
+        )  # __closure__ is read-only: a new closure needs a new function
+
+    def _codes(self) -> tuple[int, ...]:
+        # By id: the baseline keeps every object alive (``_kept``), so no id is reused,
+        # and an object's own __eq__ (an attacker's "always equal") is never asked.
+        return tuple(map(id, self._parts()))
+
+    def same(self, code: bool = True) -> bool:
+        """Whether every name still holds the object it held (one C-speed pass), and with
+        ``code`` whether each function keeps its code and defaults (a slower pass)."""
+        d = vars(self.ns)
+        try:
+            if tuple(map(id, self._read(d))) != self._ids:
+                return False
+        except Exception:  # a name deleted (KeyError)
+            return False
+        if code and self._codes() != self.codes:
+            return False
+        return len(d) == self.size or not self._added()
+
+    def _added(self) -> list[str]:
+        return [k for k, v in list(vars(self.ns).items()) if k not in self._keyset and _code(v)]
+
+    def differences(self) -> list[str]:
+        """The names that changed (replaced, code swapped, deleted or added callables)."""
+        d = vars(self.ns)
+        out = []
+        fn_index = {id(f): i for i, f in enumerate(self._fns)}
+        n = len(self._fns)
+        for key, old in zip(self.keys, self.values, strict=True):
+            now = d.get(key)
+            if now is not old:
+                out.append(key)
+            elif id(old) in fn_index:
+                i = fn_index[id(old)]
+                parts = (old.__code__, old.__defaults__, old.__kwdefaults__)
+                if any(id(p) != self.codes[i + j * n] for j, p in enumerate(parts)):
+                    out.append(key)
+        return [f"{self.label}.{k}" for k in out + self._added()]
+
+
+def immutable(ns: Any) -> bool:
+    """A C type whose attributes cannot be set (TensorBase, _VariableFunctionsClass)."""
+    return isinstance(ns, type) and bool(ns.__flags__ & IMMUTABLE_TYPE)
+
+
+def part(space: Space, names: set[str]) -> Space:
+    """The same namespace, watching only ``names`` (and whether a callable was added)."""
+    found = Space(space.label, space.ns, only=frozenset(names))
+    found.take()
+    return found
+
+
+def snapshot() -> list[Space]:
+    spaces = [Space(label, ns) for label, ns in namespaces()]
+    for s in spaces:
+        s.take()
+    return spaces
+
+
+class Flat:
+    """Many spaces checked in a few C-level passes (``map`` over dicts and keys at once):
+    the per-namespace Python overhead of :meth:`Space.same` is what a step would pay."""
+
+    def __init__(self, spaces: list[Space]) -> None:
+        self.spaces = spaces
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        spaces = self.spaces
+        self._dicts = tuple(vars(s.ns) for s in spaces for _ in s.keys)
+        self._keys = tuple(k for s in spaces for k in s.keys)
+        self._ids = tuple(id(v) for s in spaces for v in s.values)
+        self._fns = tuple(f for s in spaces for f in s._fns)
+        self._codes = tuple(c for s in spaces for c in s.codes[: len(s._fns)])
+        self._spaces = tuple(vars(s.ns) for s in spaces)
+        self._sizes = tuple(s.size for s in spaces)
+
+    def changed(self) -> list[Space]:
+        """The spaces whose names changed (the fast passes say whether to look closer)."""
+        try:
+            same = tuple(map(id, map(operator.getitem, self._dicts, self._keys))) == self._ids
+        except KeyError:
+            same = False
+        # __code__ every time; defaults (rarely the attack) in the slower per-space pass.
+        same = same and tuple(map(id, map(_CODE, self._fns))) == self._codes
+        if same and tuple(map(len, self._spaces)) == self._sizes:
+            return []
+        found = [s for s in self.spaces if not s.same()]
+        if not found:  # a module or plain value was added: honest, take the new sizes
+            for s in self.spaces:
+                s.size = len(vars(s.ns))
+            self.rebuild()
+        return found
+
+
+_CODE = operator.attrgetter("__code__")
