@@ -364,3 +364,42 @@ def test_a_generator_called_with_anything_else_stays_critical(tmp_path: Path) ->
     path = tmp_path / "g.pkl"
     path.write_bytes(b"\x80\x02" + _g("torch._C", "Generator") + b"(" + _u("/etc/x") + b"K\x01tR.")
     assert scan_file(path).verdict is Severity.CRITICAL
+
+
+_UFUNC = """
+import sys, joblib, numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+x = np.abs(np.random.default_rng(1).normal(size=(40, 2)))
+y = (x[:, 0] > x[:, 1]).astype(int)
+pipe = make_pipeline(FunctionTransformer(np.log1p), StandardScaler(), LogisticRegression())
+joblib.dump(pipe.fit(x, y), sys.argv[1])
+plain = joblib.load(sys.argv[1]).predict_proba(x)
+import trainguard
+trainguard.protect()
+assert np.array_equal(joblib.load(sys.argv[1]).predict_proba(x), plain)
+# Referenced, never called: a pickle that calls a ufunc while loading is refused.
+from trainguard.loader.restricted import unpickler_for
+import io
+try:
+    unpickler_for(frozenset(), "x")(io.BytesIO(b"cnumpy\\nlog1p\\n(K\\x01tR.")).load()
+except trainguard.UnsafeModelError as exc:
+    print("SAME; call refused:", exc)
+"""
+
+
+def test_numpy_ufuncs_load_as_values_never_as_calls(tmp_path: Path) -> None:
+    # The red team's F2: FunctionTransformer(np.log1p) refused by protect().
+    pytest.importorskip("sklearn")
+    proc = subprocess.run(
+        [sys.executable, "-c", _UFUNC, str(tmp_path / "p.joblib")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0 and "SAME; call refused" in proc.stdout, proc.stderr[-1500:]
+    called = tmp_path / "c.pkl"
+    called.write_bytes(b"cnumpy\nlog1p\n(K\x01tR.")
+    verdict = scan_file(called).verdict
+    assert verdict is not None and verdict >= Severity.HIGH

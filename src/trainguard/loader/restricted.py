@@ -80,6 +80,11 @@ def _is_tensor(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
+def _numpy_ufunc(obj: Any) -> bool:
+    kind = type(obj)
+    return kind.__name__ == "ufunc" and kind.__module__ == "numpy"
+
+
 def _plain_new(cls: type) -> bool:
     new = getattr(cls, "__new__", None)
     if id(new) in _PLAIN_NEW:
@@ -145,6 +150,11 @@ class Restrictions:
         obj = self._resolve(module, name, qualified)
         if name.startswith(PYX) and callable(obj):
             return self._trust(vetted.cython_rebuild(obj, module, name[len(PYX) :], self))
+        if _numpy_ufunc(obj) and module.partition(".")[0] == "numpy":
+            # A ufunc as a value (FunctionTransformer(np.log1p)): pure arithmetic when
+            # the user's code calls it later.  It is not trusted, so the file cannot
+            # call it while loading (positional `out=` arguments write in place).
+            return obj
         if not isinstance(obj, type):
             raise refuse_global(qualified, "a callable outside the allowlist", self.source)
         if module in _VALUE_MODULES or issubclass(obj, enum.Enum):
