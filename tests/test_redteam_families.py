@@ -403,3 +403,22 @@ def test_numpy_ufuncs_load_as_values_never_as_calls(tmp_path: Path) -> None:
     called.write_bytes(b"cnumpy\nlog1p\n(K\x01tR.")
     verdict = scan_file(called).verdict
     assert verdict is not None and verdict >= Severity.HIGH
+
+
+def test_restricted_unpickler_refuses_state_a_class_would_unpickle(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from trainguard.samples.mal_callthrough import nested
+
+    hostile = nested("raw", "dict_keys").build(tmp_path, tmp_path / "canary")
+    # The unpickler alone (no sandbox): the datapipe wrapper's BUILD is refused.
+    code = (
+        "import sys, torch.utils.data.datapipes.datapipe\n"
+        "from trainguard.loader.restricted import unpickler_for\n"
+        "with open(sys.argv[1], 'rb') as f:\n"
+        "    unpickler_for(frozenset(), 'x')(f).load()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(hostile)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0 and "unpickles the state" in proc.stderr, proc.stderr[-600:]
+    assert not (tmp_path / "canary").exists()

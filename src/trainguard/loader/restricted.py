@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 from trainguard.errors import UnsafeModelError
 from trainguard.loader import sandbox, vetted
 from trainguard.loader.tensors import refuse
-from trainguard.scanner.picklevm.calls import KNOWN_SAFE_CALLS
+from trainguard.scanner.picklevm.calls import KNOWN_SAFE_CALLS, UNPICKLING_STATE
 from trainguard.scanner.picklevm.names import DENIED_MODULES, DENIED_NAMES, _in_module_set
 
 # Classes whose ``__new__`` only allocates: creating one runs no code of the class.
@@ -225,6 +225,12 @@ class Restrictions:
                 f"state applied to {type(inst).__name__}, not an object this file made",
                 self.source,
             )
+        cls = type(inst)
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if f"{cls.__module__}.".startswith(UNPICKLING_STATE) and name not in self._allow:
+            # Its __setstate__ unpickles the state (torch's datapipe wrappers): the
+            # scanner's table of such modules, so both judge them alike.
+            raise refuse_global(name, "its __setstate__ unpickles the state", self.source)
 
     def check_container(self, target: Any, methods: tuple[str, ...], opcode: str) -> None:
         """SETITEM(S)/APPEND(S)/ADDITEMS call the target's own methods: only builtin ones run.
