@@ -422,3 +422,26 @@ def test_restricted_unpickler_refuses_state_a_class_would_unpickle(tmp_path: Pat
     )
     assert proc.returncode != 0 and "unpickles the state" in proc.stderr, proc.stderr[-600:]
     assert not (tmp_path / "canary").exists()
+
+
+_DEQUE = """
+import collections, sys, torch
+honest = {"ema": collections.deque([0.5, 0.25], maxlen=4), "cfg": collections.OrderedDict(a=1)}
+torch.save(honest, sys.argv[1])
+import trainguard
+trainguard.protect()
+assert torch.load(sys.argv[1], weights_only=False) == honest
+print("SAME")
+"""
+
+
+def test_builtin_containers_still_fill_under_protect(tmp_path: Path) -> None:
+    # Container opcodes on a deque or OrderedDict call their builtin methods: data.
+    pytest.importorskip("torch")
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEQUE, str(tmp_path / "d.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "SAME" in proc.stdout, proc.stderr[-1500:]

@@ -235,7 +235,7 @@ class Restrictions:
     def check_container(self, target: Any, methods: tuple[str, ...], opcode: str) -> None:
         """SETITEM(S)/APPEND(S)/ADDITEMS call the target's own methods: only builtin ones run.
 
-        On a dict, list or set (or OrderedDict's, which only keeps order) they
+        On a dict, list, set or deque (or OrderedDict's, which only keeps order) they
         change data; on any other class they call its code (fsspec's
         FSMap.__setitem__ writes a file), unless the policy allows the class.
         """
@@ -340,6 +340,8 @@ _BUILTIN_METHODS = frozenset(
         set.add,
         set.update,
         collections.OrderedDict.__setitem__,
+        collections.deque.append,
+        collections.deque.extend,
     ]
 )
 

@@ -329,6 +329,7 @@ DATA_CONTAINERS = frozenset(
         "collections.OrderedDict",
         "collections.defaultdict",
         "collections.Counter",
+        "collections.deque",
         "pytorch_lightning.utilities.parsing.AttributeDict",
         "lightning.pytorch.utilities.parsing.AttributeDict",
         "lightning_fabric.utilities.data.AttributeDict",
