@@ -445,3 +445,34 @@ def test_builtin_containers_still_fill_under_protect(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 0 and "SAME" in proc.stdout, proc.stderr[-1500:]
+
+
+_PKG_SANDBOX = """
+import sys, trainguard
+from trainguard.findings import Severity
+from trainguard.scanner.policy import Policy
+trainguard.protect(Policy(severity={"TG114": Severity.LOW}))
+import torch.package
+importer = torch.package.PackageImporter(sys.argv[1])  # judged, let through by the policy
+try:
+    importer.load_pickle("pkg", "obj.pkl")
+except trainguard.UnsafeModelError as exc:
+    print("REFUSED", str(exc)[:200])
+"""
+
+
+def test_package_modules_import_inside_the_sandbox(tmp_path: Path) -> None:
+    # Even when a policy lets the archive through, its modules run later, at
+    # load_pickle/import_module: the sandbox is on then.
+    pytest.importorskip("torch")
+    from trainguard.samples.mal_pkgcode import pkg_mutant
+
+    hostile = pkg_mutant("pathlib").build(tmp_path, tmp_path / "canary")
+    proc = subprocess.run(
+        [sys.executable, "-c", _PKG_SANDBOX, str(hostile)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "REFUSED" in proc.stdout and "TG403" in proc.stdout, proc.stdout + proc.stderr[-800:]
+    assert not (tmp_path / "canary").exists()
