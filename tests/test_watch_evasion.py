@@ -173,7 +173,13 @@ def test_what_was_installed_before_watch_is_reported_at_start_up() -> None:
     assert {(a.rule, a.step, a.evidence.get("at_start")) for a in guard.alerts} == {
         ("TG1304", 0, True)
     }, what
-    assert all(a.severity >= Severity.HIGH for a in guard.alerts)
+    # High from the routes; the surface check (checks/surface.py) may name the same
+    # function again at low, as code from outside installed packages in torch's namespaces.
+    assert any(a.severity >= Severity.HIGH for a in guard.alerts)
+    assert all(
+        a.severity >= Severity.HIGH or (a.severity == Severity.LOW and name in a.message)
+        for a in guard.alerts
+    )
 
 
 def test_a_forward_hook_present_at_start_up_is_medium_and_an_honest_start_is_silent() -> None:

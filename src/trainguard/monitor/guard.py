@@ -97,7 +97,7 @@ class Guard:
         )
         # The order alerts of one phase come in.
         self.checks: list[Check] = [self.tamper, self.hyper, self.identity, self.seeds]
-        self.checks += [self.direction, *behaviour]
+        self.checks += [self.direction, *behaviour, *checks.loader_draws(self.dataloader)]
         env = None
         if opts.env_snapshot is not None:
             env = EnvironmentCheck(opts.env_snapshot, opts.env_key, opts.env_paths)

@@ -6,7 +6,9 @@ from typing import Any
 
 from trainguard.monitor.checks.base import Check, StepEnd
 from trainguard.monitor.checks.data import SampleCheck
+from trainguard.monitor.checks.draws import DrawCheck
 from trainguard.monitor.checks.params import ParameterIdentityCheck
+from trainguard.monitor.checks.sleep import SleepCheck
 from trainguard.monitor.checks.spikes import SpikeCheck
 from trainguard.monitor.checks.state import StateModelCheck
 from trainguard.monitor.checks.surface import SurfaceCheck
@@ -15,7 +17,7 @@ from trainguard.monitor.checks.update import UpdateModelCheck
 from trainguard.monitor.fingerprint import Fingerprinter
 from trainguard.monitor.stats import RobustWindow
 
-__all__ = ["Check", "StepEnd", "behaviour"]
+__all__ = ["Check", "StepEnd", "behaviour", "loader_draws"]
 
 
 def behaviour(
@@ -36,6 +38,11 @@ def behaviour(
         update,
         SurfaceCheck(fp.key),
     ]
-    found += [StallCheck(windows["time"], min_stall_seconds)]
+    found += [StallCheck(windows["time"], min_stall_seconds), SleepCheck(min_stall_seconds)]
     found += [SpikeCheck(windows["loss"], windows["grad_norm"])]
     return found + ([SampleCheck(fp, dataloader)] if dataloader is not None else [])
+
+
+def loader_draws(dataloader: Any) -> list[Check]:
+    """The check of the data loader's private generators (with or without data_check)."""
+    return [DrawCheck(dataloader)] if dataloader is not None else []
