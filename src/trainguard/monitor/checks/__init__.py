@@ -34,7 +34,7 @@ def behaviour(
     update = UpdateModelCheck(named, optimizer, fp.key)
     found: list[Check] = [
         ParameterIdentityCheck(model, optimizer),
-        StateModelCheck(update),  # before `update`: it reads the samples update drops
+        StateModelCheck(update, fp.key),  # before `update`: it reads the samples update drops
         update,
         SurfaceCheck(fp.key),
     ]

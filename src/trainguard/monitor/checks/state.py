@@ -10,12 +10,15 @@ the step, compares every state tensor the optimizer keeps with
 ``state_models`` and the parameter with ``update_models``.  High when more
 than a handful of the sampled elements of the parameters, or of the state,
 miss (``MAX_SHARE`` of them, and at least ``HANDFUL``), or when one element
-misses on ``PERSISTENT`` steps in a row.  It must run before
+misses on ``PERSISTENT`` checks in a row.  ``TENSORS_PER_STEP`` tensors, drawn
+with the run's key, are compared per step (the cost is many small operations).  It must run before
 ``UpdateModelCheck.after_step``, which drops the samples.
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
 from typing import Any
 
 from trainguard.findings import Severity
@@ -26,14 +29,18 @@ from trainguard.monitor.checks.update import RELATIVE, ULPS, UpdateModelCheck
 
 HANDFUL = 3  # misses on fewer sampled elements than this are rounding, not an attack
 MAX_SHARE = 0.01
-PERSISTENT = 3  # steps in a row the same element may miss
+PERSISTENT = 3  # checks in a row the same element may miss
+# Parameter tensors compared per step, drawn with the run's key (each costs ~40 small
+# tensor operations; a flip or a poisoned state that matters touches every tensor).
+TENSORS_PER_STEP = 4
 
 
 class StateModelCheck(Check):
-    def __init__(self, update: UpdateModelCheck) -> None:
+    def __init__(self, update: UpdateModelCheck, key: bytes) -> None:
         self.update = update
         self._streak: dict[tuple[int, str], Any] = {}  # (param id, key) -> misses in a row
         self.compared = 0  # state elements compared so far (the parameter's not counted)
+        self._seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
     def after_step(self, ctx: Context) -> list[Alert]:
         opt = self.update.optimizer
@@ -45,7 +52,9 @@ class StateModelCheck(Check):
         wrong, total, persistent = 0, 0, 0
         counts = {"value": [0, 0], "state": [0, 0]}  # the parameter's and the state's misses
         where: dict[str, int] = {}
-        for p, group, sample in self.update._before:
+        samples = self.update._before
+        pick = random.Random(self._seed + ctx.step)  # noqa: S311 - seeded from the run's key
+        for p, group, sample in pick.sample(samples, min(TENSORS_PER_STEP, len(samples))):
             idx = self.update.index[id(p)].to(p.device)
             name = self.update.names.get(id(p), "?")
             expected = {"": param_model(sample, group)}
