@@ -211,3 +211,31 @@ def test_honest_runs_and_imports_that_patch_before_start_are_silent() -> None:
             assert "torch.relu" in start[0].message
     finally:
         torch.relu = original
+
+
+class _Ctx:
+    """A context manager from outside torch: torch's own decorator around it is no excuse."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_torch_compile_is_silent_and_torch_wrapping_foreign_code_is_not() -> None:
+    from torch.utils._contextlib import context_decorator
+
+    check = SurfaceCheck(b"k" * 32, every=1)
+    model = torch.nn.Linear(2, 2)
+    torch.compile(model, backend="eager")(torch.randn(1, 2)).sum().backward()
+    torch.optim.Adam(model.parameters()).step()
+    alerts = [a for i in range(4) for a in check.before_step(Context(i, 0))]
+    assert alerts == [], [a.message for a in alerts]
+    original = torch.relu
+    torch.relu = context_decorator(lambda: _Ctx(), original)
+    try:
+        alerts = check.before_step(Context(9, 0)) + check.after_step(Context(9, 0))
+    finally:
+        torch.relu = original
+    assert [a.severity for a in alerts] == [Severity.CRITICAL] and "torch.relu" in alerts[0].message

@@ -23,6 +23,7 @@ as a change too; new modules and plain values (lazy imports, caches) do not.
 from __future__ import annotations
 
 import operator
+import os
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ MODULE_PREFIXES = (
     "trainguard.monitor",
     "trainguard.ledger",
 )
+MAX_LAYERS = 8  # wrappers followed at most this deep
 IMMUTABLE_TYPE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE
 MAX_NAMESPACES = 5000  # a bound on what one guard watches (torch has about 600 here)
 
@@ -162,10 +164,17 @@ class Space:
     def _added(self) -> list[str]:
         return [k for k, v in list(vars(self.ns).items()) if k not in self._keyset and _code(v)]
 
-    def differences(self) -> list[str]:
-        """The names that changed (replaced, code swapped, deleted or added callables)."""
+    def differences(self, trusted: str = "") -> list[str]:
+        """The names that changed (replaced, code swapped, deleted or added callables).
+
+        With ``trusted`` (a folder), a name replaced by a wrapper whose own functions all
+        live there and whose ``__wrapped__`` chain reaches the object it replaced is not
+        a change: ``torch.compile`` wraps every optimizer's ``_init_group`` and
+        ``Module.__init__`` in torch's own "disable dynamo" wrappers when it first loads.
+        """
         d = vars(self.ns)
         out = []
+        old_of = dict(zip(self.keys, self.values, strict=True))
         fn_index = {id(f): i for i, f in enumerate(self._fns)}
         n = len(self._fns)
         for key, old in zip(self.keys, self.values, strict=True):
@@ -175,9 +184,119 @@ class Space:
             elif id(old) in fn_index:
                 i = fn_index[id(old)]
                 parts = (old.__code__, old.__defaults__, old.__kwdefaults__)
+                kept = [self._kept[i + j * n] for j in range(3)]
                 if any(id(p) != self.codes[i + j * n] for j, p in enumerate(parts)):
-                    out.append(key)
-        return [f"{self.label}.{k}" for k in out + self._added()]
+                    # torch.compile also swaps in an equal code object from torch's files.
+                    if not (trusted and _same_code(parts, kept, trusted)):
+                        out.append(key)
+        added = self._added()
+        if trusted:
+            out = [k for k in out if not _wraps_from(d.get(k), old_of[k], trusted)]
+            added = [k for k in added if not _wraps_from(d.get(k), self._inherited(k), trusted)]
+            # What the bases held when the check started, not what wraps it now.
+            added = [k for k in added if not _wraps_from(d.get(k), self._first(k), trusted)]
+        return [f"{self.label}.{k}" for k in out + added]
+
+    def _first(self, key: str) -> Any:
+        """The innermost ``__wrapped__`` of what the bases hold now."""
+        found = self._inherited(key)
+        for _ in range(MAX_LAYERS):
+            inner = getattr(found, "__dict__", {}).get("__wrapped__")
+            if inner is None:
+                return found
+            found = inner
+        return found
+
+    def _inherited(self, key: str) -> Any:
+        """What a class's name resolved to in its bases (before something set it here)."""
+        for base in getattr(self.ns, "__mro__", ())[1:]:
+            if key in vars(base):
+                return vars(base)[key]
+        return None
+
+
+def _wraps_from(new: Any, old: Any, folder: str) -> bool:
+    """Whether ``new`` is a wrapper of ``old`` made only of functions from ``folder``, or
+    a copy of it (same code, globals, closure cells and defaults: the same behaviour)."""
+    if new is None or old is None or new is old:
+        return False
+    if _copy_of(new, old):
+        return bool(os.path.abspath(new.__code__.co_filename).startswith(folder))
+    for _ in range(MAX_LAYERS):
+        if not isinstance(new, types.FunctionType):
+            return False
+        if not os.path.abspath(new.__code__.co_filename).startswith(folder):
+            return False
+        inner = new.__dict__.get("__wrapped__")
+        # A wrapper without __wrapped__ holds what it wraps in a closure cell
+        # (torch._dynamo's Module.__init__ guard does).
+        cells = [c.cell_contents for c in new.__closure__ or () if _filled(c)]
+        if not all(_torch_made(c, old, folder) for c in cells):
+            return False  # it also holds code from elsewhere (a context manager, a hook)
+        if inner is old or any(c is old for c in cells):
+            return True
+        if inner is None:
+            return False
+        new = inner
+    return False
+
+
+def _torch_made(obj: Any, old: Any, folder: str, depth: int = 0) -> bool:
+    """Whether a closure value is harmless: the wrapped object, plain data, a C builtin,
+    or a function from ``folder`` whose own closure is harmless too."""
+    if obj is old or not callable(obj) or isinstance(obj, types.BuiltinFunctionType):
+        return True
+    if depth >= MAX_LAYERS:
+        return False
+    if not isinstance(obj, types.FunctionType):  # an instance of one of torch's classes
+        path = getattr(sys.modules.get(type(obj).__module__), "__file__", None) or "?"
+        return os.path.abspath(path).startswith(folder)
+    if not os.path.abspath(obj.__code__.co_filename).startswith(folder):
+        return False
+    cells = [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
+    return all(_torch_made(c, old, folder, depth + 1) for c in cells)
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
+
+
+def _same_code(parts: tuple[Any, ...], kept: list[Any], folder: str) -> bool:
+    """(code, defaults, kwdefaults) now against before: an equal code object from
+    ``folder`` and the very same defaults."""
+    code, old = parts[0], kept[0]
+    return (
+        code == old
+        and os.path.abspath(code.co_filename).startswith(folder)
+        and parts[1] is kept[1]
+        and parts[2] is kept[2]
+    )
+
+
+def _copy_of(new: Any, old: Any) -> bool:
+    if not isinstance(new, types.FunctionType) or not isinstance(old, types.FunctionType):
+        return False
+    same = (
+        new.__code__ == old.__code__
+        and new.__globals__ is old.__globals__
+        and _identical(new.__closure__, old.__closure__)
+        and _identical(new.__defaults__, old.__defaults__)
+    )
+    return same and _identical(
+        tuple((new.__kwdefaults__ or {}).items()), tuple((old.__kwdefaults__ or {}).items())
+    )
+
+
+def _identical(a: Any, b: Any) -> bool:
+    """Element by element by identity (an attacker's __eq__ is never asked)."""
+    a, b = tuple(a or ()), tuple(b or ())
+    return len(a) == len(b) and all(
+        x is y or (isinstance(x, tuple) and _identical(x, y)) for x, y in zip(a, b, strict=True)
+    )
 
 
 def immutable(ns: Any) -> bool:
