@@ -91,8 +91,9 @@ def test_abort_ends_the_stalled_rank_and_its_peer_records_it(tmp_path: Path) -> 
     assert results[0]["error"] is not None  # its all_reduce failed when the peer ended
     stopped = [a for a in results[0]["alerts"] if a["rule"] == "TG1311"]
     assert [a["evidence"]["stopped_rank"] for a in stopped] == [1]
-    # The stalled rank's last record is its stall alert, in the step it never finished.
-    assert stopped[0]["evidence"]["last_step"] == STALL_STEP
+    # Named after the last step it finished; its last record is the stall alert of the
+    # step it never finished (read below).
+    assert stopped[0]["evidence"]["last_step"] == STALL_STEP - 1
 
     from trainguard.ledger import open_ledger
 
