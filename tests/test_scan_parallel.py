@@ -106,3 +106,24 @@ def test_cli_follow_symlinks_loop_alone_exits_2(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     os.symlink("..", tmp_path / "d" / "loop")
     assert main(["scan", str(tmp_path), "--follow-symlinks", "--no-progress"]) == 2
+
+
+def test_a_file_that_vanishes_mid_scan_never_shifts_results_to_other_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainguard.scanner import engine
+
+    for name in ("a.pt", "b.pt", "c.pt"):
+        (tmp_path / name).write_bytes(MALICIOUS if name == "c.pt" else CLEAN)
+    looks: dict[str, int] = {}
+    real = engine._exists
+
+    def flaky(path: Path) -> bool:  # b.pt is there at the first look, gone at any later one
+        looks[path.name] = looks.get(path.name, 0) + 1
+        return real(path) and not (path.name == "b.pt" and looks[path.name] > 1)
+
+    monkeypatch.setattr(engine, "_exists", flaky)
+    report = scan([tmp_path])
+    assert [Path(f.path).name for f in report.files] == ["a.pt", "b.pt", "c.pt"]
+    by_name = {Path(f.path).name: f for f in report.files}
+    assert by_name["c.pt"].findings and not by_name["a.pt"].findings

@@ -205,7 +205,10 @@ def scan(
     walked = list(walk(paths, walk_options))
     # What model repositories (folders) say about their files: remote code, *.py.
     notes = analyse_paths(paths, limits)
-    present = [str(w.path) for w in walked if not w.loop and _exists(w.path)]
+    # Looked at once: the runner's results are paired with this list in order, so a
+    # file that vanished between two looks must not shift them.
+    exists = [not w.loop and _exists(w.path) for w in walked]
+    present = [str(w.path) for w, there in zip(walked, exists, strict=True) if there]
     results = (runner or _in_process(scanner))(present)
     for i, item in enumerate(walked):
         path = item.path
@@ -213,7 +216,7 @@ def scan(
             report.files.append(
                 FileResult(str(path), "symlink", 0, error=f"symlink loop back to {item.loop}")
             )
-        elif not _exists(path):
+        elif not exists[i]:
             report.files.append(FileResult(str(path), "missing", 0, error="no such file"))
         else:
             report.files.append(next(results))

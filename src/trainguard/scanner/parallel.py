@@ -97,8 +97,6 @@ def runner_for(
     """The runner for ``--jobs``/``--ray``; None means "in this process"."""
     if ray is not None:
         return ray_runner(ray, policy, limits)
-    if jobs > 1:
-        return process_runner(jobs, policy, limits)
-    if jobs < 1:
-        raise UsageError("--jobs must be at least 1")
+    if jobs != 1:
+        return process_runner(jobs, policy, limits)  # says why when jobs < 1
     return None
