@@ -22,6 +22,8 @@ class WalkOptions:
     include: Sequence[str] = ()  # when given, only files matching one of these
     exclude: Sequence[str] = ()
     follow_symlinks: bool = False
+    # Folders never entered, as resolved paths (the store guard's own quarantine).
+    prune: frozenset[str] = frozenset()
 
     def wants(self, relative: str) -> bool:
         name = relative.rsplit("/", 1)[-1]
@@ -67,10 +69,14 @@ def _walk_folder(top: Path, options: WalkOptions) -> Iterator[Walked]:
             full = Path(entry.path)
             relative = full.relative_to(top).as_posix()
             if entry.is_dir(follow_symlinks=False):
+                if options.prune and str(full.resolve()) in options.prune:
+                    continue
                 st = entry.stat(follow_symlinks=False)
                 yield from visit(full, ancestors | {(st.st_dev, st.st_ino)})
             elif entry.is_symlink() and entry.is_dir(follow_symlinks=True):
                 if not options.follow_symlinks:
+                    continue
+                if options.prune and str(full.resolve()) in options.prune:
                     continue
                 st = os.stat(full)
                 if (st.st_dev, st.st_ino) in ancestors:

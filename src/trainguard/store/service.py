@@ -23,6 +23,7 @@ from pathlib import Path
 from trainguard.errors import UsageError
 from trainguard.findings import FileResult, Severity
 from trainguard.scanner.policy import Policy
+from trainguard.scanner.walk import WalkOptions, walk
 from trainguard.store.metrics import StoreMetrics
 from trainguard.store.verdicts import StatKey, Verdict, VerdictStore, db_name, shown, stat_key
 from trainguard.store.writers import open_for_writing
@@ -137,34 +138,20 @@ class StoreGuard:
         self.errors = [*self.errors[-99:], message]
 
     def _files(self) -> list[tuple[str, str]]:
-        """Every file a loader could open under the root, folder links included."""
+        """Every file a loader could open under the root, folder links included.
+
+        The scanner's walk, following folder links (a link back up the tree ends
+        there) and never entering the quarantine.
+        """
+        options = WalkOptions(follow_symlinks=True, prune=frozenset({str(self._quarantine)}))
         out: list[tuple[str, str]] = []
-
-        def visit(folder: Path, ancestors: frozenset[tuple[int, int]]) -> None:
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError as exc:
-                self._note_error(f"{folder}: cannot list: {exc.strerror or exc}")
-                return
-            for entry in entries:
-                full = Path(entry.path)
-                try:
-                    is_dir = entry.is_dir(follow_symlinks=True)
-                    if is_dir:
-                        st = os.stat(full)
-                except OSError:
-                    is_dir = False  # a dangling link: nothing a loader can open
-                if not is_dir:
-                    out.append((str(full), full.relative_to(self._root).as_posix()))
-                    continue
-                ident = (st.st_dev, st.st_ino)
-                # A link back up the tree is not walked again; the quarantine never.
-                if ident in ancestors or full.resolve() == self._quarantine:
-                    continue
-                visit(full, ancestors | {ident})
-
-        st = os.stat(self._root)
-        visit(self._root, frozenset({(st.st_dev, st.st_ino)}))
+        for walked in walk([self._root], options):
+            if walked.loop:
+                continue
+            if walked.path.is_dir():  # the walk hands back a folder it could not list
+                self._note_error(f"{db_name(str(walked.path))}: cannot list this folder")
+                continue
+            out.append((str(walked.path), walked.path.relative_to(self._root).as_posix()))
         return out
 
     def _known(self, rel: str) -> StatKey | None:
