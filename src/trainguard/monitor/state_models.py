@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from trainguard.monitor.update_models import Sample, _grad
+from trainguard.monitor.update_models import Sample, _grad, torch_models
 
 StateModel = Callable[[Sample, dict[str, Any]], dict[str, Any]]
 MODELS: dict[str, StateModel] = {}
@@ -106,15 +106,4 @@ def radam(s: Sample, group: dict[str, Any]) -> dict[str, Any]:
     return {**_moments(s, _grad(s, group), b1, b2), "step": _step(s)}
 
 
-for _cls, _model in (
-    ("SGD", sgd),
-    ("Adam", adam),
-    ("AdamW", adam),
-    ("RMSprop", rmsprop),
-    ("Adagrad", adagrad),
-    ("Adadelta", adadelta),
-    ("Adamax", adamax),
-    ("NAdam", nadam),
-    ("RAdam", radam),
-):
-    MODELS[f"torch.optim.{_cls.lower()}.{_cls}"] = _model
+MODELS.update(torch_models(globals()))

@@ -172,15 +172,24 @@ def radam(s: Sample, group: dict[str, Any]) -> Any:
     return p - lr * m_hat * rect * math.sqrt(bc2) / (v.sqrt() + eps)
 
 
-for _cls, _model in (
-    ("SGD", sgd),
-    ("Adam", adam),
-    ("AdamW", adam),
-    ("RMSprop", rmsprop),
-    ("Adagrad", adagrad),
-    ("Adadelta", adadelta),
-    ("Adamax", adamax),
-    ("NAdam", nadam),
-    ("RAdam", radam),
-):
-    MODELS[f"torch.optim.{_cls.lower()}.{_cls}"] = _model
+# Each torch.optim class and the name of the function that models it; every
+# models module (updates here, state in state_models) names its functions alike.
+TORCH_OPTIMIZERS = {
+    "SGD": "sgd",
+    "Adam": "adam",
+    "AdamW": "adam",
+    "RMSprop": "rmsprop",
+    "Adagrad": "adagrad",
+    "Adadelta": "adadelta",
+    "Adamax": "adamax",
+    "NAdam": "nadam",
+    "RAdam": "radam",
+}
+
+
+def torch_models(functions: dict[str, Any]) -> dict[str, Any]:
+    """The torch.optim entries of a MODELS table, from a module's functions by name."""
+    return {f"torch.optim.{c.lower()}.{c}": functions[f] for c, f in TORCH_OPTIMIZERS.items()}
+
+
+MODELS.update(torch_models(globals()))
