@@ -369,6 +369,40 @@ RULES: dict[str, Rule] = {
             "A public key was given but no head of the run is signed by it: none of the "
             "run's records can be authenticated, and a rewritten ledger would look intact.",
         ),
+        Rule(
+            "TG1210",
+            "ledger-run-unsigned",
+            _M,
+            "The run carries no run key and no signed head: its records are chained but "
+            "nothing authenticates them, so whoever can write the database can rewrite the "
+            "run whole (watch(sign_key=False), a ledger from before signing, or run-start "
+            "records rewritten to drop their keys). Pin the key with --expect-key-id.",
+        ),
+        Rule(
+            "TG1211",
+            "ledger-run-not-ended",
+            _H,
+            "A rank's stream of a signed run has no run-end record: the run is still running "
+            "(verify it with --live), the rank was killed, or the stream was cut back, for "
+            "instance to an earlier signed head. A rank that a surviving rank reported as "
+            "stopped is explained at medium severity.",
+        ),
+        Rule(
+            "TG1212",
+            "ledger-final-head-missing",
+            _H,
+            "A stream of a signed run does not end with a head signed by its run key after "
+            "its run-end (or run-summary) record, or the run's final head does not name every "
+            "rank's stream: the end of the stream was cut or rewritten.",
+        ),
+        Rule(
+            "TG1213",
+            "ledger-run-key-unexpected",
+            _C,
+            "A stream's run key is not one of the key ids given with --expect-key-id, or a "
+            "stream carries no run key: the stream was rewritten whole with a new key (or "
+            "without one).",
+        ),
         # -- watch: the training monitor (TG13xx) ------------------------------
         Rule(
             "TG1301",
