@@ -135,6 +135,8 @@ def digest_differences(recorded: Mapping[str, Any], restored: Mapping[str, str])
 MT_FRESH_POSITION = 624  # where Python's and NumPy's MT19937 stand right after seeding
 TORCH_CPU_STATE_BYTES = 5056  # torch's CPU generator state; its first 8 bytes are the seed
 MAX_DRAWN_WORDS = 1 << 16  # Python words an honest loop may draw between a step and a save
+MT_INIT_MULTIPLIER = 1812433253  # init_genrand's recurrence (Matsumoto and Nishimura)
+MT_INIT_BY_ARRAY_FIRST = 0x80000000  # the first key word init_by_array always leaves
 
 
 def reseeded(replayed: Any, saved: Any) -> bool:
@@ -164,9 +166,50 @@ def reseeded(replayed: Any, saved: Any) -> bool:
         return bool(torch.equal(saved, fresh) and not torch.equal(replayed, fresh))
     if isinstance(saved, (list, tuple)):  # Python's: is it reachable by drawing from ours?
         return not _python_reachable(replayed, saved)
-    pos_b = _mt_position(saved)
-    # NumPy's: a state right after seeding (honest drawing lands there once in 624 words).
-    return pos_b is None or pos_b == MT_FRESH_POSITION
+    # NumPy's: re-seeded only if the key is one that seeding wrote.  The position alone
+    # (624) would not do: honest drawing lands there once in 624 words, so a loop drawing
+    # before a save was flagged once in ~624 saves.  A state this cannot read: re-seeded.
+    return not _numpy_equal(replayed, saved) and _numpy_fresh(saved)
+
+
+def _numpy_equal(a: Any, b: Any) -> bool:
+    """Whether two of NumPy's saved states are the same generator state."""
+    if not isinstance(a, Mapping) or not isinstance(b, Mapping):
+        return False
+    try:
+        keys_equal = [int(k) for k in a["keys"]] == [int(k) for k in b["keys"]]
+    except (KeyError, TypeError, ValueError):
+        return False
+    return keys_equal and all(a.get(k) == b.get(k) for k in ("pos", "has_gauss", "cached_gaussian"))
+
+
+def _numpy_fresh(state: Any) -> bool:
+    """Whether NumPy's saved MT19937 key is one that ``np.random.seed`` wrote and no draw
+    has twisted since (draws before the next twist only move the position, so a re-seed
+    followed by a few draws is caught too).
+
+    An integer seed runs ``init_genrand``: the whole key follows from its first word, so
+    this is decided exactly.  Array seeds run ``init_by_array`` and ``seed(None)`` fills
+    the key from OS entropy; both set the first word to 0x80000000 (``seed(None)`` leaves
+    the position where it was).  A twisted key starts with that word with probability
+    2**-32, which is the whole false-alarm chance of an honest save.
+    """
+    if not isinstance(state, Mapping) or _mt_position(state) is None:
+        return True
+    try:
+        words = [int(k) & 0xFFFFFFFF for k in state["keys"]]
+    except (KeyError, TypeError, ValueError):
+        return True
+    if len(words) != MT_FRESH_POSITION:
+        return True
+    if words[0] == MT_INIT_BY_ARRAY_FIRST:
+        return True
+    x = words[0]
+    for i in range(1, MT_FRESH_POSITION):
+        x = (MT_INIT_MULTIPLIER * (x ^ (x >> 30)) + i) & 0xFFFFFFFF
+        if x != words[i]:
+            return False
+    return True
 
 
 def _python_reachable(replayed: Any, saved: Any) -> bool:
