@@ -71,13 +71,36 @@ def write_keypair(prefix: str | os.PathLike[str], kind: str = "ecdsa-p256") -> t
     for path in (private_path, public_path):
         if path.exists() or path.is_symlink():
             raise KeyLoadError(f"{path}: already exists; not overwriting a key")
-    # O_EXCL and the mode at creation: the private key is never readable by
-    # others, not even between open() and chmod().
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(private_pem)
+    _write_private(private_path, private_pem)
     public_path.write_bytes(pub_pem)
     return private_path, public_path
+
+
+def write_private_key(path: str | os.PathLike[str], key: PrivateKey) -> Path:
+    """Write an existing private key as unencrypted PKCS#8 PEM (mode 0600, created exclusively)."""
+    from cryptography.hazmat.primitives import serialization
+
+    target = Path(path)
+    if target.exists() or target.is_symlink():
+        raise KeyLoadError(f"{target}: already exists; not overwriting a key")
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_private(target, pem)
+    return target
+
+
+def _write_private(path: Path, pem: bytes) -> None:
+    # O_EXCL and the mode at creation: the private key is never readable by
+    # others, not even between open() and chmod().
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise KeyLoadError(f"{path}: already exists; not overwriting a key") from None
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
 
 
 def _read_key_file(path: str | os.PathLike[str]) -> bytes:
