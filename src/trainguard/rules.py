@@ -501,6 +501,14 @@ RULES: dict[str, Rule] = {
             "collective waiting for a peer. The evidence gives the last completed step, "
             "where each thread is, and the collective it waits in, if any.",
         ),
+        Rule(
+            "TG1314",
+            "rank-blocked",
+            _L,
+            "When a peer died or failed, this rank was alive but blocked in a collective "
+            "(its watchdog's note says which): it waits behind the ranks TG1311 names, "
+            "and is not one of them.",
+        ),
         # -- seal: signatures and manifests (TG5xx) ---------------------------
         Rule(
             "TG501",
