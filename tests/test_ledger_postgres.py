@@ -125,3 +125,87 @@ def test_no_server_is_an_error_that_hides_the_password(tmp_path: Path) -> None:
 def test_reading_without_create_refuses_an_empty_database(url: str) -> None:
     with pytest.raises(LedgerError, match="not a trainguard ledger"):
         open_ledger(url, create=False).runs()
+
+
+# -- the server's own time on every record --------------------------------------------------
+def _server_now(ledger: PostgresLedger) -> float:
+    return float(
+        ledger._locked_query("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8", ())[0][0]
+    )
+
+
+def test_server_time_is_the_servers_own(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A faked client clock changes the record's time, not the server's; an INSERT that
+    names the column gets the server's time anyway; the digest does not cover it."""
+    ledger = PostgresLedger(url)
+    with closing(ledger):
+        before = _server_now(ledger)
+        monkeypatch.setattr(ledger, "_record_time", lambda: 1.0)  # a client that backdates
+        written = [ledger.append("r", "step", {"i": i}, step=i, stream=0) for i in range(3)]
+        monkeypatch.undo()
+        ledger._connection().execute(
+            "INSERT INTO trainguard_ledger_records (run_id, stream, seq, kind, step, "
+            "wall_time, payload, prev, digest, server_time) VALUES "
+            "('forged', 0, 0, 'k', NULL, 1.0, '{}', %s, %s, '2000-01-01')",
+            ("0" * 64, "0" * 64),
+        )
+        after = _server_now(ledger)
+        read = list(ledger.records("r"))
+        assert read == written and all(r.time == 1.0 for r in read)
+        stamps = [r.server_time for r in read]
+        assert all(s is not None and before <= s <= after for s in stamps), (before, stamps)
+        assert stamps == sorted(stamps)  # type: ignore[type-var]
+        (forged,) = ledger.records("forged")
+        assert forged.server_time is not None and before <= forged.server_time <= after
+        assert verify_ledger(ledger, "r") == []
+
+
+def test_sqlite_records_have_no_server_time(tmp_path: Path) -> None:
+    with closing(open_ledger(str(tmp_path / "l.db"))) as ledger:
+        ledger.append("r", "x", {})
+        assert [r.server_time for r in ledger.records("r")] == [None]
+
+
+def test_older_tables_get_the_column_from_a_role_that_may_add_it(url: str) -> None:
+    """A table made before the column: a training role with INSERT and SELECT only writes
+    on without server times (and cannot set or change them); the owner's next connection
+    adds the column; rows written before keep None, never the migration's time."""
+    import uuid
+
+    import psycopg
+
+    with closing(PostgresLedger(url)) as ledger:
+        ledger.append("r", "x", {"i": 0}, stream=0)
+        conn = ledger._connection()
+        conn.execute("DROP TRIGGER trainguard_ledger_server_time ON trainguard_ledger_records")
+        conn.execute("ALTER TABLE trainguard_ledger_records DROP COLUMN server_time")
+        schema = conn.execute("SELECT current_schema()").fetchone()[0]  # type: ignore[index]
+    role, secret = f"tg_ins_{uuid.uuid4().hex[:12]}", uuid.uuid4().hex
+    parts = urlsplit(url)
+    limited = url.replace(f"{parts.username}:{parts.password}@", f"{role}:{secret}@", 1)
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{secret}'")
+        try:
+            admin.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+            admin.execute(
+                f"GRANT SELECT, INSERT ON trainguard_ledger_records, "
+                f"trainguard_ledger_streams TO {role}"
+            )
+            with closing(PostgresLedger(limited)) as trainer:
+                trainer.append("r", "x", {"i": 1}, stream=0)
+                assert [r.server_time for r in trainer.records("r")] == [None, None]
+            with closing(PostgresLedger(url)) as owner:
+                owner.append("r", "x", {"i": 2}, stream=0)
+                stamps = [r.server_time for r in owner.records("r")]
+                assert stamps[:2] == [None, None] and stamps[2] is not None
+                assert verify_ledger(owner, "r") == []
+            with closing(PostgresLedger(limited)) as trainer:
+                trainer.append("r", "x", {"i": 3}, stream=0)
+                assert next(iter(trainer.records("r", 0, after_seq=2))).server_time is not None
+                with pytest.raises(psycopg.Error):
+                    trainer._connection().execute(
+                        "UPDATE trainguard_ledger_records SET server_time = now()"
+                    )
+        finally:
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")

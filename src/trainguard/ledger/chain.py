@@ -19,7 +19,7 @@ import hashlib
 import json
 import numbers
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from trainguard.errors import TrainguardError
@@ -56,6 +56,10 @@ class Record:
     :data:`RUN_STREAM` (-1) for run-level records; ``seq`` counts from 0 within
     a ``(run_id, stream)``.  ``digest`` is :func:`record_digest` of the other
     fields and ``prev`` the digest of the record before it.
+
+    ``server_time`` is when the database server stored the record (seconds since the
+    epoch, its own clock; PostgreSQL only, None elsewhere and on rows older than the
+    column).  The writer cannot know it, so it is no part of the digest or of equality.
     """
 
     run_id: str
@@ -67,6 +71,7 @@ class Record:
     payload: dict[str, Any]
     prev: str
     digest: str
+    server_time: float | None = field(default=None, compare=False)
 
 
 def canonical_json(value: Any) -> str:

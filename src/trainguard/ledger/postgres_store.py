@@ -9,7 +9,9 @@ Tables are created on first use, under an advisory lock so that many ranks
 starting at once do not race on CREATE TABLE.  A ``postgresql://`` URL may
 pick a schema with libpq's ``options=-csearch_path=NAME``.  Appends commit
 with ``synchronous_commit=off`` unless the URL's options set it (see
-:meth:`PostgresLedger._connect`).
+:meth:`PostgresLedger._connect`).  Every record gets the server's own time
+(``server_time``, set by a trigger, so no INSERT can choose it): the verifier
+holds the steps' claimed durations to it (docs/ledger.md).
 
 psycopg is imported here only, so the rest of trainguard works without it.
 """
@@ -43,6 +45,7 @@ _SCHEMA = (
         payload TEXT NOT NULL,
         prev TEXT NOT NULL,
         digest TEXT NOT NULL,
+        server_time TIMESTAMPTZ DEFAULT clock_timestamp(),
         PRIMARY KEY (run_id, stream, seq)
     )""",
     """CREATE TABLE trainguard_ledger_streams (
@@ -60,6 +63,27 @@ _SCHEMA = (
         BEFORE TRUNCATE ON trainguard_ledger_records
         FOR EACH STATEMENT EXECUTE FUNCTION trainguard_ledger_append_only()""",
 )
+# The server's own time on every record, whatever the INSERT says: a client that names
+# the column gets it overwritten (the default alone would take its value).  Tables made
+# before the column get it on first use by a role that may alter them; their older rows
+# keep NULL (unknown), not the time of the migration.
+_SERVER_TIME = (
+    "ALTER TABLE trainguard_ledger_records ADD COLUMN IF NOT EXISTS server_time TIMESTAMPTZ",
+    "ALTER TABLE trainguard_ledger_records ALTER COLUMN server_time SET DEFAULT clock_timestamp()",
+    """CREATE OR REPLACE FUNCTION trainguard_ledger_stamp() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN NEW.server_time := clock_timestamp(); RETURN NEW; END $$""",
+    "DROP TRIGGER IF EXISTS trainguard_ledger_server_time ON trainguard_ledger_records",
+    """CREATE TRIGGER trainguard_ledger_server_time
+        BEFORE INSERT ON trainguard_ledger_records
+        FOR EACH ROW EXECUTE FUNCTION trainguard_ledger_stamp()""",
+)
+SQL_HAS_SERVER_TIME = (
+    "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('trainguard_ledger_records') "
+    "AND attname = 'server_time' AND NOT attisdropped"
+)
+# Seconds since the epoch, as a double (EXTRACT gives numeric from PostgreSQL 14 on).
+SERVER_TIME_COLUMN = ", EXTRACT(EPOCH FROM server_time)::float8"
 SQL_ADD_STREAM = (
     "INSERT INTO trainguard_ledger_streams (run_id, stream) VALUES (%s, %s) ON CONFLICT DO NOTHING"
 )
@@ -97,6 +121,7 @@ class PostgresLedger(OutageBuffer, SqlLedger):
         self._url = url
         self._create = create
         self._conn: psycopg.Connection[Any] | None = None
+        self._server_time = False  # whether the table has the column (known once connected)
 
     def _fail(self, what: str, exc: Exception) -> LedgerError:
         if isinstance(exc, self._pg.OperationalError):
@@ -129,8 +154,12 @@ class PostgresLedger(OutageBuffer, SqlLedger):
                 if not exists and not self._create:
                     raise LedgerError(f"{self.location}: not a trainguard ledger")
                 if not exists:
-                    for sql in _SCHEMA:
+                    for sql in (*_SCHEMA, *_SERVER_TIME):
                         conn.execute(sql)
+                has_column = bool(conn.execute(SQL_HAS_SERVER_TIME).fetchall())
+                if not has_column and self._create:
+                    has_column = self._add_server_time(conn)
+            self._server_time = has_column
         except pg.Error as exc:
             conn.close()
             raise self._fail("cannot set up the ledger", exc) from None
@@ -138,6 +167,22 @@ class PostgresLedger(OutageBuffer, SqlLedger):
             conn.close()
             raise
         self._conn = conn
+
+    def _add_server_time(self, conn: psycopg.Connection[Any]) -> bool:
+        """Add the server-time column to a table made before it; False when this role
+        may not (a training role with INSERT and SELECT only): records then carry none."""
+        try:
+            with conn.transaction():  # a savepoint: a refusal leaves the set-up usable
+                for sql in _SERVER_TIME:
+                    conn.execute(sql)
+        except self._pg.errors.InsufficientPrivilege:
+            return False
+        return True
+
+    def _extra_columns(self) -> str:
+        with self._lock:
+            self._ready()
+            return SERVER_TIME_COLUMN if self._server_time else ""
 
     def close(self) -> None:
         with self._lock:

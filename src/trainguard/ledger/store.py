@@ -59,13 +59,14 @@ SQL_INSERT = (
     "(run_id, stream, seq, kind, step, wall_time, payload, prev, digest) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# ``{extra}``: columns a backend reads besides the record's (PostgreSQL's server time).
 SQL_PAGE = (
-    "SELECT run_id, stream, seq, kind, step, wall_time, payload, prev, digest "
+    "SELECT run_id, stream, seq, kind, step, wall_time, payload, prev, digest{extra} "
     "FROM trainguard_ledger_records WHERE run_id = ? AND (stream, seq) > (?, ?) "
     "ORDER BY stream, seq LIMIT ?"
 )
 SQL_PAGE_STREAM = (
-    "SELECT run_id, stream, seq, kind, step, wall_time, payload, prev, digest "
+    "SELECT run_id, stream, seq, kind, step, wall_time, payload, prev, digest{extra} "
     "FROM trainguard_ledger_records WHERE run_id = ? AND stream = ? AND seq > ? "
     "ORDER BY seq LIMIT ?"
 )
@@ -132,16 +133,25 @@ class SqlLedger(ABC):
         normal = normalise_payload(payload)
         return self._append(run_id, stream, kind, step, lambda _head: normal)
 
-    def records(self, run_id: str, stream: int | None = None) -> Iterator[Record]:
-        """Every record of the run, ordered by (stream, seq), read page by page."""
+    def records(
+        self, run_id: str, stream: int | None = None, *, after_seq: int = -1
+    ) -> Iterator[Record]:
+        """Every record of the run, ordered by (stream, seq), read page by page.
+
+        ``after_seq`` (with ``stream``): only the records after that one, so that a
+        reader following a run reads each record once."""
+        if stream is None and after_seq != -1:
+            raise ValueError("after_seq counts within one stream: give the stream")
         last_stream: Any = RUN_STREAM - 1
-        last_seq: Any = -1
+        last_seq: Any = after_seq
+        extra = self._extra_columns()
         while True:
             if stream is None:
                 params: tuple[Any, ...] = (run_id, last_stream, last_seq, PAGE_SIZE)
-                rows = self._locked_query(SQL_PAGE, params)
+                rows = self._locked_query(SQL_PAGE.format(extra=extra), params)
             else:
-                rows = self._locked_query(SQL_PAGE_STREAM, (run_id, stream, last_seq, PAGE_SIZE))
+                params = (run_id, stream, last_seq, PAGE_SIZE)
+                rows = self._locked_query(SQL_PAGE_STREAM.format(extra=extra), params)
             for row in rows:
                 # The raw key, not the decoded one: the next page must start after
                 # this row as the database orders it, whatever a tampered row holds.
@@ -214,6 +224,11 @@ class SqlLedger(ABC):
         self._heads.clear()
         self._pid = -1
 
+    def _extra_columns(self) -> str:
+        """SQL for columns read after the record's own (``, expr``), passed to
+        :func:`decode_row`: PostgreSQL's server time; nothing here."""
+        return ""
+
     def _record_time(self) -> float:
         """The wall time a new record carries (a buffered one keeps the time it was made)."""
         return time.time()
@@ -252,7 +267,12 @@ class SqlLedger(ABC):
 
 def decode_row(row: Row) -> Record:
     """A stored row as a record, whatever its columns hold."""
-    run_id, stream, seq, kind, step, wall_time, text, prev, digest = row
+    run_id, stream, seq, kind, step, wall_time, text, prev, digest, *extra = row
+    # Not hashed, so not checked: a value that is not a number is no server time.
+    stamp = extra[0] if extra else None
+    server_time = None
+    if isinstance(stamp, int | float) and not isinstance(stamp, bool):
+        server_time = float(stamp)
     problems: list[str] = []
 
     def integer(value: object, name: str, default: int) -> int:
@@ -298,4 +318,5 @@ def decode_row(row: Row) -> Record:
         payload,
         str(strings["prev"]),
         str(strings["digest"]),
+        server_time,
     )
