@@ -1113,6 +1113,48 @@ RULES: dict[str, Rule] = {
             "nothing either way (medium); a replay that matched anyway is noted (info). Replay "
             "on a machine like the original one.",
         ),
+        Rule(
+            "TG1520",
+            "sealed-sample-differs",
+            _H,
+            "A sample of a sealed dataset (`trainguard data seal`) is not the one the signed "
+            "manifest lists: its bytes on disk differ from the sealed digest, or the batch "
+            "training fed at a step holds, at the named position, other content than the sample "
+            "the seed's order puts there (relabelled, poisoned, or another sample). The message "
+            "names the step, the sample index, its shard and record, and the rank. Restore the "
+            "shard from the sealed copy (`trainguard data verify` lists every changed sample) "
+            "and retrain from the last checkpoint before the step.",
+        ),
+        Rule(
+            "TG1521",
+            "sample-order-differs",
+            _H,
+            "The sample indices a step's batch came from are not the ones the data loader's "
+            "sampler gives from the seed the checkpoint restores: samples were reordered, "
+            "duplicated, dropped or replaced by index. The message names the step, the expected "
+            "sample index and shard at each differing position, and the rank. Find what changed "
+            "the sampler or its generator (a re-seed, a patched sampler) and retrain from the "
+            "last checkpoint before the step.",
+        ),
+        Rule(
+            "TG1522",
+            "dataset-seal-mismatch",
+            _H,
+            "A dataset does not match its signed manifest as a whole: a shard is missing, added, "
+            "of another size, or does not parse as its format (a garbage or truncated shard, a "
+            "read limit reached); or the manifest's sidecar of per-sample digests is not the "
+            "signed one; or a run was recorded reading another sealed dataset than the replay's. "
+            "Do not train on it until `trainguard data verify` passes.",
+        ),
+        Rule(
+            "TG1523",
+            "samples-not-recorded",
+            _H,
+            "Replay reads sealed data, but the run's ledger holds no record of the samples a "
+            "step's batch came from: the loop passed no batch to `guard.step(batch=...)`, or "
+            "the guard was not given the data loader, so which samples trained cannot be "
+            "checked. Pass both (docs/data.md); until then the run's data is unverified.",
+        ),
     )
 }
 
