@@ -92,7 +92,8 @@ def test_verify_exit_codes(
     private, public = keys
     base = ["ledger", "verify", "r1", "--ledger", str(ledger_path)]
     assert main(base) == 0
-    assert "OK: the chains are intact; signatures not checked" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OK: the chains are intact; UNSIGNED" in out and "TG1210" in out
     # A key but no signed head: nothing can be authenticated.
     assert main([*base, "--key", str(public)]) == 1
     assert "TG1209" in capsys.readouterr().out
@@ -172,14 +173,14 @@ def test_verify_json_and_sarif(
     assert main([*base, "-f", "json"]) == 1
     document = json.loads(capsys.readouterr().out)
     assert (document["intact"], document["records"], document["streams"]) == (False, 7, 3)
-    assert [f["rule"] for f in document["findings"]] == ["TG1202"]
+    assert [f["rule"] for f in document["findings"]] == ["TG1202", "TG1210"]
     assert document["findings"][0]["offset"] == 1
     out = tmp_path / "ledger.sarif"
     assert main([*base, "-f", "sarif", "-o", str(out)]) == 1
     sarif = json.loads(out.read_text())
     jsonschema.validate(sarif, json.loads(SCHEMA.read_text()))
     results = sarif["runs"][0]["results"]
-    assert [r["ruleId"] for r in results] == ["TG1202"]
+    assert [r["ruleId"] for r in results] == ["TG1202", "TG1210"]
 
 
 def test_hostile_strings_are_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -162,3 +162,8 @@ def rewrite_stream(
     ]
     statements += [(insert, tuple(row[c] for c in _COLUMNS)) for row in rows]
     tamper(url, *statements)
+
+
+def unsigned_only(findings: list[Any]) -> bool:
+    """An intact chain of a run without run keys: only the medium "unsigned" note (TG1210)."""
+    return [(f.rule, int(f.severity)) for f in findings] == [("TG1210", 2)]

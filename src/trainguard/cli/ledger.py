@@ -32,6 +32,7 @@ from trainguard.cli._common import (
     write_output,
 )
 from trainguard.cli.ledger_show import clip, printable, show, stream_name
+from trainguard.errors import UsageError
 from trainguard.findings import Severity
 
 if TYPE_CHECKING:
@@ -65,13 +66,28 @@ def register(sub: Subparsers) -> None:
     v = verbs.add_parser(
         "verify",
         help="check a run's records for edits, deletions, reordering and truncation",
-        description="Re-hash every record and check every link and signed head. Exit 0 "
-        "intact, 1 a finding at or above --fail-on (default high: any break, or, with --key, "
-        "no head signed by that key), 2 error.",
+        description="Re-hash every record and check every link and signed head. Heads are "
+        "checked with --key, or else with each stream's run key from its run-start record "
+        "(taken from the ledger itself: pin it with --expect-key-id). A signed run must have "
+        "ended: a run-end and a final signed head on every stream. Exit 0 intact, 1 a "
+        "finding at or above --fail-on (default high: any break, a run that has not ended, "
+        "or, with --key, no head signed by that key), 2 error.",
     )
     add_run(v)
     add_ledger(v)
     v.add_argument("--key", metavar="PUBLIC.pem", help="check head signatures with this key")
+    v.add_argument(
+        "--expect-key-id",
+        action="append",
+        metavar="ID",
+        help="the run key id watch logged at start (16 to 64 hex characters; repeat for "
+        "each rank): a stream rewritten whole with another key fails",
+    )
+    v.add_argument(
+        "--live",
+        action="store_true",
+        help="the run is still running: a missing run-end is noted, not a failure",
+    )
     add_output(v, ("text", "json", "sarif"))
     add_verdict(v)
     v.set_defaults(handler=_verify)
@@ -99,8 +115,27 @@ def register(sub: Subparsers) -> None:
 
 
 # -- verify -------------------------------------------------------------------
+def _keys_line(result: VerifyResult, keyed: bool, pinned: bool) -> str:
+    if keyed:
+        return f"{result.signed_heads} signed head(s) verified with the given key"
+    if not result.run_keys:
+        return "UNSIGNED: no run key, nothing authenticated (pin one with --expect-key-id)"
+    ids = ", ".join(f"{stream_name(n)} {clip(k[:16])}" for n, k in sorted(result.run_keys.items()))
+    how = (
+        "pinned with --expect-key-id"
+        if pinned
+        else "keys taken from the ledger itself; pin them with --expect-key-id"
+    )
+    return f"{result.signed_heads} signed head(s) verified with the run keys ({ids}); {how}"
+
+
 def _verify_text(
-    run: str, location: str, result: VerifyResult, keyed: bool, failing: Severity
+    run: str,
+    location: str,
+    result: VerifyResult,
+    keyed: bool,
+    failing: Severity,
+    pinned: bool = False,
 ) -> str:
     from trainguard.rules import RULES
 
@@ -122,17 +157,13 @@ def _verify_text(
         tally = Counter(str(Severity(f.severity)) for f in breaks)
         lines.append("FAIL: " + ", ".join(f"{n} {sev}" for sev, n in tally.items()))
     else:
-        how = (
-            f"{result.signed_heads} signed head(s) verified"
-            if keyed
-            else "signatures not checked (no --key)"
-        )
-        lines.append(f"OK: the chains are intact; {how}")
+        lines.append(f"OK: the chains are intact; {_keys_line(result, keyed, pinned)}")
     return "\n".join(lines)
 
 
 def _verify(args: argparse.Namespace) -> int:
     from trainguard.findings import FileResult, ScanReport
+    from trainguard.ledger.runkey import check_expected_ids
     from trainguard.ledger.verify import verify_run
     from trainguard.render import installed_version, render
     from trainguard.render.jsonfmt import finding_dict
@@ -140,9 +171,12 @@ def _verify(args: argparse.Namespace) -> int:
     run = run_id(args)
     failing = fail_on(args)
     key = public_key(args.key)
+    expected = args.expect_key_id
+    if expected is not None and check_expected_ids(expected):
+        raise UsageError("--expect-key-id: " + "; ".join(check_expected_ids(expected)))
     ledger = open_ledger(args)
     try:
-        result = verify_run(ledger, run, key)
+        result = verify_run(ledger, run, key, live=args.live, expect_key_ids=expected)
         location = str(getattr(ledger, "location", args.ledger))
     finally:
         ledger.close()
@@ -161,8 +195,12 @@ def _verify(args: argparse.Namespace) -> int:
             "ledger": location,
             "records": result.records,
             "streams": result.streams,
-            "signatures_checked": key is not None,
+            "signatures_checked": key is not None or bool(result.run_keys),
             "signed_heads": result.signed_heads,
+            # From the run-start records: authentic only as far as they are pinned.
+            "run_keys": {str(n): k for n, k in sorted(result.run_keys.items())},
+            "run_keys_pinned": expected is not None,
+            "live": args.live,
             # Intact means no break (high and above), whatever --fail-on says fails.
             "intact": all(f.severity < Severity.HIGH for f in result.findings),
             "exit_code": code,
@@ -170,7 +208,7 @@ def _verify(args: argparse.Namespace) -> int:
         }
         text = json.dumps(document, indent=2, ensure_ascii=True)
     else:
-        text = _verify_text(run, location, result, key is not None, failing)
+        text = _verify_text(run, location, result, key is not None, failing, expected is not None)
     write_output(text, args.output)
     return code
 

@@ -8,9 +8,12 @@ not one per later record: after a break the chain is followed from the
 stored digest of the damaged record.  Past :data:`MAX_FINDINGS_PER_RULE`
 findings of one rule in one stream, the rest are counted in a last finding.
 
-What cannot be caught: records cut off the very end of a run with no later
-signed head to say they existed.  Keep the latest signed head elsewhere too
-(docs/ledger.md).
+Heads are checked with the key given, or else with each stream's run key
+from its run-start record (ledger/runkey.py; the run stream's with rank 0's).
+A signed run must also show its end (ledger/ends.py): a run-end and a final
+signed head on every stream, and a run head naming them all, so a stream cut
+back to an earlier signed head fails too.  What the ledger alone cannot show
+is a run rewritten whole with a new key: pin the key (``expect_key_ids``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from trainguard.findings import Finding
+from trainguard.findings import Finding, Severity
 from trainguard.ledger.chain import (
     GENESIS,
     HEAD_KIND,
@@ -32,7 +35,9 @@ from trainguard.ledger.chain import (
     is_hex_digest,
     record_digest,
 )
+from trainguard.ledger.ends import EndState, check_ends
 from trainguard.ledger.heads import Statement, parse_statement, unverified_payload
+from trainguard.ledger.runkey import RUN_KEY_FIELD, key_from_entry
 from trainguard.rules import rule
 
 if TYPE_CHECKING:
@@ -66,6 +71,8 @@ class _Stream:
     # Digests of records found at the wrong seq: the record after one of them
     # links to it, which the reorder finding already explains.
     moved: set[str] = field(default_factory=set)
+    key: Any = None  # what its heads are checked with (None: consistency only)
+    end: EndState = field(default_factory=EndState)
 
 
 def _record_digest(record: Record, seq: int) -> str:
@@ -83,10 +90,15 @@ def _record_digest(record: Record, seq: int) -> str:
 
 
 class _Verifier:
-    def __init__(self, run_id: str, public_key: Any, location: str) -> None:
+    def __init__(
+        self, run_id: str, public_key: Any, location: str, first: Record | None = None
+    ) -> None:
         self.run_id = run_id
         self.key = public_key
         self.location = location
+        # Stream 0's first record, read ahead: rank 0's run key checks the run stream,
+        # which is read before stream 0.
+        self.first = first
         self.findings: list[Finding] = []
         self.records = 0
         self.signatures = 0
@@ -98,7 +110,13 @@ class _Verifier:
 
     # -- findings -------------------------------------------------------------
     def emit(
-        self, rule_id: str, stream: int, seq: int | None, message: str, **evidence: object
+        self,
+        rule_id: str,
+        stream: int,
+        seq: int | None,
+        message: str,
+        severity: Severity | None = None,
+        **evidence: object,
     ) -> None:
         count = self.emitted[(stream, rule_id)]
         self.emitted[(stream, rule_id)] += 1
@@ -108,7 +126,7 @@ class _Verifier:
         self.findings.append(
             Finding(
                 rule=rule_id,
-                severity=info.severity,
+                severity=info.severity if severity is None else severity,
                 message=message,
                 file=self.location,
                 member=f"run {self.run_id} stream {stream}",
@@ -184,10 +202,14 @@ class _Verifier:
                 expected_prev=st.prev,
                 found_prev=record.prev,
             )
+        if record.seq == 0 and record.kind == "run-start":
+            self.run_key(record, st)
         if record.kind == HEAD_KIND:
             self.check_head(record, st)
         self.check_claims(record, st)
+        st.end.observe(record.kind, record.seq, record.step, record.payload)
         st.prev, st.last_seq, st.next_seq = record.digest, record.seq, record.seq + 1
+        st.end.last_seq = record.seq
 
     def open_stream(self, number: int) -> _Stream:
         if self.current is not None:
@@ -196,7 +218,51 @@ class _Verifier:
         st.claims = sorted(self.pending.pop(number, []), key=lambda c: c.seq)
         self.streams[number] = st
         self.current = st
+        st.key = self.key
+        if number == RUN_STREAM and self.key is None and self.first is not None:
+            st.key = self.read_run_key(self.first, st)
         return st
+
+    def run_key(self, record: Record, st: _Stream) -> None:
+        """Take the stream's key from its run-start record (seq 0)."""
+        st.end.started = True
+        if st.number == 0 and self.first is not None and self.first.digest != record.digest:
+            self.emit(
+                "TG1203",
+                0,
+                0,
+                "the run-start record of stream 0 changed while the ledger was being verified",
+            )
+        key = self.read_run_key(record, st)
+        if self.key is None:
+            st.key = key
+
+    def read_run_key(self, record: Record, st: _Stream) -> Any:
+        if record.seq != 0 or record.kind != "run-start":
+            return None
+        if RUN_KEY_FIELD not in record.payload:
+            return None
+        entry = record.payload[RUN_KEY_FIELD]
+        if entry is None:
+            st.end.key_state = "off"
+            return None
+        try:
+            key, ident = key_from_entry(entry)
+        except ValueError as exc:
+            if st.number != record.stream:
+                return None  # the run stream borrowing rank 0's key: stream 0 reports it
+            st.end.key_state = "bad"
+            self.emit(
+                "TG1207",
+                st.number,
+                record.seq,
+                f"the run-start record of stream {record.stream} carries a run key that "
+                f"cannot be used: {exc}",
+            )
+            return None
+        if st.number == record.stream:
+            st.end.key_state, st.end.key_id = "ok", ident
+        return key
 
     def content_intact(self, record: Record) -> bool:
         if not is_hex_digest(record.digest) or _UNREADABLE_KEY in record.payload:
@@ -247,17 +313,17 @@ class _Verifier:
         return None
 
     # -- signed heads ---------------------------------------------------------
-    def statement(self, record: Record) -> Statement | None:
+    def statement(self, record: Record, key: Any) -> Statement | None:
         envelope = record.payload.get("envelope")
         try:
-            if self.key is not None:
+            if key is not None:
                 from trainguard.signing.dsse import verify_envelope
                 from trainguard.signing.errors import VerificationError
 
                 try:
                     if not isinstance(envelope, dict):
                         raise ValueError("the head carries no DSSE envelope")
-                    data = verify_envelope(envelope, self.key, HEAD_PAYLOAD_TYPE)
+                    data = verify_envelope(envelope, key, HEAD_PAYLOAD_TYPE)
                 except VerificationError as exc:
                     reason = exc.findings[0].message if exc.findings else str(exc)
                     raise ValueError(reason) from None
@@ -274,7 +340,7 @@ class _Verifier:
             return None
 
     def check_head(self, record: Record, st: _Stream) -> None:
-        statement = self.statement(record)
+        statement = self.statement(record, st.key)
         if statement is None:
             return
         head = statement.head
@@ -290,7 +356,7 @@ class _Verifier:
                 signed_seq=head.seq,
             )
             return
-        signed = self.key is not None
+        signed = st.key is not None
         self.signatures += int(signed)
         if st.last_seq == head.seq:
             if head.digest != st.prev:
@@ -304,7 +370,9 @@ class _Verifier:
                     stored_digest=st.prev,
                 )
             elif signed:
-                st.cover = record.seq
+                st.cover = st.end.head_ok = record.seq
+                if st.number == RUN_STREAM:
+                    st.end.listed = frozenset(o.stream for o in statement.others)
         by = f"the signed run head at seq {record.seq}"
         for other in statement.others:
             if other.stream != RUN_STREAM:
@@ -345,7 +413,9 @@ class _Verifier:
                 last_seq=st.last_seq,
             )
 
-    def finish(self, registered: Iterable[int]) -> list[Finding]:
+    def finish(
+        self, registered: Iterable[int], *, live: bool = False, expected: list[str] | None = None
+    ) -> list[Finding]:
         if self.current is not None:
             self.close_stream(self.current)
         for number, claims in sorted(self.pending.items()):
@@ -358,7 +428,8 @@ class _Verifier:
                 "has no records: all of them were deleted",
                 signed_seq=claim.seq,
             )
-        for number in sorted(set(registered) - set(self.streams) - set(self.pending)):
+        gone = set(registered) - set(self.streams) - set(self.pending)
+        for number in sorted(gone):
             self.emit(
                 "TG1202",
                 number,
@@ -368,8 +439,22 @@ class _Verifier:
             )
         if self.key is not None:
             self.report_unsigned()
+        elif any(st.key is not None for st in self.streams.values()):
+            self.report_unsigned_tails()
+        ends = {n: st.end for n, st in self.streams.items()}
+        check_ends(
+            ends,
+            self.emit,
+            pinned=self.key is not None,
+            live=live,
+            expected=expected,
+            reported=gone | set(self.pending),
+        )
         self.summarise_capped()
         return self.findings
+
+    def run_keys(self) -> dict[int, str]:
+        return {n: st.end.key_id for n, st in self.streams.items() if st.end.key_id is not None}
 
     def report_unsigned(self) -> None:
         if self.signatures == 0:
@@ -381,6 +466,9 @@ class _Verifier:
                 f"{self.records} records can be authenticated",
             )
             return
+        self.report_unsigned_tails()
+
+    def report_unsigned_tails(self) -> None:
         for st in sorted(self.streams.values(), key=lambda s: s.number):
             if st.last_seq > st.cover:
                 count = st.last_seq - st.cover
@@ -403,36 +491,71 @@ class VerifyResult:
     findings: list[Finding]
     records: int
     streams: int
-    signed_heads: int  # heads whose signature verified (0 without a key)
+    signed_heads: int  # heads whose signature verified
+    # stream -> the id of the run key its run-start names (taken from the ledger itself)
+    run_keys: dict[int, str] = field(default_factory=dict)
 
 
-def verify_run(ledger: Ledger, run_id: str, public_key: Any | None = None) -> VerifyResult:
+def verify_run(
+    ledger: Ledger,
+    run_id: str,
+    public_key: Any | None = None,
+    *,
+    live: bool = False,
+    expect_key_ids: list[str] | None = None,
+) -> VerifyResult:
     """:func:`verify_ledger` with the counts a report shows beside the findings."""
     from trainguard.signing.keys import public_key_from
 
     key = public_key_from(public_key) if public_key is not None else None
     location = str(getattr(ledger, "location", "ledger"))
-    verifier = _Verifier(run_id, key, location)
+    first = _first_record(ledger, run_id) if key is None else None
+    verifier = _Verifier(run_id, key, location, first)
     for record in ledger.records(run_id):
         verifier.feed(record)
     streams = getattr(ledger, "streams", None)
     registered: list[int] = list(streams(run_id)) if callable(streams) else []
     if verifier.records == 0 and not registered:
         raise LedgerError(f"{location}: no records for run {run_id!r}")
-    findings = verifier.finish(registered)
-    return VerifyResult(findings, verifier.records, len(verifier.streams), verifier.signatures)
+    findings = verifier.finish(registered, live=live, expected=expect_key_ids)
+    return VerifyResult(
+        findings, verifier.records, len(verifier.streams), verifier.signatures, verifier.run_keys()
+    )
 
 
-def verify_ledger(ledger: Ledger, run_id: str, public_key: Any | None = None) -> list[Finding]:
+def _first_record(ledger: Ledger, run_id: str) -> Record | None:
+    """Stream 0's first record (its run-start), read before the pass that checks it."""
+    records = ledger.records(run_id, 0)
+    try:
+        first = next(iter(records), None)
+    finally:
+        close = getattr(records, "close", None)
+        if callable(close):
+            close()
+    return first if first is not None and first.seq == 0 and first.stream == 0 else None
+
+
+def verify_ledger(
+    ledger: Ledger,
+    run_id: str,
+    public_key: Any | None = None,
+    *,
+    live: bool = False,
+    expect_key_ids: list[str] | None = None,
+) -> list[Finding]:
     """Every break in the run's chains, as findings.
 
-    An empty list means intact and, with a key, every record covered by a
-    verified head.  Findings below high severity are not breaks: TG1208 (info)
-    lists records written after the last signed head.
+    An empty list means intact and every record covered by a verified head.
+    Findings below high severity are not breaks: TG1208 (info) lists records
+    written after the last signed head, TG1210 (medium) says the run is
+    unsigned, a rank that died is explained at medium.
 
-    With ``public_key`` (a key object or a PEM file path), each head's
-    signature is checked and a run with no head signed by that key is a
-    finding; without it, heads are checked for consistency only.  Raises
+    Heads are checked with ``public_key`` (a key object or a PEM file path;
+    then a run with no head signed by it is a finding), or else with each
+    stream's run key from its run-start record.  A signed run must have ended:
+    a run-end and a final signed head on every stream (``live``: a missing end
+    is only noted).  ``expect_key_ids`` pins the run keys (prefixes of their
+    hex ids): a stream rewritten whole with another key fails.  Raises
     :class:`LedgerError` if the run has no records at all.
     """
-    return verify_run(ledger, run_id, public_key).findings
+    return verify_run(ledger, run_id, public_key, live=live, expect_key_ids=expect_key_ids).findings

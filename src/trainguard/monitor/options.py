@@ -64,10 +64,16 @@ class WatchOptions:
     min_stall_seconds: float = 0.1
     rank: int | None = None
     world_size: int | None = None
-    # A private key (object or PEM path): this rank's ledger head is signed every
-    # ``sign_every`` steps and at close, so truncation shows.
-    sign_key: PrivateKey | KeyPath | None = None
+    # Signing of this rank's ledger heads, every ``sign_every`` steps and at close, so a
+    # stream cut short or rewritten shows.  None (the default): a fresh Ed25519 key per
+    # rank, in memory only, its public half in the run-start record; a private key
+    # (object or PEM path): that key instead; False: no signing (verify says unsigned).
+    sign_key: PrivateKey | KeyPath | Literal[False] | None = None
     sign_every: int = 100
+    # Where to write the per-run private key (mode 0600; "{rank}" is replaced by the
+    # rank, else ".rank{N}" is added when there are several ranks): a mount off the
+    # training host.  Never written unless asked.
+    run_key_out: KeyPath | None = None
     env_snapshot: KeyPath | None = None
     env_key: PublicKey | KeyPath | None = None
     env_paths: list[str] | None = None
@@ -88,6 +94,10 @@ class WatchOptions:
             problems.append(f"every must be 1 or more, not {self.every}")
         if self.sign_every < 1:
             problems.append(f"sign_every must be 1 or more, not {self.sign_every}")
+        if isinstance(self.sign_key, bool) and self.sign_key:  # typed out, passed anyway
+            problems.append("sign_key must be a private key, a PEM path, None or False")
+        if self.run_key_out is not None and self.sign_key is not None:
+            problems.append("run_key_out writes the per-run key: it needs sign_key=None")
         if not callable(self.on_alert) and self.on_alert not in ("record", "stop"):
             problems.append(
                 f"on_alert must be 'record', 'stop' or a callable, not {self.on_alert!r}"

@@ -1,19 +1,32 @@
 """What a guard writes to the ledger, and when its heads are signed.
 
 One stream per rank (``stream`` = rank); rank 0 also writes the run's summary
-to stream -1 at close.  With a signing key, this rank's head is signed every
-``sign_every`` steps and at close, so a stream cut short or rewritten shows.
+to stream -1 at close, with a signed run head naming every rank's stream.
+Signing is on by default: each rank makes an Ed25519 run key at start, kept
+in memory only, whose public half goes into its run-start record
+(ledger/runkey.py); this rank's head is signed every ``sign_every`` steps and
+at close, so a stream cut short or rewritten afterwards shows, and once the
+process is gone no one can sign a new head.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
-from trainguard.monitor.setup import open_store
+from trainguard.monitor.setup import open_store, rank_world
 
 if TYPE_CHECKING:
     from trainguard.ledger import Ledger
+    from trainguard.signing.keys import PrivateKey
+
+log = logging.getLogger("trainguard.monitor")
+
+# How long rank 0 waits at close for every rank's stream to exist before its
+# run head names them (they start together; this only bounds a pathological case).
+STREAMS_GRACE_SECONDS = 10.0
 
 
 class Recorder:
@@ -24,18 +37,54 @@ class Recorder:
         rank: int,
         sign_key: Any = None,
         sign_every: int = 100,
+        run_key_out: str | os.PathLike[str] | None = None,
+        world_size: int = 1,
     ) -> None:
         self._owns = isinstance(ledger, (str, os.PathLike))
         self.ledger = open_store(ledger)
         self.run_id = run_id
         self.rank = rank
-        self.sign_key = sign_key
         self.sign_every = sign_every
+        self.sign_key: PrivateKey | None = None
+        self.key_id: str | None = None
+        if self.ledger is not None and sign_key is not False:
+            self.sign_key = _signing_key(sign_key, run_key_out, rank, world_size)
+            from trainguard.ledger.runkey import run_key_entry
+
+            self.key_id = run_key_entry(self.sign_key)["key_id"]
+            # The anchor outside the ledger: pinned later with --expect-key-id, it
+            # catches a stream rewritten whole with a new key.
+            log.info(
+                "trainguard: run %s rank %d: ledger run key id %s "
+                "(pin it: trainguard ledger verify %s --expect-key-id %s)",
+                run_id,
+                rank,
+                self.key_id,
+                run_id,
+                self.key_id[:16],
+            )
 
     @classmethod
     def for_run(cls, options: Any, run_id: str, rank: int) -> Recorder:
         """The recorder a guard with these WatchOptions writes through."""
-        return cls(options.ledger, run_id, rank, options.sign_key, options.sign_every)
+        _, world_size = rank_world(options.rank, options.world_size)
+        return cls(
+            options.ledger,
+            run_id,
+            rank,
+            options.sign_key,
+            options.sign_every,
+            options.run_key_out,
+            world_size,
+        )
+
+    def run_key(self) -> dict[str, Any] | None:
+        """The run-start record's ``run_key``: the public half, or None when unsigned."""
+        if self.sign_key is None:
+            return None
+        from trainguard.ledger.runkey import run_key_entry
+
+        return run_key_entry(self.sign_key)
 
     def append(self, kind: str, payload: dict[str, Any], step: int) -> None:
         if self.ledger is not None:
@@ -57,7 +106,9 @@ class Recorder:
         if self.sign_key is not None:
             self.ledger.sign_head(self.run_id, self.rank, self.sign_key)
             if self.rank == 0:
-                # The run head names every rank's head: cutting any stream short shows.
+                self._wait_for_streams(world_size)
+                # The run head names every rank's head: a deleted stream, or one cut
+                # back behind what it names, shows.
                 self.ledger.append(
                     self.run_id,
                     "run-summary",
@@ -66,8 +117,43 @@ class Recorder:
                     stream=-1,
                 )
                 self.ledger.sign_head(self.run_id, -1, self.sign_key)
+        # The key is not needed any more: after this no one can sign for this run.
+        self.sign_key = None
         if self._owns:
             self.ledger.close()
+
+    def _wait_for_streams(self, world_size: int) -> None:
+        streams = getattr(self.ledger, "streams", None)
+        if world_size <= 1 or not callable(streams):
+            return
+        deadline = time.monotonic() + STREAMS_GRACE_SECONDS
+        while time.monotonic() < deadline:
+            if len([s for s in streams(self.run_id) if s >= 0]) >= world_size:
+                return
+            time.sleep(0.1)
+
+
+def _signing_key(
+    sign_key: Any, out: str | os.PathLike[str] | None, rank: int, world_size: int
+) -> PrivateKey:
+    """The user's key, or a fresh run key (written to ``out`` when asked)."""
+    if sign_key is not None:
+        from trainguard.signing.keys import private_key_from
+
+        return private_key_from(sign_key)
+    from trainguard.ledger.runkey import new_run_key
+
+    key = new_run_key()
+    if out is not None:
+        from trainguard.signing.keys import write_private_key
+
+        path = os.fspath(out)
+        if "{rank}" in path:
+            path = path.replace("{rank}", str(rank))
+        elif world_size > 1:
+            path = f"{path}.rank{rank}"
+        write_private_key(path, key)
+    return key
 
 
 def run_start(guard: Any, environment: Any, conditions: Any) -> dict[str, Any]:
@@ -77,6 +163,8 @@ def run_start(guard: Any, environment: Any, conditions: Any) -> dict[str, Any]:
     opts = guard.options
     return {
         "key_id": guard.fp.digest_bytes(b"key-id"),
+        # The public half of the key that signs this stream's heads (ledger/runkey.py).
+        "run_key": guard.recorder.run_key(),
         "every": opts.every,
         "budget": opts.budget,
         # False: grad_norm in step records is what the loop passed (replay skips it).
