@@ -1114,6 +1114,17 @@ RULES: dict[str, Rule] = {
             "on a machine like the original one.",
         ),
         Rule(
+            "TG1513",
+            "clock-disagrees-with-server",
+            _H,
+            "On a PostgreSQL ledger every record carries the server's own time. Over a stretch "
+            "of steps of one rank, the server saw more time pass than the steps' recorded "
+            "durations add up to, by more than the measured slack (2 s, plus 0.1% for clock "
+            "rates): the guard's clock was made to hide time (sleeps that slow training, work "
+            "done on the side) from the step-time check. High for the step durations; medium "
+            "for the records' wall times, which an honest clock step (NTP) can also move.",
+        ),
+        Rule(
             "TG1520",
             "sealed-sample-differs",
             _H,
