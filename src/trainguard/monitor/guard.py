@@ -26,6 +26,7 @@ from trainguard.monitor.checks.tamper import TamperCheck
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
 from trainguard.monitor.options import WatchOptions
 from trainguard.monitor.recorder import Recorder, run_start, step_payload
+from trainguard.monitor.samples import SampleRecorder
 from trainguard.monitor.setup import rank_world, scalar, shared_key, tensors_in, total_grad_norm
 from trainguard.monitor.sink import AlertSink
 from trainguard.monitor.stats import RobustWindow
@@ -72,6 +73,8 @@ class Guard:
             optimizer.register_step_post_hook(lambda opt, a, k: self._after_step()),
         ]
         self.seeds = SeedCheck(self.dataloader)
+        # Sealed data: which samples each batch came from (docs/data.md).
+        self.samples = SampleRecorder.for_loader(self.dataloader, self.key)
         loader = self.dataloader if opts.data_check else None
         behaviour = checks.behaviour(
             model,
@@ -235,7 +238,10 @@ class Guard:
         batch_fp = (
             self.fp.fingerprint((str(i), t) for i, t in enumerate(tensors)) if tensors else None
         )
-        self._record("step", step_payload(self, end, batch_fp))
+        payload = step_payload(self, end, batch_fp)
+        if self.samples is not None:
+            payload["samples"] = self.samples.record(tensors)
+        self._record("step", payload)
         self._pending = None
         self.recorder.step_done(self.step_index)
         if self._sync_due():

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from trainguard.explain.replay import samples
 from trainguard.explain.replay.result import FIELD_ORDER, FieldDiff
 
 Label = Callable[[str], str]
@@ -226,6 +227,9 @@ def cause(
         )
     if "layout" in by:
         return "the entry point built a model whose tensor names differ from the recorded run"
+    sampled = samples.cause(by, step)
+    if sampled is not None:
+        return sampled
     if "batch" in by:
         return "the batch differs: the data, or the position in it, is not the recorded one"
     if "before" in by:

@@ -28,9 +28,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from trainguard.data.sealed import SampleError
 from trainguard.errors import TrainguardError, UsageError
 from trainguard.explain.replay import compare as cmp
-from trainguard.explain.replay import held
+from trainguard.explain.replay import held, samples
 from trainguard.explain.replay.entry import (
     Entry,
     Replayable,
@@ -50,6 +51,7 @@ from trainguard.explain.replay.ledger import (
 from trainguard.explain.replay.ranks import Ranks
 from trainguard.explain.replay.result import (
     DIVERGED,
+    FIELD_ORDER,
     MATCHED,
     NOT_COMPARABLE,
     Divergence,
@@ -338,6 +340,7 @@ class _Runner:
             world_size=1,
             on_alert=lambda alert: None,
             min_stall_seconds=math.inf,
+            sign_key=False,  # records go to memory only: nothing to sign
         )
         try:
             if saved is not None:
@@ -377,7 +380,11 @@ class _Runner:
             if rec is None:
                 seg.notes.append(f"the ledger has no record of step {s}; stopped there")
                 return
-            batch = _call(f"the batches (step {s})", lambda: next(batches, _END))
+            try:
+                batch = _call(f"the batches (step {s})", lambda: next(batches, _END))
+            except SampleError as exc:  # the sealed data at rest differs from its seal
+                seg.divergence = samples.read_divergence(s, exc, tuple(h.alerts.get(s, ())))
+                return
             if batch is _END:
                 raise ReplayError(f"the entry's batches ran out at step {s}")
             loss = _call(f"the step function (step {s})", functools.partial(run.step, batch))
@@ -401,6 +408,8 @@ class _Runner:
                 h.start.get("budget") is not None,
             )
             diffs = cmp.compare_step(rec, rep, sides)
+            diffs += samples.compare(rec, rep, self.mode, *samples.of_guard(guard), h.rank)
+            diffs.sort(key=lambda d: FIELD_ORDER.index(d.field))
             if diffs and seg.divergence is None:
                 hooked = rec.get("hooks") is not False
                 why = cmp.cause(diffs, s, "step", checked=checked, hooked=hooked)

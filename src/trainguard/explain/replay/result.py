@@ -29,6 +29,10 @@ FIELD_ORDER = (
     "optimizer-state",
     "carried",
     "carried-ledger",
+    "dataset",
+    "unrecorded",
+    "order",
+    "samples",
     "batch",
     "rng",
     "before",
@@ -38,6 +42,16 @@ FIELD_ORDER = (
     "optimizer",
     "lr",
 )
+
+# Sealed data (explain/replay/samples.py): the rule a step divergence is reported under
+# when it involves these fields, the first in FIELD_ORDER winning; otherwise TG1510.
+SAMPLE_RULES = {"dataset": "TG1522", "unrecorded": "TG1523", "order": "TG1521", "samples": "TG1520"}
+
+
+def step_rule(fields: tuple[str, ...] | list[str]) -> str:
+    return next(
+        (SAMPLE_RULES[f] for f in FIELD_ORDER if f in SAMPLE_RULES and f in fields), "TG1510"
+    )
 
 
 @dataclass(frozen=True)
@@ -139,7 +153,7 @@ class ReplayReport:
             elif d is not None and s.status == DIVERGED:
                 out.append(
                     finding(
-                        "TG1510",
+                        step_rule([f.field for f in d.fields]),
                         f"step {d.step} does not replay: {d.cause}",
                         file=s.checkpoint or "",
                         evidence=_evidence(d),

@@ -29,7 +29,7 @@ from typing import Any
 from trainguard.errors import TrainguardError, UsageError
 from trainguard.explain.replay.entry import Entry, load_entry
 from trainguard.explain.replay.ranks import replay_ranks, sources
-from trainguard.explain.replay.result import DIVERGED, MATCHED, ReplayReport
+from trainguard.explain.replay.result import DIVERGED, MATCHED, ReplayReport, step_rule
 from trainguard.explain.verifier.sampling import DEFAULT_RATE, chosen, detection_probability
 
 VERIFY_SUFFIX = "/verify"
@@ -233,7 +233,8 @@ class Verifier:
         }
         self.store.append(self.chain, "verdict", payload, step=verdict.start, stream=0)
         if verdict.status == DIVERGED and verdict.step is not None:
-            rule = "TG1511" if "checkpoint" in verdict.fields else "TG1510"
+            # A step's sealed-data difference goes under its own rule (TG152x).
+            rule = "TG1511" if "checkpoint" in verdict.fields else step_rule(verdict.fields)
             where = "the checkpoint at" if rule == "TG1511" else "step"
             ranks = ", ".join(map(str, verdict.ranks)) or "?"
             self._alert(
