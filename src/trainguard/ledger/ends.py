@@ -130,15 +130,28 @@ def check_ends(
         if st.started and st.run_end is None:
             _not_ended(n, st, dead.get(n), emit, live)
         elif st.started and not st.closed:
-            emit(
-                "TG1212",
-                n,
-                st.last_seq,
-                f"stream {n} has its run-end at seq {st.run_end} but does not end with a head "
-                f"signed by its run key after it (its last record is seq {st.last_seq}): its "
-                "final head was cut or rewritten",
-            )
+            _not_closed(n, st, emit)
     _check_run_stream(streams.get(RUN_STREAM), ranks, set(range(world)), emit)
+
+
+def _not_closed(n: int, st: EndState, emit: Emit) -> None:
+    if st.head_ok > (st.run_end or 0):
+        emit(
+            "TG1212",
+            n,
+            st.head_ok + 1,
+            f"record(s) seq {st.head_ok + 1}..{st.last_seq} of stream {n} were appended after "
+            f"its final signed head (seq {st.head_ok}): the run did not write them",
+        )
+        return
+    emit(
+        "TG1212",
+        n,
+        st.last_seq,
+        f"stream {n} has its run-end at seq {st.run_end} but does not end with a head signed "
+        f"by its run key after it (its last record is seq {st.last_seq}): its final head was "
+        "cut or rewritten",
+    )
 
 
 def _reported_dead(ranks: dict[int, EndState]) -> dict[int, tuple[int | None, int, int]]:

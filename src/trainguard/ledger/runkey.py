@@ -19,6 +19,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from trainguard.ledger.chain import Record
+    from trainguard.ledger.interface import Ledger
     from trainguard.signing.keys import PrivateKey, PublicKey
 
 # The run-start payload's field; ``None`` means signing was turned off.
@@ -90,3 +92,21 @@ def check_expected_ids(expected: list[str]) -> list[str]:
                 "(as watch logs it, or `trainguard ledger show RUN --kind run-start`)"
             )
     return problems
+
+
+def key_id_of(key: Any) -> str:
+    from trainguard.signing.keys import key_id
+
+    return key_id(key) if key is not None else ""
+
+
+def first_record(ledger: Ledger, run_id: str) -> Record | None:
+    """Stream 0's first record (its run-start), read before the pass that checks it."""
+    records = ledger.records(run_id, 0)
+    try:
+        first = next(iter(records), None)
+    finally:
+        close = getattr(records, "close", None)
+        if callable(close):
+            close()
+    return first if first is not None and first.seq == 0 and first.stream == 0 else None

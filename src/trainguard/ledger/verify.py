@@ -37,7 +37,7 @@ from trainguard.ledger.chain import (
 )
 from trainguard.ledger.ends import EndState, check_ends
 from trainguard.ledger.heads import Statement, parse_statement, unverified_payload
-from trainguard.ledger.runkey import RUN_KEY_FIELD, key_from_entry
+from trainguard.ledger.runkey import RUN_KEY_FIELD, first_record, key_from_entry, key_id_of
 from trainguard.rules import rule
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ class _Stream:
     # links to it, which the reorder finding already explains.
     moved: set[str] = field(default_factory=set)
     key: Any = None  # what its heads are checked with (None: consistency only)
+    key_id: str = ""
     end: EndState = field(default_factory=EndState)
 
 
@@ -204,12 +205,16 @@ class _Verifier:
             )
         if record.seq == 0 and record.kind == "run-start":
             self.run_key(record, st)
-        if record.kind == HEAD_KIND:
+        foreign = record.kind == HEAD_KIND and self.foreign_head(record, st)
+        if record.kind == HEAD_KIND and not foreign:
             self.check_head(record, st)
         self.check_claims(record, st)
         st.end.observe(record.kind, record.seq, record.step, record.payload)
         st.prev, st.last_seq, st.next_seq = record.digest, record.seq, record.seq + 1
-        st.end.last_seq = record.seq
+        if not foreign:
+            # A head by another signer after the final one (`ledger sign`) leaves the
+            # stream as closed as it was: it vouches for nothing here.
+            st.end.last_seq = record.seq
 
     def open_stream(self, number: int) -> _Stream:
         if self.current is not None:
@@ -221,6 +226,7 @@ class _Verifier:
         st.key = self.key
         if number == RUN_STREAM and self.key is None and self.first is not None:
             st.key = self.read_run_key(self.first, st)
+        st.key_id = key_id_of(st.key)
         return st
 
     def run_key(self, record: Record, st: _Stream) -> None:
@@ -235,7 +241,7 @@ class _Verifier:
             )
         key = self.read_run_key(record, st)
         if self.key is None:
-            st.key = key
+            st.key, st.key_id = key, key_id_of(key)
 
     def read_run_key(self, record: Record, st: _Stream) -> Any:
         if record.seq != 0 or record.kind != "run-start":
@@ -338,6 +344,30 @@ class _Verifier:
                 f"the signed head at seq {record.seq} does not verify: {exc}",
             )
             return None
+
+    def foreign_head(self, record: Record, st: _Stream) -> bool:
+        """A head that names another key id than the one its stream is checked with.
+
+        Noted, never trusted: it covers nothing, so an attacker gains nothing by
+        writing one, and someone who signed a finished run with their own key
+        (`trainguard ledger sign`) does not break it.
+        """
+        signer = record.payload.get("key_id")
+        if self.key is not None or st.key is None:
+            return False  # a key given by the user: every head must verify with it
+        if not isinstance(signer, str) or signer == st.key_id:
+            return False
+        self.emit(
+            "TG1207",
+            st.number,
+            record.seq,
+            f"the head at seq {record.seq} is signed by another key ({signer[:16]}) than "
+            f"the one stream {st.number} is checked with ({st.key_id[:16]}): not checked "
+            "and vouching for nothing (check it with --key)",
+            severity=Severity.INFO,
+            key_id=signer,
+        )
+        return True
 
     def check_head(self, record: Record, st: _Stream) -> None:
         statement = self.statement(record, st.key)
@@ -509,7 +539,7 @@ def verify_run(
 
     key = public_key_from(public_key) if public_key is not None else None
     location = str(getattr(ledger, "location", "ledger"))
-    first = _first_record(ledger, run_id) if key is None else None
+    first = first_record(ledger, run_id) if key is None else None
     verifier = _Verifier(run_id, key, location, first)
     for record in ledger.records(run_id):
         verifier.feed(record)
@@ -521,18 +551,6 @@ def verify_run(
     return VerifyResult(
         findings, verifier.records, len(verifier.streams), verifier.signatures, verifier.run_keys()
     )
-
-
-def _first_record(ledger: Ledger, run_id: str) -> Record | None:
-    """Stream 0's first record (its run-start), read before the pass that checks it."""
-    records = ledger.records(run_id, 0)
-    try:
-        first = next(iter(records), None)
-    finally:
-        close = getattr(records, "close", None)
-        if callable(close):
-            close()
-    return first if first is not None and first.seq == 0 and first.stream == 0 else None
 
 
 def verify_ledger(
