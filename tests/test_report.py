@@ -59,6 +59,9 @@ def watched_run(
         with open_ledger(url) as ledger:
             for step, path in saved.items():
                 ledger.append(run_id, "checkpoint", {"path": str(path)}, step=step, stream=0)
+            # Records after the run's final head are unauthenticated (TG1212) unless the
+            # key holder signs them, as here.
+            ledger.sign_head(run_id, 0, private)
     return url, public
 
 
@@ -85,6 +88,8 @@ def write_report(tmp_path: Path) -> Path:
             step=40,
             stream=0,
         )
+        # Signed by the run's key: the strings reach the report from an intact ledger.
+        ledger.sign_head(HOSTILE_RUN, 0, tmp_path / "signer.pem")
     page = tmp_path / "report.html"
     code = main(["report", HOSTILE_RUN, "--ledger", url, "--key", str(public), "-o", str(page)])
     assert code == 1
