@@ -14,7 +14,12 @@ each followed by a head signed with the verifier's key: the training process
 can write to the ledger, but cannot forge or drop a signed verdict.  A
 divergence is also an ``alert`` record there, like watch's (rule, message,
 step, rank, tensors, cause).  Checkpoint files next to the recorded ones that
-no ledger record names are alerts too.
+no ledger record names are alerts too.  On a PostgreSQL ledger the steps'
+claimed durations are held to the server's clock (:mod:`.clock`, TG1513).
+
+Each poll reads only the records written since the last one (per stream,
+after the last sequence number read), so following a long run costs the same
+per poll as a short one.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +35,10 @@ from trainguard.errors import TrainguardError, UsageError
 from trainguard.explain.replay.entry import Entry, load_entry
 from trainguard.explain.replay.ranks import replay_ranks, sources
 from trainguard.explain.replay.result import DIVERGED, MATCHED, ReplayReport, step_rule
+from trainguard.explain.verifier.clock import RULE as CLOCK_RULE
+from trainguard.explain.verifier.clock import ServerClock
 from trainguard.explain.verifier.sampling import DEFAULT_RATE, chosen, detection_probability
+from trainguard.ledger.chain import Record
 
 VERIFY_SUFFIX = "/verify"
 POLL_SECONDS = 0.5
@@ -115,6 +123,13 @@ class Verifier:
         self._files: dict[str, tuple[int, int, str]] = {}  # path -> size, mtime, BLAKE3
         self._waiting: dict[str, tuple[int, int]] = {}  # unrecorded at the last poll
         self._reported: set[str] = set()
+        # What the ledger said so far, read incrementally: each poll reads only the
+        # records after each stream's last one read (its cost does not grow with the run).
+        self._cursor: dict[int, int] = {}
+        self._start: dict[str, Any] | None = None
+        self._checkpoints: dict[int, dict[int, Any]] = {}
+        self._ended: set[int] = set()
+        self.clock = ServerClock()  # claimed step times against the server's (PostgreSQL)
 
     def close(self) -> None:
         self.store.close()
@@ -139,6 +154,8 @@ class Verifier:
                 new.append(verdict)
         self._unrecorded([c for per in checkpoints.values() for c in per.values()])
         self.summary.finished = world > 0 and all(r in ended for r in range(world))
+        for severity, message, step, evidence in self.clock.judge(final=self.summary.finished):
+            self._alert(CLOCK_RULE, message, step, evidence, severity)
         lone = sorted(set().union(*(set(c) for c in checkpoints.values())) - common)
         if self.summary.finished and lone and not self.summary.problems:
             # Fail closed: a segment no rank group can replay is not silently skipped.
@@ -173,22 +190,36 @@ class Verifier:
     def _read(self) -> tuple[dict[str, Any] | None, dict[int, dict[int, Any]], set[int]]:
         from trainguard.explain.replay.ledger import CheckpointRecord
 
-        start = None
-        checkpoints: dict[int, dict[int, CheckpointRecord]] = {}
-        ended: set[int] = set()
-        for r in self.store.records(self.run_id):
+        for r in self._new_records():
+            self.clock.feed(r)
             p = r.payload
             if r.kind == "run-start" and r.stream == 0:
-                start = p
+                self._start = p
             elif r.kind == "run-end" and r.stream >= 0:
-                ended.add(r.stream)
+                self._ended.add(r.stream)
             elif r.kind == "checkpoint" and isinstance(p.get("step"), int):
                 rec = CheckpointRecord(
                     p["step"], str(p.get("path", "")), str(p.get("name", "")),
                     str(p.get("blake3", "")), p,
                 )  # fmt: skip
-                checkpoints.setdefault(r.stream, {})[rec.step] = rec
-        return start, checkpoints, ended
+                self._checkpoints.setdefault(r.stream, {})[rec.step] = rec
+        return self._start, self._checkpoints, self._ended
+
+    def _new_records(self) -> Iterator[Record]:
+        """The run's records not read by an earlier poll, each stream's in order."""
+        from trainguard.ledger.store import SqlLedger
+
+        if not isinstance(self.store, SqlLedger):  # a user's store: read all, skip the seen
+            for r in self.store.records(self.run_id):
+                if r.seq > self._cursor.get(r.stream, -1):
+                    self._cursor[r.stream] = r.seq
+                    yield r
+            return
+        for stream in self.store.streams(self.run_id):
+            after = self._cursor.get(stream, -1)
+            for r in self.store.records(self.run_id, stream, after_seq=after):
+                self._cursor[stream] = max(self._cursor.get(stream, -1), r.seq)
+                yield r
 
     # -- recomputing a segment ---------------------------------------------------------
     def _verify(self, a: int, b: int, world: int) -> Verdict:
@@ -246,8 +277,15 @@ class Verifier:
             )  # fmt: skip
         self.store.sign_head(self.chain, 0, self.signing_key)
 
-    def _alert(self, rule: str, message: str, step: int | None, evidence: dict[str, Any]) -> None:
-        payload = {"rule": rule, "severity": "high", "message": message, "evidence": evidence}
+    def _alert(
+        self,
+        rule: str,
+        message: str,
+        step: int | None,
+        evidence: dict[str, Any],
+        severity: str = "high",
+    ) -> None:
+        payload = {"rule": rule, "severity": severity, "message": message, "evidence": evidence}
         self.summary.alerts.append(payload)
         self.store.append(self.chain, "alert", payload, step=step, stream=0)
 
