@@ -37,10 +37,11 @@ from trainguard.ledger.chain import Record
 from trainguard.ledger.outage import OUTAGE_KIND
 
 # The most an honest rank's stored-time delays (step end to the server's stamp) may
-# differ.  Measured on the local server (docs/ledger.md, "Server time"): a rise of at
-# most 0.05 s over whole runs on an idle 2-core host and 0.26 s with both cores busy
-# with other work; 2 s leaves room for scheduler stalls on a loaded host and for
-# a remote server's round trip, and is small against the time worth hiding.
+# differ.  Measured on a local server (bench/server_clock_bench.py, docs/ledger.md):
+# the largest rise over runs of 150-200 steps was 0.03 s on a 2-core host at load
+# average 3 and 0.06 s at load average 8-11 (two processes spinning besides).  2 s
+# leaves room for longer stalls (swap, a remote server's round trips) and is small
+# against time worth hiding.
 CLOCK_SLACK_S = 2.0
 # Clocks tick at slightly different rates: NTP slews a clock by at most 500 ppm.
 CLOCK_DRIFT = 1e-3
