@@ -35,6 +35,7 @@ VERBS: dict[str, str] = {
     "seal": "trainguard.cli.seal",
     "verify": "trainguard.cli.seal",
     "keygen": "trainguard.cli.seal",
+    "data": "trainguard.cli.data",
     "env": "trainguard.cli.env",
     "ledger": "trainguard.cli.ledger",
     "diff": "trainguard.cli.diff",
