@@ -104,9 +104,17 @@ def _sabotage(kind: str, batch: Any, dataset: Any, rnd: random.Random, chosen: l
 
 
 def train(
-    folder: Path, data: Path, public: Path, steps: int, sabotage: str, at: int, rnd: random.Random
-) -> list[int]:
-    """Train ``steps`` steps; returns the indices the seed's order put in step ``at``."""
+    folder: Path,
+    data: Path,
+    public: Path,
+    steps: int,
+    sabotage: str,
+    at: int,
+    rnd: random.Random,
+    pass_batch: bool = True,
+) -> list[list[int]]:
+    """Train ``steps`` steps; returns, per step, the indices the seed's order put in its
+    batch.  ``pass_batch=False``: the loop passes no batch to ``guard.step``."""
     per_epoch = steps_per_epoch(len(SealedDataset(data, public)))
     reseed_from = -(-at // per_epoch) if sabotage == "reseed" else None
     model, opt, loader, epoch, step = parts(data, public, 0, reseed_from)
@@ -116,18 +124,16 @@ def train(
     )  # fmt: skip
     guard.checkpoint(folder / "run-0.pt")
     batches = epochs_from(0, len(loader), epoch)
-    chosen: list[int] = []
+    fed: list[list[int]] = []
+    assert guard.samples is not None and guard.samples.log is not None
     for s in range(steps):
         batch = next(batches)
+        fed.append(list(guard.samples.log.latest or []))
         if s == at and sabotage not in ("none", "reseed"):
-            assert guard.samples is not None and guard.samples.log is not None
-            chosen = list(guard.samples.log.latest or [])
-            batch = _sabotage(sabotage, batch, loader.dataset, rnd, chosen)
+            batch = _sabotage(sabotage, batch, loader.dataset, rnd, fed[-1])
         loss = step(batch)
-        guard.step(loss=loss, batch=batch)
-        if s == at and not chosen:
-            chosen = list(guard.samples.last_indices or []) if guard.samples else []
+        guard.step(loss=loss, batch=batch if pass_batch else None)
         if (s + 1) % EVERY == 0:
             guard.checkpoint(folder / f"run-{s + 1}.pt")
     guard.close()
-    return chosen
+    return fed

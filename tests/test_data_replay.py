@@ -7,19 +7,23 @@ from __future__ import annotations
 import random
 import secrets
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytest.importorskip("torch")
 
 from tests import data_train as dt
+from trainguard.data.sealed import SealedDataset
 from trainguard.explain.replay.engine import replay
 
 RULES = {"relabel": "TG1520", "poison": "TG1520", "replace": "TG1520"}
 RULES.update(swap="TG1521", duplicate="TG1521", reseed="TG1521")
 
 
-def _run(tmp_path: Path, sabotage: str, seed: int) -> tuple[object, int, list[int], object]:
+def _run(
+    tmp_path: Path, sabotage: str, seed: int, pass_batch: bool = True, replayed: bool = True
+) -> tuple[Any, int, list[list[int]], tuple[Path, Path]]:
     rnd = random.Random(seed)
     data, public, total = dt.make_dataset(tmp_path, rnd)
     per_epoch = dt.steps_per_epoch(total)
@@ -27,21 +31,24 @@ def _run(tmp_path: Path, sabotage: str, seed: int) -> tuple[object, int, list[in
     at = rnd.randrange(1, 2 * per_epoch)
     if sabotage == "reseed":
         at = -(-at // per_epoch) * per_epoch  # the first step of the re-seeded epoch
-    chosen = dt.train(tmp_path, data, public, steps, sabotage, at, rnd)
-    report = replay(str(tmp_path / "ledger.db"), "run", dt.build_for(data, public), key=dt.KEY)
-    return report, at, chosen, (data, public)
+    fed = dt.train(tmp_path, data, public, steps, sabotage, at, rnd, pass_batch)
+    report = None
+    if replayed:
+        report = replay(str(tmp_path / "ledger.db"), "run", dt.build_for(data, public), key=dt.KEY)
+    return report, at, fed, (data, public)
 
 
 def test_each_sabotage_is_named_at_its_step(tmp_path: Path) -> None:
     seed = secrets.randbelow(2**32)
     sabotage = random.Random(seed).choice(dt.SABOTAGES)
     print(f"seed {seed}: {sabotage}")
-    report, at, chosen, _ = _run(tmp_path, sabotage, seed)
-    d = report.first_divergence  # type: ignore[attr-defined]
+    report, at, fed, _ = _run(tmp_path, sabotage, seed)
+    chosen = fed[at]
+    d = report.first_divergence
     assert d is not None and d.step == at, (seed, sabotage, at, d)
-    rules = [f.rule for f in report.findings()]  # type: ignore[attr-defined]
+    rules = [f.rule for f in report.findings()]
     assert rules and rules[0] == RULES[sabotage], (seed, rules, d.cause)
-    message = report.findings()[0].message  # type: ignore[attr-defined]
+    message = report.findings()[0].message
     assert "rank 0" in message and "shard part-" in message, (seed, message)
     if sabotage != "reseed":
         # The position the sabotage touched is named with the sample the seed put there.
@@ -52,5 +59,65 @@ def test_honest_run_over_sealed_data_matches(tmp_path: Path) -> None:
     seed = secrets.randbelow(2**32)
     print(f"seed {seed}")
     report, _, _, _ = _run(tmp_path, "none", seed)
-    assert report.verdict == "matched", report.first_divergence  # type: ignore[attr-defined]
-    assert report.findings() == []  # type: ignore[attr-defined]
+    assert report.verdict == "matched", report.first_divergence
+    assert report.findings() == []
+
+
+def test_a_loop_that_records_no_samples_is_named(tmp_path: Path) -> None:
+    seed = secrets.randbelow(2**32)
+    print(f"seed {seed}")
+    report, _, _, _ = _run(tmp_path, "none", seed, pass_batch=False)
+    d = report.first_divergence
+    assert d is not None and d.step == 0
+    assert [f.rule for f in report.findings()] == ["TG1523"]
+
+
+def test_a_sample_poisoned_at_rest_is_named_when_replay_reads_it(tmp_path: Path) -> None:
+    """Training read the shard before it changed; replay reads the sealed data and the
+    sample no longer matches its seal: named at the first step that feeds it."""
+    import torch
+
+    seed = secrets.randbelow(2**32)
+    print(f"seed {seed}")
+    rnd = random.Random(seed)
+    _, _, fed, (data, public) = _run(tmp_path, "none", seed, replayed=False)
+    target = rnd.choice(fed[rnd.randrange(len(fed))])
+    dataset = SealedDataset(data, public)
+    k, record = dataset.manifest.locate(target)
+    shard = dataset.manifest.shards[k].name
+    x, y = torch.load(data / shard, weights_only=True)
+    y[record] = (y[record] + 1) % 3
+    torch.save((x, y), data / shard)
+    report = replay(str(tmp_path / "ledger.db"), "run", dt.build_for(data, public), key=dt.KEY)
+    first = next(s for s, indices in enumerate(fed) if target in indices)
+    d = report.first_divergence
+    assert d is not None and d.step == first, (seed, target, first, d)
+    (finding,) = report.findings()
+    assert finding.rule == "TG1520"
+    assert f"sample {target} (shard {shard} #{record}), read by rank 0" in finding.message
+
+
+def test_verify_run_alerts_name_the_sample(tmp_path: Path) -> None:
+    from trainguard.explain.verifier.follow import Verifier
+    from trainguard.explain.verifier.sampling import secret_from
+    from trainguard.signing.keys import write_keypair
+
+    seed = secrets.randbelow(2**32)
+    sabotage = random.Random(seed).choice(dt.SABOTAGES)
+    print(f"seed {seed}: {sabotage}")
+    _, at, _, (data, public) = _run(tmp_path, sabotage, seed, replayed=False)
+    private, _ = write_keypair(tmp_path / "verifier")
+    verifier = Verifier(
+        str(tmp_path / "ledger.db"), "run", dt.build_for(data, public),
+        signing_key=str(private), secret=secret_from(private.read_bytes()), rate=1.0,
+        run_key=dt.KEY,
+    )  # fmt: skip
+    try:
+        verifier.poll()
+    finally:
+        verifier.close()
+    (alert,) = verifier.summary.alerts
+    assert alert["rule"] == RULES[sabotage], (seed, alert)
+    segment = alert["evidence"]["segment"]
+    assert segment[0] <= at < segment[1] and f"step {at} " in alert["message"], (seed, alert)
+    assert "rank 0" in alert["message"] and "shard part-" in alert["message"]

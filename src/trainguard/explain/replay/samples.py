@@ -60,7 +60,8 @@ def compare(
     theirs, ours = rec.get("samples"), rep.get("samples")
     if not isinstance(ours, dict):
         return []  # the entry reads no sealed data
-    if not isinstance(theirs, dict):
+    if not isinstance(theirs, dict) or (theirs.get("n") == 0 and ours.get("n")):
+        # No record, or no batch passed to guard.step: the rows that trained are unknown.
         return [FieldDiff("unrecorded", None, ours.get("n"), (f"rank {rank}",), False)]
     if theirs.get("dataset") != ours.get("dataset"):
         return [FieldDiff("dataset", theirs.get("dataset"), ours.get("dataset"))]
