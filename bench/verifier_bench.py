@@ -109,6 +109,22 @@ def main() -> None:
     t0 = time.perf_counter()
     verdicts = verifier.poll()
     verify_s = time.perf_counter() - t0
+    # A poll that finds nothing new: what following a run costs between checkpoints
+    # (each poll reads only the records after the last one read, per stream).
+    t0 = time.perf_counter()
+    for _ in range(20):
+        verifier.poll()
+    idle_poll_s = (time.perf_counter() - t0) / 20
+    # What each recomputation still does before replaying: verify and read the whole run
+    # (linear in its length; docs/verifier.md, limits).
+    from trainguard.explain.replay.ledger import read_history
+    from trainguard.ledger import verify_ledger
+
+    t0 = time.perf_counter()
+    verify_ledger(verifier.store, "b")
+    read_history(verifier.store, "b", 0)
+    reread_s = time.perf_counter() - t0
+    records = sum(1 for _ in verifier.store.records("b"))
     verifier.close()
     segs = len(verdicts)
     params = sum(p.numel() for p in model.parameters())
@@ -121,6 +137,11 @@ def main() -> None:
     print(
         f"verifier, every segment: {verify_s:.2f} s, {verify_s / segs:.3f} s per segment, "
         f"{verify_s / train_s:.2f}x training"
+    )
+    print(f"a poll with nothing new: {idle_poll_s * 1e3:.1f} ms")
+    print(
+        f"verifying and reading the run's {records} records, as each recomputation does: "
+        f"{reread_s * 1e3:.0f} ms ({reread_s / records * 1e6:.0f} us per record)"
     )
     print("statuses:", sorted({v.status for v in verdicts}))
     for p in (0.02, 0.05, 0.1):
