@@ -35,6 +35,10 @@ FIELD_TEXT = {
     "optimizer-state": "optimizer state restored from the checkpoint",
     "carried": "carried state (vs replaying the segment before)",
     "carried-ledger": "carried state (vs the ledger's record of the save)",
+    "dataset": "sealed dataset (manifest digest)",
+    "unrecorded": "samples (not recorded by the run)",
+    "order": "sample order (vs the sampler's seed)",
+    "samples": "samples (vs the sealed dataset)",
     "batch": "batch",
     "rng": "random states after forward/backward",
     "before": "parameters before the optimizer step",
@@ -94,7 +98,8 @@ def _field_line(f: FieldDiff) -> str:
         what = _tensors(f)
     elif f.field == "rng":
         what = "generators " + ", ".join(f.tensors)
-    elif f.field in ("carried", "carried-ledger"):  # values are in the cause and the JSON
+    elif f.field in ("carried", "carried-ledger", "order", "samples", "unrecorded"):
+        # values are in the cause and the JSON; the samples' names are the evidence
         what = ", ".join(printable(n) for n in f.tensors)
     else:
         what = f"recorded {_value(f.recorded)}, replayed {_value(f.replayed)}"
