@@ -89,6 +89,7 @@ def replay(
     all_segments: bool = False,
     checkpoint_dir: str | None = None,
     progress: Progress | None = None,
+    verified_history: RunHistory | None = None,
 ) -> ReplayReport:
     """Replay positions ``start`` to ``stop`` of ``run_id`` (see the module and docs/replay.md).
 
@@ -96,28 +97,15 @@ def replay(
     its ``module:function``; ``start``/``stop`` positions (steps done) or
     checkpoint files; ``key`` the run's fingerprint key (without it the plain
     fingerprints are compared); ``segmented`` None: by checkpoint when the
-    range holds several.
+    range holds several.  ``verified_history``: the rank's history as the caller read it
+    and checked its chain (the verifier follows the run incrementally): the ledger is then
+    neither re-read nor re-verified here, so a recomputation costs the same late in a long
+    run as early.
     """
-    from trainguard.findings import Severity
-    from trainguard.ledger import open_ledger, verify_ledger
-
-    own = isinstance(ledger, str)
-    store = open_ledger(ledger, create=False) if own else ledger
-    try:
-        # live: the verifier replays a run while it is still running; a run that has
-        # not ended yet (no run-end, no final head) is no reason to refuse its steps.
-        findings = verify_ledger(store, run_id, live=True)
-        broken = [f for f in findings if f.severity >= Severity.HIGH]
-        if broken:
-            raise ReplayError(
-                f"the ledger of run {run_id!r} does not verify ({broken[0].rule}: "
-                f"{broken[0].message}); run `trainguard ledger verify` first"
-            )
-        history = read_history(store, run_id, rank)
-        location = str(getattr(store, "location", ledger))
-    finally:
-        if own:
-            store.close()
+    if verified_history is not None:
+        history, location = verified_history, str(getattr(ledger, "location", ledger))
+    else:
+        history, location = _read_verified(ledger, run_id, rank)
     mode = _mode(history, key)
     func = load_entry(entry) if isinstance(entry, str) else entry
     begin = resolve_position(start, history, 0)
@@ -136,6 +124,29 @@ def replay(
                 rest.notes.append("not replayed: an earlier segment diverged (use --all)")
             break
     return report
+
+
+def _read_verified(ledger: Any, run_id: str, rank: int) -> tuple[RunHistory, str]:
+    """The rank's history, once the run's ledger verified (high findings refuse)."""
+    from trainguard.findings import Severity
+    from trainguard.ledger import open_ledger, verify_ledger
+
+    own = isinstance(ledger, str)
+    store = open_ledger(ledger, create=False) if own else ledger
+    try:
+        # live: the verifier replays a run while it is still running; a run that has
+        # not ended yet (no run-end, no final head) is no reason to refuse its steps.
+        findings = verify_ledger(store, run_id, live=True)
+        broken = [f for f in findings if f.severity >= Severity.HIGH]
+        if broken:
+            raise ReplayError(
+                f"the ledger of run {run_id!r} does not verify ({broken[0].rule}: "
+                f"{broken[0].message}); run `trainguard ledger verify` first"
+            )
+        return read_history(store, run_id, rank), str(getattr(store, "location", ledger))
+    finally:
+        if own:
+            store.close()
 
 
 def _mode(history: RunHistory, key: bytes | None) -> str:

@@ -93,17 +93,32 @@ class RunHistory:
 
 def read_history(ledger: Any, run_id: str, rank: int) -> RunHistory:
     """Read one rank's stream of ``run_id`` into a :class:`RunHistory`."""
-    start: dict[str, Any] | None = None
-    history = RunHistory(run_id, rank, {})
+    reader = HistoryReader(run_id, rank)
     for record in ledger.records(run_id, rank):
-        payload = record.payload
+        reader.take(record)
+    return reader.history()
+
+
+class HistoryReader:
+    """A rank's :class:`RunHistory` built record by record, so that a reader following a
+    run (the verifier) adds each new record once instead of re-reading the stream."""
+
+    def __init__(self, run_id: str, rank: int) -> None:
+        self._history = RunHistory(run_id, rank, {})
+        self._start: dict[str, Any] | None = None
+        self._sorted = True
+
+    def take(self, record: Any) -> None:
+        """Add the stream's next record."""
+        history, payload = self._history, record.payload
+        run_id, rank = history.run_id, history.rank
         if record.kind == "run-start":
-            if start is not None:
+            if self._start is not None:
                 raise ReplayError(
                     f"run {run_id!r} stream {rank} was started twice; replay needs one watched "
                     "run per run id"
                 )
-            start = payload
+            self._start = payload
         elif record.kind == "step" and record.step is not None:
             if record.step in history.steps:
                 raise ReplayError(f"run {run_id!r} stream {rank} records step {record.step} twice")
@@ -123,15 +138,24 @@ def read_history(ledger: Any, run_id: str, rank: int) -> RunHistory:
                         payload,
                     )
                 )
+                self._sorted = False
         elif record.kind == "alert" and record.step is not None:
             history.alerts.setdefault(record.step, []).append(
                 f"{payload.get('rule')}: {payload.get('message')}"
             )
-    if start is None:
-        raise ReplayError(f"no run-start record for run {run_id!r} on stream {rank}")
-    history.start = start
-    history.checkpoints.sort(key=lambda c: c.step)
-    return history
+
+    def history(self) -> RunHistory:
+        """The history so far (the same object each time: later records extend it)."""
+        history = self._history
+        if self._start is None:
+            raise ReplayError(
+                f"no run-start record for run {history.run_id!r} on stream {history.rank}"
+            )
+        history.start = self._start
+        if not self._sorted:
+            history.checkpoints.sort(key=lambda c: c.step)
+            self._sorted = True
+        return history
 
 
 def locate(checkpoint: CheckpointRecord, search_dir: str | None) -> str | None:
