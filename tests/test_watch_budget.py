@@ -18,8 +18,13 @@ from trainguard.findings import Severity  # noqa: E402
 from trainguard.ledger import open_ledger  # noqa: E402
 from trainguard.monitor.budget import (  # noqa: E402
     CHUNK_BYTES,
+    MARGIN,
+    SPARSEST,
+    WARMUP_STEPS,
     ChunkSample,
+    Schedule,
     VersionWatch,
+    chances,
     chunk_count,
 )
 
@@ -120,11 +125,14 @@ def test_on_a_tight_budget_a_data_write_is_caught_only_if_its_chunk_is_sampled()
     key = bytes(range(32))
     guard = sc.run(60, budget=RARE, key=key, sabotage=_edit("data"))
     hits = [a for a in guard.alerts if a.rule == "TG1301"]
-    assert 0 < guard.sampled_share < 0.2  # one chunk of the model's and optimizer's
+    assert guard.sampled_share < 0.2  # one chunk of the model's and optimizer's, if any
     assert all(a.step == EDIT_AT and a.evidence.get("via") == "sample" for a in hits)
 
 
-def test_behaviour_checks_still_run_every_step_on_a_budget() -> None:
+def test_on_a_budget_the_probe_runs_at_the_warm_up_and_at_the_drawn_steps() -> None:
+    """A budget far below the guard's fixed cost: the direction probe runs at every
+    warm-up step, then at the steps the schedule draws (1 in SPARSEST on average), and
+    catches the flipped clipping at every step it runs."""
     undo = sc.plant_incident_payload(world_size=8, threshold=4)
     try:
         guard = sc.run(40, budget=RARE)
@@ -133,7 +141,58 @@ def test_behaviour_checks_still_run_every_step_on_a_budget() -> None:
     assert ("TG1306", 0) in rules(guard)
     # One alert per window, counting every step it fired at (alerts are aggregated).
     flips = [a for a in guard.alerts if a.rule == "TG1306" and "tensors" in a.evidence]
-    assert [(a.step, a.count) for a in flips] == [(0, 40)]
+    ran = guard.schedule.runs_at["direction"]
+    assert WARMUP_STEPS <= ran < 40
+    assert [(a.step, a.count) for a in flips] == [(0, ran)]
+
+
+def test_the_schedule_shares_the_allowance_by_measured_cost() -> None:
+    # Cheap units run at every step; the rest share what is left equally.
+    chance, share = chances(1.0, {"a": 0.1, "b": 0.2, "c": 2.0, "d": 4.0})
+    assert chance["a"] == chance["b"] == 1.0
+    assert share == pytest.approx(0.35)  # (1.0 - 0.3) / 2
+    assert chance["c"] == pytest.approx(0.175) and chance["d"] == pytest.approx(0.0875)
+    assert sum(chance[u] * c for u, c in {"c": 2.0, "d": 4.0}.items()) == pytest.approx(0.7)
+    # A dearer unit is scheduled less often; nothing falls below the floor.
+    assert chances(1.0, {"a": 0.1, "c": 8.0})[0]["c"] < chance["c"]
+    assert chances(-1.0, {"a": 0.1, "c": 8.0})[0] == {"a": 1 / SPARSEST, "c": 1 / SPARSEST}
+    # Not measured yet (0 s): runs, so that it gets measured.
+    assert chances(0.0, {"new": 0.0, "c": 2.0})[0]["new"] == 1.0
+
+
+def test_the_schedule_follows_measured_costs_with_keyed_draws() -> None:
+    """Generative: random unit costs and budgets; the draws are the key's, the rate
+    the controller's, and the expected cost fits the allowance."""
+    import os
+    import random
+
+    seed = int(os.environ.get("TRAINGUARD_TEST_SEED", random.SystemRandom().randrange(2**32)))
+    print(f"seed {seed}")
+    rnd = random.Random(seed)
+    for _ in range(20):
+        units = [f"u{i}" for i in range(rnd.randint(1, 6))]
+        key = rnd.randbytes(32)
+        schedule = Schedule(key, rnd.choice([0.01, 0.02, 0.1]), units)
+        cost = {u: rnd.uniform(1e-5, 5e-3) for u in units}
+        fixed, median = rnd.uniform(0.0, 2e-3), rnd.uniform(5e-3, 0.5)
+        for _ in range(30):  # steps: every unit runs once, then the costs settle
+            for u in units:
+                schedule.charge(u, cost[u])
+            schedule.update(fixed + sum(cost.values()), median)
+        allowance = MARGIN * schedule.budget * median - fixed
+        expected = sum(schedule.chance[u] * cost[u] for u in units)
+        floor = sum(cost.values()) / SPARSEST
+        assert expected <= max(allowance, 0.0) * (1 + 1e-6) + floor
+        steps = range(WARMUP_STEPS, WARMUP_STEPS + 4000)
+        picks = [schedule.runs(s) for s in steps]
+        assert picks == [schedule.runs(s) for s in steps]  # reproducible from the key
+        for u in units:
+            rate = sum(u in p for p in picks) / len(picks)
+            assert abs(rate - schedule.chance[u]) < 0.05
+        other = Schedule(rnd.randbytes(32), schedule.budget, units)
+        other.chance = dict(schedule.chance)
+        if any(0.05 < p < 0.95 for p in schedule.chance.values()):
+            assert picks != [other.runs(s) for s in steps]  # another key, other steps
 
 
 def test_unchecked_steps_leave_their_fingerprints_out_of_the_ledger(tmp_path: Any) -> None:

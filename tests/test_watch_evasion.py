@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 
 from tests import watch_scenarios as sc  # noqa: E402
 from trainguard.findings import Severity  # noqa: E402
+from trainguard.monitor.budget import WARMUP_STEPS  # noqa: E402
 
 
 def seeded() -> random.Random:
@@ -128,9 +129,11 @@ def _at_step(
 
 @pytest.mark.parametrize("budget", [None, 0.02])
 def test_any_patch_of_a_watched_route_is_caught_at_the_next_step(budget: float | None) -> None:
+    """Exact mode at any step; on a budget during the warm-up, when every check runs
+    (after it, see the next test)."""
     rng = seeded()
     for _ in range(3):
-        at = rng.randrange(3, 20)
+        at = rng.randrange(3, 20 if budget is None else WARMUP_STEPS - 1)
         undo: list[Callable[[], None]] = []
         if rng.random() < 0.6:
             owner, name = rng.choice(module_routes())
@@ -147,6 +150,26 @@ def test_any_patch_of_a_watched_route_is_caught_at_the_next_step(budget: float |
                 u()
         print(what, at, [(a.rule, a.step, a.message[:120]) for a in guard.alerts])
         assert ("TG1304", at + 1) in high(guard), what
+
+
+def test_on_a_budget_a_patch_is_caught_at_the_first_step_the_identity_check_runs() -> None:
+    """After the warm-up the identity check runs at the steps its schedule draws (at
+    least 1 in SPARSEST on average): a route patched at step 20 is high at the first
+    of them after it."""
+    rng = seeded()
+    owner, name = rng.choice(module_routes()[:-1])
+    idiom = rng.choice(IDIOMS)
+    undo: list[Callable[[], None]] = []
+    make = functools.partial(lambda i, o, n, model, opt: i(o, n), idiom, owner, name)
+    try:
+        guard = sc.run(600, sabotage=functools.partial(_at_step, 20, make, undo), budget=0.02)
+    finally:
+        for u in undo:
+            u()
+    ran = [s for s in guard.schedule.recent["identity"] if s > 20]
+    assert ran, "the identity check never ran in 580 steps"
+    found = [s for r, s in high(guard) if r == "TG1304"]
+    assert found and found[0] <= ran[0], (idiom.__name__, owner, name, ran[:3], found)
 
 
 def test_what_was_installed_before_watch_is_reported_at_start_up() -> None:

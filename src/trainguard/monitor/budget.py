@@ -25,6 +25,13 @@ The sample size follows from the budget, the measured cost of reading a chunk
 and the median step time.  During the first 16 steps, and at rank-comparison
 steps, the full fingerprints of the default mode are taken instead (these steps
 are known in advance; the sampled steps are not).
+
+Every other check whose cost grows with the model or the watched surface (the
+update and state models, the direction probe, code identity, the surface sweep,
+random-state digests, and the chunk sample itself) is a *unit* of a
+:class:`Schedule`: at each step a unit runs with a probability drawn from the
+run's key, and the probabilities follow each unit's measured cost so that the
+expected guard time stays within the budget (never below ``1 / SPARSEST``).
 """
 
 from __future__ import annotations
@@ -32,11 +39,20 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 WARMUP_STEPS = 16
 CHUNK_BYTES = 1 << 20
+# Aim at this share of the budget: the guard's fixed costs vary from step to step.
+MARGIN = 0.85
+# A scheduled unit runs on at least one step in this many on average, whatever the
+# budget: a budget smaller than the guard's fixed costs still checks now and then.
+SPARSEST = 64
+# Weight of the newest measurement in a unit's running cost.
+SMOOTHING = 0.2
+RECENT = 1024  # steps remembered per unit
 
 
 def chunk_count(budget: float, median_step: float | None, chunk_cost: float, total: int) -> int:
@@ -110,3 +126,106 @@ class VersionWatch:
             return []
         names = sorted(set(now) | set(self._seen))
         return [n for n in names if now.get(n) != self._seen.get(n)]
+
+
+def chances(allowance: float, costs: dict[str, float]) -> tuple[dict[str, float], float]:
+    """The probability of running each unit at a step, and the seconds each may spend.
+
+    The allowance (seconds per step) is shared equally; a unit cheaper than its share
+    always runs and leaves the rest to the others (water-filling).  A unit not yet
+    measured (cost 0) always runs, so it gets measured.  Returns the probabilities and
+    the share each unit that does not always run gets (a unit whose size can grow, the
+    chunk sample, grows to it).
+    """
+    out: dict[str, float] = {}
+    left, room = dict(costs), max(0.0, allowance)
+    while left:
+        share = room / len(left)
+        cheap = [u for u, c in left.items() if c <= share]
+        if not cheap:
+            for u, c in left.items():
+                out[u] = max(1.0 / SPARSEST, share / c)
+            return out, share
+        for u in cheap:
+            out[u] = 1.0
+            room -= left.pop(u)
+    return out, room
+
+
+class Schedule:
+    """Budget mode: which units run at each step, drawn with the run's key.
+
+    A draw is a keyed hash of the unit and the step, so code without the key cannot
+    tell in advance which steps a unit checks.  ``update`` folds in what the last step
+    cost (the guard's whole time, and each unit's) and sets the next probabilities.
+    """
+
+    def __init__(self, key: bytes, budget: float, units: Sequence[str]) -> None:
+        self.key = key[:32]
+        self.budget = budget
+        self.cost = dict.fromkeys(units, 0.0)  # seconds per run, smoothed
+        self.chance = dict.fromkeys(units, 1.0)
+        self.share = 0.0  # seconds per step a growing unit (the chunk sample) may use
+        self.fixed: float | None = None  # the guard's seconds per step outside the units
+        self._spent = dict.fromkeys(units, 0.0)  # this step's seconds per unit
+        self.runs_at: dict[str, int] = dict.fromkeys(units, 0)  # steps each unit ran at
+        self._last: tuple[int, frozenset[str]] | None = None
+        # The last steps each unit ran at (tests, and what a report may quote).
+        self.recent: dict[str, deque[int]] = {u: deque(maxlen=RECENT) for u in units}
+
+    def draw(self, unit: str, step: int) -> float:
+        """A keyed uniform number in [0, 1) for ``unit`` at ``step``."""
+        h = hashlib.blake2b(f"{unit}|{step}".encode(), key=self.key, digest_size=8)
+        return int.from_bytes(h.digest(), "little") / 2.0**64
+
+    def runs(self, step: int) -> frozenset[str]:
+        """The units that run at ``step`` (all of them during the warm-up); asked again
+        for the same step (an optimizer whose step hooks run twice), the same answer."""
+        if self._last is not None and self._last[0] == step:
+            return self._last[1]
+        if step < WARMUP_STEPS or self.budget >= 1.0:
+            found = frozenset(self.chance)
+        else:
+            found = frozenset(u for u, p in self.chance.items() if self.draw(u, step) < p)
+        for u in found:
+            self.runs_at[u] += 1
+            self.recent[u].append(step)
+        self._last = (step, found)
+        return found
+
+    def charge(self, unit: str, seconds: float, *, run: float | None = None) -> None:
+        """``unit`` spent ``seconds`` in this step; ``run``: what one whole run of it
+        cost, when a run spans two steps (the chunk sample: read after step t, read
+        again before t+1); otherwise a run is what the unit spent in the step."""
+        self._spent[unit] += seconds
+        if run is not None:
+            self._fold(unit, run)
+
+    def _fold(self, unit: str, seconds: float) -> None:
+        old = self.cost[unit]
+        self.cost[unit] = seconds if not old else (1 - SMOOTHING) * old + SMOOTHING * seconds
+
+    def update(self, spent: float, median_step: float | None, *, spans: Sequence[str] = ()) -> None:
+        """The guard spent ``spent`` seconds on the step just finished; ``spans``: the
+        units whose runs span two steps (their costs come through ``charge(run=)``)."""
+        ran = {u: s for u, s in self._spent.items() if s > 0.0}
+        self._spent = dict.fromkeys(self._spent, 0.0)
+        for u, s in ran.items():
+            if u not in spans:
+                self._fold(u, s)
+        fixed = max(0.0, spent - sum(ran.values()))
+        if self.fixed is None:
+            self.fixed = fixed
+        else:
+            # Outliers (a GC pause, a ledger fsync) should not starve the units for long.
+            self.fixed = (1 - SMOOTHING) * self.fixed + SMOOTHING * min(fixed, 3 * self.fixed)
+        if median_step is None or self.budget >= 1.0:
+            return
+        allowance = MARGIN * self.budget * median_step - self.fixed
+        self.chance, self.share = chances(allowance, self.cost)
+
+    def allowance(self, unit: str) -> float:
+        """Seconds per run a unit of growing size (the chunk sample) may take next."""
+        if all(p >= 1.0 for p in self.chance.values()):
+            return self.cost[unit] + self.share  # everything runs: the room left over
+        return self.share

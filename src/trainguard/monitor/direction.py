@@ -55,13 +55,20 @@ class DirectionCheck:
         # nothing to average, and the slices' sample counts differ between ranks.
         self.distributed = _distributed() and not any(is_dtensor(p) for _, p in self.params)
         self.handles = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.params]
-        self.moments: dict[int, Any] = {}  # each parameter's sampled moment after the last step
+        # Each parameter's sampled moment after the last step; None after a step the
+        # probe skipped (budget mode): the moments' change is then unknown.
+        self.moments: dict[int, Any] | None = {}
         self.mismatch: str | None = None
 
     def _on_grad(self, p: Any) -> None:
         if p.grad is not None and id(p) in self.index:
-            sample = local(p.grad).detach().reshape(-1)[self.index[id(p)]]
-            self.backward_samples[id(p)] = sample.to(self.torch.float64)
+            # Widened at the step, not here: backward pays only for the read.
+            self.backward_samples[id(p)] = local(p.grad).detach().reshape(-1)[self.index[id(p)]]
+
+    def skip(self) -> None:
+        """A step the probe does not check (budget mode): forget what it cannot compare."""
+        self.backward_samples.clear()
+        self.moments = None
 
     def before_step(self) -> list[str]:
         """At optimizer.step entry: sample weights, compare gradient sums. Names flipped ones."""
@@ -77,6 +84,7 @@ class DirectionCheck:
                 continue
             idx = self.index[id(p)]
             back = self.backward_samples.get(id(p))
+            back = back.to(torch.float64) if back is not None else None
             if p.grad is None:
                 slots.append(
                     (name, None, torch.zeros(idx.numel(), dtype=torch.float64, device=idx.device))
@@ -132,6 +140,7 @@ class DirectionCheck:
         self.mismatch = None
         optimizer = state_owner(optimizer)  # ZeRO: the local optimizer, its own parameters
         moments_before, self.moments = self.moments, {}
+        known = moments_before is not None
         for group in optimizer.param_groups:
             for p in group["params"]:
                 before = self.before.get(id(p))
@@ -145,12 +154,15 @@ class DirectionCheck:
                     return None  # an optimizer we cannot reason about
                 deltas.append(delta)
                 expected.append(direction)
-                math_ = _step_math(optimizer, group, p, idx, before, grad, moments_before, torch)
+                math_ = _step_math(
+                    optimizer, group, p, idx, before, grad, moments_before or {}, torch
+                )
                 if math_ is not None:
                     moment, now, push, exact = math_
                     self.moments[id(p)] = now
-                    moved.append(moment)
-                    pushed.append(push)
+                    if known:  # after a skipped step the change of the moment is unknown
+                        moved.append(moment)
+                        pushed.append(push)
                     if exact:  # float32 or wider: the update's size is exact enough to check
                         sizes.append((delta, float(group["lr"]) * direction))
         if not deltas:

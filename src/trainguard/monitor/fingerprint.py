@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trainguard.monitor.sharding import local, shard, state_owner
+from trainguard.monitor.sharding import is_dtensor, local, shard, state_owner
 
 _INT_VIEW = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 _CHUNK = 1 << 18  # int64 words per chunk: 2 MiB, inside the cache of most CPUs
@@ -186,7 +186,11 @@ def optimizer_tensors(optimizer: Any) -> list[tuple[str, Any]]:
     for p, state in ordered:
         for slot, value in sorted(state.items(), key=lambda kv: str(kv[0])):
             if isinstance(value, torch.Tensor):
-                s = shard(f"{index.get(id(p), '?')}.{slot}", value)
+                name = f"{index.get(id(p), '?')}.{slot}"
+                if not is_dtensor(value):  # held whole: named as it is (budget mode's hot path)
+                    named.append((name, value))
+                    continue
+                s = shard(name, value)
                 named.append((s.label, s.local))
     return named
 

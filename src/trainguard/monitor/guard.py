@@ -9,6 +9,7 @@ step hooks run the checks of ``monitor/checks/`` before and after each step;
 from __future__ import annotations
 
 import os
+import statistics
 import time
 import uuid
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from trainguard.findings import Severity
 from trainguard.monitor import checks, clock, conditions
 from trainguard.monitor.alerts import Alert, Context, TrainingStopped
+from trainguard.monitor.budget import Schedule
 from trainguard.monitor.checks.base import Check, StepEnd
 from trainguard.monitor.checks.direction import UpdateDirectionCheck
 from trainguard.monitor.checks.environment import EnvironmentCheck
@@ -105,6 +107,12 @@ class Guard:
         if opts.env_snapshot is not None:
             env = EnvironmentCheck(opts.env_snapshot, opts.env_key, opts.env_paths)
             self.checks.insert(0, env)
+        # Budget mode: the checks whose cost grows with the model, and the chunk sample,
+        # run at the steps this schedule draws with the run's key (monitor/budget.py).
+        units = sorted({c.unit for c in self.checks if c.unit is not None} | {"chunks"})
+        self.schedule = Schedule(self.key, opts.budget, units) if opts.budget else None
+        self.tamper.schedule = self.schedule
+        self._runs: frozenset[str] | None = None  # the units running at this step
         started = [a for check in self.checks for a in check.start(Context(0, self.rank))]
         summary = env.summary if env is not None else None
         self._record("run-start", run_start(self, summary, conditions.gather(model)))
@@ -151,8 +159,10 @@ class Guard:
             self._step_started = clock.now()
             due = self.tamper.due(self.step_index) or self.budget is not None
             ctx = Context(self.step_index, self.rank, due)
+            runs = self._runs = self.schedule.runs(self.step_index) if self.schedule else None
+            self.tamper.sampling = runs is None or "chunks" in runs
             for check in self.checks:
-                self.sink.raise_all(check.before_step(ctx))
+                self.sink.raise_all(self._hook(check, ctx, before=True))
             self._grad_norm = (
                 total_grad_norm(self.named_params, self.torch) if self.measure_grad_norm else None
             )
@@ -166,13 +176,27 @@ class Guard:
         try:
             seconds = started - self._step_started
             ctx = Context(self.step_index, self.rank)
-            self.tamper.spent = self.last_step_overhead
             for check in self.checks:
-                self.sink.raise_all(check.after_step(ctx))
+                self.sink.raise_all(self._hook(check, ctx, before=False))
             self._pending = {"cosine": self.direction.cosine, "optimizer_step_seconds": seconds}
             self._pending.update(self.tamper.fields)
         finally:
             self._overhead += clock.now() - started
+
+    def _hook(self, check: Check, ctx: Context, *, before: bool) -> list[Alert]:
+        """One check's step hook, or, in budget mode, its ``skipped`` when the schedule
+        leaves its unit out of this step (a scheduled unit's time is charged to it)."""
+        phase = check.before_step if before else check.after_step
+        runs, unit = self._runs, check.unit
+        if runs is None or unit is None or self.schedule is None:
+            return phase(ctx)
+        if unit not in runs:
+            return check.skipped(ctx) if before else []
+        started = clock.now()
+        try:
+            return phase(ctx)
+        finally:
+            self.schedule.charge(unit, clock.now() - started)
 
     # -- the user's call ----------------------------------------------------------------
     def step(
@@ -209,7 +233,6 @@ class Guard:
         an update that went around them.  Weights change only inside them: check here."""
         ctx = Context(self.step_index, self.rank)
         self.sink.raise_all(self.identity.before_step(ctx) + self.tamper.before_step(ctx))
-        self.tamper.spent = self.last_step_overhead
         self.sink.raise_all(self.tamper.after_step(ctx))
         self._pending = dict(self.tamper.fields, hooks=False)
 
@@ -221,6 +244,10 @@ class Guard:
             # The guard's own time in this step: what budget mode holds to its share.
             self._finish_cost = clock.now() - started  # counts in the next step's time
             self.last_step_overhead, self._overhead = self._overhead + self._finish_cost, 0.0
+            if self.schedule is not None:
+                times = self.windows["time"]
+                median = statistics.median(times.values) if times.ready() else None
+                self.schedule.update(self.last_step_overhead, median, spans=("chunks",))
 
     def _finish_step_record(self, loss: Any, batch: Any) -> None:
         now = clock.now()
@@ -242,6 +269,7 @@ class Guard:
         if self.samples is not None:
             payload["samples"] = self.samples.record(tensors)
         self._record("step", payload)
+        self.seeds.after_record()
         self._pending = None
         self.recorder.step_done(self.step_index)
         if self._sync_due():

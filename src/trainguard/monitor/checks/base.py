@@ -11,6 +11,11 @@ guard calls the phases in order:
 * ``close``: when the guard closes (remove hooks and wrappers).
 
 A new check is one subclass in this package, added to the guard's list.
+
+In budget mode a check whose cost grows with the model names its ``unit``: the
+guard's :class:`~trainguard.monitor.budget.Schedule` then decides, with the
+run's key, at which steps its two step hooks run; at the others the guard calls
+``skipped`` instead (``step_end`` always runs).
 """
 
 from __future__ import annotations
@@ -37,6 +42,12 @@ class StepEnd:
 
 class Check:
     """Base class: every phase does nothing unless a subclass says otherwise."""
+
+    unit: str | None = None  # budget mode: None runs at every step, a name when scheduled
+
+    def skipped(self, ctx: Context) -> list[Alert]:
+        """Budget mode: in place of both step hooks, at a step the schedule leaves out."""
+        return []
 
     def start(self, ctx: Context) -> list[Alert]:
         return []

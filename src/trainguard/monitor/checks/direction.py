@@ -10,6 +10,8 @@ from trainguard.monitor.direction import DirectionCheck
 
 
 class UpdateDirectionCheck(Check):
+    unit = "direction"
+
     def __init__(self, params: list[tuple[str, Any]], optimizer: Any, key: bytes) -> None:
         self.optimizer = optimizer
         self.probe = DirectionCheck(params, key)
@@ -28,6 +30,11 @@ class UpdateDirectionCheck(Check):
                 tensors=flipped[:50],
             )
         ]
+
+    def skipped(self, ctx: Context) -> list[Alert]:
+        self.cosine = None
+        self.probe.skip()
+        return []
 
     def after_step(self, ctx: Context) -> list[Alert]:
         self.cosine = cosine = self.probe.after_step(self.optimizer)

@@ -17,6 +17,8 @@ from trainguard.monitor.checks.base import Check
 
 
 class IdentityCheck(Check):
+    unit = "identity"
+
     def __init__(self, model: Any, optimizer: Any, dataloader: Any = None) -> None:
         self.routes = identity.routes(model, optimizer, dataloader)
         self.snapshot = identity.digest(self.routes)

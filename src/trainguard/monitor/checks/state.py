@@ -36,6 +36,8 @@ TENSORS_PER_STEP = 4
 
 
 class StateModelCheck(Check):
+    unit = "update"  # runs at the steps UpdateModelCheck takes its samples
+
     def __init__(self, update: UpdateModelCheck, key: bytes) -> None:
         self.update = update
         self._streak: dict[tuple[int, str], Any] = {}  # (param id, key) -> misses in a row

@@ -43,6 +43,8 @@ MAX_NAMED = 10  # attribute names quoted in one alert message
 
 
 class SurfaceCheck(Check):
+    unit = "surface"  # budget mode: both hooks of a scheduled step; the sweep then slows
+
     def __init__(self, key: bytes, every: int | None = None) -> None:
         self.key = key
         self.every = max(1, every or SWEEP_EVERY)

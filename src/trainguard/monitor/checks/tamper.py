@@ -5,8 +5,9 @@ state, and it does so inside ``optimizer.step()``.  So the fingerprint taken
 after step t must equal the one taken before step t+1.  Exact mode compares
 full keyed fingerprints at every ``every``-th boundary; budget mode compares
 version counters at every boundary and a keyed sample of chunks within the
-budget (see monitor/budget.py).  The fingerprints also go into each step
-record: :meth:`TamperCheck.record_fields`.
+budget (see monitor/budget.py): the sample is the schedule's unit "chunks",
+taken at the boundaries the schedule draws, its size the unit's allowance.
+The fingerprints also go into each step record: :meth:`TamperCheck.record_fields`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,16 @@ from typing import Any
 
 from trainguard.monitor import clock
 from trainguard.monitor.alerts import Alert, Context
-from trainguard.monitor.budget import WARMUP_STEPS, ChunkSample, VersionWatch, chunk_count
+from trainguard.monitor.budget import (
+    WARMUP_STEPS,
+    ChunkSample,
+    Schedule,
+    VersionWatch,
+    chunk_count,
+)
 from trainguard.monitor.checks.base import Check
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter, optimizer_tensors
-from trainguard.monitor.sharding import shards
+from trainguard.monitor.sharding import is_dtensor, shards
 from trainguard.monitor.stats import RobustWindow
 
 
@@ -46,11 +53,14 @@ class TamperCheck(Check):
         self.sync_every = sync_every
         self.tensor_digests = tensor_digests
         self._versions = VersionWatch()
+        self._whole: list[tuple[str, Any]] | None = None  # the parameters, none sharded
         self._sampler = ChunkSample(fp.key)
         self._checking = True  # budget mode: whether the coming boundary gets full fingerprints
         self._chunk_cost = 0.0  # seconds to sum one sampled chunk
         self._sample: tuple[list[tuple[str, Any]], list[tuple[int, int]]] | None = None
-        self._sample_count: int | None = None
+        self.schedule: Schedule | None = None  # budget mode: set by the guard
+        self.sampling = True  # budget mode: whether the schedule samples this boundary
+        self._taken = 0.0  # seconds the last sample took to read after its step
         self.checked_boundaries = 0  # boundaries with full fingerprints
         self.sampled_share = 0.0  # budget mode: share of chunks read at the last boundary
         started = clock.now()
@@ -63,18 +73,22 @@ class TamperCheck(Check):
         self.before = self.after
         self.before_checked = False
         self.fields: dict[str, Any] = {}
-        self.spent = 0.0  # the guard's own seconds in the last step (budget feedback)
 
     def due(self, step: int) -> bool:
         """Whether the coming boundary gets full fingerprints."""
         return self._checking if self.budget is not None else step % self.every == 0
 
     def watched(self) -> list[tuple[str, Any]]:
-        # A sharded parameter as the slice this rank holds (monitor/sharding.py).
-        return [
-            *((s.label, s.local) for s in shards(self.params)),
-            *(("optimizer " + n, t) for n, t in optimizer_tensors(self.optimizer)),
-        ]
+        # A sharded parameter as the slice this rank holds (monitor/sharding.py); the
+        # parameters are the same objects all run (ParameterIdentityCheck), so whole
+        # ones are named once.
+        if self._whole is None:
+            params = [(s.label, s.local) for s in shards(self.params)]
+            if not any(is_dtensor(p) for _, p in self.params):
+                self._whole = params
+        else:
+            params = self._whole
+        return params + [("optimizer " + n, t) for n, t in optimizer_tensors(self.optimizer)]
 
     def state_digests(self) -> dict[str, Any]:
         """Digests of the parameters and optimizer state as they are now (docs/replay.md)."""
@@ -133,8 +147,14 @@ class TamperCheck(Check):
             self._checking = self._full_due(ctx.step)
             if not self._checking:
                 # Sampled chunks only: the record leaves the full fingerprints out.
-                self._take_sample(watched, ctx.step, self.spent)
-                self.fields = {"sampled": round(self.sampled_share, 6)}
+                self._sample = None
+                share = 0.0
+                if self.sampling:
+                    started = clock.now()
+                    share = self._take_sample(watched, ctx.step)
+                    self._taken = clock.now() - started
+                    self._charge(self._taken)
+                self.fields = {"sampled": round(share, 6)}
                 if self.before_checked:
                     self.fields["before"] = self.before.digest
                     self.fields["plain"] = {"before": self.before.plain}
@@ -203,28 +223,22 @@ class TamperCheck(Check):
             return True
         return bool(self.world_size > 1 and self.sync_every and (step + 1) % self.sync_every == 0)
 
-    def _take_sample(self, watched: list[tuple[str, Any]], step: int, spent: float) -> None:
-        """Budget mode, after the step: exact sums of a keyed sample of chunks."""
+    def _charge(self, seconds: float, run: float | None = None) -> None:
+        if self.schedule is not None:
+            self.schedule.charge("chunks", seconds, run=run)
+
+    def _take_sample(self, watched: list[tuple[str, Any]], step: int) -> float:
+        """Budget mode, after the step: exact sums of a keyed sample of chunks, as many
+        as the schedule's allowance pays for (read twice); returns the share sampled."""
         assert self.budget is not None
         total = self._sampler.total(watched)
         if not self._chunk_cost and total:
             self._chunk_cost = self.full_cost / total  # until a sample has been timed
-        median, _ = self.times.center_scale()
-        target = 0.85 * self.budget * median  # a margin: fixed costs vary from step to step
-        if self._sample_count is None:
-            # Start at half the target (chunk_count reads each chunk twice); the
-            # feedback below grows the sample from there.
-            count = chunk_count(0.5 * target / median, median, self._chunk_cost, total)
-        else:
-            # Feedback on what the guard really cost last step (sample, probes,
-            # identity and seed checks, the ledger write): the sample grows or shrinks
-            # until the whole guard takes its budget.
-            ratio = target / spent if spent > 0 else 1.5
-            count = int(self._sample_count * min(1.5, max(0.5, ratio)))
+        allowance = self.schedule.allowance("chunks") if self.schedule is not None else 0.0
+        count = chunk_count(allowance, 1.0, self._chunk_cost, total)
         if self.budget >= 1.0:
             count = total  # no limit: every chunk, every step
         count = max(1, min(total, count))
-        self._sample_count = count
         started = clock.now()
         views = self._sampler.choose(watched, step, count)
         sums = self.fp.sums([v for _, v in views])
@@ -233,6 +247,7 @@ class TamperCheck(Check):
             self._chunk_cost = cost if not self._chunk_cost else 0.8 * self._chunk_cost + 0.2 * cost
         self.sampled_share = len(views) / total if total else 0.0
         self._sample = (views, sums)
+        return self.sampled_share
 
     def _check_sample(self, ctx: Context) -> list[Alert]:
         """Budget mode, before the next step: the same chunks must hold the same bits."""
@@ -240,6 +255,9 @@ class TamperCheck(Check):
             return []
         views, sums = self._sample
         self._sample = None
+        started = clock.now()
         now = self.fp.sums([v for _, v in views])
+        seconds = clock.now() - started
+        self._charge(seconds, run=self._taken + seconds)
         changed = sorted({name for (name, _), a, b in zip(views, sums, now, strict=True) if a != b})
         return self._changed(ctx, changed, "sample")

@@ -26,6 +26,8 @@ ULPS = 8.0
 
 
 class UpdateModelCheck(Check):
+    unit = "update"  # with StateModelCheck, which reads the samples taken here
+
     def __init__(self, params: list[tuple[str, Any]], optimizer: Any, key: bytes) -> None:
         import torch
 
@@ -59,6 +61,10 @@ class UpdateModelCheck(Check):
                     self._read(p, idx, p), self._read(p.grad, idx, p), state
                 )
                 self._before.append((p, dict(group), sample))
+        return []
+
+    def skipped(self, ctx: Context) -> list[Alert]:
+        self._before = []
         return []
 
     def _read(self, value: Any, idx: Any, p: Any) -> Any:
