@@ -59,13 +59,10 @@ class IndexLog:
 
 
 def sealed_dataset(loader: Any) -> Any:
-    """The sealed dataset a loader reads (directly or through a Subset), else None."""
+    """The sealed dataset a loader reads directly, else None.  (Not through a Subset: its
+    sampler's indices would be the subset's, and replay names the sealed ones.)"""
     data = getattr(loader, "dataset", None)
-    for _ in range(4):
-        if data is None or getattr(type(data), "trainguard_sealed", False):
-            return data
-        data = getattr(data, "dataset", None)
-    return None
+    return data if getattr(type(data), "trainguard_sealed", False) else None
 
 
 class SampleRecorder:
