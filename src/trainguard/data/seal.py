@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainguard.data import manifest as mf
-from trainguard.data.formats import BY_NAME, ShardError, format_of, sample_digests
+from trainguard.data.formats import (
+    BY_NAME,
+    Format,
+    ShardError,
+    format_of,
+    open_shard,
+    sample_digests,
+)
 from trainguard.errors import TrainguardError, UsageError
 from trainguard.findings import Finding
 from trainguard.rules import finding
@@ -37,6 +44,7 @@ LEAVES_SUFFIX = ".leaves"
 MAX_FILES = mf.MAX_SHARDS
 MAX_LISTED = 20  # changed samples named one by one per shard; the rest are counted
 HASH_CHUNK = 1024 * 1024
+PROGRESS_EVERY = 4096  # samples between two progress updates inside a shard
 
 Progress = Callable[[int, int], None]  # bytes done, bytes in all
 
@@ -122,6 +130,22 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _digests(
+    path: Path, fmt: Format, done: int, total: int, progress: Progress | None
+) -> list[bytes]:
+    """The shard's sample digests, the progress bar moving inside a large shard too."""
+    reader = open_shard(str(path), fmt)
+    size, out = path.stat().st_size, []
+    try:
+        for digest in reader.digests():
+            out.append(digest)
+            if progress is not None and len(out) % PROGRESS_EVERY == 0:
+                progress(done + size * len(out) // max(reader.count, 1), total)
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    return out
+
+
 def seal_dataset(
     paths: Sequence[str | os.PathLike[str]],
     key: str | os.PathLike[str] | PrivateKey,
@@ -147,7 +171,7 @@ def seal_dataset(
         fmt = format_of(rel)
         try:
             digest = _sha256(path)
-            per = sample_digests(str(path), fmt)
+            per = _digests(path, fmt, done, total, progress)
         except ShardError as exc:
             refused.append(finding("TG1522", f"cannot be sealed: {exc}", file=rel))
             continue
