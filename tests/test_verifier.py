@@ -264,3 +264,86 @@ def test_checkpoints_of_rank_0_only_are_reported_not_skipped(tmp_path: Path) -> 
     assert summary.verdicts == [] and summary.segments_seen == 0
     assert summary.problems and "0, 5, 10" in summary.problems[0]
     assert summary.exit_code() == 2
+
+
+def test_each_record_is_read_once_and_recomputations_read_none(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Polls read only what is new (per stream, after the last seq read); a recomputation
+    replays from the verifier's own history instead of re-reading the ledger; only the
+    run's end verifies the whole ledger once (its signed heads)."""
+    import trainguard.ledger as ledger_pkg
+
+    folder = _copy_of(finished, tmp_path)
+    verifier, _ = _verifier(folder, "honest", rate=0.5, checkpoints=folder)
+    reads: list[tuple[int, int]] = []
+    whole: list[int] = []
+    store = verifier.store
+    original = store.records
+    real_verify = ledger_pkg.verify_ledger
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        for r in original(*args, **kwargs):
+            if not whole or whole[-1] == 0:
+                reads.append((r.stream, r.seq))
+            yield r
+
+    def verify(*args: Any, **kwargs: Any) -> Any:
+        whole.append(1)
+        try:
+            return real_verify(*args, **kwargs)
+        finally:
+            whole.append(0)
+
+    monkeypatch.setattr(store, "records", counting)
+    monkeypatch.setattr(ledger_pkg, "verify_ledger", verify)
+    try:
+        for _ in range(3):
+            verifier.poll()
+    finally:
+        verifier.close()
+    summary = verifier.summary
+    assert summary.finished and summary.verdicts and summary.exit_code() == 0
+    assert whole == [1, 0]  # the whole-run check, once
+    run_records = [
+        (r.stream, r.seq)
+        for r in open_ledger(str(folder / "ledger.db"), create=False).records("honest")
+    ]
+    assert sorted(reads) == sorted(run_records)  # every record once, none again
+
+
+@pytest.mark.parametrize("edit", ["time", "delete", "swap"])
+def test_an_edited_ledger_is_not_recomputed(finished: Path, tmp_path: Path, edit: str) -> None:
+    """Fail closed: a record edited, deleted or moved breaks the chain the verifier checks as
+    it reads; every verdict is an error naming it, never a match."""
+    from tests.test_ledger_support import tamper
+
+    folder = _copy_of(finished, tmp_path)
+    url = str(folder / "ledger.db")
+    seed = secrets.randbelow(2**32)
+    seq = random.Random(seed).randrange(2, 30)
+    print(f"seed {seed}: {edit} at stream 0 seq {seq}")
+    statements = {
+        "time": [("UPDATE trainguard_ledger_records SET wall_time = wall_time + 1"
+                  " WHERE run_id = 'honest' AND stream = 0 AND seq = ?", (seq,))],
+        "delete": [("DELETE FROM trainguard_ledger_records"
+                    " WHERE run_id = 'honest' AND stream = 0 AND seq = ?", (seq,))],
+        "swap": [  # two records trade places
+            ("UPDATE trainguard_ledger_records SET seq = -5"
+             " WHERE run_id = 'honest' AND stream = 0 AND seq = ?", (seq,)),
+            ("UPDATE trainguard_ledger_records SET seq = ?"
+             " WHERE run_id = 'honest' AND stream = 0 AND seq = ?", (seq, seq + 1)),
+            ("UPDATE trainguard_ledger_records SET seq = ?"
+             " WHERE run_id = 'honest' AND stream = 0 AND seq = -5", (seq + 1,)),
+        ],
+    }  # fmt: skip
+    tamper(url, *statements[edit])
+    verifier, _ = _verifier(folder, "honest", rate=1.0, checkpoints=folder)
+    try:
+        verifier.poll()
+    finally:
+        verifier.close()
+    summary = verifier.summary
+    assert summary.verdicts and {v.status for v in summary.verdicts} == {"error"}
+    assert all("does not verify" in v.cause for v in summary.verdicts)
+    assert summary.exit_code() != 0

@@ -33,12 +33,14 @@ from typing import Any
 
 from trainguard.errors import TrainguardError, UsageError
 from trainguard.explain.replay.entry import Entry, load_entry
+from trainguard.explain.replay.ledger import HistoryReader, ReplayError
 from trainguard.explain.replay.ranks import replay_ranks, sources
 from trainguard.explain.replay.result import DIVERGED, MATCHED, ReplayReport, step_rule
 from trainguard.explain.verifier.clock import RULE as CLOCK_RULE
 from trainguard.explain.verifier.clock import ServerClock
 from trainguard.explain.verifier.sampling import DEFAULT_RATE, chosen, detection_probability
-from trainguard.ledger.chain import Record
+from trainguard.ledger.chain import GENESIS, Record, canonical_json, record_digest
+from trainguard.ledger.store import UNREADABLE_KEY
 
 VERIFY_SUFFIX = "/verify"
 POLL_SECONDS = 0.5
@@ -130,6 +132,12 @@ class Verifier:
         self._checkpoints: dict[int, dict[int, Any]] = {}
         self._ended: set[int] = set()
         self.clock = ServerClock()  # claimed step times against the server's (PostgreSQL)
+        # Each rank's history, built as records arrive, and each stream's chain checked as
+        # it is read: a recomputation then neither re-reads nor re-verifies the ledger.
+        self._readers: dict[int, HistoryReader] = {}
+        self._links: dict[int, tuple[int, str]] = {}  # stream -> last (seq, digest) read
+        self._broken: str | None = None  # the first reason the run cannot be recomputed
+        self._verified_at_end = False
 
     def close(self) -> None:
         self.store.close()
@@ -156,6 +164,8 @@ class Verifier:
         self.summary.finished = world > 0 and all(r in ended for r in range(world))
         for severity, message, step, evidence in self.clock.judge(final=self.summary.finished):
             self._alert(CLOCK_RULE, message, step, evidence, severity)
+        if self.summary.finished and not self._verified_at_end:
+            self._verify_whole_run()
         lone = sorted(set().union(*(set(c) for c in checkpoints.values())) - common)
         if self.summary.finished and lone and not self.summary.problems:
             # Fail closed: a segment no rank group can replay is not silently skipped.
@@ -191,7 +201,13 @@ class Verifier:
         from trainguard.explain.replay.ledger import CheckpointRecord
 
         for r in self._new_records():
+            self._check_link(r)
             self.clock.feed(r)
+            if r.stream >= 0 and self._broken is None:
+                try:
+                    self._readers.setdefault(r.stream, HistoryReader(self.run_id, r.stream)).take(r)
+                except ReplayError as exc:
+                    self._broken = str(exc)
             p = r.payload
             if r.kind == "run-start" and r.stream == 0:
                 self._start = p
@@ -204,6 +220,42 @@ class Verifier:
                 )  # fmt: skip
                 self._checkpoints.setdefault(r.stream, {})[rec.step] = rec
         return self._start, self._checkpoints, self._ended
+
+    def _check_link(self, r: Record) -> None:
+        """The record continues its stream's chain and its digest holds; else the run is
+        not recomputed any more (every later verdict is an error naming why)."""
+        seq, prev = (-1, GENESIS)
+        if r.stream in self._links:
+            seq, prev = self._links[r.stream]
+        self._links[r.stream] = (r.seq, r.digest)
+        if self._broken is not None:
+            return
+        try:
+            text = canonical_json(r.payload)
+            digest = record_digest(r.run_id, r.stream, r.seq, r.kind, r.step, r.time, text, r.prev)
+        except ValueError:
+            digest = ""
+        if r.seq != seq + 1 or r.prev != prev or digest != r.digest or UNREADABLE_KEY in r.payload:
+            self._broken = (
+                f"the ledger of run {self.run_id!r} does not verify at stream {r.stream} "
+                f"seq {r.seq} (edited, moved or missing records); run `trainguard ledger verify`"
+            )
+
+    def _verify_whole_run(self) -> None:
+        """Once, when every rank has ended: what only the whole run shows (signed heads),
+        as each recomputation used to check it (``live``: the final heads are signed just
+        after the run-end records, and ``trainguard ledger verify`` checks those)."""
+        from trainguard.findings import Severity
+        from trainguard.ledger import verify_ledger
+
+        self._verified_at_end = True
+        findings = verify_ledger(self.store, self.run_id, live=True)
+        broken = [f for f in findings if f.severity >= Severity.HIGH]
+        if broken:
+            self.summary.problems.append(
+                f"the ledger of run {self.run_id!r} does not verify ({broken[0].rule}: "
+                f"{broken[0].message}); run `trainguard ledger verify`"
+            )
 
     def _new_records(self) -> Iterator[Record]:
         """The run's records not read by an earlier poll, each stream's in order."""
@@ -235,8 +287,13 @@ class Verifier:
                 if self.spec is None:
                     raise VerifierError("a data-parallel run needs the entry as module:function")
                 reports = replay_ranks(self.url, self.run_id, self.spec, world, **options)
+            elif self._broken is not None:
+                raise VerifierError(self._broken)
             else:
-                reports = [replay(self.store, self.run_id, self.entry, **options)]
+                history = self._readers[0].history()
+                reports = [
+                    replay(self.store, self.run_id, self.entry, verified_history=history, **options)
+                ]
         except TrainguardError as exc:
             return Verdict(a, b, ERROR, cause=str(exc), seconds=time.perf_counter() - began)
         return _verdict(a, b, reports, time.perf_counter() - began)
