@@ -37,17 +37,26 @@ MAX_FINDINGS = 1000  # kept with on_mismatch="record"; later ones are counted
 
 
 class SampleError(TrainguardError):
-    """A sample read through the manifest is not the sealed one (or cannot be read)."""
+    """A sample read through the manifest is not the sealed one (or cannot be read).
 
-    def __init__(self, found: Finding, index: int, shard: str, record: int, rank: int) -> None:
+    A data loader's worker process re-raises it in the main process as
+    ``SampleError(message)`` (torch rebuilds exceptions from their text): the
+    message still names the sample, shard and rank; the fields are then unknown.
+    """
+
+    def __init__(
+        self,
+        found: Finding | str,
+        index: int = -1,
+        shard: str = "",
+        record: int = -1,
+        rank: int = -1,
+    ) -> None:
+        if isinstance(found, str):
+            found = finding("TG1520", found)
         super().__init__(found.message)
-        self.finding, self.index, self.shard, self.record, self.rank = (
-            found,
-            index,
-            shard,
-            record,
-            rank,
-        )
+        self.finding = found
+        self.index, self.shard, self.record, self.rank = index, shard, record, rank
 
 
 class SealedDataset:

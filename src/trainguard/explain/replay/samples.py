@@ -129,7 +129,10 @@ def of_guard(guard: Any) -> tuple[list[int] | None, Any]:
 
 def read_divergence(step: int, exc: SampleError, alerts: tuple[str, ...]) -> Divergence:
     """Replay read a sample whose bytes are not the sealed ones (at step ``step``)."""
-    name = f"sample {exc.index} (shard {exc.shard} #{exc.record}), rank {exc.rank}"
+    if exc.index >= 0:
+        name = f"sample {exc.index} (shard {exc.shard} #{exc.record}), rank {exc.rank}"
+    else:  # re-raised from a loader's worker process: only its message came through
+        name = str(exc).strip().splitlines()[-1][:300]
     diff = FieldDiff("samples", exc.finding.evidence.get("manifest"), None, (name,))
     why = f"reading the sealed data for step {step}: {exc}"
     return Divergence(step, "step", (diff,), why, alerts)
