@@ -26,17 +26,23 @@ last step (TG1311).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from trainguard.monitor import ranks
 from trainguard.monitor.exchange import all_gather_json
 from trainguard.monitor.fingerprint import hyperparameters, optimizer_tensors
 from trainguard.monitor.sharding import shards
+from trainguard.monitor.watchdog import WAIT_NOTE_EVERY, WAITING_KIND
 
 # How long a rank whose training failed waits for its peers to say so too,
 # before it names those that did not as stopped.
 FAILED_GRACE_SECONDS = 15.0
 FAILED_KIND = "rank-failed"
+# A blocked peer's rank-waiting note counts as a sign of life for this long: two of
+# the watchdog's note intervals, so one late note is tolerated and a rank that
+# died after its last note is not.
+NOTE_FRESH_SECONDS = 2 * WAIT_NOTE_EVERY
 
 
 def rank_report(guard: Any) -> dict[str, Any]:
@@ -94,45 +100,88 @@ def check_ranks(guard: Any, failed: bool = False) -> None:
     training failed (a dead peer breaks the next collective) we say so in the
     ledger first: the ranks that then neither end nor say they failed are the
     ones that stopped.
+
+    Except those seen alive: a survivor still blocked in a collective (gloo's
+    ring puts only the dead rank's neighbours in error at once; the others
+    wait for the process group's timeout) has a watchdog that writes a
+    ``rank-waiting`` note every few seconds (watchdog.py).  A silent rank with a
+    note written during our grace period, recently enough, waits behind the
+    dead rank: TG1314, with where it waits, not TG1311.  A dead rank writes
+    nothing, so only a positive sign of life spares a rank.
     """
     if failed:
         guard._record(FAILED_KIND, {"step": guard.step_index})
     deadline = time.monotonic() + FAILED_GRACE_SECONDS
+    streams = _streams(guard)
+    seen = dict(streams.notes)  # notes older than our grace period prove nothing
+    alive: dict[int, tuple[float, dict[str, Any]]] = {}  # rank -> (when seen, its note)
     while True:
-        last, ended = _streams(guard)
+        now = time.monotonic()
+        for rank, count in streams.notes.items():
+            if count > seen.get(rank, 0):
+                seen[rank] = count
+                alive[rank] = (now, streams.note[rank])
         silent = [
             r
             for r in range(guard.world_size)
             if r != guard.rank
-            and r not in ended
-            and (failed or last.get(r) is None or last[r] < guard.step_index - 1)
+            and r not in streams.ended
+            and (failed or streams.last.get(r) is None or streams.last[r] < guard.step_index - 1)
         ]
-        if not silent or time.monotonic() > deadline:
+        blocked = {r for r in silent if r in alive and now - alive[r][0] <= NOTE_FRESH_SECONDS}
+        if not set(silent) - blocked or now > deadline:
             break
         time.sleep(0.25)
-    for rank in silent:
-        step = last.get(rank)
+        streams = _streams(guard)
+    stopped = [r for r in silent if r not in blocked]
+    for rank in stopped:
+        step = streams.last.get(rank)
         guard._alert(
             "TG1311",
             f"rank {rank} stopped reporting"
             + (f" after step {step}" if step is not None else " before step 0"),
             stopped_rank=rank,
             last_step=step,
+            ranks=[rank],  # what the alert is about: two stopped ranks are two alerts (sink.py)
+        )
+    for rank in sorted(blocked):
+        note = alive[rank][1]
+        behind = f"behind rank(s) {', '.join(map(str, stopped))}" if stopped else "behind its peers"
+        guard._alert(
+            "TG1314",
+            f"rank {rank} is alive but blocked in torch.distributed "
+            f"{note.get('collective')} {behind} (its last step {note.get('last_step')})",
+            blocked_rank=rank,
+            ranks=[rank],
+            collective=note.get("collective"),
+            last_step=note.get("last_step"),
+            waiting_seconds=note.get("seconds"),
+            behind=stopped,
         )
 
 
-def _streams(guard: Any) -> tuple[dict[int, int], set[int]]:
-    """Each stream's last step, and the streams that ended or said they failed."""
-    last: dict[int, int] = {}
-    ended: set[int] = set()
+@dataclass
+class _Streams:
+    last: dict[int, int] = field(default_factory=dict)  # each stream's last step
+    ended: set[int] = field(default_factory=set)  # streams that ended or said they failed
+    notes: dict[int, int] = field(default_factory=dict)  # rank-waiting notes per stream
+    note: dict[int, dict[str, Any]] = field(default_factory=dict)  # the latest of them
+
+
+def _streams(guard: Any) -> _Streams:
+    found = _Streams()
     for record in guard.ledger.records(guard.run_id):
-        if record.stream < 0:
+        stream = record.stream
+        if stream < 0:
             continue
         if record.kind in ("run-end", FAILED_KIND):
-            ended.add(record.stream)
+            found.ended.add(stream)
+        elif record.kind == WAITING_KIND and isinstance(record.payload, dict):
+            found.notes[stream] = found.notes.get(stream, 0) + 1
+            found.note[stream] = record.payload
         if record.step is not None and record.kind == "step":
-            last[record.stream] = max(last.get(record.stream, -1), record.step)
-    return last, ended
+            found.last[stream] = max(found.last.get(stream, -1), record.step)
+    return found
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -17,6 +17,14 @@ of all threads, innermost frame last) and, when it waits inside
 the process (exit code :data:`HANG_EXIT_CODE`), so that a launcher restarts
 the job and the peers' next collective fails instead of waiting forever.
 
+While the training thread waits inside a ``torch.distributed`` collective for
+longer than :data:`WAIT_NOTE_SECONDS`, the watchdog also writes a small
+``rank-waiting`` record every :data:`WAIT_NOTE_EVERY` seconds (the collective,
+the last step).  It is no alert: it is this rank's proof of life.  When a peer
+dies, the ranks whose collective failed read these notes (distributed.py) and
+tell a survivor that is blocked behind the dead rank (TG1314) from the dead
+rank itself (TG1311), which writes nothing.
+
 Work between steps that is not a hang (evaluation, saving a checkpoint) is
 marked with :meth:`Watchdog.touch` or wrapped in :meth:`Watchdog.paused`; the
 Hugging Face and Lightning callbacks do this for their evaluation loops.
@@ -56,6 +64,13 @@ MAX_FRAMES = 40
 MAX_LINE_CHARS = 300
 # How long the watchdog waits to write its alert (the ledger may be what hangs).
 ALERT_WRITE_SECONDS = 30.0
+# A wait inside a collective longer than this gets a rank-waiting note, renewed at
+# this interval while it lasts: well inside distributed.FAILED_GRACE_SECONDS, so
+# that a peer's grace period sees a fresh one.  One small record per interval of
+# waiting bounds what honest waits (a slow peer) add to the ledger.
+WAIT_NOTE_SECONDS = 2.0
+WAIT_NOTE_EVERY = 4.0
+WAITING_KIND = "rank-waiting"
 # The exit code of a process ended by on_hang="abort" (as timeout(1) uses).
 HANG_EXIT_CODE = 124
 ON_HANG = ("record", "abort")
@@ -91,6 +106,7 @@ class Watchdog:
         self._paused = 0
         self._median = 0.0
         self._stalled_since: float | None = None  # the progress mark a reported stall began at
+        self._noted: tuple[float, float] | None = None  # (progress mark, time) of the last note
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"trainguard-watchdog-rank{guard.rank}", daemon=True
@@ -166,12 +182,31 @@ class Watchdog:
             if guard is None:
                 return
             mark = self._progress(guard)
+            idle = clock.now() - mark
+            if idle > WAIT_NOTE_SECONDS:
+                self._note_wait(guard, mark, idle)
             if self._stalled_since is not None or self._paused:
                 continue
-            idle = clock.now() - mark
             if idle > limit:
                 self._stalled_since = mark
                 self._report(guard, idle, limit)
+
+    def _note_wait(self, guard: Any, mark: float, idle: float) -> None:
+        """A ``rank-waiting`` record when the training thread waits in a collective."""
+        now = clock.now()
+        if (
+            self._noted is not None
+            and self._noted[0] == mark
+            and now - self._noted[1] < WAIT_NOTE_EVERY
+        ):
+            return
+        collective = _collective(sys._current_frames().get(self._training_thread))
+        if collective is None:
+            return  # not waiting for peers: nothing a peer should read as alive and blocked
+        self._noted = (mark, now)
+        last_step = guard.step_index - 1 if guard.step_index else None
+        payload = {"collective": collective, "seconds": round(idle, 3), "last_step": last_step}
+        _in_thread(lambda: guard._record(WAITING_KIND, payload), "trainguard-watchdog-note")
 
     def _progress(self, guard: Any) -> float:
         """The last progress mark; records the end of a reported stall once it moved."""
@@ -210,15 +245,9 @@ class Watchdog:
             evidence["stack"] = own
             evidence["threads"] = self._other_threads(frames)
         message = f"rank {guard.rank} stalled: no step for {idle:.1f} s {after}; {where}"
-        writer = threading.Thread(
-            target=_write_alert,
-            args=(guard, message, evidence),
-            name="trainguard-watchdog-alert",
-            daemon=True,
-        )
-        writer.start()
-        writer.join(ALERT_WRITE_SECONDS)
-        if writer.is_alive():
+        if not _in_thread(
+            lambda: _write_alert(guard, message, evidence), "trainguard-watchdog-alert"
+        ):
             log.error(
                 "trainguard: could not record the stall in %ss: %s", ALERT_WRITE_SECONDS, message
             )
@@ -260,6 +289,22 @@ class Watchdog:
                 continue
             out[f"{names.get(ident, 'thread')} ({ident})"] = _format(frame)
         return out
+
+
+def _in_thread(write: Callable[[], None], name: str) -> bool:
+    """Run ``write`` in a daemon thread for at most ALERT_WRITE_SECONDS (the ledger may
+    be what hangs); whether it finished."""
+
+    def run() -> None:
+        try:
+            write()
+        except Exception:  # a closed or broken ledger: the watchdog keeps watching
+            log.exception("trainguard: the watchdog could not write to the ledger")
+
+    writer = threading.Thread(target=run, name=name, daemon=True)
+    writer.start()
+    writer.join(ALERT_WRITE_SECONDS)
+    return not writer.is_alive()
 
 
 def _write_alert(guard: Any, message: str, evidence: dict[str, Any]) -> None:
