@@ -76,7 +76,9 @@ class DataVerifyResult:
 
 
 def default_signature(root: Path) -> Path:
-    return root / SIGNATURE_NAME if root.is_dir() else root.with_name(root.name + ".data.sig")
+    """``DIR/.trainguard-data.sig``; for files, their folder's (a seal of files is written to
+    their common folder)."""
+    return (root if root.is_dir() else root.parent) / SIGNATURE_NAME
 
 
 def leaves_path(signature: Path) -> Path:
