@@ -121,3 +121,19 @@ def test_verify_run_alerts_name_the_sample(tmp_path: Path) -> None:
     segment = alert["evidence"]["segment"]
     assert segment[0] <= at < segment[1] and f"step {at} " in alert["message"], (seed, alert)
     assert "rank 0" in alert["message"] and "shard part-" in alert["message"]
+
+
+def test_an_entry_without_the_sealed_loader_says_samples_went_unchecked(tmp_path: Path) -> None:
+    seed = secrets.randbelow(2**32)
+    print(f"seed {seed}")
+    _, _, _, (data, public) = _run(tmp_path, "none", seed, replayed=False)
+    full = dt.build_for(data, public)
+
+    def build(ctx: Any) -> Any:
+        run = full(ctx)
+        run.dataloader = None  # the entry forgot to return its loader
+        return run
+
+    report = replay(str(tmp_path / "ledger.db"), "run", build, key=dt.KEY)
+    assert report.verdict == "matched"
+    assert any("samples not checked" in n for s in report.segments for n in s.notes)

@@ -423,6 +423,8 @@ class _Runner:
             )
             diffs = cmp.compare_step(rec, rep, sides)
             diffs += samples.compare(rec, rep, self.mode, *samples.of_guard(guard), h.rank)
+            if samples.unchecked(rec, rep) and samples.UNCHECKED not in seg.notes:
+                seg.notes.append(samples.UNCHECKED)
             diffs.sort(key=lambda d: FIELD_ORDER.index(d.field))
             if diffs and seg.divergence is None:
                 hooked = rec.get("hooks") is not False

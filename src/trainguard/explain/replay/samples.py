@@ -92,6 +92,18 @@ def compare(
     return out
 
 
+UNCHECKED = (
+    "the run recorded which sealed samples each step read, but the entry's data loader "
+    "(Replayable.dataloader) does not read a SealedDataset: samples not checked, only the "
+    "batch digests (docs/data.md)"
+)
+
+
+def unchecked(rec: dict[str, Any], rep: dict[str, Any]) -> bool:
+    """The ledger holds a sample record the replay cannot compare (no sealed loader)."""
+    return isinstance(rec.get("samples"), dict) and not isinstance(rep.get("samples"), dict)
+
+
 def cause(by: dict[str, FieldDiff], step: int) -> str | None:
     """The sentence for a sample difference at ``step``, or None when there is none."""
     if "unrecorded" in by:
