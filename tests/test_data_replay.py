@@ -137,3 +137,20 @@ def test_an_entry_without_the_sealed_loader_says_samples_went_unchecked(tmp_path
     report = replay(str(tmp_path / "ledger.db"), "run", build, key=dt.KEY)
     assert report.verdict == "matched"
     assert any("samples not checked" in n for s in report.segments for n in s.notes)
+
+
+def test_a_run_over_another_sealed_dataset_is_named(tmp_path: Path) -> None:
+    """Training read one seal of the data; the entry reads another (same samples, another
+    manifest): the run's data is not the data the verifier trusts."""
+    from trainguard.data.seal import seal_dataset
+    from trainguard.signing.keys import write_keypair
+
+    seed = secrets.randbelow(2**32)
+    print(f"seed {seed}")
+    _, _, _, (data, _) = _run(tmp_path, "none", seed, replayed=False)
+    private, public = write_keypair(tmp_path / "other-signer")
+    seal_dataset([data], private, name="the verifier's copy")
+    report = replay(str(tmp_path / "ledger.db"), "run", dt.build_for(data, public), key=dt.KEY)
+    d = report.first_divergence
+    assert d is not None and d.step == 0
+    assert [f.rule for f in report.findings()] == ["TG1522"]

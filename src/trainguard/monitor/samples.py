@@ -5,7 +5,7 @@ When the guard's data loader reads a sealed dataset (one that says
 record gets a ``samples`` entry::
 
     {"n": ROWS, "rows": 8 hex digits per row (4 keyed, 4 plain),
-     "indices": KEYED, "indices_plain": PLAIN, "dataset": MANIFEST_SHA256}
+     "indices": KEYED, "indices_plain": PLAIN, "dataset": MANIFEST_SHA256[:16]}
 
 ``rows`` digests row ``i`` of every tensor of the batch passed to
 ``guard.step(batch=...)`` that is ``ROWS`` long along dim 0; ``indices`` digests
@@ -113,5 +113,6 @@ class SampleRecorder:
         if self.last_indices is not None:
             text = ",".join(map(str, self.last_indices)).encode()
             entry["indices"], entry["indices_plain"] = self._digest(text)
-        entry["dataset"] = getattr(self.dataset, "digest", None)
+        digest = getattr(self.dataset, "digest", None)
+        entry["dataset"] = digest[:16] if isinstance(digest, str) else None  # which seal
         return entry
