@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from trainguard.cli.main import main
+
 pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,3 +99,9 @@ def test_killed_rank_is_recorded_with_its_last_step(tmp_path: Path) -> None:
     stopped = [a for a in results[0]["alerts"] if a["rule"] == "TG1311"]
     assert stopped and stopped[0]["evidence"]["stopped_rank"] == 1
     assert stopped[0]["evidence"]["last_step"] == 30
+    # The ledger verifies: rank 1's missing run-end is explained by rank 0's alert.
+    out = tmp_path / "verify.json"
+    args = ["ledger", "verify", "dist-run", "--ledger", str(tmp_path / "ledger.sqlite")]
+    assert main([*args, "-f", "json", "-o", str(out)]) == 0
+    found = [f for f in json.loads(out.read_text())["findings"] if f["rule"] == "TG1211"]
+    assert [f["severity"] for f in found] == ["medium"] and "died" in found[0]["message"]

@@ -95,9 +95,24 @@ def check_ends(
 ) -> None:
     """Emit the end-of-run findings; ``reported`` are streams already found deleted."""
     ranks = {n: s for n, s in streams.items() if n != RUN_STREAM}
-    keyed = any(s.key_state in ("ok", "bad") for s in ranks.values())
+    run = streams.get(RUN_STREAM)
+    # Rank 0 writes the run-summary only when it signs: a run stream that holds one
+    # was signed, even if every rank stream is gone.
+    keyed = any(s.key_state in ("ok", "bad") for s in ranks.values()) or (
+        run is not None and run.run_end is not None
+    )
     if expected is not None:
         _check_pins(ranks, emit, expected)
+    # Signed or not, the ranks the run-start and run-summary records count must be there.
+    world = max([s.world for s in streams.values()] + [0])
+    for n in sorted(set(range(world)) - set(ranks) - reported):
+        emit(
+            "TG1202",
+            n,
+            0,
+            f"the run's records say it had {world} ranks, but stream {n} has no records: "
+            "it was deleted",
+        )
     if not keyed and not pinned:
         if expected is None:
             off = any(s.key_state == "off" for s in ranks.values())
@@ -116,22 +131,13 @@ def check_ends(
                 "key with --expect-key-id or --key",
             )
         return
-    world = max([s.world for s in streams.values()] + [0])
-    for n in sorted(set(range(world)) - set(ranks) - reported):
-        emit(
-            "TG1202",
-            n,
-            0,
-            f"the run-start records say the run had {world} ranks, but stream {n} has no "
-            "records: it was deleted",
-        )
     dead = _reported_dead(ranks)
     for n, st in sorted(ranks.items()):
         if st.started and st.run_end is None:
             _not_ended(n, st, dead.get(n), emit, live)
         elif st.started and not st.closed:
             _not_closed(n, st, emit)
-    _check_run_stream(streams.get(RUN_STREAM), ranks, set(range(world)), emit)
+    _check_run_stream(run, ranks, set(range(world)), emit)
 
 
 def _not_closed(n: int, st: EndState, emit: Emit) -> None:
