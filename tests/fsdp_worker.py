@@ -43,6 +43,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -215,20 +216,15 @@ def rank_main(rank: int, world: int, port: int, folder: Path, phases: list[str])
     dist.destroy_process_group()
 
 
-def main() -> None:
-    world, port = int(sys.argv[1]), int(sys.argv[2])
-    folder, phases = Path(sys.argv[3]), sys.argv[4].split("+")
-    # What the phases import on first use, imported once here, before the fork.
-    import torch.distributed.device_mesh
-    import torch.distributed.optim  # noqa: F401
-
+def fork_ranks(world: int, run: Callable[[int], None], folder: Path) -> None:
+    """Fork ``world`` processes, each running ``run(rank)``; their exit codes to DIR/exit.json."""
     children: dict[int, int] = {}
     for rank in range(world):
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                rank_main(rank, world, port, folder, phases)
+                run(rank)
             except BaseException:
                 traceback.print_exc()
                 code = 1
@@ -243,6 +239,16 @@ def main() -> None:
         if pid in children:
             codes[children.pop(pid)] = os.waitstatus_to_exitcode(status)
     (folder / "exit.json").write_text(json.dumps(codes))
+
+
+def main() -> None:
+    world, port = int(sys.argv[1]), int(sys.argv[2])
+    folder, phases = Path(sys.argv[3]), sys.argv[4].split("+")
+    # What the phases import on first use, imported once here, before the fork.
+    import torch.distributed.device_mesh
+    import torch.distributed.optim  # noqa: F401
+
+    fork_ranks(world, lambda rank: rank_main(rank, world, port, folder, phases), folder)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def serious(results: dict[int, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def verify(ledger: Path) -> subprocess.CompletedProcess[str]:
+def verify(ledger: Path, run_id: str = "fsdp-run") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             sys.executable,
@@ -91,7 +91,7 @@ def verify(ledger: Path) -> subprocess.CompletedProcess[str]:
             "trainguard",
             "ledger",
             "verify",
-            "fsdp-run",
+            run_id,
             "--ledger",
             str(ledger),
         ],

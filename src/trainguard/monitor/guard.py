@@ -30,6 +30,7 @@ from trainguard.monitor.options import WatchOptions
 from trainguard.monitor.recorder import Recorder, run_start, step_payload
 from trainguard.monitor.samples import SampleRecorder
 from trainguard.monitor.setup import rank_world, scalar, shared_key, tensors_in, total_grad_norm
+from trainguard.monitor.sharding import stepped_optimizer
 from trainguard.monitor.sink import AlertSink
 from trainguard.monitor.stats import RobustWindow
 from trainguard.monitor.watchdog import Watchdog
@@ -47,6 +48,7 @@ class Guard:
 
         opts = self.options = WatchOptions.from_kwargs(options, kwargs)
         self.torch = torch
+        optimizer = stepped_optimizer(optimizer)  # not Accelerate's wrapper: no hooks there
         self.model, self.optimizer = model, optimizer
         self.scheduler, self.dataloader = opts.scheduler, opts.dataloader
         self.budget, self.measure_grad_norm = opts.budget, opts.measure_grad_norm

@@ -98,3 +98,25 @@ def state_owner(optimizer: Any) -> Any:
     if type(optimizer).__name__ == "ZeroRedundancyOptimizer" and hasattr(optimizer, "optim"):
         return optimizer.optim
     return optimizer
+
+
+MAX_WRAPPERS = 8  # optimizer wrappers unwrapped at most (a loop of .optimizer ends here)
+
+
+def stepped_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim.Optimizer`` inside framework wrappers, whose step hooks fire.
+
+    Accelerate's ``AcceleratedOptimizer`` (what ``accelerator.prepare`` returns, and
+    what the Hugging Face Trainer holds) subclasses ``Optimizer`` without calling its
+    ``__init__``: it has no hook registry, and its ``step`` calls the wrapped
+    optimizer's, whose hooks do fire.  A wrapper is recognised by that: no
+    ``_optimizer_step_pre_hooks`` of its own and an ``.optimizer`` attribute.  An
+    object that never leads to a hookable optimizer is returned as it is, and
+    registering the hooks then fails loudly.
+    """
+    found = optimizer
+    for _ in range(MAX_WRAPPERS):
+        if hasattr(found, "_optimizer_step_pre_hooks") or not hasattr(found, "optimizer"):
+            return found
+        found = found.optimizer
+    return optimizer
