@@ -1,25 +1,41 @@
-"""Overhead of trainguard.watch on every step of a ~100M-parameter model (CPU).
+"""Overhead of trainguard.watch on every step, exact mode and budget mode (CPU).
 
-Usage: .venv/bin/python bench/watch_bench.py [--steps 12] [--width 4096] [--layers 6]
-                                             [--budget 0.02] [--pass-grad-norm]
+Usage: .venv/bin/python bench/watch_bench.py [--params 1M|100M] [--budget 0.02]
+                                             [--modes exact,budget] [--blocks N] [--steps N]
 
-Trains two identical models, one unwatched and one under a guard, in
-alternating blocks (so both see the same machine state); reports the median
-step time of each, the overhead, and the cost of one parameter fingerprint on
-its own.  The guard lives through all blocks, after a warm-up that is not
-timed (with --budget its first 16 boundaries are always checked exactly).
---pass-grad-norm hands the guard what clip_grad_norm_ returned
-(measure_grad_norm=False), as docs/watch.md recommends for the lowest overhead.
+Per mode, two identical MLPs train in alternating blocks (so both see the same
+machine state), one unwatched and one under a guard that lives through every
+block after untimed warm-up steps (budget mode's schedule settles in them).
+Prints one line per mode:
+
+* the median step of each model, wall and thread CPU time (``time.thread_time``,
+  which a loaded machine inflates much less than wall time), and their A/B
+  difference: on a shared machine the A/B is noisy at the percent level;
+* the guard's own time inside the process (its optimizer hooks and
+  ``guard.step``, thread CPU), per step and as a share of the unwatched step:
+  what the overhead consists of;
+* the load average before and after.
+
+``1M``: 4 x Linear(512, 512), GELU, batch 32, one thread (a millisecond-step
+model).  ``100M``: 6 x Linear(4096, 4096), GELU, batch 32, torch's default
+threads.  AdamW, clip_grad_norm_ whose result is handed to ``guard.step``
+(``measure_grad_norm=False``), as docs/watch.md recommends.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+SIZES = {  # width, layers, threads (0: torch's default), steps per block, blocks, warm-up
+    "1M": (512, 4, 1, 60, 8, 80),
+    "100M": (4096, 6, 0, 12, 3, 20),
+}
 
 
 def build(width: int, layers: int) -> tuple[Any, Any]:
@@ -33,70 +49,99 @@ def build(width: int, layers: int) -> tuple[Any, Any]:
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
-def steps(
-    model: Any,
-    opt: Any,
-    n: int,
-    width: int,
-    guard: Any = None,
-    batch: int = 32,
-    pass_grad_norm: bool = False,
-) -> list[float]:
+def steps(model: Any, opt: Any, n: int, x: Any, guard: Any = None) -> list[tuple[float, float]]:
+    """``n`` training steps; (wall, thread CPU) seconds of each."""
     import torch
 
     times = []
-    g = torch.Generator().manual_seed(1)
     for _ in range(n):
-        start = time.perf_counter()
-        x = torch.randn(batch, width, generator=g)
+        wall, cpu = time.perf_counter(), time.thread_time()
         loss = model(x).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if guard is not None:
-            guard.step(loss=loss, batch=x, grad_norm=norm if pass_grad_norm else None)
-        times.append(time.perf_counter() - start)
+            guard.step(loss=loss, batch=x, grad_norm=norm)
+        times.append((time.perf_counter() - wall, time.thread_time() - cpu))
     return times
 
 
-def _time_inside(guard: Any) -> list[float]:
-    """Accumulate the wall time spent in the guard's per-step code (a one-item list).
-
-    The difference of two models' medians is noisy at the percent level; the guard's
-    own time is what the overhead consists of.
-    """
+def time_inside(guard: Any) -> list[float]:
+    """Accumulate the thread CPU time spent in the guard's per-step code (one item)."""
     total = [0.0]
     for name in ("_before_step", "_after_step", "_finish_step"):
         original = getattr(guard, name)
 
         def timed(*a: Any, _f: Any = original, **k: Any) -> Any:
-            start = time.perf_counter()
+            start = time.thread_time()
             try:
                 return _f(*a, **k)
             finally:
-                total[0] += time.perf_counter() - start
+                total[0] += time.thread_time() - start
 
         setattr(guard, name, timed)
     return total
 
 
+def run_mode(size: str, budget: float | None, args: argparse.Namespace) -> str:
+    import torch
+
+    from trainguard.monitor import guard as tgw
+
+    width, layers, _, per_block, blocks, warmup = SIZES[size]
+    per_block, blocks = args.steps or per_block, args.blocks or blocks
+    model, opt = build(width, layers)
+    w_model, w_opt = build(width, layers)
+    x = torch.randn(args.batch, width, generator=torch.Generator().manual_seed(1))
+    steps(model, opt, 3, x)
+    load = os.getloadavg()[0]
+    plain: list[tuple[float, float]] = []
+    watched: list[tuple[float, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        guard = tgw.watch(
+            w_model,
+            w_opt,
+            ledger=str(Path(tmp) / "ledger.sqlite"),
+            budget=budget,
+            measure_grad_norm=False,
+        )
+        steps(w_model, w_opt, warmup, x, guard)
+        inside = time_inside(guard)
+        for _ in range(blocks):
+            # The first step of a block pays for the other model's caches: left out.
+            plain += steps(model, opt, per_block, x)[1:]
+            watched += steps(w_model, w_opt, per_block, x, guard)[1:]
+        timed = blocks * per_block
+        schedule = guard.schedule
+        guard.close()
+    load_after = os.getloadavg()[0]
+    p_wall, w_wall = (statistics.median(t[0] for t in s) for s in (plain, watched))
+    p_cpu, w_cpu = (statistics.median(t[1] for t in s) for s in (plain, watched))
+    per_step = inside[0] / timed
+    mode = "exact" if budget is None else f"budget {budget:g}"
+    line = (
+        f"{size} {mode}: step {1e3 * p_wall:.2f} ms unwatched, {1e3 * w_wall:.2f} ms watched "
+        f"(A/B {100 * (w_wall - p_wall) / p_wall:+.1f}% wall, "
+        f"{100 * (w_cpu - p_cpu) / p_cpu:+.1f}% thread CPU); "
+        f"guard in-process {1e3 * per_step:.2f} ms/step ({100 * per_step / p_cpu:.1f}% of the "
+        f"unwatched step's CPU); load {load:.1f}->{load_after:.1f}"
+    )
+    if schedule is not None:
+        share = {u: f"{n / (schedule.recent[u][-1] + 1):.2f}" for u, n in schedule.runs_at.items()}
+        chance = {u: round(p, 3) for u, p in schedule.chance.items()}
+        line += f"\n  schedule at the end: chance per step {chance}; steps run, all run {share}"
+    return line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--blocks", type=int, default=3)
-    parser.add_argument("--width", type=int, default=4096)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument(
-        "--batch", type=int, default=32, help="rows per step: more compute per parameter"
-    )
-    parser.add_argument(
-        "--budget", type=float, default=None, help="watch(..., budget=B): docs/watch.md"
-    )
-    parser.add_argument(
-        "--pass-grad-norm", action="store_true", help="guard.step(grad_norm=clip's result)"
-    )
-    parser.add_argument("--warmup", type=int, default=20, help="untimed watched steps first")
+    parser.add_argument("--params", choices=sorted(SIZES), default="1M")
+    parser.add_argument("--budget", type=float, default=0.02, help="budget mode's budget")
+    parser.add_argument("--modes", default="exact,budget", help="exact, budget or both")
+    parser.add_argument("--steps", type=int, default=0, help="steps per block (0: the size's)")
+    parser.add_argument("--blocks", type=int, default=0, help="blocks per model (0: the size's)")
+    parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
 
     import logging
@@ -106,66 +151,19 @@ def main() -> None:
     # The watched model idles while the unwatched one runs its block: the guard would
     # report those gaps as stalls (TG1307), which says nothing about its overhead.
     logging.getLogger("trainguard").setLevel(logging.ERROR)
-
-    from trainguard.monitor import guard as tgw
-    from trainguard.monitor.fingerprint import Fingerprinter
-
-    model, opt = build(args.width, args.layers)
-    w_model, w_opt = build(args.width, args.layers)
-    n_params = sum(p.numel() for p in model.parameters())
-    steps(model, opt, 2, args.width)  # allocate optimizer state, warm caches
-    steps(w_model, w_opt, 2, args.width)
-    plain: list[float] = []
-    watched: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        guard = tgw.watch(
-            w_model,
-            w_opt,
-            ledger=str(Path(tmp) / "ledger.sqlite"),
-            budget=args.budget,
-            measure_grad_norm=not args.pass_grad_norm,
-        )
-        steps(w_model, w_opt, args.warmup, args.width, guard, args.batch, args.pass_grad_norm)
-        inside = _time_inside(guard)
-        checked_before = guard.checked_boundaries
-        for _ in range(args.blocks):
-            plain += steps(model, opt, args.steps, args.width, batch=args.batch)[1:]
-            watched += steps(
-                w_model, w_opt, args.steps, args.width, guard, args.batch, args.pass_grad_norm
-            )[1:]
-        checked = guard.checked_boundaries - checked_before
-        timed = args.blocks * args.steps
-        sampled = guard.sampled_share
-        guard_seconds = inside[0]
-        guard.close()
-    fp = Fingerprinter()
-    named = list(model.named_parameters())
-    fp_times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fp.fingerprint(named)
-        fp_times.append(time.perf_counter() - start)
-    p, w = statistics.median(plain), statistics.median(watched)
+    threads = SIZES[args.params][2]
+    if threads:
+        torch.set_num_threads(threads)
+    width, layers = SIZES[args.params][:2]
+    params = layers * (width * width + width)
     print(
-        f"model: {n_params / 1e6:.1f}M parameters, AdamW, batch {args.batch}, "
-        f"torch {torch.__version__},"
-        f" {torch.get_num_threads()} threads"
+        f"{params / 1e6:.2f}M parameters ({layers} x Linear({width}, {width})), AdamW, batch "
+        f"{args.batch}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{os.cpu_count()} CPU(s)"
     )
-    mode = "exact (every boundary)" if args.budget is None else f"budget {args.budget:g}"
-    grad = "grad norm passed in" if args.pass_grad_norm else "grad norm measured by the guard"
-    print(f"guard: {mode}, {grad}; full fingerprints at {checked}/{timed} timed boundaries")
-    if args.budget is not None:
-        print(f"sampled at every other boundary: {100 * sampled:.1f}% of the 1 MiB chunks")
-    print(f"unwatched step: {p:.3f}s  watched step: {w:.3f}s  overhead: {100 * (w - p) / p:+.1f}%")
-    per_step = guard_seconds / (args.blocks * args.steps)
-    print(
-        f"time inside the guard's hooks and guard.step: {1000 * per_step:.1f} ms per step "
-        f"({100 * per_step / p:.1f}% of the unwatched step)"
-    )
-    print(
-        f"one fingerprint of all parameters: {statistics.median(fp_times) * 1000:.1f} ms "
-        "(two per watched step)"
-    )
+    for mode in args.modes.split(","):
+        budget = None if mode.strip() == "exact" else args.budget
+        print(run_mode(args.params, budget, args), flush=True)
 
 
 if __name__ == "__main__":

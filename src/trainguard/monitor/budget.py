@@ -107,22 +107,25 @@ class ChunkSample:
 
 
 class VersionWatch:
-    """Version counters and storage pointers of tensors, from one step boundary to the next."""
+    """Version counters and storage pointers of tensors, from one step boundary to the next.
+
+    Tensors are named by any sortable key (the tamper check uses tuples that are cheap
+    to build and turns only the changed ones into names)."""
 
     def __init__(self) -> None:
-        self._seen: dict[str, tuple[int, int]] = {}
+        self._seen: dict[Any, tuple[int, int, int]] = {}
 
     @staticmethod
-    def _state(t: Any) -> tuple[int, int]:
-        return int(t._version), int(t.data_ptr())
+    def _state(t: Any) -> tuple[int, int, int]:
+        return t._version, t.data_ptr(), id(t)
 
-    def remember(self, named: Sequence[tuple[str, Any]]) -> None:
+    def remember(self, named: Sequence[tuple[Any, Any]]) -> None:
         self._seen = {name: self._state(t) for name, t in named if t is not None}
 
-    def changed(self, named: Sequence[tuple[str, Any]]) -> list[str]:
+    def changed(self, named: Sequence[tuple[Any, Any]]) -> list[Any]:
         """Names whose version or storage moved since :meth:`remember` (or appeared, or went)."""
         now = {name: self._state(t) for name, t in named if t is not None}
-        if not self._seen:
+        if not self._seen or now == self._seen:
             return []
         names = sorted(set(now) | set(self._seen))
         return [n for n in names if now.get(n) != self._seen.get(n)]

@@ -18,6 +18,7 @@ guard's own (monitor/clock.py), and on the watched surface.
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -36,12 +37,22 @@ SUSTAINED = 8  # steps of WINDOW over the usual blocked time
 MIN_EXCESS = 0.002  # seconds per step below which blocking is scheduling noise
 
 
-def _run_delay() -> float | None:
-    """Seconds this thread has waited on a run queue (None where the kernel does not say)."""
+def _run_delay(fd: int | None = None) -> float | None:
+    """Seconds this thread has waited on a run queue (None where the kernel does not say);
+    ``fd``: the file already open (re-read from its start: no open per step)."""
     try:
+        if fd is not None:
+            return int(os.pread(fd, 200, 0).split()[1]) / 1e9
         with open(SCHEDSTAT, "rb") as f:
             return int(f.read(200).split()[1]) / 1e9
     except (OSError, ValueError, IndexError):
+        return None
+
+
+def _open() -> int | None:
+    try:
+        return os.open(SCHEDSTAT, os.O_RDONLY)
+    except OSError:
         return None
 
 
@@ -49,7 +60,10 @@ class SleepCheck(Check):
     def __init__(self, min_stall_seconds: float) -> None:
         self.min_stall_seconds = min_stall_seconds
         self.thread = threading.get_ident()
-        self.enabled = _run_delay() is not None
+        # This thread's file, kept open (it names the thread that opened it).
+        self._fd = _open()
+        self.enabled = _run_delay(self._fd) is not None
+        self._usual: tuple[float, float] | None = None  # median and floor, once warmed up
         self._last = self._now()
         self.usual: list[float] = []  # blocked seconds of the first WARMUP steps
         self.walls: list[float] = []
@@ -57,7 +71,7 @@ class SleepCheck(Check):
         self.blocked: float | None = None  # on the last step (for tests and the bench)
 
     def _now(self) -> tuple[float, float, float]:
-        return clock.now(), _THREAD_TIME(), _run_delay() or 0.0
+        return clock.now(), _THREAD_TIME(), _run_delay(self._fd) or 0.0
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         if not self.enabled or threading.get_ident() != self.thread:
@@ -70,9 +84,11 @@ class SleepCheck(Check):
             self.usual.append(blocked)
             self.walls.append(wall)
             return []
-        med = statistics.median(self.usual)
-        mad = 1.4826 * statistics.median(abs(v - med) for v in self.usual)
-        floor = max(MIN_EXCESS, 8 * mad, 0.25 * statistics.median(self.walls))
+        if self._usual is None:  # the warm-up's steps never change: computed once
+            med = statistics.median(self.usual)
+            mad = 1.4826 * statistics.median(abs(v - med) for v in self.usual)
+            self._usual = med, max(MIN_EXCESS, 8 * mad, 0.25 * statistics.median(self.walls))
+        med, floor = self._usual
         self.recent.append(blocked - med if blocked - med > floor else 0.0)
         over = [e for e in self.recent if e > 0]
         if len(over) < SUSTAINED or sum(over) < self.min_stall_seconds:
@@ -90,3 +106,8 @@ class SleepCheck(Check):
                 seconds=round(sum(over), 6),
             )
         ]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -25,7 +25,7 @@ from trainguard.monitor.budget import (
 )
 from trainguard.monitor.checks.base import Check
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter, optimizer_tensors
-from trainguard.monitor.sharding import is_dtensor, shards
+from trainguard.monitor.sharding import is_dtensor, local, shards, state_owner
 from trainguard.monitor.stats import RobustWindow
 
 
@@ -54,6 +54,11 @@ class TamperCheck(Check):
         self.tensor_digests = tensor_digests
         self._versions = VersionWatch()
         self._whole: list[tuple[str, Any]] | None = None  # the parameters, none sharded
+        import torch
+
+        self._tensor = torch.Tensor
+        if not any(is_dtensor(p) for _, p in params):
+            self._whole = [(s.label, s.local) for s in shards(params)]
         self._sampler = ChunkSample(fp.key)
         self._checking = True  # budget mode: whether the coming boundary gets full fingerprints
         self._chunk_cost = 0.0  # seconds to sum one sampled chunk
@@ -68,7 +73,7 @@ class TamperCheck(Check):
         self.opt_after: Fingerprint = fp.fingerprint(optimizer_tensors(optimizer))
         self.full_cost = clock.now() - started  # seconds for one full fingerprint
         if budget is not None:
-            self._versions.remember(self.watched())
+            self._versions.remember(self._version_keys())
         self.opt_names = self.opt_after.names()
         self.before = self.after
         self.before_checked = False
@@ -82,13 +87,32 @@ class TamperCheck(Check):
         # A sharded parameter as the slice this rank holds (monitor/sharding.py); the
         # parameters are the same objects all run (ParameterIdentityCheck), so whole
         # ones are named once.
-        if self._whole is None:
-            params = [(s.label, s.local) for s in shards(self.params)]
-            if not any(is_dtensor(p) for _, p in self.params):
-                self._whole = params
-        else:
-            params = self._whole
+        params = self._whole or [(s.label, s.local) for s in shards(self.params)]
         return params + [("optimizer " + n, t) for n, t in optimizer_tensors(self.optimizer)]
+
+    def _version_keys(self) -> list[tuple[tuple[str, int, str], Any]]:
+        """The watched tensors under cheap keys, for the version counters at every step:
+        ("p", i, "") for the i-th parameter (its local shard), ("o", i, slot) for the
+        state of the optimizer's i-th parameter.  Names are made only for changed ones."""
+        params = self._whole or [(s.label, s.local) for s in shards(self.params)]
+        keyed: list[tuple[tuple[str, int, str], Any]] = [
+            (("p", i, ""), t) for i, (_, t) in enumerate(params)
+        ]
+        groups = self.optimizer.param_groups  # numbered as optimizer_tensors numbers them
+        index = {id(p): i for i, p in enumerate(p for g in groups for p in g["params"])}
+        for p, state in state_owner(self.optimizer).state.items():
+            i = index.get(id(p), -1)
+            for slot, value in state.items():
+                if isinstance(value, self._tensor):
+                    keyed.append((("o", i, str(slot)), local(value)))
+        return keyed
+
+    def _version_name(self, key: tuple[str, int, str]) -> str:
+        kind, i, slot = key
+        if kind == "p":
+            params = self._whole or [(s.label, s.local) for s in shards(self.params)]
+            return params[i][0] if 0 <= i < len(params) else f"parameter {i}"
+        return f"optimizer {i if i >= 0 else '?'}.{slot}"
 
     def state_digests(self) -> dict[str, Any]:
         """Digests of the parameters and optimizer state as they are now (docs/replay.md)."""
@@ -108,7 +132,8 @@ class TamperCheck(Check):
         alerts: list[Alert] = []
         full = self.due(ctx.step)
         if self.budget is not None and not full:
-            alerts += self._changed(ctx, self._versions.changed(self.watched()), "version")
+            moved = self._versions.changed(self._version_keys())
+            alerts += self._changed(ctx, [self._version_name(k) for k in moved], "version")
             alerts += self._check_sample(ctx)
         if full:
             started = clock.now()
@@ -142,8 +167,7 @@ class TamperCheck(Check):
     def after_step(self, ctx: Context) -> list[Alert]:
         """Fingerprint (or sample) the new state (budget mode: within ``self.spent``)."""
         if self.budget is not None:
-            watched = self.watched()
-            self._versions.remember(watched)
+            self._versions.remember(self._version_keys())
             self._checking = self._full_due(ctx.step)
             if not self._checking:
                 # Sampled chunks only: the record leaves the full fingerprints out.
@@ -151,7 +175,7 @@ class TamperCheck(Check):
                 share = 0.0
                 if self.sampling:
                     started = clock.now()
-                    share = self._take_sample(watched, ctx.step)
+                    share = self._take_sample(self.watched(), ctx.step)
                     self._taken = clock.now() - started
                     self._charge(self._taken)
                 self.fields = {"sampled": round(share, 6)}
