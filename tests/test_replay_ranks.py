@@ -96,10 +96,19 @@ def test_verifier_recomputes_a_data_parallel_run(
 ) -> None:
     """The verifier's path for world size 2: every rank at once, the rank named."""
     from trainguard.explain.verifier.follow import Verifier
+    from trainguard.explain.verifier.pool import RankPool
     from trainguard.explain.verifier.sampling import secret_from
     from trainguard.signing.keys import write_keypair
 
     monkeypatch.chdir(ROOT)
+    pids: list[list[int]] = []
+    real_replay = RankPool.replay
+
+    def replay(self: RankPool, options: dict[str, object]) -> list[object]:
+        pids.append(self.pids)
+        return real_replay(self, options)
+
+    monkeypatch.setattr(RankPool, "replay", replay)
     private, _ = write_keypair(ddp_runs / "verifier")
     verifier = Verifier(
         str(ddp_runs / "ledger.db"),
@@ -120,3 +129,39 @@ def test_verifier_recomputes_a_data_parallel_run(
     ]
     assert verdicts[1].step == 8 and verdicts[1].ranks == (1,)
     assert verifier.summary.alerts[0]["evidence"]["ranks"] == [1]
+    # Start-up paid once: both segments ran in the same rank processes.
+    assert len(pids) == 2 and pids[0] == pids[1] and len(set(pids[0])) == 2
+
+
+def test_verifier_pool_failure_is_an_error_verdict(
+    ddp_runs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: rank servers that cannot replay (an entry that builds no Replayable) give an
+    error verdict per segment, each from a fresh pool, and leave no process behind."""
+    from trainguard.explain.verifier.follow import Verifier
+    from trainguard.explain.verifier.pool import RankPool
+    from trainguard.explain.verifier.sampling import secret_from
+    from trainguard.signing.keys import write_keypair
+
+    monkeypatch.chdir(ROOT)
+    pools: list[RankPool] = []
+    real_init = RankPool.__init__
+
+    def init(self: RankPool, *args: object, **kwargs: object) -> None:
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+        pools.append(self)
+
+    monkeypatch.setattr(RankPool, "__init__", init)
+    private, _ = write_keypair(ddp_runs / "verifier-bad")
+    verifier = Verifier(
+        str(ddp_runs / "ledger.db"), "honest", "tests.replay_ddp:parts",
+        signing_key=str(private), secret=secret_from(private.read_bytes()), rate=1.0,
+        run_key=KEY,
+    )  # fmt: skip
+    try:
+        verdicts = verifier.poll()
+    finally:
+        verifier.close()
+    assert [v.status for v in verdicts] == ["error", "error"]
+    assert all("replaying the ranks failed" in v.cause for v in verdicts), verdicts
+    assert len(pools) == 2 and all(p.procs == [] for p in pools)

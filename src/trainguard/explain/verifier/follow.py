@@ -34,10 +34,11 @@ from typing import Any
 from trainguard.errors import TrainguardError, UsageError
 from trainguard.explain.replay.entry import Entry, load_entry
 from trainguard.explain.replay.ledger import HistoryReader, ReplayError
-from trainguard.explain.replay.ranks import replay_ranks, sources
+from trainguard.explain.replay.ranks import sources
 from trainguard.explain.replay.result import DIVERGED, MATCHED, ReplayReport, step_rule
 from trainguard.explain.verifier.clock import RULE as CLOCK_RULE
 from trainguard.explain.verifier.clock import ServerClock
+from trainguard.explain.verifier.pool import RankPool
 from trainguard.explain.verifier.sampling import DEFAULT_RATE, chosen, detection_probability
 from trainguard.ledger.chain import GENESIS, Record, canonical_json, record_digest
 from trainguard.ledger.store import UNREADABLE_KEY
@@ -138,8 +139,12 @@ class Verifier:
         self._links: dict[int, tuple[int, str]] = {}  # stream -> last (seq, digest) read
         self._broken: str | None = None  # the first reason the run cannot be recomputed
         self._verified_at_end = False
+        self._pool: RankPool | None = None  # a data-parallel run's replay processes
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         self.store.close()
 
     # -- one pass ------------------------------------------------------------------
@@ -283,12 +288,18 @@ class Verifier:
             "checkpoint_dir": self.checkpoint_dir,
         }  # fmt: skip
         try:
+            if self._broken is not None:
+                raise VerifierError(self._broken)
             if world > 1:
                 if self.spec is None:
                     raise VerifierError("a data-parallel run needs the entry as module:function")
-                reports = replay_ranks(self.url, self.run_id, self.spec, world, **options)
-            elif self._broken is not None:
-                raise VerifierError(self._broken)
+                if self._pool is None:  # started once; lives until close() or a failure
+                    self._pool = RankPool(self.url, self.run_id, self.spec, world, self.run_key)
+                try:  # the key went to the pool once, on its processes' stdin
+                    reports = self._pool.replay({k: v for k, v in options.items() if k != "key"})
+                except TrainguardError:
+                    self._pool = None  # it closed itself: the next segment starts afresh
+                    raise
             else:
                 history = self._readers[0].history()
                 reports = [

@@ -1,0 +1,66 @@
+"""One rank of the verifier's data-parallel pool: ``python -m
+trainguard.explain.verifier.rank_server``.
+
+Unlike :mod:`trainguard.explain.replay.rank_worker` (one replay, then exit), this
+process lives as long as the verifier: it imports torch and the entry point and
+joins the gloo group once, then replays one segment per job line on stdin and
+answers one JSON line per job (:mod:`.pool`).  Whatever the entry prints goes
+to stderr, so that the answers' channel carries nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+from typing import Any
+
+from trainguard.errors import TrainguardError
+from trainguard.explain.replay.engine import load_entry, replay
+from trainguard.explain.replay.ranks import GROUP_TIMEOUT_S
+from trainguard.explain.replay.result import report_to_dict
+
+MAX_LINE = 1 << 20  # a job line is a few hundred bytes
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)  # the entry's prints must not reach the answers
+    header: dict[str, Any] = json.loads(sys.stdin.readline(MAX_LINE))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{header['port']}",
+        rank=header["rank"],
+        world_size=header["world_size"],
+        timeout=timedelta(seconds=GROUP_TIMEOUT_S),
+    )
+    key = bytes.fromhex(header["key"]) if header["key"] else None
+    entry: Any = None
+    try:
+        entry = load_entry(header["entry"])  # imported once for every segment
+    except TrainguardError as exc:
+        entry_error = str(exc)  # each job is answered with it
+    for line in iter(lambda: sys.stdin.readline(MAX_LINE), ""):
+        job = json.loads(line)
+        result: dict[str, Any]
+        try:
+            if entry is None:
+                raise TrainguardError(entry_error)
+            report = replay(
+                header["ledger"], header["run_id"], entry, rank=header["rank"], key=key,
+                **job["options"],
+            )  # fmt: skip
+            result = {"report": report_to_dict(report)}
+            dist.barrier()  # the next job starts together
+        except TrainguardError as exc:
+            result = {"error": str(exc)}
+        answers.write(json.dumps(result) + "\n")
+        answers.flush()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
