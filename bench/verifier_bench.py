@@ -115,8 +115,8 @@ def main() -> None:
     for _ in range(20):
         verifier.poll()
     idle_poll_s = (time.perf_counter() - t0) / 20
-    # What each recomputation still does before replaying: verify and read the whole run
-    # (linear in its length; docs/verifier.md, limits).
+    # What each recomputation did before replaying until the verifier kept its own history
+    # (and each rank of a data-parallel one still does): verify and read the whole run.
     from trainguard.explain.replay.ledger import read_history
     from trainguard.ledger import verify_ledger
 
@@ -140,7 +140,7 @@ def main() -> None:
     )
     print(f"a poll with nothing new: {idle_poll_s * 1e3:.1f} ms")
     print(
-        f"verifying and reading the run's {records} records, as each recomputation does: "
+        f"verifying and reading the run's {records} records (no longer per recomputation): "
         f"{reread_s * 1e3:.0f} ms ({reread_s / records * 1e6:.0f} us per record)"
     )
     print("statuses:", sorted({v.status for v in verdicts}))
