@@ -172,9 +172,10 @@ def test_lightning_honest_run_is_watched_and_clean(tmp_path: Path, optimizer: st
     assert cb.guard is not None and cb.guard.step_index == 24
     assert cb.guard.alerts == []
     with open_ledger(str(ledger), create=False) as opened:
-        kinds = [r.kind for r in opened.records("pl-clean")]
+        kinds = [r.kind for r in opened.records("pl-clean", 0)]
     assert kinds.count("step") == 24
-    assert kinds[0] == "run-start" and kinds[-1] == "run-end"
+    # Signed by default: the stream ends with its final signed head after the run-end.
+    assert kinds[0] == "run-start" and kinds[-2:] == ["run-end", "head"]
     assert cb.guard.watchdog is not None and not cb.guard.watchdog._thread.is_alive()
 
 
