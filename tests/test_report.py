@@ -202,8 +202,10 @@ def test_json_report(tmp_path: Path) -> None:
     assert code == 1 and doc["exit_code"] == 1 and doc["kind"] == "run-report"
     assert [(a["rule"], a["step"]) for a in doc["alerts"]] == [("TG1301", TAMPERED_AT + 1)]
     assert doc["verification"]["intact"] is True
-    assert doc["verification"]["signatures_checked"] is False
-    assert doc["verification"]["heads_present"] >= 3
+    # No --key: the heads are checked with the run key the run-start record names.
+    assert doc["verification"]["signatures_checked"] is True
+    assert doc["verification"]["key_source"] == "run"
+    assert doc["verification"]["signed_heads"] == doc["verification"]["heads_present"] >= 3
     points = doc["timeline"]["0"]["loss"]["points"]
     assert [p[0] for p in points] == list(range(50))  # 50 steps: nothing thinned
 

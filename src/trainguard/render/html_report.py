@@ -185,12 +185,19 @@ def _environment(report: RunReport) -> list[str]:
     files = "".join(f"<li><code>{esc(f)}</code></li>" for f in env.files)
     if v.signatures_checked:
         sig_cls = "status-ok" if v.signed_heads and v.intact else "status-bad"
-        sig = f"{plural(v.signed_heads, 'signed head')} verified with the given key"
+        how = (
+            "with the given key"
+            if v.key_source == "given"
+            else "with the run keys its run-start records name (pin them: ledger verify "
+            "--expect-key-id)"
+        )
+        sig = f"{plural(v.signed_heads, 'signed head')} verified {how}"
     elif v.heads_present:
         sig_cls = "status-none"
         sig = f"{plural(v.heads_present, 'signed head')} present; not checked (pass --key)"
     else:
-        sig_cls, sig = "status-none", "the run has no signed heads (watch(..., sign_key=...))"
+        sig_cls = "status-none"
+        sig = "the run has no signed heads (watched with sign_key=False, or before signing)"
     keys = ", ".join(k[:16] for k in v.key_ids)
     facts = [
         ("Environment", f'<span class="{state_cls}">{esc(env.state)}</span> {esc(env.detail)}'),

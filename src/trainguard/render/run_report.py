@@ -216,6 +216,7 @@ def report_dict(report: RunReport, *, tool_version: str) -> dict[str, object]:
                 "records": v.records,
                 "streams": v.streams,
                 "signatures_checked": v.signatures_checked,
+                "key_source": v.key_source,  # given (--key), run (from run-start) or none
                 "signed_heads": v.signed_heads,
                 "heads_present": v.heads_present,
                 "key_ids": v.key_ids,

@@ -151,6 +151,9 @@ class Verification:
     heads_present: int
     key_ids: list[str]
     findings: list[Finding]
+    # What the heads were checked with: "given" (--key), "run" (the run keys the
+    # run-start records name, ledger/runkey.py) or "none".
+    key_source: str = "given"
 
     @property
     def breaks(self) -> list[Finding]:
@@ -433,11 +436,12 @@ def build_report(
     verification = Verification(
         records=result.records,
         streams=result.streams,
-        signatures_checked=public_key is not None,
+        signatures_checked=public_key is not None or bool(result.run_keys),
         signed_heads=result.signed_heads,
         heads_present=collector.heads,
         key_ids=collector.key_ids,
         findings=result.findings,
+        key_source="given" if public_key is not None else ("run" if result.run_keys else "none"),
     )
     report = RunReport(
         run_id=run_id,
