@@ -315,3 +315,33 @@ def test_a_run_with_loop_grad_norms_replays_clean(tmp_path: Any) -> None:
         guard.step(loss=step(batch), batch=batch, grad_norm=123.0)
     guard.close()
     assert replay(ledger, "n", build, key=KEY).verdict == "matched"
+
+
+def test_honest_runs_with_units_skipping_half_the_steps_raise_nothing_high(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Generative: every unit runs at a keyed half of the steps after the warm-up (what
+    a budget between the fixed costs and the full cost gives), so the checks see skipped
+    steps between checked ones: moments, streaks, seeds and declared re-seeds carry
+    over honestly."""
+    import os
+    import random
+
+    import trainguard.monitor.budget as budget
+
+    seed = int(os.environ.get("TRAINGUARD_TEST_SEED", random.SystemRandom().randrange(2**32)))
+    print(f"seed {seed}")
+    rnd = random.Random(seed)
+    monkeypatch.setattr(budget, "chances", lambda allowance, costs: (dict.fromkeys(costs, 0.5), 0))
+    for name in rnd.sample(sorted(sc.OPTIMIZERS), 3):
+        options: dict[str, Any] = {"optimizer": name, "budget": 0.02}
+        if rnd.random() < 0.5:
+            options["scheduler"] = rnd.choice(sorted(sc.SCHEDULERS))
+        elif rnd.random() < 0.5:
+            options["manual_lr"] = lambda s: 1e-3 * (1 + s % 7)
+        if rnd.random() < 0.5:
+            options["reseed_every"] = rnd.choice([5, 13])
+        guard = sc.run(50, **options)
+        assert [a for a in guard.alerts if a.severity >= Severity.HIGH] == [], (name, options)
+        ran = guard.schedule.runs_at  # 16 warm-up steps, then about half of 34
+        assert all(WARMUP_STEPS + 5 < n < 50 - 5 for n in ran.values()), ran
