@@ -89,7 +89,7 @@ def check_expected_ids(expected: list[str]) -> list[str]:
         ):
             problems.append(
                 f"key id {e!r}: expected {MIN_KEY_ID_CHARS} to 64 hex characters "
-                "(as watch logs it, or `trainguard ledger show RUN --kind run-start`)"
+                "(as watch logged it at start: 'ledger run key id ...')"
             )
     return problems
 
