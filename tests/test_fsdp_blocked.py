@@ -114,3 +114,15 @@ def test_dead_ranks_are_stopped_and_blocked_ranks_blocked(
     for guard in guards.values():  # never closed: a closing peer would wait for the others
         if guard.watchdog is not None:
             guard.watchdog.stop()
+
+
+def test_a_run_closed_before_its_first_step_names_nobody(tmp_path: Path, short_waits: None) -> None:
+    # Every rank's clean close waits for peers behind it; with no step taken nobody is
+    # behind.  (Each rank once waited for the others' run-end, which they write only
+    # after their own wait, and named them all "stopped before step 0".)
+    world = random.randrange(2, 5)
+    guards = [_guard(tmp_path / "ledger.sqlite", rank, world)[0] for rank in range(world)]
+    for guard in guards:
+        guard.close()
+    found = [(g.rank, a.rule) for g in guards for a in g.alerts if a.rule in ("TG1311", "TG1314")]
+    assert found == [], found

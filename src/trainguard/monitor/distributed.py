@@ -126,7 +126,10 @@ def check_ranks(guard: Any, failed: bool = False) -> None:
             for r in range(guard.world_size)
             if r != guard.rank
             and r not in streams.ended
-            and (failed or streams.last.get(r) is None or streams.last[r] < guard.step_index - 1)
+            # Behind by more than the step a peer may still be writing; a run closed
+            # before its first step has nobody behind (every rank used to wait for
+            # the others' run-end, written after this wait, and name them all).
+            and (failed or streams.last.get(r, -1) < guard.step_index - 1)
         ]
         blocked = {r for r in silent if r in alive and now - alive[r][0] <= NOTE_FRESH_SECONDS}
         if not set(silent) - blocked or now > deadline:
