@@ -443,6 +443,11 @@ def test_ddp_runs_verify_and_tampering_fails(seed: int, tmp_path: Path) -> None:
     assert code == 0, document["findings"]
     assert sorted(document["run_keys"]) == ["0", "1"]
     assert document["findings"] == []
+    # Pinning rank 0's key is enough: its final run head vouches for rank 1's stream.
+    zero, one = document["run_keys"]["0"][:16], document["run_keys"]["1"][:16]
+    assert verify(url, "--expect-key-id", zero, run="dist-run")[0] == 0
+    code, document = verify(url, "--expect-key-id", one, run="dist-run")
+    assert code == 1 and [f["member"] for f in document["findings"]] == ["run dist-run stream 0"]
     # The tampers, on this two-rank run.
     counter = [0]
     attack(url, lambda: _copy_url("sqlite", tmp_path, counter), seed, "ddp", run="dist-run")

@@ -102,7 +102,7 @@ def check_ends(
         run is not None and run.run_end is not None
     )
     if expected is not None:
-        _check_pins(ranks, emit, expected)
+        _check_pins(ranks, run, emit, expected)
     # Signed or not, the ranks the run-start and run-summary records count must be there.
     world = max([s.world for s in streams.values()] + [0])
     for n in sorted(set(range(world)) - set(ranks) - reported):
@@ -251,24 +251,37 @@ def _check_run_stream(
         )
 
 
-def _check_pins(ranks: dict[int, EndState], emit: Emit, expected: list[str]) -> None:
+def _check_pins(
+    ranks: dict[int, EndState], run: EndState | None, emit: Emit, expected: list[str]
+) -> None:
+    """Rank 0's key must be pinned; another rank's is pinned too, or vouched for by rank 0's
+    final run head, which names a digest of that stream (and so its run-start)."""
     if not ranks:
         emit("TG1213", RUN_STREAM, None, "the run has no rank streams to match the pinned key")
+    zero = ranks.get(0)
+    anchored = zero is not None and key_id_matches(zero.key_id or "", expected)
+    vouched: frozenset[int] = frozenset()
+    if anchored and run is not None and run.closed:
+        vouched = run.listed or frozenset()
     for n, st in sorted(ranks.items()):
         if st.key_id is None:
             emit(
                 "TG1213",
                 n,
                 0,
-                f"stream {n} carries no usable run key, but its key was pinned "
+                f"stream {n} carries no usable run key, but the run's key was pinned "
                 "(--expect-key-id): the stream was rewritten without one",
             )
-        elif not key_id_matches(st.key_id, expected):
+        elif not key_id_matches(st.key_id, expected) and (n == 0 or n not in vouched):
+            how = (
+                "the stream was rewritten whole with a new key"
+                if n == 0
+                else "pin it too, or rank 0's pinned key must vouch for it in a final run head"
+            )
             emit(
                 "TG1213",
                 n,
                 0,
-                f"stream {n}'s run key {st.key_id[:16]} is not one of the pinned key ids: the "
-                "stream was rewritten whole with a new key",
+                f"stream {n}'s run key {st.key_id[:16]} is not one of the pinned key ids: {how}",
                 key_id=st.key_id,
             )
