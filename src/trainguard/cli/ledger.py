@@ -80,8 +80,9 @@ def register(sub: Subparsers) -> None:
         "--expect-key-id",
         action="append",
         metavar="ID",
-        help="the run key id watch logged at start (16 to 64 hex characters; repeat for "
-        "each rank): a stream rewritten whole with another key fails",
+        help="rank 0's run key id as watch logged it at start (16 to 64 hex characters): a "
+        "run rewritten whole with another key fails; other ranks are vouched for by rank "
+        "0's final run head (or repeat the option to pin them too)",
     )
     v.add_argument(
         "--live",
