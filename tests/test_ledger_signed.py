@@ -454,7 +454,9 @@ def test_ddp_runs_verify_and_tampering_fails(seed: int, tmp_path: Path) -> None:
 
 
 # -- dead ranks, on runs written record by record (no torch needed) -----------------------
-def _written_run(url: str, world: int, dead: dict[int, int], steps: int = 8) -> None:
+def _written_run(
+    url: str, world: int, dead: dict[int, int], steps: int = 8, rule: str = "TG1311"
+) -> None:
     """A run as watch writes it: rank ``r`` in ``dead`` stops after step ``dead[r]``; the
     survivors report it (TG1311) and close signed; rank 0 writes the run head."""
     from trainguard.ledger.runkey import run_key_entry
@@ -474,7 +476,8 @@ def _written_run(url: str, world: int, dead: dict[int, int], steps: int = 8) -> 
             if rank in dead:
                 continue
             for gone, last in dead.items():
-                alert = {"rule": "TG1311", "evidence": {"stopped_rank": gone, "last_step": last}}
+                named = "stopped_rank" if rule == "TG1311" else "blocked_rank"
+                alert = {"rule": rule, "evidence": {named: gone, "last_step": last}}
                 ledger.append(RUN, "alert", alert, step=steps, stream=rank)
             ledger.append(RUN, "run-end", {"steps": steps}, step=steps, stream=rank)
             ledger.sign_head(RUN, rank, key)
@@ -483,9 +486,10 @@ def _written_run(url: str, world: int, dead: dict[int, int], steps: int = 8) -> 
             ledger.sign_head(RUN, -1, keys[0])
 
 
-def test_a_rank_reported_dead_is_explained(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rule", ["TG1311", "TG1314"])
+def test_a_rank_reported_dead_is_explained(tmp_path: Path, rule: str) -> None:
     url = str(tmp_path / "dead.db")
-    _written_run(url, 3, {2: 5})
+    _written_run(url, 3, {2: 5}, rule=rule)
     code, document = verify(url)
     assert code == 0, document["findings"]
     found = [f for f in document["findings"] if f["rule"] != "TG1208"]

@@ -13,8 +13,9 @@ its own end:
   by rank 0's key, naming every rank's stream (TG1212), and every rank the
   run-start records count is there (TG1202);
 * a rank that died is no failure when a survivor whose own stream closed
-  under its signature reported it stopped (TG1311) at a step the dead rank's
-  stream still reaches: that is explained at medium severity.
+  under its signature reported it stopped (TG1311, or blocked behind a dead
+  one: TG1314) at a step the dead rank's stream still reaches: that is
+  explained at medium severity.
 
 This module only judges the facts the verifier gathered while it read the
 records (:class:`EndState`); it reads no ledger itself.
@@ -30,7 +31,10 @@ from trainguard.findings import Severity
 from trainguard.ledger.chain import RUN_STREAM
 from trainguard.ledger.runkey import key_id_matches
 
-STOPPED_RULE = "TG1311"  # the monitor's "rank stopped reporting" alert
+# The monitor's alerts that a peer stopped (TG1311) or was left blocked in a collective
+# behind a dead one (TG1314, then ended by the process group's timeout or the
+# launcher), with the evidence key that names the rank.
+STOPPED_RULES = {"TG1311": "stopped_rank", "TG1314": "blocked_rank"}
 
 Emit = Callable[..., None]
 
@@ -65,13 +69,13 @@ class EndState:
             self.world = max(self.world, _count(payload.get("world_size")))
         elif kind == "step" and step is not None:
             self.last_step = step if self.last_step is None else max(self.last_step, step)
-        elif kind == "alert" and payload.get("rule") == STOPPED_RULE:
+        elif kind == "alert" and payload.get("rule") in STOPPED_RULES:
             evidence = payload.get("evidence")
             if isinstance(evidence, dict):
-                rank = evidence.get("stopped_rank")
+                rank = evidence.get(STOPPED_RULES[str(payload["rule"])])
                 last = evidence.get("last_step")
                 if isinstance(rank, int) and not isinstance(rank, bool):
-                    self.stopped[rank] = (last if isinstance(last, int) else None, seq)
+                    self.stopped.setdefault(rank, (last if isinstance(last, int) else None, seq))
 
 
 def _count(value: object) -> int:
@@ -181,7 +185,7 @@ def _not_ended(
                 "TG1211",
                 n,
                 st.last_seq + 1,
-                f"rank {n} died (rank {by}'s stopped-rank alert at seq {seq} says it stopped "
+                f"rank {n} died (rank {by}'s alert at seq {seq} says it stopped or was blocked "
                 f"after step {last}): its stream has no run-end or final head; "
                 f"{_signed_part(st)}",
                 severity=Severity.MEDIUM,
