@@ -38,6 +38,7 @@ some are empty.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -216,8 +217,25 @@ def rank_main(rank: int, world: int, port: int, folder: Path, phases: list[str])
     dist.destroy_process_group()
 
 
+# Modules a rank would import on first use: fully_shard's first call imports
+# torch._dynamo (about 2 s of CPU per rank), watch() its run key's and ledger's.
+PRELOAD = (
+    "torch._dynamo",
+    "torch.distributed.device_mesh",
+    "torch.distributed.optim",
+    "torch.distributed.tensor",
+    "trainguard.ledger.runkey",
+    "trainguard.ledger.sqlite_store",
+    "trainguard.signing",
+    "cProfile",
+    "pstats",
+)
+
+
 def fork_ranks(world: int, run: Callable[[int], None], folder: Path) -> None:
     """Fork ``world`` processes, each running ``run(rank)``; their exit codes to DIR/exit.json."""
+    for name in PRELOAD:  # once here rather than once per rank
+        importlib.import_module(name)
     children: dict[int, int] = {}
     for rank in range(world):
         pid = os.fork()
@@ -244,10 +262,6 @@ def fork_ranks(world: int, run: Callable[[int], None], folder: Path) -> None:
 def main() -> None:
     world, port = int(sys.argv[1]), int(sys.argv[2])
     folder, phases = Path(sys.argv[3]), sys.argv[4].split("+")
-    # What the phases import on first use, imported once here, before the fork.
-    import torch.distributed.device_mesh
-    import torch.distributed.optim  # noqa: F401
-
     fork_ranks(world, lambda rank: rank_main(rank, world, port, folder, phases), folder)
 
 
