@@ -509,6 +509,23 @@ RULES: dict[str, Rule] = {
             "(its watchdog's note says which): it waits behind the ranks TG1311 names, "
             "and is not one of them.",
         ),
+        Rule(
+            "TG1315",
+            "check-skipped",
+            _I,
+            "A watch check could not look at some tensors (a kind it cannot read: sparse, "
+            "nested, meta, quantized...) or failed inside; the step went on and the "
+            "evidence names the tensors that went unchecked. Medium when a check failed.",
+        ),
+        Rule(
+            "TG1316",
+            "declared-change",
+            _L,
+            "The training loop declared a change the guard would otherwise flag: weights "
+            "written inside guard.outside_step() (SAM, Lookahead), a param group added "
+            "through the watched optimizer, a hyper-parameter declared with guard.step(). "
+            "The declaration itself is the evidence, kept in the ledger.",
+        ),
         # -- seal: signatures and manifests (TG5xx) ---------------------------
         Rule(
             "TG501",
