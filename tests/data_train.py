@@ -33,8 +33,11 @@ def make_dataset(folder: Path, rnd: random.Random) -> tuple[Path, Path, int]:
     data.mkdir(parents=True)
     g = torch.Generator().manual_seed(rnd.randrange(2**31))
     total = 0
-    for k in range(rnd.randint(1, 3)):
+    shards = rnd.randint(1, 3)
+    for k in range(shards):
         n = rnd.randint(10, 24)
+        if k == shards - 1 and (total + n) % BATCH == 1:
+            n += 1  # no one-sample last batch: swap and duplicate need two rows
         x = torch.randn(n, 4, generator=g)
         y = torch.randint(0, 3, (n,), generator=g)
         torch.save((x, y), data / f"part-{k}.pt")
@@ -48,13 +51,15 @@ def steps_per_epoch(samples: int) -> int:
     return -(-samples // BATCH)
 
 
-def parts(data: Path, public: Path, rank: int = 0, reseed_from: int | None = None) -> Any:
+def parts(
+    data: Path, public: Path, rank: int = 0, reseed_from: int | None = None, workers: int = 0
+) -> Any:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     dataset: Any = SealedDataset(data, public, rank=rank)  # a map-style dataset for torch
     loader: Any = torch.utils.data.DataLoader(
-        dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator()
+        dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator(), num_workers=workers
     )
 
     def epoch(e: int) -> Any:
@@ -73,9 +78,9 @@ def parts(data: Path, public: Path, rank: int = 0, reseed_from: int | None = Non
     return model, opt, loader, epoch, step
 
 
-def build_for(data: Path, public: Path) -> Any:
+def build_for(data: Path, public: Path, workers: int = 0) -> Any:
     def build(ctx: ReplayContext) -> Replayable:
-        model, opt, loader, epoch, step = parts(data, public, ctx.rank)
+        model, opt, loader, epoch, step = parts(data, public, ctx.rank, workers=workers)
         return Replayable(
             model, opt, batches=epochs_from(ctx.start, len(loader), epoch), step=step,
             dataloader=loader,
@@ -112,12 +117,14 @@ def train(
     at: int,
     rnd: random.Random,
     pass_batch: bool = True,
+    workers: int = 0,
 ) -> list[list[int]]:
     """Train ``steps`` steps; returns, per step, the indices the seed's order put in its
-    batch.  ``pass_batch=False``: the loop passes no batch to ``guard.step``."""
+    batch.  ``pass_batch=False``: the loop passes no batch to ``guard.step``; ``workers``:
+    the loader's worker processes."""
     per_epoch = steps_per_epoch(len(SealedDataset(data, public)))
     reseed_from = -(-at // per_epoch) if sabotage == "reseed" else None
-    model, opt, loader, epoch, step = parts(data, public, 0, reseed_from)
+    model, opt, loader, epoch, step = parts(data, public, 0, reseed_from, workers)
     guard = trainguard.watch(
         model, opt, ledger=str(folder / "ledger.db"), run_id="run", key=KEY, dataloader=loader,
         hang_seconds=None,
@@ -128,7 +135,7 @@ def train(
     assert guard.samples is not None and guard.samples.log is not None
     for s in range(steps):
         batch = next(batches)
-        fed.append(list(guard.samples.log.latest or []))
+        fed.append(list(guard.samples.log.current() or []))
         if s == at and sabotage not in ("none", "reseed"):
             batch = _sabotage(sabotage, batch, loader.dataset, rnd, fed[-1])
         loss = step(batch)
