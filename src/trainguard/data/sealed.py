@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from trainguard.data.formats import BY_NAME, Reader, ShardError, open_shard
 from trainguard.data.seal import default_signature, open_manifest
-from trainguard.errors import TrainguardError
+from trainguard.errors import TrainguardError, UsageError
 from trainguard.findings import Finding
 from trainguard.rules import finding
 
 if TYPE_CHECKING:
     from trainguard.signing.keys import PublicKey
 
-OPEN_SHARDS = 4  # readers kept open (a torch shard is held in memory whole)
+OPEN_SHARDS = 4  # readers kept open by default (a torch shard is held in memory whole)
 MAX_FINDINGS = 1000  # kept with on_mismatch="record"; later ones are counted
 
 
@@ -64,7 +64,9 @@ class SealedDataset:
 
     ``path``: the dataset's folder (or, for a seal of files, their common folder);
     ``key``: the signer's public key; ``signature``: the manifest (default: the
-    folder's ``.trainguard-data.sig``); ``transform``: applied to each verified sample.
+    folder's ``.trainguard-data.sig``); ``transform``: applied to each verified sample;
+    ``open_shards``: shards kept open (a torch shard is loaded whole: with a shuffle over
+    many torch shards, raise it to their number, or store the data as ``.npy``, read by row).
     """
 
     # The guard recognises a sealed dataset by this, without importing this module.
@@ -79,7 +81,10 @@ class SealedDataset:
         rank: int = 0,
         transform: Any = None,
         on_mismatch: Literal["raise", "record"] = "raise",
+        open_shards: int = OPEN_SHARDS,
     ) -> None:
+        if open_shards < 1:
+            raise UsageError("open_shards must be at least 1")
         self.root = Path(path)
         sig = Path(signature) if signature is not None else default_signature(self.root)
         self.manifest = open_manifest(sig, key)  # raises VerificationError
@@ -87,6 +92,7 @@ class SealedDataset:
         self.rank = rank
         self.transform = transform
         self.on_mismatch = on_mismatch
+        self.open_shards = open_shards
         self.findings: list[Finding] = []
         self.mismatches = 0
         self._open: OrderedDict[int, Reader] = OrderedDict()
@@ -117,7 +123,7 @@ class SealedDataset:
             )
         with self._lock:
             self._open[k] = reader
-            while len(self._open) > OPEN_SHARDS:
+            while len(self._open) > self.open_shards:
                 self._open.popitem(last=False)
         return reader
 
