@@ -526,6 +526,33 @@ RULES: dict[str, Rule] = {
             "through the watched optimizer, a hyper-parameter declared with guard.step(). "
             "The declaration itself is the evidence, kept in the ledger.",
         ),
+        Rule(
+            "TG1317",
+            "buffer-changed-outside-forward",
+            _C,
+            "A registered buffer of the model (a causal mask, rotary or positional table, "
+            "BatchNorm statistics) or a tensor a module holds as a plain attribute changed "
+            "between the end of one optimizer step and the next forward, or was replaced: "
+            "modules change their own buffers only inside forward. Names the buffer.",
+        ),
+        Rule(
+            "TG1318",
+            "module-setting-changed",
+            _H,
+            "A module's own setting (Dropout.p, LayerNorm.eps, an activation choice, a "
+            "submodule, the training flag at a training forward) changed mid-run outside "
+            "forward and was not declared with guard.step(changed=...). Names the module "
+            "and the attribute.",
+        ),
+        Rule(
+            "TG1319",
+            "data-path-replaced",
+            _H,
+            "An object on the data loader's path (dataset, sampler, batch_sampler, "
+            "batch_sampler.sampler, a sampler's generator, collate_fn) is no longer the "
+            "one installed at start-up, and the swap was not declared: the loader reads "
+            "data or order from somewhere the guard does not watch.",
+        ),
         # -- seal: signatures and manifests (TG5xx) ---------------------------
         Rule(
             "TG501",
