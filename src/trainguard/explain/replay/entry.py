@@ -25,7 +25,11 @@ same keys:
 ``dataloader`` (optional)
     the data loader behind ``batches``: its generator states and epoch at the
     end of a replayed segment are then held to what the next checkpoint
-    restores.
+    restores.  When its dataset is a
+    :class:`~trainguard.data.sealed.SealedDataset` (built with ``rank=ctx.rank``),
+    each step's samples are also checked against the signed manifest and the
+    seed's order, and a difference names the sample, its shard and the rank
+    (docs/data.md).
 """
 
 from __future__ import annotations
