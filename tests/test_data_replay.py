@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("torch")
 
+import torch
+
 from tests import data_train as dt
 from trainguard.data.sealed import SealedDataset
 from trainguard.explain.replay.engine import replay
@@ -83,8 +85,6 @@ def test_a_loop_that_records_no_samples_is_named(tmp_path: Path) -> None:
 def test_a_sample_poisoned_at_rest_is_named_when_replay_reads_it(tmp_path: Path) -> None:
     """Training read the shard before it changed; replay reads the sealed data and the
     sample no longer matches its seal: named at the first step that feeds it."""
-    import torch
-
     seed = secrets.randbelow(2**32)
     print(f"seed {seed}")
     rnd = random.Random(seed)
@@ -146,9 +146,9 @@ def test_an_entry_without_the_sealed_loader_says_samples_went_unchecked(tmp_path
     assert any("samples not checked" in n for s in report.segments for n in s.notes)
 
 
-def test_a_run_over_another_sealed_dataset_is_named(tmp_path: Path) -> None:
-    """Training read one seal of the data; the entry reads another (same samples, another
-    manifest): the run's data is not the data the verifier trusts."""
+def test_a_run_over_other_sealed_data_is_named(tmp_path: Path) -> None:
+    """A new seal of the same data (another key, another name) replays clean; the verifier's
+    copy of the data with one more shard is other data: named at step 0."""
     from trainguard.data.seal import seal_dataset
     from trainguard.signing.keys import write_keypair
 
@@ -158,6 +158,9 @@ def test_a_run_over_another_sealed_dataset_is_named(tmp_path: Path) -> None:
     private, public = write_keypair(tmp_path / "other-signer")
     seal_dataset([data], private, name="the verifier's copy")
     entry = dt.build_for(data, public, workers)
+    assert replay(str(tmp_path / "ledger.db"), "run", entry, key=dt.KEY).verdict == "matched"
+    torch.save((torch.zeros(3, 4), torch.zeros(3, dtype=torch.int64)), data / "part-9.pt")
+    seal_dataset([data], private, name="the verifier's copy")
     report = replay(str(tmp_path / "ledger.db"), "run", entry, key=dt.KEY)
     d = report.first_divergence
     assert d is not None and d.step == 0

@@ -72,7 +72,7 @@ class DataManifest:
     leaves_sha256: str
     leaves_size: int
     sealed_at: str
-    digest: str = ""  # SHA-256 of the signed payload: what a run records
+    digest: str = ""  # SHA-256 of the signed payload (this seal)
     leaves: bytes = b""  # the sidecar's leaves, once checked against leaves_sha256
     _starts: list[int] = field(default_factory=list)
 
@@ -89,6 +89,12 @@ class DataManifest:
             raise IndexError(f"sample {index} is outside the dataset's {self.samples}")
         k = bisect.bisect_right(self._starts, index) - 1
         return k, index - self._starts[k]
+
+    @property
+    def content(self) -> str:
+        """The statement's subject digest: which data (shards, their bytes and samples),
+        the same for every seal of the same data whoever signed it and when."""
+        return dataset_root(self.shards)
 
     def first(self, k: int) -> int:
         """The global index of shard ``k``'s first sample."""

@@ -100,8 +100,9 @@ class SealedDataset:
 
     @property
     def digest(self) -> str:
-        """The signed manifest's SHA-256: which sealed dataset this is."""
-        return self.manifest.digest
+        """Which data this is (the manifest's subject digest: shards, bytes and samples),
+        the same for any seal of the same data; what a guard records per step."""
+        return self.manifest.content
 
     def __len__(self) -> int:
         return self.manifest.samples

@@ -5,7 +5,7 @@ When the guard's data loader reads a sealed dataset (one that says
 record gets a ``samples`` entry::
 
     {"n": ROWS, "rows": 8 hex digits per row (4 keyed, 4 plain),
-     "indices": KEYED, "indices_plain": PLAIN, "dataset": MANIFEST_SHA256[:16]}
+     "indices": KEYED, "indices_plain": PLAIN, "dataset": DATASET_DIGEST[:16]}
 
 ``rows`` digests row ``i`` of every tensor of the batch passed to
 ``guard.step(batch=...)`` that is ``ROWS`` long along dim 0; ``indices`` digests

@@ -8,7 +8,7 @@ what training recorded.  A step differs:
 
 * ``unrecorded`` (TG1523): replay reads sealed data, the ledger has no sample
   record for the step (no batch passed to ``guard.step``, or no loader);
-* ``dataset`` (TG1522): training read another sealed dataset;
+* ``dataset`` (TG1522): training read other sealed data;
 * ``order`` (TG1521): the index list differs from the seed's, the batch has
   another length, or a row training fed is another row of the expected batch
   (swapped, duplicated);
@@ -113,7 +113,7 @@ def cause(by: dict[str, FieldDiff], step: int) -> str | None:
             "batch to guard.step, or the guard was not given the data loader"
         )
     if "dataset" in by:
-        return "the run read another sealed dataset (its manifest digest differs)"
+        return "the run read other sealed data than the entry (the data's digest differs)"
     parts = []
     if "order" in by:
         d = by["order"]
