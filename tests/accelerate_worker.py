@@ -1,14 +1,15 @@
 """Ranks of small FSDP2 runs prepared by Hugging Face Accelerate (gloo, CPU), for
 tests/test_accelerate_fsdp.py.
 
-Usage: python -m tests.accelerate_worker WORLD PORT DIR HOW SCENARIO STEPS
+Usage: python -m tests.accelerate_worker WORLD PORT DIR HOW STEPS SCENARIO[,SCENARIO...]
 HOW: loop (``accelerator.prepare(model, optimizer)`` then ``trainguard.watch``) or
 trainer (the Hugging Face Trainer with ``HFWatchCallback``).  SCENARIO: clean, or
 flip:RANK:STEP (fsdp_worker.patch_optimizer: AdamW patched on every rank, armed on
-RANK from optimizer step STEP).  Like fsdp_worker.py the process imports once, then
-forks the ranks; each writes DIR/rank{RANK}.json (its alerts and what Accelerate
-built), the ledger is DIR/ledger.sqlite (run id ``acc-run``), the exit codes
-DIR/exit.json.
+RANK from optimizer step STEP; removed when the run ends).  The scenarios run one
+after the other in the same processes.  Like fsdp_worker.py the process imports once,
+then forks the ranks; for scenario i each writes DIR/rank{RANK}.i.json (its alerts and
+what Accelerate built), the ledger is DIR/ledger.i.sqlite (run id ``acc-run``); the
+exit codes go to DIR/exit.json.
 
 Accelerate 1.16 does not shard on CPU: ``AcceleratorState`` turns a
 ``FullyShardedDataParallelPlugin`` into ``DistributedType.FSDP`` only when the
@@ -89,7 +90,7 @@ def describe(model: Any) -> dict[str, Any]:
     return {"model": type(model).__name__, "param": type(param).__name__}
 
 
-def loop(rank: int, folder: Path, steps: int, patched: int) -> dict[str, Any]:
+def loop(ledger: Path, out: Path, steps: int) -> dict[str, Any]:
     from accelerate import Accelerator
 
     fsdp_plugin = plugin()
@@ -103,7 +104,7 @@ def loop(rank: int, folder: Path, steps: int, patched: int) -> dict[str, Any]:
     guard = tgw.watch(
         model,
         opt,
-        ledger=str(folder / "ledger.sqlite"),
+        ledger=str(ledger),
         run_id="acc-run",
         sync_every=SYNC_EVERY,
         hang_seconds=HANG_SECONDS,
@@ -124,7 +125,7 @@ def loop(rank: int, folder: Path, steps: int, patched: int) -> dict[str, Any]:
     return {"error": error, "chosen": dropped, **describe(model), "alerts": _alerts(guard)}
 
 
-def trainer(rank: int, folder: Path, steps: int, patched: int) -> dict[str, Any]:
+def trainer(ledger: Path, out: Path, steps: int) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments
 
     class FSDPOnCPUTrainer(Trainer):
@@ -135,7 +136,7 @@ def trainer(rank: int, folder: Path, steps: int, patched: int) -> dict[str, Any]
             self.is_fsdp_enabled = True
 
     args = TrainingArguments(
-        output_dir=str(folder / f"out{rank}"),
+        output_dir=str(out),
         per_device_train_batch_size=4,
         max_steps=steps,
         learning_rate=1e-2,
@@ -151,7 +152,7 @@ def trainer(rank: int, folder: Path, steps: int, patched: int) -> dict[str, Any]
         seed=0,
     )
     callback = HFWatchCallback(
-        ledger=str(folder / "ledger.sqlite"),
+        ledger=str(ledger),
         run_id="acc-run",
         sync_every=SYNC_EVERY,
         hang_seconds=HANG_SECONDS,
@@ -190,7 +191,7 @@ def _alerts(guard: Any) -> list[dict[str, Any]]:
 
 
 def rank_main(rank: int, world: int, port: int, folder: Path, argv: list[str]) -> None:
-    how, scenario, steps = argv[0], argv[1], int(argv[2])
+    how, steps, scenarios = argv[0], int(argv[1]), argv[2].split(",")
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -199,15 +200,21 @@ def rank_main(rank: int, world: int, port: int, folder: Path, argv: list[str]) -
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    target = -1
-    if scenario.startswith("flip:"):
-        _, rank_text, at = scenario.split(":")
-        target = int(rank_text)
-        patch_optimizer("flip", target, int(at), world)
-    result = (loop if how == "loop" else trainer)(rank, folder, steps, target)
-    (folder / f"rank{rank}.json").write_text(json.dumps(result, default=str))
-    if result["error"] is None and dist.is_initialized():
-        dist.barrier()
+    for i, scenario in enumerate(scenarios):
+        original = None
+        if scenario.startswith("flip:"):
+            _, target, at = scenario.split(":")
+            original = patch_optimizer("flip", int(target), int(at), world)
+        try:
+            run = loop if how == "loop" else trainer
+            result = run(folder / f"ledger.{i}.sqlite", folder / f"out{rank}.{i}", steps)
+        finally:
+            if original is not None:
+                torch.optim.AdamW.step = original  # type: ignore[method-assign]
+        (folder / f"rank{rank}.{i}.json").write_text(json.dumps(result, default=str))
+        if result["error"] is not None:
+            break
+        dist.barrier()  # the next run starts together; gloo's teardown too
 
 
 def main() -> None:
