@@ -18,7 +18,8 @@ the process (exit code :data:`HANG_EXIT_CODE`), so that a launcher restarts
 the job and the peers' next collective fails instead of waiting forever.
 
 While the training thread waits inside a ``torch.distributed`` collective for
-longer than :data:`WAIT_NOTE_SECONDS`, the watchdog also writes a small
+longer than :data:`WAIT_NOTE_SECONDS` (or twice the median step, up to
+:data:`WAIT_NOTE_CAP_SECONDS`), the watchdog also writes a small
 ``rank-waiting`` record every :data:`WAIT_NOTE_EVERY` seconds (the collective,
 the last step).  It is no alert: it is this rank's proof of life.  When a peer
 dies, the ranks whose collective failed read these notes (distributed.py) and
@@ -69,6 +70,11 @@ ALERT_WRITE_SECONDS = 30.0
 # that a peer's grace period sees a fresh one.  One small record per interval of
 # waiting bounds what honest waits (a slow peer) add to the ledger.
 WAIT_NOTE_SECONDS = 2.0
+# A run whose steps are slow waits in its collectives every step (a straggler peer):
+# a note only once a wait passes twice the median step, so that such runs do not
+# write one per step; capped so that a peer's grace period still sees a note.
+WAIT_NOTE_FACTOR = 2.0
+WAIT_NOTE_CAP_SECONDS = 5.0
 WAIT_NOTE_EVERY = 4.0
 WAITING_KIND = "rank-waiting"
 # The exit code of a process ended by on_hang="abort" (as timeout(1) uses).
@@ -183,7 +189,8 @@ class Watchdog:
                 return
             mark = self._progress(guard)
             idle = clock.now() - mark
-            if idle > WAIT_NOTE_SECONDS:
+            note_after = min(WAIT_NOTE_CAP_SECONDS, WAIT_NOTE_FACTOR * self._median)
+            if idle > max(WAIT_NOTE_SECONDS, note_after):
                 self._note_wait(guard, mark, idle)
             if self._stalled_since is not None or self._paused:
                 continue
