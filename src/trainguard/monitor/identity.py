@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainguard.monitor import clock
+from trainguard.monitor.compiled import only_torch_compile
 
 MAX_LAYERS = 16  # __wrapped__ / __func__ chains followed at most this deep
 _TRAINGUARD_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -258,7 +259,8 @@ def changed(found: list[Route]) -> list[str]:
     out = []
     for r in found:
         if r.changed():
-            out.append(r.describe())
+            if not only_torch_compile(r):  # torch.compile's own wrappers and globals
+                out.append(r.describe())
             r.take()  # report each change once
     return out
 

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainguard.monitor.compiled import dynamo_global
+
 # Module prefixes whose modules (and the classes defined in them) are part of the surface.
 MODULE_PREFIXES = (
     "torch.optim",
@@ -189,7 +191,8 @@ class Space:
                     # torch.compile also swaps in an equal code object from torch's files.
                     if not (trusted and _same_code(parts, kept, trusted)):
                         out.append(key)
-        added = self._added()
+        # Helpers dynamo adds to a compiled frame's module globals (monitor/compiled.py).
+        added = [k for k in self._added() if not dynamo_global(k, d.get(k))]
         if trusted:
             out = [k for k in out if not _wraps_from(d.get(k), old_of[k], trusted)]
             added = [k for k in added if not _wraps_from(d.get(k), self._inherited(k), trusted)]
