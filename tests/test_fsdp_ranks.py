@@ -104,14 +104,18 @@ def test_code_digest_is_the_same_in_two_processes() -> None:
         "print(ranks.digest_of(ranks.code_digests("
         "torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]))))"
     )
-    out = {
-        subprocess.run(
+    # Both at once: each spends its time importing torch.
+    procs = [
+        subprocess.Popen(
             [sys.executable, "-c", script],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env={"PYTHONHASHSEED": str(seed), "PATH": ""},
-            check=True,
-        ).stdout
+        )
         for seed in (1, 2)
-    }
+    ]
+    done = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), done
+    out = {stdout for stdout, _ in done}
     assert len(out) == 1, out
