@@ -107,8 +107,10 @@ def check_ends(
     )
     if expected is not None:
         _check_pins(ranks, run, emit, expected)
-    # Signed or not, the ranks the run-start and run-summary records count must be there.
-    world = max([s.world for s in streams.values()] + [0])
+    # Signed or not, the ranks that watch's records count (the run-start of each rank's
+    # stream, rank 0's run-summary) must be there.
+    counts = [s.world for s in ranks.values() if s.started]
+    world = max([*counts, run.world if run is not None and run.run_end is not None else 0])
     for n in sorted(set(range(world)) - set(ranks) - reported):
         emit(
             "TG1202",
