@@ -1,33 +1,60 @@
-"""Keyed, exact fingerprints of tensors, computed on the tensors' own device.
+"""Keyed, exact, position-dependent fingerprints of tensors, computed on their own device.
 
-Each tensor's bits are read as integers and reduced twice on its device: a
-plain wrapping sum and a sum after XOR with a secret per-run key.  A change of
-a single bit anywhere (one ulp of one weight) changes the plain sum; without
-the key, code that alters weights cannot predict how the keyed sum moves, so
-it cannot compensate.  Only two integers per tensor leave the device; the
-digest that goes to the ledger is a keyed BLAKE2b over those integers, the
-tensor names, shapes and dtypes.
+A tensor's bytes are read as the 8-byte words of the whole tensor, ``x_i`` (signed).
+Each word is weighted by multipliers that depend on its index ``i`` and on a
+secret per-run key, and so is its top half ``h_i = x_i >> 32``::
 
-Cost: about three passes over the tensor's memory (sum, XOR, sum); no copy of
-the parameters is kept.
+    keyed = sum_i  x_i * a_i  +  h_i * b_i      (mod 2**64)
 
-Sharded tensors (FSDP2's DTensors) are read where they live: each rank sums
-its own slice, of whatever size (an empty one included), and names it by the
-slice (``0.weight[4:8]``, see sharding.py); nothing is gathered.
+with ``a_i = A[i mod WORDS] * U[i div WORDS]`` and ``b_i`` alike: a table of
+WORDS random words per device and one odd weight per chunk of WORDS words, all
+drawn from the key (SHAKE-256), so the weights never repeat along a tensor.  As
+integers ``x = h * 2**32 + low`` (``low`` unsigned), the sum is a multilinear hash
+of the 32-bit halves: a change that keeps the sum needs ``sum d_j k_j = 0 mod 2**64``
+for unknown random ``k_j`` and a known nonzero difference of at most 32 bits, which
+happens with odds of at most 2**-33 per try, whatever the attacker changes,
+moves or permutes (version 1 XORed one constant into every word: permuting words, or
+moving a bit between two words at the same position, left it equal).
+
+The *plain* sum is the same with public tables: anyone holding the tensors can
+recompute it (a replay without the run's key compares these), so it proves less
+against someone who edits weights on purpose.
+
+Blocks compose: a shard names the position of its bytes in the whole tensor, a word
+split between two shards is read zero-padded by each (both its parts and their top
+halves add up to the word's, since the lower part is below 2**32 or a multiple of
+it), so the sums of any set of blocks that tile a tensor add up, mod 2**64, to the
+whole tensor's (:func:`compose`).  Replicas hold the same label and the same sums.
+
+Cost: on CPU one ``mv`` over each chunk (the keyed and the plain weights as two
+rows) and one over its top halves: about one pass over the tensor's memory, with
+the tables in cache; on a GPU elementwise products in chunks.  No copy of the
+parameters is kept.  Only two integers per tensor leave the device; the digest that
+goes to the ledger is a keyed BLAKE2b over those integers, the tensor names, shapes
+and dtypes.
+
+Sharded tensors (FSDP2's DTensors) are read where they live: each rank sums its own
+slice, of whatever size (an empty one included), and names it by the slice
+(``0.weight[4:8]``, see sharding.py); nothing is gathered.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from trainguard.monitor.sharding import is_dtensor, local, shard, state_owner
 
-_INT_VIEW = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
-_CHUNK = 1 << 18  # int64 words per chunk: 2 MiB, inside the cache of most CPUs
+# The math of the sums; a ledger records it in run-start, and digests of another
+# version are never compared with these (replay says which version recorded them).
+FINGERPRINT_VERSION = 2
+WORDS = 1 << 16  # words per chunk: 512 KiB, with the tables in the cache of most CPUs
+PUBLIC = b"trainguard fingerprint v2 public "  # the plain sums' tables (no secret)
+Place = tuple[tuple[int, ...], tuple[int, ...]]  # a block's offset, the whole tensor's shape
 
 
 @dataclass(frozen=True)
@@ -67,72 +94,85 @@ class Fingerprint:
 class Fingerprinter:
     def __init__(self, key: bytes | None = None) -> None:
         self.key = key or secrets.token_bytes(32)
-        self._xor = int.from_bytes(self.key[:8], "little", signed=True)
-        self._masks: dict[tuple[Any, str], Any] = {}
+        self._tables: dict[tuple[Any, str], Any] = {}
 
-    def _mask(self, torch: Any, device: Any, int_dtype: str) -> Any:
-        key = (device, int_dtype)
-        if key not in self._masks:
-            bits = {"int8": 8, "int16": 16, "int32": 32, "int64": 64}[int_dtype]
-            value = self._xor & ((1 << bits) - 1)
-            if value >= 1 << (bits - 1):
-                value -= 1 << bits
-            self._masks[key] = torch.tensor(value, dtype=getattr(torch, int_dtype), device=device)
-        return self._masks[key]
+    def _table(self, torch: Any, device: Any, what: str, size: int) -> Any:
+        """A row table on ``device``: "words" (4 x WORDS: keyed then plain multipliers for
+        the word and its top half) or "chunks" (at least ``size`` x 4, grown by doubling)."""
+        found = self._tables.get((device, what))
+        if found is not None and found.shape[0 if what == "chunks" else 1] >= size:
+            return found
+        if what == "words":
+            rows = [_stream(b"word" + self.key, WORDS), _stream(PUBLIC + b"word", WORDS)]
+            made = torch.stack([rows[0][0], rows[1][0], rows[0][1], rows[1][1]])
+        else:
+            n = max(64, 1 << (size - 1).bit_length())
+            # Odd: a chunk's weight never drops the low bits of its sums.
+            keyed, plain = _stream(b"chunk" + self.key, n), _stream(PUBLIC + b"chunk", n)
+            made = torch.stack([keyed[0], plain[0], keyed[1], plain[1]], dim=1) | 1
+        self._tables[(device, what)] = made = made.to(device)
+        return made
 
-    def sums(self, tensors: Sequence[Any]) -> list[tuple[int, int]]:
-        """(plain, keyed) integer sums of each tensor's bits."""
+    def sums(
+        self, tensors: Sequence[Any], places: Sequence[Place | None] | None = None
+    ) -> list[tuple[int, int]]:
+        """(plain, keyed) position-dependent sums of each tensor's bits.
+
+        ``places``: where each tensor sits in the whole tensor it is a block of (the
+        block's offset and the whole shape); a block's sums then add up, modulo 2**64,
+        with the other blocks' to the whole tensor's (:func:`compose`).  None: the
+        tensor is read as a whole tensor of its own.
+        """
         import torch
 
         out = []
-        for t in tensors:
+        for i, t in enumerate(tensors):
             data = local(t).detach()
-            if data.numel() == 0:  # an empty shard: nothing to read, nothing to sync
-                out.append(torch.zeros(2, dtype=torch.int64, device=data.device))
-                continue
-            if data.is_complex():
-                data = torch.view_as_real(data)
-            if not data.is_contiguous():
-                data = data.contiguous()
-            if data.dtype == torch.bool:
-                data = data.view(torch.uint8)
-            int_dtype = _INT_VIEW.get(data.element_size(), "int8")
-            if data.element_size() not in _INT_VIEW:  # an odd item size: read it byte by byte
-                data = data.reshape(-1).view(torch.uint8)
-            bits = data.view(getattr(torch, int_dtype)).reshape(-1)
-            if bits.numel() * bits.element_size() % 8 == 0:
-                # Reduced as 64-bit words: summing int64 is vectorised, widening
-                # int32 to int64 first is several times slower.  The word size follows
-                # from the byte count alone, so equal bytes give equal sums wherever
-                # they sit: a view at an odd address (a shard inside FSDP's padded
-                # storage) is copied to an aligned one rather than summed differently.
-                if bits.data_ptr() % 8:
-                    bits = bits.clone()
-                int_dtype = "int64"
-                bits = bits.view(torch.uint8).view(torch.int64)
-            mask = self._mask(torch, bits.device, int_dtype)
-            if bits.numel() <= _CHUNK:
-                keyed = torch.bitwise_xor(bits, mask).sum(dtype=torch.int64)
-                out.append(torch.stack([bits.sum(dtype=torch.int64), keyed]))
-                continue
-            # Chunks small enough to stay in cache: the XOR'd copy never goes to
-            # memory, so a fingerprint costs about one pass over the tensor.
-            scratch = torch.empty(_CHUNK, dtype=bits.dtype, device=bits.device)
-            parts = []
-            for start in range(0, bits.numel(), _CHUNK):
-                chunk = bits[start : start + _CHUNK]
-                tmp = scratch[: chunk.numel()]
-                torch.bitwise_xor(chunk, mask, out=tmp)
-                parts.append(
-                    torch.stack([chunk.sum(dtype=torch.int64), tmp.sum(dtype=torch.int64)])
-                )
-            out.append(torch.stack(parts).sum(dim=0))
+            place = places[i] if places is not None else None
+            total = torch.zeros(4, dtype=torch.int64, device=data.device)
+            if data.numel():
+                for run, start in _runs(torch, data, place):
+                    total = total + self._run(torch, run, start)
+            # (plain, keyed): the word term plus the top-half term of each.
+            out.append(torch.stack([total[1] + total[3], total[0] + total[2]]))
         if not out:
             return []
         # One transfer for all tensors: a device sync per tensor would cost more
         # than the reductions on a GPU.
         pairs = torch.stack([o.to("cpu") for o in out]).tolist()
         return [(int(a), int(b)) for a, b in pairs]
+
+    def _run(self, torch: Any, data: Any, start: int) -> Any:
+        """The four weighted sums of one contiguous run of bytes whose first byte is byte
+        ``start`` of the whole tensor.  Words are the whole tensor's 8-byte words: a run
+        that starts or ends inside one reads it zero-padded (the parts of a word add up
+        to the word, and so do their top halves: see the module's docstring)."""
+        raw = data.reshape(-1).view(torch.uint8)
+        n, lead = raw.numel(), start % 8
+        first = start // 8
+        span = -(-(lead + n) // 8)  # words the run touches
+        if lead or n % 8 or raw.data_ptr() % 8:
+            padded = torch.zeros(span * 8, dtype=torch.uint8, device=raw.device)
+            padded[lead : lead + n] = raw
+            raw = padded
+        words = raw.view(torch.int64)
+        table = self._table(torch, words.device, "words", WORDS)
+        parts, chunks = [], []
+        scratch = torch.empty(min(span, WORDS), dtype=torch.int64, device=words.device)
+        at = 0
+        while at < span:
+            index = first + at
+            offset = index % WORDS
+            take = min(span - at, WORDS - offset)
+            piece = words[at : at + take]
+            top = torch.bitwise_right_shift(piece, 32, out=scratch[:take])
+            rows = table[:, offset : offset + take]
+            parts.append(torch.cat([_dot(torch, rows[:2], piece), _dot(torch, rows[2:], top)]))
+            chunks.append(index // WORDS)
+            at += take
+        weights = self._table(torch, words.device, "chunks", chunks[-1] + 1)
+        picked = weights[chunks[0] : chunks[-1] + 1]
+        return (torch.stack(parts) * picked).sum(dim=0)
 
     def fingerprint(self, named: Iterable[tuple[str, Any]]) -> Fingerprint:
         """Digests per tensor (per local shard, named by its slice) and for the group.
@@ -142,7 +182,8 @@ class Fingerprinter:
         ranks mean the same elements of the same tensor.
         """
         items = [shard(n, t) for n, t in named if t is not None]
-        sums = self.sums([s.local for s in items])
+        places = [(s.offset, s.global_shape) if s.sharded else None for s in items]
+        sums = self.sums([s.local for s in items], places)
         per: list[tuple[str, str]] = []
         plain_per: list[tuple[str, str]] = []
         group = hashlib.blake2b(key=self.key[:32], digest_size=16)
@@ -165,6 +206,65 @@ class Fingerprinter:
             h.update(len(p).to_bytes(8, "little"))
             h.update(p)
         return h.hexdigest()
+
+
+def compose(parts: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    """The (plain, keyed) sums of a whole tensor from those of blocks that tile it."""
+    plain = keyed = 0
+    for a, b in parts:
+        plain, keyed = plain + a, keyed + b
+    return _signed(plain), _signed(keyed)
+
+
+def _signed(x: int) -> int:
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _stream(seed: bytes, n: int) -> Any:
+    """Two rows of ``n`` random int64 from ``seed``; row j holds words 2i+j of SHAKE-256,
+    so a longer stream starts with the shorter one (the chunk weights grow)."""
+    import torch
+
+    raw = bytearray(hashlib.shake_256(seed).digest(16 * n))
+    return torch.frombuffer(raw, dtype=torch.int64).view(n, 2).t().contiguous()
+
+
+def _dot(torch: Any, rows: Any, v: Any) -> Any:
+    """``rows @ v`` modulo 2**64 (int64 wraps): CPU's ``mv`` reads ``v`` once for both
+    rows; CUDA has no integer ``mv``, so elementwise products there."""
+    if v.device.type == "cpu":
+        return torch.mv(rows, v)
+    return (rows * v).sum(dim=1)
+
+
+def _runs(torch: Any, data: Any, place: Place | None) -> Iterator[tuple[Any, int]]:
+    """(bytes, offset of its first byte in the whole tensor) for each contiguous run of
+    the whole tensor that the block ``data`` holds: one for a whole tensor or a block of
+    leading rows (FSDP), one per leading index when a later dimension is split."""
+    size = data.element_size()  # of an element of the whole tensor (complex: both parts)
+    if data.is_complex():
+        data = torch.view_as_real(data)
+    data = data.contiguous()
+    if data.dtype == torch.bool:
+        data = data.view(torch.uint8)
+    if place is None or not data.dim():
+        yield data, 0
+        return
+    offset, shape = place
+    local = tuple(data.shape)[: len(shape)]
+    split = [d for d in range(len(shape)) if offset[d] or local[d] != shape[d]]
+    if not split:
+        yield data, 0
+        return
+    k = split[-1]
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    for lead in itertools.product(*(range(n) for n in local[:k])):
+        start = sum((offset[d] + i) * strides[d] for d, i in enumerate(lead))
+        start += offset[k] * strides[k]
+        yield data[lead], start * size
 
 
 def optimizer_tensors(optimizer: Any) -> list[tuple[str, Any]]:

@@ -16,6 +16,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from trainguard.monitor.fingerprint import FINGERPRINT_VERSION
 from trainguard.monitor.setup import open_store, rank_world
 
 if TYPE_CHECKING:
@@ -163,6 +164,8 @@ def run_start(guard: Any, environment: Any, conditions: Any) -> dict[str, Any]:
     opts = guard.options
     return {
         "key_id": guard.fp.digest_bytes(b"key-id"),
+        # The fingerprints' math: digests of another version are never compared.
+        "fingerprint_version": FINGERPRINT_VERSION,
         # The public half of the key that signs this stream's heads (ledger/runkey.py).
         "run_key": guard.recorder.run_key(),
         "every": opts.every,

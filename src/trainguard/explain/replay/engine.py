@@ -150,6 +150,16 @@ def _read_verified(ledger: Any, run_id: str, rank: int) -> tuple[RunHistory, str
 
 
 def _mode(history: RunHistory, key: bytes | None) -> str:
+    from trainguard.monitor.fingerprint import FINGERPRINT_VERSION
+
+    version = history.start.get("fingerprint_version", 1)
+    if version != FINGERPRINT_VERSION:
+        # Recomputed digests of other math would all differ: no divergence to report.
+        raise ReplayError(
+            f"run {history.run_id!r} was recorded with fingerprint v{version}; this "
+            f"trainguard computes v{FINGERPRINT_VERSION}: replay it with the trainguard "
+            "version that recorded it"
+        )
     if key is not None:
         from trainguard.monitor.fingerprint import Fingerprinter
 
