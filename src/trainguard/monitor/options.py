@@ -98,6 +98,8 @@ class WatchOptions:
             problems.append("sign_key must be a private key, a PEM path, None or False")
         if self.run_key_out is not None and self.sign_key is not None:
             problems.append("run_key_out writes the per-run key: it needs sign_key=None")
+        if self.run_key_out is not None and self.ledger is None:
+            problems.append("run_key_out needs a ledger (without one nothing is signed)")
         if not callable(self.on_alert) and self.on_alert not in ("record", "stop"):
             problems.append(
                 f"on_alert must be 'record', 'stop' or a callable, not {self.on_alert!r}"
