@@ -422,6 +422,13 @@ def test_run_key_out_writes_the_private_half_once(tmp_path: Path) -> None:
     assert key_id(load_private_key(written).public_key()) == guard.recorder.key_id
     with pytest.raises(Exception, match="already exists"):
         sc.run(2, ledger=url, run_id="again", run_key_out=str(out))
+    # Only the per-run key is written, and only where something is signed.
+    from trainguard.errors import UsageError
+    from trainguard.monitor.options import WatchOptions
+
+    for bad in ({"sign_key": False}, {"sign_key": str(written)}, {"ledger": None}):
+        with pytest.raises(UsageError, match="run_key_out"):
+            WatchOptions(**{"ledger": url, "run_key_out": str(out), **bad})
 
 
 def test_budget_mode_verifies(tmp_path: Path) -> None:
