@@ -113,7 +113,7 @@ def run_mode(size: str, budget: float | None, args: argparse.Namespace) -> str:
             plain += steps(model, opt, per_block, x)[1:]
             watched += steps(w_model, w_opt, per_block, x, guard)[1:]
         timed = blocks * per_block
-        schedule = guard.schedule
+        schedule = getattr(guard, "schedule", None)  # None: exact mode, or before schedules
         guard.close()
     load_after = os.getloadavg()[0]
     p_wall, w_wall = (statistics.median(t[0] for t in s) for s in (plain, watched))
