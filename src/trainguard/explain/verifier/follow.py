@@ -27,21 +27,19 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from trainguard.errors import TrainguardError, UsageError
 from trainguard.explain.replay.entry import Entry, load_entry
-from trainguard.explain.replay.ledger import HistoryReader, ReplayError
 from trainguard.explain.replay.ranks import sources
 from trainguard.explain.replay.result import DIVERGED, MATCHED, ReplayReport, step_rule
 from trainguard.explain.verifier.clock import RULE as CLOCK_RULE
 from trainguard.explain.verifier.clock import ServerClock
 from trainguard.explain.verifier.pool import RankPool
+from trainguard.explain.verifier.reading import RunReader
 from trainguard.explain.verifier.sampling import DEFAULT_RATE, chosen, detection_probability
-from trainguard.ledger.chain import GENESIS, Record, canonical_json, record_digest
-from trainguard.ledger.store import UNREADABLE_KEY
 
 VERIFY_SUFFIX = "/verify"
 POLL_SECONDS = 0.5
@@ -126,18 +124,12 @@ class Verifier:
         self._files: dict[str, tuple[int, int, str]] = {}  # path -> size, mtime, BLAKE3
         self._waiting: dict[str, tuple[int, int]] = {}  # unrecorded at the last poll
         self._reported: set[str] = set()
-        # What the ledger said so far, read incrementally: each poll reads only the
-        # records after each stream's last one read (its cost does not grow with the run).
-        self._cursor: dict[int, int] = {}
+        # What the ledger said so far, read incrementally (:mod:`.reading`).
+        self.reader = RunReader(self.store, run_id)
         self._start: dict[str, Any] | None = None
         self._checkpoints: dict[int, dict[int, Any]] = {}
         self._ended: set[int] = set()
         self.clock = ServerClock()  # claimed step times against the server's (PostgreSQL)
-        # Each rank's history, built as records arrive, and each stream's chain checked as
-        # it is read: a recomputation then neither re-reads nor re-verifies the ledger.
-        self._readers: dict[int, HistoryReader] = {}
-        self._links: dict[int, tuple[int, str]] = {}  # stream -> last (seq, digest) read
-        self._broken: str | None = None  # the first reason the run cannot be recomputed
         self._verified_at_end = False
         self._pool: RankPool | None = None  # a data-parallel run's replay processes
 
@@ -148,8 +140,11 @@ class Verifier:
         self.store.close()
 
     # -- one pass ------------------------------------------------------------------
-    def poll(self) -> list[Verdict]:
-        """Verify the picked segments completed since the last poll; check the folders."""
+    def poll(self, on_verdict: Callable[[Verdict], None] | None = None) -> list[Verdict]:
+        """Verify the picked segments completed since the last poll; check the folders.
+
+        ``on_verdict`` is called with each verdict as soon as it is written (a poll may
+        recompute several segments)."""
         start, checkpoints, ended = self._read()
         if start is None:
             return []
@@ -165,12 +160,12 @@ class Verifier:
                 verdict = self._verify(a, b, world)
                 self._write(verdict)
                 new.append(verdict)
+                if on_verdict is not None:
+                    on_verdict(verdict)
         self._unrecorded([c for per in checkpoints.values() for c in per.values()])
         self.summary.finished = world > 0 and all(r in ended for r in range(world))
         for severity, message, step, evidence in self.clock.judge(final=self.summary.finished):
             self._alert(CLOCK_RULE, message, step, evidence, severity)
-        if self.summary.finished and not self._verified_at_end:
-            self._verify_whole_run()
         lone = sorted(set().union(*(set(c) for c in checkpoints.values())) - common)
         if self.summary.finished and lone and not self.summary.problems:
             # Fail closed: a segment no rank group can replay is not silently skipped.
@@ -179,6 +174,8 @@ class Verifier:
                 f"one of the {world} ranks, so the segments they bound cannot be recomputed "
                 "(call guard.checkpoint on every rank, docs/replay.md)"
             )
+        if self.summary.finished and not self._verified_at_end:
+            self._verify_whole_run()
         return new
 
     def follow(
@@ -192,9 +189,7 @@ class Verifier:
         began = time.monotonic()
         while True:
             ended_before = self.summary.finished
-            for verdict in self.poll():
-                if on_verdict is not None:
-                    on_verdict(verdict)
+            self.poll(on_verdict)
             if ended_before and self.summary.finished:
                 return self.summary
             if timeout is not None and time.monotonic() - began > timeout:
@@ -205,14 +200,8 @@ class Verifier:
     def _read(self) -> tuple[dict[str, Any] | None, dict[int, dict[int, Any]], set[int]]:
         from trainguard.explain.replay.ledger import CheckpointRecord
 
-        for r in self._new_records():
-            self._check_link(r)
+        for r in self.reader.new_records():
             self.clock.feed(r)
-            if r.stream >= 0 and self._broken is None:
-                try:
-                    self._readers.setdefault(r.stream, HistoryReader(self.run_id, r.stream)).take(r)
-                except ReplayError as exc:
-                    self._broken = str(exc)
             p = r.payload
             if r.kind == "run-start" and r.stream == 0:
                 self._start = p
@@ -225,26 +214,6 @@ class Verifier:
                 )  # fmt: skip
                 self._checkpoints.setdefault(r.stream, {})[rec.step] = rec
         return self._start, self._checkpoints, self._ended
-
-    def _check_link(self, r: Record) -> None:
-        """The record continues its stream's chain and its digest holds; else the run is
-        not recomputed any more (every later verdict is an error naming why)."""
-        seq, prev = (-1, GENESIS)
-        if r.stream in self._links:
-            seq, prev = self._links[r.stream]
-        self._links[r.stream] = (r.seq, r.digest)
-        if self._broken is not None:
-            return
-        try:
-            text = canonical_json(r.payload)
-            digest = record_digest(r.run_id, r.stream, r.seq, r.kind, r.step, r.time, text, r.prev)
-        except ValueError:
-            digest = ""
-        if r.seq != seq + 1 or r.prev != prev or digest != r.digest or UNREADABLE_KEY in r.payload:
-            self._broken = (
-                f"the ledger of run {self.run_id!r} does not verify at stream {r.stream} "
-                f"seq {r.seq} (edited, moved or missing records); run `trainguard ledger verify`"
-            )
 
     def _verify_whole_run(self) -> None:
         """Once, when every rank has ended: what only the whole run shows (signed heads),
@@ -262,22 +231,6 @@ class Verifier:
                 f"{broken[0].message}); run `trainguard ledger verify`"
             )
 
-    def _new_records(self) -> Iterator[Record]:
-        """The run's records not read by an earlier poll, each stream's in order."""
-        from trainguard.ledger.store import SqlLedger
-
-        if not isinstance(self.store, SqlLedger):  # a user's store: read all, skip the seen
-            for r in self.store.records(self.run_id):
-                if r.seq > self._cursor.get(r.stream, -1):
-                    self._cursor[r.stream] = r.seq
-                    yield r
-            return
-        for stream in self.store.streams(self.run_id):
-            after = self._cursor.get(stream, -1)
-            for r in self.store.records(self.run_id, stream, after_seq=after):
-                self._cursor[stream] = max(self._cursor.get(stream, -1), r.seq)
-                yield r
-
     # -- recomputing a segment ---------------------------------------------------------
     def _verify(self, a: int, b: int, world: int) -> Verdict:
         from trainguard.explain.replay.engine import replay
@@ -288,8 +241,8 @@ class Verifier:
             "checkpoint_dir": self.checkpoint_dir,
         }  # fmt: skip
         try:
-            if self._broken is not None:
-                raise VerifierError(self._broken)
+            if self.reader.broken is not None:
+                raise VerifierError(self.reader.broken)
             if world > 1:
                 if self.spec is None:
                     raise VerifierError("a data-parallel run needs the entry as module:function")
@@ -301,7 +254,7 @@ class Verifier:
                     self._pool = None  # it closed itself: the next segment starts afresh
                     raise
             else:
-                history = self._readers[0].history()
+                history = self.reader.history(0)
                 reports = [
                     replay(self.store, self.run_id, self.entry, verified_history=history, **options)
                 ]
