@@ -83,6 +83,8 @@ def _count(value: object) -> int:
 
 
 def _signed_part(st: EndState) -> str:
+    if st.head_ok >= 0 and st.head_ok == st.last_seq:
+        return f"it ends at a signed head (seq {st.head_ok}), as a stream cut back to one would"
     if st.head_ok >= 0:
         return f"records after its last signed head (seq {st.head_ok}) are not authenticated"
     return "none of its records is covered by a signed head"
