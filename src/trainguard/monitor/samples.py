@@ -153,8 +153,10 @@ class SampleRecorder:
         import torch
 
         self.last_indices = self.log.current() if self.log is not None else None
-        n = int(tensors[0].shape[0]) if tensors and tensors[0].dim() >= 1 else 0
-        rows = [t.detach().cpu().contiguous() for t in tensors if t.dim() >= 1 and t.shape[0] == n]
+        # Dense tensors only (a sparse or nested one has no row bytes to hash).
+        dense = [t for t in tensors if t.layout == torch.strided and t.dim() >= 1]
+        n = int(dense[0].shape[0]) if dense else 0
+        rows = [t.detach().cpu().contiguous() for t in dense if t.shape[0] == n]
         compact = []
         for i in range(n):
             h = hashlib.sha256()
