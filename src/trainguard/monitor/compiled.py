@@ -39,7 +39,8 @@ def _disable_code() -> Any:
         try:
             import torch
 
-            _wrapper_code = torch.compiler.disable(lambda: None).__code__
+            disable: Any = torch.compiler.disable  # untyped in torch
+            _wrapper_code = disable(lambda: None).__code__
         except Exception:  # no dynamo in this build: nothing of it can be trusted
             _wrapper_code = False
     return _wrapper_code or None
@@ -74,13 +75,20 @@ def dynamo_global(key: str, value: Any) -> bool:
         name = key.removeprefix("__import_").replace("_dot_", ".")
         return sys.modules.get(name) is value
     if key.startswith("__builtins_dict___"):
-        return value is builtins.__dict__ or (isinstance(value, dict) and "len" in value)
+        return value is builtins.__dict__
     if key.startswith("__optimizer_"):
         return isinstance(value, weakref.ReferenceType)
     return _dynamo_wrapper(value) or (
         isinstance(value, types.FunctionType)
         and value.__code__.co_name.startswith("torch_dynamo_resume_in_")
     )
+
+
+def dynamo_removed(key: str, old: Any, namespace: dict[str, Any]) -> bool:
+    """A helper dynamo put in a module's globals, deleted since (its compiled frame's cache
+    entry died with the objects it guarded on).  Replacing one is never torch's doing:
+    bytecode compiled before names it."""
+    return key not in namespace and dynamo_global(key, old)
 
 
 def only_torch_compile(route: Any) -> bool:
@@ -103,7 +111,7 @@ def only_torch_compile(route: Any) -> bool:
     found = False
     for ns, was in zip(spaces, before, strict=True):
         now = vars(ns)
-        if set(was) - set(now):
+        if any(not dynamo_removed(k, was[k][0], now) for k in set(was) - set(now)):
             return False  # something removed
         for key, value in list(now.items()):
             if key not in was:

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainguard.monitor.kinds import Unchecked, unreadable
 from trainguard.monitor.sharding import is_dtensor, local, state_owner
 
 SAMPLES_PER_PARAM = 256
@@ -38,32 +39,64 @@ class DirectionCheck:
         import torch
 
         self.torch = torch
-        self.params = [(n, p) for n, p in named_params if p.requires_grad]
-        gen = torch.Generator().manual_seed(int.from_bytes(key[8:16], "little") & (2**62))
-        # Indices into what this rank holds (a DTensor's local shard, see sharding.py).
-        self.index = {
-            id(p): torch.randint(
-                0, local(p).numel(), (min(SAMPLES_PER_PARAM, local(p).numel()),), generator=gen
-            ).to(local(p).device)
-            for _, p in self.params
-            if local(p).numel()
-        }
+        # Tensors the probe cannot read (sparse gradients, complex weights...): skipped and
+        # named once (monitor/kinds.py), never a crash in the user's backward.
+        self.unchecked = Unchecked()
+        self.params: list[tuple[str, Any]] = []
+        self.index: dict[int, Any] = {}
+        self.names: dict[int, str] = {}
+        self._gen = torch.Generator().manual_seed(int.from_bytes(key[8:16], "little") & (2**62))
         self.backward_samples: dict[int, Any] = {}
         self.before: dict[int, Any] = {}
         self.grad_at_step: dict[int, Any] = {}
+        # Our hook must run as plain Python under torch.compile: traced, dynamo would copy
+        # the guard's globals into torch's modules and bake the sample indices into graphs.
+        disable: Any = torch.compiler.disable  # untyped in torch
+        self._hook = disable(self._on_grad)
+        self.handles: list[Any] = []
+        self.adopt([(n, p) for n, p in named_params if p.requires_grad])
         # Sharded gradients (FSDP) reach the hook already reduced, one slice per rank:
         # nothing to average, and the slices' sample counts differ between ranks.
         self.distributed = _distributed() and not any(is_dtensor(p) for _, p in self.params)
-        self.handles = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.params]
         # Each parameter's sampled moment after the last step; None after a step the
         # probe skipped (budget mode): the moments' change is then unknown.
         self.moments: dict[int, Any] | None = {}
         self.mismatch: str | None = None
 
+    def adopt(self, named: list[tuple[str, Any]]) -> None:
+        """Start probing these parameters (at start-up, and for a param group added later)."""
+        torch = self.torch
+        known = {id(p) for _, p in self.params}
+        for name, p in named:
+            if id(p) in known:
+                continue
+            self.params.append((name, p))
+            self.names[id(p)] = name
+            why = unreadable(local(p))
+            if why is not None:
+                self.unchecked.add(name, why)
+                continue
+            n = local(p).numel()
+            if n:
+                # Indices into what this rank holds (a DTensor's local shard, see sharding.py).
+                draw = torch.randint(0, n, (min(SAMPLES_PER_PARAM, n),), generator=self._gen)
+                self.index[id(p)] = draw.to(local(p).device)
+            self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
     def _on_grad(self, p: Any) -> None:
-        if p.grad is not None and id(p) in self.index:
+        if p.grad is None or id(p) not in self.index:
+            return
+        try:
+            grad = local(p.grad)
+            why = unreadable(grad)
+            if why is not None:
+                self.unchecked.add(self.names.get(id(p), "?"), f"gradient {why}")
+                return
             # Widened at the step, not here: backward pays only for the read.
-            self.backward_samples[id(p)] = local(p.grad).detach().reshape(-1)[self.index[id(p)]]
+            self.backward_samples[id(p)] = grad.detach().reshape(-1)[self.index[id(p)]]
+        except Exception as e:  # a check never ends the user's backward
+            self.unchecked.add(self.names.get(id(p), "?"), f"probe failed: {e!r}"[:200])
+            self.backward_samples.pop(id(p), None)
 
     def skip(self) -> None:
         """A step the probe does not check (budget mode): forget what it cannot compare."""
@@ -85,7 +118,9 @@ class DirectionCheck:
             idx = self.index[id(p)]
             back = self.backward_samples.get(id(p))
             back = back.to(torch.float64) if back is not None else None
-            if p.grad is None:
+            if p.grad is None or unreadable(local(p.grad)) is not None:
+                if p.grad is not None:
+                    self.unchecked.add(name, f"gradient {unreadable(local(p.grad))}")
                 slots.append(
                     (name, None, torch.zeros(idx.numel(), dtype=torch.float64, device=idx.device))
                 )

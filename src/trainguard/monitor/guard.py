@@ -28,6 +28,7 @@ from trainguard.monitor.checks.tamper import TamperCheck
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
 from trainguard.monitor.options import WatchOptions
 from trainguard.monitor.recorder import Recorder, run_start, step_payload
+from trainguard.monitor.safety import checked, step_hooks
 from trainguard.monitor.samples import SampleRecorder
 from trainguard.monitor.setup import rank_world, scalar, shared_key, tensors_in, total_grad_norm
 from trainguard.monitor.sharding import stepped_optimizer
@@ -72,9 +73,11 @@ class Guard:
         self.named_params = list(model.named_parameters())
 
         self.direction = UpdateDirectionCheck(self.named_params, optimizer, self.key)
+        # Bound now: an instance attribute shadowing them later does not reach the hooks.
+        pre, post = step_hooks(self._before_step, self._after_step)
         self._hooks = [
-            optimizer.register_step_pre_hook(lambda opt, a, k: self._before_step()),
-            optimizer.register_step_post_hook(lambda opt, a, k: self._after_step()),
+            optimizer.register_step_pre_hook(pre),
+            optimizer.register_step_post_hook(post),
         ]
         self.seeds = SeedCheck(self.dataloader)
         # Sealed data: which samples each batch came from (docs/data.md).
@@ -189,14 +192,15 @@ class Guard:
         """One check's step hook, or, in budget mode, its ``skipped`` when the schedule
         leaves its unit out of this step (a scheduled unit's time is charged to it)."""
         phase = check.before_step if before else check.after_step
+        name, when = type(check).__name__, "before_step" if before else "after_step"
         runs, unit = self._runs, check.unit
         if runs is None or unit is None or self.schedule is None:
-            return phase(ctx)
+            return checked(name, when, ctx, lambda: phase(ctx))
         if unit not in runs:
-            return check.skipped(ctx) if before else []
+            return checked(name, "skipped", ctx, lambda: check.skipped(ctx)) if before else []
         started = clock.now()
         try:
-            return phase(ctx)
+            return checked(name, when, ctx, lambda: phase(ctx))
         finally:
             self.schedule.charge(unit, clock.now() - started)
 
@@ -263,7 +267,10 @@ class Guard:
         end = StepEnd(scalar(loss), self._grad_norm, step_time, tensors, *declared, phases)
         ctx = Context(self.step_index, self.rank)
         for check in self.checks:
-            self.sink.raise_all(check.step_end(ctx, end))
+            name = type(check).__name__
+            self.sink.raise_all(
+                checked(name, "step_end", ctx, lambda c=check: c.step_end(ctx, end))
+            )
         batch_fp = (
             self.fp.fingerprint((str(i), t) for i, t in enumerate(tensors)) if tensors else None
         )

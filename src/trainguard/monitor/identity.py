@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainguard.monitor import clock
-from trainguard.monitor.compiled import only_torch_compile
+from trainguard.monitor.compiled import dynamo_global, only_torch_compile
 
 MAX_LAYERS = 16  # __wrapped__ / __func__ chains followed at most this deep
 _TRAINGUARD_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -347,6 +347,8 @@ def _named_functions(r: Route) -> Iterator[tuple[str, types.FunctionType]]:
     for ns in r.spaces:
         prefix = getattr(ns, "__qualname__", None) or getattr(ns, "__name__", "?")
         for key, value in list(vars(ns).items()):
+            if dynamo_global(key, value):
+                continue  # a compiled frame's helper (monitor/compiled.py), made by torch
             for f in functions(value):
                 yield f"{prefix}.{key}", f
 

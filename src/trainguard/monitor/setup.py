@@ -62,16 +62,22 @@ def tensors_in(batch: Any, torch: Any) -> list[Any]:
 def total_grad_norm(named_params: list[tuple[str, Any]], torch: Any) -> float:
     """The 2-norm of all gradients together (0.0 when none has a gradient)."""
     # At least float32 (half-precision norms overflow), float64 kept as it is.
-    norms = [
-        p.grad.detach().norm(
-            dtype=torch.float64 if p.grad.dtype == torch.float64 else torch.float32
-        )
-        for _, p in named_params
-        if p.grad is not None
-    ]
+    norms = [_norm(p.grad.detach(), torch) for _, p in named_params if p.grad is not None]
     if not norms:
         return 0.0
     return float(torch.stack([n.to("cpu", torch.float64) for n in norms]).norm())
+
+
+def _norm(grad: Any, torch: Any) -> Any:
+    # A sparse gradient (nn.Embedding(sparse=True)) is its stored values; a complex one
+    # counts by magnitude.  Neither may end the user's step.
+    if grad.layout == torch.sparse_coo:
+        grad = grad.coalesce().values()
+    elif grad.layout != torch.strided:
+        grad = grad.values()
+    if grad.is_complex():
+        grad = grad.abs()
+    return grad.norm(dtype=torch.float64 if grad.dtype == torch.float64 else torch.float32)
 
 
 def scalar(value: Any) -> float | None:

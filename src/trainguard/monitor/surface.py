@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainguard.monitor.compiled import dynamo_global
+from trainguard.monitor.compiled import dynamo_global, dynamo_removed
 
 # Module prefixes whose modules (and the classes defined in them) are part of the surface.
 MODULE_PREFIXES = (
@@ -191,8 +191,9 @@ class Space:
                     # torch.compile also swaps in an equal code object from torch's files.
                     if not (trusted and _same_code(parts, kept, trusted)):
                         out.append(key)
-        # Helpers dynamo adds to a compiled frame's module globals (monitor/compiled.py).
+        # Helpers dynamo adds to a compiled frame's module globals, and deletes (compiled.py).
         added = [k for k in self._added() if not dynamo_global(k, d.get(k))]
+        out = [k for k in out if not dynamo_removed(k, old_of[k], d)]
         if trusted:
             out = [k for k in out if not _wraps_from(d.get(k), old_of[k], trusted)]
             added = [k for k in added if not _wraps_from(d.get(k), self._inherited(k), trusted)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainguard.monitor.alerts import Alert, Context
-from trainguard.monitor.checks.base import Check
+from trainguard.monitor.checks.base import Check, StepEnd
 from trainguard.monitor.direction import DirectionCheck
 
 
@@ -16,8 +16,15 @@ class UpdateDirectionCheck(Check):
         self.optimizer = optimizer
         self.probe = DirectionCheck(params, key)
         self.cosine: float | None = None
+        self._names = {id(p): n for n, p in params}  # every parameter, frozen ones too
+        self._groups = len(optimizer.param_groups)
 
     def before_step(self, ctx: Context) -> list[Alert]:
+        groups = self.optimizer.param_groups
+        if len(groups) > self._groups:  # add_param_group (gradual unfreezing): probe them too
+            added = [p for g in groups[self._groups :] for p in g["params"]]
+            self.probe.adopt([(self._names[id(p)], p) for p in added if id(p) in self._names])
+        self._groups = len(groups)
         flipped = self.probe.before_step()
         if not flipped:
             return []
@@ -48,6 +55,20 @@ class UpdateDirectionCheck(Check):
                 f"the update points against the direction "
                 f"{type(self.optimizer).__name__} prescribes (cosine {cosine:.3f})",
                 cosine=cosine,
+            )
+        ]
+
+    def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
+        fresh = self.probe.unchecked.fresh()
+        if not fresh:
+            return []
+        listed = ", ".join(f"{n} ({why})" for n, why in list(fresh.items())[:5])
+        return [
+            ctx.alert(
+                "TG1315",
+                f"the gradient probe cannot read {len(fresh)} tensor(s) and skips them: {listed}",
+                tensors=sorted(fresh)[:50],
+                reasons=dict(list(fresh.items())[:50]),
             )
         ]
 

@@ -24,7 +24,9 @@ from trainguard.monitor.budget import (
     chunk_count,
 )
 from trainguard.monitor.checks.base import Check
-from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter, optimizer_tensors
+from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
+from trainguard.monitor.fingerprint import optimizer_tensors as _all_state
+from trainguard.monitor.kinds import Unchecked, dense_parts
 from trainguard.monitor.sharding import is_dtensor, local, shards, state_owner
 from trainguard.monitor.stats import RobustWindow
 
@@ -56,7 +58,7 @@ class TamperCheck(Check):
         self._whole: list[tuple[str, Any]] | None = None  # the parameters, none sharded
         import torch
 
-        self._tensor = torch.Tensor
+        self._tensor, self._strided = torch.Tensor, torch.strided
         if not any(is_dtensor(p) for _, p in params):
             self._whole = [(s.label, s.local) for s in shards(params)]
         self._sampler = ChunkSample(fp.key)
@@ -68,9 +70,10 @@ class TamperCheck(Check):
         self._taken = 0.0  # seconds the last sample took to read after its step
         self.checked_boundaries = 0  # boundaries with full fingerprints
         self.sampled_share = 0.0  # budget mode: share of chunks read at the last boundary
+        self._skipped = Unchecked()  # optimizer state no fingerprint reads (TG1315, once)
         started = clock.now()
         self.after: Fingerprint = fp.fingerprint(params)
-        self.opt_after: Fingerprint = fp.fingerprint(optimizer_tensors(optimizer))
+        self.opt_after: Fingerprint = fp.fingerprint(self._state())
         self.full_cost = clock.now() - started  # seconds for one full fingerprint
         if budget is not None:
             self._versions.remember(self._version_keys())
@@ -83,12 +86,17 @@ class TamperCheck(Check):
         """Whether the coming boundary gets full fingerprints."""
         return self._checking if self.budget is not None else step % self.every == 0
 
+    def _state(self) -> list[tuple[str, Any]]:
+        """The optimizer's state tensors, a sparse one (SGD momentum over a sparse
+        gradient) as its dense parts (monitor/kinds.py)."""
+        return dense_parts(_all_state(self.optimizer), self._skipped)
+
     def watched(self) -> list[tuple[str, Any]]:
         # A sharded parameter as the slice this rank holds (monitor/sharding.py); the
         # parameters are the same objects all run (ParameterIdentityCheck), so whole
         # ones are named once.
         params = self._whole or [(s.label, s.local) for s in shards(self.params)]
-        return params + [("optimizer " + n, t) for n, t in optimizer_tensors(self.optimizer)]
+        return params + [("optimizer " + n, t) for n, t in self._state()]
 
     def _version_keys(self) -> list[tuple[tuple[str, int, str], Any]]:
         """The watched tensors under cheap keys, for the version counters at every step:
@@ -103,8 +111,13 @@ class TamperCheck(Check):
         for p, state in state_owner(self.optimizer).state.items():
             i = index.get(id(p), -1)
             for slot, value in state.items():
-                if isinstance(value, self._tensor):
+                if not isinstance(value, self._tensor):
+                    continue
+                if value.layout == self._strided:
                     keyed.append((("o", i, str(slot)), local(value)))
+                    continue
+                for part, t in dense_parts([(str(slot), local(value))], self._skipped):
+                    keyed.append((("o", i, part), t))  # a sparse moment: its parts
         return keyed
 
     def _version_name(self, key: tuple[str, int, str]) -> str:
@@ -130,6 +143,16 @@ class TamperCheck(Check):
 
     def before_step(self, ctx: Context) -> list[Alert]:
         alerts: list[Alert] = []
+        fresh = self._skipped.fresh()
+        if fresh:
+            alerts.append(
+                ctx.alert(
+                    "TG1315",
+                    f"{len(fresh)} optimizer state tensor(s) of a kind no fingerprint reads: "
+                    + ", ".join(f"{n} ({w})" for n, w in list(fresh.items())[:5]),
+                    tensors=sorted(fresh)[:50],
+                )
+            )
         full = self.due(ctx.step)
         if self.budget is not None and not full:
             moved = self._versions.changed(self._version_keys())
@@ -149,7 +172,7 @@ class TamperCheck(Check):
                         tensors=changed[:50],
                     )
                 )
-            opt_before = self.fp.fingerprint(optimizer_tensors(self.optimizer))
+            opt_before = self.fp.fingerprint(self._state())
             if opt_before.digest != self.opt_after.digest:
                 changed = opt_before.changed(self.opt_after)
                 alerts.append(
@@ -187,7 +210,7 @@ class TamperCheck(Check):
                 return []
         previous = self.after
         self.after = self.fp.fingerprint(self.params)
-        self.opt_after = self.fp.fingerprint(optimizer_tensors(self.optimizer))
+        self.opt_after = self.fp.fingerprint(self._state())
         fields: dict[str, Any] = {
             "after": self.after.digest,
             "optimizer": self.opt_after.digest,

@@ -17,6 +17,7 @@ from typing import Any
 from trainguard.monitor import update_models
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import Check
+from trainguard.monitor.kinds import unreadable
 
 SAMPLES_PER_PARAM = 64
 # A step is wrong when this share of all sampled elements misses the prediction.
@@ -51,8 +52,8 @@ class UpdateModelCheck(Check):
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 idx = self.index.get(id(p))
-                if idx is None or p.grad is None:
-                    continue
+                if idx is None or p.grad is None or unreadable(p.grad) is not None:
+                    continue  # a sparse gradient: the gradient probe names it (TG1315)
                 idx = idx.to(p.device)
                 state = {
                     k: self._read(v, idx, p) for k, v in self.optimizer.state.get(p, {}).items()
@@ -118,4 +119,4 @@ class UpdateModelCheck(Check):
 
 def _plain(t: Any, torch: Any) -> bool:
     """A tensor this rank holds whole (not a DTensor shard; those have their own checks)."""
-    return type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_complex()
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and unreadable(t) is None

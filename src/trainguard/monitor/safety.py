@@ -1,0 +1,58 @@
+"""The guard's code runs inside the user's training step: it must never end it.
+
+Two rules, applied where the guard calls into checks and where torch calls into
+the guard:
+
+* A check that raises is a finding, not a crash: its phase's alerts become one
+  TG1315 note at medium severity naming the check, the phase and the error
+  (what that check covers went unchecked at this step: never a silent "clean").
+* The guard's hooks run as plain Python under ``torch.compile``.  A compiled
+  ``optimizer.step`` calls the step hooks from inside the traced frame; traced,
+  dynamo inlined the guard and its checks (copying their module globals into
+  ``torch.optim.optimizer``, which the identity check then reported as a patch)
+  and compiled the checks' sample reads into the step's graph, where they
+  broke it.  ``torch.compiler.disable`` makes each hook a graph break instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from trainguard.findings import Severity
+from trainguard.monitor.alerts import Alert, Context
+
+log = logging.getLogger("trainguard.monitor")
+
+
+def checked(name: str, phase: str, ctx: Context, call: Callable[[], list[Alert]]) -> list[Alert]:
+    """``call()``'s alerts; when it raises, one note that the check failed instead."""
+    try:
+        return call()
+    except Exception as e:  # a check never ends the user's step
+        log.debug("trainguard: %s.%s failed", name, phase, exc_info=True)
+        return [
+            ctx.alert(
+                "TG1315",
+                f"the {name} check failed in {phase} ({type(e).__name__}: {str(e)[:200]}): "
+                f"what it covers went unchecked at this step",
+                severity=Severity.MEDIUM,
+                key=f"{name}.{phase}",
+                error=repr(e)[:500],
+            )
+        ]
+
+
+def step_hooks(before: Callable[[], None], after: Callable[[], None]) -> tuple[Any, Any]:
+    """The optimizer's step pre- and post-hook for the guard, left out of torch.compile."""
+    import torch
+
+    def pre(opt: Any, args: Any, kwargs: Any) -> None:
+        before()
+
+    def post(opt: Any, args: Any, kwargs: Any) -> None:
+        after()
+
+    disable: Any = torch.compiler.disable  # untyped in torch
+    return disable(pre), disable(post)
