@@ -217,7 +217,7 @@ class Schedule:
             if u not in spans:
                 self._fold(u, s)
         fixed = max(0.0, spent - sum(ran.values()))
-        if self.fixed is None:
+        if not self.fixed:  # the first measurement (or only zeros so far)
             self.fixed = fixed
         else:
             # Outliers (a GC pause, a ledger fsync) should not starve the units for long.
