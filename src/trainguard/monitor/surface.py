@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainguard.monitor import provenance
 from trainguard.monitor.compiled import dynamo_global, dynamo_removed
 
 # Module prefixes whose modules (and the classes defined in them) are part of the surface.
@@ -117,6 +118,8 @@ class Space:
     _fns: tuple[types.FunctionType, ...] = ()
     _ids: tuple[int, ...] = ()
     _kept: tuple[Any, ...] = ()
+    _cells: tuple[tuple[int, ...], ...] = ()  # per function, what its closure cells hold
+    _held: tuple[Any, ...] = ()  # those objects, kept alive (no id is reused)
     _keyset: frozenset[str] = frozenset()
     only: frozenset[str] | None = None  # watch just these names (and any added name)
 
@@ -131,6 +134,8 @@ class Space:
         self._fns = tuple(v for v in self.values if isinstance(v, types.FunctionType))
         self._kept = self._parts()
         self.codes = tuple(map(id, self._kept))
+        self._cells = tuple(map(provenance.cells, self._fns))
+        self._held = tuple(o for f in self._fns for o in provenance.kept_cells(f))
         self.size = len(d)
 
     def _read(self, d: Any) -> tuple[Any, ...]:
@@ -161,6 +166,8 @@ class Space:
             return False
         if code and self._codes() != self.codes:
             return False
+        if code and tuple(map(provenance.cells, self._fns)) != self._cells:
+            return False  # a closure cell now holds another object
         return len(d) == self.size or not self._added()
 
     def _added(self) -> list[str]:
@@ -169,10 +176,11 @@ class Space:
     def differences(self, trusted: str = "") -> list[str]:
         """The names that changed (replaced, code swapped, deleted or added callables).
 
-        With ``trusted`` (a folder), a name replaced by a wrapper whose own functions all
-        live there and whose ``__wrapped__`` chain reaches the object it replaced is not
-        a change: ``torch.compile`` wraps every optimizer's ``_init_group`` and
-        ``Module.__init__`` in torch's own "disable dynamo" wrappers when it first loads.
+        With ``trusted`` (torch's folder), a name replaced by a wrapper made only of code
+        torch compiled (provenance.py: the code object, never its file name) whose
+        ``__wrapped__`` chain reaches the object it replaced is not a change:
+        ``torch.compile`` wraps every optimizer's ``_init_group`` and ``Module.__init__``
+        in torch's own "disable dynamo" wrappers when it first loads.
         """
         d = vars(self.ns)
         out = []
@@ -185,6 +193,9 @@ class Space:
                 out.append(key)
             elif id(old) in fn_index:
                 i = fn_index[id(old)]
+                if provenance.cells(old) != self._cells[i]:
+                    out.append(key)  # same function, code and closure tuple; new contents
+                    continue
                 parts = (old.__code__, old.__defaults__, old.__kwdefaults__)
                 kept = [self._kept[i + j * n] for j in range(3)]
                 if any(id(p) != self.codes[i + j * n] for j, p in enumerate(parts)):
@@ -220,21 +231,22 @@ class Space:
 
 
 def _wraps_from(new: Any, old: Any, folder: str) -> bool:
-    """Whether ``new`` is a wrapper of ``old`` made only of functions from ``folder``, or
-    a copy of it (same code, globals, closure cells and defaults: the same behaviour)."""
+    """Whether ``new`` is a wrapper of ``old`` made only of torch's own code, or a copy of
+    it (same code, globals, closure cells and defaults: the same behaviour).  ``folder``
+    only says that torch wrappers are trusted at all; what is torch's own is decided by
+    the code objects (provenance.py), never by ``co_filename``."""
     if new is None or old is None or new is old:
         return False
+    owns = provenance.torch_code().owns
     if _copy_of(new, old):
-        return bool(os.path.abspath(new.__code__.co_filename).startswith(folder))
+        return owns(new)
     for _ in range(MAX_LAYERS):
-        if not isinstance(new, types.FunctionType):
-            return False
-        if not os.path.abspath(new.__code__.co_filename).startswith(folder):
+        if not isinstance(new, types.FunctionType) or not owns(new):
             return False
         inner = new.__dict__.get("__wrapped__")
         # A wrapper without __wrapped__ holds what it wraps in a closure cell
         # (torch._dynamo's Module.__init__ guard does).
-        cells = [c.cell_contents for c in new.__closure__ or () if _filled(c)]
+        cells = provenance.cell_values(new)
         if not all(_torch_made(c, old, folder) for c in cells):
             return False  # it also holds code from elsewhere (a context manager, a hook)
         if inner is old or any(c is old for c in cells):
@@ -247,7 +259,7 @@ def _wraps_from(new: Any, old: Any, folder: str) -> bool:
 
 def _torch_made(obj: Any, old: Any, folder: str, depth: int = 0) -> bool:
     """Whether a closure value is harmless: the wrapped object, plain data, a C builtin,
-    or a function from ``folder`` whose own closure is harmless too."""
+    or a function torch compiled whose own closure is harmless too."""
     if obj is old or not callable(obj) or isinstance(obj, types.BuiltinFunctionType):
         return True
     if depth >= MAX_LAYERS:
@@ -255,30 +267,17 @@ def _torch_made(obj: Any, old: Any, folder: str, depth: int = 0) -> bool:
     if not isinstance(obj, types.FunctionType):  # an instance of one of torch's classes
         path = getattr(sys.modules.get(type(obj).__module__), "__file__", None) or "?"
         return os.path.abspath(path).startswith(folder)
-    if not os.path.abspath(obj.__code__.co_filename).startswith(folder):
+    if not provenance.torch_code().owns(obj):
         return False
-    cells = [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
-    return all(_torch_made(c, old, folder, depth + 1) for c in cells)
-
-
-def _filled(cell: Any) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018 - an empty cell raises
-    except ValueError:
-        return False
-    return True
+    return all(_torch_made(c, old, folder, depth + 1) for c in provenance.cell_values(obj))
 
 
 def _same_code(parts: tuple[Any, ...], kept: list[Any], folder: str) -> bool:
-    """(code, defaults, kwdefaults) now against before: an equal code object from
-    ``folder`` and the very same defaults."""
+    """(code, defaults, kwdefaults) now against before: an equal code object (same
+    bytecode, constants and names: the same behaviour, whatever file it names) and the
+    very same defaults."""
     code, old = parts[0], kept[0]
-    return (
-        code == old
-        and os.path.abspath(code.co_filename).startswith(folder)
-        and parts[1] is kept[1]
-        and parts[2] is kept[2]
-    )
+    return bool(code == old) and parts[1] is kept[1] and parts[2] is kept[2]
 
 
 def _copy_of(new: Any, old: Any) -> bool:
@@ -287,7 +286,7 @@ def _copy_of(new: Any, old: Any) -> bool:
     same = (
         new.__code__ == old.__code__
         and new.__globals__ is old.__globals__
-        and _identical(new.__closure__, old.__closure__)
+        and _identical(provenance.cell_values(new), provenance.cell_values(old))
         and _identical(new.__defaults__, old.__defaults__)
     )
     return same and _identical(
@@ -337,6 +336,9 @@ class Flat:
         self._ids = tuple(id(v) for s in spaces for v in s.values)
         self._fns = tuple(f for s in spaces for f in s._fns)
         self._codes = tuple(c for s in spaces for c in s.codes[: len(s._fns)])
+        closed = [(f, c) for s in spaces for f, c in zip(s._fns, s._cells, strict=True) if c]
+        self._closed = tuple(f for f, _ in closed)
+        self._cells = tuple(c for _, c in closed)
         self._spaces = tuple(vars(s.ns) for s in spaces)
         self._sizes = tuple(s.size for s in spaces)
 
@@ -348,6 +350,7 @@ class Flat:
             same = False
         # __code__ every time; defaults (rarely the attack) in the slower per-space pass.
         same = same and tuple(map(id, map(_CODE, self._fns))) == self._codes
+        same = same and tuple(map(provenance.cells, self._closed)) == self._cells
         if same and tuple(map(len, self._spaces)) == self._sizes:
             return []
         found = [s for s in self.spaces if not s.same()]

@@ -7,6 +7,7 @@ from typing import Any
 from trainguard.monitor.checks.base import Check, StepEnd
 from trainguard.monitor.checks.data import SampleCheck
 from trainguard.monitor.checks.draws import DrawCheck
+from trainguard.monitor.checks.interception import checks as interception_checks
 from trainguard.monitor.checks.params import ParameterIdentityCheck
 from trainguard.monitor.checks.sleep import SleepCheck
 from trainguard.monitor.checks.spikes import SpikeCheck
@@ -40,6 +41,8 @@ def behaviour(
     ]
     found += [StallCheck(windows["time"], min_stall_seconds), SleepCheck(min_stall_seconds)]
     found += [SpikeCheck(windows["loss"], windows["grad_norm"])]
+    # Modes, saved-tensor hooks, kernels and AccumulateGrad hooks (below Python names).
+    found += interception_checks(named, fp.key)
     return found + ([SampleCheck(fp, dataloader)] if dataloader is not None else [])
 
 
