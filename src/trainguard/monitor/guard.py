@@ -213,6 +213,7 @@ class Guard:
         *,
         lr: float | list[float] | None = None,
         reseed: bool = False,
+        changed: Any = None,
     ) -> None:
         """Call right after ``optimizer.step()``: records the step and runs its checks.
 
@@ -221,10 +222,13 @@ class Guard:
         the guard then skips computing it.  ``lr``: the learning rate the loop set
         itself for this step (one, or one per param group): only undeclared changes
         alert.  ``reseed``: the loop re-seeded a random generator on purpose this step.
+        ``changed``: module settings, buffers or data loader objects the loop changed on
+        purpose this step, by name (``["drop.p"]``) or with the value set
+        (``{"drop.p": 0.0}``); only undeclared changes alert.
         """
         groups = len(self.optimizer.param_groups)
         declared = [float(lr)] * groups if isinstance(lr, (int, float)) else lr
-        self._declared = StepEnd(None, None, 0.0, [], declared, reseed)
+        self._declared = StepEnd(None, None, 0.0, [], declared, reseed, declared_changes=changed)
         if grad_norm is not None:
             self._grad_norm = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm)
         if self._pending is None:
@@ -264,7 +268,8 @@ class Guard:
         guard = self._overhead + self._finish_cost
         phases = {"optimizer": self._phases.pop("optimizer", 0.0), "guard": guard}
         phases["compute"] = max(0.0, step_time - phases["optimizer"] - guard)
-        end = StepEnd(scalar(loss), self._grad_norm, step_time, tensors, *declared, phases)
+        changes = said.declared_changes if said is not None else None
+        end = StepEnd(scalar(loss), self._grad_norm, step_time, tensors, *declared, phases, changes)
         ctx = Context(self.step_index, self.rank)
         for check in self.checks:
             name = type(check).__name__

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainguard.monitor.checks.advance import AdvanceCheck
 from trainguard.monitor.checks.base import Check, StepEnd
+from trainguard.monitor.checks.buffers import BufferCheck
 from trainguard.monitor.checks.data import SampleCheck
 from trainguard.monitor.checks.draws import DrawCheck
 from trainguard.monitor.checks.interception import checks as interception_checks
+from trainguard.monitor.checks.loader import LoaderPathCheck
 from trainguard.monitor.checks.params import ParameterIdentityCheck
+from trainguard.monitor.checks.settings import SettingsCheck
 from trainguard.monitor.checks.sleep import SleepCheck
 from trainguard.monitor.checks.spikes import SpikeCheck
 from trainguard.monitor.checks.state import StateModelCheck
@@ -16,6 +20,7 @@ from trainguard.monitor.checks.surface import SurfaceCheck
 from trainguard.monitor.checks.timing import StallCheck
 from trainguard.monitor.checks.update import UpdateModelCheck
 from trainguard.monitor.fingerprint import Fingerprinter
+from trainguard.monitor.forwards import ForwardWatch
 from trainguard.monitor.stats import RobustWindow
 
 __all__ = ["Check", "StepEnd", "behaviour", "loader_draws"]
@@ -43,9 +48,16 @@ def behaviour(
     found += [SpikeCheck(windows["loss"], windows["grad_norm"])]
     # Modes, saved-tensor hooks, kernels and AccumulateGrad hooks (below Python names).
     found += interception_checks(named, fp.key)
+    # Training state outside the fingerprints: buffers and module settings change only
+    # inside forward (hooks on the root module say when), torch's generator only advances.
+    forwards = ForwardWatch(model)
+    found += [BufferCheck(model, fp, forwards), SettingsCheck(model, forwards), AdvanceCheck()]
     return found + ([SampleCheck(fp, dataloader)] if dataloader is not None else [])
 
 
 def loader_draws(dataloader: Any) -> list[Check]:
-    """The check of the data loader's private generators (with or without data_check)."""
-    return [DrawCheck(dataloader)] if dataloader is not None else []
+    """The checks of the data loader's private generators and of the objects on its path
+    (with or without data_check)."""
+    if dataloader is None:
+        return []
+    return [DrawCheck(dataloader), LoaderPathCheck(dataloader)]

@@ -38,6 +38,9 @@ class StepEnd:
     declared_reseed: bool = False
     # seconds per phase: "compute" (data, forward, backward), "optimizer", "guard"
     phases: dict[str, float] = field(default_factory=dict)
+    # guard.step(changed=...): what the loop changed on purpose this step (module settings,
+    # buffers, data loader objects), by name, with the value it set or only the name
+    declared_changes: Any = None
 
 
 class Check:

@@ -40,19 +40,27 @@ class DrawCheck(Check):
 
         self.torch = torch
         self.gens: dict[str, Any] = {}
+        self.dataloader = dataloader
         sampler = getattr(dataloader, "sampler", None)
         known = isinstance(sampler, torch.utils.data.RandomSampler) and not sampler.replacement
         self.n = len(sampler.data_source) if known and sampler is not None else 0
         if known and 0 < self.n <= MAX_N:
-            for name, g in (
-                ("dataloader.generator", getattr(dataloader, "generator", None)),
-                ("dataloader.sampler.generator", getattr(sampler, "generator", None)),
-            ):
+            for name, g in self._resolve().items():
                 if isinstance(g, torch.Generator) and g.device.type == "cpu":
                     if all(g is not other for other in self.gens.values()):
                         self.gens[name] = g
         self.last = {name: (g.get_state(), g.initial_seed()) for name, g in self.gens.items()}
         self.replayed = 0  # state changes explained by replayed draws
+
+    def _resolve(self) -> dict[str, Any]:
+        """The generators installed now, read by path from the loader (not the objects
+        found at start: a swapped generator is LoaderPathCheck's to name, and this
+        check then follows the one the loader uses)."""
+        sampler = getattr(self.dataloader, "sampler", None)
+        return {
+            "dataloader.generator": getattr(self.dataloader, "generator", None),
+            "dataloader.sampler.generator": getattr(sampler, "generator", None),
+        }
 
     def before_step(self, ctx: Context) -> list[Alert]:
         return self._check(ctx)
@@ -62,7 +70,11 @@ class DrawCheck(Check):
 
     def _check(self, ctx: Context) -> list[Alert]:
         alerts = []
-        for name, g in self.gens.items():
+        now = self._resolve() if self.gens else {}
+        for name, g in list(self.gens.items()):
+            if now.get(name) is not g and isinstance(now.get(name), self.torch.Generator):
+                g = self.gens[name] = now[name]  # swapped: follow the new one from here
+                self.last[name] = (g.get_state(), g.initial_seed())
             state, seed = g.get_state(), g.initial_seed()
             old_state, old_seed = self.last[name]
             self.last[name] = (state, seed)
@@ -70,7 +82,10 @@ class DrawCheck(Check):
                 continue
             starts = [old_state]
             if seed != old_seed:  # re-seeded (SeedCheck judges that): draws since the seed
-                starts.append(self.torch.Generator().manual_seed(seed).get_state())
+                fresh = self.torch.Generator().manual_seed(seed).get_state()
+                if self.torch.equal(state, fresh):
+                    continue  # re-seeded and not drawn from since
+                starts.append(fresh)
             if any(self._reachable(s, state) for s in starts):
                 self.replayed += 1
                 continue

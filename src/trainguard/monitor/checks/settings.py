@@ -1,0 +1,198 @@
+"""A module's own settings changed mid-run outside its forward (TG1318).
+
+What a forward computes depends on more than the parameters and the code:
+``Dropout.p``, ``LayerNorm.eps``, an activation chosen by name or held as a
+function, a submodule (``model.drop = nn.Identity()``), and the ``training``
+flag.  These are plain instance data, so the fingerprints and the identity
+routes do not see them.  The invariant, with no list of module types:
+
+* a module's public attributes may change only **inside** forward (a cache
+  such as a rotary table's ``seq_len_cached`` is the module's own business),
+  so each forward's start is compared with the end of the forward before it
+  (or with start-up), and a child module at a name must stay the same object;
+* the ``training`` flags are what ``model.eval()`` / ``model.train()`` switch
+  between steps, and an evaluation pass does so honestly.  What matters is the
+  flags the *training* forward ran with: the last forward with gradients
+  enabled before each optimizer step must have the flags of the first step's.
+
+Boolean attributes that flip back and forth during the first ``WARMUP``
+steps (DistributedDataParallel's ``require_backward_grad_sync`` under
+``no_sync()`` with gradient accumulation) are toggles of the loop and are not
+compared afterwards.  A change the loop makes on purpose (a dropout schedule,
+stochastic depth) is declared: ``guard.step(changed={"drop.p": 0.0})`` (or
+``changed=["drop.p"]``); ``"blocks.0.training"`` names a training flag.
+
+Cost: at every forward's start and end, three tuples per module built and
+compared in C (tens of microseconds for a model of a hundred modules; a
+name-by-name comparison only when something differs).  Not seen: private
+attributes (a leading underscore), and objects changed in place (a list, a
+config object) that stay the same object.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainguard.monitor.alerts import Alert, Context
+from trainguard.monitor.checks.base import Check, StepEnd
+from trainguard.monitor.forwards import Change, ForwardWatch, Held, declared_names
+
+WARMUP = 4  # optimizer steps during which flipping booleans are learnt as the loop's toggles
+MAX_NAMED = 50
+
+Signature = tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]
+
+
+def _signature(m: Any) -> Signature:
+    d = m.__dict__
+    return (tuple(d), tuple(d.values()), tuple(m._modules.values()))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # a value whose == raises (a tensor) is not the one we saw
+        return False
+
+
+class SettingsCheck(Check):
+    def __init__(self, model: Any, forwards: ForwardWatch) -> None:
+        self.model = model
+        self.held = Held()
+        self.toggles: set[tuple[str, str]] = set()  # (module, attribute) flipped in warm-up
+        self._seen_values: dict[tuple[str, str], set[bool]] = {}
+        self.steps = 0
+        self.signatures: list[Signature] = []
+        self._walk()
+        self.training_base: tuple[bool, ...] | None = None
+        self._training_now: tuple[bool, ...] | None = None  # at the last grad-enabled forward
+        self._training_names: list[tuple[str, Any]] = []
+        self._base_names: list[tuple[str, Any]] = []
+        forwards.starts.append(self._forward_start)
+        forwards.ends.append(self._take)
+        self.forwards = forwards
+
+    def _walk(self) -> None:
+        """The module tree as it is now (a new list: older ones stay as they were)."""
+        self.modules = list(self.model.named_modules())
+        self._mods = [m for _, m in self.modules]
+        self.signatures = [_signature(m) for m in self._mods]
+
+    def _take(self) -> None:
+        """At a forward's end: what the forward left is the baseline (its caches are its own)."""
+        sigs = [_signature(m) for m in self._mods]
+        if any(a[2] != b[2] for a, b in zip(sigs, self.signatures, strict=True)):
+            self._walk()  # the forward added or replaced a submodule: watch the new tree
+        else:
+            self.signatures = sigs
+
+    def _forward_start(self, grad: bool) -> None:
+        now = [_signature(m) for m in self._mods]
+        try:
+            same = now == self.signatures
+        except Exception:  # a value whose == raises: compare name by name
+            same = False
+        if not same:
+            self._compare()
+            self._walk()
+        if grad:
+            self._training_now = tuple(m.training for m in self._mods)
+            self._training_names = self.modules
+
+    def _compare(self) -> None:
+        """Name what changed since the last snapshot (only when something did)."""
+        step = self.steps
+        found: list[tuple[str, str, Any, Any]] = []
+        known = dict(self.modules)
+        for (mname, m), sig in zip(self.modules, self.signatures, strict=True):
+            before = {k: v for k, v in zip(sig[0], sig[1], strict=True) if not k.startswith("_")}
+            now = {k: v for k, v in vars(m).items() if not k.startswith("_")}
+            for k in sorted(set(now) | set(before)):
+                if k == "training":
+                    continue
+                old, new = before.get(k, "<absent>"), now.get(k, "<absent>")
+                if _same(old, new):
+                    continue
+                if isinstance(old, bool) and isinstance(new, bool):
+                    key = (mname, k)
+                    if key in self.toggles:
+                        continue
+                    seen = self._seen_values.setdefault(key, {old})
+                    if new in seen and step < WARMUP:  # flipped back: the loop's toggle
+                        self.toggles.add(key)
+                        continue
+                    seen.add(new)
+                found.append((mname, k, old, new))
+            for cname, child in dict(m._modules).items():
+                old_child = known.get(f"{mname}.{cname}" if mname else cname)
+                if old_child is not None and old_child is not child:
+                    found.append((mname, cname, type(old_child).__name__, type(child).__name__))
+        for mname, k, old, new in found[:MAX_NAMED]:
+            name = f"{mname}.{k}" if mname else k
+            alert = Context(step, 0).alert(
+                "TG1318",
+                f"module setting changed outside forward: {name} {_short(old)} -> {_short(new)}",
+                module=mname or "root",
+                attribute=k,
+                old=_short(old),
+                new=_short(new),
+            )
+            self.held.add(Change(name, new, alert))
+
+    def before_step(self, ctx: Context) -> list[Alert]:
+        now, names = self._training_now, self._training_names
+        if now is None:
+            return []
+        if self.training_base is None:
+            self.training_base, self._base_names = now, names
+            return []
+        if (
+            names is not self._base_names and names != self._base_names
+        ) or now == self.training_base:
+            return []  # a changed module tree is named by _compare
+        flipped = [
+            (n or "root", a)
+            for (n, _), a, b in zip(names, now, self.training_base, strict=True)
+            if a != b
+        ]
+        shown = ", ".join(f"{n}.training={a}" for n, a in flipped[:5])
+        alert = ctx.alert(
+            "TG1318",
+            f"the training forward ran with other training flags than at the start: {shown}",
+            modules=[n for n, _ in flipped[:MAX_NAMED]],
+            attribute="training",
+        )
+        for n, a in flipped:
+            self.held.add(Change("training" if n == "root" else f"{n}.training", a, alert))
+        return []
+
+    def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
+        self.steps += 1
+        declared = declared_names(end.declared_changes)
+        out = self.held.release(ctx, declared)
+        if any(n == "training" or n.endswith(".training") for n in declared):
+            # Declared flags: the flags of this step's training forward are the new baseline.
+            if self._training_now is not None:
+                self.training_base, self._base_names = self._training_now, self._training_names
+        unique: list[Alert] = []  # one alert per change: the flags of one forward share one
+        for a in out:
+            if all(a is not b for b in unique):
+                unique.append(a)
+        return [_at(a, ctx) for a in unique]
+
+    def close(self) -> None:
+        self.forwards.close()  # shared: closing twice is harmless
+
+
+def _at(alert: Alert, ctx: Context) -> Alert:
+    """The alert at the step ``guard.step`` closed (found during its forward)."""
+    if alert.step == ctx.step and alert.rank == ctx.rank:
+        return alert
+    return Alert(alert.rule, ctx.step, ctx.rank, alert.message, alert.severity, alert.evidence)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
