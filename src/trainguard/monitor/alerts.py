@@ -38,7 +38,9 @@ class Alert:
         severity: Severity | None = None,
     ) -> Alert:
         """An alert at ``severity``, or at its rule's default severity when None."""
-        return cls(rule, step, rank, message, severity or RULES[rule].severity, evidence)
+        # INFO is 0: "severity or default" would turn a requested INFO into the default.
+        chosen = severity if severity is not None else RULES[rule].severity
+        return cls(rule, step, rank, message, chosen, evidence)
 
 
 class TrainingStopped(TrainguardError):

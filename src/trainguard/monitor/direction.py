@@ -63,8 +63,10 @@ class DirectionCheck:
         self.moments: dict[int, Any] | None = {}
         self.mismatch: str | None = None
 
-    def adopt(self, named: list[tuple[str, Any]]) -> None:
-        """Start probing these parameters (at start-up, and for a param group added later)."""
+    def adopt(self, named: list[tuple[str, Any]], *, hook: bool = True) -> None:
+        """Start probing these parameters (at start-up, and for a param group added later:
+        then without a gradient hook, which the identity check would rightly call a new
+        hook; their update is still compared with the direction at each step)."""
         torch = self.torch
         known = {id(p) for _, p in self.params}
         for name, p in named:
@@ -81,7 +83,8 @@ class DirectionCheck:
                 # Indices into what this rank holds (a DTensor's local shard, see sharding.py).
                 draw = torch.randint(0, n, (min(SAMPLES_PER_PARAM, n),), generator=self._gen)
                 self.index[id(p)] = draw.to(local(p).device)
-            self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
+            if hook:
+                self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
 
     def _on_grad(self, p: Any) -> None:
         if p.grad is None or id(p) not in self.index:

@@ -12,6 +12,8 @@ import os
 import statistics
 import time
 import uuid
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 from trainguard.findings import Severity
@@ -25,6 +27,7 @@ from trainguard.monitor.checks.hyper import HyperparameterCheck
 from trainguard.monitor.checks.identity import IdentityCheck
 from trainguard.monitor.checks.seeds import SeedCheck
 from trainguard.monitor.checks.tamper import TamperCheck
+from trainguard.monitor.declare import outside_step as _outside_step
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
 from trainguard.monitor.options import WatchOptions
 from trainguard.monitor.recorder import Recorder, run_start, step_payload
@@ -213,6 +216,7 @@ class Guard:
         *,
         lr: float | list[float] | None = None,
         reseed: bool = False,
+        hyper: Mapping[str, Any] | None = None,
         changed: Any = None,
     ) -> None:
         """Call right after ``optimizer.step()``: records the step and runs its checks.
@@ -222,6 +226,8 @@ class Guard:
         the guard then skips computing it.  ``lr``: the learning rate the loop set
         itself for this step (one, or one per param group): only undeclared changes
         alert.  ``reseed``: the loop re-seeded a random generator on purpose this step.
+        ``hyper``: other settings the loop wrote into the param groups itself this step,
+        ``{"weight_decay": wd}``: a value for every group, or a list with one per group.
         ``changed``: module settings, buffers or data loader objects the loop changed on
         purpose this step, by name (``["drop.p"]``) or with the value set
         (``{"drop.p": 0.0}``); only undeclared changes alert.
@@ -231,12 +237,19 @@ class Guard:
         self._declared = StepEnd(None, None, 0.0, [], declared, reseed, declared_changes=changed)
         if grad_norm is not None:
             self._grad_norm = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm)
+        self.hyper.declare(hyper)
         if self._pending is None:
             self._unhooked()
         self._finish_step(loss, batch)
         stopped = self.sink.take_stopped()
         if stopped:
             raise TrainingStopped(stopped)
+
+    def outside_step(self, reason: str = "declared") -> AbstractContextManager[None]:
+        """``with guard.outside_step("sam"):`` around code that writes the weights on
+        purpose between two steps (SAM, Lookahead): recorded, not alerted as tampering
+        (monitor/declare.py)."""
+        return _outside_step(self, reason)
 
     def _unhooked(self) -> None:
         """No step hooks since the last ``guard.step``: a skipped step (AMP overflow), or

@@ -23,7 +23,8 @@ class UpdateDirectionCheck(Check):
         groups = self.optimizer.param_groups
         if len(groups) > self._groups:  # add_param_group (gradual unfreezing): probe them too
             added = [p for g in groups[self._groups :] for p in g["params"]]
-            self.probe.adopt([(self._names[id(p)], p) for p in added if id(p) in self._names])
+            named = [(self._names[id(p)], p) for p in added if id(p) in self._names]
+            self.probe.adopt(named, hook=False)
         self._groups = len(groups)
         flipped = self.probe.before_step()
         if not flipped:

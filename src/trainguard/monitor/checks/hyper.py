@@ -1,18 +1,28 @@
 """Optimizer hyper-parameters and the learning-rate schedule (TG1303).
 
-Between two steps the param groups' settings must not change, except the
-learning rate where the schedule explains it: the registered scheduler's
-recomputed schedule (monitor/schedule.py), or a learning rate the loop
-declares with ``guard.step(lr=...)``.  A learning-rate change is therefore
-judged when ``guard.step`` is called (the declaration comes after the
-optimizer step); every other change at once.  The scheduler's own settings
-(gamma, base_lrs, ...) must still equal those of the recomputed copy.
+Between two steps the param groups' settings must not change, except where
+the schedule explains it: the registered scheduler's recomputed schedule
+(monitor/schedule.py), or a value the loop declares with ``guard.step(lr=...)``
+or ``guard.step(hyper={"weight_decay": wd})`` (any setting: a weight-decay or
+momentum schedule written into the param groups, as DINO does).  A change is
+therefore judged when ``guard.step`` is called (the declaration comes after the
+optimizer step), at the step it happened.  A declared change other than the
+learning rate is recorded (TG1316, info) with its old and new value.  The
+scheduler's own settings (gamma, base_lrs, ...) must still equal those of the
+recomputed copy.
+
+A param group added through ``optimizer.add_param_group`` (gradual unfreezing)
+holds every key of the optimizer's defaults, which ``add_param_group`` fills in;
+the parameter check records it (TG1316).  Groups removed, or appended without
+the defaults, are TG1303.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from trainguard.findings import Severity
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import Check, StepEnd
 from trainguard.monitor.fingerprint import hyperparameters
@@ -26,7 +36,13 @@ class HyperparameterCheck(Check):
         self.optimizer = optimizer
         self.schedule = ScheduleModel(scheduler, optimizer) if scheduler is not None else None
         self.groups = hyperparameters(optimizer)
-        self._held: list[tuple[int, str, Any, Any]] = []  # lr changes awaiting guard.step
+        self._held: list[tuple[int, str, Any, Any]] = []  # changes awaiting guard.step
+        self._declared: dict[str, Any] = {}  # guard.step(hyper=...) for the coming step_end
+
+    def declare(self, hyper: Mapping[str, Any] | None) -> None:
+        """What ``guard.step(hyper=...)`` says the loop set at this step: a value for every
+        group, or a list with one per group."""
+        self._declared = dict(hyper or {})
 
     def before_step(self, ctx: Context) -> list[Alert]:
         if not ctx.due:
@@ -53,15 +69,19 @@ class HyperparameterCheck(Check):
                 given = expected[i].get(k) if expected is not None and i < len(expected) else None
                 if given is not None and same(new.get(k), given):
                     continue  # the schedule gives it
-                if k in LR_KEYS:
-                    self._held.append((i, k, old.get(k), new.get(k)))
-                    continue
-                alerts.append(_changed(ctx, i, k, old.get(k), new.get(k)))
-        if len(now) != len(self.groups):
+                self._held.append((i, k, old.get(k), new.get(k)))  # judged at guard.step
+        if len(now) != len(self.groups) and not self._added(now):
             alerts.append(
                 ctx.alert("TG1303", f"param groups changed from {len(self.groups)} to {len(now)}")
             )
         return alerts
+
+    def _added(self, now: list[dict[str, Any]]) -> bool:
+        """Groups only appended, each through add_param_group (it fills in the defaults)."""
+        defaults = set(getattr(self.optimizer, "defaults", {}) or {})
+        return len(now) > len(self.groups) and all(
+            defaults <= set(g) for g in now[len(self.groups) :]
+        )
 
     def after_step(self, ctx: Context) -> list[Alert]:
         self.groups = hyperparameters(self.optimizer)
@@ -69,20 +89,43 @@ class HyperparameterCheck(Check):
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         held, self._held = self._held, []
+        said, self._declared = self._declared, {}
         declared = end.declared_lr
-        alerts = []
+        alerts, recorded = [], []
         for i, k, old, new in held:
             lr = new if k == "lr" else None
             if declared is not None and k == "lr" and i < len(declared) and close(lr, declared[i]):
                 continue
             if declared is not None and k == "initial_lr":
                 continue  # follows the declared lr
+            if k in said and same(new, _for_group(said[k], i)):
+                recorded.append({"group": i, "key": k, "old": old, "new": new})
+                continue
             alerts.append(_changed(ctx, i, k, old, new))
+        if recorded:
+            keys = sorted({str(r["key"]) for r in recorded})
+            alerts.append(
+                ctx.alert(
+                    "TG1316",
+                    f"declared hyper-parameter change ({', '.join(keys)}) in "
+                    f"{len({r['group'] for r in recorded})} param group(s)",
+                    severity=Severity.INFO,
+                    key=keys,
+                    changes=recorded[:50],
+                )
+            )
         return alerts
 
     def lrs(self) -> list[Any]:
         """Each group's learning rate after the last step (for the step record)."""
         return [g.get("lr") for g in self.groups]
+
+
+def _for_group(value: Any, i: int) -> Any:
+    """A declared value for group ``i``: a list holds one per group, anything else is all."""
+    if isinstance(value, list):
+        return value[i] if i < len(value) else None
+    return list(value) if isinstance(value, tuple) else value  # betas: settings hold lists
 
 
 def _changed(ctx: Context, i: int, k: str, old: Any, new: Any) -> Alert:

@@ -6,6 +6,12 @@ fingerprints of the orphan look perfect.  So at each check the model's
 parameters must be the very objects they were at start-up, those the optimizer
 held must still be in its param groups, and no parameter may stop requiring
 gradients.
+
+Gradual unfreezing is visible and honest: parameters of the model, new to the
+optimizer, appended in a new param group (``optimizer.add_param_group``), and
+a frozen parameter the optimizer holds that starts requiring gradients.  Both
+are recorded (TG1316) and watched from then on; anything else the groups hold
+instead is TG1301.
 """
 
 from __future__ import annotations
@@ -32,13 +38,30 @@ class ParameterIdentityCheck(Check):
             n for n in set(now) | set(self.params) if now.get(n) is not self.params.get(n)
         )
         held = [p for g in self.optimizer.param_groups for p in g["params"]]
-        swapped = len(held) != len(self.trained) or any(
-            a is not b for a, b in zip(held, self.trained, strict=False)
+        kept = len(held) >= len(self.trained) and all(
+            a is b for a, b in zip(held, self.trained, strict=False)
         )
-        frozen = sorted(
-            n for n, p in now.items() if n in self.grads and p.requires_grad != self.grads[n]
-        )
+        ids = {id(p): n for n, p in now.items()}
+        extra = held[len(self.trained) :] if kept else []
+        # Appended, all the model's own, none held before (add_param_group checks that).
+        added = sorted(ids[id(p)] for p in extra if id(p) in ids)
+        swapped = not kept or len(added) != len(extra)
+        holds = {id(p) for p in held}
+        turned = [n for n, p in now.items() if n in self.grads and p.requires_grad != self.grads[n]]
+        # Unfrozen into training: now requiring gradients and held by the optimizer.
+        unfrozen = sorted(n for n in turned if now[n].requires_grad and id(now[n]) in holds)
+        frozen = sorted(n for n in turned if n not in unfrozen)
         alerts = []
+        if (added or unfrozen) and not swapped:
+            alerts.append(
+                ctx.alert(
+                    "TG1316",
+                    f"training widened: {len(added)} parameter(s) added in a new param group, "
+                    f"{len(unfrozen)} unfrozen: {', '.join((added + unfrozen)[:5])}",
+                    tensors=sorted(set(added + unfrozen))[:50],
+                    via="add_param_group" if added else "requires_grad",
+                )
+            )
         if replaced:
             alerts.append(
                 ctx.alert(

@@ -65,12 +65,15 @@ class TamperCheck(Check):
         self._checking = True  # budget mode: whether the coming boundary gets full fingerprints
         self._chunk_cost = 0.0  # seconds to sum one sampled chunk
         self._sample: tuple[list[tuple[str, Any]], list[tuple[int, int]]] | None = None
+        self._sample_at: tuple[int, int, list[int]] = (0, 0, [])
         self.schedule: Schedule | None = None  # budget mode: set by the guard
         self.sampling = True  # budget mode: whether the schedule samples this boundary
         self._taken = 0.0  # seconds the last sample took to read after its step
         self.checked_boundaries = 0  # boundaries with full fingerprints
         self.sampled_share = 0.0  # budget mode: share of chunks read at the last boundary
         self._skipped = Unchecked()  # optimizer state no fingerprint reads (TG1315, once)
+        self._touched: set[Any] = set()  # budget mode: weights honest code touches, bits kept
+        self._touched_ref: Fingerprint | None = None
         started = clock.now()
         self.after: Fingerprint = fp.fingerprint(params)
         self.opt_after: Fingerprint = fp.fingerprint(self._state())
@@ -155,15 +158,22 @@ class TamperCheck(Check):
             )
         full = self.due(ctx.step)
         if self.budget is not None and not full:
-            moved = self._versions.changed(self._version_keys())
+            moved = self._verified(self._versions.changed(self._version_keys()))
             alerts += self._changed(ctx, [self._version_name(k) for k in moved], "version")
             alerts += self._check_sample(ctx)
         if full:
             started = clock.now()
             self.checked_boundaries += 1
+            moved = self._versions.changed(self._version_keys()) if self.budget else []
             before = self.fp.fingerprint(self.params)
-            if before.digest != self.after.digest:
-                changed = before.changed(self.after)
+            changed = before.changed(self.after) if before.digest != self.after.digest else []
+            # Budget mode learns which weights honest code touches between steps with
+            # their bits unchanged (SAM's `p.data = saved`): from then on a moved version
+            # counter of those is verified against their bits, as exact mode would.
+            self._touched |= {
+                k for k in moved if k[0] == "p" and self._version_name(k) not in changed
+            }
+            if changed:
                 alerts.append(
                     ctx.alert(
                         "TG1301",
@@ -187,10 +197,40 @@ class TamperCheck(Check):
         self.before_checked = full
         return alerts
 
+    def _verified(self, moved: list[Any]) -> list[Any]:
+        """Of the tensors whose version counter or storage moved, those whose bits also
+        changed, where a reference of their bits was taken (touched ones); the others as
+        they are (unverifiable in budget mode: reported)."""
+        ref, self._touched_ref = self._touched_ref, None
+        check = [k for k in moved if k in self._touched]
+        if ref is None or not check:
+            return moved
+        tensors = dict(self._version_keys())
+        started = clock.now()
+        now = dict(
+            self.fp.fingerprint([(self._version_name(k), tensors[k]) for k in check]).per_tensor
+        )
+        self._charge(clock.now() - started)
+        was = dict(ref.per_tensor)
+        same = {
+            k for k in check if now.get(self._version_name(k)) == was.get(self._version_name(k))
+        }
+        return [k for k in moved if k not in same]
+
+    def _reference(self) -> None:
+        """Budget mode: the bits of the touched weights as the step left them."""
+        if not self._touched:
+            return
+        started = clock.now()
+        named = [(self._version_name(k), t) for k, t in self._version_keys() if k in self._touched]
+        self._touched_ref = self.fp.fingerprint(named)
+        self._charge(clock.now() - started)
+
     def after_step(self, ctx: Context) -> list[Alert]:
         """Fingerprint (or sample) the new state (budget mode: within ``self.spent``)."""
         if self.budget is not None:
             self._versions.remember(self._version_keys())
+            self._reference()
             self._checking = self._full_due(ctx.step)
             if not self._checking:
                 # Sampled chunks only: the record leaves the full fingerprints out.
@@ -229,6 +269,71 @@ class TamperCheck(Check):
             fields["optimizer_names"] = self.opt_names = names
         self.fields = fields
         return []
+
+    # -- guard.outside_step(): weights written on purpose between two steps ------------
+    def enter_outside(self, ctx: Context) -> list[Alert]:
+        """Before declared writes: nothing may have changed since the last step (or
+        since the last declared block), else an honest block would launder it."""
+        if self.budget is None:
+            return self._compare_full(ctx)
+        moved = self._versions.changed(self._version_keys())
+        alerts = self._changed(ctx, [self._version_name(k) for k in moved], "version")
+        if self._sample is not None:
+            views, sums = self._sample
+            views = self._views_now(views)
+            now = self.fp.sums([v for _, v in views])
+            changed = sorted({n for (n, _), a, b in zip(views, sums, now, strict=True) if a != b})
+            alerts += self._changed(ctx, changed, "sample")
+        return alerts
+
+    def leave_outside(self) -> tuple[list[str], str]:
+        """After declared writes: they become the state the next step starts from.
+        Returns the tensors that changed (exact mode: by fingerprint; budget mode: by
+        version counter) and the digest of the parameters now ("" in budget mode)."""
+        if self.budget is None:
+            previous = self.after
+            self.after = self.fp.fingerprint(self.params)
+            self.opt_after = self.fp.fingerprint(self._state())
+            return self.after.changed(previous), self.after.digest
+        keys = self._version_keys()
+        moved = [self._version_name(k) for k in self._versions.changed(keys)]
+        self._versions.remember(keys)
+        self._reference()
+        if self._checking:  # the next boundary compares full fingerprints
+            self.after = self.fp.fingerprint(self.params)
+            self.opt_after = self.fp.fingerprint(self._state())
+        if self._sample is not None:
+            views = self._views_now(self._sample[0])
+            self._sample = (views, self.fp.sums([v for _, v in views]))
+            step, count, _ = self._sample_at
+            self._sample_at = (step, count, [t.data_ptr() for _, t in self.watched()])
+        return moved, ""
+
+    def _compare_full(self, ctx: Context) -> list[Alert]:
+        alerts = []
+        now = self.fp.fingerprint(self.params)
+        if now.digest != self.after.digest:
+            changed = now.changed(self.after)
+            alerts.append(
+                ctx.alert(
+                    "TG1301",
+                    f"{len(changed)} parameter tensor(s) changed since the last optimizer "
+                    f"step, before guard.outside_step(): {', '.join(changed[:5])}",
+                    tensors=changed[:50],
+                )
+            )
+        opt_now = self.fp.fingerprint(self._state())
+        if opt_now.digest != self.opt_after.digest:
+            changed = opt_now.changed(self.opt_after)
+            alerts.append(
+                ctx.alert(
+                    "TG1302",
+                    f"optimizer state changed outside the step, before guard.outside_step(): "
+                    f"{', '.join(changed[:5])}",
+                    tensors=changed[:50],
+                )
+            )
+        return alerts
 
     def _changed(self, ctx: Context, changed: list[str], via: str) -> list[Alert]:
         """TG1301 for the weights and TG1302 for the optimizer tensors among ``changed``
@@ -294,7 +399,17 @@ class TamperCheck(Check):
             self._chunk_cost = cost if not self._chunk_cost else 0.8 * self._chunk_cost + 0.2 * cost
         self.sampled_share = len(views) / total if total else 0.0
         self._sample = (views, sums)
+        # Where each tensor's storage was: a storage swapped since (`p.data = saved`)
+        # leaves the views on the old one, so the check then chooses them afresh.
+        self._sample_at = (step, count, [t.data_ptr() for _, t in watched])
         return self.sampled_share
+
+    def _views_now(self, views: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        step, count, ptrs = self._sample_at
+        watched = self.watched()
+        if [t.data_ptr() for _, t in watched] == ptrs:
+            return views
+        return self._sampler.choose(watched, step, count)
 
     def _check_sample(self, ctx: Context) -> list[Alert]:
         """Budget mode, before the next step: the same chunks must hold the same bits."""
@@ -303,6 +418,7 @@ class TamperCheck(Check):
         views, sums = self._sample
         self._sample = None
         started = clock.now()
+        views = self._views_now(views)
         now = self.fp.sums([v for _, v in views])
         seconds = clock.now() - started
         self._charge(seconds, run=self._taken + seconds)
