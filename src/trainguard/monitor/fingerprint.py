@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import secrets
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +53,8 @@ from trainguard.monitor.sharding import is_dtensor, local, shard, state_owner
 # The math of the sums; a ledger records it in run-start, and digests of another
 # version are never compared with these (replay says which version recorded them).
 FINGERPRINT_VERSION = 2
-WORDS = 1 << 16  # words per chunk: 512 KiB, with the tables in the cache of most CPUs
+WORDS = 1 << 14  # words per chunk: 128 KiB; under torch's grain size, so no op here is split
+# over threads (on a loaded machine a split op waits milliseconds for its other half)
 PUBLIC = b"trainguard fingerprint v2 public "  # the plain sums' tables (no secret)
 Place = tuple[tuple[int, ...], tuple[int, ...]]  # a block's offset, the whole tensor's shape
 
@@ -159,13 +161,16 @@ class Fingerprinter:
         table = self._table(torch, words.device, "words", WORDS)
         parts, chunks = [], []
         scratch = torch.empty(min(span, WORDS), dtype=torch.int64, device=words.device)
+        halves = words.view(torch.int32)[1::2]  # little-endian: the top half of each word
         at = 0
         while at < span:
             index = first + at
             offset = index % WORDS
             take = min(span - at, WORDS - offset)
             piece = words[at : at + take]
-            top = torch.bitwise_right_shift(piece, 32, out=scratch[:take])
+            # The top half, sign-extended (= piece >> 32) by a widening copy: torch 2.13's
+            # int64 shift on CPU costs some hundred times more than this copy.
+            top = scratch[:take].copy_(halves[at : at + take])
             rows = table[:, offset : offset + take]
             parts.append(torch.cat([_dot(torch, rows[:2], piece), _dot(torch, rows[2:], top)]))
             chunks.append(index // WORDS)
@@ -228,6 +233,10 @@ def _stream(seed: bytes, n: int) -> Any:
 
     raw = bytearray(hashlib.shake_256(seed).digest(16 * n))
     return torch.frombuffer(raw, dtype=torch.int64).view(n, 2).t().contiguous()
+
+
+if sys.byteorder != "little":  # the top halves are read as the odd 32-bit words
+    raise ImportError("trainguard's fingerprints assume a little-endian machine")
 
 
 def _dot(torch: Any, rows: Any, v: Any) -> Any:
