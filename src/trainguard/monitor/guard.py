@@ -121,6 +121,12 @@ class Guard:
         self.schedule = Schedule(self.key, opts.budget, units) if opts.budget else None
         self.tamper.schedule = self.schedule
         self._runs: frozenset[str] | None = None  # the units running at this step
+        # Per phase, the checks that do something in it (a scheduled unit's skipped()
+        # stands in for its hooks): a call per check and phase is a fixed cost per step.
+        self._phase = {
+            name: [c for c in self.checks if c.unit is not None or _acts(c, name)]
+            for name in ("before_step", "after_step", "step_end")
+        }
         started = [a for check in self.checks for a in check.start(Context(0, self.rank))]
         summary = env.summary if env is not None else None
         self._record("run-start", run_start(self, summary, conditions.gather(model)))
@@ -169,7 +175,7 @@ class Guard:
             ctx = Context(self.step_index, self.rank, due)
             runs = self._runs = self.schedule.runs(self.step_index) if self.schedule else None
             self.tamper.sampling = runs is None or "chunks" in runs
-            for check in self.checks:
+            for check in self._phase["before_step"]:
                 self.sink.raise_all(self._hook(check, ctx, before=True))
             self._grad_norm = (
                 total_grad_norm(self.named_params, self.torch) if self.measure_grad_norm else None
@@ -184,7 +190,7 @@ class Guard:
         try:
             seconds = started - self._step_started
             ctx = Context(self.step_index, self.rank)
-            for check in self.checks:
+            for check in self._phase["after_step"]:
                 self.sink.raise_all(self._hook(check, ctx, before=False))
             self._pending = {"cosine": self.direction.cosine, "optimizer_step_seconds": seconds}
             self._pending.update(self.tamper.fields)
@@ -284,7 +290,7 @@ class Guard:
         changes = said.declared_changes if said is not None else None
         end = StepEnd(scalar(loss), self._grad_norm, step_time, tensors, *declared, phases, changes)
         ctx = Context(self.step_index, self.rank)
-        for check in self.checks:
+        for check in self._phase["step_end"]:
             name = type(check).__name__
             self.sink.raise_all(
                 checked(name, "step_end", ctx, lambda c=check: c.step_end(ctx, end))
@@ -353,6 +359,11 @@ class Guard:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self.close(exc)
+
+
+def _acts(check: Check, phase: str) -> bool:
+    """Whether ``check``'s class does something in ``phase`` (overrides Check's no-op)."""
+    return getattr(type(check), phase) is not getattr(Check, phase)
 
 
 def watch(model: Any, optimizer: Any, options: WatchOptions | None = None, **kwargs: Any) -> Guard:
