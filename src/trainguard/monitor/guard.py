@@ -8,6 +8,7 @@ step hooks run the checks of ``monitor/checks/`` before and after each step;
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -17,7 +18,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from trainguard.findings import Severity
-from trainguard.monitor import checks, clock, conditions
+from trainguard.monitor import checks, clock, conditions, integrity
 from trainguard.monitor.alerts import Alert, Context, TrainingStopped
 from trainguard.monitor.budget import Schedule
 from trainguard.monitor.checks.base import Check, StepEnd
@@ -123,7 +124,7 @@ class Guard:
         self._runs: frozenset[str] | None = None  # the units running at this step
         # Per phase, the checks that do something in it (a scheduled unit's skipped()
         # stands in for its hooks): a call per check and phase is a fixed cost per step.
-        self._phase = {
+        self._phase: dict[str, list[Check]] = {
             name: [c for c in self.checks if c.unit is not None or _acts(c, name)]
             for name in ("before_step", "after_step", "step_end")
         }
@@ -133,6 +134,8 @@ class Guard:
         self.sink.raise_all(started)
         # Ranks that hang without dying (docs/watch.md); None when hang_seconds is None.
         self.watchdog = Watchdog.for_guard(self, opts)
+        # The guard's own structure from here on (monitor/integrity.py: TG1304 if it changes).
+        integrity.watch_self(self)
 
     # -- what other parts of the monitor read ---------------------------------
     @property
@@ -167,6 +170,7 @@ class Guard:
     # -- the optimizer hooks ---------------------------------------------------
     def _before_step(self) -> None:
         started = clock.now()
+        integrity.verify(self, self.step_index, self.rank)
         try:
             if self._pending is not None:  # guard.step was not called for the last step
                 self._finish_step(None, None)
@@ -243,6 +247,7 @@ class Guard:
         self._declared = StepEnd(None, None, 0.0, [], declared, reseed, declared_changes=changed)
         if grad_norm is not None:
             self._grad_norm = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm)
+        integrity.verify(self, self.step_index, self.rank)
         self.hyper.declare(hyper)
         if self._pending is None:
             self._unhooked()
@@ -293,7 +298,7 @@ class Guard:
         for check in self._phase["step_end"]:
             name = type(check).__name__
             self.sink.raise_all(
-                checked(name, "step_end", ctx, lambda c=check: c.step_end(ctx, end))
+                checked(name, "step_end", ctx, functools.partial(check.step_end, ctx, end))
             )
         batch_fp = (
             self.fp.fingerprint((str(i), t) for i, t in enumerate(tensors)) if tensors else None
