@@ -67,8 +67,8 @@ class InterceptionCheck(Check):
             old = p.grad
             held = None
             if old is not None and not old.is_sparse and old.shape == p.shape:
-                held = old.detach().reshape(-1)[index].clone()
-            self._pending[id(p)] = (index, grad.detach().reshape(-1)[index].clone(), held)
+                held = old.detach().reshape(-1)[index]  # indexing copies: no clone needed
+            self._pending[id(p)] = (index, grad.detach().reshape(-1)[index], held)
 
         return hook
 
