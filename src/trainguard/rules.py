@@ -385,7 +385,9 @@ RULES: dict[str, Rule] = {
             "A rank's stream of a signed run has no run-end record: the run is still running "
             "(verify it with --live), the rank was killed, or the stream was cut back, for "
             "instance to an earlier signed head. A rank that a surviving rank reported as "
-            "stopped is explained at medium severity.",
+            "stopped is explained at medium severity, when the survivor's run key is anchored "
+            "(pinned, or vouched for by rank 0); a report by a stream nothing anchors explains "
+            "nothing.",
         ),
         Rule(
             "TG1212",
@@ -401,7 +403,16 @@ RULES: dict[str, Rule] = {
             _C,
             "A stream's run key is not one of the key ids given with --expect-key-id, or a "
             "stream carries no run key: the stream was rewritten whole with a new key (or "
-            "without one).",
+            "without one). High, not critical, for a rank whose key rank 0 could not vouch "
+            "for because rank 0 died before writing its final run head.",
+        ),
+        Rule(
+            "TG1214",
+            "ledger-stream-foreign",
+            _H,
+            "A stream that is no rank of the run: numbered at or above the world size rank "
+            "0's run-start gives, or claiming a world size over the verifier's cap. Someone "
+            "other than the run added it; what it says is not taken.",
         ),
         # -- watch: the training monitor (TG13xx) ------------------------------
         Rule(

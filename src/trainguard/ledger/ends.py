@@ -13,9 +13,13 @@ its own end:
   by rank 0's key, naming every rank's stream (TG1212), and every rank the
   run-start records count is there (TG1202);
 * a rank that died is no failure when a survivor whose own stream closed
-  under its signature reported it stopped (TG1311, or blocked behind a dead
-  one: TG1314) at a step the dead rank's stream still reaches: that is
-  explained at medium severity.
+  under its signature, with an anchored key (ledger/anchor.py), reported it
+  stopped (TG1311, or blocked behind a dead one: TG1314) at a step the dead
+  rank's stream still reaches: that is explained at medium severity.  A
+  report from a stream whose key nothing anchors explains nothing: anyone can
+  add a stream that closes under a key of their own;
+* the world size comes from rank 0's records; a stream numbered at or above
+  it is not a rank of the run (TG1214).
 
 This module only judges the facts the verifier gathered while it read the
 records (:class:`EndState`); it reads no ledger itself.
@@ -28,6 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainguard.findings import Severity
+from trainguard.ledger.anchor import (
+    MAX_WORLD,
+    RUN_KEYS_FIELD,
+    Anchors,
+    anchors,
+    peer_key_ids,
+)
 from trainguard.ledger.chain import RUN_STREAM
 from trainguard.ledger.runkey import key_id_matches
 
@@ -37,6 +48,7 @@ from trainguard.ledger.runkey import key_id_matches
 STOPPED_RULES = {"TG1311": "stopped_rank", "TG1314": "blocked_rank"}
 
 Emit = Callable[..., None]
+MAX_NAMED = 20  # stream numbers one message lists
 
 
 @dataclass
@@ -54,6 +66,7 @@ class EndState:
     listed: frozenset[int] | None = None  # the run stream's last verified head names these
     # rank -> (the last step it reported, the seq of the alert saying so)
     stopped: dict[int, tuple[int | None, int]] = field(default_factory=dict)
+    peers: dict[int, str] = field(default_factory=dict)  # its run-start's run_keys, by rank
 
     @property
     def closed(self) -> bool:
@@ -64,6 +77,7 @@ class EndState:
         if kind == "run-start" and seq == 0:
             self.started = True
             self.world = max(self.world, _count(payload.get("world_size")))
+            self.peers = peer_key_ids(payload.get(RUN_KEYS_FIELD))
         elif kind in ("run-end", "run-summary"):
             self.run_end = seq
             self.world = max(self.world, _count(payload.get("world_size")))
@@ -99,7 +113,10 @@ def check_ends(
     expected: list[str] | None,
     reported: set[int],
 ) -> None:
-    """Emit the end-of-run findings; ``reported`` are streams already found deleted."""
+    """Emit the end-of-run findings; ``reported`` are streams already found deleted.
+
+    ``pinned``: a key was given (--key), so every head was checked with it.
+    """
     ranks = {n: s for n, s in streams.items() if n != RUN_STREAM}
     run = streams.get(RUN_STREAM)
     # Rank 0 writes the run-summary only when it signs: a run stream that holds one
@@ -107,28 +124,20 @@ def check_ends(
     keyed = any(s.key_state in ("ok", "bad") for s in ranks.values()) or (
         run is not None and run.run_end is not None
     )
+    trust = anchors(ranks, run, given=pinned, expected=expected)
     if expected is not None:
-        _check_pins(ranks, run, emit, expected)
-    # Signed or not, the ranks that watch's records count (the run-start of each rank's
-    # stream, rank 0's run-summary) must be there.
-    counts = [s.world for s in ranks.values() if s.started]
-    world = max([*counts, run.world if run is not None and run.run_end is not None else 0])
-    for n in sorted(set(range(world)) - set(ranks) - reported):
-        emit(
-            "TG1202",
-            n,
-            0,
-            f"the run's records say it had {world} ranks, but stream {n} has no records: "
-            "it was deleted",
-        )
+        _check_pins(ranks, run, emit, expected, trust)
+    _check_world(ranks, trust, emit, reported)
     if not keyed and not pinned:
         if expected is None:
             off = any(s.key_state == "off" for s in ranks.values())
+            # The verifier sees what the run-start says, not how it came to say it.
             why = (
-                "it was written with watch(sign_key=False)"
+                "its run-start records say signing was off (run_key: null, as "
+                "watch(sign_key=False) writes)"
                 if off
-                else "a ledger from before signing, or one whose run-start records were "
-                "rewritten to drop their keys"
+                else "its run-start records carry no run key: a ledger from before signing, "
+                "or one whose run-start records were rewritten to drop their keys"
             )
             emit(
                 "TG1210",
@@ -139,13 +148,53 @@ def check_ends(
                 "key with --expect-key-id or --key",
             )
         return
-    dead = _reported_dead(ranks)
+    dead, unanchored = _reported_dead(ranks, trust)
     for n, st in sorted(ranks.items()):
         if st.started and st.run_end is None:
-            _not_ended(n, st, dead.get(n), emit, live)
+            _not_ended(n, st, dead.get(n), emit, live, unanchored.get(n), trust, ranks.get(0))
         elif st.started and not st.closed:
             _not_closed(n, st, emit)
-    _check_run_stream(run, ranks, set(range(world)), emit)
+    _check_run_stream(run, ranks, trust.world or trust.claimed, emit)
+
+
+def _check_world(
+    ranks: dict[int, EndState], trust: Anchors, emit: Emit, reported: set[int]
+) -> None:
+    """Missing ranks (TG1202), and streams that are no rank of the run (TG1214)."""
+    for n, claim in trust.too_large:
+        emit(
+            "TG1214",
+            n,
+            0,
+            f"stream {n}'s records claim a world size of {claim}, over the limit {MAX_WORLD}: "
+            "no run watch wrote; the claim is ignored",
+            claimed=claim,
+        )
+    # Signed or not, the ranks that rank 0's records count must be there (with no rank 0
+    # to say, what any stream claims: more findings, never fewer).  Iterated, never
+    # materialised: the count is capped, the findings are capped by the verifier.
+    world = trust.claimed
+    for n in range(world):
+        if n not in ranks and n not in reported:
+            emit(
+                "TG1202",
+                n,
+                0,
+                f"the run's records say it had {world} ranks, but stream {n} has no records: "
+                "it was deleted",
+            )
+    if trust.world is None:
+        return
+    for n in sorted(ranks):
+        if n >= trust.world:
+            emit(
+                "TG1214",
+                n,
+                0,
+                f"stream {n} is not a rank of the run: rank 0's run-start gives a world size "
+                f"of {trust.world}, so its records were added by someone else",
+                world_size=trust.world,
+            )
 
 
 def _not_closed(n: int, st: EndState, emit: Emit) -> None:
@@ -168,18 +217,33 @@ def _not_closed(n: int, st: EndState, emit: Emit) -> None:
     )
 
 
-def _reported_dead(ranks: dict[int, EndState]) -> dict[int, tuple[int | None, int, int]]:
-    """rank -> (last step, reporter, alert seq), as said by ranks whose stream closed signed."""
+def _reported_dead(
+    ranks: dict[int, EndState], trust: Anchors
+) -> tuple[dict[int, tuple[int | None, int, int]], dict[int, list[int]]]:
+    """rank -> (last step, reporter, alert seq), as said by ranks whose stream closed signed
+    with an anchored key; and rank -> the closed but unanchored ranks that said so too."""
     dead: dict[int, tuple[int | None, int, int]] = {}
+    unanchored: dict[int, list[int]] = {}
     for n, st in sorted(ranks.items()):
-        if st.closed:
-            for rank, (last, seq) in st.stopped.items():
+        if not st.closed:
+            continue
+        for rank, (last, seq) in st.stopped.items():
+            if n in trust.ranks and (trust.world is None or n < trust.world):
                 dead.setdefault(rank, (last, n, seq))
-    return dead
+            elif len(unanchored.setdefault(rank, [])) < 3:
+                unanchored[rank].append(n)
+    return dead, unanchored
 
 
 def _not_ended(
-    n: int, st: EndState, dead: tuple[int | None, int, int] | None, emit: Emit, live: bool
+    n: int,
+    st: EndState,
+    dead: tuple[int | None, int, int] | None,
+    emit: Emit,
+    live: bool,
+    unanchored: list[int] | None = None,
+    trust: Anchors | None = None,
+    zero: EndState | None = None,
 ) -> None:
     if dead is not None:
         last, by, seq = dead
@@ -218,6 +282,20 @@ def _not_ended(
             severity=Severity.INFO,
         )
         return
+    if unanchored and trust is not None:
+        by = unanchored[0]
+        names = ", ".join(map(str, unanchored))
+        emit(
+            "TG1211",
+            n,
+            st.last_seq + 1,
+            f"the run has no end record on stream {n}; only stream(s) {names} report rank "
+            f"{n} stopped, and rank {by}'s run key is not anchored ({trust.why_not(by, zero)}): "
+            "a stream added with a key of its own would say the same, so this explains "
+            f"nothing (pin rank {by}'s key id to take its word); {_signed_part(st)}",
+            unanchored_reporters=names,
+        )
+        return
     emit(
         "TG1211",
         n,
@@ -230,7 +308,7 @@ def _not_ended(
 def _check_run_stream(
     run: EndState | None,
     ranks: dict[int, EndState],
-    world: set[int],
+    world: int,
     emit: Emit,
 ) -> None:
     zero = ranks.get(0)
@@ -248,29 +326,41 @@ def _check_run_stream(
             "run key: the run's final head was cut (or rank 0 died while closing)",
         )
         return
-    missing = sorted((world | set(ranks)) - (run.listed or frozenset()))
-    if missing:
+    listed = run.listed or frozenset()
+    # Counted, not collected: the world size is capped, but a listing of it is not printed.
+    names = [n for n in sorted(ranks) if n not in listed]
+    count = len(names)
+    for n in range(world):
+        if n not in ranks and n not in listed:
+            count += 1
+            names.append(n)
+            if len(names) > MAX_NAMED:
+                names = sorted(names)[:MAX_NAMED]
+    if count:
+        more = f" and {count - MAX_NAMED} more" if count > MAX_NAMED else ""
+        shown = ", ".join(map(str, sorted(names)[:MAX_NAMED]))
         emit(
             "TG1212",
             RUN_STREAM,
             run.last_seq,
-            f"the run's final head does not name stream(s) {', '.join(map(str, missing))}: "
+            f"the run's final head does not name stream(s) {shown}{more}: "
             "they were added after the run closed",
         )
 
 
 def _check_pins(
-    ranks: dict[int, EndState], run: EndState | None, emit: Emit, expected: list[str]
+    ranks: dict[int, EndState],
+    run: EndState | None,
+    emit: Emit,
+    expected: list[str],
+    trust: Anchors,
 ) -> None:
     """Rank 0's key must be pinned; another rank's is pinned too, or vouched for by rank 0's
-    final run head, which names a digest of that stream (and so its run-start)."""
+    run-start (which names every rank's key id) or its final run head (which names a digest
+    of that stream, and so its run-start)."""
     if not ranks:
         emit("TG1213", RUN_STREAM, None, "the run has no rank streams to match the pinned key")
     zero = ranks.get(0)
-    anchored = zero is not None and key_id_matches(zero.key_id or "", expected)
-    vouched: frozenset[int] = frozenset()
-    if anchored and run is not None and run.closed:
-        vouched = run.listed or frozenset()
     for n, st in sorted(ranks.items()):
         if st.key_id is None:
             emit(
@@ -280,16 +370,25 @@ def _check_pins(
                 f"stream {n} carries no usable run key, but the run's key was pinned "
                 "(--expect-key-id): the stream was rewritten without one",
             )
-        elif not key_id_matches(st.key_id, expected) and (n == 0 or n not in vouched):
-            how = (
-                "the stream was rewritten whole with a new key"
-                if n == 0
-                else "pin it too, or rank 0's pinned key must vouch for it in a final run head"
-            )
+        elif n == 0 and not key_id_matches(st.key_id, expected):
             emit(
                 "TG1213",
                 n,
                 0,
-                f"stream {n}'s run key {st.key_id[:16]} is not one of the pinned key ids: {how}",
+                f"stream 0's run key {st.key_id[:16]} is not one of the pinned key ids: the "
+                "stream was rewritten whole with a new key",
+                key_id=st.key_id,
+            )
+        elif n != 0 and n not in trust.ranks:
+            # Rank 0 died before its run head: nothing it signed can vouch for this key,
+            # which is then unknown, not shown to be another (high, not critical).
+            unended = trust.root and zero is not None and zero.run_end is None
+            emit(
+                "TG1213",
+                n,
+                0,
+                f"stream {n}'s run key {st.key_id[:16]} is neither pinned nor vouched for: "
+                f"{trust.why_not(n, zero)}; pin rank {n}'s key id too (watch logs it)",
+                severity=Severity.HIGH if unended else None,
                 key_id=st.key_id,
             )

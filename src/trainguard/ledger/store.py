@@ -29,6 +29,7 @@ from typing import Any
 from trainguard.ledger.chain import (
     GENESIS,
     HEAD_KIND,
+    MAX_PAYLOAD_CHARS,
     RUN_STREAM,
     LedgerError,
     Record,
@@ -297,6 +298,14 @@ def decode_row(row: Row) -> Record:
     payload: dict[str, Any]
     if not isinstance(text, str):
         problems.append("payload is not text")
+        payload = {}
+    elif len(text) > MAX_PAYLOAD_CHARS:
+        # A writer refuses this much (chain.normalise_payload): someone else stored it,
+        # and it is not parsed (or hashed) at whatever size they chose.
+        problems.append(
+            f"payload is {len(text)} characters, over the limit {MAX_PAYLOAD_CHARS} that "
+            "every writer keeps: not written by the ledger"
+        )
         payload = {}
     else:
         try:

@@ -6,7 +6,8 @@ are known before those streams are read.  Each problem is a finding with a
 TG12xx rule; nothing is ever "probably fine".  One edit gives one finding,
 not one per later record: after a break the chain is followed from the
 stored digest of the damaged record.  Past :data:`MAX_FINDINGS_PER_RULE`
-findings of one rule in one stream, the rest are counted in a last finding.
+findings of one rule (over all streams: their number is the ledger's to choose),
+the rest are counted in a last finding.
 
 Heads are checked with the key given, or else with each stream's run key
 from its run-start record (ledger/runkey.py; the run stream's with rank 0's).
@@ -107,7 +108,11 @@ class _Verifier:
         self.current: _Stream | None = None
         self.pending: dict[int, list[_Claim]] = {}
         self.probes = 0
-        self.emitted: Counter[tuple[int, str]] = Counter()
+        self.emitted: Counter[str] = Counter()  # per rule, over all streams
+        self.capped_streams: dict[str, set[int]] = {}
+        # The highest severity among the findings left out: an info note at a lower
+        # severity than its rule's (--live) must not count as a break when summarised.
+        self.capped_severity: dict[str, Severity] = {}
 
     # -- findings -------------------------------------------------------------
     def emit(
@@ -119,15 +124,20 @@ class _Verifier:
         severity: Severity | None = None,
         **evidence: object,
     ) -> None:
-        count = self.emitted[(stream, rule_id)]
-        self.emitted[(stream, rule_id)] += 1
-        if count >= MAX_FINDINGS_PER_RULE:
-            return
+        count = self.emitted[rule_id]
+        self.emitted[rule_id] += 1
         info = rule(rule_id)
+        level = info.severity if severity is None else severity
+        if count >= MAX_FINDINGS_PER_RULE:
+            self.capped_severity[rule_id] = max(self.capped_severity.get(rule_id, level), level)
+            where = self.capped_streams.setdefault(rule_id, set())
+            if len(where) < MAX_FINDINGS_PER_RULE:
+                where.add(stream)
+            return
         self.findings.append(
             Finding(
                 rule=rule_id,
-                severity=info.severity if severity is None else severity,
+                severity=level,
                 message=message,
                 file=self.location,
                 member=f"run {self.run_id} stream {stream}",
@@ -137,17 +147,19 @@ class _Verifier:
         )
 
     def summarise_capped(self) -> None:
-        for (stream, rule_id), count in sorted(self.emitted.items()):
+        for rule_id, count in sorted(self.emitted.items()):
             if count > MAX_FINDINGS_PER_RULE:
                 more = count - MAX_FINDINGS_PER_RULE
+                where = sorted(self.capped_streams.get(rule_id, ()))
+                streams = ", ".join(map(str, where[:5])) + (", ..." if len(where) > 5 else "")
                 self.findings.append(
                     Finding(
                         rule=rule_id,
-                        severity=rule(rule_id).severity,
-                        message=f"{more} more {rule(rule_id).title} findings in stream "
-                        f"{stream} are not listed",
+                        severity=self.capped_severity[rule_id],
+                        message=f"{more} more {rule(rule_id).title} findings are not listed "
+                        f"(in streams {streams})",
                         file=self.location,
-                        member=f"run {self.run_id} stream {stream}",
+                        member=f"run {self.run_id}",
                         evidence={"not_listed": str(more)},
                     )
                 )
