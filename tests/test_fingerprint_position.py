@@ -171,3 +171,24 @@ def test_replay_refuses_a_ledger_of_another_fingerprint_version() -> None:
     history.start = {"fingerprint_version": FINGERPRINT_VERSION}
     with pytest.raises(ReplayError, match="no plain fingerprints"):
         _mode(history, None)  # past the version check: the next refusal is another one
+
+
+def test_a_long_tensor_read_by_several_threads_gives_the_same_sums(rng: random.Random) -> None:
+    """Over MIN_CHUNKS_PER_THREAD chunks per thread, stretches go to a thread pool: the
+    sums, and the composition of shards cut anywhere, do not depend on it."""
+    from trainguard.monitor.fingerprint import MIN_CHUNKS_PER_THREAD, WORDS
+
+    fp = Fingerprinter(rng.randbytes(32))
+    n = 2 * WORDS * MIN_CHUNKS_PER_THREAD * 3 + rng.randrange(1, 999)  # float32: 3 threads' worth
+    t = torch.randn(n)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        many = fp.sums([t])[0]
+        cut = rng.randrange(1, n)
+        parts = fp.sums([t[:cut], t[cut:]], [((0,), (n,)), ((cut,), (n,))])
+        torch.set_num_threads(1)
+        one = fp.sums([t])[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert many == one == compose(parts)

@@ -45,6 +45,7 @@ import itertools
 import secrets
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,22 +160,40 @@ class Fingerprinter:
             raw = padded
         words = raw.view(torch.int64)
         table = self._table(torch, words.device, "words", WORDS)
-        parts, chunks = [], []
-        scratch = torch.empty(min(span, WORDS), dtype=torch.int64, device=words.device)
         halves = words.view(torch.int32)[1::2]  # little-endian: the top half of each word
-        at = 0
-        while at < span:
-            index = first + at
-            offset = index % WORDS
-            take = min(span - at, WORDS - offset)
-            piece = words[at : at + take]
-            # The top half, sign-extended (= piece >> 32) by a widening copy: torch 2.13's
-            # int64 shift on CPU costs some hundred times more than this copy.
-            top = scratch[:take].copy_(halves[at : at + take])
-            rows = table[:, offset : offset + take]
-            parts.append(torch.cat([_dot(torch, rows[:2], piece), _dot(torch, rows[2:], top)]))
-            chunks.append(index // WORDS)
-            at += take
+        # Chunk-aligned stretches, one per thread on a CPU: every op below reads one chunk
+        # (under torch's grain size, never split), and ops release the GIL.
+        ways = _ways(torch, words, span)
+        bounds = [0]
+        for k in range(1, ways):
+            cut = -(-(first + span * k // ways) // WORDS) * WORDS - first
+            if bounds[-1] < cut < span:
+                bounds.append(cut)
+        bounds.append(span)
+        stretches = list(itertools.pairwise(bounds))
+
+        def stretch(begin_end: tuple[int, int]) -> list[Any]:
+            begin, end = begin_end
+            out = []
+            scratch = torch.empty(min(end - begin, WORDS), dtype=torch.int64, device=words.device)
+            at = begin
+            while at < end:
+                offset = (first + at) % WORDS
+                take = min(end - at, WORDS - offset)
+                piece = words[at : at + take]
+                # The top half, sign-extended (= piece >> 32) by a widening copy: torch
+                # 2.13's int64 shift on CPU costs some hundred times more than this copy.
+                top = scratch[:take].copy_(halves[at : at + take])
+                rows = table[:, offset : offset + take]
+                out.append(torch.cat([_dot(torch, rows[:2], piece), _dot(torch, rows[2:], top)]))
+                at += take
+            return out
+
+        if len(stretches) == 1:
+            parts = stretch(stretches[0])
+        else:
+            parts = [p for done in _pool(ways).map(stretch, stretches) for p in done]
+        chunks = [first // WORDS, (first + span - 1) // WORDS]
         weights = self._table(torch, words.device, "chunks", chunks[-1] + 1)
         picked = weights[chunks[0] : chunks[-1] + 1]
         return (torch.stack(parts) * picked).sum(dim=0)
@@ -237,6 +256,23 @@ def _stream(seed: bytes, n: int) -> Any:
 
 if sys.byteorder != "little":  # the top halves are read as the odd 32-bit words
     raise ImportError("trainguard's fingerprints assume a little-endian machine")
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+MIN_CHUNKS_PER_THREAD = 8  # a stretch shorter than this is not worth a thread's hand-off
+
+
+def _ways(torch: Any, words: Any, span: int) -> int:
+    if words.device.type != "cpu":
+        return 1  # one stream of kernels: the device runs them in parallel itself
+    threads = int(torch.get_num_threads())
+    return max(1, min(threads, span // (WORDS * MIN_CHUNKS_PER_THREAD)))
+
+
+def _pool(ways: int) -> ThreadPoolExecutor:
+    if ways not in _POOLS:
+        _POOLS[ways] = ThreadPoolExecutor(ways, thread_name_prefix="trainguard-fp")
+    return _POOLS[ways]
 
 
 def _dot(torch: Any, rows: Any, v: Any) -> Any:
