@@ -222,3 +222,27 @@ def _has(model: Any, name: str) -> bool:
         return hasattr(model.get_submodule(path), attr)
     except AttributeError:
         return False
+
+
+def test_a_compiled_model_is_watched_through_its_wrapper_with_fullgraph_too() -> None:
+    """torch.compile traces the model's hooks (they do nothing there); the guard hooks the
+    compiled wrapper, which runs in eager Python, once it sees no forward of its own."""
+    rng = seeded()
+    model = MODELS["norm"]()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = tgw.watch(model, opt, ledger=None, hang_seconds=None, min_stall_seconds=30.0)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=rng.random() < 0.5)
+    at = rng.randrange(3, 6)
+    for step in range(8):
+        x, y = batch(rng, "norm", step)
+        loss = torch.nn.functional.cross_entropy(compiled(x).reshape(-1, VOCAB), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        guard.step(loss=loss)
+        if step == at:
+            with torch.no_grad():
+                model.bn.running_var.mul_(4.0)
+    guard.close()
+    found = [a for a in guard.alerts if a.severity >= Severity.HIGH]
+    assert [(a.rule, a.step) for a in found] == [("TG1317", at + 1)], guard.alerts

@@ -8,8 +8,15 @@ puts one pre-hook and one post-hook on the model's root module (trainguard's
 own code, in the model's hook registry, which the identity check then
 watches like any other) and calls its listeners there.
 
-The hooks are kept out of ``torch.compile``'s graphs: they read Python state,
-which a traced graph would freeze.
+Under ``torch.compile`` the hooks are traced into the model's graph; there
+they do nothing (``torch.compiler.is_compiling()``), so compiling, with
+``fullgraph=True`` too, is unaffected, and the listeners are not called: the
+checks that rely on them then look for the model's ``torch.compile`` wrapper,
+which runs in eager Python, and hook it instead.  A loop that never calls the
+root module (Lightning's ``training_step`` calls its layers) gets hooks on every
+submodule, the outermost call being the forward.  When neither sees a forward
+the checks say once that they see none (TG1315) instead of checking nothing
+silently.
 
 :class:`Held` is what the checks of this family share for declarations: a
 change found before ``guard.step`` is held until it is called, and dropped
@@ -40,16 +47,19 @@ class ForwardWatch:
         self.starts: list[Listener] = []
         self.ends: list[Callable[[], None]] = []
         self.depth = 0  # > 0 while a forward of the root module runs (re-entrant models)
-        disable = getattr(getattr(torch, "compiler", None), "disable", None)
-        pre, post = self._pre, self._post
-        if disable is not None:  # not traced into a compiled graph
-            pre, post = disable(pre), disable(post)
+        self.seen = 0  # forwards whose start the listeners saw
+        self._wrappers: list[Any] = []  # torch.compile wrappers hooked (adopt_compiled)
+        self._all = False  # whether every submodule is hooked (adopt_submodules)
+        self._compiling = torch.compiler.is_compiling
         self._handles = [
-            model.register_forward_pre_hook(pre),
-            model.register_forward_hook(post, always_call=True),
+            model.register_forward_pre_hook(self._pre),
+            model.register_forward_hook(self._post, always_call=True),
         ]
 
     def _pre(self, module: Any, args: Any) -> None:
+        if self._compiling():  # traced into a compiled graph: nothing to run there
+            return
+        self.seen += 1
         self.depth += 1
         if self.depth == 1:
             grad = bool(self.torch.is_grad_enabled())
@@ -57,10 +67,52 @@ class ForwardWatch:
                 listener(grad)
 
     def _post(self, module: Any, args: Any, output: Any) -> None:
+        if self._compiling():
+            return
         self.depth = max(0, self.depth - 1)
         if self.depth == 0:
             for listener in self.ends:
                 listener()
+
+    def adopt_compiled(self) -> bool:
+        """Hook the ``torch.compile`` wrapper of the model, if there is one.
+
+        The wrapper (``OptimizedModule``, made after ``watch()`` started) is called in
+        eager Python and holds the model as ``_orig_mod``; its own hooks run outside
+        the compiled graph.  Found once, by a scan of the live objects (tens of ms)."""
+        import gc
+
+        optimized = getattr(getattr(self.torch, "_dynamo", None), "eval_frame", None)
+        kind = getattr(optimized, "OptimizedModule", None)
+        if kind is None:
+            return False
+        for obj in gc.get_objects():
+            if isinstance(obj, kind) and getattr(obj, "_orig_mod", None) is self.model:
+                if any(obj is w for w in self._wrappers):
+                    continue
+                self._wrappers.append(obj)
+                self._handles += [
+                    obj.register_forward_pre_hook(self._pre),
+                    obj.register_forward_hook(self._post, always_call=True),
+                ]
+                return True
+        return False
+
+    def adopt_submodules(self) -> bool:
+        """Hook every submodule: a loop that never calls the root (a LightningModule's
+        ``training_step`` calls ``self.layer(x)``) starts its forward at the outermost
+        submodule call.  Each module call then costs a hook call (a few microseconds)."""
+        if self._all:
+            return False
+        self._all = True
+        for _, m in self.model.named_modules():
+            if m is self.model:
+                continue
+            self._handles += [
+                m.register_forward_pre_hook(self._pre),
+                m.register_forward_hook(self._post, always_call=True),
+            ]
+        return True
 
     def close(self) -> None:
         for h in self._handles:

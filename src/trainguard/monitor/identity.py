@@ -33,6 +33,7 @@ from typing import Any
 
 from trainguard.monitor import clock
 from trainguard.monitor.compiled import dynamo_global, only_torch_compile
+from trainguard.monitor.forwards import ForwardWatch
 
 MAX_LAYERS = 16  # __wrapped__ / __func__ chains followed at most this deep
 _TRAINGUARD_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -166,9 +167,15 @@ def _registry(obj: Any, name: str) -> Callable[[], tuple[Any, ...]]:
         reg = getattr(obj, name, None)
         if not reg:
             return ()
-        return tuple(o for h in list(reg.values()) for o in layers(h))
+        return tuple(o for h in list(reg.values()) if not _own(h) for o in layers(h))
 
     return read
+
+
+def _own(hook: Any) -> bool:
+    """The guard's own forward hooks (monitor/forwards.py): it adds them to submodules or
+    to a compiled wrapper when the model's forward goes unseen, mid-run, on purpose."""
+    return isinstance(getattr(hook, "__self__", None), ForwardWatch)
 
 
 def routes(model: Any, optimizer: Any, dataloader: Any = None) -> list[Route]:

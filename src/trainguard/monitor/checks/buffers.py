@@ -56,6 +56,7 @@ class BufferCheck(Check):
         self._armed: tuple[Fingerprint | None, dict[str, tuple[Any, int]]] | None = None
         self.checked = 0  # boundaries compared with full fingerprints
         self._attrs: dict[int, tuple[Any, list[str]]] = {}  # module id -> (module, tensor attrs)
+        self._seen_at_step, self._unseen, self._told = 0, 0, False  # forwards seen (_blind)
         forwards.starts.append(self._forward_start)
         self.forwards = forwards
 
@@ -90,12 +91,50 @@ class BufferCheck(Check):
         return {n: (t, t._version) for n, t in named}
 
     def after_step(self, ctx: Context) -> list[Alert]:
+        blind = self._blind(ctx)
+        if blind is not None:
+            return blind
         named = self.tensors()
         self._armed = (self.fp.fingerprint(named) if named else None, self._cheap(named))
         return []
 
+    def _blind(self, ctx: Context) -> list[Alert] | None:
+        """None when forwards are seen; else (once) a TG1315 saying these checks are off.
+
+        A forward traced by ``torch.compile`` runs no Python hook on the model: after two
+        optimizer steps without a forward start seen, the compiled wrapper is looked for
+        and hooked; without one, the buffers and module settings are not checked (and no
+        more fingerprints are taken for nothing) until a forward is seen."""
+        if self.forwards.seen != self._seen_at_step:
+            self._seen_at_step, self._unseen = self.forwards.seen, 0
+            return None
+        self._unseen += 1
+        if self._unseen < 2:
+            return None
+        if self._unseen == 2 and self.forwards.adopt_compiled():
+            return None  # the compiled wrapper's hooks see the next forward
+        if self._unseen in (2, 3) and self.forwards.adopt_submodules():
+            return None  # a loop that calls the layers, not the root
+        self._armed = None
+        if self._told:
+            return []
+        self._told = True
+        return [
+            ctx.alert(
+                "TG1315",
+                "no forward of the watched model or of its layers was seen for several steps "
+                "(a forward compiled without a wrapper the guard can find runs no Python "
+                "hook): buffers (TG1317) and module settings (TG1318) are not checked until "
+                "one is seen",
+                check="BufferCheck, SettingsCheck",
+            )
+        ]
+
     def skipped(self, ctx: Context) -> list[Alert]:
         # Budget mode, a step the schedule leaves out: identity and versions only.
+        blind = self._blind(ctx)
+        if blind is not None:
+            return blind
         self._armed = (None, self._cheap(self.tensors()))
         return []
 
