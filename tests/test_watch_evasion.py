@@ -479,7 +479,9 @@ def test_small_sleeps_on_every_step_are_found_and_attributed_to_their_phase() ->
     guard.close()
     slow = [a for a in guard.alerts if a.rule == "TG1307" and a.severity >= Severity.HIGH]
     print(phase, at, round(pause, 4), [(a.step, a.message[:120]) for a in slow])
-    assert slow and slow[0].evidence["phase"] == phase and at <= slow[0].step <= at + 25
+    # Under load it takes longer: a step whose wait for a CPU exceeded the start-up one
+    # counts only what the wait cannot explain (the wait may have fallen in this phase).
+    assert slow and slow[0].evidence["phase"] == phase and at <= slow[0].step <= at + 40
 
 
 def test_ledger_show_prints_an_alert_message_whole(tmp_path: Any, capsys: Any) -> None:

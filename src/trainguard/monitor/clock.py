@@ -5,16 +5,30 @@ step look equally fast in the ledger) after this module is imported does not
 change what the guard reads.  :func:`patched` says whether the module-level
 functions still are the ones captured here, so a guard reports the patch
 (TG1304) instead of silently trusting or distrusting it.
+
+:class:`ThreadClock` splits this thread's wall time into what the kernel says
+it was doing: running (CPU time), runnable but waiting for a CPU (``run_delay``
+in ``/proc/thread-self/schedstat``: contention) and the rest (blocked: asleep,
+waiting on I/O, a lock or another thread).  The time checks use it to tell a
+busy machine from time spent on purpose.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 # Captured once, at import: the guard never looks these names up again.
 _PERF_COUNTER = time.perf_counter
 _MONOTONIC = time.monotonic
-_CAPTURED = {"time.perf_counter": _PERF_COUNTER, "time.monotonic": _MONOTONIC}
+_THREAD_TIME = time.thread_time
+_CAPTURED = {
+    "time.perf_counter": _PERF_COUNTER,
+    "time.monotonic": _MONOTONIC,
+    "time.thread_time": _THREAD_TIME,
+}
+SCHEDSTAT = "/proc/thread-self/schedstat"
 
 
 def now() -> float:
@@ -22,6 +36,57 @@ def now() -> float:
     return _PERF_COUNTER()
 
 
+def thread_cpu() -> float:
+    """This thread's CPU seconds, from the clock captured at import."""
+    return _THREAD_TIME()
+
+
 def patched() -> list[str]:
     """The time functions whose module attribute is no longer the one captured at import."""
     return [name for name, fn in _CAPTURED.items() if getattr(time, name[5:]) is not fn]
+
+
+def run_delay(fd: int | None = None) -> float | None:
+    """Seconds this thread has waited on a run queue (None where the kernel does not say);
+    ``fd``: the file already open (re-read from its start: no open per step)."""
+    try:
+        if fd is not None:
+            return int(os.pread(fd, 200, 0).split()[1]) / 1e9
+        with open(SCHEDSTAT, "rb") as f:
+            return int(f.read(200).split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ThreadClock:
+    """Per-interval wall, CPU and run-queue seconds of the thread that created it.
+
+    ``lap()`` returns the three for the time since the last lap (``delay`` is 0.0
+    where the kernel does not report it: ``has_delay`` is then False).  Another
+    thread's laps say nothing of this one: they return None.
+    """
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        try:  # this thread's file, kept open (it names the thread that opened it)
+            self._fd: int | None = os.open(SCHEDSTAT, os.O_RDONLY)
+        except OSError:
+            self._fd = None
+        self.has_delay = run_delay(self._fd) is not None
+        self._last = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        return _PERF_COUNTER(), _THREAD_TIME(), (run_delay(self._fd) or 0.0)
+
+    def lap(self) -> tuple[float, float, float] | None:
+        if threading.get_ident() != self.thread:
+            return None
+        now = self._read()
+        wall, cpu, delay = (a - b for a, b in zip(now, self._last, strict=True))
+        self._last = now
+        return wall, cpu, delay
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

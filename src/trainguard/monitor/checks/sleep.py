@@ -1,4 +1,5 @@
-"""The training thread sleeps where it used to compute (TG1307, high).
+"""The training thread sleeps where it used to compute, or torch's ops got slower than
+plain code (TG1307, high).
 
 Wall time alone cannot tell an injected sleep from a busy machine: both make a
 step slower.  The kernel can: a thread's wall time is the CPU time it ran,
@@ -12,73 +13,84 @@ raise ``blocked`` and leave CPU and run_delay alone.  Honest loops can block
 blocked time over the first ``WARMUP`` steps and reports a *sustained* excess
 over it: on ``SUSTAINED`` of the last ``WINDOW`` steps, adding up to at least
 ``min_stall_seconds``.  Linux only (elsewhere there is no run_delay, and the
-check stays off).  Its clocks are references taken at import, like the
+sleep rule stays off).  Its clocks are references taken at import, like the
 guard's own (monitor/clock.py), and on the watched surface.
+
+A spin (CPU burnt, not a sleep) added to every torch op slows the training and
+the guard alike and leaves ``blocked`` alone.  The second rule times a fixed
+reference through torch and the same outside it at every step
+(monitor/calibration.py): their ratio does not move with contention, and moves
+when something intercepts torch's ops.  On every platform.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
-import threading
-import time
 from collections import deque
 
 from trainguard.findings import Severity
 from trainguard.monitor import clock
 from trainguard.monitor.alerts import Alert, Context
+from trainguard.monitor.calibration import SUSTAINED as SUSTAINED_CAL
+from trainguard.monitor.calibration import WINDOW as WINDOW_CAL
+from trainguard.monitor.calibration import Calibration
 from trainguard.monitor.checks.base import Check, StepEnd
 
-_THREAD_TIME = time.thread_time
-SCHEDSTAT = "/proc/thread-self/schedstat"
+SCHEDSTAT = clock.SCHEDSTAT
+_run_delay = clock.run_delay  # the tests ask it whether the kernel reports run_delay
 WARMUP = 16  # steps that set the usual blocked time
 WINDOW = 10
 SUSTAINED = 8  # steps of WINDOW over the usual blocked time
 MIN_EXCESS = 0.002  # seconds per step below which blocking is scheduling noise
 
 
-def _run_delay(fd: int | None = None) -> float | None:
-    """Seconds this thread has waited on a run queue (None where the kernel does not say);
-    ``fd``: the file already open (re-read from its start: no open per step)."""
-    try:
-        if fd is not None:
-            return int(os.pread(fd, 200, 0).split()[1]) / 1e9
-        with open(SCHEDSTAT, "rb") as f:
-            return int(f.read(200).split()[1]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _open() -> int | None:
-    try:
-        return os.open(SCHEDSTAT, os.O_RDONLY)
-    except OSError:
-        return None
-
-
 class SleepCheck(Check):
     def __init__(self, min_stall_seconds: float) -> None:
+        import torch
+
         self.min_stall_seconds = min_stall_seconds
-        self.thread = threading.get_ident()
-        # This thread's file, kept open (it names the thread that opened it).
-        self._fd = _open()
-        self.enabled = _run_delay(self._fd) is not None
+        self.clock = clock.ThreadClock()
+        self.enabled = self.clock.has_delay  # the sleep rule
+        self.calibration = Calibration(torch)
         self._usual: tuple[float, float] | None = None  # median and floor, once warmed up
-        self._last = self._now()
         self.usual: list[float] = []  # blocked seconds of the first WARMUP steps
         self.walls: list[float] = []
         self.recent: deque[float] = deque(maxlen=WINDOW)  # excess blocked seconds
         self.blocked: float | None = None  # on the last step (for tests and the bench)
 
-    def _now(self) -> tuple[float, float, float]:
-        return clock.now(), _THREAD_TIME(), _run_delay(self._fd) or 0.0
-
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
-        if not self.enabled or threading.get_ident() != self.thread:
+        lap = self.clock.lap()
+        if lap is None:
             return []  # another thread's clocks say nothing of this one's steps
-        now = self._now()
-        wall, cpu, delay = (a - b for a, b in zip(now, self._last, strict=True))
-        self._last = now
+        alerts = self.intercepted(ctx, *self.calibration.measure())
+        if self.enabled:
+            alerts += self.slept(ctx, *lap)
+        return alerts
+
+    def intercepted(self, ctx: Context, torch_s: float, plain_s: float) -> list[Alert]:
+        """The calibration rule, given this step's reference times (tests pass their own)."""
+        if self.calibration.profiling():
+            return []  # the profiler's per-op time is on purpose
+        factor = self.calibration.judge(torch_s, plain_s)
+        if factor is None:
+            return []
+        usual = self.calibration.usual
+        return [
+            ctx.alert(
+                "TG1307",
+                f"torch's ops run {factor:.1f}x slower than at start-up relative to the same "
+                f"work outside torch, on {SUSTAINED_CAL} of the last {WINDOW_CAL} steps: "
+                "something intercepts every op (a dispatch or function mode, a Python kernel "
+                "on aten ops, a trace function); contention slows both alike",
+                severity=Severity.HIGH,
+                phase="torch",
+                factor=round(factor, 3),
+                usual_ratio=round(usual or 0.0, 3),
+            )
+        ]
+
+    def slept(self, ctx: Context, wall: float, cpu: float, delay: float) -> list[Alert]:
+        """The sleep rule, given this step's wall, CPU and run-queue seconds."""
         self.blocked = blocked = max(0.0, wall - cpu - delay)
         if len(self.usual) < WARMUP:
             self.usual.append(blocked)
@@ -108,6 +120,4 @@ class SleepCheck(Check):
         ]
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self.clock.close()

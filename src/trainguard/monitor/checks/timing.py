@@ -8,22 +8,30 @@ the loop's own code: from the end of the last step to the optimizer's step),
 * a stall: a step far slower than this rank's recent ones (robust statistics,
   monitor/stats.py), attributed to the phase with the largest excess.  Medium;
   high once stalls keep landing in one phase more often than chance allows: a
-  paused process (contention) lands in a phase in proportion to its share of
-  the step, so ``REPEATS_FOR_HIGH`` stalls in a phase with share ``s`` are high
-  only when ``s ** n < CHANCE``;
+  paused process lands in a phase in proportion to its share of the step, so of
+  ``N`` recent stalls, ``k >= REPEATS_FOR_HIGH`` in a phase with share ``s`` are
+  high only when a binomial(N, s) draw reaches ``k`` with probability under
+  ``CHANCE``.  A step whose excess is the time the thread waited for a CPU
+  (``run_delay``, monitor/clock.py: the machine is busy) is no stall of a
+  phase: it is reported as contention (medium, at most once per
+  ``RECENT_STEPS``) and counts towards the usual step time;
 * a sustained slowdown: a phase that runs at ``SLOWER`` times its start-up
   median on nearly all of the last ``LATEST`` steps while the other phases do
   not (contention slows every phase alike), its excess over the last
-  ``SUSTAIN`` steps adding up to at least ``min_stall_seconds``.  This catches
-  small sleeps on every step that never make one step look like a stall.  High.
+  ``SUSTAIN`` steps adding up to at least ``min_stall_seconds``; a step's
+  wait for a CPU beyond the usual is taken off first (it may have fallen in
+  any phase).  This catches small sleeps on every step that never make one
+  step look like a stall.  High.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 
 from trainguard.findings import Severity
+from trainguard.monitor import clock
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import Check, StepEnd
 from trainguard.monitor.stats import RobustWindow, is_stall
@@ -39,9 +47,23 @@ BASELINE_STEPS = 24  # steps after the first whose medians are each phase's base
 JUDGED = ("compute", "optimizer")  # the guard's own time varies by design (full checks)
 
 
+def chance_of(k: int, n: int, share: float) -> float:
+    """P(X >= k) for X ~ binomial(n, share): k of n stalls in a phase by chance alone."""
+    share = min(max(share, 0.0), 1.0)
+    return sum(math.comb(n, i) * share**i * (1 - share) ** (n - i) for i in range(k, n + 1))
+
+
 class StallCheck(Check):
-    def __init__(self, times: RobustWindow, min_stall_seconds: float) -> None:
+    def __init__(
+        self, times: RobustWindow, min_stall_seconds: float, thread: clock.ThreadClock | None = None
+    ) -> None:
         self.times = times
+        # This thread's run-queue time per step (0.0 where the kernel does not say).
+        self.clock = thread or clock.ThreadClock()
+        self.delays = RobustWindow(size=times.values.maxlen or 64, warmup=1)
+        self._contention_at: int | None = None  # the step of the last contention report
+        self._early_delays: list[float] = []
+        self.base_delay = 0.0
         self.min_stall = min_stall_seconds
         self._stalls: list[tuple[int, str]] = []
         self._early: dict[str, list[float]] = {}
@@ -50,20 +72,40 @@ class StallCheck(Check):
         self._reported: set[str] = set()
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
+        lap = self.clock.lap()
+        return self.judge(ctx, end, lap[2] if lap is not None else 0.0)
+
+    def waited(self, delay: float) -> float:
+        """Seconds this step waited for a CPU beyond the usual (0 before any is known)."""
+        if not self.delays.values:
+            return 0.0
+        return max(0.0, delay - statistics.median(self.delays.values))
+
+    def judge(self, ctx: Context, end: StepEnd, delay: float) -> list[Alert]:
+        """The step's findings given its run-queue seconds ``delay`` (tests pass their own)."""
         phases = end.phases or {"compute": end.seconds}
         alerts = []
-        if is_stall(self.times, end.seconds, min_excess=self.min_stall):
-            alerts.append(self._stall(ctx, end, phases))
-        else:
+        waited = self.waited(delay)
+        if not is_stall(self.times, end.seconds, min_excess=self.min_stall):
             self.times.add(end.seconds)
+            self.delays.add(delay)
+        elif not is_stall(self.times, end.seconds - waited, min_excess=self.min_stall):
+            alerts += self._contention(ctx, end, waited)
+            self.times.add(end.seconds)  # a busy machine is the usual now
+            self.delays.add(delay)
+        else:
+            alerts.append(self._stall(ctx, end, phases))
         if self.baseline is None:
             if ctx.step >= 1:  # step 0 sets up optimizer state
                 for p, t in phases.items():
                     self._early.setdefault(p, []).append(t)
+                self._early_delays.append(delay)
             if ctx.step >= BASELINE_STEPS:
                 self.baseline = {p: statistics.median(v) for p, v in self._early.items()}
+                self.base_delay = statistics.median(self._early_delays or [0.0])
             return alerts
-        return alerts + self._sustained(ctx, phases)
+        # Against the start-up baseline, as the phases are: the CPU wait beyond that one.
+        return alerts + self._sustained(ctx, phases, max(0.0, delay - self.base_delay))
 
     def _share(self, phase: str) -> float:
         if not self.baseline:
@@ -79,7 +121,8 @@ class StallCheck(Check):
         self._stalls = [(s, p) for s, p in self._stalls if s > ctx.step - RECENT_STEPS]
         self._stalls.append((ctx.step, phase))
         same = sum(1 for _, p in self._stalls if p == phase)
-        high = same >= REPEATS_FOR_HIGH and self._share(phase) ** same < CHANCE
+        chance = chance_of(same, len(self._stalls), self._share(phase))
+        high = same >= REPEATS_FOR_HIGH and chance < CHANCE
         return ctx.alert(
             "TG1307",
             f"step took {end.seconds:.3f}s, usual {med:.3f}s, the excess in the {phase} phase "
@@ -92,7 +135,26 @@ class StallCheck(Check):
             phases={p: round(t, 6) for p, t in phases.items()},
         )
 
-    def _sustained(self, ctx: Context, phases: dict[str, float]) -> list[Alert]:
+    def _contention(self, ctx: Context, end: StepEnd, waited: float) -> list[Alert]:
+        if self._contention_at is not None and ctx.step - self._contention_at < RECENT_STEPS:
+            return []
+        self._contention_at = ctx.step
+        med, _ = self.times.center_scale()
+        return [
+            ctx.alert(
+                "TG1307",
+                f"step took {end.seconds:.3f}s, usual {med:.3f}s, of which {waited:.3f}s more "
+                "than usual waiting for a CPU: the machine is busy (contention, not reported "
+                f"again for {RECENT_STEPS} steps)",
+                severity=Severity.MEDIUM,
+                seconds=end.seconds,
+                median=med,
+                phase="contention",
+                run_delay_excess=round(waited, 6),
+            )
+        ]
+
+    def _sustained(self, ctx: Context, phases: dict[str, float], waited: float) -> list[Alert]:
         assert self.baseline is not None
         ratios = {
             p: phases[p] / self.baseline[p]
@@ -105,7 +167,7 @@ class StallCheck(Check):
                 continue
             others = [r for q, r in ratios.items() if q != p]
             contention = max([1.0, *others])
-            self._recent[p].append(phases[p] - self.baseline[p] * contention)
+            self._recent[p].append(phases[p] - self.baseline[p] * contention - waited)
             limit = (SLOWER - 1) * self.baseline[p]
             slow = [e for e in self._recent[p] if e > limit]
             latest = sum(1 for e in list(self._recent[p])[-LATEST:] if e > limit)
@@ -128,3 +190,6 @@ class StallCheck(Check):
                     )
                 )
         return alerts
+
+    def close(self) -> None:
+        self.clock.close()
