@@ -4,7 +4,8 @@ One stream per rank (``stream`` = rank); rank 0 also writes the run's summary
 to stream -1 at close, with a signed run head naming every rank's stream.
 Signing is on by default: each rank makes an Ed25519 run key at start, kept
 in memory only, whose public half goes into its run-start record
-(ledger/runkey.py); this rank's head is signed every ``sign_every`` steps and
+(ledger/runkey.py); this rank's head is signed right after its run-start (which
+names every rank's key id, monitor/runkeys.py), every ``sign_every`` steps and
 at close, so a stream cut short or rewritten afterwards shows, and once the
 process is gone no one can sign a new head.
 """
@@ -17,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from trainguard.monitor.fingerprint import FINGERPRINT_VERSION
+from trainguard.monitor.runkeys import gather_run_keys
 from trainguard.monitor.setup import open_store, rank_world
 
 if TYPE_CHECKING:
@@ -90,6 +92,11 @@ class Recorder:
     def append(self, kind: str, payload: dict[str, Any], step: int) -> None:
         if self.ledger is not None:
             self.ledger.append(self.run_id, kind, payload, step=step, stream=self.rank)
+            if kind == "run-start" and self.sign_key is not None:
+                # Signed at once: the run-start names every rank's key id (run_keys), and
+                # only a head of this key makes that list count, also when this rank dies
+                # before its first periodic head (ledger/anchor.py).
+                self.ledger.sign_head(self.run_id, self.rank, self.sign_key)
 
     def step_done(self, step: int) -> None:
         """After step ``step``'s record: sign the head when it is due."""
@@ -168,6 +175,9 @@ def run_start(guard: Any, environment: Any, conditions: Any) -> dict[str, Any]:
         "fingerprint_version": FINGERPRINT_VERSION,
         # The public half of the key that signs this stream's heads (ledger/runkey.py).
         "run_key": guard.recorder.run_key(),
+        # Every rank's key id (a collective: every rank builds this record at start), so
+        # rank 0's signed run-start vouches for its peers even if rank 0 dies.
+        "run_keys": gather_run_keys(guard.recorder.key_id, guard.world_size),
         "every": opts.every,
         "budget": opts.budget,
         # False: grad_norm in step records is what the loop passed (replay skips it).
