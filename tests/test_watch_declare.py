@@ -11,6 +11,7 @@ high; undeclared (or declared wrongly), each still alerts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from typing import Any
@@ -163,8 +164,8 @@ def test_weights_written_in_outside_step_are_recorded_and_edits_around_it_alert(
             with torch.no_grad():
                 model[2].weight.mul_(0.5)  # the sabotage
         if idiom == "sam":
-            block = guard.outside_step("sam") if not (step == bad and where == "no_block") else None
-            with block or torch.no_grad():
+            undeclared = step == bad and where == "no_block"
+            with contextlib.nullcontext() if undeclared else guard.outside_step("sam"):
                 with torch.no_grad():
                     es = [p.grad * 0.05 for p in model.parameters()]
                     for p, e in zip(model.parameters(), es, strict=True):

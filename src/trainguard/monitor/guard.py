@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from trainguard.findings import Severity
-from trainguard.monitor import checks, clock, conditions
+from trainguard.monitor import checks, clock, conditions, integrity
 from trainguard.monitor.alerts import Alert, Context, TrainingStopped
 from trainguard.monitor.budget import Schedule
 from trainguard.monitor.checks.base import Check, StepEnd
@@ -134,6 +134,8 @@ class Guard:
         self.sink.raise_all(started)
         # Ranks that hang without dying (docs/watch.md); None when hang_seconds is None.
         self.watchdog = Watchdog.for_guard(self, opts)
+        # The guard's own structure from here on (monitor/integrity.py: TG1304 if it changes).
+        integrity.watch_self(self)
 
     # -- what other parts of the monitor read ---------------------------------
     @property
@@ -168,6 +170,7 @@ class Guard:
     # -- the optimizer hooks ---------------------------------------------------
     def _before_step(self) -> None:
         started = clock.now()
+        integrity.verify(self, self.step_index, self.rank)
         try:
             if self._pending is not None:  # guard.step was not called for the last step
                 self._finish_step(None, None)
@@ -244,6 +247,7 @@ class Guard:
         self._declared = StepEnd(None, None, 0.0, [], declared, reseed, declared_changes=changed)
         if grad_norm is not None:
             self._grad_norm = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm)
+        integrity.verify(self, self.step_index, self.rank)
         self.hyper.declare(hyper)
         if self._pending is None:
             self._unhooked()

@@ -1,0 +1,184 @@
+"""The guard checks itself: its checks, its sink and its samples as ``watch()`` made them.
+
+Red team 2026-12-04 (#12, guard_selfpatch.py): in-process code blinded the guard
+through its own instance state, with no patch anywhere the identity and surface
+checks look: ``guard.sink.raise_all`` shadowed by an instance attribute that drops
+every alert, ``guard.checks[:] = []``, the gradient probe's sample indices cut to
+one element each.  The invariant: after start-up the guard's structure does not
+change.  At every step (optimizer pre-hook and ``guard.step``), in microseconds:
+
+* the guard's structural attributes (sink, checks, the per-phase lists, ledger
+  recorder, fingerprinter, key, options...) are the very objects of start-up;
+* the list of checks, and each phase's list, hold the same checks, in order;
+* no instance attribute of the guard, its sink, recorder, fingerprinter, schedule
+  or any check shadows a method of its class (beyond what start-up had);
+* every sample index (a check's ``index``) holds the same tensors, sizes and
+  version counters (a param group added later may add indices, never change them).
+
+A violation is TG1304 (critical), reported once per finding through a path that
+does not go through the objects that can be tampered with: straight to the list
+the guard's ``alerts`` is, the ledger recorder's ``append`` captured at start-up,
+the log, and (``on_alert="stop"``) an exception raised at once.
+
+What this cannot do: code that can rewrite the guard can also rewrite this check,
+the captured references, or the interpreter.  In-process self-checks raise the
+cost of blinding the guard and make the casual ways loud; the answer to an
+adversary in the process is ``trainguard verify-run`` off the training host.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+from trainguard.findings import Severity
+from trainguard.monitor.alerts import Alert, TrainingStopped
+
+log = logging.getLogger("trainguard.monitor")
+
+# The guard's attributes that never change after start-up.
+PINNED = (
+    "sink",
+    "alerts",
+    "checks",
+    "tamper",
+    "hyper",
+    "identity",
+    "direction",
+    "seeds",
+    "samples",
+    "schedule",
+    "recorder",
+    "ledger",
+    "fp",
+    "key",
+    "options",
+    "model",
+    "optimizer",
+    "named_params",
+    "_hooks",
+    "_phase",
+)
+MAX_INDEXED = 10_000  # sample indices followed per guard
+
+
+class SelfCheck:
+    def __init__(self, guard: Any) -> None:
+        self._guard = weakref.ref(guard)
+        self._pinned: dict[str, Any] = {name: getattr(guard, name, None) for name in PINNED}
+        self._checks = tuple(guard.checks)
+        self._phases = {k: tuple(v) for k, v in (getattr(guard, "_phase", None) or {}).items()}
+        self._shadows = {id(o): _shadows(o) for o in self._objects(guard)}
+        self._indices = _indices(self._objects(guard))
+        # The alert path, captured now: none of it is looked up on the guard again.
+        self._alerts: list[Alert] = guard.sink.alerts
+        self._append = guard.recorder.append
+        self._on_alert = guard.options.on_alert
+        self._reported: set[str] = set()
+
+    def _objects(self, guard: Any) -> list[Any]:
+        found = [guard, guard.sink, guard.recorder, guard.fp, *self._checks]
+        found += [getattr(guard, "schedule", None), getattr(guard.direction, "probe", None)]
+        return [o for o in found if o is not None]
+
+    def problems(self) -> list[str]:
+        guard = self._guard()
+        if guard is None:
+            return []
+        found = [
+            f"guard.{name} was replaced"
+            for name, value in self._pinned.items()
+            if getattr(guard, name, None) is not value
+        ]
+        checks = self._pinned["checks"]
+        if len(checks) != len(self._checks) or any(
+            a is not b for a, b in zip(checks, self._checks, strict=False)
+        ):
+            found.append(f"guard.checks changed ({len(self._checks)} -> {len(checks)} checks)")
+        phases = self._pinned["_phase"] or {}
+        for name, was in self._phases.items():
+            now = phases.get(name, ())
+            if len(now) != len(was) or any(a is not b for a, b in zip(now, was, strict=False)):
+                found.append(f"guard._phase[{name!r}] changed")
+        for o in self._objects(guard):
+            extra = _shadows(o) - self._shadows.get(id(o), frozenset())
+            found += [f"{type(o).__name__}.{n} shadowed by an instance attribute" for n in extra]
+        for label, (owner, held, states) in self._indices.items():
+            seen = {k: _state(t) for k, t in list(held.items())[:MAX_INDEXED]}
+            if vars(owner).get("index") is not held or any(
+                seen.get(k) != state for k, state in states.items()
+            ):
+                found.append(f"{label} sample indices changed")
+        return found
+
+    def verify(self, step: int, rank: int) -> None:
+        """Report what changed since start-up (each finding once)."""
+        fresh = [p for p in self.problems() if p not in self._reported]
+        if not fresh:
+            return
+        self._reported.update(fresh)
+        alert = Alert.of(
+            "TG1304",
+            step,
+            rank,
+            f"the guard itself was tampered with: {'; '.join(fresh[:5])}",
+            {"functions": ["trainguard guard"], "guard": fresh[:50]},
+            Severity.CRITICAL,
+        )
+        self._alerts.append(alert)
+        log.critical("trainguard: step %d rank %d: TG1304 %s", step, rank, alert.message)
+        payload = {
+            "rule": alert.rule,
+            "severity": str(alert.severity),
+            "message": alert.message,
+            "evidence": dict(alert.evidence),
+        }
+        self._append("alert", payload, step)
+        if callable(self._on_alert):
+            self._on_alert(alert)
+        elif self._on_alert == "stop":
+            raise TrainingStopped([alert])
+
+
+def _shadows(o: Any) -> frozenset[str]:
+    """Instance attributes of ``o`` that shadow a callable of its class."""
+    cls = type(o)
+    try:
+        names = list(vars(o))
+    except TypeError:  # no __dict__ (slots): nothing can shadow
+        return frozenset()
+    return frozenset(n for n in names if callable(getattr(cls, n, None)))
+
+
+def _state(t: Any) -> tuple[int, int, int]:
+    return id(t), int(t.numel()), int(t._version)
+
+
+Indexed = tuple[Any, dict[Any, Any], dict[Any, tuple[int, int, int]]]
+
+
+def _indices(objects: list[Any]) -> dict[str, Indexed]:
+    """Each object's ``index`` (sample indices by parameter): its owner, the dict, and the
+    state of its tensors."""
+    out = {}
+    for o in objects:
+        held = vars(o).get("index") if hasattr(o, "__dict__") else None
+        if isinstance(held, dict) and all(hasattr(t, "_version") for t in held.values()):
+            out[type(o).__name__] = (o, held, {k: _state(t) for k, t in held.items()})
+    return out
+
+
+# Each guard's self-check, looked up by the guard (never through an attribute of it).
+_checks: weakref.WeakKeyDictionary[Any, SelfCheck] = weakref.WeakKeyDictionary()
+
+
+def watch_self(guard: Any) -> None:
+    """Take the guard's structure as it is now (the end of ``watch()``)."""
+    _checks[guard] = SelfCheck(guard)
+
+
+def verify(guard: Any, step: int, rank: int) -> None:
+    found = _checks.get(guard)
+    if found is not None:
+        found.verify(step, rank)
