@@ -85,38 +85,159 @@ def test_hidden_time_is_named_and_honest_runs_are_silent() -> None:
         ("high", liar, "step_time")
     ], alerts
     first, last = alerts[0][3]["steps"]
-    assert first < max(lied) and last >= min(lied), (alerts[0], sorted(lied)[:3])
+    # The stretch named holds the hidden time: it starts before a lying step and ends at one.
+    assert (first is None or first < max(lied)) and min(lied) <= last <= max(lied), (
+        alerts[0], sorted(lied)[:3])  # fmt: skip
+    if shape == "one":  # one sleep: the stretch is that step alone
+        assert alerts[0][3]["steps"] == [9, 10], alerts[0]
 
 
-def test_records_written_late_after_an_outage_are_not_compared() -> None:
-    """Generative: a server outage of minutes; the rank's records reach the server in one
-    burst after it, then the ledger-outage record.  Silent; a lie after it is still named."""
+class _Sim:
+    """A synthetic rank with a real ledger server's behaviour: records are stored a short
+    delay after they are made, queued while the server is down (``down``: intervals of
+    the true time) and written in a burst followed by a ledger-outage record when it is
+    back (ledger/outage.py); a saboteur may hide time, hold records back, drop them or
+    write outage records of its own."""
+
+    def __init__(self, rnd: random.Random, down: list[tuple[float, float]],
+                 hold_start: bool = False) -> None:  # fmt: skip
+        self.rank, self.rnd, self.down = _Rank(0, rnd, rnd.uniform(-5, 5)), rnd, down
+        self.queue: list[tuple[str, int | None, float, dict[str, Any]]] = []
+        self.held: list[tuple[str, int | None, float, dict[str, Any]]] = []
+        self.claims: dict[int, float] = {}
+        self.holding = hold_start
+        self.put(("run-start", None, self.wall(), {}))
+
+    def wall(self) -> float:
+        return self.rank.real + self.rank.offset
+
+    def up(self) -> bool:
+        return not any(a <= self.rank.real < b for a, b in self.down)
+
+    def step(self, s: int, seconds: float, hidden: float = 0.0, drop: bool = False) -> None:
+        self.rank.real += seconds + hidden
+        self.claims[s] = seconds
+        if not drop:
+            self.put(("step", s, self.wall(), {"step_time": seconds}))
+
+    def put(self, item: tuple[str, int | None, float, dict[str, Any]]) -> None:
+        if self.holding:
+            self.held.append(item)
+        elif not self.up():
+            self.queue.append(item)
+        else:
+            self.flush()
+            self.store(item, self.rank.real + self.rnd.uniform(0.001, CLOCK_SLACK_S / 4))
+
+    def store(self, item: tuple[str, int | None, float, dict[str, Any]], server: float) -> None:
+        kind, step, wall, payload = item
+        self.rank.add(kind, step, wall, server, payload)
+
+    def flush(self) -> None:
+        if not self.queue:
+            return
+        for i, item in enumerate(self.queue):
+            self.store(item, self.rank.real + 0.001 * (i + 1))
+        payload = {"first": self.queue[0][2], "last": self.queue[-1][2],
+                   "written_late": len(self.queue)}  # fmt: skip
+        self.store((OUTAGE_KIND, None, self.wall(), payload),
+                   self.rank.real + 0.001 * (len(self.queue) + 1))  # fmt: skip
+        self.queue = []
+
+    def release(self) -> None:
+        """The saboteur writes what it held, in one burst, now."""
+        self.holding = False
+        for i, item in enumerate(self.held):
+            self.store(item, self.rank.real + 0.001 * (i + 1))
+        self.held = []
+
+    def close(self) -> None:
+        self.release()
+        while not self.up():  # closing waits for the server (ledger/outage.py _drain)
+            self.rank.real += 1.0
+        self.flush()
+        self.put(("run-end", None, self.wall(), {}))
+
+
+def _clock_of(records: list[Record]) -> ServerClock:
+    check = ServerClock()
+    for record in records:
+        check.feed(record)
+    return check
+
+
+def _outages(rnd: random.Random, steps: int) -> list[tuple[float, float]]:
+    down, at = [], 1000.0
+    for _ in range(rnd.randint(0, 3)):
+        at += rnd.uniform(5, steps / 2)
+        length = rnd.uniform(1, 120)
+        down.append((at, at + length))
+        at += length
+    return down
+
+
+def test_honest_ranks_with_server_outages_are_silent_and_the_excuse_is_said() -> None:
+    """Generative: honest ranks (random step times, store delays, 0-3 server outages of up
+    to two minutes, anywhere, also at the end): no finding; every late burst is a note."""
     seed = secrets.randbelow(2**32)
     rnd = random.Random(seed)
-    outage_at, outage_len = rnd.randint(5, 30), rnd.randint(3, 20)
-    print(f"seed {seed}: outage at step {outage_at} for {outage_len} steps")
-    rank = _Rank(0, rnd, 0.0)
-    for s in range(outage_at):
-        rank.step(s, rnd.uniform(0.5, 3))
-    queued = []
-    for s in range(outage_at, outage_at + outage_len):
-        rank.real += rnd.uniform(5, 20)
-        queued.append((s, rank.real, rnd.uniform(5, 20)))
-    back = rank.real + rnd.uniform(1, 60)
-    for i, (s, wall, took) in enumerate(queued):
-        rank.add("step", s, wall, back + 0.001 * i, {"step_time": took})
-    payload = {"first": queued[0][1], "last": queued[-1][1], "written_late": len(queued)}
-    rank.add(OUTAGE_KIND, None, back, back + 0.001 * len(queued), payload)
-    rank.real = back + 0.01 * len(queued)
-    after = outage_at + outage_len
-    for s in range(after, after + 20):
-        rank.step(s, rnd.uniform(0.5, 3))
-    assert _judge([rank]) == []
-    for s in range(after + 20, after + 40):
-        rank.step(s, rnd.uniform(0.5, 3), hidden=CLOCK_SLACK_S / 10)
-    (alert,) = _judge([rank])
-    assert alert[0] == "high" and alert[3]["gaps_excused_by_outages"] >= 1
-    assert alert[3]["steps"][1] >= after + 20
+    print(f"seed {seed}")
+    for trial in range(30):
+        steps = rnd.randint(20, 150)
+        sim = _Sim(rnd, _outages(rnd, steps))
+        for s in range(steps):
+            sim.step(s, rnd.uniform(0.001, 2.0))
+        sim.close()
+        check = _clock_of(sim.rank.records)
+        assert check.judge(final=True) == [], (trial, sim.down)
+        bursts = sum(r.kind == OUTAGE_KIND for r in sim.rank.records)
+        assert len(check.notes()) == bursts, (trial, check.notes())
+
+
+def test_hiding_time_is_named_whatever_the_records_do() -> None:
+    """Generative, the class "time hidden, then the records arranged to hide it": a hidden
+    sleep past the slack (in one step or spread) on a rank whose records go out live, are
+    held back over a stretch around the sleep and written in a burst (also from the
+    run-start record on, or to the run's end), have step records dropped, or come with a
+    ledger-outage record the process wrote itself.  Never silent; high wherever the server's
+    times allow it (see the asserts), and a dropped record is itself high."""
+    seed = secrets.randbelow(2**32)
+    rnd = random.Random(seed)
+    print(f"seed {seed}")
+    for trial in range(40):
+        steps = rnd.randint(30, 120)
+        how = rnd.choice(["live", "hold", "hold-all", "hold-from-start", "drop", "forge"])
+        k = rnd.randrange(1, steps - 1)
+        hidden = CLOCK_SLACK_S * rnd.uniform(1.3, 3)
+        a, b = rnd.randint(0, k), rnd.randint(k, steps - 1)
+        if how == "hold-all":
+            a, b = 0, steps - 1
+        sim = _Sim(rnd, [], hold_start=how in ("hold-all", "hold-from-start"))
+        dropped = set(rnd.sample(range(steps), rnd.randint(1, 3))) if how == "drop" else set()
+        for s in range(steps):
+            sim.holding = sim.holding or (how == "hold" and s == a)
+            sim.step(s, rnd.uniform(0.01, 1.0), hidden if s == k else 0.0, s in dropped)
+            if how.startswith("hold") and s == b:
+                sim.release()
+        if how == "forge":  # a ledger-outage record over steps a.. (the records went out live)
+            late = [r for r in sim.rank.records if r.kind == "step" and r.step >= a]
+            payload = {"first": late[0].time, "last": late[-1].time, "written_late": len(late)}
+            sim.store((OUTAGE_KIND, None, sim.wall(), payload), sim.rank.real + 0.01)
+        sim.close()
+        check = _clock_of(sim.rank.records)
+        alerts = check.judge(final=True)
+        context = (trial, how, k, a, b, sorted(dropped), alerts, check.notes())
+        assert alerts or check.notes(), context
+        high = {a[3]["compared"] for a in alerts if a[0] == "high"}
+        if dropped:
+            assert "step numbers" in high, context
+        # A forged excuse is accepted only when the server saw a gap before the records it
+        # names that their wall times fit in: the hidden time must lie in their first step
+        # and the rest take under the slack plus a store delay (the documented limit, which
+        # the note then says).  Anything longer is caught.
+        tail = sum(sim.claims[s] for s in range(a + 1, steps)) + (hidden if k > a else 0.0)
+        if how != "forge" or tail > CLOCK_SLACK_S * 1.25:
+            assert "step_time" in high, context
 
 
 def test_a_burst_is_judged_only_once_its_outage_record_can_have_arrived() -> None:

@@ -1174,10 +1174,13 @@ RULES: dict[str, Rule] = {
             _H,
             "On a PostgreSQL ledger every record carries the server's own time. Over a stretch "
             "of steps of one rank, the server saw more time pass than the steps' recorded "
-            "durations add up to, by more than the measured slack (2 s, plus 0.1% for clock "
-            "rates): the guard's clock was made to hide time (sleeps that slow training, work "
-            "done on the side) from the step-time check. High for the step durations; medium "
-            "for the records' wall times, which an honest clock step (NTP) can also move.",
+            "durations add up to, or the records arrived faster than those durations (held "
+            "back, then written in a burst), by more than the measured slack (2 s, plus 0.1% "
+            "for clock rates): the guard's clock was made to hide time (sleeps that slow "
+            "training, work done on the side) from the step-time check. High for the step "
+            "durations and for a missing or repeated step record; medium for the records' wall "
+            "times, which an honest clock step (NTP) can also move, for a ledger-outage record "
+            "the server's times do not back, and for step records without a server time.",
         ),
         Rule(
             "TG1520",

@@ -39,6 +39,7 @@ def render_text(summary: Summary) -> str:
         *(f"  {verdict_line(v)}" for v in s.verdicts),
         *(f"  {a.get('rule')} {a.get('message')}" for a in s.alerts),
         *(f"  not checked: {p}" for p in s.problems),
+        *(f"  note: {n}" for n in s.notes),
         "",
         f"probability that a sabotage active in {s.fraction:.0%} of the segments so far "
         f"was recomputed at least once: {s.detection:.3f}",

@@ -76,6 +76,7 @@ class Summary:
     alerts: list[dict[str, Any]] = field(default_factory=list)  # as written to the ledger
     finished: bool = False  # the run ended (every rank wrote run-end) and all was checked
     problems: list[str] = field(default_factory=list)  # what kept segments from being checked
+    notes: list[str] = field(default_factory=list)  # what a check left out (never silent)
 
     @property
     def detection(self) -> float:
@@ -166,6 +167,7 @@ class Verifier:
         self.summary.finished = world > 0 and all(r in ended for r in range(world))
         for severity, message, step, evidence in self.clock.judge(final=self.summary.finished):
             self._alert(CLOCK_RULE, message, step, evidence, severity)
+        self.summary.notes = self.clock.notes()
         lone = sorted(set().union(*(set(c) for c in checkpoints.values())) - common)
         if self.summary.finished and lone and not self.summary.problems:
             # Fail closed: a segment no rank group can replay is not silently skipped.
