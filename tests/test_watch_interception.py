@@ -254,3 +254,25 @@ def test_checkpointing_autocast_and_saved_tensor_hooks_inside_forward_are_silent
     guard.close()
     high = [a for a in guard.alerts if a.severity >= Severity.HIGH]
     assert not high, high
+
+
+def test_a_forged_torch_file_name_installed_before_start_is_reported() -> None:
+    """At start-up, code claiming torch's files must be code torch compiled (low: the
+    baseline is what was installed at start, but it is named)."""
+    from trainguard.monitor.alerts import Context
+    from trainguard.monitor.checks.surface import SurfaceCheck
+
+    rng = seeded()
+    fname = os.path.join(
+        os.path.dirname(torch.__file__), rng.choice(["nn/functional.py", "optim/sgd.py"])
+    )
+    scope: dict[str, Any] = {}
+    exec(compile(_FORGED.format(name="mse_loss"), fname, "exec"), scope)  # noqa: S102 - the attack
+    original = torch._C._nn.mse_loss
+    torch._C._nn.mse_loss = scope["make"](original)
+    try:
+        alerts = SurfaceCheck(b"k" * 32).start(Context(0, 0))
+    finally:
+        torch._C._nn.mse_loss = original
+    assert any("torch._C._nn.mse_loss" in a.message for a in alerts), alerts
+    assert not SurfaceCheck(b"k" * 32).start(Context(0, 0))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 from typing import Any
 
 MAX_DEPTH = 4  # closures inside closures followed at most this deep
@@ -50,9 +51,12 @@ class TorchCode:
                 self._dicts.add(id(home))
                 self._kept.append(home)
                 new.append(home)
-        for home in new:
-            for value in list(home.values()):
-                self._take(value, 0)
+        with warnings.catch_warnings():
+            # Some module attributes warn when looked at (torch.distributed.reduce_op).
+            warnings.simplefilter("ignore")
+            for home in new:
+                for value in list(home.values()):
+                    self._take(value, 0)
 
     def _take(self, value: Any, depth: int) -> None:
         if depth > MAX_DEPTH:
