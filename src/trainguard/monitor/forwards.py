@@ -81,13 +81,17 @@ class ForwardWatch:
         eager Python and holds the model as ``_orig_mod``; its own hooks run outside
         the compiled graph.  Found once, by a scan of the live objects (tens of ms)."""
         import gc
+        import warnings
 
         optimized = getattr(getattr(self.torch, "_dynamo", None), "eval_frame", None)
         kind = getattr(optimized, "OptimizedModule", None)
         if kind is None:
             return False
-        for obj in gc.get_objects():
-            if isinstance(obj, kind) and getattr(obj, "_orig_mod", None) is self.model:
+        with warnings.catch_warnings():  # isinstance on deprecated aliases warns
+            warnings.simplefilter("ignore")
+            found = [o for o in gc.get_objects() if isinstance(o, kind)]
+        for obj in found:
+            if getattr(obj, "_orig_mod", None) is self.model:
                 if any(obj is w for w in self._wrappers):
                     continue
                 self._wrappers.append(obj)
