@@ -191,3 +191,98 @@ def test_the_sleep_check_reports_interception_at_high() -> None:
         found += check.intercepted(Context(s, 0), *probes(rng, r, 1.0))
     assert [a.severity for a in found] == [Severity.HIGH]
     assert found[0].evidence["phase"] == "torch" and found[0].rule == "TG1307"
+
+
+class _Spin:
+    """A dispatch mode that burns CPU in proportion to every op's own time."""
+
+    def __new__(cls, factor: float) -> Any:
+        import time
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        clock = time.perf_counter
+
+        class Spin(TorchDispatchMode):  # type: ignore[misc]
+            def __torch_dispatch__(
+                self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+            ) -> Any:
+                started = clock()
+                out = func(*args, **(kwargs or {}))
+                end = started + (clock() - started) * factor
+                while clock() < end:
+                    pass
+                return out
+
+        return Spin()
+
+
+def test_a_spin_on_every_torch_op_entered_mid_run_is_high() -> None:
+    """Red team #17 (spin_like_contention.py): a real dispatch-mode spin on every op,
+    entered after watch() at a random step; the honest part of the run stays quiet."""
+    from tests import watch_scenarios as sc
+
+    rng = seeded()
+    at, factor = rng.randrange(WARMUP + 8, WARMUP + 16), rng.uniform(2.0, 4.0)
+    model = sc.make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    guard = sc.tgw.watch(model, opt, hang_seconds=None, ledger=None, budget=0.05)
+    x, y = sc.make_data()
+    mode = _Spin(factor)
+    try:
+        for step in range(at + WINDOW + 8):
+            if step == at:
+                mode.__enter__()
+            loss = torch.nn.functional.mse_loss(model(x[:32]), y[:32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            guard.step(loss=loss, batch=x[:32])
+    finally:
+        if guard.step_index > at:
+            mode.__exit__(None, None, None)
+        guard.close()
+    torch_phase = [a for a in guard.alerts if a.evidence.get("phase") == "torch"]
+    print(at, round(factor, 2), [(a.step, a.severity.name, a.message[:70]) for a in torch_phase])
+    assert torch_phase and torch_phase[0].severity == Severity.HIGH
+    assert at <= torch_phase[0].step <= at + WINDOW + 7
+
+
+def test_a_rank_whose_torch_ops_are_slower_than_its_peers_is_named() -> None:
+    """Sabotage present from the first step on one rank: its own start-up is the baseline,
+    but its peers run the same torch on like machines.  Generated: world size, each
+    rank's noise, which ranks are slowed (a minority) and by how much, odd values."""
+    from trainguard.monitor import ranks
+
+    rng = seeded()
+    for trial in range(200):
+        world = rng.randrange(2, 9)
+        base = rng.uniform(1.0, 12.0)
+        slowed = set(rng.sample(range(world), rng.randrange(0, max(1, (world - 1) // 2) + 1)))
+        paces: dict[int, Any] = {}
+        for r in range(world):
+            slow = rng.uniform(2.2, 6.0) if r in slowed else 1.0  # 2.2 * 0.85 > 1.5 * 1.15
+            paces[r] = base * rng.uniform(0.85, 1.15) * slow
+        if rng.random() < 0.2:  # a peer that sends nothing usable is left out, not trusted
+            paces[rng.randrange(world)] = rng.choice([None, "fast", -1.0, float("nan"), True])
+        kept = {r for r, v in paces.items() if isinstance(v, float) and v > 0}
+        reports = [
+            {
+                "rank": r,
+                "step": 49,
+                "world": world,
+                "key": "k",
+                "hyperparameters": "h",
+                "code": {},
+                "shards": {},
+                "cover": {},
+                "pace": paces[r],
+            }
+            for r in range(world)
+        ]
+        verdict = ranks.judge(reports, b"k" * 32)
+        named = [f.evidence["ranks"] for f in verdict.findings if f.rule == "TG1307"]
+        expected = sorted(slowed & kept) if len(kept) > 1 else []
+        print(trial, world, sorted(slowed), named)
+        assert named == ([expected] if expected else []), (paces, named)
+        assert verdict.reporter not in (expected or [-1])

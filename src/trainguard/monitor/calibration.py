@@ -99,3 +99,31 @@ class Calibration:
             return None
         self.reported = True  # once per episode: it lasts until the ratio is back
         return factor
+
+
+def rank_pace(checks: list[Any]) -> float | None:
+    """This rank's ratio for the rank comparison: the recent median, else the start-up one
+    (None before the warm-up ends)."""
+    for check in checks:
+        cal = getattr(check, "calibration", None)
+        if isinstance(cal, Calibration):
+            return statistics.median(cal.ratios) if cal.ratios else cal.usual
+    return None
+
+
+def odd_pace(paces: dict[int, Any]) -> tuple[list[int], dict[str, float]]:
+    """Ranks whose ratio is SLOWER times the median of the other ranks' (ranks of one job
+    run the same torch on like machines): a rank-local interception, even one present from
+    the first step.  Values that are not positive finite numbers are left out (the field
+    is optional; peers are not trusted)."""
+    valid = {
+        r: float(v)
+        for r, v in paces.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+    }
+    odd = []
+    for r, v in valid.items():
+        others = [w for q, w in valid.items() if q != r]
+        if others and v > SLOWER * statistics.median(others):
+            odd.append(r)
+    return sorted(odd), {str(r): round(v, 3) for r, v in valid.items()}

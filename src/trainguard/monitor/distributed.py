@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainguard.monitor import ranks
+from trainguard.monitor.calibration import rank_pace
 from trainguard.monitor.exchange import all_gather_json
 from trainguard.monitor.fingerprint import hyperparameters, optimizer_tensors
 from trainguard.monitor.sharding import shards
@@ -65,6 +66,7 @@ def rank_report(guard: Any) -> dict[str, Any]:
         "code": ranks.code_digests(guard.optimizer),
         "shards": held,
         "cover": cover,
+        "pace": rank_pace(guard.checks),  # torch against plain code (calibration.py)
     }
 
 

@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainguard.monitor.calibration import SLOWER, odd_pace
+
 # Fields every rank must share whatever the sharding, and the rule a difference breaks.
 COMMON = (
     ("step", "TG1310", "step counter"),
@@ -94,6 +96,17 @@ def judge(reports: list[dict[str, Any] | None], key: bytes) -> Verdict:
             )
     _compare_code(valid, verdict)
     _compare_shards(valid, verdict, key)
+    odd, paces = odd_pace({r: rep.get("pace") for r, rep in valid.items()})
+    if odd:  # a rank whose torch ops run slower than the others' (monitor/calibration.py)
+        verdict.findings.append(
+            Finding(
+                "TG1307",
+                f"rank(s) {_list(odd)} run torch's ops over {SLOWER}x slower, relative to "
+                "plain code, than the other ranks: something intercepts torch's ops there "
+                "(or their CPUs differ)",
+                {"ranks": odd, "phase": "torch", "ratios": paces},
+            )
+        )
     named = {r for f in verdict.findings for r in f.evidence.get("ranks", [])}
     verdict.reporter = min((r for r in range(len(reports)) if r not in named), default=0)
     return verdict
