@@ -15,8 +15,9 @@ format        samples
 ``file``      the whole file is one sample (a folder of images, of texts)
 ============  ===========================================================
 
-Each sample has a digest (SHA-256 over a canonical encoding: for tensors each
-field's name, dtype, row shape and raw bytes), which is what the manifest seals
+Each sample has a digest (SHA-256 over a canonical encoding: for tensors the
+container's layout and each field's name, resolved dtype, row shape and values in
+little-endian order), which is what the manifest seals
 and what a read is checked against.  A new format is one :class:`Format` and
 one line in :data:`FORMATS`.  Every read is bounded by a named cap; a file that
 does not parse as its format raises :class:`ShardError` (a finding, never a
@@ -77,9 +78,15 @@ def _sha(parts: list[bytes]) -> bytes:
     return h.digest()
 
 
-def tensor_row_digest(fields: list[tuple[str, str, tuple[int, ...], bytes]]) -> bytes:
-    """A sample made of tensor rows: (name, dtype, row shape, raw bytes) per field."""
-    parts = [b"tensor-row/1"]
+def tensor_row_digest(
+    fields: list[tuple[str, str, tuple[int, ...], bytes]], layout: str = "tensor"
+) -> bytes:
+    """A sample made of tensor rows: (name, dtype, row shape, raw bytes) per field, in a
+    container ``layout`` (tensor, tuple, list, dict: training gets that type back, so a
+    shard re-saved in another is another sample).  ``dtype`` is the resolved type and
+    ``raw`` the values in little-endian order: the digest is over the values, not over how
+    a file spells them (``float32`` or ``<f4``, either byte order)."""
+    parts = [b"tensor-row/2", layout.encode()]
     for name, dtype, shape, raw in fields:
         parts += [name.encode(), dtype.encode(), json.dumps(list(shape)).encode(), raw]
     return _sha(parts)
@@ -159,8 +166,28 @@ def npy_header(path: str) -> NpyHeader:
     return h
 
 
+def _canonical(descr: str) -> Any:
+    """The dtype a header's ``descr`` resolves to, in little-endian order."""
+    import numpy as np
+
+    return np.dtype(descr).newbyteorder("<")
+
+
+def _npy_values(h: NpyHeader, raw: bytes) -> tuple[Any, bytes]:
+    """The row as an array of the canonical dtype, and its bytes (what is digested)."""
+    import numpy as np
+
+    stored, canonical = np.dtype(h.descr), _canonical(h.descr)
+    row = np.frombuffer(raw, dtype=stored).reshape(h.shape[1:])
+    if stored != canonical:  # another byte order: the same values, swapped
+        row = row.astype(canonical)
+        raw = row.tobytes()
+    return row, raw
+
+
 def _npy_digest(h: NpyHeader, raw: bytes) -> bytes:
-    return tensor_row_digest([("", h.descr, h.shape[1:], raw)])
+    _, values = _npy_values(h, raw)
+    return tensor_row_digest([("", _canonical(h.descr).str, h.shape[1:], values)])
 
 
 class NpyReader(Reader):
@@ -183,8 +210,9 @@ class NpyReader(Reader):
             fh.seek(h.offset + i * h.row_bytes)
             raw = self._raw(fh)
         # Built from the very bytes that were digested: no second read.
-        row = np.frombuffer(raw, dtype=np.dtype(h.descr)).reshape(h.shape[1:]).copy()
-        return row, _npy_digest(h, raw)
+        row, values = _npy_values(h, raw)
+        digest = tensor_row_digest([("", _canonical(h.descr).str, h.shape[1:], values)])
+        return np.array(row, dtype=_canonical(h.descr), copy=True), digest
 
     def digests(self) -> Iterator[bytes]:
         with open(self.path, "rb") as fh:
@@ -219,7 +247,8 @@ class TorchReader(Reader):
         if isinstance(content, torch.Tensor):
             self.layout, named = "tensor", [("", content)]
         elif isinstance(content, (tuple, list)):
-            self.layout, named = "tuple", [(str(i), v) for i, v in enumerate(content)]
+            self.layout = "tuple" if isinstance(content, tuple) else "list"
+            named = [(str(i), v) for i, v in enumerate(content)]
         elif isinstance(content, dict) and all(isinstance(k, str) for k in content):
             self.layout, named = "dict", [(k, content[k]) for k in sorted(content)]
         else:
@@ -244,11 +273,13 @@ class TorchReader(Reader):
             flat = row.reshape(-1)
             raw = flat.view(torch.uint8).numpy().tobytes() if row.numel() else b""
             fields.append((name, str(row.dtype), tuple(row.shape), raw))
-        digest = tensor_row_digest(fields)
+        digest = tensor_row_digest(fields, self.layout)
         if self.layout == "tensor":
             return rows[0], digest
         if self.layout == "tuple":
             return tuple(rows), digest
+        if self.layout == "list":
+            return rows, digest
         return {n: r for (n, _), r in zip(self.named, rows, strict=True)}, digest
 
 
