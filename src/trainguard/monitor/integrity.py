@@ -69,8 +69,13 @@ class SelfCheck:
         self._pinned: dict[str, Any] = {name: getattr(guard, name, None) for name in PINNED}
         self._checks = tuple(guard.checks)
         self._phases = {k: tuple(v) for k, v in (getattr(guard, "_phase", None) or {}).items()}
-        self._shadows = {id(o): _shadows(o) for o in self._objects(guard)}
-        self._indices = _indices(self._objects(guard))
+        objects = self._objects(guard)
+        self._objs = tuple(objects)
+        # Per object, its instance attributes' names at start and those shadowing a method:
+        # only a name added since can shadow one more (cheap: a keys comparison per step).
+        self._keys = [frozenset(vars(o)) if hasattr(o, "__dict__") else None for o in objects]
+        self._shadows = {id(o): _shadows(o) for o in objects}
+        self._indices = _indices(objects)
         # The alert path, captured now: none of it is looked up on the guard again.
         self._alerts: list[Alert] = guard.sink.alerts
         self._append = guard.recorder.append
@@ -101,13 +106,17 @@ class SelfCheck:
             now = phases.get(name, ())
             if len(now) != len(was) or any(a is not b for a, b in zip(now, was, strict=False)):
                 found.append(f"guard._phase[{name!r}] changed")
-        for o in self._objects(guard):
+        for o, keys in zip(self._objs, self._keys, strict=True):
+            if keys is None or vars(o).keys() == keys:
+                continue
             extra = _shadows(o) - self._shadows.get(id(o), frozenset())
             found += [f"{type(o).__name__}.{n} shadowed by an instance attribute" for n in extra]
+        if self._objects(guard) != list(self._objs):
+            found.append("the guard's sink, recorder, fingerprinter, schedule or probe changed")
         for label, (owner, held, states) in self._indices.items():
-            seen = {k: _state(t) for k, t in list(held.items())[:MAX_INDEXED]}
             if vars(owner).get("index") is not held or any(
-                seen.get(k) != state for k, state in states.items()
+                held.get(k) is not t or t._version != v or t.numel() != n
+                for k, (t, n, v) in states.items()
             ):
                 found.append(f"{label} sample indices changed")
         return found
@@ -151,11 +160,11 @@ def _shadows(o: Any) -> frozenset[str]:
     return frozenset(n for n in names if callable(getattr(cls, n, None)))
 
 
-def _state(t: Any) -> tuple[int, int, int]:
-    return id(t), int(t.numel()), int(t._version)
+def _state(t: Any) -> tuple[Any, int, int]:
+    return t, int(t.numel()), int(t._version)  # the tensor itself: its id cannot be reused
 
 
-Indexed = tuple[Any, dict[Any, Any], dict[Any, tuple[int, int, int]]]
+Indexed = tuple[Any, dict[Any, Any], dict[Any, tuple[Any, int, int]]]
 
 
 def _indices(objects: list[Any]) -> dict[str, Indexed]:
