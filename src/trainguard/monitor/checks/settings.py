@@ -20,7 +20,8 @@ steps (DistributedDataParallel's ``require_backward_grad_sync`` under
 ``no_sync()`` with gradient accumulation) are toggles of the loop and are not
 compared afterwards.  A change the loop makes on purpose (a dropout schedule,
 stochastic depth) is declared: ``guard.step(changed={"drop.p": 0.0})`` (or
-``changed=["drop.p"]``); ``"blocks.0.training"`` names a training flag.
+``changed=["drop.p"]``); ``"blocks.0.training"`` names one module's training
+flag, ``"training"`` all of them (``model.apply(freeze_bn)`` from some epoch on).
 
 Cost: at every forward's start and end, three tuples per module built and
 compared in C (tens of microseconds for a model of a hundred modules; a
@@ -171,6 +172,10 @@ class SettingsCheck(Check):
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         self.steps += 1
         declared = declared_names(end.declared_changes)
+        if "training" in declared:  # the model's flags, every module's (freezing BatchNorm)
+            for c in self.held.changes:
+                if c.name.endswith(".training"):
+                    declared.setdefault(c.name, c.value)
         out = self.held.release(ctx, declared)
         if any(n == "training" or n.endswith(".training") for n in declared):
             # Declared flags: the flags of this step's training forward are the new baseline.
