@@ -15,7 +15,8 @@ word counts only when its key is anchored:
 * rank 0's run-start names it (``run_keys``, the key id of every rank,
   gathered at watch start) and a head verified with rank 0's key covers that
   run-start;
-* rank 0's final run head, verified with rank 0's key, names its stream.
+* rank 0's final run head, verified with rank 0's key, names a record of its
+  stream by the digest stored (so its run-start, and its key).
 
 The world size comes from rank 0's records only, capped at :data:`MAX_WORLD`;
 a stream numbered at or above it is not a rank of the run (TG1214).
@@ -48,6 +49,7 @@ class EndState(Protocol):
     head_ok: int
     listed: frozenset[int] | None
     peers: dict[int, str]
+    vouched: bool
 
     @property
     def closed(self) -> bool: ...
@@ -113,7 +115,8 @@ def anchors(
         if zero.head_ok >= 0:  # a head verified with rank 0's key covers its run-start
             anchored.update(n for n, st in ranks.items() if _named(zero, n, st))
         if run is not None and run.closed:
-            anchored.update(run.listed or ())
+            listed = run.listed or frozenset()
+            anchored.update(n for n, st in ranks.items() if st.vouched and n in listed)
     too_large = [(n, st.world) for n, st in sorted(ranks.items()) if st.world > MAX_WORLD]
     if run is not None and run.world > MAX_WORLD:
         too_large.append((RUN_STREAM, run.world))

@@ -67,6 +67,9 @@ class EndState:
     # rank -> (the last step it reported, the seq of the alert saying so)
     stopped: dict[int, tuple[int | None, int]] = field(default_factory=dict)
     peers: dict[int, str] = field(default_factory=dict)  # its run-start's run_keys, by rank
+    # A signed run head named one of its records by the digest stored: the run head
+    # vouches for this very stream (and so its run-start and key), not just its number.
+    vouched: bool = False
 
     @property
     def closed(self) -> bool:

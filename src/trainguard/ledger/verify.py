@@ -439,6 +439,7 @@ class _Verifier:
                 )
             elif claim.signed:
                 st.cover = max(st.cover, record.seq)
+                st.end.vouched = True
 
     # -- the end --------------------------------------------------------------
     def close_stream(self, st: _Stream) -> None:
