@@ -14,6 +14,7 @@ by replay with a message naming the version, never compared.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 
 import pytest
@@ -192,3 +193,23 @@ def test_a_long_tensor_read_by_several_threads_gives_the_same_sums(rng: random.R
     finally:
         torch.set_num_threads(threads)
     assert many == one == compose(parts)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() only")
+def test_a_forked_child_fingerprints_after_its_parent_used_the_thread_pool() -> None:
+    """Launchers fork ranks; a pool inherited through fork() has no threads."""
+    from trainguard.monitor.fingerprint import MIN_CHUNKS_PER_THREAD, WORDS
+
+    fp = Fingerprinter(b"k" * 32)
+    t = torch.randn(2 * WORDS * MIN_CHUNKS_PER_THREAD * 2 + 5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = fp.sums([t])
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports by its exit code
+            os._exit(0 if fp.sums([t]) == first else 3)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert os.waitstatus_to_exitcode(status) == 0

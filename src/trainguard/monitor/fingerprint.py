@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import secrets
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -258,7 +259,8 @@ if sys.byteorder != "little":  # the top halves are read as the odd 32-bit words
     raise ImportError("trainguard's fingerprints assume a little-endian machine")
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+# By process: a pool inherited through fork() has no threads (its tasks would wait forever).
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 MIN_CHUNKS_PER_THREAD = 8  # a stretch shorter than this is not worth a thread's hand-off
 
 
@@ -270,9 +272,10 @@ def _ways(torch: Any, words: Any, span: int) -> int:
 
 
 def _pool(ways: int) -> ThreadPoolExecutor:
-    if ways not in _POOLS:
-        _POOLS[ways] = ThreadPoolExecutor(ways, thread_name_prefix="trainguard-fp")
-    return _POOLS[ways]
+    key = (os.getpid(), ways)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(ways, thread_name_prefix="trainguard-fp")
+    return _POOLS[key]
 
 
 def _dot(torch: Any, rows: Any, v: Any) -> Any:
