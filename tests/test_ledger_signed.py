@@ -462,6 +462,23 @@ def test_ddp_runs_verify_and_tampering_fails(seed: int, tmp_path: Path) -> None:
     attack(url, lambda: _copy_url("sqlite", tmp_path, counter), seed, "ddp", run="dist-run")
 
 
+def test_an_honest_rank_zero_death_verifies(tmp_path: Path) -> None:
+    # Rank 0 killed before its first periodic head and before any run head: its run-start,
+    # signed at once, names rank 1's key, so rank 1's report explains the death.
+    from tests.test_watch_distributed import launch
+
+    launch(tmp_path, 2, "kill:0:30")
+    url = str(tmp_path / "ledger.sqlite")
+    plain = verify(url, run="dist-run")
+    pinned = verify(url, "--expect-key-id", plain[1]["run_keys"]["0"][:16], run="dist-run")
+    for code, document in (plain, pinned):
+        assert code == 0, document["findings"]
+        ended = [
+            (f["member"], f["severity"]) for f in document["findings"] if f["rule"] == "TG1211"
+        ]
+        assert ended == [("run dist-run stream 0", "medium")]
+
+
 # -- dead ranks, on runs written record by record (no torch needed) -----------------------
 def _written_run(
     url: str, world: int, dead: dict[int, int], steps: int = 8, rule: str = "TG1311"
