@@ -132,6 +132,43 @@ def train(rng: random.Random, attack: Any = None, steps: int = 12) -> Any:
     return guard
 
 
+def test_python_and_numpy_global_generators_may_only_advance_too() -> None:
+    import random as pyrandom
+
+    np = pytest.importorskip("numpy")
+    rng = seeded()
+    for _ in range(20):
+        r = pyrandom.Random(rng.randrange(2**31))
+        r.getrandbits(32 * rng.randrange(0, 2000) + 32)
+        a = r.getstate()
+        k = rng.choice([0, 1, 623, 624, 625, rng.randrange(1, 20000)])
+        if k:
+            r.getrandbits(32 * k)
+        assert mt19937.python_advance(a, r.getstate(), 1 << 20) == k
+        other = pyrandom.Random(rng.randrange(2**31))
+        other.random()
+        assert mt19937.python_advance(a, other.getstate(), 1 << 20) is None
+        s = np.random.RandomState(rng.randrange(2**31))
+        s.random_sample(rng.randrange(0, 2000))
+        b = s.get_state()
+        s.random_sample(k)  # two 32-bit draws per double
+        assert mt19937.numpy_advance(b, s.get_state(), 1 << 20) == 2 * k
+        t = np.random.RandomState(rng.randrange(2**31))
+        t.random_sample(3)
+        assert mt19937.numpy_advance(b, t.get_state(), 1 << 20) is None
+    # In a watched run: random.setstate to a foreign state is high at the next step.
+    forged = pyrandom.Random(rng.randrange(2**31))
+    forged.random()
+
+    def forge(step: int) -> None:
+        if step == 5:
+            pyrandom.setstate(forged.getstate())
+
+    guard = train(random.Random(rng.random()), forge)
+    found = [a for a in guard.alerts if a.rule == "TG1305" and "python" in a.message]
+    assert found and found[0].severity == Severity.HIGH, guard.alerts
+
+
 def test_a_foreign_generator_state_is_high_and_honest_randomness_is_not() -> None:
     rng = seeded()
     for _ in range(3):

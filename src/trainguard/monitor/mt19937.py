@@ -120,3 +120,76 @@ def fresh(seed: int) -> Any:
     import torch
 
     return torch.Generator().manual_seed(seed).get_state()
+
+
+# -- Python's ``random`` and NumPy's legacy global generator: the same Mersenne Twister ----
+def words_advance(
+    before: tuple[Any, int], after: tuple[Any, int], stream: Any, max_draws: int
+) -> int | None:
+    """Draws from ``before`` to ``after``, each ``(624 words, index)`` where ``index`` is the
+    number of words of the current block already used (624 right after seeding), as
+    CPython and NumPy keep it; ``stream(n)`` draws the next ``n`` raw outputs from a
+    clone of ``before`` (a NumPy uint32 array).  None when not reachable in ``max_draws``."""
+    import numpy as np
+
+    (w0, i0), (w1, i1) = before, after
+    w0, w1 = np.asarray(w0, dtype=np.uint32), np.asarray(w1, dtype=np.uint32)
+    if w0.shape != (N,) or w1.shape != (N,) or not (0 <= i0 <= N and 0 <= i1 <= N):
+        return None
+    if np.array_equal(w0, w1):
+        k = i1 - i0
+        return k if 0 <= k <= max_draws else None
+    y = w1.astype(np.uint64)
+    y ^= y >> np.uint64(11)
+    y ^= (y << np.uint64(7)) & np.uint64(0x9D2C5680)
+    y ^= (y << np.uint64(15)) & np.uint64(0xEFC60000)
+    y ^= y >> np.uint64(18)
+    target = (y & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    remaining = N - i0
+    if remaining:
+        stream(remaining)
+    budget_blocks = (max_draws - remaining - i1) // N + 1
+    done, chunk = 0, 1
+    while done < budget_blocks:
+        blocks, chunk = min(chunk, CHUNK_BLOCKS, budget_blocks - done), chunk * 2
+        rows = np.asarray(stream(blocks * N), dtype=np.uint32).reshape(blocks, N)
+        for i in np.flatnonzero(rows[:, 0] == target[0]).tolist():
+            if np.array_equal(rows[i], target):
+                return remaining + N * (done + int(i)) + i1
+        done += blocks
+    return None
+
+
+def python_advance(before: Any, after: Any, max_draws: int) -> int | None:
+    """``random.getstate()`` to ``random.getstate()``: draws between, or None."""
+    import random
+
+    import numpy as np
+
+    if before[0] != 3 or after[0] != 3 or len(before[1]) != N + 1 or len(after[1]) != N + 1:
+        return None
+    clone = random.Random()  # noqa: S311 (a clone of the generator under check: no secret)
+    clone.setstate(before)
+
+    def stream(n: int) -> Any:
+        raw = clone.getrandbits(32 * n).to_bytes(4 * n, "little")
+        return np.frombuffer(raw, dtype="<u4")
+
+    return words_advance(
+        (before[1][:N], before[1][N]), (after[1][:N], after[1][N]), stream, max_draws
+    )
+
+
+def numpy_advance(before: Any, after: Any, max_draws: int) -> int | None:
+    """``numpy.random.get_state()`` to ``numpy.random.get_state()``: draws between, or None."""
+    import numpy as np
+
+    if before[0] != "MT19937" or after[0] != "MT19937":
+        return None
+    clone = np.random.MT19937()
+    clone.state = {"bit_generator": "MT19937", "state": {"key": before[1], "pos": before[2]}}
+
+    def stream(n: int) -> Any:
+        return clone.random_raw(n).astype(np.uint32)
+
+    return words_advance((before[1], before[2]), (after[1], after[2]), stream, max_draws)

@@ -34,11 +34,12 @@ verifier, which replays each step's draws, is what catches those.
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 from trainguard.findings import Severity
 from trainguard.monitor import mt19937
 from trainguard.monitor.alerts import Alert, Context
-from trainguard.monitor.checks.base import Check
+from trainguard.monitor.checks.base import Check, StepEnd
 
 MIN_BOUND = 1 << 22  # draws searched at least (a foreign state costs this much once)
 GROWTH = 16  # the search reaches this many times the largest honest step's draws
@@ -61,12 +62,16 @@ class AdvanceCheck(Check):
         self.recent: deque[int] = deque(maxlen=RECENT)  # draw counts after the warm-up
         self.checked = 0
         self._first = True  # step 0 also draws what a loop draws once (a loader's base seed)
+        self._held: list[Alert] = []
+        self.others = OtherGenerators()
 
     def skipped(self, ctx: Context) -> list[Alert]:
         self.last = self.gen.get_state()  # the next checked step compares one step's draws
+        self.others.keep()
         return []
 
     def before_step(self, ctx: Context) -> list[Alert]:
+        self._held += self.others.check(ctx)
         if not self.usable:
             return []
         now = self.gen.get_state()
@@ -80,7 +85,7 @@ class AdvanceCheck(Check):
                 return []
         self.checked += 1
         if k is None:
-            return [
+            self._held.append(
                 ctx.alert(
                     "TG1305",
                     "torch's global random state was set to a state it cannot reach by drawing "
@@ -90,9 +95,16 @@ class AdvanceCheck(Check):
                     generator="torch",
                     searched=bound,
                 )
-            ]
+            )
+            return []
         self.largest = max(self.largest, k)
         return self._count(ctx, k)
+
+    def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
+        # Held to here: a re-seed the loop declares (guard.step(reseed=True)) is no foreign
+        # state, and Python's and NumPy's states carry no initial seed to tell it by.
+        held, self._held = self._held, []
+        return [] if end.declared_reseed else held
 
     def _count(self, ctx: Context, k: int) -> list[Alert]:
         if self._first:
@@ -122,3 +134,48 @@ class AdvanceCheck(Check):
                 steady=self.steady,
             )
         ]
+
+
+class OtherGenerators:
+    """Python's ``random`` and NumPy's legacy global generator: the same Mersenne Twister,
+    held to the same invariant (no draw count judged: a loop's augmentation varies it)."""
+
+    def __init__(self) -> None:
+        import random
+
+        self.gens: dict[str, tuple[Any, Any]] = {
+            "python": (random.getstate, mt19937.python_advance)
+        }
+        try:
+            import numpy as np
+
+            self.gens["numpy"] = (np.random.get_state, mt19937.numpy_advance)
+        except ImportError:
+            pass
+        self.last = {name: get() for name, (get, _) in self.gens.items()}
+        self.largest = dict.fromkeys(self.gens, 0)
+
+    def keep(self) -> None:
+        self.last = {name: get() for name, (get, _) in self.gens.items()}
+
+    def check(self, ctx: Context) -> list[Alert]:
+        alerts = []
+        for name, (get, advance) in self.gens.items():
+            now = get()
+            before, self.last[name] = self.last[name], now
+            bound = max(MIN_BOUND, GROWTH * self.largest[name])
+            k = advance(before, now, bound)
+            if k is not None:
+                self.largest[name] = max(self.largest[name], k)
+                continue
+            alerts.append(
+                ctx.alert(
+                    "TG1305",
+                    f"the {name} global random state was set to a state it cannot reach by "
+                    f"drawing (not within {bound} draws of the last step's state): re-seeded "
+                    "or replaced",
+                    generator=name,
+                    searched=bound,
+                )
+            )
+        return alerts
