@@ -1,4 +1,7 @@
-"""torch's global CPU generator set to a state it cannot have reached (TG1305).
+"""A global random generator set to a state it cannot have reached (TG1305).
+
+torch's CPU generator first; Python's ``random`` and NumPy's legacy global
+generator (the same Mersenne Twister) the same way (``OtherGenerators``).
 
 ``SeedCheck`` sees seeding calls, a changed initial seed and a state seen
 before.  ``torch.default_generator.set_state(forged)`` with the forged state's
