@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_ledger_support import Row, raw_rows, rewrite_stream, tamper
+from tests.test_ledger_support import BACKENDS, Row, backend_url, raw_rows, rewrite_stream, tamper
 from trainguard.cli.main import main
 from trainguard.ledger import open_ledger
 from trainguard.ledger.anchor import MAX_WORLD
@@ -262,16 +262,21 @@ def _oversize(rng: random.Random) -> Callable[[list[Row]], list[Row]]:
     return change
 
 
-def test_oversized_payloads_are_refused_before_parsing(seed: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_oversized_payloads_are_refused_before_parsing(
+    seed: int, tmp_path: Path, kind: str
+) -> None:
     rng = random.Random(seed ^ 0x0B16)
     for member in range(2):
-        url = str(tmp_path / f"big{member}.db")
-        world = rng.randint(1, 2)
-        written_run(url, world, {})
-        stream = rng.choice([-1, *range(world)])
-        rewrite_stream(url, RUN, stream, _oversize(rng))  # re-hashed: the chain links
-        code, document = verify(url)
-        where = f"TRAINGUARD_LEDGER_ANCHOR_SEED={seed} member {member} stream {stream}"
+        folder = tmp_path / f"big{member}"
+        folder.mkdir()
+        with backend_url(kind, folder) as url:
+            world = rng.randint(1, 2)
+            written_run(url, world, {})
+            stream = rng.choice([-1, *range(world)])
+            rewrite_stream(url, RUN, stream, _oversize(rng))  # re-hashed: the chain links
+            code, document = verify(url)
+        where = f"TRAINGUARD_LEDGER_ANCHOR_SEED={seed} {kind} member {member} stream {stream}"
         assert code == 1, where
         modified = found(document, "TG1201", stream)
         assert any("over the limit" in f["message"] for f in modified), (where, modified)
