@@ -165,3 +165,86 @@ def test_a_run_over_other_sealed_data_is_named(tmp_path: Path) -> None:
     d = report.first_divergence
     assert d is not None and d.step == 0
     assert [f.rule for f in report.findings()] == ["TG1522"]
+
+
+def test_a_dataset_rolled_back_to_an_older_seal_by_the_same_key_is_caught_by_its_pin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Generative (red team E3, the class "the seal proves who signed, not which dataset"):
+    a dataset is sealed, changed (a relabel, a sample added or removed, a shard added) and
+    sealed again by the same key; the folder is rolled back to the old version with its old
+    seal, before the run or after it.  `data seal` prints the digest to pin; with the pin,
+    data verify, SealedDataset, replay and verify-run name the older version (TG1522); an
+    honest run over the pinned version matches and its verdict names the data it read."""
+    import shutil
+
+    from trainguard.cli.main import main
+    from trainguard.explain.verifier.follow import Verifier
+    from trainguard.explain.verifier.sampling import secret_from
+    from trainguard.signing.errors import VerificationError
+    from trainguard.signing.keys import write_keypair
+
+    seed = secrets.randbelow(2**32)
+    rnd = random.Random(seed)
+    when = rnd.choice(["before the run", "after the run"])
+    change = rnd.choice(["relabel", "add", "remove", "shard"])
+    print(f"seed {seed}: rolled back {when}; the new version: {change}")
+    data, public, total = dt.make_dataset(tmp_path, rnd)
+    old = tmp_path / "old"
+    shutil.copytree(data, old)
+    old_digest = SealedDataset(data, public).digest
+    part = rnd.choice(sorted(p.name for p in data.glob("part-*.pt")))
+    x, y = torch.load(data / part, weights_only=True)
+    if change == "relabel":
+        i = rnd.randrange(len(y))
+        y[i] = (y[i] + 1) % 3
+    elif change == "add":
+        x, y = torch.cat([x, x[:2]]), torch.cat([y, y[:2]])
+    elif change == "remove":
+        x, y = x[:-2], y[:-2]
+    torch.save((x, y), data / part)
+    if change == "shard":
+        torch.save((x[:4].clone(), y[:4].clone()), data / "part-9.pt")
+    assert main(["data", "seal", str(data), "--key", str(tmp_path / "signer.pem")]) == 0
+    new = capsys.readouterr().out.strip().splitlines()[-1]  # what the user pins
+    assert new == SealedDataset(data, public).digest != old_digest
+    rollback = lambda: (shutil.rmtree(data), shutil.copytree(old, data))  # noqa: E731
+
+    if when == "before the run":
+        rollback()
+    workers = 0
+    total = len(SealedDataset(data, public))
+    per_epoch = dt.steps_per_epoch(total)
+    dt.train(tmp_path, data, public, 2 * per_epoch, "none", 0, rnd, True, workers)
+    entry = dt.build_for(data, public, workers)
+    ledger = str(tmp_path / "ledger.db")
+    if when == "after the run":
+        honest = replay(ledger, "run", entry, key=dt.KEY, expect_data=new)
+        assert honest.verdict == "matched" and honest.data == [new[:16]], honest.first_divergence
+        rollback()
+    read = (old_digest if when == "before the run" else new)[:16]  # as the run records it
+    unpinned = replay(ledger, "run", entry, key=dt.KEY)
+    assert unpinned.data == [read]  # the verdict says which data it is about
+    if when == "after the run":  # the run recorded its data: the rollback after is named
+        assert [f.rule for f in unpinned.findings()] == ["TG1522"], unpinned.first_divergence
+    pinned = replay(ledger, "run", entry, key=dt.KEY, expect_data=new)
+    d = pinned.first_divergence
+    assert d is not None and d.step == 0 and "rollback" in d.cause, (seed, d)
+    assert [f.rule for f in pinned.findings()] == ["TG1522"]
+    # The same pin everywhere else.
+    with pytest.raises(VerificationError, match="rollback"):
+        SealedDataset(data, public, expect_digest=new)
+    assert SealedDataset(data, public, expect_digest=old_digest).digest == old_digest
+    argv = ["data", "verify", str(data), "--key", str(public), "--expect-digest", new]
+    assert main(argv) == 1 and "TG1522" in capsys.readouterr().out
+    private, _ = write_keypair(tmp_path / "verifier")
+    verifier = Verifier(
+        ledger, "run", entry, signing_key=str(private), secret=secret_from(private.read_bytes()),
+        rate=1.0, run_key=dt.KEY, expect_data=new,
+    )  # fmt: skip
+    try:
+        verifier.poll()
+    finally:
+        verifier.close()
+    assert verifier.summary.alerts and verifier.summary.alerts[0]["rule"] == "TG1522"
+    assert all(v.data == (read,) for v in verifier.summary.verdicts), verifier.summary.verdicts

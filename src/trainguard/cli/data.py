@@ -67,6 +67,12 @@ def register(sub: Subparsers) -> None:
     v.add_argument("path", metavar="DIR", help="the dataset folder (or one of its files)")
     v.add_argument("--key", required=True, metavar="PUBLIC.pem", help="the signer's public key")
     v.add_argument("--signature", metavar="SIG", help="default: DIR/.trainguard-data.sig")
+    v.add_argument(
+        "--expect-digest",
+        metavar="DIGEST",
+        help="the dataset digest `data seal` printed: a seal of other data, or of an older "
+        "version signed by the same key (a rollback), is TG1522",
+    )
     add_output(v, ("text", "json", "sarif"))
     no_progress_arg(v)
     v.set_defaults(handler=_verify)
@@ -112,6 +118,10 @@ def _seal(args: argparse.Namespace) -> int:
         f"(+ {result.leaves.name}); manifest sha256 {m.digest}",
         file=sys.stderr,
     )
+    # The anchor: a seal proves who signed, not which version. Pin this digest
+    # (SealedDataset(expect_digest=), data verify --expect-digest, replay --expect-data).
+    print(f"dataset digest {m.content}", file=sys.stderr)
+    print(m.content)
     return EXIT_OK
 
 
@@ -121,14 +131,21 @@ def _verify(args: argparse.Namespace) -> int:
     key = public_key(args.key)
     assert key is not None  # --key is required
     with byte_progress(show_progress(args), "verifying") as progress:
-        result = verify_report(args.path, key, signature=args.signature, progress=progress)
+        result = verify_report(
+            args.path,
+            key,
+            signature=args.signature,
+            progress=progress,
+            expect_digest=args.expect_digest,
+        )
     m = result.manifest
     sizes = {s.name: s.size for s in m.shards} if m is not None else None
     code = _report(result.findings, args.path, args, sizes)
     if code == EXIT_OK and result.manifest is not None:
         print(
             f"verified {result.shards_checked} shard(s), {result.manifest.samples:,} samples "
-            f"against the manifest (sha256 {result.manifest.digest[:16]}...)",
+            f"against the manifest (sha256 {result.manifest.digest[:16]}...); dataset digest "
+            f"{result.manifest.content}",
             file=sys.stderr,
         )
     return code

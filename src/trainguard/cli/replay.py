@@ -76,6 +76,12 @@ def register(sub: Subparsers) -> None:
     p.add_argument(
         "--checkpoints", metavar="DIR", help="look for checkpoint files here (by their name)"
     )
+    p.add_argument(
+        "--expect-data",
+        metavar="DIGEST",
+        help="the sealed dataset's digest the run must have read (printed by `trainguard data "
+        "seal`): other data, or an older version signed by the same key, is TG1522",
+    )
     add_output(p, ("text", "json"))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(handler=_replay)
@@ -98,6 +104,16 @@ def read_key(path: str) -> bytes:
     return data
 
 
+def expect_digest(text: str | None) -> str | None:
+    """A pinned dataset digest: 64 hex digits (case folded), or a usage error."""
+    if text is None:
+        return None
+    digest = text.strip().lower().removeprefix("sha256:")
+    if not _HEX.fullmatch(digest) or len(digest) != 64:
+        raise UsageError(f"--expect-data {text[:80]!r}: not a SHA-256 digest (64 hex digits)")
+    return digest
+
+
 def _replay(args: argparse.Namespace) -> int:
     from trainguard.explain.replay.engine import replay
     from trainguard.render import installed_version, render
@@ -117,6 +133,7 @@ def _replay(args: argparse.Namespace) -> int:
         "segmented": args.segmented,
         "all_segments": args.all,
         "checkpoint_dir": args.checkpoints,
+        "expect_data": expect_digest(args.expect_data),
     }
     if args.all_ranks:
         return _all_ranks(args, ledger, run, options)

@@ -63,13 +63,19 @@ def register(sub: Subparsers) -> None:
         "verifying its seal with --code-key; refuse to start (exit 1) if it does not verify",
     )
     p.add_argument("--code-key", metavar="PEM", help="public key that sealed --code")
+    p.add_argument(
+        "--expect-data",
+        metavar="DIGEST",
+        help="the sealed dataset's digest the run must read (printed by `trainguard data "
+        "seal`): other data, or an older version signed by the same key, is TG1522",
+    )
     add_output(p, ("text", "json"))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(handler=_verify_run)
 
 
 def _verify_run(args: argparse.Namespace) -> int:
-    from trainguard.cli.replay import read_key
+    from trainguard.cli.replay import expect_digest, read_key
     from trainguard.explain.verifier.follow import Verifier
     from trainguard.explain.verifier.sampling import DEFAULT_RATE, secret_from
     from trainguard.render import installed_version, render
@@ -104,6 +110,7 @@ def _verify_run(args: argparse.Namespace) -> int:
         fraction=args.assume_fraction,
         run_key=read_key(args.run_key_file) if args.run_key_file else None,
         checkpoint_dir=args.checkpoints,
+        expect_data=expect_digest(args.expect_data),
     )
 
     def progress(verdict: object) -> None:

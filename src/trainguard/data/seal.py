@@ -234,14 +234,43 @@ def open_manifest(
     return manifest
 
 
+def expected_finding(manifest: mf.DataManifest, expect: str | None, where: str) -> Finding | None:
+    """TG1522 when the manifest is not of the dataset digest the user pinned.
+
+    A signature proves who signed a manifest, not which version of the dataset it lists:
+    a rolled-back folder with the older seal by the same key verifies.  The pin (the
+    subject digest ``data seal`` printed) is the anchor."""
+    if expect is None:
+        return None
+    pinned = expect.strip().lower().removeprefix("sha256:")
+    if manifest.content == pinned:
+        return None
+    return finding(
+        "TG1522",
+        f"the seal lists dataset {manifest.content}, not the expected {pinned[:64]} (another "
+        "dataset, or another version of it signed by the same key: a rollback)",
+        file=where,
+        evidence={"dataset": manifest.content, "expected": pinned[:64]},
+    )
+
+
+def check_expected(manifest: mf.DataManifest, expect: str | None, sig: Path) -> None:
+    """Raise VerificationError (TG1522) when the manifest is not the pinned dataset."""
+    f = expected_finding(manifest, expect, str(sig))
+    if f is not None:
+        raise VerificationError(f.message, [f])
+
+
 def verify_report(
     path: str | os.PathLike[str],
     key: str | os.PathLike[str] | PublicKey,
     *,
     signature: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    expect_digest: str | None = None,
 ) -> DataVerifyResult:
-    """Every way the dataset at ``path`` differs from its signed manifest, as findings."""
+    """Every way the dataset at ``path`` differs from its signed manifest, as findings
+    (``expect_digest``: the dataset digest it must be, see :func:`expected_finding`)."""
     root = Path(path)
     if not root.exists():
         raise UsageError(f"{root}: no such file or directory")
@@ -252,6 +281,9 @@ def verify_report(
         return DataVerifyResult(None, list(exc.findings))
     base = root if root.is_dir() else root.parent
     result = DataVerifyResult(manifest)
+    pinned = expected_finding(manifest, expect_digest, str(sig))
+    if pinned is not None:
+        result.findings.append(pinned)
     listed = {s.name for s in manifest.shards}
     if root.is_dir():
         try:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from trainguard.data.formats import BY_NAME, Reader, ShardError, open_shard
-from trainguard.data.seal import default_signature, open_manifest
+from trainguard.data.seal import check_expected, default_signature, open_manifest
 from trainguard.errors import TrainguardError, UsageError
 from trainguard.findings import Finding
 from trainguard.rules import finding
@@ -66,7 +66,10 @@ class SealedDataset:
     ``key``: the signer's public key; ``signature``: the manifest (default: the
     folder's ``.trainguard-data.sig``); ``transform``: applied to each verified sample;
     ``open_shards``: shards kept open (a torch shard is loaded whole: with a shuffle over
-    many torch shards, raise it to their number, or store the data as ``.npy``, read by row).
+    many torch shards, raise it to their number, or store the data as ``.npy``, read by row);
+    ``expect_digest``: the dataset digest ``trainguard data seal`` printed.  A seal proves
+    who signed the data, not which version: an older version signed by the same key
+    verifies too, so pin the digest (a mismatch raises VerificationError, TG1522).
     """
 
     # The guard recognises a sealed dataset by this, without importing this module.
@@ -82,12 +85,14 @@ class SealedDataset:
         transform: Any = None,
         on_mismatch: Literal["raise", "record"] = "raise",
         open_shards: int = OPEN_SHARDS,
+        expect_digest: str | None = None,
     ) -> None:
         if open_shards < 1:
             raise UsageError("open_shards must be at least 1")
         self.root = Path(path)
         sig = Path(signature) if signature is not None else default_signature(self.root)
         self.manifest = open_manifest(sig, key)  # raises VerificationError
+        check_expected(self.manifest, expect_digest, sig)
         self.base = self.root if self.root.is_dir() else self.root.parent
         self.rank = rank
         self.transform = transform

@@ -159,6 +159,14 @@ def render_text(report: ReplayReport) -> str:
         lines.append("")
         lines += [f"{f.rule} {f.severity}: {printable(f.message)}" for f in findings]
     trained = sum(s.recorded_seconds for s in r.segments)
+    if r.data:  # which data the verdict is about (pin it: --expect-data)
+        lines += [
+            "",
+            *(
+                f"data: sealed dataset {printable(d)}... (the digest's start the run recorded)"
+                for d in r.data
+            ),
+        ]
     lines += [
         "",
         f"replayed {r.steps} step(s) in {_seconds(sum(s.seconds for s in r.segments))}; "
@@ -252,6 +260,7 @@ def report_dict(r: ReplayReport, *, tool_version: str) -> dict[str, Any]:
         "segments": [_segment_dict(s) for s in r.segments],
         "findings": [finding_dict(f, f.file) for f in r.findings()],
         "notes": r.notes,
+        "data": r.data,
     }
 
 

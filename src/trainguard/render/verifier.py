@@ -22,11 +22,13 @@ def verdict_line(v: object) -> str:
     """One verdict, one line (progress on stderr, and the text report)."""
     assert isinstance(v, Verdict)
     span = f"steps {v.start}..{v.end - 1}"
+    # Which sealed data the verdict is about, to hold against `data seal`'s digest.
+    data = f"; data {', '.join(v.data)}" if v.data else ""
     if v.status == "matched":
-        return f"{span}: matched ({v.seconds:.2f} s)"
+        return printable(f"{span}: matched ({v.seconds:.2f} s){data}")
     where = f" at {v.step}" if v.step is not None else ""
     ranks = f" (rank {', '.join(map(str, v.ranks))})" if v.ranks else ""
-    return printable(f"{span}: {v.status.upper()}{where}{ranks}: {v.cause}")
+    return printable(f"{span}: {v.status.upper()}{where}{ranks}: {v.cause}{data}")
 
 
 def render_text(summary: Summary) -> str:

@@ -90,6 +90,7 @@ def replay(
     checkpoint_dir: str | None = None,
     progress: Progress | None = None,
     verified_history: RunHistory | None = None,
+    expect_data: str | None = None,
 ) -> ReplayReport:
     """Replay positions ``start`` to ``stop`` of ``run_id`` (see the module and docs/replay.md).
 
@@ -100,7 +101,9 @@ def replay(
     range holds several.  ``verified_history``: the rank's history as the caller read it
     and checked its chain (the verifier follows the run incrementally): the ledger is then
     neither re-read nor re-verified here, so a recomputation costs the same late in a long
-    run as early.
+    run as early.  ``expect_data``: the sealed dataset's digest the run must have read
+    (``trainguard data seal`` prints it): a step recorded reading other data, or an entry
+    reading other data, is a divergence (TG1522), whoever signed that data.
     """
     if verified_history is not None:
         history, location = verified_history, str(getattr(ledger, "location", ledger))
@@ -115,7 +118,9 @@ def replay(
     report = ReplayReport(location, run_id, rank, mode, begin, end, False)
     report.segments = _plan(history, begin, end, segmented, checkpoint_dir, report.notes)
     report.segmented = sum(1 for seg in report.segments if seg.end > seg.start) > 1
+    report.data = samples.recorded_data(history.steps, begin, end)
     runner = _Runner(history, func, key, mode, checkpoint_dir, progress)
+    runner.expect_data = expect_data
     runner.ranks.agree([(seg.start, seg.end) for seg in report.segments])
     for i, seg in enumerate(report.segments):
         runner.run(seg)
@@ -254,6 +259,7 @@ class _Runner:
         self.skipped = False  # this segment was not replayed because another rank's was bad
         # Position -> the carried state (monitor/carried.py) a replayed segment ended in.
         self.held = held.Held(history)
+        self.expect_data: str | None = None  # the pinned dataset digest, if any
 
     def run(self, seg: Segment) -> None:
         t0 = time.perf_counter()
@@ -432,7 +438,9 @@ class _Runner:
                 h.start.get("budget") is not None,
             )
             diffs = cmp.compare_step(rec, rep, sides)
-            diffs += samples.compare(rec, rep, self.mode, *samples.of_guard(guard), h.rank)
+            diffs += samples.compare(
+                rec, rep, self.mode, *samples.of_guard(guard), h.rank, expect=self.expect_data
+            )
             if samples.unchecked(rec, rep) and samples.UNCHECKED not in seg.notes:
                 seg.notes.append(samples.UNCHECKED)
             diffs.sort(key=lambda d: FIELD_ORDER.index(d.field))

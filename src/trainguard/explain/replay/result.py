@@ -111,6 +111,9 @@ class ReplayReport:
     segmented: bool
     segments: list[Segment] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The sealed datasets (digests) the run recorded reading over the range: which data
+    # the verdict is about, to hold against the digest `trainguard data seal` printed.
+    data: list[str] = field(default_factory=list)
 
     @property
     def first_divergence(self) -> Divergence | None:

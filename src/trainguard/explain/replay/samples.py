@@ -48,6 +48,36 @@ def _name(position: int, indices: list[int] | None, dataset: Any, rank: int) -> 
     return f"sample {index} ({where}) at position {position}, rank {rank}"
 
 
+def recorded_data(steps: dict[int, dict[str, Any]], begin: int, end: int) -> list[str]:
+    """The sealed datasets' digests the run recorded reading in steps ``begin..end-1``."""
+    found: dict[str, None] = {}
+    for s in range(begin, end):
+        samples = steps.get(s, {}).get("samples")
+        if isinstance(samples, dict) and isinstance(samples.get("dataset"), str):
+            found[samples["dataset"]] = None
+    return list(found)
+
+
+def _is(recorded: Any, expect: str) -> bool:
+    """Whether a recorded dataset digest is the pinned one.  The guard records the first
+    16 hex digits (64 bits: a rollback crafted to share them is a second preimage)."""
+    return isinstance(recorded, str) and len(recorded) >= 16 and expect.startswith(recorded)
+
+
+def _pinned(theirs: Any, ours: Any, expect: str, rank: int) -> list[FieldDiff]:
+    """A seal proves who signed the data, not which version: the digest the user pinned
+    is the anchor, against what the run recorded and what the entry reads."""
+    if not isinstance(theirs, dict) or not isinstance(theirs.get("dataset"), str):
+        return [FieldDiff("unrecorded", None, expect, (f"rank {rank}",), False)]
+    if not _is(theirs["dataset"], expect):
+        which = ("the run's data, not the pinned",)
+        return [FieldDiff("dataset", theirs["dataset"], expect, which)]
+    if isinstance(ours, dict) and not _is(ours.get("dataset"), expect):
+        which = ("the entry's data, not the pinned",)
+        return [FieldDiff("dataset", ours.get("dataset"), expect, which)]
+    return []
+
+
 def compare(
     rec: dict[str, Any],
     rep: dict[str, Any],
@@ -55,9 +85,16 @@ def compare(
     indices: list[int] | None,
     dataset: Any,
     rank: int,
+    *,
+    expect: str | None = None,
 ) -> list[FieldDiff]:
-    """The sample differences at one step (``indices``: what replay's batch came from)."""
+    """The sample differences at one step (``indices``: what replay's batch came from;
+    ``expect``: the dataset digest the user pinned)."""
     theirs, ours = rec.get("samples"), rep.get("samples")
+    if expect is not None:
+        pinned = _pinned(theirs, ours, expect, rank)
+        if pinned:
+            return pinned
     if not isinstance(ours, dict):
         return []  # the entry reads no sealed data
     if not isinstance(theirs, dict) or (theirs.get("n") == 0 and ours.get("n")):
@@ -113,7 +150,13 @@ def cause(by: dict[str, FieldDiff], step: int) -> str | None:
             "batch to guard.step, or the guard was not given the data loader"
         )
     if "dataset" in by:
-        return "the run read other sealed data than the entry (the data's digest differs)"
+        d = by["dataset"]
+        which = d.tensors[0] if d.tensors else "the run's data, not the entry's"
+        return (
+            f"the sealed data differs ({which}): digest {str(d.recorded)[:16]}... where "
+            f"{str(d.replayed)[:16]}... was expected (another dataset, or another version of "
+            "it signed by the same key: a rollback)"
+        )
     parts = []
     if "order" in by:
         d = by["order"]

@@ -64,6 +64,7 @@ class Verdict:
     fields: tuple[str, ...] = ()
     tensors: tuple[str, ...] = ()
     seconds: float = 0.0
+    data: tuple[str, ...] = ()  # the sealed datasets (digests) the run recorded reading
 
 
 @dataclass
@@ -104,6 +105,7 @@ class Verifier:
         fraction: float = 0.1,
         run_key: bytes | None = None,
         checkpoint_dir: str | None = None,
+        expect_data: str | None = None,
     ) -> None:
         from trainguard.ledger import open_ledger
         from trainguard.signing.keys import private_key_from
@@ -118,6 +120,7 @@ class Verifier:
         self.secret = secret
         self.run_key = run_key
         self.checkpoint_dir = checkpoint_dir
+        self.expect_data = expect_data  # the dataset digest the run must read (TG1522)
         self.store = open_ledger(ledger, create=False)
         self.chain = run_id + VERIFY_SUFFIX
         self.summary = Summary(run_id, rate, fraction)
@@ -240,7 +243,7 @@ class Verifier:
         began = time.perf_counter()
         options: dict[str, Any] = {
             "start": a, "stop": b, "key": self.run_key, "segmented": True,
-            "checkpoint_dir": self.checkpoint_dir,
+            "checkpoint_dir": self.checkpoint_dir, "expect_data": self.expect_data,
         }  # fmt: skip
         try:
             if self.reader.broken is not None:
@@ -276,6 +279,7 @@ class Verifier:
             "ranks": list(verdict.ranks),
             "cause": verdict.cause,
             "fields": list(verdict.fields),
+            "data": list(verdict.data),
             "seconds": round(verdict.seconds, 6),
             "rate": self.summary.rate,
             "segments_seen": self.summary.segments_seen,
@@ -379,11 +383,12 @@ def _verdict(a: int, b: int, reports: list[ReplayReport], seconds: float) -> Ver
         (s for s in (DIVERGED, "not-comparable") if any(r.verdict == s for r in reports)), MATCHED
     )
     step, ranks = sources(reports)
+    data = tuple(dict.fromkeys(d for r in reports for d in r.data))
     if worst == MATCHED or step is None:
-        return Verdict(a, b, worst, seconds=seconds)
+        return Verdict(a, b, worst, seconds=seconds, data=data)
     report = next(r for r in reports if r.rank == ranks[0])
     d = report.first_divergence
     assert d is not None
     fields = tuple(f.field for f in d.fields) + (("checkpoint",) if d.kind == "checkpoint" else ())
     tensors = tuple(dict.fromkeys(t for f in d.fields for t in f.tensors))
-    return Verdict(a, b, worst, step, tuple(ranks), d.cause, fields, tensors, seconds)
+    return Verdict(a, b, worst, step, tuple(ranks), d.cause, fields, tensors, seconds, data)
