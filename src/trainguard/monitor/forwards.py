@@ -87,9 +87,10 @@ class ForwardWatch:
         kind = getattr(optimized, "OptimizedModule", None)
         if kind is None:
             return False
-        with warnings.catch_warnings():  # isinstance on deprecated aliases warns
+        with warnings.catch_warnings():  # isinstance on deprecated aliases warns, on dead
+            # weak proxies raises (_is)
             warnings.simplefilter("ignore")
-            found = [o for o in gc.get_objects() if isinstance(o, kind)]
+            found = [o for o in gc.get_objects() if _is(o, kind)]
         for obj in found:
             if getattr(obj, "_orig_mod", None) is self.model:
                 if any(obj is w for w in self._wrappers):
@@ -192,4 +193,11 @@ def _matches(declared: Any, value: Any, by_value: bool) -> bool:
     try:
         return bool(declared == value)
     except Exception:  # a value whose == raises is not the declared one
+        return False
+
+
+def _is(obj: Any, kind: type) -> bool:
+    try:
+        return isinstance(obj, kind)
+    except ReferenceError:  # a weak proxy whose object is gone
         return False
