@@ -8,11 +8,14 @@ step hooks run the checks of ``monitor/checks/`` before and after each step;
 
 from __future__ import annotations
 
+import atexit
 import functools
+import logging
 import os
 import statistics
 import time
 import uuid
+import weakref
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -32,7 +35,7 @@ from trainguard.monitor.declare import outside_step as _outside_step
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
 from trainguard.monitor.options import WatchOptions
 from trainguard.monitor.recorder import Recorder, run_start, step_payload
-from trainguard.monitor.safety import checked, step_hooks
+from trainguard.monitor.safety import StepNesting, checked, step_hooks
 from trainguard.monitor.samples import SampleRecorder
 from trainguard.monitor.setup import rank_world, scalar, shared_key, tensors_in, total_grad_norm
 from trainguard.monitor.sharding import stepped_optimizer
@@ -78,7 +81,8 @@ class Guard:
 
         self.direction = UpdateDirectionCheck(self.named_params, optimizer, self.key)
         # Bound now: an instance attribute shadowing them later does not reach the hooks.
-        pre, post = step_hooks(self._before_step, self._after_step)
+        self._nesting = StepNesting()
+        pre, post = step_hooks(self._before_step, self._after_step, self._nesting)
         self._hooks = [
             optimizer.register_step_pre_hook(pre),
             optimizer.register_step_post_hook(post),
@@ -134,6 +138,10 @@ class Guard:
         self.sink.raise_all(started)
         # Ranks that hang without dying (docs/watch.md); None when hang_seconds is None.
         self.watchdog = Watchdog.for_guard(self, opts)
+        self._closed = False
+        # A script that ends without close() still gets its run-end and final signed heads
+        # (without them ledger verify fails the run: TG1211/TG1212); a killed process does not.
+        atexit.register(_close_at_exit, weakref.ref(self))
         # The guard's own structure from here on (monitor/integrity.py: TG1304 if it changes).
         integrity.watch_self(self)
 
@@ -247,6 +255,7 @@ class Guard:
         self._declared = StepEnd(None, None, 0.0, [], declared, reseed, declared_changes=changed)
         if grad_norm is not None:
             self._grad_norm = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm)
+        self._nesting.reset()
         integrity.verify(self, self.step_index, self.rank)
         self.hyper.declare(hyper)
         if self._pending is None:
@@ -335,7 +344,10 @@ class Guard:
 
     def close(self, error: BaseException | None = None) -> None:
         """Flush the last step, remove hooks; write a run-end record (``error``: what ended
-        training, if anything: then stopped peers are reported)."""
+        training, if anything: then stopped peers are reported).  Closing twice is a no-op."""
+        if self._closed:
+            return
+        self._closed = True
         if self.watchdog is not None:
             self.watchdog.stop()
         if self._pending is not None:
@@ -364,6 +376,19 @@ class Guard:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self.close(exc)
+
+
+def _close_at_exit(ref: weakref.ReferenceType[Guard]) -> None:
+    """Close a guard the script left open when the interpreter exits."""
+    guard = ref()
+    if guard is None or guard._closed:
+        return
+    try:
+        guard.close()
+    except Exception:  # at exit, a failed close is a warning, never a traceback storm
+        logging.getLogger("trainguard.monitor").warning(
+            "trainguard: closing run %s at exit failed", guard.run_id, exc_info=True
+        )
 
 
 def _acts(check: Check, phase: str) -> bool:

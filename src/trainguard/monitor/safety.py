@@ -44,14 +44,46 @@ def checked(name: str, phase: str, ctx: Context, call: Callable[[], list[Alert]]
         ]
 
 
-def step_hooks(before: Callable[[], None], after: Callable[[], None]) -> tuple[Any, Any]:
-    """The optimizer's step pre- and post-hook for the guard, left out of torch.compile."""
+class StepNesting:
+    """How deep the guard's step hooks are nested in the current optimizer step.
+
+    torch wraps a class's ``step`` with its hook-running wrapper when the first
+    optimizer of that class is made; a ``step`` patched after that and calling the
+    wrapped one is wrapped again by the next optimizer, so each step runs the hooks
+    twice, nested: the outer pair around the whole patched step, the inner pair
+    around torch's step only.  Seen from the inner pair, a patch that negated the
+    gradients before calling torch's step looks honest.  Only the outermost pair
+    checks.  ``reset`` at each ``guard.step``: a step that raised never ran its
+    post-hooks, and must not leave the next step counted as nested.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.nested = 0  # steps whose hooks ran nested (noted in the step record)
+
+    def reset(self) -> None:
+        self.depth = 0
+
+
+def step_hooks(
+    before: Callable[[], None], after: Callable[[], None], nesting: StepNesting
+) -> tuple[Any, Any]:
+    """The optimizer's step pre- and post-hook for the guard, left out of torch.compile;
+    only the outermost pair of a nested step runs the checks (:class:`StepNesting`)."""
     import torch
 
     def pre(opt: Any, args: Any, kwargs: Any) -> None:
-        before()
+        nesting.depth += 1
+        if nesting.depth == 1:
+            before()
+        elif nesting.depth == 2:
+            nesting.nested += 1
 
     def post(opt: Any, args: Any, kwargs: Any) -> None:
+        if nesting.depth > 1:
+            nesting.depth -= 1
+            return
+        nesting.depth = 0
         after()
 
     disable: Any = torch.compiler.disable  # untyped in torch
