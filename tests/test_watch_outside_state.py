@@ -253,3 +253,43 @@ def test_a_compiled_model_is_watched_through_its_wrapper_with_fullgraph_too() ->
     guard.close()
     found = [a for a in guard.alerts if a.severity >= Severity.HIGH]
     assert [(a.rule, a.step) for a in found] == [("TG1317", at + 1)], guard.alerts
+
+
+class Synced(torch.nn.Module):
+    """DistributedDataParallel's shape: a public flag the loop flips around micro-steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = torch.nn.Linear(4, 1)
+        self.require_backward_grad_sync = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def test_a_flag_the_loop_toggles_from_the_start_is_quiet_and_one_flipped_once_is_not() -> None:
+    rng = seeded()
+    micro = rng.randrange(2, 4)
+    flip_at = rng.randrange(0, 3)  # inside the warm-up: judged when it ends
+    for toggle in (True, False):
+        m = Synced()
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        guard = tgw.watch(m, opt, ledger=None, hang_seconds=None, min_stall_seconds=30.0)
+        for step in range(8):
+            for i in range(micro):
+                if toggle:  # no_sync() on all but the last micro-step
+                    m.require_backward_grad_sync = i == micro - 1
+                elif step == flip_at and i == 0:
+                    m.module.flag = False  # a new public setting...
+                    m.require_backward_grad_sync = False  # ...and a flag flipped for good
+                m(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            guard.step()
+        guard.close()
+        found = [a for a in guard.alerts if a.rule == "TG1318"]
+        if toggle:
+            assert found == [], guard.alerts
+        else:
+            assert any("require_backward_grad_sync" in a.message for a in found), guard.alerts
+            assert any("flag" in a.message and a.step == flip_at for a in found), guard.alerts

@@ -69,6 +69,7 @@ class LoaderPathCheck(Check):
                 f"{name} is no longer the object installed at start-up: "
                 f"{_kind(old)} -> {_kind(obj)}",
                 path=name,
+                key=name,  # one aggregation group per path (monitor/sink.py)
                 old=_kind(old),
                 new=_kind(obj),
             )

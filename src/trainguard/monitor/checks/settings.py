@@ -64,6 +64,7 @@ class SettingsCheck(Check):
         self.held = Held()
         self.toggles: set[tuple[str, str]] = set()  # (module, attribute) flipped in warm-up
         self._seen_values: dict[tuple[str, str], set[bool]] = {}
+        self._pending: dict[tuple[str, str], tuple[bool, bool]] = {}  # warm-up flips, once
         self.steps = 0
         self.signatures: list[Signature] = []
         self._walk()
@@ -123,18 +124,26 @@ class SettingsCheck(Check):
                     seen = self._seen_values.setdefault(key, {old})
                     if new in seen and step < WARMUP:  # flipped back: the loop's toggle
                         self.toggles.add(key)
+                        self._pending.pop(key, None)
                         continue
                     seen.add(new)
+                    if step < WARMUP:  # judged when the warm-up ends, unless it flips back
+                        self._pending[key] = (old, new)
+                        continue
                 found.append((mname, k, old, new))
             for cname, child in dict(m._modules).items():
                 old_child = known.get(f"{mname}.{cname}" if mname else cname)
                 if old_child is not None and old_child is not child:
                     found.append((mname, cname, type(old_child).__name__, type(child).__name__))
+        self._hold(found, step)
+
+    def _hold(self, found: list[tuple[str, str, Any, Any]], step: int) -> None:
         for mname, k, old, new in found[:MAX_NAMED]:
             name = f"{mname}.{k}" if mname else k
             alert = Context(step, 0).alert(
                 "TG1318",
                 f"module setting changed outside forward: {name} {_short(old)} -> {_short(new)}",
+                key=name,  # one aggregation group per setting (monitor/sink.py)
                 module=mname or "root",
                 attribute=k,
                 old=_short(old),
@@ -163,6 +172,7 @@ class SettingsCheck(Check):
             "TG1318",
             f"the training forward ran with other training flags than at the start: {shown}",
             modules=[n for n, _ in flipped[:MAX_NAMED]],
+            key="training",
             attribute="training",
         )
         for n, a in flipped:
@@ -171,6 +181,9 @@ class SettingsCheck(Check):
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         self.steps += 1
+        if self.steps >= WARMUP and self._pending:  # flags that changed once in the warm-up
+            pending, self._pending = self._pending, {}
+            self._hold([(m, k, old, new) for (m, k), (old, new) in pending.items()], ctx.step)
         declared = declared_names(end.declared_changes)
         if "training" in declared:  # the model's flags, every module's (freezing BatchNorm)
             for c in self.held.changes:
