@@ -317,3 +317,64 @@ def test_a_clock_patched_to_hide_sleeps_is_caught_on_postgres(tmp_path: Path) ->
                 found[run_id] = [(a["rule"], a["severity"]) for a in verifier.summary.alerts]
     assert found["honest"] == [], found
     assert found["hiding"] == [("TG1513", "high")], found
+
+
+def test_a_real_outage_is_excused_and_said_and_time_hidden_after_it_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the real server, through a proxy that drops every connection for longer than the
+    slack (tests/test_ledger_outage.py): honest step records queued during it and written
+    in a burst after are excused, as a note, not a finding; a sleep hidden after the outage
+    is still named (D is not reset by it); the same run with an outage record the process
+    wrote itself over live records is refused (medium) and changes nothing."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.test_ledger_outage import Proxy
+    from tests.test_ledger_support import postgres_schema
+    from trainguard.ledger import outage as outage_mod
+    from trainguard.ledger.postgres_store import PostgresLedger
+
+    monkeypatch.setattr(outage_mod, "RETRY_SECONDS", 0.0)
+    seed = secrets.randbelow(2**32)
+    rnd = random.Random(seed)
+    hide_at = rnd.randint(14, 18)
+    print(f"seed {seed}: hidden sleep at step {hide_at}")
+    with postgres_schema() as url:
+        parts = urlsplit(url)
+        proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+        netloc = parts.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
+        ledger = PostgresLedger(urlunsplit(parts._replace(netloc=netloc)) + "&connect_timeout=2")
+        found = {}
+        try:
+            for run, hide, cut in (("honest", 0, 1), ("hiding", 1, 1), ("forged", 1, 0)):
+                ledger.append(run, "run-start", {}, stream=0)
+                last, began = time.perf_counter(), time.time()
+                for s in range(20):
+                    if s == 4 and cut:
+                        proxy.cut()
+                    time.sleep(0.01 + CLOCK_SLACK_S * 1.5 / 8 * (4 <= s < 12))
+                    if s == 12 and cut:
+                        proxy.resume()
+                    if hide and s == hide_at:
+                        time.sleep(CLOCK_SLACK_S * 1.4)
+                        last += CLOCK_SLACK_S * 1.4  # the saboteur's clock does not see it
+                    now = time.perf_counter()
+                    ledger.append(run, "step", {"step_time": now - last}, step=s, stream=0)
+                    last = now
+                if not cut:  # the process claims its records were written late
+                    late = {"first": began, "last": time.time(), "written_late": 20}
+                    ledger.append(run, OUTAGE_KIND, late, stream=0)
+                ledger.append(run, "run-end", {}, stream=0)
+                check = _clock_of(list(ledger.records(run)))
+                found[run] = ([(a[0], a[3]["compared"]) for a in check.judge(final=True)],
+                              check.notes())  # fmt: skip
+        finally:
+            ledger.close()
+            if proxy.listener is not None:
+                proxy.cut()
+    alerts, notes = found["honest"]
+    assert alerts == [] and len(notes) == 1 and "written late" in notes[0], found
+    alerts, notes = found["hiding"]
+    assert ("high", "step_time") in alerts and len(notes) == 1, found
+    alerts, notes = found["forged"]
+    assert {("high", "step_time"), ("medium", "outage")} <= set(alerts) and notes == [], found
