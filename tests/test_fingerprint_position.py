@@ -201,7 +201,9 @@ def test_a_forked_child_fingerprints_after_its_parent_used_the_thread_pool() -> 
     from trainguard.monitor.fingerprint import MIN_CHUNKS_PER_THREAD, WORDS
 
     fp = Fingerprinter(b"k" * 32)
-    t = torch.randn(2 * WORDS * MIN_CHUNKS_PER_THREAD * 2 + 5)
+    # Whole words: a padded copy would be one op over the grain size, and torch's OpenMP
+    # threads do not survive fork() (any parallel op in the child hangs, watched or not).
+    t = torch.randn(2 * WORDS * MIN_CHUNKS_PER_THREAD * 2 + 6)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
