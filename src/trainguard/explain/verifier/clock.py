@@ -47,6 +47,7 @@ that the outage record after a burst has arrived.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,8 @@ class _Band:
     widest: dict[str, float] = field(default_factory=lambda: {"rise": 0.0, "fall": 0.0})
 
     def add(self, d: float, server: float, step: int | None) -> None:
+        if not math.isfinite(d):  # a wall time that is no time: nothing to compare
+            return
         up, down = d - CLOCK_DRIFT * server, d + CLOCK_DRIFT * server
         if self.low is not None:  # measured for the slack (bench/server_clock_bench.py)
             self.widest["rise"] = max(self.widest["rise"], up - self.low)
@@ -161,6 +164,11 @@ class ServerClock:
         point: _Point | None = None
         if record.kind == "run-end":
             stream.ended = True
+            total = record.payload.get("steps")  # the guard's step count: trailing drops too
+            if isinstance(total, int) and not isinstance(total, bool):
+                done = 0 if stream.last_step is None else stream.last_step + 1
+                if total != done:
+                    stream.step_gaps.append((done - 1, total))
         elif record.kind == OUTAGE_KIND:
             self._outage(stream, record)
         elif record.kind == "run-start" and record.server_time is not None and not stream.points:
@@ -173,7 +181,10 @@ class ServerClock:
                 stream.without += 1
             else:
                 stream.with_server += 1
-                point = _Point(record.step, record.server_time, float(claimed), record.time)
+                # A claim that is no duration (NaN, infinite, negative: never from the
+                # guard's monotonic clock) counts as 0, so the time shows; never NaN in D.
+                seconds = float(claimed) if 0 <= claimed < math.inf else 0.0
+                point = _Point(record.step, record.server_time, seconds, record.time)
                 self._measure(stream, point)
                 stream.points.append(point)
         stream.recent.append((record.time, record.server_time, point))
@@ -204,13 +215,19 @@ class ServerClock:
             return
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             return
+        if len(stream.refused) >= _LISTED:
+            return  # past the first refusals (reported), more of them excuse nothing either
         burst: list[tuple[float, float | None, _Point | None]] = []
-        recent = list(stream.recent)
-        while recent and len(burst) < count and first <= recent[-1][0] <= last:
-            burst.append(recent.pop())
+        before = None
+        for item in reversed(stream.recent):  # the records right before it, newest first
+            if len(burst) < count and first <= item[0] <= last:
+                burst.append(item)
+            else:
+                before = item
+                break
         burst.reverse()
         points = [p for _, _, p in burst if p is not None and p.step is not None]
-        why, gap = _unbacked(burst, recent[-1] if recent else None, points, count)
+        why, gap = _unbacked(burst, before, points, count)
         if why:
             stream.refused.append(why)
             return
@@ -246,7 +263,12 @@ class ServerClock:
             stream.alerted.add("steps")
             gaps = stream.step_gaps[:_LISTED]
             named = ", ".join(
-                f"{a + 1}..{b - 1}" if b > a + 1 else f"back from {a} to {b}" for a, b in gaps
+                f"{a + 1}"
+                if b == a + 2
+                else f"{a + 1}..{b - 1}"
+                if b > a + 1
+                else f"back from {a} to {b}"
+                for a, b in gaps
             )
             message = (
                 f"rank {rank}: step records are missing or out of order (steps {named}): a "
