@@ -24,10 +24,13 @@ cost grows with the buffers); at the steps it leaves out, identity and version
 counters are still compared.  A loop that changes a buffer on purpose between
 steps declares it: ``guard.step(changed=["pos_table"])``.
 
-Not seen: a change made between two forwards of one step (gradient
-accumulation, an evaluation pass before the training forward) with a write
-that bypasses the version counter (``buf.data``, a NumPy view), and a buffer
-of a module that is not reachable from the watched model.
+A forward without gradients (an evaluation pass between steps) is compared
+like the training forward, and the comparison is armed again at its end.
+
+Not seen: a change made between two gradient-enabled forwards of one step
+(gradient accumulation) with a write that bypasses the version counter
+(``buf.data``, a NumPy view), and a buffer of a module that is not reachable
+from the watched model.
 """
 
 from __future__ import annotations
@@ -58,7 +61,13 @@ class BufferCheck(Check):
         self._attrs: dict[int, tuple[Any, list[str]]] = {}  # module id -> (module, tensor attrs)
         self._seen_at_step, self._unseen, self._told = 0, 0, False  # forwards seen (_blind)
         forwards.starts.append(self._forward_start)
+        forwards.ends.append(self._forward_end)
         self.forwards = forwards
+        # A forward without gradients (an evaluation pass between steps) used the armed
+        # comparison; nothing honest changes a buffer between its end and the next forward
+        # (no backward follows it), so the comparison is armed again at its end: the red
+        # team's write after an evaluation pass went unseen until the next step's end.
+        self._rearm: bool | None = None  # None: nothing to re-arm; else take full fingerprints
 
     def tensors(self) -> list[tuple[str, Any]]:
         """Every buffer and plain tensor attribute of every module, by name, as installed now."""
@@ -143,6 +152,7 @@ class BufferCheck(Check):
             return
         full, cheap = self._armed
         self._armed = None
+        self._rearm = None if grad else full is not None
         named = self.tensors()
         now = self._cheap(named)
         why: dict[str, str] = {}
@@ -165,12 +175,19 @@ class BufferCheck(Check):
         for name, reason in sorted(why.items())[:MAX_NAMED]:
             alert = Context(0, 0).alert(
                 "TG1317",
-                f"buffer {name} changed between the end of the optimizer step and the next "
-                f"forward ({reason})",
+                f"buffer {name} changed between the end of the optimizer step (or of an "
+                f"evaluation forward after it) and the next forward ({reason})",
                 tensors=[name],
                 reason=reason,
             )
             self.held.add(Change(name, tensors.get(name), alert, by_value=False))
+
+    def _forward_end(self) -> None:
+        if self._rearm is None:
+            return
+        named = self.tensors()
+        full = self.fp.fingerprint(named) if self._rearm and named else None
+        self._armed, self._rearm = (full, self._cheap(named)), None
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         out = self.held.release(ctx, declared_names(end.declared_changes))
