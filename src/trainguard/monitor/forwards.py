@@ -36,6 +36,11 @@ from trainguard.monitor.alerts import Alert, Context
 Listener = Callable[[bool], None]  # called with whether gradients are enabled
 
 
+# Dicts followed per level when looking for the compiled wrapper (frames' locals
+# and other holders of the model are dicts too).
+MAX_REFERRER_DICTS = 32
+
+
 class ForwardWatch:
     """Root-module forward hooks that call listeners at each forward's start and end."""
 
@@ -79,7 +84,9 @@ class ForwardWatch:
 
         The wrapper (``OptimizedModule``, made after ``watch()`` started) is called in
         eager Python and holds the model as ``_orig_mod``; its own hooks run outside
-        the compiled graph.  Found once, by a scan of the live objects (tens of ms)."""
+        the compiled graph.  Found by the objects that refer to the model (its
+        ``_modules`` dict, then the dict's owner): a Python loop over every live object
+        took seconds in a large process, long enough for the watchdog to call it a hang."""
         import gc
         import warnings
 
@@ -90,7 +97,12 @@ class ForwardWatch:
         with warnings.catch_warnings():  # isinstance on deprecated aliases warns, on dead
             # weak proxies raises (_is)
             warnings.simplefilter("ignore")
-            found = [o for o in gc.get_objects() if _is(o, kind)]
+            # model <- wrapper._modules <- wrapper.__dict__ <- wrapper: three levels of dicts.
+            found, frontier = [], [self.model]
+            for _ in range(3):
+                refs = gc.get_referrers(*frontier)  # one walk of the heap per level
+                found += [r for r in refs if _is(r, kind)]
+                frontier = [r for r in refs if type(r) is dict][:MAX_REFERRER_DICTS]
         for obj in found:
             if getattr(obj, "_orig_mod", None) is self.model:
                 if any(obj is w for w in self._wrappers):
