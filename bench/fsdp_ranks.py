@@ -62,7 +62,15 @@ def honest(world: int) -> None:
     )
 
 
+FLAGS = ("--no-honest", "--flip-only", "--kill-only")
+
+
 def main() -> int:
+    unknown = [a for a in sys.argv[1:] if a.startswith("-") and a not in FLAGS]
+    if unknown or any(not a.isdigit() for a in sys.argv[1:] if not a.startswith("-")):
+        # Minutes of multi-process runs are not what a mistyped option (or --help) asks for.
+        print(__doc__, file=sys.stderr)
+        return 0 if unknown in (["--help"], ["-h"]) else 2
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     worlds = [int(a) for a in args] or [1, 16, 32]
     kinds: tuple[str, ...] = ("flip",) if "--flip-only" in sys.argv else ("flip", "scale")
