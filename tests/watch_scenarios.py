@@ -50,7 +50,13 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
     "step": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=50, gamma=0.5),
     "exponential": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.99),
     "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=30),
-    "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.01, total_steps=400),
+    # Momentum cycles only where the optimizer has one (OneCycleLR refuses Adagrad, Adadelta).
+    "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(
+        o,
+        max_lr=0.01,
+        total_steps=400,
+        cycle_momentum="momentum" in o.defaults or "betas" in o.defaults,
+    ),
     "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s / 20)),
     "multistep": lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [5, 15, 30], gamma=0.3),
     "warmup-cosine": lambda o: torch.optim.lr_scheduler.SequentialLR(

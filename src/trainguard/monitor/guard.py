@@ -139,6 +139,12 @@ class Guard:
         # Ranks that hang without dying (docs/watch.md); None when hang_seconds is None.
         self.watchdog = Watchdog.for_guard(self, opts)
         self._closed = False
+        # Since when the guard's own hooks run (None: they don't): the watchdog counts no
+        # stall for a while then, and the clock restarts when they end (a one-time scan in a
+        # large process once took longer than a tight hang threshold and was reported as
+        # the training's stall).  Bounded in the watchdog: a guard blocked in its own
+        # collective behind a dead peer is still a stall.
+        self._busy: float | None = None
         # A script that ends without close() still gets its run-end and final signed heads
         # (without them ledger verify fails the run: TG1211/TG1212); a killed process does not.
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -178,6 +184,7 @@ class Guard:
     # -- the optimizer hooks ---------------------------------------------------
     def _before_step(self) -> None:
         started = clock.now()
+        self._busy = clock.now()
         integrity.verify(self, self.step_index, self.rank)
         try:
             if self._pending is not None:  # guard.step was not called for the last step
@@ -195,9 +202,11 @@ class Guard:
         finally:
             self._pre_end = clock.now()
             self._overhead += self._pre_end - started
+            self._done_busy()
 
     def _after_step(self) -> None:
         started = clock.now()
+        self._busy = clock.now()
         self._phases["optimizer"] = started - self._pre_end  # between the step hooks
         try:
             seconds = started - self._step_started
@@ -208,6 +217,12 @@ class Guard:
             self._pending.update(self.tamper.fields)
         finally:
             self._overhead += clock.now() - started
+            self._done_busy()
+
+    def _done_busy(self) -> None:
+        self._busy = None
+        if self.watchdog is not None:
+            self.watchdog.touch()
 
     def _hook(self, check: Check, ctx: Context, *, before: bool) -> list[Alert]:
         """One check's step hook, or, in budget mode, its ``skipped`` when the schedule
@@ -281,6 +296,7 @@ class Guard:
 
     def _finish_step(self, loss: Any, batch: Any) -> None:
         started = clock.now()
+        self._busy = clock.now()
         try:
             self._finish_step_record(loss, batch)
         finally:
@@ -291,6 +307,7 @@ class Guard:
                 times = self.windows["time"]
                 median = statistics.median(times.values) if times.ready() else None
                 self.schedule.update(self.last_step_overhead, median, spans=("chunks",))
+            self._done_busy()
 
     def _finish_step_record(self, loss: Any, batch: Any) -> None:
         now = clock.now()

@@ -69,6 +69,9 @@ ALERT_WRITE_SECONDS = 30.0
 # this interval while it lasts: well inside distributed.FAILED_GRACE_SECONDS, so
 # that a peer's grace period sees a fresh one.  One small record per interval of
 # waiting bounds what honest waits (a slow peer) add to the ledger.
+# How long the guard's own hooks may run before a stall counts again (a guard blocked in
+# its own collective behind a dead peer is reported, a few seconds late).
+GUARD_BUSY_GRACE_SECONDS = 5.0
 WAIT_NOTE_SECONDS = 2.0
 # A run whose steps are slow waits in its collectives every step (a straggler peer):
 # a note only once a wait passes twice the median step, so that such runs do not
@@ -192,6 +195,9 @@ class Watchdog:
             note_after = min(WAIT_NOTE_CAP_SECONDS, WAIT_NOTE_FACTOR * self._median)
             if idle > max(WAIT_NOTE_SECONDS, note_after):
                 self._note_wait(guard, mark, idle)
+            busy = guard._busy
+            if busy is not None and clock.now() - busy < GUARD_BUSY_GRACE_SECONDS:
+                continue  # the guard's own work is not the training's stall
             if self._stalled_since is not None or self._paused:
                 continue
             if idle > limit:
