@@ -28,6 +28,8 @@ import types
 import weakref
 from typing import Any
 
+from trainguard.monitor import provenance
+
 _PREFIXES = ("__compiled_fn_", "__resume_at_", "__import_", "__builtins_dict___", "__optimizer_")
 _wrapper_code: Any = None
 
@@ -55,17 +57,9 @@ def _wraps(new: Any, old: Any) -> bool:
     """``new`` is dynamo's disable wrapper around exactly ``old``."""
     if not _dynamo_wrapper(new) or old is None:
         return False
-    cells = [c.cell_contents for c in new.__closure__ or () if _filled(c)]
+    cells = provenance.cell_values(new)
     inner = old.__func__ if isinstance(old, (staticmethod, classmethod)) else old
     return any(c is inner for c in cells) and len(cells) == 2
-
-
-def _filled(cell: Any) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018 - an empty cell raises
-    except ValueError:
-        return False
-    return True
 
 
 def dynamo_global(key: str, value: Any) -> bool:
