@@ -14,25 +14,18 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import timedelta
 from typing import Any
 
 from trainguard.errors import TrainguardError
 from trainguard.explain.replay.engine import replay
-from trainguard.explain.replay.ranks import GROUP_TIMEOUT_S
+from trainguard.explain.replay.ranks import join_group
 from trainguard.explain.replay.result import report_to_dict
 
 
 def main(job: dict[str, Any]) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{job['port']}",
-        rank=job["rank"],
-        world_size=job["world_size"],
-        timeout=timedelta(seconds=GROUP_TIMEOUT_S),
-    )
+    join_group(job["port"], job["rank"], job["world_size"])
     result: dict[str, Any]
     try:
         key = bytes.fromhex(job["key"]) if job["key"] else None

@@ -38,6 +38,22 @@ LOCAL_FIELDS = ("file", "run", "params", "optimizer-state", "carried", "carried-
 GROUP_TIMEOUT_S = 120  # a rank that raised leaves the others waiting in a collective
 
 
+def join_group(port: int, rank: int, world_size: int) -> None:
+    """Join the loopback gloo group a replay rank process (rank_worker, the verifier's
+    rank_server) shares with its peers."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=GROUP_TIMEOUT_S),
+    )
+
+
 class Ranks:
     """The replay process group, if any: agreement between ranks (a no-op alone)."""
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from datetime import timedelta
 from typing import Any
 
 from trainguard.errors import TrainguardError
 from trainguard.explain.replay.engine import load_entry, replay
-from trainguard.explain.replay.ranks import GROUP_TIMEOUT_S
+from trainguard.explain.replay.ranks import join_group
 from trainguard.explain.replay.result import report_to_dict
 from trainguard.explain.verifier.reading import RunReader
 from trainguard.ledger import open_ledger
@@ -34,13 +33,7 @@ def main() -> None:
     answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # the entry's prints must not reach the answers
     header: dict[str, Any] = json.loads(sys.stdin.readline(MAX_LINE))
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{header['port']}",
-        rank=header["rank"],
-        world_size=header["world_size"],
-        timeout=timedelta(seconds=GROUP_TIMEOUT_S),
-    )
+    join_group(header["port"], header["rank"], header["world_size"])
     key = bytes.fromhex(header["key"]) if header["key"] else None
     entry: Any = None
     try:
