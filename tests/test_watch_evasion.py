@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import random
 import time
 import types
@@ -16,17 +15,13 @@ from typing import Any
 
 import pytest
 
+from tests.seeds import seeded
+
 torch = pytest.importorskip("torch")
 
 from tests import watch_scenarios as sc  # noqa: E402
 from trainguard.findings import Severity  # noqa: E402
 from trainguard.monitor.budget import WARMUP_STEPS  # noqa: E402
-
-
-def seeded() -> random.Random:
-    seed = int(os.environ.get("TRAINGUARD_TEST_SEED", random.SystemRandom().randrange(2**32)))
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 def high(guard: Any) -> list[tuple[str, int]]:

@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from tests.seeds import seeded
+
 torch = pytest.importorskip("torch")
 
 from tests import watch_scenarios as sc  # noqa: E402
@@ -33,12 +35,6 @@ from trainguard.findings import Severity  # noqa: E402
 
 OPS = ["addmm", "mm", "threshold_backward", "mse_loss", "t"]  # what the scenario's step runs
 STEPS = 9
-
-
-def seeded() -> random.Random:
-    seed = int(os.environ.get("TRAINGUARD_TEST_SEED", random.SystemRandom().randrange(2**32)))
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 def _scale(out: Any, factor: float) -> Any:

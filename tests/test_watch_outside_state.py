@@ -13,12 +13,13 @@ TRAINGUARD_TEST_SEED=<seed>.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+
+from tests.seeds import seeded
 
 torch = pytest.importorskip("torch")
 
@@ -28,12 +29,6 @@ from trainguard.monitor import guard as tgw  # noqa: E402
 
 STEPS = 10
 Attack = Callable[[Any], None]
-
-
-def seeded() -> random.Random:
-    seed = int(os.environ.get("TRAINGUARD_TEST_SEED", random.SystemRandom().randrange(2**32)))
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 def train(

@@ -18,23 +18,18 @@ TRAINGUARD_TEST_SEED=<seed>.
 
 from __future__ import annotations
 
-import os
 import random
 from typing import Any
 
 import pytest
+
+from tests.seeds import seeded
 
 torch = pytest.importorskip("torch")
 
 from trainguard.findings import Severity  # noqa: E402
 from trainguard.monitor import guard as tgw  # noqa: E402
 from trainguard.monitor import mt19937  # noqa: E402
-
-
-def seeded() -> random.Random:
-    seed = int(os.environ.get("TRAINGUARD_TEST_SEED", random.SystemRandom().randrange(2**32)))
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 def high(guard: Any) -> list[Any]:

@@ -9,8 +9,6 @@ TRAINGUARD_TEST_SEED=<seed>.
 from __future__ import annotations
 
 import functools
-import os
-import random
 import subprocess
 import sys
 import time
@@ -18,18 +16,14 @@ from typing import Any
 
 import pytest
 
+from tests.seeds import seeded
+
 torch = pytest.importorskip("torch")
 
 from tests import watch_scenarios as sc  # noqa: E402
 from trainguard.monitor.checks.sleep import SleepCheck, _run_delay  # noqa: E402
 
 pytestmark = pytest.mark.skipif(_run_delay() is None, reason="needs /proc/thread-self/schedstat")
-
-
-def seeded() -> random.Random:
-    seed = int(os.environ.get("TRAINGUARD_TEST_SEED", random.SystemRandom().randrange(2**32)))
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 def blocked_alerts(guard: Any) -> list[tuple[int, str]]:

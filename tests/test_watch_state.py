@@ -11,12 +11,12 @@ the attack, its size and the step at random (seed printed; TRAINGUARD_TEST_SEED 
 from __future__ import annotations
 
 import functools
-import os
-import random
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+
+from tests.seeds import seeded
 
 torch = pytest.importorskip("torch")
 
@@ -26,12 +26,6 @@ from trainguard.findings import Severity  # noqa: E402
 IN_PLACE = ("add_", "mul_", "addcmul_", "addcdiv_", "lerp_", "div_", "sub_", "copy_")
 STATEFUL = ["sgd", "nesterov", "adam", "adamw", "amsgrad", "rmsprop", "rmsprop-momentum"]
 STATEFUL += ["adagrad", "adadelta", "adamax", "nadam", "radam"]
-
-
-def seeded() -> random.Random:
-    seed = int(os.environ.get("TRAINGUARD_TEST_SEED", random.SystemRandom().randrange(2**32)))
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 class Saboteur:

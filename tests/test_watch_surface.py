@@ -13,8 +13,6 @@ and checks that training changed and that the alert names the attribute.
 from __future__ import annotations
 
 import functools
-import os
-import random
 import sys
 import threading
 import types
@@ -22,6 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
+from tests.seeds import seeded
 
 torch = pytest.importorskip("torch")
 
@@ -31,13 +31,6 @@ from trainguard.monitor import surface  # noqa: E402
 from trainguard.monitor.alerts import Context  # noqa: E402
 from trainguard.monitor.checks import surface as surface_check  # noqa: E402
 from trainguard.monitor.checks.surface import SWEEP_EVERY, SurfaceCheck  # noqa: E402
-
-
-def seeded() -> random.Random:
-    seed = int(os.environ.get("TRAINGUARD_TEST_SEED", random.SystemRandom().randrange(2**32)))
-    print(f"seed {seed}")
-    return random.Random(seed)
-
 
 IMMUTABLE_TYPE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE
 DIRECT = ("torch.Tensor.", "torch._C._nn.", "torch.nn.functional.", "torch.relu", "torch.dropout")

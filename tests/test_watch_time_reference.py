@@ -17,12 +17,12 @@ Seed printed; rerun one with TRAINGUARD_TEST_SEED=<seed>.
 
 from __future__ import annotations
 
-import os
 import random
 from typing import Any
 
 import pytest
 
+from tests.seeds import seeded
 from trainguard.findings import Severity
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.calibration import SLOWER, WARMUP, WINDOW, Calibration
@@ -31,12 +31,6 @@ from trainguard.monitor.checks.timing import RECENT_STEPS, StallCheck, chance_of
 from trainguard.monitor.stats import RobustWindow
 
 torch = pytest.importorskip("torch")
-
-
-def seeded() -> random.Random:
-    seed = int(os.environ.get("TRAINGUARD_TEST_SEED", random.SystemRandom().randrange(2**32)))
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 PHASES = ("compute", "optimizer", "guard")
