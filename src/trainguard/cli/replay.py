@@ -30,7 +30,8 @@ def register(sub: Subparsers) -> None:
         "code (--entry, see docs/replay.md), recompute every step's fingerprints and compare "
         "them with the ledger. Reports the first step that diverges and which tensors. "
         "POSITIONS count steps done: checkpoint N holds the state before step N. Exit 0 "
-        "matched, 1 diverged, 2 error or not comparable (threads, versions, device differ).",
+        "matched, 1 diverged or the ledger does not verify (checked first, as `trainguard "
+        "ledger verify`), 2 error or not comparable (threads, versions, device differ).",
     )
     add_run(p)
     add_ledger(p)
@@ -82,6 +83,27 @@ def register(sub: Subparsers) -> None:
         help="the sealed dataset's digest the run must have read (printed by `trainguard data "
         "seal`): other data, or an older version signed by the same key, is TG1522",
     )
+    p.add_argument(
+        "--key",
+        dest="ledger_key",
+        metavar="PUBLIC.pem",
+        help="check the ledger's head signatures with this key (as `ledger verify --key`); "
+        "by default each stream's run key from its run-start record",
+    )
+    p.add_argument(
+        "--expect-key-id",
+        action="append",
+        metavar="ID",
+        help="pin rank 0's run key id as watch logged it (as `ledger verify --expect-key-id`): "
+        "a ledger rewritten whole with another key does not verify",
+    )
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="the run is still running: its missing end is noted, not a failure (a ledger cut "
+        "back to an earlier signed head then looks the same; the report says which steps no "
+        "signature covers)",
+    )
     add_output(p, ("text", "json"))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(handler=_replay)
@@ -116,11 +138,15 @@ def expect_digest(text: str | None) -> str | None:
 
 def _replay(args: argparse.Namespace) -> int:
     from trainguard.explain.replay.engine import replay
+    from trainguard.ledger.runkey import check_expected_ids
     from trainguard.render import installed_version, render
 
     ledger = ledger_url(args)
     run = run_id(args)
     key = read_key(args.key_file) if args.key_file else None
+    expected = args.expect_key_id
+    if expected is not None and check_expected_ids(expected):
+        raise UsageError("--expect-key-id: " + "; ".join(check_expected_ids(expected)))
 
     def progress(text: str) -> None:
         if not args.quiet:
@@ -134,6 +160,10 @@ def _replay(args: argparse.Namespace) -> int:
         "all_segments": args.all,
         "checkpoint_dir": args.checkpoints,
         "expect_data": expect_digest(args.expect_data),
+        # A path, not a key object: the options also travel to --all-ranks' processes.
+        "public_key": args.ledger_key,
+        "expect_key_ids": expected,
+        "live": args.live,
     }
     if args.all_ranks:
         return _all_ranks(args, ledger, run, options)

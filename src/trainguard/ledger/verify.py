@@ -537,6 +537,9 @@ class VerifyResult:
     signed_heads: int  # heads whose signature verified
     # stream -> the id of the run key its run-start names (taken from the ledger itself)
     run_keys: dict[int, str] = field(default_factory=dict)
+    # stream -> the last seq a verified signature covers (-1: none); what a replay of that
+    # stream can call authenticated
+    covered: dict[int, int] = field(default_factory=dict)
 
 
 def verify_run(
@@ -562,7 +565,12 @@ def verify_run(
         raise LedgerError(f"{location}: no records for run {run_id!r}")
     findings = verifier.finish(registered, live=live, expected=expect_key_ids)
     return VerifyResult(
-        findings, verifier.records, len(verifier.streams), verifier.signatures, verifier.run_keys()
+        findings,
+        verifier.records,
+        len(verifier.streams),
+        verifier.signatures,
+        verifier.run_keys(),
+        {n: st.cover for n, st in verifier.streams.items()},
     )
 
 

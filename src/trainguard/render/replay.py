@@ -14,6 +14,7 @@ from typing import Any
 from trainguard.explain.replay.result import (
     DIVERGED,
     MATCHED,
+    UNVERIFIED,
     Divergence,
     FieldDiff,
     ReplayReport,
@@ -130,8 +131,11 @@ def _stepped(r: ReplayReport) -> int:
 
 def render_text(report: ReplayReport) -> str:
     r = report
+    if r.verdict == UNVERIFIED:
+        return _unverified_text(r)
     lines = [
         f"trainguard replay: run {printable(r.run_id)} (rank {r.rank}) in {printable(r.ledger)}",
+        f"ledger: {printable(r.ledger_check)}",
         f"fingerprints: {MODE_TEXT.get(r.mode, r.mode)}",
         f"steps {r.start}..{r.end - 1}"
         + (f" in {_stepped(r)} segments, each from its checkpoint" if r.segmented else ""),
@@ -173,8 +177,23 @@ def render_text(report: ReplayReport) -> str:
         f"the same steps took {_seconds(trained)} in training (ledger step times)",
         _verdict_line(r),
     ]
+    if r.verdict == MATCHED:
+        lines.append(f"matched covers: {r.covered()}")
     # Each entry is one line, whatever it holds: printable() (idempotent) also catches a
     # name a line forgot to escape, so none can add a line or move the cursor.
+    return "".join(printable(line) + "\n" for line in lines)
+
+
+def _unverified_text(r: ReplayReport) -> str:
+    lines = [
+        f"trainguard replay: run {printable(r.run_id)} (rank {r.rank}) in {printable(r.ledger)}",
+        f"ledger: {printable(r.ledger_check)}",
+        "",
+        *(f"{rule} high: {printable(message)}" for rule, message in r.ledger_problems),
+        "",
+        "verdict: the ledger does not verify: nothing was replayed, and no step it records "
+        "can be vouched for (exit 1; `trainguard ledger verify` lists every break)",
+    ]
     return "".join(printable(line) + "\n" for line in lines)
 
 
@@ -261,6 +280,10 @@ def report_dict(r: ReplayReport, *, tool_version: str) -> dict[str, Any]:
         "findings": [finding_dict(f, f.file) for f in r.findings()],
         "notes": r.notes,
         "data": r.data,
+        "ledger_check": r.ledger_check,
+        "ledger_problems": [{"rule": a, "message": b} for a, b in r.ledger_problems],
+        "signed_through": r.signed_through,
+        "covered": r.covered() if r.verdict == MATCHED else None,
     }
 
 

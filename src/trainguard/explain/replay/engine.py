@@ -59,6 +59,7 @@ from trainguard.explain.replay.result import (
     ReplayReport,
     Segment,
 )
+from trainguard.explain.replay.trust import LedgerCheck, check_ledger
 from trainguard.ledger.chain import normalise_payload
 from trainguard.monitor import carried, conditions
 from trainguard.monitor import checkpoint as ckpt
@@ -91,6 +92,9 @@ def replay(
     progress: Progress | None = None,
     verified_history: RunHistory | None = None,
     expect_data: str | None = None,
+    public_key: Any = None,
+    expect_key_ids: list[str] | None = None,
+    live: bool = False,
 ) -> ReplayReport:
     """Replay positions ``start`` to ``stop`` of ``run_id`` (see the module and docs/replay.md).
 
@@ -104,11 +108,22 @@ def replay(
     run as early.  ``expect_data``: the sealed dataset's digest the run must have read
     (``trainguard data seal`` prints it): a step recorded reading other data, or an entry
     reading other data, is a divergence (TG1522), whoever signed that data.
+    ``public_key``, ``expect_key_ids``, ``live``: how the ledger is verified first, as by
+    ``trainguard ledger verify`` (explain/replay/trust.py); a ledger that does not verify is
+    not replayed and the verdict says so.
     """
     if verified_history is not None:
         history, location = verified_history, str(getattr(ledger, "location", ledger))
+        check = LedgerCheck(description="verified by the caller as it read the run")
+        check.signed_through = verified_history.signed_through
     else:
-        history, location = _read_verified(ledger, run_id, rank)
+        history, location, check = _read_verified(
+            ledger, run_id, rank, public_key, expect_key_ids, live
+        )
+    if check.problems:
+        report = ReplayReport(location, run_id, rank, "none", 0, 0, False)
+        _ledger_check(report, check)
+        return report
     mode = _mode(history, key)
     func = load_entry(entry) if isinstance(entry, str) else entry
     begin = resolve_position(start, history, 0)
@@ -116,6 +131,7 @@ def replay(
     if begin >= end:
         raise UsageError(f"nothing to replay: the range {begin}..{end} holds no recorded step")
     report = ReplayReport(location, run_id, rank, mode, begin, end, False)
+    _ledger_check(report, check)
     report.segments = _plan(history, begin, end, segmented, checkpoint_dir, report.notes)
     report.segmented = sum(1 for seg in report.segments if seg.end > seg.start) > 1
     report.data = samples.recorded_data(history.steps, begin, end)
@@ -131,27 +147,46 @@ def replay(
     return report
 
 
-def _read_verified(ledger: Any, run_id: str, rank: int) -> tuple[RunHistory, str]:
-    """The rank's history, once the run's ledger verified (high findings refuse)."""
-    from trainguard.findings import Severity
-    from trainguard.ledger import open_ledger, verify_ledger
+def _read_verified(
+    ledger: Any,
+    run_id: str,
+    rank: int,
+    public_key: Any,
+    expect_key_ids: list[str] | None,
+    live: bool,
+) -> tuple[RunHistory, str, LedgerCheck]:
+    """The rank's history and the verification of the run's ledger (trust.py)."""
+    from trainguard.ledger import open_ledger
 
     own = isinstance(ledger, str)
     store = open_ledger(ledger, create=False) if own else ledger
     try:
-        # live: the verifier replays a run while it is still running; a run that has
-        # not ended yet (no run-end, no final head) is no reason to refuse its steps.
-        findings = verify_ledger(store, run_id, live=True)
-        broken = [f for f in findings if f.severity >= Severity.HIGH]
-        if broken:
-            raise ReplayError(
-                f"the ledger of run {run_id!r} does not verify ({broken[0].rule}: "
-                f"{broken[0].message}); run `trainguard ledger verify` first"
-            )
-        return read_history(store, run_id, rank), str(getattr(store, "location", ledger))
+        location = str(getattr(store, "location", ledger))
+        try:
+            history: RunHistory | None = read_history(store, run_id, rank)
+        except ReplayError:
+            history = None  # a stream that cannot be read: the check below says why
+        seqs = history.seqs if history is not None else None
+        check = check_ledger(
+            store, run_id, rank, seqs,
+            public_key=public_key, expect_key_ids=expect_key_ids, live=live,
+        )  # fmt: skip
+        if history is None:
+            if check.problems:
+                return RunHistory(run_id, rank, {}), location, check
+            read_history(store, run_id, rank)  # raises the reading's own error
+        assert history is not None
+        return history, location, check
     finally:
         if own:
             store.close()
+
+
+def _ledger_check(report: ReplayReport, check: LedgerCheck) -> None:
+    report.ledger_problems = list(check.problems)
+    report.ledger_check = check.description
+    report.signed_through = check.signed_through
+    report.notes.extend(check.notes)
 
 
 def _mode(history: RunHistory, key: bytes | None) -> str:

@@ -37,6 +37,13 @@ class RunHistory:
     alerts: dict[int, list[str]] = field(default_factory=dict)
     # (step, names): the optimizer's tensor names from that step's record on.
     optimizer_names: list[tuple[int, list[str]]] = field(default_factory=list)
+    # step -> the seq of its record: which steps a signed head covers (LedgerCheck)
+    seqs: dict[int, int] = field(default_factory=dict)
+    # position (steps done when the block ran) -> its outside-step records (guard.outside_step)
+    outside: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    # The last step a verified signed head covers, when the reader checked heads as it read
+    # (the verifier, explain/verifier/reading.py); None: none does, or nobody checked.
+    signed_through: int | None = None
 
     @property
     def grad_norm_measured(self) -> bool:
@@ -123,6 +130,7 @@ class HistoryReader:
             if record.step in history.steps:
                 raise ReplayError(f"run {run_id!r} stream {rank} records step {record.step} twice")
             history.steps[record.step] = payload
+            history.seqs[record.step] = record.seq
             names = payload.get("optimizer_names")
             if isinstance(names, list):
                 history.optimizer_names.append((record.step, [str(n) for n in names]))
@@ -139,6 +147,8 @@ class HistoryReader:
                     )
                 )
                 self._sorted = False
+        elif record.kind == "outside-step" and isinstance(record.step, int):
+            history.outside.setdefault(record.step, []).append(payload)
         elif record.kind == "alert" and record.step is not None:
             history.alerts.setdefault(record.step, []).append(
                 f"{payload.get('rule')}: {payload.get('message')}"

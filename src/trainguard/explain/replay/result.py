@@ -18,7 +18,10 @@ from trainguard.monitor.conditions import ConditionDiff
 from trainguard.rules import finding
 
 MATCHED, DIVERGED, NOT_COMPARABLE = "matched", "diverged", "not-comparable"
-EXIT_CODES = {MATCHED: 0, DIVERGED: 1, NOT_COMPARABLE: 2}
+# The ledger replayed does not verify (explain/replay/trust.py): nothing was replayed,
+# and nothing recorded in it can be vouched for.
+UNVERIFIED = "ledger-unverified"
+EXIT_CODES = {MATCHED: 0, DIVERGED: 1, NOT_COMPARABLE: 2, UNVERIFIED: 1}
 
 # The order fields are listed in: the order they happen within a step.
 FIELD_ORDER = (
@@ -114,6 +117,11 @@ class ReplayReport:
     # The sealed datasets (digests) the run recorded reading over the range: which data
     # the verdict is about, to hold against the digest `trainguard data seal` printed.
     data: list[str] = field(default_factory=list)
+    # The ledger's verification (explain/replay/trust.py): its breaks (rule, message), what
+    # was verified in words, and the last step of this stream a verified signature covers.
+    ledger_problems: list[tuple[str, str]] = field(default_factory=list)
+    ledger_check: str = ""
+    signed_through: int | None = None
 
     @property
     def first_divergence(self) -> Divergence | None:
@@ -125,6 +133,8 @@ class ReplayReport:
 
     @property
     def verdict(self) -> str:
+        if self.ledger_problems:
+            return UNVERIFIED
         statuses = {s.status for s in self.segments}
         if DIVERGED in statuses:
             return DIVERGED
@@ -139,8 +149,26 @@ class ReplayReport:
     def exit_code(self) -> int:
         return EXIT_CODES[self.verdict]
 
+    def covered(self) -> str:
+        """What a "matched" vouches for, in words: which steps of which stream."""
+        replayed = [(s.start, s.start + s.steps) for s in self.segments if s.steps]
+        spans = ", ".join(f"{a}..{b - 1}" for a, b in replayed) or "none"
+        signed = (
+            "no verified signature covers them"
+            if self.signed_through is None
+            else f"signed through step {self.signed_through}"
+        )
+        return (
+            f"steps {spans} of stream {self.rank} (rank {self.rank}) recomputed and compared "
+            f"({self.mode} fingerprints); {signed}; other ranks' streams were compared only "
+            "if replayed with --all-ranks"
+        )
+
     def findings(self) -> list[Finding]:
-        out = []
+        out = [
+            finding(rule, f"the ledger does not verify: {message}", file=self.ledger)
+            for rule, message in self.ledger_problems
+        ]
         for s in self.segments:
             d = s.divergence
             if d is not None and d.kind == "checkpoint":
@@ -218,5 +246,6 @@ def report_from_dict(data: dict[str, Any]) -> ReplayReport:
         )
         for s in data["segments"]
     ]
-    plain = {k: v for k, v in data.items() if k != "segments"}
-    return ReplayReport(**plain, segments=segments)
+    plain = {k: v for k, v in data.items() if k not in ("segments", "ledger_problems")}
+    problems = [(str(r), str(m)) for r, m in data.get("ledger_problems", [])]
+    return ReplayReport(**plain, segments=segments, ledger_problems=problems)
