@@ -19,6 +19,9 @@ numbers, strings and tensors.  Contents (format ``trainguard-checkpoint/1``):
     batches per epoch).
 ``conditions``
     :func:`trainguard.monitor.conditions.gather` at save time.
+``shards``
+    under FSDP2, where each rank's slice of every sharded tensor in ``model`` and
+    ``optimizer`` sits (each rank saves its own slice, as a plain tensor); else None.
 
 The ledger gets a ``checkpoint`` record (on the rank's stream, at ``step``)
 with the file's BLAKE3 digest, its size and name, digests of the
@@ -36,12 +39,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainguard.errors import TrainguardError
-from trainguard.monitor import carried, conditions, rng
+from trainguard.monitor import carried, conditions, rng, sharding
 from trainguard.monitor.fingerprint import optimizer_tensors
 
 FORMAT = "trainguard-checkpoint/1"
 HASH_CHUNK = 1 << 20
 MAX_DEPTH = 64  # nesting of a saved object; state dicts are a few levels deep
+PARTS_SHARDED = ("model", "optimizer")  # the entries whose DTensors are saved as local slices
 
 
 class CheckpointError(TrainguardError):
@@ -62,6 +66,9 @@ class Checkpoint:
     rng: dict[str, Any]
     data: dict[str, Any]
     conditions: dict[str, Any]
+    # Sharded runs (FSDP2): where each saved slice sits, by its path in ``model`` and
+    # ``optimizer`` (:func:`trainguard.monitor.sharding.local_state`); None when unsharded.
+    shards: dict[str, Any] | None = None
 
 
 def save(guard: Any, path: str | os.PathLike[str], *, data_state: Any = None) -> dict[str, Any]:
@@ -74,13 +81,16 @@ def save(guard: Any, path: str | os.PathLike[str], *, data_state: Any = None) ->
             "call guard.checkpoint after guard.step"
         )
     path = os.fspath(path)
+    # Under FSDP2 each rank saves its own slice of every DTensor, as a plain tensor.
+    model, model_layout = sharding.local_state(guard.model.state_dict())
+    optimizer, optimizer_layout = sharding.local_state(guard.optimizer.state_dict())
     content = {
         "format": FORMAT,
         "run_id": guard.run_id,
         "rank": guard.rank,
         "step": guard.step_index,
-        "model": guard.model.state_dict(),
-        "optimizer": guard.optimizer.state_dict(),
+        "model": model,
+        "optimizer": optimizer,
         "scheduler": guard.scheduler.state_dict() if guard.scheduler is not None else None,
         "rng": random_states(),
         "data": {
@@ -89,6 +99,11 @@ def save(guard: Any, path: str | os.PathLike[str], *, data_state: Any = None) ->
             "loader": loader_state(guard.dataloader),
         },
         "conditions": conditions.gather(guard.model),
+        "shards": (
+            {"model": model_layout, "optimizer": optimizer_layout}
+            if model_layout or optimizer_layout
+            else None
+        ),
     }
     for where, value in _walk(content, "checkpoint", 0):
         if not _loadable(value, torch):
@@ -170,7 +185,12 @@ def read(path: str | os.PathLike[str]) -> Checkpoint:
     for name, kind in fields.items():
         if not isinstance(content.get(name), kind):
             raise CheckpointError(f"{path}: entry {name!r} is missing or of the wrong type")
-    return Checkpoint(path=path, **{k: content[k] for k in fields})
+    shards = content.get("shards")
+    if shards is not None and not (
+        isinstance(shards, dict) and all(isinstance(shards.get(k), dict) for k in PARTS_SHARDED)
+    ):
+        raise CheckpointError(f"{path}: entry 'shards' is of the wrong type")
+    return Checkpoint(path=path, shards=shards, **{k: content[k] for k in fields})
 
 
 # -- random states -------------------------------------------------------------------

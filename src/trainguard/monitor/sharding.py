@@ -120,3 +120,46 @@ def stepped_optimizer(optimizer: Any) -> Any:
             return found
         found = found.optimizer
     return optimizer
+
+
+# -- checkpoints: each rank saves its own shard ---------------------------------------
+
+
+def layout_of(t: Any) -> dict[str, list[int]]:
+    """Where a shard sits: its global offset and the whole tensor's shape (plain lists, so
+    that ``trainguard.load`` reads them back)."""
+    offset, _ = placement(t)
+    return {"offset": list(offset), "shape": [int(s) for s in t.shape]}
+
+
+def local_state(state: Any, prefix: str = "") -> tuple[Any, dict[str, dict[str, list[int]]]]:
+    """``state`` (a state dict, nested) with every DTensor replaced by this rank's slice,
+    and the layout of each replaced one by its dotted path.
+
+    A DTensor pickles its device mesh and process group, which no allowlist loader
+    should rebuild, and gathering the whole tensor would cost the memory sharding saves:
+    a rank's checkpoint holds its own slice, as plain tensors, and where each slice sits,
+    so that a replay can put it back into a model sharded the same way (and tell one
+    sharded otherwise).
+    """
+    layouts: dict[str, dict[str, list[int]]] = {}
+    if is_dtensor(state):
+        layouts[prefix] = layout_of(state)
+        return state.to_local(), layouts
+    if isinstance(state, dict):
+        items: dict[Any, Any] = {}
+        for k, v in state.items():
+            items[k], inner = local_state(v, f"{prefix}.{k}" if prefix else str(k))
+            layouts.update(inner)
+        if not layouts:
+            return state, layouts
+        out = type(state)(items)
+        if hasattr(state, "_metadata"):  # a module's state dict: versions load_state_dict reads
+            out._metadata = state._metadata  # type: ignore[attr-defined]
+        return out, layouts
+    if isinstance(state, (list, tuple)) and any(is_dtensor(v) for v in state):
+        pairs = [local_state(v, f"{prefix}[{i}]") for i, v in enumerate(state)]
+        for _, inner in pairs:
+            layouts.update(inner)
+        return type(state)(v for v, _ in pairs), layouts
+    return state, layouts

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainguard.explain.replay import sharded
 from trainguard.explain.replay.entry import Replayable
 from trainguard.explain.replay.ledger import CheckpointRecord, ReplayError, RunHistory
 from trainguard.explain.replay.result import FieldDiff
@@ -150,9 +151,11 @@ def difference(
 
 
 def restore(run: Replayable, saved: ckpt.Checkpoint) -> None:
-    """Load the checkpoint's states into what the entry built."""
-    run.model.load_state_dict(saved.model)
-    run.optimizer.load_state_dict(saved.optimizer)
+    """Load the checkpoint's states into what the entry built (a sharded one's slices into
+    the entry's sharded model, :mod:`.sharded`)."""
+    model, optimizer = sharded.restorable(run.model, run.optimizer, saved)
+    run.model.load_state_dict(model)
+    run.optimizer.load_state_dict(optimizer)
     if saved.scheduler is not None:
         if run.scheduler is None:
             raise ReplayError("the checkpoint holds a scheduler state; the entry built none")
