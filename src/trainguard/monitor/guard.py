@@ -33,12 +33,12 @@ from trainguard.monitor.checks.seeds import SeedCheck
 from trainguard.monitor.checks.tamper import TamperCheck
 from trainguard.monitor.declare import outside_step as _outside_step
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
+from trainguard.monitor.optimizers import Optimizers, lanes
 from trainguard.monitor.options import WatchOptions
 from trainguard.monitor.recorder import Recorder, run_start, step_payload
 from trainguard.monitor.safety import StepNesting, checked, step_hooks
 from trainguard.monitor.samples import SampleRecorder
 from trainguard.monitor.setup import rank_world, scalar, shared_key, tensors_in, total_grad_norm
-from trainguard.monitor.sharding import stepped_optimizer
 from trainguard.monitor.sink import AlertSink
 from trainguard.monitor.stats import RobustWindow
 from trainguard.monitor.watchdog import Watchdog
@@ -47,7 +47,10 @@ __all__ = ["Alert", "Guard", "TrainingStopped", "WatchOptions", "watch"]
 
 
 class Guard:
-    """Watches one rank's training; see :class:`WatchOptions` for the options."""
+    """Watches one rank's training; see :class:`WatchOptions` for the options.
+
+    ``optimizer``: one optimizer, or several over disjoint parts of the model (a list,
+    or a dict naming them): monitor/optimizers.py."""
 
     def __init__(
         self, model: Any, optimizer: Any, options: WatchOptions | None = None, **kwargs: Any
@@ -56,9 +59,12 @@ class Guard:
 
         opts = self.options = WatchOptions.from_kwargs(options, kwargs)
         self.torch = torch
-        optimizer = stepped_optimizer(optimizer)  # not Accelerate's wrapper: no hooks there
+        # Not Accelerate's wrapper (no hooks there); the first of several optimizers is
+        # this guard's own lane, the others are checks of their own (Lane).
+        self.optimizers = Optimizers(optimizer, model, opts.scheduler)
+        optimizer = self.optimizers.primary
         self.model, self.optimizer = model, optimizer
-        self.scheduler, self.dataloader = opts.scheduler, opts.dataloader
+        self.scheduler, self.dataloader = self.optimizers.schedulers[0], opts.dataloader
         self.budget, self.measure_grad_norm = opts.budget, opts.measure_grad_norm
         self.run_id = opts.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.rank, self.world_size = rank_world(opts.rank, opts.world_size)
@@ -68,7 +74,8 @@ class Guard:
         self.recorder = Recorder.for_run(opts, self.run_id, self.rank)
         self.ledger = self.recorder.ledger
         self._pending: dict[str, Any] | None = None
-        self.sink = AlertSink(self._record, opts.on_alert)
+        tag = self.optimizers.tag if self.optimizers.several else None
+        self.sink = AlertSink(self._record, opts.on_alert, tag)
         self.alerts = self.sink.alerts
         # Seconds spent in the guard during the current step, and during the last one.
         self._overhead = self.last_step_overhead = 0.0
@@ -78,8 +85,9 @@ class Guard:
         self._finish_cost, self._phases = 0.0, dict[str, float]()
         self.windows = {k: RobustWindow() for k in ("time", "loss", "grad_norm")}
         self.named_params = list(model.named_parameters())
+        own = self.optimizers.answered(self.named_params, 0)  # all, with one optimizer
 
-        self.direction = UpdateDirectionCheck(self.named_params, optimizer, self.key)
+        self.direction = UpdateDirectionCheck(own, optimizer, self.key)
         # Bound now: an instance attribute shadowing them later does not reach the hooks.
         self._nesting = StepNesting()
         pre, post = step_hooks(self._before_step, self._after_step, self._nesting)
@@ -98,13 +106,26 @@ class Guard:
             self.windows,
             min_stall_seconds=opts.min_stall_seconds,
             dataloader=loader,
+            owned=self.optimizers.view(model, 0),
+        )
+        # Further optimizers: their hooks (step, gradient) are the guard's own too.
+        self.lanes = lanes(
+            self.optimizers,
+            model,
+            self.fp,
+            opts,
+            times=self.windows["time"],
+            context=lambda: Context(self.step_index, self.rank),
+            raise_all=self.sink.raise_all,
+            spent=self._spent,
+            world_size=self.world_size,
         )
         # Taken after the guard's own hooks and wrappers are in place.
         self.identity = IdentityCheck(model, optimizer, self.dataloader)
         self.hyper = HyperparameterCheck(optimizer, self.scheduler)
         self.tamper = TamperCheck(
             self.fp,
-            self.named_params,
+            own,
             optimizer,
             times=self.windows["time"],
             every=opts.every,
@@ -116,6 +137,7 @@ class Guard:
         # The order alerts of one phase come in.
         self.checks: list[Check] = [self.tamper, self.hyper, self.identity, self.seeds]
         self.checks += [self.direction, *behaviour, *checks.loader_draws(self.dataloader)]
+        self.checks += self.lanes
         env = None
         if opts.env_snapshot is not None:
             env = EnvironmentCheck(opts.env_snapshot, opts.env_key, opts.env_paths)
@@ -125,6 +147,8 @@ class Guard:
         units = sorted({c.unit for c in self.checks if c.unit is not None} | {"chunks"})
         self.schedule = Schedule(self.key, opts.budget, units) if opts.budget else None
         self.tamper.schedule = self.schedule
+        for lane in self.lanes:
+            lane.schedule = self.schedule
         self._runs: frozenset[str] | None = None  # the units running at this step
         # Per phase, the checks that do something in it (a scheduled unit's skipped()
         # stands in for its hooks): a call per check and phase is a fixed cost per step.
@@ -219,6 +243,11 @@ class Guard:
             self._overhead += clock.now() - started
             self._done_busy()
 
+    def _spent(self, seconds: float) -> None:
+        """A further optimizer's step hooks took ``seconds`` of the guard's time."""
+        self._overhead += seconds
+        self._done_busy()
+
     def _done_busy(self) -> None:
         self._busy = None
         if self.watchdog is not None:
@@ -265,8 +294,8 @@ class Guard:
         purpose this step, by name (``["drop.p"]``) or with the value set
         (``{"drop.p": 0.0}``); only undeclared changes alert.
         """
-        groups = len(self.optimizer.param_groups)
-        declared = [float(lr)] * groups if isinstance(lr, (int, float)) else lr
+        # Several optimizers: lr= and hyper= list every optimizer's groups, in order.
+        declared, hyper = self.optimizers.declare(lr, hyper)
         self._declared = StepEnd(None, None, 0.0, [], declared, reseed, declared_changes=changed)
         if grad_norm is not None:
             self._grad_norm = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm)

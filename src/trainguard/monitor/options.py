@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
@@ -49,7 +49,8 @@ class WatchOptions:
 
     ledger: Ledger | KeyPath | None = None
     run_id: str | None = None
-    scheduler: Scheduler | None = None
+    # Several optimizers: one scheduler per optimizer that has one, in any order.
+    scheduler: Scheduler | Sequence[Scheduler] | None = None
     dataloader: DataLoader | None = None
     # Exact mode: full fingerprints at every ``every``-th boundary; a budget (a fraction of
     # the step time) switches to sampled checks (monitor/budget.py).

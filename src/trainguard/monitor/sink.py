@@ -24,7 +24,17 @@ log = logging.getLogger("trainguard.monitor")
 WINDOW_STEPS = 100
 MAX_STEPS_KEPT = 1000  # steps listed per alert-repeats record
 # Evidence keys that say *what* an alert is about (the others say how much).
-GROUP_KEYS = ("tensors", "functions", "group", "key", "generator", "index", "ranks", "phase")
+GROUP_KEYS = (
+    "tensors",
+    "functions",
+    "group",
+    "key",
+    "generator",
+    "index",
+    "ranks",
+    "phase",
+    "optimizer",
+)
 
 
 def group_of(alert: Alert) -> str:
@@ -34,9 +44,14 @@ def group_of(alert: Alert) -> str:
 
 class AlertSink:
     def __init__(
-        self, record: Callable[[str, dict[str, Any]], None], on_alert: OnAlert | AlertHandler
+        self,
+        record: Callable[[str, dict[str, Any]], None],
+        on_alert: OnAlert | AlertHandler,
+        tag: Callable[[list[Alert]], list[Alert]] | None = None,
     ) -> None:
         self._record = record
+        # Several optimizers: names the one an alert is about (monitor/optimizers.py).
+        self.tag = tag
         self.on_alert = on_alert
         self.alerts: list[Alert] = []
         self.stopped: list[Alert] = []  # on_alert="stop": raised by the next guard.step
@@ -44,6 +59,8 @@ class AlertSink:
         self._open: dict[str, tuple[int, list[int]]] = {}
 
     def raise_all(self, alerts: list[Alert]) -> None:
+        if self.tag is not None and alerts:
+            alerts = self.tag(alerts)
         for alert in alerts:
             group = group_of(alert)
             found = self._open.get(group)

@@ -34,12 +34,15 @@ def behaviour(
     *,
     min_stall_seconds: float,
     dataloader: Any = None,
+    owned: Any = None,
 ) -> list[Check]:
-    """The checks of what training does (after the guard's own tamper and identity checks)."""
+    """The checks of what training does (after the guard's own tamper and identity checks).
+    ``owned``: the parameters this optimizer answers for, when several optimizers share
+    the model (monitor/optimizers.py), as an object with ``named_parameters()``."""
     named = list(model.named_parameters())
     update = UpdateModelCheck(named, optimizer, fp.key)
     found: list[Check] = [
-        ParameterIdentityCheck(model, optimizer),
+        ParameterIdentityCheck(owned if owned is not None else model, optimizer),
         StateModelCheck(update, fp.key),  # before `update`: it reads the samples update drops
         update,
         SurfaceCheck(fp.key),

@@ -1,0 +1,218 @@
+"""Several optimizers over one model (monitor/optimizers.py), generated.
+
+Each run draws a composition: 2 or 3 optimizers (SGD, Adam, AdamW, RMSprop) over
+disjoint parts of a small model, one or two param groups each, a scheduler per
+optimizer or none (or a loop that sets one optimizer's learning rate itself and
+declares it), an order in which they step at each step (GAN-style alternation)
+and a period (one stepping every k steps), a frozen part no optimizer owns,
+exact or budget mode.  Honest runs raise nothing at high or critical; a sabotage
+of one optimizer (its update flipped inside its step, its weights edited between
+steps) or of the frozen part is caught at high or above at its step, naming the
+optimizer (or "no optimizer").
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+from tests.seeds import seeded
+from trainguard.errors import UsageError
+from trainguard.findings import Severity
+from trainguard.monitor import guard as tgw
+from trainguard.monitor.optimizers import NO_OWNER
+
+torch.set_num_threads(1)
+
+KINDS = {
+    "SGD": lambda g: torch.optim.SGD(g, lr=0.05, momentum=0.9),
+    "Adam": lambda g: torch.optim.Adam(g, lr=3e-3),
+    "AdamW": lambda g: torch.optim.AdamW(g, lr=3e-3, weight_decay=0.01),
+    "RMSprop": lambda g: torch.optim.RMSprop(g, lr=1e-3),
+}
+SCHEDULERS = {
+    "step": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=7, gamma=0.5),
+    "exponential": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.95),
+    "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20),
+}
+STEPS = 30
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Linear(8, 16)
+        self.body = torch.nn.Linear(16, 16)
+        self.frozen = torch.nn.Linear(16, 16)  # no optimizer owns it
+        self.head = torch.nn.Linear(16, 1)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.emb(x))
+        h = torch.relu(self.body(h)) + self.frozen(h)
+        return self.head(h)
+
+
+@dataclass
+class Plan:
+    kinds: list[str]
+    parts: list[list[str]]  # module names per optimizer
+    groups: list[int]  # param groups per optimizer (1 or 2)
+    schedulers: list[str | None]
+    manual: int | None  # the optimizer whose lr the loop sets and declares
+    period: list[int]  # optimizer i steps when step % period[i] == phase[i]
+    phase: list[int]
+    order: list[int]
+    named: bool  # watch(model, {"name": opt}) instead of a list
+    budget: float | None
+    sabotage: dict[str, Any] = field(default_factory=dict)
+
+
+def draw(rng: random.Random) -> Plan:
+    n = rng.choice([2, 3])
+    modules = ["emb", "body", "head"]
+    rng.shuffle(modules)
+    cuts = sorted(rng.sample([1, 2], n - 1)) if n == 3 else [rng.choice([1, 2])]
+    bounds = [0, *cuts, 3]
+    parts = [modules[bounds[i] : bounds[i + 1]] for i in range(n)]
+    period = [rng.choice([1, 1, 2, 3]) for _ in range(n)]
+    period[rng.randrange(n)] = 1  # something steps at every step
+    schedulers: list[str | None] = [rng.choice([None, *SCHEDULERS]) for _ in range(n)]
+    unscheduled = [i for i in range(n) if schedulers[i] is None]
+    manual = rng.choice([None, *unscheduled]) if unscheduled else None
+    return Plan(
+        kinds=[rng.choice(list(KINDS)) for _ in range(n)],
+        parts=parts,
+        groups=[rng.choice([1, 2]) if len(p) > 1 else 1 for p in parts],
+        schedulers=schedulers,
+        manual=manual,
+        period=period,
+        phase=[rng.randrange(k) for k in period],
+        order=rng.sample(range(n), n),
+        named=rng.random() < 0.5,
+        budget=rng.choice([None, None, 0.5]),
+    )
+
+
+def build(plan: Plan, model: Net) -> list[torch.optim.Optimizer]:
+    opts = []
+    for kind, part, groups in zip(plan.kinds, plan.parts, plan.groups, strict=True):
+        params = [list(getattr(model, m).parameters()) for m in part]
+        if groups == 1:
+            given: Any = [p for ps in params for p in ps]
+        else:  # the first module in a group of its own, at half the learning rate
+            base = KINDS[kind]([torch.nn.Parameter(torch.zeros(1))]).defaults["lr"]
+            rest = [p for ps in params[1:] for p in ps]
+            given = [{"params": params[0], "lr": base / 2}, {"params": rest}]
+        opts.append(KINDS[kind](given))
+    return opts
+
+
+def run(plan: Plan, seed: int) -> tuple[tgw.Guard, list[str]]:
+    torch.manual_seed(seed)
+    model = Net()
+    opts = build(plan, model)
+    scheds = [SCHEDULERS[s](o) if s else None for s, o in zip(plan.schedulers, opts, strict=True)]
+    names = [f"net{i}" for i in range(len(opts))]
+    given: Any = dict(zip(names, opts, strict=True)) if plan.named else list(opts)
+    guard = tgw.watch(
+        model,
+        given,
+        scheduler=[s for s in scheds if s is not None] or None,
+        budget=plan.budget,
+        min_stall_seconds=0.25,
+    )
+    labels = [
+        f"{names[i] if plan.named else f'optimizer {i}'} ({type(o).__name__})"
+        for i, o in enumerate(opts)
+    ]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 8, generator=g)
+    y = x[:, :1] * 2 - x[:, 1:2]
+    bad = plan.sabotage
+    for step in range(STEPS):
+        if bad and bad["step"] == step and bad["kind"] in ("edit", "unowned"):
+            with torch.no_grad():  # between guard.step(step - 1) and this step
+                target = model.frozen if bad["kind"] == "unowned" else getattr(model, bad["module"])
+                target.weight.add_(0.01)
+        lr = None
+        if plan.manual is not None:
+            for group in opts[plan.manual].param_groups:
+                group["lr"] = 1e-3 * (1 + (step % 5))
+            lr = [group["lr"] for o in opts for group in o.param_groups]
+        for i in plan.order:
+            if step % plan.period[i] != plan.phase[i]:
+                continue
+            idx = torch.randint(0, len(x), (32,), generator=g)
+            loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+            opts[i].zero_grad()
+            loss.backward()  # the others' parameters get gradients too, as in a GAN
+            hook = None
+            if bad and bad["kind"] == "flip" and bad["step"] == step and bad["victim"] == i:
+
+                def flip(opt: Any, args: Any, kwargs: Any) -> None:
+                    for group in opt.param_groups:
+                        for p in group["params"]:
+                            if p.grad is not None:
+                                p.grad.neg_()
+
+                hook = opts[i].register_step_pre_hook(flip)  # after the guard's: inside the step
+            opts[i].step()
+            if hook is not None:
+                hook.remove()
+            if scheds[i] is not None:
+                scheds[i].step()
+        guard.step(loss=loss, batch=x[idx], lr=lr)
+    guard.close()
+    return guard, labels
+
+
+def high(guard: tgw.Guard) -> list[Any]:
+    return [a for a in guard.alerts if a.severity >= Severity.HIGH]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_honest_compositions_raise_nothing_high(case: int) -> None:
+    rng = seeded()
+    plan = draw(rng)
+    print(plan)
+    guard, _ = run(plan, rng.randrange(2**31))
+    assert high(guard) == [], [(a.rule, a.step, a.message) for a in high(guard)]
+
+
+@pytest.mark.parametrize("kind", ["flip", "edit", "unowned"])
+def test_sabotage_of_one_optimizer_is_named_at_its_step(kind: str) -> None:
+    rng = seeded()
+    plan = draw(rng)
+    # Within the warm-up, budget mode runs every check at every step (monitor/budget.py).
+    at = rng.randrange(3, 14)
+    stepping = [i for i in range(len(plan.kinds)) if at % plan.period[i] == plan.phase[i]]
+    victim = rng.choice(stepping if kind == "flip" else range(len(plan.kinds)))
+    module = rng.choice(plan.parts[victim])
+    plan.sabotage = {"kind": kind, "step": at, "victim": victim, "module": module}
+    print(plan)
+    guard, labels = run(plan, rng.randrange(2**31))
+    want = NO_OWNER if kind == "unowned" else labels[victim]
+    found = [a for a in high(guard) if a.step == at and a.evidence.get("optimizer") == want]
+    assert found, [(a.rule, a.step, a.severity, a.message) for a in guard.alerts]
+    rule = "TG1306" if kind == "flip" else "TG1301"
+    assert rule in {a.rule for a in found}
+    assert all(want in a.message for a in found)
+    early = [a for a in high(guard) if a.step < at]
+    assert early == [], [(a.rule, a.step, a.message) for a in early]
+
+
+def test_a_parameter_in_two_optimizers_is_refused() -> None:
+    model = Net()
+    a = torch.optim.SGD(model.emb.parameters(), lr=0.1)
+    b = torch.optim.Adam([*model.emb.parameters(), *model.head.parameters()])
+    with pytest.raises(UsageError, match="each parameter must belong to one optimizer"):
+        tgw.watch(model, [a, b])
+    sched = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(model.body.parameters(), lr=0.1), 5)
+    c = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    with pytest.raises(UsageError, match="steps none of the optimizers"):
+        tgw.watch(model, [a, c], scheduler=sched)
