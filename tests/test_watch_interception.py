@@ -145,6 +145,53 @@ def test_interception_below_python_names_is_critical_at_its_step() -> None:
         assert _critical_at(guard, at + 1), (kind, at, guard.alerts)
 
 
+def test_on_a_budget_interception_left_in_place_is_critical_at_the_next_drawn_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Budget mode: the interception state and the AccumulateGrad node check are one
+    scheduled unit (its node hooks gather only in the backward of a drawn step).  Each
+    family member, planted after the warm-up and left in place, is critical at the first
+    step the schedule drew for ``interception`` after it, and the unit skips steps."""
+    import trainguard.monitor.budget as budget
+
+    rng = seeded()
+    monkeypatch.setattr(budget, "chances", lambda allowance, costs: (dict.fromkeys(costs, 0.4), 0))
+    steps = budget.WARMUP_STEPS + 14
+    for kind in rng.sample(FAMILY_B, 3):
+        at = rng.randrange(budget.WARMUP_STEPS, steps - 8)
+        undo: list[Callable[[], None]] = []
+
+        def sabotage(
+            step: int, model: Any, opt: Any, kind: str = kind, at: int = at, undo: Any = undo
+        ) -> None:
+            if step != at:
+                return
+            if kind == "node":
+                _node_hook(rng, model, undo)
+            else:
+                {
+                    "dispatch": _dispatch_mode,
+                    "function": _function_mode,
+                    "saved": _saved_hooks,
+                    "library": _library_kernel,
+                }[kind](rng, undo)
+
+        try:
+            guard = sc.run(
+                steps, optimizer=rng.choice(["adam", "sgd"]), budget=0.02, sabotage=sabotage
+            )
+        finally:
+            for u in reversed(undo):
+                u()
+        assert guard.schedule is not None
+        drawn = [s for s in guard.schedule.recent["interception"] if at < s < steps]
+        print(kind, at, drawn, [(a.rule, a.step, a.severity.name) for a in guard.alerts])
+        ran = [s for s in guard.schedule.recent["interception"] if s >= budget.WARMUP_STEPS]
+        assert len(ran) < steps - budget.WARMUP_STEPS, ran  # it did skip steps
+        if drawn:
+            assert _critical_at(guard, drawn[0]), (kind, at, drawn, guard.alerts)
+
+
 # -- C: closure cells and forged provenance ----------------------------------------
 def _cell_targets(opt_name: str) -> list[Callable[..., Any]]:
     cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}

@@ -172,7 +172,9 @@ class Schedule:
         self.fixed: float | None = None  # the guard's seconds per step outside the units
         self._spent = dict.fromkeys(units, 0.0)  # this step's seconds per unit
         self.runs_at: dict[str, int] = dict.fromkeys(units, 0)  # steps each unit ran at
-        self._last: tuple[int, frozenset[str]] | None = None
+        # The draws of the last steps asked for: the guard asks for step t+1 at the end of
+        # step t's hooks (to arm the hooks that run in its backward), then again at t+1.
+        self._drawn: dict[int, frozenset[str]] = {}
         # The last steps each unit ran at (tests, and what a report may quote).
         self.recent: dict[str, deque[int]] = {u: deque(maxlen=RECENT) for u in units}
 
@@ -183,9 +185,11 @@ class Schedule:
 
     def runs(self, step: int) -> frozenset[str]:
         """The units that run at ``step`` (all of them during the warm-up); asked again
-        for the same step (an optimizer whose step hooks run twice), the same answer."""
-        if self._last is not None and self._last[0] == step:
-            return self._last[1]
+        for the same step (an optimizer whose step hooks run twice, or the guard arming
+        the next step's backward hooks), the same answer."""
+        known = self._drawn.get(step)
+        if known is not None:
+            return known
         if step < WARMUP_STEPS or self.budget >= 1.0:
             found = frozenset(self.chance)
         else:
@@ -193,7 +197,8 @@ class Schedule:
         for u in found:
             self.runs_at[u] += 1
             self.recent[u].append(step)
-        self._last = (step, found)
+        self._drawn = {s: f for s, f in self._drawn.items() if s >= step - 1}
+        self._drawn[step] = found
         return found
 
     def charge(self, unit: str, seconds: float, *, run: float | None = None) -> None:

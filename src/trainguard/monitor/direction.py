@@ -19,6 +19,7 @@ Two cheap checks, both computed on the tensors' device:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,10 @@ class DirectionCheck:
         # the guard's globals into torch's modules and bake the sample indices into graphs.
         disable: Any = torch.compiler.disable  # untyped in torch
         self._hook = disable(self._on_grad)
+        # Budget mode: the gradient samples are read only in the backward of a step whose
+        # probe the schedule drew (checks/direction.py arms it); their seconds go to it.
+        self.armed = True
+        self.outside = 0.0
         self.handles: list[Any] = []
         self.adopt([(n, p) for n, p in named_params if p.requires_grad])
         # Sharded gradients (FSDP) reach the hook already reduced, one slice per rank:
@@ -87,8 +92,9 @@ class DirectionCheck:
                 self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
 
     def _on_grad(self, p: Any) -> None:
-        if p.grad is None or id(p) not in self.index:
+        if not self.armed or p.grad is None or id(p) not in self.index:
             return
+        started = time.perf_counter()
         try:
             grad = local(p.grad)
             why = unreadable(grad)
@@ -100,6 +106,7 @@ class DirectionCheck:
         except Exception as e:  # a check never ends the user's backward
             self.unchecked.add(self.names.get(id(p), "?"), f"probe failed: {e!r}"[:200])
             self.backward_samples.pop(id(p), None)
+        self.outside += time.perf_counter() - started
 
     def skip(self) -> None:
         """A step the probe does not check (budget mode): forget what it cannot compare."""

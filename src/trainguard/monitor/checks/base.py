@@ -15,7 +15,9 @@ A new check is one subclass in this package, added to the guard's list.
 In budget mode a check whose cost grows with the model names its ``unit``: the
 guard's :class:`~trainguard.monitor.budget.Schedule` then decides, with the
 run's key, at which steps its two step hooks run; at the others the guard calls
-``skipped`` instead (``step_end`` always runs).
+``skipped`` instead (``step_end`` always runs).  A unit whose work starts before the
+step hooks (hooks in backward) is told with ``arm`` whether it runs at the next step,
+right after this step's hooks, and reports that work's seconds in ``outside_seconds``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,16 @@ class Check:
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         return []
+
+    def arm(self, on: bool) -> None:
+        """Budget mode: whether this check's unit runs at the next step (exact mode never
+        calls it: armed from the start)."""
+        return None
+
+    def outside_seconds(self) -> float:
+        """Seconds this check's own hooks spent outside the step hooks (in backward) since
+        the last call: charged to its unit."""
+        return 0.0
 
     def close(self) -> None:
         return None

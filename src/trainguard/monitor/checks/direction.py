@@ -44,6 +44,13 @@ class UpdateDirectionCheck(Check):
         self.probe.skip()
         return []
 
+    def arm(self, on: bool) -> None:
+        self.probe.armed = on
+
+    def outside_seconds(self) -> float:
+        spent, self.probe.outside = self.probe.outside, 0.0
+        return spent
+
     def after_step(self, ctx: Context) -> list[Alert]:
         self.cosine = cosine = self.probe.after_step(self.optimizer)
         if self.probe.mismatch is not None:  # the step's math (monitor/direction.py)

@@ -14,6 +14,11 @@ Three parts, each with its cost:
   (bit for bit: the same addition).  A hook put on the node itself (red team #6;
   torch has no getter for a node's hooks) that changes the gradient breaks that at the
   step it acts.  Per parameter and backward: two gathers of ``SAMPLE`` elements;
+* in budget mode the first two parts are one unit (``interception``): the node hooks do
+  their gathers only in the backward of a step the schedule drew (armed right after the
+  step before's hooks; one attribute read otherwise), and the state is compared at that
+  step's hooks.  A mode, hook or kernel left in place is still named, at the next drawn
+  step; one entered and left between two drawn steps is not;
 * the dispatcher's table of every operator, digested at start (about 15 µs an
   operator, some 3,600 operators) and re-read in keyed slices: all of it every
   ``SWEEP_EVERY`` steps (budget unit ``kernels``).  This sees a kernel registered
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 from typing import Any
 
 from trainguard.findings import Severity
@@ -40,6 +46,8 @@ SWEEP_EVERY = 128  # steps in which every operator's dispatch table is read once
 class InterceptionCheck(Check):
     """Modes, saved-tensor hooks, Python kernels and AccumulateGrad node hooks."""
 
+    unit = "interception"  # budget mode: the state and the node hooks at drawn steps
+
     def __init__(self, named: list[tuple[str, Any]], key: bytes, kernels: KernelSweep) -> None:
         import torch
 
@@ -51,6 +59,8 @@ class InterceptionCheck(Check):
         self.kernels = kernels
         self.broken: list[str] = []  # parameters whose gradient changed inside the node
         self._pending: dict[int, tuple[Any, Any, Any]] = {}
+        self.armed = True  # budget mode: whether the next backward's node hooks gather
+        self._outside = 0.0  # seconds the armed node hooks spent (charged to the unit)
         self._handles: list[Any] = []
         for name, p in named:
             if not getattr(p, "requires_grad", False) or is_dtensor(p) or p.numel() == 0:
@@ -62,26 +72,32 @@ class InterceptionCheck(Check):
     # -- the gradient through AccumulateGrad ---------------------------------
     def _before(self, p: Any, index: Any) -> Any:
         def hook(grad: Any) -> None:
-            if grad.is_sparse or grad.shape != p.shape:
+            if not self.armed or grad.is_sparse or grad.shape != p.shape:
                 return
+            started = time.perf_counter()
             old = p.grad
             held = None
             if old is not None and not old.is_sparse and old.shape == p.shape:
                 held = old.detach().reshape(-1)[index]  # indexing copies: no clone needed
             self._pending[id(p)] = (index, grad.detach().reshape(-1)[index], held)
+            self._outside += time.perf_counter() - started
 
         return hook
 
     def _after(self, name: str) -> Any:
         def hook(p: Any) -> None:
+            if not self._pending:  # unarmed (budget mode), or nothing gathered before
+                return
             found = self._pending.pop(id(p), None)
             if found is None or p.grad is None or p.grad.is_sparse:
                 return
+            started = time.perf_counter()
             index, incoming, old = found
             expected = incoming if old is None else old + incoming
             now = p.grad.detach().reshape(-1)[index]
             if not self.torch.equal(now, expected):
                 self.broken.append(name)
+            self._outside += time.perf_counter() - started
 
         return hook
 
@@ -105,6 +121,17 @@ class InterceptionCheck(Check):
 
     def after_step(self, ctx: Context) -> list[Alert]:
         return self._state(ctx)
+
+    def skipped(self, ctx: Context) -> list[Alert]:
+        self._pending.clear()  # gathered only when armed: nothing, unless a step nested
+        return []
+
+    def arm(self, on: bool) -> None:
+        self.armed = on
+
+    def outside_seconds(self) -> float:
+        spent, self._outside = self._outside, 0.0
+        return spent
 
     def _state(self, ctx: Context) -> list[Alert]:
         alerts = []
