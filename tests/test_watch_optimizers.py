@@ -4,8 +4,9 @@ Each run draws a composition: 2 or 3 optimizers (SGD, Adam, AdamW, RMSprop) over
 disjoint parts of a small model, one or two param groups each, a scheduler per
 optimizer or none (or a loop that sets one optimizer's learning rate itself and
 declares it), an order in which they step at each step (GAN-style alternation)
-and a period (one stepping every k steps), a frozen part no optimizer owns,
-exact or budget mode.  Honest runs raise nothing at high or critical; a sabotage
+and a period (one stepping every k steps), a frozen part no optimizer owns, the
+others' parameters frozen while one steps (CycleGAN) or not, exact or budget
+mode.  Honest runs raise nothing at high or critical; a sabotage
 of one optimizer (its update flipped inside its step, its weights edited between
 steps) or of the frozen part is caught at high or above at its step, naming the
 optimizer (or "no optimizer").
@@ -69,6 +70,7 @@ class Plan:
     order: list[int]
     named: bool  # watch(model, {"name": opt}) instead of a list
     budget: float | None
+    toggle: bool  # CycleGAN's set_requires_grad: the others' parameters frozen meanwhile
     sabotage: dict[str, Any] = field(default_factory=dict)
 
 
@@ -95,6 +97,7 @@ def draw(rng: random.Random) -> Plan:
         order=rng.sample(range(n), n),
         named=rng.random() < 0.5,
         budget=rng.choice([None, None, 0.5]),
+        toggle=rng.random() < 0.5,
     )
 
 
@@ -148,9 +151,13 @@ def run(plan: Plan, seed: int) -> tuple[tgw.Guard, list[str]]:
             if step % plan.period[i] != plan.phase[i]:
                 continue
             idx = torch.randint(0, len(x), (32,), generator=g)
+            others = [p for j, o in enumerate(opts) if j != i for p in _held(o)]
+            if plan.toggle:
+                for p in others:
+                    p.requires_grad_(False)
             loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
             opts[i].zero_grad()
-            loss.backward()  # the others' parameters get gradients too, as in a GAN
+            loss.backward()  # without toggle the others get gradients too, as in a GAN
             hook = None
             if bad and bad["kind"] == "flip" and bad["step"] == step and bad["victim"] == i:
 
@@ -166,9 +173,15 @@ def run(plan: Plan, seed: int) -> tuple[tgw.Guard, list[str]]:
                 hook.remove()
             if scheds[i] is not None:
                 scheds[i].step()
+            for p in others if plan.toggle else []:
+                p.requires_grad_(True)
         guard.step(loss=loss, batch=x[idx], lr=lr)
     guard.close()
     return guard, labels
+
+
+def _held(opt: torch.optim.Optimizer) -> list[Any]:
+    return [p for group in opt.param_groups for p in group["params"]]
 
 
 def high(guard: tgw.Guard) -> list[Any]:
