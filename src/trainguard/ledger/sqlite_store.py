@@ -145,10 +145,15 @@ class SqliteLedger(SqlLedger):
         except sqlite3.Error as exc:
             raise LedgerError(f"{self.path}: cannot read the ledger: {exc}") from None
 
+    batches_appends = True
+
     def _insert(self, row: Sequence[Any], new_stream: bool) -> bool:
-        statements: list[tuple[str, Sequence[Any]]] = [(SQL_INSERT, row)]
-        if new_stream:
-            statements.append((SQL_ADD_STREAM, (row[0], row[1])))
+        return self._insert_many([row], new_stream)
+
+    def _insert_many(self, rows: Sequence[Sequence[Any]], new_stream: bool) -> bool:
+        statements: list[tuple[str, Sequence[Any]]] = [(SQL_INSERT, row) for row in rows]
+        if new_stream and rows:
+            statements.append((SQL_ADD_STREAM, (rows[0][0], rows[0][1])))
         try:
             self._transaction(self._connection(), statements)
         except sqlite3.IntegrityError as exc:

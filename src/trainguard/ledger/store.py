@@ -118,7 +118,56 @@ class SqlLedger(ABC):
     def _insert(self, row: Sequence[Any], new_stream: bool) -> bool:
         """Insert one record in one transaction; False if its key already exists."""
 
+    def _insert_many(self, rows: Sequence[Sequence[Any]], new_stream: bool) -> bool:
+        """Insert consecutive records of one stream in one transaction (all or none);
+        False if a key already exists.  Only where :attr:`batches_appends` is set."""
+        raise NotImplementedError
+
+    # Whether append_many writes in one transaction (a backend with _insert_many).
+    batches_appends = False
+
     # -- the Ledger protocol --------------------------------------------------
+    def append_many(
+        self, run_id: str, stream: int, items: Sequence[tuple[str, int | None, float, Any]]
+    ) -> list[Record]:
+        """Consecutive records of one stream, ``(kind, step, wall time, normal)`` each
+        (``normal``: what :func:`normalise_payload` made of the payload when the record
+        was made, so a later change to the caller's dict cannot reach it), written in
+        one transaction, each with the wall time it was made: a writer that
+        holds its records a while (the guard's step records, monitor/recorder.py) pays
+        one commit for them.  Chained exactly as one append each would chain them."""
+        for kind, step, _, _ in items:
+            check_fields(run_id, kind, step, stream)
+            if kind == HEAD_KIND:
+                raise ValueError("records of kind 'head' are written by sign_head() only")
+        if not items:
+            return []
+        normal = list(items)
+        with self._lock:
+            self._ready()
+            key = (run_id, stream)
+            for _ in range(MAX_APPEND_TRIES):
+                head = self._heads.get(key)
+                if head is None:
+                    rows = self._query(SQL_HEAD, (run_id, stream))
+                    head = (int(rows[0][0]), str(rows[0][1])) if rows else None
+                seq, prev = (0, GENESIS) if head is None else (head[0] + 1, head[1])
+                first = seq
+                records, batch = [], []
+                for kind, step, when, (payload, text) in normal:
+                    record = make_record(run_id, stream, seq, kind, step, when, payload, text, prev)
+                    records.append(record)
+                    batch.append((run_id, stream, seq, kind, step, when, text, prev, record.digest))
+                    seq, prev = seq + 1, record.digest
+                if self._insert_many(batch, new_stream=first == 0):
+                    self._heads[key] = (seq - 1, prev)
+                    return records
+                self._heads.pop(key, None)
+            raise LedgerError(
+                f"{self.location}: could not append to run {run_id!r} stream {stream}: "
+                f"{MAX_APPEND_TRIES} other appends won the race"
+            )
+
     def append(
         self,
         run_id: str,

@@ -8,12 +8,25 @@ in memory only, whose public half goes into its run-start record
 names every rank's key id, monitor/runkeys.py), every ``sign_every`` steps and
 at close, so a stream cut short or rewritten afterwards shows, and once the
 process is gone no one can sign a new head.
+
+Batched step records (budget mode, one rank, a ledger that writes several records in
+one transaction: SQLite): a step record is made (payload frozen into its canonical
+text, wall time taken) at its step, held in memory, and written with the others held
+in one transaction every ``BATCH_RECORDS`` records or ``BATCH_SECONDS``, and before
+any other record (an alert, a checkpoint, the run-end), before a head is signed, and
+at close.  The chain and the signed heads are the same as one append each.  A killed
+process loses the held step records (at most ``BATCH_RECORDS - 1``, or those of the
+last ``BATCH_SECONDS``): its stream ends at the last written step, as if it had died
+those steps earlier; ``ledger verify`` reads it as any stream that stops without a
+run-end.  Distributed runs write each record at once (peers read each other's last
+step from the ledger).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +43,10 @@ log = logging.getLogger("trainguard.monitor")
 # How long rank 0 waits at close for every rank's stream to exist before its
 # run head names them (they start together; this only bounds a pathological case).
 STREAMS_GRACE_SECONDS = 10.0
+# Step records held before one transaction writes them (batched mode), and the longest
+# a held record waits: what a killed process can lose.
+BATCH_RECORDS = 32
+BATCH_SECONDS = 1.0
 
 
 class Recorder:
@@ -42,9 +59,14 @@ class Recorder:
         sign_every: int = 100,
         run_key_out: str | os.PathLike[str] | None = None,
         world_size: int = 1,
+        batch: bool = False,
     ) -> None:
         self._owns = isinstance(ledger, (str, os.PathLike))
         self.ledger = open_store(ledger)
+        # Step records made and not yet written (batched mode), oldest first.
+        self.batched = bool(batch) and bool(getattr(self.ledger, "batches_appends", False))
+        self._held: list[tuple[str, int | None, float, Any]] = []
+        self._lock = threading.Lock()  # the watchdog's thread appends too
         self.run_id = run_id
         self.rank = rank
         self.sign_every = sign_every
@@ -79,6 +101,7 @@ class Recorder:
             options.sign_every,
             options.run_key_out,
             world_size,
+            batch=options.budget is not None and world_size == 1,
         )
 
     def run_key(self) -> dict[str, Any] | None:
@@ -90,13 +113,40 @@ class Recorder:
         return run_key_entry(self.sign_key)
 
     def append(self, kind: str, payload: dict[str, Any], step: int) -> None:
-        if self.ledger is not None:
+        if self.ledger is None:
+            return
+        if self.batched and kind == "step":
+            from trainguard.ledger.chain import normalise_payload
+
+            made = (kind, step, time.time(), normalise_payload(payload))
+            with self._lock:
+                self._held.append(made)
+                due = len(self._held) >= BATCH_RECORDS or made[2] - self._held[0][2] >= (
+                    BATCH_SECONDS
+                )
+                if due:
+                    self._write_held()
+            return
+        with self._lock:
+            self._write_held()  # in order: the held steps come before this record
             self.ledger.append(self.run_id, kind, payload, step=step, stream=self.rank)
             if kind == "run-start" and self.sign_key is not None:
                 # Signed at once: the run-start names every rank's key id (run_keys), and
                 # only a head of this key makes that list count, also when this rank dies
                 # before its first periodic head (ledger/anchor.py).
                 self.ledger.sign_head(self.run_id, self.rank, self.sign_key)
+
+    def _write_held(self) -> None:
+        """Write the held step records in one transaction (the lock is held)."""
+        if not self._held or self.ledger is None:
+            return
+        held, self._held = self._held, []
+        self.ledger.append_many(self.run_id, self.rank, held)  # type: ignore[attr-defined]
+
+    def flush(self) -> None:
+        """Write the held step records now."""
+        with self._lock:
+            self._write_held()
 
     def step_done(self, step: int) -> None:
         """After step ``step``'s record: sign the head when it is due."""
@@ -105,12 +155,15 @@ class Recorder:
             and self.ledger is not None
             and (step + 1) % self.sign_every == 0
         ):
-            self.ledger.sign_head(self.run_id, self.rank, self.sign_key)
+            with self._lock:
+                self._write_held()  # the head names the last step record
+                self.ledger.sign_head(self.run_id, self.rank, self.sign_key)
 
     def finish(self, steps: int, world_size: int) -> None:
         """After the run-end record: sign the final heads and close a ledger we opened."""
         if self.ledger is None:
             return
+        self.flush()
         if self.sign_key is not None:
             self.ledger.sign_head(self.run_id, self.rank, self.sign_key)
             if self.rank == 0:
