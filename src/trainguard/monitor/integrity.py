@@ -29,7 +29,9 @@ adversary in the process is ``trainguard verify-run`` off the training host.
 from __future__ import annotations
 
 import logging
+import operator
 import weakref
+from itertools import repeat
 from typing import Any
 
 from trainguard.findings import Severity
@@ -87,9 +89,38 @@ class SelfCheck:
         found += [getattr(guard, "schedule", None), getattr(guard.direction, "probe", None)]
         return [o for o in found if o is not None]
 
+    def _unchanged(self, guard: Any) -> bool:
+        """The common case, all of :meth:`problems`'s comparisons at C speed (map over
+        ``operator.is_``): True when nothing changed; False sends :meth:`problems` to
+        name what did.  The guard's fixed cost per step (budget mode) is mostly this."""
+        pinned = self._pinned
+        now = map(getattr, repeat(guard, len(pinned)), pinned, repeat(None, len(pinned)))
+        if not all(map(operator.is_, now, pinned.values())):
+            return False
+        checks = pinned["checks"]
+        if len(checks) != len(self._checks) or not all(map(operator.is_, checks, self._checks)):
+            return False
+        phases = pinned["_phase"] or {}
+        for name, was in self._phases.items():
+            now_phase = phases.get(name, ())
+            if len(now_phase) != len(was) or not all(map(operator.is_, now_phase, was)):
+                return False
+        if not all(map(operator.eq, map(_keys, self._objs), self._keys)):
+            return False
+        objects = self._objects(guard)
+        if len(objects) != len(self._objs) or not all(map(operator.is_, objects, self._objs)):
+            return False
+        for owner, held, states in self._indices.values():
+            if vars(owner).get("index") is not held or len(held) < len(states):
+                return False
+            for k, (t, n, v) in states.items():
+                if held.get(k) is not t or t._version != v or t.numel() != n:
+                    return False
+        return True
+
     def problems(self) -> list[str]:
         guard = self._guard()
-        if guard is None:
+        if guard is None or self._unchanged(guard):
             return []
         found = [
             f"guard.{name} was replaced"
@@ -148,6 +179,12 @@ class SelfCheck:
             self._on_alert(alert)
         elif self._on_alert == "stop":
             raise TrainingStopped([alert])
+
+
+def _keys(o: Any) -> Any:
+    """``o``'s instance attribute names as :class:`SelfCheck` compares them (None: no
+    ``__dict__``, as taken at start)."""
+    return vars(o).keys() if hasattr(o, "__dict__") else None
 
 
 def _shadows(o: Any) -> frozenset[str]:
