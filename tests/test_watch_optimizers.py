@@ -3,13 +3,13 @@
 Each run draws a composition: 2 or 3 optimizers (SGD, Adam, AdamW, RMSprop) over
 disjoint parts of a small model, one or two param groups each, a scheduler per
 optimizer or none (or a loop that sets one optimizer's learning rate itself and
-declares it), an order in which they step at each step (GAN-style alternation)
-and a period (one stepping every k steps), a frozen part no optimizer owns, the
-others' parameters frozen while one steps (CycleGAN) or not, exact or budget
-mode.  Honest runs raise nothing at high or critical; a sabotage
-of one optimizer (its update flipped inside its step, its weights edited between
-steps) or of the frozen part is caught at high or above at its step, naming the
-optimizer (or "no optimizer").
+declares it), an order in which they step at each step (GAN-style alternation), a
+period (one stepping every k steps) and repeats (a further one stepping twice per
+step, as a WGAN's critic), a frozen part no optimizer owns, the others' parameters
+frozen while one steps (CycleGAN) or not, exact or budget mode.  Honest runs raise
+nothing at high or critical; a sabotage of one optimizer (its update flipped inside
+its step, its weights edited between steps) or of the frozen part is caught at high
+or above at its step, naming the optimizer (or "no optimizer").
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class Plan:
     period: list[int]  # optimizer i steps when step % period[i] == phase[i]
     phase: list[int]
     order: list[int]
+    repeat: list[int]  # steps per due step (a WGAN's critic steps several times)
     named: bool  # watch(model, {"name": opt}) instead of a list
     budget: float | None
     toggle: bool  # CycleGAN's set_requires_grad: the others' parameters frozen meanwhile
@@ -95,6 +96,7 @@ def draw(rng: random.Random) -> Plan:
         period=period,
         phase=[rng.randrange(k) for k in period],
         order=rng.sample(range(n), n),
+        repeat=[1] + [rng.choice([1, 1, 2]) for _ in range(n - 1)],
         named=rng.random() < 0.5,
         budget=rng.choice([None, None, 0.5]),
         toggle=rng.random() < 0.5,
@@ -147,9 +149,8 @@ def run(plan: Plan, seed: int) -> tuple[tgw.Guard, list[str]]:
             for group in opts[plan.manual].param_groups:
                 group["lr"] = 1e-3 * (1 + (step % 5))
             lr = [group["lr"] for o in opts for group in o.param_groups]
-        for i in plan.order:
-            if step % plan.period[i] != plan.phase[i]:
-                continue
+        due = [i for i in plan.order if step % plan.period[i] == plan.phase[i]]
+        for i in [d for d in due for _ in range(plan.repeat[d])]:
             idx = torch.randint(0, len(x), (32,), generator=g)
             others = [p for j, o in enumerate(opts) if j != i for p in _held(o)]
             if plan.toggle:
