@@ -144,12 +144,16 @@ class Guard:
             self.checks.insert(0, env)
         # Budget mode: the checks whose cost grows with the model, and the chunk sample,
         # run at the steps this schedule draws with the run's key (monitor/budget.py).
-        units = sorted({c.unit for c in self.checks if c.unit is not None} | {"chunks"})
+        # The batch's fingerprint is a unit too: its cost follows the batch, not the guard.
+        units = sorted({c.unit for c in self.checks if c.unit is not None} | {"chunks", "batch"})
         self.schedule = Schedule(self.key, opts.budget, units) if opts.budget else None
         self.tamper.schedule = self.schedule
         for lane in self.lanes:
             lane.schedule = self.schedule
         self._runs: frozenset[str] | None = None  # the units running at this step
+        self._runs_at = -1  # the step self._runs was drawn for
+        # Units with hooks in backward: armed after each step's hooks for the next step.
+        self._armed = [c for c in self.checks if c.unit is not None and _acts(c, "arm")]
         # Per phase, the checks that do something in it (a scheduled unit's skipped()
         # stands in for its hooks): a call per check and phase is a fixed cost per step.
         self._phase: dict[str, list[Check]] = {
@@ -217,6 +221,13 @@ class Guard:
             due = self.tamper.due(self.step_index) or self.budget is not None
             ctx = Context(self.step_index, self.rank, due)
             runs = self._runs = self.schedule.runs(self.step_index) if self.schedule else None
+            self._runs_at = self.step_index
+            if self.schedule is not None:
+                # The next step's draw, now: its backward runs before its step hooks, and
+                # a unit comparing two boundaries takes its first one at this step.
+                upcoming = self.schedule.runs(self.step_index + 1)
+                for check in self._armed:
+                    check.arm(check.unit in upcoming)
             self.tamper.sampling = runs is None or "chunks" in runs
             for check in self._phase["before_step"]:
                 self.sink.raise_all(self._hook(check, ctx, before=True))
@@ -262,12 +273,15 @@ class Guard:
         if runs is None or unit is None or self.schedule is None:
             return checked(name, when, ctx, lambda: phase(ctx))
         if unit not in runs:
-            return checked(name, "skipped", ctx, lambda: check.skipped(ctx)) if before else []
+            if not before or not _acts(check, "skipped"):
+                return []  # a call per check and step is the guard's fixed cost
+            return checked(name, "skipped", ctx, lambda: check.skipped(ctx))
         started = clock.now()
         try:
             return checked(name, when, ctx, lambda: phase(ctx))
         finally:
-            self.schedule.charge(unit, clock.now() - started)
+            outside = check.outside_seconds() if before else 0.0
+            self.schedule.charge(unit, clock.now() - started + outside)
 
     # -- the user's call ----------------------------------------------------------------
     def step(
@@ -355,9 +369,7 @@ class Guard:
             self.sink.raise_all(
                 checked(name, "step_end", ctx, functools.partial(check.step_end, ctx, end))
             )
-        batch_fp = (
-            self.fp.fingerprint((str(i), t) for i, t in enumerate(tensors)) if tensors else None
-        )
+        batch_fp = self._batch_fingerprint(tensors)
         payload = step_payload(self, end, batch_fp)
         if self.samples is not None:
             payload["samples"] = self.samples.record(tensors)
@@ -370,6 +382,22 @@ class Guard:
 
             compare_ranks(self)
         self.step_index += 1
+
+    def _batch_fingerprint(self, tensors: list[Any]) -> Fingerprint | None:
+        """The batch's fingerprint; in budget mode at the steps the schedule draws for
+        ``batch`` (a step whose hooks did not run: always), else None (replay then skips
+        the batch at that step, as it does for a step without one)."""
+        if not tensors:
+            return None
+        if self.schedule is None or self._runs is None or self._runs_at != self.step_index:
+            return self.fp.fingerprint((str(i), t) for i, t in enumerate(tensors))
+        if "batch" not in self._runs:
+            return None
+        started = clock.now()
+        try:
+            return self.fp.fingerprint((str(i), t) for i, t in enumerate(tensors))
+        finally:
+            self.schedule.charge("batch", clock.now() - started)
 
     def _sync_due(self) -> bool:
         every = self.options.sync_every

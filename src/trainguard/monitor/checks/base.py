@@ -16,8 +16,9 @@ In budget mode a check whose cost grows with the model names its ``unit``: the
 guard's :class:`~trainguard.monitor.budget.Schedule` then decides, with the
 run's key, at which steps its two step hooks run; at the others the guard calls
 ``skipped`` instead (``step_end`` always runs).  A unit whose work starts before the
-step hooks (hooks in backward) is told with ``arm`` whether it runs at the next step,
-right after this step's hooks, and reports that work's seconds in ``outside_seconds``.
+step hooks (hooks in backward), or that compares the state at two step boundaries, is
+told with ``arm`` whether it runs at the next step (before this step's hooks run), and
+reports work done outside its step hooks in ``outside_seconds``.
 """
 
 from __future__ import annotations
