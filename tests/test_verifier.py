@@ -139,6 +139,8 @@ def test_honest_run_matches_and_reports_detection(finished: Path, tmp_path: Path
     assert summary.finished and summary.segments_seen == vt.STEPS // vt.EVERY
     assert all(v.status == "matched" for v in summary.verdicts) and summary.exit_code() == 0
     assert summary.alerts == []
+    # Each verdict says how far a verified signed head covered the run when it was made.
+    assert all(v.signed_through is not None for v in summary.verdicts)
     # The picked segments are the secret's choice, not a pattern training could follow.
     picked = {v.start for v in summary.verdicts}
     assert picked == {
@@ -347,3 +349,61 @@ def test_an_edited_ledger_is_not_recomputed(finished: Path, tmp_path: Path, edit
     assert summary.verdicts and {v.status for v in summary.verdicts} == {"error"}
     assert all("does not verify" in v.cause for v in summary.verdicts)
     assert summary.exit_code() != 0
+
+
+@pytest.mark.parametrize("attack", ["edit", "delete", "pin"])
+def test_a_rehashed_or_rekeyed_history_is_refused_before_any_recomputation(
+    finished: Path, tmp_path: Path, attack: str
+) -> None:
+    """Generative: a step record of rank 0 edited or deleted at random and the stream
+    re-hashed so every link holds (only its signed heads can tell), or the run key pinned
+    to another id. The verifier checks each signed head as it reads it: no segment is
+    recomputed on that history, and an alert in its own chain names the ledger rule."""
+    import re
+
+    from tests.seeds import seeded
+    from tests.test_ledger_support import Row, rewrite_stream
+
+    rnd = seeded()
+    folder = _copy_of(finished, tmp_path)
+    url = str(folder / "ledger.db")
+    pins = None
+    if attack == "pin":
+        pins = [f"{rnd.getrandbits(64):016x}"]
+    else:
+        steps = [r.seq for r in open_ledger(url, create=False).records("honest", 0)
+                 if r.kind == "step"]  # fmt: skip
+        seq = rnd.choice(steps)
+        print(attack, "stream 0 seq", seq)
+
+        def change(rows: list[Row]) -> list[Row]:
+            if attack == "delete":
+                return [r for r in rows if r["seq"] != seq]
+            return [{**r, "payload": re.sub(r'"loss":[-0-9.eE+]+', '"loss":0.5', r["payload"])}
+                    if r["seq"] == seq else r for r in rows]  # fmt: skip
+
+        rewrite_stream(url, "honest", 0, change)
+    private, _ = write_keypair(folder / "verifier")
+    verifier = Verifier(url, "honest", vt.build, signing_key=str(private),
+                        secret=secret_from(private.read_bytes()), rate=1.0, run_key=vt.KEY,
+                        checkpoint_dir=str(folder), expect_key_ids=pins)  # fmt: skip
+    try:
+        verifier.poll()
+        verifier.poll()
+    finally:
+        verifier.close()
+    summary = verifier.summary
+    assert summary.verdicts and {v.status for v in summary.verdicts} == {"error"}
+    # An edit breaks the digest a head signed; a deletion moves the heads after it to seqs
+    # they did not sign. (A deleted step may also be a TG1513 gap: other alerts may follow.)
+    expected = {"pin": {"TG1213"}, "edit": {"TG1206"}, "delete": {"TG1206", "TG1207"}}[attack]
+    ledger_alerts = [a for a in summary.alerts if a["rule"].startswith("TG12")]
+    assert len(ledger_alerts) == 1 and ledger_alerts[0]["rule"] in expected, summary.alerts
+    assert "no segment is recomputed" in ledger_alerts[0]["message"]
+    assert summary.exit_code() == 1
+    ledger = open_ledger(url, create=False)
+    try:
+        written = [r.payload["rule"] for r in ledger.records("honest/verify") if r.kind == "alert"]
+    finally:
+        ledger.close()
+    assert ledger_alerts[0]["rule"] in written

@@ -28,8 +28,10 @@ def register(sub: Subparsers) -> None:
         "ledger and checkpoints, picks segments at random with a secret derived from its own "
         "key (the training process never sees it), replays each through the honest entry "
         "point, checks the next checkpoint against the replay, and writes signed verdicts to "
-        "the chain RUN/verify of the same ledger. Exit 0 every checked segment matched, 1 a "
-        "divergence or an unrecorded checkpoint, 2 error.",
+        "the chain RUN/verify of the same ledger. Each signed head of the run is verified as "
+        "it is read; a history that does not verify is not recomputed (an alert names why). "
+        "Exit 0 every checked segment matched, 1 a divergence, an unrecorded checkpoint or a "
+        "ledger that does not verify, 2 error.",
     )
     add_run(p)
     add_ledger(p)
@@ -43,6 +45,20 @@ def register(sub: Subparsers) -> None:
         "derived from it (keep it away from the training hosts)",
     )
     p.add_argument("--run-key-file", metavar="FILE", help="the run's fingerprint key (exact)")
+    p.add_argument(
+        "--ledger-key",
+        metavar="PUBLIC.pem",
+        help="check the run's signed heads with this key (as `ledger verify --key`); by "
+        "default each stream's run key from its run-start record",
+    )
+    p.add_argument(
+        "--expect-key-id",
+        action="append",
+        metavar="ID",
+        help="pin rank 0's run key id as watch logged it (as `ledger verify "
+        "--expect-key-id`; repeat to pin other ranks): a run rewritten whole with another "
+        "key is refused",
+    )
     p.add_argument("--rate", type=float, default=None, help="share of segments recomputed")
     p.add_argument(
         "--assume-fraction",
@@ -78,6 +94,7 @@ def _verify_run(args: argparse.Namespace) -> int:
     from trainguard.cli.replay import expect_digest, read_key
     from trainguard.explain.verifier.follow import Verifier
     from trainguard.explain.verifier.sampling import DEFAULT_RATE, secret_from
+    from trainguard.ledger.runkey import check_expected_ids
     from trainguard.render import installed_version, render
     from trainguard.render.verifier import verdict_line
 
@@ -91,6 +108,9 @@ def _verify_run(args: argparse.Namespace) -> int:
             print("trainguard verify-run: the environment does not match the sealed snapshot; "
                   "not starting", file=sys.stderr)  # fmt: skip
             return EXIT_FINDINGS
+    expected = args.expect_key_id
+    if expected is not None and check_expected_ids(expected):
+        raise UsageError("--expect-key-id: " + "; ".join(check_expected_ids(expected)))
     if args.code and not _sealed_code(args.code, args.code_key):
         return EXIT_FINDINGS
     try:
@@ -111,6 +131,8 @@ def _verify_run(args: argparse.Namespace) -> int:
         run_key=read_key(args.run_key_file) if args.run_key_file else None,
         checkpoint_dir=args.checkpoints,
         expect_data=expect_digest(args.expect_data),
+        ledger_key=args.ledger_key,
+        expect_key_ids=expected,
     )
 
     def progress(verdict: object) -> None:

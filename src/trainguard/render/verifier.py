@@ -25,7 +25,13 @@ def verdict_line(v: object) -> str:
     # Which sealed data the verdict is about, to hold against `data seal`'s digest.
     data = f"; data {', '.join(v.data)}" if v.data else ""
     if v.status == "matched":
-        return printable(f"{span}: matched ({v.seconds:.2f} s){data}")
+        # What a signature covered when it matched: records past that were chained only.
+        signed = (
+            "no signed head covered them yet"
+            if v.signed_through is None
+            else f"signed through step {v.signed_through}"
+        )
+        return printable(f"{span}: matched ({v.seconds:.2f} s; {signed}){data}")
     where = f" at {v.step}" if v.step is not None else ""
     ranks = f" (rank {', '.join(map(str, v.ranks))})" if v.ranks else ""
     return printable(f"{span}: {v.status.upper()}{where}{ranks}: {v.cause}{data}")

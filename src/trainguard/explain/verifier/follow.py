@@ -24,6 +24,7 @@ per poll as a short one.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -65,6 +66,9 @@ class Verdict:
     tensors: tuple[str, ...] = ()
     seconds: float = 0.0
     data: tuple[str, ...] = ()  # the sealed datasets (digests) the run recorded reading
+    # The last step of the segment's ranks that a verified signed head covered when it was
+    # recomputed (the lowest over the ranks; None: none yet, or an unsigned run).
+    signed_through: int | None = None
 
 
 @dataclass
@@ -106,6 +110,8 @@ class Verifier:
         run_key: bytes | None = None,
         checkpoint_dir: str | None = None,
         expect_data: str | None = None,
+        ledger_key: Any = None,
+        expect_key_ids: list[str] | None = None,
     ) -> None:
         from trainguard.ledger import open_ledger
         from trainguard.signing.keys import private_key_from
@@ -129,7 +135,14 @@ class Verifier:
         self._waiting: dict[str, tuple[int, int]] = {}  # unrecorded at the last poll
         self._reported: set[str] = set()
         # What the ledger said so far, read incrementally (:mod:`.reading`).
-        self.reader = RunReader(self.store, run_id)
+        # Signed heads are checked as they are read (:mod:`.heads`), with ``ledger_key`` or
+        # the run keys (held to ``expect_key_ids``), as `trainguard ledger verify` does.
+        self.ledger_key = ledger_key
+        self.expect_key_ids = expect_key_ids
+        self.reader = RunReader(
+            self.store, run_id, public_key=ledger_key, expect_key_ids=expect_key_ids
+        )
+        self._broken_alerted = False
         self._start: dict[str, Any] | None = None
         self._checkpoints: dict[int, dict[int, Any]] = {}
         self._ended: set[int] = set()
@@ -150,6 +163,16 @@ class Verifier:
         ``on_verdict`` is called with each verdict as soon as it is written (a poll may
         recompute several segments)."""
         start, checkpoints, ended = self._read()
+        if self.reader.broken is not None and not self._broken_alerted:
+            # Once, in the verifier's own chain: every later recomputation is refused.
+            self._broken_alerted = True
+            self._alert(
+                self.reader.broken_rule,
+                f"{self.reader.broken}: no segment is recomputed on this history",
+                None,
+                {"refused": "every segment from now on"},
+            )
+            self.store.sign_head(self.chain, 0, self.signing_key)
         if start is None:
             return []
         world = int(start.get("world_size") or 1)
@@ -228,7 +251,13 @@ class Verifier:
         from trainguard.ledger import verify_ledger
 
         self._verified_at_end = True
-        findings = verify_ledger(self.store, self.run_id, live=True)
+        findings = verify_ledger(
+            self.store,
+            self.run_id,
+            self.ledger_key,
+            live=True,
+            expect_key_ids=self.expect_key_ids,
+        )
         broken = [f for f in findings if f.severity >= Severity.HIGH]
         if broken:
             self.summary.problems.append(
@@ -265,7 +294,10 @@ class Verifier:
                 ]
         except TrainguardError as exc:
             return Verdict(a, b, ERROR, cause=str(exc), seconds=time.perf_counter() - began)
-        return _verdict(a, b, reports, time.perf_counter() - began)
+        verdict = _verdict(a, b, reports, time.perf_counter() - began)
+        signed = [self.reader.history(r).signed_through for r in range(world)]
+        through = None if None in signed else min(s for s in signed if s is not None)
+        return dataclasses.replace(verdict, signed_through=through)
 
     def _write(self, verdict: Verdict) -> None:
         """The verdict, an alert if it diverged, and a head signed with the verifier's key."""
@@ -280,6 +312,7 @@ class Verifier:
             "cause": verdict.cause,
             "fields": list(verdict.fields),
             "data": list(verdict.data),
+            "signed_through": verdict.signed_through,
             "seconds": round(verdict.seconds, 6),
             "rate": self.summary.rate,
             "segments_seen": self.summary.segments_seen,

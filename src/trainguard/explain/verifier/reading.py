@@ -7,8 +7,10 @@ digest it ended on: each read returns only the records after it, each checked
 to continue its chain (sequence, ``prev``, digest), and feeds each rank's
 :class:`~trainguard.explain.replay.ledger.HistoryReader`.  A recomputation
 then replays from that history instead of reading and verifying the whole
-run again.  What only the whole run shows (signed heads) is verified once, at
-its end, by the verifier.
+run again.  Each signed head is verified as it arrives (:mod:`.heads`): a
+chain re-hashed after records were deleted or edited fails at the first head
+after the change, before any recomputation stands on it.  What only the whole
+run shows (every stream's end) is verified once, at its end, by the verifier.
 
 Fail closed: once a link breaks (an edited, deleted or moved record) or a
 stream cannot be read into a history (a step recorded twice), :attr:`broken`
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from trainguard.explain.replay.ledger import HistoryReader, ReplayError, RunHistory
+from trainguard.explain.verifier.heads import HeadChecker
 from trainguard.ledger.chain import GENESIS, Record, canonical_json, record_digest
 from trainguard.ledger.store import UNREADABLE_KEY, SqlLedger
 
@@ -28,11 +31,25 @@ from trainguard.ledger.store import UNREADABLE_KEY, SqlLedger
 class RunReader:
     """Reads ``run_id`` from ``store`` incrementally (all streams, or the given ones)."""
 
-    def __init__(self, store: Any, run_id: str, streams: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        store: Any,
+        run_id: str,
+        streams: list[int] | None = None,
+        *,
+        public_key: Any = None,
+        expect_key_ids: list[str] | None = None,
+    ) -> None:
         self.store = store
         self.run_id = run_id
         self.only = streams
         self.broken: str | None = None  # the first reason the run cannot be recomputed
+        self.broken_rule = "TG1203"  # the ledger rule of that reason
+        self.heads = HeadChecker(
+            run_id, public_key, expect_key_ids, anchor=streams is None or 0 in streams
+        )
+        self._last_step: dict[int, int] = {}  # stream -> the last step record read
+        self._signed: dict[int, int | None] = {}  # stream -> the last step a head covers
         self._cursor: dict[int, int] = {}  # stream -> last seq read
         self._links: dict[int, tuple[int, str]] = {}  # stream -> last (seq, digest) read
         self._readers: dict[int, HistoryReader] = {}
@@ -57,7 +74,9 @@ class RunReader:
             raise ReplayError(self.broken)
         if rank not in self._readers:
             raise ReplayError(f"no records for run {self.run_id!r} on stream {rank}")
-        return self._readers[rank].history()
+        history = self._readers[rank].history()
+        history.signed_through = self._signed.get(rank)
+        return history
 
     def _unread(self) -> Iterator[Record]:
         if not isinstance(self.store, SqlLedger):  # a user's store: read all, skip the seen
@@ -90,3 +109,20 @@ class RunReader:
                 f"the ledger of run {self.run_id!r} does not verify at stream {r.stream} "
                 f"seq {r.seq} (edited, moved or missing records); run `trainguard ledger verify`"
             )
+            return
+        problem = self.heads.feed(r, prev)
+        if problem is not None:
+            self.broken_rule = problem.rule
+            self.broken = (
+                f"the ledger of run {self.run_id!r} does not verify: {problem.message}; run "
+                "`trainguard ledger verify`"
+            )
+            return
+        before = self._last_step.get(r.stream)
+        if r.kind == "step" and isinstance(r.step, int):
+            self._last_step[r.stream] = r.step
+        cover = self.heads.cover.get(r.stream, -1)
+        if cover >= r.seq:  # a run head's claim on this very record
+            self._signed[r.stream] = self._last_step.get(r.stream)
+        elif cover == r.seq - 1:  # a head of the stream: everything before it
+            self._signed[r.stream] = before
