@@ -1,11 +1,12 @@
 """``trainguard replay --all-ranks`` of a 2-rank FSDP2 run (``fully_shard``, gloo, CPU).
 
-One forked launch trains an honest run and one where rank 1 negates its labels from
-step 8 (tests/replay_fsdp.py); every rank saves its own slice of the weights and
-optimizer state through ``guard.checkpoint``.  The honest run replays as matched on both
-ranks, from each rank's own checkpoints; the poisoned one is named with its rank and
-step, by ``replay --all-ranks`` and by the verifier's rank pool; a checkpoint holding
-another rank's slices is refused, naming the tensor and both slices.
+One forked launch trains an honest run and one where a rank negates its labels from a
+step on (rank and step drawn from a fresh seed, printed; tests/replay_fsdp.py); every rank
+saves its own slice of the weights and optimizer state through ``guard.checkpoint``.
+The honest run replays as matched on both ranks, from each rank's own checkpoints; the
+poisoned one is named with its rank and step, by ``replay --all-ranks`` and by the
+verifier's rank pool; a checkpoint holding another rank's slices is refused, naming the
+tensor and both slices.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import json
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("torch")
 
+from tests.seeds import seeded
 from trainguard.explain.replay.ranks import replay_ranks, sources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,10 +36,24 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass
+class Runs:
+    folder: Path
+    rank: int  # the rank that poisons its labels ...
+    step: int  # ... from this step on
+
+    @property
+    def ledger(self) -> str:
+        return str(self.folder / "ledger.db")
+
+
 @pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    rng = seeded()
+    rank, step = rng.randrange(2), rng.randrange(12)
+    print(f"rank {rank} poisons its labels from step {step}")
     folder = tmp_path_factory.mktemp("fsdp-replay")
-    argv = ["2", str(_port()), str(folder), "honest:honest", "poisoned:poison:1:8"]
+    argv = ["2", str(_port()), str(folder), "honest:honest", f"poisoned:poison:{rank}:{step}"]
     proc = subprocess.run(
         [sys.executable, "-m", "tests.replay_fsdp", *argv],
         cwd=ROOT,
@@ -46,14 +63,20 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     codes = json.loads((folder / "exit.json").read_text())
     assert proc.returncode == 0 and codes == {"0": 0, "1": 0}, proc.stderr[-3000:]
-    return folder
+    return Runs(folder, rank, step)
+
+
+def _statuses(step: int) -> list[str]:
+    """Segments 0..6, 6..12 and the end checkpoint: matched before the bad one, none after."""
+    bad = step // 6
+    return ["matched"] * bad + ["diverged"] + ["skipped"] * (2 - bad)
 
 
 def test_honest_fsdp_run_matches_on_both_ranks(
-    fsdp_runs: Path, monkeypatch: pytest.MonkeyPatch
+    fsdp_runs: Runs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(ROOT)
-    reports = replay_ranks(str(fsdp_runs / "ledger.db"), "honest", ENTRY, 2, key=KEY)
+    reports = replay_ranks(fsdp_runs.ledger, "honest", ENTRY, 2, key=KEY)
     assert [r.rank for r in reports] == [0, 1]
     for r in reports:
         assert [(s.start, s.end, s.status) for s in r.segments] == [
@@ -70,59 +93,61 @@ def test_honest_fsdp_run_matches_on_both_ranks(
 
 
 def test_rank_poisoning_its_labels_is_named_by_replay_all_ranks(
-    fsdp_runs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    fsdp_runs: Runs, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from trainguard.cli.main import main
 
     monkeypatch.chdir(ROOT)
-    key_file = fsdp_runs / "run.key"
+    key_file = fsdp_runs.folder / "run.key"
     key_file.write_text(KEY.hex())
-    argv = ["replay", "poisoned", "--ledger", str(fsdp_runs / "ledger.db"), "--entry", ENTRY,
+    argv = ["replay", "poisoned", "--ledger", fsdp_runs.ledger, "--entry", ENTRY,
             "--all-ranks", "--key-file", str(key_file), "--format", "json", "-q"]  # fmt: skip
     assert main(argv) == 1
     out = json.loads(capsys.readouterr().out)
-    assert out["first_divergence"] == {"step": 8, "ranks": [1]}
-    r0, r1 = out["ranks"]
-    assert [s["status"] for s in r0["segments"]] == ["matched", "diverged", "skipped"]
-    assert [s["status"] for s in r1["segments"]] == ["matched", "diverged", "skipped"]
-    own = {f["field"]: f for f in r1["first_divergence"]["fields"]}
-    spread = {f["field"]: f for f in r0["first_divergence"]["fields"]}
-    assert r1["first_divergence"]["step"] == 8 and "loss" in own
-    assert r0["first_divergence"]["step"] == 8 and "loss" not in spread  # after the all-reduce
-    # Named by the slices each rank holds: rank 1 the rows 7..12 of the first layer.
-    assert "0.weight[7:13]" in own["after"]["tensors"], own["after"]
-    assert "0.weight[0:7]" in spread["after"]["tensors"], spread["after"]
+    rank, step = fsdp_runs.rank, fsdp_runs.step
+    assert out["first_divergence"] == {"step": step, "ranks": [rank]}
+    for r in out["ranks"]:
+        assert [s["status"] for s in r["segments"]] == _statuses(step), r["segments"]
+        assert r["first_divergence"]["step"] == step  # every rank: the all-reduce spreads it
+    own = {f["field"]: f for f in out["ranks"][rank]["first_divergence"]["fields"]}
+    spread = {f["field"]: f for f in out["ranks"][1 - rank]["first_divergence"]["fields"]}
+    assert "loss" in own and "loss" not in spread, (own, spread)
+    # Named by the slices each rank holds: rank 0 rows 0..6 of the first layer, rank 1 7..12.
+    rows = {0: "0.weight[0:7]", 1: "0.weight[7:13]"}
+    assert rows[rank] in own["after"]["tensors"], own["after"]
+    assert rows[1 - rank] in spread["after"]["tensors"], spread["after"]
 
 
 def test_verifier_pool_recomputes_a_sharded_run(
-    fsdp_runs: Path, monkeypatch: pytest.MonkeyPatch
+    fsdp_runs: Runs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from trainguard.explain.verifier.follow import Verifier
     from trainguard.explain.verifier.sampling import secret_from
     from trainguard.signing.keys import write_keypair
 
     monkeypatch.chdir(ROOT)
-    private, _ = write_keypair(fsdp_runs / "verifier")
+    private, _ = write_keypair(fsdp_runs.folder / "verifier")
     verifier = Verifier(
-        str(fsdp_runs / "ledger.db"), "poisoned", ENTRY, signing_key=str(private),
+        fsdp_runs.ledger, "poisoned", ENTRY, signing_key=str(private),
         secret=secret_from(private.read_bytes()), rate=1.0, run_key=KEY,
     )  # fmt: skip
     try:
         verdicts = verifier.poll()
     finally:
         verifier.close()
-    assert [(v.start, v.end, v.status) for v in verdicts] == [
-        (0, 6, "matched"),
-        (6, 12, "diverged"),
-    ]
-    assert verdicts[1].step == 8 and verdicts[1].ranks == (1,)
+    rank, step = fsdp_runs.rank, fsdp_runs.step
+    bad = step // 6
+    # Both segments are sampled (rate 1.0), each recomputed on its own from its checkpoint.
+    assert [(v.start, v.end) for v in verdicts] == [(0, 6), (6, 12)]
+    assert [v.status for v in verdicts] == ["matched"] * bad + ["diverged"] * (2 - bad)
+    assert verdicts[bad].step == step and verdicts[bad].ranks == (rank,), verdicts
 
 
-def test_checkpoint_of_another_ranks_slices_is_refused(fsdp_runs: Path) -> None:
+def test_checkpoint_of_another_ranks_slices_is_refused(fsdp_runs: Runs) -> None:
     """Each rank's checkpoint holds only its slices, with where they sit: put into a model
     sharded otherwise (here: the other rank's), it is refused, naming both slices."""
     for rank in (0, 1):
-        tried = json.loads((fsdp_runs / f"restores{rank}.json").read_text())
+        tried = json.loads((fsdp_runs.folder / f"restores{rank}.json").read_text())
         assert tried[str(rank)] is None, tried  # its own restores
         peer = tried[str(1 - rank)]
         mine, theirs = ("[0:7]", "[7:13]") if rank == 0 else ("[7:13]", "[0:7]")
