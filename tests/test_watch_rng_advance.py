@@ -277,3 +277,46 @@ def test_an_object_swapped_on_the_loaders_path_is_named_unless_declared() -> Non
         rng.setstate(state)
         quiet, _ = run_loader(rng, swap, True)
         assert [a for a in quiet.alerts if a.rule == "TG1319"] == [], (swap, quiet.alerts)
+
+
+def test_on_a_budget_a_one_off_foreign_state_is_high_at_its_step_when_drawn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Budget mode: the unit's first boundary is taken at the step before a drawn step
+    (the schedule's next draw is known there), not at every skipped step.  A foreign
+    state set once after the warm-up is high at the next step when the schedule drew
+    it, an honest run stays below high, and the unit skips steps."""
+    import trainguard.monitor.budget as budget
+
+    rng = seeded()
+    monkeypatch.setattr(budget, "chances", lambda allowance, costs: (dict.fromkeys(costs, 0.5), 0))
+    steps = budget.WARMUP_STEPS + 16
+    for forge in (False, True, True, True):
+        torch.manual_seed(rng.randrange(2**31))
+        net = Net(checkpoint=False)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        guard = tgw.watch(net, opt, ledger=None, hang_seconds=None, budget=0.05)
+        at = rng.randrange(budget.WARMUP_STEPS, steps - 2)
+        for step in range(steps):
+            x = torch.randn(16, 8)
+            loss = torch.nn.functional.cross_entropy(net(x), (x[:, 0] > 0).long())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            guard.step(loss=loss)
+            if forge and step == at:
+                g = torch.Generator().manual_seed(rng.randrange(2**31))
+                torch.rand(rng.randrange(1, 700), generator=g)
+                forged = g.get_state()
+                forged[:8] = torch.default_generator.get_state()[:8]
+                torch.default_generator.set_state(forged)
+        guard.close()
+        assert guard.schedule is not None
+        drawn = set(guard.schedule.recent["rng_advance"])
+        high = [a.step for a in guard.alerts if a.rule == "TG1305" and a.severity >= Severity.HIGH]
+        print(forge, at, sorted(drawn), high)
+        assert len([s for s in drawn if budget.WARMUP_STEPS <= s < steps]) < steps - 16
+        if not forge:
+            assert high == [], guard.alerts
+        elif at + 1 in drawn:
+            assert at + 1 in high, guard.alerts

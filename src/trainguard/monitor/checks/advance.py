@@ -57,7 +57,8 @@ class AdvanceCheck(Check):
         import torch
 
         self.gen = torch.default_generator
-        self.last = self.gen.get_state()
+        self.last: Any = self.gen.get_state()  # None: this boundary was not taken
+        self._next = True  # budget mode: whether the unit runs at the next step (arm)
         self.usable = mt19937.parse(self.last) is not None  # a layout this module knows
         self.largest = 0
         self.counts: list[int] = []  # draws per checked step during warm-up
@@ -68,12 +69,26 @@ class AdvanceCheck(Check):
         self._held: list[Alert] = []
         self.others = OtherGenerators()
 
+    def arm(self, on: bool) -> None:
+        self._next = on
+
     def skipped(self, ctx: Context) -> list[Alert]:
-        self.last = self.gen.get_state()  # the next checked step compares one step's draws
-        self.others.keep()
+        # The next checked step compares one step's draws: its first boundary is taken at
+        # the step before it (the schedule's draw for the next step is known here), not
+        # at every skipped step (three generator states copied: most of this unit's
+        # cost when it is rare).
+        if self._next:
+            self.last = self.gen.get_state()
+            self.others.keep()
+        else:
+            self.last = None
         return []
 
     def before_step(self, ctx: Context) -> list[Alert]:
+        if self.last is None:  # the boundary before was not taken: take this one
+            self.last = self.gen.get_state()
+            self.others.keep()
+            return []
         self._held += self.others.check(ctx)
         if not self.usable:
             return []
