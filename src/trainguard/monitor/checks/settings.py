@@ -16,10 +16,16 @@ routes do not see them.  The invariant, with no list of module types:
   enabled before each optimizer step must have the flags of the first step's.
 
 Boolean attributes that flip back and forth during the first ``WARMUP``
-steps (DistributedDataParallel's ``require_backward_grad_sync`` under
-``no_sync()`` with gradient accumulation) are toggles of the loop and are not
-compared afterwards.  A change the loop makes on purpose (a dropout schedule,
-stochastic depth) is declared: ``guard.step(changed={"drop.p": 0.0})`` (or
+steps are toggles of the loop and are not compared afterwards.
+DistributedDataParallel's ``require_backward_grad_sync`` (``no_sync()`` around
+the first micro-steps of gradient accumulation, which may begin at any step) is
+judged by what it does instead: DDP reads it in each forward with gradients to
+decide whether the coming backward averages the gradients across ranks, and
+the locally accumulated ones are averaged by the last synced backward.  So it
+may flip freely; the last forward with gradients before each optimizer step
+must run with the first step's value (on), like the ``training`` flags.  A
+change the loop makes on purpose (a dropout schedule, stochastic depth) is
+declared: ``guard.step(changed={"drop.p": 0.0})`` (or
 ``changed=["drop.p"]``); ``"blocks.0.training"`` names one module's training
 flag, ``"training"`` all of them (``model.apply(freeze_bn)`` from some epoch on).
 
@@ -40,6 +46,7 @@ from trainguard.monitor.forwards import Change, ForwardWatch, Held, declared_nam
 
 WARMUP = 4  # optimizer steps during which flipping booleans are learnt as the loop's toggles
 MAX_NAMED = 50
+SYNC = "require_backward_grad_sync"  # DistributedDataParallel's gradient-sync switch
 
 Signature = tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]
 
@@ -69,6 +76,9 @@ class SettingsCheck(Check):
         self.signatures: list[Signature] = []
         self._walk()
         self.training_base: tuple[bool, ...] | None = None
+        # DDP modules' sync switch at the last forward with gradients, and at the first step.
+        self._sync_now: list[tuple[str, Any]] = []
+        self._sync_base: dict[str, Any] | None = None
         self._training_now: tuple[bool, ...] | None = None  # at the last grad-enabled forward
         self._training_names: list[tuple[str, Any]] = []
         self._base_names: list[tuple[str, Any]] = []
@@ -81,6 +91,7 @@ class SettingsCheck(Check):
         self.modules = list(self.model.named_modules())
         self._mods = [m for _, m in self.modules]
         self.signatures = [_signature(m) for m in self._mods]
+        self._ddp = [(n, m) for n, m in self.modules if _ddp(m)]
 
     def _take(self) -> None:
         """At a forward's end: what the forward left is the baseline (its caches are its own)."""
@@ -102,6 +113,8 @@ class SettingsCheck(Check):
         if grad:
             self._training_now = tuple(m.training for m in self._mods)
             self._training_names = self.modules
+            if self._ddp:
+                self._sync_now = [(n, getattr(m, SYNC, None)) for n, m in self._ddp]
 
     def _compare(self) -> None:
         """Name what changed since the last snapshot (only when something did)."""
@@ -112,8 +125,8 @@ class SettingsCheck(Check):
             before = {k: v for k, v in zip(sig[0], sig[1], strict=True) if not k.startswith("_")}
             now = {k: v for k, v in vars(m).items() if not k.startswith("_")}
             for k in sorted(set(now) | set(before)):
-                if k == "training":
-                    continue
+                if k == "training" or (k == SYNC and _ddp(m)):
+                    continue  # judged at the optimizer step (before_step)
                 old, new = before.get(k, "<absent>"), now.get(k, "<absent>")
                 if _same(old, new):
                     continue
@@ -152,6 +165,8 @@ class SettingsCheck(Check):
             self.held.add(Change(name, new, alert))
 
     def before_step(self, ctx: Context) -> list[Alert]:
+        if self._sync_now:
+            self._judge_sync(ctx)
         now, names = self._training_now, self._training_names
         if now is None:
             return []
@@ -179,6 +194,30 @@ class SettingsCheck(Check):
             self.held.add(Change("training" if n == "root" else f"{n}.training", a, alert))
         return []
 
+    def _judge_sync(self, ctx: Context) -> None:
+        """The gradients of this step were averaged as at the first step: the last forward
+        with gradients ran with each DDP module's sync switch as it was then."""
+        if self._sync_base is None:
+            self._sync_base = dict(self._sync_now)
+            return
+        for n, on in self._sync_now:
+            was = self._sync_base.get(n, on)
+            if on == was:
+                continue
+            name = f"{n}.{SYNC}" if n else SYNC
+            alert = ctx.alert(
+                "TG1318",
+                f"the training forward before this optimizer step ran with {name}={on!r} "
+                f"(at the first step {was!r}): DistributedDataParallel averaged this step's "
+                f"gradients across ranks otherwise than at the first step",
+                key=name,
+                module=n or "root",
+                attribute=SYNC,
+                old=_short(was),
+                new=_short(on),
+            )
+            self.held.add(Change(name, on, alert))
+
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         self.steps += 1
         if self.steps >= WARMUP and self._pending:  # flags that changed once in the warm-up
@@ -202,6 +241,12 @@ class SettingsCheck(Check):
 
     def close(self) -> None:
         self.forwards.close()  # shared: closing twice is harmless
+
+
+def _ddp(m: Any) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(m, DistributedDataParallel)
 
 
 def _at(alert: Alert, ctx: Context) -> Alert:
