@@ -6,7 +6,7 @@ replicas that differ by a permutation equal under the rank comparison).
 Generated cases (fresh seed each run, printed): random tensors of every dtype and odd
 sizes; a random permutation of their elements, a bit moved between two elements, and a
 reversal of their rows each change both the keyed and the plain digest; the sums of the
-blocks of a random layout (row shards, column shards, grids; word-splitting offsets) add
+blocks of a random layout (row shards, column shards, grids; offsets inside a chunk) add
 up to the whole tensor's; and a run recorded with another fingerprint version is refused
 by replay with a message naming the version, never compared.
 """
@@ -145,11 +145,12 @@ def _product(grid: list[list[tuple[int, int]]]) -> list[list[tuple[int, int]]]:
 
 
 def test_long_tensors_compose_across_chunks(rng: random.Random) -> None:
-    """Shards that cut the weights' tables and chunks at unaligned byte offsets."""
-    from trainguard.monitor.fingerprint import WORDS
+    """Shards that cut the weights' chunks at unaligned byte offsets."""
+    from trainguard.monitor.fingerprint import CHUNK
 
     fp = Fingerprinter(rng.randbytes(32))
-    n = 2 * WORDS * 2 + rng.randrange(1, 99)  # float32: over two chunks of words
+    per_chunk = CHUNK // 4  # float32
+    n = 4 * per_chunk + rng.randrange(1, 99)  # over four chunks
     t = torch.randn(n)
     cuts = sorted(rng.sample(range(1, n), 4))
     bounds = [0, *cuts, n]
@@ -158,7 +159,7 @@ def test_long_tensors_compose_across_chunks(rng: random.Random) -> None:
         [((a,), (n,)) for a in bounds[:-1]],
     )
     assert compose(parts) == fp.sums([t])[0]
-    swapped = torch.cat([t[WORDS * 2 :], t[: WORDS * 2]])  # whole chunks exchanged
+    swapped = torch.cat([t[per_chunk * 2 :], t[: per_chunk * 2]])  # whole chunks exchanged
     assert fp.sums([swapped])[0] != fp.sums([t])[0]
 
 
@@ -169,6 +170,10 @@ def test_replay_refuses_a_ledger_of_another_fingerprint_version() -> None:
     history = RunHistory("r", 0, {"key_id": "x"})  # a ledger from before versions were recorded: v1
     with pytest.raises(ReplayError, match="recorded with fingerprint v1"):
         _mode(history, None)
+    for old in range(2, FINGERPRINT_VERSION):  # v2: words and their top halves
+        history.start = {"fingerprint_version": old}
+        with pytest.raises(ReplayError, match=f"recorded with fingerprint v{old};"):
+            _mode(history, None)
     history.start = {"fingerprint_version": FINGERPRINT_VERSION}
     with pytest.raises(ReplayError, match="no plain fingerprints"):
         _mode(history, None)  # past the version check: the next refusal is another one
@@ -177,10 +182,10 @@ def test_replay_refuses_a_ledger_of_another_fingerprint_version() -> None:
 def test_a_long_tensor_read_by_several_threads_gives_the_same_sums(rng: random.Random) -> None:
     """Over MIN_CHUNKS_PER_THREAD chunks per thread, stretches go to a thread pool: the
     sums, and the composition of shards cut anywhere, do not depend on it."""
-    from trainguard.monitor.fingerprint import MIN_CHUNKS_PER_THREAD, WORDS
+    from trainguard.monitor.fingerprint import CHUNK, MIN_CHUNKS_PER_THREAD
 
     fp = Fingerprinter(rng.randbytes(32))
-    n = 2 * WORDS * MIN_CHUNKS_PER_THREAD * 3 + rng.randrange(1, 999)  # float32: 3 threads' worth
+    n = CHUNK // 4 * MIN_CHUNKS_PER_THREAD * 3 + rng.randrange(1, 999)  # float32: 3 threads' worth
     t = torch.randn(n)
     threads = torch.get_num_threads()
     try:
@@ -197,12 +202,12 @@ def test_a_long_tensor_read_by_several_threads_gives_the_same_sums(rng: random.R
 
 _FORKED_CHILD = """
 import os, torch
-from trainguard.monitor.fingerprint import MIN_CHUNKS_PER_THREAD, WORDS, Fingerprinter
+from trainguard.monitor.fingerprint import CHUNK, MIN_CHUNKS_PER_THREAD, Fingerprinter
 
 fp = Fingerprinter(b"k" * 32)
-# Whole words: a padded copy would be one op over the grain size, and torch's OpenMP
-# threads do not survive fork() (any parallel op in the child hangs, watched or not).
-t = torch.randn(2 * WORDS * MIN_CHUNKS_PER_THREAD * 2 + 6)
+# torch's OpenMP threads do not survive fork() (any parallel op in the child hangs, watched
+# or not): the sums run every op on one torch thread, the padded end chunk included.
+t = torch.randn(CHUNK // 4 * MIN_CHUNKS_PER_THREAD * 2 + 6)
 torch.set_num_threads(2)
 first = fp.sums([t])
 pid = os.fork()

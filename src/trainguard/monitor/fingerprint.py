@@ -1,37 +1,62 @@
 """Keyed, exact, position-dependent fingerprints of tensors, computed on their own device.
 
-A tensor's bytes are read as the 8-byte words of the whole tensor, ``x_i`` (signed).
-Each word is weighted by multipliers that depend on its index ``i`` and on a
-secret per-run key, and so is its top half ``h_i = x_i >> 32``::
+A tensor's bytes are read as signed 8-bit integers ``x_j``, ``j`` the byte's index in the
+whole tensor, in chunks of CHUNK (1,024) bytes: byte ``j`` sits at position ``p = j mod
+CHUNK`` of chunk ``c = j div CHUNK``.  Sixteen rows of weights, eight drawn from a secret
+per-run key and eight from a public seed (SHAKE-256), give each chunk sixteen exact
+integer sums, which 64-bit multipliers, one per row and chunk, combine::
 
-    keyed = sum_i  x_i * a_i  +  h_i * b_i      (mod 2**64)
+    S[r, c] = sum_p  x[c * CHUNK + p] * W[r, p]          (exact integers: |S| <= 2**23)
+    keyed   = sum_c sum_(r keyed)  S[r, c] * U[r, c]     (mod 2**64)
 
-with ``a_i = A[i mod WORDS] * U[i div WORDS]`` and ``b_i`` alike: a table of
-WORDS random words per device and one odd weight per chunk of WORDS words, all
-drawn from the key (SHAKE-256), so the weights never repeat along a tensor.  As
-integers ``x = h * 2**32 + low`` (``low`` unsigned), the sum is a multilinear hash
-of the 32-bit halves: a change that keeps the sum needs ``sum d_j k_j = 0 mod 2**64``
-for unknown random ``k_j`` and a known nonzero difference of at most 32 bits, which
-happens with odds of at most 2**-33 per try, whatever the attacker changes,
-moves or permutes (version 1 XORed one constant into every word: permuting words, or
-moving a bit between two words at the same position, left it equal).
+with each ``W[r, p]`` uniform in [-64, 63] and each ``U[r, c]`` a uniform 64-bit word; the
+*plain* sum is the same over the eight public rows.
 
-The *plain* sum is the same with public tables: anyone holding the tensors can
-recompute it (a replay without the run's key compares these), so it proves less
-against someone who edits weights on purpose.
+Security.  The attacker knows this code, the public rows and every tensor, and may make any
+change at all: flip bits, move bits or bytes between elements, permute rows, swap chunks,
+all at once.  It does not know the key, so to it the keyed weights and multipliers are
+uniformly random (it sees keyed sums only through a keyed BLAKE2b).  Let ``d`` be the
+change's byte differences: not all zero, each within [-255, 255].  The keyed sum stays
+equal only if either (a) every keyed ``S[r, c]`` stays equal, in particular in a chunk
+``c`` where ``d`` is nonzero at some position ``p``: per row, with the row's other weights
+fixed, ``W[r, p]`` must be the one value of 128 that cancels the rest, independently for
+eight rows, odds ``2**-56``; or (b) some ``S[r, c]`` changes by ``D``, ``0 < |D| < 2**24``
+(255 * 64 * 1024), so ``D = 2**t * odd`` with ``t <= 23``, and the total still agrees mod
+2**64: with the weights and the other multipliers fixed, ``U[r, c] * D`` must hit one
+residue, which at most ``2**t`` of the ``2**64`` values of ``U[r, c]`` do, odds at most
+``2**-41``.  So a change goes unseen with odds below ``2**-40`` per try, whatever is
+changed, moved or permuted (version 2: ``2**-33``; version 1 XORed one constant into every
+word: permuting words left it equal).
 
-Blocks compose: a shard names the position of its bytes in the whole tensor, a word
-split between two shards is read zero-padded by each (both its parts and their top
-halves add up to the word's, since the lower part is below 2**32 or a multiple of
-it), so the sums of any set of blocks that tile a tensor add up, mod 2**64, to the
-whole tensor's (:func:`compose`).  Replicas hold the same label and the same sums.
+The *plain* sum is the same with public tables: anyone holding the tensors can recompute it
+(a replay without the run's key compares these).  The same odds hold for a change made
+without regard to the public tables (a fault, a bug); none against someone who edits
+weights on purpose.
 
-Cost: on CPU one ``mv`` over each chunk (the keyed and the plain weights as two
-rows) and one over its top halves: about one pass over the tensor's memory, with
-the tables in cache; on a GPU elementwise products in chunks.  No copy of the
-parameters is kept.  Only two integers per tensor leave the device; the digest that
-goes to the ledger is a keyed BLAKE2b over those integers, the tensor names, shapes
-and dtypes.
+Exact on any machine: every product and partial sum is an integer far below the range of
+the arithmetic that computes it, so no rounding, saturation or overflow happens in any
+order of additions, and a replay on another host, thread count or device gets the same two
+integers.  On x86 CPUs the products are one int8 x int8 -> int32 matrix product per block
+of chunks (``torch._int_mm``: oneDNN's VNNI/AMX kernels, about one pass over the bytes at
+memory speed, read in place whatever the dtype).  The weights have 7 bits because oneDNN's
+kernels for CPUs without VNNI add pairs of products in saturating 16-bit lanes: 255 * 64 * 2
+fits, 255 * 128 * 2 does not (8-bit weights gave wrong sums with ``ONEDNN_MAX_CPU_ISA=AVX2``;
+tests/test_fingerprint_arithmetic.py runs that ISA).  Elsewhere the same product runs in
+float32 (CPUs without oneDNN: every partial sum is an integer of magnitude at most 2**23,
+exact in float32, TF32 or bfloat16 inputs alike) or, on a GPU, float64.
+
+Blocks compose: a shard names the position of its bytes in the whole tensor, so they meet
+the same weights and multipliers there, and the sums are linear: those of any set of blocks
+that tile a tensor (cut anywhere, empty blocks included) add up, mod 2**64, to the whole
+tensor's (:func:`compose`).  Replicas hold the same label and the same sums.
+
+Cost: the bytes are read once, in place; a chunk cut by a run's start or end is copied,
+zero-padded (1 KiB), and the scratch per matrix product is bounded (BLOCK chunks).  On a
+CPU every product runs on one torch thread (an op split over torch's OpenMP threads waits
+for its other half on a loaded machine, and OpenMP does not survive fork()); long runs are
+cut into stretches for a thread pool instead.  Only two integers per tensor leave the
+device; the digest that goes to the ledger is a keyed BLAKE2b over those integers, the
+tensor names, shapes and dtypes.
 
 Sharded tensors (FSDP2's DTensors) are read where they live: each rank sums its own
 slice, of whatever size (an empty one included), and names it by the slice
@@ -43,10 +68,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import platform
 import secrets
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,10 +81,17 @@ from trainguard.monitor.sharding import is_dtensor, local, shard, state_owner
 
 # The math of the sums; a ledger records it in run-start, and digests of another
 # version are never compared with these (replay says which version recorded them).
-FINGERPRINT_VERSION = 2
-WORDS = 1 << 14  # words per chunk: 128 KiB; under torch's grain size, so no op here is split
-# over threads (on a loaded machine a split op waits milliseconds for its other half)
-PUBLIC = b"trainguard fingerprint v2 public "  # the plain sums' tables (no secret)
+FINGERPRINT_VERSION = 3
+CHUNK = 1 << 10  # bytes per chunk: a weight per position in it, a multiplier per chunk
+ROWS = 16  # weight rows: PLAIN public ones, then as many keyed ones
+PLAIN = ROWS // 2
+BLOCK = 1 << 9  # chunks per product on a CPU: 512 KiB, in cache with its sums (measured
+# fastest: 4 MiB blocks cost 10% more per byte); float32 copies a block as floats (2 MiB)
+DEVICE_BLOCK = 1 << 12  # on a GPU: fewer, larger kernels (32 MiB of float64 scratch)
+SMALL = 1 << 16  # runs of at most this many bytes are copied into packs of about BLOCK
+# chunks, one product per pack: below it a run costs more in ops than its copy costs
+PUBLIC = b"trainguard fingerprint v3 public "  # the plain sums' tables (no secret)
+ARITHMETICS = ("int8", "float32", "float64")  # all give the same sums
 Place = tuple[tuple[int, ...], tuple[int, ...]]  # a block's offset, the whole tensor's shape
 
 
@@ -96,31 +130,47 @@ class Fingerprint:
 
 
 class Fingerprinter:
-    def __init__(self, key: bytes | None = None) -> None:
+    def __init__(self, key: bytes | None = None, arithmetic: str | None = None) -> None:
+        """``arithmetic``: one of ARITHMETICS for every device (tests compare them; a
+        replay host may pin one); None: int8 on x86 CPUs with oneDNN, float32 on other
+        CPUs, float64 on other devices."""
+        if arithmetic is not None and arithmetic not in ARITHMETICS:
+            raise ValueError(f"arithmetic {arithmetic!r} is none of {ARITHMETICS}")
         self.key = key or secrets.token_bytes(32)
+        self.arithmetic = arithmetic
         self._tables: dict[tuple[Any, str], Any] = {}
 
-    def _table(self, torch: Any, device: Any, what: str, size: int) -> Any:
-        """A row table on ``device``: "words" (4 x WORDS: keyed then plain multipliers for
-        the word and its top half) or "chunks" (at least ``size`` x 4, grown by doubling)."""
+    def _table(self, torch: Any, device: Any, what: str, size: int = 0) -> Any:
+        """A table on ``device``: the CHUNK x ROWS weights as an arithmetic's dtype
+        ("int8", "float32", "float64"), or "chunks": at least ``size`` x ROWS multipliers
+        (int64), grown by doubling (a longer stream starts with the shorter one)."""
         found = self._tables.get((device, what))
-        if found is not None and found.shape[0 if what == "chunks" else 1] >= size:
+        if found is not None and (what != "chunks" or found.shape[0] >= size):
             return found
-        if what == "words":
-            rows = [_stream(b"word" + self.key, WORDS), _stream(PUBLIC + b"word", WORDS)]
-            made = torch.stack([rows[0][0], rows[1][0], rows[0][1], rows[1][1]])
+        if what == "chunks":
+            n = max(64, 1 << (max(1, size) - 1).bit_length())
+            made = torch.cat([_words(PUBLIC + b"chunk", n), _words(b"chunk" + self.key, n)], 1)
         else:
-            n = max(64, 1 << (size - 1).bit_length())
-            # Odd: a chunk's weight never drops the low bits of its sums.
-            keyed, plain = _stream(b"chunk" + self.key, n), _stream(PUBLIC + b"chunk", n)
-            made = torch.stack([keyed[0], plain[0], keyed[1], plain[1]], dim=1) | 1
+            made = torch.cat([_weights(PUBLIC + b"byte"), _weights(b"byte" + self.key)], 1)
+            made = made.to(getattr(torch, what))
         self._tables[(device, what)] = made = made.to(device)
         return made
+
+    def _arithmetic(self, torch: Any, device: Any) -> str:
+        if self.arithmetic is not None:
+            return self.arithmetic
+        if device.type != "cpu":
+            return "float64"
+        # Where torch._int_mm does not reach oneDNN it multiplies in plain loops, some
+        # hundred times slower than BLAS in float32.
+        fast = platform.machine().lower() in ("x86_64", "amd64")
+        fast = fast and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        return "int8" if fast else "float32"
 
     def sums(
         self, tensors: Sequence[Any], places: Sequence[Place | None] | None = None
     ) -> list[tuple[int, int]]:
-        """(plain, keyed) position-dependent sums of each tensor's bits.
+        """(plain, keyed) position-dependent sums of each tensor's bytes.
 
         ``places``: where each tensor sits in the whole tensor it is a block of (the
         block's offset and the whole shape); a block's sums then add up, modulo 2**64,
@@ -129,75 +179,106 @@ class Fingerprinter:
         """
         import torch
 
-        out = []
-        for i, t in enumerate(tensors):
-            data = local(t).detach()
-            place = places[i] if places is not None else None
-            total = torch.zeros(4, dtype=torch.int64, device=data.device)
-            if data.numel():
+        # Per device, a ROWS-vector per tensor: a run of bytes adds its sums to its row.
+        totals: dict[Any, Any] = {}
+        packs: dict[Any, _Pack] = {}
+        with _one_thread(torch) as threads:
+            for i, t in enumerate(tensors):
+                data = local(t).detach()
+                if not data.numel():
+                    continue
+                place = places[i] if places is not None else None
                 for run, start in _runs(torch, data, place):
-                    total = total + self._run(torch, run, start)
-            # (plain, keyed): the word term plus the top-half term of each.
-            out.append(torch.stack([total[1] + total[3], total[0] + total[2]]))
-        if not out:
-            return []
-        # One transfer for all tensors: a device sync per tensor would cost more
-        # than the reductions on a GPU.
-        pairs = torch.stack([o.to("cpu") for o in out]).tolist()
-        return [(int(a), int(b)) for a, b in pairs]
+                    raw = run.reshape(-1).view(torch.int8)
+                    device = raw.device
+                    if device not in totals:
+                        totals[device] = torch.zeros(
+                            len(tensors), ROWS, dtype=torch.int64, device=device
+                        )
+                        packs[device] = _Pack()
+                    if raw.numel() > SMALL:
+                        totals[device][i] += self._run(torch, raw, start, threads)
+                    elif packs[device].add(i, raw, start) >= BLOCK:
+                        self._flush(torch, packs[device], totals[device])
+            for device, pack in packs.items():
+                if pack.ids:
+                    self._flush(torch, pack, totals[device])
+        out = [(0, 0)] * len(tensors)
+        # One transfer per device: a device sync per tensor would cost more than the
+        # reductions on a GPU.
+        for total in totals.values():
+            pairs = total.view(len(tensors), 2, PLAIN).sum(dim=2).tolist()  # (plain, keyed)
+            out = [(int(a + c), int(b + d)) for (a, b), (c, d) in zip(out, pairs, strict=True)]
+        return [(_signed(a), _signed(b)) for a, b in out]
 
-    def _run(self, torch: Any, data: Any, start: int) -> Any:
-        """The four weighted sums of one contiguous run of bytes whose first byte is byte
-        ``start`` of the whole tensor.  Words are the whole tensor's 8-byte words: a run
-        that starts or ends inside one reads it zero-padded (the parts of a word add up
-        to the word, and so do their top halves: see the module's docstring)."""
-        raw = data.reshape(-1).view(torch.uint8)
-        n, lead = raw.numel(), start % 8
-        first = start // 8
-        span = -(-(lead + n) // 8)  # words the run touches
-        if lead or n % 8 or raw.data_ptr() % 8:
-            padded = torch.zeros(span * 8, dtype=torch.uint8, device=raw.device)
-            padded[lead : lead + n] = raw
-            raw = padded
-        words = raw.view(torch.int64)
-        table = self._table(torch, words.device, "words", WORDS)
-        halves = words.view(torch.int32)[1::2]  # little-endian: the top half of each word
-        # Chunk-aligned stretches, one per thread on a CPU: every op below reads one chunk
-        # (under torch's grain size, never split), and ops release the GIL.
-        ways = _ways(torch, words, span)
-        bounds = [0]
-        for k in range(1, ways):
-            cut = -(-(first + span * k // ways) // WORDS) * WORDS - first
-            if bounds[-1] < cut < span:
-                bounds.append(cut)
-        bounds.append(span)
-        stretches = list(itertools.pairwise(bounds))
+    def _flush(self, torch: Any, pack: _Pack, total: Any) -> None:
+        """The packed small runs' sums, added to their tensors' rows of ``total``: one
+        product for them all (the cost of a small tensor is the ops run for it)."""
+        device = total.device
+        arithmetic = self._arithmetic(torch, device)
+        weights = self._table(torch, device, arithmetic)
+        multipliers = self._table(torch, device, "chunks", max(pack.chunks) + 1)
+        zeros = torch.zeros(CHUNK, dtype=torch.int8, device=device)
+        pieces = [zeros[:p] if isinstance(p, int) else p for p in pack.pieces]
+        products = _products(torch, torch.cat(pieces).view(-1, CHUNK), weights, arithmetic)
+        at = torch.tensor(pack.chunks, dtype=torch.int64, device=device)
+        ids = torch.tensor(pack.ids, dtype=torch.int64, device=device)
+        total.index_add_(0, ids, products * multipliers[at])
+        pack.clear()
 
-        def stretch(begin_end: tuple[int, int]) -> list[Any]:
+    def _run(self, torch: Any, raw: Any, start: int, threads: int) -> Any:
+        """The ROWS weighted sums (int64, mod 2**64) of one contiguous run of bytes
+        ``raw`` (int8) whose first byte is byte ``start`` of the whole tensor.  Whole
+        chunks are read in place; a chunk the run starts or ends inside is copied,
+        zero-padded (zeros add nothing, so the blocks that share a chunk add up to it)."""
+        n, lead, first = raw.numel(), start % CHUNK, start // CHUNK
+        chunks = -(-(lead + n) // CHUNK)  # chunks the run touches
+        arithmetic = self._arithmetic(torch, raw.device)
+        weights = self._table(torch, raw.device, arithmetic)
+        multipliers = self._table(torch, raw.device, "chunks", first + chunks)
+        multipliers = multipliers[first : first + chunks]
+        head = min(n, -lead % CHUNK)  # bytes before the first chunk boundary
+        full, tail = divmod(n - head, CHUNK)
+        edges, at = [], []  # the cut chunks, and their index among the run's chunks
+        if head:
+            edges.append(torch.zeros(CHUNK, dtype=torch.int8, device=raw.device))
+            edges[-1][lead : lead + head] = raw[:head]
+            at.append(0)
+        if tail:
+            edges.append(torch.zeros(CHUNK, dtype=torch.int8, device=raw.device))
+            edges[-1][:tail] = raw[n - tail :]
+            at.append(chunks - 1)
+        total = torch.zeros(ROWS, dtype=torch.int64, device=raw.device)
+        if edges:
+            products = _products(torch, torch.stack(edges), weights, arithmetic)
+            total += (products * multipliers[at]).sum(dim=0)
+        if not full:
+            return total
+        body = raw[head : head + full * CHUNK].view(full, CHUNK)
+        body_multipliers = multipliers[1 if head else 0 :]
+        step = BLOCK if raw.device.type == "cpu" else DEVICE_BLOCK
+
+        def stretch(begin_end: tuple[int, int]) -> Any:
             begin, end = begin_end
-            out = []
-            scratch = torch.empty(min(end - begin, WORDS), dtype=torch.int64, device=words.device)
-            at = begin
-            while at < end:
-                offset = (first + at) % WORDS
-                take = min(end - at, WORDS - offset)
-                piece = words[at : at + take]
-                # The top half, sign-extended (= piece >> 32) by a widening copy: torch
-                # 2.13's int64 shift on CPU costs some hundred times more than this copy.
-                top = scratch[:take].copy_(halves[at : at + take])
-                rows = table[:, offset : offset + take]
-                out.append(torch.cat([_dot(torch, rows[:2], piece), _dot(torch, rows[2:], top)]))
-                at += take
-            return out
+            part = torch.zeros(ROWS, dtype=torch.int64, device=raw.device)
+            with _one_thread(torch):  # a pool thread's own setting
+                for b in range(begin, end, step):
+                    e = min(end, b + step)
+                    products = _products(torch, body[b:e], weights, arithmetic)
+                    part += (products * body_multipliers[b:e]).sum(dim=0)
+            return part
 
-        if len(stretches) == 1:
-            parts = stretch(stretches[0])
-        else:
-            parts = [p for done in _pool(ways).map(stretch, stretches) for p in done]
-        chunks = [first // WORDS, (first + span - 1) // WORDS]
-        weights = self._table(torch, words.device, "chunks", chunks[-1] + 1)
-        picked = weights[chunks[0] : chunks[-1] + 1]
-        return (torch.stack(parts) * picked).sum(dim=0)
+        ways = _ways(raw.device, threads, full)
+        cuts = [full * k // ways for k in range(ways + 1)]
+        stretches = list(itertools.pairwise(cuts))
+        if ways == 1:
+            return total + stretch(stretches[0])
+        # The caller's thread takes the first stretch: one hand-off fewer.
+        pending = [_pool(ways - 1).submit(stretch, s) for s in stretches[1:]]
+        total += stretch(stretches[0])
+        for p in pending:
+            total += p.result()
+        return total
 
     def fingerprint(self, named: Iterable[tuple[str, Any]]) -> Fingerprint:
         """Digests per tensor (per local shard, named by its slice) and for the group.
@@ -246,29 +327,68 @@ def _signed(x: int) -> int:
     return x - (1 << 64) if x >> 63 else x
 
 
-def _stream(seed: bytes, n: int) -> Any:
-    """Two rows of ``n`` random int64 from ``seed``; row j holds words 2i+j of SHAKE-256,
-    so a longer stream starts with the shorter one (the chunk weights grow)."""
+def _weights(seed: bytes) -> Any:
+    """CHUNK x PLAIN int8 weights, uniform in [-64, 63], from SHAKE-256 of ``seed``."""
     import torch
 
-    raw = bytearray(hashlib.shake_256(seed).digest(16 * n))
-    return torch.frombuffer(raw, dtype=torch.int64).view(n, 2).t().contiguous()
+    raw = bytearray(hashlib.shake_256(seed).digest(CHUNK * PLAIN))
+    drawn = torch.frombuffer(raw, dtype=torch.uint8).to(torch.int16)
+    return ((drawn & 127) - 64).to(torch.int8).view(CHUNK, PLAIN)
 
 
-if sys.byteorder != "little":  # the top halves are read as the odd 32-bit words
+def _words(seed: bytes, n: int) -> Any:
+    """n x PLAIN uniform int64 from SHAKE-256 of ``seed``, row by row, so a longer
+    table starts with the shorter one (the chunk multipliers grow)."""
+    import torch
+
+    raw = bytearray(hashlib.shake_256(seed).digest(8 * PLAIN * n))
+    return torch.frombuffer(raw, dtype=torch.int64).view(n, PLAIN)
+
+
+class _Pack:
+    """Small runs laid out chunk-aligned for one product: the pieces to concatenate (an
+    int: that many zero bytes), and per chunk of it, its tensor and its chunk index."""
+
+    def __init__(self) -> None:
+        self.pieces: list[Any] = []
+        self.ids: list[int] = []
+        self.chunks: list[int] = []
+
+    def add(self, i: int, raw: Any, start: int) -> int:
+        """Adds tensor ``i``'s run ``raw`` at byte ``start``; returns the chunks held."""
+        lead, first = start % CHUNK, start // CHUNK
+        count = -(-(lead + raw.numel()) // CHUNK)
+        pad = count * CHUNK - lead - raw.numel()
+        self.pieces += [p for p in (lead, raw, pad) if p is raw or p]  # no empty pads
+        self.ids += [i] * count
+        self.chunks += range(first, first + count)
+        return len(self.ids)
+
+    def clear(self) -> None:
+        self.pieces, self.ids, self.chunks = [], [], []
+
+
+def _products(torch: Any, x: Any, weights: Any, arithmetic: str) -> Any:
+    """``x @ weights`` for int8 chunks ``x`` (m x CHUNK), exact: int32 or int64."""
+    if arithmetic == "int8":
+        return torch._int_mm(x, weights)
+    return torch.mm(x.to(weights.dtype), weights).to(torch.int64)
+
+
+if sys.byteorder != "little":  # a number's bytes are read in memory order
     raise ImportError("trainguard's fingerprints assume a little-endian machine")
 
 
 # By process: a pool inherited through fork() has no threads (its tasks would wait forever).
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
-MIN_CHUNKS_PER_THREAD = 8  # a stretch shorter than this is not worth a thread's hand-off
+MIN_CHUNKS_PER_THREAD = 1 << 11  # 2 MiB: a shorter stretch is not worth a thread's hand-off
+_OPENMP: list[bool] = []  # torch's parallel backend is OpenMP (asked once)
 
 
-def _ways(torch: Any, words: Any, span: int) -> int:
-    if words.device.type != "cpu":
+def _ways(device: Any, threads: int, chunks: int) -> int:
+    if device.type != "cpu":
         return 1  # one stream of kernels: the device runs them in parallel itself
-    threads = int(torch.get_num_threads())
-    return max(1, min(threads, span // (WORDS * MIN_CHUNKS_PER_THREAD)))
+    return max(1, min(threads, chunks // MIN_CHUNKS_PER_THREAD))
 
 
 def _pool(ways: int) -> ThreadPoolExecutor:
@@ -278,12 +398,27 @@ def _pool(ways: int) -> ThreadPoolExecutor:
     return _POOLS[key]
 
 
-def _dot(torch: Any, rows: Any, v: Any) -> Any:
-    """``rows @ v`` modulo 2**64 (int64 wraps): CPU's ``mv`` reads ``v`` once for both
-    rows; CUDA has no integer ``mv``, so elementwise products there."""
-    if v.device.type == "cpu":
-        return torch.mv(rows, v)
-    return (rows * v).sum(dim=1)
+@contextmanager
+def _one_thread(torch: Any) -> Iterator[int]:
+    """torch's intra-op threads set to one in this thread while the sums run; yields the
+    setting found.  oneDNN and MKL split a product over OpenMP threads: on a loaded
+    machine each split waited milliseconds for its other half (a 4 KiB product took 16 ms
+    at load 4 on 2 cores), and a child forked after a split hangs in its next one.  With
+    OpenMP the setting is the calling thread's own, but torch also keeps it as the default
+    for threads that have run no parallel op yet: one that runs its first while the sums
+    run keeps one thread (restored for later ones on leaving).  With torch's native pool
+    the setting cannot change once the pool has started, so it is left alone."""
+    threads = int(torch.get_num_threads())
+    if not _OPENMP:
+        _OPENMP.append("parallel backend: OpenMP" in torch.__config__.parallel_info())
+    toggle = threads > 1 and _OPENMP[0]
+    if toggle:
+        torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        if toggle:
+            torch.set_num_threads(threads)
 
 
 def _runs(torch: Any, data: Any, place: Place | None) -> Iterator[tuple[Any, int]]:
