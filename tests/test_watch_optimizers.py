@@ -230,3 +230,66 @@ def test_a_parameter_in_two_optimizers_is_refused() -> None:
     c = torch.optim.SGD(model.head.parameters(), lr=0.1)
     with pytest.raises(UsageError, match="steps none of the optimizers"):
         tgw.watch(model, [a, c], scheduler=sched)
+
+
+def test_lightning_gan_with_two_optimizers_is_watched_and_clean(tmp_path: Any) -> None:
+    """Manual optimization, a generator and a discriminator, alternating, the
+    discriminator's parameters frozen during the generator's step (Lightning's GAN
+    example); a discriminator weight edited between two steps is named at its step."""
+    pl = pytest.importorskip("pytorch_lightning")
+    from trainguard.monitor.integrations import LightningWatchCallback
+
+    rng = seeded()
+    edit_at = rng.randrange(3, 12)
+
+    class GAN(pl.LightningModule):  # type: ignore[misc]
+        def __init__(self, edit: bool) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.gen = torch.nn.Linear(4, 4)
+            self.disc = torch.nn.Linear(4, 1)
+            self.edit = edit
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            opt_g, opt_d = self.optimizers()
+            (real,) = batch
+            if self.edit and batch_idx == edit_at:
+                with torch.no_grad():
+                    self.disc.bias.add_(1e-3)
+            fake = self.gen(torch.randn_like(real))
+            loss_d = torch.nn.functional.softplus(self.disc(fake.detach())).mean()
+            loss_d = loss_d + torch.nn.functional.softplus(-self.disc(real)).mean()
+            opt_d.zero_grad()
+            self.manual_backward(loss_d)
+            opt_d.step()
+            self.toggle_optimizer(opt_g)  # freezes the discriminator's parameters
+            loss_g = torch.nn.functional.softplus(-self.disc(self.gen(torch.randn_like(real))))
+            opt_g.zero_grad()
+            self.manual_backward(loss_g.mean())
+            opt_g.step()
+            self.untoggle_optimizer(opt_g)
+
+        def configure_optimizers(self) -> Any:
+            opt_g = torch.optim.Adam(self.gen.parameters(), lr=1e-3)
+            opt_d = torch.optim.SGD(self.disc.parameters(), lr=1e-2, momentum=0.9)
+            sched = torch.optim.lr_scheduler.StepLR(opt_d, step_size=5, gamma=0.5)
+            return [opt_g, opt_d], [sched]
+
+    data = torch.utils.data.TensorDataset(torch.randn(128, 4, generator=torch.Generator()))
+    for edit in (False, True):
+        cb = LightningWatchCallback(hang_seconds=None, min_stall_seconds=30.0)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(tmp_path),
+            callbacks=[cb],
+            max_epochs=1,
+        )
+        trainer.fit(GAN(edit), torch.utils.data.DataLoader(data, batch_size=8))
+        assert cb.guard is not None and cb.guard.step_index == 16
+        found = [(a.rule, a.step, a.evidence.get("optimizer")) for a in high(cb.guard)]
+        assert found == ([("TG1301", edit_at, "optimizer 1 (SGD)")] if edit else []), found

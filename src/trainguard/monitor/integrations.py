@@ -74,7 +74,9 @@ def LightningWatchCallback(**guard_kwargs: Any) -> Any:
     ``Trainer(callbacks=[LightningWatchCallback(ledger="run.sqlite")])``; the guard
     is then ``callback.guard``.  It is a callback of ``pytorch_lightning`` and of
     ``lightning.pytorch``, whichever are installed, so either Trainer accepts it.
-    The first optimizer is watched (automatic optimization has only one).
+    Every optimizer is watched (several: manual optimization, a GAN's generator and
+    discriminator; each is a lane of the guard, monitor/optimizers.py), each scheduler
+    with the optimizer it steps.
     """
     bases = _lightning_callback_classes()
     if not bases:
@@ -86,11 +88,15 @@ def LightningWatchCallback(**guard_kwargs: Any) -> Any:
             self._closed = False
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            optimizer = trainer.optimizers[0]
-            schedulers = getattr(trainer, "lr_scheduler_configs", None) or []
-            scheduler = schedulers[0].scheduler if schedulers else None
-            self.guard = Guard(pl_module, optimizer, scheduler=scheduler, **guard_kwargs)
-            _check_after_closure(self.guard, optimizer)
+            optimizers = list(trainer.optimizers)
+            configs = getattr(trainer, "lr_scheduler_configs", None) or []
+            schedulers = [c.scheduler for c in configs]
+            given: Any = optimizers
+            scheduler: Any = schedulers or None
+            if len(optimizers) == 1:
+                given, scheduler = optimizers[0], schedulers[0] if schedulers else None
+            self.guard = Guard(pl_module, given, scheduler=scheduler, **guard_kwargs)
+            _check_after_closure(self.guard, self.guard.optimizer)
 
         def on_train_batch_end(
             self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
