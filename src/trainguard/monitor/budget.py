@@ -113,22 +113,33 @@ class VersionWatch:
     to build and turns only the changed ones into names)."""
 
     def __init__(self) -> None:
-        self._seen: dict[Any, tuple[int, int, int]] = {}
+        # Names and states in the order remembered: the common case (nothing moved) is
+        # two list comparisons, without building a dict at every step.
+        self._names: list[Any] = []
+        self._states: list[tuple[int, int, int]] = []
 
     @staticmethod
     def _state(t: Any) -> tuple[int, int, int]:
         return t._version, t.data_ptr(), id(t)
 
     def remember(self, named: Sequence[tuple[Any, Any]]) -> None:
-        self._seen = {name: self._state(t) for name, t in named if t is not None}
+        self._names = [name for name, t in named if t is not None]
+        self._states = [(t._version, t.data_ptr(), id(t)) for _, t in named if t is not None]
 
     def changed(self, named: Sequence[tuple[Any, Any]]) -> list[Any]:
         """Names whose version or storage moved since :meth:`remember` (or appeared, or went)."""
-        now = {name: self._state(t) for name, t in named if t is not None}
-        if not self._seen or now == self._seen:
+        if not self._names:
             return []
-        names = sorted(set(now) | set(self._seen))
-        return [n for n in names if now.get(n) != self._seen.get(n)]
+        names = [name for name, t in named if t is not None]
+        states = [(t._version, t.data_ptr(), id(t)) for _, t in named if t is not None]
+        if names == self._names and states == self._states:
+            return []
+        now = dict(zip(names, states, strict=True))
+        seen = dict(zip(self._names, self._states, strict=True))
+        if now == seen:
+            return []
+        every = sorted(set(now) | set(seen))
+        return [n for n in every if now.get(n) != seen.get(n)]
 
 
 def chances(allowance: float, costs: dict[str, float]) -> tuple[dict[str, float], float]:
