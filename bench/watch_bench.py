@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python bench/watch_bench.py [--params 1M|100M] [--budget 0.02]
                                              [--modes exact,budget] [--blocks N] [--steps N]
+                                             [--profile N]
 
 Per mode, two identical MLPs train in alternating blocks (so both see the same
 machine state), one unwatched and one under a guard that lives through every
@@ -14,7 +15,14 @@ Prints one line per mode:
 * the guard's own time inside the process (its optimizer hooks and
   ``guard.step``, thread CPU), per step and as a share of the unwatched step:
   what the overhead consists of;
+* the guard's whole cost: the A/B difference of the median thread CPU per step, in
+  ms (the three methods above plus everything they leave out: forward and backward
+  hooks, torch.compiler.disable wrappers, tensor hooks, garbage collection);
 * the load average before and after.
+
+``--profile N``: after the A/B, N more watched steps under cProfile; prints the
+trainguard functions by their own time (what the whole cost is made of; cProfile
+inflates Python-heavy code, so read the shares, not the milliseconds).
 
 ``1M``: 4 x Linear(512, 512), GELU, batch 32, one thread (a millisecond-step
 model).  ``100M``: 6 x Linear(4096, 4096), GELU, batch 32, torch's default
@@ -122,7 +130,9 @@ def run_mode(size: str, budget: float | None, args: argparse.Namespace) -> str:
             # The first step of a block pays for the other model's caches: left out.
             plain += steps(model, opt, per_block, x)[1:]
             watched += steps(w_model, w_opt, per_block, x, guard)[1:]
+        active[0] = False
         timed = blocks * per_block
+        profile = _profile(w_model, w_opt, x, guard, args.profile) if args.profile else ""
         total = guard.step_index
         schedule = getattr(guard, "schedule", None)  # None: exact mode, or before schedules
         guard.close()
@@ -137,7 +147,8 @@ def run_mode(size: str, budget: float | None, args: argparse.Namespace) -> str:
         f"(A/B {100 * (w_wall - p_wall) / p_wall:+.1f}% wall, "
         f"{100 * (w_cpu - p_cpu) / p_cpu:+.1f}% thread CPU); "
         f"guard in-process {1e3 * per_step:.2f} ms/step ({100 * per_step / p_cpu:.1f}% of the "
-        f"unwatched step's CPU); load {load:.1f}->{load_after:.1f}"
+        f"unwatched step's CPU), whole {1e3 * (w_cpu - p_cpu):.2f} ms/step (thread CPU A/B); "
+        f"load {load:.1f}->{load_after:.1f}"
     )
     if schedule is not None:
         ran = {u: n - WARMUP_STEPS for u, n in schedule.runs_at.items()}
@@ -146,7 +157,25 @@ def run_mode(size: str, budget: float | None, args: argparse.Namespace) -> str:
             f"\n  schedule at the end: chance per step {chance}; steps each unit ran at "
             f"after the warm-up, of {total - WARMUP_STEPS}: {ran}"
         )
-    return line
+    return line + profile
+
+
+def _profile(model: Any, opt: Any, x: Any, guard: Any, n: int) -> str:
+    """``n`` watched steps under cProfile: trainguard's functions by their own time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    steps(model, opt, n, x, guard)
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats("trainguard|eval_frame", 25)
+    body = out.getvalue()
+    start = body.find("   ncalls")
+    return f"\n  profile of {n} watched steps (own time):\n" + body[start:].rstrip()
 
 
 def main() -> None:
@@ -157,6 +186,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="steps per block (0: the size's)")
     parser.add_argument("--blocks", type=int, default=0, help="blocks per model (0: the size's)")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--profile", type=int, default=0, help="steps to profile (0: none)")
     args = parser.parse_args()
 
     import logging
