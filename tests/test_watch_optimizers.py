@@ -293,3 +293,43 @@ def test_lightning_gan_with_two_optimizers_is_watched_and_clean(tmp_path: Any) -
         assert cb.guard is not None and cb.guard.step_index == 16
         found = [(a.rule, a.step, a.evidence.get("optimizer")) for a in high(cb.guard)]
         assert found == ([("TG1301", edit_at, "optimizer 1 (SGD)")] if edit else []), found
+
+
+def test_blinding_a_further_optimizer_is_critical_at_its_step() -> None:
+    """The guard's self-check (monitor/integrity.py) covers each lane's own checks: its
+    list emptied, a check's sample indices cut, or a method shadowed is TG1304 critical
+    at the next hook or guard.step."""
+    rng = seeded()
+    for how in ("empty", "index", "shadow"):
+        torch.manual_seed(rng.randrange(999))
+        model = Net()
+        opts = [torch.optim.Adam(model.emb.parameters()), torch.optim.SGD(model.head.parameters())]
+        opts.append(torch.optim.AdamW(model.body.parameters()))
+        guard = tgw.watch(model, opts, hang_seconds=None, budget=rng.choice([None, 0.05]))
+        lane = rng.choice(guard.lanes)
+        at = rng.randrange(1, 6)
+        for step in range(8):
+            for opt in opts:
+                loss = model(torch.randn(8, 8)).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            guard.step(loss=loss)
+            if step != at:
+                continue
+            if how == "empty":
+                lane.checks[:] = []
+            elif how == "index":
+                owner = rng.choice([c for c in lane.checks if hasattr(c, "index")])
+                key = rng.choice(list(owner.index))
+                owner.index[key] = owner.index[key][:1]
+            else:
+                check = rng.choice(lane.checks)
+                real = check.after_step
+                check.after_step = lambda ctx, real=real: real(ctx)
+        guard.close()
+        tampered = [a for a in guard.alerts if "guard itself" in a.message]
+        assert tampered, (how, guard.alerts)
+        assert tampered[0].rule == "TG1304" and tampered[0].severity == Severity.CRITICAL
+        assert tampered[0].step == at + 1, (how, tampered)
+        assert not [a for a in guard.alerts if a.severity >= Severity.HIGH and a.step <= at]

@@ -87,6 +87,9 @@ class SelfCheck:
     def _objects(self, guard: Any) -> list[Any]:
         found = [guard, guard.sink, guard.recorder, guard.fp, *self._checks]
         found += [getattr(guard, "schedule", None), getattr(guard.direction, "probe", None)]
+        for check in self._checks:  # a further optimizer's lane runs checks of its own
+            inner = _inner(check)
+            found += [*inner, *(getattr(c, "probe", None) for c in inner)]
         return [o for o in found if o is not None]
 
     def _unchanged(self, guard: Any) -> bool:
@@ -197,6 +200,13 @@ def _shadows(o: Any) -> frozenset[str]:
     return frozenset(n for n in names if callable(getattr(cls, n, None)))
 
 
+def _inner(check: Any) -> list[Any]:
+    """The checks a check runs itself (monitor/optimizers.py ``Lane``), read from the
+    list it runs each time: emptying it changes what this returns."""
+    held = vars(check).get("checks") if hasattr(check, "__dict__") else None
+    return list(held) if isinstance(held, list) else []
+
+
 def _state(t: Any) -> tuple[Any, int, int]:
     return t, int(t.numel()), int(t._version)  # the tensor itself: its id cannot be reused
 
@@ -207,11 +217,13 @@ Indexed = tuple[Any, dict[Any, Any], dict[Any, tuple[Any, int, int]]]
 def _indices(objects: list[Any]) -> dict[str, Indexed]:
     """Each object's ``index`` (sample indices by parameter): its owner, the dict, and the
     state of its tensors."""
-    out = {}
+    out: dict[str, Indexed] = {}
     for o in objects:
         held = vars(o).get("index") if hasattr(o, "__dict__") else None
         if isinstance(held, dict) and all(hasattr(t, "_version") for t in held.values()):
-            out[type(o).__name__] = (o, held, {k: _state(t) for k, t in held.items()})
+            label = type(o).__name__
+            label = label if label not in out else f"{label} #{len(out)}"  # a lane's own
+            out[label] = (o, held, {k: _state(t) for k, t in held.items()})
     return out
 
 
