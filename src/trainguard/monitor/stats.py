@@ -34,10 +34,11 @@ def is_stall(window: RobustWindow, value: float, *, min_excess: float) -> bool:
     at least ``min_excess`` seconds (so a GC pause on a 5 ms step is not a stall)."""
     if not window.ready():
         return False
-    med, scale = window.center_scale()
-    return (
-        value > med + 8 * max(scale, 0.05 * med) and value > 3 * med and (value - med > min_excess)
-    )
+    med = statistics.median(window.values)
+    if not (value > 3 * med and value - med > min_excess):
+        return False  # the common case, without the second median (the MAD)
+    _, scale = window.center_scale()
+    return value > med + 8 * max(scale, 0.05 * med)
 
 
 def is_spike(window: RobustWindow, value: float) -> bool:
@@ -46,7 +47,8 @@ def is_spike(window: RobustWindow, value: float) -> bool:
         return True
     if not window.ready():
         return False
-    med, scale = window.center_scale()
-    return abs(value - med) > 12 * max(scale, 0.05 * abs(med), 1e-12) and (
-        abs(value) > 3 * abs(med)
-    )
+    med = statistics.median(window.values)
+    if not abs(value) > 3 * abs(med):
+        return False  # the common case, without the second median (the MAD)
+    _, scale = window.center_scale()
+    return abs(value - med) > 12 * max(scale, 0.05 * abs(med), 1e-12)
