@@ -5,8 +5,10 @@ Usage: python -m tests.replay_fsdp WORLD PORT FOLDER RUN:SCENARIO...
 The process imports torch once and forks WORLD ranks (tests/fsdp_worker.py's
 fork_ranks), which train each RUN in turn in one process group.
 SCENARIO: honest | poison:RANK:STEP (that rank negates its labels from STEP on, in
-training only: the entry point below is the honest code).  Every rank saves its own
-shard of the weights and optimizer state through ``guard.checkpoint`` at steps 0, 6, 12.
+training only: the entry point below is the honest code) | tamper:RANK:STEP (after STEP,
+that rank adds 1e-3 to its slice of the first layer's weight, outside the optimizer).
+Every rank saves its own shard of the weights and optimizer state through
+``guard.checkpoint`` at steps 0, 6, 12.
 After the runs, each rank tries every rank's checkpoint at step 6 of the first run in a
 fresh entry model and writes what happened to FOLDER/restores{RANK}.json.
 """
@@ -84,6 +86,7 @@ def build(ctx: ReplayContext) -> Replayable:
 def train(folder: Path, run_id: str, scenario: str) -> None:
     kind, *args = scenario.split(":")
     poison = (int(args[0]), int(args[1])) if kind == "poison" else None
+    tamper = (int(args[0]), int(args[1])) if kind == "tamper" else None
     model, opt, loader, epoch, step = parts(poison)
     rank = dist.get_rank()
     guard = trainguard.watch(
@@ -95,6 +98,9 @@ def train(folder: Path, run_id: str, scenario: str) -> None:
         batch = next(batches)
         loss = step(batch)
         guard.step(loss=loss, batch=batch)
+        if tamper is not None and rank == tamper[0] and s == tamper[1]:
+            with torch.no_grad():  # the sabotage: this rank's slice, outside the optimizer
+                next(model.parameters()).to_local().add_(1e-3)
         if (s + 1) % EVERY == 0:
             guard.checkpoint(folder / f"{run_id}-r{rank}-{s + 1}.pt")
     guard.close()

@@ -1,12 +1,14 @@
 """``trainguard replay --all-ranks`` of a 2-rank FSDP2 run (``fully_shard``, gloo, CPU).
 
-One forked launch trains an honest run and one where a rank negates its labels from a
-step on (rank and step drawn from a fresh seed, printed; tests/replay_fsdp.py); every rank
-saves its own slice of the weights and optimizer state through ``guard.checkpoint``.
-The honest run replays as matched on both ranks, from each rank's own checkpoints; the
-poisoned one is named with its rank and step, by ``replay --all-ranks`` and by the
-verifier's rank pool; a checkpoint holding another rank's slices is refused, naming the
-tensor and both slices.
+One forked launch trains an honest run, one where a rank negates its labels from a step on
+and one where a rank edits its slice of the weights after a step (ranks and steps drawn
+from a fresh seed, printed; tests/replay_fsdp.py); every rank saves its own slice of the
+weights and optimizer state through ``guard.checkpoint``. The honest run replays as
+matched on both ranks, from each rank's own checkpoints; the poisoned one is named with
+its rank and step, by ``replay --all-ranks`` and by the verifier's rank pool; the tampered
+one with its rank alone (the other rank's loss differs too: its forward all-gathers the
+edited slice); a checkpoint holding another rank's slices is refused, naming the tensor
+and both slices.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Runs:
     folder: Path
     rank: int  # the rank that poisons its labels ...
     step: int  # ... from this step on
+    tampered: tuple[int, int]  # the rank that edits its weights' slice after this step
 
     @property
     def ledger(self) -> str:
@@ -51,9 +54,11 @@ class Runs:
 def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     rng = seeded()
     rank, step = rng.randrange(2), rng.randrange(12)
-    print(f"rank {rank} poisons its labels from step {step}")
+    tampered = (rng.randrange(2), rng.randrange(12))
+    print(f"rank {rank} poisons its labels from step {step}; {tampered} tampers")
     folder = tmp_path_factory.mktemp("fsdp-replay")
-    argv = ["2", str(_port()), str(folder), "honest:honest", f"poisoned:poison:{rank}:{step}"]
+    argv = ["2", str(_port()), str(folder), "honest:honest", f"poisoned:poison:{rank}:{step}",
+            "tampered:tamper:{}:{}".format(*tampered)]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-m", "tests.replay_fsdp", *argv],
         cwd=ROOT,
@@ -63,7 +68,7 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     )
     codes = json.loads((folder / "exit.json").read_text())
     assert proc.returncode == 0 and codes == {"0": 0, "1": 0}, proc.stderr[-3000:]
-    return Runs(folder, rank, step)
+    return Runs(folder, rank, step, tampered)
 
 
 def _statuses(step: int) -> list[str]:
@@ -116,6 +121,28 @@ def test_rank_poisoning_its_labels_is_named_by_replay_all_ranks(
     rows = {0: "0.weight[0:7]", 1: "0.weight[7:13]"}
     assert rows[rank] in own["after"]["tensors"], own["after"]
     assert rows[1 - rank] in spread["after"]["tensors"], spread["after"]
+
+
+def test_rank_editing_its_slice_is_named_alone(
+    fsdp_runs: Runs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    rank, after = fsdp_runs.tampered
+    reports = replay_ranks(fsdp_runs.ledger, "tampered", ENTRY, 2, key=KEY)
+    # Seen at the next step, or in the checkpoint saved right after the edit (steps 6, 12).
+    assert sources(reports) == (after + 1, [rank]), [r.first_divergence for r in reports]
+    own = reports[rank].first_divergence
+    assert own is not None
+    field = own.field("before" if own.kind == "step" else "params")
+    assert field is not None and field.tensors == (("0.weight[0:7]", "0.weight[7:13]")[rank],)
+    bad = (after + 1) // 6
+    assert reports[rank].segments[bad].status == "diverged"
+    peer = reports[1 - rank].segments[bad]
+    if own.kind == "step":  # the peer's forward read the edited slice: it diverged, later fields
+        assert peer.status == "diverged" and peer.divergence is not None
+        assert peer.divergence.step == after + 1 and peer.divergence.field("before") is None
+    else:  # a checkpoint that fails on one rank: no rank replays that segment
+        assert peer.status == "skipped", peer
 
 
 def test_verifier_pool_recomputes_a_sharded_run(

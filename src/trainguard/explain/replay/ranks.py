@@ -13,9 +13,11 @@ checkpoint failed (then none replays it), steps every rank through the whole
 segment even after a divergence, and stops at the same segment on every rank.
 
 Which rank did it: at the first step any rank diverges, a rank whose own
-batch, random state, weights before the step or loss differ is where it
-started; ranks that differ only after the all-reduce (gradient norm, update)
-received it.  :func:`sources` names them.
+checkpoint, batch, random state or weights before the step differ is where it
+started; failing that, a rank whose loss differs (under FSDP a peer's edited
+slice reaches every forward through the all-gather, so the loss comes second);
+ranks that differ only after the all-reduce (gradient norm, update) received
+it.  :func:`sources` names them.
 """
 
 from __future__ import annotations
@@ -32,9 +34,15 @@ from typing import Any
 from trainguard.explain.replay.ledger import ReplayError
 from trainguard.explain.replay.result import ReplayReport, report_from_dict
 
-# Fields a rank computes before the all-reduce: a difference there is the rank's own.
-LOCAL_FIELDS = ("file", "run", "params", "optimizer-state", "carried", "carried-ledger",
-                "batch", "rng", "before", "loss")  # fmt: skip
+# Fields of a rank's own state before the step (its checkpoint, batch, random state and
+# weights, or under FSDP its slice of them): a difference there is the rank's own.
+OWN_FIELDS = ("file", "run", "params", "optimizer-state", "carried", "carried-ledger",
+              "batch", "rng", "before")  # fmt: skip
+# The loss is computed before the all-reduce too, and is the rank's own under DDP (its
+# forward reads its own replica); under FSDP the forward reads every peer's slice
+# (all-gathered), so a peer's edited slice changes it as well: it names the rank only
+# when no rank's own state differs.
+LOCAL_FIELDS = (*OWN_FIELDS, "loss")
 GROUP_TIMEOUT_S = 120  # a rank that raised leaves the others waiting in a collective
 
 
@@ -101,8 +109,11 @@ def sources(reports: Sequence[ReplayReport]) -> tuple[int | None, list[int]]:
         return None, []
     step = min(d.step for d in firsts.values())
     at = {rank: d for rank, d in firsts.items() if d.step == step}
-    local = sorted(rank for rank, d in at.items() if any(f.field in LOCAL_FIELDS for f in d.fields))
-    return step, local or sorted(at)
+    for fields in (OWN_FIELDS, LOCAL_FIELDS):
+        named = sorted(rank for rank, d in at.items() if any(f.field in fields for f in d.fields))
+        if named:
+            return step, named
+    return step, sorted(at)
 
 
 def world_size(ledger: str, run_id: str) -> int:
