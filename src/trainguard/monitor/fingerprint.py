@@ -1,12 +1,12 @@
 """Keyed, exact, position-dependent fingerprints of tensors, computed on their own device.
 
 A tensor's bytes are read as signed 8-bit integers ``x_j``, ``j`` the byte's index in the
-whole tensor, in chunks of CHUNK (1,024) bytes: byte ``j`` sits at position ``p = j mod
+whole tensor, in chunks of CHUNK (4,096) bytes: byte ``j`` sits at position ``p = j mod
 CHUNK`` of chunk ``c = j div CHUNK``.  Sixteen rows of weights, eight drawn from a secret
 per-run key and eight from a public seed (SHAKE-256), give each chunk sixteen exact
 integer sums, which 64-bit multipliers, one per row and chunk, combine::
 
-    S[r, c] = sum_p  x[c * CHUNK + p] * W[r, p]          (exact integers: |S| <= 2**23)
+    S[r, c] = sum_p  x[c * CHUNK + p] * W[r, p]          (exact integers: |S| <= 2**25)
     keyed   = sum_c sum_(r keyed)  S[r, c] * U[r, c]     (mod 2**64)
 
 with each ``W[r, p]`` uniform in [-64, 63] and each ``U[r, c]`` a uniform 64-bit word; the
@@ -20,11 +20,11 @@ change's byte differences: not all zero, each within [-255, 255].  The keyed sum
 equal only if either (a) every keyed ``S[r, c]`` stays equal, in particular in a chunk
 ``c`` where ``d`` is nonzero at some position ``p``: per row, with the row's other weights
 fixed, ``W[r, p]`` must be the one value of 128 that cancels the rest, independently for
-eight rows, odds ``2**-56``; or (b) some ``S[r, c]`` changes by ``D``, ``0 < |D| < 2**24``
-(255 * 64 * 1024), so ``D = 2**t * odd`` with ``t <= 23``, and the total still agrees mod
+eight rows, odds ``2**-56``; or (b) some ``S[r, c]`` changes by ``D``, ``0 < |D| < 2**26``
+(255 * 64 * 4096), so ``D = 2**t * odd`` with ``t <= 25``, and the total still agrees mod
 2**64: with the weights and the other multipliers fixed, ``U[r, c] * D`` must hit one
 residue, which at most ``2**t`` of the ``2**64`` values of ``U[r, c]`` do, odds at most
-``2**-41``.  So a change goes unseen with odds below ``2**-40`` per try, whatever is
+``2**-39``.  So a change goes unseen with odds below ``2**-38`` per try, whatever is
 changed, moved or permuted (version 2: ``2**-33``; version 1 XORed one constant into every
 word: permuting words left it equal).
 
@@ -37,13 +37,14 @@ Exact on any machine: every product and partial sum is an integer far below the 
 the arithmetic that computes it, so no rounding, saturation or overflow happens in any
 order of additions, and a replay on another host, thread count or device gets the same two
 integers.  On x86 CPUs the products are one int8 x int8 -> int32 matrix product per block
-of chunks (``torch._int_mm``: oneDNN's VNNI/AMX kernels, about one pass over the bytes at
-memory speed, read in place whatever the dtype).  The weights have 7 bits because oneDNN's
-kernels for CPUs without VNNI add pairs of products in saturating 16-bit lanes: 255 * 64 * 2
-fits, 255 * 128 * 2 does not (8-bit weights gave wrong sums with ``ONEDNN_MAX_CPU_ISA=AVX2``;
-tests/test_fingerprint_arithmetic.py runs that ISA).  Elsewhere the same product runs in
-float32 (CPUs without oneDNN: every partial sum is an integer of magnitude at most 2**23,
-exact in float32, TF32 or bfloat16 inputs alike) or, on a GPU, float64.
+of chunks (``torch._int_mm``: oneDNN's VNNI/AMX kernels, the bytes read in place whatever
+the dtype; about 0.12 ns per byte on one core of an AVX-512 EPYC).  The weights have 7 bits
+because oneDNN's kernels for CPUs without VNNI add pairs of products in saturating 16-bit
+lanes: 255 * 64 * 2 fits, 255 * 128 * 2 does not (8-bit weights gave wrong sums with
+``ONEDNN_MAX_CPU_ISA=AVX2``; tests/test_fingerprint_arithmetic.py runs that ISA).
+Elsewhere the same products run in float32, one per 1,024 bytes of a chunk (CPUs without
+oneDNN: every partial sum is an integer of magnitude at most 2**23, exact in float32, TF32
+or bfloat16 inputs alike), or on a GPU in float64, the same way.
 
 Blocks compose: a shard names the position of its bytes in the whole tensor, so they meet
 the same weights and multipliers there, and the sums are linear: those of any set of blocks
@@ -51,7 +52,10 @@ that tile a tensor (cut anywhere, empty blocks included) add up, mod 2**64, to t
 tensor's (:func:`compose`).  Replicas hold the same label and the same sums.
 
 Cost: the bytes are read once, in place; a chunk cut by a run's start or end is copied,
-zero-padded (1 KiB), and the scratch per matrix product is bounded (BLOCK chunks).  On a
+zero-padded (4 KiB); small runs are copied into one pack per call (one product for them
+all: a small tensor's cost is the ops run for it); the scratch per product is bounded
+(BLOCK chunks); the multipliers take 128 bytes per chunk of the longest tensor (3%),
+the weights 64 KiB.  On a
 CPU every product runs on one torch thread (an op split over torch's OpenMP threads waits
 for its other half on a loaded machine, and OpenMP does not survive fork()); long runs are
 cut into stretches for a thread pool instead.  Only two integers per tensor leave the
@@ -82,12 +86,13 @@ from trainguard.monitor.sharding import is_dtensor, local, shard, state_owner
 # The math of the sums; a ledger records it in run-start, and digests of another
 # version are never compared with these (replay says which version recorded them).
 FINGERPRINT_VERSION = 3
-CHUNK = 1 << 10  # bytes per chunk: a weight per position in it, a multiplier per chunk
+CHUNK = 1 << 12  # bytes per chunk: a weight per position in it, a multiplier per chunk
+EXACT32 = 1 << 10  # bytes per float product: partial sums within float32's 2**24
 ROWS = 16  # weight rows: PLAIN public ones, then as many keyed ones
 PLAIN = ROWS // 2
-BLOCK = 1 << 9  # chunks per product on a CPU: 512 KiB, in cache with its sums (measured
-# fastest: 4 MiB blocks cost 10% more per byte); float32 copies a block as floats (2 MiB)
-DEVICE_BLOCK = 1 << 12  # on a GPU: fewer, larger kernels (32 MiB of float64 scratch)
+BLOCK = 1 << 8  # chunks per product on a CPU: 1 MiB, in cache with its sums (products of
+# 64 KiB cost 2.5x more per byte, of 4 MiB 10% more); float32 copies it as floats (4 MiB)
+DEVICE_BLOCK = 1 << 10  # on a GPU: fewer, larger kernels (32 MiB of float64 scratch)
 SMALL = 1 << 16  # runs of at most this many bytes are copied into packs of about BLOCK
 # chunks, one product per pack: below it a run costs more in ops than its copy costs
 PUBLIC = b"trainguard fingerprint v3 public "  # the plain sums' tables (no secret)
@@ -372,7 +377,10 @@ def _products(torch: Any, x: Any, weights: Any, arithmetic: str) -> Any:
     """``x @ weights`` for int8 chunks ``x`` (m x CHUNK), exact: int32 or int64."""
     if arithmetic == "int8":
         return torch._int_mm(x, weights)
-    return torch.mm(x.to(weights.dtype), weights).to(torch.int64)
+    # A product per EXACT32 bytes of the chunks keeps every partial sum exact in float32.
+    parts = x.view(x.shape[0], CHUNK // EXACT32, EXACT32).transpose(0, 1).to(weights.dtype)
+    products = torch.bmm(parts, weights.view(CHUNK // EXACT32, EXACT32, ROWS))
+    return products.to(torch.int64).sum(dim=0)
 
 
 if sys.byteorder != "little":  # a number's bytes are read in memory order
@@ -381,7 +389,8 @@ if sys.byteorder != "little":  # a number's bytes are read in memory order
 
 # By process: a pool inherited through fork() has no threads (its tasks would wait forever).
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
-MIN_CHUNKS_PER_THREAD = 1 << 11  # 2 MiB: a shorter stretch is not worth a thread's hand-off
+MIN_CHUNKS_PER_THREAD = 1 << 11  # 8 MiB: a shorter stretch is not worth a thread's hand-off
+# (under load the hand-off itself waited a millisecond: 4 MiB took 1.25 ms on 2 threads, 0.69 on 1)
 _OPENMP: list[bool] = []  # torch's parallel backend is OpenMP (asked once)
 
 
