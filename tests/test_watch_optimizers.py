@@ -14,8 +14,13 @@ or above at its step, naming the optimizer (or "no optimizer").
 
 from __future__ import annotations
 
+import json
 import random
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,6 +46,7 @@ SCHEDULERS = {
     "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20),
 }
 STEPS = 30
+WORKER = (sys.executable, "-m", "tests.multiopt_worker")
 
 
 class Net(torch.nn.Module):
@@ -333,3 +339,39 @@ def test_blinding_a_further_optimizer_is_critical_at_its_step() -> None:
         assert tampered[0].rule == "TG1304" and tampered[0].severity == Severity.CRITICAL
         assert tampered[0].step == at + 1, (how, tampered)
         assert not [a for a in guard.alerts if a.severity >= Severity.HIGH and a.step <= at]
+
+
+def test_ranks_compare_every_optimizers_settings(tmp_path: Path) -> None:
+    """Three replicas with two optimizers: one rank's second optimizer runs at another
+    learning rate (set before watch(), so its own checks see no change); the rank
+    comparison names it (TG1303), and nothing else is high on the others."""
+    odd = seeded().randrange(3)
+    port = _port()
+    procs = [
+        subprocess.Popen(
+            [*WORKER, str(r), "3", str(port), str(tmp_path / f"rank{r}.json"), str(odd)],
+            cwd=Path(__file__).parent.parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(3)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-800:]
+    found = [
+        (a["rule"], a["step"], a["evidence"].get("ranks"))
+        for r in range(3)
+        for a in json.loads((tmp_path / f"rank{r}.json").read_text())["alerts"]
+        if a["severity"] in ("high", "critical")
+    ]
+    assert ("TG1303", 4, [odd]) in found, found
+    assert {rule for rule, _, _ in found} <= {"TG1303", "TG1310"}, found
+    assert all(ranks == [odd] for _, _, ranks in found), found
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -49,9 +49,14 @@ NOTE_FRESH_SECONDS = 2 * WAIT_NOTE_EVERY
 def rank_report(guard: Any) -> dict[str, Any]:
     """What this rank holds and runs, for the other ranks to compare."""
     params = guard.fp.fingerprint(guard.named_params)
-    moments = guard.fp.fingerprint(optimizer_tensors(guard.optimizer))
     held = dict(params.per_tensor)
-    held.update({"optimizer " + label: d for label, d in moments.per_tensor})
+    # Every optimizer's state and settings (several optimizers: monitor/optimizers.py).
+    optimizers = guard.optimizers.all
+    for i, opt in enumerate(optimizers):
+        moments = guard.fp.fingerprint(optimizer_tensors(opt))
+        prefix = "optimizer " if i == 0 else f"optimizer#{i} "
+        held.update({prefix + label: d for label, d in moments.per_tensor})
+    settings = [hyperparameters(o) for o in optimizers]
     cover = {
         s.label: [s.name, int(s.local.numel()), _numel(s.global_shape)]
         for s in shards(guard.named_params)
@@ -62,7 +67,7 @@ def rank_report(guard: Any) -> dict[str, Any]:
         "step": guard.step_index,
         "world": guard.world_size,
         "key": guard.fp.digest_bytes(b"key-id"),
-        "hyperparameters": ranks.digest_of(hyperparameters(guard.optimizer)),
+        "hyperparameters": ranks.digest_of(settings[0] if len(settings) == 1 else settings),
         "code": ranks.code_digests(guard.optimizer),
         "shards": held,
         "cover": cover,
