@@ -9,12 +9,14 @@ training only: the entry point below is the honest code) | tamper:RANK:STEP (aft
 that rank adds 1e-3 to its slice of the first layer's weight, outside the optimizer).
 Every rank saves its own shard of the weights and optimizer state through
 ``guard.checkpoint`` at steps 0, 6, 12.
-After the runs, each rank tries every rank's checkpoint at step 6 of the first run in a
-fresh entry model and writes what happened to FOLDER/restores{RANK}.json.
+After the runs, each rank tries checkpoints at step 6 of the first run in fresh models
+(every rank's, its own without its layout, its own in an unsharded model) and writes what
+happened to FOLDER/restores{RANK}.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -107,19 +109,32 @@ def train(folder: Path, run_id: str, scenario: str) -> None:
 
 
 def restores(folder: Path, run_id: str) -> dict[str, str | None]:
-    """Each rank's checkpoint at step 6 put into this rank's fresh entry model: its own
-    loads, a peer's slices (another offset) must be refused, naming the tensor."""
+    """Checkpoints at step 6 put into fresh models on this rank: each rank's into the entry's
+    model (its own loads, a peer's slices sit elsewhere), its own without its slices'
+    layout ("whole") and into a model built without fully_shard ("unsharded").  Each
+    refusal's message, by case; None where it loaded."""
+    rank = dist.get_rank()
     model, opt, *_ = parts()
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(
+        torch.nn.Linear(8, 13), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(13, 1)
+    )
+    own = ckpt.read(folder / f"{run_id}-r{rank}-6.pt")
+    cases: dict[str, tuple[Any, Any, ckpt.Checkpoint]] = {
+        str(r): (model, opt, ckpt.read(folder / f"{run_id}-r{r}-6.pt"))
+        for r in range(dist.get_world_size())
+    }
+    cases["whole"] = (model, opt, dataclasses.replace(own, shards=None))
+    cases["unsharded"] = (plain, torch.optim.AdamW(plain.parameters(), lr=1e-2), own)
     out: dict[str, str | None] = {}
-    for r in range(dist.get_world_size()):
-        saved = ckpt.read(folder / f"{run_id}-r{r}-6.pt")
+    for case, (m, o, saved) in cases.items():
         try:
-            model_state, opt_state = sharded.restorable(model, opt, saved)
-            model.load_state_dict(model_state)
-            opt.load_state_dict(opt_state)
-            out[str(r)] = None
+            model_state, opt_state = sharded.restorable(m, o, saved)
+            m.load_state_dict(model_state)
+            o.load_state_dict(opt_state)
+            out[case] = None
         except ReplayError as exc:
-            out[str(r)] = str(exc)
+            out[case] = str(exc)
     return out
 
 

@@ -170,9 +170,10 @@ def test_verifier_pool_recomputes_a_sharded_run(
     assert verdicts[bad].step == step and verdicts[bad].ranks == (rank,), verdicts
 
 
-def test_checkpoint_of_another_ranks_slices_is_refused(fsdp_runs: Runs) -> None:
+def test_checkpoint_sharded_otherwise_is_refused(fsdp_runs: Runs) -> None:
     """Each rank's checkpoint holds only its slices, with where they sit: put into a model
-    sharded otherwise (here: the other rank's), it is refused, naming both slices."""
+    sharded otherwise (the other rank's slices, no layout, a model without fully_shard),
+    it is refused, naming the tensor; never loaded into the wrong rows."""
     for rank in (0, 1):
         tried = json.loads((fsdp_runs.folder / f"restores{rank}.json").read_text())
         assert tried[str(rank)] is None, tried  # its own restores
@@ -180,3 +181,6 @@ def test_checkpoint_of_another_ranks_slices_is_refused(fsdp_runs: Runs) -> None:
         mine, theirs = ("[0:7]", "[7:13]") if rank == 0 else ("[7:13]", "[0:7]")
         assert peer is not None and peer.startswith("model 0.weight:"), tried
         assert f"slice is {theirs} of shape [13, 8]" in peer and f"holds {mine}" in peer, peer
+        assert "holds it whole, the entry's model shards it" in (tried["whole"] or ""), tried
+        unsharded = tried["unsharded"] or ""
+        assert "holds one rank's slice, the entry's model holds the whole" in unsharded, tried
