@@ -16,6 +16,7 @@ instead is TG1301.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from trainguard.monitor.alerts import Alert, Context
@@ -29,10 +30,34 @@ class ParameterIdentityCheck(Check):
         self.params = dict(model.named_parameters())
         self.trained = [p for g in optimizer.param_groups for p in g["params"]]
         self.grads = {n: p.requires_grad for n, p in self.params.items()}
+        self._tree = _tree(model)
+
+    def _unchanged(self) -> bool:
+        """The common case without walking ``named_parameters()`` (a generator per module
+        and a string per name, every step): the module tree holds the same submodules
+        and parameter slots as at the last check, the param groups the same tensors, and
+        no parameter's ``requires_grad`` moved.  Then the full comparison finds nothing."""
+        if self._tree is None:
+            return False
+        for m, params, modules in self._tree:
+            mp, mm = m._parameters, m._modules
+            if len(mp) != len(params) or len(mm) != len(modules):
+                return False
+            for k, v in params:
+                if mp.get(k) is not v:
+                    return False
+            for k, v in modules:
+                if mm.get(k) is not v:
+                    return False
+        held = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if len(held) != len(self.trained) or not all(map(operator.is_, held, self.trained)):
+            return False
+        return all(p.requires_grad == self.grads[n] for n, p in self.params.items())
 
     def before_step(self, ctx: Context) -> list[Alert]:
-        if not ctx.due:
+        if not ctx.due or self._unchanged():
             return []
+        self._tree = _tree(self.model)
         now = dict(self.model.named_parameters())
         replaced = sorted(
             n for n in set(now) | set(self.params) if now.get(n) is not self.params.get(n)
@@ -92,3 +117,27 @@ class ParameterIdentityCheck(Check):
         self.params, self.trained = now, held
         self.grads = {n: p.requires_grad for n, p in now.items()}
         return alerts
+
+
+Tree = list[tuple[Any, tuple[tuple[str, Any], ...], tuple[tuple[str, Any], ...]]]
+
+
+def _tree(model: Any) -> Tree | None:
+    """Each module's parameter and submodule slots, when ``named_parameters()`` is
+    torch's own walk over them (None otherwise: a model object of another kind, or a
+    module class with its own ``named_modules``/``named_parameters``: always the full
+    comparison)."""
+    try:
+        import torch
+
+        base = torch.nn.Module
+        if not isinstance(model, base) or type(model).named_parameters is not (
+            base.named_parameters
+        ):
+            return None
+        modules = list(model.modules())
+        if any(type(m).named_modules is not base.named_modules for m in modules):
+            return None
+        return [(m, tuple(m._parameters.items()), tuple(m._modules.items())) for m in modules]
+    except Exception:  # an odd model: the full comparison, as before
+        return None
