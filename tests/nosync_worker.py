@@ -1,9 +1,9 @@
 """One rank of DistributedDataParallel (world size 1, gloo) whose loop starts gradient
 accumulation under ``no_sync()`` mid-run; prints the guard's alerts as JSON.
 
-``python tests/nosync_worker.py SEED MODE STORE``: MODE ``honest``, or ``unsynced`` (at
-one step after accumulation began, the last micro-step also runs under ``no_sync()``:
-that step's gradients are not averaged across ranks).
+``python tests/nosync_worker.py SEED STORE``: two runs, one JSON line each: ``honest``,
+and ``unsynced`` (at one step after accumulation began, the last micro-step also runs
+under ``no_sync()``: that step's gradients are not averaged across ranks).
 """
 
 from __future__ import annotations
@@ -20,11 +20,16 @@ from trainguard.monitor import guard as tgw
 
 
 def main() -> None:
-    seed, mode, store = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    rng = random.Random(seed)
+    seed, store = int(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    torch.manual_seed(seed)
+    for mode in ("honest", "unsynced"):
+        print(json.dumps(run(random.Random(f"{seed} {mode}"), mode)), flush=True)
+    dist.destroy_process_group()
+
+
+def run(rng: random.Random, mode: str) -> dict[str, object]:
+    torch.manual_seed(rng.randrange(2**31))
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
     model = torch.nn.parallel.DistributedDataParallel(net)
     opt: torch.optim.Optimizer = rng.choice([torch.optim.SGD, torch.optim.AdamW])(
@@ -47,8 +52,7 @@ def main() -> None:
         guard.step(loss=loss)
     guard.close()
     alerts = [[a.rule, a.step, int(a.severity), a.message] for a in guard.alerts]
-    print(json.dumps({"bad": bad, "begin": begin, "micro": micro, "alerts": alerts}))
-    dist.destroy_process_group()
+    return {"mode": mode, "bad": bad, "begin": begin, "micro": micro, "alerts": alerts}
 
 
 if __name__ == "__main__":
