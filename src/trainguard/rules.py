@@ -1183,6 +1183,26 @@ RULES: dict[str, Rule] = {
             "the server's times do not back, and for step records without a server time.",
         ),
         Rule(
+            "TG1514",
+            "verifier-coverage",
+            _H,
+            "`trainguard verify-run` accounts for every recorded step of every rank as "
+            "recomputed, skipped by its keyed draw, or uncovered, and the ledger's shape does "
+            "not let it do so honestly: recorded steps no segment covered when the run ended, a "
+            "checkpoint record whose position is not the rank's step count when it was "
+            "written (ahead of the step records), a second checkpoint at one position, records "
+            "after a run-end, a run-end whose step count is not the rank's, or a world size "
+            "the streams do not show. The message names the steps, rank and record.",
+        ),
+        Rule(
+            "TG1515",
+            "verifier-chain-foreign",
+            _H,
+            "The verifier's own chain (RUN/verify) holds records the verifier did not write "
+            "(a forged verdict or alert, or a head no verifier key signed). The verifier never "
+            "signs over them: it names them here and goes on in a fresh stream of its chain.",
+        ),
+        Rule(
             "TG1520",
             "sealed-sample-differs",
             _H,
