@@ -39,9 +39,21 @@ def outside_step(guard: Any, reason: str) -> Iterator[None]:
     finally:
         started = clock.now()
         changed, digest = guard.tamper.leave_outside()
-        payload = {"reason": reason, "tensors": changed[:MAX_NAMED], "count": len(changed)}
+        payload: dict[str, Any] = {
+            "reason": reason,
+            "tensors": changed[:MAX_NAMED],
+            "count": len(changed),
+            # After the optimizer's step and before guard.step (Lookahead): the window's
+            # weights, not the step record's "after", are the state the next step starts
+            # from, and what a checkpoint saved now holds (replay reads it so).
+            "after_update": guard._pending is not None,
+        }
         if digest:
+            after = guard.tamper.after
             payload["after"] = digest
+            payload["plain"] = {"after": after.plain}
+            if guard.tamper.tensor_digests:
+                payload["tensors_after"] = after.compact()
         guard._record("outside-step", payload)
         if changed:
             message = (

@@ -42,6 +42,7 @@ FIELD_TEXT = {
     "samples": "samples (vs the sealed dataset)",
     "batch": "batch",
     "rng": "random states after forward/backward",
+    "outside": "declared windows (guard.outside_step)",
     "before": "parameters before the optimizer step",
     "loss": "loss",
     "grad_norm": "gradient norm",

@@ -122,6 +122,39 @@ def compare_step(rec: dict[str, Any], rep: dict[str, Any], sides: Sides) -> list
     return sorted(diffs, key=lambda d: FIELD_ORDER.index(d.field))
 
 
+def windows(records: Sequence[dict[str, Any]]) -> str:
+    """``sam: 4 tensors`` for each declared window, in order."""
+    return "; ".join(f"{r.get('reason')!s:.40}: {r.get('count')} tensor(s)" for r in records)
+
+
+def compare_outside(
+    recorded: Sequence[dict[str, Any]], replayed: Sequence[dict[str, Any]], mode: str
+) -> list[FieldDiff]:
+    """The step's declared windows (guard.outside_step in training, ctx.outside_step in the
+    entry): the same number, each with the same reason and tensors written and, keyed, the
+    digest of the weights after it (exact mode records one).  None replayed: not compared
+    here (the caller notes it; the step's records still hold the weights).
+    """
+    if not replayed:
+        return []
+    if not recorded:
+        return [FieldDiff("outside", "no declared window", windows(replayed))]
+
+    def seen(r: dict[str, Any]) -> list[Any]:
+        return [r.get("reason"), r.get("count"), r.get("tensors"), digest(r, "after", mode)]
+
+    if [seen(r) for r in recorded] == [seen(r) for r in replayed]:
+        return []
+    written: list[str] = []
+    for ra, rb in zip(recorded, replayed, strict=False):
+        names = (list(ra.get("tensors") or []), list(rb.get("tensors") or []))
+        same = digest(ra, "after", mode) == digest(rb, "after", mode)
+        for name in names[0] + names[1]:
+            if name not in written and (not same or name not in names[0] or name not in names[1]):
+                written.append(str(name))
+    return [FieldDiff("outside", windows(recorded), windows(replayed), tuple(written[:50]))]
+
+
 def compare_state(
     expected: dict[str, Any],
     restored: dict[str, Any],
@@ -232,6 +265,13 @@ def cause(
         return sampled
     if "batch" in by:
         return "the batch differs: the data, or the position in it, is not the recorded one"
+    if "outside" in by:
+        d = by["outside"]
+        return (
+            "the weights written in a declared window (guard.outside_step) differ from "
+            f"redoing the declared work: recorded {d.recorded}, replayed {d.replayed}"
+            + (f"; tensors {', '.join(d.tensors[:6])}" if d.tensors else "")
+        )
     if "before" in by:
         return (
             f"parameters changed between steps {step - 1} and {step}, outside the "

@@ -47,6 +47,7 @@ from trainguard.explain.replay.ledger import (
     locate,
     read_history,
     resolve_position,
+    settled,
 )
 from trainguard.explain.replay.ranks import Ranks
 from trainguard.explain.replay.result import (
@@ -254,6 +255,7 @@ class _Capture:
     def __init__(self) -> None:
         self.start: dict[str, Any] = {}
         self.steps: dict[int, dict[str, Any]] = {}
+        self.outside: dict[int, list[dict[str, Any]]] = {}  # ctx.outside_step windows
 
     def append(
         self, run_id: str, kind: str, payload: dict[str, Any], *, step: Any = None, stream: int = -1
@@ -263,6 +265,8 @@ class _Capture:
             self.start = normal
         elif kind == "step" and isinstance(step, int):
             self.steps[step] = normal
+        elif kind == "outside-step" and isinstance(step, int):
+            self.outside.setdefault(step, []).append(normal)
 
     def optimizer_names(self, step: int) -> list[str]:
         names = list(self.start.get("optimizer_names") or [])
@@ -407,6 +411,7 @@ class _Runner:
             min_stall_seconds=math.inf,
             sign_key=False,  # records go to memory only: nothing to sign
         )
+        ctx.guard_slot.append(guard)  # ctx.outside_step() declares through it
         try:
             if saved is not None:
                 ckpt.restore_random_states(saved.rng)
@@ -426,6 +431,7 @@ class _Runner:
                 return
             self._steps(seg, run, guard, capture, params, label)
         finally:
+            ctx.guard_slot.clear()
             guard.close()
 
     def _steps(
@@ -473,6 +479,11 @@ class _Runner:
                 h.start.get("budget") is not None,
             )
             diffs = cmp.compare_step(rec, rep, sides)
+            diffs += cmp.compare_outside(
+                h.outside.get(s, []), capture.outside.get(s, []), self.mode
+            )
+            if h.outside.get(s) and not capture.outside.get(s):
+                seg.notes.append(_UNDECLARED.format(step=s, what=cmp.windows(h.outside[s])))
             diffs += samples.compare(
                 rec, rep, self.mode, *samples.of_guard(guard), h.rank, expect=self.expect_data
             )
@@ -482,6 +493,12 @@ class _Runner:
             if diffs and seg.divergence is None:
                 hooked = rec.get("hooks") is not False
                 why = cmp.cause(diffs, s, "step", checked=checked, hooked=hooked)
+                declared = [*h.outside.get(s - 1, []), *h.outside.get(s, [])]
+                if declared and not any(d.field == "outside" for d in diffs):
+                    why += (
+                        f"; the run declared weights written outside the step there "
+                        f"({cmp.windows(declared)}): redoing the step does not give them"
+                    )
                 seg.divergence = Divergence(
                     s, "step", tuple(diffs), why, tuple(h.alerts.get(s, ()))
                 )
@@ -491,10 +508,30 @@ class _Runner:
             return
         # Every step matched: what the checkpoint at seg.end restores must be this.
         state = _call("reading the replay's state", lambda: held.end_state(run))
-        self.held.remember(seg.end, state, capture.steps[seg.end - 1])
+        last = settled(capture.steps[seg.end - 1], _late_windows(h, capture, guard, seg.end))
+        self.held.remember(seg.end, state, last)
 
 
 _END = object()
+# A window the run declared (guard.outside_step) that the entry did not (ctx.outside_step):
+# the weights it wrote are still held to the step's records, so this is no pass.
+_UNDECLARED = (
+    "step {step}: the run declared weights written outside the optimizer step ({what}); the "
+    "entry's step did not declare that window (ctx.outside_step), so its record was not "
+    "compared: only the step's own records checked what it wrote"
+)
+
+
+def _late_windows(h: RunHistory, capture: _Capture, guard: Any, end: int) -> list[dict[str, Any]]:
+    """Where the run declared a window after the last step's update (Lookahead), the weights
+    the replay ended in, fingerprinted now by its guard: what the checkpoint at ``end``
+    must hold, whether or not the entry declared the window itself."""
+    windows = [*h.outside.get(end - 1, []), *capture.outside.get(end - 1, [])]
+    if not any(w.get("after_update") for w in windows):
+        return []
+    now = guard.tamper.fp.fingerprint(guard.tamper.params)
+    return [{"after_update": True, "after": now.digest, "plain": {"after": now.plain},
+             "tensors_after": now.compact()}]  # fmt: skip
 
 
 def _call(what: str, fn: Callable[[], Any]) -> Any:

@@ -30,6 +30,12 @@ same keys:
     each step's samples are also checked against the signed manifest and the
     seed's order, and a difference names the sample, its shard and the rank
     (docs/data.md).
+
+Weights written between steps on purpose (SAM, Lookahead), declared in
+training with ``with guard.outside_step("sam"):``, are declared in the entry's
+``step`` with ``with ctx.outside_step("sam"):`` at the same place: replay then
+redoes the declared work under its own guard and holds each window's record
+(reason, tensors written, the weights' digest after it) to the ledger's.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
 
 from trainguard.errors import UsageError
@@ -57,6 +64,18 @@ class ReplayContext:
     checkpoint: str | None  # the checkpoint file restored after build (None: the start)
     data_state: Any  # what training passed as guard.checkpoint(data_state=...)
     loader_state: dict[str, Any] | None  # read from the guard's data loader, if it had one
+    # The replay's guard while the steps run (set by the engine): ctx.outside_step uses it.
+    guard_slot: list[Any] = field(default_factory=list, repr=False, compare=False)
+
+    def outside_step(self, reason: str = "declared") -> AbstractContextManager[None]:
+        """``with ctx.outside_step("sam"):`` where training wrote ``with
+        guard.outside_step("sam"):``, inside ``step``: the declared window is redone under
+        replay's guard and its record compared with the ledger's (docs/replay.md)."""
+        if not self.guard_slot:
+            raise ReplayError(
+                "ctx.outside_step() is for the entry's step function, while replay runs it"
+            )
+        return self.guard_slot[0].outside_step(reason)  # type: ignore[no-any-return]
 
 
 @dataclass

@@ -80,6 +80,7 @@ class RunHistory:
         rec = self.steps.get(position - 1)
         if rec is None:
             return {}
+        rec = settled(rec, self.outside.get(position - 1, []))
         plain = rec.get("plain") or {}
         tensors = rec.get("tensors") or {}
         return {
@@ -96,6 +97,19 @@ class RunHistory:
             if isinstance(t, (int, float)):
                 total += float(t)
         return total
+
+
+def settled(record: dict[str, Any], windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A step's record with the weights it left: those of the last window declared after
+    its update (guard.outside_step after optimizer.step, as Lookahead does), whose record
+    holds their digests; the step's own "after" otherwise."""
+    late = [w for w in windows if w.get("after_update")]
+    if not late:
+        return record
+    last = late[-1]
+    plain = dict(record.get("plain") or {}, after=(last.get("plain") or {}).get("after"))
+    tensors = dict(record.get("tensors") or {}, after=last.get("tensors_after"))
+    return dict(record, after=last.get("after"), plain=plain, tensors=tensors)
 
 
 def read_history(ledger: Any, run_id: str, rank: int) -> RunHistory:

@@ -38,6 +38,7 @@ FIELD_ORDER = (
     "samples",
     "batch",
     "rng",
+    "outside",
     "before",
     "loss",
     "grad_norm",
