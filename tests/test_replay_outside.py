@@ -138,3 +138,40 @@ def test_declared_windows_replay_when_honest_and_name_sabotage(
     if declares:  # the window's own record is held to the recomputed one
         assert d.step == bad and d.field("outside") is not None, d
         assert "declared window" in d.cause
+
+
+def test_verify_run_recomputes_declared_windows(tmp_path: Path) -> None:
+    """The verifier replays through the same engine: an honest Lookahead run matches, and
+    sabotage in a declared window (a random one) is an alert at its step."""
+    from trainguard.explain.verifier.follow import Verifier
+    from trainguard.explain.verifier.sampling import secret_from
+    from trainguard.signing.keys import write_keypair
+
+    rnd = seeded()
+    k = rnd.choice([2, 4])
+    bad = rnd.choice([s for s in range(STEPS) if s % k == k - 1])
+    print(k, bad)
+    private, _ = write_keypair(tmp_path / "verifier")
+    statuses = []
+    for name, sabotage in (("honest", None), ("bad", bad)):
+        folder = tmp_path / name
+        folder.mkdir()
+        verifier = Verifier(
+            str(train(folder, "lookahead", k, sabotage)),
+            "run",
+            entry("lookahead", k, True),
+            signing_key=str(private),
+            secret=secret_from(private.read_bytes()),
+            rate=1.0,
+            run_key=KEY,
+        )
+        try:
+            verifier.poll()
+        finally:
+            verifier.close()
+        statuses.append([v.status for v in verifier.summary.verdicts])
+        if sabotage is not None:
+            assert [a["rule"] for a in verifier.summary.alerts] == ["TG1510"]
+            assert verifier.summary.verdicts[bad // EVERY].step == bad
+    assert statuses[0] == ["matched"] * (STEPS // EVERY)
+    assert "diverged" in statuses[1]
