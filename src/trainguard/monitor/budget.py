@@ -183,8 +183,8 @@ class Schedule:
         self.fixed: float | None = None  # the guard's seconds per step outside the units
         self._spent = dict.fromkeys(units, 0.0)  # this step's seconds per unit
         self.runs_at: dict[str, int] = dict.fromkeys(units, 0)  # steps each unit ran at
-        # The draws of the last steps asked for: the guard asks for step t+1 at the end of
-        # step t's hooks (to arm the hooks that run in its backward), then again at t+1.
+        # The draws of the last steps asked for: the guard asks for step t+1 at step t's
+        # pre-hook (to arm the units that start before t+1's hooks), then again at t+1.
         self._drawn: dict[int, frozenset[str]] = {}
         # The last steps each unit ran at (tests, and what a report may quote).
         self.recent: dict[str, deque[int]] = {u: deque(maxlen=RECENT) for u in units}
