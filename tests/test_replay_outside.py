@@ -171,7 +171,10 @@ def test_verify_run_recomputes_declared_windows(tmp_path: Path) -> None:
             verifier.close()
         statuses.append([v.status for v in verifier.summary.verdicts])
         if sabotage is not None:
-            assert [a["rule"] for a in verifier.summary.alerts] == ["TG1510"]
-            assert verifier.summary.verdicts[bad // EVERY].step == bad
+            # (A later segment may diverge too: the sabotage left the slow weights behind.)
+            rules = {a["rule"] for a in verifier.summary.alerts}
+            assert rules == {"TG1510"}, verifier.summary.alerts
+            first = next(v for v in verifier.summary.verdicts if v.status == "diverged")
+            assert first.step == bad and first.start == bad // EVERY * EVERY
     assert statuses[0] == ["matched"] * (STEPS // EVERY)
     assert "diverged" in statuses[1]
