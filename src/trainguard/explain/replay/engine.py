@@ -62,8 +62,8 @@ from trainguard.explain.replay.result import (
 )
 from trainguard.explain.replay.trust import LedgerCheck, check_ledger
 from trainguard.ledger.chain import normalise_payload
-from trainguard.monitor import carried, conditions
 from trainguard.monitor import checkpoint as ckpt
+from trainguard.monitor import conditions
 
 __all__ = [
     "ReplayContext",
@@ -313,7 +313,9 @@ class _Runner:
             seg.status = "skipped"
         elif seg.divergence is None:
             seg.status = MATCHED
-        elif seg.divergence.kind == "step" and seg.conditions:
+        elif (seg.divergence.kind == "step" and seg.conditions) or self.held.drawn_only(
+            seg.divergence
+        ):
             seg.status = NOT_COMPARABLE
         else:
             seg.status = DIVERGED
@@ -382,12 +384,14 @@ class _Runner:
             data_state=data.get("state"),
             loader_state=data.get("loader"),
         )
+        first = saved is not None and seg.start == 0
+        scrambled = held.scramble() if first else None
         run = _call("the entry point", lambda: as_replayable(self.entry(ctx)))
         if saved is not None:
             if seg.start == 0:
                 # The honest entry's fresh objects are the state before step 0.
-                fresh = _call("reading the entry's state", lambda: held.fresh_state(run))
-                carried_diff = held.difference(fresh, carried.of_checkpoint(saved))
+                fresh = _call("reading the entry's state", lambda: held.fresh_state(run, scrambled))
+                carried_diff = held.difference(fresh, self.held.restored(saved, whole=True))
                 if carried_diff is not None:
                     seg.divergence = _checkpoint_divergence(seg.start, [carried_diff], h)
             _call(
@@ -480,7 +484,7 @@ class _Runner:
             )
             diffs = cmp.compare_step(rec, rep, sides)
             diffs += cmp.compare_outside(
-                h.outside.get(s, []), capture.outside.get(s, []), self.mode
+                h.outside.get(s, []), capture.outside.get(s, []), self.mode, sides.budget
             )
             if h.outside.get(s) and not capture.outside.get(s):
                 seg.notes.append(_UNDECLARED.format(step=s, what=cmp.windows(h.outside[s])))
