@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainguard.monitor.kinds import Unchecked, unreadable
+from trainguard.monitor.safety import compile_safe
 from trainguard.monitor.sharding import is_dtensor, local, state_owner
 
 SAMPLES_PER_PARAM = 256
@@ -52,8 +53,7 @@ class DirectionCheck:
         self.grad_at_step: dict[int, Any] = {}
         # Our hook must run as plain Python under torch.compile: traced, dynamo would copy
         # the guard's globals into torch's modules and bake the sample indices into graphs.
-        disable: Any = torch.compiler.disable  # untyped in torch
-        self._hook = disable(self._on_grad)
+        self._hook = compile_safe(self._on_grad)
         # Budget mode: the gradient samples are read only in the backward of a step whose
         # probe the schedule drew (checks/direction.py arms it); their seconds go to it.
         self.armed = True

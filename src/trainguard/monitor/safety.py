@@ -12,6 +12,12 @@ the guard:
   ``torch.optim.optimizer``, which the identity check then reported as a patch)
   and compiled the checks' sample reads into the step's graph, where they
   broke it.  ``torch.compiler.disable`` makes each hook a graph break instead.
+  Its wrapper costs a few microseconds per call, also when nothing compiles (a hook
+  per parameter in backward adds up): :func:`compile_safe` calls the disabled twin only
+  when dynamo is tracing (``is_compiling()``, a constant True while it traces, so the
+  traced hook is a call to the twin: a graph break) or its frame callback is set (a
+  compiled function's frames run around the hook: dynamo would compile the hook's own
+  frames), and the plain function otherwise.
 """
 
 from __future__ import annotations
@@ -65,12 +71,34 @@ class StepNesting:
         self.depth = 0
 
 
+def compile_safe(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as a hook torch may call from a compiled frame: plain Python when nothing
+    is being traced, ``torch.compiler.disable(fn)`` (a graph break) when dynamo traces
+    the call.  Only closure cells are read (no module globals for dynamo to copy into
+    the frame it traces)."""
+    import torch
+
+    disable: Any = torch.compiler.disable  # untyped in torch
+    twin: Callable[..., Any] = disable(fn)
+    tracing = torch.compiler.is_compiling
+    dynamo = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    callback = getattr(dynamo, "get_eval_frame_callback", None)
+    if callback is None:  # a torch without the callback's getter: always the twin
+        return twin
+
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        if tracing() or callback() is not None:
+            return twin(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return hook
+
+
 def step_hooks(
     before: Callable[[], None], after: Callable[[], None], nesting: StepNesting
 ) -> tuple[Any, Any]:
     """The optimizer's step pre- and post-hook for the guard, left out of torch.compile;
     only the outermost pair of a nested step runs the checks (:class:`StepNesting`)."""
-    import torch
 
     def pre(opt: Any, args: Any, kwargs: Any) -> None:
         nesting.depth += 1
@@ -86,5 +114,4 @@ def step_hooks(
         nesting.depth = 0
         after()
 
-    disable: Any = torch.compiler.disable  # untyped in torch
-    return disable(pre), disable(post)
+    return compile_safe(pre), compile_safe(post)
