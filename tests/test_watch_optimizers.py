@@ -14,6 +14,7 @@ or above at its step, naming the optimizer (or "no optimizer").
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import socket
@@ -123,7 +124,7 @@ def build(plan: Plan, model: Net) -> list[torch.optim.Optimizer]:
     return opts
 
 
-def run(plan: Plan, seed: int) -> tuple[tgw.Guard, list[str]]:
+def run(plan: Plan, seed: int, **options: Any) -> tuple[tgw.Guard, list[str]]:
     torch.manual_seed(seed)
     model = Net()
     opts = build(plan, model)
@@ -136,6 +137,7 @@ def run(plan: Plan, seed: int) -> tuple[tgw.Guard, list[str]]:
         scheduler=[s for s in scheds if s is not None] or None,
         budget=plan.budget,
         min_stall_seconds=0.25,
+        **options,
     )
     labels = [
         f"{names[i] if plan.named else f'optimizer {i}'} ({type(o).__name__})"
@@ -196,12 +198,31 @@ def high(guard: tgw.Guard) -> list[Any]:
 
 
 @pytest.mark.parametrize("case", range(3))
-def test_honest_compositions_raise_nothing_high(case: int) -> None:
+def test_honest_compositions_raise_nothing_high(case: int, tmp_path: Path) -> None:
+    from trainguard.ledger import open_ledger, verify_ledger
+
     rng = seeded()
     plan = draw(rng)
     print(plan)
-    guard, _ = run(plan, rng.randrange(2**31))
+    url = str(tmp_path / "run.sqlite")
+    guard, labels = run(plan, rng.randrange(2**31), ledger=url, run_id="r")
     assert high(guard) == [], [(a.rule, a.step, a.message) for a in high(guard)]
+    # The ledger: each further optimizer's fingerprints in every step record, and how
+    # often it stepped; between its steps its "before" is its last "after" (exact mode;
+    # the record holds the last of several steps in one guard.step).
+    with open_ledger(url, create=False) as ledger:
+        records = list(ledger.records("r"))
+        assert verify_ledger(ledger, "r") == []
+    start = next(r for r in records if r.kind == "run-start").payload["optimizers"]
+    assert start["labels"] == labels and list(start["lanes"]) == labels[1:]
+    steps = [r.payload["optimizers"] for r in records if r.kind == "step"]
+    assert len(steps) == STEPS
+    for i, label in enumerate(labels[1:], 1):
+        due = [t % plan.period[i] == plan.phase[i] for t in range(STEPS)]
+        assert [s[label]["steps"] for s in steps] == [plan.repeat[i] * d for d in due]
+        if plan.budget is None and plan.repeat[i] == 1:
+            for a, b in itertools.pairwise(steps):
+                assert b[label]["before"] == a[label]["after"]
 
 
 @pytest.mark.parametrize("kind", ["flip", "edit", "unowned"])

@@ -33,7 +33,7 @@ from trainguard.monitor.checks.seeds import SeedCheck
 from trainguard.monitor.checks.tamper import TamperCheck
 from trainguard.monitor.declare import outside_step as _outside_step
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
-from trainguard.monitor.optimizers import Optimizers, lanes
+from trainguard.monitor.optimizers import Optimizers, lanes, start_record, step_record
 from trainguard.monitor.options import WatchOptions
 from trainguard.monitor.recorder import Recorder, run_start, step_payload
 from trainguard.monitor.safety import StepNesting, checked, step_hooks
@@ -162,7 +162,10 @@ class Guard:
         }
         started = [a for check in self.checks for a in check.start(Context(0, self.rank))]
         summary = env.summary if env is not None else None
-        self._record("run-start", run_start(self, summary, conditions.gather(model)))
+        start = run_start(self, summary, conditions.gather(model))
+        if self.lanes:  # several optimizers: the further ones' own (monitor/optimizers.py)
+            start["optimizers"] = start_record(self.optimizers, self.lanes)
+        self._record("run-start", start)
         self.sink.raise_all(started)
         # Ranks that hang without dying (docs/watch.md); None when hang_seconds is None.
         self.watchdog = Watchdog.for_guard(self, opts)
@@ -371,6 +374,8 @@ class Guard:
             )
         batch_fp = self._batch_fingerprint(tensors)
         payload = step_payload(self, end, batch_fp)
+        if self.lanes:
+            payload["optimizers"] = step_record(self.lanes)
         if self.samples is not None:
             payload["samples"] = self.samples.record(tensors)
         self._record("step", payload)

@@ -270,6 +270,8 @@ class Lane(Check):
         ]
         self.schedule: Schedule | None = None  # budget mode: the guard's (set by the guard)
         self.stepped = False  # stepped since the last guard.step
+        self._count = 0  # steps since the last guard.step
+        self.steps = 0  # steps in the guard step that ended last (for its record)
         self._runs: frozenset[str] | None = None
 
     def _emit(self, alerts: list[Alert]) -> list[Alert]:
@@ -292,6 +294,7 @@ class Lane(Check):
                 self.raise_all(self._emit(self._hook(check, ctx, before)))
             if not before:
                 self.stepped = True
+                self._count += 1
         finally:
             self.spent(clock.now() - started)
 
@@ -326,7 +329,7 @@ class Lane(Check):
             # must be as its last step left them, checked at this step.
             alerts += self.identity.before_step(ctx) + self.tamper.before_step(ctx)
             alerts += self.tamper.after_step(ctx)
-        self.stepped = False
+        self.stepped, self.steps, self._count = False, self._count, 0
         self.nesting.reset()
         self.hyper.declare(self.found._hyper[self.index])
         mine = dataclasses.replace(end, declared_lr=self.found._lr[self.index])
@@ -340,6 +343,30 @@ class Lane(Check):
             h.remove()
         for check in self.checks:
             check.close()
+
+
+def start_record(found: Optimizers, lanes: list[Lane]) -> dict[str, Any]:
+    """The run-start record's ``optimizers``: every label, and each further optimizer's
+    parameters, state digests and settings (the first's are the record's own fields)."""
+    return {
+        "labels": found.labels,
+        "lanes": {
+            lane.label: {
+                "param_names": lane.tamper.after.names(),
+                "optimizer_names": lane.tamper.opt_names,
+                "state": lane.tamper.state_digests(),
+                "hyperparameters": lane.hyper.groups,
+            }
+            for lane in lanes
+        },
+    }
+
+
+def step_record(lanes: list[Lane]) -> dict[str, Any]:
+    """A step record's ``optimizers``: each further optimizer's fingerprints, as the
+    record's own fields are the first's (those of its last step, when it stepped
+    several times), and how often it stepped (0: compared at guard.step)."""
+    return {lane.label: {"steps": lane.steps, **lane.tamper.fields} for lane in lanes}
 
 
 def _drawn(sched: Schedule, step: int) -> frozenset[str]:
