@@ -136,9 +136,9 @@ class Fingerprint:
 
 class Fingerprinter:
     def __init__(self, key: bytes | None = None, arithmetic: str | None = None) -> None:
-        """``arithmetic``: one of ARITHMETICS for every device (tests compare them; a
-        replay host may pin one); None: int8 on x86 CPUs with oneDNN, float32 on other
-        CPUs, float64 on other devices."""
+        """``arithmetic``: one of ARITHMETICS (tests compare them; a replay host may pin
+        one; int8 on CPUs only); None: int8 on x86 CPUs with oneDNN, float32 on other
+        CPUs and Apple's MPS, float64 on other devices."""
         if arithmetic is not None and arithmetic not in ARITHMETICS:
             raise ValueError(f"arithmetic {arithmetic!r} is none of {ARITHMETICS}")
         self.key = key or secrets.token_bytes(32)
@@ -162,15 +162,17 @@ class Fingerprinter:
         return made
 
     def _arithmetic(self, torch: Any, device: Any) -> str:
-        if self.arithmetic is not None:
+        if self.arithmetic is not None and (self.arithmetic != "int8" or device.type == "cpu"):
             return self.arithmetic
+        if device.type == "mps":
+            return "float32"  # no float64 there
         if device.type != "cpu":
             return "float64"
         # Where torch._int_mm does not reach oneDNN it multiplies in plain loops, some
-        # hundred times slower than BLAS in float32.
+        # hundred times slower than BLAS in float32; before torch 2.3 it has no CPU kernel.
         fast = platform.machine().lower() in ("x86_64", "amd64")
         fast = fast and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-        return "int8" if fast else "float32"
+        return "int8" if fast and _int8_works(torch) else "float32"
 
     def sums(
         self, tensors: Sequence[Any], places: Sequence[Place | None] | None = None
@@ -371,6 +373,19 @@ class _Pack:
 
     def clear(self) -> None:
         self.pieces, self.ids, self.chunks = [], [], []
+
+
+_INT8: list[bool] = []  # torch._int_mm runs on CPU tensors (asked once)
+
+
+def _int8_works(torch: Any) -> bool:
+    if not _INT8:
+        try:
+            ones = torch.ones(1, CHUNK, dtype=torch.int8)
+            _INT8.append(int(torch._int_mm(ones, ones.t().contiguous())) == CHUNK)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _INT8.append(False)
+    return _INT8[0]
 
 
 def _products(torch: Any, x: Any, weights: Any, arithmetic: str) -> Any:
