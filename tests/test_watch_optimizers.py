@@ -396,3 +396,52 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_declared_writes_to_any_optimizers_weights(tmp_path: Path) -> None:
+    """SAM's ascent and restore, and a Lookahead-like pull, inside guard.outside_step(),
+    on the weights of every optimizer: recorded (TG1316, the outside-step record names
+    each optimizer's tensors), nothing high; a write just before the block is not
+    laundered by it (TG1301 naming its optimizer, at that step)."""
+    from trainguard.ledger import open_ledger
+
+    rng = seeded()
+    launder = rng.randrange(3, 8)
+    for dirty in (False, True):
+        torch.manual_seed(rng.randrange(999))
+        model = Net()
+        opts = [torch.optim.SGD(model.emb.parameters(), lr=0.01)]
+        opts += [torch.optim.Adam([*model.body.parameters(), *model.head.parameters()])]
+        url = str(tmp_path / f"run{dirty}.sqlite")
+        guard = tgw.watch(model, opts, hang_seconds=None, ledger=url, run_id="r")
+        for step in range(10):
+            for opt in opts:
+                x = torch.randn(8, 8)
+                if dirty and step == launder and opt is opts[1]:
+                    with torch.no_grad():
+                        model.head.bias.add_(1e-3)
+                with guard.outside_step("sam"):
+                    saved = [p.detach().clone() for p in model.parameters()]
+                    with torch.no_grad():
+                        for p in model.parameters():
+                            p.add_(1e-3 * torch.randn_like(p))
+                    model(x).square().mean().backward()
+                    with torch.no_grad():
+                        for p, s in zip(model.parameters(), saved, strict=True):
+                            p.copy_(s)
+                        for p in opts[0].param_groups[0]["params"] + [model.head.weight]:
+                            p.mul_(1 - 1e-3)  # and a pull, as Lookahead's: a real write
+                opt.zero_grad()
+                model(x).square().mean().backward()
+                opt.step()
+            guard.step()
+        guard.close()
+        found = [(a.rule, a.step, a.evidence.get("optimizer")) for a in high(guard)]
+        assert found == ([("TG1301", launder, "optimizer 1 (Adam)")] if dirty else []), found
+        with open_ledger(url, create=False) as ledger:
+            windows = [r.payload for r in ledger.records("r") if r.kind == "outside-step"]
+        assert len(windows) == 20
+        lane = [w["optimizers"]["optimizer 1 (Adam)"]["tensors"] for w in windows]
+        late = 2 * launder + 1 if dirty else -1  # the window after the write holds it too
+        assert lane == [["head.bias"] * (i == late) + ["head.weight"] for i in range(20)]
+        assert all(w["tensors"] == ["emb.bias", "emb.weight"] for w in windows)

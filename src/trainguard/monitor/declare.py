@@ -33,12 +33,16 @@ def outside_step(guard: Any, reason: str) -> Iterator[None]:
     started = clock.now()
     ctx = Context(guard.step_index, guard.rank)
     guard.sink.raise_all(guard.tamper.enter_outside(ctx))
+    lanes = getattr(guard, "lanes", [])  # further optimizers (monitor/optimizers.py)
+    for lane in lanes:
+        guard.sink.raise_all(lane.enter_outside(ctx))
     guard._overhead += clock.now() - started
     try:
         yield
     finally:
         started = clock.now()
         changed, digest = guard.tamper.leave_outside()
+        theirs = {lane.label: lane.leave_outside() for lane in lanes}
         payload: dict[str, Any] = {
             "reason": reason,
             "tensors": changed[:MAX_NAMED],
@@ -54,6 +58,12 @@ def outside_step(guard: Any, reason: str) -> Iterator[None]:
             payload["plain"] = {"after": after.plain}
             if guard.tamper.tensor_digests:
                 payload["tensors_after"] = after.compact()
+        if theirs:  # the record's own fields are the first optimizer's
+            payload["optimizers"] = {
+                label: {"tensors": w["tensors"][:MAX_NAMED], "after": w["after"]}
+                for label, w in theirs.items()
+            }
+            changed = changed + [n for w in theirs.values() for n in w["tensors"]]
         guard._record("outside-step", payload)
         if changed:
             message = (

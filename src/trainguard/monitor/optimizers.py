@@ -338,6 +338,16 @@ class Lane(Check):
             alerts += checked(name, "step_end", ctx, functools.partial(check.step_end, ctx, mine))
         return self._emit(alerts)
 
+    # -- guard.outside_step(): declared writes between two steps (monitor/declare.py) ----
+    def enter_outside(self, ctx: Context) -> list[Alert]:
+        """Nothing of this optimizer's may have changed since its last step."""
+        return self._emit(self.tamper.enter_outside(ctx))
+
+    def leave_outside(self) -> dict[str, Any]:
+        """What the block wrote of this optimizer's: it is where its next step starts."""
+        changed, digest = self.tamper.leave_outside()
+        return {"tensors": changed, "after": digest}
+
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
