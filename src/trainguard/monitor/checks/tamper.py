@@ -111,13 +111,15 @@ class TamperCheck(Check):
         ]
         groups = self.optimizer.param_groups  # numbered as optimizer_tensors numbers them
         index = {id(p): i for i, p in enumerate(p for g in groups for p in g["params"])}
+        plain = self._tensor  # exactly torch.Tensor: no DTensor, local() would return it
         for p, state in state_owner(self.optimizer).state.items():
             i = index.get(id(p), -1)
             for slot, value in state.items():
                 if not isinstance(value, self._tensor):
                     continue
                 if value.layout == self._strided:
-                    keyed.append((("o", i, str(slot)), local(value)))
+                    held = value if type(value) is plain else local(value)
+                    keyed.append((("o", i, str(slot)), held))
                     continue
                 for part, t in dense_parts([(str(slot), local(value))], self._skipped):
                     keyed.append((("o", i, part), t))  # a sparse moment: its parts
