@@ -1,8 +1,9 @@
 """Fingerprint version 3's sums are the integers its docstring defines, however computed.
 
 Generated cases (seed printed; ``TRAINGUARD_TEST_SEED=<seed>`` replays one): random tensors
-of every dtype, placed as blocks at random offsets of a larger whole, sum to a pure-Python
-reading of the docstring's formula (SHAKE-256 tables, 7-bit weights, 64-bit multipliers)
+of every dtype, placed as blocks at random offsets of a larger whole (some across the end
+of the first table of multipliers), sum to a pure-Python reading of the docstring's formula
+(SHAKE-256 tables, 7-bit weights, 64-bit multipliers)
 in each arithmetic (int8 matrix products, float32, float64: the GPU's); long tensors cut
 into random tilings (empty blocks, cuts inside a chunk, blocks of several thread
 stretches) compose to the whole, under 1 and 3 threads; a random permutation of a
@@ -34,6 +35,7 @@ from trainguard.monitor.fingerprint import (  # noqa: E402
     MIN_CHUNKS_PER_THREAD,
     PLAIN,
     PUBLIC,
+    TABLE,
     Fingerprinter,
     compose,
 )
@@ -67,21 +69,22 @@ def _random(rng: random.Random, n: int, dtype: torch.dtype) -> torch.Tensor:
 def _reference(key: bytes, data: bytes, start: int) -> tuple[int, int]:
     """The docstring's (plain, keyed) sums of ``data``, bytes ``start..`` of a whole tensor."""
     out = []
-    for seed in (PUBLIC, key):
-        weights = hashlib.shake_256(b"byte" + seed if seed is key else seed + b"byte")
-        w = [(b & 127) - 64 for b in weights.digest(CHUNK * PLAIN)]
-        last = (start + len(data) - 1) // CHUNK + 1
-        stream = hashlib.shake_256(b"chunk" + seed if seed is key else seed + b"chunk")
-        raw = stream.digest(8 * PLAIN * last)
-        u = [
-            int.from_bytes(raw[8 * i : 8 * i + 8], "little", signed=True)
-            for i in range(len(raw) // 8)
-        ]
+    for keyed in (False, True):
+        seed = (lambda what: what + key) if keyed else (lambda what: PUBLIC + what)
+        w = [(b & 127) - 64 for b in hashlib.shake_256(seed(b"byte")).digest(CHUNK * PLAIN)]
+        tables: dict[int, bytes] = {}
         total = 0
         for j, byte in enumerate(data, start):
             x = byte - 256 if byte > 127 else byte
             c, p = divmod(j, CHUNK)
-            total += sum(x * w[p * PLAIN + r] * u[c * PLAIN + r] for r in range(PLAIN))
+            b, row = divmod(c, TABLE)
+            if b not in tables:
+                stream = hashlib.shake_256(seed(b"chunk") + b.to_bytes(8, "little"))
+                tables[b] = stream.digest(8 * PLAIN * TABLE)
+            for r in range(PLAIN):
+                at = 8 * (row * PLAIN + r)
+                u = int.from_bytes(tables[b][at : at + 8], "little", signed=True)
+                total += x * w[p * PLAIN + r] * u
         total &= (1 << 64) - 1
         out.append(total - (1 << 64) if total >> 63 else total)
     return out[0], out[1]
@@ -101,9 +104,10 @@ def test_sums_are_the_documented_integers_in_every_arithmetic() -> None:
         t = _random(
             rng, rng.randrange(1, 3 * CHUNK // torch.empty(0, dtype=dtype).element_size()), dtype
         )
-        whole = t.numel() + rng.randrange(0, 3 * CHUNK)
-        offset = rng.randrange(0, whole - t.numel() + 1)
         size = t.element_size()
+        far = rng.choice([0, TABLE * CHUNK // size])  # sometimes across the first table's end
+        offset = max(0, far - rng.randrange(0, t.numel() + 1)) if far else rng.randrange(3 * CHUNK)
+        whole = offset + t.numel() + rng.randrange(0, 3 * CHUNK)
         expected = _reference(key, _bytes(t), offset * size)
         for fp in fps:
             assert fp.sums([t], [((offset,), (whole,))])[0] == expected, (fp.arithmetic, dtype)

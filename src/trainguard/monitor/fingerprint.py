@@ -9,8 +9,9 @@ integer sums, which 64-bit multipliers, one per row and chunk, combine::
     S[r, c] = sum_p  x[c * CHUNK + p] * W[r, p]          (exact integers: |S| <= 2**25)
     keyed   = sum_c sum_(r keyed)  S[r, c] * U[r, c]     (mod 2**64)
 
-with each ``W[r, p]`` uniform in [-64, 63] and each ``U[r, c]`` a uniform 64-bit word; the
-*plain* sum is the same over the eight public rows.
+with each ``W[r, p]`` uniform in [-64, 63] and each ``U[r, c]`` a uniform 64-bit word (row
+``c mod TABLE`` of SHAKE-256 of the seed and ``c div TABLE``); the *plain* sum is the same
+over the eight public rows.
 
 Security.  The attacker knows this code, the public rows and every tensor, and may make any
 change at all: flip bits, move bits or bytes between elements, permute rows, swap chunks,
@@ -54,8 +55,9 @@ tensor's (:func:`compose`).  Replicas hold the same label and the same sums.
 Cost: the bytes are read once, in place; a chunk cut by a run's start or end is copied,
 zero-padded (4 KiB); small runs are copied into one pack per call (one product for them
 all: a small tensor's cost is the ops run for it); the scratch per product is bounded
-(BLOCK chunks); the multipliers take 128 bytes per chunk of the longest tensor (3%),
-the weights 64 KiB.  On a
+(BLOCK chunks); the multipliers take 128 bytes per chunk (3%), drawn per TABLE chunks where
+runs reach (a rank holding the last shard of a tensor holds those of its shard, not of the
+whole), the weights 64 KiB.  On a
 CPU every product runs on one torch thread (an op split over torch's OpenMP threads waits
 for its other half on a loaded machine, and OpenMP does not survive fork()); long runs are
 cut into stretches for a thread pool instead.  Only two integers per tensor leave the
@@ -93,6 +95,8 @@ PLAIN = ROWS // 2
 BLOCK = 1 << 8  # chunks per product on a CPU: 1 MiB, in cache with its sums (products of
 # 64 KiB cost 2.5x more per byte, of 4 MiB 10% more); float32 copies it as floats (4 MiB)
 DEVICE_BLOCK = 1 << 10  # on a GPU: fewer, larger kernels (32 MiB of float64 scratch)
+TABLE = 1 << 12  # chunks per table of multipliers (16 MiB of bytes, 512 KiB of multipliers;
+# a multiple of both blocks): drawn where runs reach, so a shard's rank holds its own only
 SMALL = 1 << 16  # runs of at most this many bytes are copied into packs of about BLOCK
 # chunks, one product per pack: below it a run costs more in ops than its copy costs
 PUBLIC = b"trainguard fingerprint v3 public "  # the plain sums' tables (no secret)
@@ -143,23 +147,35 @@ class Fingerprinter:
             raise ValueError(f"arithmetic {arithmetic!r} is none of {ARITHMETICS}")
         self.key = key or secrets.token_bytes(32)
         self.arithmetic = arithmetic
-        self._tables: dict[tuple[Any, str], Any] = {}
+        self._tables: dict[tuple[Any, str | int], Any] = {}
 
-    def _table(self, torch: Any, device: Any, what: str, size: int = 0) -> Any:
+    def _table(self, torch: Any, device: Any, what: str | int) -> Any:
         """A table on ``device``: the CHUNK x ROWS weights as an arithmetic's dtype
-        ("int8", "float32", "float64"), or "chunks": at least ``size`` x ROWS multipliers
-        (int64), grown by doubling (a longer stream starts with the shorter one)."""
+        ("int8", "float32", "float64"), or for an int ``b``, the TABLE x ROWS multipliers
+        (int64) of chunks ``b * TABLE`` on, drawn when a run first reaches them."""
         found = self._tables.get((device, what))
-        if found is not None and (what != "chunks" or found.shape[0] >= size):
+        if found is not None:
             return found
-        if what == "chunks":
-            n = max(64, 1 << (max(1, size) - 1).bit_length())
-            made = torch.cat([_words(PUBLIC + b"chunk", n), _words(b"chunk" + self.key, n)], 1)
+        if isinstance(what, int):
+            made = torch.cat(
+                [_words(PUBLIC + b"chunk", what), _words(b"chunk" + self.key, what)], 1
+            )
         else:
             made = torch.cat([_weights(PUBLIC + b"byte"), _weights(b"byte" + self.key)], 1)
             made = made.to(getattr(torch, what))
         self._tables[(device, what)] = made = made.to(device)
         return made
+
+    def _multipliers(self, torch: Any, device: Any, first: int, count: int) -> Any:
+        """The multipliers of chunks ``first`` to ``first + count - 1`` (count x ROWS): a
+        view where they lie in one table, else a copy."""
+        parts = []
+        while count:
+            b, at = divmod(first, TABLE)
+            take = min(count, TABLE - at)
+            parts.append(self._table(torch, device, b)[at : at + take])
+            first, count = first + take, count - take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _arithmetic(self, torch: Any, device: Any) -> str:
         if self.arithmetic is not None and (self.arithmetic != "int8" or device.type == "cpu"):
@@ -224,13 +240,17 @@ class Fingerprinter:
         device = total.device
         arithmetic = self._arithmetic(torch, device)
         weights = self._table(torch, device, arithmetic)
-        multipliers = self._table(torch, device, "chunks", max(pack.chunks) + 1)
         zeros = torch.zeros(CHUNK, dtype=torch.int8, device=device)
         pieces = [zeros[:p] if isinstance(p, int) else p for p in pack.pieces]
         products = _products(torch, torch.cat(pieces).view(-1, CHUNK), weights, arithmetic)
-        at = torch.tensor(pack.chunks, dtype=torch.int64, device=device)
+        if max(pack.chunks) < TABLE:  # the usual case: whole small tensors, one gather
+            at = torch.tensor(pack.chunks, dtype=torch.int64, device=device)
+            multipliers = self._table(torch, device, 0)[at]
+        else:
+            runs = [self._multipliers(torch, device, f, n) for f, n in pack.runs]
+            multipliers = torch.cat(runs)
         ids = torch.tensor(pack.ids, dtype=torch.int64, device=device)
-        total.index_add_(0, ids, products * multipliers[at])
+        total.index_add_(0, ids, products * multipliers)
         pack.clear()
 
     def _run(self, torch: Any, raw: Any, start: int, threads: int) -> Any:
@@ -242,37 +262,40 @@ class Fingerprinter:
         chunks = -(-(lead + n) // CHUNK)  # chunks the run touches
         arithmetic = self._arithmetic(torch, raw.device)
         weights = self._table(torch, raw.device, arithmetic)
-        multipliers = self._table(torch, raw.device, "chunks", first + chunks)
-        multipliers = multipliers[first : first + chunks]
         head = min(n, -lead % CHUNK)  # bytes before the first chunk boundary
         full, tail = divmod(n - head, CHUNK)
-        edges, at = [], []  # the cut chunks, and their index among the run's chunks
+        edges, at = [], []  # the cut chunks, and their multipliers
         if head:
             edges.append(torch.zeros(CHUNK, dtype=torch.int8, device=raw.device))
             edges[-1][lead : lead + head] = raw[:head]
-            at.append(0)
+            at.append(self._multipliers(torch, raw.device, first, 1))
         if tail:
             edges.append(torch.zeros(CHUNK, dtype=torch.int8, device=raw.device))
             edges[-1][:tail] = raw[n - tail :]
-            at.append(chunks - 1)
+            at.append(self._multipliers(torch, raw.device, first + chunks - 1, 1))
         total = torch.zeros(ROWS, dtype=torch.int64, device=raw.device)
         if edges:
             products = _products(torch, torch.stack(edges), weights, arithmetic)
-            total += (products * multipliers[at]).sum(dim=0)
+            total += (products * torch.cat(at)).sum(dim=0)
         if not full:
             return total
         body = raw[head : head + full * CHUNK].view(full, CHUNK)
-        body_multipliers = multipliers[1 if head else 0 :]
+        origin = first + (1 if head else 0)  # the body's first chunk in the whole tensor
         step = BLOCK if raw.device.type == "cpu" else DEVICE_BLOCK
 
         def stretch(begin_end: tuple[int, int]) -> Any:
             begin, end = begin_end
             part = torch.zeros(ROWS, dtype=torch.int64, device=raw.device)
             with _one_thread(torch):  # a pool thread's own setting
-                for b in range(begin, end, step):
-                    e = min(end, b + step)
+                b = begin
+                while b < end:
+                    # Steps end on multiples of ``step`` in the whole tensor: each lies in
+                    # one table of multipliers, read as a view.
+                    e = min(end, b + step - (origin + b) % step)
                     products = _products(torch, body[b:e], weights, arithmetic)
-                    part += (products * body_multipliers[b:e]).sum(dim=0)
+                    multipliers = self._multipliers(torch, raw.device, origin + b, e - b)
+                    part += (products * multipliers).sum(dim=0)
+                    b = e
             return part
 
         ways = _ways(raw.device, threads, full)
@@ -343,13 +366,13 @@ def _weights(seed: bytes) -> Any:
     return ((drawn & 127) - 64).to(torch.int8).view(CHUNK, PLAIN)
 
 
-def _words(seed: bytes, n: int) -> Any:
-    """n x PLAIN uniform int64 from SHAKE-256 of ``seed``, row by row, so a longer
-    table starts with the shorter one (the chunk multipliers grow)."""
+def _words(seed: bytes, b: int) -> Any:
+    """TABLE x PLAIN uniform int64, the multipliers of chunks ``b * TABLE`` on: SHAKE-256
+    of ``seed`` and ``b`` (8 bytes, little-endian), row by row."""
     import torch
 
-    raw = bytearray(hashlib.shake_256(seed).digest(8 * PLAIN * n))
-    return torch.frombuffer(raw, dtype=torch.int64).view(n, PLAIN)
+    raw = bytearray(hashlib.shake_256(seed + b.to_bytes(8, "little")).digest(8 * PLAIN * TABLE))
+    return torch.frombuffer(raw, dtype=torch.int64).view(TABLE, PLAIN)
 
 
 class _Pack:
@@ -360,6 +383,7 @@ class _Pack:
         self.pieces: list[Any] = []
         self.ids: list[int] = []
         self.chunks: list[int] = []
+        self.runs: list[tuple[int, int]] = []  # (first chunk, chunks) of each run
 
     def add(self, i: int, raw: Any, start: int) -> int:
         """Adds tensor ``i``'s run ``raw`` at byte ``start``; returns the chunks held."""
@@ -369,10 +393,11 @@ class _Pack:
         self.pieces += [p for p in (lead, raw, pad) if p is raw or p]  # no empty pads
         self.ids += [i] * count
         self.chunks += range(first, first + count)
+        self.runs.append((first, count))
         return len(self.ids)
 
     def clear(self) -> None:
-        self.pieces, self.ids, self.chunks = [], [], []
+        self.pieces, self.ids, self.chunks, self.runs = [], [], [], []
 
 
 _INT8: list[bool] = []  # torch._int_mm runs on CPU tensors (asked once)
