@@ -29,6 +29,7 @@ MAX_TENSORS_TEXT = 12  # more differing tensors than this: the JSON lists them a
 
 # How each recorded field is named in the text report.
 FIELD_TEXT = {
+    "record": "step record in the ledger",
     "file": "checkpoint file",
     "run": "checkpoint of another run or step",
     "layout": "tensor names",

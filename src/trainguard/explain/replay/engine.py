@@ -21,7 +21,6 @@ segments would not be sound, and none is done.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import math
 import time
@@ -49,6 +48,7 @@ from trainguard.explain.replay.ledger import (
     resolve_position,
     settled,
 )
+from trainguard.explain.replay.plan import plan_segments
 from trainguard.explain.replay.ranks import Ranks
 from trainguard.explain.replay.result import (
     DIVERGED,
@@ -62,8 +62,8 @@ from trainguard.explain.replay.result import (
 )
 from trainguard.explain.replay.trust import LedgerCheck, check_ledger
 from trainguard.ledger.chain import normalise_payload
+from trainguard.monitor import carried, conditions
 from trainguard.monitor import checkpoint as ckpt
-from trainguard.monitor import conditions
 
 __all__ = [
     "ReplayContext",
@@ -128,12 +128,15 @@ def replay(
     mode = _mode(history, key)
     func = load_entry(entry) if isinstance(entry, str) else entry
     begin = resolve_position(start, history, 0)
-    end = min(resolve_position(stop, history, history.end), history.end)
+    # The run's extent: its last step record, or a later checkpoint (recorded after the
+    # step before it: steps missing below one were withheld, and are replayed as missing).
+    last = max([history.end, *(c.step for c in history.checkpoints)])
+    end = min(resolve_position(stop, history, last), last)
     if begin >= end:
         raise UsageError(f"nothing to replay: the range {begin}..{end} holds no recorded step")
     report = ReplayReport(location, run_id, rank, mode, begin, end, False)
     _ledger_check(report, check)
-    report.segments = _plan(history, begin, end, segmented, checkpoint_dir, report.notes)
+    report.segments = plan_segments(history, begin, end, segmented, checkpoint_dir, report.notes)
     report.segmented = sum(1 for seg in report.segments if seg.end > seg.start) > 1
     report.data = samples.recorded_data(history.steps, begin, end)
     runner = _Runner(history, func, key, mode, checkpoint_dir, progress)
@@ -217,38 +220,6 @@ def _mode(history: RunHistory, key: bytes | None) -> str:
     return "plain"
 
 
-def _plan(
-    history: RunHistory,
-    begin: int,
-    end: int,
-    segmented: bool | None,
-    search_dir: str | None,
-    notes: list[str],
-) -> list[Segment]:
-    found: dict[int, CheckpointRecord] = {}
-    for c in history.checkpoints:
-        if locate(c, search_dir) is not None:
-            found[c.step] = c  # the last one saved at a step wins
-        elif begin <= c.step < end:
-            notes.append(f"checkpoint at step {c.step} not found ({c.name}); replayed through it")
-    first = max((s for s in found if s <= begin), default=None)
-    origin = first if first is not None else 0
-    if first is None and begin > 0:
-        notes.append(f"no checkpoint at or before step {begin}: replaying from the run's start")
-    elif origin < begin:
-        notes.append(f"step {begin} has no checkpoint: replaying from step {origin}")
-    inner = sorted(s for s in found if origin < s < end)
-    if segmented is None:
-        segmented = len(inner) > 0
-    bounds = [origin, *(inner if segmented else []), end]
-    segments = [
-        Segment(a, b, found[a].name if a in found else None) for a, b in itertools.pairwise(bounds)
-    ]
-    if end in found:  # the checkpoint the range ends at: checked against the ledger, no steps
-        segments.append(Segment(end, end, found[end].name))
-    return segments
-
-
 class _Capture:
     """A ledger that keeps the replay guard's records in memory, as a ledger would store them."""
 
@@ -293,7 +264,9 @@ class _Runner:
         self.mode = mode
         self.search_dir = search_dir
         self.progress = progress or (lambda text: None)
-        self.records = {c.step: c for c in history.checkpoints}
+        self.records: dict[int, list[CheckpointRecord]] = {}
+        for c in history.checkpoints:
+            self.records.setdefault(c.step, []).append(c)
         self.ranks = Ranks()
         self.skipped = False  # this segment was not replayed because another rank's was bad
         # Position -> the carried state (monitor/carried.py) a replayed segment ended in.
@@ -303,7 +276,7 @@ class _Runner:
     def run(self, seg: Segment) -> None:
         t0 = time.perf_counter()
         self.skipped = False
-        record = self.records.get(seg.start) if seg.checkpoint is not None else None
+        record = self._record(seg) if seg.checkpoint is not None else None
         try:
             self._run(seg, record)
         finally:
@@ -313,12 +286,16 @@ class _Runner:
             seg.status = "skipped"
         elif seg.divergence is None:
             seg.status = MATCHED
-        elif (seg.divergence.kind == "step" and seg.conditions) or self.held.drawn_only(
-            seg.divergence
-        ):
+        elif seg.divergence.kind == "step" and seg.conditions:
             seg.status = NOT_COMPARABLE
         else:
             seg.status = DIVERGED
+
+    def _record(self, seg: Segment) -> CheckpointRecord | None:
+        """The checkpoint record the segment starts from: the one named by its digest, else
+        the last saved at its position."""
+        at = self.records.get(seg.start, [])
+        return next((c for c in at if c.blake3 == seg.blake3), at[-1] if at else None)
 
     def _run(self, seg: Segment, record: CheckpointRecord | None) -> None:
         h = self.history
@@ -351,7 +328,7 @@ class _Runner:
         """The checkpoint at the segment's start, read through trainguard.load and checked."""
         h = self.history
         path = locate(record, self.search_dir)
-        assert path is not None  # _plan kept only checkpoints it found
+        assert path is not None  # plan_segments kept only checkpoints it found
         self.progress(f"steps {seg.start}..{seg.end - 1} from {path}")
         digest, _ = ckpt.file_digest(path)
         if digest != record.blake3:
@@ -384,14 +361,12 @@ class _Runner:
             data_state=data.get("state"),
             loader_state=data.get("loader"),
         )
-        first = saved is not None and seg.start == 0
-        scrambled = held.scramble() if first else None
         run = _call("the entry point", lambda: as_replayable(self.entry(ctx)))
         if saved is not None:
             if seg.start == 0:
                 # The honest entry's fresh objects are the state before step 0.
-                fresh = _call("reading the entry's state", lambda: held.fresh_state(run, scrambled))
-                carried_diff = held.difference(fresh, self.held.restored(saved, whole=True))
+                fresh = _call("reading the entry's state", lambda: held.fresh_state(run))
+                carried_diff = held.difference(fresh, carried.of_checkpoint(saved))
                 if carried_diff is not None:
                     seg.divergence = _checkpoint_divergence(seg.start, [carried_diff], h)
             _call(
@@ -453,7 +428,16 @@ class _Runner:
         for s in range(seg.start, seg.end):
             rec = h.steps.get(s)
             if rec is None:
-                seg.notes.append(f"the ledger has no record of step {s}; stopped there")
+                # Fail closed: a step the range holds but the ledger does not record (a record
+                # withheld: what it would show cannot be compared) is never "matched".
+                seg.divergence = Divergence(
+                    s,
+                    "step",
+                    (FieldDiff("record", "none", f"step {s} in range {seg.start}..{seg.end - 1}"),),
+                    f"the ledger has no record of step {s} although the run went on past it: "
+                    "the record was withheld or deleted, so the step cannot be compared",
+                    tuple(h.alerts.get(s, ())),
+                )
                 return
             try:
                 batch = _call(f"the batches (step {s})", lambda: next(batches, _END))

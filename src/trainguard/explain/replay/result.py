@@ -25,6 +25,7 @@ EXIT_CODES = {MATCHED: 0, DIVERGED: 1, NOT_COMPARABLE: 2, UNVERIFIED: 1}
 
 # The order fields are listed in: the order they happen within a step.
 FIELD_ORDER = (
+    "record",
     "file",
     "run",
     "layout",
@@ -102,6 +103,9 @@ class Segment:
     conditions: list[ConditionDiff] = field(default_factory=list)
     held: list[str] = field(default_factory=list)  # conditions replay set to the recorded ones
     notes: list[str] = field(default_factory=list)
+    # Which checkpoint record (its BLAKE3) the segment starts from, when several were
+    # recorded at its position; None: the last one saved there.
+    blake3: str | None = None
 
 
 @dataclass
