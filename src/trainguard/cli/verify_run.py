@@ -68,6 +68,14 @@ def register(sub: Subparsers) -> None:
     )
     p.add_argument("--follow", action="store_true", help="follow the run until it ends")
     p.add_argument("--timeout", type=float, default=None, help="stop following after S seconds")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        metavar="S",
+        help="after the run ended, keep reading S seconds (default 10 polls, 5 s): records "
+        "after a run-end are named (TG1514)",
+    )
     p.add_argument("--checkpoints", metavar="DIR", help="where the checkpoint files are now")
     p.add_argument("--env-snapshot", metavar="FILE", help="refuse to start unless the "
                    "environment matches this sealed snapshot (with --env-key)")  # fmt: skip
@@ -141,11 +149,11 @@ def _verify_run(args: argparse.Namespace) -> int:
 
     try:
         if args.follow:
-            summary = verifier.follow(timeout=args.timeout, on_verdict=progress)
+            summary = verifier.follow(timeout=args.timeout, on_verdict=progress, grace=args.grace)
         else:
-            for verdict in verifier.poll():
+            for verdict in verifier.poll(final=True):
                 progress(verdict)
-            summary = verifier.summary
+            summary = verifier.conclude()
     finally:
         verifier.close()
     write_output(render(summary, args.format, tool_version=installed_version()), args.output)

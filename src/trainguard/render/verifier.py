@@ -43,6 +43,7 @@ def render_text(summary: Summary) -> str:
         f"trainguard verify-run: run {s.run_id}, verdicts in {s.run_id}/verify",
         f"segments seen {s.segments_seen}, recomputed {len(s.verdicts)} (rate {s.rate:g})"
         + ("" if s.finished else "; the run has not ended"),
+        *_coverage(s),
         "",
         *(f"  {verdict_line(v)}" for v in s.verdicts),
         *(f"  {a.get('rule')} {a.get('message')}" for a in s.alerts),
@@ -55,6 +56,20 @@ def render_text(summary: Summary) -> str:
     ]
     # Each entry is one line: printable() escapes whatever a ledger string holds.
     return "".join(printable(line) + "\n" for line in lines)
+
+
+def _coverage(s: Summary) -> list[str]:
+    """Every recorded step accounted for: segments by outcome, and what none covered."""
+    if not s.coverage:
+        return []
+    seg = s.coverage.get("segments", {})
+    gaps = s.coverage.get("uncovered", {})
+    line = (
+        f"segments recomputed {seg.get('recomputed', 0)}, skipped by the draw "
+        f"{seg.get('skipped', 0)}, failed {seg.get('failed', 0)}; uncovered steps: "
+    )
+    line += "; ".join(f"rank {r}: {g}" for r, g in gaps.items()) if gaps else "none"
+    return [line]
 
 
 def render_json(summary: Summary, *, tool_version: str) -> str:

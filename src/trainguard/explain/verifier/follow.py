@@ -9,9 +9,14 @@ in (weights, optimizer, scheduler, random and data states: a checkpoint
 carrying sabotage is named).  A data-parallel run is replayed with all its
 ranks (:func:`~trainguard.explain.replay.ranks.replay_ranks`).
 
+Segment bounds and the run's end come from the step records each rank wrote
+(:mod:`.coverage`): every recorded step ends up recomputed, skipped by the draw,
+or uncovered, and uncovered steps at the end are named (TG1514).
+
 Verdicts go to a chain of their own, run id ``RUN/verify``, in the same ledger,
-each followed by a head signed with the verifier's key: the training process
-can write to the ledger, but cannot forge or drop a signed verdict.  A
+each followed by a head signed with the verifier's key, over its own records
+only (:mod:`.chain`): the training process can write to the ledger, but cannot
+forge, drop or slip in a signed verdict.  A
 divergence is also an ``alert`` record there, like watch's (rule, message,
 step, rank, tensors, cause).  Checkpoint files next to the recorded ones that
 no ledger record names are alerts too.  On a PostgreSQL ledger the steps'
@@ -25,8 +30,6 @@ per poll as a short one.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,22 +38,22 @@ from typing import Any
 from trainguard.errors import TrainguardError, UsageError
 from trainguard.explain.replay.entry import Entry, load_entry
 from trainguard.explain.replay.ranks import sources
-from trainguard.explain.replay.result import (
-    DIVERGED,
-    MATCHED,
-    NOT_COMPARABLE,
-    ReplayReport,
-    step_rule,
-)
+from trainguard.explain.replay.result import DIVERGED, MATCHED, ReplayReport, step_rule
+from trainguard.explain.verifier.chain import VerifierChain, streams_of
 from trainguard.explain.verifier.clock import RULE as CLOCK_RULE
 from trainguard.explain.verifier.clock import ServerClock
+from trainguard.explain.verifier.coverage import FAILED, RECOMPUTED, SKIPPED, Coverage, stretches
+from trainguard.explain.verifier.coverage import RULE as COVERAGE_RULE
+from trainguard.explain.verifier.files import Folders
 from trainguard.explain.verifier.pool import RankPool
 from trainguard.explain.verifier.reading import RunReader
 from trainguard.explain.verifier.sampling import DEFAULT_RATE, chosen, detection_probability
 
 VERIFY_SUFFIX = "/verify"
 POLL_SECONDS = 0.5
-MAX_FILES_PER_FOLDER = 10_000  # a checkpoint folder listed at each poll, bounded
+# After the run ended, polls go on this many times (the grace): records after a run-end
+# are named, not left to a verifier that already stopped reading.
+GRACE_POLLS = 10
 ERROR = "error"
 
 
@@ -88,6 +91,9 @@ class Summary:
     finished: bool = False  # the run ended (every rank wrote run-end) and all was checked
     problems: list[str] = field(default_factory=list)  # what kept segments from being checked
     notes: list[str] = field(default_factory=list)  # what a check left out (never silent)
+    # Segments per outcome (recomputed, skipped by the draw, failed) and, per rank, the
+    # stretches of recorded steps no segment covered (text), as of the last pass.
+    coverage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def detection(self) -> float:
@@ -136,10 +142,10 @@ class Verifier:
         self.store = open_ledger(ledger, create=False)
         self.chain = run_id + VERIFY_SUFFIX
         self.summary = Summary(run_id, rate, fraction)
-        self._seen: set[int] = set()
-        self._files: dict[str, tuple[int, int, str]] = {}  # path -> size, mtime, BLAKE3
-        self._waiting: dict[str, tuple[int, int]] = {}  # unrecorded at the last poll
-        self._reported: set[str] = set()
+        self.coverage = Coverage()  # what became of every recorded step
+        self.folders = Folders(run_id, checkpoint_dir, self._alert)
+        # Only the verifier writes its chain (a foreign record is named, never signed over).
+        self.out = VerifierChain(self.store, self.chain, self.signing_key)
         # What the ledger said so far, read incrementally (:mod:`.reading`).
         # Signed heads are checked as they are read (:mod:`.heads`), with ``ledger_key`` or
         # the run keys (held to ``expect_key_ids``), as `trainguard ledger verify` does.
@@ -154,6 +160,7 @@ class Verifier:
         self._ended: set[int] = set()
         self.clock = ServerClock()  # claimed step times against the server's (PostgreSQL)
         self._verified_at_end = False
+        self._concluded = False
         self._pool: RankPool | None = None  # a data-parallel run's replay processes
 
     def close(self) -> None:
@@ -163,11 +170,14 @@ class Verifier:
         self.store.close()
 
     # -- one pass ------------------------------------------------------------------
-    def poll(self, on_verdict: Callable[[Verdict], None] | None = None) -> list[Verdict]:
+    def poll(
+        self, on_verdict: Callable[[Verdict], None] | None = None, *, final: bool = False
+    ) -> list[Verdict]:
         """Verify the picked segments completed since the last poll; check the folders.
 
         ``on_verdict`` is called with each verdict as soon as it is written (a poll may
-        recompute several segments)."""
+        recompute several segments).  ``final``: the last pass (one-pass check, or the end of
+        following): files are judged as they are seen."""
         start, checkpoints, ended = self._read()
         if self.reader.broken is not None and not self._broken_alerted:
             # Once, in the verifier's own chain: every later recomputation is refused.
@@ -178,28 +188,30 @@ class Verifier:
                 None,
                 {"refused": "every segment from now on"},
             )
-            self.store.sign_head(self.chain, 0, self.signing_key)
+            self._sign()
+        self._shape_alerts()
         if start is None:
             return []
         world = int(start.get("world_size") or 1)
-        common = set.intersection(*(set(checkpoints.get(r, {})) for r in range(world)))
-        new = []
-        for a, b in itertools.pairwise(sorted(common)):
-            if a in self._seen:
-                continue
-            self._seen.add(a)
-            self.summary.segments_seen += 1
-            if chosen(self.secret, self.run_id, a, self.summary.rate):
-                verdict = self._verify(a, b, world)
-                self._write(verdict)
-                new.append(verdict)
-                if on_verdict is not None:
-                    on_verdict(verdict)
-        self._unrecorded([c for per in checkpoints.values() for c in per.values()])
         self.summary.finished = world > 0 and all(r in ended for r in range(world))
+        new = []
+        for a, b in self.coverage.ready(world, self.summary.finished):
+            self.summary.segments_seen += 1
+            if not chosen(self.secret, self.run_id, a, self.summary.rate):
+                self.coverage.mark(a, b, SKIPPED)
+                continue
+            verdict = self._verify(a, b, world)
+            self.coverage.mark(a, b, FAILED if verdict.status == ERROR else RECOMPUTED)
+            self._write(verdict)
+            new.append(verdict)
+            if on_verdict is not None:
+                on_verdict(verdict)
+        self.folders.scan([c for per in checkpoints.values() for c in per.values()], final=final)
         for severity, message, step, evidence in self.clock.judge(final=self.summary.finished):
             self._alert(CLOCK_RULE, message, step, evidence, severity)
+        self._shape_alerts()
         self.summary.notes = self.clock.notes()
+        common = set.intersection(*(set(checkpoints.get(r, {})) for r in range(world)))
         lone = sorted(set().union(*(set(c) for c in checkpoints.values())) - common)
         if self.summary.finished and lone and not self.summary.problems:
             # Fail closed: a segment no rank group can replay is not silently skipped.
@@ -210,7 +222,62 @@ class Verifier:
             )
         if self.summary.finished and not self._verified_at_end:
             self._verify_whole_run()
+        self._account(world)
         return new
+
+    def conclude(self) -> Summary:
+        """The last word (end of following, or after a one-pass check): a world size the
+        streams do not show, and recorded steps no segment covered, are named."""
+        start = self._start
+        if start is None or self._concluded:
+            return self.summary
+        self._concluded = True
+        world = int(start.get("world_size") or 1)
+        streams = streams_of(self.store, self.run_id)
+        missing = [r for r in range(world) if r not in streams]
+        if missing and self.coverage.last:
+            self._alert(
+                COVERAGE_RULE,
+                f"the run-start says world size {world}, but rank(s) "
+                f"{', '.join(map(str, missing[:10]))} wrote nothing while rank(s) "
+                f"{', '.join(map(str, sorted(self.coverage.last)[:10]))} recorded steps",
+                None,
+                {"world_size": world, "streams": streams[:100], "missing": missing[:100]},
+            )
+        gaps = self.coverage.uncovered(world)
+        if gaps:
+            named = "; ".join(f"rank {r}: steps {stretches(g)}" for r, g in sorted(gaps.items()))
+            if self.summary.finished or missing:
+                self._alert(
+                    COVERAGE_RULE,
+                    f"recorded steps no segment covered (neither recomputed nor drawn): {named}",
+                    min(g[0][0] for g in gaps.values()),
+                    {"uncovered": {str(r): g[:100] for r, g in gaps.items()}},
+                )
+            else:
+                self.summary.problems.append(
+                    f"recorded steps not covered yet (the run has not ended; the steps after "
+                    f"the last checkpoint are a segment once it ends): {named}"
+                )
+        self._sign()
+        self._account(world)
+        return self.summary
+
+    def _account(self, world: int) -> None:
+        outcomes = list(self.coverage.judged.values())
+        gaps = self.coverage.uncovered(world)
+        self.summary.coverage = {
+            "segments": {o: outcomes.count(o) for o in (RECOMPUTED, SKIPPED, FAILED)},
+            "uncovered": {str(r): stretches(g) for r, g in sorted(gaps.items())},
+        }
+
+    def _shape_alerts(self) -> None:
+        """What the coverage reading found wrong with the run's records (TG1514)."""
+        found = self.coverage.take()
+        for f in found:
+            self._alert(COVERAGE_RULE, f.message, f.step, f.evidence)
+        if found:
+            self._sign()
 
     def follow(
         self,
@@ -218,17 +285,35 @@ class Verifier:
         timeout: float | None = None,
         poll_seconds: float = POLL_SECONDS,
         on_verdict: Callable[[Verdict], None] | None = None,
+        grace: float | None = None,
     ) -> Summary:
-        """Poll until the run has ended (and one last pass is done), or ``timeout``."""
+        """Poll until the run has ended and ``grace`` seconds more (default GRACE_POLLS
+        polls: records after the end are named), or ``timeout``; then :meth:`conclude`."""
+        grace = GRACE_POLLS * poll_seconds if grace is None else grace
         began = time.monotonic()
+        ended_at: float | None = None
         while True:
-            ended_before = self.summary.finished
             self.poll(on_verdict)
-            if ended_before and self.summary.finished:
-                return self.summary
-            if timeout is not None and time.monotonic() - began > timeout:
-                return self.summary
+            now = time.monotonic()
+            if ended_at is None and self._streams_ended():
+                ended_at = now
+            if ended_at is not None and now - ended_at >= grace:
+                break
+            if timeout is not None and now - began > timeout:
+                break
             time.sleep(poll_seconds)
+        self.poll(on_verdict, final=True)
+        return self.conclude()
+
+    def _streams_ended(self) -> bool:
+        """Every rank ended; or every rank stream that exists ended (a world size claimed
+        beyond them is named by :meth:`conclude`)."""
+        if self.summary.finished:
+            return True
+        if self._start is None:
+            return False
+        streams = streams_of(self.store, self.run_id)
+        return bool(streams) and all(s in self._ended for s in streams)
 
     # -- reading the run -------------------------------------------------------------
     def _read(self) -> tuple[dict[str, Any] | None, dict[int, dict[int, Any]], set[int]]:
@@ -236,6 +321,7 @@ class Verifier:
 
         for r in self.reader.new_records():
             self.clock.feed(r)
+            self.coverage.feed(r)
             p = r.payload
             if r.kind == "run-start" and r.stream == 0:
                 self._start = p
@@ -328,10 +414,8 @@ class Verifier:
                 "value": round(self.summary.detection, 6),
             },
         }
-        self.store.append(self.chain, "verdict", payload, step=verdict.start, stream=0)
-        # Not comparable is a divergence too: the conditions that would excuse it are the
-        # training process's own report, so it never goes without an alert.
-        if verdict.status in (DIVERGED, NOT_COMPARABLE) and verdict.step is not None:
+        self.out.append("verdict", payload, verdict.start)
+        if verdict.status == DIVERGED and verdict.step is not None:
             # A step's sealed-data difference goes under its own rule (TG152x).
             rule = "TG1511" if "checkpoint" in verdict.fields else step_rule(verdict.fields)
             where = "the checkpoint at" if rule == "TG1511" else "step"
@@ -343,7 +427,7 @@ class Verifier:
                 {"ranks": list(verdict.ranks), "tensors": list(verdict.tensors),
                  "fields": list(verdict.fields), "segment": [verdict.start, verdict.end]},
             )  # fmt: skip
-        self.store.sign_head(self.chain, 0, self.signing_key)
+        self._sign()
 
     def _alert(
         self,
@@ -355,73 +439,33 @@ class Verifier:
     ) -> None:
         payload = {"rule": rule, "severity": severity, "message": message, "evidence": evidence}
         self.summary.alerts.append(payload)
-        self.store.append(self.chain, "alert", payload, step=step, stream=0)
+        self.out.append("alert", payload, step)
+        self._foreign()
 
-    # -- checkpoints nobody recorded -----------------------------------------------------
-    def _unrecorded(self, records: list[Any]) -> None:
-        """Files beside the recorded checkpoints that are this run's checkpoints (or that
-        the allowlist loader refuses) but that no ledger record names: alerts.
+    def _foreign(self) -> None:
+        """Name the records of the verifier's chain it did not write (in its fresh stream)."""
+        for f in self.out.take():
+            payload = {
+                "rule": "TG1515",
+                "severity": "high",
+                "message": f"{self.chain} stream {f.stream} seq {f.first_seq}..{f.last_seq}: "
+                "records the verifier did not write (never covered by its signature)",
+                "evidence": {"stream": f.stream, "from_seq": f.first_seq, "to_seq": f.last_seq},
+            }
+            self.summary.alerts.append(payload)
+            self.out.append("alert", payload, None)
 
-        A file is looked at on the second poll that finds it unrecorded, unchanged: the
-        guard writes the file first and its record right after.
-        """
-        from trainguard.monitor import checkpoint as ckpt
-
-        recorded = {r.blake3 for r in records}
-        folders = {os.path.dirname(r.path) for r in records if r.path}
-        if self.checkpoint_dir:
-            folders.add(self.checkpoint_dir)
-        kinds = {os.path.splitext(r.name)[1] for r in records if r.name}
-        for folder in sorted(folders):
-            try:
-                names = sorted(os.listdir(folder))[:MAX_FILES_PER_FOLDER]
-            except OSError:
-                continue
-            for name in names:
-                path = os.path.join(folder, name)
-                if ".tmp-" in name or os.path.splitext(name)[1] not in kinds:
-                    continue
-                if path in self._reported or not os.path.isfile(path):
-                    continue
-                st = os.stat(path)
-                cached = self._files.get(path)
-                if cached is None or cached[:2] != (st.st_size, st.st_mtime_ns):
-                    cached = (st.st_size, st.st_mtime_ns, ckpt.file_digest(path)[0])
-                    self._files[path] = cached
-                if cached[2] in recorded:
-                    self._waiting.pop(path, None)
-                    continue
-                if self._waiting.get(path) != cached[:2]:
-                    self._waiting[path] = cached[:2]
-                    continue
-                self._unrecorded_file(path, cached[2])
-
-    def _unrecorded_file(self, path: str, digest: str) -> None:
-        from trainguard.errors import UnsafeModelError
-        from trainguard.monitor import checkpoint as ckpt
-
-        self._reported.add(path)
-        try:
-            saved = ckpt.read(path)
-        except UnsafeModelError as exc:
-            message = f"{path}: beside the run's checkpoints, unrecorded, and refused: {exc}"
-            self._alert("TG1511", message, None, {"file": path, "blake3": digest})
-            return
-        except Exception:
-            return
-        if saved.run_id != self.run_id:
-            return
-        self._alert(
-            "TG1511",
-            f"{path}: a checkpoint of this run at step {saved.step} that no ledger record names",
-            saved.step,
-            {"file": path, "blake3": digest, "rank": saved.rank},
-        )
+    def _sign(self) -> None:
+        self._foreign()
+        self.out.sign()
+        if self.out.found:  # the head found a foreign record: named, then signed afresh
+            self._foreign()
+            self.out.sign()
 
 
 def _verdict(a: int, b: int, reports: list[ReplayReport], seconds: float) -> Verdict:
     worst = next(
-        (s for s in (DIVERGED, NOT_COMPARABLE) if any(r.verdict == s for r in reports)), MATCHED
+        (s for s in (DIVERGED, "not-comparable") if any(r.verdict == s for r in reports)), MATCHED
     )
     step, ranks = sources(reports)
     data = tuple(dict.fromkeys(d for r in reports for d in r.data))
@@ -432,13 +476,4 @@ def _verdict(a: int, b: int, reports: list[ReplayReport], seconds: float) -> Ver
     assert d is not None
     fields = tuple(f.field for f in d.fields) + (("checkpoint",) if d.kind == "checkpoint" else ())
     tensors = tuple(dict.fromkeys(t for f in d.fields for t in f.tensors))
-    cause = d.cause
-    if worst == NOT_COMPARABLE:
-        held = "; ".join(
-            dict.fromkeys(str(c) for r in reports for s in r.segments for c in s.conditions)
-        )
-        cause += (
-            f" (under conditions the run reports otherwise: {held}; they may explain it, or "
-            "the run reported them falsely: recompute on the recorded conditions)"
-        )
-    return Verdict(a, b, worst, step, tuple(ranks), cause, fields, tensors, seconds, data)
+    return Verdict(a, b, worst, step, tuple(ranks), d.cause, fields, tensors, seconds, data)

@@ -1,0 +1,263 @@
+"""``trainguard verify-run`` accounts for every recorded step, writes its chain alone, and
+judges every unrecorded checkpoint file (the red team's A03, A10, A12, A13, A19, A20, A21).
+
+Generated: each test draws its run shape, attack and names from a fresh seed (printed;
+replay one with ``TRAINGUARD_TEST_SEED``)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+
+from tests import verifier_train as vt
+from tests.seeds import seeded
+from trainguard.explain.replay.engine import epochs_from
+from trainguard.explain.verifier.chain import streams_of
+from trainguard.explain.verifier.follow import Summary, Verifier
+from trainguard.explain.verifier.sampling import secret_from
+from trainguard.ledger import open_ledger
+from trainguard.ledger.verify import verify_run
+from trainguard.signing.keys import write_keypair
+
+NEVER = 1e-12  # a rate no segment is drawn at: the accounting alone, no replay
+
+
+def _verifier(folder: Path, run_id: str, rate: float, checkpoints: Path | None = None) -> Verifier:
+    private = folder / "verifier.pem"
+    if not private.exists():  # one verifier key per folder: its earlier chain is its own
+        private, _ = write_keypair(folder / "verifier")
+    return Verifier(
+        str(folder / "ledger.db"), run_id, vt.build, signing_key=str(private),
+        secret=secret_from(private.read_bytes()), rate=rate, run_key=vt.KEY,
+        checkpoint_dir=str(checkpoints) if checkpoints else None,
+    )  # fmt: skip
+
+
+def _one_pass(verifier: Verifier) -> Summary:
+    try:
+        verifier.poll(final=True)
+        return verifier.conclude()
+    finally:
+        verifier.close()
+
+
+def _shape(rnd: random.Random) -> tuple[int, int, list[int]]:
+    world, steps = rnd.choice([1, 1, 2]), rnd.randrange(3, 30)
+    marks = sorted(rnd.sample(range(steps + 1), rnd.randrange(0, min(6, steps + 1))))
+    return world, steps, marks
+
+
+def _write(path: Path, world: int, steps: int, marks: list[int], attack: str, rnd: Any) -> str:
+    """A run's records as the guard writes them (every rank), with ``attack`` applied."""
+    ledger = open_ledger(str(path))
+    claimed = world + 1 if attack == "world" else world
+    at = rnd.randrange(steps)  # where the attack's record goes
+    if attack == "second":
+        marks = sorted({*marks, at})  # a position that has its checkpoint already
+    for rank in range(world):
+        ledger.append("r", "run-start", {"world_size": claimed}, step=0, stream=rank)
+    for s in range(steps + 1):
+        for rank in range(world):
+            if s in marks:
+                digest = f"{s:064x}"
+                ckpt = {"step": s, "blake3": digest, "path": "", "name": f"c{s}.pt"}
+                ledger.append("r", "checkpoint", ckpt, step=s, stream=rank)
+            if attack == "ahead" and s == at and rank == 0:
+                far = steps + rnd.randrange(1, 20) if rnd.random() < 0.5 else s + 1
+                ahead = {"step": far, "blake3": "f" * 64, "path": "", "name": "x.pt"}
+                ledger.append("r", "checkpoint", ahead, step=far, stream=0)
+            if attack == "second" and s == at and rank == 0:
+                again = {"step": s, "blake3": "e" * 64, "path": "", "name": "again.pt"}
+                ledger.append("r", "checkpoint", again, step=s, stream=0)
+            if s < steps:
+                ledger.append("r", "step", {}, step=s, stream=rank)
+            if attack == "early-end" and s == at and rank == 0:
+                ledger.append("r", "run-end", {"steps": s + 1}, step=s + 1, stream=0)
+    for rank in range(world):
+        claimed_steps = steps + 1 if attack == "count" and rank == 0 else steps
+        ledger.append("r", "run-end", {"steps": claimed_steps}, step=steps, stream=rank)
+    ledger.close()
+    return attack
+
+
+@pytest.mark.parametrize("attack", ["honest", "ahead", "second", "early-end", "count", "world"])
+def test_every_recorded_step_is_accounted_for(tmp_path: Path, attack: str) -> None:
+    """Generated run shapes (1-2 ranks, any checkpoints, none at all, none at the end): an
+    honest one is silent (every step in a drawn-and-skipped segment); each record that
+    bends the coverage is TG1514, exit 1."""
+    rnd = seeded()
+    world, steps, marks = _shape(rnd)
+    print(f"world {world}, steps {steps}, checkpoints {marks}, attack {attack}")
+    _write(tmp_path / "ledger.db", world, steps, marks, attack, rnd)
+    summary = _one_pass(_verifier(tmp_path, "r", NEVER))
+    rules = [a["rule"] for a in summary.alerts]
+    if attack == "honest":
+        assert rules == [] and summary.problems == [], (summary.alerts, summary.problems)
+        assert summary.coverage["uncovered"] == {} and summary.exit_code() == 0
+        # The head before the first checkpoint and the tail after the last are segments.
+        bounds = sorted({0, *marks, steps})
+        assert summary.segments_seen == len(bounds) - 1
+    else:
+        assert "TG1514" in rules and summary.exit_code() == 1, (summary.alerts, summary.problems)
+
+
+def test_uncovered_steps_of_a_run_not_ended_are_named(tmp_path: Path) -> None:
+    """A run that has not ended: the steps after its last checkpoint are named, exit 2."""
+    rnd = seeded()
+    steps = rnd.randrange(4, 30)
+    last = rnd.randrange(0, steps)  # the last checkpoint, before the last step
+    ledger = open_ledger(str(tmp_path / "ledger.db"))
+    ledger.append("r", "run-start", {"world_size": 1}, step=0, stream=0)
+    for s in range(steps):
+        if s == last:
+            ckpt = {"step": s, "blake3": "a" * 64, "path": "", "name": "c.pt"}
+            ledger.append("r", "checkpoint", ckpt, step=s, stream=0)
+        ledger.append("r", "step", {}, step=s, stream=0)
+    ledger.close()
+    summary = _one_pass(_verifier(tmp_path, "r", NEVER))
+    assert summary.alerts == [] and summary.exit_code() == 2
+    tail = f"{last}..{steps - 1}" if steps - 1 > last else str(last)
+    assert summary.coverage["uncovered"] == {"0": tail}
+    assert tail in summary.problems[0]
+
+
+def _train(folder: Path, run_id: str, steps: int, marks: list[int], flip_from: int | None) -> None:
+    """A small run in this process: checkpoints at ``marks``, labels flipped from
+    ``flip_from`` on (None: honest)."""
+    import trainguard
+
+    model, opt, sched, loader, epoch = vt.parts()
+    step = vt.make_step(model, opt, sched, "labels" if flip_from is not None else "none",
+                        flip_from or 0)  # fmt: skip
+    guard = trainguard.watch(
+        model, opt, ledger=str(folder / "ledger.db"), run_id=run_id, scheduler=sched,
+        key=vt.KEY, dataloader=loader, hang_seconds=None,
+    )  # fmt: skip
+    batches = epochs_from(0, len(loader), epoch)
+    for s in range(steps + 1):
+        if s in marks:
+            guard.checkpoint(folder / f"{run_id}-{s}.pt")
+        if s < steps:
+            guard.step(loss=step(next(batches)), batch=None)
+    guard.close()
+
+
+def test_the_tail_after_the_last_checkpoint_is_recomputed(tmp_path: Path) -> None:
+    """No checkpoint at the run's end: the steps after the last one are a segment, replayed
+    against the step records (a sabotage there is named; honest, it matches)."""
+    rnd = seeded()
+    steps = rnd.randrange(6, 12)
+    marks = sorted({0, *rnd.sample(range(1, steps - 2), rnd.randrange(0, 2))})
+    flip = rnd.choice([None, rnd.randrange(marks[-1], steps)])
+    print(f"steps {steps}, checkpoints {marks}, labels flipped from {flip}")
+    _train(tmp_path, "t", steps, marks, flip)
+    summary = _one_pass(_verifier(tmp_path, "t", 1.0))
+    tail = summary.verdicts[-1]
+    assert (tail.start, tail.end) == (marks[-1], steps)
+    assert summary.coverage["uncovered"] == {}
+    if flip is None:
+        assert summary.exit_code() == 0 and summary.alerts == []
+        assert {v.status for v in summary.verdicts} == {"matched"}
+    else:
+        assert tail.status == "diverged" and tail.step == flip and summary.exit_code() == 1
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("honest")
+    _train(folder, "honest", 15, [0, 5, 10, 15], None)
+    return folder
+
+
+def test_foreign_records_in_the_verdict_chain_are_named_never_signed(
+    finished: Path, tmp_path: Path
+) -> None:
+    """Records another writer puts in RUN/verify (before the verifier starts, or between
+    its writes) are TG1515, and no head the verifier signs covers them."""
+    rnd = seeded()
+    folder = Path(shutil.copytree(finished, tmp_path / "run"))
+    before = rnd.randrange(0, 3)
+    during = {rnd.randrange(0, 3) for _ in range(rnd.randrange(0, 3))}  # before those segments
+    if not before and not during:
+        during = {rnd.randrange(0, 3)}  # at least one forged record
+    print(f"forged before start: {before}; during segments {sorted(during)}")
+    forger = open_ledger(str(folder / "ledger.db"))
+    forged: list[tuple[int, int]] = []
+
+    def forge() -> None:
+        kind = rnd.choice(["verdict", "alert"])
+        payload = {"status": "matched", "start": 0} if kind == "verdict" else {"rule": "TG1510"}
+        stream = rnd.choice(streams_of(forger, "honest/verify") or [0])
+        r = forger.append("honest/verify", kind, payload, step=0, stream=stream)
+        forged.append((r.stream, r.seq))
+
+    for _ in range(before):
+        forge()
+    verifier = _verifier(folder, "honest", 1.0, checkpoints=folder)
+    replay_segment = verifier._verify
+    count = [0]
+
+    def forging_verify(a: int, b: int, world: int) -> Any:
+        if count[0] in during:
+            forge()
+        count[0] += 1
+        return replay_segment(a, b, world)
+
+    verifier._verify = forging_verify  # type: ignore[method-assign]
+    summary = _one_pass(verifier)
+    forger.close()
+    named = [a for a in summary.alerts if a["rule"] == "TG1515"]
+    assert bool(named) == bool(forged), (forged, summary.alerts)
+    assert all(v.status == "matched" for v in summary.verdicts)
+    store = open_ledger(str(folder / "ledger.db"))
+    try:
+        covered = verify_run(store, "honest/verify", folder / "verifier.pub").covered
+    finally:
+        store.close()
+    assert all(seq > covered.get(stream, -1) for stream, seq in forged), (forged, covered)
+    for a in named:
+        e = a["evidence"]
+        assert any(s == e["stream"] and e["from_seq"] <= q <= e["to_seq"] for s, q in forged)
+
+
+def test_every_unrecorded_checkpoint_file_is_judged(finished: Path, tmp_path: Path) -> None:
+    """Unrecorded checkpoints of the run under generated names (temp names, other or no
+    extensions) are named by a one-pass check; other files are left alone; following, a
+    file is judged once it holds still, and again when it changes."""
+    import torch
+
+    rnd = seeded()
+    folder = Path(shutil.copytree(finished, tmp_path / "run"))
+    state = torch.load(folder / "honest-10.pt", weights_only=True)
+    state["scheduler"]["gamma"] = 0.5 + rnd.random() / 4
+    names = ["shadow.pt", "honest-15.tmp-1.pt", ".hidden.pt", "model.bin", "noext", "x.ckpt"]
+    shadows = rnd.sample(names, rnd.randrange(1, 4))
+    for name in shadows:
+        torch.save(state, folder / name)
+    (folder / "notes.txt").write_text("not a checkpoint")
+    torch.save({"epoch": 3}, folder / "other.pt")  # not a trainguard checkpoint
+    print(f"unrecorded: {shadows}")
+    summary = _one_pass(_verifier(folder, "honest", NEVER, checkpoints=folder))
+    assert sorted(a["evidence"]["file"] for a in summary.alerts) == sorted(
+        str(folder / n) for n in shadows
+    )
+    verifier = _verifier(folder, "honest", NEVER, checkpoints=folder)
+    try:
+        verifier.poll()
+        assert verifier.summary.alerts == []  # first sighting: may still be written
+        verifier.poll()
+        assert len(verifier.summary.alerts) == len(shadows)
+        state["scheduler"]["gamma"] = 0.99  # one of them rewritten after it was judged
+        torch.save(state, folder / shadows[0])
+        verifier.poll()
+        verifier.poll()
+    finally:
+        verifier.close()
+    again = [a["evidence"]["file"] for a in verifier.summary.alerts[len(shadows) :]]
+    assert again == [str(folder / shadows[0])]
