@@ -38,7 +38,13 @@ from typing import Any
 from trainguard.errors import TrainguardError, UsageError
 from trainguard.explain.replay.entry import Entry, load_entry
 from trainguard.explain.replay.ranks import sources
-from trainguard.explain.replay.result import DIVERGED, MATCHED, ReplayReport, step_rule
+from trainguard.explain.replay.result import (
+    DIVERGED,
+    MATCHED,
+    NOT_COMPARABLE,
+    ReplayReport,
+    step_rule,
+)
 from trainguard.explain.verifier.chain import VerifierChain, streams_of
 from trainguard.explain.verifier.clock import RULE as CLOCK_RULE
 from trainguard.explain.verifier.clock import ServerClock
@@ -415,7 +421,9 @@ class Verifier:
             },
         }
         self.out.append("verdict", payload, verdict.start)
-        if verdict.status == DIVERGED and verdict.step is not None:
+        # Not comparable is a divergence too: the conditions that would excuse it are the
+        # training process's own report, so it never goes without an alert.
+        if verdict.status in (DIVERGED, NOT_COMPARABLE) and verdict.step is not None:
             # A step's sealed-data difference goes under its own rule (TG152x).
             rule = "TG1511" if "checkpoint" in verdict.fields else step_rule(verdict.fields)
             where = "the checkpoint at" if rule == "TG1511" else "step"
@@ -465,7 +473,7 @@ class Verifier:
 
 def _verdict(a: int, b: int, reports: list[ReplayReport], seconds: float) -> Verdict:
     worst = next(
-        (s for s in (DIVERGED, "not-comparable") if any(r.verdict == s for r in reports)), MATCHED
+        (s for s in (DIVERGED, NOT_COMPARABLE) if any(r.verdict == s for r in reports)), MATCHED
     )
     step, ranks = sources(reports)
     data = tuple(dict.fromkeys(d for r in reports for d in r.data))
@@ -476,4 +484,12 @@ def _verdict(a: int, b: int, reports: list[ReplayReport], seconds: float) -> Ver
     assert d is not None
     fields = tuple(f.field for f in d.fields) + (("checkpoint",) if d.kind == "checkpoint" else ())
     tensors = tuple(dict.fromkeys(t for f in d.fields for t in f.tensors))
-    return Verdict(a, b, worst, step, tuple(ranks), d.cause, fields, tensors, seconds, data)
+    cause = d.cause
+    if worst == NOT_COMPARABLE:
+        held = "; ".join(dict.fromkeys(str(c) for r in reports for s in r.segments
+                                       for c in s.conditions))  # fmt: skip
+        cause += (
+            f" (under conditions the run reports otherwise: {held}; they may explain it, or "
+            "the run reported them falsely: recompute on the recorded conditions)"
+        )
+    return Verdict(a, b, worst, step, tuple(ranks), cause, fields, tensors, seconds, data)
