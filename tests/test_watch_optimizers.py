@@ -8,8 +8,9 @@ period (one stepping every k steps) and repeats (a further one stepping twice pe
 step, as a WGAN's critic), a frozen part no optimizer owns, the others' parameters
 frozen while one steps (CycleGAN) or not, exact or budget mode.  Honest runs raise
 nothing at high or critical; a sabotage of one optimizer (its update flipped inside
-its step, its weights edited between steps) or of the frozen part is caught at high
-or above at its step, naming the optimizer (or "no optimizer").
+its step, its weights edited between steps, its learning rate changed) or of the
+frozen part is caught at high or above at its step, naming the optimizer (or "no
+optimizer").
 """
 
 from __future__ import annotations
@@ -177,6 +178,8 @@ def run(plan: Plan, seed: int, **options: Any) -> tuple[tgw.Guard, list[str]]:
                                 p.grad.neg_()
 
                 hook = opts[i].register_step_pre_hook(flip)  # after the guard's: inside the step
+            if bad and bad["kind"] == "lr" and bad["step"] == step and bad["victim"] == i:
+                opts[i].param_groups[-1]["lr"] *= 3  # neither scheduled nor declared
             opts[i].step()
             if hook is not None:
                 hook.remove()
@@ -225,14 +228,14 @@ def test_honest_compositions_raise_nothing_high(case: int, tmp_path: Path) -> No
                 assert b[label]["before"] == a[label]["after"]
 
 
-@pytest.mark.parametrize("kind", ["flip", "edit", "unowned"])
+@pytest.mark.parametrize("kind", ["flip", "edit", "unowned", "lr"])
 def test_sabotage_of_one_optimizer_is_named_at_its_step(kind: str) -> None:
     rng = seeded()
     plan = draw(rng)
     # Within the warm-up, budget mode runs every check at every step (monitor/budget.py).
     at = rng.randrange(3, 14)
     stepping = [i for i in range(len(plan.kinds)) if at % plan.period[i] == plan.phase[i]]
-    victim = rng.choice(stepping if kind == "flip" else range(len(plan.kinds)))
+    victim = rng.choice(stepping if kind in ("flip", "lr") else range(len(plan.kinds)))
     module = rng.choice(plan.parts[victim])
     plan.sabotage = {"kind": kind, "step": at, "victim": victim, "module": module}
     print(plan)
@@ -240,7 +243,7 @@ def test_sabotage_of_one_optimizer_is_named_at_its_step(kind: str) -> None:
     want = NO_OWNER if kind == "unowned" else labels[victim]
     found = [a for a in high(guard) if a.step == at and a.evidence.get("optimizer") == want]
     assert found, [(a.rule, a.step, a.severity, a.message) for a in guard.alerts]
-    rule = "TG1306" if kind == "flip" else "TG1301"
+    rule = {"flip": "TG1306", "lr": "TG1303"}.get(kind, "TG1301")
     assert rule in {a.rule for a in found}
     assert all(want in a.message for a in found)
     early = [a for a in high(guard) if a.step < at]
@@ -445,3 +448,34 @@ def test_declared_writes_to_any_optimizers_weights(tmp_path: Path) -> None:
         late = 2 * launder + 1 if dirty else -1  # the window after the write holds it too
         assert lane == [["head.bias"] * (i == late) + ["head.weight"] for i in range(20)]
         assert all(w["tensors"] == ["emb.bias", "emb.weight"] for w in windows)
+
+
+def test_accelerate_prepared_optimizers_and_scheduler() -> None:
+    """``accelerator.prepare`` wraps each optimizer and the scheduler; the guard watches
+    the optimizers inside and matches the scheduler through its wrapper: clean, and a
+    learning rate changed under the wrapper is named with its optimizer."""
+    accelerate = pytest.importorskip("accelerate")
+    rng = seeded()
+    bump = rng.randrange(2, 9)
+    for bad in (False, True):
+        torch.manual_seed(rng.randrange(999))
+        acc = accelerate.Accelerator(cpu=True)
+        model = Net()
+        opt_g = torch.optim.Adam([*model.emb.parameters(), *model.body.parameters()], lr=1e-3)
+        opt_d = torch.optim.SGD(model.head.parameters(), lr=0.01)
+        sched = torch.optim.lr_scheduler.StepLR(opt_d, step_size=3, gamma=0.5)
+        model, opt_g, opt_d, sched = acc.prepare(model, opt_g, opt_d, sched)
+        guard = tgw.watch(model, [opt_g, opt_d], scheduler=sched, hang_seconds=None)
+        for step in range(10):
+            for opt in (opt_d, opt_g):
+                if bad and step == bump and opt is opt_d:
+                    opt_d.optimizer.param_groups[0]["lr"] *= 3
+                loss = model(torch.randn(8, 8)).square().mean()
+                opt.zero_grad()
+                acc.backward(loss)
+                opt.step()
+            sched.step()
+            guard.step(loss=loss)
+        guard.close()
+        found = [(a.rule, a.step, a.evidence.get("optimizer")) for a in high(guard)]
+        assert found == ([("TG1303", bump, "optimizer 1 (SGD)")] if bad else []), found

@@ -108,7 +108,10 @@ class Optimizers:
             scheduler = [scheduler]
         found: list[Any] = [None] * len(self.all)
         for s in scheduler:
-            target = stepped_optimizer(getattr(s, "optimizer", None))
+            # Accelerate's AcceleratedScheduler holds torch's scheduler as ``.scheduler``.
+            inner = getattr(s, "scheduler", None)
+            target = getattr(s, "optimizer", None) or getattr(inner, "optimizer", None)
+            target = stepped_optimizer(target)
             at = [i for i, o in enumerate(self.all) if o is target]
             if not at:
                 problems.append(f"scheduler {type(s).__name__} steps none of the optimizers given")
