@@ -261,3 +261,39 @@ def test_every_unrecorded_checkpoint_file_is_judged(finished: Path, tmp_path: Pa
         verifier.close()
     again = [a["evidence"]["file"] for a in verifier.summary.alerts[len(shadows) :]]
     assert again == [str(folder / shadows[0])]
+
+
+def test_following_reads_on_after_the_run_end(tmp_path: Path) -> None:
+    """A run-end, then more steps while the verifier is still reading (its grace): named."""
+    import threading
+
+    rnd = seeded()
+    steps, after = rnd.randrange(3, 20), rnd.randrange(1, 5)
+    print(f"run-end after {steps} steps, then {after} more")
+    _write(tmp_path / "ledger.db", 1, steps, [0], "honest", rnd)
+    verifier = _verifier(tmp_path, "r", NEVER)
+    polled = threading.Event()
+    real_poll = verifier.poll
+
+    def poll(*args: Any, **kwargs: Any) -> Any:
+        polled.set()
+        return real_poll(*args, **kwargs)
+
+    verifier.poll = poll  # type: ignore[method-assign]
+
+    def go_on() -> None:
+        polled.wait()  # the verifier has seen the run-end: training goes on
+        ledger = open_ledger(str(tmp_path / "ledger.db"))
+        for s in range(steps, steps + after):
+            ledger.append("r", "step", {}, step=s, stream=0)
+        ledger.close()
+
+    writer = threading.Thread(target=go_on)
+    writer.start()
+    try:
+        summary = verifier.follow(poll_seconds=0.05, grace=30.0, timeout=2.0)
+    finally:
+        writer.join()
+        verifier.close()
+    assert summary.exit_code() == 1
+    assert any("after its run-end" in a["message"] for a in summary.alerts), summary.alerts
