@@ -70,6 +70,8 @@ class SelfCheck:
         self._guard = weakref.ref(guard)
         self._pinned: dict[str, Any] = {name: getattr(guard, name, None) for name in PINNED}
         self._checks = tuple(guard.checks)
+        # Checks that run checks of their own (a further optimizer's lane), found once.
+        self._lanes = tuple(c for c in self._checks if _inner(c))
         self._phases = {k: tuple(v) for k, v in (getattr(guard, "_phase", None) or {}).items()}
         objects = self._objects(guard)
         self._objs = tuple(objects)
@@ -87,7 +89,7 @@ class SelfCheck:
     def _objects(self, guard: Any) -> list[Any]:
         found = [guard, guard.sink, guard.recorder, guard.fp, *self._checks]
         found += [getattr(guard, "schedule", None), getattr(guard.direction, "probe", None)]
-        for check in self._checks:  # a further optimizer's lane runs checks of its own
+        for check in self._lanes:  # a further optimizer's lane runs checks of its own
             inner = _inner(check)
             found += [*inner, *(getattr(c, "probe", None) for c in inner)]
         return [o for o in found if o is not None]
