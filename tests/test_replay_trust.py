@@ -117,6 +117,8 @@ def test_a_cut_or_rehashed_ledger_does_not_replay_as_matched(
                  "--checkpoints", str(honest), "-q"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 1 and "the ledger does not verify" in out, out
+    if attack is cut_back:  # no end: what a run still going shows too, and how to replay it
+        assert "--live" in out, out
 
 
 def test_an_honest_ledger_says_what_matched_covers(honest: Path, tmp_path: Path) -> None:

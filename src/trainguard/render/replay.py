@@ -196,6 +196,12 @@ def _unverified_text(r: ReplayReport) -> str:
         "verdict: the ledger does not verify: nothing was replayed, and no step it records "
         "can be vouched for (exit 1; `trainguard ledger verify` lists every break)",
     ]
+    if any(rule in ("TG1211", "TG1212") for rule, _ in r.ledger_problems):
+        # A run still running (or killed) has no end yet: say how to replay it anyway.
+        lines.append(
+            "hint: a run that is still running, or was killed, has no end: replay it with "
+            "--live (the report then names the steps no signature covers)"
+        )
     return "".join(printable(line) + "\n" for line in lines)
 
 
