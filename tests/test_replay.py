@@ -460,9 +460,13 @@ def test_state_carried_in_a_checkpoint_is_named(tmp_path: Path) -> None:
     assert "differs from what replaying up to step" in d.cause
 
 
-def test_seeding_before_the_first_checkpoint_is_honest(tmp_path: Path) -> None:
-    """Random and data-loader states set between building and checkpoint 0 are the script's
-    business: replay restores them from the checkpoint, and holds only configuration there."""
+def test_seeding_before_the_first_checkpoint_is_the_entrys_to_redo(tmp_path: Path) -> None:
+    """The first checkpoint is held to what the entry builds (red team A02: a seed or
+    weights set before it were taken on trust): a script that seeds between building and
+    checkpoint 0 matches with an entry that seeds the same way; with one that does not,
+    checkpoint 0 is named for the generator the entry seeds (torch: parts() seeds it).
+    Python's generator, which the entry leaves alone, and the data loader's are the
+    script's business there."""
     import random
 
     def prepare(model: Any, opt: Any, sched: Any, loader: Any) -> None:
@@ -470,9 +474,17 @@ def test_seeding_before_the_first_checkpoint_is_honest(tmp_path: Path) -> None:
         random.seed(5)
         loader.generator.manual_seed(5)
 
+    def build_seeded(ctx: ReplayContext) -> Replayable:
+        run = build(ctx)
+        torch.manual_seed(5)
+        return run
+
     ledger = train(tmp_path, "seeded", prepare=prepare)
-    report = replay(ledger, "seeded", build, key=KEY, stop=EVERY)
+    report = replay(ledger, "seeded", build_seeded, key=KEY, stop=EVERY)
     assert report.verdict == "matched", report.first_divergence
+    d = replay(ledger, "seeded", build, key=KEY, stop=EVERY).first_divergence
+    assert d is not None and d.step == 0 and d.kind == "checkpoint"
+    assert d.field("carried") is not None and d.field("carried").tensors == ("rng torch",)
 
     def raise_gamma(model: Any, opt: Any, sched: Any, loader: Any) -> None:
         sched.gamma = 0.8  # the whole run trains with it; checkpoint 0 carries it
@@ -509,9 +521,11 @@ def test_bypassed_optimizer_step_is_named_not_blamed_on_every(tmp_path: Path) ->
     assert "optimizer hooks did not run" in d.cause and "every=" not in d.cause
 
 
-def test_random_numbers_drawn_before_a_save_are_honest(tmp_path: Path) -> None:
+def test_random_numbers_drawn_before_a_save_are_not_comparable(tmp_path: Path) -> None:
     """An evaluation between the last step and the save moves generators on (no re-seed):
-    replay notes it and matches; the steps after replay from the checkpoint's states."""
+    replay cannot redo those draws (red team A06: the moved state picks every later random
+    number), so the checkpoint is not comparable, never matched, and not called sabotage
+    (tests/test_replay_restored.py: an entry that redoes the evaluation matches)."""
     import random
 
     import numpy as np
@@ -524,7 +538,7 @@ def test_random_numbers_drawn_before_a_save_are_honest(tmp_path: Path) -> None:
 
     ledger = train(tmp_path, "evaluated", carry=evaluate)
     report = replay(ledger, "evaluated", build, key=KEY)
-    assert report.verdict == "matched", report.first_divergence
+    assert report.verdict == "not-comparable", report.first_divergence
     notes = [n for s in report.segments for n in s.notes]
     assert any("rng torch" in n and "no sign of a re-seed" in n for n in notes), notes
 

@@ -23,8 +23,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-# The parts of a checkpoint's carried state, in the order they are named.
-PARTS = ("scheduler", "hyperparameters", "rng", "loader", "data")
+# The parts of a checkpoint's carried state, in the order they are named.  ``buffers``: every
+# entry of the model's state dict that is not a parameter (BatchNorm's running statistics,
+# an alias of a tied weight): load_state_dict restores them, and the weights' fingerprints
+# do not cover them.
+PARTS = ("scheduler", "hyperparameters", "rng", "loader", "data", "buffers")
 MAX_DEPTH = 32  # scheduler states nest a few levels (SequentialLR holds its children)
 
 
@@ -64,10 +67,18 @@ def _flat(prefix: str, value: Any, out: dict[str, str], depth: int = 0) -> None:
 
 
 def flatten(
-    scheduler: Any, optimizer: Any, random_states: Any, loader: Any, data_state: Any = None
+    scheduler: Any,
+    optimizer: Any,
+    random_states: Any,
+    loader: Any,
+    data_state: Any = None,
+    buffers: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, str]]:
-    """Named canonical values of each part: ``scheduler`` and ``optimizer`` are state dicts."""
+    """Named canonical values of each part: ``scheduler`` and ``optimizer`` are state dicts,
+    ``buffers`` the model's non-parameter state (:func:`buffers_of`)."""
     parts: dict[str, dict[str, str]] = {p: {} for p in PARTS}
+    for name, value in (buffers or {}).items():
+        parts["buffers"][f"model {name}"] = _canonical(value)
     if isinstance(scheduler, Mapping):
         _flat("scheduler", scheduler, parts["scheduler"], 1)
     groups = optimizer.get("param_groups") if isinstance(optimizer, Mapping) else None
@@ -86,11 +97,25 @@ def flatten(
     return parts
 
 
-def of_checkpoint(saved: Any) -> dict[str, dict[str, str]]:
-    """The carried state of a :class:`~trainguard.monitor.checkpoint.Checkpoint`."""
+def buffers_of(model_state: Mapping[str, Any], param_names: Any) -> dict[str, Any]:
+    """The entries of a model's state dict that are not parameters (by name): what a
+    checkpoint restores besides the fingerprinted weights."""
+    params = set(param_names)
+    return {str(k): v for k, v in model_state.items() if k not in params}
+
+
+def of_checkpoint(saved: Any, param_names: Any = None) -> dict[str, dict[str, str]]:
+    """The carried state of a :class:`~trainguard.monitor.checkpoint.Checkpoint`;
+    ``param_names`` (the run's, from its run-start record): its buffers are held too."""
     data = saved.data if isinstance(saved.data, Mapping) else {}
+    buffers = buffers_of(saved.model, param_names) if param_names is not None else None
     return flatten(
-        saved.scheduler, saved.optimizer, saved.rng, data.get("loader"), data.get("state")
+        saved.scheduler,
+        saved.optimizer,
+        saved.rng,
+        data.get("loader"),
+        data.get("state"),
+        buffers,
     )
 
 

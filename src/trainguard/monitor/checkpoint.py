@@ -26,7 +26,8 @@ numbers, strings and tensors.  Contents (format ``trainguard-checkpoint/1``):
 The ledger gets a ``checkpoint`` record (on the rank's stream, at ``step``)
 with the file's BLAKE3 digest, its size and name, digests of the
 parameters, optimizer state and random states that were saved, and of the
-rest of the state it carries (:mod:`trainguard.monitor.carried`).
+rest of the state it carries, the model's buffers included
+(:mod:`trainguard.monitor.carried`).
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ def save(guard: Any, path: str | os.PathLike[str], *, data_state: Any = None) ->
                 content["rng"],
                 content["data"]["loader"],
                 data_state,
+                carried.buffers_of(model, (n for n, _ in guard.named_params)),
             )
         ),
         "conditions": content["conditions"],

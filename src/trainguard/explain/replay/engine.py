@@ -62,8 +62,8 @@ from trainguard.explain.replay.result import (
 )
 from trainguard.explain.replay.trust import LedgerCheck, check_ledger
 from trainguard.ledger.chain import normalise_payload
-from trainguard.monitor import carried, conditions
 from trainguard.monitor import checkpoint as ckpt
+from trainguard.monitor import conditions
 
 __all__ = [
     "ReplayContext",
@@ -286,7 +286,9 @@ class _Runner:
             seg.status = "skipped"
         elif seg.divergence is None:
             seg.status = MATCHED
-        elif seg.divergence.kind == "step" and seg.conditions:
+        elif (seg.divergence.kind == "step" and seg.conditions) or self.held.drawn_only(
+            seg.divergence
+        ):
             seg.status = NOT_COMPARABLE
         else:
             seg.status = DIVERGED
@@ -361,12 +363,14 @@ class _Runner:
             data_state=data.get("state"),
             loader_state=data.get("loader"),
         )
+        first = saved is not None and seg.start == 0
+        scrambled = held.scramble() if first else None
         run = _call("the entry point", lambda: as_replayable(self.entry(ctx)))
         if saved is not None:
             if seg.start == 0:
                 # The honest entry's fresh objects are the state before step 0.
-                fresh = _call("reading the entry's state", lambda: held.fresh_state(run))
-                carried_diff = held.difference(fresh, carried.of_checkpoint(saved))
+                fresh = _call("reading the entry's state", lambda: held.fresh_state(run, scrambled))
+                carried_diff = held.difference(fresh, self.held.restored(saved, whole=True))
                 if carried_diff is not None:
                     seg.divergence = _checkpoint_divergence(seg.start, [carried_diff], h)
             _call(
@@ -446,6 +450,9 @@ class _Runner:
                 return
             if batch is _END:
                 raise ReplayError(f"the entry's batches ran out at step {s}")
+            resumed = s == seg.start and self._resumed(seg, guard, record_batch(batch))
+            if resumed and not self.ranks.distributed:
+                return  # (ranks step on together, as below)
             loss = _call(f"the step function (step {s})", functools.partial(run.step, batch))
             guard.step(loss=loss, batch=record_batch(batch))
             rep = capture.steps[s]
@@ -492,15 +499,35 @@ class _Runner:
                 )
             if seg.divergence is not None and not self.ranks.distributed:
                 return  # (ranks step on together: the others' collectives wait for this one)
+        if seg.end == seg.start and seg.divergence is None and seg.end in self.held.next_batch:
+            first = held.peek(batches)  # the checkpoint the range ends at: where it resumes
+            if first is not None:
+                self._resumed(seg, guard, record_batch(first))
         if seg.end == seg.start or seg.divergence is not None:
             return
         # Every step matched: what the checkpoint at seg.end restores must be this.
         state = _call("reading the replay's state", lambda: held.end_state(run))
         last = settled(capture.steps[seg.end - 1], _late_windows(h, capture, guard, seg.end))
         self.held.remember(seg.end, state, last)
+        # ... and the batch its data gives next: the position the checkpoint must resume at.
+        after = held.peek(batches)
+        if after is not None:
+            self.held.next_batch[seg.end] = held.batch_print(guard, record_batch(after))
+
+    def _resumed(self, seg: Segment, guard: Any, batch: Any) -> bool:
+        """Whether the data position the segment's checkpoint restores differs from the
+        one replaying up to it reached (held.Held.data_position); sets the divergence."""
+        rec = self.history.steps.get(seg.start) or {}
+        diff = self.held.data_position(seg.start, held.batch_print(guard, batch), rec, self.mode)
+        if diff is None:
+            return False
+        seg.divergence = _checkpoint_divergence(seg.start, [diff], self.history)
+        return True
 
 
 _END = object()
+
+
 # A window the run declared (guard.outside_step) that the entry did not (ctx.outside_step):
 # the weights it wrote are still held to the step's records, so this is no pass.
 _UNDECLARED = (

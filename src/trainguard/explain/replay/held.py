@@ -11,6 +11,7 @@ is a recomputation; the second only catches edits made after the save.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from trainguard.explain.replay import sharded
@@ -32,6 +33,48 @@ class Held:
         self.ends: dict[int, Carried] = {}  # position -> carried state a replay ended in
         self.end_digests: dict[int, dict[str, Any]] = {}  # ... and its weights' digests
         self.end_random: dict[int, dict[str, Any]] = {}  # ... and its generators' states
+        # Checkpoints whose only difference is generators moved on without a re-seed: the
+        # loop drew between the step and the save; not comparable rather than sabotage.
+        self.drawn: set[int] = set()
+        # Position -> fingerprints (keyed, plain) of the batch the replay's own data would
+        # give next (A16: the data position a checkpoint restores is held to it).
+        self.next_batch: dict[int, tuple[str, str]] = {}
+        # Checkpoints whose data position the segment before reaches and the entry cannot
+        # resume from (A28: outside the data contract): not comparable.
+        self.unresumable: set[int] = set()
+
+    def drawn_only(self, divergence: Any) -> bool:
+        """Whether a checkpoint divergence is only such moved generators (:meth:`carried`)."""
+        step = divergence.step
+        return bool(
+            divergence.kind == "checkpoint" and (step in self.drawn or step in self.unresumable)
+        )
+
+    def data_position(
+        self, position: int, first: tuple[str, str], recorded: dict[str, Any], mode: str
+    ) -> FieldDiff | None:
+        """The data position the checkpoint at ``position`` restores, against the replay
+        that ended there: the entry's first batch from the checkpoint (``first``, keyed and
+        plain fingerprints) must be the batch the segment before continues with.
+
+        Where the two differ and the run's own record of that step holds the segment
+        before's batch, training went on where recomputation says, and it is the entry
+        that cannot resume from the checkpoint (a loader whose generator is seeded once
+        draws the next epoch's order after the save): not comparable, outside the data
+        contract (docs/replay.md).  Otherwise the checkpoint's data state (``data_state``,
+        the loader's) moved the position: a difference.
+        """
+        witness = self.next_batch.get(position)
+        index = 0 if mode == "keyed" else 1  # without the run's key each guard draws its own
+        if witness is None or witness[index] == first[index]:
+            return None
+        ran = (
+            recorded.get("batch") if mode == "keyed" else (recorded.get("plain") or {}).get("batch")
+        )
+        if ran is not None and ran == witness[index]:
+            self.unresumable.add(position)
+        return FieldDiff("carried", {"data position": witness[index]},
+                         {"data position": first[index]}, ("data position",))  # fmt: skip
 
     def remember(
         self, position: int, state: tuple[Carried, dict[str, Any]], last: dict[str, Any]
@@ -64,27 +107,46 @@ class Held:
             }
         return state
 
+    def restored(self, saved: ckpt.Checkpoint, whole: bool = False) -> Carried:
+        """What ``saved`` restores besides the fingerprinted weights, its buffers included
+        (every model entry that is not one of the run's parameters); ``whole``: every
+        model entry, the weights too (the first checkpoint, held to the entry's build)."""
+        return carried.of_checkpoint(saved, () if whole else self.history.param_names)
+
     def carried(
         self, position: int, record: CheckpointRecord, saved: ckpt.Checkpoint, notes: list[str]
     ) -> FieldDiff | None:
         """The checkpoint's carried state against the replay that ended here, else the ledger.
 
-        A generator that only moved on (no re-seed shows, :func:`carried.reseeded`) is noted
-        in ``notes``, not a difference: honest loops draw numbers between a step and a save.
+        Exact: a generator that moved on between the last step and the save (an evaluation
+        drawing from the global generators) is a difference like any other value, since
+        the replay cannot redo those draws and the moved state picks every later random
+        number (A06: the position can be ground for chosen dropout masks).  Where nothing
+        shows a re-seed, the difference says so (:data:`DRAWN`): the engine reports it as
+        not comparable (exit 2), not as sabotage.  Honest loops keep evaluation draws off
+        the training generators (``torch.random.fork_rng()``, a ``torch.Generator`` of
+        their own), and then match exactly.
         """
-        restored = carried.of_checkpoint(saved)
+        restored = self.restored(saved)
         end = self.ends.get(position)
         if end is not None:
             names = carried.differences(end, restored)
-            moved = [n for n in names if self._moved_only(position, n, saved)]
-            if moved:
+            if not names:
+                return None
+            diff = difference(end, restored, names)
+            # Only the global generators: an evaluation draws from them; a data loader's
+            # own generator moved before a save picks the next epoch's order (A28).
+            if all(n.startswith("rng ") and self._moved_only(position, n, saved) for n in names):
+                assert diff is not None
+                self.drawn.add(position)
                 notes.append(
-                    f"the checkpoint at step {position} holds other states of {', '.join(moved)} "
-                    "than replaying up to it ends in, with no sign of a re-seed: the loop drew "
-                    "random numbers between the last step and the save (an evaluation?); "
-                    "the steps after it replay from the checkpoint's states"
+                    f"the checkpoint at step {position} holds other states of "
+                    f"{', '.join(names)} than replaying up to it ends in, with no sign of a "
+                    "re-seed: the loop drew random numbers between the last step and the "
+                    "save, which replay cannot redo (docs/replay.md: keep such draws off "
+                    "the training's generators)"
                 )
-            return difference(end, restored, [n for n in names if n not in moved])
+            return diff
         recorded = record.payload.get("carried")
         if not isinstance(recorded, dict):
             return None  # an older trainguard recorded no carried state
@@ -100,17 +162,35 @@ class Held:
         )
 
     def _moved_only(self, position: int, name: str, saved: ckpt.Checkpoint) -> bool:
-        raw = self.end_random.get(position) or {}
-        if name.startswith("rng "):
-            generator = name.removeprefix("rng ")
-            a, b = (raw.get("rng") or {}).get(generator), saved.rng.get(generator)
-        elif name in ("data loader generator", "data loader sampler_generator"):
-            key = name.rpartition(" ")[2]
-            a = (raw.get("loader") or {}).get(key)
-            b = (saved.data.get("loader") or {}).get(key)
-        else:
-            return False
+        """Whether the global generator ``name`` saved shows no re-seed."""
+        generator = name.removeprefix("rng ")
+        raw = (self.end_random.get(position) or {}).get("rng") or {}
+        a, b = raw.get(generator), saved.rng.get(generator)
         return a is not None and b is not None and not carried.reseeded(a, b)
+
+
+def peek(batches: Any) -> Any:
+    """The next batch, or None where the data ends there or cannot be read (no witness)."""
+    try:
+        return next(batches, None)
+    except Exception:  # the entry's data, past the range: no witness, not a replay error
+        return None
+
+
+def batch_print(guard: Any, batch: Any) -> tuple[str, str]:
+    """A batch's fingerprints (keyed, plain), as the guard takes them for a step record."""
+    from trainguard.monitor.setup import tensors_in
+
+    fp = guard.fp.fingerprint((str(i), t) for i, t in enumerate(tensors_in(batch, guard.torch)))
+    return fp.digest, fp.plain
+
+
+def _buffers(run: Replayable) -> dict[str, Any]:
+    """The model's non-parameter entries (as each rank holds them, under FSDP2)."""
+    from trainguard.monitor import sharding
+
+    state, _ = sharding.local_state(run.model.state_dict())
+    return carried.buffers_of(state, (n for n, _ in run.model.named_parameters()))
 
 
 def end_state(run: Replayable) -> tuple[Carried, dict[str, Any]]:
@@ -118,16 +198,54 @@ def end_state(run: Replayable) -> tuple[Carried, dict[str, Any]]:
     scheduler = run.scheduler.state_dict() if run.scheduler is not None else None
     loader = ckpt.loader_state(run.dataloader) if run.dataloader is not None else None
     states = ckpt.random_states()
-    flat = carried.flatten(scheduler, run.optimizer.state_dict(), states, loader)
+    flat = carried.flatten(
+        scheduler, run.optimizer.state_dict(), states, loader, None, _buffers(run)
+    )
     return flat, {"rng": states, "loader": loader}
 
 
-def fresh_state(run: Replayable) -> Carried:
-    """The configuration of what the entry just built (scheduler, hyper-parameters): the
-    state before step 0.  Random and data-loader states before the first checkpoint are the
-    training script's business (it may seed them after building) and are not held to."""
+def fresh_state(run: Replayable, scrambled: dict[str, Any] | None = None) -> Carried:
+    """What the entry just built: the state before step 0, which the first checkpoint must
+    restore (A02: weights or a seed set before it were taken on trust).  The whole model
+    (weights and buffers, exact bytes), the scheduler and hyper-parameters, and each global
+    generator the entry seeds: ``scrambled`` holds the states :func:`scramble` put there
+    before the entry ran, and a generator still reachable from its scrambled state was left
+    alone by the entry (the training script's own business: the checkpoint's is restored).
+    Data loaders' generators before the first checkpoint are not held to."""
+    from trainguard.monitor import sharding
+
     scheduler = run.scheduler.state_dict() if run.scheduler is not None else None
-    return carried.flatten(scheduler, run.optimizer.state_dict(), None, None)
+    model, _ = sharding.local_state(run.model.state_dict())
+    random_states = None
+    if scrambled is not None:
+        now = ckpt.random_states()
+        random_states = {
+            name: now[name]
+            for name in ("torch", "python", "numpy")
+            if name in now and name in scrambled and carried.reseeded(scrambled[name], now[name])
+        }
+    return carried.flatten(
+        scheduler, run.optimizer.state_dict(), random_states, None, None, dict(model)
+    )
+
+
+def scramble() -> dict[str, Any]:
+    """Seed the global generators (torch's CPU one, Python's, NumPy's) with fresh random
+    seeds before the entry builds, so that :func:`fresh_state` tells a generator the entry
+    seeds from one it leaves alone; returns the states set."""
+    import secrets
+
+    import torch
+
+    torch.default_generator.manual_seed(secrets.randbits(63))  # not torch.manual_seed: no CUDA
+    random.seed(secrets.randbits(64))
+    try:
+        import numpy as np
+
+        np.random.seed(secrets.randbits(32))
+    except ImportError:
+        pass
+    return ckpt.random_states()
 
 
 def difference(
