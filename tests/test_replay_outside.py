@@ -178,3 +178,44 @@ def test_verify_run_recomputes_declared_windows(tmp_path: Path) -> None:
             assert first.step == bad and first.start == bad // EVERY * EVERY
     assert statuses[0] == ["matched"] * (STEPS // EVERY)
     assert "diverged" in statuses[1]
+
+
+def test_window_records_are_compared_field_by_field() -> None:
+    """compare_outside on generated window records: equal ones are no difference; a changed
+    reason, tensor list, digest of the weights after (keyed or plain), or a further
+    optimizer's tensors or (keyed) digest is."""
+    from trainguard.explain.replay.compare import compare_outside
+
+    rnd = seeded()
+
+    def hexd() -> str:
+        return f"{rnd.getrandbits(128):032x}"
+
+    names = [f"{i}.weight" for i in range(rnd.randrange(1, 6))]
+    written = rnd.sample(names, rnd.randrange(1, len(names) + 1))
+    window = {"reason": rnd.choice(["sam", "lookahead"]), "tensors": written,
+              "count": len(written), "after_update": rnd.random() < 0.5, "after": hexd(),
+              "plain": {"after": hexd()},
+              "optimizers": {"1": {"tensors": ["head.weight"], "after": hexd()}}}  # fmt: skip
+    for mode in ("keyed", "plain"):
+        assert compare_outside([window], [dict(window)], mode) == []
+    changes = {
+        "reason": ({"reason": "other"}, {"keyed", "plain"}),
+        "tensors": ({"tensors": written[:-1] or ["x"], "count": 9}, {"keyed", "plain"}),
+        "after": ({"after": hexd()}, {"keyed"}),
+        "plain": ({"plain": {"after": hexd()}}, {"plain"}),
+        "lane digest": (
+            {"optimizers": {"1": {"tensors": ["head.weight"], "after": hexd()}}},
+            {"keyed"},
+        ),
+        "lane tensors": ({"optimizers": {"1": {"tensors": [], "after": "x"}}}, {"keyed", "plain"}),
+    }
+    name = rnd.choice(sorted(changes))
+    change, seen_in = changes[name]
+    print(name)
+    for mode in ("keyed", "plain"):
+        diffs = compare_outside([window], [{**window, **change}], mode)
+        assert bool(diffs) == (mode in seen_in), (name, mode, diffs)
+    assert compare_outside([window], [window, window], "keyed")  # a window more
+    assert compare_outside([], [window], "plain")  # a window the run never declared
+    assert compare_outside([window], [], "keyed") == []  # undeclared entry: noted by replay

@@ -147,7 +147,16 @@ def compare_outside(
     def seen(r: dict[str, Any]) -> list[Any]:
         if budget:  # a budget run names tensors by version counter and records no digest
             return [r.get("reason")]
-        return [r.get("reason"), r.get("count"), r.get("tensors"), digest(r, "after", mode)]
+        # Further optimizers' writes (monitor/optimizers.py lanes): their tensors, and in
+        # keyed mode their digests (a lane records keyed digests only).
+        lanes = r.get("optimizers") or {}
+        others = {
+            label: (w.get("tensors"), w.get("after") if mode == "keyed" else None)
+            for label, w in (lanes.items() if isinstance(lanes, dict) else ())
+            if isinstance(w, dict)
+        }
+        return [r.get("reason"), r.get("count"), r.get("tensors"), digest(r, "after", mode),
+                others]  # fmt: skip
 
     if [seen(r) for r in recorded] == [seen(r) for r in replayed]:
         return []
