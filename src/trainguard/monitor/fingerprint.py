@@ -57,12 +57,11 @@ zero-padded (4 KiB); small runs are copied into one pack per call (one product f
 all: a small tensor's cost is the ops run for it); the scratch per product is bounded
 (BLOCK chunks); the multipliers take 128 bytes per chunk (3%), drawn per TABLE chunks where
 runs reach (a rank holding the last shard of a tensor holds those of its shard, not of the
-whole), the weights 64 KiB.  On a
-CPU every product runs on one torch thread (an op split over torch's OpenMP threads waits
-for its other half on a loaded machine, and OpenMP does not survive fork()); long runs are
-cut into stretches for a thread pool instead.  Only two integers per tensor leave the
-device; the digest that goes to the ledger is a keyed BLAKE2b over those integers, the
-tensor names, shapes and dtypes.
+whole); the weights take 64 KiB.  On a CPU every product runs on one torch thread (an op
+split over torch's OpenMP threads waits for its other half on a loaded machine, and OpenMP
+does not survive fork()); long runs are cut into stretches for a thread pool instead.  Only
+two integers per tensor leave the device; the digest that goes to the ledger is a keyed
+BLAKE2b over those integers, the tensor names, shapes and dtypes.
 
 Sharded tensors (FSDP2's DTensors) are read where they live: each rank sums its own
 slice, of whatever size (an empty one included), and names it by the slice
