@@ -200,7 +200,8 @@ class ReplayReport:
                 if s.status == NOT_COMPARABLE and d is not None:
                     message = (
                         f"replay is not comparable: {held} (step {d.step} diverged, "
-                        "which these differences can explain)"
+                        "which these differences can explain; the recorded conditions are "
+                        "the run's own report: replay under them to tell)"
                     )
                 else:
                     span = f"steps {s.start}..{s.end - 1}"
