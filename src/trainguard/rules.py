@@ -414,6 +414,15 @@ RULES: dict[str, Rule] = {
             "0's run-start gives, or claiming a world size over the verifier's cap. Someone "
             "other than the run added it; what it says is not taken.",
         ),
+        Rule(
+            "TG1215",
+            "ledger-step-records-gap",
+            _H,
+            "A rank's step records do not run 0, 1, 2, ... once each up to its run-end's "
+            "step count: records were dropped, repeated or renumbered before they were "
+            "chained (a guard writes one step record per step, in order, from 0), so the "
+            "chain and its signatures vouch for a history with steps missing.",
+        ),
         # -- watch: the training monitor (TG13xx) ------------------------------
         Rule(
             "TG1301",

@@ -62,6 +62,12 @@ class EndState:
     run_end: int | None = None  # seq of the run-end (rank) or run-summary (run stream)
     last_seq: int = -1
     last_step: int | None = None
+    # A guard writes one step record per step, in order, from 0: the step the next one
+    # must carry, the first record that did not (seq, step it carried) and the run-end's
+    # own count of steps.
+    next_step: int = 0
+    step_break: tuple[int, int] | None = None
+    end_steps: int | None = None
     head_ok: int = -1  # seq of the last head verified with the stream's key, matching
     listed: frozenset[int] | None = None  # the run stream's last verified head names these
     # rank -> (the last step it reported, the seq of the alert saying so)
@@ -84,8 +90,14 @@ class EndState:
         elif kind in ("run-end", "run-summary"):
             self.run_end = seq
             self.world = max(self.world, _count(payload.get("world_size")))
+            steps = payload.get("steps")
+            if kind == "run-end" and isinstance(steps, int) and not isinstance(steps, bool):
+                self.end_steps = steps
         elif kind == "step" and step is not None:
             self.last_step = step if self.last_step is None else max(self.last_step, step)
+            if step != self.next_step and self.step_break is None:
+                self.step_break = (seq, step)
+            self.next_step = max(self.next_step, step + 1)
         elif kind == "alert" and payload.get("rule") in STOPPED_RULES:
             evidence = payload.get("evidence")
             if isinstance(evidence, dict):
@@ -122,6 +134,8 @@ def check_ends(
     """
     ranks = {n: s for n, s in streams.items() if n != RUN_STREAM}
     run = streams.get(RUN_STREAM)
+    for n, st in sorted(ranks.items()):
+        _check_steps(n, st, emit)
     # Rank 0 writes the run-summary only when it signs: a run stream that holds one
     # was signed, even if every rank stream is gone.
     keyed = any(s.key_state in ("ok", "bad") for s in ranks.values()) or (
@@ -158,6 +172,38 @@ def check_ends(
         elif st.started and not st.closed:
             _not_closed(n, st, emit)
     _check_run_stream(run, ranks, trust.world or trust.claimed, emit)
+
+
+def _check_steps(n: int, st: EndState, emit: Emit) -> None:
+    """TG1215: a started stream's step records are 0, 1, 2, ... once each, and its
+    run-end counts them.  Signed or not: a chain is hashed over whatever records it
+    was given, so records dropped before they were chained (a step record held in
+    memory for a batched write, then deleted) leave it intact."""
+    if not st.started:
+        return  # a stream without its start is already a finding of its own
+    if st.step_break is not None:
+        seq, step = st.step_break
+        expected = "the next step" if step > 0 else "step 0"
+        emit(
+            "TG1215",
+            n,
+            seq,
+            f"stream {n}: the step record at seq {seq} is for step {step}, not {expected} "
+            "in order: step records were dropped, repeated or renumbered before they were "
+            "chained",
+            step=step,
+        )
+    elif st.end_steps is not None and st.end_steps != st.next_step:
+        emit(
+            "TG1215",
+            n,
+            st.run_end,
+            f"stream {n}: its run-end counts {st.end_steps} step(s) but its step records "
+            f"run 0..{st.next_step - 1}: the last step records were dropped before the "
+            "run-end was chained",
+            steps=st.end_steps,
+            recorded=st.next_step,
+        )
 
 
 def _check_world(
