@@ -91,6 +91,12 @@ def build_evaluating(ctx: ReplayContext) -> Replayable:
     return Replayable(model, opt, scheduler=sched, batches=batches, step=step, dataloader=loader)
 
 
+def build_declaring(ctx: ReplayContext) -> Replayable:
+    run = build(ctx)
+    run.draws_before_saves = True
+    return run
+
+
 def train(folder: Path, run_id: str, *, before: Hook | None = None, after: Hook | None = None,
           pre: Callable[[Any], None] | None = None) -> str:  # fmt: skip
     """``pre(model)`` before watch; ``after(s, model)`` after guard.step(s), before a save."""
@@ -207,6 +213,7 @@ def test_generators_moved_before_a_save_are_not_matched(tmp_path: Path) -> None:
     assert seg.divergence is not None and f"rng {which}" in seg.divergence.field("carried").tensors
     assert report.verdict != "matched"
     assert any("drew random numbers" in n for n in seg.notes), seg.notes
+    assert "draws_before_saves" in seg.divergence.cause
 
 
 def test_a_reseed_before_a_save_is_a_divergence(tmp_path: Path) -> None:
@@ -237,6 +244,11 @@ def test_evaluations_before_saves_match_when_recomputed_or_kept_apart(tmp_path: 
     ledger = train(tmp_path, "evaluated", after=evaluate)
     report = replay(ledger, "evaluated", build_evaluating, key=KEY, all_segments=True)
     assert set(statuses(report)) == {"matched"}, report.first_divergence
+    # Not redone, the verifier's entry may declare them: noted, the steps after replay
+    # from the checkpoint's states (the allowance is then open, and said so).
+    report = replay(ledger, "evaluated", build_declaring, key=KEY, all_segments=True)
+    assert set(statuses(report)) == {"matched"}, report.first_divergence
+    assert any("draws_before_saves" in n for s in report.segments for n in s.notes)
 
     def forked(s: int, model: Any) -> None:
         if (s + 1) % EVERY == 0:
@@ -346,3 +358,4 @@ def test_a_loader_seeded_once_is_outside_the_data_contract_not_sabotage(tmp_path
         seg = next(s for s in report.segments if s.start == per_epoch)
         assert seg.divergence is not None and seg.divergence.kind == "checkpoint", statuses(report)
         assert seg.status == ("diverged" if moved else "not-comparable"), seg.divergence
+        assert moved or "outside the data contract" in seg.divergence.cause

@@ -87,6 +87,10 @@ class Replayable:
     scheduler: Any = None
     record_batch: Callable[[Any], Any] | None = None
     dataloader: Any = None
+    # The verifier's word that the training loop draws from the global generators between
+    # its last step and a save (an evaluation) that ``step`` does not redo: such a move,
+    # with no re-seed, is then noted rather than not comparable (docs/replay.md).
+    draws_before_saves: bool = False
 
 
 Entry = Callable[[ReplayContext], "Replayable | Mapping[str, Any]"]
@@ -96,7 +100,8 @@ def as_replayable(built: Any) -> Replayable:
     if isinstance(built, Replayable):
         return built
     if isinstance(built, Mapping):
-        known = {"model", "optimizer", "batches", "step", "scheduler", "record_batch", "dataloader"}
+        known = {"model", "optimizer", "batches", "step", "scheduler", "record_batch", "dataloader",
+                 "draws_before_saves"}  # fmt: skip
         extra = sorted(set(built) - known)
         missing = sorted({"model", "optimizer", "batches", "step"} - set(built))
         if extra or missing:

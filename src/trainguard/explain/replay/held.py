@@ -50,6 +50,26 @@ class Held:
             divergence.kind == "checkpoint" and (step in self.drawn or step in self.unresumable)
         )
 
+    def explained(self, divergence: Any) -> Any:
+        """A not-comparable checkpoint (:meth:`drawn_only`) with the cause that says why."""
+        import dataclasses
+
+        if divergence.step in self.unresumable:
+            why = (
+                "the entry cannot resume the data at this checkpoint: its first batch is not "
+                "the one training read there, which replaying up to it does read next (a "
+                "loader whose generator is seeded once draws its next epoch's order after "
+                "the save: outside the data contract, docs/replay.md; seed it per epoch)"
+            )
+        else:
+            why = (
+                "random generators moved between the last step and the save with no sign "
+                "of a re-seed, by draws replay does not redo (an evaluation?): keep them off "
+                "the training's generators, have the entry's step redo them, or declare "
+                "them (Replayable.draws_before_saves); docs/replay.md"
+            )
+        return dataclasses.replace(divergence, cause=why)
+
     def data_position(
         self, position: int, first: tuple[str, str], recorded: dict[str, Any], mode: str
     ) -> FieldDiff | None:
@@ -138,6 +158,15 @@ class Held:
             # own generator moved before a save picks the next epoch's order (A28).
             if all(n.startswith("rng ") and self._moved_only(position, n, saved) for n in names):
                 assert diff is not None
+                if (self.end_random.get(position) or {}).get("draws_before_saves"):
+                    notes.append(
+                        f"the checkpoint at step {position} holds other states of "
+                        f"{', '.join(names)} than replaying up to it ends in, with no sign of "
+                        "a re-seed: the entry declares draws between the last step and a "
+                        "save (draws_before_saves), which replay does not redo; the steps "
+                        "after it replay from the checkpoint's states"
+                    )
+                    return None
                 self.drawn.add(position)
                 notes.append(
                     f"the checkpoint at step {position} holds other states of "
@@ -201,7 +230,8 @@ def end_state(run: Replayable) -> tuple[Carried, dict[str, Any]]:
     flat = carried.flatten(
         scheduler, run.optimizer.state_dict(), states, loader, None, _buffers(run)
     )
-    return flat, {"rng": states, "loader": loader}
+    declared = bool(getattr(run, "draws_before_saves", False))
+    return flat, {"rng": states, "loader": loader, "draws_before_saves": declared}
 
 
 def fresh_state(run: Replayable, scrambled: dict[str, Any] | None = None) -> Carried:
