@@ -100,7 +100,9 @@ def flatten(
 def buffers_of(model_state: Mapping[str, Any], param_names: Any) -> dict[str, Any]:
     """The entries of a model's state dict that are not parameters (by name): what a
     checkpoint restores besides the fingerprinted weights."""
-    params = set(param_names)
+    # The ledger names a parameter this rank holds a shard of (FSDP2) by its slice,
+    # ``0.weight[0:7]``: its state dict entry is ``0.weight`` (no module name holds "[").
+    params = {str(n).split("[", 1)[0] for n in param_names}
     return {str(k): v for k, v in model_state.items() if k not in params}
 
 
