@@ -535,7 +535,9 @@ RULES: dict[str, Rule] = {
             _I,
             "A watch check could not look at some tensors (a kind it cannot read: sparse, "
             "nested, meta, quantized...) or failed inside; the step went on and the "
-            "evidence names the tensors that went unchecked. Medium when a check failed.",
+            "evidence names the tensors that went unchecked. Medium when a check failed; high "
+            "from the third failure of the same check in a run (a check that keeps failing "
+            "is blind, as one made to fail on purpose would be).",
         ),
         Rule(
             "TG1316",

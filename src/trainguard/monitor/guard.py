@@ -16,6 +16,7 @@ import statistics
 import time
 import uuid
 import weakref
+from collections import Counter
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -170,6 +171,7 @@ class Guard:
         # Ranks that hang without dying (docs/watch.md); None when hang_seconds is None.
         self.watchdog = Watchdog.for_guard(self, opts)
         self._closed = False
+        self._check_failures: Counter[str] = Counter()  # per check.phase (TG1315)
         # Since when the guard's own hooks run (None: they don't): the watchdog counts no
         # stall for a while then, and the clock restarts when they end (a one-time scan in a
         # large process once took longer than a tight hang threshold and was reported as
@@ -274,14 +276,14 @@ class Guard:
         name, when = type(check).__name__, "before_step" if before else "after_step"
         runs, unit = self._runs, check.unit
         if runs is None or unit is None or self.schedule is None:
-            return checked(name, when, ctx, lambda: phase(ctx))
+            return checked(name, when, ctx, lambda: phase(ctx), self._check_failures)
         if unit not in runs:
             if not before or not _acts(check, "skipped"):
                 return []  # a call per check and step is the guard's fixed cost
-            return checked(name, "skipped", ctx, lambda: check.skipped(ctx))
+            return checked(name, "skipped", ctx, lambda: check.skipped(ctx), self._check_failures)
         started = clock.now()
         try:
-            return checked(name, when, ctx, lambda: phase(ctx))
+            return checked(name, when, ctx, lambda: phase(ctx), self._check_failures)
         finally:
             outside = check.outside_seconds() if before else 0.0
             self.schedule.charge(unit, clock.now() - started + outside)
@@ -370,7 +372,13 @@ class Guard:
         for check in self._phase["step_end"]:
             name = type(check).__name__
             self.sink.raise_all(
-                checked(name, "step_end", ctx, functools.partial(check.step_end, ctx, end))
+                checked(
+                    name,
+                    "step_end",
+                    ctx,
+                    functools.partial(check.step_end, ctx, end),
+                    self._check_failures,
+                )
             )
         batch_fp = self._batch_fingerprint(tensors)
         payload = step_payload(self, end, batch_fp)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -239,6 +240,7 @@ class Lane(Check):
         import torch
 
         self.found, self.index, self.label = found, index, found.labels[index]
+        self._failures: Counter[str] = Counter()  # per check.phase (TG1315)
         self.optimizer = opt = found.all[index]
         self.context, self.raise_all, self.spent = context, raise_all, spent
         named_params = found.answered(list(model.named_parameters()), index)
@@ -315,12 +317,14 @@ class Lane(Check):
         when = "before_step" if before else "after_step"
         runs, unit, sched = self._runs, check.unit, self.schedule
         if runs is None or unit is None or sched is None:
-            return checked(name, when, ctx, lambda: phase(ctx))
+            return checked(name, when, ctx, lambda: phase(ctx), self._failures)
         if unit not in runs:
-            return checked(name, "skipped", ctx, lambda: check.skipped(ctx)) if before else []
+            if not before:
+                return []
+            return checked(name, "skipped", ctx, lambda: check.skipped(ctx), self._failures)
         started = clock.now()
         try:
-            return checked(name, when, ctx, lambda: phase(ctx))
+            return checked(name, when, ctx, lambda: phase(ctx), self._failures)
         finally:
             sched.charge(unit, clock.now() - started)
 
@@ -338,7 +342,9 @@ class Lane(Check):
         mine = dataclasses.replace(end, declared_lr=self.found._lr[self.index])
         for check in (self.hyper, self.direction):
             name = f"{type(check).__name__} ({self.label})"
-            alerts += checked(name, "step_end", ctx, functools.partial(check.step_end, ctx, mine))
+            alerts += checked(
+                name, "step_end", ctx, functools.partial(check.step_end, ctx, mine), self._failures
+            )
         return self._emit(alerts)
 
     # -- guard.outside_step(): declared writes between two steps (monitor/declare.py) ----

@@ -6,6 +6,11 @@ the guard:
 * A check that raises is a finding, not a crash: its phase's alerts become one
   TG1315 note at medium severity naming the check, the phase and the error
   (what that check covers went unchecked at this step: never a silent "clean").
+  A check that keeps failing is blind, and making a check raise (a tensor it
+  cannot read, an attribute it trips on) is a way to blind it: from the
+  ``QUIET_FAILURES + 1``-th failure of the same check and phase in a run on, the
+  note is high.  Our checks do not raise on honest training; one that does is a
+  bug worth a report either way.
 * The guard's hooks run as plain Python under ``torch.compile``.  A compiled
   ``optimizer.step`` calls the step hooks from inside the traced frame; traced,
   dynamo inlined the guard and its checks (copying their module globals into
@@ -23,6 +28,7 @@ the guard:
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -32,20 +38,47 @@ from trainguard.monitor.alerts import Alert, Context
 log = logging.getLogger("trainguard.monitor")
 
 
-def checked(name: str, phase: str, ctx: Context, call: Callable[[], list[Alert]]) -> list[Alert]:
-    """``call()``'s alerts; when it raises, one note that the check failed instead."""
+QUIET_FAILURES = 2  # failures of one check and phase in a run noted at medium
+
+
+def checked(
+    name: str,
+    phase: str,
+    ctx: Context,
+    call: Callable[[], list[Alert]],
+    failures: Counter[str] | None = None,
+) -> list[Alert]:
+    """``call()``'s alerts; when it raises, one note that the check failed instead.
+
+    ``failures``: the run's count of failures per check and phase (the guard's);
+    past ``QUIET_FAILURES`` the note is high: the check is blind."""
     try:
         return call()
     except Exception as e:  # a check never ends the user's step
         log.debug("trainguard: %s.%s failed", name, phase, exc_info=True)
+        key = f"{name}.{phase}"
+        count = 1
+        if failures is not None:
+            failures[key] += 1
+            count = failures[key]
+        blind = count > QUIET_FAILURES
+        message = (
+            f"the {name} check failed in {phase} ({type(e).__name__}: {str(e)[:200]}): "
+            f"what it covers went unchecked at this step"
+        )
+        if blind:
+            message += (
+                f"; it has now failed at {count} steps of this run: what it covers is "
+                "blind, as a check made to fail on purpose would be"
+            )
         return [
             ctx.alert(
                 "TG1315",
-                f"the {name} check failed in {phase} ({type(e).__name__}: {str(e)[:200]}): "
-                f"what it covers went unchecked at this step",
-                severity=Severity.MEDIUM,
-                key=f"{name}.{phase}",
+                message,
+                severity=Severity.HIGH if blind else Severity.MEDIUM,
+                key=key,
                 error=repr(e)[:500],
+                failures=count,
             )
         ]
 
