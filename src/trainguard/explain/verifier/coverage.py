@@ -12,7 +12,8 @@ the bounds come from the step records each rank wrote, read in stream order:
   bytes, is itself a finding (TG1514);
 - a segment ``[a, b)`` is ready only once every rank recorded steps up to
   ``b - 1``; it is judged once per ``(a, b)``: a checkpoint that later splits
-  a judged pair makes new pairs, each judged on its own;
+  a judged pair makes new pairs, each judged on its own, and the pairs at a
+  position that gets a second checkpoint are judged again;
 - the steps before the first checkpoint (from the entry's fresh build) and
   after the last (to the last recorded step, once the run ended) are
   segments too;
@@ -106,6 +107,9 @@ class Coverage:
                 at,
                 {"rank": rank, "seq": r.seq, "position": at, "blake3": [seen[at], digest]},
             )
+            # Judged again, under the same draw: the replay then holds every file at the
+            # position to what it recomputes (one saved after its pair was judged too).
+            self.judged = {k: v for k, v in self.judged.items() if at not in k}
         seen.setdefault(at, digest)
 
     def _find(self, message: str, step: int | None, evidence: dict[str, Any]) -> None:
