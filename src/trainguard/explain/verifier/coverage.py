@@ -164,18 +164,6 @@ class Coverage:
                 out[rank] = gaps
         return out
 
-    def counts(self) -> dict[str, int]:
-        """Steps (summed over the ranks with records) per outcome, and uncovered."""
-        ranks = len(self.last)
-        totals = {RECOMPUTED: 0, SKIPPED: 0, FAILED: 0}
-        for (a, b), outcome in self.judged.items():
-            totals[outcome] += (b - a) * ranks
-        totals["uncovered"] = sum(
-            hi - lo for gaps in self.uncovered(ranks).values() for lo, hi in gaps
-        )
-        totals["recorded"] = sum(self.last[r] - self.first[r] + 1 for r in self.last)
-        return totals
-
 
 def stretches(gaps: list[tuple[int, int]]) -> str:
     """``[(3, 5), (9, 10)]`` -> ``3..4, 9``."""
