@@ -12,6 +12,7 @@ from trainguard.monitor.checks.draws import DrawCheck
 from trainguard.monitor.checks.interception import checks as interception_checks
 from trainguard.monitor.checks.loader import LoaderPathCheck
 from trainguard.monitor.checks.params import ParameterIdentityCheck
+from trainguard.monitor.checks.reducer import ReducerCheck
 from trainguard.monitor.checks.settings import SettingsCheck
 from trainguard.monitor.checks.sleep import SleepCheck
 from trainguard.monitor.checks.spikes import SpikeCheck
@@ -55,6 +56,7 @@ def behaviour(
     # inside forward (hooks on the root module say when), torch's generator only advances.
     forwards = ForwardWatch(model)
     found += [BufferCheck(model, fp, forwards), SettingsCheck(model, forwards), AdvanceCheck()]
+    found += [ReducerCheck(model)]  # DDP's comm hooks and bucket settings
     return found + ([SampleCheck(fp, dataloader)] if dataloader is not None else [])
 
 

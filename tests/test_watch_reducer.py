@@ -1,0 +1,40 @@
+"""DistributedDataParallel's reducer is training machinery: a comm hook registered mid-run
+(red team 2 #4: one that keeps 10% of each bucket, or returns the local gradient unaveraged),
+a built-in hook, or a bucket setting changed is TG1304 high at the step it changed, in exact
+and budget mode; the script's own hook registered before ``watch()`` is reported at start-up;
+torch's own all-reduce hook and accumulation under ``no_sync()`` stay quiet.  A real DDP of
+world size 1, in a fresh process (tests/reducer_worker.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.seeds import seeded
+from trainguard.findings import Severity
+
+WORKER = Path(__file__).with_name("reducer_worker.py")
+
+
+def test_reducer_changes_are_named(tmp_path: Path) -> None:
+    seed = seeded().randrange(2**31)
+    out = subprocess.run(
+        [sys.executable, str(WORKER), str(seed), str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    honest, changed, before = (json.loads(x) for x in out.stdout.strip().splitlines()[-3:])
+    print(honest, changed, before, sep="\n")
+    assert honest["mode"] == "honest" and honest["alerts"] == []
+    high = [a for a in changed["alerts"] if a[2] >= Severity.HIGH]
+    # A public setting is also a module setting changed outside forward (TG1318).
+    assert {a[1] for a in high} == {changed["at"]}, changed["what"]
+    ours = [a for a in high if a[0] == "TG1304"]
+    assert len(ours) == 1 and "reducer changed at run time" in ours[0][3]
+    first = [a for a in before["alerts"] if a[2] >= Severity.HIGH]
+    assert [(a[0], a[1]) for a in first] == [("TG1304", 0)]
+    assert "comm hook(s) from" in first[0][3]
