@@ -28,7 +28,8 @@ are known in advance; the sampled steps are not).
 
 Every other check whose cost grows with the model or the watched surface (the
 update and state models, the direction probe, code identity, the surface sweep,
-random-state digests, and the chunk sample itself) is a *unit* of a
+random-state digests, the chunk sample itself, the guard's self-check and the
+parameter identity check) is a *unit* of a
 :class:`Schedule`: at each step a unit runs with a probability drawn from the
 run's key, and the probabilities follow each unit's measured cost so that the
 expected guard time stays within the budget (never below ``1 / SPARSEST``).
@@ -142,6 +143,13 @@ class VersionWatch:
         return [n for n in every if now.get(n) != seen.get(n)]
 
 
+def keyed_draw(key: bytes, unit: str, step: int) -> float:
+    """A keyed uniform number in [0, 1) for ``unit`` at ``step`` (the schedule's draw; the
+    guard's self-check draws its floor with it from its own copy of the key)."""
+    h = hashlib.blake2b(f"{unit}|{step}".encode(), key=key[:32], digest_size=8)
+    return int.from_bytes(h.digest(), "little") / 2.0**64
+
+
 def chances(allowance: float, costs: dict[str, float]) -> tuple[dict[str, float], float]:
     """The probability of running each unit at a step, and the seconds each may spend.
 
@@ -191,8 +199,7 @@ class Schedule:
 
     def draw(self, unit: str, step: int) -> float:
         """A keyed uniform number in [0, 1) for ``unit`` at ``step``."""
-        h = hashlib.blake2b(f"{unit}|{step}".encode(), key=self.key, digest_size=8)
-        return int.from_bytes(h.digest(), "little") / 2.0**64
+        return keyed_draw(self.key, unit, step)
 
     def runs(self, step: int) -> frozenset[str]:
         """The units that run at ``step`` (all of them during the warm-up); asked again

@@ -145,8 +145,10 @@ class Guard:
             self.checks.insert(0, env)
         # Budget mode: the checks whose cost grows with the model, and the chunk sample,
         # run at the steps this schedule draws with the run's key (monitor/budget.py).
-        # The batch's fingerprint is a unit too: its cost follows the batch, not the guard.
-        units = sorted({c.unit for c in self.checks if c.unit is not None} | {"chunks", "batch"})
+        # The batch's fingerprint is a unit too: its cost follows the batch, not the guard;
+        # and the guard's self-check (monitor/integrity.py).
+        extra = {"chunks", "batch", "integrity"}
+        units = sorted({c.unit for c in self.checks if c.unit is not None} | extra)
         self.schedule = Schedule(self.key, opts.budget, units) if opts.budget else None
         self.tamper.schedule = self.schedule
         for lane in self.lanes:

@@ -15,6 +15,13 @@ change.  At every step (optimizer pre-hook and ``guard.step``), in microseconds:
 * every sample index (a check's ``index``) holds the same tensors, sizes and
   version counters (a param group added later may add indices, never change them).
 
+In budget mode the self-check is the schedule's unit ``integrity``: it runs at the
+steps the schedule draws (every step of the warm-up), and at the steps its own
+keyed draw puts under ``1 / SPARSEST`` whatever the schedule says (its key is a
+copy taken at start-up: a schedule tampered with cannot switch it off).  It
+compares against start-up, so a change made at a step it skips is found at the
+next step it runs.
+
 A violation is TG1304 (critical), reported once per finding through a path that
 does not go through the objects that can be tampered with: straight to the list
 the guard's ``alerts`` is, the ledger recorder's ``append`` captured at start-up,
@@ -28,14 +35,18 @@ adversary in the process is ``trainguard verify-run`` off the training host.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import weakref
+from collections import deque
 from itertools import repeat
 from typing import Any
 
 from trainguard.findings import Severity
+from trainguard.monitor import clock
 from trainguard.monitor.alerts import Alert, TrainingStopped
+from trainguard.monitor.budget import RECENT, SPARSEST, WARMUP_STEPS, keyed_draw
 
 log = logging.getLogger("trainguard.monitor")
 
@@ -63,6 +74,7 @@ PINNED = (
     "_phase",
 )
 MAX_INDEXED = 10_000  # sample indices followed per guard
+UNIT = "integrity"  # budget mode: the schedule's unit
 
 
 class SelfCheck:
@@ -85,6 +97,31 @@ class SelfCheck:
         self._append = guard.recorder.append
         self._on_alert = guard.options.on_alert
         self._reported: set[str] = set()
+        # Budget mode: the schedule (its draws and costs) and a key of our own for the floor.
+        self._schedule = getattr(guard, "schedule", None)
+        self._key = bytes(guard.key[:32]) if self._schedule is not None else b""
+        self._due: tuple[int, bool] = (-1, True)  # the step last asked about, and the answer
+        self.ran: deque[int] = deque(maxlen=RECENT)  # budget mode: the steps it ran at
+
+    def due(self, step: int) -> bool:
+        """Whether the self-check runs at ``step``: always outside budget mode; in it, at
+        the schedule's draws for the unit, and at least at its keyed floor."""
+        sched = self._schedule
+        if sched is None:
+            return True
+        if self._due[0] == step:
+            return self._due[1]
+        if step < WARMUP_STEPS or keyed_draw(self._key, UNIT, step) < 1.0 / SPARSEST:
+            on = True
+        else:
+            try:
+                on = UNIT in sched.runs(step)
+            except Exception:  # a schedule that cannot answer: run (fail closed)
+                on = True
+        self._due = (step, on)
+        if on:
+            self.ran.append(step)
+        return on
 
     def _objects(self, guard: Any) -> list[Any]:
         found = [guard, guard.sink, guard.recorder, guard.fp, *self._checks]
@@ -158,8 +195,19 @@ class SelfCheck:
         return found
 
     def verify(self, step: int, rank: int) -> None:
-        """Report what changed since start-up (each finding once)."""
-        fresh = [p for p in self.problems() if p not in self._reported]
+        """Report what changed since start-up (each finding once); in budget mode at the
+        steps :meth:`due` says, its time charged to its unit."""
+        if not self.due(step):
+            return
+        started = clock.now()
+        try:
+            found = self.problems()
+        finally:
+            if self._schedule is not None:
+                # A schedule that cannot take it leaves the cost unknown; the check ran.
+                with contextlib.suppress(Exception):
+                    self._schedule.charge(UNIT, clock.now() - started)
+        fresh = [p for p in found if p not in self._reported]
         if not fresh:
             return
         self._reported.update(fresh)

@@ -11,7 +11,7 @@ Gradual unfreezing is visible and honest: parameters of the model, new to the
 optimizer, appended in a new param group (``optimizer.add_param_group``), and
 a frozen parameter the optimizer holds that starts requiring gradients.  Both
 are recorded (TG1316) and watched from then on; anything else the groups hold
-instead is TG1301.
+instead is TG1301.  In budget mode the check is the schedule's unit ``params``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from trainguard.monitor.checks.base import Check
 
 
 class ParameterIdentityCheck(Check):
+    # Budget mode: at the steps the schedule draws.  Each run compares with what the last
+    # one saw, so a change made at a skipped step is found at the next run.
+    unit = "params"
+
     def __init__(self, model: Any, optimizer: Any) -> None:
         self.model = model
         self.optimizer = optimizer

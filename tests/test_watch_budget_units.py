@@ -1,0 +1,163 @@
+"""Budget mode: the per-step checks that became schedule units still find every change.
+
+The guard's self-check (unit ``integrity``) and the parameter identity check (unit
+``params``) run at the steps the schedule draws with the run's key.  Each run compares
+with start-up (self-check) or with what its last run saw (identity), so a change made
+at a step the unit skips is found at the first step the unit is drawn after it: not
+earlier (it did not run), not later (nothing is lost), and an honest run is silent.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import trainguard  # noqa: E402
+import trainguard.monitor.budget as budget  # noqa: E402
+from tests.seeds import seeded  # noqa: E402
+from trainguard.findings import Severity  # noqa: E402
+from trainguard.monitor import integrity  # noqa: E402
+from trainguard.monitor.budget import WARMUP_STEPS  # noqa: E402
+
+Change = Callable[[random.Random, Any, Any, Any], str]
+
+
+def _shadow(rnd: random.Random, guard: Any, model: Any, opt: Any) -> str:
+    obj = rnd.choice([guard, guard.sink, *guard.checks])
+    names = [n for n in dir(type(obj)) if callable(getattr(type(obj), n, None))]
+    name = rnd.choice([n for n in names if not n.startswith("__")])
+    real = getattr(obj, name)
+    setattr(obj, name, lambda *a, **k: real(*a, **k))  # even a faithful wrapper
+    return f"shadow {type(obj).__name__}.{name}"
+
+
+def _checks(rnd: random.Random, guard: Any, model: Any, opt: Any) -> str:
+    how = rnd.choice(["empty", "drop", "replace"])
+    if how == "empty":
+        guard.checks[:] = []
+    elif how == "drop":
+        del guard.checks[rnd.randrange(len(guard.checks))]
+    else:
+        guard.checks = list(guard.checks)
+    return f"checks {how}"
+
+
+def _pinned(rnd: random.Random, guard: Any, model: Any, opt: Any) -> str:
+    name = rnd.choice(["sink", "tamper", "recorder", "fp", "direction"])
+    setattr(guard, name, copy.copy(getattr(guard, name)))
+    return f"pinned {name}"
+
+
+def _replace(rnd: random.Random, guard: Any, model: Any, opt: Any) -> str:
+    layer = rnd.choice([m for m in model if isinstance(m, torch.nn.Linear)])
+    kind = rnd.choice(["weight", "bias"])
+    setattr(layer, kind, torch.nn.Parameter(getattr(layer, kind).detach().clone()))
+    return f"replace {kind}"
+
+
+def _freeze(rnd: random.Random, guard: Any, model: Any, opt: Any) -> str:
+    name, p = rnd.choice(list(model.named_parameters()))
+    p.requires_grad_(False)
+    return f"freeze {name}"
+
+
+def _group(rnd: random.Random, guard: Any, model: Any, opt: Any) -> str:
+    held = opt.param_groups[0]["params"]
+    i = rnd.randrange(len(held))
+    held[i] = torch.nn.Parameter(held[i].detach().clone())
+    return f"group swap {i}"
+
+
+# Per unit: the changes it finds.
+SELF: list[Change] = [_shadow, _checks, _pinned]
+PARAMS: list[Change] = [_replace, _freeze, _group]
+
+
+def _ran(guard: Any, unit: str) -> list[int]:
+    """The steps ``unit`` ran at."""
+    if unit == "integrity":
+        return list(integrity._checks[guard].ran)
+    return list(guard.schedule.recent[unit])
+
+
+def _found(guard: Any, unit: str) -> list[int]:
+    """The steps of the unit's own alerts."""
+    if unit == "integrity":
+        return [a.step for a in guard.alerts if a.rule == "TG1304"]
+    via = ("identity", "requires_grad")  # ParameterIdentityCheck's, not the tamper check's
+    return [a.step for a in guard.alerts if a.rule == "TG1301" and a.evidence.get("via") in via]
+
+
+def _train(rnd: random.Random, steps: int, change: Change | None, at: int) -> tuple[Any, str]:
+    torch.manual_seed(rnd.randrange(999))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = rnd.choice([torch.optim.Adam, torch.optim.SGD])(model.parameters(), lr=1e-2)
+    guard = trainguard.watch(
+        model, opt, ledger=None, hang_seconds=None, budget=0.02, min_stall_seconds=0.25
+    )
+    what = ""
+    for step in range(steps):
+        loss = model(torch.randn(8, 6)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        guard.step(loss=loss)
+        if change is not None and step == at:
+            what = change(rnd, guard, model, opt)
+    guard.close()
+    return guard, what
+
+
+def test_each_new_unit_finds_a_change_at_the_first_step_it_is_drawn_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Generative: a random chance per unit (what a budget below the fixed costs gives),
+    a random change of a random kind at a random step after the warm-up; the unit's
+    alert comes at the first step the unit ran after the change, never before it."""
+    rnd = seeded()
+    chance = rnd.uniform(0.25, 0.5)
+    monkeypatch.setattr(
+        budget, "chances", lambda allowance, costs: (dict.fromkeys(costs, chance), 0)
+    )
+    drawn = 0
+    for _ in range(4):
+        unit = rnd.choice(["integrity", "params"])
+        change = rnd.choice(SELF if unit == "integrity" else PARAMS)
+        at = rnd.randrange(WARMUP_STEPS, WARMUP_STEPS + 10)
+        guard, what = _train(rnd, at + 30, change, at)
+        ran = _ran(guard, unit)
+        after = [s for s in ran if s > at]
+        found = _found(guard, unit)
+        print(unit, what, f"chance {chance:.3f}", "at", at, "ran", after[:5], "found", found[:3])
+        assert not [s for s in found if s <= at]
+        assert [s for s in range(WARMUP_STEPS, at + 30) if s not in ran], "never skipped"
+        if after:
+            drawn += 1
+            assert found and found[0] == after[0], (what, after[:3], found[:3])
+        else:  # not drawn after the change in this run: nothing may claim it found it
+            assert not found
+    assert drawn  # (each run misses with probability at most 0.75**29)
+
+
+def test_honest_budget_runs_with_the_new_units_are_silent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Generative: units drawn at a random share of the steps; an honest run raises
+    nothing high, and both new units ran at some steps and skipped others."""
+    rnd = seeded()
+    chance = rnd.uniform(0.25, 0.6)
+    monkeypatch.setattr(
+        budget, "chances", lambda allowance, costs: (dict.fromkeys(costs, chance), 0)
+    )
+    for _ in range(2):
+        guard, _ = _train(rnd, 60, None, -1)
+        assert [a for a in guard.alerts if a.severity >= Severity.HIGH] == []
+        for unit in ("integrity", "params"):
+            ran = [s for s in _ran(guard, unit) if s >= WARMUP_STEPS]
+            assert 0 < len(ran) < 60 - WARMUP_STEPS, (unit, chance, ran)
