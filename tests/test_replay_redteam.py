@@ -89,16 +89,52 @@ def test_a_withheld_step_record_is_never_matched(
     ledger = train(tmp_path, hook)
     monkeypatch.setattr(Recorder, "append", real)
     report = replay(ledger, "run", build, key=KEY, all_segments=True)
-    d = report.first_divergence
-    assert report.verdict == "diverged" and report.exit_code() == 1, report.segments
-    assert d is not None and d.step <= bad and d.kind in ("step", "checkpoint")
-    missing = [s.divergence for s in report.segments if s.divergence is not None]
+    assert report.exit_code() == 1, report.segments
+    if report.verdict == "ledger-unverified":  # the ledger's own step order shows the gap
+        assert any(rule.startswith("TG12") for rule, _ in report.ledger_problems)
+    else:
+        d = report.first_divergence
+        assert report.verdict == "diverged" and d is not None and d.step <= bad
+        _names_the_gap(report.segments, bad, edit)
+    # verify-run replays from the history it read (no whole-ledger check first): the
+    # recomputation itself must not call the segment holding the gap matched.
+    summary = _verify_run(ledger, tmp_path, build)
+    verdicts = summary.verdicts
+    holding = [v for v in verdicts if v.start <= bad < v.end or (edit and v.end == bad)]
+    assert all(v.status != "matched" for v in holding), verdicts
+    assert summary.exit_code() != 0, summary  # a segment it never judged is no pass either
+    if not edit and holding:
+        assert any(v.step == bad and "record" in v.fields for v in holding), holding
+
+
+def _names_the_gap(segments: Any, bad: int, edit: bool) -> None:
+    missing = [s.divergence for s in segments if s.divergence is not None]
     # Dropped only: the missing record itself is named. Edited too: the edit may be named
     # first (at a checkpoint saved right after it), which ends that segment.
     if not edit:
         assert any(x.step == bad and x.field("record") is not None for x in missing), missing
-    rules = {f.rule for f in report.findings()}
-    assert "TG1510" in rules if not edit else rules & {"TG1510", "TG1511"}, rules
+
+
+def _verify_run(ledger: str, folder: Path, entry: Any) -> Any:
+    from trainguard.explain.verifier.follow import Verifier
+    from trainguard.explain.verifier.sampling import secret_from
+    from trainguard.signing.keys import write_keypair
+
+    private, _ = write_keypair(folder / "verifier")
+    verifier = Verifier(
+        ledger,
+        "run",
+        entry,
+        signing_key=str(private),
+        secret=secret_from(private.read_bytes()),
+        rate=1.0,
+        run_key=KEY,
+    )
+    try:
+        verifier.poll()
+    finally:
+        verifier.close()
+    return verifier.summary
 
 
 # REPORT.md A18: "several checkpoints recorded at one step: only the last is checked"
