@@ -200,12 +200,6 @@ class Guard:
     def sampled_share(self) -> float:
         return self.tamper.sampled_share
 
-    def replace_pre_hook(self, hook: Any) -> None:
-        """Install ``hook`` as the guard's step pre-hook (framework adapters wrap the closure)."""
-        self._hooks[0].remove()
-        self._hooks[0] = self.optimizer.register_step_pre_hook(hook)
-        self.identity.rebaseline()  # the registry now holds this hook instead of the guard's
-
     # -- alerts and records --------------------------------------------------
     def _alert(
         self, rule: str, message: str, severity: Severity | None = None, **evidence: Any
@@ -223,7 +217,12 @@ class Guard:
         integrity.verify(self, self.step_index, self.rank)
         try:
             if self._pending is not None:  # guard.step was not called for the last step
+                self._overhead += clock.now() - started  # the check above: that step's
                 self._finish_step(None, None)
+                # The finish counts once, as the next step's _finish_cost (as when
+                # guard.step finishes it); counted here too, that step's guard phase held
+                # it twice and its compute phase lost it (WGAN with the critic first).
+                started = clock.now()
             self._step_started = clock.now()
             due = self.tamper.due(self.step_index) or self.budget is not None
             ctx = Context(self.step_index, self.rank, due)

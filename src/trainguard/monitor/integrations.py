@@ -9,7 +9,6 @@ created; without them a clear MissingExtraError says what to install.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from trainguard.errors import MissingExtraError
@@ -96,7 +95,6 @@ def LightningWatchCallback(**guard_kwargs: Any) -> Any:
             if len(optimizers) == 1:
                 given, scheduler = optimizers[0], schedulers[0] if schedulers else None
             self.guard = Guard(pl_module, given, scheduler=scheduler, **guard_kwargs)
-            _check_after_closure(self.guard, self.guard.optimizer)
 
         def on_train_batch_end(
             self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -144,43 +142,6 @@ def _lightning_callback_classes() -> tuple[type, ...]:
     except ImportError:
         pass
     return tuple(found)
-
-
-def _check_after_closure(guard: Guard, optimizer: Any) -> None:
-    """Run the guard's pre-step checks after Lightning's closure, not before it.
-
-    Lightning calls ``optimizer.step(closure=...)`` and the closure runs
-    training_step, backward and gradient clipping inside the step, after the
-    optimizer's step pre-hooks.  Checked there, the gradients would be the last
-    step's: the update-direction check would compare this step's update with
-    them (false TG1306 alerts on plain SGD) and a flipped clipping would go
-    unseen.  So the guard's pre-hook is replaced by one that wraps the closure
-    and checks once it has returned, right before the update.
-    """
-
-    def before_step(opt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if "closure" in kwargs and kwargs["closure"] is not None:
-            return args, {**kwargs, "closure": _checked(kwargs["closure"], guard)}
-        if args and callable(args[0]):
-            return (_checked(args[0], guard), *args[1:]), kwargs
-        guard._before_step()  # no closure: as in a plain loop
-        return None
-
-    guard.replace_pre_hook(before_step)
-
-
-def _checked(closure: Callable[[], Any], guard: Guard) -> Callable[[], Any]:
-    done = False
-
-    def run() -> Any:
-        nonlocal done
-        result = closure()
-        if not done:  # LBFGS calls the closure several times per step
-            done = True
-            guard._before_step()
-        return result
-
-    return run
 
 
 def _touch(guard: Guard | None) -> None:

@@ -131,20 +131,65 @@ def step_hooks(
     before: Callable[[], None], after: Callable[[], None], nesting: StepNesting
 ) -> tuple[Any, Any]:
     """The optimizer's step pre- and post-hook for the guard, left out of torch.compile;
-    only the outermost pair of a nested step runs the checks (:class:`StepNesting`)."""
+    only the outermost pair of a nested step runs the checks (:class:`StepNesting`).
 
-    def pre(opt: Any, args: Any, kwargs: Any) -> None:
+    ``optimizer.step(closure)`` (torch's closure API: LBFGS, SAM-style loops,
+    Lightning) runs forward and backward inside the step, after the pre-hooks: checked
+    there, the gradients are the last step's (the update model then finds this step's
+    update off Adam's math: false TG1306).  So when a closure is passed, the pre-hook
+    hands the step a wrapped closure and the pre-step checks run when it first returns:
+    torch's optimizers call it before they write anything, and LBFGS calls it again
+    between its own writes, which belong to the step.  A step that never calls the
+    closure is checked at its post-hook, before the post-step checks (never unchecked).
+    """
+    waiting = [False]  # a closure was handed over and has not returned yet
+
+    def pre(opt: Any, args: Any, kwargs: Any) -> Any:
         nesting.depth += 1
         if nesting.depth == 1:
+            wrapped = _closure_checked(args, kwargs, waiting, before)
+            if wrapped is not None:
+                return wrapped
+            waiting[0] = False
             before()
         elif nesting.depth == 2:
             nesting.nested += 1
+        return None
 
     def post(opt: Any, args: Any, kwargs: Any) -> None:
         if nesting.depth > 1:
             nesting.depth -= 1
             return
         nesting.depth = 0
+        if waiting[0]:
+            waiting[0] = False
+            before()
         after()
 
     return compile_safe(pre), compile_safe(post)
+
+
+def _closure_checked(
+    args: Any, kwargs: Any, waiting: list[bool], before: Callable[[], None]
+) -> tuple[Any, Any] | None:
+    """The step's ``(args, kwargs)`` with its closure wrapped to run ``before`` once,
+    when it first returns; None when no closure is passed.  torch's hook wrapper passes
+    ``args`` with the optimizer first: ``step(closure)``'s closure is ``args[1]``."""
+    if kwargs.get("closure") is not None:
+        closure, at = kwargs["closure"], None
+    elif len(args) > 1 and callable(args[1]):
+        closure, at = args[1], 1
+    else:
+        return None
+    waiting[0] = True
+
+    def run() -> Any:
+        result = closure()
+        if waiting[0]:
+            waiting[0] = False
+            before()
+        return result
+
+    if at is None:
+        return args, {**kwargs, "closure": run}
+    return (args[0], run, *args[2:]), kwargs
