@@ -23,7 +23,9 @@ import trainguard.monitor.budget as budget  # noqa: E402
 from tests.seeds import seeded  # noqa: E402
 from trainguard.findings import Severity  # noqa: E402
 from trainguard.monitor import integrity  # noqa: E402
+from trainguard.monitor.alerts import Context  # noqa: E402
 from trainguard.monitor.budget import WARMUP_STEPS  # noqa: E402
+from trainguard.monitor.checks.base import StepEnd  # noqa: E402
 
 Change = Callable[[random.Random, Any, Any, Any], str]
 
@@ -94,6 +96,10 @@ def _found(guard: Any, unit: str) -> list[int]:
     return [a.step for a in guard.alerts if a.rule == "TG1301" and a.evidence.get("via") in via]
 
 
+def _end() -> StepEnd:
+    return StepEnd(None, None, 0.0, [])
+
+
 def _train(rnd: random.Random, steps: int, change: Change | None, at: int) -> tuple[Any, str]:
     torch.manual_seed(rnd.randrange(999))
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
@@ -161,3 +167,57 @@ def test_honest_budget_runs_with_the_new_units_are_silent(
         for unit in ("integrity", "params"):
             ran = [s for s in _ran(guard, unit) if s >= WARMUP_STEPS]
             assert 0 < len(ran) < 60 - WARMUP_STEPS, (unit, chance, ran)
+
+
+def test_the_calibration_unit_measures_at_drawn_steps_and_finds_an_interception() -> None:
+    """Generative: the sleep check armed as the guard arms it (the draw for step t+1 at
+    step t's pre-hook, from a keyed schedule at a random chance); torch's reference made
+    a random factor slower from a random step.  The pair is measured exactly at the drawn
+    steps, and TG1307 (phase torch) comes at the SUSTAINED-th drawn step after the
+    change; without the change, nothing."""
+    from trainguard.monitor.calibration import SLOWER, SUSTAINED, WINDOW
+    from trainguard.monitor.calibration import WARMUP as CAL_WARMUP
+    from trainguard.monitor.checks.sleep import SleepCheck
+
+    rnd = seeded()
+    for _ in range(20):
+        schedule = budget.Schedule(rnd.randbytes(32), 0.02, ["calibration"])
+        schedule.chance = {"calibration": rnd.uniform(1 / 64, 0.6)}
+        check = SleepCheck(0.25)
+        now = [0]  # the step measure() is called at
+        check.close()
+        at = rnd.randrange(WARMUP_STEPS + 1, WARMUP_STEPS + 40)
+        change = rnd.random() < 0.7
+        factor = rnd.uniform(SLOWER + 0.5, 5.0)
+        ratio = rnd.uniform(1.0, 10.0)
+
+        def measure(
+            factor: float = factor,
+            change: bool = change,
+            at: int = at,
+            ratio: float = ratio,
+            now: list[int] = now,
+        ) -> tuple[float, float]:
+            slow = factor if change and now[0] >= at else 1.0
+            return 1e-5 * ratio * slow, 1e-5
+
+        check.calibration.measure = measure  # type: ignore[method-assign]
+        found: list[int] = []
+        steps = at + 600
+        for step in range(steps):
+            now[0] = step
+            check.arm("calibration" in schedule.runs(step + 1))
+            alerts = check.step_end(Context(step, 0), _end())
+            found += [a.step for a in alerts if a.evidence.get("phase") == "torch"]
+        p = schedule.chance["calibration"]
+        drawn = [s for s in range(steps) if s < WARMUP_STEPS or schedule.draw("calibration", s) < p]
+        assert list(check.measured) == drawn
+        assert drawn[:CAL_WARMUP] == list(range(CAL_WARMUP))
+        after = [s for s in drawn if s >= at]
+        print(f"chance {schedule.chance}", "at", at, change, "drawn after", after[:9], found)
+        # The window holds WINDOW measurements after the warm-up's before it judges.
+        full = drawn[CAL_WARMUP + WINDOW - 1] if len(drawn) >= CAL_WARMUP + WINDOW else None
+        if change and len(after) >= SUSTAINED and full is not None:
+            assert found[:1] == [max(after[SUSTAINED - 1], full)]
+        else:
+            assert found == []

@@ -20,7 +20,12 @@ A spin (CPU burnt, not a sleep) added to every torch op slows the training and
 the guard alike and leaves ``blocked`` alone.  The second rule times a fixed
 reference through torch and the same outside it at every step
 (monitor/calibration.py): their ratio does not move with contention, and moves
-when something intercepts torch's ops.  On every platform.
+when something intercepts torch's ops.  On every platform.  In budget mode the
+reference pair is the schedule's unit ``calibration``: measured at the steps the
+schedule draws (every step of the warm-up, which sets the usual ratio), judged over
+the last ``WINDOW`` measurements; an interception that stays is found at the
+``SUSTAINED``-th drawn step after it began.  The sleep rule's clocks are read at
+every step (its window is one of steps).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ MIN_EXCESS = 0.002  # seconds per step below which blocking is scheduling noise
 
 
 class SleepCheck(Check):
+    unit = "calibration"  # budget mode: the reference pair at the steps the schedule draws
+
     def __init__(self, min_stall_seconds: float) -> None:
         import torch
 
@@ -57,15 +64,32 @@ class SleepCheck(Check):
         self.walls: list[float] = []
         self.recent: deque[float] = deque(maxlen=WINDOW)  # excess blocked seconds
         self.blocked: float | None = None  # on the last step (for tests and the bench)
+        # Budget mode (arm): whether the pair is measured at this step and at the next;
+        # exact mode never arms: every step.  Its seconds, charged to the unit (outside).
+        self._measure, self._measure_next, self._spent = True, True, 0.0
+        self.measured: deque[int] = deque(maxlen=1024)  # budget mode: steps measured at
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         lap = self.clock.lap()
         if lap is None:
             return []  # another thread's clocks say nothing of this one's steps
-        alerts = self.intercepted(ctx, *self.calibration.measure())
+        alerts = []
+        if self._measure:
+            started = clock.now()
+            alerts = self.intercepted(ctx, *self.calibration.measure())
+            self._spent += clock.now() - started
+            self.measured.append(ctx.step)
         if self.enabled:
             alerts += self.slept(ctx, *lap)
         return alerts
+
+    def arm(self, on: bool) -> None:
+        """Called at step t's pre-hook with the draw for t+1: t's is the one told before."""
+        self._measure, self._measure_next = self._measure_next, on
+
+    def outside_seconds(self) -> float:
+        spent, self._spent = self._spent, 0.0
+        return spent
 
     def intercepted(self, ctx: Context, torch_s: float, plain_s: float) -> list[Alert]:
         """The calibration rule, given this step's reference times (tests pass their own)."""
