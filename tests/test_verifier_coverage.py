@@ -6,8 +6,10 @@ replay one with ``TRAINGUARD_TEST_SEED``)."""
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +244,8 @@ def test_every_unrecorded_checkpoint_file_is_judged(finished: Path, tmp_path: Pa
         torch.save(state, folder / name)
     (folder / "notes.txt").write_text("not a checkpoint")
     torch.save({"epoch": 3}, folder / "other.pt")  # not a trainguard checkpoint
+    # A user's pickle the allowlist refuses, under another extension: not a checkpoint.
+    (folder / "user.pkl").write_bytes(pickle.dumps(Fraction(1, 3)))
     print(f"unrecorded: {shadows}")
     summary = _one_pass(_verifier(folder, "honest", NEVER, checkpoints=folder))
     assert sorted(a["evidence"]["file"] for a in summary.alerts) == sorted(

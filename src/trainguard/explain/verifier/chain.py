@@ -54,9 +54,15 @@ class VerifierChain:
         self.mine: set[str] = set()  # digests of the records written here
         self.found: list[Foreign] = []  # foreign stretches not yet named
         self._last_own: int = -1  # seq of the last own record in the current stream
-        self.stream = self._fresh_stream()
+        self.stream = -1  # chosen at the first write (training may still create the ledger)
         self._moves = 0
-        self.found.extend(_unsigned(store, chain, key))
+
+    def prepare(self) -> None:
+        """Once, before the first write: a fresh stream, and the chain's earlier records no
+        head signed with this key covers (in :attr:`found`)."""
+        if self.stream < 0:
+            self.stream = self._fresh_stream()
+            self.found.extend(_unsigned(self.store, self.chain, self.key))
 
     def _fresh_stream(self) -> int:
         streams = streams_of(self.store, self.chain)
@@ -77,6 +83,7 @@ class VerifierChain:
             self._write(HEAD_KIND, None, None, build_head)
 
     def _write(self, kind: str, step: int | None, make: Any, make_head: Any = None) -> None:
+        self.prepare()
         while True:
             stream = self.stream
 

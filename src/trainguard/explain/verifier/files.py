@@ -3,9 +3,9 @@
 Every regular file in the checkpoint folders is judged whatever its name: a
 file whose extension a recorded checkpoint has, or whose first bytes are what
 ``torch.save`` writes (a zip or a pickle), is read through the allowlist loader;
-a checkpoint of this run that no record names, or a file the loader refuses,
-is an alert (TG1511).  No name is skipped (a ``.tmp-`` name is judged once it
-stops changing).
+a checkpoint of this run that no record names is an alert (TG1511), and so is
+a file under a recorded checkpoint's extension that the loader refuses.  No
+name is skipped (a ``.tmp-`` name is judged once it stops changing).
 
 Following a run, a file is judged once it is unchanged (size and mtime) since
 the previous poll: the guard writes the file, then its record right after.
@@ -81,15 +81,17 @@ class Folders:
                 if cached[2] in recorded:
                     continue  # a recorded checkpoint (or a copy of one)
                 self._judged[path] = now
-                self._judge(path, cached[2])
+                self._judge(path, cached[2], os.path.splitext(name)[1] in kinds)
 
-    def _judge(self, path: str, digest: str) -> None:
+    def _judge(self, path: str, digest: str, checkpoint_kind: bool) -> None:
         from trainguard.errors import UnsafeModelError
         from trainguard.monitor import checkpoint as ckpt
 
         try:
             saved = ckpt.read(path)
         except UnsafeModelError as exc:
+            if not checkpoint_kind:
+                return  # a pickle under another extension (a user's .pkl): not a checkpoint
             message = f"{path}: beside the run's checkpoints, unrecorded, and refused: {exc}"
             self.alert("TG1511", message, None, {"file": path, "blake3": digest})
             return

@@ -265,6 +265,7 @@ class Verifier:
                     f"recorded steps not covered yet (the run has not ended; the steps after "
                     f"the last checkpoint are a segment once it ends): {named}"
                 )
+        self.out.prepare()  # records already in the chain are named even if nothing else is
         self._sign()
         self._account(world)
         return self.summary
