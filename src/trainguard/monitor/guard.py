@@ -34,7 +34,13 @@ from trainguard.monitor.checks.seeds import SeedCheck
 from trainguard.monitor.checks.tamper import TamperCheck
 from trainguard.monitor.declare import outside_step as _outside_step
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
-from trainguard.monitor.optimizers import Optimizers, lanes, start_record, step_record
+from trainguard.monitor.optimizers import (
+    Optimizers,
+    lanes,
+    peer_checks,
+    start_record,
+    step_record,
+)
 from trainguard.monitor.options import WatchOptions
 from trainguard.monitor.recorder import Recorder, run_start, step_payload
 from trainguard.monitor.safety import StepNesting, checked, step_hooks
@@ -139,6 +145,8 @@ class Guard:
         self.checks: list[Check] = [self.tamper, self.hyper, self.identity, self.seeds]
         self.checks += [self.direction, *behaviour, *checks.loader_draws(self.dataloader)]
         self.checks += self.lanes
+        # Each optimizer's step reads the others' weights (checks/peers.py).
+        self.checks += peer_checks(self.optimizers, self.tamper, self.lanes)
         env = None
         if opts.env_snapshot is not None:
             env = EnvironmentCheck(opts.env_snapshot, opts.env_key, opts.env_paths)

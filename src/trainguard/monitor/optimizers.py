@@ -45,6 +45,7 @@ from trainguard.monitor.checks.direction import UpdateDirectionCheck
 from trainguard.monitor.checks.hyper import HyperparameterCheck
 from trainguard.monitor.checks.identity import IdentityCheck
 from trainguard.monitor.checks.params import ParameterIdentityCheck
+from trainguard.monitor.checks.peers import PeerCheck
 from trainguard.monitor.checks.state import StateModelCheck
 from trainguard.monitor.checks.tamper import TamperCheck
 from trainguard.monitor.checks.update import UpdateModelCheck
@@ -280,7 +281,8 @@ class Lane(Check):
         self._runs: frozenset[str] | None = None
 
     def _emit(self, alerts: list[Alert]) -> list[Alert]:
-        return [named(a, self.label) for a in alerts]
+        # An alert naming its optimizer already (another one's weights: checks/peers.py).
+        return [a if "optimizer" in a.evidence else named(a, self.label) for a in alerts]
 
     def start(self, ctx: Context) -> list[Alert]:
         return self._emit(self.identity.start(ctx))
@@ -407,3 +409,16 @@ def lanes(
 ) -> list[Lane]:
     """A :class:`Lane` for each optimizer after the first."""
     return [Lane(found, i, model, fp, options, **kw) for i in range(1, len(found.all))]
+
+
+def peer_checks(found: Optimizers, own: TamperCheck, lanes: list[Lane]) -> list[Check]:
+    """Each optimizer's step reads the weights the others own: at every lane's step
+    pre-hook, the others' weights as their last steps left them (checks/peers.py).
+    Returns the first lane's (the guard's own hooks run it)."""
+    if not lanes:
+        return []
+    every = [(found.labels[0], own)] + [(lane.label, lane.tamper) for lane in lanes]
+    for lane in lanes:
+        others = [(label, t) for label, t in every if t is not lane.tamper]
+        lane.checks.append(PeerCheck(lane.label, others, found.tag))
+    return [PeerCheck(found.labels[0], every[1:], found.tag)]

@@ -311,6 +311,35 @@ class TamperCheck(Check):
             self._sample_at = (step, count, [t.data_ptr() for _, t in self.watched()])
         return moved, ""
 
+    # -- several optimizers: another one's step reads these weights ----------------
+    def unchanged(self, ctx: Context) -> list[Alert]:
+        """At another optimizer's step: these weights must be as this optimizer's last step
+        left them (its forward and backward read them; an edit put back before this
+        optimizer's next step passes its own boundary).  Exact mode: full fingerprints
+        (at the boundaries ``every`` checks); budget mode: version counters (weights honest
+        code touches with their bits kept aside) and the held chunk sample, not consumed:
+        this optimizer's own next boundary reads it again."""
+        if self.budget is None:
+            if not ctx.due:
+                return []
+            now = self.fp.fingerprint(self.params)
+            if now.digest == self.after.digest:
+                return []
+            return self._changed(ctx, now.changed(self.after), "fingerprint")
+        moved = self._versions.changed(self._version_keys())
+        moved = [k for k in moved if k[0] == "p" and k not in self._touched]
+        alerts = self._changed(ctx, [self._version_name(k) for k in moved], "version")
+        if self._sample is not None:
+            started = clock.now()
+            views, sums = self._sample
+            views = self._views_now(views)
+            held = self.fp.sums([v for _, v in views])
+            self._charge(clock.now() - started)
+            changed = {n for (n, _), a, b in zip(views, sums, held, strict=True) if a != b}
+            params = sorted(n for n in changed if not n.startswith("optimizer "))
+            alerts += self._changed(ctx, params, "sample")
+        return alerts
+
     def _compare_full(self, ctx: Context) -> list[Alert]:
         alerts = []
         now = self.fp.fingerprint(self.params)
@@ -341,11 +370,10 @@ class TamperCheck(Check):
         """TG1301 for the weights and TG1302 for the optimizer tensors among ``changed``
         (names from :meth:`watched`), found between two steps by a version counter or
         by the sampled chunks (same messages)."""
-        verb, seen_by = (
-            ("written in place", "version counter")
-            if via == "version"
-            else ("changed", "sampled chunks")
-        )
+        verb, seen_by = {
+            "version": ("written in place", "version counter"),
+            "sample": ("changed", "sampled chunks"),
+        }.get(via, ("changed", "fingerprint"))
         params = [n for n in changed if not n.startswith("optimizer ")]
         moments = [n.removeprefix("optimizer ") for n in changed if n.startswith("optimizer ")]
         alerts = []
