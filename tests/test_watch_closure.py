@@ -209,3 +209,53 @@ def test_a_first_optimizer_stepping_several_times_keeps_its_compute_phase(
     clamped = [i for i, p in enumerate(seen) if p["compute"] <= 0.0]
     assert clamped == [], [seen[i] for i in clamped]
     assert high(guard) == []
+
+
+def _critic_first(rng: random.Random, *, pause_from: int | None) -> tgw.Guard:
+    """A WGAN-shaped loop, the critic listed first: ``repeat`` critic steps, then the
+    generator's longer work (a sleep over the stall threshold stands for a bigger
+    model) and its step, then ``guard.step``.  ``pause_from``: from that iteration on,
+    each critic step's forward sleeps too (a slowdown confined to the critic)."""
+    import time
+
+    torch.manual_seed(rng.randrange(2**31))
+    model = Net()
+    critic = KINDS[rng.choice(["Adam", "RMSprop"])]([*model.emb.parameters()], 1)
+    gen = KINDS[rng.choice(["Adam", "SGD"])](
+        [*model.body.parameters(), *model.head.parameters()], 1
+    )
+    guard = tgw.watch(model, [critic, gen], budget=rng.choice([None, 0.02]), min_stall_seconds=0.05)
+    repeat, x = rng.choice([3, 4, 5]), torch.randn(32, 8)
+    for it in range(rng.randrange(14, 18)):
+        for _ in range(repeat):
+            if pause_from is not None and it >= pause_from:
+                time.sleep(0.03)
+            critic.zero_grad()
+            model(x).mean().backward()
+            critic.step()
+        time.sleep(0.1)  # the generator's work: far longer than a critic step
+        gen.zero_grad()
+        loss = model(x).mean()
+        loss.backward()
+        gen.step()
+        guard.step(loss=loss, batch=x)
+    guard.close()
+    return guard
+
+
+def test_a_critic_listed_first_with_a_longer_generator_step_is_quiet() -> None:
+    """Its steps are judged against steps of their own kind (checks/timing.py): the
+    step guard.step ends, holding the generator's work, was a stall every few steps,
+    high in the compute phase (red team 2, #9)."""
+    guard = _critic_first(seeded(), pause_from=None)
+    slow = [a for a in guard.alerts if a.rule == "TG1307" and a.severity >= Severity.MEDIUM]
+    assert slow == [] and high(guard) == [], [(a.step, a.message) for a in guard.alerts]
+
+
+def test_a_slowdown_confined_to_the_critic_steps_is_still_high() -> None:
+    """Judged apart, the critic's steps are still judged: a pause in each of them from
+    some iteration on is TG1307 high (a sustained slowdown, repeated stalls, or the
+    blocked-thread check), and nothing else is high."""
+    guard = _critic_first(seeded(), pause_from=7)
+    slow = [a for a in high(guard) if a.rule == "TG1307"]
+    assert slow and slow == high(guard), [(a.rule, a.step, a.message) for a in guard.alerts]

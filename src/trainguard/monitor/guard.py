@@ -226,7 +226,7 @@ class Guard:
         try:
             if self._pending is not None:  # guard.step was not called for the last step
                 self._overhead += clock.now() - started  # the check above: that step's
-                self._finish_step(None, None)
+                self._finish_step(None, None, kind="repeat")
                 # The finish counts once, as the next step's _finish_cost (as when
                 # guard.step finishes it); counted here too, that step's guard phase held
                 # it twice and its compute phase lost it (WGAN with the critic first).
@@ -351,11 +351,12 @@ class Guard:
         self.sink.raise_all(self.tamper.after_step(ctx))
         self._pending = dict(self.tamper.fields, hooks=False)
 
-    def _finish_step(self, loss: Any, batch: Any) -> None:
+    def _finish_step(self, loss: Any, batch: Any, kind: str = "") -> None:
+        """``kind``: "repeat" when the first optimizer's next step ends this one (StepEnd)."""
         started = clock.now()
         self._busy = clock.now()
         try:
-            self._finish_step_record(loss, batch)
+            self._finish_step_record(loss, batch, kind)
         finally:
             # The guard's own time in this step: what budget mode holds to its share.
             self._finish_cost = clock.now() - started  # counts in the next step's time
@@ -366,7 +367,7 @@ class Guard:
                 self.schedule.update(self.last_step_overhead, median, spans=("chunks",))
             self._done_busy()
 
-    def _finish_step_record(self, loss: Any, batch: Any) -> None:
+    def _finish_step_record(self, loss: Any, batch: Any, kind: str) -> None:
         now = clock.now()
         step_time, self._last_step_end = now - self._last_step_end, now
         tensors = tensors_in(batch, self.torch)
@@ -376,7 +377,9 @@ class Guard:
         phases = {"optimizer": self._phases.pop("optimizer", 0.0), "guard": guard}
         phases["compute"] = max(0.0, step_time - phases["optimizer"] - guard)
         changes = said.declared_changes if said is not None else None
-        end = StepEnd(scalar(loss), self._grad_norm, step_time, tensors, *declared, phases, changes)
+        end = StepEnd(
+            scalar(loss), self._grad_norm, step_time, tensors, *declared, phases, changes, kind
+        )
         ctx = Context(self.step_index, self.rank)
         for check in self._phase["step_end"]:
             name = type(check).__name__

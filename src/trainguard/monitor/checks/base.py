@@ -44,6 +44,10 @@ class StepEnd:
     # guard.step(changed=...): what the loop changed on purpose this step (module settings,
     # buffers, data loader objects), by name, with the value it set or only the name
     declared_changes: Any = None
+    # "" for a step guard.step ended; "repeat" for one the first optimizer's next step
+    # ended in its pre-hook (it stepped again before guard.step: a WGAN's critic listed
+    # first).  The step-time check compares a step with steps of its own kind.
+    kind: str = ""
 
 
 class Check:

@@ -22,6 +22,14 @@ the loop's own code: from the end of the last step to the optimizer's step),
   wait for a CPU beyond the usual is taken off first (it may have fallen in
   any phase).  This catches small sleeps on every step that never make one
   step look like a stall.  High.
+
+Steps of different kinds are judged apart (``StepEnd.kind``): when the first
+optimizer steps several times per ``guard.step`` (a WGAN's critic listed first),
+the steps its own next step ends hold one critic step each, the one ``guard.step``
+ends holds the other optimizers' work too.  Judged together, that longer step was a
+stall every few steps, and high (red team 2, #9).  Each kind has its own window,
+baseline and stalls; the guard's window (its median feeds the budget schedule and the
+watchdog) gets every step that was no stall, of every kind.
 """
 
 from __future__ import annotations
@@ -57,7 +65,10 @@ class StallCheck(Check):
     def __init__(
         self, times: RobustWindow, min_stall_seconds: float, thread: clock.ThreadClock | None = None
     ) -> None:
-        self.times = times
+        # ``times``: the guard's window, every step that was no stall (its median feeds the
+        # budget schedule and the watchdog); judged against a window of this kind's own.
+        self.shared = times
+        self.times = RobustWindow(times.values.maxlen or 64, times.warmup)
         # This thread's run-queue time per step (0.0 where the kernel does not say).
         self.clock = thread or clock.ThreadClock()
         self.delays = RobustWindow(size=times.values.maxlen or 64, warmup=1)
@@ -70,10 +81,21 @@ class StallCheck(Check):
         self.baseline: dict[str, float] | None = None
         self._recent: dict[str, deque[float]] = {p: deque(maxlen=SUSTAIN) for p in JUDGED}
         self._reported: set[str] = set()
+        self._kinds: dict[str, StallCheck] = {}  # the judge of each further kind of step
+        self.stalled = False  # whether the last step judged was a stall
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         lap = self.clock.lap()
-        return self.judge(ctx, end, lap[2] if lap is not None else 0.0)
+        judge = self
+        if end.kind:
+            if end.kind not in self._kinds:
+                window = RobustWindow(self.times.values.maxlen or 64, self.times.warmup)
+                self._kinds[end.kind] = StallCheck(window, self.min_stall, self.clock)
+            judge = self._kinds[end.kind]
+        alerts = judge.judge(ctx, end, lap[2] if lap is not None else 0.0)
+        if not judge.stalled:  # the usual step time, whatever its kind
+            self.shared.add(end.seconds)
+        return alerts
 
     def waited(self, delay: float) -> float:
         """Seconds this step waited for a CPU beyond the usual (0 before any is known)."""
@@ -86,6 +108,7 @@ class StallCheck(Check):
         phases = end.phases or {"compute": end.seconds}
         alerts = []
         waited = self.waited(delay)
+        self.stalled = False
         if not is_stall(self.times, end.seconds, min_excess=self.min_stall):
             self.times.add(end.seconds)
             self.delays.add(delay)
@@ -94,6 +117,7 @@ class StallCheck(Check):
             self.times.add(end.seconds)  # a busy machine is the usual now
             self.delays.add(delay)
         else:
+            self.stalled = True
             alerts.append(self._stall(ctx, end, phases))
         if self.baseline is None:
             if ctx.step >= 1:  # step 0 sets up optimizer state
