@@ -60,7 +60,7 @@ def _write(path: Path, world: int, steps: int, marks: list[int], attack: str, rn
     ledger = open_ledger(str(path))
     claimed = world + 1 if attack == "world" else world
     at = rnd.randrange(steps)  # where the attack's record goes
-    if attack == "second":
+    if attack in ("second", "twin"):
         marks = sorted({*marks, at})  # a position that has its checkpoint already
     for rank in range(world):
         ledger.append("r", "run-start", {"world_size": claimed}, step=0, stream=rank)
@@ -74,8 +74,12 @@ def _write(path: Path, world: int, steps: int, marks: list[int], attack: str, rn
                 far = steps + rnd.randrange(1, 20) if rnd.random() < 0.5 else s + 1
                 ahead = {"step": far, "blake3": "f" * 64, "path": "", "name": "x.pt"}
                 ledger.append("r", "checkpoint", ahead, step=far, stream=0)
-            if attack == "second" and s == at and rank == 0:
+            if attack in ("second", "twin") and s == at and rank == 0:
+                # "twin": latest.pt beside step-N.pt, other bytes, the same state (honest);
+                # "second": a file that restores other state at the same position.
                 again = {"step": s, "blake3": "e" * 64, "path": "", "name": "again.pt"}
+                if attack == "second":
+                    again[rnd.choice(["params", "optimizer", "rng", "carried"])] = "e" * 32
                 ledger.append("r", "checkpoint", again, step=s, stream=0)
             if s < steps:
                 ledger.append("r", "step", {}, step=s, stream=rank)
@@ -88,7 +92,9 @@ def _write(path: Path, world: int, steps: int, marks: list[int], attack: str, rn
     return attack
 
 
-@pytest.mark.parametrize("attack", ["honest", "ahead", "second", "early-end", "count", "world"])
+@pytest.mark.parametrize(
+    "attack", ["honest", "twin", "ahead", "second", "early-end", "count", "world"]
+)
 def test_every_recorded_step_is_accounted_for(tmp_path: Path, attack: str) -> None:
     """Generated run shapes (1-2 ranks, any checkpoints, none at all, none at the end): an
     honest one is silent (every step in a drawn-and-skipped segment); each record that
@@ -99,7 +105,7 @@ def test_every_recorded_step_is_accounted_for(tmp_path: Path, attack: str) -> No
     _write(tmp_path / "ledger.db", world, steps, marks, attack, rnd)
     summary = _one_pass(_verifier(tmp_path, "r", NEVER))
     rules = [a["rule"] for a in summary.alerts]
-    if attack == "honest":
+    if attack in ("honest", "twin"):
         assert rules == [] and summary.problems == [], (summary.alerts, summary.problems)
         assert summary.coverage["uncovered"] == {} and summary.exit_code() == 0
         # The head before the first checkpoint and the tail after the last are segments.

@@ -26,7 +26,9 @@ step no recomputed or drawn-and-skipped segment holds.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +77,7 @@ class Coverage:
             self.first.setdefault(rank, r.step)
             self.last[rank] = r.step
         elif r.kind == "checkpoint" and isinstance(r.payload.get("step"), int):
-            self._checkpoint(rank, int(r.payload["step"]), str(r.payload.get("blake3", "")), r)
+            self._checkpoint(rank, int(r.payload["step"]), _restores(r.payload), r)
         elif r.kind == "run-end":
             self.ended[rank] = r.payload.get("steps")
             count = self.last[rank] + 1 if rank in self.last else 0
@@ -102,10 +104,10 @@ class Coverage:
         seen = self.checkpoints.setdefault(rank, {})
         if at in seen and seen[at] != digest:
             self._find(
-                f"rank {rank} recorded a second checkpoint at step {at} with other bytes "
-                f"(seq {r.seq}): one position, one checkpoint",
+                f"rank {rank} recorded a second checkpoint at step {at} that restores other "
+                f"state (seq {r.seq}): one position, one state",
                 at,
-                {"rank": rank, "seq": r.seq, "position": at, "blake3": [seen[at], digest]},
+                {"rank": rank, "seq": r.seq, "position": at, "state": [seen[at], digest]},
             )
             # Judged again, under the same draw: the replay then holds every file at the
             # position to what it recomputes (one saved after its pair was judged too).
@@ -170,3 +172,16 @@ def stretches(gaps: list[tuple[int, int]]) -> str:
     named = [f"{lo}..{hi - 1}" if hi - lo > 1 else str(lo) for lo, hi in gaps[:MAX_NAMED]]
     more = f" and {len(gaps) - MAX_NAMED} more" if len(gaps) > MAX_NAMED else ""
     return ", ".join(named) + more
+
+
+# What a checkpoint record says its file restores: weights, optimizer, random states and
+# the carried state (scheduler, hyper-parameters, data position, buffers).  Two honest
+# files saved at one step (``latest.pt`` and ``step-N.pt``) differ in bytes, since
+# torch.save names its archive after the file, but restore the same state.
+_RESTORES = ("params", "optimizer", "plain", "rng", "carried")
+
+
+def _restores(payload: dict[str, Any]) -> str:
+    state = {k: payload.get(k) for k in _RESTORES}
+    text = json.dumps(state, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

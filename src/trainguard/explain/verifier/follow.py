@@ -429,9 +429,17 @@ class Verifier:
             rule = "TG1511" if "checkpoint" in verdict.fields else step_rule(verdict.fields)
             where = "the checkpoint at" if rule == "TG1511" else "step"
             ranks = ", ".join(map(str, verdict.ranks)) or "?"
+            what = (
+                "does not recompute"
+                if verdict.status == DIVERGED
+                else "could not be recomputed as recorded, so the run is unverified there "
+                "(an entry that does not redo what training did looks the same: fix the "
+                "entry as the cause says, or treat it as tampering that hides from "
+                "recomputation)"
+            )
             self._alert(
                 rule,
-                f"{where} {verdict.step} does not recompute (rank {ranks}): {verdict.cause}",
+                f"{where} {verdict.step} {what} (rank {ranks}): {verdict.cause}",
                 verdict.step,
                 {"ranks": list(verdict.ranks), "tensors": list(verdict.tensors),
                  "fields": list(verdict.fields), "segment": [verdict.start, verdict.end]},
@@ -486,9 +494,9 @@ def _verdict(a: int, b: int, reports: list[ReplayReport], seconds: float) -> Ver
     fields = tuple(f.field for f in d.fields) + (("checkpoint",) if d.kind == "checkpoint" else ())
     tensors = tuple(dict.fromkeys(t for f in d.fields for t in f.tensors))
     cause = d.cause
-    if worst == NOT_COMPARABLE:
-        held = "; ".join(dict.fromkeys(str(c) for r in reports for s in r.segments
-                                       for c in s.conditions))  # fmt: skip
+    held = "; ".join(dict.fromkeys(str(c) for r in reports for s in r.segments
+                                   for c in s.conditions))  # fmt: skip
+    if worst == NOT_COMPARABLE and held:  # else the cause says why on its own
         cause += (
             f" (under conditions the run reports otherwise: {held}; they may explain it, or "
             "the run reported them falsely: recompute on the recorded conditions)"
