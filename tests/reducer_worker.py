@@ -45,8 +45,11 @@ def _local(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Te
 
 def change(rng: random.Random, model: Any) -> str:
     """One change to the reducer, drawn; returns its name."""
-    kind = rng.choice(["kept", "local", "torch fp16", "builtin", "bucket cap", "bucket view"])
-    if kind == "kept":
+    kinds = ["kept", "local", "torch fp16", "builtin", "bucket cap", "bucket view", "c++ hook"]
+    kind = rng.choice(kinds)
+    if kind == "c++ hook":  # on the C++ reducer: no Python trace, only what it did shows
+        dist._register_comm_hook(model.reducer, None, _kept(rng))
+    elif kind == "kept":
         model.register_comm_hook(None, _kept(rng))
     elif kind == "local":
         model.register_comm_hook(None, _local)

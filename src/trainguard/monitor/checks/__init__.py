@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainguard.monitor.checks.advance import AdvanceCheck
+from trainguard.monitor.checks.averaged import AveragedCheck
 from trainguard.monitor.checks.base import Check, StepEnd
 from trainguard.monitor.checks.buffers import BufferCheck
 from trainguard.monitor.checks.data import SampleCheck
@@ -56,7 +57,8 @@ def behaviour(
     # inside forward (hooks on the root module say when), torch's generator only advances.
     forwards = ForwardWatch(model)
     found += [BufferCheck(model, fp, forwards), SettingsCheck(model, forwards), AdvanceCheck()]
-    found += [ReducerCheck(model)]  # DDP's comm hooks and bucket settings
+    # DDP: its comm hooks and bucket settings, and that it averaged the local gradients.
+    found += [ReducerCheck(model), AveragedCheck(model, fp.key, forwards)]
     return found + ([SampleCheck(fp, dataloader)] if dataloader is not None else [])
 
 
