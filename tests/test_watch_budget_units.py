@@ -76,9 +76,22 @@ def _group(rnd: random.Random, guard: Any, model: Any, opt: Any) -> str:
     return f"group swap {i}"
 
 
+def _lr(rnd: random.Random, guard: Any, model: Any, opt: Any) -> str:
+    group = opt.param_groups[0]
+    group["lr"] = group["lr"] * rnd.choice([0.1, 3.0, 10.0])
+    return "lr undeclared"
+
+
+def _decay(rnd: random.Random, guard: Any, model: Any, opt: Any) -> str:
+    opt.param_groups[0]["weight_decay"] = rnd.choice([0.1, 0.5])
+    return "weight_decay undeclared"
+
+
 # Per unit: the changes it finds.
 SELF: list[Change] = [_shadow, _checks, _pinned]
 PARAMS: list[Change] = [_replace, _freeze, _group]
+HYPER: list[Change] = [_lr, _decay]
+CHANGES = {"integrity": SELF, "params": PARAMS, "hyper": HYPER}
 
 
 def _ran(guard: Any, unit: str) -> list[int]:
@@ -92,6 +105,8 @@ def _found(guard: Any, unit: str) -> list[int]:
     """The steps of the unit's own alerts."""
     if unit == "integrity":
         return [a.step for a in guard.alerts if a.rule == "TG1304"]
+    if unit == "hyper":
+        return [a.step for a in guard.alerts if a.rule == "TG1303"]
     via = ("identity", "requires_grad")  # ParameterIdentityCheck's, not the tamper check's
     return [a.step for a in guard.alerts if a.rule == "TG1301" and a.evidence.get("via") in via]
 
@@ -100,7 +115,11 @@ def _end() -> StepEnd:
     return StepEnd(None, None, 0.0, [])
 
 
-def _train(rnd: random.Random, steps: int, change: Change | None, at: int) -> tuple[Any, str]:
+def _train(
+    rnd: random.Random, steps: int, change: Change | None, at: int, declare: bool = False
+) -> tuple[Any, str]:
+    """``declare``: the loop changes the learning rate and weight decay itself at random
+    steps and declares each only at the step it made it (honest)."""
     torch.manual_seed(rnd.randrange(999))
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     opt = rnd.choice([torch.optim.Adam, torch.optim.SGD])(model.parameters(), lr=1e-2)
@@ -112,8 +131,17 @@ def _train(rnd: random.Random, steps: int, change: Change | None, at: int) -> tu
         loss = model(torch.randn(8, 6)).square().mean()
         opt.zero_grad()
         loss.backward()
+        lr, hyper = None, None
+        if declare and rnd.random() < 0.15:  # set for this step, before it (nanoGPT)
+            lr = rnd.choice([1e-3, 5e-3, 1e-2, 2e-2])
+            for g in opt.param_groups:
+                g["lr"] = lr
+        if declare and rnd.random() < 0.1:
+            hyper = {"weight_decay": rnd.choice([0.0, 1e-4, 1e-2])}
+            for g in opt.param_groups:
+                g["weight_decay"] = hyper["weight_decay"]
         opt.step()
-        guard.step(loss=loss)
+        guard.step(loss=loss, lr=lr, hyper=hyper)
         if change is not None and step == at:
             what = change(rnd, guard, model, opt)
     guard.close()
@@ -132,9 +160,9 @@ def test_each_new_unit_finds_a_change_at_the_first_step_it_is_drawn_after_it(
         budget, "chances", lambda allowance, costs: (dict.fromkeys(costs, chance), 0)
     )
     drawn = 0
-    for _ in range(4):
-        unit = rnd.choice(["integrity", "params"])
-        change = rnd.choice(SELF if unit == "integrity" else PARAMS)
+    for _ in range(5):
+        unit = rnd.choice(sorted(CHANGES))
+        change = rnd.choice(CHANGES[unit])
         at = rnd.randrange(WARMUP_STEPS, WARMUP_STEPS + 10)
         guard, what = _train(rnd, at + 30, change, at)
         ran = _ran(guard, unit)
@@ -162,9 +190,12 @@ def test_honest_budget_runs_with_the_new_units_are_silent(
         budget, "chances", lambda allowance, costs: (dict.fromkeys(costs, chance), 0)
     )
     for _ in range(2):
-        guard, _ = _train(rnd, 60, None, -1)
-        assert [a for a in guard.alerts if a.severity >= Severity.HIGH] == []
-        for unit in ("integrity", "params"):
+        guard, _ = _train(rnd, 60, None, -1, declare=True)
+        assert [a for a in guard.alerts if a.severity >= Severity.HIGH] == [], [
+            (a.step, a.rule, a.message[:150]) for a in guard.alerts
+        ]
+        assert not [a for a in guard.alerts if a.rule == "TG1303"]
+        for unit in sorted(CHANGES):
             ran = [s for s in _ran(guard, unit) if s >= WARMUP_STEPS]
             assert 0 < len(ran) < 60 - WARMUP_STEPS, (unit, chance, ran)
 

@@ -15,6 +15,12 @@ A param group added through ``optimizer.add_param_group`` (gradual unfreezing)
 holds every key of the optimizer's defaults, which ``add_param_group`` fills in;
 the parameter check records it (TG1316).  Groups removed, or appended without
 the defaults, are TG1303.
+
+In budget mode the check is the schedule's unit ``hyper``: the param groups are
+compared at the steps it draws, against those its last run saw.  What the loop
+declared at the skipped steps in between (the last value per group and key) counts
+as declared at the drawn step, so a change declared only at the step it was made is
+still honest; an undeclared change that stays is found at the next drawn step.
 """
 
 from __future__ import annotations
@@ -32,12 +38,21 @@ LR_KEYS = ("lr", "initial_lr")
 
 
 class HyperparameterCheck(Check):
+    unit = "hyper"  # budget mode: both step hooks at the steps the schedule draws
+
     def __init__(self, optimizer: Any, scheduler: Any = None) -> None:
         self.optimizer = optimizer
         self.schedule = ScheduleModel(scheduler, optimizer) if scheduler is not None else None
         self.groups = hyperparameters(optimizer)
         self._held: list[tuple[int, str, Any, Any]] = []  # changes awaiting guard.step
         self._declared: dict[str, Any] = {}  # guard.step(hyper=...) for the coming step_end
+        # Budget mode: at a skipped step (``skipped``), each group's learning rate for the
+        # step record, and what the loop declared since the last run (per group: lr; per
+        # key: the hyper= value), which counts as declared at the next run.
+        self._lrs: list[Any] | None = None
+        self._skipping = self._fresh = False
+        self._lr_since: dict[int, float] = {}
+        self._said_since: dict[str, Any] = {}
 
     def declare(self, hyper: Mapping[str, Any] | None) -> None:
         """What ``guard.step(hyper=...)`` says the loop set at this step: a value for every
@@ -85,23 +100,43 @@ class HyperparameterCheck(Check):
 
     def after_step(self, ctx: Context) -> list[Alert]:
         self.groups = hyperparameters(self.optimizer)
+        self._lrs, self._fresh = None, True
+        return []
+
+    def skipped(self, ctx: Context) -> list[Alert]:
+        """Budget mode, a step the schedule leaves out: only the learning rates this step
+        runs with (for its record; the groups are compared at the next drawn step)."""
+        self._lrs = [g.get("lr") for g in self.optimizer.param_groups]
+        self._skipping = True
         return []
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         held, self._held = self._held, []
         said, self._declared = self._declared, {}
         declared = end.declared_lr
+        if self._skipping:  # budget mode: carried to the next run (never in exact mode)
+            self._lr_since.update(enumerate(declared or []))
+            self._said_since.update(said)
+        lr_since, said_since = self._lr_since, self._said_since
         alerts, recorded = [], []
         for i, k, old, new in held:
             lr = new if k == "lr" else None
             if declared is not None and k == "lr" and i < len(declared) and close(lr, declared[i]):
                 continue
-            if declared is not None and k == "initial_lr":
+            if k == "lr" and i in lr_since and close(lr, lr_since[i]):
+                continue  # declared at a step the unit skipped
+            if (declared is not None or lr_since) and k == "initial_lr":
                 continue  # follows the declared lr
             if k in said and same(new, _for_group(said[k], i)):
                 recorded.append({"group": i, "key": k, "old": old, "new": new})
                 continue
+            if k in said_since and same(new, _for_group(said_since[k], i)):
+                recorded.append({"group": i, "key": k, "old": old, "new": new})
+                continue
             alerts.append(_changed(ctx, i, k, old, new))
+        if self._fresh:  # the groups were taken again: what was declared before is judged
+            self._lr_since, self._said_since = {}, {}
+        self._skipping = self._fresh = False
         if recorded:
             keys = sorted({str(r["key"]) for r in recorded})
             alerts.append(
@@ -118,6 +153,8 @@ class HyperparameterCheck(Check):
 
     def lrs(self) -> list[Any]:
         """Each group's learning rate after the last step (for the step record)."""
+        if self._lrs is not None:  # budget mode, a skipped step: read at its pre-hook
+            return list(self._lrs)
         return [g.get("lr") for g in self.groups]
 
 
