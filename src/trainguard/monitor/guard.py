@@ -97,7 +97,13 @@ class Guard:
         self.direction = UpdateDirectionCheck(own, optimizer, self.key)
         # Bound now: an instance attribute shadowing them later does not reach the hooks.
         self._nesting = StepNesting()
-        pre, post = step_hooks(self._before_step, self._after_step, self._nesting)
+        pre, post = step_hooks(
+            self._before_step,
+            self._after_step,
+            self._nesting,
+            entry=functools.partial(self._before_step, "entry"),
+            rest=functools.partial(self._before_step, "rest"),
+        )
         self._hooks = [
             optimizer.register_step_pre_hook(pre),
             optimizer.register_step_post_hook(post),
@@ -182,6 +188,9 @@ class Guard:
         self.watchdog = Watchdog.for_guard(self, opts)
         self._closed = False
         self._check_failures: Counter[str] = Counter()  # per check.phase (TG1315)
+        # A closure step: the step whose entry part ran, and its context (_before_step).
+        self._entered = -1
+        self._entry_ctx: Context | None = None
         # Since when the guard's own hooks run (None: they don't): the watchdog counts no
         # stall for a while then, and the clock restarts when they end (a one-time scan in a
         # large process once took longer than a tight hang threshold and was reported as
@@ -219,7 +228,16 @@ class Guard:
         self.recorder.append(kind, payload, self.step_index)
 
     # -- the optimizer hooks ---------------------------------------------------
-    def _before_step(self) -> None:
+    def _before_step(self, part: str = "all") -> None:
+        """The pre-step checks.  ``part``: "all" at the pre-hook of a step without a
+        closure; with one, "entry" at the pre-hook (the checks of the weights as the last
+        step left them, ``Check.at_entry``) and "rest" when the closure first returns
+        (the rest, which read this step's gradients)."""
+        if part == "rest" and self._entered != self.step_index:
+            part = "all"  # no entry part ran for this step
+        if part == "rest":
+            self._before_rest()
+            return
         started = clock.now()
         self._busy = clock.now()
         integrity.verify(self, self.step_index, self.rank)
@@ -243,8 +261,34 @@ class Guard:
                 for check in self._armed:
                     check.arm(check.unit in upcoming)
             self.tamper.sampling = runs is None or "chunks" in runs
+            self._entered, self._entry_ctx = (
+                (self.step_index, ctx) if part == "entry" else (-1, None)
+            )
             for check in self._phase["before_step"]:
-                self.sink.raise_all(self._hook(check, ctx, before=True))
+                if part == "all" or check.at_entry:
+                    self.sink.raise_all(self._hook(check, ctx, before=True))
+            if part == "all":
+                self._grad_norm = (
+                    total_grad_norm(self.named_params, self.torch)
+                    if self.measure_grad_norm
+                    else None
+                )
+        finally:
+            self._pre_end = clock.now()
+            self._overhead += self._pre_end - started
+            self._done_busy()
+
+    def _before_rest(self) -> None:
+        """A closure step's pre-step checks that read its gradients, once its closure
+        has returned (the entry part ran at the pre-hook)."""
+        started = clock.now()
+        self._busy = clock.now()
+        try:
+            ctx, self._entered = self._entry_ctx, -1
+            assert ctx is not None
+            for check in self._phase["before_step"]:
+                if not check.at_entry:
+                    self.sink.raise_all(self._hook(check, ctx, before=True))
             self._grad_norm = (
                 total_grad_norm(self.named_params, self.torch) if self.measure_grad_norm else None
             )

@@ -191,10 +191,18 @@ def routes(model: Any, optimizer: Any, dataloader: Any = None) -> list[Route]:
         Route("time (the guard's clock)", lambda: tuple(clock.patched())),
     ]
     modules: dict[str, Any] = {}
+    own: dict[str, list[type]] = {}  # the optimizer's classes outside torch, by module
     for cls in type(optimizer).__mro__[:-1]:
         torch_route = cls.__module__.startswith("torch")
         found.append(_space_route(f"{cls.__qualname__} (class)", cls, torch_route=torch_route))
-        modules[cls.__module__] = sys.modules.get(cls.__module__)
+        if torch_route:
+            modules[cls.__module__] = sys.modules.get(cls.__module__)
+        else:
+            own.setdefault(cls.__module__, []).append(cls)
+    for name, classes in own.items():
+        mod = sys.modules.get(name)
+        if mod is not None:
+            found.append(_globals_route(name, mod, classes))
     names = [
         "torch.nn.utils",
         "torch.nn.utils.clip_grad",
@@ -244,6 +252,57 @@ def routes(model: Any, optimizer: Any, dataloader: Any = None) -> list[Route]:
     for r in found:
         r.take()
     return found
+
+
+def _globals_route(name: str, mod: Any, classes: list[type]) -> Route:
+    """A module outside torch that defines the optimizer (a SAM in the training script):
+    the globals its classes' code reads, and those read by the functions and classes of
+    the module that code reaches, whether bound yet or not (a global added later to
+    shadow a builtin counts).  Not the whole namespace: a script that defines its
+    optimizer and runs its loop at module level rebinds the loop's globals (``x``,
+    ``loss``, ``step``) every step, which the optimizer's code never reads."""
+    space = vars(mod)
+    names = _global_loads(classes, space)
+
+    def read() -> tuple[Any, ...]:
+        values = tuple(space.get(n) for n in names)
+        return (*values, *(f.__code__ for v in values for f in functions(v)))
+
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return Route(f"{name} (globals the optimizer's code reads: {shown})", read)
+
+
+def _global_loads(classes: list[type], space: dict[str, Any]) -> list[str]:
+    """The global names the code of ``classes`` loads, following what they name in
+    ``space`` (its functions, and classes defined in the module) and nested code."""
+    import dis
+
+    module = space.get("__name__")
+    todo: list[types.CodeType] = [
+        f.__code__ for cls in classes for v in list(vars(cls).values()) for f in functions(v)
+    ]
+    seen: set[int] = set()
+    names: set[str] = set()
+    while todo and len(seen) < MAX_CODE_OBJECTS:
+        code = todo.pop()
+        if id(code) in seen:
+            continue
+        seen.add(id(code))
+        todo += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+        for ins in dis.get_instructions(code):
+            if ins.opname not in ("LOAD_GLOBAL", "LOAD_NAME") or ins.argval in names:
+                continue
+            names.add(str(ins.argval))
+            value = space.get(str(ins.argval))
+            reached = [value]
+            if inspect.isclass(value) and value.__module__ == module:
+                reached = list(vars(value).values())
+            todo += [f.__code__ for v in reached for f in functions(v)
+                     if getattr(f, "__globals__", None) is space]  # fmt: skip
+    return sorted(names)
+
+
+MAX_CODE_OBJECTS = 5_000  # code objects one optimizer's module is followed through
 
 
 def _module_route(name: str, mod: Any) -> Route:

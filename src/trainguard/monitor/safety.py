@@ -128,7 +128,12 @@ def compile_safe(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def step_hooks(
-    before: Callable[[], None], after: Callable[[], None], nesting: StepNesting
+    before: Callable[[], None],
+    after: Callable[[], None],
+    nesting: StepNesting,
+    *,
+    entry: Callable[[], None] | None = None,
+    rest: Callable[[], None] | None = None,
 ) -> tuple[Any, Any]:
     """The optimizer's step pre- and post-hook for the guard, left out of torch.compile;
     only the outermost pair of a nested step runs the checks (:class:`StepNesting`).
@@ -141,14 +146,22 @@ def step_hooks(
     torch's optimizers call it before they write anything, and LBFGS calls it again
     between its own writes, which belong to the step.  A step that never calls the
     closure is checked at its post-hook, before the post-step checks (never unchecked).
+
+    ``entry`` and ``rest`` (both or neither): with a closure, ``entry`` runs at the
+    pre-hook itself (the weights as the last step left them: SAM writes its perturbation
+    before calling the closure, which is the step's own work) and ``rest`` in place of
+    ``before`` once the closure returns.
     """
     waiting = [False]  # a closure was handed over and has not returned yet
+    later = rest if rest is not None else before
 
     def pre(opt: Any, args: Any, kwargs: Any) -> Any:
         nesting.depth += 1
         if nesting.depth == 1:
-            wrapped = _closure_checked(args, kwargs, waiting, before)
+            wrapped = _closure_checked(args, kwargs, waiting, later)
             if wrapped is not None:
+                if entry is not None:
+                    entry()
                 return wrapped
             waiting[0] = False
             before()
@@ -163,7 +176,7 @@ def step_hooks(
         nesting.depth = 0
         if waiting[0]:
             waiting[0] = False
-            before()
+            later()
         after()
 
     return compile_safe(pre), compile_safe(post)

@@ -54,6 +54,10 @@ class Check:
     """Base class: every phase does nothing unless a subclass says otherwise."""
 
     unit: str | None = None  # budget mode: None runs at every step, a name when scheduled
+    # A check of the weights as the last step left them runs when the step is entered,
+    # before a closure (``optimizer.step(closure)``): an optimizer such as SAM writes the
+    # weights before it calls its closure, and the gradient checks run after it returns.
+    at_entry: bool = False
 
     def skipped(self, ctx: Context) -> list[Alert]:
         """Budget mode: in place of both step hooks, at a step the schedule leaves out."""

@@ -32,6 +32,8 @@ from trainguard.monitor.stats import RobustWindow
 
 
 class TamperCheck(Check):
+    at_entry = True  # the weights as the last step left them, before any closure
+
     def __init__(
         self,
         fp: Fingerprinter,
