@@ -165,8 +165,11 @@ def test_we_verify_model_signing_api_signatures(
     config.set_hashing_config(hashing).sign(target, sig)
     verify(target, keys[1], signature=sig)
     with open(model / "sub" / "weights.bin", "r+b") as fh:
+        # Flip the byte: the file is random, and writing 0xff left it as it was once in 256.
         fh.seek(150_000)
-        fh.write(b"\xff")
+        byte = fh.read(1)[0]
+        fh.seek(150_000)
+        fh.write(bytes([byte ^ 0xFF]))
     with pytest.raises(VerificationError) as err:
         verify(target, keys[1], signature=sig)
     (finding,) = [f for f in err.value.findings if f.severity >= Severity.HIGH]

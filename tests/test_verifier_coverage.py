@@ -108,9 +108,13 @@ def test_every_recorded_step_is_accounted_for(tmp_path: Path, attack: str) -> No
     if attack in ("honest", "twin"):
         assert rules == [] and summary.problems == [], (summary.alerts, summary.problems)
         assert summary.coverage["uncovered"] == {} and summary.exit_code() == 0
-        # The head before the first checkpoint and the tail after the last are segments.
+        # The head before the first checkpoint and the tail after the last are segments
+        # (a twin file at a position is a segment end of its own: its file is checked too).
         bounds = sorted({0, *marks, steps})
-        assert summary.segments_seen == len(bounds) - 1
+        if attack == "honest":
+            assert summary.segments_seen == len(bounds) - 1
+        else:
+            assert summary.segments_seen >= len(bounds) - 1
     else:
         assert "TG1514" in rules and summary.exit_code() == 1, (summary.alerts, summary.problems)
 

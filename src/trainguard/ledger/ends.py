@@ -232,6 +232,18 @@ def _check_world(
                 f"the run's records say it had {world} ranks, but stream {n} has no records: "
                 "it was deleted",
             )
+    if world == 0 and ranks and 0 not in ranks and 0 not in reported:
+        # Every run has a rank 0; no claim to count ranks by is no reason to miss it.
+        emit("TG1202", 0, 0, "the run has rank streams but no rank 0: its stream was deleted")
+    for n in sorted(ranks):
+        if n >= MAX_WORLD and (trust.world is None or n < trust.world):
+            emit(
+                "TG1214",
+                n,
+                0,
+                f"stream {n} is numbered over the largest world size a run can have "
+                f"({MAX_WORLD}): no rank of any run, someone else added it",
+            )
     if trust.world is None:
         return
     for n in sorted(ranks):
