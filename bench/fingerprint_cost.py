@@ -5,8 +5,9 @@ Usage: .venv/bin/python bench/fingerprint_cost.py [--sizes 1M,16M,100M] [--threa
 
 For each size (float32 elements; ``100M`` and ``1Mmodel`` are the tensors of
 watch_bench.py's models, 6 x (4096 x 4096 weight + bias) and 4 x (512 x 512 + bias);
-``small`` 100 tensors of 512; other sizes are one tensor), each thread setting (0: torch's default) and each load (that many busy
-processes spinning beside it), one ``sums`` call is timed ``--repeats`` times after a
+``small`` 100 tensors of 512; other sizes are one tensor), each thread setting (0:
+torch's default) and each load (that many busy processes spinning beside it), one
+``sums`` call is timed ``--repeats`` times after a
 warm-up.  Prints the median and minimum wall and thread-CPU time per call and per byte,
 and the load average.  ``--module`` times another file's Fingerprinter instead (an older
 version: ``git show b394022:src/trainguard/monitor/fingerprint.py > /tmp/fp2.py``), so the

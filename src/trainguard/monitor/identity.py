@@ -263,6 +263,10 @@ def _globals_route(name: str, mod: Any, classes: list[type]) -> Route:
     ``loss``, ``step``) every step, which the optimizer's code never reads."""
     space = vars(mod)
     names = _global_loads(classes, space)
+    if DYNAMIC.intersection(names):
+        # Code that can look names up by string (globals()["RHO"], sys.modules[...])
+        # reads what its bytecode does not name: the whole namespace, as for torch's.
+        return _module_route(name, mod)
 
     def read() -> tuple[Any, ...]:
         values = tuple(space.get(n) for n in names)
@@ -279,7 +283,11 @@ def _global_loads(classes: list[type], space: dict[str, Any]) -> list[str]:
 
     module = space.get("__name__")
     todo: list[types.CodeType] = [
-        f.__code__ for cls in classes for v in list(vars(cls).values()) for f in functions(v)
+        f.__code__
+        for cls in classes
+        for v in list(vars(cls).values())
+        for f in functions(v)
+        if f.__globals__ is space  # not torch's step wrapper around it
     ]
     seen: set[int] = set()
     names: set[str] = set()
@@ -303,6 +311,8 @@ def _global_loads(classes: list[type], space: dict[str, Any]) -> list[str]:
 
 
 MAX_CODE_OBJECTS = 5_000  # code objects one optimizer's module is followed through
+# Globals through which code reads other globals by name, out of its bytecode's sight.
+DYNAMIC = frozenset({"globals", "vars", "eval", "exec", "__import__", "sys", "importlib"})
 
 
 def _module_route(name: str, mod: Any) -> Route:
