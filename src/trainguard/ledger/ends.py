@@ -232,8 +232,10 @@ def _check_world(
                 f"the run's records say it had {world} ranks, but stream {n} has no records: "
                 "it was deleted",
             )
-    if world == 0 and ranks and 0 not in ranks and 0 not in reported:
-        # Every run has a rank 0; no claim to count ranks by is no reason to miss it.
+    watched = any(st.started or st.run_end is not None for st in ranks.values())
+    if world == 0 and watched and 0 not in ranks and 0 not in reported:
+        # Every watched run has a rank 0 (its streams start and end with the records
+        # watch writes); no claim to count ranks by is no reason to miss it.
         emit("TG1202", 0, 0, "the run has rank streams but no rank 0: its stream was deleted")
     for n in sorted(ranks):
         if n >= MAX_WORLD and (trust.world is None or n < trust.world):
