@@ -82,3 +82,34 @@ def test_held_step_records_edited_before_chaining_fail_verify(tmp_path: Path) ->
         _train(url, steps, edit, rng)
         code, rules = _verify(url, tmp_path)
         assert code == 1 and "TG1215" in rules, (edit, rules)
+
+
+def test_a_step_interrupted_after_its_record_still_verifies(tmp_path: Path) -> None:
+    """Red team 3 F4: a step interrupted after its record was written and before the
+    guard counted it (Ctrl-C, a peer's timeout in the rank comparison) closes with the
+    count before it: one record more than the run-end counts is honest, not TG1215."""
+    rng = seeded()
+    steps = rng.randint(8, 20)
+    at = rng.randrange(2, steps - 1)
+    url = f"sqlite:///{tmp_path / 'interrupted.sqlite'}"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, opt, ledger=url, run_id="run", hang_seconds=None)
+    done = guard.recorder.step_done
+
+    def interrupted(step: int) -> None:
+        if step == at:
+            raise KeyboardInterrupt
+        done(step)
+
+    with pytest.raises(KeyboardInterrupt), guard:
+        guard.recorder.step_done = interrupted  # type: ignore[method-assign]
+        for _ in range(steps):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            guard.step(loss=loss)
+    _, rules = _verify(url, tmp_path)
+    assert "TG1215" not in rules, rules

@@ -311,3 +311,30 @@ def test_following_reads_on_after_the_run_end(tmp_path: Path) -> None:
         verifier.close()
     assert summary.exit_code() == 1
     assert any("after its run-end" in a["message"] for a in summary.alerts), summary.alerts
+
+
+def test_two_files_saved_at_one_step_are_both_recorded(tmp_path: Path) -> None:
+    """Red team 3 F5: an honest loop saving two checkpoints at one step (step-N.pt and a
+    second name) verifies: each file is named by its own record (the verifier once kept
+    one record per step, the last, and called the other file unrecorded: TG1511)."""
+    import trainguard
+
+    rnd = seeded()
+    steps = rnd.randrange(6, 10)
+    marks = sorted({0, rnd.randrange(2, steps - 1)})
+    print(f"steps {steps}, two files at {marks}")
+    model, opt, sched, loader, epoch = vt.parts()
+    step = vt.make_step(model, opt, sched, "none", 0)
+    guard = trainguard.watch(
+        model, opt, ledger=str(tmp_path / "ledger.db"), run_id="w", scheduler=sched,
+        key=vt.KEY, dataloader=loader, hang_seconds=None,
+    )  # fmt: skip
+    batches = epochs_from(0, len(loader), epoch)
+    for s in range(steps):
+        if s in marks:
+            guard.checkpoint(tmp_path / f"w-{s}.pt")
+            guard.checkpoint(tmp_path / f"copy-{s}.pt")
+        guard.step(loss=step(next(batches)), batch=None)
+    guard.close()
+    summary = _one_pass(_verifier(tmp_path, "w", 1.0, checkpoints=tmp_path))
+    assert summary.alerts == [] and summary.exit_code() == 0, summary.alerts

@@ -259,3 +259,43 @@ def test_a_slowdown_confined_to_the_critic_steps_is_still_high() -> None:
     guard = _critic_first(seeded(), pause_from=7)
     slow = [a for a in high(guard) if a.rule == "TG1307"]
     assert slow and slow == high(guard), [(a.rule, a.step, a.message) for a in guard.alerts]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_a_closure_that_writes_the_weights_or_state_is_caught_at_its_step(case: int) -> None:
+    """Red team 3 F1: a closure computes a loss and gradients; one that also writes the
+    weights or the optimizer state (the training script's own code, no patch needed) is
+    caught at its step for torch's optimizers (checked whole after the closure)."""
+    rng = seeded()
+    kind = rng.choice(["SGD", "Adam", "AdamW"])
+    write = rng.choice(["weights", "state"])
+    at = rng.randrange(6, 14)
+    print(f"case {case}: {kind}, closure writes the {write} at step {at}")
+    torch.manual_seed(rng.randrange(2**31))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opts: dict[str, Any] = {"SGD": {"lr": 0.05, "momentum": 0.9}, "Adam": {"lr": 1e-3}}
+    opt = getattr(torch.optim, kind)(model.parameters(), **opts.get(kind, {"lr": 1e-3}))
+    guard = tgw.watch(model, opt, ledger=None, hang_seconds=None)
+    for step in range(18):
+        x = torch.randn(16, 6)
+
+        def closure(step: int = step, x: Any = x) -> Any:
+            opt.zero_grad()
+            loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            loss.backward()
+            if step == at:
+                with torch.no_grad():
+                    if write == "weights" or not opt.state:
+                        next(model.parameters()).add_(0.5)
+                    else:
+                        for state in opt.state.values():
+                            for value in state.values():
+                                if torch.is_tensor(value) and value.dim() > 0:
+                                    value.mul_(-10)
+            return loss
+
+        loss = opt.step(closure)
+        guard.step(loss=loss, batch=x)
+    guard.close()
+    found = high(guard)
+    assert found and min(a.step for a in found) == at, [(a.rule, a.step) for a in found]

@@ -6,7 +6,8 @@ the step's entry, not after the closure (TG1301 critical every step); and a scri
 defines its optimizer and runs its loop at module level rebinds the loop's globals
 every step, so watching the whole ``__main__`` namespace named them as patches
 (TG1304 critical).  What the optimizer's code reads is still watched: a global it
-reads rebound or a helper it calls replaced, at a random step, is TG1304 at that step;
+reads rebound, a helper it calls replaced, an attribute of a class of the script it reads
+changed, or a helper's defaults changed, at a random step, is TG1304 at that step;
 code that reads globals by name (``globals()["RHO"]``) has its whole module watched.
 The honest run diverges (its loss overflows to NaN): NaN gradients accumulate as NaN,
 which the AccumulateGrad check once took for a changed gradient (NaN != NaN).
@@ -52,6 +53,14 @@ else:
         return RHO
 
 
+class Knobs:
+    scale = 1.0
+
+
+def factor(k=1.0):
+    return k
+
+
 def grad_norm(groups):
     norms = [p.grad.norm(2) for g in groups for p in g["params"] if p.grad is not None]
     return torch.norm(torch.stack(norms), 2)
@@ -65,7 +74,7 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def first_step(self):
-        scale = rho() / (grad_norm(self.param_groups) + 1e-12)
+        scale = rho() * Knobs.scale * factor() / (grad_norm(self.param_groups) + 1e-12)
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is not None:
@@ -94,6 +103,10 @@ guard = trainguard.watch(model, opt, ledger=None, hang_seconds=None, budget=BUDG
 for step in range(24):
     if step == AT and SABOTAGE in ("global", "dynamic"):
         RHO = -5.0
+    elif step == AT and SABOTAGE == "class":
+        Knobs.scale = -100.0
+    elif step == AT and SABOTAGE == "defaults":
+        factor.__defaults__ = (-100.0,)
     elif step == AT and SABOTAGE == "helper":
         grad_norm = lambda groups: torch.tensor(1e-3)
     x = torch.randn(16, 8)
@@ -136,7 +149,7 @@ def test_sam_in_the_training_script_is_quiet_and_its_globals_still_watched(
     budget = rnd.choice([0.0, 0.0, 0.05])
     honest = _run(tmp_path, "none", -1, budget)
     assert not [a for a in honest if a[1] in ("HIGH", "CRITICAL")], honest
-    sabotage = rnd.choice(["global", "helper", "dynamic"])
+    sabotage = rnd.choice(["global", "helper", "dynamic", "class", "defaults"])
     at = rnd.randrange(6, 18)
     print(f"budget {budget}, {sabotage} at step {at}")
     alerts = _run(tmp_path, sabotage, at, 0.0)

@@ -97,12 +97,19 @@ class Guard:
         self.direction = UpdateDirectionCheck(own, optimizer, self.key)
         # Bound now: an instance attribute shadowing them later does not reach the hooks.
         self._nesting = StepNesting()
+        # A closure step of torch's own optimizers is checked whole after its closure:
+        # they write nothing before calling it, so the weights as the last step left
+        # them are still there, and a closure that writes them is caught (red team 3).
+        # An optimizer from elsewhere (SAM's step writes its perturbation before it
+        # calls the closure) is checked at the step's entry for those, and the closure's
+        # own writes then go unseen (docs/watch.md).
+        torch_own = type(optimizer).__module__.startswith("torch.")
         pre, post = step_hooks(
             self._before_step,
             self._after_step,
             self._nesting,
-            entry=functools.partial(self._before_step, "entry"),
-            rest=functools.partial(self._before_step, "rest"),
+            entry=None if torch_own else functools.partial(self._before_step, "entry"),
+            rest=None if torch_own else functools.partial(self._before_step, "rest"),
         )
         self._hooks = [
             optimizer.register_step_pre_hook(pre),

@@ -268,9 +268,21 @@ def _globals_route(name: str, mod: Any, classes: list[type]) -> Route:
         # reads what its bytecode does not name: the whole namespace, as for torch's.
         return _module_route(name, mod)
 
+    module = space.get("__name__")
+
     def read() -> tuple[Any, ...]:
         values = tuple(space.get(n) for n in names)
-        return (*values, *(f.__code__ for v in values for f in functions(v)))
+        # What the old whole-namespace route also saw: the namespaces of the module's own
+        # classes it reads (Knobs.rho_scale = 1000), and its functions' code, defaults
+        # and closures.
+        out: list[Any] = list(values)
+        for v in values:
+            if inspect.isclass(v) and v.__module__ == module:
+                out.extend(list(vars(v).values()))
+        for v in list(out):
+            for f in functions(v):
+                out += [f.__code__, f.__defaults__, f.__kwdefaults__, f.__closure__]
+        return tuple(out)
 
     shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
     return Route(f"{name} (globals the optimizer's code reads: {shown})", read)

@@ -163,6 +163,9 @@ class Verifier:
         self._broken_alerted = False
         self._start: dict[str, Any] | None = None
         self._checkpoints: dict[int, dict[int, Any]] = {}
+        # Every checkpoint record, also a second at one step (latest.pt beside step-N.pt):
+        # a file any of them names is a recorded one.
+        self._recorded_files: list[Any] = []
         self._ended: set[int] = set()
         self.clock = ServerClock()  # claimed step times against the server's (PostgreSQL)
         self._verified_at_end = False
@@ -212,7 +215,7 @@ class Verifier:
             new.append(verdict)
             if on_verdict is not None:
                 on_verdict(verdict)
-        self.folders.scan([c for per in checkpoints.values() for c in per.values()], final=final)
+        self.folders.scan(self._recorded_files, final=final)
         for severity, message, step, evidence in self.clock.judge(final=self.summary.finished):
             self._alert(CLOCK_RULE, message, step, evidence, severity)
         self._shape_alerts()
@@ -340,6 +343,7 @@ class Verifier:
                     str(p.get("blake3", "")), p,
                 )  # fmt: skip
                 self._checkpoints.setdefault(r.stream, {})[rec.step] = rec
+                self._recorded_files.append(rec)
         return self._start, self._checkpoints, self._ended
 
     def _verify_whole_run(self) -> None:
