@@ -28,6 +28,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tests.seeds import seeded  # noqa: E402
+from tests.tensor_dtypes import DTYPES  # noqa: E402
 from trainguard.monitor.fingerprint import (  # noqa: E402
     ARITHMETICS,
     BLOCK,
@@ -39,20 +40,6 @@ from trainguard.monitor.fingerprint import (  # noqa: E402
     Fingerprinter,
     compose,
 )
-
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.float64,
-    torch.int8,
-    torch.uint8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.bool,
-    torch.complex64,
-]
 
 
 def _random(rng: random.Random, n: int, dtype: torch.dtype) -> torch.Tensor:

@@ -21,25 +21,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tests.tensor_dtypes import DTYPES  # noqa: E402
 from trainguard.monitor.fingerprint import (  # noqa: E402
     FINGERPRINT_VERSION,
     Fingerprinter,
     compose,
 )
-
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.float64,
-    torch.int8,
-    torch.uint8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.bool,
-    torch.complex64,
-]
 
 
 @pytest.fixture
