@@ -104,6 +104,20 @@ def _node_hook(rng: random.Random, model: Any, undo: list[Callable[[], None]]) -
     undo.append(lambda: (handle.remove(), keep.clear()))
 
 
+def _plant(kind: str, rng: random.Random, model: Any, undo: list[Callable[[], None]]) -> None:
+    """Put one member of family B in place (``undo`` takes it out again)."""
+    if kind == "node":
+        _node_hook(rng, model, undo)
+        return
+    plant = {
+        "dispatch": _dispatch_mode,
+        "function": _function_mode,
+        "saved": _saved_hooks,
+        "library": _library_kernel,
+    }[kind]
+    plant(rng, undo)
+
+
 FAMILY_B = ["dispatch", "function", "saved", "library", "node"]
 
 
@@ -124,17 +138,8 @@ def test_interception_below_python_names_is_critical_at_its_step() -> None:
         def sabotage(
             step: int, model: Any, opt: Any, kind: str = kind, at: int = at, undo: Any = undo
         ) -> None:
-            if step != at:
-                return
-            if kind == "node":
-                _node_hook(rng, model, undo)
-            else:
-                {
-                    "dispatch": _dispatch_mode,
-                    "function": _function_mode,
-                    "saved": _saved_hooks,
-                    "library": _library_kernel,
-                }[kind](rng, undo)
+            if step == at:
+                _plant(kind, rng, model, undo)
 
         try:
             guard = sc.run(STEPS, optimizer=rng.choice(["adam", "sgd"]), sabotage=sabotage)
@@ -164,17 +169,8 @@ def test_on_a_budget_interception_left_in_place_is_critical_at_the_next_drawn_st
         def sabotage(
             step: int, model: Any, opt: Any, kind: str = kind, at: int = at, undo: Any = undo
         ) -> None:
-            if step != at:
-                return
-            if kind == "node":
-                _node_hook(rng, model, undo)
-            else:
-                {
-                    "dispatch": _dispatch_mode,
-                    "function": _function_mode,
-                    "saved": _saved_hooks,
-                    "library": _library_kernel,
-                }[kind](rng, undo)
+            if step == at:
+                _plant(kind, rng, model, undo)
 
         try:
             guard = sc.run(
