@@ -51,7 +51,9 @@ def _checks(rnd: random.Random, guard: Any) -> str:
 
 
 def _index(rnd: random.Random, guard: Any) -> str:
-    owner = rnd.choice([guard.direction.probe, *[c for c in guard.checks if hasattr(c, "index")]])
+    # Only checks holding sample indices (a check with an empty index has none to edit).
+    owners = [c for c in guard.checks if getattr(c, "index", None)]
+    owner = rnd.choice([guard.direction.probe, *owners])
     key = rnd.choice(list(owner.index))
     how = rnd.choice(["cut", "fill", "dict"])
     if how == "cut":
