@@ -338,3 +338,101 @@ def test_two_files_saved_at_one_step_are_both_recorded(tmp_path: Path) -> None:
     guard.close()
     summary = _one_pass(_verifier(tmp_path, "w", 1.0, checkpoints=tmp_path))
     assert summary.alerts == [] and summary.exit_code() == 0, summary.alerts
+
+
+def _interrupted(
+    path: Path, world: int, steps: int, marks: list[int], extra: dict[int, int]
+) -> None:
+    """A run whose run-ends count ``steps`` while rank r wrote ``extra[r]`` step records
+    beyond them (one: a step interrupted after its record; more: records it disowns)."""
+    ledger = open_ledger(str(path))
+    for rank in range(world):
+        ledger.append("r", "run-start", {"world_size": world}, step=0, stream=rank)
+    for s in range(steps + max(extra.values(), default=0)):
+        for rank in range(world):
+            if s in marks and s <= steps:
+                ckpt = {"step": s, "blake3": f"{s:064x}", "path": "", "name": f"c{s}.pt"}
+                ledger.append("r", "checkpoint", ckpt, step=s, stream=rank)
+            if s < steps + extra.get(rank, 0):
+                ledger.append("r", "step", {}, step=s, stream=rank)
+    for rank in range(world):
+        ledger.append("r", "run-end", {"steps": steps}, step=steps, stream=rank)
+    ledger.close()
+
+
+@pytest.mark.parametrize("extra", [1, 2])
+def test_one_interrupted_step_is_one_rule_for_ledger_verify_and_verify_run(
+    tmp_path: Path, extra: int
+) -> None:
+    """Red team 3 F4, both readers: a run-end counting one step less than a rank's records
+    (a step interrupted after its record: Ctrl-C, a peer's timeout) verifies in `ledger
+    verify` (no TG1215) and in verify-run (no TG1514, nothing uncovered: the tail segment
+    holds the step, or, on a rank its peers did not follow, it is named as interrupted);
+    two records beyond the count fail both.  Generated: world size, checkpoints, and
+    which ranks wrote the extra records."""
+    from trainguard.ledger import verify_ledger
+
+    rnd = seeded()
+    world, steps, marks = _shape(rnd)
+    ranks = rnd.sample(range(world), rnd.randrange(1, world + 1))
+    over = {r: extra if r == ranks[0] else rnd.randint(1, extra) for r in ranks}
+    print(f"world {world}, steps {steps}, checkpoints {marks}, beyond the count: {over}")
+    _interrupted(tmp_path / "ledger.db", world, steps, marks, over)
+    store = open_ledger(str(tmp_path / "ledger.db"))
+    try:
+        ends = [f for f in verify_ledger(store, "r") if f.rule == "TG1215"]
+    finally:
+        store.close()
+    verifier = _verifier(tmp_path, "r", NEVER)
+    summary = _one_pass(verifier)
+    rules = [a["rule"] for a in summary.alerts]
+    if extra == 2:
+        assert ends and "TG1514" in rules and summary.exit_code() == 1, (ends, summary.alerts)
+        return
+    assert ends == [], ends
+    assert rules == [] and summary.problems == [], (summary.alerts, summary.problems)
+    assert summary.coverage["uncovered"] == {} and summary.exit_code() == 0
+    named = sorted(n.split("'")[0] for n in summary.notes if "interrupted after" in n)
+    if len(over) == world:  # every rank recorded it: the tail segment holds it
+        assert named == [] and max(b for _, b in verifier.coverage.judged) == steps + 1
+    else:  # its peers never finished it: named on the ranks that recorded it
+        assert named == [f"rank {r}" for r in sorted(over)], (over, summary.notes)
+
+
+def test_an_honest_run_interrupted_after_a_step_record_verifies(tmp_path: Path) -> None:
+    """A real run interrupted (KeyboardInterrupt) right after a drawn step's record: `ledger
+    verify` exits 0, and verify-run (every segment drawn) recomputes the interrupted step in
+    its tail segment, all matched, no alert."""
+    import trainguard
+    from trainguard.cli.main import main
+
+    rnd = seeded()
+    at = rnd.randrange(2, 9)
+    marks = sorted({0, *rnd.sample(range(1, at + 1), rnd.randrange(0, 2))})
+    print(f"interrupted at step {at}, checkpoints {marks}")
+    model, opt, sched, loader, epoch = vt.parts()
+    step = vt.make_step(model, opt, sched, "none", 0)
+    guard = trainguard.watch(
+        model, opt, ledger=str(tmp_path / "ledger.db"), run_id="i", scheduler=sched,
+        key=vt.KEY, dataloader=loader, hang_seconds=None,
+    )  # fmt: skip
+    done = guard.recorder.step_done
+
+    def interrupted(s: int) -> None:
+        if s == at:
+            raise KeyboardInterrupt
+        done(s)
+
+    guard.recorder.step_done = interrupted  # type: ignore[method-assign]
+    batches = epochs_from(0, len(loader), epoch)
+    with pytest.raises(KeyboardInterrupt), guard:
+        for s in range(at + 5):
+            if s in marks:
+                guard.checkpoint(tmp_path / f"i-{s}.pt")
+            guard.step(loss=step(next(batches)), batch=None)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    assert main(["ledger", "verify", "i", "--ledger", url, "-o", str(tmp_path / "v")]) == 0
+    summary = _one_pass(_verifier(tmp_path, "i", 1.0, checkpoints=tmp_path))
+    assert summary.alerts == [] and summary.exit_code() == 0, (summary.alerts, summary.problems)
+    assert {v.status for v in summary.verdicts} == {"matched"}
+    assert summary.verdicts[-1].end == at + 1 and summary.coverage["uncovered"] == {}

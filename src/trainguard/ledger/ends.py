@@ -40,6 +40,7 @@ from trainguard.ledger.anchor import (
     peer_key_ids,
 )
 from trainguard.ledger.chain import RUN_STREAM
+from trainguard.ledger.endcount import end_count
 from trainguard.ledger.runkey import key_id_matches
 
 # The monitor's alerts that a peer stopped (TG1311) or was left blocked in a collective
@@ -193,17 +194,22 @@ def _check_steps(n: int, st: EndState, emit: Emit) -> None:
             "chained",
             step=step,
         )
-    elif st.end_steps is not None and not st.next_step - 1 <= st.end_steps <= st.next_step:
-        # One record more than the run-end counts is honest: a step interrupted after its
-        # record was written and before the guard counted it (KeyboardInterrupt, a peer's
-        # timeout) closes with the count before it.  Fewer records than counted: dropped.
+    elif st.end_steps is not None and not end_count(st.end_steps, st.next_step).holds:
+        # One record more than the run-end counts is honest (ledger/endcount.py: the one
+        # rule verify-run's coverage and clock apply too).  Fewer records than counted:
+        # dropped; more than one beyond it: steps the run's own count disowns.
+        why = (
+            "the last step records were dropped before the run-end was chained"
+            if st.next_step < st.end_steps
+            else "records of steps the guard never counted (one interrupted step leaves "
+            "one, not more)"
+        )
         emit(
             "TG1215",
             n,
             st.run_end,
             f"stream {n}: its run-end counts {st.end_steps} step(s) but its step records "
-            f"run 0..{st.next_step - 1}: the last step records were dropped before the "
-            "run-end was chained",
+            f"run 0..{st.next_step - 1}: {why}",
             steps=st.end_steps,
             recorded=st.next_step,
         )

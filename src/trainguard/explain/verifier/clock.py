@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainguard.ledger.chain import Record
+from trainguard.ledger.endcount import end_count
 from trainguard.ledger.outage import MAX_BUFFERED, OUTAGE_KIND
 
 # The most an honest rank's stored-time delays (step end to the server's stamp) may
@@ -167,7 +168,9 @@ class ServerClock:
             total = record.payload.get("steps")  # the guard's step count: trailing drops too
             if isinstance(total, int) and not isinstance(total, bool):
                 done = 0 if stream.last_step is None else stream.last_step + 1
-                if total != done:
+                # One record beyond the count is an interrupted step (the rule `ledger
+                # verify` and the coverage apply): its duration is held like any other.
+                if not end_count(total, done).holds:
                     stream.step_gaps.append((done - 1, total))
         elif record.kind == OUTAGE_KIND:
             self._outage(stream, record)

@@ -18,7 +18,9 @@ the bounds come from the step records each rank wrote, read in stream order:
   after the last (to the last recorded step, once the run ended) are
   segments too;
 - records after a rank's run-end, and a run-end whose step count is not the
-  rank's, are findings.
+  rank's, are findings; one step record beyond the count is a step interrupted
+  after its record (ledger/endcount.py, the rule `ledger verify` applies), held
+  by the tail segment or, on a rank its peers did not follow, named as such.
 
 At the end (or at a timeout) :meth:`Coverage.uncovered` names every recorded
 step no recomputed or drawn-and-skipped segment holds.
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainguard.ledger.chain import HEAD_KIND, Record
+from trainguard.ledger.endcount import end_count
 
 RULE = "TG1514"
 RECOMPUTED, SKIPPED, FAILED = "recomputed", "skipped", "failed"
@@ -55,6 +58,7 @@ class Coverage:
     # rank -> position -> the digest of the first checkpoint recorded there
     checkpoints: dict[int, dict[int, str]] = field(default_factory=dict)
     ended: dict[int, Any] = field(default_factory=dict)  # rank -> its run-end's step count
+    interrupted: dict[int, int] = field(default_factory=dict)  # rank -> its uncounted step
     judged: dict[tuple[int, int], str] = field(default_factory=dict)  # (a, b) -> outcome
     findings: list[Finding] = field(default_factory=list)  # new ones, taken by the verifier
     _after_end: set[int] = field(default_factory=set)  # ranks already named for it
@@ -82,7 +86,14 @@ class Coverage:
             self.ended[rank] = r.payload.get("steps")
             count = self.last[rank] + 1 if rank in self.last else 0
             claimed = r.payload.get("steps")
-            if isinstance(claimed, int) and claimed != count:
+            if not isinstance(claimed, int) or isinstance(claimed, bool):
+                return
+            # One rule with `ledger verify` (TG1215): one record beyond the count is a step
+            # interrupted after its record (Ctrl-C, a peer's timeout), not a finding.
+            judged = end_count(claimed, count)
+            if judged.interrupted is not None:
+                self.interrupted[rank] = judged.interrupted
+            elif not judged.holds:
                 self._find(
                     f"rank {rank}'s run-end says {claimed} steps, but its step records "
                     f"reach {count}",
@@ -162,9 +173,25 @@ class Coverage:
             if at <= self.last[rank]:
                 gaps.append((at, self.last[rank] + 1))
             gaps = [(lo, hi) for lo, hi in gaps if hi > lo]
+            cut = self.interrupted.get(rank)
+            if gaps and cut is not None and gaps[-1] == (cut, cut + 1):
+                gaps.pop()  # named on its own (:meth:`cut_short`), not uncovered
             if gaps:
                 out[rank] = gaps
         return out
+
+    def cut_short(self, world: int) -> dict[int, int]:
+        """Rank -> its interrupted step (recorded, never counted) that no segment holds.
+
+        It ends no segment: a checkpoint after it cannot exist, and on a data-parallel
+        run the ranks that did not record it never finished it, so there is nothing to
+        recompute it with (with one rank, or all of them, the tail segment holds it)."""
+        held = sorted(self.judged)
+        return {
+            rank: step
+            for rank, step in sorted(self.interrupted.items())
+            if self.last.get(rank) == step and not any(a <= step < b for a, b in held)
+        }
 
 
 def stretches(gaps: list[tuple[int, int]]) -> str:

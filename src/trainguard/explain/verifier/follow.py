@@ -219,7 +219,12 @@ class Verifier:
         for severity, message, step, evidence in self.clock.judge(final=self.summary.finished):
             self._alert(CLOCK_RULE, message, step, evidence, severity)
         self._shape_alerts()
-        self.summary.notes = self.clock.notes()
+        self.summary.notes = self.clock.notes() + [
+            f"rank {rank}'s step {step} was interrupted after its record (its run-end counts "
+            f"{step} steps, ledger/endcount.py) and its peers never finished it: not "
+            "recomputed, and no checkpoint restores its result"
+            for rank, step in self.coverage.cut_short(world).items()
+        ]
         common = set.intersection(*(set(checkpoints.get(r, {})) for r in range(world)))
         lone = sorted(set().union(*(set(c) for c in checkpoints.values())) - common)
         if self.summary.finished and lone and not self.summary.problems:
