@@ -54,6 +54,7 @@ SPARSEST = 64
 # Weight of the newest measurement in a unit's running cost.
 SMOOTHING = 0.2
 RECENT = 1024  # steps remembered per unit
+DRAWS_PER_HASH = 16  # units drawn from one 64-byte keyed hash (4 bytes each: p >= 1/64)
 
 
 def chunk_count(budget: float, median_step: float | None, chunk_cost: float, total: int) -> int:
@@ -127,6 +128,10 @@ class VersionWatch:
         self._names = [name for name, t in named if t is not None]
         self._states = [(t._version, t.data_ptr(), id(t)) for _, t in named if t is not None]
 
+    def forget(self) -> None:
+        """Nothing remembered: :meth:`changed` finds nothing until the next remember."""
+        self._names, self._states = [], []
+
     def changed(self, named: Sequence[tuple[Any, Any]]) -> list[Any]:
         """Names whose version or storage moved since :meth:`remember` (or appeared, or went)."""
         if not self._names:
@@ -141,6 +146,19 @@ class VersionWatch:
             return []
         every = sorted(set(now) | set(seen))
         return [n for n in every if now.get(n) != seen.get(n)]
+
+
+def step_draws(key: bytes, units: Sequence[str], step: int) -> dict[str, float]:
+    """Keyed uniform numbers in [0, 1) for each of ``units`` at ``step``: one keyed hash
+    per step for up to ``DRAWS_PER_HASH`` units (four bytes each), not one per unit (a
+    hash per unit and step was a fixed cost of every step in budget mode)."""
+    out: dict[str, float] = {}
+    for block in range(0, len(units), DRAWS_PER_HASH):
+        salt = f"draws|{block}|{step}".encode()
+        digest = hashlib.blake2b(salt, key=key[:32], digest_size=64).digest()
+        for i, unit in enumerate(units[block : block + DRAWS_PER_HASH]):
+            out[unit] = int.from_bytes(digest[4 * i : 4 * i + 4], "little") / 2.0**32
+    return out
 
 
 def keyed_draw(key: bytes, unit: str, step: int) -> float:
@@ -196,10 +214,22 @@ class Schedule:
         self._drawn: dict[int, frozenset[str]] = {}
         # The last steps each unit ran at (tests, and what a report may quote).
         self.recent: dict[str, deque[int]] = {u: deque(maxlen=RECENT) for u in units}
+        self._units = sorted(self.chance)  # the order of the units' bytes in a step's draw
+        self._draw_cache: dict[int, dict[str, float]] = {}
 
     def draw(self, unit: str, step: int) -> float:
         """A keyed uniform number in [0, 1) for ``unit`` at ``step``."""
-        return keyed_draw(self.key, unit, step)
+        return self._draws(step)[unit]
+
+    def _draws(self, step: int) -> dict[str, float]:
+        """Every unit's draw at ``step`` (the last few steps' kept: the guard and a
+        further optimizer's lane ask for the same steps)."""
+        found = self._draw_cache.get(step)
+        if found is None:
+            if len(self._draw_cache) > 4:
+                self._draw_cache.clear()
+            found = self._draw_cache[step] = step_draws(self.key, self._units, step)
+        return found
 
     def runs(self, step: int) -> frozenset[str]:
         """The units that run at ``step`` (all of them during the warm-up); asked again
@@ -211,7 +241,8 @@ class Schedule:
         if step < WARMUP_STEPS or self.budget >= 1.0:
             found = frozenset(self.chance)
         else:
-            found = frozenset(u for u, p in self.chance.items() if self.draw(u, step) < p)
+            draws = self._draws(step)
+            found = frozenset(u for u, p in self.chance.items() if draws[u] < p)
         for u in found:
             self.runs_at[u] += 1
             self.recent[u].append(step)

@@ -12,7 +12,6 @@ import atexit
 import functools
 import logging
 import os
-import statistics
 import time
 import uuid
 import weakref
@@ -47,7 +46,7 @@ from trainguard.monitor.safety import StepNesting, checked, step_hooks
 from trainguard.monitor.samples import SampleRecorder
 from trainguard.monitor.setup import rank_world, scalar, shared_key, tensors_in, total_grad_norm
 from trainguard.monitor.sink import AlertSink
-from trainguard.monitor.stats import RobustWindow
+from trainguard.monitor.stats import BUDGET_REFRESH, RobustWindow
 from trainguard.monitor.watchdog import Watchdog
 
 __all__ = ["Alert", "Guard", "TrainingStopped", "WatchOptions", "watch"]
@@ -90,7 +89,8 @@ class Guard:
         self._declared: StepEnd | None = None  # what guard.step(lr=, reseed=) said
         self._last_step_end = self._step_started = self._pre_end = clock.now()
         self._finish_cost, self._phases = 0.0, dict[str, float]()
-        self.windows = {k: RobustWindow() for k in ("time", "loss", "grad_norm")}
+        refresh = 1 if opts.budget is None else BUDGET_REFRESH  # budget: medians every N
+        self.windows = {k: RobustWindow(refresh=refresh) for k in ("time", "loss", "grad_norm")}
         self.named_params = list(model.named_parameters())
         own = self.optimizers.answered(self.named_params, 0)  # all, with one optimizer
 
@@ -168,10 +168,12 @@ class Guard:
         # run at the steps this schedule draws with the run's key (monitor/budget.py).
         # The batch's fingerprint is a unit too: its cost follows the batch, not the guard;
         # and the guard's self-check (monitor/integrity.py).
-        extra = {"chunks", "batch", "integrity"}
+        # The version counters between steps too, armed a step ahead (checks/tamper.py).
+        extra = {"chunks", "batch", "integrity", "versions"}
         units = sorted({c.unit for c in self.checks if c.unit is not None} | extra)
         self.schedule = Schedule(self.key, opts.budget, units) if opts.budget else None
         self.tamper.schedule = self.schedule
+        self.tamper.versions_unit = "versions" if self.schedule is not None else None
         for lane in self.lanes:
             lane.schedule = self.schedule
         self._runs: frozenset[str] | None = None  # the units running at this step
@@ -180,10 +182,14 @@ class Guard:
         self._armed = [c for c in self.checks if c.unit is not None and _acts(c, "arm")]
         # Per phase, the checks that do something in it (a scheduled unit's skipped()
         # stands in for its hooks): a call per check and phase is a fixed cost per step.
+        # step_end runs whatever the schedule draws: only the checks that have one.
         self._phase: dict[str, list[Check]] = {
             name: [c for c in self.checks if c.unit is not None or _acts(c, name)]
-            for name in ("before_step", "after_step", "step_end")
+            for name in ("before_step", "after_step")
         }
+        self._phase["step_end"] = [c for c in self.checks if _acts(c, "step_end")]
+        # The scheduled checks with something to do at a step their unit is left out of.
+        self._skippers = {id(c) for c in self.checks if c.unit is not None and _acts(c, "skipped")}
         started = [a for check in self.checks for a in check.start(Context(0, self.rank))]
         summary = env.summary if env is not None else None
         start = run_start(self, summary, conditions.gather(model))
@@ -267,13 +273,14 @@ class Guard:
                 upcoming = self.schedule.runs(self.step_index + 1)
                 for check in self._armed:
                     check.arm(check.unit in upcoming)
+                self._arm_versions(runs, upcoming)
             self.tamper.sampling = runs is None or "chunks" in runs
             self._entered, self._entry_ctx = (
                 (self.step_index, ctx) if part == "entry" else (-1, None)
             )
             for check in self._phase["before_step"]:
-                if part == "all" or check.at_entry:
-                    self.sink.raise_all(self._hook(check, ctx, before=True))
+                if (part == "all" or check.at_entry) and self._calls(check, runs, True):
+                    self._raise(self._hook(check, ctx, before=True))
             if part == "all":
                 self._grad_norm = (
                     total_grad_norm(self.named_params, self.torch)
@@ -294,8 +301,8 @@ class Guard:
             ctx, self._entered = self._entry_ctx, -1
             assert ctx is not None
             for check in self._phase["before_step"]:
-                if not check.at_entry:
-                    self.sink.raise_all(self._hook(check, ctx, before=True))
+                if not check.at_entry and self._calls(check, self._runs, True):
+                    self._raise(self._hook(check, ctx, before=True))
             self._grad_norm = (
                 total_grad_norm(self.named_params, self.torch) if self.measure_grad_norm else None
             )
@@ -311,8 +318,10 @@ class Guard:
         try:
             seconds = started - self._step_started
             ctx = Context(self.step_index, self.rank)
+            runs = self._runs
             for check in self._phase["after_step"]:
-                self.sink.raise_all(self._hook(check, ctx, before=False))
+                if self._calls(check, runs, False):
+                    self._raise(self._hook(check, ctx, before=False))
             self._pending = {"cosine": self.direction.cosine, "optimizer_step_seconds": seconds}
             self._pending.update(self.tamper.fields)
         finally:
@@ -328,6 +337,26 @@ class Guard:
         self._busy = None
         if self.watchdog is not None:
             self.watchdog.touch()
+
+    def _arm_versions(self, runs: Any, upcoming: frozenset[str]) -> None:
+        """The version counters: compared at this step's entry when it is drawn for them,
+        remembered at its end when the next one is (the window each run checks is the
+        one between two steps, whatever the steps before it)."""
+        self.tamper.versioning = runs is None or "versions" in runs
+        self.tamper.versioning_next = "versions" in upcoming
+
+    def _calls(self, check: Check, runs: frozenset[str] | None, before: bool) -> bool:
+        """Whether ``check`` has anything to do in this step's hook: a scheduled unit left
+        out of the step only when it has a ``skipped`` (in place of its pre-step hook).
+        Decided without a call: a call per check and phase was the guard's fixed cost."""
+        unit = check.unit
+        if runs is None or unit is None or unit in runs:
+            return True
+        return before and id(check) in self._skippers
+
+    def _raise(self, alerts: list[Alert]) -> None:
+        if alerts:
+            self.sink.raise_all(alerts)
 
     def _hook(self, check: Check, ctx: Context, *, before: bool) -> list[Alert]:
         """One check's step hook, or, in budget mode, its ``skipped`` when the schedule
@@ -398,6 +427,9 @@ class Guard:
         """No step hooks since the last ``guard.step``: a skipped step (AMP overflow), or
         an update that went around them.  Weights change only inside them: check here."""
         ctx = Context(self.step_index, self.rank)
+        if self.schedule is not None:  # this step's own draw (the last armed the one before)
+            step = self.step_index
+            self._arm_versions(self.schedule.runs(step), self.schedule.runs(step + 1))
         self.sink.raise_all(self.identity.before_step(ctx) + self.tamper.before_step(ctx))
         self.sink.raise_all(self.tamper.after_step(ctx))
         self._pending = dict(self.tamper.fields, hooks=False)
@@ -414,7 +446,7 @@ class Guard:
             self.last_step_overhead, self._overhead = self._overhead + self._finish_cost, 0.0
             if self.schedule is not None:
                 times = self.windows["time"]
-                median = statistics.median(times.values) if times.ready() else None
+                median = times.median() if times.ready() else None
                 self.schedule.update(self.last_step_overhead, median, spans=("chunks",))
             self._done_busy()
 
@@ -434,7 +466,7 @@ class Guard:
         ctx = Context(self.step_index, self.rank)
         for check in self._phase["step_end"]:
             name = type(check).__name__
-            self.sink.raise_all(
+            self._raise(
                 checked(
                     name,
                     "step_end",

@@ -70,6 +70,11 @@ class TamperCheck(Check):
         self._sample_at: tuple[int, int, list[int]] = (0, 0, [])
         self.schedule: Schedule | None = None  # budget mode: set by the guard
         self.sampling = True  # budget mode: whether the schedule samples this boundary
+        # Budget mode: whether the version counters are compared at this step's entry, and
+        # remembered at its end for the next one (the schedule's unit "versions"; the
+        # guard arms them a step ahead; True: every boundary, as a further optimizer's).
+        self.versioning = self.versioning_next = True
+        self.versions_unit: str | None = None  # the unit their time is charged to
         self._taken = 0.0  # seconds the last sample took to read after its step
         self.checked_boundaries = 0  # boundaries with full fingerprints
         self.sampled_share = 0.0  # budget mode: share of chunks read at the last boundary
@@ -162,7 +167,7 @@ class TamperCheck(Check):
             )
         full = self.due(ctx.step)
         if self.budget is not None and not full:
-            moved = self._verified(self._versions.changed(self._version_keys()))
+            moved = self._verified(self._versions_moved()) if self.versioning else []
             alerts += self._changed(ctx, [self._version_name(k) for k in moved], "version")
             alerts += self._check_sample(ctx)
         if full:
@@ -201,6 +206,26 @@ class TamperCheck(Check):
         self.before_checked = full
         return alerts
 
+    def _versions_moved(self) -> list[Any]:
+        started = clock.now()
+        moved = self._versions.changed(self._version_keys())
+        if self.schedule is not None and self.versions_unit is not None:
+            self.schedule.charge(self.versions_unit, clock.now() - started)
+        return moved
+
+    def _remember_versions(self) -> None:
+        """At a step's end: the version counters the next boundary compares (forgotten
+        when it compares none: a stale memory would see the optimizer's own writes)."""
+        self._touched_ref = None
+        if not self.versioning_next:
+            self._versions.forget()
+            return
+        started = clock.now()
+        self._versions.remember(self._version_keys())
+        if self.schedule is not None and self.versions_unit is not None:
+            self.schedule.charge(self.versions_unit, clock.now() - started)
+        self._reference()
+
     def _verified(self, moved: list[Any]) -> list[Any]:
         """Of the tensors whose version counter or storage moved, those whose bits also
         changed, where a reference of their bits was taken (touched ones); the others as
@@ -233,8 +258,7 @@ class TamperCheck(Check):
     def after_step(self, ctx: Context) -> list[Alert]:
         """Fingerprint (or sample) the new state (budget mode: within ``self.spent``)."""
         if self.budget is not None:
-            self._versions.remember(self._version_keys())
-            self._reference()
+            self._remember_versions()
             self._checking = self._full_due(ctx.step)
             if not self._checking:
                 # Sampled chunks only: the record leaves the full fingerprints out.

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from itertools import islice
 
 from trainguard.findings import Severity
 from trainguard.monitor import clock
@@ -68,10 +69,10 @@ class StallCheck(Check):
         # ``times``: the guard's window, every step that was no stall (its median feeds the
         # budget schedule and the watchdog); judged against a window of this kind's own.
         self.shared = times
-        self.times = RobustWindow(times.values.maxlen or 64, times.warmup)
+        self.times = RobustWindow(times.values.maxlen or 64, times.warmup, times.refresh)
         # This thread's run-queue time per step (0.0 where the kernel does not say).
         self.clock = thread or clock.ThreadClock()
-        self.delays = RobustWindow(size=times.values.maxlen or 64, warmup=1)
+        self.delays = RobustWindow(times.values.maxlen or 64, 1, times.refresh)
         self._contention_at: int | None = None  # the step of the last contention report
         self._early_delays: list[float] = []
         self.base_delay = 0.0
@@ -89,7 +90,9 @@ class StallCheck(Check):
         judge = self
         if end.kind:
             if end.kind not in self._kinds:
-                window = RobustWindow(self.times.values.maxlen or 64, self.times.warmup)
+                window = RobustWindow(
+                    self.times.values.maxlen or 64, self.times.warmup, self.times.refresh
+                )
                 self._kinds[end.kind] = StallCheck(window, self.min_stall, self.clock)
             judge = self._kinds[end.kind]
         alerts = judge.judge(ctx, end, lap[2] if lap is not None else 0.0)
@@ -101,7 +104,7 @@ class StallCheck(Check):
         """Seconds this step waited for a CPU beyond the usual (0 before any is known)."""
         if not self.delays.values:
             return 0.0
-        return max(0.0, delay - statistics.median(self.delays.values))
+        return max(0.0, delay - self.delays.median())
 
     def judge(self, ctx: Context, end: StepEnd, delay: float) -> list[Alert]:
         """The step's findings given its run-queue seconds ``delay`` (tests pass their own)."""
@@ -193,13 +196,14 @@ class StallCheck(Check):
             contention = max([1.0, *others])
             self._recent[p].append(phases[p] - self.baseline[p] * contention - waited)
             limit = (SLOWER - 1) * self.baseline[p]
+            if p in self._reported:
+                continue
+            # The last LATEST first: nearly always too few, and the sum is not needed.
+            latest = sum(1 for e in islice(reversed(self._recent[p]), LATEST) if e > limit)
+            if latest < SUSTAIN_SHARE * LATEST:
+                continue
             slow = [e for e in self._recent[p] if e > limit]
-            latest = sum(1 for e in list(self._recent[p])[-LATEST:] if e > limit)
-            if (
-                p not in self._reported
-                and latest >= SUSTAIN_SHARE * LATEST
-                and sum(slow) >= self.min_stall
-            ):
+            if sum(slow) >= self.min_stall:
                 self._reported.add(p)  # once per run and phase; stalls keep reporting
                 alerts.append(
                     ctx.alert(
