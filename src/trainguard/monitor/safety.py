@@ -10,7 +10,11 @@ the guard:
   cannot read, an attribute it trips on) is a way to blind it: from the
   ``QUIET_FAILURES + 1``-th failure of the same check and phase in a run on, the
   note is high.  Our checks do not raise on honest training; one that does is a
-  bug worth a report either way.
+  bug worth a report either way.  A *core* check (``Check.core``: the weights between
+  steps, their update, the code and state that compute it) is high at its first
+  failure: a step whose weights changed unverified is never a quiet step (red team 3
+  F3: a tensor subclass in the optimizer state that raised once hid that step's weight
+  edit behind one medium note).
 * The guard's hooks run as plain Python under ``torch.compile``.  A compiled
   ``optimizer.step`` calls the step hooks from inside the traced frame; traced,
   dynamo inlined the guard and its checks (copying their module globals into
@@ -39,6 +43,9 @@ log = logging.getLogger("trainguard.monitor")
 
 
 QUIET_FAILURES = 2  # failures of one check and phase in a run noted at medium
+# Names of the core checks' classes (filled by ``Check.__init_subclass__``): their first
+# failure is high.  By class name, as ``checked`` is called with it.
+CORE: set[str] = set()
 
 
 def checked(
@@ -51,7 +58,8 @@ def checked(
     """``call()``'s alerts; when it raises, one note that the check failed instead.
 
     ``failures``: the run's count of failures per check and phase (the guard's);
-    past ``QUIET_FAILURES`` the note is high: the check is blind."""
+    past ``QUIET_FAILURES`` the note is high: the check is blind.  A core check's
+    note is high at once."""
     try:
         return call()
     except Exception as e:  # a check never ends the user's step
@@ -61,12 +69,18 @@ def checked(
         if failures is not None:
             failures[key] += 1
             count = failures[key]
-        blind = count > QUIET_FAILURES
+        core = name in CORE
+        blind = count > QUIET_FAILURES or core
         message = (
-            f"the {name} check failed in {phase} ({type(e).__name__}: {str(e)[:200]}): "
+            f"the {name} check failed in {phase} ({type(e).__name__}: {_text(e)}): "
             f"what it covers went unchecked at this step"
         )
-        if blind:
+        if core:
+            message += (
+                "; it is a core check (the weights, their update, the code computing "
+                "it): this step's weights changed unverified"
+            )
+        if count > QUIET_FAILURES:
             message += (
                 f"; it has now failed at {count} steps of this run: what it covers is "
                 "blind, as a check made to fail on purpose would be"
@@ -77,10 +91,19 @@ def checked(
                 message,
                 severity=Severity.HIGH if blind else Severity.MEDIUM,
                 key=key,
-                error=repr(e)[:500],
+                error=_text(e, 500, repr),
                 failures=count,
             )
         ]
+
+
+def _text(e: BaseException, limit: int = 200, how: Callable[[object], str] = str) -> str:
+    """``how(e)`` cut to ``limit``; an exception whose own ``__str__`` or ``__repr__``
+    raises (a way to make the note itself fail) is named by its type."""
+    try:
+        return how(e)[:limit]
+    except Exception:
+        return f"<{type(e).__name__}, unprintable>"
 
 
 class StepNesting:

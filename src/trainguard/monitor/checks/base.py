@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainguard.monitor import safety
 from trainguard.monitor.alerts import Alert, Context
 
 
@@ -58,6 +59,15 @@ class Check:
     # before a closure (``optimizer.step(closure)``): an optimizer such as SAM writes the
     # weights before it calls its closure, and the gradient checks run after it returns.
     at_entry: bool = False
+    # A core check sees the weights, their update, or the code and state computing it
+    # change: its failure leaves the step's weights unverified, so its first failure is
+    # high (monitor/safety.py), not medium like other checks' first two.
+    core: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.core:
+            safety.CORE.add(cls.__name__)
 
     def skipped(self, ctx: Context) -> list[Alert]:
         """Budget mode: in place of both step hooks, at a step the schedule leaves out."""

@@ -38,6 +38,7 @@ LR_KEYS = ("lr", "initial_lr")
 
 
 class HyperparameterCheck(Check):
+    core = True  # its failure leaves the step unverified: high at once (safety.py)
     unit = "hyper"  # budget mode: both step hooks at the steps the schedule draws
 
     def __init__(self, optimizer: Any, scheduler: Any = None) -> None:

@@ -17,6 +17,7 @@ from trainguard.monitor.checks.base import Check
 
 
 class IdentityCheck(Check):
+    core = True  # its failure leaves the step unverified: high at once (safety.py)
     unit = "identity"
 
     def __init__(self, model: Any, optimizer: Any, dataloader: Any = None) -> None:

@@ -46,6 +46,8 @@ SWEEP_EVERY = 128  # steps in which every operator's dispatch table is read once
 class InterceptionCheck(Check):
     """Modes, saved-tensor hooks, Python kernels and AccumulateGrad node hooks."""
 
+    core = True  # its failure leaves the step unverified: high at once (safety.py)
+
     unit = "interception"  # budget mode: the state and the node hooks at drawn steps
 
     def __init__(self, named: list[tuple[str, Any]], key: bytes, kernels: KernelSweep) -> None:

@@ -24,6 +24,7 @@ from trainguard.monitor.checks.base import Check
 
 
 class ParameterIdentityCheck(Check):
+    core = True  # its failure leaves the step unverified: high at once (safety.py)
     # Budget mode: at the steps the schedule draws.  Each run compares with what the last
     # one saw, so a change made at a skipped step is found at the next run.
     unit = "params"

@@ -31,6 +31,8 @@ class PeerCheck(Check):
     """At the step hook of optimizer ``here``: the weights of ``others`` (their labels and
     tamper checks) as their last steps left them.  ``tag`` names each alert's owner."""
 
+    core = True  # its failure leaves the step unverified: high at once (safety.py)
+
     at_entry = True  # the others' weights as their last steps left them
 
     def __init__(

@@ -36,6 +36,7 @@ TENSORS_PER_STEP = 4
 
 
 class StateModelCheck(Check):
+    core = True  # its failure leaves the step unverified: high at once (safety.py)
     unit = "update"  # runs at the steps UpdateModelCheck takes its samples
 
     def __init__(self, update: UpdateModelCheck, key: bytes) -> None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainguard.monitor import clock
+from trainguard.findings import Severity
+from trainguard.monitor import clock, unread
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.budget import (
     WARMUP_STEPS,
@@ -25,13 +26,13 @@ from trainguard.monitor.budget import (
 )
 from trainguard.monitor.checks.base import Check
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
-from trainguard.monitor.fingerprint import optimizer_tensors as _all_state
 from trainguard.monitor.kinds import Unchecked, dense_parts
 from trainguard.monitor.sharding import is_dtensor, local, shards, state_owner
 from trainguard.monitor.stats import RobustWindow
 
 
 class TamperCheck(Check):
+    core = True  # its failure leaves the step unverified: high at once (safety.py)
     at_entry = True  # the weights as the last step left them, before any closure
 
     def __init__(
@@ -91,6 +92,18 @@ class TamperCheck(Check):
         self.before = self.after
         self.before_checked = False
         self.fields: dict[str, Any] = {}
+        # Tensors that could not be read at this boundary (monitor/unread.py), and why.
+        self._unread: dict[str, str] = {}
+        # A comparison that did not complete is no baseline (red team 3, F3): the step
+        # whose full comparison began and has not ended, and, once its step ran, the last
+        # verified state (step, weights, state) and the weights the optimizer wrote since.
+        self._open: int | None = None
+        self._gap: tuple[int, Fingerprint, Fingerprint] | None = None
+        self._gap_written: set[str] = set()
+
+    def _take(self, named: list[tuple[str, Any]]) -> Fingerprint:
+        """A fingerprint that names a tensor it cannot read instead of raising."""
+        return unread.take(self.fp, named, self._unread)
 
     def due(self, step: int) -> bool:
         """Whether the coming boundary gets full fingerprints."""
@@ -99,7 +112,7 @@ class TamperCheck(Check):
     def _state(self) -> list[tuple[str, Any]]:
         """The optimizer's state tensors, a sparse one (SGD momentum over a sparse
         gradient) as its dense parts (monitor/kinds.py)."""
-        return dense_parts(_all_state(self.optimizer), self._skipped)
+        return unread.state(self.optimizer, self._skipped)
 
     def watched(self) -> list[tuple[str, Any]]:
         # A sharded parameter as the slice this rank holds (monitor/sharding.py); the
@@ -121,16 +134,26 @@ class TamperCheck(Check):
         plain = self._tensor  # exactly torch.Tensor: no DTensor, local() would return it
         for p, state in state_owner(self.optimizer).state.items():
             i = index.get(id(p), -1)
-            for slot, value in state.items():
-                if not isinstance(value, self._tensor):
-                    continue
-                if value.layout == self._strided:
-                    held = value if type(value) is plain else local(value)
-                    keyed.append((("o", i, str(slot)), held))
-                    continue
-                for part, t in dense_parts([(str(slot), local(value))], self._skipped):
-                    keyed.append((("o", i, part), t))  # a sparse moment: its parts
+            for n, (slot, value) in enumerate(state.items()):
+                try:
+                    keyed += self._version_key(i, slot, value, plain)
+                except Exception as e:  # read as unverified, never as unchanged
+                    self._unread[f"optimizer {i}.#{n}"] = unread.why(e)
         return keyed
+
+    def _version_key(
+        self, i: int, slot: Any, value: Any, plain: Any
+    ) -> list[tuple[tuple[str, int, str], Any]]:
+        if not isinstance(value, self._tensor):
+            return []
+        if value.layout == self._strided:
+            held = value if type(value) is plain else local(value)
+            VersionWatch._state(held)  # raises here, for this slot, if it cannot be read
+            return [(("o", i, str(slot)), held)]
+        parts = dense_parts([(str(slot), local(value))], self._skipped)
+        for _, t in parts:
+            VersionWatch._state(t)
+        return [(("o", i, part), t) for part, t in parts]  # a sparse moment: its parts
 
     def _version_name(self, key: tuple[str, int, str]) -> str:
         kind, i, slot = key
@@ -155,6 +178,8 @@ class TamperCheck(Check):
 
     def before_step(self, ctx: Context) -> list[Alert]:
         alerts: list[Alert] = []
+        self.before_checked = False  # until this boundary's comparison completes
+        self._unread = {}
         fresh = self._skipped.fresh()
         if fresh:
             alerts.append(
@@ -169,12 +194,14 @@ class TamperCheck(Check):
         if self.budget is not None and not full:
             moved = self._verified(self._versions_moved()) if self.versioning else []
             alerts += self._changed(ctx, [self._version_name(k) for k in moved], "version")
+            alerts += self._changed(ctx, sorted(self._unread), "unread")
             alerts += self._check_sample(ctx)
         if full:
+            self._open = ctx.step
             started = clock.now()
             self.checked_boundaries += 1
             moved = self._versions.changed(self._version_keys()) if self.budget else []
-            before = self.fp.fingerprint(self.params)
+            before = self._take(self.params)
             changed = before.changed(self.after) if before.digest != self.after.digest else []
             # Budget mode learns which weights honest code touches between steps with
             # their bits unchanged (SAM's `p.data = saved`): from then on a moved version
@@ -186,24 +213,80 @@ class TamperCheck(Check):
                 alerts.append(
                     ctx.alert(
                         "TG1301",
-                        f"{len(changed)} parameter tensor(s) changed since the "
-                        f"last optimizer step: {', '.join(changed[:5])}",
+                        f"{len(changed)} parameter tensor(s) changed since the last "
+                        f"optimizer step: {', '.join(changed[:5])}{self._unread_note(changed)}",
                         tensors=changed[:50],
+                        **self._unread_evidence(changed),
                     )
                 )
-            opt_before = self.fp.fingerprint(self._state())
+            opt_before = self._take(self._state())
             if opt_before.digest != self.opt_after.digest:
                 changed = opt_before.changed(self.opt_after)
                 alerts.append(
                     ctx.alert(
                         "TG1302",
-                        f"optimizer state changed outside the step: {', '.join(changed[:5])}",
+                        f"optimizer state changed outside the step: {', '.join(changed[:5])}"
+                        f"{self._unread_note(changed)}",
                         tensors=changed[:50],
+                        **self._unread_evidence(changed),
                     )
                 )
+            if self._gap is not None:
+                alerts += self._recompare(ctx, before, opt_before)
             self.before = before
             self.full_cost = clock.now() - started
+            self._open = None
         self.before_checked = full
+        return alerts
+
+    def _unread_note(self, changed: list[str]) -> str:
+        names = [n for n in changed if n in self._unread]
+        if not names:
+            return ""
+        said = ", ".join(f"{n} ({self._unread[n]})" for n in names[:3])
+        return f"; {len(names)} could not be read (unverified): {said}"
+
+    def _unread_evidence(self, changed: list[str]) -> dict[str, Any]:
+        names = [n for n in changed if n in self._unread]
+        return {"unread": {n: self._unread[n] for n in names[:50]}} if names else {}
+
+    def _recompare(self, ctx: Context, before: Fingerprint, opt_before: Fingerprint) -> list[Alert]:
+        """After a boundary whose comparison did not complete (it raised), the weights and
+        state now against the last *verified* state: what did not change is verified
+        after all; a weight the optimizer did not write since (no gradient at those steps)
+        and changed is an edit (TG1301); the rest changed unverified (TG1315 high: the
+        optimizer's update or an edit, no longer told apart)."""
+        assert self._gap is not None
+        step, after, opt_after = self._gap
+        written, self._gap, self._gap_written = self._gap_written, None, set()
+        moved = before.changed(after) if before.digest != after.digest else []
+        edited = [n for n in moved if n.split("[")[0] not in written]
+        unsure = [n for n in moved if n.split("[")[0] in written]
+        if opt_before.digest != opt_after.digest:
+            unsure += ["optimizer " + n for n in opt_before.changed(opt_after)]
+        since = f"since the last verified state (before step {step}, whose comparison failed)"
+        alerts = []
+        if edited:
+            alerts.append(
+                ctx.alert(
+                    "TG1301",
+                    f"{len(edited)} parameter tensor(s) changed {since}, which no optimizer "
+                    f"step wrote (no gradient): {', '.join(edited[:5])}",
+                    tensors=edited[:50],
+                    unverified_from=step,
+                )
+            )
+        if unsure:
+            alerts.append(
+                ctx.alert(
+                    "TG1315",
+                    f"{len(unsure)} tensor(s) changed {since}: the optimizer's update or an "
+                    f"edit, not told apart: {', '.join(unsure[:5])}",
+                    severity=Severity.HIGH,
+                    tensors=unsure[:50],
+                    unverified_from=step,
+                )
+            )
         return alerts
 
     def _versions_moved(self) -> list[Any]:
@@ -257,6 +340,12 @@ class TamperCheck(Check):
 
     def after_step(self, ctx: Context) -> list[Alert]:
         """Fingerprint (or sample) the new state (budget mode: within ``self.spent``)."""
+        if self._open is not None:  # this step's comparison did not complete
+            self._open = None
+            if self._gap is None:  # the state after the last verified boundary
+                self._gap = (ctx.step, self.after, self.opt_after)
+            self._gap_written |= {n for n, p in self.params if getattr(p, "grad", None) is not None}
+        self._unread = {}
         if self.budget is not None:
             self._remember_versions()
             self._checking = self._full_due(ctx.step)
@@ -277,8 +366,8 @@ class TamperCheck(Check):
                         self.fields["tensors"] = {"before": self.before.compact()}
                 return []
         previous = self.after
-        self.after = self.fp.fingerprint(self.params)
-        self.opt_after = self.fp.fingerprint(self._state())
+        self.after = self._take(self.params)
+        self.opt_after = self._take(self._state())
         fields: dict[str, Any] = {
             "after": self.after.digest,
             "optimizer": self.opt_after.digest,
@@ -320,16 +409,16 @@ class TamperCheck(Check):
         version counter) and the digest of the parameters now ("" in budget mode)."""
         if self.budget is None:
             previous = self.after
-            self.after = self.fp.fingerprint(self.params)
-            self.opt_after = self.fp.fingerprint(self._state())
+            self.after = self._take(self.params)
+            self.opt_after = self._take(self._state())
             return self.after.changed(previous), self.after.digest
         keys = self._version_keys()
         moved = [self._version_name(k) for k in self._versions.changed(keys)]
         self._versions.remember(keys)
         self._reference()
         if self._checking:  # the next boundary compares full fingerprints
-            self.after = self.fp.fingerprint(self.params)
-            self.opt_after = self.fp.fingerprint(self._state())
+            self.after = self._take(self.params)
+            self.opt_after = self._take(self._state())
         if self._sample is not None:
             views = self._views_now(self._sample[0])
             self._sample = (views, self.fp.sums([v for _, v in views]))
@@ -348,7 +437,7 @@ class TamperCheck(Check):
         if self.budget is None:
             if not ctx.due:
                 return []
-            now = self.fp.fingerprint(self.params)
+            now = self._take(self.params)
             if now.digest == self.after.digest:
                 return []
             return self._changed(ctx, now.changed(self.after), "fingerprint")
@@ -368,7 +457,7 @@ class TamperCheck(Check):
 
     def _compare_full(self, ctx: Context) -> list[Alert]:
         alerts = []
-        now = self.fp.fingerprint(self.params)
+        now = self._take(self.params)
         if now.digest != self.after.digest:
             changed = now.changed(self.after)
             alerts.append(
@@ -379,7 +468,7 @@ class TamperCheck(Check):
                     tensors=changed[:50],
                 )
             )
-        opt_now = self.fp.fingerprint(self._state())
+        opt_now = self._take(self._state())
         if opt_now.digest != self.opt_after.digest:
             changed = opt_now.changed(self.opt_after)
             alerts.append(
@@ -399,6 +488,7 @@ class TamperCheck(Check):
         verb, seen_by = {
             "version": ("written in place", "version counter"),
             "sample": ("changed", "sampled chunks"),
+            "unread": ("unreadable (unverified)", "reading it raised"),
         }.get(via, ("changed", "fingerprint"))
         params = [n for n in changed if not n.startswith("optimizer ")]
         moments = [n.removeprefix("optimizer ") for n in changed if n.startswith("optimizer ")]

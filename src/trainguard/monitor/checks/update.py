@@ -27,6 +27,7 @@ ULPS = 8.0
 
 
 class UpdateModelCheck(Check):
+    core = True  # its failure leaves the step unverified: high at once (safety.py)
     unit = "update"  # with StateModelCheck, which reads the samples taken here
 
     def __init__(self, params: list[tuple[str, Any]], optimizer: Any, key: bytes) -> None:
