@@ -127,18 +127,43 @@ def epochs_from(
     ``epoch(e)`` gives epoch ``e``'s batches (a data loader whose generator you
     seed from ``e``, say); the first ``start % steps_per_epoch`` batches of the
     first epoch are read and dropped.  Lazy: nothing is drawn until iterated.
+
+    Starting mid-epoch, the epoch's iterator is made and its first batches dropped
+    with the global random states (torch, Python, NumPy) put back afterwards: the
+    loop made those draws before the checkpoint at ``start``, whose random states
+    already hold them.  A ``DataLoader`` with no generator of its own (a sampler
+    seeded by ``set_epoch``) draws its workers' base seed from torch's global
+    generator on every ``iter()``, and a dataset may draw in ``__getitem__``:
+    drawn again here, they moved every later dropout mask and random draw off the
+    run's (an honest run resumed mid-epoch diverged at its first step).
     """
     if steps_per_epoch <= 0:
         raise UsageError("steps_per_epoch must be positive")
     e, skip = divmod(start, steps_per_epoch)
     while True:
-        it = iter(epoch(e))
+        if skip:
+            it = _skipped_into(epoch(e), skip, e, start)
+            skip = 0
+        else:
+            it = iter(epoch(e))
+        yield from it
+        e += 1
+
+
+def _skipped_into(batches: Iterable[Any], skip: int, e: int, start: int) -> Iterator[Any]:
+    """``batches``' iterator with its first ``skip`` batches dropped, the global random
+    states as they were before (see :func:`epochs_from`)."""
+    from trainguard.monitor.checkpoint import random_states, restore_random_states
+
+    before = random_states()
+    try:
+        it = iter(batches)
         for i in range(skip):
             if next(it, _END) is _END:
                 raise ReplayError(f"epoch {e} ended after {i} batches, before step {start}")
-        skip = 0
-        yield from it
-        e += 1
+    finally:
+        restore_random_states(before)
+    return it
 
 
 _END = object()
