@@ -841,6 +841,42 @@ RULES: dict[str, Rule] = {
             "file, not the locked version, no wheel with a hash the lock lists, or a wheel "
             "that cannot be read.",
         ),
+        Rule(
+            "TG623",
+            "env-launcher-template",
+            _H,
+            "A console-script launcher is not what an installer (pip, distlib, installer, "
+            "uv) writes for its entry point: it was regenerated from the entry point and "
+            "compared byte for byte, only the interpreter path in the shebang may differ. "
+            "A RECORD row for it vouches for nothing: whoever edits it can rewrite the row.",
+        ),
+        Rule(
+            "TG624",
+            "env-path-entry-code",
+            _H,
+            "Code reachable through a sys.path entry that a .pth file adds, owned by no "
+            "distribution: a module there under a name installed code or the standard "
+            "library imports, an installed or standard-library module's name, or an "
+            "archive (or any file) on the path, whose members zipimport runs.",
+        ),
+        Rule(
+            "TG625",
+            "env-autoload-entry-point",
+            _H,
+            "A distribution declares an entry point in a group that a library loads when "
+            "it is imported (torch.backends: torch imports and calls it at import torch), "
+            "and no off-host reference (--wheelhouse with --lock) vouches for its bytes.",
+        ),
+        Rule(
+            "TG626",
+            "env-unverifiable-code",
+            _H,
+            "Start-up code or importable code that only the site folder's own metadata "
+            "vouches for: a sitecustomize or .pth import line whose only voucher is a "
+            "RECORD row, a distribution without RECORD outside an OS package folder that "
+            "provides modules, or an editable install's source folder that provides a "
+            "module another installed package, the standard library or start-up imports.",
+        ),
         # -- safetensors (TG8xx) -----------------------------------------------
         Rule(
             "TG801",
