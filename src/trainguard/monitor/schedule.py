@@ -9,6 +9,15 @@ the real scheduler's ``_last_lr`` says, and the real scheduler's own settings
 whose step needs more than the count (``ReduceLROnPlateau`` needs the metric)
 cannot be recomputed: for those the real scheduler's last learning rates are
 trusted, as before.
+
+The settings a replayable schedule drives (the learning rate, and any other the copy
+has changed since it was taken: OneCycleLR's momentum or betas) are held to the
+copy's value at every check, changed or not: a learning rate kept at the last step's
+value across a decay boundary equals the old one, and only the schedule says it is
+wrong (red team 3: StepLR's halving undone was seen at its next change, 3 steps
+late).  What the loop sets itself and declares (``guard.step(lr=...)``) the copy
+follows (:meth:`ScheduleModel.follow`): a chainable schedule (StepLR, CosineAnnealingLR)
+computes its next value from the group's current one, as the real one does.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ class ScheduleModel:
         self.real = scheduler
         self.optimizer = optimizer
         self.replayable = hasattr(scheduler, "last_epoch") and not hasattr(scheduler, "patience")
+        self._start: list[dict[str, Any]] = []  # the copy's settings when taken
+        self._driven: set[str] = {"lr"} if self.replayable else set()
         self.copy = self._clone() if self.replayable else None
 
     def _clone(self) -> Any:
@@ -46,6 +57,7 @@ class ScheduleModel:
             {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
         ]
         stand = _Stand(copy.deepcopy(groups))
+        self._start = [{k: _plain(v) for k, v in g.items()} for g in stand.param_groups]
         clone = object.__new__(type(self.real))
         clone.__dict__.update(copy.deepcopy(self.real.__dict__, {id(self.optimizer): stand}))
         return clone
@@ -63,7 +75,24 @@ class ScheduleModel:
             warnings.simplefilter("ignore")
             for _ in range(max(0, min(behind, MAX_CATCH_UP))):
                 self.copy.step()
-        return [{k: _plain(v) for k, v in g.items()} for g in self.copy.optimizer.param_groups]
+        groups = [{k: _plain(v) for k, v in g.items()} for g in self.copy.optimizer.param_groups]
+        for start, now in zip(self._start, groups, strict=False):
+            self._driven |= {k for k, v in now.items() if k in start and start[k] != v}
+        return groups
+
+    def driven(self) -> set[str]:
+        """The settings the schedule sets: held to its value at every check, changed or
+        not (empty when it cannot be recomputed: then only changes are judged)."""
+        return set(self._driven) if self.copy is not None else set()
+
+    def follow(self, group: int, key: str, value: Any) -> None:
+        """The loop set ``key`` of param group ``group`` itself and declared it: the copy
+        goes on from that value, as the real schedule does."""
+        if self.copy is None:
+            return
+        groups = self.copy.optimizer.param_groups
+        if 0 <= group < len(groups) and key in groups[group]:
+            groups[group][key] = value
 
     def tampered(self) -> list[str]:
         """Settings of the real scheduler that differ from the recomputed copy's."""

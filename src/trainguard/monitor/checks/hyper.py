@@ -9,7 +9,11 @@ therefore judged when ``guard.step`` is called (the declaration comes after the
 optimizer step), at the step it happened.  A declared change other than the
 learning rate is recorded (TG1316, info) with its old and new value.  The
 scheduler's own settings (gamma, base_lrs, ...) must still equal those of the
-recomputed copy.
+recomputed copy.  The settings a replayable schedule drives (the learning rate;
+momentum or betas where it cycles them) must equal what it gives for *this* step at
+every check, whether or not they changed: a learning rate held at the last step's
+value across a decay boundary did not change, and is still wrong.  A value the loop
+declares is accepted and the copy goes on from it (monitor/schedule.py).
 
 A param group added through ``optimizer.add_param_group`` (gradual unfreezing)
 holds every key of the optimizer's defaults, which ``add_param_group`` fills in;
@@ -45,7 +49,8 @@ class HyperparameterCheck(Check):
         self.optimizer = optimizer
         self.schedule = ScheduleModel(scheduler, optimizer) if scheduler is not None else None
         self.groups = hyperparameters(optimizer)
-        self._held: list[tuple[int, str, Any, Any]] = []  # changes awaiting guard.step
+        # Changes awaiting guard.step: (group, key, old, new, the schedule's value or None)
+        self._held: list[tuple[int, str, Any, Any, Any]] = []
         self._declared: dict[str, Any] = {}  # guard.step(hyper=...) for the coming step_end
         # Budget mode: at a skipped step (``skipped``), each group's learning rate for the
         # step record, and what the loop declared since the last run (per group: lr; per
@@ -78,14 +83,15 @@ class HyperparameterCheck(Check):
                     )
                 )
                 self.schedule.resync()
+        driven = self.schedule.driven() if self.schedule is not None else set()
         for i, (old, new) in enumerate(zip(self.groups, now, strict=False)):
             for k in sorted(set(old) | set(new)):
-                if old.get(k) == new.get(k):
-                    continue
                 given = expected[i].get(k) if expected is not None and i < len(expected) else None
                 if given is not None and same(new.get(k), given):
                     continue  # the schedule gives it
-                self._held.append((i, k, old.get(k), new.get(k)))  # judged at guard.step
+                if old.get(k) == new.get(k) and not (k in driven and given is not None):
+                    continue  # unchanged, and no schedule says what it must be now
+                self._held.append((i, k, old.get(k), new.get(k), given))  # judged at guard.step
         if len(now) != len(self.groups) and not self._added(now):
             alerts.append(
                 ctx.alert("TG1303", f"param groups changed from {len(self.groups)} to {len(now)}")
@@ -120,21 +126,25 @@ class HyperparameterCheck(Check):
             self._said_since.update(said)
         lr_since, said_since = self._lr_since, self._said_since
         alerts, recorded = [], []
-        for i, k, old, new in held:
+        for i, k, old, new, given in held:
             lr = new if k == "lr" else None
             if declared is not None and k == "lr" and i < len(declared) and close(lr, declared[i]):
+                self._follow(i, k, new)
                 continue
             if k == "lr" and i in lr_since and close(lr, lr_since[i]):
+                self._follow(i, k, new)
                 continue  # declared at a step the unit skipped
             if (declared is not None or lr_since) and k == "initial_lr":
                 continue  # follows the declared lr
             if k in said and same(new, _for_group(said[k], i)):
                 recorded.append({"group": i, "key": k, "old": old, "new": new})
+                self._follow(i, k, new)
                 continue
             if k in said_since and same(new, _for_group(said_since[k], i)):
                 recorded.append({"group": i, "key": k, "old": old, "new": new})
+                self._follow(i, k, new)
                 continue
-            alerts.append(_changed(ctx, i, k, old, new))
+            alerts.append(_changed(ctx, i, k, old, new, given))
         if self._fresh:  # the groups were taken again: what was declared before is judged
             self._lr_since, self._said_since = {}, {}
         self._skipping = self._fresh = False
@@ -152,6 +162,11 @@ class HyperparameterCheck(Check):
             )
         return alerts
 
+    def _follow(self, i: int, k: str, value: Any) -> None:
+        """A declared value: the schedule's copy goes on from it."""
+        if self.schedule is not None:
+            self.schedule.follow(i, k, value)
+
     def lrs(self) -> list[Any]:
         """Each group's learning rate after the last step (for the step record)."""
         if self._lrs is not None:  # budget mode, a skipped step: read at its pre-hook
@@ -166,14 +181,18 @@ def _for_group(value: Any, i: int) -> Any:
     return list(value) if isinstance(value, tuple) else value  # betas: settings hold lists
 
 
-def _changed(ctx: Context, i: int, k: str, old: Any, new: Any) -> Alert:
+def _changed(ctx: Context, i: int, k: str, old: Any, new: Any, given: Any = None) -> Alert:
+    what = f"changed from {old!r} to {new!r}" if old != new else f"stayed {new!r}"
+    if given is not None:
+        what += f" where the schedule gives {given!r}"
     return ctx.alert(
         "TG1303",
-        f"param group {i}: {k} changed from {old!r} to {new!r}",
+        f"param group {i}: {k} {what}",
         group=i,
         key=k,
         old=old,
         new=new,
+        **({"expected": given} if given is not None else {}),
     )
 
 
