@@ -19,10 +19,15 @@ fingerprinted with the parameters' own keyed fingerprint; at the next
 forward's start the same is compared.  Version counters and tensor identity
 are compared too: they name an in-place write at no cost.
 
-In budget mode the fingerprints are the schedule's unit ``buffers`` (their
-cost grows with the buffers); at the steps it leaves out, identity and version
-counters are still compared.  A loop that changes a buffer on purpose between
-steps declares it: ``guard.step(changed=["pos_table"])``.
+In budget mode the whole comparison is the schedule's unit ``buffers``, armed a
+step ahead: for a drawn step t+1 the buffers are taken at the end of step t and
+compared at t+1's first forward, as above; at the ends of the other steps nothing
+is read.  The buffers taken for a drawn step are also compared with those at the
+last compared forward, but for the buffers a compared forward changed itself
+(BatchNorm's statistics): a buffer edited in a window left out, and left so, is
+found at the next drawn step.  An edit put back (or rewritten by the forward
+after it) within a window left out is not seen (docs/watch.md).  A loop that
+changes a buffer on purpose between steps declares it: ``guard.step(changed=["pos_table"])``.
 
 A forward without gradients (an evaluation pass between steps) is compared
 like the training forward, and the comparison is armed again at its end.
@@ -68,6 +73,18 @@ class BufferCheck(Check):
         # (no backward follows it), so the comparison is armed again at its end: the red
         # team's write after an evaluation pass went unseen until the next step's end.
         self._rearm: bool | None = None  # None: nothing to re-arm; else take full fingerprints
+        # Budget mode: the buffers a compared forward changed itself (BatchNorm's statistics),
+        # the fingerprint at the last step compared, and whether steps were left out since.
+        self._own: set[str] = set()
+        self._at_start: dict[str, tuple[Any, int]] | None = None
+        self._last: tuple[int, Fingerprint] | None = None
+        self._left_out = False
+        self._said: set[str] = set()  # declared with guard.step(changed=) since then
+        self._since: list[Change] = []  # found at the arming, held at the drawn forward
+        self._next = True  # whether the next step is drawn (exact mode: always)
+        self._sampled = False  # budget mode (armed by the schedule): learn what forwards change
+        self._start_fp: Fingerprint | None = None  # at a compared forward's start (learning)
+        self._steps = 0  # steps ended (the step the last compared forward belongs to)
 
     def tensors(self) -> list[tuple[str, Any]]:
         """Every buffer and plain tensor attribute of every module, by name, as installed now."""
@@ -103,9 +120,43 @@ class BufferCheck(Check):
         blind = self._blind(ctx)
         if blind is not None:
             return blind
-        named = self.tensors()
-        self._armed = (self.fp.fingerprint(named) if named else None, self._cheap(named))
+        self._baseline(ctx)
         return []
+
+    def arm(self, on: bool) -> None:
+        """Budget mode, at step t's pre-hook: whether step t+1 is drawn, i.e. whether the
+        window from t's end to t+1's forward is compared."""
+        self._next, self._sampled = on, True
+
+    def _baseline(self, ctx: Context) -> None:
+        """At a step's end: the buffers the next forward is compared with, when the next
+        step is drawn (exact mode: always); after steps left out, also compared with the
+        buffers at the last compared forward (a buffer edited in a window left out, and
+        left so, is found at the next drawn step)."""
+        if not self._next:
+            self._armed, self._left_out = None, True
+            return
+        named = self.tensors()
+        full = self.fp.fingerprint(named) if named else None
+        self._armed = (full, self._cheap(named))
+        if full is not None and self._left_out and self._last is not None:
+            self._since_last(ctx, full)
+        self._left_out = False
+
+    def _since_last(self, ctx: Context, full: Fingerprint) -> None:
+        """The buffers at the last compared forward against ``full`` (now), but for those
+        a compared forward changed itself; held until the drawn step's forward."""
+        assert self._last is not None
+        since, was = self._last
+        for name in [n for n in was.changed(full) if n not in self._own][:MAX_NAMED]:
+            alert = ctx.alert(
+                "TG1317",
+                f"buffer {name} changed after step {since}, outside the forwards compared, "
+                "and is still changed (its bits)",
+                tensors=[name],
+                reason="changed since the last step compared",
+            )
+            self._since.append(Change(name, None, alert, by_value=False))
 
     def _blind(self, ctx: Context) -> list[Alert] | None:
         """None when forwards are seen; else (once) a TG1315 saying these checks are off.
@@ -140,11 +191,12 @@ class BufferCheck(Check):
         ]
 
     def skipped(self, ctx: Context) -> list[Alert]:
-        # Budget mode, a step the schedule leaves out: identity and versions only.
+        # Budget mode, a step the schedule leaves out: nothing compared at the next forward
+        # (identity and versions of every buffer at every step were a fixed cost of it).
         blind = self._blind(ctx)
         if blind is not None:
             return blind
-        self._armed = (None, self._cheap(self.tensors()))
+        self._baseline(ctx)
         return []
 
     def _forward_start(self, grad: bool) -> None:
@@ -155,6 +207,8 @@ class BufferCheck(Check):
         self._rearm = None if grad else full is not None
         named = self.tensors()
         now = self._cheap(named)
+        if self._sampled:
+            self._at_start = now
         why: dict[str, str] = {}
         for name in sorted(set(now) | set(cheap)):
             if name not in now:
@@ -167,8 +221,15 @@ class BufferCheck(Check):
                 why[name] = "written in place"
         if full is not None:
             self.checked += 1
-            for name in full.changed(self.fp.fingerprint(named)):
+            start = self.fp.fingerprint(named)
+            for name in full.changed(start):
                 why.setdefault(name, "its bits changed")
+            self._last = (self._steps, start)
+            self._start_fp = start if self._sampled else None
+        for change in self._since:  # budget mode: found at the arming, released now
+            if change.name not in self._said:  # declared at a step left out: no finding
+                self.held.add(change)
+        self._since, self._said = [], set()
         if not why:
             return
         tensors = dict(named)
@@ -183,6 +244,15 @@ class BufferCheck(Check):
             self.held.add(Change(name, tensors.get(name), alert, by_value=False))
 
     def _forward_end(self) -> None:
+        if self._at_start is not None:  # what a compared forward changes is its own
+            was, self._at_start = self._at_start, None
+            named = self.tensors()
+            for name, (t, version) in self._cheap(named).items():
+                if name not in was or was[name][0] is not t or was[name][1] != version:
+                    self._own.add(name)
+            if self._start_fp is not None:  # BatchNorm's statistics move no version counter
+                self._own |= set(self._start_fp.changed(self.fp.fingerprint(named)))
+                self._start_fp = None
         if self._rearm is None:
             return
         named = self.tensors()
@@ -190,7 +260,10 @@ class BufferCheck(Check):
         self._armed, self._rearm = (full, self._cheap(named)), None
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
-        out = self.held.release(ctx, declared_names(end.declared_changes))
+        declared = declared_names(end.declared_changes)
+        self._said |= set(declared)
+        self._steps = ctx.step + 1
+        out = self.held.release(ctx, declared)
         return [
             a
             if a.rule == "TG1316"

@@ -8,8 +8,9 @@ order resumable; going back to an earlier state replays a data order).  What
 is found before a step is judged when ``guard.step`` is called, so that a loop
 that re-seeds on purpose declares it (``guard.step(..., reseed=True)``).
 
-In budget mode the states' digests (hashing every generator's state) are a
-scheduled unit; seeding calls and the initial seed are read at every step.  At
+In budget mode the states' digests (hashing every generator's state) and the
+initial seed are a scheduled unit; the seeding calls the watch caught are read at
+every step (a list, empty but for a call).  At
 a declared re-seed whose step the digests skipped, the states seen now become
 the new baseline, so a later check does not take the declared re-seed for one.
 """
@@ -62,7 +63,10 @@ class SeedCheck(Check):
         return digests
 
     def skipped(self, ctx: Context) -> list[Alert]:
-        self._held += self._calls_and_seed(ctx)
+        # The seeding calls the watch caught (an empty list read: nothing to do), at every
+        # step; the initial seed, which persists, at the drawn ones (before_step).
+        if self._calls:
+            self._held += self._calls_and_seed(ctx)
         self._read = False
         return []
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainguard.monitor import clock
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import Check, StepEnd
 from trainguard.monitor.forwards import Change, ForwardWatch, Held, declared_names
@@ -66,9 +67,22 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class SettingsCheck(Check):
+    # Budget mode: the comparisons at a forward's start and end, and the training flags,
+    # run at the steps the schedule draws (arm), the baseline taken at the step before's
+    # pre-hook; a setting changed at a step left out is found by the baseline's comparison
+    # with the state the last checked forward left (what forwards change themselves, learnt
+    # at the checked ones, aside).
+    unit = "settings"
+
     def __init__(self, model: Any, forwards: ForwardWatch) -> None:
         self.model = model
         self.held = Held()
+        self._watching = True  # whether forwards now are compared (exact mode: always)
+        self._watched = True  # whether this step's forwards were (set at its pre-hook)
+        self._own: set[tuple[str, str]] = set()  # (module, attribute) a forward changed
+        self._since: list[Change] = []  # found at arm, held at the drawn step's pre-hook
+        self._said: set[str] = set()  # declared with guard.step(changed=) since the last
+        self._spent = 0.0  # seconds in arm and the forward hooks (the unit's, outside)
         self.toggles: set[tuple[str, str]] = set()  # (module, attribute) flipped in warm-up
         self._seen_values: dict[tuple[str, str], set[bool]] = {}
         self._pending: dict[tuple[str, str], tuple[bool, bool]] = {}  # warm-up flips, once
@@ -95,13 +109,60 @@ class SettingsCheck(Check):
 
     def _take(self) -> None:
         """At a forward's end: what the forward left is the baseline (its caches are its own)."""
+        if not self._watching:
+            return
         sigs = [_signature(m) for m in self._mods]
         if any(a[2] != b[2] for a, b in zip(sigs, self.signatures, strict=True)):
             self._walk()  # the forward added or replaced a submodule: watch the new tree
-        else:
-            self.signatures = sigs
+            return
+        if sigs != self.signatures:  # what forwards change themselves (a cache): learnt
+            for (mname, _), a, b in zip(self.modules, sigs, self.signatures, strict=True):
+                if a != b:
+                    was = dict(zip(b[0], b[1], strict=True))
+                    now = dict(zip(a[0], a[1], strict=True))
+                    changed = {
+                        k for k in now.keys() | was.keys() if not _same(now.get(k), was.get(k))
+                    }
+                    self._own |= {(mname, k) for k in changed}
+        self.signatures = sigs
+
+    def outside_seconds(self) -> float:
+        spent, self._spent = self._spent, 0.0
+        return spent
+
+    def arm(self, on: bool) -> None:
+        """Budget mode, at step t's pre-hook: whether step t+1's forwards are compared.
+        When they are, the settings now are compared with those the last compared forward
+        left (a change at a step left out; what forwards change themselves aside) and are
+        the baseline of t+1's first forward."""
+        self._watched, self._watching = self._watching, on
+        if not on:
+            return
+        started = clock.now()
+        self._against_last()
+        self._spent += clock.now() - started
+
+    def _against_last(self) -> None:
+        now = [_signature(m) for m in self._mods]
+        try:
+            same = now == self.signatures
+        except Exception:  # a value whose == raises: compare name by name
+            same = False
+        if not same:
+            held, self.held.changes = self.held.changes, []
+            self._compare(skip=self._own)
+            self._since += self.held.changes
+            self.held.changes = held
+            self._walk()
 
     def _forward_start(self, grad: bool) -> None:
+        if not self._watching:
+            return
+        started = clock.now()
+        self._start(grad)
+        self._spent += clock.now() - started
+
+    def _start(self, grad: bool) -> None:
         now = [_signature(m) for m in self._mods]
         try:
             same = now == self.signatures
@@ -116,8 +177,9 @@ class SettingsCheck(Check):
             if self._ddp:
                 self._sync_now = [(n, getattr(m, SYNC, None)) for n, m in self._ddp]
 
-    def _compare(self) -> None:
-        """Name what changed since the last snapshot (only when something did)."""
+    def _compare(self, skip: set[tuple[str, str]] | None = None) -> None:
+        """Name what changed since the last snapshot (only when something did); ``skip``:
+        (module, attribute) pairs left out."""
         step = self.steps
         found: list[tuple[str, str, Any, Any]] = []
         known = dict(self.modules)
@@ -128,7 +190,7 @@ class SettingsCheck(Check):
                 if k == "training" or (k == SYNC and _ddp(m)):
                     continue  # judged at the optimizer step (before_step)
                 old, new = before.get(k, "<absent>"), now.get(k, "<absent>")
-                if _same(old, new):
+                if _same(old, new) or (skip is not None and (mname, k) in skip):
                     continue
                 if isinstance(old, bool) and isinstance(new, bool):
                     key = (mname, k)
@@ -165,6 +227,10 @@ class SettingsCheck(Check):
             self.held.add(Change(name, new, alert))
 
     def before_step(self, ctx: Context) -> list[Alert]:
+        for change in self._since:  # budget mode: found when this step was armed
+            if change.name not in self._said:  # declared at a step left out: no finding
+                self.held.add(change)
+        self._since, self._said = [], set()
         if self._sync_now:
             self._judge_sync(ctx)
         now, names = self._training_now, self._training_names
@@ -224,6 +290,7 @@ class SettingsCheck(Check):
             pending, self._pending = self._pending, {}
             self._hold([(m, k, old, new) for (m, k), (old, new) in pending.items()], ctx.step)
         declared = declared_names(end.declared_changes)
+        self._said |= set(declared)
         if "training" in declared:  # the model's flags, every module's (freezing BatchNorm)
             for c in self.held.changes:
                 if c.name.endswith(".training"):
@@ -231,7 +298,9 @@ class SettingsCheck(Check):
         out = self.held.release(ctx, declared)
         if any(n == "training" or n.endswith(".training") for n in declared):
             # Declared flags: the flags of this step's training forward are the new baseline.
-            if self._training_now is not None:
+            if not self._watched:  # budget mode: this step's forward was not read
+                self.training_base = None  # the next compared forward's flags are the base
+            elif self._training_now is not None:
                 self.training_base, self._base_names = self._training_now, self._training_names
         unique: list[Alert] = []  # one alert per change: the flags of one forward share one
         for a in out:
