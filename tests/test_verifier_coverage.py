@@ -436,3 +436,60 @@ def test_an_honest_run_interrupted_after_a_step_record_verifies(tmp_path: Path) 
     assert summary.alerts == [] and summary.exit_code() == 0, (summary.alerts, summary.problems)
     assert {v.status for v in summary.verdicts} == {"matched"}
     assert summary.verdicts[-1].end == at + 1 and summary.coverage["uncovered"] == {}
+
+
+@pytest.mark.parametrize("move", ["none", "reseed", "draw"])
+def test_a_checkpoint_after_an_undrawn_segment_holds_its_generators(
+    tmp_path: Path, move: str
+) -> None:
+    """At a rate below 1 the segment before a checkpoint may be undrawn: the checkpoint's
+    global generators are then held to the digests the last step's record took.  torch
+    re-seeded right before the save (no step of the segment shows it) is named by the
+    segment after it alone (diverged, TG1511); draws with no re-seed (an evaluation off
+    fork_rng) are not comparable; an honest run matches.  Generated: which checkpoint,
+    which seed, how many draws."""
+    import trainguard
+
+    rnd = seeded()
+    at, steps = rnd.choice([5, 10]), 15
+    seed, draws = rnd.randrange(1, 2**31), rnd.randrange(1, 50)
+    print(f"{move} before the checkpoint at {at} (seed {seed}, {draws} draws)")
+    model, opt, sched, loader, epoch = vt.parts()
+    step = vt.make_step(model, opt, sched)
+    guard = trainguard.watch(
+        model, opt, ledger=str(tmp_path / "ledger.db"), run_id="g", scheduler=sched,
+        key=vt.KEY, dataloader=loader, hang_seconds=None, on_alert=lambda alert: None,
+    )  # fmt: skip
+    batches = epochs_from(0, len(loader), epoch)
+    with guard:
+        for s in range(steps + 1):
+            if s == at and move == "reseed":
+                torch_seed(seed)
+            elif s == at and move == "draw":
+                torch_draws(draws)
+            if s % 5 == 0:
+                guard.checkpoint(tmp_path / f"g-{s}.pt")
+            if s < steps:
+                guard.step(loss=step(next(batches)), batch=None)
+    verifier = _verifier(tmp_path, "g", NEVER, checkpoints=tmp_path)
+    try:
+        verifier.poll()  # reads the run; the draw picks nothing at this rate
+        verdict = verifier._verify(at, at + 5, 1)  # the segment after it, alone
+    finally:
+        verifier.close()
+    expected = {"none": "matched", "reseed": "diverged", "draw": "not-comparable"}[move]
+    assert verdict.status == expected, verdict
+    if move != "none":
+        assert verdict.step == at and "carried-step" in verdict.fields, verdict
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def torch_draws(n: int) -> None:
+    import torch
+
+    torch.rand(n)

@@ -249,6 +249,12 @@ def cause(
                 f"it restores state that differs from what {origin}: "
                 f"{_carried_names(by['carried'])}"
             )
+        if "carried-step" in by:
+            return (
+                f"the random states it restores are not those the record of step {step - 1} "
+                "took after that step's forward and backward (the segment before was not "
+                f"replayed): {_carried_names(by['carried-step'])}"
+            )
         if "carried-ledger" in by:
             return (
                 "the state it restores differs from the ledger's record of the save: "

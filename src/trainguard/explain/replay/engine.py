@@ -378,6 +378,11 @@ class _Runner:
                 "restoring the checkpoint into the entry's objects",
                 lambda: held.restore(run, saved),
             )
+            moved = self.held.since_last_step(
+                seg.start, saved, run.draws_before_saves, seg.notes
+            )  # the segment before not replayed: its last step's record is the witness
+            if moved is not None and seg.divergence is None:
+                seg.divergence = _checkpoint_divergence(seg.start, [moved], h)
         seg.conditions = conditions.differences(recorded_conditions, conditions.gather(run.model))
         capture = _Capture()
         guard = Guard(

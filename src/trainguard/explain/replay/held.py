@@ -190,6 +190,48 @@ class Held:
             tuple(parts),
         )
 
+    def since_last_step(
+        self, position: int, saved: ckpt.Checkpoint, declared: bool, notes: list[str]
+    ) -> FieldDiff | None:
+        """Where the segment before ``position`` was not replayed (a verifier's draw
+        skipped it), the global generators the checkpoint restores against the digests the
+        record of the step before it took (after that step's forward and backward).
+
+        Nothing honest draws between there and the save but an evaluation kept off the
+        training's generators (``fork_rng``): a generator that moved is a difference, named
+        a re-seed (diverged) when torch's shows one by itself (its seed is not the run's,
+        or its state is a freshly seeded one), else not comparable (:attr:`drawn`), or a
+        note where the entry declares such draws (``draws_before_saves``).  Without this a
+        generator re-seeded right before a save was found only when the segment before
+        the checkpoint was drawn (docs/verifier.md, "Cost and the rate")."""
+        if position == 0 or position in self.ends:
+            return None
+        taken = (self.history.steps.get(position - 1) or {}).get("rng")
+        if not isinstance(taken, dict) or not taken:
+            return None  # a budget run's unread step: the record holds no digests
+        now = _digests_of(saved.rng)
+        names = [f"rng {g}" for g in ("torch", "python", "numpy", "cuda")
+                 if g in taken and g in now and taken[g] != now[g]]  # fmt: skip
+        if not names:
+            return None
+        diff = FieldDiff(
+            "carried-step",
+            {n: taken[n[4:]] for n in names},
+            {n: now[n[4:]] for n in names},
+            tuple(names),
+        )
+        if _torch_reseeded(saved.rng.get("torch"), self.history.start.get("initial_seed")):
+            return diff
+        if declared:
+            notes.append(
+                f"the checkpoint at step {position} holds other states of {', '.join(names)} "
+                f"than the record of step {position - 1} took, with no sign of a re-seed: the "
+                "entry declares draws between the last step and a save (draws_before_saves)"
+            )
+            return None
+        self.drawn.add(position)
+        return diff
+
     def _moved_only(self, position: int, name: str, saved: ckpt.Checkpoint) -> bool:
         """Whether the global generator ``name`` saved shows no re-seed."""
         generator = name.removeprefix("rng ")
@@ -308,3 +350,30 @@ def restore(run: Replayable, saved: ckpt.Checkpoint) -> None:
         if run.scheduler is None:
             raise ReplayError("the checkpoint holds a scheduler state; the entry built none")
         run.scheduler.load_state_dict(saved.scheduler)
+
+
+def _digests_of(states: dict[str, Any]) -> dict[str, str]:
+    """The digests a step record takes (monitor/rng.py) of the random ``states`` a
+    checkpoint saved: set for the moment, read, and put back."""
+    from trainguard.monitor import rng
+
+    before = ckpt.random_states()
+    try:
+        ckpt.restore_random_states(states)
+        return rng.state_digests()
+    finally:
+        ckpt.restore_random_states(before)
+
+
+def _torch_reseeded(state: Any, initial_seed: Any) -> bool:
+    """Whether torch's saved CPU generator shows a re-seed by itself: a seed other than
+    the one the run started with, or the state right after seeding."""
+    import torch
+
+    if not isinstance(state, torch.Tensor) or state.numel() != carried.TORCH_CPU_STATE_BYTES:
+        return False
+    seed = int.from_bytes(bytes(state.view(-1)[:8].tolist()), "little")
+    fresh = torch.Generator().manual_seed(seed).get_state()
+    return (isinstance(initial_seed, int) and seed != initial_seed) or bool(
+        torch.equal(state, fresh)
+    )

@@ -33,6 +33,7 @@ FIELD_ORDER = (
     "optimizer-state",
     "carried",
     "carried-ledger",
+    "carried-step",
     "dataset",
     "unrecorded",
     "order",
