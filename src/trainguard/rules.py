@@ -423,6 +423,16 @@ RULES: dict[str, Rule] = {
             "chained (a guard writes one step record per step, in order, from 0), so the "
             "chain and its signatures vouch for a history with steps missing.",
         ),
+        Rule(
+            "TG1216",
+            "ledger-anchor-unreadable",
+            _H,
+            "The anchor file (rank 0's run key id, written by watch at start outside the "
+            "ledger) cannot be used: unreadable, over its size or line cap, not a regular "
+            "file, or owned or writable by someone else, so the run's key is not pinned from "
+            "it. Medium when only some of its lines are no anchor entry (one may have been "
+            "this run's).",
+        ),
         # -- watch: the training monitor (TG13xx) ------------------------------
         Rule(
             "TG1301",

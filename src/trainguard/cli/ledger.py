@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from trainguard.cli._common import (
@@ -37,6 +38,7 @@ from trainguard.findings import Severity
 
 if TYPE_CHECKING:
     from trainguard.findings import Finding
+    from trainguard.ledger.anchorfile import AnchorPin
     from trainguard.ledger.verify import VerifyResult
 
 
@@ -84,6 +86,19 @@ def register(sub: Subparsers) -> None:
         "run rewritten whole with another key fails; other ranks are vouched for by rank "
         "0's final run head (or repeat the option to pin them too)",
     )
+    anchors = v.add_mutually_exclusive_group()
+    anchors.add_argument(
+        "--anchors",
+        metavar="FILE",
+        help="the anchor file watch appended rank 0's run key id to at start (default "
+        "$TRAINGUARD_ANCHORS, else $XDG_STATE_HOME/trainguard/anchors.jsonl): when it holds "
+        "the run, rank 0's key is pinned from it",
+    )
+    anchors.add_argument(
+        "--no-anchors",
+        action="store_true",
+        help="do not read the anchor file (the run key is then taken from the ledger itself)",
+    )
     v.add_argument(
         "--live",
         action="store_true",
@@ -116,7 +131,7 @@ def register(sub: Subparsers) -> None:
 
 
 # -- verify -------------------------------------------------------------------
-def _keys_line(result: VerifyResult, keyed: bool, pinned: bool) -> str:
+def _keys_line(result: VerifyResult, keyed: bool, pinned: bool, anchored: str = "") -> str:
     if keyed:
         return f"{result.signed_heads} signed head(s) verified with the given key"
     if not result.run_keys:
@@ -125,6 +140,8 @@ def _keys_line(result: VerifyResult, keyed: bool, pinned: bool) -> str:
     how = (
         "pinned with --expect-key-id"
         if pinned
+        else f"rank 0's pinned by {printable(anchored)}"
+        if anchored
         else "keys taken from the ledger itself; pin them with --expect-key-id"
     )
     return f"{result.signed_heads} signed head(s) verified with the run keys ({ids}); {how}"
@@ -137,6 +154,7 @@ def _verify_text(
     keyed: bool,
     failing: Severity,
     pinned: bool = False,
+    anchored: str = "",
 ) -> str:
     from trainguard.rules import RULES
 
@@ -158,7 +176,7 @@ def _verify_text(
         tally = Counter(str(Severity(f.severity)) for f in breaks)
         lines.append("FAIL: " + ", ".join(f"{n} {sev}" for sev, n in tally.items()))
     else:
-        lines.append(f"OK: the chains are intact; {_keys_line(result, keyed, pinned)}")
+        lines.append(f"OK: the chains are intact; {_keys_line(result, keyed, pinned, anchored)}")
     return "\n".join(lines)
 
 
@@ -177,10 +195,18 @@ def _verify(args: argparse.Namespace) -> int:
         raise UsageError("--expect-key-id: " + "; ".join(check_expected_ids(expected)))
     ledger = open_ledger(args)
     try:
-        result = verify_run(ledger, run, key, live=args.live, expect_key_ids=expected)
         location = str(getattr(ledger, "location", args.ledger))
+        pin = _anchor_pin(args, run, location)
+        # The user's own pins win; the anchor file pins rank 0's key when none is given.
+        pins = expected if expected is not None else pin.key_ids
+        result = verify_run(ledger, run, key, live=args.live, expect_key_ids=pins)
     finally:
         ledger.close()
+    anchored = pin.source() if expected is None and pin.key_ids is not None else ""
+    findings = pin.apply(result.findings, result.run_keys) if expected is None else result.findings
+    note = "anchor: not read (--expect-key-id pins the run)" if expected else pin.note()
+    print(printable(note), file=sys.stderr)
+    result = replace(result, findings=findings)
     report = ScanReport(
         files=[FileResult(location, "trainguard-ledger", result.records, result.findings)],
         fail_on=failing,
@@ -200,7 +226,8 @@ def _verify(args: argparse.Namespace) -> int:
             "signed_heads": result.signed_heads,
             # From the run-start records: authentic only as far as they are pinned.
             "run_keys": {str(n): k for n, k in sorted(result.run_keys.items())},
-            "run_keys_pinned": expected is not None,
+            "run_keys_pinned": expected is not None or bool(anchored),
+            "anchor": anchored or None,
             "live": args.live,
             # Intact means no break (high and above), whatever --fail-on says fails.
             "intact": all(f.severity < Severity.HIGH for f in result.findings),
@@ -209,9 +236,22 @@ def _verify(args: argparse.Namespace) -> int:
         }
         text = json.dumps(document, indent=2, ensure_ascii=True)
     else:
-        text = _verify_text(run, location, result, key is not None, failing, expected is not None)
+        text = _verify_text(
+            run, location, result, key is not None, failing, expected is not None, anchored
+        )
     write_output(text, args.output)
     return code
+
+
+def _anchor_pin(args: argparse.Namespace, run: str, location: str) -> AnchorPin:
+    from pathlib import Path
+
+    from trainguard.ledger.anchorfile import AnchorPin, default_path, read_pin
+
+    if args.no_anchors:
+        return AnchorPin(None, run, location)
+    path = Path(args.anchors) if args.anchors else default_path()
+    return read_pin(path, run, location)
 
 
 # -- runs and sign ------------------------------------------------------------

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from trainguard.findings import Severity
-from trainguard.monitor import checks, clock, conditions, integrity
+from trainguard.monitor import checks, clock, conditions, integrity, terminate
 from trainguard.monitor.alerts import Alert, Context, TrainingStopped
 from trainguard.monitor.budget import Schedule
 from trainguard.monitor.checks.base import Check, StepEnd
@@ -213,6 +213,7 @@ class Guard:
         # A script that ends without close() still gets its run-end and final signed heads
         # (without them ledger verify fails the run: TG1211/TG1212); a killed process does not.
         atexit.register(_close_at_exit, weakref.ref(self))
+        terminate.install(self)  # SIGTERM (preemption) ends the run cleanly too
         # The guard's own structure from here on (monitor/integrity.py: TG1304 if it changes).
         integrity.watch_self(self)
 
@@ -524,9 +525,10 @@ class Guard:
         with self.watchdog.paused():  # a long save is not a hang
             return save(self, path, data_state=data_state)
 
-    def close(self, error: BaseException | None = None) -> None:
+    def close(self, error: BaseException | None = None, *, reason: str | None = None) -> None:
         """Flush the last step, remove hooks; write a run-end record (``error``: what ended
-        training, if anything: then stopped peers are reported).  Closing twice is a no-op."""
+        training, if anything: then stopped peers are reported; ``reason``: "terminated"
+        from the SIGTERM handler).  Closing twice is a no-op."""
         if self._closed:
             return
         self._closed = True
@@ -549,6 +551,7 @@ class Guard:
                 "steps": self.step_index,
                 "alerts": len(self.alerts),
                 "error": repr(error)[:500] if error is not None else None,
+                **({"reason": reason} if reason is not None else {}),
             },
         )
         self.recorder.finish(self.step_index, self.world_size)

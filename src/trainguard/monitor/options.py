@@ -75,6 +75,10 @@ class WatchOptions:
     # rank, else ".rank{N}" is added when there are several ranks): a mount off the
     # training host.  Never written unless asked.
     run_key_out: KeyPath | None = None
+    # The anchor file rank 0 appends its run key id to at start (ledger/anchorfile.py),
+    # outside the ledger, so ledger verify can pin the key: None: $TRAINGUARD_ANCHORS or
+    # the user's state dir; a path; False: none.
+    anchors: KeyPath | Literal[False] | None = None
     env_snapshot: KeyPath | None = None
     env_key: PublicKey | KeyPath | None = None
     env_paths: list[str] | None = None
@@ -99,6 +103,8 @@ class WatchOptions:
             problems.append("sign_key must be a private key, a PEM path, None or False")
         if self.run_key_out is not None and self.sign_key is not None:
             problems.append("run_key_out writes the per-run key: it needs sign_key=None")
+        if isinstance(self.anchors, bool) and self.anchors:
+            problems.append("anchors must be a path, None or False")
         if self.run_key_out is not None and self.ledger is None:
             problems.append("run_key_out needs a ledger (without one nothing is signed)")
         if not callable(self.on_alert) and self.on_alert not in ("record", "stop"):

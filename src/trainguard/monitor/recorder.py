@@ -30,6 +30,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from trainguard.monitor import clock
 from trainguard.monitor.fingerprint import FINGERPRINT_VERSION
 from trainguard.monitor.runkeys import gather_run_keys
 from trainguard.monitor.setup import open_store, rank_world
@@ -47,6 +48,9 @@ STREAMS_GRACE_SECONDS = 10.0
 # a held record waits: what a killed process can lose.
 BATCH_RECORDS = 32
 BATCH_SECONDS = 1.0
+# A head is signed at the first step end this long after the last one, whatever
+# sign_every says (~50 us each): a killed process leaves at most these seconds unsigned.
+SIGN_SECONDS = 5.0
 
 
 class Recorder:
@@ -60,6 +64,7 @@ class Recorder:
         run_key_out: str | os.PathLike[str] | None = None,
         world_size: int = 1,
         batch: bool = False,
+        anchors: str | os.PathLike[str] | bool | None = None,
     ) -> None:
         self._owns = isinstance(ledger, (str, os.PathLike))
         self.ledger = open_store(ledger)
@@ -70,6 +75,10 @@ class Recorder:
         self.run_id = run_id
         self.rank = rank
         self.sign_every = sign_every
+        # Heads are also signed by time, so a process that dies without closing (os._exit,
+        # SIGKILL) leaves at most the last SIGN_SECONDS of its stream unsigned.
+        self._signed_at = clock.now()
+        self.finished = False  # finish() is done: the run-end and its heads are written
         self.sign_key: PrivateKey | None = None
         self.key_id: str | None = None
         if self.ledger is not None and sign_key is not False:
@@ -77,8 +86,11 @@ class Recorder:
             from trainguard.ledger.runkey import run_key_entry
 
             self.key_id = run_key_entry(self.sign_key)["key_id"]
-            # The anchor outside the ledger: pinned later with --expect-key-id, it
-            # catches a stream rewritten whole with a new key.
+        if self.ledger is not None and rank == 0:
+            _anchor(anchors, run_id, str(getattr(self.ledger, "location", "")), self.key_id)
+        if self.key_id is not None:
+            # Logged for pinning off the host (--expect-key-id), the strong form of the
+            # anchor file's pin: it catches a stream rewritten whole with a new key.
             log.info(
                 "trainguard: run %s rank %d: ledger run key id %s "
                 "(pin it: trainguard ledger verify %s --expect-key-id %s)",
@@ -102,6 +114,7 @@ class Recorder:
             options.run_key_out,
             world_size,
             batch=options.budget is not None and world_size == 1,
+            anchors=options.anchors,
         )
 
     def run_key(self) -> dict[str, Any] | None:
@@ -150,18 +163,19 @@ class Recorder:
 
     def step_done(self, step: int) -> None:
         """After step ``step``'s record: sign the head when it is due."""
-        if (
-            self.sign_key is not None
-            and self.ledger is not None
-            and (step + 1) % self.sign_every == 0
-        ):
+        if self.sign_key is None or self.ledger is None:
+            return
+        now = clock.now()
+        if (step + 1) % self.sign_every == 0 or now - self._signed_at >= SIGN_SECONDS:
             with self._lock:
                 self._write_held()  # the head names the last step record
                 self.ledger.sign_head(self.run_id, self.rank, self.sign_key)
+            self._signed_at = now
 
     def finish(self, steps: int, world_size: int) -> None:
         """After the run-end record: sign the final heads and close a ledger we opened."""
         if self.ledger is None:
+            self.finished = True
             return
         self.flush()
         if self.sign_key is not None:
@@ -182,6 +196,7 @@ class Recorder:
         self.sign_key = None
         if self._owns:
             self.ledger.close()
+        self.finished = True
 
     def _wait_for_streams(self, world_size: int) -> None:
         streams = getattr(self.ledger, "streams", None)
@@ -192,6 +207,26 @@ class Recorder:
             if len([s for s in streams(self.run_id) if s >= 0]) >= world_size:
                 return
             time.sleep(0.1)
+
+
+def _anchor(
+    anchors: str | os.PathLike[str] | bool | None, run_id: str, location: str, key_id: str | None
+) -> None:
+    """Append rank 0's anchor line (ledger/anchorfile.py); a failure only warns: training
+    goes on, and ledger verify then says the run has no anchor."""
+    from pathlib import Path
+
+    from trainguard.ledger.anchorfile import default_path, write_anchor
+
+    if anchors is False:
+        return
+    path = default_path() if anchors is None or anchors is True else Path(os.fspath(anchors))
+    if path is None:
+        return
+    try:
+        write_anchor(path, run_id, location, key_id)
+    except (OSError, ValueError) as exc:
+        log.warning("trainguard: run %s: could not write its anchor to %s: %s", run_id, path, exc)
 
 
 def _signing_key(
