@@ -32,7 +32,12 @@ def step(weight, grad, lr=0.1):
     return weight - lr * grad
 '''
 FLIPPED_SOURCE = OPTIM_SOURCE.replace("weight - lr * grad", "weight + lr * grad")
-BOOT_PTH = "import os; os.environ.setdefault('TGDEMO_BOOT', '1')\n"
+# The wheel's own start-up hook: setuptools' generated distutils-precedence line, the one
+# import line that a RECORD row alone vouches for (any other is TG626: test_env_classes).
+BOOT_PTH = (
+    "import os; var = 'SETUPTOOLS_USE_DISTUTILS'; enabled = os.environ.get(var, 'local') "
+    "== 'local'; enabled and __import__('_distutils_hack').add_shim(); \n"
+)
 TAG = sys.implementation.cache_tag
 
 

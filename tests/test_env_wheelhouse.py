@@ -356,7 +356,10 @@ def test_every_kind_of_member_is_found_where_it_was_installed(install: Install, 
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 0x20]))
     install.rewrite_record(path)
     found = [f for f in install.verify().findings if f.severity >= Severity.HIGH]
-    assert [(f.rule, f.file) for f in found] == [("TG619", str(path))]
+    # An edited entry_points.txt names another target: the launcher installed for the
+    # old one is not what an installer writes for it (TG623) either.
+    assert [(f.rule, f.file) for f in found if f.rule != "TG623"] == [("TG619", str(path))]
+    assert {f.rule for f in found} - {"TG619"} <= ({"TG623"} if what == "entry_points" else set())
 
 
 def test_a_target_install_verifies_against_its_wheel(install: Install, tmp_path: Path) -> None:

@@ -23,10 +23,13 @@ from trainguard.env.findings import (
     pyc_finding,
     startup_finding,
 )
+from trainguard.env.imports import owned_folders
+from trainguard.env.pathcode import root_code
 from trainguard.env.pth import pth_files, read_pth, startup_modules
 from trainguard.env.pyc import PycJob, check_pycs
 from trainguard.env.record import InstalledDist, distributions
 from trainguard.env.reference import reference_findings
+from trainguard.env.scripts import launcher_findings
 from trainguard.env.snapshot import compare_snapshot, interpreter_findings
 from trainguard.env.sort import (
     PYCACHE,
@@ -37,7 +40,9 @@ from trainguard.env.sort import (
     source_of,
     walk_scope,
 )
+from trainguard.env.syspath import editable_names
 from trainguard.env.unlisted import loose_findings
+from trainguard.env.vouch import autoload_findings, generated_hook, metadata_only, unrecorded_code
 from trainguard.env.walk import SPECIAL, entry_in
 from trainguard.filestate import Entry, Identity, default_workers
 from trainguard.findings import Finding
@@ -259,6 +264,44 @@ def _observed_pths(
     return [p for root in roots for p in sorted(by_root[root])]
 
 
+def _vouched_by(
+    compared: list[Finding] | None, own: Ownership
+) -> Callable[[str, InstalledDist | None], bool]:
+    """Whether the reference compared ``file`` of ``dist`` with a wheel and found nothing
+    wrong with it or with ``dist`` (a finding about any of its files, or no wheel);
+    ``compared`` None: there is no reference, nothing is vouched for."""
+    flagged = {f.file for f in compared or ()}
+    dists = {d.meta_dir for d in (own.owner(f) for f in flagged) if d is not None}
+
+    def vouched(file: str, dist: InstalledDist | None) -> bool:
+        return (
+            compared is not None
+            and dist is not None
+            and file not in flagged
+            and dist.meta_dir not in flagged
+            and dist.meta_dir not in dists
+        )
+
+    return vouched
+
+
+def _own_names(scope: Scope, own: Ownership, digests: dict[str, Digests]) -> dict[str, set[str]]:
+    """Path entry -> the module names an editable install provides there as its own: its
+    project's name, from the source folder its verified ``.pth`` adds (TG613 says that
+    folder is not verified; any other name there is judged as planted code)."""
+    out: dict[str, set[str]] = {}
+    for root in scope.path_roots:
+        dist = own.owner(root.pth)
+        if (
+            dist is not None
+            and dist.editable
+            and _verified(root.pth, own, digests)
+            and os.path.realpath(root.path) == os.path.realpath(dist.editable)
+        ):
+            out[root.path] = editable_names(dist.name)
+    return out
+
+
 def gather(
     scope: Scope,
     cache: DigestCache | None,
@@ -305,25 +348,62 @@ def gather(
             ev.file_errors[path] = reason
     hashed = Hashed(files, digests, errors)
     _dist_findings(ev, sorted_, hashed)
+    # Start-up hooks that only a RECORD row vouches for wait for the reference (if any).
+    hooks: list[tuple[Finding, InstalledDist | None]] = []
     for path in pths:
         verified = _verified(path, own, digests)
         pth = read_pth(path)
         if pth.key is not None:
             ev.reads[path] = pth.key
-        ev.findings.extend(pth_findings(pth, own.owner(path), verified, scope.roots))
+        owner = own.owner(path)
+        for item in pth_findings(pth, owner, verified, scope.roots):
+            if item.rule == "TG606" and not generated_hook(pth, owner):
+                hooks.append((item, owner))
+            else:
+                ev.findings.append(item)
     for module, path, position in startup:
         verified = _verified(path, own, digests)
-        ev.findings.append(startup_finding(module, path, position, own.owner(path), verified))
-    ev.findings.extend(loose_findings(scope, ev.own, ev.dists, sorted_, files, digests))
+        item = startup_finding(module, path, position, own.owner(path), verified)
+        if item.rule == "TG609":
+            hooks.append((item, own.owner(path)))
+        else:
+            ev.findings.append(item)
+    launchers, looked_at = launcher_findings(dists, scope.roots)
+    ev.findings.extend(launchers)
+    ev.outside.update(looked_at)
+    ev.findings.extend(unrecorded_code(dists))
+    code = root_code(
+        list(scope.path_roots), sorted_.unlisted, owned_folders(own.rows, scope.roots), own.owner
+    )
+    ev.outside.update(code.outside)
+    ev.findings.extend(code.findings)
+    ev.findings.extend(
+        loose_findings(
+            scope,
+            own,
+            dists,
+            sorted_,
+            files,
+            digests,
+            code.candidates,
+            _own_names(scope, own, digests),
+        )
+    )
     if scope.check_pyc:
         _check_pycs(ev, sorted_, files, cache, scope.workers, progress, stats)
     _snapshot_findings(scope, ev, sorted_, hashed)
+    vouched = _vouched_by(None, own)
     if scope.reference is not None:
-        ev.findings.extend(
-            reference_findings(
-                dists, scope.reference, _sha256_of(hashed), scope.workers or default_workers()
-            )
+        compared = reference_findings(
+            dists, scope.reference, _sha256_of(hashed), scope.workers or default_workers()
         )
+        ev.findings.extend(compared)
+        vouched = _vouched_by(compared, own)
+    for item, owner in hooks:
+        ev.findings.append(item if vouched(item.file, owner) else metadata_only(item, owner))
+    ev.findings.extend(
+        f for f in autoload_findings(dists) if not vouched(f.file, ev.owner_of(f.file))
+    )
     if scope.collect_digests:
         ev.all_digests = {
             p: (d.values[DEFAULT_ALGORITHM].hex(), d.size) for p, d in digests.items()

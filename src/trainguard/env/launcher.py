@@ -1,18 +1,17 @@
-"""Console scripts are written at install time: check what they can do, not their bytes.
+"""Console scripts are written at install time: regenerate each from its entry point.
 
-pip, uv and installer each write their own launcher for a ``console_scripts``
-entry point, so there is no reference file to compare with.  What all of them
-write is the same program: a shebang naming this environment's interpreter,
-``import re``/``import sys``, one ``from MODULE import NAME``, and a
-``__main__`` block that tidies ``sys.argv[0]`` and calls ``sys.exit(NAME())``.
-:func:`launcher_problem` checks a script against that shape, with the module
-and object its entry point declares, so a launcher edited to import or call
-anything else fails whatever tool wrote it.
+An installer writes a launcher for each ``console_scripts``/``gui_scripts`` entry point
+from a fixed template (pip, distlib, installer and uv each have one or two): a header
+naming the interpreter, then a body that imports the entry point's object and calls it.
+:func:`launcher_problem` rebuilds every known template from the entry point and compares
+the script with them byte for byte; the only part allowed to vary is the interpreter
+path, which must name this environment's interpreter and be quoted the way the
+installer quotes it.  Anything else (an option after the interpreter, shell code in the
+``/bin/sh`` trampoline's exec line, a line added to the body) is not a launcher.
 """
 
 from __future__ import annotations
 
-import ast
 import configparser
 import os
 import re
@@ -20,55 +19,59 @@ import sys
 
 MAX_SCRIPT_BYTES = 64 * 1024
 _PYTHON = re.compile(r"python[0-9.]*w?(\.exe)?")
-# What a launcher may name besides its entry point, and call.
-_NAMES = {"re", "sys", "__name__"}
-_ATTRS = {"argv", "exit", "sub", "removesuffix"}
-_NODES = (
-    ast.Module,
-    ast.Import,
-    ast.ImportFrom,
-    ast.alias,
-    ast.If,
-    ast.Compare,
-    ast.Eq,
-    ast.Expr,
-    ast.Assign,
-    ast.Call,
-    ast.Name,
-    ast.Attribute,
-    ast.Subscript,
-    ast.Constant,
-    ast.Load,
-    ast.Store,
+_CODING = "# -*- coding: utf-8 -*-\n"
+# The interpreter path of a plain shebang: no blank (the kernel splits the line there,
+# passing the rest as an option), no quote, nothing a shell would expand.
+_PLAIN = re.compile(rb"[^\s\"'\\$`]+")
+# The /bin/sh trampoline that distlib (pip) and installer write when the path is too
+# long or holds a space.  distlib quotes the path with "...", installer with
+# shlex.quote ('...', or bare when every character is safe): nothing in it may expand.
+_TRAMPOLINE = re.compile(
+    rb"#!/bin/sh\n'''exec' "
+    rb"(?:\"(?P<dq>[^\"$`\\\n]+)\"|'(?P<sq>[^'\n]+)'|(?P<bare>[\w@%+=:,./-]+))"
+    rb" \"\$0\" \"\$@\"\n' '''\n"
+)
+# uv's relocatable form: the interpreter beside the script, found at run time.
+_RELOCATABLE = re.compile(
+    rb"#!/bin/sh\n'''exec' \"\$\(dirname -- \"\$\(realpath -- \"\$0\"\)\"\)\"/"
+    rb"'(?P<exe>python[0-9.]*)' \"\$0\" \"\$@\"\n' '''\n"
 )
 
 
 def entry_points(text: str) -> dict[str, str]:
     """Script name -> ``module:object`` of an ``entry_points.txt``'s ``console_scripts``
     and ``gui_scripts`` (empty when it does not parse)."""
+    groups = entry_point_groups(text)
+    out: dict[str, str] = {}
+    for section in ("console_scripts", "gui_scripts"):
+        out.update(groups.get(section, {}))
+    return out
+
+
+def entry_point_groups(text: str) -> dict[str, dict[str, str]]:
+    """Group -> name -> ``module:object`` (extras dropped) of an ``entry_points.txt``
+    (empty when it does not parse)."""
     parser = configparser.ConfigParser(delimiters=("=",), interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # names keep their case
     try:
         parser.read_string(text)
     except configparser.Error:
         return {}
-    out: dict[str, str] = {}
-    for section in ("console_scripts", "gui_scripts"):
-        if parser.has_section(section):
-            out.update((k, v.split("[")[0].strip()) for k, v in parser.items(section))
-    return out
+    return {
+        section: {k: v.split("[")[0].strip() for k, v in parser.items(section)}
+        for section in parser.sections()
+    }
 
 
 def interpreter_problem(line: str, script: str) -> str | None:
     """The shebang must name this environment's interpreter: one beside the script
     (a venv's bin/) or the one running trainguard."""
-    command = line[2:].strip()
-    if command.startswith('"'):
-        command = command[1:].partition('"')[0]
-    else:
-        command = command.split()[0] if command.split() else ""
+    command = line[2:]
     if not _PYTHON.fullmatch(os.path.basename(command)):
         return f"its shebang runs {command[:120]!r}, not a Python interpreter"
+    if not os.path.isabs(command):
+        # uv's relocatable form: the interpreter beside the script, by name.
+        command = os.path.join(os.path.dirname(os.path.realpath(script)), command)
     # A venv's launchers name the python beside them; pip --prefix/--target and system
     # installs name the interpreter that ran pip, which is the one verifying (or the
     # same binary: a system python and its /usr/bin/python3 link).
@@ -80,56 +83,74 @@ def interpreter_problem(line: str, script: str) -> str | None:
 
 
 def body_after_shebang(data: bytes) -> tuple[str, bytes] | None:
-    """(the interpreter line, the rest) of a script, past pip's ``/bin/sh`` trampoline
-    for long interpreter paths; None when there is no shebang."""
+    """(``#!`` and the interpreter path, the rest) of a script whose header is one an
+    installer writes (a shebang naming only an interpreter, or the ``/bin/sh``
+    trampoline); None otherwise."""
     if not data.startswith(b"#!"):
         return None
-    first, _, rest = data.partition(b"\n")
-    if first.strip() == b"#!/bin/sh" and rest.startswith(b"'''exec' "):
-        exec_line, _, after = rest.partition(b"\n")
-        closing, _, body = after.partition(b"\n")
-        if closing.strip() == b"' '''":
-            words = exec_line.decode("utf-8", "replace").split('"')
-            return ("#!" + (words[1] if len(words) > 1 else ""), body)
+    for pattern in (_TRAMPOLINE, _RELOCATABLE):
+        match = pattern.match(data)
+        if match is not None:
+            found = [g for g in match.groups() if g]
+            return "#!" + found[0].decode("utf-8", "replace"), data[match.end() :]
+    first, newline, rest = data.partition(b"\n")
+    if not newline or not _PLAIN.fullmatch(first[2:]):
+        return None
     return first.decode("utf-8", "replace"), rest
 
 
+def launcher_bodies(module: str, attr: str) -> list[bytes]:
+    """Every body a known installer writes for the entry point ``module:attr``."""
+    name = attr.split(".")[0]
+    call = f"    sys.exit({attr}())\n"
+    imp = f"from {module} import {name}\n"
+    resub = "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+    main = "if __name__ == '__main__':\n"
+    uv_argv = (
+        '    if sys.argv[0].endswith("-script.pyw"):\n'
+        "        sys.argv[0] = sys.argv[0][:-11]\n"
+        '    elif sys.argv[0].endswith(".exe"):\n'
+        "        sys.argv[0] = sys.argv[0][:-4]\n"
+    )
+    bodies = [
+        # pip 24.1 and later (its own template, without re)
+        "import sys\n" + imp + main + "    sys.argv[0] = sys.argv[0].removesuffix('.exe')\n" + call,
+        # pip before 24.1, and distlib's older template
+        _CODING + "import re\nimport sys\n" + imp + main + resub + call,
+        # distlib's later template: the import inside the main block
+        _CODING + "import re\nimport sys\n" + main + "    " + imp + resub + call,
+        # installer (pdm, poetry, hatch) and older uv: the same, with double quotes
+        _CODING
+        + "import re\nimport sys\n"
+        + imp
+        + main.replace("'", '"')
+        + resub.replace("'", '"')
+        + call,
+        # uv
+        _CODING + "import sys\n" + imp + main.replace("'", '"') + uv_argv + call,
+    ]
+    # Some versions leave the coding line out.
+    bodies += [b[len(_CODING) :] for b in bodies if b.startswith(_CODING)]
+    return [b.encode() for b in bodies]
+
+
 def launcher_problem(path: str, data: bytes, target: str) -> str | None:
-    """Why ``data`` (the script at ``path``) is not a launcher for ``target``
-    (``module:object``), or None."""
+    """Why ``data`` (the script at ``path``) is not what an installer writes for the
+    entry point ``target`` (``module:object``), or None."""
     if len(data) > MAX_SCRIPT_BYTES:
         return "larger than any launcher"
+    module, _, obj = (part.strip() for part in target.partition(":"))
+    if not module or not obj:
+        return f"its entry point {target!r} is not module:object"
     split = body_after_shebang(data)
     if split is None:
-        return "no shebang"
+        return (
+            "its header is not one an installer writes (a shebang naming only an "
+            "interpreter, or the /bin/sh trampoline)"
+        )
     problem = interpreter_problem(split[0], path)
     if problem is not None:
         return problem
-    module, _, obj = target.partition(":")
-    parts = obj.split(".") if obj else []
-    if not module or not parts:
-        return f"its entry point {target!r} is not module:object"
-    try:
-        tree = ast.parse(split[1])
-    except (SyntaxError, ValueError, RecursionError):
-        return "not Python a launcher is made of"
-    imported = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    if len(imported) != 1 or imported[0].level or imported[0].module != module:
-        return f"it does not import exactly {module}"
-    if [(a.name, a.asname) for a in imported[0].names] != [(parts[0], None)]:
-        return f"it imports something other than {parts[0]} from {module}"
-    calls = 0
-    for node in ast.walk(tree):
-        if not isinstance(node, _NODES):
-            return f"it holds a {type(node).__name__}, which no launcher has"
-        if isinstance(node, ast.Import) and {a.name for a in node.names} - {"re", "sys"}:
-            return "it imports more than re and sys"
-        if isinstance(node, ast.Name) and node.id not in _NAMES | {parts[0]}:
-            return f"it names {node.id!r}"
-        if isinstance(node, ast.Attribute) and node.attr not in _ATTRS | set(parts[1:]):
-            return f"it reaches .{node.attr}"
-        if isinstance(node, ast.Call) and ast.unparse(node.func) == ".".join(parts):
-            calls += 1
-    if calls != 1:
-        return f"it calls {obj} {calls} times"
+    if split[1] not in launcher_bodies(module, obj):
+        return f"its body is not the launcher an installer writes for {module}:{obj}"
     return None

@@ -16,6 +16,7 @@ from importlib.machinery import BYTECODE_SUFFIXES, SOURCE_SUFFIXES
 from trainguard.env.checks import Ownership
 from trainguard.env.pyc import optimization_of
 from trainguard.env.snapshot import Snapshot
+from trainguard.env.syspath import PathRoot
 from trainguard.env.walk import SPECIAL, walk
 from trainguard.env.wheels import Reference
 
@@ -94,6 +95,8 @@ class Scope:
     against: Snapshot | None = None
     against_label: str = ""
     reference: Reference | None = None  # wheels (and a lock) to compare installed files with
+    # The sys.path entries the site folders' .pth files add (see env.syspath).
+    path_roots: tuple[PathRoot, ...] = ()
 
 
 def walk_scope(

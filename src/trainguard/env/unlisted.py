@@ -18,6 +18,7 @@ from trainguard.env.imports import (
     plugin_importers,
     stdlib_sources,
 )
+from trainguard.env.pathcode import Candidate, candidate_findings, installed_top_names, wanted_names
 from trainguard.env.record import InstalledDist
 from trainguard.env.sort import Scope, Sorted, legacy_source
 from trainguard.env.walk import SPECIAL
@@ -31,8 +32,12 @@ def loose_findings(
     sorted_: Sorted,
     present: dict[str, str],
     digests: dict[str, Digests],
+    on_roots: list[Candidate] | None = None,
+    own_names: dict[str, set[str]] | None = None,
 ) -> list[Finding]:
-    """Files no RECORD row judges: legacy pycs and unlisted files."""
+    """Files no RECORD row judges: legacy pycs and unlisted files; ``on_roots``: the
+    modules no RECORD lists on the sys.path entries .pth files add (see env.pathcode),
+    ``own_names`` the names an editable install provides from its own root."""
     out: list[Finding] = []
     for path in sorted_.legacy_pycs:
         if os.path.exists(legacy_source(path)):
@@ -63,6 +68,7 @@ def loose_findings(
         if shadowing[path] is None and root and present[path] != SPECIAL:
             offered[path] = names_made_importable(path, root, owned)
     wanted = {name for names in offered.values() for name in names}
+    wanted |= wanted_names(on_roots or [], own_names or {})
     importers: dict[str, Importer] = {}
     hosts: dict[str, str] = {}  # unlisted module -> the installed package folder holding it
     plugins: dict[str, Importer] = {}
@@ -86,6 +92,9 @@ def loose_findings(
         if got is not None:
             item.evidence["sha256"] = got.values[DEFAULT_ALGORITHM].hex()
         out.append(item)
+    if on_roots:
+        provided = installed_top_names(own.rows, roots)
+        out.extend(candidate_findings(on_roots, provided, importers, own_names or {}))
     return out
 
 

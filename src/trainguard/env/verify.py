@@ -28,6 +28,7 @@ from trainguard.env.digests import Progress
 from trainguard.env.gather import EnvStats, Evidence, gather
 from trainguard.env.snapshot import Snapshot, read_snapshot
 from trainguard.env.sort import Scope
+from trainguard.env.syspath import path_roots
 from trainguard.env.verdict import (
     DistSummary,
     Observed,
@@ -220,10 +221,16 @@ def verify_environment(options: EnvOptions | None = None) -> EnvResult:
     opts = options or EnvOptions()
     started = time.perf_counter()
     roots = target_roots(opts.paths, opts.against)
+    # What the .pth files put on sys.path is a root like the site folders: customize
+    # modules there run at start-up too (a running interpreter's sys.path has them).
+    added, _ = path_roots(roots)
     if opts.search_path is not None:
         search = opts.search_path
+    elif opts.paths:
+        search = [*roots, *(r.path for r in added if not r.is_file)]
     else:
-        search = roots if opts.paths else startup_search_path()
+        search = startup_search_path()
+        search += [r.path for r in added if not r.is_file and r.path not in search]
     stdlib: list[str] = []
     if opts.against is not None and opts.against.stdlib:
         stdlib = list(opts.against.stdlib)  # a snapshot that covers it is checked in full
@@ -239,6 +246,7 @@ def verify_environment(options: EnvOptions | None = None) -> EnvResult:
         against=opts.against,
         against_label=opts.against_label,
         reference=opts.reference,
+        path_roots=tuple(added),
     )
     observed: Observed | None = None
     tag = options_tag(scope)
