@@ -88,11 +88,15 @@ class ForwardWatch:
         ``_modules`` dict, then the dict's owner): a Python loop over every live object
         took seconds in a large process, long enough for the watchdog to call it a hang."""
         import gc
+        import sys
         import warnings
 
         optimized = getattr(getattr(self.torch, "_dynamo", None), "eval_frame", None)
         kind = getattr(optimized, "OptimizedModule", None)
-        if kind is None:
+        if kind is None or not _dynamo_compiled_any(sys.modules.get("torch._dynamo.utils")):
+            # Nothing compiled yet: no wrapper runs a forward, and the heap walks below
+            # (seconds in a large process under load: a Lightning loop that calls the
+            # layers, not the root, was reported as a hang at its first step) buy nothing.
             return False
         with warnings.catch_warnings():  # isinstance on deprecated aliases warns, on dead
             # weak proxies raises (_is)
@@ -135,6 +139,15 @@ class ForwardWatch:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _dynamo_compiled_any(utils: Any) -> bool:
+    """Whether dynamo has traced any frame in this process (its own frame counters); a
+    counter that cannot be read says yes, so the wrapper is still looked for."""
+    try:
+        return bool(utils.counters["frames"]["total"]) if utils is not None else False
+    except Exception:  # a private structure that may change shape
+        return True
 
 
 def declared_names(changed: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any]:
