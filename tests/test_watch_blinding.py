@@ -243,3 +243,30 @@ def test_a_comparison_that_failed_is_no_baseline() -> None:
 
 def _raising(named: Any) -> Any:
     raise RuntimeError("blinded")
+
+
+def test_a_moment_swapped_for_a_subclass_view_is_named_at_its_step() -> None:
+    """A subclass view shares the moment's bits (an equal fingerprint); its
+    ``__torch_function__`` could show the guard other values than the optimizer uses. The
+    type of a watched tensor may not change between steps: TG1302 at that step."""
+    rng = seeded()
+    torch.manual_seed(rng.randrange(2**31))
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2))
+    opt = rng.choice([torch.optim.Adam, torch.optim.AdamW])(model.parameters(), lr=1e-2)
+    guard = trainguard.watch(model, opt, ledger=None, hang_seconds=None)
+    at = rng.randrange(2, 8)
+    for step in range(at + 2):
+        if step == at:
+            p = rng.choice(list(model.parameters()))
+            slot = rng.choice(["exp_avg", "exp_avg_sq"])
+            opt.state[p][slot] = opt.state[p][slot].as_subclass(subclass(Trap("any", 0)))
+        loss = model(torch.randn(8, 6)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        guard.step(loss=loss)
+    guard.close()
+    found = [(a.rule, a.step, a.message[:80]) for a in guard.alerts]
+    print(at, found)
+    assert [a.step for a in guard.alerts if a.rule == "TG1302"][:1] == [at], found
+    assert not [a for a in guard.alerts if a.severity >= Severity.HIGH and a.step < at], found

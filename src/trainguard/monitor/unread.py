@@ -10,7 +10,9 @@ all or nothing: when taking a fingerprint whole raises, it is taken tensor by
 tensor (and the optimizer's state listed slot by slot); a tensor that cannot be
 read gets a digest that equals nothing, so it is named changed (unverified,
 never "clean"), and every other tensor is compared as ever.  Only the failing
-path pays: the common case is one ``fingerprint`` call, as before.
+path pays: the common case is one ``fingerprint`` call, as before.  What the tamper
+check says about such tensors, and about a comparison that did not complete at all,
+is here too (:func:`recompare`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import hashlib
 import secrets
 from typing import Any
 
+from trainguard.findings import Severity
+from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
 from trainguard.monitor.fingerprint import optimizer_tensors as _all_state
 from trainguard.monitor.kinds import Unchecked, dense_parts
@@ -111,3 +115,62 @@ def state(optimizer: Any, skipped: Unchecked) -> list[tuple[str, Any]]:
             except Exception as e:
                 out.append((f"{i}.#{n}", Unread(why(e))))
     return out
+
+
+def note(unread: dict[str, str], changed: list[str]) -> str:
+    """The part of an alert's message naming the changed tensors that could not be read."""
+    names = [n for n in changed if n in unread]
+    if not names:
+        return ""
+    said = ", ".join(f"{n} ({unread[n]})" for n in names[:3])
+    return f"; {len(names)} could not be read (unverified): {said}"
+
+
+def evidence(unread: dict[str, str], changed: list[str]) -> dict[str, Any]:
+    names = [n for n in changed if n in unread]
+    return {"unread": {n: unread[n] for n in names[:50]}} if names else {}
+
+
+def recompare(
+    ctx: Context,
+    gap: tuple[int, Fingerprint, Fingerprint],
+    written: set[str],
+    before: Fingerprint,
+    opt_before: Fingerprint,
+) -> list[Alert]:
+    """After a boundary whose comparison did not complete (it raised), the weights and
+    state now against the last *verified* state (``gap``: the failed step, the weights
+    and state as the step before it left them): what did not change is verified after
+    all; a weight no optimizer step wrote since (``written``: those with a gradient at
+    those steps) that changed is an edit (TG1301); the rest changed unverified (TG1315
+    high: the optimizer's update or an edit, no longer told apart)."""
+    step, after, opt_after = gap
+    moved = before.changed(after) if before.digest != after.digest else []
+    edited = [n for n in moved if n.split("[")[0] not in written]
+    unsure = [n for n in moved if n.split("[")[0] in written]
+    if opt_before.digest != opt_after.digest:
+        unsure += ["optimizer " + n for n in opt_before.changed(opt_after)]
+    since = f"since the last verified state (before step {step}, whose comparison failed)"
+    alerts = []
+    if edited:
+        alerts.append(
+            ctx.alert(
+                "TG1301",
+                f"{len(edited)} parameter tensor(s) changed {since}, which no optimizer "
+                f"step wrote (no gradient): {', '.join(edited[:5])}",
+                tensors=edited[:50],
+                unverified_from=step,
+            )
+        )
+    if unsure:
+        alerts.append(
+            ctx.alert(
+                "TG1315",
+                f"{len(unsure)} tensor(s) changed {since}: the optimizer's update or an "
+                f"edit, not told apart: {', '.join(unsure[:5])}",
+                severity=Severity.HIGH,
+                tensors=unsure[:50],
+                unverified_from=step,
+            )
+        )
+    return alerts

@@ -26,6 +26,7 @@ from trainguard.monitor import state_models, update_models
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import Check
 from trainguard.monitor.checks.update import RELATIVE, ULPS, UpdateModelCheck
+from trainguard.monitor.unread import why
 
 HANDFUL = 3  # misses on fewer sampled elements than this are rounding, not an attack
 MAX_SHARE = 0.01
@@ -58,29 +59,32 @@ class StateModelCheck(Check):
         samples = self.update._before
         pick = random.Random(self._seed + ctx.step)  # noqa: S311 - seeded from the run's key
         for p, group, sample in pick.sample(samples, min(TENSORS_PER_STEP, len(samples))):
-            idx = self.update.index[id(p)].to(p.device)
-            name = self.update.names.get(id(p), "?")
-            expected = {"": param_model(sample, group)}
-            if state_model is not None:
-                expected.update(state_model(sample, group))
-            state = opt.state.get(p, {})
-            for key, want in expected.items():
-                got = self.update._read(p if not key else state.get(key), idx, p)
-                before = sample.param if not key else sample.state.get(key)
-                off = _off(torch, p, want, got, before)
-                if off is None:
-                    continue
-                wrong += int(off.sum())
-                total += off.numel()
-                self.compared += off.numel() if key else 0
-                counts["state" if key else "value"][0] += int(off.sum())
-                counts["state" if key else "value"][1] += off.numel()
-                if bool(off.any()):
-                    where[f"{name} {key or 'value'}"] = int(off.sum())
-                streak = self._streak.get((id(p), key))
-                streak = off.int() if streak is None else (streak + 1) * off.int()
-                self._streak[(id(p), key)] = streak
-                persistent += int((streak >= PERSISTENT).sum())
+            try:
+                idx = self.update.index[id(p)].to(p.device)
+                name = self.update.names.get(id(p), "?")
+                expected = {"": param_model(sample, group)}
+                if state_model is not None:
+                    expected.update(state_model(sample, group))
+                state = opt.state.get(p, {})
+                for key, want in expected.items():
+                    got = self.update._read(p if not key else state.get(key), idx, p)
+                    before = sample.param if not key else sample.state.get(key)
+                    off = _off(torch, p, want, got, before)
+                    if off is None:
+                        continue
+                    wrong += int(off.sum())
+                    total += off.numel()
+                    self.compared += off.numel() if key else 0
+                    counts["state" if key else "value"][0] += int(off.sum())
+                    counts["state" if key else "value"][1] += off.numel()
+                    if bool(off.any()):
+                        where[f"{name} {key or 'value'}"] = int(off.sum())
+                    streak = self._streak.get((id(p), key))
+                    streak = off.int() if streak is None else (streak + 1) * off.int()
+                    self._streak[(id(p), key)] = streak
+                    persistent += int((streak >= PERSISTENT).sum())
+            except Exception as e:  # its update unverified (reported by UpdateModelCheck)
+                self.update.unread[self.update.names.get(id(p), "?")] = why(e)
         # Judged apart: a flip touches only the parameter, a poisoned moment only state.
         many = any(w >= max(HANDFUL, MAX_SHARE * n) for w, n in counts.values() if n)
         if not total or not (many or persistent):

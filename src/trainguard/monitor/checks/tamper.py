@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainguard.findings import Severity
 from trainguard.monitor import clock, unread
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.budget import (
@@ -100,6 +99,10 @@ class TamperCheck(Check):
         self._open: int | None = None
         self._gap: tuple[int, Fingerprint, Fingerprint] | None = None
         self._gap_written: set[str] = set()
+        # Each watched tensor's type at the last boundary: a subclass view put in place of
+        # a moment shares its bits (an equal fingerprint), and its __torch_function__ can
+        # show the guard other values than the optimizer computes with.
+        self._types: dict[str, type] = {}
 
     def _take(self, named: list[tuple[str, Any]]) -> Fingerprint:
         """A fingerprint that names a tensor it cannot read instead of raising."""
@@ -202,6 +205,7 @@ class TamperCheck(Check):
             self.checked_boundaries += 1
             moved = self._versions.changed(self._version_keys()) if self.budget else []
             before = self._take(self.params)
+            retyped = self._retyped(self.params, "")
             changed = before.changed(self.after) if before.digest != self.after.digest else []
             # Budget mode learns which weights honest code touches between steps with
             # their bits unchanged (SAM's `p.data = saved`): from then on a moved version
@@ -214,21 +218,25 @@ class TamperCheck(Check):
                     ctx.alert(
                         "TG1301",
                         f"{len(changed)} parameter tensor(s) changed since the last "
-                        f"optimizer step: {', '.join(changed[:5])}{self._unread_note(changed)}",
+                        f"optimizer step: {', '.join(changed[:5])}"
+                        f"{unread.note(self._unread, changed)}",
                         tensors=changed[:50],
-                        **self._unread_evidence(changed),
+                        **unread.evidence(self._unread, changed),
                     )
                 )
-            opt_before = self._take(self._state())
+            state = self._state()
+            opt_before = self._take(state)
+            retyped += self._retyped(state, "optimizer ")
+            alerts += self._changed(ctx, retyped, "type")
             if opt_before.digest != self.opt_after.digest:
                 changed = opt_before.changed(self.opt_after)
                 alerts.append(
                     ctx.alert(
                         "TG1302",
                         f"optimizer state changed outside the step: {', '.join(changed[:5])}"
-                        f"{self._unread_note(changed)}",
+                        f"{unread.note(self._unread, changed)}",
                         tensors=changed[:50],
-                        **self._unread_evidence(changed),
+                        **unread.evidence(self._unread, changed),
                     )
                 )
             if self._gap is not None:
@@ -239,55 +247,22 @@ class TamperCheck(Check):
         self.before_checked = full
         return alerts
 
-    def _unread_note(self, changed: list[str]) -> str:
-        names = [n for n in changed if n in self._unread]
-        if not names:
-            return ""
-        said = ", ".join(f"{n} ({self._unread[n]})" for n in names[:3])
-        return f"; {len(names)} could not be read (unverified): {said}"
-
-    def _unread_evidence(self, changed: list[str]) -> dict[str, Any]:
-        names = [n for n in changed if n in self._unread]
-        return {"unread": {n: self._unread[n] for n in names[:50]}} if names else {}
+    def _retyped(self, named: list[tuple[str, Any]], prefix: str) -> list[str]:
+        """Names (with ``prefix``) whose tensor's type changed since the last call."""
+        found = []
+        for name, t in named:
+            key = prefix + name
+            was, self._types[key] = self._types.get(key), type(t)
+            if was is not None and was is not type(t):
+                found.append(key)
+        return found
 
     def _recompare(self, ctx: Context, before: Fingerprint, opt_before: Fingerprint) -> list[Alert]:
-        """After a boundary whose comparison did not complete (it raised), the weights and
-        state now against the last *verified* state: what did not change is verified
-        after all; a weight the optimizer did not write since (no gradient at those steps)
-        and changed is an edit (TG1301); the rest changed unverified (TG1315 high: the
-        optimizer's update or an edit, no longer told apart)."""
+        """After a boundary whose comparison did not complete: against the last verified
+        state (monitor/unread.py)."""
         assert self._gap is not None
-        step, after, opt_after = self._gap
-        written, self._gap, self._gap_written = self._gap_written, None, set()
-        moved = before.changed(after) if before.digest != after.digest else []
-        edited = [n for n in moved if n.split("[")[0] not in written]
-        unsure = [n for n in moved if n.split("[")[0] in written]
-        if opt_before.digest != opt_after.digest:
-            unsure += ["optimizer " + n for n in opt_before.changed(opt_after)]
-        since = f"since the last verified state (before step {step}, whose comparison failed)"
-        alerts = []
-        if edited:
-            alerts.append(
-                ctx.alert(
-                    "TG1301",
-                    f"{len(edited)} parameter tensor(s) changed {since}, which no optimizer "
-                    f"step wrote (no gradient): {', '.join(edited[:5])}",
-                    tensors=edited[:50],
-                    unverified_from=step,
-                )
-            )
-        if unsure:
-            alerts.append(
-                ctx.alert(
-                    "TG1315",
-                    f"{len(unsure)} tensor(s) changed {since}: the optimizer's update or an "
-                    f"edit, not told apart: {', '.join(unsure[:5])}",
-                    severity=Severity.HIGH,
-                    tensors=unsure[:50],
-                    unverified_from=step,
-                )
-            )
-        return alerts
+        gap, written, self._gap, self._gap_written = self._gap, self._gap_written, None, set()
+        return unread.recompare(ctx, gap, written, before, opt_before)
 
     def _versions_moved(self) -> list[Any]:
         started = clock.now()
@@ -367,7 +342,10 @@ class TamperCheck(Check):
                 return []
         previous = self.after
         self.after = self._take(self.params)
-        self.opt_after = self._take(self._state())
+        state = self._state()
+        self.opt_after = self._take(state)
+        self._retyped(self.params, "")  # the types the next boundary compares with
+        self._retyped(state, "optimizer ")
         fields: dict[str, Any] = {
             "after": self.after.digest,
             "optimizer": self.opt_after.digest,
@@ -489,6 +467,7 @@ class TamperCheck(Check):
             "version": ("written in place", "version counter"),
             "sample": ("changed", "sampled chunks"),
             "unread": ("unreadable (unverified)", "reading it raised"),
+            "type": ("replaced by a tensor of another type", "its type"),
         }.get(via, ("changed", "fingerprint"))
         params = [n for n in changed if not n.startswith("optimizer ")]
         moments = [n.removeprefix("optimizer ") for n in changed if n.startswith("optimizer ")]

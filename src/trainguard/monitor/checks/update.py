@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainguard.findings import Severity
 from trainguard.monitor import update_models
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import Check
 from trainguard.monitor.kinds import unreadable
+from trainguard.monitor.unread import why
 
 SAMPLES_PER_PARAM = 64
 # A step is wrong when this share of all sampled elements misses the prediction.
@@ -43,10 +45,13 @@ class UpdateModelCheck(Check):
             if p.numel() and _plain(p, torch)
         }
         self._before: list[tuple[Any, dict[str, Any], update_models.Sample]] = []
+        # Parameters whose sample could not be read at this step, and why: one that raises
+        # (a tensor subclass in its state) leaves its update unverified, never the others'.
+        self.unread: dict[str, str] = {}
         self.ratio: float | None = None  # actual over predicted update, on the last step
 
     def before_step(self, ctx: Context) -> list[Alert]:
-        self._before = []
+        self._before, self.unread = [], {}
         model = update_models.model_for(self.optimizer)
         if model is None:
             return []
@@ -55,15 +60,31 @@ class UpdateModelCheck(Check):
                 idx = self.index.get(id(p))
                 if idx is None or p.grad is None or unreadable(p.grad) is not None:
                     continue  # a sparse gradient: the gradient probe names it (TG1315)
-                idx = idx.to(p.device)
-                state = {
-                    k: self._read(v, idx, p) for k, v in self.optimizer.state.get(p, {}).items()
-                }
-                sample = update_models.Sample(
-                    self._read(p, idx, p), self._read(p.grad, idx, p), state
-                )
-                self._before.append((p, dict(group), sample))
-        return []
+                try:
+                    self._before.append((p, dict(group), self._sample(p, idx)))
+                except Exception as e:
+                    self.unread[self.names.get(id(p), "?")] = why(e)
+        return self._unverified(ctx)
+
+    def _sample(self, p: Any, idx: Any) -> update_models.Sample:
+        idx = idx.to(p.device)
+        state = {k: self._read(v, idx, p) for k, v in self.optimizer.state.get(p, {}).items()}
+        return update_models.Sample(self._read(p, idx, p), self._read(p.grad, idx, p), state)
+
+    def _unverified(self, ctx: Context) -> list[Alert]:
+        """The parameters whose update went unverified at this step, reported once."""
+        if not self.unread:
+            return []
+        named, self.unread = self.unread, {}
+        return [
+            ctx.alert(
+                "TG1315",
+                f"the update of {len(named)} parameter(s) could not be checked, reading "
+                f"them raised: {', '.join(f'{n} ({w})' for n, w in list(named.items())[:3])}",
+                severity=Severity.HIGH,
+                tensors=sorted(named)[:50],
+            )
+        ]
 
     def skipped(self, ctx: Context) -> list[Alert]:
         self._before = []
@@ -87,9 +108,13 @@ class UpdateModelCheck(Check):
         wrong, total, dot, norm = 0, 0, 0.0, 0.0
         tensors = []
         for p, group, sample in self._before:
-            idx = self.index[id(p)].to(p.device)
-            after = p.detach().reshape(-1)[idx].to(torch.float64).cpu()
-            predicted = model(sample, group)
+            try:
+                idx = self.index[id(p)].to(p.device)
+                after = p.detach().reshape(-1)[idx].to(torch.float64).cpu()
+                predicted = model(sample, group)
+            except Exception as e:
+                self.unread[self.names.get(id(p), "?")] = why(e)
+                continue
             ulp = torch.finfo(p.dtype).eps * torch.maximum(sample.param.abs(), after.abs())
             step = predicted - sample.param
             off = (after - predicted).abs() > ULPS * ulp + RELATIVE * step.abs()
@@ -101,10 +126,12 @@ class UpdateModelCheck(Check):
                 tensors.append(self.names.get(id(p), "?"))
         self._before = []
         self.ratio = dot / norm if norm > 0 else None
+        unverified = self._unverified(ctx)
         if not total or wrong <= WRONG_SHARE * total:
-            return []
+            return unverified
         scale = f"{self.ratio:.3g}" if self.ratio is not None else "n/a"
         return [
+            *unverified,
             ctx.alert(
                 "TG1306",
                 f"the update differs from what {type(self.optimizer).__name__}'s math gives at "
@@ -114,7 +141,7 @@ class UpdateModelCheck(Check):
                 scale=self.ratio,
                 wrong=wrong,
                 sampled=total,
-            )
+            ),
         ]
 
 
