@@ -2,16 +2,19 @@
 
 One :class:`Combo` is an optimizer (SGD, Adam, AdamW), a scheduler or none, ``watch``
 exact or on a budget, a checkpoint every 2 or 3 steps, gradient accumulation or not,
-clipping or not, the data order from a loader's own generator seeded per epoch or from
-a ``DistributedSampler`` with ``set_epoch``, and an evaluation under
-``torch.random.fork_rng()`` before each save or none.  :func:`judge` trains it, replays
-it in segment mode and runs the verifier on it with every segment drawn; an honest run
-must come out matched everywhere, with no alert (tests/test_verifier_honest.py draws
-one or two per CI run, bench/honest_matrix.py sweeps many).
+clipping or not, the data order from a loader's own generator seeded per epoch, a
+``DistributedSampler`` with ``set_epoch`` or a ``RandomSampler`` with its own generator,
+and an evaluation in eval mode under ``torch.random.fork_rng()`` before each save or
+none.  :func:`judge` trains it, replays it in segment mode and runs ``trainguard
+verify-run --rate 1`` on it; an honest run must come out matched everywhere, with no
+alert (tests/test_verifier_honest.py draws one per CI run, bench/honest_matrix.py
+sweeps many).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -164,11 +167,19 @@ def entry(c: Combo) -> Any:
     return build
 
 
+COMBO_ENV = "TRAINGUARD_HONEST_COMBO"  # the combination `build` builds, as JSON
+
+
+def build(ctx: ReplayContext) -> Replayable:
+    """The entry as ``--entry tests.honest_runs:build`` names it: the combination in
+    ``$TRAINGUARD_HONEST_COMBO``."""
+    return entry(Combo(**json.loads(os.environ[COMBO_ENV])))(ctx)  # type: ignore[no-any-return]
+
+
 def judge(c: Combo, folder: Path) -> list[str]:
-    """Train ``c``, replay it (segment mode) and verify it (every segment drawn): what was
-    not matched, or alerted, as lines (empty: all matched, exit 0)."""
-    from trainguard.explain.verifier.follow import Verifier
-    from trainguard.explain.verifier.sampling import secret_from
+    """Train ``c``, replay it (segment mode) and run ``trainguard verify-run --rate 1`` on
+    it: what was not matched, or alerted, as lines (empty: all matched, exit 0)."""
+    from trainguard.cli.main import main
     from trainguard.signing.keys import write_keypair
 
     print(f"combo {asdict(c)}")
@@ -179,19 +190,21 @@ def judge(c: Combo, folder: Path) -> list[str]:
         d = report.first_divergence
         out.append(f"replay: {report.verdict} at {d.step if d else None}: {d.cause if d else ''}")
     private, _ = write_keypair(folder / "verifier")
-    verifier = Verifier(
-        ledger, "h", entry(c), signing_key=str(private), secret=secret_from(private.read_bytes()),
-        rate=1.0, run_key=KEY, checkpoint_dir=str(folder),
-    )  # fmt: skip
+    (folder / "run.key").write_text(KEY.hex())
+    os.environ[COMBO_ENV] = json.dumps(asdict(c))
     try:
-        verifier.poll(final=True)
-        summary = verifier.conclude()
+        code = main([
+            "verify-run", "h", "--ledger", ledger, "--entry", "tests.honest_runs:build",
+            "--key", str(private), "--run-key-file", str(folder / "run.key"), "--rate", "1",
+            "--checkpoints", str(folder), "-q", "-f", "json", "-o", str(folder / "v.json"),
+        ])  # fmt: skip
     finally:
-        verifier.close()
-    out += [f"verify-run: {v.status} {v.start}..{v.end} at {v.step}: {v.cause}"
-            for v in summary.verdicts if v.status != "matched"]  # fmt: skip
-    out += [f"verify-run alert {a['rule']}: {a['message']}" for a in summary.alerts]
-    out += [f"verify-run problem: {p}" for p in summary.problems]
-    if summary.exit_code() != 0 and not out:
-        out.append(f"verify-run exit {summary.exit_code()}")
+        del os.environ[COMBO_ENV]
+    summary = json.loads((folder / "v.json").read_text())
+    out += [f"verify-run: {v['status']} {v['start']}..{v['end']} at {v['step']}: {v['cause']}"
+            for v in summary["verdicts"] if v["status"] != "matched"]  # fmt: skip
+    out += [f"verify-run alert {a['rule']}: {a['message']}" for a in summary["alerts"]]
+    out += [f"verify-run problem: {p}" for p in summary.get("problems", [])]
+    if code != 0 and not out:
+        out.append(f"verify-run exit {code}")
     return out
