@@ -78,11 +78,12 @@ def test_a_budget_guard_holds_few_step_records_and_writes_them_before_an_alert(
         if (s + 1) % sign_every == 0:
             assert len(written) == s + 1  # the signed head names the last step
         if s == poke:
-            with torch.no_grad():
-                next(model.parameters()).mul_(1.0)  # an in-place write: TG1301 at s + 1
+            # A seeding call: TG1305 at s + 1 (read at every step; an in-place write is
+            # found only at a boundary the version counters' unit draws).
+            torch.manual_seed(1234)
     guard.close()
     records = list(open_ledger(url).records("b", 0))
-    alert = next(r for r in records if r.kind == "alert" and r.payload["rule"] == "TG1301")
+    alert = next(r for r in records if r.kind == "alert" and r.payload["rule"] == "TG1305")
     assert alert.step == poke + 1
     before = [r.step for r in records if r.kind == "step" and r.seq < alert.seq]
     assert before == list(range(poke + 1))  # every earlier step was written first

@@ -90,14 +90,24 @@ def canonical_json(value: Any) -> str:
 
 def normalise_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The payload as it will read back from storage, and its canonical text."""
+    return normalise_frozen(freeze_payload(payload))
+
+
+def freeze_payload(payload: dict[str, Any]) -> str:
+    """The payload as JSON text, unsorted: what it holds now, whatever later happens to
+    the dict (a writer that holds records a while normalises them later, in a batch)."""
     if not isinstance(payload, dict):
         raise ValueError(f"payload must be a dict, not {type(payload).__name__}")
     try:
         # Not sorted yet: keys of mixed types (1 and "a") cannot be compared
         # before the round trip turns them all into strings.
-        first = json.dumps(payload, ensure_ascii=True, allow_nan=True, default=_number)
+        return json.dumps(payload, ensure_ascii=True, allow_nan=True, default=_number)
     except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"payload is not JSON-serialisable: {exc}") from None
+
+
+def normalise_frozen(first: str) -> tuple[dict[str, Any], str]:
+    """:func:`normalise_payload` of the payload :func:`freeze_payload` froze."""
     normal = parse_payload(first)
     text = canonical_json(normal)
     if len(text) > MAX_PAYLOAD_CHARS:

@@ -54,6 +54,7 @@ SPARSEST = 64
 # Weight of the newest measurement in a unit's running cost.
 SMOOTHING = 0.2
 RECENT = 1024  # steps remembered per unit
+RESHARE = 16  # steps without a unit run between two sharings of the allowance
 DRAWS_PER_HASH = 16  # units drawn from one 64-byte keyed hash (4 bytes each: p >= 1/64)
 
 
@@ -216,6 +217,7 @@ class Schedule:
         self.recent: dict[str, deque[int]] = {u: deque(maxlen=RECENT) for u in units}
         self._units = sorted(self.chance)  # the order of the units' bytes in a step's draw
         self._draw_cache: dict[int, dict[str, float]] = {}
+        self._unshared = RESHARE  # steps since the allowance was last shared out
 
     def draw(self, unit: str, step: int) -> float:
         """A keyed uniform number in [0, 1) for ``unit`` at ``step``."""
@@ -278,6 +280,12 @@ class Schedule:
             self.fixed = (1 - SMOOTHING) * self.fixed + SMOOTHING * min(fixed, 3 * self.fixed)
         if median_step is None or self.budget >= 1.0:
             return
+        # Shared out again when a unit's cost moved (one ran) and every RESHARE steps
+        # (the fixed cost and the median drift slowly): not at every step.
+        self._unshared += 1
+        if not ran and self._unshared < RESHARE:
+            return
+        self._unshared = 0
         allowance = MARGIN * self.budget * median_step - self.fixed
         self.chance, self.share = chances(allowance, self.cost)
 

@@ -10,8 +10,9 @@ at close, so a stream cut short or rewritten afterwards shows, and once the
 process is gone no one can sign a new head.
 
 Batched step records (budget mode, one rank, a ledger that writes several records in
-one transaction: SQLite): a step record is made (payload frozen into its canonical
-text, wall time taken) at its step, held in memory, and written with the others held
+one transaction: SQLite): a step record is made (payload frozen into JSON text, wall
+time taken) at its step, held in memory (normalised into its canonical text when the
+batch is written), and written with the others held
 in one transaction every ``BATCH_RECORDS`` records or ``BATCH_SECONDS``, and before
 any other record (an alert, a checkpoint, the run-end), before a head is signed, and
 at close.  The chain and the signed heads are the same as one append each.  A killed
@@ -129,9 +130,11 @@ class Recorder:
         if self.ledger is None:
             return
         if self.batched and kind == "step":
-            from trainguard.ledger.chain import normalise_payload
+            from trainguard.ledger.chain import freeze_payload
 
-            made = (kind, step, time.time(), normalise_payload(payload))
+            # Frozen now (one JSON pass), normalised with the batch when it is written:
+            # the round trip and the canonical text at every step were a fixed cost.
+            made = (kind, step, time.time(), freeze_payload(payload))
             with self._lock:
                 self._held.append(made)
                 due = len(self._held) >= BATCH_RECORDS or made[2] - self._held[0][2] >= (
@@ -153,8 +156,12 @@ class Recorder:
         """Write the held step records in one transaction (the lock is held)."""
         if not self._held or self.ledger is None:
             return
-        held, self._held = self._held, []
-        self.ledger.append_many(self.run_id, self.rank, held)  # type: ignore[attr-defined]
+        from trainguard.ledger.chain import normalise_frozen
+
+        # Normalised before any is taken out: one that fails leaves them all held.
+        normal = [(k, s, w, normalise_frozen(first)) for k, s, w, first in self._held]
+        self._held = []
+        self.ledger.append_many(self.run_id, self.rank, normal)  # type: ignore[attr-defined]
 
     def flush(self) -> None:
         """Write the held step records now."""
