@@ -303,3 +303,48 @@ def test_metadata_alone_vouches_for_nothing(venv: Venv) -> None:
         assert any(f.rule == "TG625" for f in high), high
     else:
         assert any(f.file == str(named) for f in high), high
+
+
+def test_a_stored_verdict_never_hides_a_plant(
+    venv: Venv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stored verdict's inputs include what the new checks look at: folders outside
+    the site that a .pth adds, and launchers with no RECORD row."""
+    from trainguard import filestate
+    from trainguard.digest_cache import DigestCache
+
+    rng = seeded()
+    cache = str(tmp_path / "cache" / "env.json")
+    outside = venv.prefix.parent / "elsewhere"
+    outside.mkdir()
+    (venv.site / "zz_elsewhere.pth").write_text(f"{outside}\n")
+    meta = venv.site / f"{venv.dist}-1.0.dist-info"
+    record = meta / "RECORD"
+    record.write_text("".join(r for r in record.read_text().splitlines(True) if "bin" not in r))
+
+    def run() -> tuple[list[Finding], float | None]:
+        result = verify_environment(
+            EnvOptions(paths=[str(venv.site)], check_pyc=False, cache=DigestCache(cache))
+        )
+        return [f for f in result.report.findings if f.severity >= Severity.HIGH], (
+            result.stats.reused_from
+        )
+
+    # The venv was made a moment ago: without this, the racy window (files changed in
+    # the last minute are not remembered) would keep the verdict from being stored.
+    monkeypatch.setattr(filestate, "RACY_NS", 0)
+    first, _ = run()
+    assert {f.rule for f in first} == {"TG607"}, first  # the unvouched .pth pointing outside
+    assert run()[1] is not None, "the unchanged environment's verdict was not reused"
+    if rng.random() < 0.5:
+        named = outside / f"{venv.optional}.py"
+        named.write_text(venv.payload())
+        rule = "TG624"
+    else:
+        named = venv.prefix / "bin" / venv.dist
+        named.write_text(named.read_text() + venv.payload())
+        rule = "TG623"
+    print("planted", rule)
+    high, reused = run()
+    assert reused is None
+    assert any(f.rule == rule and f.file == str(named) for f in high), high
