@@ -348,3 +348,69 @@ def test_a_stored_verdict_never_hides_a_plant(
     high, reused = run()
     assert reused is None
     assert any(f.rule == rule and f.file == str(named) for f in high), high
+
+
+def test_only_an_off_host_reference_vouches_for_start_up_code(tmp_path: Path) -> None:
+    """A wheel that installs a sitecustomize, a .pth import line and a torch.backends
+    entry point: high in plain verify whatever RECORD says; lowered (TG609 low, TG606
+    info, no TG625) only when --wheelhouse compared the installed bytes with the wheel,
+    and high again once one of them is edited with its RECORD row rewritten."""
+    from tests.test_env_wheelhouse import PIP, site_of, write_wheel
+    from trainguard.env.wheels import load_reference
+
+    rng = seeded()
+    name = f"tgboot{rng.randrange(16**4):04x}"
+    meta = f"{name}-1.0.dist-info"
+    files = {
+        f"{name}/__init__.py": b"def autoload():\n    return None\n",
+        "sitecustomize.py": b"import os\nos.environ.setdefault('TGBOOT', '1')\n",
+        f"{name}.pth": b"import os; os.environ.setdefault('TGBOOT_PTH', '1')\n",
+        f"{meta}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
+        f"{meta}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n"
+        b"Tag: py3-none-any\n",
+        f"{meta}/entry_points.txt": f"[torch.backends]\nx = {name}:autoload\n".encode(),
+    }
+    rows = "".join(f"{p},{record_hash(d)},{len(d)}\n" for p, d in files.items())
+    files[f"{meta}/RECORD"] = (rows + f"{meta}/RECORD,,\n").encode()
+    wheels = tmp_path / "wheels"
+    wheel = write_wheel(wheels, files).rename(wheels / f"{name}-1.0-py3-none-any.whl")
+    prefix = tmp_path / "prefix"
+    subprocess.run(
+        [*PIP, "--no-warn-script-location", "--prefix", str(prefix), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    site = site_of(prefix)
+
+    def rules(reference: bool) -> dict[str, Severity]:
+        ref = load_reference([str(wheels)], None) if reference else None
+        options = EnvOptions(paths=[str(site)], check_pyc=False, reference=ref)
+        found = verify_environment(options).report.findings
+        return {f"{f.rule}:{os.path.basename(f.file)}": f.severity for f in found}
+
+    plain = rules(False)
+    assert plain["TG626:sitecustomize.py"] == Severity.HIGH, plain
+    assert plain[f"TG626:{name}.pth"] == Severity.HIGH, plain
+    assert plain[f"TG625:{meta}"] == Severity.HIGH, plain
+    vouched = rules(True)
+    assert vouched.get("TG609:sitecustomize.py") == Severity.LOW, vouched
+    assert vouched.get(f"TG606:{name}.pth") == Severity.INFO, vouched
+    assert not any(s >= Severity.HIGH for s in vouched.values()), vouched
+    edited = rng.choice(["sitecustomize.py", f"{name}.pth", f"{name}/__init__.py"])
+    path = site / edited
+    data = path.read_bytes().replace(b"'1'", b"'2'").replace(b"None", b"0")
+    path.write_bytes(data)
+    record = site / meta / "RECORD"
+    record.write_text(
+        "".join(
+            f"{edited},{record_hash(data)},{len(data)}\n" if r.split(",")[0] == edited else r
+            for r in record.read_text().splitlines(True)
+        )
+    )
+    print("edited", edited)
+    after = rules(True)
+    assert after.get(f"TG619:{os.path.basename(edited)}") == Severity.CRITICAL, after
+    if edited == f"{name}/__init__.py":
+        assert after.get(f"TG625:{meta}") == Severity.HIGH, after
+    else:
+        assert after.get(f"TG626:{os.path.basename(edited)}") == Severity.HIGH, after
