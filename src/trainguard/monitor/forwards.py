@@ -57,8 +57,8 @@ class ForwardWatch:
         self._all = False  # whether every submodule is hooked (adopt_submodules)
         self._compiling = torch.compiler.is_compiling
         self._handles = [
-            model.register_forward_pre_hook(self._pre),
-            model.register_forward_hook(self._post, always_call=True),
+            model.register_forward_pre_hook(GuardHook(self._pre, self)),
+            model.register_forward_hook(GuardHook(self._post, self), always_call=True),
         ]
 
     def _pre(self, module: Any, args: Any) -> None:
@@ -113,8 +113,8 @@ class ForwardWatch:
                     continue
                 self._wrappers.append(obj)
                 self._handles += [
-                    obj.register_forward_pre_hook(self._pre),
-                    obj.register_forward_hook(self._post, always_call=True),
+                    obj.register_forward_pre_hook(GuardHook(self._pre, self)),
+                    obj.register_forward_hook(GuardHook(self._post, self), always_call=True),
                 ]
                 return True
         return False
@@ -130,8 +130,8 @@ class ForwardWatch:
             if m is self.model:
                 continue
             self._handles += [
-                m.register_forward_pre_hook(self._pre),
-                m.register_forward_hook(self._post, always_call=True),
+                m.register_forward_pre_hook(GuardHook(self._pre, self)),
+                m.register_forward_hook(GuardHook(self._post, self), always_call=True),
             ]
         return True
 
@@ -139,6 +139,44 @@ class ForwardWatch:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class GuardHook:
+    """One of the guard's hooks in a module's hook registry.
+
+    A model is copied whole, hook registries included, by ``copy.deepcopy`` (keeping
+    the best model, starting an EMA mid-run) and pickled whole by ``torch.save(model)``:
+    a bound method of the watcher would drag the guard, and the ``torch`` module it
+    holds, into the copy (``cannot pickle 'module' object``), and a copy that
+    called the guard would be watched as if it were the model.  A copy of this hook
+    is :func:`detached` instead: the copy runs as the model did before ``watch()``,
+    and unpickling it needs only trainguard importable.  (Parameters' own hooks are
+    not copied by torch: ``Parameter.__deepcopy__`` and ``__reduce_ex__`` drop them.)
+    """
+
+    __slots__ = ("call", "owner")
+
+    def __init__(self, call: Callable[..., None], owner: ForwardWatch) -> None:
+        self.call = call
+        self.owner = owner
+
+    def __call__(self, *args: Any) -> None:
+        self.call(*args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
+        return detached
+
+    def __reduce__(self) -> tuple[Callable[[], Callable[..., None]], tuple[()]]:
+        return _detached, ()
+
+
+def detached(*args: Any) -> None:
+    """What a copied model holds where the watched one holds a guard hook: nothing runs."""
+    return None
+
+
+def _detached() -> Callable[..., None]:
+    return detached
 
 
 def _dynamo_compiled_any(utils: Any) -> bool:

@@ -33,7 +33,7 @@ from typing import Any
 
 from trainguard.monitor import clock
 from trainguard.monitor.compiled import dynamo_global, only_torch_compile
-from trainguard.monitor.forwards import ForwardWatch
+from trainguard.monitor.forwards import ForwardWatch, GuardHook
 
 MAX_LAYERS = 16  # __wrapped__ / __func__ chains followed at most this deep
 _TRAINGUARD_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -175,7 +175,10 @@ def _registry(obj: Any, name: str) -> Callable[[], tuple[Any, ...]]:
 def _own(hook: Any) -> bool:
     """The guard's own forward hooks (monitor/forwards.py): it adds them to submodules or
     to a compiled wrapper when the model's forward goes unseen, mid-run, on purpose."""
-    return isinstance(getattr(hook, "__self__", None), ForwardWatch)
+    if type(hook) is not GuardHook or not isinstance(hook.owner, ForwardWatch):
+        return False
+    # Its call must be the watcher's own method: a GuardHook built around other code is not.
+    return getattr(hook.call, "__func__", None) in (ForwardWatch._pre, ForwardWatch._post)
 
 
 def routes(model: Any, optimizer: Any, dataloader: Any = None) -> list[Route]:
