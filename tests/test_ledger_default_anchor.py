@@ -215,27 +215,35 @@ def test_honest_ends_verify_clean(end: str, tmp_path: Path) -> None:
     assert document["anchor"] is not None and document["run_keys_pinned"] is True
 
 
+# argv: ledger, at (a step, or with "timer" seconds after the first step, from another
+# thread, as a scheduler's signal lands: anywhere, the guard's own hooks included).
 SIGTERM_SCRIPT = """
-import os, signal, sys, torch
+import os, signal, sys, threading, torch
 from trainguard.monitor.guard import watch
 torch.manual_seed(0)
-model = torch.nn.Linear(4, 1)
-opt = torch.optim.SGD(model.parameters(), lr=0.05)
+model = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+opt = torch.optim.Adam(model.parameters(), lr=0.01)
 guard = watch(model, opt, ledger=sys.argv[1], run_id="term", sign_every=4, hang_seconds=None)
-for step in range(int(sys.argv[2]) + 5):
+at, how = float(sys.argv[2]), sys.argv[3]
+kill = lambda: os.kill(os.getpid(), signal.SIGTERM)
+for step in range(100000 if how == "timer" else int(at) + 5):
     loss = model(torch.randn(8, 4)).pow(2).mean()
     opt.zero_grad(); loss.backward(); opt.step(); guard.step(loss=loss)
-    if step == int(sys.argv[2]):
-        os.kill(os.getpid(), signal.SIGTERM)
+    if step == 0 and how == "timer":
+        threading.Timer(at, kill).start()
+    if step == at and how == "step":
+        kill()
 print("not reached")
 """
 
 
-def test_sigterm_ends_an_honest_run_cleanly(tmp_path: Path) -> None:
-    at = seeded().randrange(0, 12)
+@pytest.mark.parametrize("how", ["step", "timer"])
+def test_sigterm_ends_an_honest_run_cleanly(how: str, tmp_path: Path) -> None:
+    rng = seeded()
+    at = rng.randrange(0, 12) if how == "step" else round(rng.uniform(0.0, 0.5), 3)
     url = str(tmp_path / "ledger.db")
     done = subprocess.run(
-        [sys.executable, "-c", SIGTERM_SCRIPT, url, str(at)],
+        [sys.executable, "-c", SIGTERM_SCRIPT, url, str(at), how],
         capture_output=True,
         text=True,
         timeout=120,

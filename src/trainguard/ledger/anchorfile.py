@@ -51,7 +51,12 @@ def default_path() -> Path | None:
     given = os.environ.get(ANCHORS_ENV)
     if given is not None:
         return None if given.strip().lower() in OFF_VALUES or not given.strip() else Path(given)
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    state = os.environ.get("XDG_STATE_HOME")
+    if not state:
+        try:
+            state = str(Path.home() / ".local" / "state")
+        except RuntimeError:  # no home to resolve: no default place (say so, never crash)
+            return None
     return Path(state) / "trainguard" / "anchors.jsonl"
 
 
