@@ -409,12 +409,13 @@ def test_an_honest_run_interrupted_after_a_step_record_verifies(tmp_path: Path) 
     rnd = seeded()
     at = rnd.randrange(2, 9)
     marks = sorted({0, *rnd.sample(range(1, at + 1), rnd.randrange(0, 2))})
-    print(f"interrupted at step {at}, checkpoints {marks}")
+    budget = rnd.choice([None, 0.02])  # budget mode holds step records for batched writes
+    print(f"interrupted at step {at}, checkpoints {marks}, budget {budget}")
     model, opt, sched, loader, epoch = vt.parts()
     step = vt.make_step(model, opt, sched, "none", 0)
     guard = trainguard.watch(
         model, opt, ledger=str(tmp_path / "ledger.db"), run_id="i", scheduler=sched,
-        key=vt.KEY, dataloader=loader, hang_seconds=None,
+        key=vt.KEY, dataloader=loader, hang_seconds=None, budget=budget,
     )  # fmt: skip
     done = guard.recorder.step_done
 
