@@ -255,3 +255,34 @@ def test_sigterm_ends_an_honest_run_cleanly(how: str, tmp_path: Path) -> None:
     assert [parse_payload(r["payload"]).get("reason") for r in ends] == ["terminated"]
     code, document = verify(url, "term")
     assert (code, document["findings"]) == (0, []), at
+
+
+def test_a_process_gone_without_close_leaves_no_unsigned_tail_past_the_time_heads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os._exit and SIGKILL run no handler: the stream stops where the process did.  Heads
+    signed by time (here every step end: SIGN_SECONDS = 0, no clock in the test) leave
+    nothing unauthenticated behind them; verify still says the run did not end (TG1211
+    high, by design: a cut looks the same)."""
+    from trainguard.monitor import recorder
+
+    monkeypatch.setattr(recorder, "SIGN_SECONDS", 0.0)
+    url = str(tmp_path / "ledger.db")
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = tgw.watch(model, opt, ledger=url, run_id="gone", sign_every=1000, hang_seconds=None)
+    steps = seeded().randrange(2, 12)
+    for _ in range(steps):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        guard.step(loss=loss)
+    try:
+        code, document = verify(url, "gone")
+        rows = raw_rows(url, "gone", 0)
+    finally:
+        guard.close()  # what os._exit skips; here only to leave nothing open
+    assert rows[-1]["kind"] == "head" and len(rows) == 2 * (steps + 1)
+    assert code == 1 and rules(document) == {"TG1211": "high"}, document["findings"]
+    assert "ends at a signed head" in document["findings"][0]["message"]

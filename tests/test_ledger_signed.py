@@ -337,8 +337,10 @@ def test_an_honest_run_verifies_with_default_settings(recorded: tuple[str, Recor
     assert code == 0, document["findings"]
     assert document["findings"] == []
     assert document["run_keys"] == {"0": run.key_id}
-    # The head over the run-start, the periodic one, the final one, the run head.
-    assert document["signed_heads"] == 4
+    # The head over the run-start, the periodic one, the final one, the run head; a run
+    # slower than recorder.SIGN_SECONDS (a loaded machine) also has heads signed by time.
+    heads = [r for r in raw_rows(run.url, RUN, 0) if r["kind"] == "head"]
+    assert document["signed_heads"] == len(heads) + 1 >= 4
     # Pinned to the key id watch logged: still intact.
     assert verify(run.url, "--expect-key-id", run.key_id[:16])[0] == 0
 
