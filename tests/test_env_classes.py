@@ -414,3 +414,33 @@ def test_only_an_off_host_reference_vouches_for_start_up_code(tmp_path: Path) ->
         assert after.get(f"TG625:{meta}") == Severity.HIGH, after
     else:
         assert after.get(f"TG626:{os.path.basename(edited)}") == Severity.HIGH, after
+
+
+def test_editable_install_named_after_an_optional_dependency_is_medium(venv: Venv) -> None:
+    """An editable install's own project is not judged as planted code (honest `pip install
+    -e` of a library others import); when installed code imports it, that is TG626 medium:
+    fails with --strict, and with --lock (TG622) when the project is not locked."""
+    src = venv.prefix.parent / "editable_src"
+    src.mkdir()
+    named = src / f"{venv.optional}.py"
+    named.write_text(venv.payload())
+    forged = f"{venv.optional}-0.3.dist-info"
+    venv.record(
+        forged,
+        {
+            f"__editable__.{venv.optional}-0.3.pth": f"{src}\n".encode(),
+            f"{forged}/METADATA": (
+                f"Metadata-Version: 2.1\nName: {venv.optional}\nVersion: 0.3\n".encode()
+            ),
+            f"{forged}/direct_url.json": json.dumps(
+                {"url": f"file://{src}", "dir_info": {"editable": True}}
+            ).encode(),
+        },
+    )
+    assert venv.fires(f"import {venv.dist}"), "the plant does not run: the case proves nothing"
+    report = verify_environment(EnvOptions(paths=[str(venv.site)], check_pyc=False)).report
+    assert not [f for f in report.findings if f.severity >= Severity.HIGH]
+    assert any(
+        f.rule == "TG626" and f.file == str(named) and f.severity == Severity.MEDIUM
+        for f in report.findings
+    ), report.findings

@@ -112,15 +112,9 @@ def installed_top_names(paths: Iterable[str], roots: list[str]) -> set[str]:
     return out
 
 
-def wanted_names(candidates: list[Candidate], skip: dict[str, set[str]]) -> set[str]:
-    """The names to look up among installed code's imports (``skip``: root -> names
-    an editable install provides as its own)."""
-    return {
-        c.name
-        for c in candidates
-        if c.name.partition(".")[0] not in STARTUP_MODULES
-        and c.name.partition(".")[0] not in skip.get(c.root.path, set())
-    }
+def wanted_names(candidates: list[Candidate]) -> set[str]:
+    """The names to look up among installed code's imports."""
+    return {c.name for c in candidates if c.name.partition(".")[0] not in STARTUP_MODULES}
 
 
 def candidate_findings(
@@ -150,6 +144,24 @@ def candidate_findings(
         if not reason:
             continue
         done.add(cand.file)
+        if by is not None and top in own_names.get(cand.root.path, set()):
+            # An editable install's own project, imported by other installed code: honest
+            # in a developer's environment (pip install -e of a library others use), and
+            # what a forged editable install named after an optional dependency looks like.
+            out.append(
+                finding(
+                    "TG626",
+                    f"an editable install's own module, which installed code imports "
+                    f"({evidence['imported_by']}), from a source folder nothing verifies",
+                    cand.file,
+                    severity=Severity.MEDIUM,
+                    trigger=cand.root.line[:MAX_EVIDENCE_LINE],
+                    evidence=evidence,
+                    module=cand.name,
+                    path_entry=cand.root.path,
+                )
+            )
+            continue
         out.append(
             finding(
                 "TG624",

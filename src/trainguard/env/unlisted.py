@@ -68,7 +68,7 @@ def loose_findings(
         if shadowing[path] is None and root and present[path] != SPECIAL:
             offered[path] = names_made_importable(path, root, owned)
     wanted = {name for names in offered.values() for name in names}
-    wanted |= wanted_names(on_roots or [], own_names or {})
+    wanted |= wanted_names(on_roots or [])
     importers: dict[str, Importer] = {}
     hosts: dict[str, str] = {}  # unlisted module -> the installed package folder holding it
     plugins: dict[str, Importer] = {}
