@@ -884,8 +884,8 @@ RULES: dict[str, Rule] = {
             "Start-up code or importable code that only the site folder's own metadata "
             "vouches for: a sitecustomize or .pth import line whose only voucher is a "
             "RECORD row, a distribution without RECORD outside an OS package folder that "
-            "provides modules, or an editable install's source folder that provides a "
-            "module another installed package, the standard library or start-up imports.",
+            "provides modules; medium for an editable install's own module that other "
+            "installed code imports (its source folder is not verified).",
         ),
         # -- safetensors (TG8xx) -----------------------------------------------
         Rule(
