@@ -42,9 +42,9 @@ from trainguard.env.walk import LINK
 from trainguard.filestate import Entry, Identity, entry_for, settled
 from trainguard.findings import Finding, Severity
 
-# 2: .pth path entries, launchers and metadata-only hooks are judged (a verdict of
-# format 1 was reached without them, so it is never reused).
-FORMAT = 2
+# 2, 3: .pth path entries, launchers, metadata-only hooks and an editable install's own
+# imported module are judged; a verdict reached without them is never reused.
+FORMAT = 3
 
 
 @dataclass
