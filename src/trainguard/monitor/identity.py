@@ -14,9 +14,12 @@ differ, whatever they claim to be.  No list of known patches is involved.
 
 Hook registries (global, per module, per parameter, per optimizer) are routes
 too.  At start-up, the guard cannot know what was installed before it: it
-reports (``audit``) hooks whose code lives outside torch and trainguard, and
-functions on torch's routes whose code lives outside torch, the standard
-library and installed packages (code from a script, ``exec`` or a pickle).
+reports (``audit``) every hook that can change gradients or the update unless
+it runs only trainguard's code or torch's distributed machinery (hookcode.py:
+``p.register_hook(torch.neg)`` is torch's code and flips a gradient), forward
+hooks whose code lives outside torch and trainguard, and functions on torch's
+routes whose code lives outside torch, the standard library and installed
+packages (code from a script, ``exec`` or a pickle).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainguard.monitor import clock
+from trainguard.monitor import clock, hookcode
 from trainguard.monitor.compiled import dynamo_global, only_torch_compile
 from trainguard.monitor.forwards import ForwardWatch, GuardHook
 
@@ -92,9 +95,15 @@ class Route:
     read: Callable[[], tuple[Any, ...]]  # the objects installed now
     torch_route: bool = False  # its functions must be torch's own code
     registry: str = ""  # a hook registry: its attribute name
+    owner: Any = None  # a hook registry: the object holding it
     baseline: tuple[Any, ...] = field(default=())
     spaces: tuple[Any, ...] = ()  # namespaces: to name the attributes that changed
     _values: list[dict[str, tuple[Any, list[tuple[Any, Any]]]]] = field(default_factory=list)
+
+    def hooks(self) -> list[Any]:
+        """The hooks a registry route's registry holds now (none for other routes)."""
+        reg = getattr(self.owner, self.registry, None) if self.registry else None
+        return list(reg.values()) if reg else []
 
     def take(self) -> None:
         self.baseline = self.read()
@@ -229,21 +238,37 @@ def routes(model: Any, optimizer: Any, dataloader: Any = None) -> list[Route]:
     for mname, m in model.named_modules():
         found.append(Route(f"model {mname or 'root'} (class, forward)", _module_instance(m)))
         for reg in MODULE_REGISTRIES:
-            found.append(Route(f"model {mname or 'root'} {reg}", _registry(m, reg), registry=reg))
+            found.append(
+                Route(f"model {mname or 'root'} {reg}", _registry(m, reg), registry=reg, owner=m)
+            )
     for pname, p in model.named_parameters():
         for reg in TENSOR_REGISTRIES:
-            found.append(Route(f"parameter {pname} {reg}", _registry(p, reg), registry=reg))
+            found.append(
+                Route(f"parameter {pname} {reg}", _registry(p, reg), registry=reg, owner=p)
+            )
     for reg in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks"):
-        found.append(Route(f"optimizer hooks ({reg})", _registry(optim_mod, reg), registry=reg))
+        found.append(
+            Route(
+                f"optimizer hooks ({reg})", _registry(optim_mod, reg), registry=reg, owner=optim_mod
+            )
+        )
     for reg in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
-        found.append(Route(f"optimizer hooks ({reg})", _registry(optimizer, reg), registry=reg))
+        found.append(
+            Route(
+                f"optimizer hooks ({reg})", _registry(optimizer, reg), registry=reg, owner=optimizer
+            )
+        )
     for reg in (
         "_global_forward_hooks",
         "_global_forward_pre_hooks",
         "_global_backward_hooks",
         "_global_backward_pre_hooks",
     ):
-        found.append(Route(f"module hooks ({reg})", _registry(module_mod, reg), registry=reg))
+        found.append(
+            Route(
+                f"module hooks ({reg})", _registry(module_mod, reg), registry=reg, owner=module_mod
+            )
+        )
     if dataloader is not None:
         found.append(Route("dataloader.__class__", lambda: (type(dataloader),)))
         found.append(Route("dataloader.collate_fn", _attr(dataloader, "collate_fn")))
@@ -397,8 +422,10 @@ def _frozen_stdlib(fn: types.FunctionType) -> bool:
 def audit(found: list[Route]) -> list[tuple[str, str, bool]]:
     """(route, what, affects gradients) for what looks installed by someone before start-up.
 
-    Hooks whose code is not trainguard's or torch's own, and functions on torch's
-    routes whose code is not in torch, the standard library or an installed package.
+    Gradient and update hooks that are not trainguard's or torch's distributed
+    machinery, whatever their code's origin; forward hooks whose code is not
+    trainguard's or torch's own; functions on torch's routes whose code is not in
+    torch, the standard library or an installed package.
     """
     import torch
 
@@ -406,15 +433,23 @@ def audit(found: list[Route]) -> list[tuple[str, str, bool]]:
     trusted = _trusted_dirs()
     out = []
     for r in found:
-        fns = [o for o in r.baseline if isinstance(o, types.FunctionType)]
         if r.registry:
-            foreign = {
-                origin(f) for f in fns if not origin(f).startswith((torch_dir, _TRAINGUARD_DIR))
-            }
-            foreign |= {"<builtin>" for o in r.baseline if callable(o) and not fns}
+            hooks = [h for h in r.hooks() if not _own(h)]
+            gradients = r.registry in GRADIENT_REGISTRIES
+            if gradients:
+                # Whatever its code's origin (torch.neg is torch's): only the guard's own
+                # and torch's distributed machinery may change gradients (hookcode.py).
+                foreign = {hookcode.name(h) for h in hooks if not hookcode.trusted(h)}
+            else:
+                foreign = {
+                    _where(f)
+                    for h in hooks
+                    for f in hookcode.targets(h)
+                    if not _where(f).startswith((torch_dir, _TRAINGUARD_DIR))
+                }
             if foreign:
-                what = f"hook(s) from {', '.join(sorted(foreign)[:3])}"
-                out.append((r.label, what, r.registry in GRADIENT_REGISTRIES))
+                what = f"hook(s) {', '.join(sorted(foreign)[:3])}"
+                out.append((r.label, what, gradients))
         elif r.torch_route:
             outside = {
                 f"{where} = {f.__qualname__} from {origin(f)}"
@@ -426,6 +461,11 @@ def audit(found: list[Route]) -> list[tuple[str, str, bool]]:
     if clock.patched():
         out.append(("time", f"{', '.join(clock.patched())} replaced before trainguard", True))
     return out
+
+
+def _where(f: Any) -> str:
+    """A hook target's code file ("<builtin>" for what has none)."""
+    return origin(f) if isinstance(f, types.FunctionType) else "<builtin>"
 
 
 def _named_functions(r: Route) -> Iterator[tuple[str, types.FunctionType]]:
