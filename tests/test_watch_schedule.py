@@ -89,10 +89,13 @@ def train(
     tamper: Any = None,
     manual: Any = None,
     with_scheduler: bool = True,
+    budget: float | None = None,
 ) -> tuple[Any, str]:
     model, opt = setup(seed, rng)
     name, sched = scheduler(rng, opt) if with_scheduler else ("none", None)
-    guard = trainguard.watch(model, opt, ledger=None, hang_seconds=None, scheduler=sched)
+    guard = trainguard.watch(
+        model, opt, ledger=None, hang_seconds=None, scheduler=sched, budget=budget
+    )
     x, y = torch.randn(64, 5), torch.randn(64, 1)
     for step in range(STEPS):
         declared = None
@@ -144,10 +147,38 @@ def test_a_rate_off_the_schedule_is_caught_at_its_step(draw: int) -> None:
     assert not [a for a in guard.alerts if a.severity >= Severity.HIGH and a.step < at], found
 
 
+def test_on_a_budget_a_decay_skipped_is_caught_at_the_first_step_the_unit_runs() -> None:
+    """Budget mode: the hyper unit runs at keyed steps; a rate written back to its value
+    before a change at every step from then on is TG1303 at the first step it runs at or
+    after the change (read from the run's schedule), and nothing high comes before."""
+    rng = seeded()
+    seed = rng.randrange(2**31)
+    state = rng.getstate()
+    rates = honest_rates(seed, state)
+    moves = [t for t in range(2, STEPS) if abs(rates[t][0] - rates[t - 1][0]) > 1e-9]
+    if not moves:
+        pytest.skip("a schedule flat over the run: nothing to skip")
+    at = rng.choice(moves)
+    old = rates[at - 1][0]
+
+    def tamper(step: int, opt: Any) -> None:
+        if step >= at:
+            opt.param_groups[0]["lr"] = old
+
+    rng.setstate(state)
+    guard, name = train(seed, rng, tamper, budget=0.05)
+    found = [(a.rule, a.step, a.message[:90]) for a in guard.alerts]
+    drawn = [s for s in guard.schedule.recent["hyper"] if s >= at]
+    print(name, "at", at, "drawn", drawn[:5], found)
+    caught = [a.step for a in guard.alerts if a.rule == "TG1303" and a.severity >= Severity.HIGH]
+    assert not [a for a in guard.alerts if a.severity >= Severity.HIGH and a.step < at], found
+    assert caught[:1] == drawn[:1], (name, at, drawn[:5], found)
+
+
 def test_honest_schedules_and_declared_rates_are_silent() -> None:
     rng = seeded()
-    for _ in range(3):
-        guard, name = train(rng.randrange(2**31), rng)
+    for budget in (None, None, 0.05):
+        guard, name = train(rng.randrange(2**31), rng, budget=budget)
         assert [a for a in guard.alerts if a.severity >= Severity.HIGH] == [], (name, guard.alerts)
 
     def warmup(step: int) -> float | None:  # by hand, declared, then the scheduler's own
