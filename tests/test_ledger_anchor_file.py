@@ -8,6 +8,7 @@ lines still pin.  Lines are generated (seed printed; ``TRAINGUARD_TEST_SEED`` re
 from __future__ import annotations
 
 import json
+import os
 import random
 import stat
 import subprocess
@@ -136,3 +137,23 @@ def test_concurrent_writers_leave_whole_lines(tmp_path: Path) -> None:
     assert len(lines) == writers * each
     assert all(json.loads(line)["ledger"] == "/l.db" for line in lines)
     assert read_pin(path, "w3-7-" + "x" * 7, "/l.db").key_ids == ["ab" * 32]
+
+
+def test_only_a_store_with_a_location_gets_an_anchor(tmp_path: Path) -> None:
+    """The recorder anchors rank 0 of a ledger verify can open by its location; an
+    in-memory capture (replay makes hundreds of guards) or a later rank writes none."""
+    from trainguard.monitor.recorder import Recorder
+
+    path = Path(os.environ[anchorfile.ANCHORS_ENV])
+
+    class Capture:  # what replay's guards write to: no location
+        def append(self, *args: object, **kwargs: object) -> None: ...
+
+    Recorder(Capture(), "replay:r", 0, sign_key=False)  # type: ignore[arg-type]
+    Recorder(str(tmp_path / "l.db"), "r", 1)
+    assert not path.exists()
+    Recorder(str(tmp_path / "l.db"), "r", 0)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(e["run_id"], e["ledger"], e["signed"]) for e in lines] == [
+        ("r", str((tmp_path / "l.db").resolve()), True)
+    ]

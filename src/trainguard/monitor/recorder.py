@@ -87,8 +87,11 @@ class Recorder:
             from trainguard.ledger.runkey import run_key_entry
 
             self.key_id = run_key_entry(self.sign_key)["key_id"]
-        if self.ledger is not None and rank == 0:
-            _anchor(anchors, run_id, str(getattr(self.ledger, "location", "")), self.key_id)
+        location = getattr(self.ledger, "location", None)
+        if isinstance(location, str) and location and rank == 0:
+            # Only a store verify can open by that location: not the in-memory capture
+            # of a replay (hundreds of guards a minute), not a custom object without one.
+            _anchor(anchors, run_id, location, self.key_id)
         if self.key_id is not None:
             # Logged for pinning off the host (--expect-key-id), the strong form of the
             # anchor file's pin: it catches a stream rewritten whole with a new key.
