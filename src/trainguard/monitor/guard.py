@@ -483,14 +483,21 @@ class Guard:
         if self.samples is not None:
             payload["samples"] = self.samples.record(tensors)
         self._record("step", payload)
-        self.seeds.after_record()
-        self._pending = None
-        self.recorder.step_done(self.step_index)
-        if self._sync_due():
-            from trainguard.monitor.distributed import compare_ranks
+        # Once its record is written the step happened: an interrupt from here on (Ctrl-C
+        # while the head is signed or the ranks compared) must not leave the guard at this
+        # step, or a checkpoint saved in the handler names the step before the weights it
+        # holds and the run-end counts one step fewer than the records.
+        try:
+            self.seeds.after_record()
+            self._pending = None
+            self.recorder.step_done(self.step_index)
+            if self._sync_due():
+                from trainguard.monitor.distributed import compare_ranks
 
-            compare_ranks(self)
-        self.step_index += 1
+                compare_ranks(self)
+        finally:
+            self._pending = None
+            self.step_index += 1
 
     def _batch_fingerprint(self, tensors: list[Any]) -> Fingerprint | None:
         """The batch's fingerprint; in budget mode at the steps the schedule draws for
