@@ -225,6 +225,11 @@ model = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Li
 opt = torch.optim.Adam(model.parameters(), lr=0.01)
 guard = watch(model, opt, ledger=sys.argv[1], run_id="term", sign_every=4, hang_seconds=None)
 at, how = float(sys.argv[2]), sys.argv[3]
+child = os.fork()  # a DataLoader worker, say: it inherits the handler and the guard
+if child == 0:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os._exit(7)  # not reached: the child takes the default action, writing nothing
+print("child", os.waitpid(child, 0)[1], flush=True)
 kill = lambda: os.kill(os.getpid(), signal.SIGTERM)
 for step in range(100000 if how == "timer" else int(at) + 5):
     loss = model(torch.randn(8, 4)).pow(2).mean()
@@ -251,6 +256,7 @@ def test_sigterm_ends_an_honest_run_cleanly(tmp_path: Path) -> None:
     # Still killed by SIGTERM (what a scheduler expects), after the guard closed.
     assert done.returncode == -signal.SIGTERM, done.stderr
     assert "not reached" not in done.stdout
+    assert f"child {signal.SIGTERM}" in done.stdout  # killed by the signal, nothing closed
     ends = [r for r in raw_rows(url, "term", 0) if r["kind"] == "run-end"]
     assert [parse_payload(r["payload"]).get("reason") for r in ends] == ["terminated"]
     code, document = verify(url, "term")

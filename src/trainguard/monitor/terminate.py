@@ -17,6 +17,8 @@ What it leaves alone, and why:
   closed at exit, as after any script;
 * a handler installed after watch that calls ours as its previous one
   (Lightning does): ours then does nothing, the later handler owns the exit;
+* a process forked after watch (a DataLoader worker) that gets SIGTERM: the guards are
+  its parent's, so it only takes the default action;
 * a signal that arrives while the guard itself runs (its hooks, its recorder's
   lock, its close): closing then would interleave with a half-written step, so
   the signal is sent again a little later (at most :data:`MAX_DEFERRALS` times;
@@ -44,7 +46,10 @@ MAX_DEFERRALS = 40  # about two seconds of the guard's own work
 # watchdog writing an alert); held by the main thread itself, it is never freed in time.
 LOCK_WAIT_SECONDS = 0.2
 
-_guards: weakref.WeakSet[Any] = weakref.WeakSet()
+# guard -> the pid that made it: a process forked from the training process (a DataLoader
+# worker, which the loader ends with SIGTERM when it does not exit in time) inherits this
+# handler and the guards, and must never write the parent's run-end into the ledger.
+_guards: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 _deferred = 0
 
 
@@ -52,7 +57,7 @@ def install(guard: Any) -> None:
     """Close ``guard`` on SIGTERM (see the module's docstring for when nothing is done)."""
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread
-    _guards.add(guard)
+    _guards[guard] = os.getpid()
     current = signal.getsignal(signal.SIGTERM)
     if current is _on_sigterm or current is not signal.SIG_DFL:
         return
@@ -63,7 +68,8 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     global _deferred
     if signal.getsignal(signum) is not _on_sigterm:
         return  # called as the previous handler of a later one: that one owns the exit
-    open_guards = [g for g in list(_guards) if not g.recorder.finished]
+    me = os.getpid()
+    open_guards = [g for g, pid in list(_guards.items()) if pid == me and not g.recorder.finished]
     if any(_busy(g) for g in open_guards) and _deferred < MAX_DEFERRALS:
         _deferred += 1
         timer = threading.Timer(DEFER_SECONDS, os.kill, (os.getpid(), signum))
