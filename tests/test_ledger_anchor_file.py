@@ -157,3 +157,19 @@ def test_only_a_store_with_a_location_gets_an_anchor(tmp_path: Path) -> None:
     assert [(e["run_id"], e["ledger"], e["signed"]) for e in lines] == [
         ("r", str((tmp_path / "l.db").resolve()), True)
     ]
+
+
+def test_an_anchor_file_named_on_the_command_line_must_exist(tmp_path: Path) -> None:
+    from trainguard.cli.main import main
+    from trainguard.ledger import open_ledger
+
+    url = str(tmp_path / "l.db")
+    ledger = open_ledger(url)
+    ledger.append("r", "step", {"loss": 1.0}, step=0, stream=0)
+    ledger.close()
+    args = ["ledger", "verify", "r", "--ledger", url]
+    assert main([*args, "--anchors", str(tmp_path / "typo.jsonl")]) == 2
+    write_anchor(tmp_path / "a.jsonl", "r", url, KEY)
+    # Pinned from the named file: this ledger's stream 0 carries no key at all.
+    assert main([*args, "--anchors", str(tmp_path / "a.jsonl")]) == 1
+    assert main([*args, "--no-anchors"]) == 0

@@ -250,6 +250,9 @@ def _anchor_pin(args: argparse.Namespace, run: str, location: str) -> AnchorPin:
 
     if args.no_anchors:
         return AnchorPin(None, run, location)
+    if args.anchors and not Path(args.anchors).exists():
+        # Named on purpose: a typo must not quietly leave the run unanchored.
+        raise UsageError(f"--anchors: {args.anchors} does not exist")
     path = Path(args.anchors) if args.anchors else default_path()
     return read_pin(path, run, location)
 
