@@ -23,8 +23,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainguard.monitor.gradfactor import (
+    RTOL_DISTRIBUTED,
+    RTOL_EXACT,
+    RTOL_LOW,
+    Clipping,
+    FactorJudge,
+    Pair,
+)
 from trainguard.monitor.kinds import Unchecked, unreadable
 from trainguard.monitor.safety import compile_safe
+from trainguard.monitor.setup import total_grad_norm
 from trainguard.monitor.sharding import is_dtensor, local, state_owner
 
 SAMPLES_PER_PARAM = 256
@@ -37,7 +46,14 @@ class DirectionReport:
 
 
 class DirectionCheck:
-    def __init__(self, named_params: list[tuple[str, Any]], key: bytes) -> None:
+    def __init__(
+        self,
+        named_params: list[tuple[str, Any]],
+        key: bytes,
+        clipping: Clipping = "global",
+        *,
+        norm_rule: bool = True,
+    ) -> None:
         import torch
 
         self.torch = torch
@@ -67,6 +83,13 @@ class DirectionCheck:
         # probe skipped (budget mode): the moments' change is then unknown.
         self.moments: dict[int, Any] | None = {}
         self.mismatch: str | None = None
+        # What may happen to a gradient between backward and the step (gradfactor.py);
+        # ``broken`` says what did not, at this step's pre-hook.
+        # A sharded gradient's norm here is this rank's slice, not what clipping saw.
+        sharded = any(is_dtensor(p) for _, p in self.params)
+        self.factor = FactorJudge(clipping, norm_rule=norm_rule and not sharded)
+        self.broken: str | None = None
+        self.norm_now: float | None = None  # the total gradient norm, when taken this step
 
     def adopt(self, named: list[tuple[str, Any]], *, hook: bool = True) -> None:
         """Start probing these parameters (at start-up, and for a param group added later:
@@ -112,6 +135,7 @@ class DirectionCheck:
         """A step the probe does not check (budget mode): forget what it cannot compare."""
         self.backward_samples.clear()
         self.moments = None
+        self.norm_now = None  # the guard's grad_norm must not read an older step's
 
     def before_step(self) -> list[str]:
         """At optimizer.step entry: sample weights, compare gradient sums. Names flipped ones."""
@@ -122,29 +146,48 @@ class DirectionCheck:
         # parameter has no gradient: every rank sends the same shape to all_reduce
         # (and takes part even when it has nothing), so ranks never misalign.
         slots: list[tuple[str, Any, Any]] = []
+        self.broken, self.norm_now = None, None
+        gone: list[str] = []  # a gradient backward left that the step cannot read as it was
+        had: set[str] = set()  # parameters whose gradient backward left (and we sampled)
+        low = False  # a gradient below float32: rounding at 2^-8
         for name, p in self.params:
             if id(p) not in self.index:
                 continue
             idx = self.index[id(p)]
             back = self.backward_samples.get(id(p))
             back = back.to(torch.float64) if back is not None else None
-            if p.grad is None or unreadable(local(p.grad)) is not None:
-                if p.grad is not None:
-                    self.unchecked.add(name, f"gradient {unreadable(local(p.grad))}")
+            if back is not None:
+                had.add(name)
+            grad = p.grad
+            why = unreadable(local(grad)) if grad is not None else "None"
+            if why is None and back is not None and tuple(grad.shape) != tuple(p.shape):
+                why = f"of shape {tuple(grad.shape)}"
+            if why is not None:
+                if back is not None:
+                    gone.append(f"{name} ({why})")
+                elif grad is not None:
+                    self.unchecked.add(name, f"gradient {why}")
                 slots.append(
                     (name, None, torch.zeros(idx.numel(), dtype=torch.float64, device=idx.device))
                 )
                 continue
+            low = low or local(grad).element_size() < 4
             self.before[id(p)] = local(p).detach().reshape(-1)[idx].to(torch.float64)
-            now = local(p.grad).detach().reshape(-1)[idx].to(torch.float64)
+            now = local(grad).detach().reshape(-1)[idx].to(torch.float64)
             self.grad_at_step[id(p)] = now
             if back is None or back.shape != now.shape:
                 back = torch.zeros_like(now)
             slots.append((name, now, back))
         self.backward_samples.clear()
+        if gone:
+            self.broken = (
+                f"{len(gone)} gradient(s) backward left are not there at optimizer.step as "
+                f"they were: {', '.join(gone[:5])}"
+            )
         if not slots or (not self.distributed and all(n is None for _, n, _ in slots)):
             return []
         backs = torch.cat([b for _, _, b in slots])
+        own = backs.clone() if self.distributed else None  # all_reduce writes in place
         if self.distributed:
             # Data-parallel ranks average their gradients after backward: compare
             # with the average of every rank's backward samples, not our own.
@@ -163,6 +206,21 @@ class DirectionCheck:
                 for b, n in zip(backs.split(sizes), nows, strict=True)
             ]
         )
+        pairs = [
+            Pair(name, b, n)
+            for (name, n, _), b in zip(slots, backs.split(sizes), strict=True)
+            if n is not None and name in had
+        ]
+        mine = None
+        if own is not None:
+            mine = [
+                Pair(name, b, n)
+                for (name, n, _), b in zip(slots, own.split(sizes), strict=True)
+                if n is not None and name in had
+            ]
+        rtol = RTOL_DISTRIBUTED if self.distributed else (RTOL_LOW if low else RTOL_EXACT)
+        if self.broken is None:
+            self.broken = self.factor.judge(torch, pairs, rtol, self._total_norm, mine)
         flipped = []
         # One transfer for all parameters (a device sync per parameter costs more on a GPU).
         for (name, now, _), (dot, norm) in zip(slots, stats.to("cpu").tolist(), strict=True):
@@ -172,6 +230,12 @@ class DirectionCheck:
             if now is not None and norm > 0.0 and dot < -0.5 * norm:
                 flipped.append(name)
         return flipped
+
+    def _total_norm(self) -> float:
+        """The optimizer's total gradient norm now (kept: the guard's own grad_norm reads it)."""
+        if self.norm_now is None:
+            self.norm_now = total_grad_norm(self.params, self.torch)
+        return self.norm_now
 
     def after_step(self, optimizer: Any) -> float | None:
         """Cosine between the sampled update and the direction the optimizer prescribes.

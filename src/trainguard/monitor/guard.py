@@ -94,7 +94,9 @@ class Guard:
         self.named_params = list(model.named_parameters())
         own = self.optimizers.answered(self.named_params, 0)  # all, with one optimizer
 
-        self.direction = UpdateDirectionCheck(own, optimizer, self.key)
+        self.direction = UpdateDirectionCheck(
+            own, optimizer, self.key, opts.grad_clipping, norm_rule=not self.optimizers.several
+        )
         # Bound now: an instance attribute shadowing them later does not reach the hooks.
         self._nesting = StepNesting()
         # A closure step of torch's own optimizers is checked whole after its closure:
@@ -284,7 +286,7 @@ class Guard:
                     self._raise(self._hook(check, ctx, before=True))
             if part == "all":
                 self._grad_norm = (
-                    total_grad_norm(self.named_params, self.torch)
+                    self.direction.probe.norm_now or total_grad_norm(self.named_params, self.torch)
                     if self.measure_grad_norm
                     else None
                 )

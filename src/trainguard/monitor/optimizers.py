@@ -264,7 +264,9 @@ class Lane(Check):
         # in); the model's routes are the first lane's (an empty module adds none).
         self.identity = IdentityCheck(torch.nn.Module(), opt)
         update = UpdateModelCheck(named_params, opt, fp.key)
-        self.direction = UpdateDirectionCheck(named_params, opt, fp.key)
+        self.direction = UpdateDirectionCheck(
+            named_params, opt, fp.key, options.grad_clipping, norm_rule=False
+        )
         self.checks: list[Check] = [
             self.tamper,
             self.hyper,

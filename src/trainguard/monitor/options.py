@@ -58,6 +58,8 @@ class WatchOptions:
     budget: float | None = None
     # False: the loop passes guard.step(grad_norm=...), which saves a pass over the gradients.
     measure_grad_norm: bool = True
+    # "per_tensor": the loop clips parameter subsets separately (monitor/gradfactor.py)
+    grad_clipping: Literal["global", "per_tensor"] = "global"
     key: bytes | None = None
     on_alert: OnAlert | AlertHandler = "record"
     data_check: bool = False
@@ -97,6 +99,10 @@ class WatchOptions:
             )
         if self.every < 1:
             problems.append(f"every must be 1 or more, not {self.every}")
+        if self.grad_clipping not in ("global", "per_tensor"):
+            problems.append(
+                f"grad_clipping is 'global' or 'per_tensor', not {self.grad_clipping!r}"
+            )
         if self.sign_every < 1:
             problems.append(f"sign_every must be 1 or more, not {self.sign_every}")
         if isinstance(self.sign_key, bool) and self.sign_key:  # typed out, passed anyway

@@ -7,14 +7,25 @@ from typing import Any
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import Check, StepEnd
 from trainguard.monitor.direction import DirectionCheck
+from trainguard.monitor.gradfactor import Clipping
 
 
 class UpdateDirectionCheck(Check):
     unit = "direction"
 
-    def __init__(self, params: list[tuple[str, Any]], optimizer: Any, key: bytes) -> None:
+    def __init__(
+        self,
+        params: list[tuple[str, Any]],
+        optimizer: Any,
+        key: bytes,
+        clipping: Clipping = "global",
+        *,
+        norm_rule: bool = True,
+    ) -> None:
         self.optimizer = optimizer
-        self.probe = DirectionCheck(params, key)
+        # norm_rule: this optimizer's parameters are all a clip_grad_norm_ call saw (one
+        # optimizer on the model), so a clipped step leaves their total at max_norm.
+        self.probe = DirectionCheck(params, key, clipping, norm_rule=norm_rule)
         self.cosine: float | None = None
         self._names = {id(p): n for n, p in params}  # every parameter, frozen ones too
         self._groups = len(optimizer.param_groups)
@@ -27,16 +38,23 @@ class UpdateDirectionCheck(Check):
             self.probe.adopt(named, hook=False)
         self._groups = len(groups)
         flipped = self.probe.before_step()
+        if self.probe.broken is not None:  # monitor/gradfactor.py
+            broken = [
+                ctx.alert("TG1306", f"between backward and optimizer.step: {self.probe.broken}")
+            ]
+        else:
+            broken = []
         if not flipped:
-            return []
+            return broken
         return [
+            *broken,
             ctx.alert(
                 "TG1306",
                 f"gradients of {len(flipped)} tensor(s) changed sign between "
                 f"backward and optimizer.step (clipping only shrinks them): "
                 f"{', '.join(flipped[:5])}",
                 tensors=flipped[:50],
-            )
+            ),
         ]
 
     def skipped(self, ctx: Context) -> list[Alert]:
