@@ -5,6 +5,7 @@ blind it, one step at a time: the first failures of a check and phase are medium
 the ``QUIET_FAILURES + 1``-th in a run on the note is high.  Generated: random
 interleavings of failing and passing calls over several checks and phases; each
 note's severity follows from the count of failures of its own check and phase alone.
+A core check (``Check.core``) is high at its first failure (red team 3, F3).
 """
 
 from __future__ import annotations
@@ -44,3 +45,25 @@ def test_a_check_failing_again_and_again_is_high_from_its_third_failure() -> Non
 def test_without_a_run_count_a_failure_is_a_medium_note() -> None:
     (note,) = checked("X", "y", Context(0, 0), _fails)
     assert note.severity == Severity.MEDIUM
+
+
+def test_a_core_check_is_high_at_its_first_failure() -> None:
+    """A core check (``Check.core``: what it fails to see is the step's weights, their
+    update, or the code computing it) is high at once; the others as above."""
+    from trainguard.monitor.checks.base import Check
+
+    class CoreProbe(Check):
+        core = True
+
+    class PlainProbe(Check):
+        pass
+
+    rng = seeded()
+    failures: Counter[str] = Counter()
+    for step in range(rng.randint(5, 20)):
+        probe = rng.choice([CoreProbe, PlainProbe])
+        (note,) = checked(probe.__name__, "before_step", Context(step, 0), _fails, failures)
+        count = failures[f"{probe.__name__}.before_step"]
+        high = probe is CoreProbe or count > QUIET_FAILURES
+        assert note.severity == (Severity.HIGH if high else Severity.MEDIUM), (probe, count)
+        assert ("core check" in note.message) == (probe is CoreProbe)
