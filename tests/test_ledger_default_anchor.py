@@ -257,26 +257,27 @@ def test_sigterm_ends_an_honest_run_cleanly(tmp_path: Path) -> None:
     assert done.returncode == -signal.SIGTERM, done.stderr
     assert "not reached" not in done.stdout
     assert f"child {signal.SIGTERM}" in done.stdout  # killed by the signal, nothing closed
-    ends = [r for r in raw_rows(url, "term", 0) if r["kind"] == "run-end"]
+    rows = raw_rows(url, "term", 0)
+    # An honest run: no alert either (a deferral must not look like the guard tampered with).
+    assert [r["kind"] for r in rows if r["kind"] == "alert"] == [], (how, at)
+    ends = [r for r in rows if r["kind"] == "run-end"]
     assert [parse_payload(r["payload"]).get("reason") for r in ends] == ["terminated"]
     code, document = verify(url, "term")
     assert (code, document["findings"]) == (0, []), (how, at)
 
 
 def test_a_process_gone_without_close_leaves_no_unsigned_tail_past_the_time_heads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """os._exit and SIGKILL run no handler: the stream stops where the process did.  Heads
-    signed by time (here every step end: SIGN_SECONDS = 0, no clock in the test) leave
+    signed by time (here every step end: sign_seconds = 0, no clock in the test) leave
     nothing unauthenticated behind them; verify still says the run did not end (TG1211
     high, by design: a cut looks the same)."""
-    from trainguard.monitor import recorder
-
-    monkeypatch.setattr(recorder, "SIGN_SECONDS", 0.0)
     url = str(tmp_path / "ledger.db")
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     guard = tgw.watch(model, opt, ledger=url, run_id="gone", sign_every=1000, hang_seconds=None)
+    guard.recorder.sign_seconds = 0.0  # not the module constant: that is the guard's own state
     steps = seeded().randrange(2, 12)
     for _ in range(steps):
         loss = model(torch.randn(8, 4)).pow(2).mean()

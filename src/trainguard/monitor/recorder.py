@@ -79,6 +79,7 @@ class Recorder:
         # Heads are also signed by time, so a process that dies without closing (os._exit,
         # SIGKILL) leaves at most the last SIGN_SECONDS of its stream unsigned.
         self._signed_at = clock.now()
+        self.sign_seconds = SIGN_SECONDS
         self.finished = False  # finish() is done: the run-end and its heads are written
         self.sign_key: PrivateKey | None = None
         self.key_id: str | None = None
@@ -176,7 +177,7 @@ class Recorder:
         if self.sign_key is None or self.ledger is None:
             return
         now = clock.now()
-        if (step + 1) % self.sign_every == 0 or now - self._signed_at >= SIGN_SECONDS:
+        if (step + 1) % self.sign_every == 0 or now - self._signed_at >= self.sign_seconds:
             with self._lock:
                 self._write_held()  # the head names the last step record
                 self.ledger.sign_head(self.run_id, self.rank, self.sign_key)

@@ -30,6 +30,7 @@ head, which the recorder signs every few seconds too (recorder.SIGN_SECONDS).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -50,7 +51,9 @@ LOCK_WAIT_SECONDS = 0.2
 # worker, which the loader ends with SIGTERM when it does not exit in time) inherits this
 # handler and the guards, and must never write the parent's run-end into the ledger.
 _guards: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-_deferred = 0
+# Deferrals so far, counted without rebinding a global (monitor/ownstate.py holds this
+# package's globals fixed after import: a rebound one reads as the guard tampered with).
+_deferrals = itertools.count()
 
 
 def install(guard: Any) -> None:
@@ -65,13 +68,11 @@ def install(guard: Any) -> None:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    global _deferred
     if signal.getsignal(signum) is not _on_sigterm:
         return  # called as the previous handler of a later one: that one owns the exit
     me = os.getpid()
     open_guards = [g for g, pid in list(_guards.items()) if pid == me and not g.recorder.finished]
-    if any(_busy(g) for g in open_guards) and _deferred < MAX_DEFERRALS:
-        _deferred += 1
+    if any(_busy(g) for g in open_guards) and next(_deferrals) < MAX_DEFERRALS:
         timer = threading.Timer(DEFER_SECONDS, os.kill, (os.getpid(), signum))
         timer.daemon = True
         timer.start()
