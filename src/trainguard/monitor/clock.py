@@ -1,8 +1,9 @@
 """The guard's clock: references to the time functions taken when trainguard is imported.
 
 Code that patches ``time.perf_counter`` (to hide a sleep, or to make every
-step look equally fast in the ledger) after this module is imported does not
-change what the guard reads.  :func:`patched` says whether the module-level
+step look equally fast in the ledger), or ``os.pread`` (to fake the run-queue
+delay read below), after this module is imported does not change what the
+guard reads.  :func:`patched` says whether the module-level
 functions still are the ones captured here, so a guard reports the patch
 (TG1304) instead of silently trusting or distrusting it.
 
@@ -23,11 +24,20 @@ import time
 _PERF_COUNTER = time.perf_counter
 _MONOTONIC = time.monotonic
 _THREAD_TIME = time.thread_time
+# The OS reads behind run_delay (red team 2026-12-05 A11b: ``os.pread`` wrapped to report
+# slept nanoseconds as run-queue delay made a 3.7x slower step look like contention).
+_PREAD = os.pread
+_OPEN = os.open
+_CLOSE = os.close
 _CAPTURED = {
     "time.perf_counter": _PERF_COUNTER,
     "time.monotonic": _MONOTONIC,
     "time.thread_time": _THREAD_TIME,
+    "os.pread": _PREAD,
+    "os.open": _OPEN,
+    "os.close": _CLOSE,
 }
+_MODULES = {"time": time, "os": os}
 SCHEDSTAT = "/proc/thread-self/schedstat"
 
 
@@ -42,8 +52,13 @@ def thread_cpu() -> float:
 
 
 def patched() -> list[str]:
-    """The time functions whose module attribute is no longer the one captured at import."""
-    return [name for name, fn in _CAPTURED.items() if getattr(time, name[5:]) is not fn]
+    """The time and OS functions whose module attribute is no longer the one captured at
+    import (the guard goes on using the captured ones)."""
+    return [
+        name
+        for name, fn in _CAPTURED.items()
+        if getattr(_MODULES[name.split(".")[0]], name.split(".")[1], None) is not fn
+    ]
 
 
 def run_delay(fd: int | None = None) -> float | None:
@@ -51,9 +66,12 @@ def run_delay(fd: int | None = None) -> float | None:
     ``fd``: the file already open (re-read from its start: no open per step)."""
     try:
         if fd is not None:
-            return int(os.pread(fd, 200, 0).split()[1]) / 1e9
-        with open(SCHEDSTAT, "rb") as f:
-            return int(f.read(200).split()[1]) / 1e9
+            return int(_PREAD(fd, 200, 0).split()[1]) / 1e9
+        fd = _OPEN(SCHEDSTAT, os.O_RDONLY)
+        try:
+            return int(_PREAD(fd, 200, 0).split()[1]) / 1e9
+        finally:
+            _CLOSE(fd)
     except (OSError, ValueError, IndexError):
         return None
 
@@ -69,7 +87,7 @@ class ThreadClock:
     def __init__(self) -> None:
         self.thread = threading.get_ident()
         try:  # this thread's file, kept open (it names the thread that opened it)
-            self._fd: int | None = os.open(SCHEDSTAT, os.O_RDONLY)
+            self._fd: int | None = _OPEN(SCHEDSTAT, os.O_RDONLY)
         except OSError:
             self._fd = None
         self.has_delay = run_delay(self._fd) is not None
@@ -88,5 +106,5 @@ class ThreadClock:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            _CLOSE(self._fd)
             self._fd = None

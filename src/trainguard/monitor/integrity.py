@@ -44,7 +44,7 @@ from itertools import repeat
 from typing import Any
 
 from trainguard.findings import Severity
-from trainguard.monitor import clock
+from trainguard.monitor import clock, ownstate
 from trainguard.monitor.alerts import Alert, TrainingStopped
 from trainguard.monitor.budget import RECENT, SPARSEST, WARMUP_STEPS, keyed_draw
 
@@ -92,6 +92,9 @@ class SelfCheck:
         self._keys = [frozenset(vars(o)) if hasattr(o, "__dict__") else None for o in objects]
         self._shadows = {id(o): _shadows(o) for o in objects}
         self._indices = _indices(objects)
+        # trainguard.monitor's own module state (ownstate.py), against what import found:
+        # a table cleared or a threshold rebound before watch() is named at the first check.
+        self._own, self._before = _own_state()
         # The alert path, captured now: none of it is looked up on the guard again.
         self._alerts: list[Alert] = guard.sink.alerts
         self._append = guard.recorder.append
@@ -158,7 +161,7 @@ class SelfCheck:
             for k, (t, n, v) in states.items():
                 if held.get(k) is not t or t._version != v or t.numel() != n:
                     return False
-        return True
+        return not self._before and self._own.unchanged()
 
     def problems(self) -> list[str]:
         guard = self._guard()
@@ -192,6 +195,17 @@ class SelfCheck:
                 for k, (t, n, v) in states.items()
             ):
                 found.append(f"{label} sample indices changed")
+        found += self._own_changes()
+        return found
+
+    def _own_changes(self) -> list[str]:
+        """trainguard's module state that changed (ownstate.py); a table that only grew
+        or a global added is taken as the new state."""
+        found = [f"{name} changed before watch()" for name in self._before]
+        self._before = []
+        if not self._own.unchanged():
+            found += [f"{name} changed" for name in self._own.changes(grow=True)]
+            self._own = ownstate.Snapshot()  # each change reported once
         return found
 
     def verify(self, step: int, rank: int) -> None:
@@ -275,6 +289,26 @@ def _indices(objects: list[Any]) -> dict[str, Indexed]:
             label = label if label not in out else f"{label} #{len(out)}"  # a lane's own
             out[label] = (o, held, {k: _state(t) for k, t in held.items()})
     return out
+
+
+# trainguard.monitor's module state as import left it (monitor/__init__.py takes it).
+_AT_IMPORT: list[ownstate.Snapshot] = []
+
+
+def take_own_state() -> None:
+    """Record trainguard.monitor's module state (at import, before any training code)."""
+    if not _AT_IMPORT:
+        _AT_IMPORT.append(ownstate.Snapshot())
+
+
+def _own_state() -> tuple[ownstate.Snapshot, list[str]]:
+    """The state a guard holds its modules to, and what changed since import other than
+    growth (a model registered, a cache filled, a module imported since)."""
+    take_own_state()
+    before = _AT_IMPORT[0]
+    if before.unchanged() and before.modules.keys() == ownstate.modules().keys():
+        return before, []
+    return ownstate.Snapshot(), before.changes(grow=True)
 
 
 # Each guard's self-check, looked up by the guard (never through an attribute of it).
