@@ -888,6 +888,23 @@ RULES: dict[str, Rule] = {
             "provides modules; medium for an editable install's own module that other "
             "installed code imports (its source folder is not verified).",
         ),
+        Rule(
+            "TG627",
+            "env-native-unlisted",
+            _H,
+            "A file no RECORD lists inside an installed package's folder that the dynamic "
+            "loader can run (ELF, Mach-O or PE magic, or a library's name such as .so, "
+            ".so.N, .dylib, .pyd, .dll): a library is found by search path (RUNPATH "
+            "$ORIGIN) and its constructor runs without any import naming it.",
+        ),
+        Rule(
+            "TG628",
+            "env-record-foreign",
+            _H,
+            "A RECORD row for a file in a folder whose other files another distribution's "
+            "RECORD lists: a RECORD vouches only for its own distribution's folders, so "
+            "a row added to some other RECORD for a planted file vouches for nothing.",
+        ),
         # -- safetensors (TG8xx) -----------------------------------------------
         Rule(
             "TG801",

@@ -24,6 +24,7 @@ from trainguard.env.findings import (
     startup_finding,
 )
 from trainguard.env.imports import owned_folders
+from trainguard.env.native import foreign_rows
 from trainguard.env.pathcode import root_code
 from trainguard.env.pth import pth_files, read_pth, startup_modules
 from trainguard.env.pyc import PycJob, check_pycs
@@ -348,6 +349,7 @@ def gather(
             ev.file_errors[path] = reason
     hashed = Hashed(files, digests, errors)
     _dist_findings(ev, sorted_, hashed)
+    ev.findings.extend(foreign_rows(dists, scope.roots))
     # Start-up hooks that only a RECORD row vouches for wait for the reference (if any).
     hooks: list[tuple[Finding, InstalledDist | None]] = []
     for path in pths:

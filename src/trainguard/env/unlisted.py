@@ -18,10 +18,11 @@ from trainguard.env.imports import (
     plugin_importers,
     stdlib_sources,
 )
+from trainguard.env.native import link_finding, loader_format, native_finding
 from trainguard.env.pathcode import Candidate, candidate_findings, installed_top_names, wanted_names
 from trainguard.env.record import InstalledDist
 from trainguard.env.sort import Scope, Sorted, legacy_source
-from trainguard.env.walk import SPECIAL
+from trainguard.env.walk import FILE, SPECIAL
 from trainguard.findings import Finding
 
 
@@ -88,7 +89,10 @@ def loose_findings(
         if imported is None and hosts.get(path) in plugins:
             imported = (offered[path][0], plugins[hosts[path]])
         size = got.size if got else 0
+        root = next((r for r in roots if path.startswith(r + os.sep)), "")
         item = unlisted_finding(path, present[path], size, shadowing[path], imported)
+        if item.rule == "TG603" and root:
+            item = _native(path, root, present[path], owned, size) or item
         if got is not None:
             item.evidence["sha256"] = got.values[DEFAULT_ALGORITHM].hex()
         out.append(item)
@@ -96,6 +100,16 @@ def loose_findings(
         provided = installed_top_names(own.rows, roots)
         out.extend(candidate_findings(on_roots, provided, importers, own_names or {}))
     return out
+
+
+def _native(path: str, root: str, kind: str, owned: set[str], size: int) -> Finding | None:
+    """What is worse than an unlisted file: a linked package at an import root, or a
+    file the dynamic loader runs inside an installed package (see env.native)."""
+    if kind != FILE:
+        return link_finding(path, root, kind)
+    host = host_folder(path, root, owned)
+    how = loader_format(path) if host is not None else None
+    return native_finding(path, host, size, how) if host is not None and how else None
 
 
 def _installed_sources(dists: list[InstalledDist], roots: list[str]) -> list[tuple[str, str]]:

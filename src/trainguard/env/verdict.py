@@ -43,8 +43,9 @@ from trainguard.filestate import Entry, Identity, entry_for, settled
 from trainguard.findings import Finding, Severity
 
 # 2, 3: .pth path entries, launchers, metadata-only hooks and an editable install's own
-# imported module are judged; a verdict reached without them is never reused.
-FORMAT = 3
+# imported module are judged; 4: loader-runnable unlisted files (TG627), foreign RECORD
+# rows (TG628), linked packages (TG604); a verdict reached without them is never reused.
+FORMAT = 4
 
 
 @dataclass
