@@ -70,7 +70,7 @@ def targets(hook: Any) -> list[Any]:
     return out + todo  # what was left unfollowed is judged as it is
 
 
-def _home(fn: types.FunctionType) -> str:
+def home(fn: types.FunctionType) -> str:
     """The module whose namespace ``fn`` runs in, when it is that module's own code
     (its globals are the module's dict and its code comes from the module's file)."""
     name = fn.__globals__.get("__name__")
@@ -87,8 +87,7 @@ def trusted(hook: Any) -> bool:
     """Whether everything ``hook`` runs is trainguard's or torch's distributed machinery."""
     found = targets(hook)
     return bool(found) and all(
-        isinstance(f, types.FunctionType)
-        and (_home(f).startswith(MACHINERY + OWN) or _decorator(f))
+        isinstance(f, types.FunctionType) and (home(f).startswith(MACHINERY + OWN) or _decorator(f))
         for f in found
     )
 
@@ -96,7 +95,7 @@ def trusted(hook: Any) -> bool:
 def _decorator(fn: types.FunctionType) -> bool:
     """A wrapper torch's own decorators made (``torch.no_grad()``, ``_disable_dynamo``):
     judged by what it wraps, which :func:`targets` also returns."""
-    return "__wrapped__" in fn.__dict__ and _home(fn).startswith("torch")
+    return "__wrapped__" in fn.__dict__ and home(fn).startswith("torch")
 
 
 def name(hook: Any) -> str:

@@ -20,6 +20,7 @@ from trainguard.monitor.checks.spikes import SpikeCheck
 from trainguard.monitor.checks.state import StateModelCheck
 from trainguard.monitor.checks.surface import SurfaceCheck
 from trainguard.monitor.checks.timing import StallCheck
+from trainguard.monitor.checks.tracing import TracingCheck
 from trainguard.monitor.checks.update import UpdateModelCheck
 from trainguard.monitor.fingerprint import Fingerprinter
 from trainguard.monitor.forwards import ForwardWatch
@@ -53,6 +54,8 @@ def behaviour(
     found += [SpikeCheck(windows["loss"], windows["grad_norm"])]
     # Modes, saved-tensor hooks, kernels and AccumulateGrad hooks (below Python names).
     found += interception_checks(named, fp.key)
+    # Trace and profile functions, gc callbacks: called at every frame, no attribute.
+    found += [TracingCheck()]
     # Training state outside the fingerprints: buffers and module settings change only
     # inside forward (hooks on the root module say when), torch's generator only advances.
     forwards = ForwardWatch(model)
