@@ -114,6 +114,11 @@ class ScheduleModel:
 def _plain(v: Any) -> Any:
     if isinstance(v, (int, float, str, bool)) or v is None:
         return v
+    if callable(v):
+        # A function or callable object (LambdaLR's lr_lambdas): its repr holds its address,
+        # which the copy's deep-copied object does not share; checks/scheduler.py compares
+        # what it computes with (code, closure, globals, attributes) by value.
+        return f"<callable {type(v).__qualname__}>"
     if isinstance(v, (tuple, list)):
         return [_plain(x) for x in v]
     if hasattr(v, "item") and getattr(v, "numel", lambda: 2)() == 1:

@@ -35,6 +35,7 @@ from typing import Any
 from trainguard.findings import Severity
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import Check, StepEnd
+from trainguard.monitor.checks.scheduler import ScheduleWatch
 from trainguard.monitor.fingerprint import hyperparameters
 from trainguard.monitor.schedule import ScheduleModel
 
@@ -49,6 +50,8 @@ class HyperparameterCheck(Check):
         self.optimizer = optimizer
         self.schedule = ScheduleModel(scheduler, optimizer) if scheduler is not None else None
         self.groups = hyperparameters(optimizer)
+        # The scheduler's functions and step count (checks/scheduler.py: red team 4 A02).
+        self.watch = ScheduleWatch(scheduler) if scheduler is not None else None
         # Changes awaiting guard.step: (group, key, old, new, the schedule's value or None)
         self._held: list[tuple[int, str, Any, Any, Any]] = []
         self._declared: dict[str, Any] = {}  # guard.step(hyper=...) for the coming step_end
@@ -70,11 +73,13 @@ class HyperparameterCheck(Check):
             return []
         now = hyperparameters(self.optimizer)
         expected = self.schedule.expected() if self.schedule is not None else None
-        alerts = []
+        alerts: list[Alert] = []
         if self.schedule is not None:
             changed = self.schedule.tampered()
             if changed:
-                alerts.append(
+                # Judged at guard.step with the scheduler's functions: changed=["scheduler"].
+                held_by = self.watch.hold if self.watch is not None else alerts.append
+                held_by(
                     ctx.alert(
                         "TG1303",
                         f"the scheduler's settings changed: {'; '.join(changed[:5])}",
@@ -125,7 +130,9 @@ class HyperparameterCheck(Check):
             self._lr_since.update(enumerate(declared or []))
             self._said_since.update(said)
         lr_since, said_since = self._lr_since, self._said_since
-        alerts, recorded = [], []
+        # At every step, also those budget mode skips: microseconds (checks/scheduler.py).
+        alerts = self.watch.check(ctx, end) if self.watch is not None else []
+        recorded = []
         for i, k, old, new, given in held:
             lr = new if k == "lr" else None
             if declared is not None and k == "lr" and i < len(declared) and close(lr, declared[i]):
@@ -145,6 +152,8 @@ class HyperparameterCheck(Check):
                 self._follow(i, k, new)
                 continue
             alerts.append(_changed(ctx, i, k, old, new, given))
+        if self.watch is not None and self.watch.declared and self.schedule is not None:
+            self.schedule.resync()  # a schedule changed on purpose: a new copy from here
         if self._fresh:  # the groups were taken again: what was declared before is judged
             self._lr_since, self._said_since = {}, {}
         self._skipping = self._fresh = False

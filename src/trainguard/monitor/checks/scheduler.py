@@ -1,0 +1,245 @@
+"""What a learning-rate scheduler computes with, and how often it steps (TG1303).
+
+The guard recomputes the schedule on a copy (monitor/schedule.py), but a deep
+copy keeps function objects: ``LambdaLR``'s lambda, its closure cells and the
+globals it reads are shared by the real scheduler and the copy, and the copy
+catches up to the real ``last_epoch`` however many times it stepped.  Red team
+4 changed the learning rate through both (A02): a global the lambda reads
+rebound (``WARM = 400``) with the param groups set to what the changed lambda
+gives, and 25 extra ``scheduler.step()`` calls once, or one extra every step.
+
+Two invariants, both checked at every ``guard.step`` (budget mode too: a few
+dozen objects compared, microseconds), high at the step:
+
+* :class:`ScheduleCode`: the functions a scheduler holds (``lr_lambdas``, any
+  function or ``functools.partial`` in its attributes, those of the schedulers
+  it chains) keep their code, defaults, closure contents and the globals their
+  code reads (followed into the functions those name, like the optimizer's
+  globals route in monitor/identity.py), taken by value at start;
+* :class:`StepCount`: the scheduler's ``last_epoch`` and ``_step_count``
+  advance at most once between two ``guard.step`` calls, or as often as they
+  did at most in the ``WARMUP`` steps after the first (a loop stepping it per
+  micro-batch with gradient accumulation: k per step).  The first step is
+  not judged (a loop may step the scheduler once before training).
+
+A loop that changes its schedule on purpose (a longer run, an extra step on
+resume) declares it at that step: ``guard.step(changed=["scheduler"])`` (with
+``lr=`` for a rate it wrote itself); the guard's copy is then taken again.
+Not seen: code that reads globals by name (``globals()[...]``) or attributes
+of objects more than one level below a global or cell, and functions of other
+modules (``math.cos`` rebound: the identity routes watch torch's).
+"""
+
+from __future__ import annotations
+
+import dis
+import functools
+import types
+from typing import Any
+
+from trainguard.monitor.alerts import Alert, Context
+from trainguard.monitor.checks.base import StepEnd
+from trainguard.monitor.forwards import declared_names
+
+MAX_FUNCTIONS = 200  # functions followed from one scheduler's callables
+MAX_ITEMS = 4096  # elements of a container or tensor snapshotted by value
+WARMUP = 3  # checked steps whose advance sets the cadence
+DECLARED = "scheduler"  # guard.step(changed=["scheduler"])
+
+
+class ScheduleCode:
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.baseline = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        todo = [(f"scheduler.{k}", v) for k, v in _callables(self.scheduler)]
+        seen: set[int] = set()
+        while todo and len(seen) < MAX_FUNCTIONS:
+            label, obj = todo.pop(0)
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, functools.partial):
+                out[label] = (obj.func, _snap(obj.args), _snap(obj.keywords))
+                todo.append((f"{label}.func", obj.func))
+                continue
+            if not isinstance(obj, types.FunctionType):
+                out[label] = (type(obj), _snap(obj))  # a callable object: its attributes
+                call = vars(type(obj)).get("__call__")  # its class's own, not inherited
+                if isinstance(call, types.FunctionType):
+                    todo.append((f"{label}.__call__", call))
+                continue
+            cells = []
+            for cell in obj.__closure__ or ():
+                try:
+                    cells.append(cell.cell_contents)
+                except ValueError:  # an empty cell (a name assigned later)
+                    cells.append(_EMPTY)
+            space = obj.__globals__
+            names = _global_loads(obj.__code__)
+            out[label] = (obj.__code__, _snap(obj.__defaults__), _snap(obj.__kwdefaults__))
+            named = [(f"{label}.<cell {i}>", c) for i, c in enumerate(cells)]
+            named += [(f"{label}.{n}", space.get(n, _EMPTY)) for n in names]
+            out.update((lab, _snap(v)) for lab, v in named)
+            todo += [(lab, v) for lab, v in named if _followed(v)]
+        return out
+
+    def changed(self) -> list[str]:
+        """What differs from the baseline, by label; takes the new baseline (once)."""
+        now = self._read()
+        out = []
+        for label in sorted(set(now) | set(self.baseline)):
+            try:
+                same = bool(now.get(label, _EMPTY) == self.baseline.get(label, _EMPTY))
+            except Exception:  # an object whose == raises is not the one we saw
+                same = False
+            if not same:
+                out.append(label)
+        self.baseline = now
+        return out
+
+
+class StepCount:
+    """The scheduler's own step counters between two ``guard.step`` calls (one optimizer
+    step: ``optimizer.step(); scheduler.step(); guard.step()``)."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.last = _counters(scheduler)
+        self.first = True  # the first step may also hold a step made before training
+        self.rates: list[int] = []  # advances at the first checked steps
+        self.cadence: int | None = None
+
+    def check(self) -> str | None:
+        """A message when the scheduler stepped more often than the optimizer allows."""
+        now = _counters(self.scheduler)
+        moved = max((b - a for a, b in zip(self.last, now, strict=True)), default=0)
+        self.last = now
+        if self.first:
+            self.first = False
+            return None
+        if self.cadence is None:
+            self.rates.append(moved)
+            if len(self.rates) >= WARMUP:
+                self.cadence = max(1, *self.rates)
+            return None
+        if moved <= self.cadence:
+            return None
+        return (
+            f"the scheduler stepped {moved} times in one optimizer step where it steps at "
+            f"most {self.cadence}: extra scheduler.step() calls move the learning rate "
+            "along its schedule (the guard's copy follows the count)"
+        )
+
+
+def _counters(scheduler: Any) -> tuple[int, ...]:
+    out = []
+    for name in ("last_epoch", "_step_count"):
+        value = getattr(scheduler, name, None)
+        out.append(value if isinstance(value, int) and not isinstance(value, bool) else 0)
+    return tuple(out)
+
+
+def _callables(scheduler: Any, depth: int = 0) -> list[tuple[str, Any]]:
+    """The functions and callable objects a scheduler holds (not its own methods), and
+    those of the schedulers it chains (SequentialLR, ChainedScheduler)."""
+    out: list[tuple[str, Any]] = []
+    for key, value in list(vars(scheduler).items()):
+        if key == "optimizer":
+            continue
+        items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
+        for i, v in items:
+            label = key if i is None else f"{key}[{i}]"
+            if hasattr(v, "last_epoch") and hasattr(v, "optimizer") and depth < 3:
+                out += [(f"{label}.{k}", f) for k, f in _callables(v, depth + 1)]
+            elif callable(v) and not isinstance(v, (type, types.MethodType)):
+                out.append((label, v))
+    return out
+
+
+def _followed(v: Any) -> bool:
+    return isinstance(v, (types.FunctionType, functools.partial))
+
+
+def _global_loads(code: types.CodeType) -> list[str]:
+    """The global names a function's code (and the code nested in it) loads."""
+    names: set[str] = set()
+    todo, seen = [code], 0
+    while todo and seen < MAX_FUNCTIONS:
+        c = todo.pop()
+        seen += 1
+        todo += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+        for ins in dis.get_instructions(c):
+            if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+                names.add(str(ins.argval))
+    return sorted(names)
+
+
+def _snap(v: Any, depth: int = 0) -> Any:
+    """A value to compare later: plain data by value (copied), tensors by their elements,
+    an object's plain attributes one level down, anything else by identity."""
+    if v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
+        return v
+    if depth > 3:
+        return ("id", id(v))
+    if isinstance(v, (list, tuple, set, frozenset)):
+        items = sorted(v, key=repr) if isinstance(v, (set, frozenset)) else list(v)
+        return (type(v), tuple(_snap(x, depth + 1) for x in items[:MAX_ITEMS]), len(v))
+    if isinstance(v, dict):
+        pairs = list(v.items())[:MAX_ITEMS]
+        return (dict, tuple((repr(k), _snap(x, depth + 1)) for k, x in pairs), len(v))
+    if hasattr(v, "detach") and hasattr(v, "numel"):  # a tensor: its values
+        t = v.detach()
+        head = t.reshape(-1)[:MAX_ITEMS].tolist() if t.device.type != "meta" else []
+        return ("tensor", str(t.dtype), tuple(t.shape), tuple(head))
+    if isinstance(v, (types.ModuleType, type, types.FunctionType, functools.partial)):
+        return ("id", id(v), v)  # functions and partials are followed by themselves
+    attrs = getattr(v, "__dict__", None)
+    if isinstance(attrs, dict) and depth < 2:
+        return ("obj", id(v), _snap(attrs, depth + 1))
+    return ("id", id(v), v)
+
+
+class _Empty:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_EMPTY = _Empty()
+
+
+class ScheduleWatch:
+    """Both invariants for one scheduler, at every ``guard.step``."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.code = ScheduleCode(scheduler)
+        self.count = StepCount(scheduler)
+        self._held: list[Alert] = []
+        self.declared = False  # the last guard.step declared changed=["scheduler"]
+
+    def hold(self, alert: Alert) -> None:
+        """A change of the scheduler's settings the step hooks found (checks/hyper.py):
+        declared the same way."""
+        self._held.append(alert)
+
+    def check(self, ctx: Context, end: StepEnd) -> list[Alert]:
+        found, self._held = self._held, []
+        changed = self.code.changed()
+        if changed:
+            found.append(
+                ctx.alert(
+                    "TG1303",
+                    "the scheduler's functions changed (code, defaults, closure or the "
+                    f"globals they read): {', '.join(changed[:5])}: the learning rate they "
+                    "compute is someone else's",
+                    key="scheduler",
+                    changes=changed[:50],
+                )
+            )
+        extra = self.count.check()
+        if extra is not None:
+            found.append(ctx.alert("TG1303", extra, key="scheduler"))
+        self.declared = DECLARED in declared_names(end.declared_changes)
+        return [] if self.declared else found
