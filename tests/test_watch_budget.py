@@ -78,12 +78,11 @@ def test_honest_run_on_a_tight_budget_is_quiet_and_checks_few_boundaries() -> No
     assert 16 <= guard.checked_boundaries <= 20  # the warm-up, then (nearly) none
 
 
-def _edit(how: str, *, repeated: bool = False) -> sc.Sabotage:
-    """An edit between steps ``EDIT_AT - 1`` and ``EDIT_AT`` (``repeated``: and between
-    every two steps after)."""
+def _edit(how: str) -> sc.Sabotage:
+    """One edit between steps ``EDIT_AT - 1`` and ``EDIT_AT``."""
 
     def sabotage(step: int, model: Any, opt: Any) -> None:
-        if step != EDIT_AT - 1 and not (repeated and step >= EDIT_AT):
+        if step != EDIT_AT - 1:
             return
         with torch.no_grad():
             if how == "in-place":
@@ -108,25 +107,14 @@ def _edit(how: str, *, repeated: bool = False) -> sc.Sabotage:
     ],
 )
 def test_version_counters_catch_edits_between_steps(how: str, rule: str, tensor: str) -> None:
-    """The version counters are the schedule's unit "versions": an edit between every two
-    steps from ``EDIT_AT`` on is named by them at the first boundary drawn for them."""
-    guard = sc.run(300, budget=RARE, key=bytes(range(32)), sabotage=_edit(how, repeated=True))
-    drawn = [s for s in guard.schedule.recent["versions"] if s >= EDIT_AT]
-    assert drawn, "no boundary drawn for the version counters after the edit (key, length)"
+    """The version counters run at every boundary in budget mode too: a single edit
+    between two steps is named at its step, whatever the schedule draws (sampled, a
+    one-off edit at a boundary left out was never seen again: red team 4 A19)."""
+    guard = sc.run(60, budget=RARE, key=bytes(range(32)), sabotage=_edit(how))
     hits = [a for a in guard.alerts if a.rule == rule and a.evidence.get("via") == "version"]
-    assert hits and hits[0].step == drawn[0]
+    assert hits and hits[0].step == EDIT_AT
     assert any(tensor in t for t in hits[0].evidence["tensors"])
     assert min(a.step for a in guard.alerts if a.rule == rule) >= EDIT_AT
-
-
-def test_version_counters_compare_only_the_boundaries_drawn_for_them() -> None:
-    """A single edit between two steps is named by the version counters exactly when
-    that boundary is drawn for them (what sampling them gives up: docs/watch.md)."""
-    key = bytes(range(32))
-    guard = sc.run(EDIT_AT + 2, budget=RARE, key=key, sabotage=_edit("in-place"))
-    hits = [a for a in guard.alerts if a.rule == "TG1301" and a.evidence.get("via") == "version"]
-    drawn = EDIT_AT in guard.schedule.recent["versions"]
-    assert [a.step for a in hits] == ([EDIT_AT] if drawn else [])
 
 
 def test_a_data_write_is_seen_by_the_sampled_chunks() -> None:

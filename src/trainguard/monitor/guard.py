@@ -29,6 +29,7 @@ from trainguard.monitor.checks.direction import UpdateDirectionCheck
 from trainguard.monitor.checks.environment import EnvironmentCheck
 from trainguard.monitor.checks.hyper import HyperparameterCheck
 from trainguard.monitor.checks.identity import IdentityCheck
+from trainguard.monitor.checks.lossfn import loss_checks
 from trainguard.monitor.checks.seeds import SeedCheck
 from trainguard.monitor.checks.tamper import TamperCheck
 from trainguard.monitor.declare import outside_step as _outside_step
@@ -159,6 +160,7 @@ class Guard:
         # The order alerts of one phase come in.
         self.checks: list[Check] = [self.tamper, self.hyper, self.identity, self.seeds]
         self.checks += [self.direction, *behaviour, *checks.loader_draws(self.dataloader)]
+        self.checks += loss_checks(opts.loss_fn, self.fp)  # the criterion's settings, buffers
         self.checks += self.lanes
         # Each optimizer's step reads the others' weights (checks/peers.py).
         self.checks += peer_checks(self.optimizers, self.tamper, self.lanes)
@@ -170,12 +172,11 @@ class Guard:
         # run at the steps this schedule draws with the run's key (monitor/budget.py).
         # The batch's fingerprint is a unit too: its cost follows the batch, not the guard;
         # and the guard's self-check (monitor/integrity.py).
-        # The version counters between steps too, armed a step ahead (checks/tamper.py).
-        extra = {"chunks", "batch", "integrity", "versions"}
+        # Not the version counters between steps: they run at every step (checks/tamper.py).
+        extra = {"chunks", "batch", "integrity"}
         units = sorted({c.unit for c in self.checks if c.unit is not None} | extra)
         self.schedule = Schedule(self.key, opts.budget, units) if opts.budget else None
         self.tamper.schedule = self.schedule
-        self.tamper.versions_unit = "versions" if self.schedule is not None else None
         for lane in self.lanes:
             lane.schedule = self.schedule
         self._runs: frozenset[str] | None = None  # the units running at this step
@@ -276,7 +277,6 @@ class Guard:
                 upcoming = self.schedule.runs(self.step_index + 1)
                 for check in self._armed:
                     check.arm(check.unit in upcoming)
-                self._arm_versions(runs, upcoming)
             self.tamper.sampling = runs is None or "chunks" in runs
             self._entered, self._entry_ctx = (
                 (self.step_index, ctx) if part == "entry" else (-1, None)
@@ -340,13 +340,6 @@ class Guard:
         self._busy = None
         if self.watchdog is not None:
             self.watchdog.touch()
-
-    def _arm_versions(self, runs: Any, upcoming: frozenset[str]) -> None:
-        """The version counters: compared at this step's entry when it is drawn for them,
-        remembered at its end when the next one is (the window each run checks is the
-        one between two steps, whatever the steps before it)."""
-        self.tamper.versioning = runs is None or "versions" in runs
-        self.tamper.versioning_next = "versions" in upcoming
 
     def _calls(self, check: Check, runs: frozenset[str] | None, before: bool) -> bool:
         """Whether ``check`` has anything to do in this step's hook: a scheduled unit left
@@ -430,9 +423,6 @@ class Guard:
         """No step hooks since the last ``guard.step``: a skipped step (AMP overflow), or
         an update that went around them.  Weights change only inside them: check here."""
         ctx = Context(self.step_index, self.rank)
-        if self.schedule is not None:  # this step's own draw (the last armed the one before)
-            step = self.step_index
-            self._arm_versions(self.schedule.runs(step), self.schedule.runs(step + 1))
         self.sink.raise_all(self.identity.before_step(ctx) + self.tamper.before_step(ctx))
         self.sink.raise_all(self.tamper.after_step(ctx))
         self._pending = dict(self.tamper.fields, hooks=False)
