@@ -876,7 +876,11 @@ RULES: dict[str, Rule] = {
             _H,
             "A distribution declares an entry point in a group that a library loads when "
             "it is imported (torch.backends: torch imports and calls it at import torch), "
-            "and no off-host reference (--wheelhouse with --lock) vouches for its bytes.",
+            "or in a group another distribution's installed code names (found by reading "
+            "its sources: pytorch_lightning.callbacks_factory, fsspec.specs, ...), and no "
+            "off-host reference (--wheelhouse with --lock) vouches for its bytes. Found "
+            "groups are medium in a plain verify (an honest plug-in looks the same), high "
+            "with a reference that does not vouch.",
         ),
         Rule(
             "TG626",

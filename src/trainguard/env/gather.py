@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from trainguard.digest_cache import DigestCache
 from trainguard.env.checks import Ownership, record_findings
 from trainguard.env.digests import DEFAULT_ALGORITHM, Digests, Progress, hash_file, hash_wanted
+from trainguard.env.epgroups import plugin_findings
 from trainguard.env.findings import (
     finding,
     is_code,
@@ -43,7 +44,13 @@ from trainguard.env.sort import (
 )
 from trainguard.env.syspath import editable_names
 from trainguard.env.unlisted import loose_findings
-from trainguard.env.vouch import autoload_findings, generated_hook, metadata_only, unrecorded_code
+from trainguard.env.vouch import (
+    AUTOLOAD_GROUPS,
+    autoload_findings,
+    generated_hook,
+    metadata_only,
+    unrecorded_code,
+)
 from trainguard.env.walk import SPECIAL, entry_in
 from trainguard.filestate import Entry, Identity, default_workers
 from trainguard.findings import Finding
@@ -403,8 +410,9 @@ def gather(
         vouched = _vouched_by(compared, own)
     for item, owner in hooks:
         ev.findings.append(item if vouched(item.file, owner) else metadata_only(item, owner))
+    plugins = plugin_findings(dists, AUTOLOAD_GROUPS, scope.reference is not None)
     ev.findings.extend(
-        f for f in autoload_findings(dists) if not vouched(f.file, ev.owner_of(f.file))
+        f for f in [*autoload_findings(dists), *plugins] if not vouched(f.file, ev.owner_of(f.file))
     )
     if scope.collect_digests:
         ev.all_digests = {

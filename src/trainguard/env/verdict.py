@@ -44,8 +44,9 @@ from trainguard.findings import Finding, Severity
 
 # 2, 3: .pth path entries, launchers, metadata-only hooks and an editable install's own
 # imported module are judged; 4: loader-runnable unlisted files (TG627), foreign RECORD
-# rows (TG628), linked packages (TG604); a verdict reached without them is never reused.
-FORMAT = 4
+# rows (TG628), linked packages (TG604); 5: entry-point groups installed code loads
+# (TG625); a verdict reached without them is never reused.
+FORMAT = 5
 
 
 @dataclass
