@@ -52,6 +52,9 @@ class WatchOptions:
     # Several optimizers: one scheduler per optimizer that has one, in any order.
     scheduler: Scheduler | Sequence[Scheduler] | None = None
     dataloader: DataLoader | None = None
+    # The criterion (a torch.nn.Module: nn.CrossEntropyLoss(...)): its settings and buffers
+    # are held like the model's (checks/lossfn.py; label_smoothing, ignore_index, weight).
+    loss_fn: Any = None
     # Exact mode: full fingerprints at every ``every``-th boundary; a budget (a fraction of
     # the step time) switches to sampled checks (monitor/budget.py).
     every: int = 1
@@ -99,6 +102,8 @@ class WatchOptions:
             )
         if self.every < 1:
             problems.append(f"every must be 1 or more, not {self.every}")
+        if self.loss_fn is not None and not hasattr(self.loss_fn, "register_forward_pre_hook"):
+            problems.append(f"loss_fn must be a torch.nn.Module, not {type(self.loss_fn).__name__}")
         if self.grad_clipping not in ("global", "per_tensor"):
             problems.append(
                 f"grad_clipping is 'global' or 'per_tensor', not {self.grad_clipping!r}"
