@@ -147,11 +147,16 @@ def _namespaces(*spaces: Any) -> Callable[[], tuple[Any, ...]]:
     functions (and of the functions they wrap), as found when the route was made."""
     fns = [f for ns in spaces for v in list(vars(ns).values()) for f in functions(v)]
     dicts = [vars(ns) for ns in spaces]
+    tables = [t for d in dicts for t in list(d.values()) if _table(t)]
 
     def read() -> tuple[Any, ...]:
         out: list[Any] = []
         for d in dicts:
             out.extend(d.values())
+        for t in tables:  # a dispatch table's entries (collate's map by type), by identity
+            out.append(len(t))
+            out.extend(t.keys())
+            out.extend(t.values())
         out.extend([f.__code__ for f in fns])
         out.extend([f.__defaults__ for f in fns])
         out.extend([f.__kwdefaults__ for f in fns])
@@ -160,6 +165,12 @@ def _namespaces(*spaces: Any) -> Callable[[], tuple[Any, ...]]:
         return tuple(out)
 
     return read
+
+
+def _table(value: Any) -> bool:
+    """A dispatch table: a dict whose values are all code (collate's
+    ``default_collate_fn_map``: an entry replaced rewrites every batch of that type)."""
+    return type(value) is dict and bool(value) and all(callable(v) for v in value.values())
 
 
 def _attr(obj: Any, name: str) -> Callable[[], tuple[Any, ...]]:
@@ -220,6 +231,7 @@ def routes(model: Any, optimizer: Any, dataloader: Any = None) -> list[Route]:
         "torch.nn.utils.clip_grad",
         "torch.random",
         "torch.autograd",
+        "torch.autograd.variable",  # Variable._execution_engine runs every backward
         "torch.nn.functional",
         "torch.nn.modules.loss",
         "torch.utils.data.dataloader",
@@ -461,6 +473,7 @@ def audit(found: list[Route]) -> list[tuple[str, str, bool]]:
                 for where, f in _named_functions(r)
                 if not origin(f).startswith(trusted) and not _generated(f) and not _frozen_stdlib(f)
             }
+            outside |= set(_foreign_objects(r, trusted))
             if outside:
                 out.append((r.label, "; ".join(sorted(outside)[:3]), True))
     if clock.patched():
@@ -487,6 +500,35 @@ def _named_functions(r: Route) -> Iterator[tuple[str, types.FunctionType]]:
                 continue  # a compiled frame's helper (monitor/compiled.py), made by torch
             for f in functions(value):
                 yield f"{prefix}.{key}", f
+            if _table(value):
+                for k, entry in list(value.items()):
+                    for f in functions(entry):
+                        yield f"{prefix}.{key}[{getattr(k, '__qualname__', k)}]", f
+
+
+def _foreign_objects(r: Route, trusted: tuple[str, ...]) -> list[str]:
+    """Objects on torch's routes, neither code nor plain data, whose class runs Python
+    code from outside installed code (a proxy put in place of
+    ``Variable._execution_engine``: every backward runs through it, and it is no
+    function).  C types (torch's engine, locks, pybind11 properties) run none."""
+    out = []
+    for ns in r.spaces:
+        prefix = getattr(ns, "__qualname__", None) or getattr(ns, "__name__", "?")
+        for key, value in list(vars(ns).items()):
+            if isinstance(value, (type, types.ModuleType, types.FunctionType)):
+                continue
+            code = [
+                origin(f)
+                for cls in type(value).__mro__
+                for v in list(vars(cls).values())
+                for f in functions(v)
+                # The standard library's frozen modules and dataclass-made methods.
+                if not f.__code__.co_filename.startswith("<frozen ") and not _generated(f)
+            ]
+            outside = sorted({c for c in code if not c.startswith(trusted)})
+            if outside:
+                out.append(f"{prefix}.{key} = a {type(value).__qualname__} from {outside[0]}")
+    return out
 
 
 def digest(found: list[Route]) -> dict[str, str]:
