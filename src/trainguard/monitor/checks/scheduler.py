@@ -50,6 +50,9 @@ DECLARED = "scheduler"  # guard.step(changed=["scheduler"])
 class ScheduleCode:
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
+        # The global names a code object loads, by the code object (its bytecode is read
+        # once: a new code object is a new key, and is itself compared).
+        self._names: dict[int, tuple[types.CodeType, list[str]]] = {}
         self.baseline = self._read()
 
     def _read(self) -> dict[str, Any]:
@@ -78,7 +81,11 @@ class ScheduleCode:
                 except ValueError:  # an empty cell (a name assigned later)
                     cells.append(_EMPTY)
             space = obj.__globals__
-            names = _global_loads(obj.__code__)
+            code = obj.__code__
+            cached = self._names.get(id(code))
+            if cached is None or cached[0] is not code:
+                cached = self._names[id(code)] = (code, _global_loads(code))
+            names = cached[1]
             out[label] = (obj.__code__, _snap(obj.__defaults__), _snap(obj.__kwdefaults__))
             named = [(f"{label}.<cell {i}>", c) for i, c in enumerate(cells)]
             named += [(f"{label}.{n}", space.get(n, _EMPTY)) for n in names]
