@@ -909,6 +909,19 @@ RULES: dict[str, Rule] = {
             "RECORD lists: a RECORD vouches only for its own distribution's folders, so "
             "a row added to some other RECORD for a planted file vouches for nothing.",
         ),
+        Rule(
+            "TG629",
+            "env-venv-setup",
+            _H,
+            "A virtual environment's own start-up files are not what they must be: "
+            "pyvenv.cfg's home is inside the venv or not a folder (the interpreter and "
+            "standard library live where nothing verifies them), bin/python* does not lead "
+            "to home's interpreter (a wrapper script runs first), or bin/activate* differs "
+            "from what the standard library's venv module writes for this venv beyond its "
+            "folder, name, prompt and interpreter path. Medium: activate names another "
+            "folder (a copied venv), or include-system-site-packages is true (folders this "
+            "verify did not look at); low: activate scripts of another tool, not compared.",
+        ),
         # -- safetensors (TG8xx) -----------------------------------------------
         Rule(
             "TG801",

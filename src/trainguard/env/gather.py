@@ -44,6 +44,7 @@ from trainguard.env.sort import (
 )
 from trainguard.env.syspath import editable_names
 from trainguard.env.unlisted import loose_findings
+from trainguard.env.venvfiles import venv_findings, venv_of
 from trainguard.env.vouch import (
     AUTOLOAD_GROUPS,
     autoload_findings,
@@ -377,6 +378,8 @@ def gather(
             hooks.append((item, own.owner(path)))
         else:
             ev.findings.append(item)
+    for venv in dict.fromkeys(v for v in map(venv_of, scope.roots) if v is not None):
+        ev.findings.extend(venv_findings(venv, scope.roots))
     launchers, looked_at = launcher_findings(dists, scope.roots)
     ev.findings.extend(launchers)
     ev.outside.update(looked_at)

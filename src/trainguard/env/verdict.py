@@ -38,6 +38,7 @@ from typing import Any
 from trainguard.digest_cache import interpreter_tag
 from trainguard.env.pth import startup_modules
 from trainguard.env.sort import Scope, walk_scope
+from trainguard.env.venvfiles import fingerprint_paths, venv_of
 from trainguard.env.walk import LINK
 from trainguard.filestate import Entry, Identity, entry_for, settled
 from trainguard.findings import Finding, Severity
@@ -45,8 +46,8 @@ from trainguard.findings import Finding, Severity
 # 2, 3: .pth path entries, launchers, metadata-only hooks and an editable install's own
 # imported module are judged; 4: loader-runnable unlisted files (TG627), foreign RECORD
 # rows (TG628), linked packages (TG604); 5: entry-point groups installed code loads
-# (TG625); a verdict reached without them is never reused.
-FORMAT = 5
+# (TG625); 6: the venv's own files (TG629); a verdict reached without them is never reused.
+FORMAT = 6
 
 
 @dataclass
@@ -113,6 +114,13 @@ def observe(scope: Scope) -> Observed:
         entry = entries[path] = entry_for(path)
         newest = max(newest, entry.identity.ctime_ns if entry is not None else 0)
         lines.append(_key_line(path, f"{module}@{position}", entry.identity if entry else None))
+    # The venv's own start-up files (pyvenv.cfg, bin/python*, bin/activate*: env.venvfiles).
+    for venv in dict.fromkeys(v for v in map(venv_of, scope.roots) if v is not None):
+        for path in fingerprint_paths(venv):
+            entry = entries[path] = entry_for(path)
+            newest = max(newest, entry.identity.ctime_ns if entry is not None else 0)
+            lines.append(_key_line(path, "venv", entry.identity if entry is not None else None))
+            lines.append(_key_line(path, "venv-itself", _lstat_key(path)))
     digest = None
     if not linked_folder:
         data = "".join(lines).encode("utf-8", "surrogateescape")
