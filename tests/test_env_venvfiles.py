@@ -24,10 +24,12 @@ from pathlib import Path
 import pytest
 
 from tests.seeds import seeded
+from tests.test_env_snapshot import snapshot, verify_against
 from trainguard import filestate
 from trainguard.digest_cache import DigestCache
 from trainguard.env.verify import EnvOptions, EnvResult, verify_environment
 from trainguard.findings import Severity
+from trainguard.signing.keys import generate_keypair
 
 VERSION = f"python{sys.version_info.major}.{sys.version_info.minor}"
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX venv layout")
@@ -125,3 +127,22 @@ def test_system_site_packages_is_reported(tmp_path: Path) -> None:
         f for f in _verify(venv, str(tmp_path / "c.json")).report.findings if f.rule == "TG629"
     ]
     assert [f.severity for f in found] == [Severity.MEDIUM]
+
+
+@pytest.mark.parametrize("attack", sorted(PLANTS))
+def test_snapshot_covers_venv_files(
+    tmp_path: Path, attack: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    private, public = generate_keypair("ecdsa-p256")
+    (tmp_path / "key.pem").write_bytes(private)
+    (tmp_path / "key.pub").write_bytes(public)
+    venv = _venv(tmp_path, "tg")
+    site = venv / "lib" / VERSION / "site-packages"
+    snap = tmp_path / "env.snapshot.json"
+    assert snapshot(site, tmp_path / "key.pem", snap) == 0
+    capsys.readouterr()
+    PLANTS[attack](venv, tmp_path / "canary")
+    code, rules = verify_against(site, snap, tmp_path / "key.pub", capsys)
+    assert code == 1
+    changed = {os.path.basename(p) for p in rules.get("TG615", [])}
+    assert changed & {"pyvenv.cfg", "python3", "activate"}, rules

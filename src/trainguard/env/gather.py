@@ -44,7 +44,7 @@ from trainguard.env.sort import (
 )
 from trainguard.env.syspath import editable_names
 from trainguard.env.unlisted import loose_findings
-from trainguard.env.venvfiles import venv_findings, venv_of
+from trainguard.env.venvfiles import fingerprint_paths, venv_findings, venv_of
 from trainguard.env.vouch import (
     AUTOLOAD_GROUPS,
     autoload_findings,
@@ -183,6 +183,13 @@ def _wanted(
             sizes[entry.path] = entry.size or 0
     for path in (*extra, *sorted_.unlisted, *sorted_.legacy_pycs):
         wanted.setdefault(path, _DEFAULT_ONLY)
+    if scope.collect_digests:
+        # A snapshot records the venv's own start-up files too (env.venvfiles); a
+        # comparison hashes them as every path the snapshot lists.
+        for venv in dict.fromkeys(v for v in map(venv_of, scope.roots) if v is not None):
+            for path in fingerprint_paths(venv):
+                if path.startswith(venv + os.sep):
+                    wanted.setdefault(path, _DEFAULT_ONLY)
     if scope.collect_digests or scope.against is not None:
         # A snapshot records cached pycs too (for --no-pyc); comparing with
         # one leaves them to the pyc check, so they need no digest then.
