@@ -21,6 +21,7 @@ from trainguard.monitor.checks.state import StateModelCheck
 from trainguard.monitor.checks.surface import SurfaceCheck
 from trainguard.monitor.checks.timing import StallCheck
 from trainguard.monitor.checks.tracing import TracingCheck
+from trainguard.monitor.checks.transient import TransientCheck
 from trainguard.monitor.checks.update import UpdateModelCheck
 from trainguard.monitor.fingerprint import Fingerprinter
 from trainguard.monitor.forwards import ForwardWatch
@@ -60,6 +61,8 @@ def behaviour(
     # inside forward (hooks on the root module say when), torch's generator only advances.
     forwards = ForwardWatch(model)
     found += [BufferCheck(model, fp, forwards), SettingsCheck(model, forwards), AdvanceCheck()]
+    # Weights and training flags right at every step hook and wrong while forward runs.
+    found += [TransientCheck(model, forwards, fp.key)]
     # DDP: its comm hooks and bucket settings, and that it averaged the local gradients.
     found += [ReducerCheck(model), AveragedCheck(model, fp.key, forwards)]
     return found + ([SampleCheck(fp, dataloader)] if dataloader is not None else [])

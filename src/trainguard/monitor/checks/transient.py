@@ -1,0 +1,173 @@
+"""Weights and training flags that differ only while forward and backward run (red team 4, F8).
+
+Every other check compares at the optimizer's hooks and at ``guard.step``.  Weights
+zeroed through ``.data`` (no version counter moves) when the batch is collated and
+put back bit for bit after backward, or ``model.eval()`` for the first micro-batches
+of an accumulated step and ``train()`` for the last, are right at each of those
+looks and wrong in between: the gradient, and so the update, came from another
+model.  The invariant: at the start of every forward with gradients enabled,
+
+* each parameter is the tensor the last ``guard.step`` left (same storage pointer),
+  and its keyed sample elements hold the same bits, unless its version counter moved
+  (an optimizer that stepped since: several optimizers on one model; a write that
+  moves the counter is the tamper check's, TG1301) -- TG1301 at that step;
+* the modules' ``training`` flags are those of the step's first such forward, and,
+  from the second step on, those the last step trained with -- TG1318 at that step
+  (an evaluation pass runs under ``no_grad``; a deliberate switch is declared with
+  ``guard.step(changed=["training"])``).
+
+Cost at each forward with gradients: one attribute pair per parameter, a gather of
+``SAMPLES`` elements per parameter and one comparison, and a tuple of the modules'
+flags.  Budget mode: the unit ``transient``, armed a step ahead (the reference is
+taken at the ``guard.step`` before a drawn step, its forwards compared).  Not seen:
+a model sharded by FSDP (its parameters' storage moves at every forward: skipped,
+said once), elements outside the keyed sample of a partial edit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainguard.monitor import clock
+from trainguard.monitor.alerts import Alert, Context
+from trainguard.monitor.checks.base import Check, StepEnd
+from trainguard.monitor.forwards import Change, ForwardWatch, Held, declared_names
+from trainguard.monitor.kinds import unreadable
+from trainguard.monitor.sharding import is_dtensor
+
+SAMPLES = 64  # keyed elements per parameter read at each forward start
+
+
+class TransientCheck(Check):
+    unit = "transient"
+    core = True  # it sees the weights the gradient came from: its failure is high at once
+
+    def __init__(self, model: Any, forwards: ForwardWatch, key: bytes) -> None:
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.held = Held()
+        self.params = [(n, p) for n, p in model.named_parameters() if unreadable(p) is None]
+        sharded = any(is_dtensor(p) for _, p in self.params) or any(
+            type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()
+        )
+        gen = torch.Generator().manual_seed(int.from_bytes(key[16:24], "little") & (2**62))
+        self.index = [
+            torch.randint(0, max(p.numel(), 1), (min(SAMPLES, p.numel()),), generator=gen).to(
+                p.device
+            )
+            for _, p in self.params
+        ]
+        self.weights_on = not sharded
+        self._armed_next = True  # exact mode: every step
+        self._active = True  # this step's forwards are compared
+        self._spent = 0.0
+        self._reference: list[tuple[int, int, Any]] | None = None
+        self._flags: tuple[bool, ...] | None = None  # what the last step trained with
+        self._step_flags: tuple[bool, ...] | None = None  # this step's first forward's
+        self._said: set[str] = set()
+        self._found: list[tuple[str, str, str, dict[str, Any]]] = []  # until guard.step
+        self._remember()
+        forwards.starts.append(self._forward_start)
+
+    def _state(self) -> list[tuple[int, int, Any]]:
+        return [
+            (p._version, p.data_ptr(), p.detach().reshape(-1)[i])
+            for (_, p), i in zip(self.params, self.index, strict=True)
+        ]
+
+    def _remember(self) -> None:
+        self._reference = self._state() if self.weights_on else None
+
+    def _training(self) -> tuple[bool, ...]:
+        return tuple(m.training for m in self.model.modules())
+
+    def _forward_start(self, grad: bool) -> None:
+        if not grad or not self._active:
+            return
+        started = clock.now()
+        try:
+            self._compare_weights()
+            self._compare_flags()
+        finally:
+            self._spent += clock.now() - started
+
+    def _compare_weights(self) -> None:
+        ref = self._reference
+        if ref is None:
+            return
+        now = self._state()
+        off: list[str] = []
+        for k, ((name, _), (v0, ptr0, s0), (v1, ptr1, s1)) in enumerate(
+            zip(self.params, ref, now, strict=True)
+        ):
+            if v1 != v0:  # written in place since (an optimizer's step, or the tamper check's)
+                ref[k] = (v1, ptr1, s1)
+                continue
+            if ptr1 != ptr0 or not self.torch.equal(s0, s1):
+                off.append(name)
+        fresh = [n for n in off if f"weights:{n}" not in self._said]
+        if fresh:
+            self._said |= {f"weights:{n}" for n in fresh}
+            self._found.append(
+                (
+                    "weights",
+                    "TG1301",
+                    f"a forward with gradients ran on weights other than those the last "
+                    f"step left (storage or bits, no version counter moved): "
+                    f"{', '.join(fresh[:5])}",
+                    {"tensors": fresh[:50]},
+                )
+            )
+
+    def _compare_flags(self) -> None:
+        flags = self._training()
+        if self._step_flags is None:
+            self._step_flags = flags
+            base = self._flags
+        else:
+            base = self._step_flags
+        if base is None or flags == base or "training" in self._said:
+            return
+        names = [
+            n or "<model>"
+            for (n, _), a, b in zip(self.model.named_modules(), flags, base, strict=False)
+            if a != b
+        ]
+        self._said.add("training")
+        self._found.append(
+            (
+                "training",
+                "TG1318",
+                f"a forward with gradients ran with other training flags than the step's "
+                f"(eval() for some micro-batches?): {', '.join(names[:5])}",
+                {"modules": names[:50]},
+            )
+        )
+
+    def arm(self, on: bool) -> None:
+        self._armed_next = on
+
+    def outside_seconds(self) -> float:
+        spent, self._spent = self._spent, 0.0
+        return spent
+
+    def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
+        declared = declared_names(end.declared_changes)
+        for name, rule, message, evidence in self._found:  # at the step they happened in
+            self.held.add(Change(name, None, ctx.alert(rule, message, **evidence), by_value=False))
+        self._found = []
+        out = self.held.release(ctx, declared)
+        if self._active and self._step_flags is not None:
+            self._flags = self._step_flags
+        self._step_flags, self._said = None, set()
+        # The next step's forwards are compared with what this step left.
+        self._active = self._armed_next
+        if self._active:
+            started = clock.now()
+            self._remember()
+            self._spent += clock.now() - started
+        else:
+            self._reference = None
+        return out
