@@ -109,15 +109,16 @@ def run(
         lr: Any = None
         if attack is not None and step == attack[1]:
             how = attack[0]
+            if how == "function" and change is None:
+                how = "extra"  # StepLR holds no function
             if how == "extra":
                 # A per-epoch scheduler stepped once more off its epoch boundary is one step
                 # in one optimizer step: not told apart (docs/watch.md); twice is.
                 for _ in range(rng.randrange(2 if cadence == "epoch" else 1, 30)):
                     sched.step()
             elif how == "function":
-                (change or _replace)(sched)
-                if kind != "step":
-                    _match(sched, opt)
+                (change if rng.random() < 0.8 else _replace)(sched)
+                _match(sched, opt)
             said = ["scheduler"] if declare else None
         opt.zero_grad()
         for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
