@@ -67,11 +67,11 @@ def loader_format(path: str) -> str | None:
     return None
 
 
-def native_finding(path: str, host: str, size: int, how: str) -> Finding:
+def native_finding(path: str, host: str, root: str, size: int, how: str) -> Finding:
     return finding(
         "TG627",
         f"no RECORD lists it, and the dynamic loader can run it ({how}) from inside the "
-        f"installed package folder {os.path.basename(host)}: a library there is found by "
+        f"installed package folder {os.path.relpath(host, root)}: a library there is found by "
         "search path ($ORIGIN) without any import naming it",
         path,
         host=host,

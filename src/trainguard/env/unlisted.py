@@ -109,7 +109,7 @@ def _native(path: str, root: str, kind: str, owned: set[str], size: int) -> Find
         return link_finding(path, root, kind)
     host = host_folder(path, root, owned)
     how = loader_format(path) if host is not None else None
-    return native_finding(path, host, size, how) if host is not None and how else None
+    return native_finding(path, host, root, size, how) if host is not None and how else None
 
 
 def _installed_sources(dists: list[InstalledDist], roots: list[str]) -> list[tuple[str, str]]:
