@@ -22,19 +22,24 @@ loads are its own wiring, verified with its RECORD.
 Bounded: only the groups declared are looked for, each file is read once up to
 :data:`trainguard.env.imports.MAX_READ_BYTES` (a larger or unreadable one counts as
 naming every group: fail closed),
-tests folders are skipped.
+tests folders are skipped; what each file names is remembered in the digest cache under
+its stat, so a verify with a warm cache reads only the sources that changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
+from trainguard.digest_cache import DigestCache
 from trainguard.env.findings import finding
 from trainguard.env.imports import _read as read_source
 from trainguard.env.launcher import entry_point_groups
 from trainguard.env.record import InstalledDist
 from trainguard.env.scripts import MAX_ENTRY_POINTS_BYTES, read_small
+from trainguard.filestate import Identity
 from trainguard.findings import Finding, Severity
 
 # Launchers are judged by TG623; pytest loads pytest11 only when pytest runs (see
@@ -60,35 +65,60 @@ def declared(
     return out
 
 
-def loaders(groups: Iterable[str], dists: Iterable[InstalledDist]) -> dict[str, dict[str, str]]:
-    """Group -> meta_dir of each distribution whose code names it -> the file that does."""
+def loaders(
+    groups: Iterable[str],
+    dists: Iterable[InstalledDist],
+    cache: DigestCache | None = None,
+    identity: Callable[[str], Identity | None] | None = None,
+) -> dict[str, dict[str, str]]:
+    """Group -> meta_dir of each distribution whose code names it -> the file that does.
+
+    With a cache, what each file names is remembered under its stat and the set of
+    groups looked for (a new group looks at every file again once)."""
     needles = {g: (f'"{g}"'.encode(), f"'{g}'".encode()) for g in groups}
     out: dict[str, dict[str, str]] = {g: {} for g in needles}
     if not needles:
         return out
+    label = "tg-epgroups-" + hashlib.sha256("\n".join(sorted(needles)).encode()).hexdigest()[:16]
     for dist in dists:
         for row in dist.entries:
             path = row.path
             if not path.endswith(".py") or _TESTS.intersection(path.split(os.sep)):
                 continue
-            data = read_source(path)
-            if data is None:  # listed but gone: TG602 says so
-                continue
-            for group, (double, single) in needles.items():
-                if dist.meta_dir in out[group]:
+            key = identity(path) if cache is not None and identity is not None else None
+            remembered = cache.get(path, key, label, 0) if cache is not None and key else None
+            if cache is not None and remembered is not None:
+                cache.hits -= 1  # not a digest: the summary counts those
+                named = set(remembered[0].decode("utf-8", "replace").split("\n")) - {""}
+            else:
+                started = time.time_ns()
+                data = read_source(path)
+                if data is None:  # listed but gone: TG602 says so
                     continue
                 # A file that cannot be read (too large, not a file) names every group.
-                if isinstance(data, str) or double in data or single in data:
-                    out[group][dist.meta_dir] = path
+                named = {
+                    g
+                    for g, (double, single) in needles.items()
+                    if isinstance(data, str) or double in data or single in data
+                }
+                if cache is not None and key is not None and isinstance(data, bytes):
+                    value = "\n".join(sorted(named)).encode()
+                    cache.put(path, key, label, 0, [value], started)
+            for group in named & needles.keys():
+                out[group].setdefault(dist.meta_dir, path)
     return out
 
 
 def plugin_findings(
-    dists: list[InstalledDist], skip: Iterable[str], has_reference: bool
+    dists: list[InstalledDist],
+    skip: Iterable[str],
+    has_reference: bool,
+    cache: DigestCache | None = None,
+    identity: Callable[[str], Identity | None] | None = None,
 ) -> list[Finding]:
     """TG625 for each entry point declared in a group another distribution's code loads."""
     groups = declared(dists, skip)
-    found = loaders(groups, dists)
+    found = loaders(groups, dists, cache, identity)
     severity = Severity.HIGH if has_reference else Severity.MEDIUM
     out: list[Finding] = []
     for group, points in sorted(groups.items()):

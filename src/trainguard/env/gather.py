@@ -318,6 +318,14 @@ def _own_names(scope: Scope, own: Ownership, digests: dict[str, Digests]) -> dic
     return out
 
 
+def _identity_in(stats: dict[str, Entry | None]) -> Callable[[str], Identity | None]:
+    def identity(path: str) -> Identity | None:
+        entry = entry_in(stats, path)
+        return entry.identity if entry is not None else None
+
+    return identity
+
+
 def gather(
     scope: Scope,
     cache: DigestCache | None,
@@ -420,7 +428,9 @@ def gather(
         vouched = _vouched_by(compared, own)
     for item, owner in hooks:
         ev.findings.append(item if vouched(item.file, owner) else metadata_only(item, owner))
-    plugins = plugin_findings(dists, AUTOLOAD_GROUPS, scope.reference is not None)
+    plugins = plugin_findings(
+        dists, AUTOLOAD_GROUPS, scope.reference is not None, cache, _identity_in(stats)
+    )
     ev.findings.extend(
         f for f in [*autoload_findings(dists), *plugins] if not vouched(f.file, ev.owner_of(f.file))
     )
