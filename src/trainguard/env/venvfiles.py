@@ -3,7 +3,8 @@ interpreter before any site folder is read (red_env2 A2, A3, A6).
 
 * ``pyvenv.cfg``'s ``home`` names the interpreter, whose standard library is what
   ``import ctypes`` runs: a home inside the venv is a standard library nothing
-  verifies (unless ``--stdlib`` checks it), so it is TG629 high; a home that is not
+  verifies (``--stdlib`` compares its compiled files with its sources, not the sources
+  with anything), so it is TG629 high; a home that is not
   a folder too.  ``include-system-site-packages = true`` puts folders this verify
   did not look at on ``sys.path``: TG629 medium, naming them.
 * ``bin/python*`` must lead to that interpreter: a link whose target is in
@@ -259,8 +260,8 @@ def venv_findings(venv: str, roots: list[str]) -> list[Finding]:
             finding(
                 "TG629",
                 f"pyvenv.cfg's home ({home}) is inside the venv: the interpreter and standard "
-                "library every run uses live where nothing verifies them (--stdlib with that "
-                "interpreter would)",
+                "library every run uses live where nothing verifies them (a snapshot taken "
+                "before would)",
                 cfg_path,
                 home=home[:200],
             )
