@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
+from tests import own_state
 from tests.dist_worker import join
 from trainguard.monitor import distributed as tg_distributed
 from trainguard.monitor import guard as tgw
@@ -135,6 +136,7 @@ def short_failures(kind: str) -> None:
     tg_distributed.FAILED_GRACE_SECONDS = FAILED_GRACE
     tg_watchdog.WAIT_NOTE_SECONDS, tg_watchdog.WAIT_NOTE_EVERY = NOTE_AFTER, NOTE_EVERY
     tg_distributed.NOTE_FRESH_SECONDS = NOTE_FRESH
+    own_state.retake()  # set on purpose: the self-check takes them as they are now
 
 
 def wait_for_peers(rank: int, world: int, folder: Path, phase: int) -> None:
