@@ -404,8 +404,8 @@ RULES: dict[str, Rule] = {
             "A stream's run key is not one of the key ids pinned (--expect-key-id, or rank "
             "0's from the anchor file watch wrote at start), or a pinned stream carries no run "
             "key, or one the anchor recorded as unsigned now does: the stream was rewritten "
-            "whole with a new key (or without one). High, not critical, for a rank whose key rank 0 could not vouch "
-            "for because rank 0 died before writing its final run head.",
+            "whole with a new key (or without one). High, not critical, for a rank whose key "
+            "rank 0 could not vouch for because rank 0 died before writing its final run head.",
         ),
         Rule(
             "TG1214",
