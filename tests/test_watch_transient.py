@@ -151,7 +151,7 @@ def test_weights_or_flags_changed_only_during_forward_are_caught(budget: float |
         assert (rule, at) in found, every
         return
     if at in drawn:
-        assert (rule, at) in found, (found, drawn)
+        assert (rule, at) in found, (every, drawn)
     else:  # a one-off edit at a step left out is not seen (docs/watch.md)
         assert not [f for f in found if f[0] == rule], (found, drawn)
     assert all(step >= at for _, step in found), found

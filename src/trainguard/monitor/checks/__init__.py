@@ -62,7 +62,9 @@ def behaviour(
     forwards = ForwardWatch(model)
     found += [BufferCheck(model, fp, forwards), SettingsCheck(model, forwards), AdvanceCheck()]
     # Weights and training flags right at every step hook and wrong while forward runs.
-    found += [TransientCheck(model, forwards, fp.key)]
+    found += [
+        TransientCheck(model, forwards, fp.key, several=owned is not None and owned is not model)
+    ]
     # DDP: its comm hooks and bucket settings, and that it averaged the local gradients.
     found += [ReducerCheck(model), AveragedCheck(model, fp.key, forwards)]
     return found + ([SampleCheck(fp, dataloader)] if dataloader is not None else [])

@@ -8,9 +8,9 @@ looks and wrong in between: the gradient, and so the update, came from another
 model.  The invariant: at the start of every forward with gradients enabled,
 
 * each parameter is the tensor the last ``guard.step`` left (same storage pointer),
-  and its keyed sample elements hold the same bits, unless its version counter moved
-  (an optimizer that stepped since: several optimizers on one model; a write that
-  moves the counter is the tamper check's, TG1301) -- TG1301 at that step;
+  and its keyed sample elements hold the same bits (with several optimizers on one
+  model, a tensor whose version counter moved was written by another optimizer's step
+  within the step, and becomes the reference) -- TG1301 at that step;
 * the modules' ``training`` flags are those of the step's first such forward, and,
   from the second step on, those the last step trained with -- TG1318 at that step
   (an evaluation pass runs under ``no_grad``; a deliberate switch is declared with
@@ -42,23 +42,27 @@ class TransientCheck(Check):
     unit = "transient"
     core = True  # it sees the weights the gradient came from: its failure is high at once
 
-    def __init__(self, model: Any, forwards: ForwardWatch, key: bytes) -> None:
+    def __init__(
+        self, model: Any, forwards: ForwardWatch, key: bytes, *, several: bool = False
+    ) -> None:
         import torch
 
         self.torch = torch
         self.model = model
         self.held = Held()
+        self.several = several  # several optimizers on the model (their steps write it)
         self.params = [(n, p) for n, p in model.named_parameters() if unreadable(p) is None]
         sharded = any(is_dtensor(p) for _, p in self.params) or any(
             type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()
         )
         gen = torch.Generator().manual_seed(int.from_bytes(key[16:24], "little") & (2**62))
-        self.index = [
-            torch.randint(0, max(p.numel(), 1), (min(SAMPLES, p.numel()),), generator=gen).to(
+        # By parameter name, like the other checks' sample indices (the self-check reads them).
+        self.index: dict[str, Any] = {
+            n: torch.randint(0, max(p.numel(), 1), (min(SAMPLES, p.numel()),), generator=gen).to(
                 p.device
             )
-            for _, p in self.params
-        ]
+            for n, p in self.params
+        }
         self.weights_on = not sharded
         self._armed_next = True  # exact mode: every step
         self._active = True  # this step's forwards are compared
@@ -72,9 +76,9 @@ class TransientCheck(Check):
         forwards.starts.append(self._forward_start)
 
     def _state(self) -> list[tuple[int, int, Any]]:
+        index = self.index
         return [
-            (p._version, p.data_ptr(), p.detach().reshape(-1)[i])
-            for (_, p), i in zip(self.params, self.index, strict=True)
+            (p._version, p.data_ptr(), p.detach().reshape(-1)[index[n]]) for n, p in self.params
         ]
 
     def _remember(self) -> None:
@@ -102,11 +106,17 @@ class TransientCheck(Check):
         for k, ((name, _), (v0, ptr0, s0), (v1, ptr1, s1)) in enumerate(
             zip(self.params, ref, now, strict=True)
         ):
-            if v1 != v0:  # written in place since (an optimizer's step, or the tamper check's)
+            if ptr1 == ptr0 and self.torch.equal(s0, s1):
+                continue
+            if v1 != v0 and self.several and ptr1 == ptr0:
+                # written in place since: another optimizer's step within this step (a
+                # GAN's critic); then what it wrote is the reference
                 ref[k] = (v1, ptr1, s1)
                 continue
-            if ptr1 != ptr0 or not self.torch.equal(s0, s1):
-                off.append(name)
+            # One optimizer: nothing writes the weights between guard.step and the next
+            # forward (an EMA swapped in for evaluation is swapped back: same bits), and a
+            # version bump does not launder a transient edit.
+            off.append(name)
         fresh = [n for n in off if f"weights:{n}" not in self._said]
         if fresh:
             self._said |= {f"weights:{n}" for n in fresh}
@@ -145,6 +155,13 @@ class TransientCheck(Check):
                 {"modules": names[:50]},
             )
         )
+
+    def after_step(self, ctx: Context) -> list[Alert]:
+        """At the optimizer's post-hook: what the step wrote is the reference (a loop
+        whose optimizer steps again before guard.step, a step of kind "repeat")."""
+        if self._active:
+            self._remember()
+        return []
 
     def arm(self, on: bool) -> None:
         self._armed_next = on
