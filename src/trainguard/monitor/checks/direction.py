@@ -38,24 +38,22 @@ class UpdateDirectionCheck(Check):
             self.probe.adopt(named, hook=False)
         self._groups = len(groups)
         flipped = self.probe.before_step()
-        if self.probe.broken is not None:  # monitor/gradfactor.py
-            broken = [
-                ctx.alert("TG1306", f"between backward and optimizer.step: {self.probe.broken}")
+        broken = self.probe.broken  # monitor/gradfactor.py
+        if flipped:  # the more specific name of the same finding: one alert, both said
+            said: dict[str, Any] = {"factor": broken} if broken is not None else {}
+            return [
+                ctx.alert(
+                    "TG1306",
+                    f"gradients of {len(flipped)} tensor(s) changed sign between "
+                    f"backward and optimizer.step (clipping only shrinks them): "
+                    f"{', '.join(flipped[:5])}",
+                    tensors=flipped[:50],
+                    **said,
+                )
             ]
-        else:
-            broken = []
-        if not flipped:
-            return broken
-        return [
-            *broken,
-            ctx.alert(
-                "TG1306",
-                f"gradients of {len(flipped)} tensor(s) changed sign between "
-                f"backward and optimizer.step (clipping only shrinks them): "
-                f"{', '.join(flipped[:5])}",
-                tensors=flipped[:50],
-            ),
-        ]
+        if broken is not None:
+            return [ctx.alert("TG1306", f"between backward and optimizer.step: {broken}")]
+        return []
 
     def skipped(self, ctx: Context) -> list[Alert]:
         self.cosine = None

@@ -41,6 +41,9 @@ SAMPLES = 64  # keyed elements per parameter read at each forward start
 class TransientCheck(Check):
     unit = "transient"
     core = True  # it sees the weights the gradient came from: its failure is high at once
+    # Entered with the step, before a closure: forwards inside optimizer.step (LBFGS's
+    # line search, SAM's second pass) run on weights the step itself wrote.
+    at_entry = True
 
     def __init__(
         self, model: Any, forwards: ForwardWatch, key: bytes, *, several: bool = False
@@ -67,6 +70,7 @@ class TransientCheck(Check):
         self._armed_next = True  # exact mode: every step
         self._active = True  # this step's forwards are compared
         self._spent = 0.0
+        self._in_step = False  # between the step's entry and its post-hook
         self._reference: list[tuple[int, int, Any]] | None = None
         self._flags: tuple[bool, ...] | None = None  # what the last step trained with
         self._step_flags: tuple[bool, ...] | None = None  # this step's first forward's
@@ -88,7 +92,7 @@ class TransientCheck(Check):
         return tuple(m.training for m in self.model.modules())
 
     def _forward_start(self, grad: bool) -> None:
-        if not grad or not self._active:
+        if not grad or not self._active or self._in_step:
             return
         started = clock.now()
         try:
@@ -156,9 +160,14 @@ class TransientCheck(Check):
             )
         )
 
+    def before_step(self, ctx: Context) -> list[Alert]:
+        self._in_step = True  # a closure's forwards are the step's own (see at_entry)
+        return []
+
     def after_step(self, ctx: Context) -> list[Alert]:
         """At the optimizer's post-hook: what the step wrote is the reference (a loop
         whose optimizer steps again before guard.step, a step of kind "repeat")."""
+        self._in_step = False
         if self._active:
             self._remember()
         return []
@@ -178,7 +187,7 @@ class TransientCheck(Check):
         out = self.held.release(ctx, declared)
         if self._active and self._step_flags is not None:
             self._flags = self._step_flags
-        self._step_flags, self._said = None, set()
+        self._step_flags, self._said, self._in_step = None, set(), False
         # The next step's forwards are compared with what this step left.
         self._active = self._armed_next
         if self._active:
