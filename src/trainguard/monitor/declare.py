@@ -36,11 +36,17 @@ def outside_step(guard: Any, reason: str) -> Iterator[None]:
     lanes = getattr(guard, "lanes", [])  # further optimizers (monitor/optimizers.py)
     for lane in lanes:
         guard.sink.raise_all(lane.enter_outside(ctx))
+    # Checks that compare weights at forwards (checks/transient.py): the block's are its own.
+    declared = [c for c in guard.checks if hasattr(c, "outside_block")]
+    for check in declared:
+        check.outside_block(True)
     guard._overhead += clock.now() - started
     try:
         yield
     finally:
         started = clock.now()
+        for check in declared:
+            check.outside_block(False)
         changed, digest = guard.tamper.leave_outside()
         theirs = {lane.label: lane.leave_outside() for lane in lanes}
         payload: dict[str, Any] = {

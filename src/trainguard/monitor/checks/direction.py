@@ -29,6 +29,7 @@ class UpdateDirectionCheck(Check):
         self.cosine: float | None = None
         self._names = {id(p): n for n, p in params}  # every parameter, frozen ones too
         self._groups = len(optimizer.param_groups)
+        self._disarm = False  # budget mode: disarm once this step's gradients are judged
 
     def before_step(self, ctx: Context) -> list[Alert]:
         groups = self.optimizer.param_groups
@@ -38,6 +39,7 @@ class UpdateDirectionCheck(Check):
             self.probe.adopt(named, hook=False)
         self._groups = len(groups)
         flipped = self.probe.before_step()
+        self._apply_arm()
         broken = self.probe.broken  # monitor/gradfactor.py
         if flipped:  # the more specific name of the same finding: one alert, both said
             said: dict[str, Any] = {"factor": broken} if broken is not None else {}
@@ -58,10 +60,21 @@ class UpdateDirectionCheck(Check):
     def skipped(self, ctx: Context) -> list[Alert]:
         self.cosine = None
         self.probe.skip()
+        self._apply_arm()
         return []
 
     def arm(self, on: bool) -> None:
-        self.probe.armed = on
+        # Disarmed only once this step's gradients are judged: the guard arms the next
+        # step at a closure step's entry, and the closure's backward (SAM's second pass,
+        # LBFGS) must still be sampled, or the step compares another backward's samples.
+        if on:
+            self.probe.armed = True
+        self._disarm = not on
+
+    def _apply_arm(self) -> None:
+        if self._disarm:
+            self.probe.armed = False
+            self._disarm = False
 
     def outside_seconds(self) -> float:
         spent, self.probe.outside = self.probe.outside, 0.0

@@ -71,6 +71,8 @@ class TransientCheck(Check):
         self._active = True  # this step's forwards are compared
         self._spent = 0.0
         self._in_step = False  # between the step's entry and its post-hook
+        self._declared = False  # inside guard.outside_step()
+        self._off: list[str] = []  # weights found off at a forward, judged at the step
         self._reference: list[tuple[int, int, Any]] | None = None
         self._flags: tuple[bool, ...] | None = None  # what the last step trained with
         self._step_flags: tuple[bool, ...] | None = None  # this step's first forward's
@@ -92,7 +94,7 @@ class TransientCheck(Check):
         return tuple(m.training for m in self.model.modules())
 
     def _forward_start(self, grad: bool) -> None:
-        if not grad or not self._active or self._in_step:
+        if not grad or not self._active or self._in_step or self._declared:
             return
         started = clock.now()
         try:
@@ -121,19 +123,7 @@ class TransientCheck(Check):
             # forward (an EMA swapped in for evaluation is swapped back: same bits), and a
             # version bump does not launder a transient edit.
             off.append(name)
-        fresh = [n for n in off if f"weights:{n}" not in self._said]
-        if fresh:
-            self._said |= {f"weights:{n}" for n in fresh}
-            self._found.append(
-                (
-                    "weights",
-                    "TG1301",
-                    f"a forward with gradients ran on weights other than those the last "
-                    f"step left (storage or bits, no version counter moved): "
-                    f"{', '.join(fresh[:5])}",
-                    {"tensors": fresh[:50]},
-                )
-            )
+        self._off += [n for n in off if n not in self._off]
 
     def _compare_flags(self) -> None:
         flags = self._training()
@@ -160,8 +150,37 @@ class TransientCheck(Check):
             )
         )
 
+    def outside_block(self, inside: bool) -> None:
+        """``guard.outside_step()`` (SAM's ascent, Lookahead): forwards inside the block run
+        on weights the loop declared it wrote; what it leaves is the reference."""
+        self._declared = inside
+        if not inside and self._active:
+            self._remember()
+
     def before_step(self, ctx: Context) -> list[Alert]:
         self._in_step = True  # a closure's forwards are the step's own (see at_entry)
+        # A weight found off at a forward and still off now is an edit that stayed: the
+        # tamper check's (TG1301 there); one put back since is this check's finding.
+        if self._off and self._reference is not None:
+            now = dict(zip((n for n, _ in self.params), self._state(), strict=True))
+            ref = dict(zip((n for n, _ in self.params), self._reference, strict=True))
+            back = [
+                n
+                for n in self._off
+                if now[n][1] == ref[n][1] and self.torch.equal(now[n][2], ref[n][2])
+            ]
+            if back:
+                self._found.append(
+                    (
+                        "weights",
+                        "TG1301",
+                        f"a forward with gradients ran on weights other than those the last "
+                        f"step left, put back before the step (storage or bits): "
+                        f"{', '.join(back[:5])}",
+                        {"tensors": back[:50]},
+                    )
+                )
+        self._off = []
         return []
 
     def after_step(self, ctx: Context) -> list[Alert]:
@@ -187,7 +206,7 @@ class TransientCheck(Check):
         out = self.held.release(ctx, declared)
         if self._active and self._step_flags is not None:
             self._flags = self._step_flags
-        self._step_flags, self._said, self._in_step = None, set(), False
+        self._step_flags, self._said, self._in_step, self._off = None, set(), False, []
         # The next step's forwards are compared with what this step left.
         self._active = self._armed_next
         if self._active:
