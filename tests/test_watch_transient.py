@@ -1,7 +1,8 @@
 """Weights and training flags that differ only while forward and backward run (red team 4,
 F8: A14a/b, A16a): right at every step hook, wrong in between.  monitor/checks/transient.py
 compares them at each forward with gradients.  Each case draws an edit, a step and a loop
-shape (micro-batches, an evaluation pass under no_grad, EMA weights swapped in for it);
+shape (micro-batches, an evaluation pass on EMA weights swapped in for it, under no_grad or
+with gradients left on: judged only when backpropagated);
 exact mode names the edit at its step, budget mode at the first step its unit is drawn
 at or after it; the honest twin stays quiet.
 """
@@ -113,7 +114,11 @@ def _run(
             with torch.no_grad():
                 for p, e in zip(model.parameters(), ema, strict=True):
                     p.copy_(e)
-                model(x[:32])
+            # Sloppy but honest: gradients left on for the pass, which nothing backpropagates
+            # (was TG1318 + TG1301 before the check judged only backpropagated forwards).
+            with torch.set_grad_enabled(shape["evaluate_with_grad"]):
+                model(x[:32]).mean()
+            with torch.no_grad():
                 for p, k2 in zip(model.parameters(), kept, strict=True):
                     p.copy_(k2)
             model.train()
@@ -131,6 +136,7 @@ def test_weights_or_flags_changed_only_during_forward_are_caught(budget: float |
     shape = {
         "micro": rng.choice([1, 2, 3]),
         "evaluate": rng.random() < 0.5,
+        "evaluate_with_grad": rng.random() < 0.5,
         "budget": budget,
         "key": rng.randbytes(32),
     }

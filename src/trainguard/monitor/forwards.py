@@ -51,6 +51,7 @@ class ForwardWatch:
         self.model = model
         self.starts: list[Listener] = []
         self.ends: list[Callable[[], None]] = []
+        self.outputs: list[Callable[[Any], None]] = []  # given the root forward's output
         self.depth = 0  # > 0 while a forward of the root module runs (re-entrant models)
         self.seen = 0  # forwards whose start the listeners saw
         self._wrappers: list[Any] = []  # torch.compile wrappers hooked (adopt_compiled)
@@ -78,6 +79,8 @@ class ForwardWatch:
         if self.depth == 0:
             for listener in self.ends:
                 listener()
+            for took in self.outputs:
+                took(output)
 
     def adopt_compiled(self) -> bool:
         """Hook the ``torch.compile`` wrapper of the model, if there is one.

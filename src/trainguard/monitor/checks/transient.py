@@ -13,8 +13,14 @@ model.  The invariant: at the start of every forward with gradients enabled,
   within the step, and becomes the reference) -- TG1301 at that step;
 * the modules' ``training`` flags are those of the step's first such forward, and,
   from the second step on, those the last step trained with -- TG1318 at that step
-  (an evaluation pass runs under ``no_grad``; a deliberate switch is declared with
-  ``guard.step(changed=["training"])``).
+  (a deliberate switch is declared with ``guard.step(changed=["training"])``).
+
+Only a forward the gradient came from is judged: a forward that differs registers a hook
+on its output's tensors, and its finding is kept only if backward reaches them.  An
+evaluation pass with gradients on (``model.eval()`` without ``no_grad``, EMA weights
+swapped in for it and back) is honest and never backpropagated: it was TG1318/TG1301
+before.  An output the check cannot read (not tensors in tuples, lists or dicts) is
+judged at once.
 
 Cost at each forward with gradients: one attribute pair per parameter, a gather of
 ``SAMPLES`` elements per parameter and one comparison, and a tuple of the modules'
@@ -36,6 +42,8 @@ from trainguard.monitor.kinds import unreadable
 from trainguard.monitor.sharding import is_dtensor
 
 SAMPLES = 64  # keyed elements per parameter read at each forward start
+MAX_HOOKED = 8  # output tensors hooked per differing forward (any of them carries it)
+MAX_OUTPUT_ITEMS = 256  # items of an output read to find its tensors (nested two deep)
 
 
 class TransientCheck(Check):
@@ -78,8 +86,12 @@ class TransientCheck(Check):
         self._step_flags: tuple[bool, ...] | None = None  # this step's first forward's
         self._said: set[str] = set()
         self._found: list[tuple[str, str, str, dict[str, Any]]] = []  # until guard.step
+        # What the running forward differs in (weights off, its flags), judged if its
+        # output is backpropagated.
+        self._pending: tuple[list[str], tuple[bool, ...]] | None = None
         self._remember()
         forwards.starts.append(self._forward_start)
+        forwards.outputs.append(self._forward_end)
 
     def _state(self) -> list[tuple[int, int, Any]]:
         index = self.index
@@ -94,19 +106,55 @@ class TransientCheck(Check):
         return tuple(m.training for m in self.model.modules())
 
     def _forward_start(self, grad: bool) -> None:
+        self._pending = None
         if not grad or not self._active or self._in_step or self._declared:
             return
         started = clock.now()
         try:
-            self._compare_weights()
-            self._compare_flags()
+            off = self._compare_weights()
+            flags = self._training()
+            base = self._step_flags if self._step_flags is not None else self._flags
+            if not off and base is not None and flags == base:
+                if self._step_flags is None:
+                    self._step_flags = flags
+                return
+            self._pending = (off, flags)
         finally:
             self._spent += clock.now() - started
 
-    def _compare_weights(self) -> None:
+    def _forward_end(self, output: Any) -> None:
+        """A forward that differed: judged when backward reaches its output (a hook on
+        its tensors), never if nothing backpropagates it (an evaluation pass)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        tensors = _grad_tensors(output, self.torch)
+        if tensors is None:  # an output we cannot read: the gradient may come from it
+            self._used(*pending)
+            return
+        once = [False]
+
+        def reached(grad: Any) -> None:
+            if not once[0]:
+                once[0] = True
+                self._used(*pending)
+
+        for tensor in tensors[:MAX_HOOKED]:
+            tensor.register_hook(reached)
+
+    def _used(self, off: list[str], flags: tuple[bool, ...]) -> None:
+        """A differing forward the gradient came from: its weights and flags judged."""
+        self._off += [n for n in off if n not in self._off]
+        base = self._step_flags if self._step_flags is not None else self._flags
+        if self._step_flags is None:
+            self._step_flags = flags
+        if base is not None and flags != base:
+            self._compare_flags(flags, base)
+
+    def _compare_weights(self) -> list[str]:
         ref = self._reference
         if ref is None:
-            return
+            return []
         now = self._state()
         off: list[str] = []
         for k, ((name, _), (v0, ptr0, s0), (v1, ptr1, s1)) in enumerate(
@@ -123,16 +171,10 @@ class TransientCheck(Check):
             # forward (an EMA swapped in for evaluation is swapped back: same bits), and a
             # version bump does not launder a transient edit.
             off.append(name)
-        self._off += [n for n in off if n not in self._off]
+        return off
 
-    def _compare_flags(self) -> None:
-        flags = self._training()
-        if self._step_flags is None:
-            self._step_flags = flags
-            base = self._flags
-        else:
-            base = self._step_flags
-        if base is None or flags == base or "training" in self._said:
+    def _compare_flags(self, flags: tuple[bool, ...], base: tuple[bool, ...]) -> None:
+        if "training" in self._said:
             return
         names = [
             n or "<model>"
@@ -216,3 +258,29 @@ class TransientCheck(Check):
         else:
             self._reference = None
         return out
+
+
+def _grad_tensors(output: Any, torch: Any) -> list[Any] | None:
+    """The tensors of a forward's output that gradients can flow from (tensors in tuples,
+    lists and dicts, two levels deep; scalars, strings and None left out), or None when
+    it holds something else: the gradient may come from what we cannot read."""
+    found: list[Any] = []
+    stack: list[tuple[Any, int]] = [(output, 0)]
+    seen = 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if seen > MAX_OUTPUT_ITEMS:
+            return None
+        if isinstance(item, torch.Tensor):
+            if item.requires_grad:
+                found.append(item)
+        elif item is None or isinstance(item, (bool, int, float, str)):
+            continue
+        elif isinstance(item, (tuple, list)) and depth < 2:
+            stack += [(x, depth + 1) for x in item]
+        elif isinstance(item, dict) and depth < 2:
+            stack += [(x, depth + 1) for x in item.values()]
+        else:
+            return None
+    return found
