@@ -77,8 +77,9 @@ def run(rng: random.Random, mode: str) -> dict[str, object]:
     torch.manual_seed(rng.randrange(2**31))
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
     model = DDP(net, gradient_as_bucket_view=rng.random() < 0.5)
-    if mode == "honest" and rng.random() < 0.5:
-        model.register_comm_hook(None, default_hooks.allreduce_hook)  # torch's own: quiet
+    if mode == "honest" and rng.random() < 0.5:  # torch's own, fp16 compression too: quiet
+        hook = rng.choice([default_hooks.allreduce_hook, default_hooks.fp16_compress_hook])
+        model.register_comm_hook(None, hook)
     if mode == "before":
         model.register_comm_hook(None, rng.choice([_kept(rng), _local]))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -42,6 +42,8 @@ def test_reducer_changes_are_named(tmp_path: Path) -> None:
         assert any("not the mean of every rank's" in m for m in first), what
     else:
         assert any("reducer changed at run time" in m for m in first), what
+    # Planted before watch(): named at step 0 (what it did to the gradients may be named
+    # there too, TG1306: not one multiple of what backward left).
     first = [a for a in before["alerts"] if a[2] >= Severity.HIGH]
-    assert [(a[0], a[1]) for a in first] == [("TG1304", 0)]
-    assert "comm hook(s) from" in first[0][3]
+    assert {a[1] for a in first} == {0}, first
+    assert any(a[0] == "TG1304" and "comm hook(s) from" in a[3] for a in first), first

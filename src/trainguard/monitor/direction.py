@@ -79,6 +79,9 @@ class DirectionCheck:
         # Sharded gradients (FSDP) reach the hook already reduced, one slice per rank:
         # nothing to average, and the slices' sample counts differ between ranks.
         self.distributed = _distributed() and not any(is_dtensor(p) for _, p in self.params)
+        # Under a process group DDP may compress what it communicates (torch's fp16 hook),
+        # a single rank too: the samples then fit only to that rounding.
+        self.communicated = _distributed(alone=True)
         # Each parameter's sampled moment after the last step; None after a step the
         # probe skipped (budget mode): the moments' change is then unknown.
         self.moments: dict[int, Any] | None = {}
@@ -218,7 +221,7 @@ class DirectionCheck:
                 for (name, n, _), b in zip(slots, own.split(sizes), strict=True)
                 if n is not None and name in had
             ]
-        rtol = RTOL_DISTRIBUTED if self.distributed else (RTOL_LOW if low else RTOL_EXACT)
+        rtol = RTOL_DISTRIBUTED if self.communicated else (RTOL_LOW if low else RTOL_EXACT)
         if self.broken is None:
             self.broken = self.factor.judge(torch, pairs, rtol, self._total_norm, mine)
         flipped = []
@@ -289,12 +292,15 @@ class DirectionCheck:
             h.remove()
 
 
-def _distributed() -> bool:
+def _distributed(*, alone: bool = False) -> bool:
+    """A process group of several ranks (``alone``: of any size) is initialised."""
     try:
         import torch.distributed as dist
     except ImportError:
         return False
-    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return alone or dist.get_world_size() > 1
 
 
 def _prescribed(
