@@ -131,6 +131,11 @@ class FactorJudge:
         else:
             if first:
                 self.fixed = c
+                # Or a first step both unscaled and clipped (GradScaler, or a division by
+                # a power of two, then clip_grad_norm_): its power of two is at most
+                # ceil(log2 c), and a later step that only unscales shows the scaler's own
+                # (was TG1306 critical at every later unclipped step of such a run).
+                self.scale_exponent = math.ceil(exponent)
             # a fixed division (by the accumulation count, a constant scale)
             plain = self.fixed is not None and abs(c - self.fixed) <= rtol * self.fixed
         if plain:
