@@ -224,3 +224,37 @@ def test_per_tensor_clipping_is_quiet_once_declared_and_a_dropped_gradient_still
             assert found == [("TG1306", at)], found
         else:  # undeclared, two clip norms are one factor per subset: not honest clipping
             assert found and found[0][1] <= 1, found
+
+
+def test_an_unscaled_run_whose_first_step_clips_is_quiet() -> None:
+    """GradScaler (or a division by a power of two), then clip_grad_norm_, the first step
+    clipped and later ones not (HF Trainer's fp16 default with a large first loss): the
+    first factor, 2^-k times the clip, once stood for a fixed division, so the scaler's
+    power of two was never learnt and every later unclipped step was TG1306 critical."""
+    rng = seeded()
+    scaled = rng.random() < 0.5
+    exponent = rng.randrange(2, 17)
+    max_norm = rng.choice([0.5, 1.0, 2.0])
+    print(f"scaler {scaled}, 2^{exponent}, max_norm {max_norm}")
+    torch.manual_seed(rng.randrange(2**31))
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**exponent, enabled=scaled)
+    guard = tgw.watch(model, opt, hang_seconds=None, min_stall_seconds=10.0)
+    for step in range(12):
+        x = torch.randn(8, 4) * (10.0 if step == 0 else 0.01)  # the first step clips
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        if scaled:
+            scaler.unscale_(opt)
+        else:
+            for p in model.parameters():
+                assert p.grad is not None
+                p.grad.div_(2.0**exponent)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        scaler.step(opt)
+        scaler.update()
+        guard.step(loss=loss)
+    guard.close()
+    assert _high(guard) == []
