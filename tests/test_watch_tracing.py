@@ -76,6 +76,10 @@ def test_trace_profile_and_gc_callbacks_planted_or_set_mid_run_are_high() -> Non
         for u in undo:
             u()
     print(slots, at, [(a.rule, a.step, a.severity, a.message) for a in guard.alerts])
+    if at is None and slots[0] == "gc.callbacks":  # given no frame: named at medium
+        named = [a for a in guard.alerts if a.rule == "TG1304" and slots[0] in a.message]
+        assert [(a.step, a.severity) for a in named] == [(0, Severity.MEDIUM)], slots
+        return
     high = [a for a in guard.alerts if a.rule == "TG1304" and a.severity >= Severity.HIGH]
     assert high and high[0].step == (0 if at is None else at + 1), slots
     assert slots[0] in high[0].message

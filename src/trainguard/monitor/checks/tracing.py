@@ -10,9 +10,11 @@ The invariant: what ``sys.gettrace()``, ``sys.getprofile()``, ``threading``'s ho
 for new threads and ``gc.callbacks`` hold at start-up is what they hold at every
 step (read at both optimizer hooks, in nanoseconds: a fixed cost, not a budget
 unit).  At start-up whatever is installed is named: a debugger's, profiler's or
-coverage tool's (by the module its code comes from) at medium, anything else that
-can rewrite frames at high.  Any change during the run is high, a debugger attached
-mid-run included (say so with a fresh ``watch()``).  Not seen: trace functions of
+coverage tool's (by the module its code comes from) and gc callbacks (given no frame)
+at medium (a gc callback from installed code, as Hypothesis leaves one in a test
+process, not at all: editing installed code is env verify's), any other trace or profile
+function (it can rewrite frames) at high.  Any change during the run is high, a debugger
+attached mid-run included (say so with a fresh ``watch()``).  Not seen: trace functions of
 other threads (``threading.settrace`` covers threads started later, and is read),
 ``sys.monitoring`` (Python 3.12+).
 """
@@ -103,16 +105,23 @@ class TracingCheck(Check):
             if obj is None:
                 continue
             named = f"{label}: {name(obj)} (code of {origin(obj)})"
+            # A gc callback is given the collection's phase and counts, never a frame:
+            # named at medium (Hypothesis installs one for the whole process; a planted
+            # one that changes only later is high below).
+            collector = label.startswith("gc.")
+            if collector and _installed_code(obj):
+                continue
+            if tool(obj):
+                what = "runs at every frame or collection; a debugger, profiler or coverage tool"
+            elif collector:
+                what = "runs at every collection; it is given no frame"
+            else:
+                what = "runs at every frame and can rewrite a frame's locals"
             out.append(
                 ctx.alert(
                     "TG1304",
-                    f"installed before watch() started: {named} (runs at every frame or "
-                    + (
-                        "collection; a debugger, profiler or coverage tool)"
-                        if tool(obj)
-                        else "collection and can rewrite a frame's locals)"
-                    ),
-                    severity=Severity.MEDIUM if tool(obj) else Severity.HIGH,
+                    f"installed before watch() started: {named} ({what})",
+                    severity=Severity.MEDIUM if tool(obj) or collector else Severity.HIGH,
                     functions=[label],
                     at_start=True,
                 )
@@ -147,6 +156,18 @@ class TracingCheck(Check):
 
     def after_step(self, ctx: Context) -> list[Alert]:
         return self._check(ctx)
+
+
+def _installed_code(obj: Any) -> bool:
+    """Whether the Python code ``obj`` runs lies in the standard library, torch, trainguard
+    or an installed package (False for anything without Python code to place)."""
+    from trainguard.monitor import identity
+
+    found = [f for f in targets(obj) if isinstance(f, types.FunctionType)]
+    if not found:
+        return False
+    trusted = identity._trusted_dirs()
+    return all(identity.origin(f).startswith(trusted) for f in found)
 
 
 def _learner(obj: Any) -> bool:
