@@ -160,5 +160,8 @@ def random_variants(rng: random.Random, count: int) -> list[Variant]:
         route = rng.choice(sorted(ROUTES))
         if route in CLASS_ROUTES and payload != "file-handler":
             continue
-        out.append(Variant(payload, route, rng.randint(0, 5), rng.choice(sorted(CONTAINERS))))
+        drawn = Variant(payload, route, rng.randint(0, 5), rng.choice(sorted(CONTAINERS)))
+        if any(v.name == drawn.name for v in out):
+            continue  # one folder and canary per variant: the same one twice collided
+        out.append(drawn)
     return out
