@@ -204,7 +204,13 @@ def test_edit_with_rewritten_record_fails_against_the_wheelhouse(
     path, how, rule = _tamper(install, rng)
     context = f"seed {SEED} case {case}: {how} {path}"
     plain = install.verify(wheelhouse=False)
-    assert plain.exit_code() == 0, (context, high(plain))  # by design: RECORD agrees
+    if path.endswith("entry_points.txt") and how != "delete":
+        # RECORD agrees, but an edit that changes what the entry point names leaves a
+        # launcher that is not what an installer writes for it (TG623, without a
+        # reference too): that alone may be high.
+        assert {f.rule for f in high(plain)} <= {"TG623"}, (context, high(plain))
+    else:
+        assert plain.exit_code() == 0, (context, high(plain))  # by design: RECORD agrees
     report = install.verify()
     found = [f for f in report.findings if f.rule == rule]
     assert found, (context, report.findings)
