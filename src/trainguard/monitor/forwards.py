@@ -183,10 +183,13 @@ def _detached() -> Callable[..., None]:
 
 
 def _dynamo_compiled_any(utils: Any) -> bool:
-    """Whether dynamo has traced any frame in this process (its own frame counters); a
-    counter that cannot be read says yes, so the wrapper is still looked for."""
+    """Whether dynamo has done anything in this process (any of its own counters: which
+    ones move depends on the backend: aot_eager with fullgraph moves "stats", not
+    "frames"); counters that cannot be read say yes, so the wrapper is still looked for."""
     try:
-        return bool(utils.counters["frames"]["total"]) if utils is not None else False
+        if utils is None:
+            return False
+        return any(n for group in list(utils.counters.values()) for n in list(group.values()))
     except Exception:  # a private structure that may change shape
         return True
 
