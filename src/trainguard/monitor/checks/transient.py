@@ -37,7 +37,13 @@ from typing import Any
 from trainguard.monitor import clock
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import Check, StepEnd
-from trainguard.monitor.forwards import Change, ForwardWatch, Held, declared_names
+from trainguard.monitor.forwards import (
+    DECLARED_ANY,
+    Change,
+    ForwardWatch,
+    Held,
+    declared_names,
+)
 from trainguard.monitor.kinds import unreadable
 from trainguard.monitor.sharding import is_dtensor
 
@@ -85,6 +91,8 @@ class TransientCheck(Check):
         self._flags: tuple[bool, ...] | None = None  # what the last step trained with
         self._step_flags: tuple[bool, ...] | None = None  # this step's first forward's
         self._said: set[str] = set()
+        # The modules whose flags the step's finding names (all of them, for declarations).
+        self._flag_modules: list[str] = []
         self._found: list[tuple[str, str, str, dict[str, Any]]] = []  # until guard.step
         # What the running forward differs in (weights off, its flags), judged if its
         # output is backpropagated.
@@ -182,6 +190,7 @@ class TransientCheck(Check):
             if a != b
         ]
         self._said.add("training")
+        self._flag_modules = names
         self._found.append(
             (
                 "training",
@@ -242,6 +251,14 @@ class TransientCheck(Check):
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         declared = declared_names(end.declared_changes)
+        # A switch declared module by module as the settings check names it ("bn.training",
+        # the root's "training") declares this check's finding too: one declaration serves
+        # both checks' view of the same change.
+        if self._flag_modules and all(
+            ("training" if m == "<model>" else f"{m}.training") in declared
+            for m in self._flag_modules
+        ):
+            declared.setdefault("training", DECLARED_ANY)
         for name, rule, message, evidence in self._found:  # at the step they happened in
             self.held.add(Change(name, None, ctx.alert(rule, message, **evidence), by_value=False))
         self._found = []
@@ -249,6 +266,7 @@ class TransientCheck(Check):
         if self._active and self._step_flags is not None:
             self._flags = self._step_flags
         self._step_flags, self._said, self._in_step, self._off = None, set(), False, []
+        self._flag_modules = []
         # The next step's forwards are compared with what this step left.
         self._active = self._armed_next
         if self._active:
