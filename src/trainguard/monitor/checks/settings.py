@@ -142,13 +142,16 @@ class SettingsCheck(Check):
         self._against_last()
         self._spent += clock.now() - started
 
-    def _against_last(self) -> None:
+    def _moved(self) -> bool:
+        """Whether any module's signature differs from the last one taken."""
         now = [_signature(m) for m in self._mods]
         try:
-            same = now == self.signatures
+            return not now == self.signatures
         except Exception:  # a value whose == raises: compare name by name
-            same = False
-        if not same:
+            return True
+
+    def _against_last(self) -> None:
+        if self._moved():
             held, self.held.changes = self.held.changes, []
             self._compare(skip=self._own)
             self._since += self.held.changes
@@ -163,12 +166,7 @@ class SettingsCheck(Check):
         self._spent += clock.now() - started
 
     def _start(self, grad: bool) -> None:
-        now = [_signature(m) for m in self._mods]
-        try:
-            same = now == self.signatures
-        except Exception:  # a value whose == raises: compare name by name
-            same = False
-        if not same:
+        if self._moved():
             self._compare()
             self._walk()
         if grad:

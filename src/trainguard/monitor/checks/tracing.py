@@ -134,14 +134,18 @@ class TracingCheck(Check):
             return []
         before, self.baseline = self.baseline, now
         labels = _labels(now) if len(now) >= len(before) else _labels(before)
-        changed = [
-            label
-            for i, label in enumerate(labels)
+        moved = [
+            i
+            for i in range(len(labels))
             if i >= len(now) or i >= len(before) or now[i] is not before[i]
         ]
-        shown = ", ".join(f"{c} = {origin(now[labels.index(c)])}" if labels.index(c) < len(now)
-                          and now[labels.index(c)] is not None else f"{c} removed"
-                          for c in changed[:5])  # fmt: skip
+        changed = [labels[i] for i in moved]
+        shown = ", ".join(
+            f"{labels[i]} = {origin(now[i])}"
+            if i < len(now) and now[i] is not None
+            else f"{labels[i]} removed"
+            for i in moved[:5]
+        )
         return [
             ctx.alert(
                 "TG1304",
