@@ -49,7 +49,14 @@ def initial_seed() -> int:
 
 
 class SeedWatch:
-    """Wraps the seeding functions while a run is watched; records each call."""
+    """Wraps the seeding functions while a run is watched; records each call.
+
+    One wrapper per function for the whole process, carrying the list of watches that
+    listen to it: a second guard joins the wrapper it finds instead of leaving it be (a
+    guard never closed, or one whose checks were tampered with so its close never ran,
+    once left the wrapper feeding only its own dead list: every later guard in the
+    process was blind to seeding calls).  The last watch to leave puts the original back.
+    """
 
     TARGETS = (
         ("torch", "manual_seed"),
@@ -62,7 +69,7 @@ class SeedWatch:
 
     def __init__(self, on_call: Callable[[str], None]) -> None:
         self.on_call = on_call
-        self._originals: list[tuple[Any, str, Any]] = []
+        self._joined: list[tuple[Any, str, Any]] = []  # (module, name, wrapper)
 
     def install(self) -> None:
         import importlib
@@ -72,25 +79,37 @@ class SeedWatch:
                 module = importlib.import_module(module_name)
             except ImportError:
                 continue
-            original = getattr(module, attr, None)
-            if original is None or getattr(original, "__trainguard_seedwatch__", False):
+            current = getattr(module, attr, None)
+            if current is None:
                 continue
-            self._originals.append((module, attr, original))
-            setattr(module, attr, self._wrap(f"{module_name}.{attr}", original))
-
-    def _wrap(self, name: str, original: Any) -> Any:
-        def seeded(*args: Any, **kwargs: Any) -> Any:
-            self.on_call(f"{name}({', '.join(map(repr, args))})")
-            return original(*args, **kwargs)
-
-        seeded.__trainguard_seedwatch__ = True  # type: ignore[attr-defined]
-        seeded.__wrapped__ = original  # type: ignore[attr-defined]
-        return seeded
+            if not isinstance(getattr(current, "__trainguard_seedwatch__", None), list):
+                current = _wrap(f"{module_name}.{attr}", current)
+                setattr(module, attr, current)
+            current.__trainguard_seedwatch__.append(self.on_call)
+            self._joined.append((module, attr, current))
 
     def uninstall(self) -> None:
-        for module, attr, original in reversed(self._originals):
-            setattr(module, attr, original)
-        self._originals.clear()
+        for module, attr, wrapper in reversed(self._joined):
+            listeners = wrapper.__trainguard_seedwatch__
+            if self.on_call in listeners:
+                listeners.remove(self.on_call)
+            if not listeners and getattr(module, attr, None) is wrapper:
+                setattr(module, attr, wrapper.__wrapped__)
+        self._joined.clear()
+
+
+def _wrap(name: str, original: Any) -> Any:
+    listeners: list[Callable[[str], None]] = []
+
+    def seeded(*args: Any, **kwargs: Any) -> Any:
+        call = f"{name}({', '.join(map(repr, args))})"
+        for listener in list(listeners):
+            listener(call)
+        return original(*args, **kwargs)
+
+    seeded.__trainguard_seedwatch__ = listeners  # type: ignore[attr-defined]
+    seeded.__wrapped__ = original  # type: ignore[attr-defined]
+    return seeded
 
 
 def generator_digest(generator: Any) -> str:
