@@ -40,7 +40,7 @@ def _torch_code(rng: random.Random) -> Any:
             lambda: functools.partial(torch.mul, other=c),
             lambda: torch.Tensor.neg,
             lambda: torch._refs.neg,  # a Python function in torch
-            lambda: torch.nn.Hardtanh(-abs(c), abs(c)),  # a callable object (clamps)
+            lambda: torch.nn.Hardtanh(-abs(c) or -0.5, abs(c) or 0.5),  # a callable object (clamps)
             lambda: functools.partial(torch.nn.init.constant_, val=c),
         ]
     )()
