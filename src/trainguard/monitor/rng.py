@@ -93,8 +93,9 @@ class SeedWatch:
             listeners = wrapper.__trainguard_seedwatch__
             if self.on_call in listeners:
                 listeners.remove(self.on_call)
+            original = wrapper.__wrapped__
             if not listeners and getattr(module, attr, None) is wrapper:
-                setattr(module, attr, wrapper.__wrapped__)
+                setattr(module, attr, original)
         self._joined.clear()
 
 
