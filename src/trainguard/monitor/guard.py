@@ -21,26 +21,18 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from trainguard.findings import Severity
-from trainguard.monitor import checks, clock, conditions, integrity, terminate
+from trainguard.monitor import assembly, clock, conditions, integrity, terminate
 from trainguard.monitor.alerts import Alert, Context, TrainingStopped
 from trainguard.monitor.budget import Schedule
 from trainguard.monitor.checks.base import Check, StepEnd
 from trainguard.monitor.checks.direction import UpdateDirectionCheck
-from trainguard.monitor.checks.environment import EnvironmentCheck
 from trainguard.monitor.checks.hyper import HyperparameterCheck
 from trainguard.monitor.checks.identity import IdentityCheck
-from trainguard.monitor.checks.lossfn import loss_checks
 from trainguard.monitor.checks.seeds import SeedCheck
 from trainguard.monitor.checks.tamper import TamperCheck
 from trainguard.monitor.declare import outside_step as _outside_step
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
-from trainguard.monitor.optimizers import (
-    Optimizers,
-    lanes,
-    peer_checks,
-    start_record,
-    step_record,
-)
+from trainguard.monitor.optimizers import Lane, Optimizers, start_record, step_record
 from trainguard.monitor.options import WatchOptions
 from trainguard.monitor.recorder import Recorder, run_start, step_payload
 from trainguard.monitor.safety import StepNesting, checked, step_hooks
@@ -58,6 +50,21 @@ class Guard:
 
     ``optimizer``: one optimizer, or several over disjoint parts of the model (a list,
     or a dict naming them): monitor/optimizers.py."""
+
+    # Built by monitor/assembly.py at start: the checks, and which act in which phase.
+    checks: list[Check]
+    tamper: TamperCheck
+    hyper: HyperparameterCheck
+    identity: IdentityCheck
+    seeds: SeedCheck
+    samples: SampleRecorder | None
+    lanes: list[Lane]
+    schedule: Schedule | None
+    _runs: frozenset[str] | None  # the units running at this step
+    _runs_at: int  # the step _runs was drawn for
+    _armed: list[Check]  # units with hooks in backward, armed a step ahead
+    _phase: dict[str, list[Check]]
+    _skippers: set[int]
 
     def __init__(
         self, model: Any, optimizer: Any, options: WatchOptions | None = None, **kwargs: Any
@@ -118,81 +125,8 @@ class Guard:
             optimizer.register_step_pre_hook(pre),
             optimizer.register_step_post_hook(post),
         ]
-        self.seeds = SeedCheck(self.dataloader)
-        # Sealed data: which samples each batch came from (docs/data.md).
-        self.samples = SampleRecorder.for_loader(self.dataloader, self.key)
-        loader = self.dataloader if opts.data_check else None
-        behaviour = checks.behaviour(
-            model,
-            optimizer,
-            self.fp,
-            self.windows,
-            min_stall_seconds=opts.min_stall_seconds,
-            dataloader=loader,
-            owned=self.optimizers.view(model, 0),
-        )
-        # Further optimizers: their hooks (step, gradient) are the guard's own too.
-        self.lanes = lanes(
-            self.optimizers,
-            model,
-            self.fp,
-            opts,
-            times=self.windows["time"],
-            context=lambda: Context(self.step_index, self.rank),
-            raise_all=self.sink.raise_all,
-            spent=self._spent,
-            world_size=self.world_size,
-        )
-        # Taken after the guard's own hooks and wrappers are in place.
-        self.identity = IdentityCheck(model, optimizer, self.dataloader)
-        self.hyper = HyperparameterCheck(optimizer, self.scheduler)
-        self.tamper = TamperCheck(
-            self.fp,
-            own,
-            optimizer,
-            times=self.windows["time"],
-            every=opts.every,
-            budget=opts.budget,
-            world_size=self.world_size,
-            sync_every=opts.sync_every,
-            tensor_digests=opts.tensor_digests,
-        )
-        # The order alerts of one phase come in.
-        self.checks: list[Check] = [self.tamper, self.hyper, self.identity, self.seeds]
-        self.checks += [self.direction, *behaviour, *checks.loader_draws(self.dataloader)]
-        self.checks += loss_checks(opts.loss_fn, self.fp)  # the criterion's settings, buffers
-        self.checks += self.lanes
-        # Each optimizer's step reads the others' weights (checks/peers.py).
-        self.checks += peer_checks(self.optimizers, self.tamper, self.lanes)
-        env = None
-        if opts.env_snapshot is not None:
-            env = EnvironmentCheck(opts.env_snapshot, opts.env_key, opts.env_paths)
-            self.checks.insert(0, env)
-        # Budget mode: the checks whose cost grows with the model, and the chunk sample,
-        # run at the steps this schedule draws with the run's key (monitor/budget.py).
-        # The batch's fingerprint is a unit too: its cost follows the batch, not the guard;
-        # and the guard's self-check (monitor/integrity.py).
-        # Not the version counters between steps: they run at every step (checks/tamper.py).
-        extra = {"chunks", "batch", "integrity"}
-        units = sorted({c.unit for c in self.checks if c.unit is not None} | extra)
-        self.schedule = Schedule(self.key, opts.budget, units) if opts.budget else None
-        self.tamper.schedule = self.schedule
-        for lane in self.lanes:
-            lane.schedule = self.schedule
-        self._runs: frozenset[str] | None = None  # the units running at this step
-        self._runs_at = -1  # the step self._runs was drawn for
-        # Units with hooks in backward: armed after each step's hooks for the next step.
-        self._armed = [c for c in self.checks if c.unit is not None and _acts(c, "arm")]
-        # Per phase, the checks that do something in it (a scheduled unit's skipped()
-        # stands in for its hooks): a call per check and phase is a fixed cost per step.
-        # step_end runs whatever the schedule draws: only the checks that have one.
-        self._phase: dict[str, list[Check]] = {
-            name: [c for c in self.checks if c.unit is not None or _acts(c, name)]
-            for name in ("before_step", "after_step")
-        }
-        self._phase["step_end"] = [c for c in self.checks if _acts(c, "step_end")]
-        # The scheduled checks with something to do at a step their unit is left out of.
-        self._skippers = {id(c) for c in self.checks if c.unit is not None and _acts(c, "skipped")}
+        env = assembly.install_checks(self, own)  # self.checks, in the order alerts come
+        assembly.plan_phases(self)  # the budget schedule; per phase, the checks that act
         started = [a for check in self.checks for a in check.start(Context(0, self.rank))]
         summary = env.summary if env is not None else None
         start = run_start(self, summary, conditions.gather(model))
@@ -363,7 +297,7 @@ class Guard:
         if runs is None or unit is None or self.schedule is None:
             return checked(name, when, ctx, lambda: phase(ctx), self._check_failures)
         if unit not in runs:
-            if not before or not _acts(check, "skipped"):
+            if not before or not assembly.acts(check, "skipped"):
                 return []  # a call per check and step is the guard's fixed cost
             return checked(name, "skipped", ctx, lambda: check.skipped(ctx), self._check_failures)
         started = clock.now()
@@ -573,11 +507,6 @@ def _close_at_exit(ref: weakref.ReferenceType[Guard]) -> None:
         logging.getLogger("trainguard.monitor").warning(
             "trainguard: closing run %s at exit failed", guard.run_id, exc_info=True
         )
-
-
-def _acts(check: Check, phase: str) -> bool:
-    """Whether ``check``'s class does something in ``phase`` (overrides Check's no-op)."""
-    return getattr(type(check), phase) is not getattr(Check, phase)
 
 
 def watch(model: Any, optimizer: Any, options: WatchOptions | None = None, **kwargs: Any) -> Guard:
