@@ -586,6 +586,16 @@ RULES: dict[str, Rule] = {
             "one installed at start-up, and the swap was not declared: the loader reads "
             "data or order from somewhere the guard does not watch.",
         ),
+        Rule(
+            "TG1320",
+            "own-scheduling-changed",
+            _H,
+            "What the process controls about its own scheduling changed mid-run: the "
+            "training thread's nice value, policy or CPU set, another thread's nice value "
+            "or policy, the autogroup's nice value, its cgroup or that cgroup's CPU limits. "
+            "High when it takes CPU from training (the process slowing itself and passing "
+            "the wait for a CPU off as a busy machine), low when it gives CPU.",
+        ),
         # -- seal: signatures and manifests (TG5xx) ---------------------------
         Rule(
             "TG501",

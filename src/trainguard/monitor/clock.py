@@ -29,6 +29,12 @@ _THREAD_TIME = time.thread_time
 _PREAD = os.pread
 _OPEN = os.open
 _CLOSE = os.close
+# What the process set about its own scheduling (checks/scheduling.py; red team A10: a
+# wrapped os.sched_getaffinity would report the CPU set watch() started with).  Linux and
+# most Unixes; None where the platform has none.
+GETPRIORITY = getattr(os, "getpriority", None)
+GETSCHEDULER = getattr(os, "sched_getscheduler", None)
+GETAFFINITY = getattr(os, "sched_getaffinity", None)
 _CAPTURED = {
     "time.perf_counter": _PERF_COUNTER,
     "time.monotonic": _MONOTONIC,
@@ -36,6 +42,9 @@ _CAPTURED = {
     "os.pread": _PREAD,
     "os.open": _OPEN,
     "os.close": _CLOSE,
+    **{
+        f"os.{fn.__name__}": fn for fn in (GETPRIORITY, GETSCHEDULER, GETAFFINITY) if fn is not None
+    },
 }
 _MODULES = {"time": time, "os": os}
 SCHEDSTAT = "/proc/thread-self/schedstat"
@@ -59,6 +68,24 @@ def patched() -> list[str]:
         for name, fn in _CAPTURED.items()
         if getattr(_MODULES[name.split(".")[0]], name.split(".")[1], None) is not fn
     ]
+
+
+def read_at(fd: int, size: int = 4096) -> bytes:
+    """A kept-open file's content from its start (a /proc or cgroup file is generated anew
+    at each read), through the read captured at import."""
+    return _PREAD(fd, size, 0)
+
+
+def open_read(path: str) -> int | None:
+    """``path`` opened for reading with the open captured at import; None if it cannot be."""
+    try:
+        return _OPEN(path, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def close_fd(fd: int) -> None:
+    _CLOSE(fd)
 
 
 def run_delay(fd: int | None = None) -> float | None:

@@ -14,6 +14,7 @@ from trainguard.monitor.checks.interception import checks as interception_checks
 from trainguard.monitor.checks.loader import LoaderPathCheck
 from trainguard.monitor.checks.params import ParameterIdentityCheck
 from trainguard.monitor.checks.reducer import ReducerCheck
+from trainguard.monitor.checks.scheduling import SchedulingCheck
 from trainguard.monitor.checks.settings import SettingsCheck
 from trainguard.monitor.checks.sleep import SleepCheck
 from trainguard.monitor.checks.spikes import SpikeCheck
@@ -52,6 +53,8 @@ def behaviour(
         SurfaceCheck(fp.key),
     ]
     found += [StallCheck(windows["time"], min_stall_seconds), SleepCheck(min_stall_seconds)]
+    # The process's own scheduling: contention it makes itself is no busy machine.
+    found += [SchedulingCheck()]
     found += [SpikeCheck(windows["loss"], windows["grad_norm"])]
     # Modes, saved-tensor hooks, kernels and AccumulateGrad hooks (below Python names).
     found += interception_checks(named, fp.key)
