@@ -32,13 +32,13 @@ from trainguard.cli._common import (
     run_id,
     write_output,
 )
+from trainguard.cli.anchors import add_anchors, anchor_pin
 from trainguard.cli.ledger_show import clip, printable, show, stream_name
 from trainguard.errors import UsageError
 from trainguard.findings import Severity
 
 if TYPE_CHECKING:
     from trainguard.findings import Finding
-    from trainguard.ledger.anchorfile import AnchorPin
     from trainguard.ledger.verify import VerifyResult
 
 
@@ -86,19 +86,7 @@ def register(sub: Subparsers) -> None:
         "run rewritten whole with another key fails; other ranks are vouched for by rank "
         "0's final run head (or repeat the option to pin them too)",
     )
-    anchors = v.add_mutually_exclusive_group()
-    anchors.add_argument(
-        "--anchors",
-        metavar="FILE",
-        help="the anchor file watch appended rank 0's run key id to at start (default "
-        "$TRAINGUARD_ANCHORS, else $XDG_STATE_HOME/trainguard/anchors.jsonl): when it holds "
-        "the run, rank 0's key is pinned from it",
-    )
-    anchors.add_argument(
-        "--no-anchors",
-        action="store_true",
-        help="do not read the anchor file (the run key is then taken from the ledger itself)",
-    )
+    add_anchors(v)
     v.add_argument(
         "--live",
         action="store_true",
@@ -196,7 +184,7 @@ def _verify(args: argparse.Namespace) -> int:
     ledger = open_ledger(args)
     try:
         location = str(getattr(ledger, "location", args.ledger))
-        pin = _anchor_pin(args, run, location)
+        pin = anchor_pin(args, run, location)
         # The user's own pins win; the anchor file pins rank 0's key when none is given.
         pins = expected if expected is not None else pin.key_ids
         result = verify_run(ledger, run, key, live=args.live, expect_key_ids=pins)
@@ -241,20 +229,6 @@ def _verify(args: argparse.Namespace) -> int:
         )
     write_output(text, args.output)
     return code
-
-
-def _anchor_pin(args: argparse.Namespace, run: str, location: str) -> AnchorPin:
-    from pathlib import Path
-
-    from trainguard.ledger.anchorfile import AnchorPin, default_path, read_pin
-
-    if args.no_anchors:
-        return AnchorPin(None, run, location)
-    if args.anchors and not Path(args.anchors).exists():
-        # Named on purpose: a typo must not quietly leave the run unanchored.
-        raise UsageError(f"--anchors: {args.anchors} does not exist")
-    path = Path(args.anchors) if args.anchors else default_path()
-    return read_pin(path, run, location)
 
 
 # -- runs and sign ------------------------------------------------------------

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from trainguard.cli._common import (
+    EXIT_FINDINGS,
     Subparsers,
     add_ledger,
     add_output,
@@ -16,6 +17,8 @@ from trainguard.cli._common import (
     run_id,
     write_output,
 )
+from trainguard.cli.anchors import add_anchors, pins_for
+from trainguard.cli.ledger_show import printable
 from trainguard.errors import UsageError
 
 MAX_KEY_FILE_BYTES = 4096
@@ -95,8 +98,10 @@ def register(sub: Subparsers) -> None:
         action="append",
         metavar="ID",
         help="pin rank 0's run key id as watch logged it (as `ledger verify --expect-key-id`): "
-        "a ledger rewritten whole with another key does not verify",
+        "a ledger rewritten whole with another key does not verify; without it rank 0's key "
+        "is pinned from the anchor file, as `ledger verify` does",
     )
+    add_anchors(p)
     p.add_argument(
         "--live",
         action="store_true",
@@ -152,6 +157,13 @@ def _replay(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"trainguard replay: {text}", file=sys.stderr, flush=True)
 
+    pins = pins_for(args, run, ledger)
+    for line in (pins.note, *pins.warnings):  # also with -q: what the replay stands on
+        print(f"trainguard replay: {printable(line)}", file=sys.stderr)
+    if pins.refusal is not None:  # as `ledger verify` would fail it: nothing is replayed
+        print(f"trainguard replay: {printable(pins.refusal)}; not replayed", file=sys.stderr)
+        return EXIT_FINDINGS
+
     options = {
         "start": args.start,
         "stop": args.stop,
@@ -162,7 +174,7 @@ def _replay(args: argparse.Namespace) -> int:
         "expect_data": expect_digest(args.expect_data),
         # A path, not a key object: the options also travel to --all-ranks' processes.
         "public_key": args.ledger_key,
-        "expect_key_ids": expected,
+        "expect_key_ids": pins.key_ids,
         "live": args.live,
     }
     if args.all_ranks:

@@ -15,6 +15,8 @@ from trainguard.cli._common import (
     run_id,
     write_output,
 )
+from trainguard.cli.anchors import add_anchors, pins_for
+from trainguard.cli.ledger_show import printable
 from trainguard.errors import UsageError
 
 MAX_KEY_FILE_BYTES = 64 * 1024  # a PEM private key is a few hundred bytes
@@ -57,8 +59,10 @@ def register(sub: Subparsers) -> None:
         metavar="ID",
         help="pin rank 0's run key id as watch logged it (as `ledger verify "
         "--expect-key-id`; repeat to pin other ranks): a run rewritten whole with another "
-        "key is refused",
+        "key is refused; without it rank 0's key is pinned from the anchor file, as "
+        "`ledger verify` does",
     )
+    add_anchors(p)
     p.add_argument("--rate", type=float, default=None, help="share of segments recomputed")
     p.add_argument(
         "--assume-fraction",
@@ -119,6 +123,12 @@ def _verify_run(args: argparse.Namespace) -> int:
     expected = args.expect_key_id
     if expected is not None and check_expected_ids(expected):
         raise UsageError("--expect-key-id: " + "; ".join(check_expected_ids(expected)))
+    pins = pins_for(args, run_id(args), ledger_url(args))
+    for line in (pins.note, *pins.warnings):  # also with -q: what the verdicts stand on
+        print(f"trainguard verify-run: {printable(line)}", file=sys.stderr)
+    if pins.refusal is not None:  # as `ledger verify` would fail it: nothing is recomputed
+        print(f"trainguard verify-run: {printable(pins.refusal)}; not started", file=sys.stderr)
+        return EXIT_FINDINGS
     if args.code and not _sealed_code(args.code, args.code_key):
         return EXIT_FINDINGS
     try:
@@ -140,7 +150,7 @@ def _verify_run(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoints,
         expect_data=expect_digest(args.expect_data),
         ledger_key=args.ledger_key,
-        expect_key_ids=expected,
+        expect_key_ids=pins.key_ids,
     )
 
     def progress(verdict: object) -> None:
