@@ -54,12 +54,14 @@ def location_of(url: str) -> str:
 def anchor_pin(args: argparse.Namespace, run: str, location: str) -> AnchorPin:
     """What the anchor file (``--anchors`` or the default) says about ``run``."""
     from trainguard.ledger.anchorfile import AnchorPin, default_path, read_pin
+    from trainguard.ledger.anchorrotate import archive_dir
 
     if getattr(args, "no_anchors", False):
         return AnchorPin(None, run, location)
     named = getattr(args, "anchors", None)
-    if named and not Path(named).exists():
-        # Named on purpose: a typo must not quietly leave the run unanchored.
+    if named and not Path(named).exists() and not archive_dir(Path(named)).is_dir():
+        # Named on purpose: a typo must not quietly leave the run unanchored (a file
+        # rotated away a moment ago still has its archive folder).
         raise UsageError(f"--anchors: {named} does not exist")
     return read_pin(Path(named) if named else default_path(), run, location)
 

@@ -16,6 +16,8 @@ too; pinning the key id off the host (``--expect-key-id``, the id watch logs at
 start) stays the strong form.  Many runs append at once: each entry is one
 ``O_APPEND`` write of one short line, which POSIX keeps whole on a local disk.
 
+The file rotates itself into an archive folder of buckets by run id before it nears
+the read caps (:mod:`.anchorrotate`); a run is looked up in the file and its bucket.
 Reading is bounded (:data:`MAX_ANCHOR_BYTES`, :data:`MAX_ANCHOR_LINES`,
 :data:`MAX_LINE_BYTES`); a file that cannot be read, is over a cap or writable
 by others is a high finding (TG1216), lines that are no entry a medium one;
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from trainguard.findings import Finding, Severity
+from trainguard.ledger import anchorrotate
 from trainguard.ledger.chain import RUN_STREAM, is_hex_digest
 from trainguard.rules import rule
 
@@ -83,24 +86,15 @@ def write_anchor(path: Path, run_id: str, location: str, key_id: str | None) -> 
     if len(line) > MAX_LINE_BYTES:
         raise ValueError(f"the anchor line is over {MAX_LINE_BYTES} bytes (run id too long)")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        info = os.fstat(fd)
-        if _foreign(info):
-            raise ValueError(f"{path} is not the user's own file (owner or mode): not written")
-        # One write of one line: concurrent runs' lines never interleave on a local disk.
-        if os.write(fd, line) != len(line):
-            raise OSError(f"{path}: short write of the anchor line")
-    finally:
-        os.close(fd)
+    size = anchorrotate.append_line(path, line)
+    if size >= anchorrotate.ROTATE_BYTES or anchorrotate.leftovers(path):
+        try:
+            anchorrotate.rotate(path)
+        except anchorrotate.RotationError as exc:  # the caller warns: say what did happen
+            raise anchorrotate.RotationError(f"the anchor line is written, but {exc}") from exc
 
 
-def _foreign(info: os.stat_result) -> bool:
-    """Owned by someone else, or writable by group or others: anyone could rewrite it."""
-    owner = getattr(os, "getuid", None)
-    if owner is not None and info.st_uid != owner():
-        return True
-    return bool(info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+_foreign = anchorrotate.foreign
 
 
 @dataclass(frozen=True)
@@ -186,51 +180,47 @@ class AnchorPin:
 
 
 def read_pin(path: Path | None, run_id: str, location: str) -> AnchorPin:
-    """The anchor entries for ``run_id`` in the ledger at ``location``; never raises."""
+    """The anchor entries for ``run_id`` in the ledger at ``location``: in the anchor
+    file, in the one archive bucket its rotations filed the run id under, and in what an
+    interrupted rotation left (:mod:`.anchorrotate`).  Never raises; a file that cannot
+    be used pins nothing at all (TG1216 high)."""
     pin = AnchorPin(path, run_id, location)
     if path is None:
         return pin
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return pin
-    except OSError as exc:
-        pin.findings.append(_problem(pin, f"cannot be opened: {exc.strerror or exc}"))
-        return pin
-    place = ledger_place(location)
-    bad: list[int] = []
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            pin.findings.append(_problem(pin, "is not a regular file"))
+    files = [path]
+    folder = anchorrotate.archive_dir(path)
+    if os.path.lexists(folder):
+        try:
+            info = os.stat(folder)
+        except OSError as exc:
+            pin.findings.append(_problem(pin, f"archive {folder} cannot be read: {exc}"))
             return pin
-        if _foreign(info):
+        if not stat.S_ISDIR(info.st_mode) or _foreign(info):
             pin.findings.append(
-                _problem(pin, "is owned by someone else or writable by group or others")
+                _problem(pin, f"archive {folder} is not the user's own folder (owner or mode)")
             )
             return pin
-        if info.st_size > MAX_ANCHOR_BYTES:
-            pin.findings.append(_problem(pin, f"is over {MAX_ANCHOR_BYTES} bytes"))
+        left = anchorrotate.leftovers(path)
+        if len(left) > anchorrotate.MAX_LEFTOVERS:
+            pin.findings.append(
+                _problem(
+                    pin,
+                    f"archive {folder} holds {len(left)} interrupted rotations "
+                    f"(over {anchorrotate.MAX_LEFTOVERS}): the next watch start files them",
+                )
+            )
             return pin
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if number > MAX_ANCHOR_LINES:
-                    pin.findings.append(_problem(pin, f"has over {MAX_ANCHOR_LINES} lines"))
-                    pin.entries.clear()
-                    return pin
-                entry = _entry(raw, number)
-                if entry is None:
-                    bad.append(number)
-                elif entry.run_id == run_id:
-                    (pin.entries if entry.ledger == place else pin.elsewhere).append(entry)
-    except OSError as exc:
-        pin.findings.append(_problem(pin, f"cannot be read: {exc.strerror or exc}"))
-        pin.entries.clear()
-        return pin
-    finally:
-        os.close(fd)
+        files += [anchorrotate.bucket_path(path, run_id), *left]
+    bad: list[tuple[Path, int]] = []
+    for number, file in enumerate(files):
+        # The anchor file itself may be missing right after a rotation moved it.
+        if not _read_file(pin, file, ledger_place(location), bad, archived=number > 0):
+            pin.entries.clear()
+            return pin
     if bad:
-        named = ", ".join(map(str, bad[:MAX_NAMED_LINES]))
+        named = ", ".join(
+            f"{n}" if f == path else f"{f.name}:{n}" for f, n in bad[:MAX_NAMED_LINES]
+        )
         more = f" and {len(bad) - MAX_NAMED_LINES} more" if len(bad) > MAX_NAMED_LINES else ""
         pin.findings.append(
             _problem(
@@ -241,6 +231,50 @@ def read_pin(path: Path | None, run_id: str, location: str) -> AnchorPin:
             )
         )
     return pin
+
+
+def _read_file(
+    pin: AnchorPin, path: Path, place: str, bad: list[tuple[Path, int]], archived: bool
+) -> bool:
+    """Add ``path``'s entries for the pin's run to it; False (with a TG1216 high finding)
+    when the file cannot be used.  A missing file holds nothing."""
+    what = f"archive file {path} " if archived else ""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        pin.findings.append(_problem(pin, f"{what}cannot be opened: {exc.strerror or exc}"))
+        return False
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            pin.findings.append(_problem(pin, f"{what}is not a regular file"))
+            return False
+        if _foreign(info):
+            pin.findings.append(
+                _problem(pin, f"{what}is owned by someone else or writable by group or others")
+            )
+            return False
+        if info.st_size > MAX_ANCHOR_BYTES:
+            pin.findings.append(_problem(pin, f"{what}is over {MAX_ANCHOR_BYTES} bytes"))
+            return False
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if number > MAX_ANCHOR_LINES:
+                    pin.findings.append(_problem(pin, f"{what}has over {MAX_ANCHOR_LINES} lines"))
+                    return False
+                entry = _entry(raw, number)
+                if entry is None:
+                    bad.append((path, number))
+                elif entry.run_id == pin.run_id:
+                    (pin.entries if entry.ledger == place else pin.elsewhere).append(entry)
+    except OSError as exc:
+        pin.findings.append(_problem(pin, f"{what}cannot be read: {exc.strerror or exc}"))
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _entry(raw: bytes, number: int) -> Entry | None:
