@@ -23,14 +23,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainguard.errors import UsageError
 from trainguard.monitor.gradfactor import (
     RTOL_DISTRIBUTED,
     RTOL_EXACT,
     RTOL_LOW,
-    Clipping,
     FactorJudge,
     Pair,
 )
+from trainguard.monitor.gradtransform import DEFAULT_RULES, DeclaredTransform, GradRules
 from trainguard.monitor.kinds import Unchecked, unreadable
 from trainguard.monitor.safety import compile_safe
 from trainguard.monitor.setup import total_grad_norm
@@ -50,7 +51,7 @@ class DirectionCheck:
         self,
         named_params: list[tuple[str, Any]],
         key: bytes,
-        clipping: Clipping = "global",
+        rules: GradRules = DEFAULT_RULES,
         *,
         norm_rule: bool = True,
     ) -> None:
@@ -65,6 +66,9 @@ class DirectionCheck:
         self.names: dict[int, str] = {}
         self._gen = torch.Generator().manual_seed(int.from_bytes(key[8:16], "little") & (2**62))
         self.backward_samples: dict[int, Any] = {}
+        # A declared grad_transform (monitor/gradtransform.py): backward's whole gradients.
+        self.transform = DeclaredTransform(rules.transform) if rules.transform else None
+        self.backward_whole: dict[int, Any] = {}
         self.before: dict[int, Any] = {}
         self.grad_at_step: dict[int, Any] = {}
         # Our hook must run as plain Python under torch.compile: traced, dynamo would copy
@@ -82,6 +86,10 @@ class DirectionCheck:
         # Under a process group DDP may compress what it communicates (torch's fp16 hook),
         # a single rank too: the samples then fit only to that rounding.
         self.communicated = _distributed(alone=True)
+        if self.transform is not None and self.distributed:
+            # The hook sees this rank's gradient before DDP averages it; the loop transforms
+            # the average: re-applying fn would need the average of the whole gradients.
+            raise UsageError("watch: grad_transform is not supported with several ranks yet")
         # Each parameter's sampled moment after the last step; None after a step the
         # probe skipped (budget mode): the moments' change is then unknown.
         self.moments: dict[int, Any] | None = {}
@@ -90,7 +98,9 @@ class DirectionCheck:
         # ``broken`` says what did not, at this step's pre-hook.
         # A sharded gradient's norm here is this rank's slice, not what clipping saw.
         sharded = any(is_dtensor(p) for _, p in self.params)
-        self.factor = FactorJudge(clipping, norm_rule=norm_rule and not sharded)
+        self.factor = FactorJudge(
+            rules.clipping, norm_rule=norm_rule and not sharded, scaling=rules.scaling
+        )
         self.broken: str | None = None
         self.norm_now: float | None = None  # the total gradient norm, when taken this step
 
@@ -129,14 +139,18 @@ class DirectionCheck:
                 return
             # Widened at the step, not here: backward pays only for the read.
             self.backward_samples[id(p)] = grad.detach().reshape(-1)[self.index[id(p)]]
+            if self.transform is not None:
+                self.backward_whole[id(p)] = grad.detach().clone()
         except Exception as e:  # a check never ends the user's backward
             self.unchecked.add(self.names.get(id(p), "?"), f"probe failed: {e!r}"[:200])
             self.backward_samples.pop(id(p), None)
+            self.backward_whole.pop(id(p), None)
         self.outside += time.perf_counter() - started
 
     def skip(self) -> None:
         """A step the probe does not check (budget mode): forget what it cannot compare."""
         self.backward_samples.clear()
+        self.backward_whole.clear()
         self.moments = None
         self.norm_now = None  # the guard's grad_norm must not read an older step's
 
@@ -153,11 +167,18 @@ class DirectionCheck:
         gone: list[str] = []  # a gradient backward left that the step cannot read as it was
         had: set[str] = set()  # parameters whose gradient backward left (and we sampled)
         low = False  # a gradient below float32: rounding at 2^-8
+        failed = self.transform.moved() if self.transform is not None else None
         for name, p in self.params:
             if id(p) not in self.index:
                 continue
             idx = self.index[id(p)]
             back = self.backward_samples.get(id(p))
+            whole = self.backward_whole.pop(id(p), None)
+            if back is not None and whole is not None and self.transform is not None:
+                try:  # what the declared transform makes of backward's gradient
+                    back = self.transform.apply(name, p, whole).detach().reshape(-1)[idx]
+                except Exception as e:  # the loop's fn failing on backward's gradient
+                    failed = failed or f"the declared grad_transform failed on {name}: {e!r}"
             back = back.to(torch.float64) if back is not None else None
             if back is not None:
                 had.add(name)
@@ -182,11 +203,14 @@ class DirectionCheck:
                 back = torch.zeros_like(now)
             slots.append((name, now, back))
         self.backward_samples.clear()
+        self.backward_whole.clear()
         if gone:
             self.broken = (
                 f"{len(gone)} gradient(s) backward left are not there at optimizer.step as "
                 f"they were: {', '.join(gone[:5])}"
             )
+        if self.broken is None and failed is not None:
+            self.broken = failed[:300]
         if not slots or (not self.distributed and all(n is None for _, n, _ in slots)):
             return []
         backs = torch.cat([b for _, _, b in slots])

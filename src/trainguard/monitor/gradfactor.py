@@ -17,7 +17,10 @@ Anything else (a layer zeroed or dropped, ``x0.1`` on every gradient, noise of t
 same norm, a partial flip, a tighter ``max_norm``, a gradient that backward left and
 is now ``None``, sparse or of another shape) is TG1306 at that step.  A loop that clips
 parameter subsets separately declares it: ``watch(..., grad_clipping="per_tensor")``
-then allows one factor in ``(0, 1]`` per tensor (and checks no norm).
+then allows one factor in ``(0, 1]`` per tensor (and checks no norm).  A loop that
+divides by a count that varies per step (torchtune's tokens in the batch) declares
+``watch(..., grad_scaling="varying")``: any positive factor, still ONE for every
+gradient (a factor per tensor, a flip, a zeroed layer stay TG1306), and no norm rule.
 
 :class:`FactorJudge` holds what the run taught it (the clip norm, the clip value, the
 loss scale's exponent, a fixed factor) and judges one step's samples.
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Clipping = Literal["global", "per_tensor"]
+Scaling = Literal["fixed", "varying"]
 
 # Relative error allowed between the two samples once the factor is taken out: one
 # rounding of a float32 product is 6e-8; reduced-precision gradients round at 2^-8,
@@ -55,8 +59,11 @@ class Pair:
 class FactorJudge:
     """One optimizer's gradient factor across steps (see the module docstring)."""
 
-    def __init__(self, clipping: Clipping = "global", *, norm_rule: bool = True) -> None:
+    def __init__(
+        self, clipping: Clipping = "global", *, norm_rule: bool = True, scaling: Scaling = "fixed"
+    ) -> None:
         self.clipping = clipping
+        self.scaling = scaling
         # The clip norm is the total over the parameters clip_grad_norm_ was given; with
         # several optimizers on one model those are not this optimizer's own.
         self.norm_rule = norm_rule
@@ -111,12 +118,15 @@ class FactorJudge:
             if c == 0.0:
                 return (
                     f"the gradients at optimizer.step are not one positive multiple of what "
-                    f"backward left (clipping and unscaling scale all alike): {_names(off)}"
+                    f"backward left (clipping and unscaling scale all alike): "
+                    f"{_names(_moved(pairs, stats, rtol) or off)}"
                 )
             clamped = True
         if c <= 0.0:
             return f"every gradient was multiplied by {c:.3g} between backward and the step"
         first, self.steps = self.steps == 0, self.steps + 1
+        if self.scaling == "varying":
+            return None  # declared: any positive factor, one for all (checked above)
         return self._factor(c, rtol, total_norm, first, clamped)
 
     def _factor(
@@ -251,6 +261,16 @@ def _misfit(pairs: list[Pair], stats: list[list[float]], c: float, rtol: float) 
         if residual > (rtol * rtol) * (c * c * bb) + 1e-300:
             off.append(p.name)
     return off
+
+
+def _moved(pairs: list[Pair], stats: list[list[float]], rtol: float) -> list[str]:
+    """The tensors that left the factor most tensors share (the median of the per-tensor
+    factors): the least-squares factor of all of them is pulled by the one that moved, and
+    every tensor then misfits it (a message named all of the optimizer's tensors)."""
+    factors = sorted(s[1] / s[0] for s in stats if s[0] > 0.0)
+    if not factors:
+        return []
+    return _misfit(pairs, stats, factors[len(factors) // 2], rtol)
 
 
 def _per_tensor(pairs: list[Pair], stats: list[list[float]], rtol: float) -> str | None:

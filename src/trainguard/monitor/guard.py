@@ -32,6 +32,7 @@ from trainguard.monitor.checks.seeds import SeedCheck
 from trainguard.monitor.checks.tamper import TamperCheck
 from trainguard.monitor.declare import outside_step as _outside_step
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
+from trainguard.monitor.gradtransform import GradRules
 from trainguard.monitor.optimizers import Lane, Optimizers, start_record, step_record
 from trainguard.monitor.options import WatchOptions
 from trainguard.monitor.recorder import Recorder, run_start, step_payload
@@ -103,7 +104,7 @@ class Guard:
         own = self.optimizers.answered(self.named_params, 0)  # all, with one optimizer
 
         self.direction = UpdateDirectionCheck(
-            own, optimizer, self.key, opts.grad_clipping, norm_rule=not self.optimizers.several
+            own, optimizer, self.key, GradRules.of(opts), norm_rule=not self.optimizers.several
         )
         # Bound now: an instance attribute shadowing them later does not reach the hooks.
         self._nesting = StepNesting()

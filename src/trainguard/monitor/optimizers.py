@@ -50,6 +50,7 @@ from trainguard.monitor.checks.state import StateModelCheck
 from trainguard.monitor.checks.tamper import TamperCheck
 from trainguard.monitor.checks.update import UpdateModelCheck
 from trainguard.monitor.fingerprint import Fingerprinter
+from trainguard.monitor.gradtransform import GradRules
 from trainguard.monitor.options import WatchOptions
 from trainguard.monitor.safety import StepNesting, checked, step_hooks
 from trainguard.monitor.sharding import stepped_optimizer
@@ -265,7 +266,7 @@ class Lane(Check):
         self.identity = IdentityCheck(torch.nn.Module(), opt)
         update = UpdateModelCheck(named_params, opt, fp.key)
         self.direction = UpdateDirectionCheck(
-            named_params, opt, fp.key, options.grad_clipping, norm_rule=False
+            named_params, opt, fp.key, GradRules.of(options), norm_rule=False
         )
         self.checks: list[Check] = [
             self.tamper,

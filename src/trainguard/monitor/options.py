@@ -63,6 +63,11 @@ class WatchOptions:
     measure_grad_norm: bool = True
     # "per_tensor": the loop clips parameter subsets separately (monitor/gradfactor.py)
     grad_clipping: Literal["global", "per_tensor"] = "global"
+    # "varying": the loop divides the gradients by a factor that changes per step (tokens
+    # in the batch); grad_transform: its own transform fn(name, param, grad), which the
+    # guard re-applies to a copy of backward's gradient (monitor/gradtransform.py)
+    grad_scaling: Literal["fixed", "varying"] = "fixed"
+    grad_transform: Callable[[str, Any, Any], Any] | None = None
     key: bytes | None = None
     on_alert: OnAlert | AlertHandler = "record"
     data_check: bool = False
@@ -108,6 +113,14 @@ class WatchOptions:
             problems.append(
                 f"grad_clipping is 'global' or 'per_tensor', not {self.grad_clipping!r}"
             )
+        if self.grad_scaling not in ("fixed", "varying"):
+            problems.append(f"grad_scaling is 'fixed' or 'varying', not {self.grad_scaling!r}")
+        elif self.grad_scaling == "varying" and self.grad_clipping == "per_tensor":
+            # a factor per tensor under a varying one is any positive factor per tensor:
+            # nothing left to verify (a grad_transform can say what the loop does)
+            problems.append("grad_scaling='varying' and grad_clipping='per_tensor' together")
+        if self.grad_transform is not None and not callable(self.grad_transform):
+            problems.append("grad_transform must be a function fn(name, param, grad)")
         if self.sign_every < 1:
             problems.append(f"sign_every must be 1 or more, not {self.sign_every}")
         if isinstance(self.sign_key, bool) and self.sign_key:  # typed out, passed anyway

@@ -7,7 +7,7 @@ from typing import Any
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import Check, StepEnd
 from trainguard.monitor.direction import DirectionCheck
-from trainguard.monitor.gradfactor import Clipping
+from trainguard.monitor.gradtransform import DEFAULT_RULES, GradRules
 
 
 class UpdateDirectionCheck(Check):
@@ -18,14 +18,14 @@ class UpdateDirectionCheck(Check):
         params: list[tuple[str, Any]],
         optimizer: Any,
         key: bytes,
-        clipping: Clipping = "global",
+        rules: GradRules = DEFAULT_RULES,
         *,
         norm_rule: bool = True,
     ) -> None:
         self.optimizer = optimizer
         # norm_rule: this optimizer's parameters are all a clip_grad_norm_ call saw (one
         # optimizer on the model), so a clipped step leaves their total at max_norm.
-        self.probe = DirectionCheck(params, key, clipping, norm_rule=norm_rule)
+        self.probe = DirectionCheck(params, key, rules, norm_rule=norm_rule)
         self.cosine: float | None = None
         self._names = {id(p): n for n, p in params}  # every parameter, frozen ones too
         self._groups = len(optimizer.param_groups)
