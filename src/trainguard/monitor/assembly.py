@@ -52,6 +52,13 @@ def install_checks(guard: Any, own: Any) -> EnvironmentCheck | None:
         spent=guard._spent,
         world_size=guard.world_size,
     )
+    # Gradient accumulation (monitor/accumulation.py): any optimizer's step separates two
+    # backward passes for every probe; inside a step (a closure's re-evaluation) too.
+    passes = guard.direction.probe.passes
+    passes.nesting = guard._nesting
+    for lane in guard.lanes:
+        lane.direction.probe.passes.marks = passes.marks
+        lane.direction.probe.passes.nesting = lane.nesting
     # Taken after the guard's own hooks and wrappers are in place.
     guard.identity = IdentityCheck(model, optimizer, guard.dataloader)
     guard.hyper = HyperparameterCheck(optimizer, guard.scheduler)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainguard.errors import UsageError
+from trainguard.monitor.accumulation import Passes
 from trainguard.monitor.gradfactor import (
     RTOL_DISTRIBUTED,
     RTOL_EXACT,
@@ -79,6 +80,9 @@ class DirectionCheck:
         self.armed = True
         self.outside = 0.0
         self.handles: list[Any] = []
+        # Gradient accumulation: each backward pass's contribution (accumulation.py).
+        self.passes = Passes(torch)
+        self.accumulation: str | None = None  # what broke it, at this step's pre-hook
         self.adopt([(n, p) for n, p in named_params if p.requires_grad])
         # Sharded gradients (FSDP) reach the hook already reduced, one slice per rank:
         # nothing to average, and the slices' sample counts differ between ranks.
@@ -126,6 +130,29 @@ class DirectionCheck:
                 self.index[id(p)] = draw.to(local(p).device)
             if hook:
                 self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
+                if n and not is_dtensor(p):  # FSDP sets a DTensor's .grad; autograd does not
+                    self.handles.append(p.register_hook(self._incoming(p)))
+
+    def _incoming(self, p: Any) -> Any:
+        """The tensor hook reading what autograd hands ``p``, before it is accumulated."""
+        pid, shape = id(p), p.shape
+
+        def hook(grad: Any) -> None:
+            if not self.armed:
+                return
+            started = time.perf_counter()
+            sample = None
+            try:
+                if unreadable(grad) is None and grad.shape == shape:
+                    sample = grad.detach().reshape(-1)[self.index[pid]]
+            except Exception:  # unread: that pass restarts the sum unjudged
+                sample = None
+            # The weights too: a loop that moves them between passes (SAM) drops on purpose.
+            weights = p.detach().reshape(-1)[self.index[pid]]
+            self.passes.incoming(pid, sample, p.grad is None, weights)
+            self.outside += time.perf_counter() - started
+
+        return compile_safe(hook)
 
     def _on_grad(self, p: Any) -> None:
         if not self.armed or p.grad is None or id(p) not in self.index:
@@ -138,7 +165,9 @@ class DirectionCheck:
                 self.unchecked.add(self.names.get(id(p), "?"), f"gradient {why}")
                 return
             # Widened at the step, not here: backward pays only for the read.
-            self.backward_samples[id(p)] = grad.detach().reshape(-1)[self.index[id(p)]]
+            sample = grad.detach().reshape(-1)[self.index[id(p)]]
+            self.backward_samples[id(p)] = sample
+            self.passes.accumulated(id(p), sample)
             if self.transform is not None:
                 self.backward_whole[id(p)] = grad.detach().clone()
         except Exception as e:  # a check never ends the user's backward
@@ -153,6 +182,18 @@ class DirectionCheck:
         self.backward_whole.clear()
         self.moments = None
         self.norm_now = None  # the guard's grad_norm must not read an older step's
+        self.passes.clear()
+        self.passes.boundary()
+
+    def keep_reference(self) -> None:
+        """The gradients now, as the next step's first backward may find them (a loop that
+        never zeroes them): taken at a skipped step before a probed one (budget mode)."""
+        self.passes.reference.clear()
+        for _, p in self.params:
+            grad = p.grad
+            if id(p) in self.index and grad is not None and unreadable(local(grad)) is None:
+                sample = local(grad).detach().reshape(-1)[self.index[id(p)]]
+                self.passes.reference[id(p)] = sample.to(self.torch.float64)
 
     def before_step(self) -> list[str]:
         """At optimizer.step entry: sample weights, compare gradient sums. Names flipped ones."""
@@ -164,6 +205,9 @@ class DirectionCheck:
         # (and takes part even when it has nothing), so ranks never misalign.
         slots: list[tuple[str, Any, Any]] = []
         self.broken, self.norm_now = None, None
+        # The sum of the step's backward passes, and what broke the accumulation.
+        sums, self.accumulation = self.passes.judge(self.names)
+        self.passes.boundary()
         gone: list[str] = []  # a gradient backward left that the step cannot read as it was
         had: set[str] = set()  # parameters whose gradient backward left (and we sampled)
         low = False  # a gradient below float32: rounding at 2^-8
@@ -172,7 +216,7 @@ class DirectionCheck:
             if id(p) not in self.index:
                 continue
             idx = self.index[id(p)]
-            back = self.backward_samples.get(id(p))
+            back = sums.get(id(p), self.backward_samples.get(id(p)))
             whole = self.backward_whole.pop(id(p), None)
             if back is not None and whole is not None and self.transform is not None:
                 try:  # what the declared transform makes of backward's gradient
@@ -199,6 +243,7 @@ class DirectionCheck:
             self.before[id(p)] = local(p).detach().reshape(-1)[idx].to(torch.float64)
             now = local(grad).detach().reshape(-1)[idx].to(torch.float64)
             self.grad_at_step[id(p)] = now
+            self.passes.reference[id(p)] = now
             if back is None or back.shape != now.shape:
                 back = torch.zeros_like(now)
             slots.append((name, now, back))

@@ -41,9 +41,11 @@ class UpdateDirectionCheck(Check):
         flipped = self.probe.before_step()
         self._apply_arm()
         broken = self.probe.broken  # monitor/gradfactor.py
+        alerts = self._accumulation(ctx)
         if flipped:  # the more specific name of the same finding: one alert, both said
             said: dict[str, Any] = {"factor": broken} if broken is not None else {}
             return [
+                *alerts,
                 ctx.alert(
                     "TG1306",
                     f"gradients of {len(flipped)} tensor(s) changed sign between "
@@ -51,17 +53,31 @@ class UpdateDirectionCheck(Check):
                     f"{', '.join(flipped[:5])}",
                     tensors=flipped[:50],
                     **said,
-                )
+                ),
             ]
         if broken is not None:
-            return [ctx.alert("TG1306", f"between backward and optimizer.step: {broken}")]
-        return []
+            alerts.append(ctx.alert("TG1306", f"between backward and optimizer.step: {broken}"))
+        return alerts
+
+    def _accumulation(self, ctx: Context) -> list[Alert]:
+        """The step's backward passes did not add up (monitor/accumulation.py)."""
+        found = self.probe.accumulation
+        if found is None:
+            return []
+        return [ctx.alert("TG1306", f"gradient accumulation: {found}")]
 
     def skipped(self, ctx: Context) -> list[Alert]:
         self.cosine = None
         self.probe.skip()
         self._apply_arm()
+        if self.probe.armed:  # the next step is probed: what its first backward may find
+            self.probe.keep_reference()
         return []
+
+    def outside_block(self, inside: bool) -> None:
+        """``guard.outside_step()``: a backward inside it (an adversarial example's) is
+        not the step's; the block's ends are step boundaries for the accumulation."""
+        self.probe.passes.boundary()
 
     def arm(self, on: bool) -> None:
         # Disarmed only once this step's gradients are judged: the guard arms the next
@@ -81,6 +97,7 @@ class UpdateDirectionCheck(Check):
         return spent
 
     def after_step(self, ctx: Context) -> list[Alert]:
+        self.probe.passes.boundary()
         self.cosine = cosine = self.probe.after_step(self.optimizer)
         if self.probe.mismatch is not None:  # the step's math (monitor/direction.py)
             return [ctx.alert("TG1306", self.probe.mismatch, cosine=cosine)]
@@ -96,6 +113,7 @@ class UpdateDirectionCheck(Check):
         ]
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
+        self.probe.passes.boundary()  # guard.step: a step GradScaler skipped ends here too
         fresh = self.probe.unchecked.fresh()
         if not fresh:
             return []
