@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 
 # Captured once, at import: the guard never looks these names up again.
 _PERF_COUNTER = time.perf_counter
@@ -135,3 +136,38 @@ class ThreadClock:
         if self._fd is not None:
             _CLOSE(self._fd)
             self._fd = None
+
+
+class OffCpu:
+    """Seconds the thread that made it was blocked (wall minus its CPU time minus its
+    wait for a CPU: asleep, or waiting on I/O, a lock or another thread) inside the spans
+    marked with ``begin``/``end``, summed until ``take``.  The guard's own phase is judged
+    by it (checks/timing.py): its CPU time is its own work, and a busy machine is not
+    blocking.  A span in another thread counts nothing (the file names this thread)."""
+
+    __slots__ = ("__weakref__", "_fd", "_thread", "total")
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._thread = threading.get_ident()
+        try:
+            self._fd: int | None = _OPEN(SCHEDSTAT, os.O_RDONLY)
+        except OSError:
+            self._fd = None
+        if self._fd is not None:  # closed with the guard that holds it, whenever that is
+            weakref.finalize(self, _CLOSE, self._fd)
+
+    def begin(self) -> tuple[float, float, float]:
+        if threading.get_ident() != self._thread:
+            return (0.0, 0.0, -1.0)
+        return _PERF_COUNTER(), _THREAD_TIME(), (run_delay(self._fd) or 0.0)
+
+    def end(self, mark: tuple[float, float, float]) -> None:
+        if mark[2] < 0 or threading.get_ident() != self._thread:
+            return
+        wall, cpu, delay = _PERF_COUNTER(), _THREAD_TIME(), (run_delay(self._fd) or 0.0)
+        self.total += max(0.0, (wall - mark[0]) - (cpu - mark[1]) - (delay - mark[2]))
+
+    def take(self) -> float:
+        total, self.total = self.total, 0.0
+        return total

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from trainguard.findings import Severity
-from trainguard.monitor import assembly, clock, conditions, integrity, terminate
+from trainguard.monitor import assembly, clock, conditions, declarable, integrity, terminate
 from trainguard.monitor.alerts import Alert, Context, TrainingStopped
 from trainguard.monitor.budget import Schedule
 from trainguard.monitor.checks.base import Check, StepEnd
@@ -30,6 +30,7 @@ from trainguard.monitor.checks.hyper import HyperparameterCheck
 from trainguard.monitor.checks.identity import IdentityCheck
 from trainguard.monitor.checks.seeds import SeedCheck
 from trainguard.monitor.checks.tamper import TamperCheck
+from trainguard.monitor.checks.tracing import profiling as _profiling
 from trainguard.monitor.declare import outside_step as _outside_step
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
 from trainguard.monitor.gradtransform import GradRules
@@ -98,6 +99,9 @@ class Guard:
         self._declared: StepEnd | None = None  # what guard.step(lr=, reseed=) said
         self._last_step_end = self._step_started = self._pre_end = clock.now()
         self._finish_cost, self._phases = 0.0, dict[str, float]()
+        # The guard's own seconds blocked (wall minus CPU minus run delay), and those of
+        # its designed waits (ledger appends, the ranks' comparison): checks/timing.py.
+        self._off, self._waits = clock.OffCpu(), clock.OffCpu()
         refresh = 1 if opts.budget is None else BUDGET_REFRESH  # budget: medians every N
         self.windows = {k: RobustWindow(refresh=refresh) for k in ("time", "loss", "grad_norm")}
         self.named_params = list(model.named_parameters())
@@ -127,6 +131,7 @@ class Guard:
             optimizer.register_step_post_hook(post),
         ]
         env = assembly.install_checks(self, own)  # self.checks, in the order alerts come
+        self.tamper.watch_loads(model)  # budget mode: a load_state_dict's bits verified
         assembly.plan_phases(self)  # the budget schedule; per phase, the checks that act
         started = [a for check in self.checks for a in check.start(Context(0, self.rank))]
         summary = env.summary if env is not None else None
@@ -177,7 +182,11 @@ class Guard:
         self.sink.raise_all([ctx.alert(rule, message, severity=severity, **evidence)])
 
     def _record(self, kind: str, payload: dict[str, Any]) -> None:
-        self.recorder.append(kind, payload, self.step_index)
+        mark = self._waits.begin()  # the store's I/O: a wait by design (a remote database)
+        try:
+            self.recorder.append(kind, payload, self.step_index)
+        finally:
+            self._waits.end(mark)
 
     # -- the optimizer hooks ---------------------------------------------------
     def _before_step(self, part: str = "all") -> None:
@@ -190,7 +199,7 @@ class Guard:
         if part == "rest":
             self._before_rest()
             return
-        started = clock.now()
+        started, mark = clock.now(), self._off.begin()
         self._busy = clock.now()
         integrity.verify(self, self.step_index, self.rank)
         try:
@@ -200,7 +209,7 @@ class Guard:
                 # The finish counts once, as the next step's _finish_cost (as when
                 # guard.step finishes it); counted here too, that step's guard phase held
                 # it twice and its compute phase lost it (WGAN with the critic first).
-                started = clock.now()
+                started, mark = clock.now(), self._off.begin()
             self._step_started = clock.now()
             due = self.tamper.due(self.step_index) or self.budget is not None
             ctx = Context(self.step_index, self.rank, due)
@@ -228,12 +237,13 @@ class Guard:
         finally:
             self._pre_end = clock.now()
             self._overhead += self._pre_end - started
+            self._off.end(mark)
             self._done_busy()
 
     def _before_rest(self) -> None:
         """A closure step's pre-step checks that read its gradients, once its closure
         has returned (the entry part ran at the pre-hook)."""
-        started = clock.now()
+        started, mark = clock.now(), self._off.begin()
         self._busy = clock.now()
         try:
             ctx, self._entered = self._entry_ctx, -1
@@ -247,10 +257,11 @@ class Guard:
         finally:
             self._pre_end = clock.now()
             self._overhead += self._pre_end - started
+            self._off.end(mark)
             self._done_busy()
 
     def _after_step(self) -> None:
-        started = clock.now()
+        started, mark = clock.now(), self._off.begin()
         self._busy = clock.now()
         self._phases["optimizer"] = started - self._pre_end  # between the step hooks
         try:
@@ -264,6 +275,7 @@ class Guard:
             self._pending.update(self.tamper.fields)
         finally:
             self._overhead += clock.now() - started
+            self._off.end(mark)
             self._done_busy()
 
     def _spent(self, seconds: float) -> None:
@@ -333,6 +345,8 @@ class Guard:
         purpose this step, by name (``["drop.p"]``) or with the value set
         (``{"drop.p": 0.0}``); only undeclared changes alert.
         """
+        # A name no check knows is a typo the loop would never hear of: refused.
+        declarable.check(changed, self.model, self.options.loss_fn, self.dataloader)
         # Several optimizers: lr= and hyper= list every optimizer's groups, in order.
         declared, hyper = self.optimizers.declare(lr, hyper)
         self._declared = StepEnd(None, None, 0.0, [], declared, reseed, declared_changes=changed)
@@ -354,6 +368,12 @@ class Guard:
         (monitor/declare.py)."""
         return _outside_step(self, reason)
 
+    def profiling(self) -> AbstractContextManager[None]:
+        """``with guard.profiling():`` around steps run under a profiler or debugger
+        started inside it: a verified tool's trace or profile function is then recorded
+        (TG1316), anything else is still TG1304 (monitor/checks/tracing.py)."""
+        return _profiling(self)
+
     def _unhooked(self) -> None:
         """No step hooks since the last ``guard.step``: a skipped step (AMP overflow), or
         an update that went around them.  Weights change only inside them: check here."""
@@ -364,13 +384,14 @@ class Guard:
 
     def _finish_step(self, loss: Any, batch: Any, kind: str = "") -> None:
         """``kind``: "repeat" when the first optimizer's next step ends this one (StepEnd)."""
-        started = clock.now()
+        started, mark = clock.now(), self._off.begin()
         self._busy = clock.now()
         try:
             self._finish_step_record(loss, batch, kind)
         finally:
             # The guard's own time in this step: what budget mode holds to its share.
             self._finish_cost = clock.now() - started  # counts in the next step's time
+            self._off.end(mark)  # like the cost: in the next step's guard phase
             self.last_step_overhead, self._overhead = self._overhead + self._finish_cost, 0.0
             if self.schedule is not None:
                 times = self.windows["time"]
@@ -388,9 +409,9 @@ class Guard:
         phases = {"optimizer": self._phases.pop("optimizer", 0.0), "guard": guard}
         phases["compute"] = max(0.0, step_time - phases["optimizer"] - guard)
         changes = said.declared_changes if said is not None else None
-        end = StepEnd(
-            scalar(loss), self._grad_norm, step_time, tensors, *declared, phases, changes, kind
-        )
+        blocked = max(0.0, self._off.take() - self._waits.take())
+        fields = (scalar(loss), self._grad_norm, step_time, tensors, *declared, phases)
+        end = StepEnd(*fields, changes, kind, guard_blocked=blocked)
         ctx = Context(self.step_index, self.rank)
         for check in self._phase["step_end"]:
             name = type(check).__name__
@@ -421,7 +442,11 @@ class Guard:
             if self._sync_due():
                 from trainguard.monitor.distributed import compare_ranks
 
-                compare_ranks(self)
+                mark = self._waits.begin()  # waits for the slowest peer by design
+                try:
+                    compare_ranks(self)
+                finally:
+                    self._waits.end(mark)
         finally:
             self._pending = None
             self.step_index += 1

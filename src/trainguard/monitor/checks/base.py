@@ -49,6 +49,9 @@ class StepEnd:
     # ended in its pre-hook (it stepped again before guard.step: a WGAN's critic listed
     # first).  The step-time check compares a step with steps of its own kind.
     kind: str = ""
+    # Seconds of the "guard" phase blocked (wall minus CPU minus the wait for a CPU), less
+    # the guard's waits by design (ledger appends, the ranks' comparison): checks/timing.py.
+    guard_blocked: float = 0.0
 
 
 class Check:

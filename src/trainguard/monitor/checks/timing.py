@@ -21,7 +21,19 @@ the loop's own code: from the end of the last step to the optimizer's step),
   ``SUSTAIN`` steps adding up to at least ``min_stall_seconds``; a step's
   wait for a CPU beyond the usual is taken off first (it may have fallen in
   any phase).  This catches small sleeps on every step that never make one
-  step look like a stall.  High.
+  step look like a stall.  High;
+* the guard's own phase blocked: its CPU time is its own work (full checks at some
+  steps, budget mode's draws: not judged), and so is its wait for a CPU (contention);
+  the rest of its wall time (asleep, waiting on I/O, a lock, the GIL), less its waits
+  by design (ledger appends, the ranks' comparison: monitor/clock.py ``OffCpu``), is
+  not.  Judged like the phases above against its own start-up median: an excess over
+  the larger of ``GUARD_FLOOR``, ``SLOWER - 1`` times that median and eight times its
+  spread, on nearly all of the last ``LATEST`` steps, adding up to
+  ``min_stall_seconds``.  What blocks the rest of the step too (another Python thread
+  holding the GIL) blocks the guard alike: the rest's excess, in proportion to the
+  guard's usual share of the step, is excused.  Red team A11c slept in
+  ``guard.step``, where no phase was judged, sized under the stall rule: 2.2-2.7x
+  slower steps.  High.
 
 Steps of different kinds are judged apart (``StepEnd.kind``): when the first
 optimizer steps several times per ``guard.step`` (a WGAN's critic listed first),
@@ -54,6 +66,7 @@ LATEST = 10  # of which SUSTAIN_SHARE must be slow (the excess is summed over SU
 SUSTAIN_SHARE = 0.9
 BASELINE_STEPS = 24  # steps after the first whose medians are each phase's baseline
 JUDGED = ("compute", "optimizer")  # the guard's own time varies by design (full checks)
+GUARD_FLOOR = 0.005  # seconds blocked per step inside the guard that are noise (a GIL wait)
 
 
 def chance_of(k: int, n: int, share: float) -> float:
@@ -81,6 +94,12 @@ class StallCheck(Check):
         self._early: dict[str, list[float]] = {}
         self.baseline: dict[str, float] | None = None
         self._recent: dict[str, deque[float]] = {p: deque(maxlen=SUSTAIN) for p in JUDGED}
+        self._recent["guard"] = deque(maxlen=SUSTAIN)  # the guard's time off CPU, excess
+        self._early_blocked: list[tuple[float, float]] = []  # the guard's, the rest's
+        self.base_rest = 0.0  # the rest of the step's usual seconds blocked
+        self.blocked = 0.0  # the step being judged: its seconds blocked, all phases
+        self.base_blocked = 0.0  # the guard's usual seconds blocked per step
+        self.blocked_limit = GUARD_FLOOR  # an excess over it counts (set with the baseline)
         self._reported: set[str] = set()
         self._kinds: dict[str, StallCheck] = {}  # the judge of each further kind of step
         self.stalled = False  # whether the last step judged was a stall
@@ -95,6 +114,8 @@ class StallCheck(Check):
                 )
                 self._kinds[end.kind] = StallCheck(window, self.min_stall, self.clock)
             judge = self._kinds[end.kind]
+        # The whole step's seconds blocked (asleep or waiting), for the guard phase's rule.
+        judge.blocked = max(0.0, lap[0] - lap[1] - lap[2]) if lap is not None else 0.0
         alerts = judge.judge(ctx, end, lap[2] if lap is not None else 0.0)
         if not judge.stalled:  # the usual step time, whatever its kind
             self.shared.add(end.seconds)
@@ -107,7 +128,9 @@ class StallCheck(Check):
         return max(0.0, delay - self.delays.median())
 
     def judge(self, ctx: Context, end: StepEnd, delay: float) -> list[Alert]:
-        """The step's findings given its run-queue seconds ``delay`` (tests pass their own)."""
+        """The step's findings given its run-queue seconds ``delay`` (tests pass their own;
+        ``self.blocked``: the step's seconds blocked, set by step_end)."""
+        blocked = self.blocked
         phases = end.phases or {"compute": end.seconds}
         alerts = []
         waited = self.waited(delay)
@@ -127,12 +150,19 @@ class StallCheck(Check):
                 for p, t in phases.items():
                     self._early.setdefault(p, []).append(t)
                 self._early_delays.append(delay)
+                self._early_blocked.append((end.guard_blocked, blocked - end.guard_blocked))
             if ctx.step >= BASELINE_STEPS:
                 self.baseline = {p: statistics.median(v) for p, v in self._early.items()}
                 self.base_delay = statistics.median(self._early_delays or [0.0])
+                early = [g for g, _ in self._early_blocked] or [0.0]
+                self.base_rest = statistics.median([r for _, r in self._early_blocked] or [0.0])
+                self.base_blocked = med = statistics.median(early)
+                spread = 1.4826 * statistics.median(abs(v - med) for v in early)
+                self.blocked_limit = max(GUARD_FLOOR, (SLOWER - 1) * med, 8 * spread)
             return alerts
         # Against the start-up baseline, as the phases are: the CPU wait beyond that one.
-        return alerts + self._sustained(ctx, phases, max(0.0, delay - self.base_delay))
+        waited = max(0.0, delay - self.base_delay)
+        return alerts + self._sustained(ctx, phases, waited) + self._guard(ctx, end, blocked)
 
     def _share(self, phase: str) -> float:
         if not self.baseline:
@@ -218,6 +248,39 @@ class StallCheck(Check):
                     )
                 )
         return alerts
+
+    def _guard(self, ctx: Context, end: StepEnd, blocked: float) -> list[Alert]:
+        """The guard's phase: its time blocked beyond the usual (module docstring)."""
+        assert self.baseline is not None
+        usual = self.baseline.get("guard")
+        if usual is None or "guard" in self._reported:
+            return []
+        # The rest of the step's blocking beyond its usual, the guard's share of it.
+        rest = max(0.0, blocked - end.guard_blocked - self.base_rest)
+        others = sum(self.baseline.get(p, 0.0) for p in JUDGED)
+        alike = rest * usual / others if others > 0 else rest
+        excess = end.guard_blocked - self.base_blocked - alike
+        recent = self._recent["guard"]
+        recent.append(excess if excess > self.blocked_limit else 0.0)
+        latest = sum(1 for e in islice(reversed(recent), LATEST) if e > 0)
+        slow = [e for e in recent if e > 0]
+        if latest < SUSTAIN_SHARE * LATEST or sum(slow) < self.min_stall:
+            return []
+        self._reported.add("guard")
+        return [
+            ctx.alert(
+                "TG1307",
+                "the guard's own phase was blocked (asleep or waiting, not its checks' work "
+                "and not waiting for a CPU) "
+                f"{sum(slow):.3f}s more than usual on {len(slow)} of the last {len(recent)} "
+                f"steps (usual {self.base_blocked * 1e3:.1f} ms per step, the guard's usual "
+                f"time {usual * 1e3:.1f} ms): a wait placed inside guard.step, not contention",
+                severity=Severity.HIGH,
+                phase="guard",
+                excess_seconds=round(sum(slow), 6),
+                baseline_seconds=round(self.base_blocked, 6),
+            )
+        ]
 
     def close(self) -> None:
         self.clock.close()
