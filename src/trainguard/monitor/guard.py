@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from trainguard.findings import Severity
-from trainguard.monitor import assembly, clock, conditions, declarable, integrity, terminate
+from trainguard.monitor import assembly, clock, conditions, integrity, terminate
 from trainguard.monitor.alerts import Alert, Context, TrainingStopped
 from trainguard.monitor.budget import Schedule
 from trainguard.monitor.checks.base import Check, StepEnd
@@ -30,7 +30,6 @@ from trainguard.monitor.checks.hyper import HyperparameterCheck
 from trainguard.monitor.checks.identity import IdentityCheck
 from trainguard.monitor.checks.seeds import SeedCheck
 from trainguard.monitor.checks.tamper import TamperCheck
-from trainguard.monitor.checks.tracing import profiling as _profiling
 from trainguard.monitor.declare import outside_step as _outside_step
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
 from trainguard.monitor.gradtransform import GradRules
@@ -131,7 +130,6 @@ class Guard:
             optimizer.register_step_post_hook(post),
         ]
         env = assembly.install_checks(self, own)  # self.checks, in the order alerts come
-        self.tamper.watch_loads(model)  # budget mode: a load_state_dict's bits verified
         assembly.plan_phases(self)  # the budget schedule; per phase, the checks that act
         started = [a for check in self.checks for a in check.start(Context(0, self.rank))]
         summary = env.summary if env is not None else None
@@ -345,8 +343,6 @@ class Guard:
         purpose this step, by name (``["drop.p"]``) or with the value set
         (``{"drop.p": 0.0}``); only undeclared changes alert.
         """
-        # A name no check knows is a typo the loop would never hear of: refused.
-        declarable.check(changed, self.model, self.options.loss_fn, self.dataloader)
         # Several optimizers: lr= and hyper= list every optimizer's groups, in order.
         declared, hyper = self.optimizers.declare(lr, hyper)
         self._declared = StepEnd(None, None, 0.0, [], declared, reseed, declared_changes=changed)
@@ -367,12 +363,6 @@ class Guard:
         purpose between two steps (SAM, Lookahead): recorded, not alerted as tampering
         (monitor/declare.py)."""
         return _outside_step(self, reason)
-
-    def profiling(self) -> AbstractContextManager[None]:
-        """``with guard.profiling():`` around steps run under a profiler or debugger
-        started inside it: a verified tool's trace or profile function is then recorded
-        (TG1316), anything else is still TG1304 (monitor/checks/tracing.py)."""
-        return _profiling(self)
 
     def _unhooked(self) -> None:
         """No step hooks since the last ``guard.step``: a skipped step (AMP overflow), or
