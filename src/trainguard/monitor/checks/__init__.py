@@ -46,11 +46,14 @@ def behaviour(
     the model (monitor/optimizers.py), as an object with ``named_parameters()``."""
     named = list(model.named_parameters())
     update = UpdateModelCheck(named, optimizer, fp.key)
+    # When the model's forward runs (hooks on the root module): checks of what may change
+    # only inside it, and of what must not change while it runs.
+    forwards = ForwardWatch(model)
     found: list[Check] = [
         ParameterIdentityCheck(owned if owned is not None else model, optimizer),
         StateModelCheck(update, fp.key),  # before `update`: it reads the samples update drops
         update,
-        SurfaceCheck(fp.key),
+        SurfaceCheck(fp.key, forwards=forwards),
     ]
     found += [StallCheck(windows["time"], min_stall_seconds), SleepCheck(min_stall_seconds)]
     # The process's own scheduling: contention it makes itself is no busy machine.
@@ -62,7 +65,6 @@ def behaviour(
     found += [TracingCheck()]
     # Training state outside the fingerprints: buffers and module settings change only
     # inside forward (hooks on the root module say when), torch's generator only advances.
-    forwards = ForwardWatch(model)
     found += [BufferCheck(model, fp, forwards), SettingsCheck(model, forwards), AdvanceCheck()]
     # Weights and training flags right at every step hook and wrong while forward runs.
     found += [

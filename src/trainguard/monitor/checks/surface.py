@@ -14,8 +14,14 @@ step, so each step hook reads three things:
   once per ``every`` steps (what a step calls only now and then);
 * two namespaces drawn at random with the run's key.
 
-Both step hooks check, so a patch put in place for the forward pass and
-removed before the optimizer step is seen too.
+Both step hooks check.  A patch put in place only while forward and backward run
+(``torch.relu`` replaced when the batch is collated, put back after backward: red
+team 4, A18) is right at both; so the hot names are also compared at the start of
+every forward with gradients (the root module's pre-hook, monitor/forwards.py), when
+backward reaches the forward's output, and when that backward ends (a callback queued
+on autograd's engine): one identity comparison of the hot names' tuple each, and the
+step's pre-hook names what changed in between (critical).  Budget mode: those
+comparisons follow the unit, armed a step ahead.
 
 At start-up, functions installed in torch's namespaces whose code lives
 outside torch, the standard library and installed packages are reported at
@@ -33,9 +39,10 @@ import types
 from typing import Any
 
 from trainguard.findings import Severity
-from trainguard.monitor import identity, provenance, surface
+from trainguard.monitor import clock, identity, provenance, surface
 from trainguard.monitor.alerts import Alert, Context
-from trainguard.monitor.checks.base import Check
+from trainguard.monitor.checks.base import Check, StepEnd
+from trainguard.monitor.forwards import ForwardWatch
 
 SWEEP_EVERY = 32  # steps in which the sweep reads every namespace once
 SAMPLED = 2  # namespaces drawn at random at each step hook, besides the sweep
@@ -45,7 +52,9 @@ MAX_NAMED = 10  # attribute names quoted in one alert message
 class SurfaceCheck(Check):
     unit = "surface"  # budget mode: both hooks of a scheduled step; the sweep then slows
 
-    def __init__(self, key: bytes, every: int | None = None) -> None:
+    def __init__(
+        self, key: bytes, every: int | None = None, forwards: ForwardWatch | None = None
+    ) -> None:
         self.key = key
         self.every = max(1, every or SWEEP_EVERY)
         self.spaces = surface.snapshot()
@@ -67,6 +76,17 @@ class SurfaceCheck(Check):
         import torch
 
         self.torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+        # Between the step hooks: hot names found changed at a forward or in backward.
+        self._between: dict[str, None] = {}
+        self._compare = self._compare_next = True  # budget mode: this step's, the next's
+        self._spent = 0.0
+        self._tensor = torch.Tensor
+        # Bound now: the engine object is part of the surface, and a later replacement
+        # must not take our end-of-backward callbacks with it.
+        self._queue = torch.autograd.Variable._execution_engine.queue_callback
+        if forwards is not None:
+            forwards.starts.append(self._forward_start)
+            forwards.outputs.append(self._forward_end)
 
     def _seed(self, text: str) -> bytes:
         return hashlib.blake2b(text.encode(), key=self.key[:64], digest_size=8).digest()
@@ -95,10 +115,10 @@ class SurfaceCheck(Check):
         ]
 
     def before_step(self, ctx: Context) -> list[Alert]:
-        return self._check(ctx)
+        return self._said_between(ctx, self._check(ctx))
 
     def after_step(self, ctx: Context) -> list[Alert]:
-        alerts = self._check(ctx)
+        alerts = self._said_between(ctx, self._check(ctx))
         if self._learning is not None:  # one whole step has run under the profiler
             self._learning.stop()
             self.hot = self._learning.parts()
@@ -109,6 +129,68 @@ class SurfaceCheck(Check):
         elif not self.hot and ctx.step == 0 and sys.getprofile() is None:
             self._learning = _Learner(self.spaces)
         return alerts
+
+    # -- between the step hooks (A18) ------------------------------------------------
+    def _forward_start(self, grad: bool) -> None:
+        if grad and self._compare:
+            self._compare_hot()
+
+    def _forward_end(self, output: Any) -> None:
+        """Hook the output backward starts from: compare there and at backward's end."""
+        if not self._compare:
+            return
+        found = _first_grad_tensor(output, self._tensor)
+        if found is not None:
+            found.register_hook(self._backward)
+
+    def _backward(self, grad: Any) -> None:
+        self._compare_hot()
+        try:
+            self._queue(self._compare_hot)
+        except RuntimeError:  # not inside an engine's backward (called by hand)
+            pass
+
+    def _compare_hot(self) -> None:
+        started = clock.now()
+        try:
+            for space in self._hot.changed():
+                self._between.update(dict.fromkeys(space.differences(self.torch_dir)))
+        finally:
+            self._spent += clock.now() - started
+
+    def _said_between(self, ctx: Context, said: list[Alert]) -> list[Alert]:
+        """Names found changed between the hooks that the hook itself did not name (put
+        back since: the patch was there only while forward and backward ran)."""
+        if not self._between:
+            return said
+        named = {n for a in said for n in a.evidence.get("functions", [])}
+        names = [n for n in self._between if n not in named]
+        self._between.clear()
+        if not names:
+            return said
+        return [
+            *said,
+            ctx.alert(
+                "TG1304",
+                f"patched while forward or backward ran, and put back before the step "
+                f"({len(names)} attribute(s)): {', '.join(names[:MAX_NAMED])}",
+                severity=Severity.CRITICAL,
+                functions=names[:50],
+                between=True,
+            ),
+        ]
+
+    def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
+        alerts = self._said_between(ctx, [])  # a step whose hooks did not run (skipped)
+        self._compare = self._compare_next
+        return alerts
+
+    def arm(self, on: bool) -> None:
+        self._compare_next = on
+
+    def outside_seconds(self) -> float:
+        spent, self._spent = self._spent, 0.0
+        return spent
 
     def close(self) -> None:
         if self._learning is not None:
@@ -193,6 +275,24 @@ class _Learner:
             for i, keys in sorted(names.items())
             if not surface.immutable(self.spaces[i].ns)  # nothing can be set there
         ]
+
+
+def _first_grad_tensor(output: Any, tensor: type) -> Any:
+    """A tensor of a forward's output that backward starts from (the output, or an item
+    of a tuple, list or dict of it), or None."""
+    items: Any
+    if isinstance(output, tensor):
+        items = (output,)
+    elif isinstance(output, dict):
+        items = tuple(output.values())
+    elif isinstance(output, (tuple, list)):
+        items = output
+    else:
+        return None
+    for item in items:
+        if isinstance(item, tensor) and getattr(item, "requires_grad", False):
+            return item
+    return None
 
 
 def _foreign(
