@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from trainguard.findings import Severity
-from trainguard.monitor import assembly, clock, conditions, integrity, terminate
+from trainguard.monitor import assembly, clock, conditions, declarable, integrity, terminate
 from trainguard.monitor.alerts import Alert, Context, TrainingStopped
 from trainguard.monitor.budget import Schedule
 from trainguard.monitor.checks.base import Check, StepEnd
@@ -343,6 +343,8 @@ class Guard:
         purpose this step, by name (``["drop.p"]``) or with the value set
         (``{"drop.p": 0.0}``); only undeclared changes alert.
         """
+        # A name no check knows is a typo the loop would never hear of: refused.
+        declarable.check(changed, self.model, self.options.loss_fn, self.dataloader)
         # Several optimizers: lr= and hyper= list every optimizer's groups, in order.
         declared, hyper = self.optimizers.declare(lr, hyper)
         self._declared = StepEnd(None, None, 0.0, [], declared, reseed, declared_changes=changed)

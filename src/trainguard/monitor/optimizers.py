@@ -268,12 +268,14 @@ class Lane(Check):
         self.direction = UpdateDirectionCheck(
             named_params, opt, fp.key, GradRules.of(options), norm_rule=False
         )
+        # Its parameters' identity; a freeze declared at guard.step (step_end below).
+        self.param_ids = ParameterIdentityCheck(found.view(model, index), opt)
         self.checks: list[Check] = [
             self.tamper,
             self.hyper,
             self.identity,
             self.direction,
-            ParameterIdentityCheck(found.view(model, index), opt),
+            self.param_ids,
             StateModelCheck(update, fp.key),  # before `update`: it reads its samples
             update,
         ]
@@ -345,7 +347,7 @@ class Lane(Check):
         self.nesting.reset()
         self.hyper.declare(self.found._hyper[self.index])
         mine = dataclasses.replace(end, declared_lr=self.found._lr[self.index])
-        for check in (self.hyper, self.direction):
+        for check in (self.hyper, self.direction, self.param_ids):
             name = f"{type(check).__name__} ({self.label})"
             alerts += checked(
                 name, "step_end", ctx, functools.partial(check.step_end, ctx, mine), self._failures

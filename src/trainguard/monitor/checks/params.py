@@ -11,7 +11,11 @@ Gradual unfreezing is visible and honest: parameters of the model, new to the
 optimizer, appended in a new param group (``optimizer.add_param_group``), and
 a frozen parameter the optimizer holds that starts requiring gradients.  Both
 are recorded (TG1316) and watched from then on; anything else the groups hold
-instead is TG1301.  In budget mode the check is the schedule's unit ``params``.
+instead is TG1301.  A parameter frozen mid-run on purpose is declared at that step's
+``guard.step(changed=["<name>.requires_grad"])`` (or ``["requires_grad"]`` for all):
+recorded, and held to stay untouched from then on (monitor/frozen.py).  In budget
+mode the check is the schedule's unit ``params``; a declaration made at a step it left
+out counts when it runs.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from __future__ import annotations
 import operator
 from typing import Any
 
+from trainguard.findings import Severity
 from trainguard.monitor.alerts import Alert, Context
-from trainguard.monitor.checks.base import Check
+from trainguard.monitor.checks.base import Check, StepEnd
+from trainguard.monitor.forwards import declared_names
+from trainguard.monitor.frozen import Frozen, declared
 
 
 class ParameterIdentityCheck(Check):
@@ -36,6 +43,9 @@ class ParameterIdentityCheck(Check):
         self.trained = [p for g in optimizer.param_groups for p in g["params"]]
         self.grads = {n: p.requires_grad for n, p in self.params.items()}
         self._tree = _tree(model)
+        self.frozen = Frozen()  # frozen on purpose (declared): held untouched
+        self._all, self._said = False, set[str]()  # declared at steps since the last run
+        self._pending: tuple[int, list[str]] | None = None  # frozen, awaiting guard.step
 
     def _unchanged(self) -> bool:
         """The common case without walking ``named_parameters()`` (a generator per module
@@ -60,8 +70,15 @@ class ParameterIdentityCheck(Check):
         return all(p.requires_grad == self.grads[n] for n, p in self.params.items())
 
     def before_step(self, ctx: Context) -> list[Alert]:
-        if not ctx.due or self._unchanged():
+        if not ctx.due:
             return []
+        alerts = self._overdue(ctx) + self._frozen_moved(ctx)
+        # Declarations made since the last run (a freeze after optimizer.step, declared at
+        # that guard.step; in budget mode, at steps the schedule left out): used once.
+        everything, names = self._all, self._said
+        self._all, self._said = False, set()
+        if self._unchanged():
+            return alerts
         self._tree = _tree(self.model)
         now = dict(self.model.named_parameters())
         replaced = sorted(
@@ -81,7 +98,7 @@ class ParameterIdentityCheck(Check):
         # Unfrozen into training: now requiring gradients and held by the optimizer.
         unfrozen = sorted(n for n in turned if now[n].requires_grad and id(now[n]) in holds)
         frozen = sorted(n for n in turned if n not in unfrozen)
-        alerts = []
+        self.frozen.release(unfrozen)
         if (added or unfrozen) and not swapped:
             alerts.append(
                 ctx.alert(
@@ -110,18 +127,78 @@ class ParameterIdentityCheck(Check):
                     via="identity",
                 )
             )
-        if frozen:
-            alerts.append(
-                ctx.alert(
-                    "TG1301",
-                    f"requires_grad changed on {', '.join(frozen[:5])}",
-                    tensors=frozen[:50],
-                    via="requires_grad",
-                )
-            )
+        if frozen:  # judged at guard.step, where the loop declares a freeze
+            alerts += self._judge_frozen(ctx, frozen, everything, names)
         self.params, self.trained = now, held
         self.grads = {n: p.requires_grad for n, p in now.items()}
         return alerts
+
+    def _judge_frozen(
+        self, ctx: Context, frozen: list[str], everything: bool, names: set[str]
+    ) -> list[Alert]:
+        """Declared freezes are recorded and held; the rest wait for this step's guard.step."""
+        said = [n for n in frozen if everything or n in names]
+        left = [n for n in frozen if n not in said]
+        for n in said:
+            self.frozen.hold(n, self.params.get(n, dict(self.model.named_parameters())[n]))
+        if left:
+            self._pending = (ctx.step, left)
+        if not said:
+            return []
+        return [
+            ctx.alert(
+                "TG1316",
+                f"frozen as declared with guard.step(changed=...): {', '.join(said[:5])}",
+                severity=Severity.LOW,
+                tensors=said[:50],
+                via="requires_grad",
+            )
+        ]
+
+    def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
+        everything, names = declared(declared_names(end.declared_changes))
+        pending, self._pending = self._pending, None
+        if pending is None:
+            self._all, self._said = self._all or everything, self._said | names
+            return []
+        alerts = self._judge_frozen(ctx, pending[1], everything, names)
+        pending, self._pending = self._pending, None
+        return alerts + (_requires_grad(ctx, pending[1]) if pending is not None else [])
+
+    def _overdue(self, ctx: Context) -> list[Alert]:
+        """Frozen at an earlier step whose guard.step never came to judge it: no
+        declaration can come now (fail closed)."""
+        pending = self._pending
+        if pending is None or pending[0] >= ctx.step:
+            return []
+        self._pending = None
+        return _requires_grad(ctx, pending[1])
+
+    def _frozen_moved(self, ctx: Context) -> list[Alert]:
+        moved = self.frozen.moved() if self.frozen.held else []
+        if not moved:
+            return []
+        return [
+            ctx.alert(
+                "TG1301",
+                f"{len(moved)} parameter(s) declared frozen were written since: "
+                f"{', '.join(moved[:5])} (a frozen parameter whose gradient is zero, not "
+                f"None, still moves under momentum or weight decay)",
+                tensors=moved[:50],
+                via="requires_grad",
+            )
+        ]
+
+
+def _requires_grad(ctx: Context, frozen: list[str]) -> list[Alert]:
+    return [
+        ctx.alert(
+            "TG1301",
+            f"requires_grad changed on {', '.join(frozen[:5])}",
+            tensors=frozen[:50],
+            via="requires_grad",
+        )
+    ]
 
 
 Tree = list[tuple[Any, tuple[tuple[str, Any], ...], tuple[tuple[str, Any], ...]]]
