@@ -376,14 +376,14 @@ class Guard:
 
     def _finish_step(self, loss: Any, batch: Any, kind: str = "") -> None:
         """``kind``: "repeat" when the first optimizer's next step ends this one (StepEnd)."""
-        started, mark = clock.now(), self._off.begin()
+        started, self._finish_mark = clock.now(), self._off.begin()
         self._busy = clock.now()
         try:
             self._finish_step_record(loss, batch, kind)
         finally:
             # The guard's own time in this step: what budget mode holds to its share.
             self._finish_cost = clock.now() - started  # counts in the next step's time
-            self._off.end(mark)  # like the cost: in the next step's guard phase
+            self._off.end(self._finish_mark)  # from the step's end on: the next step's
             self.last_step_overhead, self._overhead = self._overhead + self._finish_cost, 0.0
             if self.schedule is not None:
                 times = self.windows["time"]
@@ -401,9 +401,11 @@ class Guard:
         phases = {"optimizer": self._phases.pop("optimizer", 0.0), "guard": guard}
         phases["compute"] = max(0.0, step_time - phases["optimizer"] - guard)
         changes = said.declared_changes if said is not None else None
-        blocked = max(0.0, self._off.take() - self._waits.take())
         fields = (scalar(loss), self._grad_norm, step_time, tensors, *declared, phases)
-        end = StepEnd(*fields, changes, kind, guard_blocked=blocked)
+        # Blocked time up to here, where the step-time check's clocks end this step too.
+        self._off.end(self._finish_mark)
+        blocked, self._finish_mark = self._off.take() - self._waits.take(), self._off.begin()
+        end = StepEnd(*fields, changes, kind, guard_blocked=max(0.0, blocked))
         ctx = Context(self.step_index, self.rank)
         for check in self._phase["step_end"]:
             name = type(check).__name__

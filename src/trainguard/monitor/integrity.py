@@ -72,6 +72,8 @@ PINNED = (
     "named_params",
     "_hooks",
     "_phase",
+    "_off",  # the guard's own blocked time (checks/timing.py): a fake one reads 0
+    "_waits",
 )
 MAX_INDEXED = 10_000  # sample indices followed per guard
 UNIT = "integrity"  # budget mode: the schedule's unit

@@ -66,7 +66,7 @@ LATEST = 10  # of which SUSTAIN_SHARE must be slow (the excess is summed over SU
 SUSTAIN_SHARE = 0.9
 BASELINE_STEPS = 24  # steps after the first whose medians are each phase's baseline
 JUDGED = ("compute", "optimizer")  # the guard's own time varies by design (full checks)
-GUARD_FLOOR = 0.005  # seconds blocked per step inside the guard that are noise (a GIL wait)
+GUARD_FLOOR = 0.002  # seconds blocked per step inside the guard that are scheduling noise
 
 
 def chance_of(k: int, n: int, share: float) -> float:
