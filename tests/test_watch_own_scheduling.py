@@ -308,3 +308,38 @@ def test_the_reads_are_the_ones_captured_at_import(monkeypatch: pytest.MonkeyPat
 
     assert _in_thread(run) == ["the training thread's cpus"]
     assert thread_settings()["cpus"] == frozenset(cpus)  # the test's own thread untouched
+
+
+def test_a_kept_file_made_to_name_another_is_reported(tmp_path: Path) -> None:
+    """The guard keeps its schedstat and cgroup files open; ``os.dup2`` of a file of the
+    process's own onto one of those numbers would make every later read say what that file
+    says (a faked wait for a CPU: A11b's fake without patching os.pread).  Generated: which
+    kept file, at which step."""
+    rng = seeded()
+    at = rng.randrange(3, 8)
+    target = rng.choice(["schedstat", "cgroup"])
+    fake = tmp_path / "fake"
+    fake.write_text("1 999999999999 1\n")
+
+    def replace(step: int, guard: Any) -> None:
+        if step != at:
+            return
+        if target == "schedstat":
+            stall = next(c for c in guard.checks if type(c).__name__ == "StallCheck")
+            number = stall.clock._file._fd
+        else:
+            check = next(c for c in guard.checks if isinstance(c, SchedulingCheck))
+            number = next(iter(check.kept.values()))._fd
+        fd = os.open(fake, os.O_RDONLY)
+        os.dup2(fd, number)
+        os.close(fd)
+
+    guard = _in_thread(functools.partial(_train, at + 4, [replace]))
+    found = [
+        (a.rule, a.step, a.evidence.get("phase") or a.evidence.get("key"))
+        for a in guard.alerts
+        if a.severity >= Severity.HIGH
+    ]
+    print(at, target, found)
+    rule = "TG1307" if target == "schedstat" else "TG1320"
+    assert [f for f in found if f[0] == rule and f[1] == at + 1], found

@@ -20,6 +20,7 @@ import os
 import threading
 import time
 import weakref
+from typing import Any
 
 # Captured once, at import: the guard never looks these names up again.
 _PERF_COUNTER = time.perf_counter
@@ -30,6 +31,7 @@ _THREAD_TIME = time.thread_time
 _PREAD = os.pread
 _OPEN = os.open
 _CLOSE = os.close
+_FSTAT = os.fstat
 # What the process set about its own scheduling (checks/scheduling.py; red team A10: a
 # wrapped os.sched_getaffinity would report the CPU set watch() started with).  Linux and
 # most Unixes; None where the platform has none.
@@ -89,6 +91,70 @@ def close_fd(fd: int) -> None:
     _CLOSE(fd)
 
 
+class Kept:
+    """A file kept open and re-read from its start (a /proc or cgroup file is generated
+    anew at each read: no open per step).  The number of a kept-open file is the process's
+    to reuse: ``os.dup2`` of a file of its own onto it would make every later read say what
+    that file says (a faked ``run_delay``).  Each read first checks that the number still
+    names the file opened (device and inode: one ``fstat``); once it does not, ``read``
+    returns None and ``replaced`` is set: the checks reading it report that, and read no
+    wait for a CPU from it (no contention excuse)."""
+
+    __slots__ = ("__weakref__", "_closer", "_fd", "_ident", "path", "replaced")
+
+    def __init__(self, path: str) -> None:
+        self.path, self.replaced = path, False
+        self._fd: int | None = None
+        self._ident = (0, 0)
+        self._closer: weakref.finalize[..., Any] | None = None
+        try:
+            fd = _OPEN(path, os.O_RDONLY)
+        except OSError:
+            return
+        st = _FSTAT(fd)
+        self._fd, self._ident = fd, (st.st_dev, st.st_ino)
+        # Closed once: by close(), or when the holder is gone (a guard never closed).
+        self._closer = weakref.finalize(self, _close_quietly, fd)
+
+    @property
+    def opened(self) -> bool:
+        return self._fd is not None
+
+    def close(self) -> None:
+        self._fd = None
+        if self._closer is not None:
+            self._closer()  # at most once, whoever calls it first
+
+    def read(self, size: int = 4096) -> bytes | None:
+        fd = self._fd
+        if fd is None or self.replaced:
+            return None
+        try:
+            st = _FSTAT(fd)
+            if (st.st_dev, st.st_ino) != self._ident:
+                self.replaced = True
+                return None
+            return _PREAD(fd, size, 0)
+        except OSError:
+            return None
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        _CLOSE(fd)
+    except OSError:  # already closed by whoever replaced it
+        pass
+
+
+def delay_of(kept: Kept) -> float | None:
+    """Seconds the thread that opened ``kept`` (its schedstat) has waited on a run queue."""
+    data = kept.read(200)
+    try:
+        return int(data.split()[1]) / 1e9 if data is not None else None
+    except (ValueError, IndexError):
+        return None
+
+
 def run_delay(fd: int | None = None) -> float | None:
     """Seconds this thread has waited on a run queue (None where the kernel does not say);
     ``fd``: the file already open (re-read from its start: no open per step)."""
@@ -114,15 +180,19 @@ class ThreadClock:
 
     def __init__(self) -> None:
         self.thread = threading.get_ident()
-        try:  # this thread's file, kept open (it names the thread that opened it)
-            self._fd: int | None = _OPEN(SCHEDSTAT, os.O_RDONLY)
-        except OSError:
-            self._fd = None
-        self.has_delay = run_delay(self._fd) is not None
+        self._file = Kept(SCHEDSTAT)  # this thread's file (it names the thread that opened it)
+        self.path = SCHEDSTAT
+        self.reported = False  # whether a check has said the file was replaced
+        self.has_delay = delay_of(self._file) is not None
         self._last = self._read()
 
+    @property
+    def replaced(self) -> bool:
+        """Whether the kept file's number was made to name another file (``Kept``)."""
+        return self._file.replaced
+
     def _read(self) -> tuple[float, float, float]:
-        return _PERF_COUNTER(), _THREAD_TIME(), (run_delay(self._fd) or 0.0)
+        return _PERF_COUNTER(), _THREAD_TIME(), (delay_of(self._file) or 0.0)
 
     def lap(self) -> tuple[float, float, float] | None:
         if threading.get_ident() != self.thread:
@@ -130,12 +200,11 @@ class ThreadClock:
         now = self._read()
         wall, cpu, delay = (a - b for a, b in zip(now, self._last, strict=True))
         self._last = now
-        return wall, cpu, delay
+        # A replaced file reads no delay from then on: its last reading is not undone.
+        return wall, cpu, max(0.0, delay) if self.replaced else delay
 
     def close(self) -> None:
-        if self._fd is not None:
-            _CLOSE(self._fd)
-            self._fd = None
+        self._file.close()
 
 
 class OffCpu:
@@ -145,28 +214,26 @@ class OffCpu:
     by it (checks/timing.py): its CPU time is its own work, and a busy machine is not
     blocking.  A span in another thread counts nothing (the file names this thread)."""
 
-    __slots__ = ("__weakref__", "_fd", "_thread", "total")
+    __slots__ = ("__weakref__", "_file", "_thread", "total")
 
-    def __init__(self) -> None:
+    def __init__(self, share: OffCpu | None = None) -> None:
         self.total = 0.0
         self._thread = threading.get_ident()
-        try:
-            self._fd: int | None = _OPEN(SCHEDSTAT, os.O_RDONLY)
-        except OSError:
-            self._fd = None
-        if self._fd is not None:  # closed with the guard that holds it, whenever that is
-            weakref.finalize(self, _CLOSE, self._fd)
+        # Closed with the guard that holds it; ``share``: another's file (one per guard).
+        self._file: Kept = share._file if share is not None else Kept(SCHEDSTAT)
 
     def begin(self) -> tuple[float, float, float]:
         if threading.get_ident() != self._thread:
             return (0.0, 0.0, -1.0)
-        return _PERF_COUNTER(), _THREAD_TIME(), (run_delay(self._fd) or 0.0)
+        return _PERF_COUNTER(), _THREAD_TIME(), (delay_of(self._file) or 0.0)
 
     def end(self, mark: tuple[float, float, float]) -> None:
         if mark[2] < 0 or threading.get_ident() != self._thread:
             return
-        wall, cpu, delay = _PERF_COUNTER(), _THREAD_TIME(), (run_delay(self._fd) or 0.0)
-        self.total += max(0.0, (wall - mark[0]) - (cpu - mark[1]) - (delay - mark[2]))
+        wall, cpu, delay = _PERF_COUNTER(), _THREAD_TIME(), (delay_of(self._file) or 0.0)
+        # A file replaced mid-span reads 0: the span's wait for a CPU counts as blocked.
+        delay = max(delay - mark[2], 0.0)
+        self.total += max(0.0, (wall - mark[0]) - (cpu - mark[1]) - delay)
 
     def take(self) -> float:
         total, self.total = self.total, 0.0

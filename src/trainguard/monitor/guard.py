@@ -100,7 +100,8 @@ class Guard:
         self._finish_cost, self._phases = 0.0, dict[str, float]()
         # The guard's own seconds blocked (wall minus CPU minus run delay), and those of
         # its designed waits (ledger appends, the ranks' comparison): checks/timing.py.
-        self._off, self._waits = clock.OffCpu(), clock.OffCpu()
+        self._off = clock.OffCpu()
+        self._waits = clock.OffCpu(self._off)  # the same schedstat file
         refresh = 1 if opts.budget is None else BUDGET_REFRESH  # budget: medians every N
         self.windows = {k: RobustWindow(refresh=refresh) for k in ("time", "loss", "grad_norm")}
         self.named_params = list(model.named_parameters())

@@ -157,17 +157,15 @@ class SchedulingCheck(Check):
         self.thread = threading.get_ident()
         self.own = thread_settings()
         self.binding = [k for k in BINDING_ENV if os.environ.get(k)]  # as watch() began
-        self.fds: dict[str, int] = {}
+        self.kept: dict[str, clock.Kept] = {}
         self.files: dict[str, str] = {}
         for name, path in cgroup_files().items():
-            fd = clock.open_read(path)
-            if fd is None:
-                continue
-            text = self._read(fd)
+            kept = clock.Kept(path)
+            text = self._read(kept)
             if text is None:
-                clock.close_fd(fd)
+                kept.close()
                 continue
-            self.fds[name], self.files[name] = fd, text
+            self.kept[name], self.files[name] = kept, text
         # A thread started since watch() began inherits its creator's settings: judged
         # against the process's as they were then.
         self.process = thread_settings(os.getpid())
@@ -175,19 +173,19 @@ class SchedulingCheck(Check):
         self._turn = 0
 
     @staticmethod
-    def _read(fd: int) -> str | None:
-        try:
-            return clock.read_at(fd).decode(errors="replace").strip()
-        except OSError:
-            return None
+    def _read(kept: clock.Kept) -> str | None:
+        data = kept.read()
+        if kept.replaced:  # its number made to name another file (monitor/clock.py)
+            return f"<{kept.path} replaced>"
+        return data.decode(errors="replace").strip() if data is not None else None
 
     def before_step(self, ctx: Context) -> list[Alert]:
         return self._own(ctx)
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         alerts = self._own(ctx)
-        for name, fd in self.fds.items():
-            text = self._read(fd)
+        for name, kept in self.kept.items():
+            text = self._read(kept)
             if text is not None and text != self.files[name]:
                 alerts.append(
                     self._changed(ctx, "the process's " + name, name, self.files[name], text)
@@ -257,9 +255,8 @@ class SchedulingCheck(Check):
         )
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            clock.close_fd(fd)
-        self.fds = {}
+        for kept in self.kept.values():
+            kept.close()
 
 
 def _shown(name: str, value: Any) -> Any:

@@ -40,6 +40,7 @@ from trainguard.monitor.calibration import SUSTAINED as SUSTAINED_CAL
 from trainguard.monitor.calibration import WINDOW as WINDOW_CAL
 from trainguard.monitor.calibration import Calibration
 from trainguard.monitor.checks.base import Check, StepEnd
+from trainguard.monitor.checks.timing import replaced
 
 SCHEDSTAT = clock.SCHEDSTAT
 _run_delay = clock.run_delay  # the tests ask it whether the kernel reports run_delay
@@ -73,10 +74,10 @@ class SleepCheck(Check):
         lap = self.clock.lap()
         if lap is None:
             return []  # another thread's clocks say nothing of this one's steps
-        alerts = []
+        alerts = replaced(ctx, self.clock)
         if self._measure:
             started = clock.now()
-            alerts = self.intercepted(ctx, *self.calibration.measure())
+            alerts += self.intercepted(ctx, *self.calibration.measure())
             self._spent += clock.now() - started
             self.measured.append(ctx.step)
         if self.enabled:

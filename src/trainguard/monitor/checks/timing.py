@@ -69,6 +69,24 @@ JUDGED = ("compute", "optimizer")  # the guard's own time varies by design (full
 GUARD_FLOOR = 0.002  # seconds blocked per step inside the guard that are scheduling noise
 
 
+def replaced(ctx: Context, thread: clock.ThreadClock) -> list[Alert]:
+    """The alert, once, when the clock's kept-open schedstat file was made to name another
+    (monitor/clock.py ``Kept``): from then on it excuses no wait for a CPU."""
+    if not thread.replaced or thread.reported:
+        return []
+    thread.reported = True
+    return [
+        ctx.alert(
+            "TG1307",
+            f"the file the guard reads this thread's wait for a CPU from ({thread.path}, "
+            "kept open since start-up) now names another file: its number was reused "
+            "(os.dup2) to fake that wait; no wait is excused as contention from now on",
+            severity=Severity.HIGH,
+            phase="clock",
+        )
+    ]
+
+
 def chance_of(k: int, n: int, share: float) -> float:
     """P(X >= k) for X ~ binomial(n, share): k of n stalls in a phase by chance alone."""
     share = min(max(share, 0.0), 1.0)
@@ -106,6 +124,7 @@ class StallCheck(Check):
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         lap = self.clock.lap()
+        found = replaced(ctx, self.clock)
         judge = self
         if end.kind:
             if end.kind not in self._kinds:
@@ -119,7 +138,7 @@ class StallCheck(Check):
         alerts = judge.judge(ctx, end, lap[2] if lap is not None else 0.0)
         if not judge.stalled:  # the usual step time, whatever its kind
             self.shared.add(end.seconds)
-        return alerts
+        return found + alerts
 
     def waited(self, delay: float) -> float:
         """Seconds this step waited for a CPU beyond the usual (0 before any is known)."""
