@@ -53,6 +53,7 @@ from trainguard.monitor.fingerprint import Fingerprinter
 from trainguard.monitor.gradtransform import GradRules
 from trainguard.monitor.options import WatchOptions
 from trainguard.monitor.safety import StepNesting, checked, step_hooks
+from trainguard.monitor.schedule import Schedulers, as_list
 from trainguard.monitor.sharding import stepped_optimizer
 from trainguard.monitor.stats import RobustWindow
 
@@ -118,8 +119,12 @@ class Optimizers:
             at = [i for i, o in enumerate(self.all) if o is target]
             if not at:
                 problems.append(f"scheduler {type(s).__name__} steps none of the optimizers given")
+            elif any(s is t for t in as_list(found[at[0]])):
+                problems.append(f"scheduler {type(s).__name__} is given twice")
             elif found[at[0]] is not None:
-                problems.append(f"two schedulers step {self.labels[at[0]]}")
+                # Two on one optimizer (a per-step warm-up and a per-epoch decay): the
+                # guard replays both, in the order they step (monitor/schedule.py).
+                found[at[0]] = Schedulers([*as_list(found[at[0]]), s])
             else:
                 found[at[0]] = s
         return found

@@ -35,9 +35,10 @@ from typing import Any
 from trainguard.findings import Severity
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import Check, StepEnd
-from trainguard.monitor.checks.scheduler import ScheduleWatch
+from trainguard.monitor.checks.scheduler import DECLARED, ScheduleWatch
 from trainguard.monitor.fingerprint import hyperparameters
-from trainguard.monitor.schedule import ScheduleModel
+from trainguard.monitor.forwards import declared_names
+from trainguard.monitor.schedule import ScheduleModel, Schedulers, as_list
 
 LR_KEYS = ("lr", "initial_lr")
 
@@ -48,13 +49,17 @@ class HyperparameterCheck(Check):
 
     def __init__(self, optimizer: Any, scheduler: Any = None) -> None:
         self.optimizer = optimizer
-        self.schedule = ScheduleModel(scheduler, optimizer) if scheduler is not None else None
+        self.schedule: ScheduleModel | None = None
+        # The schedulers' functions, step calls and state (checks/scheduler.py).
+        self.watch: ScheduleWatch | None = None
+        self._follow_schedulers(scheduler)
         self.groups = hyperparameters(optimizer)
-        # The scheduler's functions and step count (checks/scheduler.py: red team 4 A02).
-        self.watch = ScheduleWatch(scheduler) if scheduler is not None else None
         # Changes awaiting guard.step: (group, key, old, new, the schedule's value or None)
         self._held: list[tuple[int, str, Any, Any, Any]] = []
         self._declared: dict[str, Any] = {}  # guard.step(hyper=...) for the coming step_end
+        # lr= naming the rate the loop set after optimizer.step, for the next step (the
+        # groups held it at guard.step): per group, judged at the next step.
+        self._ahead: dict[int, float] = {}
         # Budget mode: at a skipped step (``skipped``), each group's learning rate for the
         # step record, and what the loop declared since the last run (per group: lr; per
         # key: the hyper= value), which counts as declared at the next run.
@@ -62,6 +67,14 @@ class HyperparameterCheck(Check):
         self._skipping = self._fresh = False
         self._lr_since: dict[int, float] = {}
         self._said_since: dict[str, Any] = {}
+
+    def _follow_schedulers(self, scheduler: Any) -> None:
+        if self.schedule is not None:
+            self.schedule.release()
+        self.schedule = self.watch = None
+        if as_list(scheduler):
+            self.schedule = ScheduleModel(scheduler, self.optimizer)
+            self.watch = ScheduleWatch(self.schedule)
 
     def declare(self, hyper: Mapping[str, Any] | None) -> None:
         """What ``guard.step(hyper=...)`` says the loop set at this step: a value for every
@@ -72,22 +85,10 @@ class HyperparameterCheck(Check):
         if not ctx.due:
             return []
         now = hyperparameters(self.optimizer)
+        if self.schedule is not None and self.schedule.behind():
+            self._ahead = {}  # a scheduler stepped after guard.step: the rate is its
         expected = self.schedule.expected() if self.schedule is not None else None
         alerts: list[Alert] = []
-        if self.schedule is not None:
-            changed = self.schedule.tampered()
-            if changed:
-                # Judged at guard.step with the scheduler's functions: changed=["scheduler"].
-                held_by = self.watch.hold if self.watch is not None else alerts.append
-                held_by(
-                    ctx.alert(
-                        "TG1303",
-                        f"the scheduler's settings changed: {'; '.join(changed[:5])}",
-                        key="scheduler",
-                        changes=changed[:50],
-                    )
-                )
-                self.schedule.resync()
         driven = self.schedule.driven() if self.schedule is not None else set()
         for i, (old, new) in enumerate(zip(self.groups, now, strict=False)):
             for k in sorted(set(old) | set(new)):
@@ -120,6 +121,8 @@ class HyperparameterCheck(Check):
         runs with (for its record; the groups are compared at the next drawn step)."""
         self._lrs = [g.get("lr") for g in self.optimizer.param_groups]
         self._skipping = True
+        if self.schedule is not None:
+            self.schedule.catch_up()  # what the copy replays at guard.step came after this
         return []
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
@@ -129,19 +132,26 @@ class HyperparameterCheck(Check):
         if self._skipping:  # budget mode: carried to the next run (never in exact mode)
             self._lr_since.update(enumerate(declared or []))
             self._said_since.update(said)
+            if self._lrs is not None and self.schedule is not None:
+                for i, d in enumerate(declared or []):  # the rate the step ran with
+                    if i < len(self._lrs) and close(self._lrs[i], d):
+                        self._follow(i, "lr", self._lrs[i])
         lr_since, said_since = self._lr_since, self._said_since
-        # At every step, also those budget mode skips: microseconds (checks/scheduler.py).
-        alerts = self.watch.check(ctx, end) if self.watch is not None else []
+        ahead, self._ahead = self._ahead, {}
+        alerts: list[Alert] = []
         recorded = []
         for i, k, old, new, given in held:
             lr = new if k == "lr" else None
             if declared is not None and k == "lr" and i < len(declared) and close(lr, declared[i]):
                 self._follow(i, k, new)
                 continue
+            if k == "lr" and i in ahead and close(lr, ahead[i]):
+                self._follow(i, k, new)
+                continue  # declared at the last guard.step as the rate set for this step
             if k == "lr" and i in lr_since and close(lr, lr_since[i]):
                 self._follow(i, k, new)
                 continue  # declared at a step the unit skipped
-            if (declared is not None or lr_since) and k == "initial_lr":
+            if (declared is not None or lr_since or ahead) and k == "initial_lr":
                 continue  # follows the declared lr
             if k in said and same(new, _for_group(said[k], i)):
                 recorded.append({"group": i, "key": k, "old": old, "new": new})
@@ -151,9 +161,18 @@ class HyperparameterCheck(Check):
                 recorded.append({"group": i, "key": k, "old": old, "new": new})
                 self._follow(i, k, new)
                 continue
-            alerts.append(_changed(ctx, i, k, old, new, given))
-        if self.watch is not None and self.watch.declared and self.schedule is not None:
-            self.schedule.resync()  # a schedule changed on purpose: a new copy from here
+            told = declared[i] if declared is not None and i < len(declared) else None
+            alerts.append(_changed(ctx, i, k, old, new, given, told))
+        for i, g in enumerate(self.optimizer.param_groups):
+            if declared is not None and i < len(declared) and close(g.get("lr"), declared[i]):
+                self._ahead[i] = declared[i]  # also the rate the next step runs with
+        # At every step, also those budget mode skips: microseconds (checks/scheduler.py).
+        # After the declared rates are followed: the calls made since this step's pre-hook
+        # go on from them, on the copy as on the real schedulers.
+        if self.watch is not None:
+            alerts += self.watch.check(ctx, end)
+            if self.watch.declared:
+                self._switch(end)
         if self._fresh:  # the groups were taken again: what was declared before is judged
             self._lr_since, self._said_since = {}, {}
         self._skipping = self._fresh = False
@@ -170,6 +189,21 @@ class HyperparameterCheck(Check):
                 )
             )
         return alerts
+
+    def _switch(self, end: StepEnd) -> None:
+        """``changed=["scheduler"]``: the schedule changed on purpose, a new copy from
+        here; ``changed={"scheduler": new}`` (SWALR taking over): the guard follows the
+        schedulers given (those stepping this optimizer) from here instead."""
+        given = declared_names(end.declared_changes).get(DECLARED)
+        mine = [s for s in as_list(given) if getattr(s, "optimizer", None) is self.optimizer]
+        if mine:
+            self._follow_schedulers(mine[0] if len(mine) == 1 else Schedulers(mine))
+        elif self.schedule is not None:
+            self.schedule.resync()
+
+    def close(self) -> None:
+        if self.schedule is not None:
+            self.schedule.release()  # the schedulers' own classes back
 
     def _follow(self, i: int, k: str, value: Any) -> None:
         """A declared value: the schedule's copy goes on from it."""
@@ -190,10 +224,28 @@ def _for_group(value: Any, i: int) -> Any:
     return list(value) if isinstance(value, tuple) else value  # betas: settings hold lists
 
 
-def _changed(ctx: Context, i: int, k: str, old: Any, new: Any, given: Any = None) -> Alert:
+def _changed(
+    ctx: Context, i: int, k: str, old: Any, new: Any, given: Any = None, told: Any = None
+) -> Alert:
     what = f"changed from {old!r} to {new!r}" if old != new else f"stayed {new!r}"
     if given is not None:
         what += f" where the schedule gives {given!r}"
+    if k == "lr" and told is not None:
+        what += (
+            f"; guard.step(lr={told!r}) declared another rate: lr= is the rate this step ran "
+            f"with ({new!r}, set before optimizer.step) or the rate the loop set after "
+            "optimizer.step, for the next step (the groups hold it when guard.step is called)"
+        )
+    elif k == "lr":
+        what += (
+            f"; not declared (a rate the loop sets itself: guard.step(lr={new!r}) at this "
+            "step, or at the step before if it set it after optimizer.step)"
+        )
+    elif old is None:
+        what += (
+            f" (a setting new to the group, as a scheduler made mid-run adds: "
+            f"guard.step(hyper={{{k!r}: {new!r}}}), or changed={{'scheduler': it}} to follow it)"
+        )
     return ctx.alert(
         "TG1303",
         f"param group {i}: {k} {what}",

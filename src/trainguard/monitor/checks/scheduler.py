@@ -40,6 +40,8 @@ from typing import Any
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import StepEnd
 from trainguard.monitor.forwards import declared_names
+from trainguard.monitor.schedcalls import Call, Site
+from trainguard.monitor.schedule import ScheduleModel
 
 MAX_FUNCTIONS = 200  # functions followed from one scheduler's callables
 MAX_ITEMS = 4096  # elements of a container or tensor snapshotted by value
@@ -48,8 +50,13 @@ DECLARED = "scheduler"  # guard.step(changed=["scheduler"])
 
 
 class ScheduleCode:
-    def __init__(self, scheduler: Any) -> None:
+    def __init__(self, scheduler: Any, copied: bool = False, name: str = "scheduler") -> None:
         self.scheduler = scheduler
+        self.name = name
+        # The guard's copy deep-copies the callable objects a scheduler holds and replays
+        # its calls (monitor/schedule.py): their attributes are state, compared with the
+        # copy's after each replay (an object that remembers its last factor is honest).
+        self.copied = copied
         # The global names a code object loads, by the code object (its bytecode is read
         # once: a new code object is a new key, and is itself compared).
         self._names: dict[int, tuple[types.CodeType, list[str]]] = {}
@@ -57,7 +64,8 @@ class ScheduleCode:
 
     def _read(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        todo = [(f"scheduler.{k}", v) for k, v in _callables(self.scheduler)]
+        todo = [(f"{self.name}.{k}", v) for k, v in _callables(self.scheduler)]
+        held = {id(v) for _, v in todo} if self.copied else set()
         seen: set[int] = set()
         while todo and len(seen) < MAX_FUNCTIONS:
             label, obj = todo.pop(0)
@@ -69,7 +77,8 @@ class ScheduleCode:
                 todo.append((f"{label}.func", obj.func))
                 continue
             if not isinstance(obj, types.FunctionType):
-                out[label] = (type(obj), _snap(obj))  # a callable object: its attributes
+                # A callable object: its attributes (unless the copy holds its own).
+                out[label] = (type(obj),) if id(obj) in held else (type(obj), _snap(obj))
                 call = vars(type(obj)).get("__call__")  # its class's own, not inherited
                 if isinstance(call, types.FunctionType):
                     todo.append((f"{label}.__call__", call))
@@ -109,36 +118,81 @@ class ScheduleCode:
 
 
 class StepCount:
-    """The scheduler's own step counters between two ``guard.step`` calls (one optimizer
-    step: ``optimizer.step(); scheduler.step(); guard.step()``)."""
+    """How often, and from where, one scheduler steps between two ``guard.step`` calls
+    (one optimizer step: ``optimizer.step(); scheduler.step(); guard.step()``).
 
-    def __init__(self, scheduler: Any) -> None:
+    Observed (monitor/schedcalls.py), each call is counted and its call site known; else
+    its counters (``last_epoch``, ``_step_count``) are read."""
+
+    def __init__(self, scheduler: Any, observed: bool = False) -> None:
         self.scheduler = scheduler
+        self.observed = observed
         self.last = _counters(scheduler)
         self.first = True  # the first step may also hold a step made before training
         self.rates: list[int] = []  # advances at the first checked steps
         self.cadence: int | None = None
+        self.sites: set[Site] = set()  # where the loop steps it from
+        self.at = 0  # guard steps checked
+        self.last_call: int | None = None  # the last checked step it stepped at
+        self.period: int | None = None  # guard steps between its first two such steps
 
-    def check(self) -> str | None:
-        """A message when the scheduler stepped more often than the optimizer allows."""
+    def check(self, calls: list[Call]) -> str | None:
+        """A message when the scheduler stepped more often than the optimizer allows, or
+        once more from a new place off its period."""
         now = _counters(self.scheduler)
         moved = max((b - a for a, b in zip(self.last, now, strict=True)), default=0)
+        if self.observed:
+            moved = len(calls)
         self.last = now
+        at, self.at = self.at, self.at + 1
+        new = sorted({c.site for c in calls} - self.sites)
         if self.first:
             self.first = False
+            self.sites.update(new)
             return None
+        message = None
         if self.cadence is None:
             self.rates.append(moved)
             if len(self.rates) >= WARMUP:
                 self.cadence = max(1, *self.rates)
+        elif moved > self.cadence:
+            message = (
+                f"the scheduler stepped {moved} times in one optimizer step where it steps at "
+                f"most {self.cadence}: extra scheduler.step() calls move the learning rate "
+                "along its schedule (the guard's copy follows the count)"
+            )
+        if moved and new and self.sites and message is None:
+            message = self._off_period(at, new)
+        if moved:
+            if self.last_call is not None and self.period is None:
+                self.period = at - self.last_call
+            self.last_call = at
+        self.sites.update(new)
+        return message
+
+    def _off_period(self, at: int, new: list[Site]) -> str | None:
+        """A call from a place the loop never stepped it from: the loop's own when it
+        keeps the scheduler's period (a warm-up loop, then the main loop), else an extra
+        step (a per-epoch scheduler stepped once more: an extra epoch of decay)."""
+        if self.last_call is None:
             return None
-        if moved <= self.cadence:
+        # Before a second step the period is the first step's distance from the start
+        # (a fresh run steps a per-epoch scheduler at the end of its first epoch).
+        period = self.period if self.period is not None else self.last_call + 1
+        gap = at - self.last_call
+        if gap == period:
             return None
+        where = ", ".join(_where(s) for s in new[:3])
+        known = ", ".join(_where(s) for s in sorted(self.sites)[:3])
         return (
-            f"the scheduler stepped {moved} times in one optimizer step where it steps at "
-            f"most {self.cadence}: extra scheduler.step() calls move the learning rate "
-            "along its schedule (the guard's copy follows the count)"
+            f"scheduler.step() called from {where}, where the loop never stepped it (it "
+            f"steps from {known}), {gap} steps after its last step where it steps every "
+            f"{period}: an extra step moves the learning rate along its schedule"
         )
+
+
+def _where(site: Site) -> str:
+    return " <- ".join(f"{f}:{n}" for f, n in site)
 
 
 def _counters(scheduler: Any) -> tuple[int, ...]:
@@ -193,10 +247,10 @@ def _snap(v: Any, depth: int = 0) -> Any:
         return ("id", id(v))
     if isinstance(v, (list, tuple, set, frozenset)):
         items = sorted(v, key=repr) if isinstance(v, (set, frozenset)) else list(v)
-        return (type(v), tuple(_snap(x, depth + 1) for x in items[:MAX_ITEMS]), len(v))
+        return (type(v), tuple([_snap(x, depth + 1) for x in items[:MAX_ITEMS]]), len(v))
     if isinstance(v, dict):
         pairs = list(v.items())[:MAX_ITEMS]
-        return (dict, tuple((repr(k), _snap(x, depth + 1)) for k, x in pairs), len(v))
+        return (dict, tuple([(repr(k), _snap(x, depth + 1)) for k, x in pairs]), len(v))
     if hasattr(v, "detach") and hasattr(v, "numel"):  # a tensor: its values
         t = v.detach()
         head = t.reshape(-1)[:MAX_ITEMS].tolist() if t.device.type != "meta" else []
@@ -218,22 +272,24 @@ _EMPTY = _Empty()
 
 
 class ScheduleWatch:
-    """Both invariants for one scheduler, at every ``guard.step``."""
+    """The invariants for the schedulers of one optimizer, at every ``guard.step``:
+    their functions, how often and from where they step, and their state against the
+    guard's replayed copy (monitor/schedule.py)."""
 
-    def __init__(self, scheduler: Any) -> None:
-        self.code = ScheduleCode(scheduler)
-        self.count = StepCount(scheduler)
-        self._held: list[Alert] = []
+    def __init__(self, model: ScheduleModel) -> None:
+        self.model = model
+        several = len(model.reals) > 1
+        names = [f"scheduler[{i}]" if several else "scheduler" for i in range(len(model.reals))]
+        self.code = [
+            ScheduleCode(s, model.observed, n) for s, n in zip(model.reals, names, strict=True)
+        ]
+        self.count = [StepCount(s, model.observed) for s in model.reals]
+        self.names = [f"{n} ({type(s).__name__})" for s, n in zip(model.reals, names, strict=True)]
         self.declared = False  # the last guard.step declared changed=["scheduler"]
 
-    def hold(self, alert: Alert) -> None:
-        """A change of the scheduler's settings the step hooks found (checks/hyper.py):
-        declared the same way."""
-        self._held.append(alert)
-
     def check(self, ctx: Context, end: StepEnd) -> list[Alert]:
-        found, self._held = self._held, []
-        changed = self.code.changed()
+        found = []
+        changed = [label for code in self.code for label in code.changed()]
         if changed:
             found.append(
                 ctx.alert(
@@ -245,8 +301,26 @@ class ScheduleWatch:
                     changes=changed[:50],
                 )
             )
-        extra = self.count.check()
-        if extra is not None:
-            found.append(ctx.alert("TG1303", extra, key="scheduler"))
+        recent = self.model.log.take_recent()
+        for i, (count, name) in enumerate(zip(self.count, self.names, strict=True)):
+            extra = count.check([c for c in recent if c.which == i])
+            if extra is not None:
+                named = f"{name}: {extra}" if len(self.count) > 1 else extra
+                found.append(ctx.alert("TG1303", named, key="scheduler"))
+        moved = self.model.tampered()
+        if moved:
+            found.append(
+                ctx.alert(
+                    "TG1303",
+                    f"the scheduler's state is not what its step calls give: "
+                    f"{'; '.join(moved[:5])} (the guard's copy, replaying every "
+                    "scheduler.step() call with its arguments, holds the first value: a "
+                    "counter or setting written without a step, a scheduler rewound or "
+                    "moved ahead)",
+                    key="scheduler",
+                    changes=moved[:50],
+                )
+            )
+            self.model.resync()
         self.declared = DECLARED in declared_names(end.declared_changes)
         return [] if self.declared else found
