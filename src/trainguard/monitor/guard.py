@@ -30,6 +30,7 @@ from trainguard.monitor.checks.hyper import HyperparameterCheck
 from trainguard.monitor.checks.identity import IdentityCheck
 from trainguard.monitor.checks.seeds import SeedCheck
 from trainguard.monitor.checks.tamper import TamperCheck
+from trainguard.monitor.checks.tracing import profiling as _profiling
 from trainguard.monitor.declare import outside_step as _outside_step
 from trainguard.monitor.fingerprint import Fingerprint, Fingerprinter
 from trainguard.monitor.gradtransform import GradRules
@@ -131,6 +132,7 @@ class Guard:
             optimizer.register_step_post_hook(post),
         ]
         env = assembly.install_checks(self, own)  # self.checks, in the order alerts come
+        self.tamper.watch_loads(model)  # budget mode: a load_state_dict's bits verified
         assembly.plan_phases(self)  # the budget schedule; per phase, the checks that act
         started = [a for check in self.checks for a in check.start(Context(0, self.rank))]
         summary = env.summary if env is not None else None
@@ -366,6 +368,12 @@ class Guard:
         purpose between two steps (SAM, Lookahead): recorded, not alerted as tampering
         (monitor/declare.py)."""
         return _outside_step(self, reason)
+
+    def profiling(self) -> AbstractContextManager[None]:
+        """``with guard.profiling():`` around steps run under a profiler or debugger
+        started inside it: a verified tool's trace or profile function is then recorded
+        (TG1316), anything else is still TG1304 (monitor/checks/tracing.py)."""
+        return _profiling(self)
 
     def _unhooked(self) -> None:
         """No step hooks since the last ``guard.step``: a skipped step (AMP overflow), or
