@@ -106,7 +106,7 @@ class Passes:
         if not passes:
             return {}, _message(found)
         flags = _flags(self.torch, passes)
-        sums: dict[int, Any] = {}
+        starts: dict[int, int] = {}  # per parameter, the pass its sum starts from
         reset: dict[str, str] = {}  # the first pass each parameter's was dropped at
         planted: set[str] = set()
         for pid, ps in passes.items():
@@ -128,7 +128,7 @@ class Passes:
                     start = j
                     if dropped and (p.was_none or p.incoming is not None) and self._still(ps, j):
                         reset.setdefault(name, f"{name} (before pass {j + 1} of {len(ps)})")
-            sums[pid] = _sum(ps, start)
+            starts[pid] = start
             self._last[pid] = ps[-1].after
         if reset:
             found.append(
@@ -142,7 +142,7 @@ class Passes:
                 f"the step's first backward accumulated onto a gradient that was neither "
                 f"zero nor what the last step left: {_names(sorted(planted))}"
             )
-        return sums, _message(found)
+        return _sums(self.torch, passes, starts), _message(found)
 
     def _still(self, ps: list[Pass], j: int) -> bool:
         """Whether pass ``j`` ran at the weights pass ``j - 1`` ran at.  A loop that moves
@@ -218,13 +218,29 @@ def _flags(torch: Any, passes: dict[int, list[Pass]]) -> dict[tuple[int, int], l
     return dict(zip(keys, counts, strict=True))
 
 
-def _sum(ps: list[Pass], start: int) -> Any:
-    """p.grad after pass ``start`` plus the later passes' contributions, added in the
-    gradient's dtype in the order autograd added them (bit for bit in one process)."""
-    total = ps[start].after
-    for p in ps[start + 1 :]:
-        total = total + p.incoming
-    return total
+def _sums(torch: Any, passes: dict[int, list[Pass]], starts: dict[int, int]) -> dict[int, Any]:
+    """Per parameter: p.grad after its starting pass plus the later passes' contributions,
+    added in the gradient's dtype in the order autograd added them (bit for bit in one
+    process).  Parameters with the same passes are added together: a few operations
+    for the whole model instead of a few per parameter."""
+    groups: dict[tuple[int, int, Any], list[int]] = {}
+    for pid, ps in passes.items():
+        groups.setdefault((starts[pid], len(ps), ps[0].after.dtype), []).append(pid)
+    sums: dict[int, Any] = {}
+    for (start, count, _), pids in groups.items():
+        if len(pids) == 1 or count - start == 1:
+            for pid in pids:
+                total = passes[pid][start].after
+                for p in passes[pid][start + 1 :]:
+                    total = total + p.incoming
+                sums[pid] = total
+            continue
+        sizes = [int(passes[pid][start].after.numel()) for pid in pids]
+        total = torch.cat([passes[pid][start].after for pid in pids])
+        for j in range(start + 1, count):
+            total = total + torch.cat([passes[pid][j].incoming for pid in pids])
+        sums.update(zip(pids, total.split(sizes), strict=True))
+    return sums
 
 
 def _names(items: list[str]) -> str:

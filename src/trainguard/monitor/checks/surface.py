@@ -17,10 +17,11 @@ step, so each step hook reads three things:
 Both step hooks check.  A patch put in place only while forward and backward run
 (``torch.relu`` replaced when the batch is collated, put back after backward: red
 team 4, A18) is right at both; so the hot names are also compared at the start of
-every forward with gradients (the root module's pre-hook, monitor/forwards.py), when
-backward reaches the forward's output, and when that backward ends (a callback queued
-on autograd's engine): one identity comparison of the hot names' tuple each, and the
-step's pre-hook names what changed in between (critical).  Budget mode: those
+every forward with gradients (the root module's pre-hook, monitor/forwards.py) and when
+the backward from its output ends (a callback queued on autograd's engine when backward
+reaches the output): two identity comparisons of tuples each (the objects under the hot
+names, their functions' code; a closure cell swapped only in between is not seen), and
+the step's pre-hook names what changed in between (critical).  Budget mode: those
 comparisons follow the unit, armed a step ahead.
 
 At start-up, functions installed in torch's namespaces whose code lives
@@ -144,7 +145,6 @@ class SurfaceCheck(Check):
             found.register_hook(self._backward)
 
     def _backward(self, grad: Any) -> None:
-        self._compare_hot()
         try:
             self._queue(self._compare_hot)
         except RuntimeError:  # not inside an engine's backward (called by hand)
@@ -153,6 +153,8 @@ class SurfaceCheck(Check):
     def _compare_hot(self) -> None:
         started = clock.now()
         try:
+            if not self._hot.replaced():  # the common case: two tuple comparisons
+                return
             for space in self._hot.changed():
                 self._between.update(dict.fromkeys(space.differences(self.torch_dir)))
         finally:
