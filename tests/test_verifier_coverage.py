@@ -448,14 +448,14 @@ def test_an_honest_run_interrupted_after_a_step_record_verifies(tmp_path: Path) 
     assert summary.verdicts[-1].end == at + 1 and summary.coverage["uncovered"] == {}
 
 
-@pytest.mark.parametrize("move", ["none", "reseed", "draw"])
+@pytest.mark.parametrize("move", ["none", "reseed", "reseed-python", "reseed-numpy", "draw"])
 def test_a_checkpoint_after_an_undrawn_segment_holds_its_generators(
     tmp_path: Path, move: str
 ) -> None:
     """At a rate below 1 the segment before a checkpoint may be undrawn: the checkpoint's
-    global generators are then held to the digests the last step's record took.  torch
-    re-seeded right before the save (no step of the segment shows it) is named by the
-    segment after it alone (diverged, TG1511); draws with no re-seed (an evaluation off
+    global generators are then held to the digests the last step's record took.  torch,
+    Python or NumPy re-seeded right before the save (no step of the segment shows it) is
+    named by the segment after it alone (diverged, TG1511); draws with no re-seed (an evaluation off
     fork_rng) are not comparable; an honest run matches.  Generated: which checkpoint,
     which seed, how many draws."""
     import trainguard
@@ -475,6 +475,10 @@ def test_a_checkpoint_after_an_undrawn_segment_holds_its_generators(
         for s in range(steps + 1):
             if s == at and move == "reseed":
                 torch_seed(seed)
+            elif s == at and move == "reseed-python":
+                random.seed(seed)  # only seeding reaches the state it leaves: named too
+            elif s == at and move == "reseed-numpy":
+                numpy_seed(seed)
             elif s == at and move == "draw":
                 torch_draws(draws)
             if s % 5 == 0:
@@ -487,7 +491,7 @@ def test_a_checkpoint_after_an_undrawn_segment_holds_its_generators(
         verdict = verifier._verify(at, at + 5, 1)  # the segment after it, alone
     finally:
         verifier.close()
-    expected = {"none": "matched", "reseed": "diverged", "draw": "not-comparable"}[move]
+    expected = {"none": "matched", "draw": "not-comparable"}.get(move, "diverged")
     assert verdict.status == expected, verdict
     if move != "none":
         assert verdict.step == at and "carried-step" in verdict.fields, verdict
@@ -497,6 +501,12 @@ def torch_seed(seed: int) -> None:
     import torch
 
     torch.manual_seed(seed)
+
+
+def numpy_seed(seed: int) -> None:
+    import numpy as np
+
+    np.random.seed(seed)
 
 
 def torch_draws(n: int) -> None:

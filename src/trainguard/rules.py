@@ -1257,8 +1257,12 @@ RULES: dict[str, Rule] = {
             _H,
             "A checkpoint of a watched run does not match its ledger: the file's BLAKE3 digest "
             "differs from the one recorded when it was saved, or the weights or optimizer state "
-            "it holds differ from the ledger's state at its step. It was edited at rest, or the "
-            "weights were changed between the step and the save. Do not train or ship from it.",
+            "it holds differ from the ledger's state at its step, or the state it carries "
+            "besides them (scheduler, hyper-parameters, random generators, data position) is "
+            "not what recomputing the segment before it ends in (where that segment was not "
+            "recomputed: not the entry's schedule stepped to its count, or not the random "
+            "states the last step's record took). It was edited at rest, or changed in the "
+            "training process before the save. Do not train or ship from it.",
         ),
         Rule(
             "TG1512",

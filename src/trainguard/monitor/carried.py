@@ -199,6 +199,26 @@ def reseeded(replayed: Any, saved: Any) -> bool:
     return not _numpy_equal(replayed, saved) and _numpy_fresh(saved)
 
 
+def freshly_seeded(state: Any) -> bool:
+    """Whether Python's or NumPy's saved generator ``state`` is one that seeding wrote and
+    no draw has moved since: only seeding reaches it, so where the state the run had a
+    moment before differs (the record of the step before a save), it was re-seeded.
+
+    Python's ``random.seed`` always runs ``init_by_array``, which leaves the first key word
+    0x80000000 and the position at 624; its first draw twists the key, so an honest state
+    that was drawn from has that word with probability 2**-32.  NumPy's: :func:`_numpy_fresh`.
+    """
+    if isinstance(state, Mapping):
+        return _numpy_fresh(state)
+    if _mt_position(state) != MT_FRESH_POSITION:
+        return False
+    internal = state[1]
+    return (
+        len(internal) == MT_FRESH_POSITION + 1
+        and (int(internal[0]) & 0xFFFFFFFF) == MT_INIT_BY_ARRAY_FIRST
+    )
+
+
 def _numpy_equal(a: Any, b: Any) -> bool:
     """Whether two of NumPy's saved states are the same generator state."""
     if not isinstance(a, Mapping) or not isinstance(b, Mapping):

@@ -38,6 +38,7 @@ FIELD_TEXT = {
     "carried": "carried state (vs replaying the segment before)",
     "carried-ledger": "carried state (vs the ledger's record of the save)",
     "carried-step": "random states (vs the last step's record: segment before not replayed)",
+    "carried-schedule": "schedule, hyper-parameters (vs the entry's, stepped to the count)",
     "dataset": "sealed dataset (manifest digest)",
     "unrecorded": "samples (not recorded by the run)",
     "order": "sample order (vs the sampler's seed)",
@@ -102,7 +103,15 @@ def _field_line(f: FieldDiff) -> str:
         what = _tensors(f)
     elif f.field == "rng":
         what = "generators " + ", ".join(f.tensors)
-    elif f.field in ("carried", "carried-ledger", "carried-step", "order", "samples", "unrecorded"):
+    elif f.field in (
+        "carried",
+        "carried-ledger",
+        "carried-step",
+        "carried-schedule",
+        "order",
+        "samples",
+        "unrecorded",
+    ):
         # values are in the cause and the JSON; the samples' names are the evidence
         what = ", ".join(printable(n) for n in f.tensors)
     else:

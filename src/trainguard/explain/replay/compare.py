@@ -255,6 +255,12 @@ def cause(
                 "took after that step's forward and backward (the segment before was not "
                 f"replayed): {_carried_names(by['carried-step'])}"
             )
+        if "carried-schedule" in by:
+            return (
+                "the schedule or hyper-parameters it restores are not what the entry's own "
+                "scheduler and param groups give when stepped to its count (the segment before "
+                f"was not replayed): {_carried_names(by['carried-schedule'])}"
+            )
         if "carried-ledger" in by:
             return (
                 "the state it restores differs from the ledger's record of the save: "

@@ -372,8 +372,13 @@ class _Runner:
                 # The honest entry's fresh objects are the state before step 0.
                 fresh = _call("reading the entry's state", lambda: held.fresh_state(run, scrambled))
                 carried_diff = held.difference(fresh, self.held.restored(saved, whole=True))
-                if carried_diff is not None:
-                    seg.divergence = _checkpoint_divergence(seg.start, [carried_diff], h)
+            else:  # where the segment before was not replayed: the schedule recomputed
+                carried_diff = _call(
+                    "recomputing the schedule",
+                    lambda: self.held.schedule(run, saved, seg.start, seg.notes),
+                )
+            if carried_diff is not None:
+                seg.divergence = _checkpoint_divergence(seg.start, [carried_diff], h)
             _call(
                 "restoring the checkpoint into the entry's objects",
                 lambda: held.restore(run, saved),

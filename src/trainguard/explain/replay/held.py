@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from trainguard.explain.replay import sharded
+from trainguard.explain.replay import schedwitness, sharded
 from trainguard.explain.replay.entry import Replayable
 from trainguard.explain.replay.ledger import CheckpointRecord, ReplayError, RunHistory
 from trainguard.explain.replay.result import FieldDiff
@@ -200,7 +200,8 @@ class Held:
         Nothing honest draws between there and the save but an evaluation kept off the
         training's generators (``fork_rng``): a generator that moved is a difference, named
         a re-seed (diverged) when torch's shows one by itself (its seed is not the run's,
-        or its state is a freshly seeded one), else not comparable (:attr:`drawn`), or a
+        or its state is a freshly seeded one) or Python's or NumPy's stands where seeding
+        leaves it (:func:`carried.freshly_seeded`), else not comparable (:attr:`drawn`), or a
         note where the entry declares such draws (``draws_before_saves``).  Without this a
         generator re-seeded right before a save was found only when the segment before
         the checkpoint was drawn (docs/verifier.md, "Cost and the rate")."""
@@ -220,8 +221,12 @@ class Held:
             {n: now[n[4:]] for n in names},
             tuple(names),
         )
-        if _torch_reseeded(saved.rng.get("torch"), self.history.start.get("initial_seed")):
-            return diff
+        if _torch_reseeded(saved.rng.get("torch"), self.history.start.get("initial_seed")) or any(
+            carried.freshly_seeded(saved.rng.get(g))
+            for g in ("python", "numpy")
+            if f"rng {g}" in names
+        ):
+            return diff  # a re-seed: only seeding reaches a freshly seeded state
         if declared:
             notes.append(
                 f"the checkpoint at step {position} holds other states of {', '.join(names)} "
@@ -231,6 +236,16 @@ class Held:
             return None
         self.drawn.add(position)
         return diff
+
+    def schedule(
+        self, run: Replayable, saved: ckpt.Checkpoint, position: int, notes: list[str]
+    ) -> FieldDiff | None:
+        """Where the segment before ``position`` was not replayed: the scheduler and
+        hyper-parameters the checkpoint restores against the entry's fresh ones stepped to
+        its count (:mod:`.schedwitness`).  Call before restoring into ``run``."""
+        if position == 0 or position in self.ends:
+            return None
+        return schedwitness.check(schedwitness.take(run), saved, self.history, position, notes)
 
     def _moved_only(self, position: int, name: str, saved: ckpt.Checkpoint) -> bool:
         """Whether the global generator ``name`` saved shows no re-seed."""

@@ -37,7 +37,7 @@ from trainguard.explain.replay.result import ReplayReport, report_from_dict
 # Fields of a rank's own state before the step (its checkpoint, batch, random state and
 # weights, or under FSDP its slice of them): a difference there is the rank's own.
 OWN_FIELDS = ("file", "run", "params", "optimizer-state", "carried", "carried-ledger",
-              "carried-step", "batch", "rng", "before")  # fmt: skip
+              "carried-step", "carried-schedule", "batch", "rng", "before")  # fmt: skip
 # The loss is computed before the all-reduce too, and is the rank's own under DDP (its
 # forward reads its own replica); under FSDP the forward reads every peer's slice
 # (all-gathered), so a peer's edited slice changes it as well: it names the rank only

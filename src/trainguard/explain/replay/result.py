@@ -34,6 +34,7 @@ FIELD_ORDER = (
     "carried",
     "carried-ledger",
     "carried-step",
+    "carried-schedule",
     "dataset",
     "unrecorded",
     "order",
