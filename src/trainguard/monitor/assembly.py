@@ -60,7 +60,7 @@ def install_checks(guard: Any, own: Any) -> EnvironmentCheck | None:
         lane.direction.probe.passes.marks = passes.marks
         lane.direction.probe.passes.nesting = lane.nesting
     # Taken after the guard's own hooks and wrappers are in place.
-    guard.identity = IdentityCheck(model, optimizer, guard.dataloader)
+    guard.identity = IdentityCheck(model, optimizer, guard.dataloader, opts.loss_fn)
     guard.hyper = HyperparameterCheck(optimizer, guard.scheduler)
     guard.tamper = TamperCheck(
         guard.fp,

@@ -98,6 +98,9 @@ class Route:
     owner: Any = None  # a hook registry: the object holding it
     baseline: tuple[Any, ...] = field(default=())
     spaces: tuple[Any, ...] = ()  # namespaces: to name the attributes that changed
+    # A registry every hook of which can change gradients, whatever its kind (the loss
+    # module's forward hooks rewrite the loss or the labels: monitor/upstream.py).
+    gradients: bool = False
     _values: list[dict[str, tuple[Any, list[tuple[Any, Any]]]]] = field(default_factory=list)
 
     def hooks(self) -> list[Any]:
@@ -452,7 +455,7 @@ def audit(found: list[Route]) -> list[tuple[str, str, bool]]:
     for r in found:
         if r.registry:
             hooks = [h for h in r.hooks() if not _own(h)]
-            gradients = r.registry in GRADIENT_REGISTRIES
+            gradients = r.gradients or r.registry in GRADIENT_REGISTRIES
             if gradients:
                 # Whatever its code's origin (torch.neg is torch's): only the guard's own
                 # and torch's distributed machinery may change gradients (hookcode.py).

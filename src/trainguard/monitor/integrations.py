@@ -9,9 +9,11 @@ created; without them a clear MissingExtraError says what to install.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from trainguard.errors import MissingExtraError
+from trainguard.monitor import upstream
 from trainguard.monitor.guard import Guard
 
 
@@ -22,7 +24,7 @@ def HFWatchCallback(**guard_kwargs: Any) -> Any:
     then ``callback.guard``.
     """
     try:
-        from transformers import TrainerCallback
+        from transformers import Trainer, TrainerCallback
     except ImportError as exc:
         raise MissingExtraError("transformers", "hf", "watching a Trainer") from exc
 
@@ -41,6 +43,15 @@ def HFWatchCallback(**guard_kwargs: Any) -> Any:
                 scheduler=kw.get("lr_scheduler"),
                 **guard_kwargs,
             )
+            # The loss is the Trainer's (compute_loss_func, compute_loss, its callbacks),
+            # no part of the model: held from here like the model's code (upstream.py).
+            trainer = upstream.find_trainer(sys._getframe(1), Trainer)
+            if trainer is None:
+                raise RuntimeError(
+                    "trainguard: the Trainer that started training was not found "
+                    "(its loss function could not be held)"
+                )
+            self.guard.identity.hold(upstream.trainer_routes(trainer))
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if logs and "loss" in logs:

@@ -12,6 +12,7 @@ from trainguard.monitor.checks.data import SampleCheck
 from trainguard.monitor.checks.draws import DrawCheck
 from trainguard.monitor.checks.interception import checks as interception_checks
 from trainguard.monitor.checks.loader import LoaderPathCheck
+from trainguard.monitor.checks.outputgrad import OutputGradientCheck
 from trainguard.monitor.checks.params import ParameterIdentityCheck
 from trainguard.monitor.checks.reducer import ReducerCheck
 from trainguard.monitor.checks.scheduling import SchedulingCheck
@@ -61,6 +62,8 @@ def behaviour(
     found += [SpikeCheck(windows["loss"], windows["grad_norm"])]
     # Modes, saved-tensor hooks, kernels and AccumulateGrad hooks (below Python names).
     found += interception_checks(named, fp.key)
+    # Hooks put on the model's output during a step: its gradient is the loss's.
+    found += [OutputGradientCheck(forwards, fp.key)]
     # Trace and profile functions, gc callbacks: called at every frame, no attribute.
     found += [TracingCheck()]
     # Training state outside the fingerprints: buffers and module settings change only

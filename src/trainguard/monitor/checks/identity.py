@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainguard.findings import Severity
-from trainguard.monitor import identity
+from trainguard.monitor import identity, upstream
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import Check
 
@@ -20,9 +20,19 @@ class IdentityCheck(Check):
     core = True  # its failure leaves the step unverified: high at once (safety.py)
     unit = "identity"
 
-    def __init__(self, model: Any, optimizer: Any, dataloader: Any = None) -> None:
+    def __init__(
+        self, model: Any, optimizer: Any, dataloader: Any = None, loss_fn: Any = None
+    ) -> None:
         self.routes = identity.routes(model, optimizer, dataloader)
+        # What makes the gradient before the parameters: the criterion, the model's
+        # autograd Functions (monitor/upstream.py).
+        self.routes += upstream.routes(model, loss_fn)
         self.snapshot = identity.digest(self.routes)
+
+    def hold(self, routes: list[identity.Route]) -> None:
+        """Hold these routes too from now on (taken already): an integration's own
+        (monitor/integrations.py: the HF Trainer's loss, known when training starts)."""
+        self.routes += routes
 
     def rebaseline(self) -> None:
         """Accept what is installed now (the guard itself changed a hook registry)."""
