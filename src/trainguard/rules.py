@@ -596,6 +596,17 @@ RULES: dict[str, Rule] = {
             "High when it takes CPU from training (the process slowing itself and passing "
             "the wait for a CPU off as a busy machine), low when it gives CPU.",
         ),
+        Rule(
+            "TG1321",
+            "tensor-class-runs-code",
+            _H,
+            "A tensor the step computes with (a parameter, its gradient, optimizer state, "
+            "the batch) is of a Python tensor class that is not torch's own and was not "
+            "declared with watch(tensor_types=...): its __torch_function__, "
+            "__torch_dispatch__ or methods run on every op that touches it, so the step is "
+            "not the one the guard verifies (a class planted by a library, or __class__ "
+            "swapped on a tensor). A declared class whose code changed since watch() too.",
+        ),
         # -- seal: signatures and manifests (TG5xx) ---------------------------
         Rule(
             "TG501",

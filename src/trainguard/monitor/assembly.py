@@ -18,8 +18,10 @@ from trainguard.monitor.checks.identity import IdentityCheck
 from trainguard.monitor.checks.lossfn import loss_checks
 from trainguard.monitor.checks.seeds import SeedCheck
 from trainguard.monitor.checks.tamper import TamperCheck
+from trainguard.monitor.checks.tensortypes import TensorTypeCheck
 from trainguard.monitor.optimizers import lanes, peer_checks
 from trainguard.monitor.samples import SampleRecorder
+from trainguard.monitor.tensortypes import TypeJudge
 
 
 def install_checks(guard: Any, own: Any) -> EnvironmentCheck | None:
@@ -73,8 +75,10 @@ def install_checks(guard: Any, own: Any) -> EnvironmentCheck | None:
         sync_every=opts.sync_every,
         tensor_digests=opts.tensor_digests,
     )
+    # The classes of the tensors the step computes with (checks/tensortypes.py).
+    types = TensorTypeCheck(guard.named_params, optimizer, TypeJudge(opts.tensor_types))
     # The order alerts of one phase come in.
-    guard.checks = [guard.tamper, guard.hyper, guard.identity, guard.seeds]
+    guard.checks = [guard.tamper, types, guard.hyper, guard.identity, guard.seeds]
     guard.checks += [guard.direction, *behaviour, *checks.loader_draws(guard.dataloader)]
     guard.checks += loss_checks(opts.loss_fn, guard.fp)  # the criterion's settings, buffers
     guard.checks += guard.lanes

@@ -68,6 +68,10 @@ class WatchOptions:
     # guard re-applies to a copy of backward's gradient (monitor/gradtransform.py)
     grad_scaling: Literal["fixed", "varying"] = "fixed"
     grad_transform: Callable[[str, Any, Any], Any] | None = None
+    # The run's own tensor subclasses (torchao's, bitsandbytes' Params4bit, a library's
+    # batch class): their tensors may carry the run, held by the code they run at
+    # watch() (monitor/tensortypes.py); any other class not torch's own is TG1321.
+    tensor_types: Sequence[type] = ()
     key: bytes | None = None
     on_alert: OnAlert | AlertHandler = "record"
     data_check: bool = False
@@ -121,6 +125,10 @@ class WatchOptions:
             problems.append("grad_scaling='varying' and grad_clipping='per_tensor' together")
         if self.grad_transform is not None and not callable(self.grad_transform):
             problems.append("grad_transform must be a function fn(name, param, grad)")
+        if isinstance(self.tensor_types, (str, bytes)) or not all(
+            isinstance(c, type) for c in self.tensor_types
+        ):
+            problems.append("tensor_types must be a list of tensor classes")
         if self.sign_every < 1:
             problems.append(f"sign_every must be 1 or more, not {self.sign_every}")
         if isinstance(self.sign_key, bool) and self.sign_key:  # typed out, passed anyway
