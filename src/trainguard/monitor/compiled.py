@@ -5,7 +5,9 @@ very namespaces the identity check watches, by torch's own hand:
 
 * at the first compilation, dynamo wraps each optimizer class's ``_init_group``
   and each ``_fused_<name>`` function in its ``disable`` wrapper
-  (``TorchPatcher.patch``);
+  (``TorchPatcher.patch``), also where the class only inherited it (``AdamW``
+  gets its own attribute, wrapping ``Adam``'s function: compiling only the model
+  after ``watch()`` was TG1304 critical at step 0);
 * the transformed bytecode of a compiled frame looks its helpers up in the
   frame's module globals, so dynamo adds ``__compiled_fn_*``, ``__resume_at_*``,
   ``__import_<module>``, ``__builtins_dict___<n>`` and weak references there.
@@ -62,6 +64,23 @@ def _wraps(new: Any, old: Any) -> bool:
     return any(c is inner for c in cells) and len(cells) == 2
 
 
+def _wraps_inherited(ns: Any, key: str, value: Any) -> bool:
+    """A class attribute ``key`` new on ``ns`` is dynamo's disable wrapper around what
+    the class inherited: the base's function, or what the base's own wrapper (put there by
+    the same compilation) wraps."""
+    if not isinstance(ns, type):
+        return False
+    for base in ns.__mro__[1:]:
+        if key in vars(base):
+            inherited = vars(base)[key]
+            if _dynamo_wrapper(inherited):
+                cells = provenance.cell_values(inherited)
+                inner = [c for c in cells if isinstance(c, types.FunctionType)]
+                return len(inner) == 1 and _wraps(value, inner[0])
+            return _wraps(value, inherited)
+    return False
+
+
 def dynamo_global(key: str, value: Any) -> bool:
     if not key.startswith(_PREFIXES):
         return False
@@ -109,7 +128,7 @@ def only_torch_compile(route: Any) -> bool:
             return False  # something removed
         for key, value in list(now.items()):
             if key not in was:
-                if not dynamo_global(key, value):
+                if not dynamo_global(key, value) and not _wraps_inherited(ns, key, value):
                     return False
                 found = True
                 continue
