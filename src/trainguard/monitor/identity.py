@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainguard.monitor import clock, hookcode
+from trainguard.monitor import clock, hookchain, hookcode
 from trainguard.monitor.compiled import dynamo_global, only_torch_compile
 from trainguard.monitor.forwards import ForwardWatch, GuardHook
 
@@ -469,6 +469,9 @@ def audit(found: list[Route]) -> list[tuple[str, str, bool]]:
                 }
             if foreign:
                 what = f"hook(s) {', '.join(sorted(foreign)[:3])}"
+                if gradients and _verified(r):
+                    what += " (verified read-only at each step checked: TG1306 if not)"
+                    gradients = False
                 out.append((r.label, what, gradients))
         elif r.torch_route:
             outside = {
@@ -482,6 +485,16 @@ def audit(found: list[Route]) -> list[tuple[str, str, bool]]:
     if clock.patched():
         out.append(("time", f"{', '.join(clock.patched())} replaced before trainguard", True))
     return out
+
+
+def _verified(r: Route) -> bool:
+    """A parameter's tensor hooks whose chain the guard's witness heads: what they do to the
+    gradient is checked at each step the probe checks (monitor/hookchain.py)."""
+    import torch
+
+    if r.registry != "_backward_hooks" or not isinstance(r.owner, torch.nn.Parameter):
+        return False
+    return hookchain.witnessed(getattr(r.owner, r.registry, None))
 
 
 def _where(f: Any) -> str:

@@ -8,6 +8,7 @@ from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import Check, StepEnd
 from trainguard.monitor.direction import DirectionCheck
 from trainguard.monitor.gradtransform import DEFAULT_RULES, GradRules
+from trainguard.monitor.hookchain import ChainWitness
 
 
 class UpdateDirectionCheck(Check):
@@ -26,6 +27,8 @@ class UpdateDirectionCheck(Check):
         # norm_rule: this optimizer's parameters are all a clip_grad_norm_ call saw (one
         # optimizer on the model), so a clipped step leaves their total at max_norm.
         self.probe = DirectionCheck(params, key, rules, norm_rule=norm_rule)
+        # Gradient hooks found at start-up: verified read-only (monitor/hookchain.py).
+        self.chain = ChainWitness(self.probe.params, self.probe.index, self._armed)
         self.cosine: float | None = None
         self._names = {id(p): n for n, p in params}  # every parameter, frozen ones too
         self._groups = len(optimizer.param_groups)
@@ -41,7 +44,7 @@ class UpdateDirectionCheck(Check):
         flipped = self.probe.before_step()
         self._apply_arm()
         broken = self.probe.broken  # monitor/gradfactor.py
-        alerts = self._accumulation(ctx)
+        alerts = self._accumulation(ctx) + self._chain(ctx)
         if flipped:  # the more specific name of the same finding: one alert, both said
             said: dict[str, Any] = {"factor": broken} if broken is not None else {}
             return [
@@ -92,8 +95,25 @@ class UpdateDirectionCheck(Check):
             self.probe.armed = False
             self._disarm = False
 
+    def _armed(self) -> bool:
+        return self.probe.armed
+
+    def _chain(self, ctx: Context) -> list[Alert]:
+        changed = self.chain.take()
+        if not changed:
+            return []
+        return [
+            ctx.alert(
+                "TG1306",
+                f"a gradient hook installed before watch() changed the gradient autograd "
+                f"computed (read-only hooks leave it as it was): {', '.join(changed[:5])}",
+                tensors=changed[:50],
+            )
+        ]
+
     def outside_seconds(self) -> float:
         spent, self.probe.outside = self.probe.outside, 0.0
+        spent, self.chain.outside = spent + self.chain.outside, 0.0
         return spent
 
     def after_step(self, ctx: Context) -> list[Alert]:
@@ -129,3 +149,4 @@ class UpdateDirectionCheck(Check):
 
     def close(self) -> None:
         self.probe.remove()
+        self.chain.remove()
