@@ -6,7 +6,9 @@ private ones a data loader carries (its own ``generator`` and its sampler's)
 for a state seen before (a new seed each epoch is how loops make their data
 order resumable; going back to an earlier state replays a data order).  What
 is found before a step is judged when ``guard.step`` is called, so that a loop
-that re-seeds on purpose declares it (``guard.step(..., reseed=True)``).
+that re-seeds on purpose declares it (``guard.step(..., reseed=True)``).  A seeding
+call whose generators are put back to the very states they held before it (inside
+``torch.random.fork_rng()``) is dropped when they are (monitor/rng.py).
 
 In budget mode the states' digests (hashing every generator's state) and the
 initial seed are a scheduled unit; the seeding calls the watch caught are read at
@@ -30,8 +32,8 @@ class SeedCheck(Check):
     def __init__(self, dataloader: Any = None) -> None:
         import torch
 
-        self._calls: list[str] = []
-        self.watch = rng.SeedWatch(self._calls.append)
+        self._calls: list[rng.Seeding] = []
+        self.watch = rng.SeedWatch(self._calls.append, self._restored)
         self.watch.install()
         self.initial_seed = rng.initial_seed()
         self._seen: set[tuple[str, str]] = set()
@@ -61,6 +63,12 @@ class SeedCheck(Check):
         digests = rng.state_digests()
         digests.update({name: rng.generator_digest(g) for name, g in self.private.items()})
         return digests
+
+    def _restored(self) -> None:
+        """A generator's state was set: a seeding call whose generators are all back to
+        the states they held before it (``torch.random.fork_rng()``) changed nothing."""
+        if self._calls:
+            self._calls[:] = [s for s in self._calls if not rng.undone(s)]
 
     def skipped(self, ctx: Context) -> list[Alert]:
         # The seeding calls the watch caught (an empty list read: nothing to do), at every
@@ -100,7 +108,7 @@ class SeedCheck(Check):
         """Seeding calls since the last hook, and a changed initial seed (cheap)."""
         found = []
         seed = rng.initial_seed()
-        calls, self._calls[:] = list(self._calls), []
+        calls, self._calls[:] = [s.call for s in self._calls], []
         if seed != self.initial_seed or calls:
             parts = []
             if seed != self.initial_seed:
