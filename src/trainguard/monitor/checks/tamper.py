@@ -76,6 +76,10 @@ class TamperCheck(Check):
         self._skipped = Unchecked()  # optimizer state no fingerprint reads (TG1315, once)
         self._touched: set[Any] = set()  # budget mode: weights honest code touches, bits kept
         self._touched_ref: Fingerprint | None = None
+        # Budget mode: the weights' bits at the first load_state_dict since the step (those
+        # it had not written yet), and the hooks that take them (watch_loads).
+        self._load_ref: Fingerprint | None = None
+        self._load_hooks: list[Any] = []
         started = clock.now()
         self.after: Fingerprint = fp.fingerprint(params)
         self.opt_after: Fingerprint = fp.fingerprint(self._state())
@@ -265,11 +269,16 @@ class TamperCheck(Check):
 
     def _verified(self, moved: list[Any]) -> list[Any]:
         """Of the tensors whose version counter or storage moved, those whose bits also
-        changed, where a reference of their bits was taken (touched ones); the others as
-        they are (unverifiable in budget mode: reported)."""
+        changed, where a reference of their bits was taken (touched ones, and those a
+        load_state_dict wrote); the others as they are (unverifiable in budget mode:
+        reported)."""
         ref, self._touched_ref = self._touched_ref, None
-        check = [k for k in moved if k in self._touched]
-        if ref is None or not check:
+        loaded, self._load_ref = self._load_ref, None
+        refs = dict(loaded.per_tensor) if loaded is not None else {}
+        if ref is not None:
+            refs.update(ref.per_tensor)
+        check = [k for k in moved if self._version_name(k) in refs]
+        if not check:
             return moved
         tensors = dict(self._version_keys())
         started = clock.now()
@@ -277,11 +286,37 @@ class TamperCheck(Check):
             self.fp.fingerprint([(self._version_name(k), tensors[k]) for k in check]).per_tensor
         )
         self._charge(clock.now() - started)
-        was = dict(ref.per_tensor)
-        same = {
-            k for k in check if now.get(self._version_name(k)) == was.get(self._version_name(k))
-        }
+        same = {k for k in check if now.get(self._version_name(k)) == refs[self._version_name(k)]}
         return [k for k in moved if k not in same]
+
+    def watch_loads(self, model: Any) -> None:
+        """Budget mode: ``load_state_dict`` into the model between two steps (an EMA swapped
+        in for evaluation and back, a backup put back bit for bit) moves version counters
+        of weights no warm-up saw touched, and no reference of their bits was kept (it was
+        TG1301 critical, honest-user hunt).  A pre-hook on every module, at the first load
+        since the step, fingerprints the weights whose counters have not moved yet: their
+        bits as the step left them, verified at the next boundary like touched ones.  A
+        weight written before that load (its counter moved) gets no reference."""
+        if self.budget is None:
+            return
+        self._load_hooks = [
+            m.register_load_state_dict_pre_hook(self._before_load) for m in model.modules()
+        ]
+
+    def _before_load(self, *args: Any) -> None:
+        if self._load_ref is not None or self._open is not None:
+            return  # taken since the step (the load's submodules call again)
+        started = clock.now()
+        keys = self._version_keys()
+        moved = set(self._versions.changed(keys))
+        named = [(self._version_name(k), t) for k, t in keys if k[0] == "p" and k not in moved]
+        self._load_ref = self.fp.fingerprint(named) if named else None
+        self._charge(clock.now() - started)
+
+    def close(self) -> None:
+        for handle in self._load_hooks:
+            handle.remove()
+        self._load_hooks = []
 
     def _reference(self) -> None:
         """Budget mode: the bits of the touched weights as the step left them."""
@@ -300,6 +335,7 @@ class TamperCheck(Check):
                 self._gap = (ctx.step, self.after, self.opt_after)
             self._gap_written |= {n for n, p in self.params if getattr(p, "grad", None) is not None}
         self._unread = {}
+        self._load_ref = None  # the step's end is the reference from here on
         if self.budget is not None:
             self._versions.remember(self._version_keys())
             self._reference()
