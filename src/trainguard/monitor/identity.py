@@ -190,7 +190,7 @@ def _registry(obj: Any, name: str) -> Callable[[], tuple[Any, ...]]:
         reg = getattr(obj, name, None)
         if not reg:
             return ()
-        return tuple(o for h in list(reg.values()) if not _own(h) for o in layers(h))
+        return tuple([o for h in list(reg.values()) if not _own(h) for o in layers(h)])
 
     return read
 
@@ -319,7 +319,7 @@ def _globals_route(name: str, mod: Any, classes: list[type]) -> Route:
     module = space.get("__name__")
 
     def read() -> tuple[Any, ...]:
-        values = tuple(space.get(n) for n in names)
+        values = tuple([space.get(n) for n in names])
         # What the old whole-namespace route also saw: the namespaces of the module's own
         # classes it reads (Knobs.rho_scale = 1000), and its functions' code, defaults
         # and closures.
@@ -408,7 +408,7 @@ def _trusted_dirs() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     dirs = {os.path.dirname(os.path.abspath(torch.__file__)), _TRAINGUARD_DIR}
     dirs.update(paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths)
-    return tuple(os.path.abspath(d) + os.sep for d in dirs)
+    return tuple([os.path.abspath(d) + os.sep for d in dirs])
 
 
 def origin(fn: types.FunctionType) -> str:

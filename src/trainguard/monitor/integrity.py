@@ -85,7 +85,7 @@ class SelfCheck:
         self._pinned: dict[str, Any] = {name: getattr(guard, name, None) for name in PINNED}
         self._checks = tuple(guard.checks)
         # Checks that run checks of their own (a further optimizer's lane), found once.
-        self._lanes = tuple(c for c in self._checks if _inner(c))
+        self._lanes = tuple([c for c in self._checks if _inner(c)])
         self._phases = {k: tuple(v) for k, v in (getattr(guard, "_phase", None) or {}).items()}
         objects = self._objects(guard)
         self._objs = tuple(objects)

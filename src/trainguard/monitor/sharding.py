@@ -55,7 +55,7 @@ def placement(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return tuple(int(o) for o in offset), tuple(int(s) for s in shape)
+    return tuple([int(o) for o in offset]), tuple([int(s) for s in shape])
 
 
 def label(
@@ -76,7 +76,7 @@ def label(
 
 def shard(name: str, t: Any) -> Shard:
     offset, local_shape = placement(t)
-    shape = tuple(int(s) for s in t.shape)
+    shape = tuple([int(s) for s in t.shape])
     return Shard(name, label(name, offset, local_shape, shape), local(t), offset, shape)
 
 

@@ -125,17 +125,17 @@ class Space:
 
     def take(self) -> None:
         d = vars(self.ns)
-        every = tuple(k for k, v in list(d.items()) if _watched(v))
+        every = tuple([k for k, v in list(d.items()) if _watched(v)])
         self._keyset = frozenset(every)
-        self.keys = every if self.only is None else tuple(k for k in every if k in self.only)
+        self.keys = every if self.only is None else tuple([k for k in every if k in self.only])
         self._get = operator.itemgetter(*self.keys) if self.keys else (lambda d: ())
         self.values = self._read(d)
         self._ids = tuple(map(id, self.values))
-        self._fns = tuple(v for v in self.values if isinstance(v, types.FunctionType))
+        self._fns = tuple([v for v in self.values if isinstance(v, types.FunctionType)])
         self._kept = self._parts()
         self.codes = tuple(map(id, self._kept))
-        self._cells = tuple(map(provenance.cells, self._fns))
-        self._held = tuple(o for f in self._fns for o in provenance.kept_cells(f))
+        self._cells = tuple(list(map(provenance.cells, self._fns)))
+        self._held = tuple([o for f in self._fns for o in provenance.kept_cells(f)])
         self.size = len(d)
 
     def _read(self, d: Any) -> tuple[Any, ...]:
@@ -166,7 +166,7 @@ class Space:
             return False
         if code and self._codes() != self.codes:
             return False
-        if code and tuple(map(provenance.cells, self._fns)) != self._cells:
+        if code and tuple(list(map(provenance.cells, self._fns))) != self._cells:
             return False  # a closure cell now holds another object
         return len(d) == self.size or not self._added()
 
@@ -331,16 +331,16 @@ class Flat:
 
     def rebuild(self) -> None:
         spaces = self.spaces
-        self._dicts = tuple(vars(s.ns) for s in spaces for _ in s.keys)
-        self._keys = tuple(k for s in spaces for k in s.keys)
-        self._ids = tuple(id(v) for s in spaces for v in s.values)
-        self._fns = tuple(f for s in spaces for f in s._fns)
-        self._codes = tuple(c for s in spaces for c in s.codes[: len(s._fns)])
+        self._dicts = tuple([vars(s.ns) for s in spaces for _ in s.keys])
+        self._keys = tuple([k for s in spaces for k in s.keys])
+        self._ids = tuple([id(v) for s in spaces for v in s.values])
+        self._fns = tuple([f for s in spaces for f in s._fns])
+        self._codes = tuple([c for s in spaces for c in s.codes[: len(s._fns)]])
         closed = [(f, c) for s in spaces for f, c in zip(s._fns, s._cells, strict=True) if c]
-        self._closed = tuple(f for f, _ in closed)
-        self._cells = tuple(c for _, c in closed)
-        self._spaces = tuple(vars(s.ns) for s in spaces)
-        self._sizes = tuple(s.size for s in spaces)
+        self._closed = tuple([f for f, _ in closed])
+        self._cells = tuple([c for _, c in closed])
+        self._spaces = tuple([vars(s.ns) for s in spaces])
+        self._sizes = tuple([s.size for s in spaces])
 
     def replaced(self) -> bool:
         """The two identity passes alone (the objects under the names, the functions'
@@ -360,7 +360,7 @@ class Flat:
             same = False
         # __code__ every time; defaults (rarely the attack) in the slower per-space pass.
         same = same and tuple(map(id, map(_CODE, self._fns))) == self._codes
-        same = same and tuple(map(provenance.cells, self._closed)) == self._cells
+        same = same and tuple(list(map(provenance.cells, self._closed))) == self._cells
         if same and tuple(map(len, self._spaces)) == self._sizes:
             return []
         found = [s for s in self.spaces if not s.same()]

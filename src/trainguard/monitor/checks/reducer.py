@@ -78,9 +78,11 @@ def _state(m: Any) -> dict[str, Any]:
     """What decides this DDP module's averaged gradients, by name."""
     out: dict[str, Any] = {k: getattr(m, k, _ABSENT) for k in SETTINGS}
     out["comm hooks"] = tuple(
-        o
-        for hook, state in list(getattr(m, "_comm_hooks", ()))
-        for o in (*identity.layers(hook), state)
+        [
+            o
+            for hook, state in list(getattr(m, "_comm_hooks", ()))
+            for o in (*identity.layers(hook), state)
+        ]
     )
     try:
         logged = m._get_ddp_logging_data()

@@ -170,7 +170,7 @@ class SettingsCheck(Check):
             self._compare()
             self._walk()
         if grad:
-            self._training_now = tuple(m.training for m in self._mods)
+            self._training_now = tuple([m.training for m in self._mods])
             self._training_names = self.modules
             if self._ddp:
                 self._sync_now = [(n, getattr(m, SYNC, None)) for n, m in self._ddp]
@@ -289,6 +289,12 @@ class SettingsCheck(Check):
             self._hold([(m, k, old, new) for (m, k), (old, new) in pending.items()], ctx.step)
         declared = declared_names(end.declared_changes)
         self._said |= set(declared)
+        if declared and self._watching and self._moved():
+            # Changed since the last forward (update_bn puts BatchNorm's momentum back after
+            # its forwards): judged now, so a declared setting's baseline is the value the
+            # loop left, not the one its own forwards saw (else TG1318 at the next step).
+            self._compare()
+            self._walk()
         if "training" in declared:  # the model's flags, every module's (freezing BatchNorm)
             for c in self.held.changes:
                 if c.name.endswith(".training"):

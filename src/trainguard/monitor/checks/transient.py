@@ -111,7 +111,7 @@ class TransientCheck(Check):
         self._reference = self._state() if self.weights_on else None
 
     def _training(self) -> tuple[bool, ...]:
-        return tuple(m.training for m in self.model.modules())
+        return tuple([m.training for m in self.model.modules()])
 
     def _forward_start(self, grad: bool) -> None:
         self._pending = None
