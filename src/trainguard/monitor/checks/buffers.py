@@ -209,6 +209,22 @@ class BufferCheck(Check):
         now = self._cheap(named)
         if self._sampled:
             self._at_start = now
+        start = self._judge(full, cheap, named, now)
+        if start is not None:
+            self._start_fp = start if self._sampled else None
+        for change in self._since:  # budget mode: found at the arming, released now
+            if change.name not in self._said:  # declared at a step left out: no finding
+                self.held.add(change)
+        self._since, self._said = [], set()
+
+    def _judge(
+        self,
+        full: Fingerprint | None,
+        cheap: dict[str, tuple[Any, int]],
+        named: list[tuple[str, Any]],
+        now: dict[str, tuple[Any, int]],
+    ) -> Fingerprint | None:
+        """The buffers now against those armed: each change held; the fingerprint now."""
         why: dict[str, str] = {}
         for name in sorted(set(now) | set(cheap)):
             if name not in now:
@@ -219,19 +235,13 @@ class BufferCheck(Check):
                 why[name] = "replaced by another tensor"
             elif now[name][1] != cheap[name][1]:
                 why[name] = "written in place"
+        start = None
         if full is not None:
             self.checked += 1
             start = self.fp.fingerprint(named)
             for name in full.changed(start):
                 why.setdefault(name, "its bits changed")
             self._last = (self._steps, start)
-            self._start_fp = start if self._sampled else None
-        for change in self._since:  # budget mode: found at the arming, released now
-            if change.name not in self._said:  # declared at a step left out: no finding
-                self.held.add(change)
-        self._since, self._said = [], set()
-        if not why:
-            return
         tensors = dict(named)
         for name, reason in sorted(why.items())[:MAX_NAMED]:
             alert = Context(0, 0).alert(
@@ -242,6 +252,7 @@ class BufferCheck(Check):
                 reason=reason,
             )
             self.held.add(Change(name, tensors.get(name), alert, by_value=False))
+        return start
 
     def _forward_end(self) -> None:
         if self._at_start is not None:  # what a compared forward changes is its own
@@ -262,6 +273,14 @@ class BufferCheck(Check):
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         declared = declared_names(end.declared_changes)
         self._said |= set(declared)
+        if declared and self._armed is not None:
+            # Written since the last forward (PreciseBN copies its averaged statistics in
+            # after its forwards): judged now, so what the loop declared is what it left,
+            # and the next forward is compared with that (else TG1317 at the next step).
+            full, cheap = self._armed
+            named = self.tensors()
+            start = self._judge(full, cheap, named, self._cheap(named))
+            self._armed = (start, self._cheap(named))
         self._steps = ctx.step + 1
         out = self.held.release(ctx, declared)
         return [
