@@ -125,18 +125,27 @@ class Kept:
         if self._closer is not None:
             self._closer()  # at most once, whoever calls it first
 
-    def read(self, size: int = 4096) -> bytes | None:
+    def read(self, size: int = 4096, *, verify: bool = True) -> bytes | None:
+        """``verify=False``: the caller calls ``verify`` itself, once for several reads."""
         fd = self._fd
-        if fd is None or self.replaced:
+        if fd is None or self.replaced or (verify and not self.verify()):
             return None
         try:
-            st = _FSTAT(fd)
-            if (st.st_dev, st.st_ino) != self._ident:
-                self.replaced = True
-                return None
             return _PREAD(fd, size, 0)
         except OSError:
             return None
+
+    def verify(self) -> bool:
+        """Whether the number still names the file opened (sets ``replaced`` if not)."""
+        if self._fd is None or self.replaced:
+            return False
+        try:
+            st = _FSTAT(self._fd)
+        except OSError:
+            return False
+        if (st.st_dev, st.st_ino) != self._ident:
+            self.replaced = True
+        return not self.replaced
 
 
 def _close_quietly(fd: int) -> None:
@@ -146,9 +155,9 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
-def delay_of(kept: Kept) -> float | None:
+def delay_of(kept: Kept, *, verify: bool = True) -> float | None:
     """Seconds the thread that opened ``kept`` (its schedstat) has waited on a run queue."""
-    data = kept.read(200)
+    data = kept.read(200, verify=verify)
     try:
         return int(data.split()[1]) / 1e9 if data is not None else None
     except (ValueError, IndexError):
@@ -214,10 +223,11 @@ class OffCpu:
     by it (checks/timing.py): its CPU time is its own work, and a busy machine is not
     blocking.  A span in another thread counts nothing (the file names this thread)."""
 
-    __slots__ = ("__weakref__", "_file", "_thread", "total")
+    __slots__ = ("__weakref__", "_file", "_thread", "off", "total")
 
     def __init__(self, share: OffCpu | None = None) -> None:
         self.total = 0.0
+        self.off = 0.0  # the same without taking the wait for a CPU off
         self._thread = threading.get_ident()
         # Closed with the guard that holds it; ``share``: another's file (one per guard).
         self._file: Kept = share._file if share is not None else Kept(SCHEDSTAT)
@@ -225,16 +235,19 @@ class OffCpu:
     def begin(self) -> tuple[float, float, float]:
         if threading.get_ident() != self._thread:
             return (0.0, 0.0, -1.0)
-        return _PERF_COUNTER(), _THREAD_TIME(), (delay_of(self._file) or 0.0)
+        return _PERF_COUNTER(), _THREAD_TIME(), (delay_of(self._file, verify=False) or 0.0)
 
     def end(self, mark: tuple[float, float, float]) -> None:
         if mark[2] < 0 or threading.get_ident() != self._thread:
             return
-        wall, cpu, delay = _PERF_COUNTER(), _THREAD_TIME(), (delay_of(self._file) or 0.0)
-        # A file replaced mid-span reads 0: the span's wait for a CPU counts as blocked.
-        delay = max(delay - mark[2], 0.0)
-        self.total += max(0.0, (wall - mark[0]) - (cpu - mark[1]) - delay)
+        delay = delay_of(self._file, verify=False) or 0.0
+        wall, cpu = _PERF_COUNTER(), _THREAD_TIME()
+        off = max(0.0, (wall - mark[0]) - (cpu - mark[1]))
+        self.off += off
+        self.total += max(0.0, off - max(delay - mark[2], 0.0))
 
     def take(self) -> float:
-        total, self.total = self.total, 0.0
-        return total
+        """The sum since the last take.  The file is checked here, once, not at each
+        span's ends: once replaced, no wait for a CPU is taken off (wall minus CPU)."""
+        total, off, self.total, self.off = self.total, self.off, 0.0, 0.0
+        return total if self._file.verify() or not self._file.opened else off

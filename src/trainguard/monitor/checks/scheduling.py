@@ -11,11 +11,11 @@ pre-hook and end (syscalls and preads of files kept open, through functions capt
 at import, like the guard's clocks):
 
 * the training thread's nice value, scheduling policy and CPU affinity (at both);
-* at the step's end, the nice value and policy of the process's other threads (a few
-  per step, in turn: torch's intra-op threads are the work too);
-* the autogroup's nice value, the cgroup the process is in and that cgroup's CPU
-  limits (v2 ``cpu.max``, ``cpu.weight``; v1 ``cpu.cfs_quota_us``, ``cpu.shares``),
-  where readable.
+* every ``PROCESS_EVERY`` steps' end, the nice value and policy of the process's
+  other threads (a few per round, in turn: torch's intra-op threads are the work
+  too), the autogroup's nice value, the cgroup the process is in and that cgroup's
+  CPU limits (v2 ``cpu.max``, ``cpu.weight``; v1 ``cpu.cfs_quota_us``,
+  ``cpu.shares``), where readable.
 
 A change that takes CPU from training (a higher nice value, ``SCHED_BATCH`` or
 ``SCHED_IDLE`` or leaving a real-time policy, a CPU set missing a CPU it had, another
@@ -45,7 +45,8 @@ from trainguard.monitor import clock
 from trainguard.monitor.alerts import Alert, Context
 from trainguard.monitor.checks.base import Check, StepEnd
 
-THREADS_PER_STEP = 8  # other threads' nice and policy read per step, in turn
+THREADS_PER_STEP = 8  # other threads' nice and policy read per round, in turn
+PROCESS_EVERY = 4  # steps between two rounds of the process-wide reads (cgroup, threads)
 BINDING_ENV = ("OMP_PROC_BIND", "GOMP_CPU_AFFINITY", "KMP_AFFINITY", "OMP_PLACES")
 # Policies ordered by what they give the thread: idle < batch < normal < real time.
 _POLICY_RANK = {
@@ -171,6 +172,7 @@ class SchedulingCheck(Check):
         self.process = thread_settings(os.getpid())
         self.threads = {t: _nice_policy(t) for t in _tids()}  # per other thread: last seen
         self._turn = 0
+        self._steps = 0
 
     @staticmethod
     def _read(kept: clock.Kept) -> str | None:
@@ -184,6 +186,9 @@ class SchedulingCheck(Check):
 
     def step_end(self, ctx: Context, end: StepEnd) -> list[Alert]:
         alerts = self._own(ctx)
+        self._steps += 1
+        if self._steps % PROCESS_EVERY:
+            return alerts  # the process-wide reads cost ~20 us: every few steps
         for name, kept in self.kept.items():
             text = self._read(kept)
             if text is not None and text != self.files[name]:
