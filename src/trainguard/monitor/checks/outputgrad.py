@@ -7,19 +7,24 @@ no registry the guard can hold at start-up has it, and every check after the
 parameters' ``AccumulateGrad`` nodes sees a gradient that is consistently wrong.
 
 The invariant, read where autograd runs: the model's root forward post-hook
-(monitor/forwards.py) puts a tensor hook on each output tensor, first of its hooks,
-and a post-hook on the output's node.  Autograd runs a node's tensor hooks, then its
-pre-hooks, then the node, then its post-hooks, which are given the gradient the node
-was called with: any tensor hook registered on the output after the guard's (by the
-criterion's forward hook, by the loop) and any pre-hook on the output's node sits in
-between.  The gradient must come out of them as it went in: the same tensor, not
-written in place (its version counter), and equal at a keyed sample of elements (a
-write through ``.data`` moves no counter).  A replaced tensor is compared whole.
+(monitor/forwards.py) puts a tensor hook on each output tensor, first of its hooks, and
+a pre-hook and a post-hook on the output's node.  Autograd runs a node's tensor hooks,
+then its pre-hooks, then the node, then its post-hooks, which are given the gradient the
+node was called with.  At the guard's pre-hook every tensor hook on the output has run
+(registered after the guard's: by the criterion's forward hook, by the loop): the
+gradient must be the tensor the guard's tensor hook saw, its version counter unmoved
+(not written in place) and equal at a keyed sample of elements (a write through
+``.data`` moves no counter); a replacement is compared whole.  At the post-hook, a
+gradient replaced by a node pre-hook registered after the guard's is compared whole
+with the one before; the same tensor written in place is not judged there: the node's
+own backward may do that (a custom Function's ``g.mul_(-1)``), and the two cannot be
+told apart.
 
 Out of reach, and why: a hook on a tensor *inside* the criterion (between the logits
-and the loss: what the guard's first hook sees is already made), a post-hook on the
-output's node (it rewrites what flows into the model, after the guard's post-hook)
-and hooks on nodes inside the model: nothing in torch lists them.  Passing the
+and the loss: what the guard's first hook sees is already made), a pre-hook on the
+output's node registered after the guard's that writes in place (above), a post-hook
+on it (it rewrites what flows into the model, after the guard's post-hook) and hooks
+on nodes inside the model: nothing in torch lists them.  Passing the
 criterion (``watch(loss_fn=crit)``) holds its hook registries (monitor/upstream.py);
 ``trainguard replay`` recomputes the gradient whatever made it.  In budget mode this
 is the unit ``outputgrad``: armed a step ahead, its hooks are put on at drawn steps.
@@ -81,22 +86,36 @@ class OutputGradientCheck(Check):
             came["version"] = grad._version
             came["values"] = grad.detach().reshape(-1)[index]  # indexing copies
 
-        def last(grad_inputs: Any, grad_outputs: Any) -> None:  # after hooks and the node
-            if not came:
+        def early(grad_outputs: Any) -> None:  # the node's first pre-hook: tensor hooks ran
+            if "grad" not in came:
                 return
             started = time.perf_counter()
-            before, version, values = came.pop("grad"), came.pop("version"), came.pop("values")
             now = grad_outputs[nr] if nr < len(grad_outputs) else None
-            if not self._same(before, version, values, index, now):
+            if self._same(came["grad"], came["version"], came["values"], index, now):
+                came["seen"] = now  # what later pre-hooks and the node start from
+            else:
                 self.changed.append(label)
+                came.clear()
             self._outside += time.perf_counter() - started
+
+        def last(grad_inputs: Any, grad_outputs: Any) -> None:  # given what the node got
+            seen = came.get("seen")
+            came.clear()
+            if seen is None:
+                return
+            now = grad_outputs[nr] if nr < len(grad_outputs) else None
+            # The same tensor: the node itself may write its gradient in place (a custom
+            # Function's backward), so only a replacement is judged: compared whole.
+            if now is not seen and (now is None or not _alike(now, seen) or not _equal(now, seen)):
+                self.changed.append(label)
 
         nr = t.output_nr
         t.register_hook(first)
+        t.grad_fn.register_prehook(early)
         t.grad_fn.register_hook(last)
 
     def _same(self, before: Any, version: int, values: Any, index: Any, now: Any) -> bool:
-        if now is None or now.shape != before.shape or now.dtype != before.dtype:
+        if now is None or not _alike(now, before):
             return False
         if before._version != version:
             return False  # written in place by a hook
@@ -143,6 +162,10 @@ def _tensors(output: Any, torch: Any) -> list[tuple[str, Any]]:
     else:
         return []
     return [(k, v) for k, v in items if isinstance(v, torch.Tensor)][:MAX_OUTPUTS]
+
+
+def _alike(a: Any, b: Any) -> bool:
+    return bool(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device)
 
 
 def _equal(a: Any, b: Any) -> bool:
