@@ -141,10 +141,11 @@ def test_waits_inside_the_guard_phase_are_high() -> None:
         guard = _train(at + 16, wrap, budget=budget)
         found = _guard_phase(guard)
         print(at, round(seconds, 4), place, budget, found)
-        # What guard.step reads at step `at` counts in the next step's guard phase; the
-        # rule needs 9 of the last 10 steps (one may be an honest noisy one).
+        # What guard.step reads from step `at` on counts in that step's guard phase; the
+        # rule needs 9 of the last 10 steps (honest noisy ones before `at` may be among
+        # them), so it fires from `at` + 6 or so, never before the waits began.
         assert found and found[0][1] == "HIGH", guard.alerts
-        assert at + 8 <= found[0][0] <= at + 13, found
+        assert at <= found[0][0] <= at + 13, found
 
 
 # -- honest noise --------------------------------------------------------------------
