@@ -155,7 +155,10 @@ def run(rng: random.Random, attack: str | None) -> tuple[Any, int, str]:
         elif honest_read:
             out.register_hook(lambda g: None)
             out.retain_grad()
-        loss = crit(out.float(), y)
+        # As an AMP loop does: the loss under autocast too (it computes cross-entropy in
+        # float32 inside the dispatcher), the criterion given the model's output itself.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = crit(out, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
