@@ -1272,7 +1272,9 @@ RULES: dict[str, Rule] = {
             "besides them (scheduler, hyper-parameters, random generators, data position) is "
             "not what recomputing the segment before it ends in (where that segment was not "
             "recomputed: not the entry's schedule stepped to its count, or not the random "
-            "states the last step's record took). It was edited at rest, or changed in the "
+            "states the last step's record took), a generator of the script's own carried in "
+            "data_state included; the first checkpoint is held to the entry's fresh build, "
+            "its optimizer state too. It was edited at rest, or changed in the "
             "training process before the save. Do not train or ship from it.",
         ),
         Rule(

@@ -137,8 +137,16 @@ def differences(
 ) -> list[str]:
     """Names whose value differs (or exists on one side only), across every part."""
     names = []
-    for part in PARTS:
+    # Parts only replay holds (explain/replay/datawitness.py): the optimizer's state at the
+    # run's start, and the data_state entries whose generators replay found (held where the
+    # expected side has them, against the checkpoint's ``data`` part).
+    extra = [p for p in expected if p not in PARTS]
+    for part in (*PARTS, *extra):
         a, b = expected.get(part) or {}, restored.get(part) or {}
+        if part == "data generators":
+            b = restored.get("data") or {}
+            names += [n for n in a if a[n] != b.get(n)]
+            continue
         if not a:
             continue  # not known to the replay (no data loader, no data_state, no random
             # states of a fresh build): nothing to hold the checkpoint to

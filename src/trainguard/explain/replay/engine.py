@@ -30,7 +30,7 @@ from typing import Any
 from trainguard.data.sealed import SampleError
 from trainguard.errors import TrainguardError, UsageError
 from trainguard.explain.replay import compare as cmp
-from trainguard.explain.replay import held, samples
+from trainguard.explain.replay import datawitness, held, samples
 from trainguard.explain.replay.entry import (
     Entry,
     Replayable,
@@ -367,10 +367,12 @@ class _Runner:
         first = saved is not None and seg.start == 0
         scrambled = held.scramble() if first else None
         run = _call("the entry point", lambda: as_replayable(self.entry(ctx)))
+        bound = self.held.bindings[seg.start] = datawitness.bind(run, ctx.data_state)
         if saved is not None:
             if seg.start == 0:
                 # The honest entry's fresh objects are the state before step 0.
                 fresh = _call("reading the entry's state", lambda: held.fresh_state(run, scrambled))
+                fresh.update(datawitness.fresh(self.entry, ctx, run, bound, seg.notes))
                 carried_diff = held.difference(fresh, self.held.restored(saved, whole=True))
             else:  # where the segment before was not replayed: the schedule recomputed
                 carried_diff = _call(
@@ -517,7 +519,8 @@ class _Runner:
         if seg.end == seg.start or seg.divergence is not None:
             return
         # Every step matched: what the checkpoint at seg.end restores must be this.
-        state = _call("reading the replay's state", lambda: held.end_state(run))
+        bound = self.held.bindings.get(seg.start)
+        state = _call("reading the replay's state", lambda: held.end_state(run, bound))
         last = settled(capture.steps[seg.end - 1], _late_windows(h, capture, guard, seg.end))
         self.held.remember(seg.end, state, last)
         # ... and the batch its data gives next: the position the checkpoint must resume at.

@@ -91,6 +91,9 @@ class Replayable:
     # its last step and a save (an evaluation) that ``step`` does not redo: such a move,
     # with no re-seed, is then noted rather than not comparable (docs/replay.md).
     draws_before_saves: bool = False
+    # The data state the entry's objects are in, as the loop passes it to
+    # guard.checkpoint(data_state=...): each checkpoint's is held to it (datawitness.py).
+    data_state: Callable[[], Any] | None = None
 
 
 Entry = Callable[[ReplayContext], "Replayable | Mapping[str, Any]"]
@@ -101,7 +104,7 @@ def as_replayable(built: Any) -> Replayable:
         return built
     if isinstance(built, Mapping):
         known = {"model", "optimizer", "batches", "step", "scheduler", "record_batch", "dataloader",
-                 "draws_before_saves"}  # fmt: skip
+                 "draws_before_saves", "data_state"}  # fmt: skip
         extra = sorted(set(built) - known)
         missing = sorted({"model", "optimizer", "batches", "step"} - set(built))
         if extra or missing:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from trainguard.explain.replay import schedwitness, sharded
+from trainguard.explain.replay import datawitness, schedwitness, sharded
 from trainguard.explain.replay.entry import Replayable
 from trainguard.explain.replay.ledger import CheckpointRecord, ReplayError, RunHistory
 from trainguard.explain.replay.result import FieldDiff
@@ -42,6 +42,9 @@ class Held:
         # Checkpoints whose data position the segment before reaches and the entry cannot
         # resume from (A28: outside the data contract): not comparable.
         self.unresumable: set[int] = set()
+        # Segment start -> where the entry's step reaches the generators it restored the
+        # checkpoint's data_state into (datawitness.bind): read again at the segment's end.
+        self.bindings: dict[int, dict[str, datawitness.Locator]] = {}
 
     def drawn_only(self, divergence: Any) -> bool:
         """Whether a checkpoint divergence is only such moved generators (:meth:`carried`)."""
@@ -130,8 +133,10 @@ class Held:
     def restored(self, saved: ckpt.Checkpoint, whole: bool = False) -> Carried:
         """What ``saved`` restores besides the fingerprinted weights, its buffers included
         (every model entry that is not one of the run's parameters); ``whole``: every
-        model entry, the weights too (the first checkpoint, held to the entry's build)."""
-        return carried.of_checkpoint(saved, () if whole else self.history.param_names)
+        model entry, the weights too, and the optimizer's state (the first checkpoint, held
+        to the entry's build)."""
+        parts = carried.of_checkpoint(saved, () if whole else self.history.param_names)
+        return {**parts, **datawitness.optimizer_part(saved.optimizer)} if whole else parts
 
     def carried(
         self, position: int, record: CheckpointRecord, saved: ckpt.Checkpoint, notes: list[str]
@@ -279,14 +284,18 @@ def _buffers(run: Replayable) -> dict[str, Any]:
     return carried.buffers_of(state, (n for n, _ in run.model.named_parameters()))
 
 
-def end_state(run: Replayable) -> tuple[Carried, dict[str, Any]]:
-    """The replay's carried state at the end of a segment, and its generators' raw states."""
+def end_state(
+    run: Replayable, binding: dict[str, datawitness.Locator] | None = None
+) -> tuple[Carried, dict[str, Any]]:
+    """The replay's carried state at the end of a segment, and its generators' raw states;
+    the data state too where the entry lets replay read it (:mod:`.datawitness`)."""
     scheduler = run.scheduler.state_dict() if run.scheduler is not None else None
     loader = ckpt.loader_state(run.dataloader) if run.dataloader is not None else None
     states = ckpt.random_states()
     flat = carried.flatten(
         scheduler, run.optimizer.state_dict(), states, loader, None, _buffers(run)
     )
+    flat.update(datawitness.expected(run, binding or {}))
     declared = bool(getattr(run, "draws_before_saves", False))
     return flat, {"rng": states, "loader": loader, "draws_before_saves": declared}
 
@@ -298,7 +307,9 @@ def fresh_state(run: Replayable, scrambled: dict[str, Any] | None = None) -> Car
     generator the entry seeds: ``scrambled`` holds the states :func:`scramble` put there
     before the entry ran, and a generator still reachable from its scrambled state was left
     alone by the entry (the training script's own business: the checkpoint's is restored).
-    Data loaders' generators before the first checkpoint are not held to."""
+    The optimizer's state too (a fresh optimizer has none: state pre-filled before the first
+    checkpoint, V2, was restored as the start).  Data loaders' generators before the first
+    checkpoint are not held to."""
     from trainguard.monitor import sharding
 
     scheduler = run.scheduler.state_dict() if run.scheduler is not None else None
@@ -311,9 +322,10 @@ def fresh_state(run: Replayable, scrambled: dict[str, Any] | None = None) -> Car
             for name in ("torch", "python", "numpy")
             if name in now and name in scrambled and carried.reseeded(scrambled[name], now[name])
         }
-    return carried.flatten(
+    parts = carried.flatten(
         scheduler, run.optimizer.state_dict(), random_states, None, None, dict(model)
     )
+    return {**parts, **datawitness.optimizer_part(run.optimizer.state_dict())}
 
 
 def scramble() -> dict[str, Any]:
