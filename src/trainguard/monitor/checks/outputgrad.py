@@ -32,8 +32,8 @@ is the unit ``outputgrad``: armed a step ahead, its hooks are put on at drawn st
 
 from __future__ import annotations
 
+import array
 import hashlib
-import random
 import time
 from typing import Any
 
@@ -73,10 +73,13 @@ class OutputGradientCheck(Check):
         self._outside += time.perf_counter() - started
 
     def _watch(self, label: str, t: Any) -> None:
-        seed = hashlib.blake2b(f"{self._forwards}:{label}".encode(), key=self.key, digest_size=8)
+        # Keyed elements, fresh at each forward (SHAKE after the secret key: no extension
+        # attack on a sponge); drawn with replacement: a set and a sort cost more than a
+        # repeated index.
+        drawn = hashlib.shake_256(self.key + f"{self._forwards}:{label}".encode())
         n = t.numel()
-        picks = random.Random(seed.digest()).sample(range(n), min(SAMPLE, n))  # noqa: S311 - keyed
-        index = self.torch.tensor(sorted(picks), dtype=self.torch.long).to(t.device)
+        picks = [v % n for v in array.array("I", drawn.digest(4 * SAMPLE))]
+        index = self.torch.tensor(picks, dtype=self.torch.long, device=t.device)
         came: dict[str, Any] = {}
 
         def first(grad: Any) -> None:  # the output's first tensor hook: the gradient as handed
@@ -170,4 +173,8 @@ def _alike(a: Any, b: Any) -> bool:
 
 def _equal(a: Any, b: Any) -> bool:
     """Bit for bit, NaN at the same place counting as equal (a diverging honest run)."""
+    import torch
+
+    if torch.equal(a, b):  # one call, the usual answer
+        return True
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
