@@ -149,7 +149,7 @@ def test_extra_scheduler_steps_or_a_changed_schedule_function_are_high_at_their_
     rng = seeded()
     for _ in range(6):
         state = rng.getstate()
-        honest, cadence = run(rng, None)
+        honest, _cadence = run(rng, None)
         assert high(honest) == [], honest.alerts
         at = rng.randrange(5, STEPS - 2)  # after the first steps, which set the cadence
         attack = (rng.choice(["extra", "every", "function"]), at)
