@@ -213,3 +213,49 @@ def test_honest_runs_match_from_a_checkpoint_whose_segment_before_is_undrawn(
     _train(tmp_path, optimizer, schedule, None, at, budget)
     verdict = _verify(tmp_path, entry(optimizer, schedule), at, at + EVERY)
     assert verdict.status == "matched", verdict
+
+
+def test_a_schedule_changed_on_purpose_is_recorded_and_not_named(tmp_path: Path) -> None:
+    """guard.step(changed=["scheduler"]) and hyper= are data in the step record (``changed``,
+    ``hyper_changed``); a checkpoint after a declared schedule change is noted, not held
+    to the fresh schedule (it was named: the witness read no such record)."""
+    from contextlib import closing
+
+    from trainguard.ledger.sqlite_store import SqliteLedger
+
+    rnd = seeded()
+    optimizer, at = rnd.choice(["sgd", "adamw"]), rnd.choice([5, 10])
+    k, wd_at = rnd.randrange(at - EVERY, at), rnd.randrange(0, at)
+    gamma, wd = rnd.choice([0.5, 0.9]), rnd.choice([0.0, 0.2])
+    print(f"{optimizer}: gamma -> {gamma} at step {k}, weight_decay -> {wd} at {wd_at}; "
+          f"the segment from {at} alone")  # fmt: skip
+    model, opt, sched, loader, epoch = parts(optimizer, "step")
+    step = make_step(model, opt, sched)
+    guard = trainguard.watch(
+        model, opt, ledger=str(tmp_path / "ledger.db"), run_id="r", scheduler=sched, key=KEY,
+        dataloader=loader, hang_seconds=None, on_alert=lambda alert: None,
+    )  # fmt: skip
+    batches = epochs_from(0, len(loader), epoch)
+    with guard:
+        for s in range(STEPS + 1):
+            if s % EVERY == 0:
+                guard.checkpoint(tmp_path / f"r-{s}.pt")
+            if s < STEPS:
+                kw: dict[str, Any] = {}
+                if s == wd_at:  # a setting the loop schedules itself: before the step
+                    for g in opt.param_groups:
+                        g["weight_decay"] = wd
+                    kw["hyper"] = {"weight_decay": wd}
+                loss = step(next(batches))
+                if s == k:
+                    sched.gamma = gamma
+                    kw["changed"] = ["scheduler"]
+                guard.step(loss=loss, batch=None, **kw)
+    high = [a for a in guard.alerts if a.severity.name in ("HIGH", "CRITICAL")]
+    assert not high, high
+    with closing(SqliteLedger(str(tmp_path / "ledger.db"))) as store:
+        steps = {r.step: r.payload for r in store.records("r") if r.kind == "step"}
+    assert "scheduler" in steps[k].get("changed", []), steps[k]
+    assert "weight_decay" in steps[wd_at].get("hyper_changed", []), steps[wd_at]
+    verdict = _verify(tmp_path, entry(optimizer, "step"), at, at + EVERY)
+    assert verdict.status == "matched", verdict

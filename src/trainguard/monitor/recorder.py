@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainguard.monitor import clock
 from trainguard.monitor.fingerprint import FINGERPRINT_VERSION
+from trainguard.monitor.forwards import declared_names
 from trainguard.monitor.runkeys import gather_run_keys
 from trainguard.monitor.setup import open_store, rank_world
 
@@ -314,4 +315,12 @@ def step_payload(guard: Any, end: Any, batch: Any) -> dict[str, Any]:
             "world_size": guard.world_size,
         }
     )
+    # What the loop declared changing on purpose at this step, as data (replay's schedule
+    # witness holds a checkpoint's schedule to a fresh one only up to such a change):
+    # guard.step(changed=...)'s names, and the hyper-parameter keys it set (TG1316).
+    changed = sorted(declared_names(end.declared_changes))
+    if changed:
+        record["changed"] = changed
+    if getattr(guard.hyper, "changed_keys", None):
+        record["hyper_changed"] = list(guard.hyper.changed_keys)
     return record

@@ -26,8 +26,9 @@ with ``guard.step(lr=...)``), the rate is not held here and a note says so.  Key
 declared changing (TG1316 in the ledger: a weight-decay schedule written by hand) are not
 held either.  Not held: a ``last_epoch`` moved within a stretch where the rate stays the
 same (StepLR between two decays), ReduceLROnPlateau (its steps need the metric), a
-schedule the loop changes on purpose (``guard.step(changed=["scheduler"])``, which the
-ledger does not record: such a run is named here), param groups the loop appended.
+schedule the loop changes on purpose (``guard.step(changed=["scheduler"])``, recorded in
+the step record's ``changed``: checkpoints after it are noted, not held), param groups the
+loop appended.
 """
 
 from __future__ import annotations
@@ -104,6 +105,13 @@ def check(
         (saved.optimizer or {}).get("param_groups") if isinstance(saved.optimizer, dict) else None
     )
     if not isinstance(groups, list):
+        return None
+    changed = _changed_on_purpose(history, position)
+    if changed is not None:
+        notes.append(
+            f"the schedule at the checkpoint at step {position} is not recomputed: the loop "
+            f"declared changing it at step {changed} (guard.step(changed=['scheduler']))"
+        )
         return None
     if fresh.scheduler is not None:
         why = _step_to(fresh, saved.scheduler)
@@ -211,10 +219,23 @@ def _own_rate(
     return None
 
 
+def _changed_on_purpose(history: Any, position: int) -> int | None:
+    """The first step before ``position`` whose record says the loop changed the schedule
+    on purpose (``changed``: guard.step(changed=["scheduler"]))."""
+    for step in sorted(s for s in history.steps if s < position):
+        if "scheduler" in (history.steps[step].get("changed") or ()):
+            return int(step)
+    return None
+
+
 def _declared(history: Any, position: int) -> set[str]:
-    """The keys the loop declared changing (TG1316) at any step the ledger holds so far:
-    not held (a weight-decay schedule the loop writes itself)."""
+    """The keys the loop declared changing (TG1316) at any step before ``position``: not
+    held (a weight-decay schedule the loop writes itself).  Step records carry them
+    (``hyper_changed``); a ledger of an older trainguard only in the alert's text."""
     keys: set[str] = set()
+    for step, record in history.steps.items():
+        if step < position:
+            keys.update(str(k) for k in record.get("hyper_changed") or ())
     for texts in history.alerts.values():
         for text in texts:
             m = _DECLARED.match(str(text))

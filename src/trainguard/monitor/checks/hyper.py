@@ -57,6 +57,9 @@ class HyperparameterCheck(Check):
         # Changes awaiting guard.step: (group, key, old, new, the schedule's value or None)
         self._held: list[tuple[int, str, Any, Any, Any]] = []
         self._declared: dict[str, Any] = {}  # guard.step(hyper=...) for the coming step_end
+        # The keys of the declared changes the last step_end recorded (TG1316): the step
+        # record carries them (``hyper_changed``), which replay's schedule witness reads.
+        self.changed_keys: list[str] = []
         # lr= naming the rate the loop set after optimizer.step, for the next step (the
         # groups held it at guard.step): per group, judged at the next step.
         self._ahead: dict[int, float] = {}
@@ -176,8 +179,9 @@ class HyperparameterCheck(Check):
         if self._fresh:  # the groups were taken again: what was declared before is judged
             self._lr_since, self._said_since = {}, {}
         self._skipping = self._fresh = False
+        self.changed_keys = sorted({str(r["key"]) for r in recorded})
         if recorded:
-            keys = sorted({str(r["key"]) for r in recorded})
+            keys = self.changed_keys
             alerts.append(
                 ctx.alert(
                     "TG1316",
