@@ -129,12 +129,14 @@ def bind(run: Replayable, data_state: Any) -> dict[str, Locator]:
     }
     if not wanted:
         return {}
-    found = [(w, g.get_state()) for w, g in generators(run.step) if g.device.type == "cpu"]
+    found = [(w, g, g.get_state()) for w, g in generators(run.step) if g.device.type == "cpu"]
     out = {}
     for key, state in wanted.items():
-        where = next((w for w, s in found if torch.equal(s, state)), None)
-        if where is not None:
-            out[f"data state {key}"] = where
+        matches = [(w, g) for w, g, s in found if torch.equal(s, state)]
+        # Two generators holding that state (seeded alike): which one the entry restored
+        # and steps with is not known, so neither is held (no false alarm on a guess).
+        if len({id(g) for _, g in matches}) == 1:
+            out[f"data state {key}"] = matches[0][0]
     return out
 
 
