@@ -63,7 +63,7 @@ def test_a_real_hang_is_reported_with_the_stack_that_hangs(tmp_path: Path) -> No
     guard, model, opt = _setup(
         ledger=ledger,
         run_id="hang",
-        hang_seconds=0.5,
+        hang_seconds=2.0,  # not 0.5: an honest first step at load 10 once took longer
         hang_factor=20,
         on_hang=lambda alert: released.set(),
     )
@@ -105,7 +105,7 @@ def test_ledger_show_lists_the_stall(tmp_path: Path, capsys: pytest.CaptureFixtu
     released = threading.Event()
     ledger = tmp_path / "runs.sqlite"
     guard, model, opt = _setup(
-        ledger=ledger, run_id="shown", hang_seconds=0.3, on_hang=lambda a: released.set()
+        ledger=ledger, run_id="shown", hang_seconds=2.0, on_hang=lambda a: released.set()
     )
     _train(
         guard, model, opt, 3, lambda s, m, x: stalled_forward(m, x, released) if s == 1 else m(x)
@@ -188,7 +188,7 @@ ABORT_SCRIPT = textwrap.dedent(
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = tgw.watch(model, opt, ledger=sys.argv[1], run_id="abort",
-                      hang_seconds=0.3, on_hang="abort")
+                      hang_seconds=2.0, on_hang="abort")
     for step in range(5):
         loss = model(torch.randn(8, 4)).pow(2).mean()
         opt.zero_grad(); loss.backward(); opt.step()
