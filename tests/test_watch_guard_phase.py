@@ -16,6 +16,7 @@ import functools
 import random
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -212,3 +213,52 @@ def test_honest_runs_keep_the_guard_phase_quiet(tmp_path: Path) -> None:
             (a.rule, a.step, a.message[:120]) for a in guard.alerts if a.severity >= Severity.HIGH
         ]
         assert high == [], high
+
+
+# -- GIL contention (issue 12: TG1307 guard phase high on honest runs at load 11-15) ------
+def _gil_threads(rng: random.Random, steps: int) -> Callable[[int, Any], None]:
+    """From a step after the baseline, Python threads doing pure-Python work (a progress
+    monitor, a logger, a pin-memory thread) and CPU-burning processes in their own
+    sessions: the training thread waits for the GIL while its holder waits for a CPU."""
+    start = rng.randrange(BASELINE_STEPS + 1, BASELINE_STEPS + 6)
+    threads, burners = rng.randint(1, 3), rng.randint(0, 2)
+    work = [rng.choice([2_000, 20_000, 100_000]) for _ in range(threads)]
+    pause = [rng.choice([0.0, 0.0005, 0.002]) for _ in range(threads)]
+    stop = threading.Event()
+    procs: list[subprocess.Popen[bytes]] = []
+    print("gil", start, threads, burners, work, pause)
+
+    def spin(i: int) -> None:
+        while not stop.is_set():
+            total = 0
+            for k in range(work[i]):
+                total += k
+            if pause[i]:
+                time.sleep(pause[i])
+
+    def event(step: int, guard: Any) -> None:
+        if step == start:
+            for i in range(threads):
+                threading.Thread(target=spin, args=(i,), daemon=True).start()
+            for _ in range(burners):
+                cmd = [sys.executable, "-c", "while True: pass"]
+                procs.append(subprocess.Popen(cmd, start_new_session=True))
+        if step == steps - 1:
+            stop.set()
+            for p in procs:
+                p.kill()
+                p.wait()
+
+    return event
+
+
+def test_gil_contention_keeps_the_guard_phase_below_high() -> None:
+    rng = seeded()
+    steps = BASELINE_STEPS + 30
+    events = [_gil_threads(rng, steps)]
+    budget = rng.choice([None, 0.02])
+    print(budget)
+    guard = _train(steps, None, events, budget=budget)
+    high = [(a.rule, a.step, a.message[:120]) for a in guard.alerts if a.severity >= Severity.HIGH]
+    print(_guard_phase(guard))
+    assert high == [], high

@@ -50,6 +50,9 @@ _CAPTURED = {
     },
 }
 _MODULES = {"time": time, "os": os}
+# The process's Python threads (only they can hold the GIL): OtherThreads below.
+_ENUMERATE = threading.enumerate
+MAX_THREADS = 32  # Python threads read per step; more are not read (their time excuses none)
 SCHEDSTAT = "/proc/thread-self/schedstat"
 
 
@@ -251,3 +254,54 @@ class OffCpu:
         span's ends: once replaced, no wait for a CPU is taken off (wall minus CPU)."""
         total, off, self.total, self.off = self.total, self.off, 0.0, 0.0
         return total if self._file.verify() or not self._file.opened else off
+
+
+class OtherThreads:
+    """Seconds the process's other Python threads ran or waited for a CPU, per lap.
+
+    Only a Python thread can hold the GIL; while one does, the training thread waiting
+    for it is blocked (off CPU, not on a run queue) although nothing slept: on a busy
+    machine the holder itself waits for a CPU, and the wait shows as the guard's phase
+    blocked (checks/timing.py).  A thread's running and waiting time bounds how long it
+    can have held the GIL.  Read at most ``MAX_THREADS`` threads (a thread not read
+    excuses nothing); a thread that ended during the lap is not counted (its time
+    excuses nothing either)."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last: dict[int, float] = {}
+        self.lap()
+
+    def lap(self) -> float:
+        """The sum since the last lap (0.0 where the kernel does not say: no excuse)."""
+        me = threading.get_ident()
+        seen: dict[int, float] = {}
+        total = 0.0
+        for t in _ENUMERATE()[:MAX_THREADS]:
+            tid = t.native_id
+            if t.ident == me or tid is None:
+                continue
+            busy = _busy(tid)
+            if busy is None:
+                continue
+            seen[tid] = busy
+            # A thread first seen now counts from its start: it ran in this lap or not at all.
+            total += max(0.0, busy - self._last.get(tid, 0.0))
+        self._last = seen
+        return total
+
+
+def _busy(tid: int) -> float | None:
+    """Seconds thread ``tid`` of this process has run plus waited on a run queue."""
+    try:
+        fd = _OPEN(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fields = _PREAD(fd, 200, 0).split()
+        return (int(fields[0]) + int(fields[1])) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+    finally:
+        _CLOSE(fd)
