@@ -25,6 +25,7 @@ from trainguard.monitor.checks.timing import StallCheck
 from trainguard.monitor.checks.tracing import TracingCheck
 from trainguard.monitor.checks.transient import TransientCheck
 from trainguard.monitor.checks.update import UpdateModelCheck
+from trainguard.monitor.clock import OtherThreads
 from trainguard.monitor.fingerprint import Fingerprinter
 from trainguard.monitor.forwards import ForwardWatch
 from trainguard.monitor.stats import RobustWindow
@@ -56,7 +57,9 @@ def behaviour(
         update,
         SurfaceCheck(fp.key, forwards=forwards),
     ]
-    found += [StallCheck(windows["time"], min_stall_seconds), SleepCheck(min_stall_seconds)]
+    others = OtherThreads()  # read once per step for both
+    stall = StallCheck(windows["time"], min_stall_seconds, others=others)
+    found += [stall, SleepCheck(min_stall_seconds, others)]
     # The process's own scheduling: contention it makes itself is no busy machine.
     found += [SchedulingCheck()]
     found += [SpikeCheck(windows["loss"], windows["grad_norm"])]

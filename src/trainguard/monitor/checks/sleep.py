@@ -53,14 +53,14 @@ MIN_EXCESS = 0.002  # seconds per step below which blocking is scheduling noise
 class SleepCheck(Check):
     unit = "calibration"  # budget mode: the reference pair at the steps the schedule draws
 
-    def __init__(self, min_stall_seconds: float) -> None:
+    def __init__(self, min_stall_seconds: float, others: clock.OtherThreads | None = None) -> None:
         import torch
 
         self.min_stall_seconds = min_stall_seconds
         self.clock = clock.ThreadClock()
         # The other Python threads' running and CPU-wait seconds per step: the GIL can
         # have held the training thread that long (monitor/clock.py OtherThreads).
-        self.others = clock.OtherThreads()
+        self.others = others or clock.OtherThreads()
         self.usual_others: list[float] = []
         self.contended: deque[float] = deque(maxlen=WINDOW)  # excess, GIL waits too
         self.gil_said = False  # its medium is said once per run
@@ -87,7 +87,7 @@ class SleepCheck(Check):
             self._spent += clock.now() - started
             self.measured.append(ctx.step)
         if self.enabled:
-            alerts += self.slept(ctx, *lap, others=self.others.lap())
+            alerts += self.slept(ctx, *lap, others=self.others.at(ctx.step))
         return alerts
 
     def arm(self, on: bool) -> None:

@@ -98,7 +98,11 @@ def chance_of(k: int, n: int, share: float) -> float:
 
 class StallCheck(Check):
     def __init__(
-        self, times: RobustWindow, min_stall_seconds: float, thread: clock.ThreadClock | None = None
+        self,
+        times: RobustWindow,
+        min_stall_seconds: float,
+        thread: clock.ThreadClock | None = None,
+        others: clock.OtherThreads | None = None,
     ) -> None:
         # ``times``: the guard's window, every step that was no stall (its median feeds the
         # budget schedule and the watchdog); judged against a window of this kind's own.
@@ -108,7 +112,7 @@ class StallCheck(Check):
         self.clock = thread or clock.ThreadClock()
         # The other Python threads' seconds running or waiting for a CPU per step: what
         # the GIL can have held the guard's phase for (monitor/clock.py OtherThreads).
-        self.others = clock.OtherThreads()
+        self.others = others or clock.OtherThreads()
         self.others_busy = self.base_others = 0.0  # this step's; the start-up median
         self._early_others: list[float] = []
         self.delays = RobustWindow(times.values.maxlen or 64, 1, times.refresh)
@@ -140,11 +144,11 @@ class StallCheck(Check):
                 window = RobustWindow(
                     self.times.values.maxlen or 64, self.times.warmup, self.times.refresh
                 )
-                self._kinds[end.kind] = StallCheck(window, self.min_stall, self.clock)
+                self._kinds[end.kind] = StallCheck(window, self.min_stall, self.clock, self.others)
             judge = self._kinds[end.kind]
         # The whole step's seconds blocked (asleep or waiting), for the guard phase's rule.
         judge.blocked = max(0.0, lap[0] - lap[1] - lap[2]) if lap is not None else 0.0
-        judge.others_busy = self.others.lap()
+        judge.others_busy = self.others.at(ctx.step)
         alerts = judge.judge(ctx, end, lap[2] if lap is not None else 0.0)
         if not judge.stalled:  # the usual step time, whatever its kind
             self.shared.add(end.seconds)
