@@ -98,7 +98,7 @@ def test_declared_hyperparameter_schedules_are_recorded_and_undeclared_ones_aler
 @pytest.mark.parametrize("budget", [None, 0.05])
 def test_gradual_unfreezing_is_recorded_and_other_group_edits_alert(budget: float | None) -> None:
     """Generative: layers unfrozen at random steps through add_param_group (or, held by the
-    optimizer from the start, by requires_grad alone); a group appended by hand, or a
+    optimizer from the start, by requires_grad alone, declared); a group appended by hand, or a
     layer frozen, is still TG1301/TG1303."""
     rnd = _rnd()
     torch.manual_seed(rnd.randrange(999))
@@ -114,11 +114,14 @@ def test_gradual_unfreezing_is_recorded_and_other_group_edits_alert(budget: floa
     guard = _watch(model, opt, budget)
     g = torch.Generator().manual_seed(0)
     for step in range(18):
+        said = None
         if step == at:
             for p in model[0].parameters():
                 p.requires_grad_(True)
             if not held_from_start:
                 opt.add_param_group({"params": list(model[0].parameters()), "lr": 1e-3})
+            else:  # held already: it trains at once, declared like a freeze (red team s5 A5)
+                said = ["requires_grad"]
         if step == bad:
             if tamper == "append":
                 # A group of a tensor that is not the model's (the defaults filled in,
@@ -131,7 +134,7 @@ def test_gradual_unfreezing_is_recorded_and_other_group_edits_alert(budget: floa
         opt.zero_grad()
         loss.backward()
         opt.step()
-        guard.step(loss=loss)
+        guard.step(loss=loss, changed=said)
     guard.close()
     high = _high(guard)
     assert high and {s for _, s, _ in high} == {bad}, high

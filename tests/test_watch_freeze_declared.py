@@ -111,6 +111,75 @@ def test_a_declared_freeze_is_recorded_and_a_freeze_or_write_it_does_not_cover_i
     assert all(s >= min(seen, draw["at"] + 1) for _, s in found), found
 
 
+def _unfreeze(draw: dict[str, Any], case: str) -> Any:
+    """Layers frozen before watch(), unfrozen at step ``at`` (red team s5 A5).  ``case``:
+    "honest" (declared, or new to the optimizer through add_param_group), "undeclared",
+    "partly declared"."""
+    rng = random.Random(draw["seed"])
+    torch.manual_seed(draw["seed"])
+    model = _model(rng)
+    linear = [i for i, m in enumerate(model) if isinstance(m, torch.nn.Linear)]
+    frozen = rng.sample(linear[:-1], rng.randrange(1, len(linear)))
+    for i in frozen:
+        model[i].requires_grad_(False)
+    added = draw["add_group"] and case == "honest"
+    held = [p for p in model.parameters() if p.requires_grad or not added]
+    opt: torch.optim.Optimizer = (
+        torch.optim.SGD(held, lr=0.05, momentum=draw["momentum"])
+        if draw["optimizer"] == "sgd"
+        else torch.optim.AdamW(held, lr=3e-3)
+    )
+    names = [f"{i}.{k}" for i in frozen for k in ("weight", "bias")]
+    said: list[str] = ["requires_grad"] if draw["all"] else [f"{n}.requires_grad" for n in names]
+    if case == "partly declared":
+        said = [f"{n}.requires_grad" for n in names[1:]]
+    guard = tgw.watch(model, opt, hang_seconds=None, min_stall_seconds=10.0, budget=draw["budget"])
+    x, y = torch.randn(64, 6), torch.randn(64, 1)
+
+    def unfreeze() -> list[str] | None:
+        for i in frozen:
+            model[i].requires_grad_(True)
+        if added:  # new to the optimizer: visible as such, no declaration asked
+            opt.add_param_group({"params": [p for i in frozen for p in model[i].parameters()]})
+            return None
+        return said if case != "undeclared" else None
+
+    for step in range(draw["at"] + 3):
+        declare = None
+        if step == draw["at"] and not draw["after"]:
+            declare = unfreeze()
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        if step == draw["at"] and draw["after"]:
+            declare = unfreeze()
+        guard.step(changed=declare)
+    guard.close()
+    return guard
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_an_unfreeze_of_a_held_parameter_must_be_declared(case: int) -> None:
+    """Generative: the optimizer holds a frozen layer; requires_grad_(True) trains it at
+    once.  Declared (by name or all) or through add_param_group: quiet; undeclared or
+    partly declared: TG1301 at the step the params check sees it."""
+    rng = seeded()
+    draw = _draw(rng)
+    draw["add_group"] = rng.random() < 0.3
+    # Budget mode: the params unit is cheaper than its share here, so it runs at every
+    # step (budget.py); where it does not, the first step it runs judges the unfreeze.
+    draw["budget"] = rng.choice([None, 0.02])
+    bad = rng.choice(["undeclared", "partly declared"])
+    print(draw, bad)
+    honest = _unfreeze(draw, "honest")
+    assert _high(honest) == [], _high(honest)
+    assert any(a.rule == "TG1316" for a in honest.alerts)
+    found = [(rule, step) for rule, step, _ in _high(_unfreeze(draw, bad))]
+    seen = draw["at"] + (1 if draw["after"] else 0)
+    assert ("TG1301", seen) in found, found
+    assert all(s >= seen for _, s in found), found
+
+
 def _mutate(name: str, rng: random.Random) -> str:
     i = rng.randrange(len(name))
     how = rng.choice(["drop", "double", "swap-case", "suffix"])

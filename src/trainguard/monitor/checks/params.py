@@ -8,12 +8,13 @@ held must still be in its param groups, and no parameter may stop requiring
 gradients.
 
 Gradual unfreezing is visible and honest: parameters of the model, new to the
-optimizer, appended in a new param group (``optimizer.add_param_group``), and
-a frozen parameter the optimizer holds that starts requiring gradients.  Both
-are recorded (TG1316) and watched from then on; anything else the groups hold
-instead is TG1301.  A parameter frozen mid-run on purpose is declared at that step's
+optimizer, appended in a new param group (``optimizer.add_param_group``), are
+recorded (TG1316) and watched from then on; anything else the groups hold
+instead is TG1301.  A frozen parameter the optimizer already holds that starts
+requiring gradients trains at once: like a freeze, it is declared (red team s5 A5).
+A parameter frozen or unfrozen mid-run on purpose is declared at that step's
 ``guard.step(changed=["<name>.requires_grad"])`` (or ``["requires_grad"]`` for all):
-recorded, and held to stay untouched from then on (monitor/frozen.py).  In budget
+recorded, and a frozen one held to stay untouched from then on (monitor/frozen.py).  In budget
 mode the check is the schedule's unit ``params``; a declaration made at a step it left
 out counts when it runs.
 """
@@ -99,16 +100,20 @@ class ParameterIdentityCheck(Check):
         unfrozen = sorted(n for n in turned if now[n].requires_grad and id(now[n]) in holds)
         frozen = sorted(n for n in turned if n not in unfrozen)
         self.frozen.release(unfrozen)
-        if (added or unfrozen) and not swapped:
+        # A parameter the optimizer already held that starts requiring gradients trains a
+        # layer the run froze (red team s5 A5, from a planted Dataset): declared like a
+        # freeze.  One new to the optimizer (add_param_group) is visible as such.
+        if added and not swapped:
             alerts.append(
                 ctx.alert(
                     "TG1316",
-                    f"training widened: {len(added)} parameter(s) added in a new param group, "
-                    f"{len(unfrozen)} unfrozen: {', '.join((added + unfrozen)[:5])}",
-                    tensors=sorted(set(added + unfrozen))[:50],
-                    via="add_param_group" if added else "requires_grad",
+                    f"training widened: {len(added)} parameter(s) added in a new param group"
+                    f": {', '.join(added[:5])}",
+                    tensors=added[:50],
+                    via="add_param_group",
                 )
             )
+        frozen = sorted(frozen + [n for n in unfrozen if n not in added])
         if replaced:
             alerts.append(
                 ctx.alert(
@@ -136,11 +141,15 @@ class ParameterIdentityCheck(Check):
     def _judge_frozen(
         self, ctx: Context, frozen: list[str], everything: bool, names: set[str]
     ) -> list[Alert]:
-        """Declared freezes are recorded and held; the rest wait for this step's guard.step."""
+        """Declared freezes (and unfreezes) are recorded, freezes held; the rest wait for
+        this step's guard.step."""
         said = [n for n in frozen if everything or n in names]
         left = [n for n in frozen if n not in said]
+        now = dict(self.model.named_parameters())
         for n in said:
-            self.frozen.hold(n, self.params.get(n, dict(self.model.named_parameters())[n]))
+            p = self.params.get(n, now.get(n))
+            if p is not None and not p.requires_grad:
+                self.frozen.hold(n, p)
         if left:
             self._pending = (ctx.step, left)
         if not said:
@@ -148,7 +157,8 @@ class ParameterIdentityCheck(Check):
         return [
             ctx.alert(
                 "TG1316",
-                f"frozen as declared with guard.step(changed=...): {', '.join(said[:5])}",
+                "frozen or unfrozen as declared with guard.step(changed=...): "
+                f"{', '.join(said[:5])}",
                 severity=Severity.LOW,
                 tensors=said[:50],
                 via="requires_grad",
