@@ -13,6 +13,7 @@ declared form (it is TG1306 at the step it starts): declaring does not open a ho
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from typing import Any
@@ -278,6 +279,103 @@ def test_a_transform_whose_code_is_swapped_mid_run_is_tg1306() -> None:
     guard.close()
     found = [(rule, step) for rule, step, _ in _high(guard)]
     assert ("TG1306", at) in found and all(s >= at for _, s in found), guard.alerts
+
+
+_CLIP = 0.05  # a module global a declared transform reads
+
+
+class _Clipper:
+    def __init__(self, clip: float) -> None:
+        self.clip = clip
+
+    def __call__(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return grad.clamp(-self.clip, self.clip)
+
+
+def _reading(form: str) -> tuple[Transform, Callable[[], None]]:
+    """A clipping transform in one ``form``, and the in-place change of what it reads
+    (red team s5 A2: the guard applies the changed fn to its copy too)."""
+    if form == "defaults":
+
+        def by_default(
+            name: str, param: torch.Tensor, grad: torch.Tensor, clip: float = 0.05
+        ) -> Any:
+            return grad.clamp(-clip, clip)
+
+        return by_default, lambda: setattr(by_default, "__defaults__", (1e-4,))
+    if form == "kwdefaults":
+
+        def by_kw(name: str, param: torch.Tensor, grad: torch.Tensor, *, clip: float = 0.05) -> Any:
+            return grad.clamp(-clip, clip)
+
+        def change() -> None:
+            assert by_kw.__kwdefaults__ is not None
+            by_kw.__kwdefaults__["clip"] = 1e-4
+
+        return by_kw, change
+    if form == "partial":
+
+        def clamp(name: str, param: torch.Tensor, grad: torch.Tensor, clip: float) -> Any:
+            return grad.clamp(-clip, clip)
+
+        fn = functools.partial(clamp, clip=0.05)
+        return fn, lambda: fn.keywords.__setitem__("clip", 1e-4)
+    if form == "closure":
+        box = [0.05]
+
+        def boxed(name: str, param: torch.Tensor, grad: torch.Tensor) -> Any:
+            return grad.clamp(-box[0], box[0])
+
+        return boxed, lambda: box.__setitem__(0, 1e-4)
+    if form == "object":
+        obj = _Clipper(0.05)
+        return obj, lambda: setattr(obj, "clip", 1e-4)
+
+    def by_global(name: str, param: torch.Tensor, grad: torch.Tensor) -> Any:
+        return grad.clamp(-_CLIP, _CLIP)
+
+    return by_global, lambda: globals().__setitem__("_CLIP", 1e-4)
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_a_transform_whose_data_changes_mid_run_is_tg1306(case: int) -> None:
+    """Generative: a declared clipping transform reads its limit from a default, a
+    keyword default, a partial's keywords, a closure, an object's attribute or a module
+    global; changed in place mid-run (the loop and the guard then apply the same changed
+    function, so the comparison agrees) it is TG1306 at that step; unchanged, quiet."""
+    rng = seeded()
+    rng.seed(rng.randrange(2**32) + case)  # each case its own draw (replayed by the seed)
+    form = rng.choice(["defaults", "kwdefaults", "partial", "closure", "object", "global"])
+    at = rng.randrange(2, 5)
+    seed = rng.randrange(2**31)
+    print(form, at, seed)
+
+    def run(change: bool) -> list[tuple[str, int]]:
+        torch.manual_seed(seed)
+        model = _Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        fn, edit = _reading(form)
+        guard = tgw.watch(model, opt, hang_seconds=None, min_stall_seconds=10.0, grad_transform=fn)
+        try:
+            for step in range(at + 2):
+                if change and step == at:
+                    edit()  # before the step's forward, as a planted Dataset does
+                x = torch.randint(0, 24, (16,))
+                loss = torch.nn.functional.cross_entropy(model(x), x)
+                opt.zero_grad()
+                loss.backward()  # type: ignore[no-untyped-call]
+                for name, p in model.named_parameters():
+                    p.grad = fn(name, p, _grad(p))
+                opt.step()
+                guard.step(loss=loss)
+        finally:
+            globals()["_CLIP"] = 0.05
+        guard.close()
+        return [(rule, step) for rule, step, _ in _high(guard)]
+
+    assert run(False) == []
+    found = run(True)
+    assert ("TG1306", at) in found and all(s >= at for _, s in found), found
 
 
 def test_tg1306_names_the_tensor_that_moved_not_every_tensor() -> None:

@@ -8,7 +8,8 @@ from a thread (C3: caught only in exact mode, at full-fingerprint steps).  Gener
 where the class goes (parameter, gradient, optimizer state, batch), when (before
 ``watch()`` or at a step), exact or budget mode, declared or not: an undeclared class
 is TG1321 high at that step in both modes; a declared one is quiet until its code is
-patched; torch's own classes (a lazy module's parameters) are quiet.
+patched or what its code reads changes (a class attribute, a global, its defaults: red
+team s5 A10 set ``QParam.BITS = 2``); torch's own classes are quiet.
 """
 
 from __future__ import annotations
@@ -28,17 +29,31 @@ F = torch.nn.functional
 STEPS = 6
 
 
+_FULL = 32  # a module global the classes' code reads (red team s5 A10: data, not code)
+
+
 class Carrier(torch.Tensor):
-    """Passes every op through: what it runs is the point, not what it changes."""
+    """Passes every op through: what it runs (and reads: ``BITS``, ``_FULL``) is the
+    point, not what it changes.  Below full precision (a fake-quant stand-in) results
+    leave the class."""
+
+    BITS = 32
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        return super().__torch_function__(func, types, args, kwargs or {})
+        if cls.BITS >= _FULL:
+            return super().__torch_function__(func, types, args, kwargs or {})
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
 
 
 class CarrierParam(torch.nn.Parameter):
+    BITS = 32
+
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if cls.BITS > _FULL:
+            raise ValueError(f"{cls.BITS} bits: more than the format holds")
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
@@ -48,8 +63,27 @@ def _patched(cls: Any, func: Any, types: Any, args: Any = (), kwargs: Any = None
         return func(*args, **(kwargs or {}))
 
 
+def _patch(cls: Any, how: str) -> None:
+    """What a declared class runs or reads, changed mid-run: its code, a data attribute,
+    a global its code reads, or its function's defaults."""
+    if how == "code":
+        cls.__torch_function__ = classmethod(_patched)
+    elif how == "data":
+        cls.BITS = 2
+    elif how == "global":
+        globals()["_FULL"] = 64
+    else:
+        cls.__dict__["__torch_function__"].__func__.__defaults__ = ((), {})
+
+
 def _run(
-    rng: random.Random, where: str, at: int, declared: bool, patch_at: int, budget: float | None
+    rng: random.Random,
+    where: str,
+    at: int,
+    declared: bool,
+    patch_at: int,
+    budget: float | None,
+    how: str = "code",
 ) -> Any:
     torch.manual_seed(rng.randrange(1000))
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -84,7 +118,7 @@ def _run(
         if where in ("param", "state") and i + 1 == at:
             plant()  # between two steps: named at the next step's hooks
         if i + 1 == patch_at:
-            cls.__torch_function__ = classmethod(_patched)  # type: ignore[method-assign,assignment]
+            _patch(cls, how)
     guard.close()
     return guard
 
@@ -99,19 +133,24 @@ def test_a_tensor_class_that_is_not_torchs_is_high_at_the_step_it_appears(
         at = rng.randrange(1 if where in ("state", "grad") else 0, STEPS - 1)
         declared = rng.random() < 0.5
         patch_at = rng.randrange(at + 1, STEPS) if declared and rng.random() < 0.5 else -1
+        how = rng.choice(["code", "data", "global", "default"])
         saved = {c: c.__dict__["__torch_function__"] for c in (Carrier, CarrierParam)}
+        defaults = {c: f.__func__.__defaults__ for c, f in saved.items()}
         try:
-            guard = _run(rng, where, at, declared, patch_at, budget)
+            guard = _run(rng, where, at, declared, patch_at, budget, how)
         finally:
+            globals()["_FULL"] = 32
             for c, f in saved.items():
                 c.__torch_function__ = f  # type: ignore[method-assign]
+                c.BITS = 32
+                f.__func__.__defaults__ = defaults[c]
         found = sorted({(a.step, a.severity) for a in guard.alerts if a.rule == "TG1321"})
-        case = (where, at, declared, patch_at, budget, found)
+        case = (where, at, declared, patch_at, how, budget, found)
         if not declared:
             assert found and found[0] == (at, Severity.HIGH), case
         elif patch_at < 0 or where == "grad":  # (the gradient is a new one each step)
             assert not found, case
-        else:  # the declared class's code patched after the step patch_at - 1
+        else:  # the declared class's code or data patched after the step patch_at - 1
             assert found and found[0][0] == max(patch_at, at) and found[0][1] >= Severity.HIGH, case
 
 

@@ -19,9 +19,13 @@ up to the one positive factor clipping and unscaling after it may add.  So the
 transform the loop declared is the only one it may apply: a flip, a layer zeroed or
 noise on top of it is still TG1306.  ``fn`` must be deterministic and depend only on
 the parameter and its gradient; it runs on the guard's copy first, then (in the
-loop) on the gradient.  Its code is held from ``watch`` on: code swapped in mid-run
-is TG1306 too.  Cost: one copy of the gradients per backward, at the steps the
-probe checks (every step in exact mode).
+loop) on the gradient.  Its code is held from ``watch`` on, and so is what the code
+reads, by value (monitor/valuedigest.py: defaults, closure contents, a partial's
+args and keywords, a callable object's attributes, the globals the code reads): code
+swapped in mid-run, or ``fn.__defaults__``, ``fn.keywords["clip"]`` or a module
+global changed (red team s5 A2: the guard applies the changed fn to its copy too,
+so the comparison alone agrees) is TG1306 at the step it is seen.  Cost: one copy of
+the gradients per backward, at the steps the probe checks (every step in exact mode).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 
 from trainguard.errors import UsageError
 from trainguard.monitor.gradfactor import Clipping, Scaling
+from trainguard.monitor.valuedigest import ValueDigest
 
 GradTransform = Callable[[str, Any, Any], Any]
 
@@ -77,16 +82,28 @@ class DeclaredTransform:
             raise UsageError(f"watch: grad_transform must be callable, not {type(fn).__name__}")
         self.fn = fn
         self._code = _code(fn)
+        self._values = ValueDigest(self._roots)
+
+    def _roots(self) -> list[tuple[str, Any]]:
+        return [("grad_transform", self.fn)]
 
     def moved(self) -> str | None:
-        """A message when the function's code is no longer what ``watch`` was given."""
+        """A message when the function's code, or what it reads, is no longer what
+        ``watch`` was given."""
         try:
             same = _code(self.fn) == self._code
         except Exception:  # a comparison that raises is not the code we held
             same = False
-        if same:
+        if not same:
+            return "the declared grad_transform's code changed since watch() started"
+        changed = self._values.changed()
+        if not changed:
             return None
-        return "the declared grad_transform's code changed since watch() started"
+        return (
+            "what the declared grad_transform computes with changed since watch() started "
+            "(its defaults, closure, partial arguments or the globals it reads): "
+            f"{', '.join(changed[:5])}"
+        )
 
     def apply(self, name: str, param: Any, grad: Any) -> Any:
         """``fn`` on the guard's own copy of backward's gradient; raises what it raises."""

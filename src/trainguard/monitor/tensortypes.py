@@ -15,15 +15,21 @@ declared with ``watch(..., tensor_types=[...])``.  "Torch's own" is decided by t
 and its metaclass compiled by torch, with a torch module's globals), never by the
 module name a class claims.  A declared class is held by identity, with the identity
 of every code object it runs: patching its methods after ``watch()`` makes it foreign.
+What that code reads is held too, by value (monitor/valuedigest.py): the class's data
+attributes, its functions' defaults, closures and the globals they read.  Red team s5
+A10 set ``QParam.BITS = 2`` mid-run on a declared fake-quant class: held by name only,
+it passed.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from trainguard.monitor import provenance
+from trainguard.monitor.valuedigest import ValueDigest
 
 MAX_NAMED = 5
 _TORCH = "torch"
@@ -78,6 +84,21 @@ def code_ids(cls: type, base: tuple[type, ...]) -> tuple[int, ...] | None:
     return tuple(ids)
 
 
+def namespace(cls: type, base: tuple[type, ...]) -> list[tuple[str, Any]]:
+    """What the class's code reads from it: every attribute of the classes that decide
+    what ``cls`` runs (functions unwrapped from their descriptors), by label."""
+    out: list[tuple[str, Any]] = []
+    for k in _own_classes(cls, base):
+        for name, value in sorted(vars(k).items()):
+            label = f"{k.__qualname__}.{name}"
+            fns = _functions(value)
+            if fns:
+                out += [(f"{label}[{i}]", f) for i, f in enumerate(fns)]
+            else:
+                out.append((label, value))
+    return out
+
+
 def torch_made(cls: type, base: tuple[type, ...]) -> bool:
     """Whether every function ``cls`` runs beyond ``torch.Tensor``'s own is torch's code."""
     owns = provenance.torch_code().owns
@@ -126,6 +147,10 @@ class TypeJudge:
         self.declared: dict[type, tuple[int, ...] | None] = {
             c: code_ids(c, self.base) for c in declared
         }
+        # ... and what that code reads (data attributes, defaults, globals), by value.
+        self.values = {
+            c: ValueDigest(functools.partial(namespace, c, self.base)) for c in self.declared
+        }
         self.patched: set[type] = set()  # declared classes whose code changed since
         self._kept = list(self.declared)  # ids above stay unique while the guard lives
         self._verdicts: dict[type, str | None] = {}
@@ -139,7 +164,7 @@ class TypeJudge:
         if cls in self.declared:
             return None
         if cls in self.patched:
-            return f"declared class {_name(cls)}, its code changed since watch()"
+            return f"declared class {_name(cls)}, its code or data changed since watch()"
         if cls not in self._verdicts:
             self._kept.append(cls)
             self._verdicts[cls] = (
@@ -151,9 +176,14 @@ class TypeJudge:
         return self._verdicts[cls]
 
     def repatched(self) -> bool:
-        """Whether a declared class runs other code than at watch() (it is foreign from
-        then on): a few attribute reads per declared class."""
-        changed = [c for c, ids in self.declared.items() if code_ids(c, self.base) != ids]
+        """Whether a declared class runs other code than at watch(), or its code reads
+        other values (it is foreign from then on): a few dozen attribute reads and
+        comparisons per declared class."""
+        changed = [
+            c
+            for c, ids in self.declared.items()
+            if code_ids(c, self.base) != ids or self.values[c].changed()
+        ]
         for c in changed:
             del self.declared[c]
             self.patched.add(c)
