@@ -49,6 +49,11 @@ class Frozen:
         for n in names:
             self.held.pop(n, None)
 
+    def thawed(self) -> list[str]:
+        """The held parameters that require gradients again (unfrozen since they were
+        held: trained from then on, released; the unfreeze is judged on its own)."""
+        return [name for name, (p, *_) in self.held.items() if p.requires_grad]
+
     def moved(self) -> list[str]:
         """The held parameters written since they were frozen (each named once)."""
         out = []

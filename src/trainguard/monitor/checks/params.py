@@ -73,6 +73,11 @@ class ParameterIdentityCheck(Check):
     def before_step(self, ctx: Context) -> list[Alert]:
         if not ctx.due:
             return []
+        # Unfrozen since the last run (budget mode: maybe steps ago, trained since): no
+        # longer held untouched; the unfreeze is judged below like a freeze (declared:
+        # TG1316 low, else TG1301).  A write made while it was still frozen and before
+        # the unfreeze is then seen only if a run came between (exact mode: always).
+        self.frozen.release(self.frozen.thawed())
         alerts = self._overdue(ctx) + self._frozen_moved(ctx)
         # Declarations made since the last run (a freeze after optimizer.step, declared at
         # that guard.step; in budget mode, at steps the schedule left out): used once.
