@@ -21,6 +21,8 @@ import ast
 import gc
 import pathlib
 import random
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -105,8 +107,9 @@ def _start_and_step(rng: random.Random) -> None:
     guard.close()
 
 
-def test_watch_starts_and_steps_under_gc_walkers() -> None:
-    rng = seeded()
+def _walked(seed: int) -> None:
+    """Guards started and stepped while 1-3 walker threads run (in a fresh process)."""
+    rng = random.Random(seed)
     _start_and_step(rng)  # torch's lazy imports (torch._dynamo) happen before the walkers
     stop = threading.Event()
     # One walks every object (what the red team's profiler did), others at random.
@@ -121,3 +124,16 @@ def test_watch_starts_and_steps_under_gc_walkers() -> None:
         stop.set()
         for w in walkers:
             w.join()
+
+
+def test_watch_starts_and_steps_under_gc_walkers() -> None:
+    # In a fresh process: a walk of every object holds the GIL for the whole walk, and in
+    # the suite's own process (millions of objects, GBs, after 1800 tests) the walkers
+    # left the guard almost no time at all (CI sat in this test for minutes).
+    seed = seeded().randrange(1 << 30)
+    code = f"import tests.test_watch_gc_walkers as t; t._walked({seed})"
+    root = pathlib.Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, (seed, done.stdout[-3000:], done.stderr[-3000:])
