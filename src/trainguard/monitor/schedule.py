@@ -64,8 +64,9 @@ def as_list(scheduler: Any) -> list[Any]:
     return list(scheduler) if isinstance(scheduler, list) else [scheduler]
 
 
-class _Stand:
-    """Stands in for the optimizer: only ``param_groups`` (and what step() looks for)."""
+class Stand:
+    """Stands in for the optimizer: only ``param_groups`` (and what step() looks for);
+    replay's schedule witness uses it too (explain/replay/schedwitness.py)."""
 
     def __init__(self, groups: list[dict[str, Any]]) -> None:
         self.param_groups = groups
@@ -75,7 +76,7 @@ class _Stand:
         return None
 
 
-_Stand.step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+Stand.step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
 
 class ScheduleModel:
@@ -109,7 +110,7 @@ class ScheduleModel:
         groups = [
             {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
         ]
-        stand = _Stand(copy.deepcopy(groups))
+        stand = Stand(copy.deepcopy(groups))
         self._start = [{k: _plain(v) for k, v in g.items()} for g in stand.param_groups]
         memo: dict[int, Any] = {id(self.optimizer): stand}
         clones: list[Any] = []

@@ -357,14 +357,7 @@ def difference(
         names = carried.differences(expected, restored)
     if not names:
         return None
-    flat_a = {n: v for part in expected.values() for n, v in part.items()}
-    flat_b = {n: v for part in restored.values() for n, v in part.items()}
-    return FieldDiff(
-        "carried",
-        {n: flat_a.get(n) for n in names},
-        {n: flat_b.get(n) for n in names},
-        tuple(names),
-    )
+    return FieldDiff.of_carried("carried", expected, restored, names)
 
 
 def restore(run: Replayable, saved: ckpt.Checkpoint) -> None:

@@ -10,6 +10,7 @@ ledger is a divergence whatever the conditions: those are recorded bytes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -70,6 +71,25 @@ class FieldDiff:
     replayed: Any
     tensors: tuple[str, ...] = ()  # which tensors (or generators) differ, when known
     tensors_known: bool = True  # False: the ledger holds no per-tensor digests here
+
+    @classmethod
+    def of_carried(
+        cls,
+        field: str,
+        expected: Mapping[str, Mapping[str, Any]],
+        restored: Mapping[str, Mapping[str, Any]],
+        names: list[str],
+    ) -> FieldDiff:
+        """The differing carried values ``names`` (``scheduler gamma``), each looked up
+        in the parts (scheduler, hyper-parameters, ...) of both sides."""
+        flat_a = {n: v for part in expected.values() for n, v in part.items()}
+        flat_b = {n: v for part in restored.values() for n, v in part.items()}
+        return cls(
+            field,
+            {n: flat_a.get(n) for n in names},
+            {n: flat_b.get(n) for n in names},
+            tuple(names),
+        )
 
 
 @dataclass(frozen=True)

@@ -41,25 +41,12 @@ from typing import Any
 
 from trainguard.explain.replay.result import FieldDiff
 from trainguard.monitor import carried
+from trainguard.monitor.schedule import Stand
 
 MAX_SCHEDULE_STEPS = 200_000  # scheduler steps recomputed for one checkpoint at most
 LR_KEYS = ("lr", "initial_lr")
 LR_STATE = ("_last_lr",)
 _DECLARED = re.compile(r"^TG1316: declared hyper-parameter change \(([^)]*)\)")
-
-
-class _Stand:
-    """Stands in for the optimizer: only ``param_groups`` (and what a step looks for)."""
-
-    def __init__(self, groups: list[dict[str, Any]]) -> None:
-        self.param_groups = groups
-        self._opt_called = True
-
-    def step(self) -> None:  # pragma: no cover - never called
-        return None
-
-
-_Stand.step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -84,7 +71,7 @@ def take(run: Any) -> Fresh:
     if not hasattr(real, "last_epoch") or hasattr(real, "patience"):
         fresh.why_not = f"{type(real).__name__} steps on a metric, not a count"
         return fresh
-    stand = _Stand(fresh.groups)
+    stand = Stand(fresh.groups)
     memo: dict[int, Any] = {id(run.optimizer): stand}
     try:
         clone = object.__new__(type(real))
@@ -151,14 +138,7 @@ def check(
             names = [m for m in names if not _lr(m)]
     if not names:
         return None
-    flat_a = {k: v for part in expected.values() for k, v in part.items()}
-    flat_b = {k: v for part in restored.values() for k, v in part.items()}
-    return FieldDiff(
-        "carried-schedule",
-        {m: flat_a.get(m) for m in names},
-        {m: flat_b.get(m) for m in names},
-        tuple(names),
-    )
+    return FieldDiff.of_carried("carried-schedule", expected, restored, names)
 
 
 def _step_to(fresh: Fresh, saved_scheduler: Any) -> str | None:
